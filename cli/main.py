@@ -1,0 +1,214 @@
+"""`offload` command line: parse, call the library, render with rich. Nothing else."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from offload.errors import OffloadError
+from offload.loading import DEFAULT_MODEL
+
+err_console = Console(stderr=True)
+PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
+
+
+def friendly_errors(fn):
+    """Turn the runtime's own errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OffloadError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            sys.exit(130)
+
+    return wrapper
+
+
+def model_options(fn):
+    fn = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set dtype=float32 (repeatable).",
+    )(fn)  # fmt: skip
+    fn = click.option("--config", "-c", default=None, help="TOML file or preset name in configs/.")(fn)
+    fn = click.option(
+        "--model", "-m", default=DEFAULT_MODEL, show_default=True,
+        help="HF model directory, .gguf file, or embedded model name.",
+    )(fn)  # fmt: skip
+    return fn
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OffloadError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
+    from offload.runtime import Runtime
+
+    with err_console.status(f"loading {model} ..."):
+        return Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
+
+
+class PrefillBar:
+    """A rich progress bar over prefill, shown only for long inputs; a `Progress` callable."""
+
+    def __init__(self, console: Console, label: str = "prefill"):
+        self.console, self.label = console, label
+        self.bar = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < PROGRESS_MIN_TOKENS:
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn(f"[dim]{self.label}"), BarColumn(),
+                TextColumn("{task.completed}/{task.total} tokens"), TimeRemainingColumn(),
+                console=self.console, transient=True,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=done)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """offload: long-context LLM inference with a tiered KV cache."""
+
+
+@main.command()
+@model_options
+@click.option("--max-new-tokens", "-n", type=int, default=None, help="Tokens to generate.")
+@click.option("--temperature", "-t", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.argument("prompt")
+@friendly_errors
+def generate(model, config, overrides, max_new_tokens, temperature, seed, prompt):
+    """Stream the answer to PROMPT (one user turn) to stdout."""
+    rt = load_runtime(model, config, overrides)
+    sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
+    bar = PrefillBar(err_console)
+    try:
+        for step in rt.stream(prompt, max_new_tokens=max_new_tokens, progress=bar, **sampling):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    finally:
+        bar.close()
+    sys.stdout.write("\n")
+    s = rt.stats()
+    err_console.print(
+        f"[dim]{s['prefill_tokens']} prompt tokens at {s['prefill_tokens_per_second']:.0f} tok/s, "
+        f"{s['decode_tokens']} generated at {s['decode_tokens_per_second']:.1f} tok/s[/]"
+    )
+
+
+@main.command()
+@model_options
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-new-tokens", "-n", type=int, default=None)
+@friendly_errors
+def chat(model, config, overrides, system, max_new_tokens):
+    """Multi-turn chat; earlier turns' KV is reused. Commands: /reset /stats /exit."""
+    console = Console()
+    rt = load_runtime(model, config, overrides)
+    conv = rt.chat(system=system)
+    console.print(f"[dim]{model}: /reset clears the conversation, /stats shows figures, /exit quits[/]")
+    while True:
+        try:
+            text = console.input("[bold green]you>[/] ")
+        except EOFError:
+            console.print()
+            return
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            conv.reset()
+            console.print("[dim]conversation cleared[/]")
+            continue
+        if cmd == "/stats":
+            render_stats(console, rt.stats())
+            continue
+        if cmd.startswith("/"):
+            console.print(f"[yellow]unknown command {cmd.split()[0]}[/] (/reset /stats /exit)")
+            continue
+        bar = PrefillBar(console)
+        console.print("[bold blue]assistant>[/] ", end="")
+        try:
+            for step in conv.stream(text, max_new_tokens=max_new_tokens, progress=bar):
+                console.out(step.text, end="", highlight=False)
+        except OffloadError as e:
+            bar.close()
+            console.print(f"\n[bold red]error:[/] {e}", highlight=False)
+            continue
+        bar.close()
+        s = rt.stats()
+        console.print(
+            f"\n[dim]{s['decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s, "
+            f"prefill {s['prefill_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
+            f"context {s['context_tokens']}[/]"
+        )
+
+
+def render_stats(console: Console, stats: dict) -> None:
+    table = Table(show_header=False, box=None)
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={human_bytes(v)}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        table.add_row(f"[dim]{key}[/]", str(value))
+    console.print(table)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True, help="KV dtype for the byte counts.")
+@friendly_errors
+def info(model, dtype):
+    """Architecture, sizes, context length and KV bytes per token (reads metadata only)."""
+    from offload.loading import read_model_info
+
+    facts = read_model_info(model, dtype)
+    table = Table(show_header=False, box=None)
+    for key, value in facts.items():
+        if key.endswith("_bytes"):
+            value = f"{human_bytes(value)} ({value:,} B)"
+        table.add_row(f"[bold]{key}[/]", str(value))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Frozen configuration dataclasses.
+
+`ModelArgs` describes a Llama-family decoder and is read from an HF `config.json`
+or from GGUF metadata. `RuntimeConfig` holds everything the runtime lets a user
+choose; it is read from TOML, where an unknown section or key is an error that
+names it, and every value is validated on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from offload.errors import ConfigError
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (`rope_scaling.rope_type == "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # Per-frequency divisors stored by llama.cpp (`rope_freqs.weight`) in place of rope_scaling.
+    rope_freq_factors: tuple[float, ...] | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ConfigError(
+                f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) is not a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
+        """Build from the dict of an HF `config.json` (llama, mistral, qwen2)."""
+        arch = cfg.get("model_type")
+        if arch not in SUPPORTED_ARCHS:
+            raise ConfigError(
+                f"{source}: unsupported model_type {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
+            )
+        try:
+            dim = int(cfg["hidden_size"])
+            num_heads = int(cfg["num_attention_heads"])
+            head_dim = int(cfg.get("head_dim") or dim // num_heads)
+            rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+            theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+            scaling = None
+            if rope.get("rope_type", rope.get("type")) == "llama3":
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position=int(rope["original_max_position_embeddings"]),
+                )
+            elif rope.get("rope_type", rope.get("type")) not in (None, "default"):
+                raise ConfigError(
+                    f"{source}: unsupported rope scaling type "
+                    f"{rope.get('rope_type', rope.get('type'))!r} (supported: default, llama3)"
+                )
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                arch=arch,
+                dim=dim,
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=head_dim,
+                hidden_dim=int(cfg["intermediate_size"]),
+                vocab_size=int(cfg["vocab_size"]),
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+                bos_id=cfg.get("bos_token_id"),
+                eos_ids=tuple(int(e) for e in eos_ids),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Runtime configuration
+
+
+def parse_bytes(value: int | str | None, key: str) -> int | None:
+    """'6GiB', '512 MB', '1.5G', 1048576 -> bytes. None stays None ("from the machine")."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a size like '6GiB' or an integer, got {value!r}")
+    units = {
+        "": 1, "b": 1,
+        "k": 1000, "kb": 1000, "kib": 1024,
+        "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+        "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+        "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+    }  # fmt: skip
+    text = value.strip().lower().replace(" ", "")
+    num = text.rstrip("kmgtib")
+    unit = text[len(num) :]
+    try:
+        n = float(num)
+    except ValueError:
+        n = -1.0
+    if unit not in units or n < 0:
+        raise ConfigError(f"{key}: cannot read {value!r} as a size (examples: '6GiB', '512MB')")
+    return int(n * units[unit])
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    dtype: str = "bfloat16"  # weights and KV; bf16 is about 2x faster than fp32 on CPU here
+    device: str = "auto"  # "auto" picks cuda when present, else cpu
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"model.device: {self.device!r} is not auto, cpu or cuda[:N]")
+        if self.threads < 0:
+            raise ConfigError(f"model.threads: must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class GenerationSection:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    seed: int | None = None
+    prefill_chunk: int = 512  # tokens per prefill forward: bounds activation memory
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"generation.temperature: must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"generation.top_k: must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"generation.prefill_chunk: must be >= 1, got {self.prefill_chunk}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "generation": GenerationSection,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Everything a user may choose, one frozen section per concern.
+
+    Leaf key names are unique across sections, so an override may be given either
+    as `"generation.top_k"` or simply as `top_k`.
+    """
+
+    model: ModelSection = field(default_factory=ModelSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RuntimeConfig:
+        sections = {}
+        for name, values in data.items():
+            if name not in SECTIONS:
+                raise ConfigError(
+                    f"{source}: unknown section [{name}]; known: {', '.join(SECTIONS)}"
+                )
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table")
+            sections[name] = _build_section(name, values, source)
+        return cls(**sections)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RuntimeConfig:
+        """Read a TOML file, or a preset name from `configs/` (e.g. `cpu-smollm2`)."""
+        p = resolve_config_path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        return cls.from_dict(data, source=str(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> RuntimeConfig:
+        """A copy with `section.key=value` or unique `key=value` overrides applied."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            section, leaf = _locate(key)
+            data[section][leaf] = value
+        return RuntimeConfig.from_dict(data, source="overrides")
+
+
+def _section_fields(name: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[name])}
+
+
+def _locate(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, leaf = key.split(".", 1)
+        if section in SECTIONS and leaf in _section_fields(section):
+            return section, leaf
+    else:
+        for section in SECTIONS:
+            if key in _section_fields(section):
+                return section, key
+    known = [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
+    raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+
+
+def _build_section(name: str, values: dict[str, Any], source: str):
+    fields = _section_fields(name)
+    for key in values:
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown key {name}.{key}; known in [{name}]: {', '.join(fields)}"
+            )
+    cls = SECTIONS[name]
+    defaults = cls()
+    typed = {}
+    for key, value in values.items():
+        typed[key] = _coerce(value, type(getattr(defaults, key)), fields[key], f"{name}.{key}")
+    return cls(**typed)
+
+
+def _coerce(value: Any, default_type: type, f: dataclasses.Field, key: str) -> Any:
+    """Accept TOML/CLI values of the field's type; strings from `--set` are converted."""
+    annot = str(f.type)
+    if value is None:
+        if "None" in annot:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    want = default_type
+    if want is type(None):  # field defaults to None: read its annotation
+        want = int if "int" in annot else str
+    try:
+        if want is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if want is int:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if want is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if want is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        preset = CONFIG_DIR / f"{p.name}.toml"
+        if preset.exists():
+            return preset
+    if not p.is_file():
+        presets = sorted(q.stem for q in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
+        raise ConfigError(
+            f"config file not found: {p}" + (f" (presets: {', '.join(presets)})" if presets else "")
+        )
+    return p

@@ -1,0 +1,152 @@
+"""Chunked prefill and the decode loop: the one generation loop everything consumes.
+
+`generate_steps` is a generator of `StepResult`s; the CLI, `Runtime`, scripts and
+benchmarks all drive it. Sampling is a policy passed in as a callable made by
+`make_sampler`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from offload.kvcache import KVCache
+from offload.model import Transformer
+from offload.tokenizer import StreamDecoder, Tokenizer
+
+Sampler = Callable[[torch.Tensor], int]
+Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+@dataclass
+class StepResult:
+    """One generated token.
+
+    token_id:        the sampled token
+    text:            the text this token completes ('' while a UTF-8 sequence is open,
+                     and for the stop token, which is never shown)
+    index:           0 for the first generated token
+    finish_reason:   None while generating; "stop" (end-of-turn token), "length"
+                     (max_new_tokens or the context window) on the last step
+    prefill_tokens:  tokens prefilled before the first step (same on every step)
+    prefill_seconds: time of that prefill, first-token sampling included
+    step_seconds:    time of this step's forward + sampling (0 for the first)
+    context_tokens:  tokens in the KV cache after this step
+    kv_bytes:        bytes of KV per tier after this step
+    """
+
+    token_id: int
+    text: str
+    index: int
+    finish_reason: str | None
+    prefill_tokens: int
+    prefill_seconds: float
+    step_seconds: float
+    context_tokens: int
+    kv_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+) -> Sampler:
+    """Greedy when temperature == 0, else temperature / top-k / top-p sampling."""
+    if temperature == 0:
+        return lambda logits: int(torch.argmax(logits))
+    gen = torch.Generator(device="cpu")
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+
+    def sample(logits: torch.Tensor) -> int:
+        logits = logits.float().cpu() / temperature  # [V]
+        if top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token once the mass before it already reaches top_p; keep the first.
+            drop = probs.cumsum(-1) - probs >= top_p
+            sorted_logits[drop] = float("-inf")
+            logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    return sample
+
+
+def prefill(
+    model: Transformer,
+    cache: KVCache,
+    ids: list[int],
+    chunk_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Run `ids` through the model in chunks; return the last position's logits [V].
+
+    Chunks bound activation memory (attention scores are [H, chunk, T], not [H, T, T]).
+    """
+    assert ids, "prefill needs at least one token"
+    total = len(ids)
+    logits = None
+    for start in range(0, total, chunk_size):
+        piece = torch.tensor(ids[start : start + chunk_size], dtype=torch.long, device=model.device)
+        logits = model(piece, cache, last_only=True)
+        if progress is not None:
+            progress(min(start + chunk_size, total), total)
+    return logits[-1]
+
+
+def generate_steps(
+    model: Transformer,
+    cache: KVCache,
+    tokenizer: Tokenizer,
+    new_ids: list[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    prefill_chunk: int = 512,
+    progress: Progress | None = None,
+) -> Iterator[StepResult]:
+    """Prefill `new_ids` after what `cache` already holds, then decode token by token.
+
+    The last sampled token (the stop token, or the one that hit the limit) is not
+    fed back, so on return the cache holds the prompt and every token but the last.
+    """
+    stop_ids = set(tokenizer.stop_ids)
+    max_len = model.args.max_seq_len
+    decoder = StreamDecoder(tokenizer)
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, new_ids, prefill_chunk, progress)
+    token = sampler(logits)
+    prefill_seconds = time.perf_counter() - t0
+    step_seconds = 0.0
+    for index in range(max_new_tokens):
+        finish = None
+        if token in stop_ids:
+            finish = "stop"
+        elif index + 1 == max_new_tokens or cache.num_tokens + 1 >= max_len:
+            finish = "length"
+        text = "" if finish == "stop" else decoder.push(token)
+        if finish is not None:
+            text += decoder.flush()
+        yield StepResult(
+            token_id=token,
+            text=text,
+            index=index,
+            finish_reason=finish,
+            prefill_tokens=len(new_ids),
+            prefill_seconds=prefill_seconds,
+            step_seconds=step_seconds,
+            context_tokens=cache.num_tokens,
+            kv_bytes=cache.tier_bytes(),
+        )
+        if finish is not None:
+            return
+        t = time.perf_counter()
+        x = torch.tensor([token], dtype=torch.long, device=model.device)
+        token = sampler(model(x, cache)[-1])
+        step_seconds = time.perf_counter() - t

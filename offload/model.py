@@ -1,0 +1,169 @@
+"""A Llama-family decoder (llama, mistral, qwen2) in plain torch.
+
+One sequence at a time: hidden states are `[S, dim]`, no batch axis, because the
+runtime serves one user's long context. The model does not own its KV cache:
+`forward` is handed a cache whose per-layer objects each attention layer calls
+(`append` the new keys and values, then `attend` with the queries), so the same
+model runs over an in-memory cache or the tiered store.
+
+Q/K weights are in HF's layout (rotate-half RoPE); the GGUF loader un-permutes
+llama.cpp's interleaved rows before they reach this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offload.config import ModelArgs
+from offload.kvcache import KVCache
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse RoPE frequencies `[D/2]` (float32, CPU), with Llama-3 scaling when set."""
+    D = args.head_dim
+    inv_freq = 1.0 / (
+        args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D)
+    )
+    if args.rope_freq_factors is not None:
+        return inv_freq / torch.tensor(args.rope_freq_factors, dtype=torch.float32, device="cpu")
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band
+    # between interpolated smoothly.
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as HF does, then scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+        )
+        bias = args.qkv_bias
+        self.wq = nn.Linear(args.dim, args.num_heads * args.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=bias)
+        self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_layer):
+        S = x.shape[0]
+        # q: [Hq, S, D]; k, v: [Hkv, S, D]
+        q = self.wq(x).view(S, self.num_heads, self.head_dim).transpose(0, 1)
+        k = self.wk(x).view(S, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = self.wv(x).view(S, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache_layer.append(k, v)
+        out = cache_layer.attend(q)  # [Hq, S, D]
+        return self.wo(out.transpose(0, 1).reshape(S, self.num_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache_layer):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache_layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Build on the meta device, then `load_state_dict(..., assign=True)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: it is derived from args, never loaded.
+        self._inv_freq = rope_inv_freq(args)
+
+    def tie_weights(self) -> None:
+        self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def rope(self, start: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[S, D]` for positions start..start+S-1, in the model dtype."""
+        if self._inv_freq.device != self.device:
+            self._inv_freq = self._inv_freq.to(self.device)
+        pos = torch.arange(start, start + S, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self._inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        """tokens: [S] int64, positions follow the cache's current length.
+
+        Returns float32 logits `[S, vocab]`, or `[1, vocab]` with `last_only`
+        (prefill chunks need only the last row, and the vocabulary is large).
+        """
+        S = tokens.shape[0]
+        cos, sin = self.rope(cache.num_tokens, S)
+        x = self.tok_embeddings(tokens)  # [S, dim]
+        for block, cache_layer in zip(self.layers, cache.layers, strict=True):
+            x = block(x, cos, sin, cache_layer)
+        cache.advance(S)
+        if last_only:
+            x = x[-1:]
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,282 @@
+"""The Python face of the runtime: `Runtime` and its chat `Conversation`s.
+
+    rt = Runtime.from_pretrained("smollm2")            # or an HF dir / .gguf path
+    rt.generate("Summarise ...", max_new_tokens=64)    # -> str
+    for step in rt.stream(messages): print(step.text, end="")
+    conv = rt.chat(system="Be brief."); conv.send("hi"); conv.send("and then?")
+
+A prompt's KV is kept after each call: the next call that starts with the same
+tokens (a follow-up turn, another question on the same document) prefills only
+what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offload.config import RuntimeConfig
+from offload.errors import ConfigError, ContextLengthError, OffloadError
+from offload.generate import Progress, StepResult, generate_steps, make_sampler
+from offload.kvcache import KVCache
+from offload.loading import DEFAULT_MODEL, LoadedModel, load
+from offload.tokenizer import check_messages
+
+Prompt = str | list[dict[str, str]]
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+class _KVState:
+    """A KV cache plus the token ids it holds, reused across calls by common prefix."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.ids: list[int] = []
+
+    def prepare(self, ids: list[int]) -> tuple[list[int], int]:
+        """Truncate to the longest prefix shared with `ids`; return (ids to prefill, reused)."""
+        n = 0
+        limit = min(len(self.ids), len(ids) - 1)  # always prefill >= 1 token for logits
+        while n < limit and self.ids[n] == ids[n]:
+            n += 1
+        self.cache.truncate(n)
+        self.ids = self.ids[:n]
+        return ids[n:], n
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.ids = []
+
+
+class Runtime:
+    """A loaded model, its tokenizer, a runtime config and the KV caches built from them."""
+
+    def __init__(self, loaded: LoadedModel, config: RuntimeConfig, device: torch.device):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = config
+        self.device = device
+        self._state = _KVState(self.new_cache())
+        self._stats: dict[str, Any] = {}
+        self._last_state = self._state  # whose cache stats() reports
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = DEFAULT_MODEL,
+        config: str | Path | RuntimeConfig | None = None,
+        **overrides: Any,
+    ) -> Runtime:
+        """Load a model (`smollm2`, an HF directory or a .gguf file) with a config.
+
+        `config` is a TOML path or preset name from `configs/`, a `RuntimeConfig`, or
+        None for the defaults; `overrides` are `key=value` (e.g. `dtype="float32"`,
+        `**{"generation.top_k": 40}`).
+        """
+        if config is None:
+            cfg = RuntimeConfig()
+        elif isinstance(config, RuntimeConfig):
+            cfg = config
+        else:
+            cfg = RuntimeConfig.from_toml(config)
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        device = pick_device(cfg.model.device)
+        if cfg.model.threads:
+            torch.set_num_threads(cfg.model.threads)
+        dtype = getattr(torch, cfg.model.dtype)
+        return cls(load(name_or_path, dtype, device), cfg, device)
+
+    # -- pieces --------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def args(self):
+        return self.loaded.args
+
+    def new_cache(self) -> KVCache:
+        a = self.args
+        return KVCache.dense(a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A string becomes one user turn of the chat template; messages are rendered as given."""
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            check_messages(prompt)
+            messages = prompt
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    def _check_fits(self, ids: list[int], what: str) -> None:
+        limit = self.args.max_seq_len
+        if len(ids) >= limit:
+            raise ContextLengthError(
+                f"{what} is {len(ids)} tokens; the model's context window is {limit} tokens "
+                f"(at most {limit - 1} prompt tokens, leaving room for one generated token)"
+            )
+
+    def _sampling(self, max_new_tokens: int | None, sampling: dict[str, Any]):
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_KEYS)}"
+            )
+        overrides = {f"generation.{k}": v for k, v in sampling.items()}
+        if max_new_tokens is not None:
+            overrides["generation.max_new_tokens"] = max_new_tokens
+        g = self.config.replace(**overrides).generation if overrides else self.config.generation
+        return g, make_sampler(g.temperature, g.top_k, g.top_p, g.seed)
+
+    def _run(
+        self,
+        state: _KVState,
+        ids: list[int],
+        max_new_tokens: int | None,
+        sampling: dict[str, Any],
+        progress: Progress | None,
+    ) -> Iterator[StepResult]:
+        self._check_fits(ids, "the prompt")
+        g, sampler = self._sampling(max_new_tokens, sampling)
+        new_ids, reused = state.prepare(ids)
+        state.ids = list(ids)
+        self._last_state = state
+        self._stats = {
+            "prompt_tokens": len(ids),
+            "reused_tokens": reused,
+            "prefill_tokens": len(new_ids),
+            "prefill_seconds": 0.0,
+            "decode_tokens": 0,
+            "decode_seconds": 0.0,
+            "finish_reason": None,
+        }
+        steps = generate_steps(
+            self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
+            prefill_chunk=g.prefill_chunk, progress=progress,
+        )  # fmt: skip
+        last_token = None
+        try:
+            for step in steps:
+                if last_token is not None:  # the previous token is now in the cache
+                    state.ids.append(last_token)
+                last_token = step.token_id
+                self._stats["prefill_seconds"] = step.prefill_seconds
+                self._stats["decode_tokens"] = step.index + 1
+                self._stats["decode_seconds"] += step.step_seconds
+                self._stats["finish_reason"] = step.finish_reason
+                yield step
+        finally:
+            steps.close()
+            # A consumer that stopped early may leave the cache a step ahead of ids.
+            if state.cache.num_tokens != len(state.ids):
+                state.reset()
+
+    # -- public API ----------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None = None,
+        progress: Progress | None = None,
+        **sampling: Any,
+    ) -> Iterator[StepResult]:
+        """Yield one `StepResult` per generated token."""
+        return self._run(self._state, self.encode_prompt(prompt), max_new_tokens, sampling, progress)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int | None = None, **sampling: Any) -> str:
+        """The whole answer as a string (the stop token is not included)."""
+        return "".join(step.text for step in self.stream(prompt, max_new_tokens, **sampling))
+
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """float32 logits `[len, vocab]` of one full forward over `token_ids` (fresh cache)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().tolist()
+        if not ids:
+            raise OffloadError("logits() needs at least one token id")
+        bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
+        if bad:
+            raise OffloadError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
+        if len(ids) > self.args.max_seq_len:
+            raise ContextLengthError(
+                f"{len(ids)} tokens exceed the model's context window of {self.args.max_seq_len}"
+            )
+        cache = self.new_cache()
+        chunk = self.config.generation.prefill_chunk
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return torch.cat([self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)])
+
+    def chat(self, system: str | None = None) -> Conversation:
+        return Conversation(self, system)
+
+    def stats(self) -> dict[str, Any]:
+        """Figures of the last request and the current cache."""
+        s = dict(self._stats) if self._stats else {
+            "prompt_tokens": 0, "reused_tokens": 0, "prefill_tokens": 0, "prefill_seconds": 0.0,
+            "decode_tokens": 0, "decode_seconds": 0.0, "finish_reason": None,
+        }  # fmt: skip
+        cache = self._last_state.cache
+        s["context_tokens"] = cache.num_tokens
+        s["kv_bytes"] = cache.tier_bytes()
+        s["prefill_tokens_per_second"] = _rate(s["prefill_tokens"], s["prefill_seconds"])
+        # The first token comes with the prefill; later ones each cost one decode step.
+        s["decode_tokens_per_second"] = _rate(max(s["decode_tokens"] - 1, 0), s["decode_seconds"])
+        return s
+
+
+class Conversation:
+    """A multi-turn chat whose earlier turns' KV is reused: each `send` prefills only
+    the new turn (and the previous answer's end-of-turn token)."""
+
+    def __init__(self, runtime: Runtime, system: str | None = None):
+        self.runtime = runtime
+        self.system = system
+        self._state = _KVState(runtime.new_cache())
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._state.reset()
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    @property
+    def context_tokens(self) -> int:
+        return self._state.cache.num_tokens
+
+    def stream(
+        self,
+        text: str,
+        max_new_tokens: int | None = None,
+        progress: Progress | None = None,
+        **sampling: Any,
+    ) -> Iterator[StepResult]:
+        rt = self.runtime
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = rt.encode_prompt(messages)
+        try:
+            rt._check_fits(ids, "the conversation")
+        except ContextLengthError as e:
+            raise ContextLengthError(f"{e}; start a new conversation (reset)") from None
+        pieces: list[str] = []
+        for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
+            pieces.append(step.text)
+            yield step
+        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+    def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
+        return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else 0.0

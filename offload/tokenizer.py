@@ -1,0 +1,257 @@
+"""Tokenizer: HF `tokenizers` from `tokenizer.json`, or built from GGUF metadata.
+
+Chat templates are rendered with jinja2 the way HF renders them (sandboxed,
+`trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`), and the rendered
+text is encoded without adding special tokens: the template writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from offload.errors import ModelLoadError, OffloadError
+
+# Used only when a model ships no chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# End-of-turn tokens that stop generation when the vocabulary has them.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>")
+
+# Pre-tokenizer split patterns of llama.cpp's `tokenizer.ggml.pre` names.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the chat template and stop ids of one model."""
+
+    backend: Any  # tokenizers.Tokenizer
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    stop_ids: tuple[int, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    @cached_property
+    def _template(self):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
+            x, ensure_ascii=False, indent=indent
+        )
+        try:
+            return env.from_string(self.chat_template or CHATML_TEMPLATE)
+        except TemplateError as e:
+            raise ModelLoadError(f"the model's chat template does not parse: {e}") from None
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ) -> str | list[int]:
+        from jinja2 import TemplateError
+
+        check_messages(messages)
+        try:
+            text = self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as e:
+            raise OffloadError(f"chat template refused the messages: {e}") from None
+        return self.encode(text) if tokenize else text
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary, merges, specials and template: what decides token ids."""
+        h = hashlib.sha256(self.backend.to_str().encode())
+        h.update((self.chat_template or "").encode())
+        return h.hexdigest()
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def from_hf_dir(cls, directory: Path, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{directory}: no tokenizer.json")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot load tokenizer: {e}") from None
+        cfg = _read_json(directory / "tokenizer_config.json")
+        gen = _read_json(directory / "generation_config.json")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+        gen_eos = gen.get("eos_token_id")
+        ids = list(eos_ids) + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        if eos and backend.token_to_id(eos) is not None:
+            ids.append(backend.token_to_id(eos))
+        return cls(backend, template, bos, eos, _stop_ids(backend, ids))
+
+    @classmethod
+    def from_gguf(cls, reader, path: Path) -> Tokenizer:
+        from tokenizers import Regex, decoders, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        from offload.gguf import field_value
+
+        kind = field_value(reader, "tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelLoadError(
+                f"{path}: tokenizer type {kind!r} is not supported yet (byte-level BPE 'gpt2' is); "
+                "use the model's HF directory with tokenizer.json instead"
+            )
+        tokens = list(field_value(reader, "tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
+        types = list(field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        backend = HFTokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        pre = field_value(reader, "tokenizer.ggml.pre", "default")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in ("llama-bpe", "llama3", "qwen2", "deepseek-r1-qwen"):
+            split = _QWEN2_SPLIT if pre.startswith(("qwen", "deepseek")) else _LLAMA3_SPLIT
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        elif pre == "smollm":
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        # Control (3) and user-defined (4) tokens are matched whole in input text.
+        from tokenizers import AddedToken
+
+        specials = [tokens[i] for i, t in enumerate(types) if t in (3, 4)]
+        backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+
+        def tok(key):
+            i = field_value(reader, key)
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
+        return cls(
+            backend,
+            field_value(reader, "tokenizer.chat_template"),
+            tok("tokenizer.ggml.bos_token_id"),
+            tok("tokenizer.ggml.eos_token_id"),
+            _stop_ids(backend, [] if eos_id is None else [eos_id]),
+        )
+
+
+def check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise OffloadError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+            m.get("content"), str
+        ):
+            raise OffloadError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+
+
+def _stop_ids(backend, ids) -> tuple[int, ...]:
+    out = [int(i) for i in ids if i is not None]
+    for token in END_OF_TURN:
+        i = backend.token_to_id(token)
+        if i is not None:
+            out.append(i)
+    return tuple(sorted(set(out)))
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # serialized AddedToken
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read: {e}") from None
+
+
+class StreamDecoder:
+    """Incremental detokenization that never emits a broken UTF-8 sequence.
+
+    Byte-level BPE can split one character over several tokens; decoding them one
+    at a time would print U+FFFD. We decode a short window of recent tokens and
+    release text only once it no longer ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the decoding window
+        self.read_offset = 0  # tokens before this were already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly complete text (possibly '')."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of generation."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]

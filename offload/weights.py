@@ -1,0 +1,130 @@
+"""Loading an HF model directory: `config.json` plus safetensors (single or sharded).
+
+Tensors are read with safetensors (never pickle), renamed to this project's
+module names, cast to the requested dtype and assigned into a model built on
+the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from offload.config import ModelArgs
+from offload.errors import ConfigError, ModelLoadError
+from offload.model import Transformer
+
+_HF_NAMES = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wq.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wk.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wv.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+_HF_PATTERNS = [(re.compile(p + "$"), r) for p, r in _HF_NAMES]
+
+
+def _rename(hf_name: str) -> str | None:
+    for pattern, repl in _HF_PATTERNS:
+        if pattern.match(hf_name):
+            return pattern.sub(repl, hf_name)
+    return None
+
+
+def read_hf_config(directory: Path) -> ModelArgs:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: no config.json (expected an HF model directory)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read: {e}") from None
+    try:
+        return ModelArgs.from_hf_config(cfg, source=str(path))
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index}: cannot read the shard index: {e}") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index}: shard files missing: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    if found:
+        return [directory / n for n in found]
+    other = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+        p.name for p in directory.glob("*.pt")
+    )
+    hint = f" (found {', '.join(other)}: pickle checkpoints are not loaded)" if other else ""
+    raise ModelLoadError(f"{directory}: no safetensors weights{hint}")
+
+
+def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device) -> Transformer:
+    args = read_hf_config(directory)
+    state: dict[str, torch.Tensor] = {}
+    for shard in _shard_files(directory):
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    ours = _rename(name)
+                    if ours is None:
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue  # derived from config, not loaded
+                        raise ModelLoadError(f"{shard}: unexpected tensor {name!r}")
+                    state[ours] = f.get_tensor(name).to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{shard}: cannot read safetensors file: {e}") from None
+    return build_model(args, state, source=str(directory))
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], source: str) -> Transformer:
+    """Assign a renamed state dict into a model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = set(model.state_dict().keys())
+    # No output matrix in the checkpoint means tied embeddings, whatever the config says
+    # (some checkpoints omit lm_head without setting tie_word_embeddings).
+    tied = "output.weight" not in state
+    if tied:
+        expected.discard("output.weight")
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:5]}")
+        raise ModelLoadError(f"{source}: weights do not match the config: {'; '.join(parts)}")
+    for name, t in state.items():
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise ModelLoadError(
+                f"{source}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(want)}"
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.eval()
