@@ -39,7 +39,9 @@ def model_options(fn):
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
         help="Override a config key, e.g. --set dtype=float32 (repeatable).",
     )(fn)  # fmt: skip
-    fn = click.option("--config", "-c", default=None, help="TOML file or preset name in configs/.")(fn)
+    fn = click.option("--config", "-c", default=None, help="TOML file or preset name in configs/.")(
+        fn
+    )
     fn = click.option(
         "--model", "-m", default=DEFAULT_MODEL, show_default=True,
         help="HF model directory, .gguf file, or embedded model name.",
@@ -134,7 +136,9 @@ def chat(model, config, overrides, system, max_new_tokens):
     console = Console()
     rt = load_runtime(model, config, overrides)
     conv = rt.chat(system=system)
-    console.print(f"[dim]{model}: /reset clears the conversation, /stats shows figures, /exit quits[/]")
+    console.print(
+        f"[dim]{model}: /reset clears the conversation, /stats shows figures, /exit quits[/]"
+    )
     while True:
         try:
             text = console.input("[bold green]you>[/] ")
@@ -195,7 +199,9 @@ def human_bytes(n: float) -> str:
 
 @main.command()
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True, help="KV dtype for the byte counts.")
+@click.option(
+    "--dtype", default="bfloat16", show_default=True, help="KV dtype for the byte counts."
+)
 @friendly_errors
 def info(model, dtype):
     """Architecture, sizes, context length and KV bytes per token (reads metadata only)."""

@@ -98,6 +98,11 @@ class ModelArgs:
                     f"{source}: unsupported rope scaling type "
                     f"{rope.get('rope_type', rope.get('type'))!r} (supported: default, llama3)"
                 )
+            max_pos = int(cfg.get("max_position_embeddings", 4096))
+            window = cfg.get("sliding_window")
+            if window and cfg.get("use_sliding_window", arch == "mistral") and window < max_pos:
+                # Attention here is global: exact for contexts up to the window only.
+                max_pos = int(window)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             return cls(
@@ -112,7 +117,7 @@ class ModelArgs:
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(theta),
                 rope_scaling=scaling,
-                max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
+                max_seq_len=max_pos,
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
                 bos_id=cfg.get("bos_token_id"),
@@ -318,7 +323,7 @@ def _coerce(value: Any, default_type: type, f: dataclasses.Field, key: str) -> A
 
 def resolve_config_path(path: str | Path) -> Path:
     p = Path(path)
-    if not p.exists() and not p.suffix:
+    if not p.exists() and p.name == str(path):  # a bare name: look among the presets
         preset = CONFIG_DIR / f"{p.name}.toml"
         if preset.exists():
             return preset

@@ -44,7 +44,9 @@ def open_gguf(path: Path):
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError, ...
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise ModelLoadError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def field_value(reader, key: str, default: Any = None) -> Any:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 class CacheLayer(Protocol):
@@ -28,29 +29,28 @@ class CacheLayer(Protocol):
     def tier_bytes(self) -> dict[str, int]: ...
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
-    """Exact causal softmax attention for grouped queries.
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact causal softmax attention of the S newest positions over all T keys.
 
-    q: [H_q, S, D] at absolute positions q_start .. q_start+S-1
-    k, v: [H_kv, T, D] at positions 0 .. T-1 (T >= q_start + S)
+    q: [H_q, S, D], the queries of positions T-S .. T-1
+    k, v: [H_kv, T, D]
     returns [H_q, S, D]
 
-    The G = H_q / H_kv query heads that share a KV head are folded into the row
-    axis, q -> [H_kv, G*S, D], so one SDPA call covers a group without repeating
-    K/V (SDPA's own `enable_gqa` is very slow for one-token decode in bf16).
+    Both paths keep SDPA's inputs 4-D: with 3-D inputs and a mask it falls back to
+    a math kernel about 10x slower on CPU (measured in docs/performance.md).
+    - decode (S == 1): the G = H_q / H_kv query heads of a group become G rows,
+      q -> [1, H_kv, G, D], so K/V are read once per group and no mask is needed.
+    - prefill chunk (S > 1): a lower-right causal bias (row s sees keys
+      0 .. T-S+s) and `enable_gqa`, which dispatch to the flash kernel.
     """
     Hq, S, D = q.shape
     Hkv, T, _ = k.shape
-    G = Hq // Hkv
-    qg = q.reshape(Hkv, G * S, D)
-    mask = None
-    if S > 1 or q_start + S < T:
-        # Row (g, s) sees keys 0 .. q_start+s.
-        rows = torch.arange(q_start, q_start + S, device=q.device)
-        cols = torch.arange(T, device=q.device)
-        mask = (cols[None, :] <= rows[:, None]).repeat(G, 1)  # [G*S, T]
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    return out.reshape(Hq, S, D)
+    if S == 1:
+        out = F.scaled_dot_product_attention(q.reshape(1, Hkv, Hq // Hkv, D), k[None], v[None])
+        return out.reshape(Hq, 1, D)
+    bias = causal_lower_right(S, T)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias, enable_gqa=True)
+    return out[0]
 
 
 class DenseLayer:
@@ -84,8 +84,7 @@ class DenseLayer:
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         T = self.length
-        S = q.shape[1]
-        return gqa_attention(q, self.k[:, :T], self.v[:, :T], T - S)
+        return gqa_attention(q, self.k[:, :T], self.v[:, :T])
 
     def truncate(self, num_tokens: int) -> None:
         assert 0 <= num_tokens <= self.length, (num_tokens, self.length)

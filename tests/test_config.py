@@ -1,0 +1,61 @@
+"""Config files, presets, overrides and size parsing."""
+
+import pytest
+
+from offload.config import RuntimeConfig, parse_bytes
+from offload.errors import ConfigError
+
+
+def test_presets_load_and_default_matches_code():
+    assert RuntimeConfig.from_toml("cpu-smollm2") == RuntimeConfig()
+    gpu = RuntimeConfig.from_toml("rtx4090-llama3.1-8b")
+    assert gpu.model.device == "cuda"
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[generation]\ntop_k = 5\ntemprature = 0.1\n")
+    with pytest.raises(ConfigError, match=r"c.toml: unknown key generation.temprature"):
+        RuntimeConfig.from_toml(p)
+    p.write_text("[gen]\ntop_k = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[gen\]"):
+        RuntimeConfig.from_toml(p)
+
+
+def test_bad_values(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[generation]\ntop_p = 2.0\n")
+    with pytest.raises(ConfigError, match="generation.top_p"):
+        RuntimeConfig.from_toml(p)
+    p.write_text("[generation]\nmax_new_tokens = 'many'\n")
+    with pytest.raises(ConfigError, match="generation.max_new_tokens: expected int, got 'many'"):
+        RuntimeConfig.from_toml(p)
+    p.write_text("[generation\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RuntimeConfig.from_toml(p)
+
+
+def test_overrides_by_leaf_and_dotted_name_with_string_values():
+    cfg = RuntimeConfig().replace(dtype="float32", **{"generation.top_k": "40"}, seed="7")
+    assert cfg.model.dtype == "float32" and cfg.generation.top_k == 40 and cfg.generation.seed == 7
+    assert RuntimeConfig().generation.top_k == 0  # frozen original untouched
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("6GiB", 6 * 2**30),
+        ("512 MB", 512 * 10**6),
+        ("1.5G", 1_500_000_000),
+        (4096, 4096),
+        (None, None),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text, "kv.host_bytes") == expected
+
+
+@pytest.mark.parametrize("text", ["6 GiBs", "-1GB", "lots", True])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ConfigError, match="kv.host_bytes"):
+        parse_bytes(text, "kv.host_bytes")

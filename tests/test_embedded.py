@@ -1,0 +1,103 @@
+"""End to end on the embedded SmolLM2-135M GGUF (the real model)."""
+
+import pytest
+import torch
+
+from offload.generate import StepResult
+from tests.conftest import embedded_gguf_path
+
+FILL = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The secret passphrase is purple elephant. "
+
+TOKENIZER_CASES = [
+    "Hello world",
+    "Numbers: 12345 and 3.14159, 1,000,000 and 2026-11-22",
+    "  leading spaces\tand\ttabs\n\n\nnewlines   trailing  ",
+    "unicode: héllo wörld ñ 日本語のテキスト 🎉🚀 Ωμέγα",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>\n<|im_start|>assistant\n",
+    "code: def f(x):\n    return x**2  # comment\n",
+    "MiXeD CaSe, punctuation!?;:'\"()[]{} and URLs https://example.com/a?b=c",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_gguf():
+    """transformers loading the same GGUF file: tokenizer and fp32 model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    return tok, model.eval()
+
+
+def test_gguf_logits_match_transformers(smol_fp32, hf_gguf):
+    _, model = hf_gguf
+    ids = smol_fp32.encode_prompt("Explain why the sky is blue, in two sentences.")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    ours = smol_fp32.logits(ids)
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("text", TOKENIZER_CASES)
+def test_tokenizer_ids_match_transformers(smol_fp32, hf_gguf, text):
+    tok, _ = hf_gguf
+    assert smol_fp32.tokenizer.encode(text) == tok.encode(text, add_special_tokens=False)
+    assert smol_fp32.tokenizer.decode(smol_fp32.tokenizer.encode(text)) == text
+
+
+def test_chat_template_matches_transformers(smol_fp32, hf_gguf):
+    tok, _ = hf_gguf
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Again"},
+    ]
+    ours = smol_fp32.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert ours == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert 2 in smol_fp32.tokenizer.stop_ids  # <|im_end|>
+
+
+def test_needle_in_2k_tokens(smol_bf16):
+    doc = FILL * 47 + NEEDLE + FILL * 47
+    answer = smol_bf16.generate(doc + "\nWhat is the secret passphrase?", max_new_tokens=12)
+    s = smol_bf16.stats()
+    assert 2000 <= s["prompt_tokens"] <= 8192
+    assert "purple elephant" in answer.lower()
+    assert s["prefill_tokens"] == s["prompt_tokens"] and s["decode_tokens"] >= 1
+
+
+def test_second_chat_turn_prefills_only_its_own_tokens(smol_bf16):
+    conv = smol_bf16.chat(system="You are a concise assistant.")
+    first = conv.send("Name one planet.", max_new_tokens=24)
+    assert first
+    after_first = conv.context_tokens
+    conv.send("Name another one.", max_new_tokens=8)
+    s = smol_bf16.stats()
+    full = smol_bf16.encode_prompt(conv.messages[:-1])  # the prompt of the second turn
+    assert s["prompt_tokens"] == len(full)
+    assert s["reused_tokens"] == after_first
+    # What was prefilled: the previous answer's end-of-turn token plus the new turn.
+    assert s["prefill_tokens"] == len(full) - after_first
+    assert s["prefill_tokens"] < 20
+
+
+def test_stream_steps_and_utf8(smol_bf16):
+    steps = list(
+        smol_bf16.stream("Reply with three different emoji and nothing else.", max_new_tokens=20)
+    )
+    assert all(isinstance(s, StepResult) for s in steps)
+    assert [s.index for s in steps] == list(range(len(steps)))
+    assert steps[-1].finish_reason in ("stop", "length")
+    assert all(s.finish_reason is None for s in steps[:-1])
+    text = "".join(s.text for s in steps)
+    assert "\ufffd" not in text
+    ids = [s.token_id for s in steps if s.finish_reason != "stop"]
+    # The text is the decoded ids, less a character the length limit cut in half.
+    assert text == smol_bf16.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")

@@ -1,0 +1,102 @@
+"""Bad input: one clear error of a project type that names the problem."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from offload import ConfigError, ContextLengthError, ModelLoadError, Runtime
+from tests.conftest import embedded_gguf_path
+
+
+def test_missing_path():
+    with pytest.raises(ModelLoadError, match="model not found: /no/such/model"):
+        Runtime.from_pretrained("/no/such/model")
+
+
+def test_directory_without_weights(tmp_path, tiny_dirs):
+    src, _ = tiny_dirs["llama-gqa-untied"]
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoadError, match="no safetensors weights.*pytorch_model.bin"):
+        Runtime.from_pretrained(tmp_path)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        Runtime.from_pretrained(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path, tiny_dirs):
+    src, _ = tiny_dirs["llama-gqa-untied"]
+    shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unsupported model_type 'gpt2'"):
+        Runtime.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("keep", [100, 4096, 20_000_000])
+def test_truncated_gguf(tmp_path, keep):
+    bad = tmp_path / "cut.gguf"
+    with open(embedded_gguf_path(), "rb") as f:
+        bad.write_bytes(f.read(keep))
+    with pytest.raises(ModelLoadError, match="cut.gguf"):
+        Runtime.from_pretrained(bad)
+
+
+def test_not_a_model_file(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello")
+    with pytest.raises(ModelLoadError, match="notes.txt: not an HF model directory"):
+        Runtime.from_pretrained(p)
+
+
+def test_prompt_longer_than_context(tmp_path):
+    from tests.conftest import make_tiny_hf_model
+
+    make_tiny_hf_model(tmp_path / "short", "llama-gqa-untied", max_positions=64)
+    rt = Runtime.from_pretrained(tmp_path / "short", dtype="float32")
+    with pytest.raises(ContextLengthError, match=r"\d+ tokens; the model's context window is 64"):
+        rt.generate("the river " * 100)
+    conv = rt.chat()
+    with pytest.raises(ContextLengthError, match="reset"):
+        conv.send("the river " * 100)
+    # Generation that reaches the window stops with finish_reason "length".
+    steps = list(rt.stream("seven", max_new_tokens=500))
+    assert steps[-1].finish_reason == "length"
+    assert steps[-1].context_tokens == 63
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="unknown config key 'dtyp'"):
+        Runtime.from_pretrained("smollm2", dtyp="float32")
+    with pytest.raises(ConfigError, match="model.dtype: 'float8' is not one of"):
+        Runtime.from_pretrained("smollm2", dtype="float8")
+
+
+def test_unknown_sampling_option(tiny_dirs):
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    with pytest.raises(ConfigError, match="unknown sampling option.*tempreature"):
+        rt.generate("x", tempreature=0.5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "-m", "/no/such/dir", "hi"], "model not found: /no/such/dir"),
+        (["generate", "--set", "dtype=int3", "hi"], "model.dtype: 'int3'"),
+        (["generate", "--set", "nonsense", "hi"], "--set expects KEY=VALUE"),
+        (["generate", "--config", "/no/such.toml", "hi"], "config file not found"),
+        (["info", "-m", "/no/such/dir"], "model not found"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0

@@ -1,0 +1,57 @@
+"""Sampling policies, incremental detokenization and the CLI on a tiny model."""
+
+import torch
+from click.testing import CliRunner
+
+from cli.main import main
+from offload import Runtime
+from offload.generate import make_sampler
+from offload.tokenizer import StreamDecoder
+
+
+def test_greedy_and_top_k_1_agree():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    assert make_sampler()(logits) == int(logits.argmax())
+    assert make_sampler(temperature=1.0, top_k=1, seed=3)(logits) == int(logits.argmax())
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_p():
+    logits = torch.tensor([5.0, 4.9, 0.0, -1.0, -2.0])
+    a = make_sampler(1.0, top_p=0.9, seed=11)
+    b = make_sampler(1.0, top_p=0.9, seed=11)
+    seq_a = [a(logits) for _ in range(50)]
+    assert seq_a == [b(logits) for _ in range(50)]
+    assert set(seq_a) <= {0, 1}  # tokens 0 and 1 hold > 0.9 of the mass
+
+
+def test_stream_decoder_holds_back_split_characters(tiny_dirs):
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    tok = rt.tokenizer
+    text = "seven 🎉 stones ñ 日本"
+    ids = tok.encode(text)
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    pieces.append(dec.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+    assert len(ids) > len(text.split())  # the emoji really was split over byte tokens
+
+
+def test_cli_generate_info_and_chat(tiny_dirs):
+    model_dir = str(tiny_dirs["llama-gqa-untied"][0])
+    runner = CliRunner()
+    r = runner.invoke(
+        main, ["generate", "-m", model_dir, "-n", "5", "--set", "dtype=float32", "seven"]
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["info", "-m", model_dir])
+    assert r.exit_code == 0 and "kv_bytes_per_token" in r.output and "llama" in r.output
+    r = runner.invoke(
+        main,
+        ["chat", "-m", model_dir, "-n", "4"],
+        input="seven stones\n/stats\n/bogus\nmore\n/reset\n/exit\n",
+    )
+    assert r.exit_code == 0, r.output
+    assert "prefill_tokens" in r.output and "unknown command /bogus" in r.output
+    assert "conversation cleared" in r.output
+    assert r.output.count("tok/s") == 2  # one figure line per answer

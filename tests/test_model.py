@@ -1,0 +1,89 @@
+"""Numerics: our model against transformers on tiny seeded checkpoints (fp32)."""
+
+import pytest
+import torch
+
+from offload import Runtime
+from offload.kvcache import KVCache
+from tests.conftest import TINY_CONFIGS
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_dirs):
+    return {
+        name: Runtime.from_pretrained(directory, dtype="float32")
+        for name, (directory, _) in tiny_dirs.items()
+    }
+
+
+def random_ids(n, vocab=320, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_logits_match_transformers(name, tiny_dirs, runtimes):
+    _, ref_model = tiny_dirs[name]
+    ids = random_ids(90)  # past the llama3 config's original 32 positions
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0]
+    ours = runtimes[name].logits(ids)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert ref.abs().max() > 0.5, "reference logits are too small to make a meaningful test"
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_args_from_config(runtimes):
+    a = runtimes["llama3-rope-tied"].args
+    assert a.rope_scaling is not None and a.rope_scaling.factor == 8.0
+    assert a.tie_embeddings and a.num_kv_heads == 1
+    assert runtimes["qwen2-bias"].args.qkv_bias
+    assert not runtimes["llama-gqa-untied"].args.qkv_bias
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-bias"])
+def test_chunked_prefill_equals_one_shot(name, runtimes):
+    rt = runtimes[name]
+    ids = random_ids(100, seed=1)
+    one_shot = rt.logits(ids)
+    model, a = rt.model, rt.args
+    for chunk in (1, 7, 33):
+        cache = KVCache.dense(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32, "cpu")
+        parts = [model(ids[s : s + chunk], cache) for s in range(0, len(ids), chunk)]
+        torch.testing.assert_close(torch.cat(parts), one_shot, atol=1e-4, rtol=1e-4)
+        assert cache.num_tokens == len(ids)
+
+
+def test_incremental_decode_equals_full_forward(runtimes):
+    rt = runtimes["llama3-rope-tied"]
+    ids = random_ids(60, seed=2)
+    full = rt.logits(ids)
+    a = rt.args
+    cache = KVCache.dense(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32, "cpu")
+    rt.model(ids[:40], cache)
+    steps = [rt.model(ids[i : i + 1], cache) for i in range(40, 60)]
+    torch.testing.assert_close(torch.cat(steps), full[40:], atol=1e-4, rtol=1e-4)
+
+
+def test_truncate_then_continue_equals_fresh(runtimes):
+    rt = runtimes["qwen2-bias"]
+    ids = random_ids(50, seed=3)
+    other = random_ids(20, seed=4)
+    a = rt.args
+    cache = KVCache.dense(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32, "cpu")
+    rt.model(torch.cat([ids[:30], other]), cache)
+    cache.truncate(30)
+    cont = rt.model(ids[30:], cache)
+    torch.testing.assert_close(cont, rt.logits(ids)[30:], atol=1e-4, rtol=1e-4)
+
+
+def test_generation_on_tiny_model_is_deterministic(runtimes):
+    rt = runtimes["llama-gqa-untied"]
+    a = rt.generate("seven quiet stones", max_new_tokens=12)
+    b = rt.generate("seven quiet stones", max_new_tokens=12)
+    assert a == b
+    s = rt.stats()
+    assert s["decode_tokens"] >= 1 and s["context_tokens"] > 0
+    # The second call shared the whole prompt with the first: only one token re-prefilled.
+    assert s["prefill_tokens"] == 1 and s["reused_tokens"] == s["prompt_tokens"] - 1
+    assert s["kv_bytes"]["device"] == s["context_tokens"] * 2 * 2 * 2 * 16 * 4
