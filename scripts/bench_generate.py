@@ -124,11 +124,11 @@ def main() -> None:
             hf.eval()
         for length in lengths:
             ids = prompt_ids(rt, text, length)
-            for system, fn in (("offload", lambda: bench_ours(rt, ids, args.decode_tokens)),
-                               ("hf-transformers", lambda: bench_hf(hf, ids, args.decode_tokens))):  # fmt: skip
-                if system == "hf-transformers" and hf is None:
-                    continue
-                r = {"system": system, "dtype": dtype, "prompt_tokens": len(ids), **fn()}
+            runs = [("offload", bench_ours(rt, ids, args.decode_tokens))]
+            if hf is not None:
+                runs.append(("hf-transformers", bench_hf(hf, ids, args.decode_tokens)))
+            for system, figures in runs:
+                r = {"system": system, "dtype": dtype, "prompt_tokens": len(ids), **figures}
                 rows.append(r)
                 console.print(r)
         del rt, hf
