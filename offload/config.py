@@ -199,9 +199,56 @@ class GenerationSection:
             raise ConfigError(f"generation.prefill_chunk: must be >= 1, got {self.prefill_chunk}")
 
 
+@dataclass(frozen=True)
+class KVSection:
+    """Where the KV cache lives. Sizes accept human units ("6GiB"); unset means "from the machine"."""
+
+    chunk_size: int = 16  # tokens per host slot / disk record / summary group
+    summary_bits: int = 2  # low-bit key summaries on the device: 2 or 4
+    device_bytes: int | str | None = None  # CUDA: free memory minus a margin; CPU: host rule
+    host_bytes: int | str | None = None  # psutil available memory minus a safety margin
+    disk_dir: str | None = None  # NVMe directory for spilled chunks; default: a temp dir
+    disk_bytes: int | str | None = None  # free space of disk_dir minus a margin
+    spill_batch: int = 64  # chunks written per spill (per layer, one file)
+
+    def __post_init__(self):
+        if self.chunk_size < 1 or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"kv.chunk_size: must be a power of two, got {self.chunk_size}")
+        if self.summary_bits not in (2, 4):
+            raise ConfigError(f"kv.summary_bits: must be 2 or 4, got {self.summary_bits}")
+        for key in ("device_bytes", "host_bytes", "disk_bytes"):
+            object.__setattr__(self, key, parse_bytes(getattr(self, key), f"kv.{key}"))
+        if self.spill_batch < 1:
+            raise ConfigError(f"kv.spill_batch: must be >= 1, got {self.spill_batch}")
+
+
+SELECTION_MODES = ("full", "dense")
+
+
+@dataclass(frozen=True)
+class SelectionSection:
+    """Which tokens each decode step attends to. Budgets count tokens per KV head."""
+
+    mode: str = "full"  # full: one in-memory tier; dense: the tiered store, all tokens attended
+    sink: int = 16  # first tokens, always attended, kept on the device
+    window: int = 256  # most recent tokens, always attended, kept on the device
+
+    def __post_init__(self):
+        if self.mode not in SELECTION_MODES:
+            raise ConfigError(
+                f"selection.mode: {self.mode!r} is not one of {', '.join(SELECTION_MODES)}"
+            )
+        if self.sink < 0:
+            raise ConfigError(f"selection.sink: must be >= 0, got {self.sink}")
+        if self.window < 1:
+            raise ConfigError(f"selection.window: must be >= 1, got {self.window}")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "generation": GenerationSection,
+    "kv": KVSection,
+    "selection": SelectionSection,
 }
 
 
@@ -215,6 +262,15 @@ class RuntimeConfig:
 
     model: ModelSection = field(default_factory=ModelSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
+    kv: KVSection = field(default_factory=KVSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
+
+    def __post_init__(self):
+        if self.selection.mode != "full" and self.selection.window < self.kv.chunk_size:
+            raise ConfigError(
+                f"selection.window ({self.selection.window}) must be at least kv.chunk_size "
+                f"({self.kv.chunk_size}): the chunk being filled is attended from the window"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RuntimeConfig:
@@ -291,6 +347,10 @@ def _coerce(value: Any, default_type: type, f: dataclasses.Field, key: str) -> A
             return None
         raise ConfigError(f"{key}: a value is required")
     want = default_type
+    if "int | str" in annot:  # a size: an integer or a string with units
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        return value
     if want is type(None):  # field defaults to None: read its annotation
         want = int if "int" in annot else str
     try:

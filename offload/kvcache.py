@@ -12,21 +12,21 @@ model's. `KVCache` groups the layers and keeps the shared token count.
 
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from storage.device import Growable
+from storage.tiered import TieredStore
+
 
 class CacheLayer(Protocol):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     def attend(self, q: torch.Tensor) -> torch.Tensor: ...
-
-    def truncate(self, num_tokens: int) -> None: ...
-
-    def tier_bytes(self) -> dict[str, int]: ...
 
 
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -54,53 +54,64 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 class DenseLayer:
-    """All keys and values of one layer in two growable tensors `[H_kv, capacity, D]`."""
+    """All keys and values of one layer in two growable tensors `[H_kv, T, D]`."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
-        self.k = torch.empty(num_kv_heads, 0, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.empty_like(self.k)
-        self.length = 0
-
-    def _reserve(self, needed: int) -> None:
-        cap = self.k.shape[1]
-        if needed <= cap:
-            return
-        # Grow geometrically so a long prefill costs O(T) copies in all.
-        new_cap = max(needed, 2 * cap, 256)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(self.num_kv_heads, new_cap, self.head_dim)
-            new[:, : self.length] = old[:, : self.length]
-            setattr(self, name, new)
+        self.k = Growable((num_kv_heads, 0, head_dim), 1, dtype, device)
+        self.v = Growable((num_kv_heads, 0, head_dim), 1, dtype, device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        S = k.shape[1]
-        self._reserve(self.length + S)
-        self.k[:, self.length : self.length + S] = k
-        self.v[:, self.length : self.length + S] = v
-        self.length += S
+        self.k.append(k)
+        self.v.append(v)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
-        T = self.length
-        return gqa_attention(q, self.k[:, :T], self.v[:, :T])
+        return gqa_attention(q, self.k.view(), self.v.view())
 
     def truncate(self, num_tokens: int) -> None:
-        assert 0 <= num_tokens <= self.length, (num_tokens, self.length)
-        self.length = num_tokens
+        self.k.truncate(num_tokens)
+        self.v.truncate(num_tokens)
 
     def tier_bytes(self) -> dict[str, int]:
-        per_token = 2 * self.num_kv_heads * self.head_dim * self.k.element_size()
-        return {"device": self.length * per_token}
+        k = self.k.view()
+        return {"device": 2 * k.numel() * k.element_size()}
+
+
+class TieredLayer:
+    """One layer's view of a `TieredStore`; dense mode: attention gathers every token."""
+
+    def __init__(self, store: TieredStore, layer: int):
+        self.store, self.layer = store, layer
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.store.append(self.layer, k, v)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        k, v = self.store.gather_all(self.layer)
+        return gqa_attention(q, k, v)
 
 
 class KVCache:
-    """One cache layer per model layer, plus the count of tokens they all hold."""
+    """One cache layer per model layer, plus the count of tokens they all hold.
 
-    def __init__(self, layers: list):
+    A tiered cache also owns its `TieredStore` (started here, closed by `close`).
+    """
+
+    def __init__(self, layers: list, store: TieredStore | None = None):
         self.layers = layers
+        self.store = store
         self.num_tokens = 0
+
+    @classmethod
+    def tiered(cls, store: TieredStore) -> KVCache:
+        store.start()
+        cache = cls([TieredLayer(store, i) for i in range(store.layout.num_layers)], store)
+        # Spilled chunk files are removed when the cache is closed or collected.
+        weakref.finalize(cache, store.close)
+        return cache
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     @classmethod
     def dense(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device) -> KVCache:
@@ -112,11 +123,18 @@ class KVCache:
 
     def truncate(self, num_tokens: int) -> None:
         """Drop every token from position `num_tokens` on (reuse a shared prefix)."""
-        for layer in self.layers:
-            layer.truncate(num_tokens)
+        if num_tokens == self.num_tokens:
+            return
+        if self.store is not None:
+            self.store.truncate(num_tokens)
+        else:
+            for layer in self.layers:
+                layer.truncate(num_tokens)
         self.num_tokens = num_tokens
 
     def tier_bytes(self) -> dict[str, int]:
+        if self.store is not None:
+            return self.store.tier_bytes()
         total: dict[str, int] = {}
         for layer in self.layers:
             for tier, n in layer.tier_bytes().items():

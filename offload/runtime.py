@@ -12,18 +12,24 @@ what differs.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from offload.budgets import resolve_budgets
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult, generate_steps, make_sampler
 from offload.kvcache import KVCache
 from offload.loading import DEFAULT_MODEL, LoadedModel, load
 from offload.tokenizer import check_messages
+from storage.disk import StorageError
+from storage.layout import KVLayout
+from storage.tiered import TieredStore, TierReads
 
 Prompt = str | list[dict[str, str]]
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
@@ -108,11 +114,35 @@ class Runtime:
     def args(self):
         return self.loaded.args
 
-    def new_cache(self) -> KVCache:
-        a = self.args
-        return KVCache.dense(
-            a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device
+    @property
+    def layout(self) -> KVLayout:
+        a, kv = self.args, self.config.kv
+        return KVLayout(
+            a.num_layers,
+            a.num_kv_heads,
+            a.head_dim,
+            self.config.model.dtype,
+            kv.chunk_size,
+            kv.summary_bits,
         )
+
+    def new_cache(self) -> KVCache:
+        """A fresh cache: one in-memory tier (`selection.mode = "full"`) or the tiered store."""
+        a, sel, kv = self.args, self.config.selection, self.config.kv
+        if sel.mode == "full":
+            return KVCache.dense(
+                a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device
+            )
+        b = resolve_budgets(kv, self.device)
+        store = TieredStore(
+            self.layout, self.model.dtype, self.device, host_bytes=b.host_bytes,
+            disk_dir=b.disk_dir / f"cache-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
+        )  # fmt: skip
+        try:
+            return KVCache.tiered(store)
+        except StorageError as e:
+            raise ConfigError(str(e)) from None
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""
@@ -158,6 +188,8 @@ class Runtime:
         new_ids, reused = state.prepare(ids)
         state.ids = list(ids)
         self._last_state = state
+        if state.cache.store is not None:
+            state.cache.store.reads = TierReads()  # reads are counted per request
         self._stats = {
             "prompt_tokens": len(ids),
             "reused_tokens": reused,
@@ -237,6 +269,10 @@ class Runtime:
         cache = self._last_state.cache
         s["context_tokens"] = cache.num_tokens
         s["kv_bytes"] = cache.tier_bytes()
+        if cache.store is not None:
+            s["tier_reads"] = dict(cache.store.reads.count)
+            s["tier_read_bytes"] = dict(cache.store.reads.nbytes)
+            s["spilled_chunks"] = cache.store.spilled_chunks
         s["prefill_tokens_per_second"] = _rate(s["prefill_tokens"], s["prefill_seconds"])
         # The first token comes with the prefill; later ones each cost one decode step.
         s["decode_tokens_per_second"] = _rate(max(s["decode_tokens"] - 1, 0), s["decode_seconds"])

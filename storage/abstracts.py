@@ -1,0 +1,41 @@
+"""Chunk abstracts: per chunk and KV head, the per-channel min, max and mean of its keys.
+
+Quest-style selectors bound q . k over a chunk by sum_c max(q_c * min_c, q_c * max_c);
+the disk tier stores a chunk's abstract beside its KV so a chunk can be judged
+without reading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChunkAbstracts:
+    """kmin, kmax, kmean: [num_chunks, H, D] float32."""
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    kmean: torch.Tensor
+
+
+def abstract_bytes_per_chunk(num_kv_heads: int, head_dim: int) -> int:
+    return 3 * num_kv_heads * head_dim * 4
+
+
+def chunk_abstracts(k: torch.Tensor, chunk_size: int) -> ChunkAbstracts:
+    """k: [H, n * chunk_size, D] -> abstracts of the n chunks."""
+    H, T, D = k.shape
+    assert T % chunk_size == 0, f"T={T} is not a multiple of chunk_size={chunk_size}"
+    kc = k.float().reshape(H, T // chunk_size, chunk_size, D).transpose(0, 1)  # [n, H, C, D]
+    return ChunkAbstracts(kc.amin(dim=2), kc.amax(dim=2), kc.mean(dim=2))
+
+
+def upper_bound_scores(abstracts: ChunkAbstracts, q: torch.Tensor) -> torch.Tensor:
+    """An upper bound of q . k over each chunk. q: [H, G, D] -> [H, G, n] float32."""
+    qf = q.float()[:, :, None, :]  # [H, G, 1, D]
+    lo = abstracts.kmin.transpose(0, 1)[:, None]  # [H, 1, n, D]
+    hi = abstracts.kmax.transpose(0, 1)[:, None]
+    return torch.maximum(qf * lo, qf * hi).sum(-1)

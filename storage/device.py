@@ -1,0 +1,123 @@
+"""Device tier of one layer: sink and recent window at full precision, plus the
+low-bit key summaries and the abstracts of every completed chunk.
+
+On CUDA these are CUDA tensors; on CPU ordinary ones. The window is a ring of
+`window` slots: token t lives in slot t % window.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from storage.abstracts import ChunkAbstracts, chunk_abstracts
+from storage.layout import KVLayout
+from storage.quant import QuantKeys, quantize_keys
+
+
+class Growable:
+    """A tensor that grows along `dim` with geometric reallocation; `view()` is the filled part."""
+
+    def __init__(self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device):
+        self.dim = dim
+        self.data = torch.empty(shape, dtype=dtype, device=device)
+        self.length = shape[dim]  # starts full (shape[dim] is usually 0)
+
+    def reserve(self, needed: int) -> None:
+        cap = self.data.shape[self.dim]
+        if needed <= cap:
+            return
+        shape = list(self.data.shape)
+        shape[self.dim] = max(needed, 2 * cap, 16)
+        bigger = self.data.new_empty(shape)
+        bigger.narrow(self.dim, 0, self.length).copy_(self.view())
+        self.data = bigger
+
+    def append(self, t: torch.Tensor) -> None:
+        n = t.shape[self.dim]
+        self.reserve(self.length + n)
+        self.data.narrow(self.dim, self.length, n).copy_(t)
+        self.length += n
+
+    def view(self) -> torch.Tensor:
+        return self.data.narrow(self.dim, 0, self.length)
+
+    def truncate(self, n: int) -> None:
+        assert 0 <= n <= self.length, (n, self.length)
+        self.length = n
+
+
+class DeviceTier:
+    def __init__(self, layout: KVLayout, dtype: torch.dtype, device, sink: int, window: int):
+        H, D, C = layout.num_kv_heads, layout.head_dim, layout.chunk_size
+        self.layout, self.sink, self.window = layout, sink, window
+        self.sink_kv = torch.empty(2, H, sink, D, dtype=dtype, device=device)
+        self.ring = torch.empty(2, H, window, D, dtype=dtype, device=device)
+        bits = layout.summary_bits
+        f32 = torch.float32
+        self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device)
+        self.scale = Growable((H, 0, D), 1, f32, device)
+        self.zero = Growable((H, 0, D), 1, f32, device)
+        self.kmin = Growable((0, H, D), 0, f32, device)
+        self.kmax = Growable((0, H, D), 0, f32, device)
+        self.kmean = Growable((0, H, D), 0, f32, device)
+
+    def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""
+        S = k.shape[1]
+        if start < self.sink:
+            n = min(S, self.sink - start)
+            self.sink_kv[0, :, start : start + n] = k[:, :n]
+            self.sink_kv[1, :, start : start + n] = v[:, :n]
+        W = self.window
+        if W == 0:
+            return
+        keep = min(S, W)  # only the last W tokens can stay
+        pos = torch.arange(start + S - keep, start + S, device=k.device) % W
+        self.ring[0].index_copy_(1, pos, k[:, S - keep :])
+        self.ring[1].index_copy_(1, pos, v[:, S - keep :])
+
+    def read_window(self, t0: int, t1: int) -> torch.Tensor:
+        """[2, H, t1-t0, D] of tokens t0..t1-1, which must be in the ring."""
+        pos = torch.arange(t0, t1, device=self.ring.device) % self.window
+        return self.ring.index_select(2, pos)
+
+    def add_chunk(self, k_chunk: torch.Tensor) -> None:
+        """Summaries and abstract of one completed chunk (k_chunk [H, C, D])."""
+        qk = quantize_keys(k_chunk, self.layout.summary_bits, self.layout.chunk_size)
+        self.codes.append(qk.codes)
+        self.scale.append(qk.scale)
+        self.zero.append(qk.zero)
+        a = chunk_abstracts(k_chunk, self.layout.chunk_size)
+        self.kmin.append(a.kmin)
+        self.kmax.append(a.kmax)
+        self.kmean.append(a.kmean)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.kmin.length
+
+    def truncate_chunks(self, n: int) -> None:
+        C = self.layout.chunk_size
+        self.codes.truncate(n * C)
+        for g in (self.scale, self.zero):
+            g.truncate(n)
+        for g in (self.kmin, self.kmax, self.kmean):
+            g.truncate(n)
+
+    def summaries(self) -> QuantKeys:
+        L = self.layout
+        return QuantKeys(
+            L.summary_bits, L.chunk_size, self.codes.view(), self.scale.view(), self.zero.view()
+        )
+
+    def abstracts(self, chunks: list[int] | None = None) -> ChunkAbstracts:
+        a = ChunkAbstracts(self.kmin.view(), self.kmax.view(), self.kmean.view())
+        if chunks is None:
+            return a
+        idx = torch.tensor(chunks, dtype=torch.long, device=a.kmin.device)
+        return ChunkAbstracts(a.kmin[idx], a.kmax[idx], a.kmean[idx])
+
+    def nbytes(self, num_tokens: int) -> int:
+        return (
+            self.layout.device_bytes(num_tokens, self.sink, self.window) // self.layout.num_layers
+        )

@@ -1,0 +1,104 @@
+"""Bookkeeping of the tiered store: which chunk lives where, in which LRU order.
+
+Plain Python, no tensors: every decision (what to spill, what is resident,
+what a truncation frees) is made here and tested with exact expected orders.
+
+A chunk is keyed `(layer, index)`. It is on the host, on disk, or both (a chunk
+read back from disk keeps its disk record: KV never changes, so a later spill of
+the same chunk costs no write). Host residency is ordered least to most recently
+used; selection hits move a chunk to the most recent end.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+Key = tuple[int, int]  # (layer, chunk index)
+
+
+@dataclass
+class DiskRecord:
+    file: str
+    batch: int  # record batch index inside the file
+
+
+class ChunkDirectory:
+    """Residency and LRU order of chunks across layers, with a host budget in chunks."""
+
+    def __init__(self, host_capacity: int):
+        assert host_capacity >= 1, "the host tier must hold at least one chunk"
+        self.host_capacity = host_capacity
+        # Not a list: hits move chunks from the middle to the end in O(1).
+        self._host: OrderedDict[Key, None] = OrderedDict()
+        self._pinned: set[Key] = set()  # chunks still being filled: never spilled
+        self.disk: dict[Key, DiskRecord] = {}
+
+    # -- questions -------------------------------------------------------------
+
+    def on_host(self, key: Key) -> bool:
+        return key in self._host
+
+    def on_disk(self, key: Key) -> bool:
+        return key in self.disk
+
+    @property
+    def host_count(self) -> int:
+        return len(self._host)
+
+    def lru_order(self) -> list[Key]:
+        return list(self._host)
+
+    def over_budget(self) -> int:
+        """How many chunks must leave the host to meet its budget."""
+        return max(0, len(self._host) - self.host_capacity)
+
+    def spill_candidates(self, n: int) -> list[Key]:
+        """The `n` least recently used host chunks that may leave (filled ones only)."""
+        out = []
+        for key in self._host:
+            if len(out) == n:
+                break
+            if key not in self._pinned:
+                out.append(key)
+        return out
+
+    # -- actions ---------------------------------------------------------------
+
+    def add(self, key: Key, filling: bool = True) -> None:
+        """A new chunk enters the host tier as most recently used."""
+        assert key not in self._host and key not in self.disk, f"chunk {key} exists already"
+        self._host[key] = None
+        if filling:
+            self._pinned.add(key)
+
+    def filled(self, key: Key) -> None:
+        self._pinned.discard(key)
+
+    def touch(self, keys) -> None:
+        """Selection hits: move these host chunks to the most recently used end."""
+        for key in keys:
+            if key in self._host:
+                self._host.move_to_end(key)
+
+    def spilled(self, key: Key, record: DiskRecord | None = None) -> None:
+        """The chunk left the host; its disk record is `record` (or the one it had)."""
+        assert key in self._host, f"chunk {key} is not on the host"
+        assert record is not None or key in self.disk, f"chunk {key} has no disk record"
+        del self._host[key]
+        if record is not None:
+            self.disk[key] = record
+
+    def loaded(self, key: Key) -> None:
+        """The chunk was read back to the host (its disk record stays valid)."""
+        assert key in self.disk, f"chunk {key} is not on disk"
+        self._host[key] = None
+
+    def drop(self, key: Key) -> DiskRecord | None:
+        """Forget a chunk (truncation); return its disk record if it had one."""
+        self._host.pop(key, None)
+        self._pinned.discard(key)
+        return self.disk.pop(key, None)
+
+    def files_in_use(self) -> set[str]:
+        return {r.file for r in self.disk.values()}

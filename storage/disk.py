@@ -1,0 +1,225 @@
+"""Disk tier: chunks written as Arrow IPC files, read back by memory-mapping.
+
+One file holds many chunks of one layer (one record batch per chunk), written
+together when the host spills, so a 128k-token context is hundreds of files,
+not hundreds of thousands. Files are immutable: written under a temporary name,
+fsynced, renamed, and the directory fsynced; a crash or a full disk leaves no
+file that could be read as valid. Saved sessions reuse the same format.
+
+File format (version 1):
+  schema  columns `kv` (binary: [2, H_kv, C, D] in the KV dtype, little endian),
+          `kmin`, `kmax`, `kmean` (binary: [H_kv, D] float32)
+  schema metadata (JSON under b"offload"):
+          format_version, layout (KVLayout fields), layer, chunks (chunk index per
+          batch), crc32 (one per batch, over kv + kmin + kmax + kmean bytes)
+Every read checks its batch's crc32; a mismatch names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from storage.abstracts import ChunkAbstracts
+from storage.layout import KVLayout
+
+FORMAT_VERSION = 1
+META_KEY = b"offload"
+SCHEMA_FIELDS = [
+    ("kv", pa.binary()),
+    ("kmin", pa.binary()),
+    ("kmax", pa.binary()),
+    ("kmean", pa.binary()),
+]
+
+
+class StorageError(Exception):
+    """A tier file is missing, corrupt, or cannot be written; the message names it."""
+
+
+class DiskFullError(StorageError):
+    """The disk budget (or the disk) cannot take what must be spilled; nothing was lost."""
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, payload) -> None:
+    """Write bytes to `path` via a temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class DiskTier:
+    """Chunk files of all layers under one directory, with a byte budget."""
+
+    def __init__(self, directory: Path, layout: KVLayout, dtype: torch.dtype, budget_bytes: int):
+        self.directory = Path(directory)
+        self.layout = layout
+        self.dtype = dtype
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._sizes: dict[str, int] = {}
+        self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
+
+    def start(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(
+                f"disk tier: cannot create directory {self.directory}: {e}"
+            ) from None
+        if not os.access(self.directory, os.W_OK):
+            raise StorageError(f"disk tier: directory {self.directory} is not writable")
+
+    def close(self) -> None:
+        self._readers.clear()
+        try:
+            self.directory.rmdir()  # only succeeds when empty: never removes a user's files
+        except OSError:
+            pass
+
+    # -- writing ---------------------------------------------------------------
+
+    def write_chunks(
+        self, layer: int, chunks: list[int], data: torch.Tensor, abstracts: ChunkAbstracts
+    ) -> str:
+        """Write chunks (data [n, 2, H, C, D], abstracts [n, H, D]) as one new file.
+
+        Returns the file name. Raises DiskFullError before writing when the budget
+        would be exceeded, StorageError when the write fails; in both cases no
+        file is left behind and the caller still holds the data.
+        """
+        n = len(chunks)
+        columns = {name: [] for name, _ in SCHEMA_FIELDS}
+        crcs = []
+        for i in range(n):
+            parts = [
+                tensor_bytes(data[i].to(self.dtype)),
+                tensor_bytes(abstracts.kmin[i].float()),
+                tensor_bytes(abstracts.kmax[i].float()),
+                tensor_bytes(abstracts.kmean[i].float()),
+            ]
+            crc = 0
+            for (name, _), p in zip(SCHEMA_FIELDS, parts, strict=True):
+                columns[name].append(p.tobytes())
+                crc = zlib.crc32(p, crc)
+            crcs.append(crc)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "layout": dataclasses.asdict(self.layout),
+            "layer": layer,
+            "chunks": list(chunks),
+            "crc32": crcs,
+        }
+        schema = pa.schema(SCHEMA_FIELDS, metadata={META_KEY: json.dumps(meta).encode()})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            for i in range(n):
+                writer.write_batch(
+                    pa.record_batch(
+                        [pa.array([columns[name][i]], type=t) for name, t in SCHEMA_FIELDS],
+                        schema=schema,
+                    )
+                )
+        payload = sink.getvalue()
+        if self.used_bytes + payload.size > self.budget_bytes:
+            raise DiskFullError(
+                f"disk tier budget exceeded: {self.used_bytes + payload.size} bytes needed in "
+                f"{self.directory}, budget is {self.budget_bytes} (raise kv.disk_bytes or kv.host_bytes)"
+            )
+        name = f"L{layer:03d}-{chunks[0]:07d}-{uuid.uuid4().hex[:8]}.arrow"
+        path = self.directory / name
+        try:
+            write_atomic(path, payload)
+        except OSError as e:
+            raise DiskFullError(f"disk tier: cannot write {path}: {e.strerror or e}") from None
+        self.used_bytes += payload.size
+        self._sizes[name] = payload.size
+        return name
+
+    def delete(self, name: str) -> None:
+        self._readers.pop(name, None)
+        self.used_bytes -= self._sizes.pop(name, 0)
+        (self.directory / name).unlink(missing_ok=True)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _open(self, name: str):
+        cached = self._readers.get(name)
+        if cached is not None:
+            return cached
+        path = self.directory / name
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            meta = json.loads(reader.schema.metadata[META_KEY])
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise StorageError(
+                    f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+                )
+            crcs = [int(c) for c in meta["crc32"]]
+            if len(crcs) != reader.num_record_batches:
+                raise StorageError(
+                    f"{path}: {reader.num_record_batches} chunks but {len(crcs)} checksums"
+                )
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise StorageError(f"{path}: chunk file is missing") from None
+        except Exception as e:  # ArrowInvalid, KeyError, JSONDecodeError, ...
+            raise StorageError(
+                f"{path}: not a valid chunk file ({type(e).__name__}: {e})"
+            ) from None
+        self._readers[name] = (reader, crcs)
+        return reader, crcs
+
+    def read_chunk(self, name: str, batch: int) -> torch.Tensor:
+        """The KV [2, H, C, D] of record batch `batch` of file `name`, checksum verified."""
+        reader, crcs = self._open(name)
+        path = self.directory / name
+        try:
+            rb = reader.get_batch(batch)
+            bufs = [rb.column(i)[0].as_buffer() for i in range(len(SCHEMA_FIELDS))]
+        except Exception as e:
+            raise StorageError(
+                f"{path}: cannot read chunk {batch} ({type(e).__name__}: {e})"
+            ) from None
+        crc = 0
+        for b in bufs:
+            crc = zlib.crc32(b, crc)
+        if crc != crcs[batch]:
+            raise StorageError(f"{path}: checksum mismatch in chunk {batch}: the file is corrupt")
+        L = self.layout
+        raw = np.frombuffer(bufs[0], dtype=np.uint8)
+        if raw.size != L.chunk_bytes:
+            raise StorageError(
+                f"{path}: chunk {batch} has {raw.size} bytes, expected {L.chunk_bytes}"
+            )
+        t = torch.from_numpy(raw.copy()).view(self.dtype)
+        return t.reshape(2, L.num_kv_heads, L.chunk_size, L.head_dim)

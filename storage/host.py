@@ -1,0 +1,73 @@
+"""Host tier: full-precision K and V of one layer, chunk-contiguous.
+
+Storage is a slab `[slots, 2, H_kv, C, D]`: one chunk (K and V of C tokens, all
+KV heads) is one contiguous slot, so moving a chunk to or from disk, or to the
+device, is one contiguous copy. Slots freed by spills are reused. With CUDA the
+slab is pinned so device copies can be asynchronous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from storage.layout import KVLayout
+
+
+class HostTier:
+    def __init__(self, layout: KVLayout, dtype: torch.dtype, pin: bool = False):
+        self.layout = layout
+        self.dtype = dtype
+        self.pin = pin
+        C, H, D = layout.chunk_size, layout.num_kv_heads, layout.head_dim
+        self._shape = (2, H, C, D)
+        self.slab = self._alloc(0)
+        self.slot_of: dict[int, int] = {}  # chunk index -> slot
+        self._free: list[int] = []
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        return torch.empty((n, *self._shape), dtype=self.dtype, pin_memory=self.pin)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.slot_of)
+
+    def nbytes(self) -> int:
+        return self.num_chunks * self.layout.chunk_bytes
+
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        n = self.slab.shape[0]
+        bigger = self._alloc(max(8, 2 * n))  # geometric growth: O(T) copies in all
+        bigger[:n] = self.slab
+        self._free.extend(range(bigger.shape[0] - 1, n, -1))
+        self.slab = bigger
+        return n
+
+    def put(self, chunk: int, data: torch.Tensor | None = None) -> torch.Tensor:
+        """Give `chunk` a slot (filled from `data` [2, H, C, D] if given); return the slot."""
+        assert chunk not in self.slot_of, f"chunk {chunk} is on the host already"
+        slot = self._new_slot()
+        self.slot_of[chunk] = slot
+        if data is not None:
+            self.slab[slot].copy_(data)
+        return self.slab[slot]
+
+    def chunk(self, chunk: int) -> torch.Tensor:
+        """The slot of `chunk`: a view [2, H, C, D]."""
+        return self.slab[self.slot_of[chunk]]
+
+    def write(self, chunk: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [H, n, D] at token `offset` inside `chunk`."""
+        n = k.shape[1]
+        slot = self.slab[self.slot_of[chunk]]
+        slot[0, :, offset : offset + n] = k
+        slot[1, :, offset : offset + n] = v
+
+    def gather_chunks(self, chunks: list[int]) -> torch.Tensor:
+        """[len(chunks), 2, H, C, D] copied from the slots of `chunks` (one index_select)."""
+        slots = torch.tensor([self.slot_of[c] for c in chunks], dtype=torch.long)
+        return self.slab.index_select(0, slots)
+
+    def free(self, chunk: int) -> None:
+        self._free.append(self.slot_of.pop(chunk))

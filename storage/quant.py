@@ -1,0 +1,118 @@
+"""Low-bit key summaries, KIVI-style: per-channel scale and zero point over groups of tokens.
+
+Keys have a few outlier channels, so the quantization range is set per channel
+(not per token), over a group of `group` consecutive tokens:
+
+    codes[t, c] = round((k[t, c] - zero[g, c]) / scale[g, c])      g = t // group
+    k_hat[t, c] = zero[g, c] + scale[g, c] * codes[t, c]
+
+Codes are packed along channels, 8 // bits codes per uint8. Scoring a query
+against the summaries never rebuilds float keys for the whole cache:
+
+    q . k_hat[t] = q . zero[g] + sum_c (q[c] * scale[g, c]) * codes[t, c]
+
+and it runs over blocks of tokens so the float temporaries stay small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCORE_BLOCK = 4096  # tokens unpacked at a time while scoring
+
+
+@dataclass
+class QuantKeys:
+    """Packed low-bit keys of T tokens for H heads.
+
+    codes: [H, T, D * bits / 8] uint8
+    scale, zero: [H, T / group, D] float32 (per group of tokens, per channel)
+    """
+
+    bits: int
+    group: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+def summary_bytes_per_token(head_dim: int, bits: int, group: int) -> int:
+    """Bytes of one token's summary for one KV head (codes plus its share of scale/zero)."""
+    return head_dim * bits // 8 + (2 * head_dim * 4) // group
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int) -> QuantKeys:
+    """k: [H, T, D] float, T a multiple of `group` -> QuantKeys."""
+    assert bits in (2, 4), f"bits must be 2 or 4, got {bits}"
+    H, T, D = k.shape
+    assert T % group == 0, f"T={T} is not a multiple of the group size {group}"
+    assert D * bits % 8 == 0, f"head_dim {D} cannot be packed at {bits} bits"
+    kg = k.float().reshape(H, T // group, group, D)
+    lo = kg.amin(dim=2)
+    hi = kg.amax(dim=2)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-8)  # a constant channel gets any scale
+    codes = torch.round((kg - lo[:, :, None]) / scale[:, :, None]).clamp_(0, levels)
+    codes = codes.to(torch.uint8).reshape(H, T, D)
+    return QuantKeys(bits, group, pack(codes, bits), scale, lo)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., D] uint8 codes < 2**bits -> [..., D * bits / 8] uint8 (low bits first)."""
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], -1, per)
+    out = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for j in range(per):
+        out |= c[..., j] << (j * bits)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: [..., P] uint8 -> [..., P * 8 / bits] uint8 codes."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (j * bits)) & mask for j in range(per)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def dequantize_keys(qk: QuantKeys) -> torch.Tensor:
+    """[H, T, D] float32 approximation of the keys (for tests and small slices)."""
+    codes = unpack(qk.codes, qk.bits).float()
+    H, T, D = codes.shape
+    g = qk.group
+    return (qk.zero[:, :, None] + qk.scale[:, :, None] * codes.reshape(H, T // g, g, D)).reshape(
+        H, T, D
+    )
+
+
+def score_keys(qk: QuantKeys, q: torch.Tensor) -> torch.Tensor:
+    """Approximate logits q . k_hat.
+
+    q: [H, G, D] (G query heads per KV head, as in GQA)
+    returns [H, G, T] float32
+    """
+    H, G, D = q.shape
+    qf = q.float()
+    g = qk.group
+    T = qk.num_tokens
+    # q . zero per group of tokens: [H, G, T/g]
+    base = torch.einsum("hgd,hnd->hgn", qf, qk.zero)
+    out = torch.empty(H, G, T, dtype=torch.float32, device=q.device)
+    for start in range(0, T, SCORE_BLOCK):
+        stop = min(start + SCORE_BLOCK, T)
+        n0, n1 = start // g, stop // g
+        codes = unpack(qk.codes[:, start:stop], qk.bits).float()  # [H, B, D]
+        codes = codes.reshape(H, n1 - n0, g, D)
+        qs = qf[:, :, None, :] * qk.scale[:, None, n0:n1, :]  # [H, G, B/g, D]
+        part = torch.einsum("hgnd,hnkd->hgnk", qs, codes)  # [H, G, B/g, g]
+        out[:, :, start:stop] = (part + base[:, :, n0:n1, None]).reshape(H, G, stop - start)
+    return out

@@ -1,0 +1,240 @@
+"""`TieredStore`: the device, host and disk tiers of every layer, composed.
+
+    append(layer, k, v)      new tokens: full copy to the host chunk being filled,
+                             sink/window copy on the device; a completed chunk gets
+                             its summary and abstract on the device
+    read_range(layer, a, b)  K/V of tokens a..b-1 from wherever they live
+    gather_all(layer)        all tokens (dense attention): sink and window from the
+                             device, the rest from host and disk
+    truncate(n)              keep the first n tokens (reuse of a shared prefix)
+
+When the host holds more chunks than its budget, the least recently used filled
+chunks are spilled to disk, `spill_batch` at a time and one file per layer, so
+files stay few. A chunk read back keeps its disk record: KV never changes, so
+spilling it again writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from storage.device import DeviceTier
+from storage.directory import ChunkDirectory, DiskRecord
+from storage.disk import DiskTier, StorageError
+from storage.host import HostTier
+from storage.layout import KVLayout
+
+
+@dataclass
+class TierReads:
+    """Reads served by each tier since the last reset (count of reads, bytes)."""
+
+    count: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "disk": 0})
+    nbytes: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "disk": 0})
+
+    def add(self, tier: str, n: int, nbytes: int) -> None:
+        self.count[tier] += n
+        self.nbytes[tier] += nbytes
+
+
+class TieredStore:
+    def __init__(
+        self,
+        layout: KVLayout,
+        dtype: torch.dtype,
+        device: torch.device,
+        host_bytes: int,
+        disk_dir: Path,
+        disk_bytes: int,
+        sink: int = 16,
+        window: int = 256,
+        spill_batch: int = 64,
+    ):
+        L = layout
+        capacity = host_bytes // L.chunk_bytes
+        if capacity < 2 * L.num_layers:
+            raise StorageError(
+                f"host budget of {host_bytes} bytes holds {capacity} chunks; at least "
+                f"{2 * L.num_layers} ({2 * L.num_layers * L.chunk_bytes} bytes) are needed "
+                f"(two chunks per layer)"
+            )
+        self.layout, self.dtype, self.device = layout, dtype, device
+        self.sink, self.window, self.spill_batch = sink, window, spill_batch
+        pin = device.type == "cuda"
+        self.directory = ChunkDirectory(capacity)
+        self.host = [HostTier(layout, dtype, pin=pin) for _ in range(L.num_layers)]
+        self.dev = [DeviceTier(layout, dtype, device, sink, window) for _ in range(L.num_layers)]
+        self.disk = DiskTier(disk_dir, layout, dtype, disk_bytes)
+        self.lengths = [0] * L.num_layers
+        self.reads = TierReads()
+        self.spilled_chunks = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> TieredStore:
+        self.disk.start()
+        return self
+
+    def close(self) -> None:
+        """Delete this store's chunk files (and its directory when left empty). Idempotent."""
+        for name in self.directory.files_in_use():
+            self.disk.delete(name)
+        self.directory.disk.clear()
+        self.disk.close()
+
+    def __enter__(self) -> TieredStore:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [H, S, D] of tokens lengths[layer] .. +S-1."""
+        C = self.layout.chunk_size
+        start = self.lengths[layer]
+        S = k.shape[1]
+        host = self.host[layer]
+        self.dev[layer].write_recent(start, k, v)
+        kc, vc = k.to("cpu", self.dtype), v.to("cpu", self.dtype)
+        pos = start
+        while pos < start + S:
+            chunk, offset = divmod(pos, C)
+            n = min(C - offset, start + S - pos)
+            if offset == 0:
+                self.directory.add((layer, chunk))
+                host.put(chunk)
+            host.write(
+                chunk,
+                offset,
+                kc[:, pos - start : pos - start + n],
+                vc[:, pos - start : pos - start + n],
+            )
+            if offset + n == C:
+                self.directory.filled((layer, chunk))
+                self.dev[layer].add_chunk(host.chunk(chunk)[0].to(self.device))
+            pos += n
+        self.lengths[layer] = start + S
+        if self.directory.over_budget():
+            self.spill()
+
+    def spill(self) -> None:
+        """Move least recently used chunks to disk until the host is within budget."""
+        need = self.directory.over_budget()
+        keys = self.directory.spill_candidates(max(need, self.spill_batch))
+        if len(keys) < need:
+            raise StorageError(f"host tier: {need} chunks must leave but only {len(keys)} can")
+        by_layer: dict[int, list[int]] = {}
+        for layer, chunk in keys:
+            by_layer.setdefault(layer, []).append(chunk)
+        for layer, chunks in sorted(by_layer.items()):
+            host = self.host[layer]
+            fresh = [c for c in chunks if not self.directory.on_disk((layer, c))]
+            if fresh:
+                data = host.gather_chunks(fresh)
+                name = self.disk.write_chunks(layer, fresh, data, self.dev[layer].abstracts(fresh))
+                for i, c in enumerate(fresh):
+                    self.directory.spilled((layer, c), DiskRecord(name, i))
+            for c in chunks:
+                if c not in fresh:
+                    self.directory.spilled((layer, c))
+                host.free(c)
+            self.spilled_chunks += len(chunks)
+
+    # -- reading -----------------------------------------------------------------
+
+    def _chunk_kv(self, layer: int, chunk: int) -> tuple[str, torch.Tensor]:
+        if self.directory.on_host((layer, chunk)):
+            return "host", self.host[layer].chunk(chunk)
+        rec = self.directory.disk.get((layer, chunk))
+        if rec is None:
+            raise StorageError(f"chunk {chunk} of layer {layer} is in no tier")
+        return "disk", self.disk.read_chunk(rec.file, rec.batch)
+
+    def read_range(self, layer: int, t0: int, t1: int) -> torch.Tensor:
+        """[2, H, t1-t0, D] on the compute device, from host and disk chunks."""
+        L = self.layout
+        C = L.chunk_size
+        if t1 <= t0:
+            return torch.empty(
+                2, L.num_kv_heads, 0, L.head_dim, dtype=self.dtype, device=self.device
+            )
+        c0, c1 = t0 // C, (t1 - 1) // C + 1
+        chunks = list(range(c0, c1))
+        on_host = [c for c in chunks if self.directory.on_host((layer, c))]
+        buf = torch.empty(len(chunks), 2, L.num_kv_heads, C, L.head_dim, dtype=self.dtype)
+        if on_host:
+            idx = torch.tensor([c - c0 for c in on_host], dtype=torch.long)
+            buf.index_copy_(0, idx, self.host[layer].gather_chunks(on_host))
+            self.reads.add("host", len(on_host), len(on_host) * L.chunk_bytes)
+        for c in chunks:
+            if not self.directory.on_host((layer, c)):
+                _, kv = self._chunk_kv(layer, c)
+                buf[c - c0] = kv
+                self.reads.add("disk", 1, L.chunk_bytes)
+        kv = buf.permute(1, 2, 0, 3, 4).reshape(2, L.num_kv_heads, len(chunks) * C, L.head_dim)
+        return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(self.device)
+
+    def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [H, T, D] of every token of `layer`, in order."""
+        T = self.lengths[layer]
+        dev = self.dev[layer]
+        n_sink = min(self.sink, T)
+        w0 = max(n_sink, T - self.window)
+        parts = [
+            dev.sink_kv[:, :, :n_sink],
+            self.read_range(layer, n_sink, w0),
+            dev.read_window(w0, T),
+        ]
+        self.reads.add("device", 1, (n_sink + T - w0) * self.layout.token_bytes_per_layer)
+        kv = torch.cat(parts, dim=2)
+        return kv[0], kv[1]
+
+    # -- truncation --------------------------------------------------------------
+
+    def truncate(self, n: int) -> None:
+        C = self.layout.chunk_size
+        keep_chunks = -(-n // C)
+        live_files_before = self.directory.files_in_use()
+        for layer in range(self.layout.num_layers):
+            T = self.lengths[layer]
+            assert n <= T, f"cannot truncate layer {layer} of {T} tokens to {n}"
+            for chunk in range(keep_chunks, -(-T // C)):
+                if self.directory.on_host((layer, chunk)):
+                    self.host[layer].free(chunk)
+                self.directory.drop((layer, chunk))
+            if n % C:  # the last kept chunk is partial again: it must be on the host, filling
+                key = (layer, n // C)
+                if not self.directory.on_host(key):
+                    _, kv = self._chunk_kv(layer, n // C)
+                    self.host[layer].put(n // C, kv)
+                    self.directory.loaded(key)
+                self.directory.drop(key)
+                self.directory.add(key)
+            self.dev[layer].truncate_chunks(n // C)
+            self.lengths[layer] = n
+            w0 = max(min(self.sink, n), n - self.window)
+            if n > w0:  # refill the window ring with the tokens now most recent
+                kv = self.read_range(layer, w0, n)
+                self.dev[layer].write_recent(w0, kv[0], kv[1])
+        for name in live_files_before - self.directory.files_in_use():
+            self.disk.delete(name)
+
+    # -- accounting --------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.lengths[-1]
+
+    def tier_bytes(self) -> dict[str, int]:
+        L = self.layout
+        T = self.num_tokens
+        return {
+            "device": L.device_bytes(T, self.sink, self.window),
+            "host": self.directory.host_count * L.chunk_bytes,
+            "disk": self.disk.used_bytes,
+        }
