@@ -48,7 +48,7 @@ class Growable:
 
 class DeviceTier:
     def __init__(self, layout: KVLayout, dtype: torch.dtype, device, sink: int, window: int):
-        H, D, C = layout.num_kv_heads, layout.head_dim, layout.chunk_size
+        H, D = layout.num_kv_heads, layout.head_dim
         self.layout, self.sink, self.window = layout, sink, window
         self.sink_kv = torch.empty(2, H, sink, D, dtype=dtype, device=device)
         self.ring = torch.empty(2, H, window, D, dtype=dtype, device=device)

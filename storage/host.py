@@ -69,5 +69,14 @@ class HostTier:
         slots = torch.tensor([self.slot_of[c] for c in chunks], dtype=torch.long)
         return self.slab.index_select(0, slots)
 
+    def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """K and V of `token_ids` [n] (all on the host) into `out` [2, H, n, D]; returns out."""
+        C = self.layout.chunk_size
+        chunks = (token_ids // C).tolist()
+        slots = torch.tensor([self.slot_of[c] for c in chunks], dtype=torch.long)
+        picked = self.slab[slots, :, :, token_ids % C]  # [n, 2, H, D]
+        out.copy_(picked.permute(1, 2, 0, 3))
+        return out
+
     def free(self, chunk: int) -> None:
         self._free.append(self.slot_of.pop(chunk))

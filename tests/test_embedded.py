@@ -101,3 +101,23 @@ def test_stream_steps_and_utf8(smol_bf16):
     ids = [s.token_id for s in steps if s.finish_reason != "stop"]
     # The text is the decoded ids, less a character the length limit cut in half.
     assert text == smol_bf16.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_dense_generation_spilling_to_disk_equals_in_memory(smol_bf16, tmp_path):
+    from offload import Runtime
+
+    doc = FILL * 47 + NEEDLE + FILL * 47 + "\nWhat is the secret passphrase?"
+    want = [s.token_id for s in smol_bf16.stream(doc, max_new_tokens=10)]
+    chunk_bytes = smol_bf16.layout.chunk_bytes
+    cfg = smol_bf16.config.replace(
+        mode="dense", host_bytes=64 * chunk_bytes, disk_dir=str(tmp_path), spill_batch=16
+    )
+    tiered = Runtime(smol_bf16.loaded, cfg, smol_bf16.device)
+    got = [s.token_id for s in tiered.stream(doc, max_new_tokens=10)]
+    s = tiered.stats()
+    assert got == want
+    assert s["tier_reads"]["disk"] > 0 and s["spilled_chunks"] > 0
+    assert s["kv_bytes"]["host"] <= 64 * chunk_bytes
+    # The disk holds at least every chunk that is not on the host.
+    chunks = 30 * (s["context_tokens"] // 16)
+    assert s["kv_bytes"]["disk"] >= (chunks - 64) * chunk_bytes

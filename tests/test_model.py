@@ -87,3 +87,22 @@ def test_generation_on_tiny_model_is_deterministic(runtimes):
     # The second call shared the whole prompt with the first: only one token re-prefilled.
     assert s["prefill_tokens"] == 1 and s["reused_tokens"] == s["prompt_tokens"] - 1
     assert s["kv_bytes"]["device"] == s["context_tokens"] * 2 * 2 * 2 * 16 * 4
+
+
+def test_tiered_dense_chat_equals_in_memory_chat(tiny_dirs, tmp_path):
+    directory, _ = tiny_dirs["qwen2-bias"]
+    full = Runtime.from_pretrained(directory, dtype="float32")
+    chunk_bytes = full.layout.chunk_bytes
+    tiered = Runtime(
+        full.loaded,
+        full.config.replace(
+            mode="dense", host_bytes=5 * chunk_bytes, disk_dir=str(tmp_path), spill_batch=2
+        ),
+        full.device,
+    )
+    turns = ["seven quiet stones " * 6, "the river", "green market north " * 4]
+    a, b = full.chat(), tiered.chat()
+    for text in turns:
+        assert a.send(text, max_new_tokens=9) == b.send(text, max_new_tokens=9)
+        assert full.stats()["prefill_tokens"] == tiered.stats()["prefill_tokens"]
+    assert tiered.stats()["spilled_chunks"] > 0

@@ -1,0 +1,246 @@
+"""The tiered store: one contract suite over every tier, bookkeeping, corruption, full disk."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from storage.abstracts import chunk_abstracts
+from storage.device import DeviceTier
+from storage.directory import ChunkDirectory, DiskRecord
+from storage.disk import DiskFullError, DiskTier, StorageError
+from storage.host import HostTier
+from storage.layout import KVLayout
+from storage.tiered import TieredStore
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
+DT = torch.bfloat16
+
+
+def random_kv(T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = LAYOUT
+    return torch.randn(2, L.num_kv_heads, T, L.head_dim, generator=g).to(DT)
+
+
+# -- one contract over every tier: write tokens, read them back by ids, bit-exact, bytes ----
+
+
+class HostContract:
+    def __init__(self, tmp_path):
+        self.tier = HostTier(LAYOUT, DT)
+
+    def write(self, kv):
+        C = LAYOUT.chunk_size
+        for c in range(kv.shape[2] // C):
+            self.tier.put(c, kv[:, :, c * C : (c + 1) * C])
+
+    def read(self, ids):
+        out = torch.empty(2, LAYOUT.num_kv_heads, len(ids), LAYOUT.head_dim, dtype=DT)
+        return self.tier.gather_tokens(ids, out)
+
+    def nbytes(self):
+        return self.tier.nbytes()
+
+
+class DiskContract:
+    def __init__(self, tmp_path):
+        self.tier = DiskTier(tmp_path / "disk", LAYOUT, DT, budget_bytes=1 << 30)
+        self.tier.start()
+
+    def write(self, kv):
+        C = LAYOUT.chunk_size
+        n = kv.shape[2] // C
+        data = kv.reshape(2, LAYOUT.num_kv_heads, n, C, LAYOUT.head_dim).permute(2, 0, 1, 3, 4)
+        self.name = self.tier.write_chunks(0, list(range(n)), data, chunk_abstracts(kv[0], C))
+        self.n = n
+
+    def read(self, ids):
+        C = LAYOUT.chunk_size
+        chunks = [self.tier.read_chunk(self.name, int(i) // C) for i in ids]
+        return torch.stack([ch[:, :, int(i) % C] for ch, i in zip(chunks, ids, strict=True)], dim=2)
+
+    def nbytes(self):
+        # The file holds every chunk's KV and abstract, plus Arrow framing.
+        assert self.tier.used_bytes >= self.n * LAYOUT.disk_bytes_per_chunk()
+        return self.n * LAYOUT.chunk_bytes
+
+
+class DeviceContract:
+    def __init__(self, tmp_path):
+        self.tier = DeviceTier(LAYOUT, DT, "cpu", sink=0, window=64)
+
+    def write(self, kv):
+        self.T = kv.shape[2]
+        self.tier.write_recent(0, kv[0], kv[1])
+
+    def read(self, ids):
+        window = self.tier.read_window(0, self.T)
+        return window[:, :, ids]
+
+    def nbytes(self):
+        return self.T * LAYOUT.token_bytes_per_layer
+
+
+@pytest.mark.parametrize("tier_cls", [HostContract, DiskContract, DeviceContract])
+def test_tier_contract(tier_cls, tmp_path):
+    tier = tier_cls(tmp_path)
+    kv = random_kv(32)
+    tier.write(kv)
+    ids = torch.tensor([0, 5, 6, 31, 17, 3, 3])
+    assert torch.equal(tier.read(ids), kv[:, :, ids])
+    assert tier.nbytes() == 32 * LAYOUT.token_bytes_per_layer
+
+
+def test_layout_arithmetic():
+    L = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128)  # Llama-3.1-8B
+    assert L.token_bytes == 131072  # 128 KiB per token in bf16
+    assert L.kv_bytes(131072) == 16 * 2**30  # 16 GiB at 128k
+    assert L.chunk_bytes == 16 * 4096
+    assert L.num_chunks(33) == 3
+    # 2-bit codes (32 B per head) + per-16-token float32 scale and zero (2*128*4/16 = 64 B)
+    assert L.summary_bytes_per_token == 32 * 8 * (32 + 64)
+
+
+# -- bookkeeping: exact orders -------------------------------------------------------------
+
+
+def test_directory_lru_spill_order_and_reload():
+    d = ChunkDirectory(host_capacity=3)
+    for c in range(4):
+        d.add((0, c))
+        if c < 3:
+            d.filled((0, c))
+    assert d.lru_order() == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert d.over_budget() == 1
+    d.touch([(0, 0)])  # a selection hit makes chunk 0 the most recent
+    assert d.lru_order() == [(0, 1), (0, 2), (0, 3), (0, 0)]
+    # chunk 3 is still being filled: never a candidate
+    assert d.spill_candidates(10) == [(0, 1), (0, 2), (0, 0)]
+    d.spilled((0, 1), DiskRecord("f1", 0))
+    assert d.over_budget() == 0 and d.on_disk((0, 1)) and not d.on_host((0, 1))
+    d.loaded((0, 1))
+    assert d.lru_order() == [(0, 2), (0, 3), (0, 0), (0, 1)]
+    d.spilled((0, 1))  # its disk record is still valid: no new record needed
+    assert d.disk[(0, 1)] == DiskRecord("f1", 0)
+    assert d.drop((0, 1)) == DiskRecord("f1", 0) and d.files_in_use() == set()
+
+
+# -- the composed store --------------------------------------------------------------------
+
+
+def make_store(tmp_path, host_chunks=4, disk_bytes=1 << 30, window=8, sink=4):
+    return TieredStore(
+        LAYOUT, DT, torch.device("cpu"), host_bytes=host_chunks * LAYOUT.chunk_bytes,
+        disk_dir=tmp_path / "kv", disk_bytes=disk_bytes, sink=sink, window=window, spill_batch=2,
+    )  # fmt: skip
+
+
+def fill(store, kv, pieces=(5, 1, 1, 9, 3, 11)):
+    t = 0
+    for n in pieces:
+        for layer in range(LAYOUT.num_layers):
+            store.append(layer, kv[layer, 0, :, t : t + n], kv[layer, 1, :, t : t + n])
+        t += n
+    return t
+
+
+def test_store_spills_and_gathers_bit_exact(tmp_path):
+    kv = torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)])  # [layers, 2, H, T, D]
+    with make_store(tmp_path) as store:
+        T = fill(store, kv)
+        assert T == 30 and store.spilled_chunks > 0
+        assert len(list((tmp_path / "kv").glob("*.arrow"))) >= 1
+        for layer in range(2):
+            k, v = store.gather_all(layer)
+            assert torch.equal(k, kv[layer, 0]) and torch.equal(v, kv[layer, 1])
+        assert store.reads.count["disk"] > 0
+        b = store.tier_bytes()
+        assert b["host"] == store.directory.host_count * LAYOUT.chunk_bytes
+        assert b["host"] <= 4 * LAYOUT.chunk_bytes
+        # summaries and abstracts exist for every completed chunk
+        assert store.dev[0].num_chunks == 30 // LAYOUT.chunk_size
+        # truncation into a spilled chunk, then different tokens: equal to writing them fresh
+        store.truncate(13)
+        other = torch.stack([random_kv(30, seed=3), random_kv(30, seed=4)])
+        for layer in range(2):
+            store.append(layer, other[layer, 0, :, 13:25], other[layer, 1, :, 13:25])
+        want = torch.cat([kv[:, :, :, :13], other[:, :, :, 13:25]], dim=3)
+        for layer in range(2):
+            k, v = store.gather_all(layer)
+            assert torch.equal(k, want[layer, 0]) and torch.equal(v, want[layer, 1])
+    assert not (tmp_path / "kv").exists()  # close removed its files and directory
+
+
+def test_host_budget_too_small_is_a_clear_error(tmp_path):
+    with pytest.raises(StorageError, match="at least 4"):
+        make_store(tmp_path, host_chunks=3)
+
+
+def test_disk_budget_exceeded_before_anything_is_lost(tmp_path):
+    kv = torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)])
+    store = make_store(tmp_path, disk_bytes=100).start()
+    with pytest.raises(DiskFullError, match="disk tier budget exceeded"):
+        fill(store, kv)
+    assert list((tmp_path / "kv").iterdir()) == []
+
+
+def test_enospc_midway_leaves_no_readable_half_file(tmp_path, monkeypatch):
+    kv = torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)])
+    store = make_store(tmp_path).start()
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        fill(store, kv)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list((tmp_path / "kv").iterdir()) == []  # neither a final nor a temporary file
+    # nothing was lost: every token written so far still reads back from the host
+    T = store.lengths[1]
+    k, _ = store.gather_all(0)
+    assert torch.equal(k[:, :T], kv[0, 0, :, :T])
+
+
+@pytest.fixture
+def chunk_file(tmp_path):
+    tier = DiskTier(tmp_path / "d", LAYOUT, DT, budget_bytes=1 << 30)
+    tier.start()
+    kv = random_kv(16)
+    data = kv.reshape(2, 3, 4, 4, 8).permute(2, 0, 1, 3, 4)
+    name = tier.write_chunks(1, [0, 1, 2, 3], data, chunk_abstracts(kv[0], 4))
+    return tier, name, tmp_path / "d" / name, data
+
+
+def fresh(tier):
+    return DiskTier(tier.directory, LAYOUT, DT, budget_bytes=1 << 30)
+
+
+def test_chunk_file_round_trip(chunk_file):
+    tier, name, _, data = chunk_file
+    for i in range(4):
+        assert torch.equal(fresh(tier).read_chunk(name, i), data[i])
+
+
+def test_flipped_byte_is_named(chunk_file):
+    tier, name, path, data = chunk_file
+    raw = bytearray(path.read_bytes())
+    pos = raw.find(data[2].contiguous().view(torch.uint8).numpy().tobytes()[:16])
+    assert pos > 0
+    raw[pos + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StorageError, match=f"{name}: checksum mismatch in chunk 2"):
+        fresh(tier).read_chunk(name, 2)
+
+
+def test_truncated_and_missing_files_are_named(chunk_file):
+    tier, name, path, _ = chunk_file
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(StorageError, match=f"{name}: not a valid chunk file"):
+        fresh(tier).read_chunk(name, 0)
+    path.unlink()
+    with pytest.raises(StorageError, match=f"{name}: chunk file is missing"):
+        fresh(tier).read_chunk(name, 0)
