@@ -12,6 +12,7 @@ from rich.table import Table
 
 from offload.errors import OffloadError
 from offload.loading import DEFAULT_MODEL
+from storage.disk import StorageError
 
 err_console = Console(stderr=True)
 PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
@@ -24,7 +25,7 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except OffloadError as e:
+        except (OffloadError, StorageError) as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -165,7 +166,7 @@ def chat(model, config, overrides, system, max_new_tokens):
         try:
             for step in conv.stream(text, max_new_tokens=max_new_tokens, progress=bar):
                 console.out(step.text, end="", highlight=False)
-        except OffloadError as e:
+        except (OffloadError, StorageError) as e:
             bar.close()
             console.print(f"\n[bold red]error:[/] {e}", highlight=False)
             continue
@@ -214,6 +215,68 @@ def info(model, dtype):
             value = f"{human_bytes(value)} ({value:,} B)"
         table.add_row(f"[bold]{key}[/]", str(value))
     Console().print(table)
+
+
+@main.command()
+@click.option(
+    "--model",
+    "-m",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Model dir, config.json, .gguf or name.",
+)
+@click.option(
+    "--context", "-n", "context", type=int, required=True, help="Context length in tokens."
+)
+@click.option(
+    "--gpu-mem", default=None, help="Device memory, e.g. 24GiB (default: this machine's)."
+)
+@click.option(
+    "--host-mem", default=None, help="Host memory for KV, e.g. 64GiB (default: available)."
+)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--sink", default=16, show_default=True)
+@click.option("--window", default=256, show_default=True)
+@click.option(
+    "--bits", "summary_bits", default=2, show_default=True, help="Key summary bits (2 or 4)."
+)
+@friendly_errors
+def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
+    """Where the KV of CONTEXT tokens goes, tier by tier, and whether it fits."""
+    import torch
+
+    from offload.budgets import machine_device_bytes, machine_host_bytes
+    from offload.config import parse_bytes
+    from offload.plan import make_plan
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = parse_bytes(gpu_mem, "--gpu-mem") if gpu_mem else machine_device_bytes(device)
+    host = parse_bytes(host_mem, "--host-mem") if host_mem else machine_host_bytes()
+    p = make_plan(
+        model, context, gpu, host, dtype=dtype, summary_bits=summary_bits, sink=sink, window=window
+    )
+    console = Console()
+    a = p.args
+    console.print(
+        f"[bold]{model}[/]: {a.arch}, {a.num_layers} layers, {a.num_kv_heads} KV heads x {a.head_dim}, "
+        f"{context:,} tokens; dense KV would be {human_bytes(p.dense_kv_bytes)}"
+    )
+    table = Table()
+    for col in ("tier", "holds", "bytes", "per token"):
+        table.add_column(col, justify="left" if col in ("tier", "holds") else "right")
+    for r in p.rows:
+        table.add_row(
+            r.tier, r.what, human_bytes(r.nbytes), f"{r.per_token:,.0f} B" if r.per_token else ""
+        )
+    console.print(table)
+    for tier, budget, fits in (("device", gpu, p.fits_device), ("host", host, p.fits_host)):
+        verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
+        console.print(
+            f"{tier}: {human_bytes(p.tier_total(tier))} of {human_bytes(budget)}: {verdict}"
+        )
+    console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
+    if not (p.fits_device and p.fits_host):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

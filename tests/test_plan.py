@@ -1,0 +1,56 @@
+"""`offload plan` from a config.json alone (no weights)."""
+
+import json
+
+from click.testing import CliRunner
+
+from cli.main import main
+from offload.plan import make_plan
+
+GiB = 1 << 30
+
+LLAMA31_8B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": False, "eos_token_id": [128001, 128008, 128009],
+}  # fmt: skip
+
+
+def write_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B))
+    return tmp_path
+
+
+def test_plan_llama31_8b_128k_from_config_only(tmp_path):
+    d = write_config(tmp_path)
+    p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=64 * GiB)
+    assert p.dense_kv_bytes == 16 * GiB
+    assert p.tier_total("host") == 16 * GiB and p.tier_total("disk") == 0
+    weights = next(r for r in p.rows if r.what == "weights").nbytes
+    assert abs(weights / 2 - 8.03e9) < 0.01e9  # 8.03B parameters in bf16
+    assert p.fits_device and p.fits_host
+    # with 4 GiB of host memory, the other 12 GiB of KV (plus abstracts) go to disk
+    p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=4 * GiB)
+    assert p.tier_total("host") == 4 * GiB
+    spilled = 131072 // 16 * 32 - 4 * GiB // p.layout.chunk_bytes
+    assert p.tier_total("disk") == spilled * p.layout.disk_bytes_per_chunk()
+
+
+def test_plan_cli(tmp_path):
+    d = write_config(tmp_path)
+    r = CliRunner().invoke(
+        main,
+        ["plan", "-m", str(d), "--context", "131072", "--gpu-mem", "24GiB", "--host-mem", "64GiB"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "dense KV would be 16.00 GiB" in r.output and "fits" in r.output
+    r = CliRunner().invoke(
+        main,
+        ["plan", "-m", str(d), "--context", "131072", "--gpu-mem", "8GiB", "--host-mem", "64GiB"],
+    )
+    assert r.exit_code == 1 and "does not fit" in r.output
+    r = CliRunner().invoke(main, ["plan", "-m", str(d), "--context", "100", "--gpu-mem", "lots"])
+    assert r.exit_code == 2 and "--gpu-mem: cannot read 'lots'" in r.output
