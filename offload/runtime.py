@@ -260,6 +260,16 @@ class Runtime:
     def chat(self, system: str | None = None) -> Conversation:
         return Conversation(self, system)
 
+    def close(self) -> None:
+        """Release the runtime's own cache (and its spilled chunk files)."""
+        self._state.cache.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def stats(self) -> dict[str, Any]:
         """Figures of the last request and the current cache."""
         s = dict(self._stats) if self._stats else {
@@ -320,6 +330,9 @@ class Conversation:
 
     def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
         return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
+
+    def close(self) -> None:
+        self._state.cache.close()
 
 
 def _rate(n: int, seconds: float) -> float:
