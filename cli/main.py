@@ -68,24 +68,29 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
 
 
 class PrefillBar:
-    """A rich progress bar over prefill, shown only for long inputs; a `Progress` callable."""
+    """Rich progress bars over prefill (long inputs only) and index build; a `Progress`."""
 
-    def __init__(self, console: Console, label: str = "prefill"):
-        self.console, self.label = console, label
+    LABELS = {"prefill": "prefill", "index": "index build"}
+    UNITS = {"prefill": "tokens", "index": "layers"}
+
+    def __init__(self, console: Console):
+        self.console = console
         self.bar = None
-        self.task = None
+        self.stage = None
 
-    def __call__(self, done: int, total: int) -> None:
-        if total < PROGRESS_MIN_TOKENS:
+    def __call__(self, done: int, total: int, stage: str = "prefill") -> None:
+        if stage == "prefill" and total < PROGRESS_MIN_TOKENS:
             return
-        if self.bar is None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
             self.bar = Progress(
-                TextColumn(f"[dim]{self.label}"), BarColumn(),
-                TextColumn("{task.completed}/{task.total} tokens"), TimeRemainingColumn(),
-                console=self.console, transient=True,
+                TextColumn(f"[dim]{self.LABELS.get(stage, stage)}"), BarColumn(),
+                TextColumn(f"{{task.completed}}/{{task.total}} {self.UNITS.get(stage, '')}"),
+                TimeRemainingColumn(), console=self.console, transient=True,
             )  # fmt: skip
             self.bar.start()
-            self.task = self.bar.add_task(self.label, total=total)
+            self.task = self.bar.add_task(stage, total=total)
         self.bar.update(self.task, completed=done)
         if done >= total:
             self.close()
@@ -94,6 +99,7 @@ class PrefillBar:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+        self.stage = None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,11 +189,16 @@ def render_stats(console: Console, stats: dict) -> None:
     table = Table(show_header=False, box=None)
     for key, value in stats.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={human_bytes(v)}" for k, v in value.items())
+            fmt = human_bytes if "bytes" in key else _plain
+            value = ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:.3f}"
         table.add_row(f"[dim]{key}[/]", str(value))
     console.print(table)
+
+
+def _plain(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def human_bytes(n: float) -> str:

@@ -18,7 +18,8 @@ from offload.model import Transformer
 from offload.tokenizer import StreamDecoder, Tokenizer
 
 Sampler = Callable[[torch.Tensor], int]
-Progress = Callable[[int, int], None]  # (tokens done, tokens total)
+# (done, total, stage): stage "prefill" counts tokens, "index" counts layers indexed
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -97,7 +98,7 @@ def prefill(
         piece = torch.tensor(ids[start : start + chunk_size], dtype=torch.long, device=model.device)
         logits = model(piece, cache, last_only=True)
         if progress is not None:
-            progress(min(start + chunk_size, total), total)
+            progress(min(start + chunk_size, total), total, "prefill")
     return logits[-1]
 
 
@@ -121,6 +122,7 @@ def generate_steps(
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
     logits = prefill(model, cache, new_ids, prefill_chunk, progress)
+    cache.finish_prefill(progress)  # the selection index is part of prefill
     token = sampler(logits)
     prefill_seconds = time.perf_counter() - t0
     step_seconds = 0.0

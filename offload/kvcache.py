@@ -16,9 +16,8 @@ import weakref
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
+from offload.attention import SparsePolicy, TieredLayer, gqa_attention
 from storage.device import Growable
 from storage.tiered import TieredStore
 
@@ -27,30 +26,6 @@ class CacheLayer(Protocol):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     def attend(self, q: torch.Tensor) -> torch.Tensor: ...
-
-
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact causal softmax attention of the S newest positions over all T keys.
-
-    q: [H_q, S, D], the queries of positions T-S .. T-1
-    k, v: [H_kv, T, D]
-    returns [H_q, S, D]
-
-    Both paths keep SDPA's inputs 4-D: with 3-D inputs and a mask it falls back to
-    a math kernel about 10x slower on CPU (measured in docs/performance.md).
-    - decode (S == 1): the G = H_q / H_kv query heads of a group become G rows,
-      q -> [1, H_kv, G, D], so K/V are read once per group and no mask is needed.
-    - prefill chunk (S > 1): a lower-right causal bias (row s sees keys
-      0 .. T-S+s) and `enable_gqa`, which dispatch to the flash kernel.
-    """
-    Hq, S, D = q.shape
-    Hkv, T, _ = k.shape
-    if S == 1:
-        out = F.scaled_dot_product_attention(q.reshape(1, Hkv, Hq // Hkv, D), k[None], v[None])
-        return out.reshape(Hq, 1, D)
-    bias = causal_lower_right(S, T)
-    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias, enable_gqa=True)
-    return out[0]
 
 
 class DenseLayer:
@@ -76,35 +51,25 @@ class DenseLayer:
         return {"device": 2 * k.numel() * k.element_size()}
 
 
-class TieredLayer:
-    """One layer's view of a `TieredStore`; dense mode: attention gathers every token."""
-
-    def __init__(self, store: TieredStore, layer: int):
-        self.store, self.layer = store, layer
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.store.append(self.layer, k, v)
-
-    def attend(self, q: torch.Tensor) -> torch.Tensor:
-        k, v = self.store.gather_all(self.layer)
-        return gqa_attention(q, k, v)
-
-
 class KVCache:
     """One cache layer per model layer, plus the count of tokens they all hold.
 
     A tiered cache also owns its `TieredStore` (started here, closed by `close`).
     """
 
-    def __init__(self, layers: list, store: TieredStore | None = None):
+    def __init__(
+        self, layers: list, store: TieredStore | None = None, policy: SparsePolicy | None = None
+    ):
         self.layers = layers
         self.store = store
+        self.policy = policy
         self.num_tokens = 0
 
     @classmethod
-    def tiered(cls, store: TieredStore) -> KVCache:
+    def tiered(cls, store: TieredStore, policy: SparsePolicy) -> KVCache:
         store.start()
-        cache = cls([TieredLayer(store, i) for i in range(store.layout.num_layers)], store)
+        layers = [TieredLayer(store, policy, i) for i in range(store.layout.num_layers)]
+        cache = cls(layers, store, policy)
         # Spilled chunk files are removed when the cache is closed or collected.
         weakref.finalize(cache, store.close)
         return cache
@@ -127,10 +92,16 @@ class KVCache:
             return
         if self.store is not None:
             self.store.truncate(num_tokens)
+            self.policy.truncate(num_tokens)
         else:
             for layer in self.layers:
                 layer.truncate(num_tokens)
         self.num_tokens = num_tokens
+
+    def finish_prefill(self, progress=None) -> None:
+        """Build the selection index once a prefill is done (no-op without tiers)."""
+        if self.policy is not None:
+            self.policy.build_index(self.store, self.num_tokens, progress)
 
     def tier_bytes(self) -> dict[str, int]:
         if self.store is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from offload.attention import SelectionStats, SparsePolicy
 from offload.budgets import resolve_budgets
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, OffloadError
@@ -139,8 +140,9 @@ class Runtime:
             disk_dir=b.disk_dir / f"cache-{os.getpid()}-{uuid.uuid4().hex[:8]}",
             disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
         )  # fmt: skip
+        policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
         try:
-            return KVCache.tiered(store)
+            return KVCache.tiered(store, policy)
         except StorageError as e:
             raise ConfigError(str(e)) from None
 
@@ -188,8 +190,10 @@ class Runtime:
         new_ids, reused = state.prepare(ids)
         state.ids = list(ids)
         self._last_state = state
-        if state.cache.store is not None:
-            state.cache.store.reads = TierReads()  # reads are counted per request
+        if state.cache.store is not None:  # reads and selection are counted per request
+            state.cache.store.reads = TierReads()
+            recall = state.cache.policy.stats.recall
+            state.cache.policy.stats = SelectionStats(recall=recall)
         self._stats = {
             "prompt_tokens": len(ids),
             "reused_tokens": reused,
@@ -283,6 +287,19 @@ class Runtime:
             s["tier_reads"] = dict(cache.store.reads.count)
             s["tier_read_bytes"] = dict(cache.store.reads.nbytes)
             s["spilled_chunks"] = cache.store.spilled_chunks
+            st, sel = cache.policy.stats, self.config.selection
+            s["selection"] = {
+                "mode": sel.mode,
+                "selector": sel.selector,
+                "sparse_layer_steps": st.sparse_steps,
+                "dense_layer_steps": st.dense_steps,
+                "index_seconds": st.index_seconds,
+                "selection_seconds": st.selection_seconds,
+                "fetch_seconds": st.fetch_seconds,
+            }
+            # Tokens attended per KV head per layer at the last sparse step.
+            s["budget"] = {"sink": sel.sink, "window": sel.window, "retrieved": st.last_retrieved,
+                           "total": sel.sink + sel.window + st.last_retrieved}  # fmt: skip
         s["prefill_tokens_per_second"] = _rate(s["prefill_tokens"], s["prefill_seconds"])
         # The first token comes with the prefill; later ones each cost one decode step.
         s["decode_tokens_per_second"] = _rate(max(s["decode_tokens"] - 1, 0), s["decode_seconds"])

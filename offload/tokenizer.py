@@ -86,15 +86,25 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         check_messages(messages)
+        # A final assistant message is continued, not closed (HF's continue_final_message):
+        # it primes the answer, e.g. "The secret passphrase is".
+        prime = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
         try:
             text = self._template.render(
                 messages=messages,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt and prime is None,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
         except TemplateError as e:
             raise OffloadError(f"chat template refused the messages: {e}") from None
+        if prime is not None:
+            cut = text.rfind(prime)
+            if cut < 0 or not prime:
+                raise OffloadError(
+                    "cannot continue the final assistant message: the template changed it"
+                )
+            text = text[: cut + len(prime)]
         return self.encode(text) if tokenize else text
 
     @cached_property

@@ -78,5 +78,18 @@ class HostTier:
         out.copy_(picked.permute(1, 2, 0, 3))
         return out
 
+    def gather_heads(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-head token ids [H, n] (all on the host) -> K and V [2, H, n, D]."""
+        C = self.layout.chunk_size
+        H, n = ids.shape
+        chunk_ids = ids // C
+        uniq, inverse = torch.unique(chunk_ids, return_inverse=True)
+        slot_of_uniq = torch.tensor([self.slot_of[c] for c in uniq.tolist()], dtype=torch.long)
+        slots = slot_of_uniq[inverse]  # [H, n]
+        heads = torch.arange(H)[:, None].expand(H, n)
+        k = self.slab[slots, 0, heads, ids % C]  # [H, n, D]
+        v = self.slab[slots, 1, heads, ids % C]
+        return torch.stack([k, v])
+
     def free(self, chunk: int) -> None:
         self._free.append(self.slot_of.pop(chunk))

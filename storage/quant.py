@@ -116,3 +116,21 @@ def score_keys(qk: QuantKeys, q: torch.Tensor) -> torch.Tensor:
         part = torch.einsum("hgnd,hnkd->hgnk", qs, codes)  # [H, G, B/g, g]
         out[:, :, start:stop] = (part + base[:, :, n0:n1, None]).reshape(H, G, stop - start)
     return out
+
+
+def score_keys_at(qk: QuantKeys, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Approximate logits of chosen tokens only.
+
+    q: [H, G, D]; ids: [H, N] token ids (< qk.num_tokens; pad with any valid id)
+    returns [H, G, N] float32
+    """
+    H, N = ids.shape
+    P = qk.codes.shape[-1]
+    codes = torch.gather(qk.codes, 1, ids[:, :, None].expand(H, N, P))  # [H, N, P]
+    codes = unpack(codes, qk.bits).float()  # [H, N, D]
+    D = codes.shape[-1]
+    groups = (ids // qk.group)[:, :, None].expand(H, N, D)
+    scale = torch.gather(qk.scale, 1, groups)
+    zero = torch.gather(qk.zero, 1, groups)
+    k_hat = zero + scale * codes
+    return torch.einsum("hgd,hnd->hgn", q.float(), k_hat)

@@ -179,6 +179,35 @@ class TieredStore:
         kv = buf.permute(1, 2, 0, 3, 4).reshape(2, L.num_kv_heads, len(chunks) * C, L.head_dim)
         return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(self.device)
 
+    def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
+        """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""
+        return self.read_range(layer, t0, t1)[0]
+
+    def gather_selected(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """K and V [2, H, k, D] of per-head token ids [H, k] on the compute device.
+
+        Chunks only on disk are brought back to the host first (a selection hit is
+        a reason to keep them near), every touched chunk becomes most recently used,
+        and the host budget is restored afterwards.
+        """
+        L = self.layout
+        ids_cpu = ids.to("cpu")
+        chunks = torch.unique(ids_cpu // L.chunk_size).tolist()
+        host = self.host[layer]
+        for c in chunks:
+            key = (layer, c)
+            if not self.directory.on_host(key):
+                _, kv = self._chunk_kv(layer, c)
+                host.put(c, kv)
+                self.directory.loaded(key)
+                self.reads.add("disk", 1, L.chunk_bytes)
+        self.directory.touch((layer, c) for c in chunks)
+        kv = host.gather_heads(ids_cpu)
+        self.reads.add("host", ids.numel(), ids.numel() * 2 * L.head_dim * L.dtype_bytes)
+        if self.directory.over_budget():
+            self.spill()
+        return kv.to(self.device)
+
     def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [H, T, D] of every token of `layer`, in order."""
         T = self.lengths[layer]

@@ -86,7 +86,11 @@ def test_generation_on_tiny_model_is_deterministic(runtimes):
     assert s["decode_tokens"] >= 1 and s["context_tokens"] > 0
     # The second call shared the whole prompt with the first: only one token re-prefilled.
     assert s["prefill_tokens"] == 1 and s["reused_tokens"] == s["prompt_tokens"] - 1
-    assert s["kv_bytes"]["device"] == s["context_tokens"] * 2 * 2 * 2 * 16 * 4
+    # default mode "auto": the tiered store; nothing spilled, every chunk on the host
+    L = rt.layout
+    assert s["kv_bytes"]["host"] == L.num_chunks(s["context_tokens"]) * L.num_layers * L.chunk_bytes
+    assert s["kv_bytes"]["disk"] == 0
+    assert s["kv_bytes"]["device"] == L.device_bytes(s["context_tokens"], 16, 256)
 
 
 def test_tiered_dense_chat_equals_in_memory_chat(tiny_dirs, tmp_path):

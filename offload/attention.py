@@ -1,0 +1,171 @@
+"""Attention over the KV cache: the exact GQA kernel, and the tiered layer's two paths.
+
+dense   every token, gathered from the tiers (prefill chunks always; decode in
+        dense layers, below the auto threshold, or in mode "dense")
+sparse  one decode token attends to sink + window + the `retrieved` tokens the
+        layer's selector picks per KV head, fetched from host (and disk)
+
+budget per KV head = sink + window + retrieved   (docs/budgets.md)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from retrieval import LayerView, make_selector
+from storage.tiered import TieredStore
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact causal softmax attention of the S newest positions over all T keys.
+
+    q: [H_q, S, D], the queries of positions T-S .. T-1
+    k, v: [H_kv, T, D]
+    returns [H_q, S, D]
+
+    Both paths keep SDPA's inputs 4-D: with 3-D inputs and a mask it falls back to
+    a math kernel about 10x slower on CPU (measured in docs/performance.md).
+    - decode (S == 1): the G = H_q / H_kv query heads of a group become G rows,
+      q -> [1, H_kv, G, D], so K/V are read once per group and no mask is needed.
+    - prefill chunk (S > 1): a lower-right causal bias (row s sees keys
+      0 .. T-S+s) and `enable_gqa`, which dispatch to the flash kernel.
+    """
+    Hq, S, D = q.shape
+    Hkv, T, _ = k.shape
+    if S == 1:
+        out = F.scaled_dot_product_attention(q.reshape(1, Hkv, Hq // Hkv, D), k[None], v[None])
+        return out.reshape(Hq, 1, D)
+    bias = causal_lower_right(S, T)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias, enable_gqa=True)
+    return out[0]
+
+
+@dataclass
+class SelectionStats:
+    sparse_steps: int = 0  # (layer, token) decode steps that attended sparsely
+    dense_steps: int = 0
+    selection_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    index_seconds: float = 0.0
+    last_retrieved: int = 0
+    # Evaluation probe: per sparse step, (layer, [H] share of dense softmax mass covered).
+    recall: list | None = None
+
+
+@dataclass
+class SparsePolicy:
+    """Decides per layer and step between dense and sparse attention; owns the selectors."""
+
+    selection: object  # offload.config.SelectionSection
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    stats: SelectionStats = field(default_factory=SelectionStats)
+
+    def __post_init__(self):
+        sel = self.selection
+        self.selectors = [
+            None
+            if layer < sel.dense_layers
+            else make_selector(sel.selector, self.num_kv_heads, self.head_dim, sel)
+            for layer in range(self.num_layers)
+        ]
+
+    def use_sparse(self, layer: int, num_tokens: int) -> bool:
+        sel = self.selection
+        if sel.mode == "dense" or self.selectors[layer] is None:
+            return False
+        if sel.mode == "auto" and num_tokens <= sel.sparse_threshold:
+            return False
+        return num_tokens - min(sel.sink, num_tokens) - sel.window >= 1
+
+    def view(self, store: TieredStore, layer: int) -> LayerView:
+        dev = store.dev[layer]
+        return LayerView(
+            summaries=dev.summaries(),
+            abstracts=dev.abstracts(),
+            chunk_size=store.layout.chunk_size,
+            num_tokens=store.lengths[layer],
+            read_keys=lambda a, b: store.read_keys(layer, a, b),
+        )
+
+    def build_index(self, store: TieredStore, num_tokens: int, progress=None) -> None:
+        """After a prefill: bring every selector's index up to date (a no-op when dense)."""
+        layers = [
+            i
+            for i, s in enumerate(self.selectors)
+            if s is not None and self.use_sparse(i, num_tokens + 1)
+        ]
+        t = time.perf_counter()
+        for n, layer in enumerate(layers):
+            self.selectors[layer].update(self.view(store, layer))
+            if progress is not None:
+                progress(n + 1, len(layers), "index")
+        self.stats.index_seconds += time.perf_counter() - t
+
+    def truncate(self, num_tokens: int) -> None:
+        for s in self.selectors:
+            if s is not None:
+                s.truncate(num_tokens)
+
+
+class TieredLayer:
+    """One layer's view of a `TieredStore`; the object the model's attention calls."""
+
+    def __init__(self, store: TieredStore, policy: SparsePolicy, layer: int):
+        self.store, self.policy, self.layer = store, policy, layer
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.store.append(self.layer, k, v)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        T = self.store.lengths[self.layer]
+        if q.shape[1] > 1 or not self.policy.use_sparse(self.layer, T):
+            self.policy.stats.dense_steps += q.shape[1] == 1
+            k, v = self.store.gather_all(self.layer)
+            return gqa_attention(q, k, v)
+        return self._attend_sparse(q, T)
+
+    def _attend_sparse(self, q: torch.Tensor, T: int) -> torch.Tensor:
+        store, policy, layer = self.store, self.policy, self.layer
+        sel, stats = policy.selection, policy.stats
+        Hq, _, D = q.shape
+        H = store.layout.num_kv_heads
+        lo = min(sel.sink, T)
+        hi = T - sel.window
+        k = min(sel.retrieved_for(T), hi - lo)
+        qg = q.reshape(H, Hq // H, D)  # [H_kv, G, D]: the query heads of each group
+
+        t0 = time.perf_counter()
+        selector = policy.selectors[layer]
+        view = policy.view(store, layer)
+        selector.update(view)
+        ids = selector.select(qg, view, lo, hi, k)  # [H_kv, k] ascending, in [lo, hi)
+        t1 = time.perf_counter()
+        chosen = store.gather_selected(layer, ids)  # [2, H, k, D]
+        dev = store.dev[layer]
+        kv = torch.cat([dev.sink_kv[:, :, :lo], chosen, dev.read_window(hi, T)], dim=2)
+        store.reads.add("device", 1, (lo + T - hi) * store.layout.token_bytes_per_layer)
+        stats.selection_seconds += t1 - t0
+        stats.fetch_seconds += time.perf_counter() - t1
+        stats.sparse_steps += 1
+        stats.last_retrieved = k
+        if stats.recall is not None:
+            stats.recall.append((layer, self._mass_covered(qg, ids, lo, hi, T)))
+        return gqa_attention(q, kv[0], kv[1])
+
+    def _mass_covered(self, qg, ids, lo, hi, T) -> torch.Tensor:
+        """[H] share of the dense softmax mass (mean over the group) on sink + window + ids."""
+        k_all, _ = self.store.gather_all(self.layer)
+        logits = torch.einsum("hgd,htd->hgt", qg.float(), k_all.float()) / qg.shape[-1] ** 0.5
+        probs = torch.softmax(logits, dim=-1)
+        keep = torch.zeros(ids.shape[0], T, dtype=torch.bool)
+        keep[:, :lo] = True
+        keep[:, hi:] = True
+        keep.scatter_(1, ids.cpu(), True)
+        return (probs * keep[:, None, :].to(probs.device)).sum(-1).mean(-1).cpu()

@@ -1,0 +1,82 @@
+"""The `Selector` protocol and what a selector may read about one layer.
+
+A selector picks, per KV head, the `k` tokens of the middle range [lo, hi) (after
+the sink, before the recent window) that the current query should attend to.
+Sink and window are always attended and are not the selector's business.
+
+GQA: the G query heads sharing a KV head get one selection, their scores
+aggregated: max of logits in coarse stages (clusters, chunks), sum of softmax
+in the final top-k (measured best in DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from storage.abstracts import ChunkAbstracts
+from storage.quant import QuantKeys
+
+
+@dataclass
+class LayerView:
+    """One layer's device-side summaries plus a reader of full-precision keys.
+
+    summaries: low-bit keys of every token of the completed chunks (tokens 0 .. T_c-1)
+    abstracts: min/max/mean of each completed chunk
+    read_keys(a, b): full-precision keys [H, b-a, D] of tokens a..b-1 (host/disk reads)
+    """
+
+    summaries: QuantKeys
+    abstracts: ChunkAbstracts
+    chunk_size: int
+    num_tokens: int
+    read_keys: Callable[[int, int], torch.Tensor]
+
+    @property
+    def summarized_tokens(self) -> int:
+        return self.summaries.num_tokens
+
+
+class Selector(Protocol):
+    def select(self, q: torch.Tensor, view: LayerView, lo: int, hi: int, k: int) -> torch.Tensor:
+        """q: [H, G, D] -> token ids [H, k] in [lo, hi), distinct per head, ascending."""
+        ...
+
+    def update(self, view: LayerView, progress: Callable[[int, int], None] | None = None) -> None:
+        """Absorb tokens appended since the last update (an index refresh)."""
+        ...
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget tokens from `num_tokens` on."""
+        ...
+
+
+def coarse_max(scores: torch.Tensor) -> torch.Tensor:
+    """[H, G, N] -> [H, N]: max of logits over the query heads of a group."""
+    return scores.amax(dim=1)
+
+
+def fine_softmax_sum(scores: torch.Tensor) -> torch.Tensor:
+    """[H, G, N] -> [H, N]: each query head's softmax over N, summed over the group.
+
+    Entries at -inf (invalid candidates) get zero weight; a row with none valid stays 0.
+    """
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0).sum(dim=1)
+
+
+def top_k_ids(weights: torch.Tensor, ids: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Best `k` per row of weights [H, N] (ids [H, N] or positions), sorted ascending."""
+    top = torch.topk(weights, k, dim=-1).indices
+    chosen = top if ids is None else torch.gather(ids, 1, top)
+    return torch.sort(chosen, dim=-1).values
+
+
+def range_mask(n: int, lo: int, hi: int, device=None) -> torch.Tensor:
+    """[n] bool: which of tokens 0..n-1 lie in [lo, hi)."""
+    t = torch.arange(n, device=device)
+    return (t >= lo) & (t < hi)

@@ -1,0 +1,202 @@
+"""`ClusterIndex`: faiss spherical k-means over each KV head's keys (RetroInfer / ClusterKV).
+
+    build   keys of each segment of `segment` tokens -> about one centroid per
+            `cluster_size` tokens (spherical k-means, `iters` iterations); every
+            token is assigned to its nearest centroid; a cluster is represented by
+            the mean of its members' keys (what q . k averages to)
+    select  score centroids (max of logits over the query heads of a group), take
+            the best clusters until `candidate_factor x k` candidates, rerank the
+            candidates by their low-bit summaries (sum of softmax), keep top-k
+    update  tokens appended during decode join the index in batches: they are
+            assigned to the nearest existing centroid of the last segment, and a
+            full new segment gets its own k-means
+
+Tokens between the end of the index and the window start (fewer than one
+refresh batch) are always candidates.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from retrieval.base import LayerView, coarse_max, fine_softmax_sum, top_k_ids
+from storage.quant import score_keys_at
+
+
+def as_faiss(x: torch.Tensor) -> np.ndarray:
+    """Contract for faiss: a C-contiguous float32 [n, d] array."""
+    assert x.dim() == 2, f"expected [n, d], got {tuple(x.shape)}"
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+class ClusterIndex:
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        cluster_size: int = 16,
+        iters: int = 10,
+        segment: int = 8192,
+        candidate_factor: int = 4,
+        refresh: int = 256,
+        seed: int = 1234,
+    ):
+        self.H, self.D = num_heads, head_dim
+        self.cluster_size, self.iters, self.segment = cluster_size, iters, segment
+        self.candidate_factor, self.refresh, self.seed = candidate_factor, refresh, seed
+        self.reset()
+
+    def reset(self) -> None:
+        self.centroids = torch.empty(self.H, 0, self.D)  # [H, NC, D] member means
+        self._unit = torch.empty(self.H, 0, self.D)  # [H, NC', D] k-means centroids (last segment)
+        self._unit_offset = 0  # global id of the last segment's first cluster
+        self.segments: list[int] = []  # start token of each segment
+        self.assign = torch.empty(self.H, 0, dtype=torch.long)  # [H, T_idx] cluster of each token
+        self._sums = torch.zeros(self.H, 0, self.D)  # running member sums and counts per cluster
+        self._counts = torch.zeros(self.H, 0)
+        self._csr = None
+
+    @property
+    def indexed_tokens(self) -> int:
+        return self.assign.shape[1]
+
+    # -- building --------------------------------------------------------------
+
+    def _kmeans_segment(self, keys: torch.Tensor) -> None:
+        """k-means over keys [H, n, D] of a new segment starting at indexed_tokens."""
+        H, n, D = keys.shape
+        nc = max(1, min(n, round(n / self.cluster_size)))
+        units, assigns = [], []
+        for h in range(H):
+            x = as_faiss(keys[h])
+            km = faiss.Kmeans(
+                D, nc, niter=self.iters, spherical=True, seed=self.seed, verbose=False
+            )
+            km.cp.min_points_per_centroid = 1  # silence faiss' warning on small segments
+            km.train(x)
+            _, a = km.index.search(x, 1)
+            units.append(torch.from_numpy(km.centroids.copy()))
+            assigns.append(torch.from_numpy(a[:, 0].astype(np.int64)))
+        base = self.centroids.shape[1]
+        self._unit = torch.stack(units)
+        self._unit_offset = base
+        self.segments.append(self.indexed_tokens)
+        new_assign = torch.stack(assigns) + base
+        self._sums = torch.cat([self._sums, torch.zeros(H, nc, D)], dim=1)
+        self._counts = torch.cat([self._counts, torch.zeros(H, nc)], dim=1)
+        self.assign = torch.cat([self.assign, new_assign], dim=1)
+        self._add_members(keys, new_assign)
+
+    def _assign_to_last(self, keys: torch.Tensor) -> None:
+        """New tokens [H, n, D] join the nearest centroid of the last segment."""
+        sims = torch.einsum("hnd,hcd->hnc", keys.float(), self._unit)
+        new_assign = sims.argmax(dim=-1) + self._unit_offset
+        self.assign = torch.cat([self.assign, new_assign], dim=1)
+        self._add_members(keys, new_assign)
+
+    def _add_members(self, keys, new_assign) -> None:
+        """Add keys [H, n, D] to their clusters' running sums; centroids are member means."""
+        for h in range(self.H):
+            self._sums[h].index_add_(0, new_assign[h], keys[h].float())
+            self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
+        self.centroids = self._sums / self._counts.clamp_min(1)[:, :, None]
+        self._csr = None
+
+    def update(self, view: LayerView, progress=None) -> None:
+        upto = view.summarized_tokens  # only completed chunks are indexed
+        start = self.indexed_tokens
+        if upto - start < (self.refresh if self.segments else 1):
+            return
+        while upto - self.indexed_tokens > 0:
+            s = self.indexed_tokens
+            seg_start = self.segments[-1] if self.segments else 0
+            room = self.segment - (s - seg_start) if self.segments else 0
+            if room > 0:  # fill the last segment by assignment
+                e = min(upto, s + room)
+                self._assign_to_last(view.read_keys(s, e))
+            else:
+                e = min(upto, s + self.segment)
+                self._kmeans_segment(view.read_keys(s, e))
+            if progress is not None:
+                progress(self.indexed_tokens, upto)
+
+    def truncate(self, num_tokens: int) -> None:
+        if num_tokens >= self.indexed_tokens:
+            return
+        if num_tokens == 0:
+            self.reset()
+            return
+        # Centroids keep their (slightly stale) means; membership is cut exactly.
+        self.assign = self.assign[:, :num_tokens]
+        while self.segments and self.segments[-1] >= num_tokens:
+            self.segments.pop()
+        self._csr = None
+
+    # -- selecting ---------------------------------------------------------------
+
+    def _members(self):
+        """Per head: token ids grouped by cluster, and each cluster's offset (CSR)."""
+        if self._csr is None:
+            NC = self.centroids.shape[1]
+            order = torch.argsort(self.assign, dim=1, stable=True)  # [H, T_idx]
+            counts = torch.stack([torch.bincount(a, minlength=NC) for a in self.assign])
+            offsets = torch.cat([torch.zeros(self.H, 1, dtype=torch.long), counts.cumsum(1)], dim=1)
+            self._csr = (order, counts, offsets)
+        return self._csr
+
+    def select(self, q, view: LayerView, lo, hi, k):
+        H = self.H
+        order, counts, offsets = self._members()
+        cscore = coarse_max(torch.einsum("hgd,hcd->hgc", q.float(), self.centroids))  # [H, NC]
+        ranked = torch.argsort(cscore, dim=-1, descending=True)
+        want = self.candidate_factor * k
+        cum = torch.gather(counts, 1, ranked).cumsum(1)
+        tail = torch.arange(
+            min(max(lo, self.indexed_tokens), hi), hi
+        )  # not indexed yet: candidates
+        per_head = []
+        for h in range(H):
+            n_clusters = int(torch.searchsorted(cum[h], torch.tensor(want)).item()) + 1
+            parts = [
+                order[h, offsets[h, c] : offsets[h, c + 1]] for c in ranked[h, :n_clusters].tolist()
+            ]
+            cand = torch.cat(parts + [tail]) if parts else tail
+            cand = cand[(cand >= lo) & (cand < hi)]
+            per_head.append(cand)
+        n = max(max(len(c) for c in per_head), k)
+        ids = torch.full((H, n), lo, dtype=torch.long)
+        valid = torch.zeros(H, n, dtype=torch.bool)
+        for h, cand in enumerate(per_head):
+            ids[h, : len(cand)] = cand
+            valid[h, : len(cand)] = True
+        scores = score_keys_at(view.summaries, q, ids)  # [H, G, n]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        weights = fine_softmax_sum(scores)
+        short = valid.sum(1) < k
+        if bool(short.any()):  # too few candidates (tiny contexts): fill from the range itself
+            return _fill_short(ids, valid, weights, lo, hi, k)
+        return top_k_ids(weights, ids, k)
+
+
+def _fill_short(ids, valid, weights, lo, hi, k):
+    """Rows with fewer than k candidates: candidates first, then other tokens of [lo, hi)."""
+    H = ids.shape[0]
+    out = []
+    for h in range(H):
+        chosen = ids[h][valid[h]]
+        if len(chosen) >= k:
+            out.append(torch.sort(ids[h][torch.topk(weights[h], k).indices]).values)
+            continue
+        rest = torch.arange(lo, hi)
+        rest = rest[~torch.isin(rest, chosen)][: k - len(chosen)]
+        out.append(torch.sort(torch.cat([chosen, rest])).values)
+    return torch.stack(out)
+
+
+def make_cluster_index(num_heads: int, head_dim: int, sel) -> ClusterIndex:
+    return ClusterIndex(
+        num_heads, head_dim, cluster_size=sel.cluster_size, iters=sel.cluster_iters,
+        segment=sel.cluster_segment, candidate_factor=sel.candidate_factor, refresh=sel.index_refresh,
+    )  # fmt: skip

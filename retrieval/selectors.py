@@ -1,0 +1,63 @@
+"""The scan selectors: `exact` (oracle), `summary` (low-bit keys), `chunk` (Quest bound).
+
+Each scores the middle range [lo, hi) and returns [H, k] ascending token ids.
+They keep no state of their own: everything they read is in the `LayerView`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from retrieval.base import LayerView, coarse_max, fine_softmax_sum, range_mask, top_k_ids
+from storage.abstracts import upper_bound_scores
+from storage.quant import score_keys
+
+
+class _Stateless:
+    def update(self, view: LayerView, progress=None) -> None:
+        pass
+
+    def truncate(self, num_tokens: int) -> None:
+        pass
+
+
+class ExactTopK(_Stateless):
+    """True top-k by exact q . k over full-precision keys (reads them all: evaluation only)."""
+
+    def select(self, q, view: LayerView, lo, hi, k):
+        keys = view.read_keys(lo, hi)  # [H, hi-lo, D]
+        scores = torch.einsum("hgd,hnd->hgn", q.float(), keys.float())
+        return top_k_ids(fine_softmax_sum(scores), None, k) + lo
+
+
+class SummaryScan(_Stateless):
+    """Scores every summarized token with its low-bit key (never unpacked whole)."""
+
+    def select(self, q, view: LayerView, lo, hi, k):
+        assert hi <= view.summarized_tokens, f"tokens up to {hi} must be summarized"
+        scores = score_keys(view.summaries, q)  # [H, G, T_c]
+        outside = ~range_mask(scores.shape[-1], lo, hi, scores.device)
+        scores = scores.masked_fill(outside, float("-inf"))
+        return top_k_ids(fine_softmax_sum(scores), None, k)
+
+
+class ChunkBound(_Stateless):
+    """Quest: upper-bound q . k per chunk from min/max abstracts, keep the best chunks' tokens."""
+
+    def select(self, q, view: LayerView, lo, hi, k):
+        C = view.chunk_size
+        bound = coarse_max(upper_bound_scores(view.abstracts, q))  # [H, n]
+        n = bound.shape[-1]
+        c_lo, c_hi = lo // C, min(n, math.ceil(hi / C))
+        valid_chunk = range_mask(n, c_lo, c_hi, bound.device)
+        bound = bound.masked_fill(~valid_chunk, float("-inf"))
+        m = min(c_hi - c_lo, math.ceil(k / C) + 2)  # two boundary chunks may be partly outside
+        chunks = torch.topk(bound, m, dim=-1).indices  # [H, m], best first
+        ids = (chunks[:, :, None] * C + torch.arange(C, device=chunks.device)).reshape(
+            chunks.shape[0], -1
+        )
+        rank = torch.arange(m, device=ids.device).repeat_interleave(C).expand_as(ids)
+        priority = (-rank).float().masked_fill((ids < lo) | (ids >= hi), float("-inf"))
+        return top_k_ids(priority, ids, k)
