@@ -61,9 +61,9 @@ def coarse_max(scores: torch.Tensor) -> torch.Tensor:
 
 
 def fine_softmax_sum(scores: torch.Tensor) -> torch.Tensor:
-    """[H, G, N] -> [H, N]: each query head's softmax over N, summed over the group.
-
-    Entries at -inf (invalid candidates) get zero weight; a row with none valid stays 0.
+    """[H, G, N] logits q . k -> [H, N]: each query head's attention softmax over N
+    (at the attention temperature 1/sqrt(D), which the caller has applied), summed
+    over the group. Entries at -inf get zero weight; a row with none valid stays 0.
     """
     probs = torch.softmax(scores, dim=-1)
     return torch.nan_to_num(probs, nan=0.0).sum(dim=1)

@@ -146,36 +146,40 @@ class ClusterIndex:
             self._csr = (order, counts, offsets)
         return self._csr
 
-    def select(self, q, view: LayerView, lo, hi, k):
-        H = self.H
+    def candidates(self, q, lo, hi, k) -> list[torch.Tensor]:
+        """Per head, the tokens of the best clusters (max of logits over the group) until
+        `candidate_factor x k` of them, plus the not yet indexed tokens, within [lo, hi)."""
         order, counts, offsets = self._members()
         cscore = coarse_max(torch.einsum("hgd,hcd->hgc", q.float(), self.centroids))  # [H, NC]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
-        want = self.candidate_factor * k
         cum = torch.gather(counts, 1, ranked).cumsum(1)
-        tail = torch.arange(
-            min(max(lo, self.indexed_tokens), hi), hi
-        )  # not indexed yet: candidates
-        per_head = []
-        for h in range(H):
-            n_clusters = int(torch.searchsorted(cum[h], torch.tensor(want)).item()) + 1
+        want = torch.tensor(self.candidate_factor * k)
+        tail = torch.arange(min(max(lo, self.indexed_tokens), hi), hi)  # not indexed yet
+        out = []
+        for h in range(self.H):
+            n_clusters = int(torch.searchsorted(cum[h], want).item()) + 1
             parts = [
                 order[h, offsets[h, c] : offsets[h, c + 1]] for c in ranked[h, :n_clusters].tolist()
             ]
-            cand = torch.cat(parts + [tail]) if parts else tail
-            cand = cand[(cand >= lo) & (cand < hi)]
-            per_head.append(cand)
+            cand = torch.cat([*parts, tail])
+            out.append(cand[(cand >= lo) & (cand < hi)])
+        return out
+
+    def select(self, q, view: LayerView, lo, hi, k):
+        per_head = self.candidates(q, lo, hi, k)
+        H = self.H
         n = max(max(len(c) for c in per_head), k)
         ids = torch.full((H, n), lo, dtype=torch.long)
         valid = torch.zeros(H, n, dtype=torch.bool)
         for h, cand in enumerate(per_head):
             ids[h, : len(cand)] = cand
             valid[h, : len(cand)] = True
-        scores = score_keys_at(view.summaries, q, ids)  # [H, G, n]
+        scores = score_keys_at(view.summaries, q, ids) * q.shape[-1] ** -0.5  # [H, G, n]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         weights = fine_softmax_sum(scores)
-        short = valid.sum(1) < k
-        if bool(short.any()):  # too few candidates (tiny contexts): fill from the range itself
+        if bool(
+            (valid.sum(1) < k).any()
+        ):  # too few candidates (tiny contexts): fill from the range
             return _fill_short(ids, valid, weights, lo, hi, k)
         return top_k_ids(weights, ids, k)
 

@@ -28,7 +28,7 @@ class ExactTopK(_Stateless):
 
     def select(self, q, view: LayerView, lo, hi, k):
         keys = view.read_keys(lo, hi)  # [H, hi-lo, D]
-        scores = torch.einsum("hgd,hnd->hgn", q.float(), keys.float())
+        scores = torch.einsum("hgd,hnd->hgn", q.float(), keys.float()) * q.shape[-1] ** -0.5
         return top_k_ids(fine_softmax_sum(scores), None, k) + lo
 
 
@@ -37,7 +37,7 @@ class SummaryScan(_Stateless):
 
     def select(self, q, view: LayerView, lo, hi, k):
         assert hi <= view.summarized_tokens, f"tokens up to {hi} must be summarized"
-        scores = score_keys(view.summaries, q)  # [H, G, T_c]
+        scores = score_keys(view.summaries, q) * q.shape[-1] ** -0.5  # [H, G, T_c]
         outside = ~range_mask(scores.shape[-1], lo, hi, scores.device)
         scores = scores.masked_fill(outside, float("-inf"))
         return top_k_ids(fine_softmax_sum(scores), None, k)

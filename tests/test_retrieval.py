@@ -1,0 +1,132 @@
+"""Selectors against the exact oracle on seeded data, GQA aggregation, the sparse path."""
+
+import pytest
+import torch
+
+from offload.attention import SparsePolicy, gqa_attention
+from offload.config import SelectionSection
+from retrieval import ChunkBound, ClusterIndex, ExactTopK, SummaryScan, make_selector
+from retrieval.base import coarse_max, fine_softmax_sum
+from storage.layout import KVLayout
+from storage.tiered import TieredStore
+from tests.retrieval_data import mass_recall, recall, synthetic_layer, view_of
+
+LO, HI, K = 16, 4096 - 256, 200
+
+
+def fresh_index(view, **kw):
+    index = ClusterIndex(3, 64, **kw)
+    index.update(view)
+    return index
+
+
+SELECTORS = {
+    "exact": lambda view: ExactTopK(),
+    "summary": lambda view: SummaryScan(),
+    "chunk": lambda view: ChunkBound(),
+    "cluster": lambda view: fresh_index(view),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SELECTORS))
+@pytest.mark.parametrize("lo, hi, k", [(LO, HI, K), (LO, HI, 1), (100, 164, 64), (0, 4096, 300)])
+def test_selection_contract(name, lo, hi, k):
+    keys, q, view = synthetic_layer(seed=5)
+    ids = SELECTORS[name](view).select(q, view, lo, hi, k)
+    assert ids.shape == (3, k) and ids.dtype == torch.long
+    for row in ids:
+        assert row.tolist() == sorted(set(row.tolist())), "ids must be distinct and ascending"
+        assert lo <= int(row.min()) and int(row.max()) < hi
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name, min_share", [("summary", 0.98), ("cluster", 0.97), ("chunk", 0.85)])
+def test_attention_mass_against_exact(seed, name, min_share):
+    keys, q, view = synthetic_layer(seed=seed)
+    oracle = mass_recall(keys, q, ExactTopK().select(q, view, LO, HI, K), LO, HI)
+    got = mass_recall(keys, q, SELECTORS[name](view).select(q, view, LO, HI, K), LO, HI)
+    assert got <= oracle + 1e-6  # nothing beats the oracle at the same budget
+    assert got >= min_share * oracle
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cluster_candidates_recall_does_not_decrease_with_probes(seed):
+    keys, q, view = synthetic_layer(seed=seed)
+    exact = ExactTopK().select(q, view, LO, HI, K)
+    recalls = [
+        recall(fresh_index(view, candidate_factor=f).candidates(q, LO, HI, K), exact)
+        for f in (1, 2, 4, 8, 16)
+    ]
+    assert recalls == sorted(recalls), recalls
+    assert recalls[-1] >= 0.99 and recalls[0] < recalls[-1]
+
+
+def test_cluster_index_absorbs_new_tokens_in_batches():
+    keys, _, view = synthetic_layer(T=2048, seed=3)
+    index = ClusterIndex(3, 64, refresh=256, segment=8192)
+    index.update(view_of(keys, 1024))
+    assert index.indexed_tokens == 1024 and len(index.segments) == 1
+    index.update(view_of(keys, 1024 + 128))  # fewer than `refresh` new tokens: wait
+    assert index.indexed_tokens == 1024
+    index.update(view)  # 1024 new tokens: assigned to the existing segment's centroids
+    assert index.indexed_tokens == 2048 and len(index.segments) == 1
+    assert index.assign.shape == (3, 2048) and int(index.assign.max()) < index.centroids.shape[1]
+    index.truncate(1500)
+    assert index.indexed_tokens == 1500
+    small = ClusterIndex(3, 64, segment=512)
+    small.update(view)  # 2048 tokens in segments of 512: four k-means runs
+    assert small.segments == [0, 512, 1024, 1536]
+
+
+def test_gqa_aggregation():
+    scores = torch.tensor([[[0.0, 5.0, 1.0], [4.0, 0.0, float("-inf")]]])  # [H=1, G=2, N=3]
+    assert coarse_max(scores).tolist() == [[4.0, 5.0, 1.0]]
+    w = fine_softmax_sum(scores)
+    assert w.shape == (1, 3) and abs(float(w.sum()) - 2.0) < 1e-6
+    assert float(w[0, 2]) == pytest.approx(
+        torch.softmax(torch.tensor([0.0, 5.0, 1.0]), 0)[2].item()
+    )
+
+
+def test_sparse_attention_is_exact_attention_over_sink_window_and_selected(tmp_path):
+    """The sparse path attends to exactly sink ∪ selected ∪ window, and dense layers stay dense."""
+    layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32", chunk_size=4)
+    sel = SelectionSection(
+        mode="sparse", selector="exact", sink=4, window=8, retrieved=10, dense_layers=1
+    )
+    store = TieredStore(layout, torch.float32, torch.device("cpu"), host_bytes=1 << 20,
+                        disk_dir=tmp_path, disk_bytes=1 << 30, sink=4, window=8)  # fmt: skip
+    policy = SparsePolicy(sel, 3, 2, 16)
+    from offload.attention import TieredLayer
+
+    store.start()
+    g = torch.Generator().manual_seed(0)
+    T = 61
+    kv = torch.randn(3, 2, 2, T, 16, generator=g)
+    for layer in range(3):
+        store.append(layer, kv[layer, 0, :, : T - 1], kv[layer, 1, :, : T - 1])
+    q = torch.randn(4, 1, 16, generator=g)  # 4 query heads, 2 KV heads
+    for layer in range(3):
+        tl = TieredLayer(store, policy, layer)
+        tl.append(kv[layer, 0, :, T - 1 :], kv[layer, 1, :, T - 1 :])
+        out = tl.attend(q)
+        k_all, v_all = kv[layer, 0], kv[layer, 1]
+        if layer == 0:  # a dense layer
+            torch.testing.assert_close(out, gqa_attention(q, k_all, v_all))
+            continue
+        ids = ExactTopK().select(q.reshape(2, 2, 16), policy.view(store, layer), 4, T - 8, 10)
+        ref = []
+        for h in range(2):
+            keep = torch.cat([torch.arange(4), ids[h], torch.arange(T - 8, T)])
+            ref.append(
+                gqa_attention(q[2 * h : 2 * h + 2], k_all[h : h + 1, keep], v_all[h : h + 1, keep])
+            )
+        torch.testing.assert_close(out, torch.cat(ref))
+    assert policy.stats.sparse_steps == 2 and policy.stats.dense_steps == 1
+    store.close()
+
+
+def test_make_selector_by_name():
+    sel = SelectionSection()
+    assert isinstance(make_selector("cluster", 3, 64, sel), ClusterIndex)
+    assert isinstance(make_selector("chunk", 3, 64, sel), ChunkBound)
