@@ -56,7 +56,7 @@ class ClusterIndex:
         self.assign = torch.empty(self.H, 0, dtype=torch.long)  # [H, T_idx] cluster of each token
         self._sums = torch.zeros(self.H, 0, self.D)  # running member sums and counts per cluster
         self._counts = torch.zeros(self.H, 0)
-        self._csr = None
+        self._counts_cache = None
 
     @property
     def indexed_tokens(self) -> int:
@@ -102,7 +102,7 @@ class ClusterIndex:
             self._sums[h].index_add_(0, new_assign[h], keys[h].float())
             self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
         self.centroids = self._sums / self._counts.clamp_min(1)[:, :, None]
-        self._csr = None
+        self._counts_cache = None
 
     def update(self, view: LayerView, progress=None) -> None:
         upto = view.summarized_tokens  # only completed chunks are indexed
@@ -132,54 +132,51 @@ class ClusterIndex:
         self.assign = self.assign[:, :num_tokens]
         while self.segments and self.segments[-1] >= num_tokens:
             self.segments.pop()
-        self._csr = None
+        self._counts_cache = None
 
     # -- selecting ---------------------------------------------------------------
 
-    def _members(self):
-        """Per head: token ids grouped by cluster, and each cluster's offset (CSR)."""
-        if self._csr is None:
-            NC = self.centroids.shape[1]
-            order = torch.argsort(self.assign, dim=1, stable=True)  # [H, T_idx]
-            counts = torch.stack([torch.bincount(a, minlength=NC) for a in self.assign])
-            offsets = torch.cat([torch.zeros(self.H, 1, dtype=torch.long), counts.cumsum(1)], dim=1)
-            self._csr = (order, counts, offsets)
-        return self._csr
-
-    def candidates(self, q, lo, hi, k) -> list[torch.Tensor]:
-        """Per head, the tokens of the best clusters (max of logits over the group) until
-        `candidate_factor x k` of them, plus the not yet indexed tokens, within [lo, hi)."""
-        order, counts, offsets = self._members()
+    def candidate_mask(self, q, lo, hi, k) -> torch.Tensor:
+        """[H, hi] bool: per head, the tokens of the best clusters (max of logits over the
+        group) until `candidate_factor x k` of them, plus the not yet indexed tokens,
+        restricted to [lo, hi). One batched pass, no loop over heads or clusters."""
+        counts = self._counts_exact()
         cscore = coarse_max(torch.einsum("hgd,hcd->hgc", q.float(), self.centroids))  # [H, NC]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(counts, 1, ranked).cumsum(1)
-        want = torch.tensor(self.candidate_factor * k)
-        tail = torch.arange(min(max(lo, self.indexed_tokens), hi), hi)  # not indexed yet
-        out = []
-        for h in range(self.H):
-            n_clusters = int(torch.searchsorted(cum[h], want).item()) + 1
-            parts = [
-                order[h, offsets[h, c] : offsets[h, c + 1]] for c in ranked[h, :n_clusters].tolist()
-            ]
-            cand = torch.cat([*parts, tail])
-            out.append(cand[(cand >= lo) & (cand < hi)])
-        return out
+        n_clusters = (cum < self.candidate_factor * k).sum(1, keepdim=True) + 1  # [H, 1]
+        rank_ok = torch.arange(ranked.shape[1])[None, :] < n_clusters
+        take = torch.zeros_like(rank_ok).scatter_(1, ranked, rank_ok)  # [H, NC] by cluster id
+        T_idx = self.indexed_tokens
+        mask = torch.zeros(self.H, hi, dtype=torch.bool)
+        upto = min(T_idx, hi)
+        mask[:, :upto] = torch.gather(take, 1, self.assign[:, :upto])
+        mask[:, upto:] = True  # not indexed yet: always candidates
+        mask[:, :lo] = False
+        return mask
+
+    def candidates(self, q, lo, hi, k) -> list[torch.Tensor]:
+        """The candidate token ids of each head (see `candidate_mask`)."""
+        return [row.nonzero()[:, 0] for row in self.candidate_mask(q, lo, hi, k)]
+
+    def _counts_exact(self) -> torch.Tensor:
+        if self._counts_cache is None:
+            NC = self.centroids.shape[1]
+            self._counts_cache = torch.stack([torch.bincount(a, minlength=NC) for a in self.assign])
+        return self._counts_cache
 
     def select(self, q, view: LayerView, lo, hi, k):
-        per_head = self.candidates(q, lo, hi, k)
-        H = self.H
-        n = max(max(len(c) for c in per_head), k)
-        ids = torch.full((H, n), lo, dtype=torch.long)
-        valid = torch.zeros(H, n, dtype=torch.bool)
-        for h, cand in enumerate(per_head):
-            ids[h, : len(cand)] = cand
-            valid[h, : len(cand)] = True
+        mask = self.candidate_mask(q, lo, hi, k)
+        n_valid = mask.sum(1)
+        n = max(int(n_valid.max()), k)
+        # Candidates first, in token order: a stable sort of the mask (True before False).
+        ids = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]
+        valid = torch.arange(n)[None, :] < n_valid[:, None]
+        ids = torch.where(valid, ids, torch.full_like(ids, lo))
         scores = score_keys_at(view.summaries, q, ids) * q.shape[-1] ** -0.5  # [H, G, n]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         weights = fine_softmax_sum(scores)
-        if bool(
-            (valid.sum(1) < k).any()
-        ):  # too few candidates (tiny contexts): fill from the range
+        if bool((n_valid < k).any()):  # too few candidates (tiny contexts): fill from the range
             return _fill_short(ids, valid, weights, lo, hi, k)
         return top_k_ids(weights, ids, k)
 

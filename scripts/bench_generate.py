@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,16 +25,8 @@ from rich.table import Table
 from offload import Runtime
 from offload.generate import generate_steps, make_sampler
 
-DEFAULT_TEXTS = Path(__file__).resolve().parent.parent.parent / "shared" / "texts"
-
-
-def prose(texts_dir: Path | None) -> str:
-    if texts_dir is not None and texts_dir.is_dir():
-        return "\n\n".join(
-            p.read_text(encoding="utf-8", errors="replace") for p in sorted(texts_dir.glob("*.txt"))
-        )
-    words = "the river carries light over seven stones before the quiet market opens".split()
-    return " ".join(words[i % len(words)] for i in range(60000))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evalkit import DEFAULT_TEXTS, prose  # noqa: E402
 
 
 def prompt_ids(rt: Runtime, text: str, length: int) -> list[int]:

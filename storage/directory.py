@@ -81,6 +81,13 @@ class ChunkDirectory:
             if key in self._host:
                 self._host.move_to_end(key)
 
+    def reorder(self, lru_first: list[Key]) -> None:
+        """Set the LRU order of these host chunks (least recent first); others keep theirs
+        and stay before them. Used when recency is tracked elsewhere in bulk."""
+        for key in lru_first:
+            if key in self._host:
+                self._host.move_to_end(key)
+
     def spilled(self, key: Key, record: DiskRecord | None = None) -> None:
         """The chunk left the host; its disk record is `record` (or the one it had)."""
         assert key in self._host, f"chunk {key} is not on the host"

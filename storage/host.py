@@ -22,6 +22,9 @@ class HostTier:
         self._shape = (2, H, C, D)
         self.slab = self._alloc(0)
         self.slot_of: dict[int, int] = {}  # chunk index -> slot
+        # The same map as a tensor (-1: not on the host), so a gather of many tokens
+        # looks its slots up in one indexing op instead of a Python loop.
+        self.slot_table = torch.full((64,), -1, dtype=torch.long)
         self._free: list[int] = []
 
     def _alloc(self, n: int) -> torch.Tensor:
@@ -49,6 +52,13 @@ class HostTier:
         assert chunk not in self.slot_of, f"chunk {chunk} is on the host already"
         slot = self._new_slot()
         self.slot_of[chunk] = slot
+        if chunk >= self.slot_table.shape[0]:
+            grown = torch.full(
+                (max(2 * self.slot_table.shape[0], chunk + 1),), -1, dtype=torch.long
+            )
+            grown[: self.slot_table.shape[0]] = self.slot_table
+            self.slot_table = grown
+        self.slot_table[chunk] = slot
         if data is not None:
             self.slab[slot].copy_(data)
         return self.slab[slot]
@@ -66,30 +76,36 @@ class HostTier:
 
     def gather_chunks(self, chunks: list[int]) -> torch.Tensor:
         """[len(chunks), 2, H, C, D] copied from the slots of `chunks` (one index_select)."""
-        slots = torch.tensor([self.slot_of[c] for c in chunks], dtype=torch.long)
-        return self.slab.index_select(0, slots)
+        return self.slab.index_select(0, self.slot_table[torch.tensor(chunks, dtype=torch.long)])
 
     def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """K and V of `token_ids` [n] (all on the host) into `out` [2, H, n, D]; returns out."""
         C = self.layout.chunk_size
-        chunks = (token_ids // C).tolist()
-        slots = torch.tensor([self.slot_of[c] for c in chunks], dtype=torch.long)
+        slots = self.slot_table[token_ids // C]
         picked = self.slab[slots, :, :, token_ids % C]  # [n, 2, H, D]
         out.copy_(picked.permute(1, 2, 0, 3))
         return out
+
+    def missing(self, chunks: torch.Tensor) -> list[int]:
+        """Which of these chunk indices are not on the host."""
+        in_table = chunks < self.slot_table.shape[0]
+        slots = torch.where(
+            in_table, self.slot_table[chunks.clamp_max(self.slot_table.shape[0] - 1)], -1
+        )
+        return chunks[slots < 0].tolist()
 
     def gather_heads(self, ids: torch.Tensor) -> torch.Tensor:
         """Per-head token ids [H, n] (all on the host) -> K and V [2, H, n, D]."""
         C = self.layout.chunk_size
         H, n = ids.shape
-        chunk_ids = ids // C
-        uniq, inverse = torch.unique(chunk_ids, return_inverse=True)
-        slot_of_uniq = torch.tensor([self.slot_of[c] for c in uniq.tolist()], dtype=torch.long)
-        slots = slot_of_uniq[inverse]  # [H, n]
+        slots = self.slot_table[ids // C]  # [H, n]
+        assert bool((slots >= 0).all()), "gather_heads: some chunks are not on the host"
         heads = torch.arange(H)[:, None].expand(H, n)
-        k = self.slab[slots, 0, heads, ids % C]  # [H, n, D]
-        v = self.slab[slots, 1, heads, ids % C]
+        offsets = ids % C
+        k = self.slab[slots, 0, heads, offsets]  # [H, n, D]
+        v = self.slab[slots, 1, heads, offsets]
         return torch.stack([k, v])
 
     def free(self, chunk: int) -> None:
         self._free.append(self.slot_of.pop(chunk))
+        self.slot_table[chunk] = -1

@@ -69,6 +69,11 @@ class TieredStore:
         self.dev = [DeviceTier(layout, dtype, device, sink, window) for _ in range(L.num_layers)]
         self.disk = DiskTier(disk_dir, layout, dtype, disk_bytes)
         self.lengths = [0] * L.num_layers
+        # Recency of each chunk (a clock value per layer and chunk), kept as tensors so a
+        # selection touching hundreds of chunks costs one indexing op; the directory's
+        # LRU order is brought in line from it only when a spill needs it.
+        self._clock = 0
+        self._recency = [torch.zeros(64, dtype=torch.long) for _ in range(L.num_layers)]
         self.reads = TierReads()
         self.spilled_chunks = 0
 
@@ -108,6 +113,7 @@ class TieredStore:
             if offset == 0:
                 self.directory.add((layer, chunk))
                 host.put(chunk)
+                self._mark_recent(layer, torch.tensor([chunk]))
             host.write(
                 chunk,
                 offset,
@@ -122,8 +128,24 @@ class TieredStore:
         if self.directory.over_budget():
             self.spill()
 
+    def _mark_recent(self, layer: int, chunks: torch.Tensor) -> None:
+        self._clock += 1
+        rec = self._recency[layer]
+        top = int(chunks.max()) + 1
+        if top > rec.shape[0]:
+            grown = torch.zeros(max(2 * rec.shape[0], top), dtype=torch.long)
+            grown[: rec.shape[0]] = rec
+            rec = self._recency[layer] = grown
+        rec[chunks] = self._clock
+
+    def _sync_lru(self) -> None:
+        keys = self.directory.lru_order()
+        clock = torch.tensor([int(self._recency[layer][chunk]) for layer, chunk in keys])
+        self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
+
     def spill(self) -> None:
         """Move least recently used chunks to disk until the host is within budget."""
+        self._sync_lru()
         need = self.directory.over_budget()
         keys = self.directory.spill_candidates(max(need, self.spill_batch))
         if len(keys) < need:
@@ -192,16 +214,14 @@ class TieredStore:
         """
         L = self.layout
         ids_cpu = ids.to("cpu")
-        chunks = torch.unique(ids_cpu // L.chunk_size).tolist()
         host = self.host[layer]
-        for c in chunks:
-            key = (layer, c)
-            if not self.directory.on_host(key):
-                _, kv = self._chunk_kv(layer, c)
-                host.put(c, kv)
-                self.directory.loaded(key)
-                self.reads.add("disk", 1, L.chunk_bytes)
-        self.directory.touch((layer, c) for c in chunks)
+        chunks = torch.unique(ids_cpu // L.chunk_size)
+        for c in host.missing(chunks):  # only chunks on disk take the slow path
+            _, kv = self._chunk_kv(layer, c)
+            host.put(c, kv)
+            self.directory.loaded((layer, c))
+            self.reads.add("disk", 1, L.chunk_bytes)
+        self._mark_recent(layer, chunks)
         kv = host.gather_heads(ids_cpu)
         self.reads.add("host", ids.numel(), ids.numel() * 2 * L.head_dim * L.dtype_bytes)
         if self.directory.over_budget():

@@ -1,0 +1,119 @@
+"""Shared pieces of the evaluation scripts: real prose, needle prompts, and a prefilled
+context that can be decoded under many selection settings without re-prefilling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from offload import Runtime
+from offload.attention import SelectionStats, SparsePolicy
+from offload.generate import generate_steps, make_sampler, prefill
+
+DEFAULT_TEXTS = Path(__file__).resolve().parent.parent.parent / "shared" / "texts"
+NEEDLE = "The secret passphrase is {}. "
+PASSPHRASES = [
+    "purple elephant",
+    "silver lighthouse",
+    "quiet volcano",
+    "amber bicycle",
+    "frozen orchard",
+]
+
+
+def prose(texts_dir: Path | None = DEFAULT_TEXTS) -> str:
+    """Real English prose (../shared/texts when present), else a repetitive stand-in."""
+    if texts_dir is not None and Path(texts_dir).is_dir():
+        files = sorted(Path(texts_dir).glob("*.txt"))
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    sentences = (
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    )
+    return sentences * 2000
+
+
+def needle_prompt(
+    rt: Runtime, filler: str, n_tokens: int, depth: float, passphrase: str
+) -> list[int]:
+    """Chat-template ids of about n_tokens: question, filler with the needle at `depth`,
+    question again, and the answer primed with 'The secret passphrase is'."""
+    question = "What is the secret passphrase?"
+    head = f"{question} Read the text below.\n\n"
+    tail = f"\n{question}"
+    frame = rt.encode_prompt(
+        [{"role": "user", "content": head + tail}, {"role": "assistant", "content": "X"}]
+    )
+    needle = NEEDLE.format(passphrase)
+    budget = n_tokens - len(frame) - len(rt.tokenizer.encode(needle)) - 4
+    body = rt.tokenizer.encode(filler)[:budget]
+    cut = int(len(body) * depth)
+    text = rt.tokenizer.decode(body[:cut]) + " " + needle + rt.tokenizer.decode(body[cut:])
+    messages = [
+        {"role": "user", "content": head + text + tail},
+        {"role": "assistant", "content": "The secret passphrase is"},
+    ]
+    return rt.encode_prompt(messages)
+
+
+class PrefilledContext:
+    """A tiered cache prefilled once with all but the last prompt token; `decode` runs a
+    few steps under a given selection setting and then rewinds to the prefilled state."""
+
+    def __init__(self, rt: Runtime, ids: list[int]):
+        self.rt, self.ids = rt, ids
+        self.cache = rt.new_cache()
+        assert self.cache.store is not None, (
+            "PrefilledContext needs a tiered mode (dense/sparse/auto)"
+        )
+        prefill(rt.model, self.cache, ids[:-1], rt.config.generation.prefill_chunk)
+        self.base = self.cache.num_tokens
+        self._policies: dict[str, SparsePolicy] = {}
+
+    def set_selection(self, selection) -> SparsePolicy:
+        """Decode under `selection` from now on. One policy (and index) per selector is kept,
+        so trying several budgets with the same selector builds its index once."""
+        policy = self._policies.get(selection.selector)
+        if policy is None:
+            a = self.rt.args
+            policy = SparsePolicy(selection, a.num_layers, a.num_kv_heads, a.head_dim)
+            self._policies[selection.selector] = policy
+        policy.selection = selection
+        self.cache.policy = policy
+        for layer in self.cache.layers:
+            layer.policy = policy
+        policy.build_index(self.cache.store, len(self.ids))
+        return policy
+
+    def rewind(self) -> None:
+        self.cache.truncate(self.base)
+
+    def decode(self, selection, max_new_tokens: int, probe_recall: bool = False):
+        """Greedy tokens and the policy's stats (with per-step recall when asked)."""
+        policy = self.set_selection(selection)
+        policy.stats = SelectionStats(recall=[] if probe_recall else None)
+        tok = dataclasses.replace(self.rt.tokenizer, stop_ids=())
+        steps = generate_steps(
+            self.rt.model, self.cache, tok, self.ids[-1:], max_new_tokens, make_sampler()
+        )
+        tokens = [s.token_id for s in steps]
+        self.rewind()
+        return tokens, policy.stats
+
+    def perplexity(self, selection, continuation: list[int]) -> float:
+        """Teacher-forced perplexity of `continuation` after the prompt, decoded token by token."""
+        self.set_selection(selection)
+        model = self.rt.model
+        nll = 0.0
+        inputs = self.ids[-1:] + continuation[:-1]
+        for x, y in zip(inputs, continuation, strict=True):
+            logits = model(torch.tensor([x], device=model.device), self.cache)[-1]
+            nll -= float(torch.log_softmax(logits, -1)[y])
+        self.rewind()
+        return math.exp(nll / len(continuation))
+
+    def close(self) -> None:
+        self.cache.close()
