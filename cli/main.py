@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -58,6 +60,13 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
             raise OffloadError(f"--set expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def load_session_runtime(session_dir: str, config: str | None, overrides: tuple[str, ...]):
+    from offload.runtime import Runtime
+
+    with err_console.status(f"loading session {session_dir} ..."):
+        return Runtime.load_session(session_dir, config=config, **parse_overrides(overrides))
 
 
 def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
@@ -137,14 +146,29 @@ def generate(model, config, overrides, max_new_tokens, temperature, seed, prompt
 @model_options
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-new-tokens", "-n", type=int, default=None)
+@click.option(
+    "--session", "session_dir", default=None, help="Resume a saved session (chat or document)."
+)
 @friendly_errors
-def chat(model, config, overrides, system, max_new_tokens):
-    """Multi-turn chat; earlier turns' KV is reused. Commands: /reset /stats /exit."""
+def chat(model, config, overrides, system, max_new_tokens, session_dir):
+    """Multi-turn chat; earlier turns' KV is reused. Commands: /reset /stats /save DIR /exit."""
     console = Console()
-    rt = load_runtime(model, config, overrides)
-    conv = rt.chat(system=system)
+    if session_dir:
+        rt = load_session_runtime(session_dir, config, overrides)
+        if rt.session.get("kind") == "chat":
+            conv = rt.resume_chat()
+            console.print(
+                f"[dim]resumed {len(conv.messages)} messages, {conv.context_tokens} tokens of KV[/]"
+            )
+        else:
+            raise OffloadError(
+                f"{session_dir} is a {rt.session.get('kind')} session: use `offload ask`"
+            )
+    else:
+        rt = load_runtime(model, config, overrides)
+        conv = rt.chat(system=system)
     console.print(
-        f"[dim]{model}: /reset clears the conversation, /stats shows figures, /exit quits[/]"
+        "[dim]/reset clears the conversation, /stats shows figures, /save DIR saves it, /exit quits[/]"
     )
     while True:
         try:
@@ -163,6 +187,20 @@ def chat(model, config, overrides, system, max_new_tokens):
             continue
         if cmd == "/stats":
             render_stats(console, rt.stats())
+            continue
+        if cmd == "/save" or cmd.startswith("/save "):
+            target = cmd[len("/save") :].strip()
+            if not target:
+                console.print("[yellow]usage: /save DIR[/]")
+                continue
+            try:
+                info = conv.save(target)
+            except (OffloadError, StorageError) as e:
+                console.print(f"[bold red]error:[/] {e}", highlight=False)
+                continue
+            console.print(
+                f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) to {target}[/]"
+            )
             continue
         if cmd.startswith("/"):
             console.print(f"[yellow]unknown command {cmd.split()[0]}[/] (/reset /stats /exit)")
@@ -207,6 +245,77 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def read_documents(paths: tuple[str, ...]) -> str:
+    """Text and markdown files, joined with their names as headings."""
+    parts = []
+    for name in paths:
+        p = Path(name)
+        if not p.is_file():
+            raise OffloadError(f"document not found: {p}" if not p.exists() else f"not a file: {p}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise OffloadError(
+                f"{p}: not UTF-8 text (ingest takes text and markdown files)"
+            ) from None
+        parts.append(f"# {p.name}\n\n{text.strip()}" if len(paths) > 1 else text.strip())
+    return "\n\n".join(parts)
+
+
+@main.command()
+@model_options
+@click.argument("files", nargs=-1, required=True)
+@click.option("--session", "session_dir", required=True, help="Directory to save the session in.")
+@click.option("--system", default=None, help="System prompt saved with the document.")
+@friendly_errors
+def ingest(model, config, overrides, files, session_dir, system):
+    """Prefill FILES once and save their KV, summaries and index as a session."""
+    from storage.session import prepare_dir
+
+    text = read_documents(files)
+    prepare_dir(Path(session_dir))  # fail before the long prefill, not after
+    rt = load_runtime(model, config, overrides)
+    bar = PrefillBar(err_console)
+    t = time.perf_counter()
+    try:
+        info = rt.load_document(text, system=system, progress=bar)
+    finally:
+        bar.close()
+    saved = rt.save_session(session_dir)
+    err_console.print(
+        f"ingested {info['tokens']:,} tokens in {time.perf_counter() - t:.1f}s "
+        f"(prefill {info['prefill_seconds']:.1f}s, index {info['index_seconds']:.1f}s); "
+        f"session {session_dir}: {human_bytes(saved['bytes'])}",
+        highlight=False,
+    )
+
+
+@main.command()
+@click.option("--session", "session_dir", required=True, help="A session made by `offload ingest`.")
+@click.option("--config", "-c", default=None, help="TOML file or preset (default: the session's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--max-new-tokens", "-n", type=int, default=None)
+@click.argument("question")
+@friendly_errors
+def ask(session_dir, config, overrides, max_new_tokens, question):
+    """Answer QUESTION from a saved document without prefilling the document again."""
+    rt = load_session_runtime(session_dir, config, overrides)
+    if rt.document is None:
+        kind = rt.session.get("kind")
+        raise OffloadError(
+            f"{session_dir} is a {kind} session, not a document: use `offload chat --session`"
+        )
+    for step in rt.stream_ask(question, max_new_tokens=max_new_tokens):
+        sys.stdout.write(step.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = rt.stats()
+    err_console.print(
+        f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "
+        f"first token after {s['prefill_seconds']:.2f}s, {s['decode_tokens_per_second']:.1f} tok/s[/]"
+    )
 
 
 @main.command()

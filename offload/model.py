@@ -149,7 +149,9 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the cache's tensors outlive the forward and are
+    # updated in place outside it (truncation, loading), which inference tensors forbid.
+    @torch.no_grad()
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False
     ) -> torch.Tensor:

@@ -13,6 +13,7 @@ what differs.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from offload.attention import SelectionStats, SparsePolicy
 from offload.budgets import resolve_budgets
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, OffloadError
-from offload.generate import Progress, StepResult, generate_steps, make_sampler
+from offload.generate import Progress, StepResult, generate_steps, make_sampler, prefill
 from offload.kvcache import KVCache
 from offload.loading import DEFAULT_MODEL, LoadedModel, load
 from offload.tokenizer import check_messages
@@ -33,6 +34,12 @@ from storage.layout import KVLayout
 from storage.tiered import TieredStore, TierReads
 
 Prompt = str | list[dict[str, str]]
+# How a question about a loaded document is put to the model. The document comes
+# first so its KV is a prefix shared by every question.
+DOCUMENT_PROMPT = (
+    "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
+)
+QUESTION_MARK = "\x00question\x00"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 
@@ -51,10 +58,12 @@ class _KVState:
         self.cache = cache
         self.ids: list[int] = []
 
-    def prepare(self, ids: list[int]) -> tuple[list[int], int]:
-        """Truncate to the longest prefix shared with `ids`; return (ids to prefill, reused)."""
+    def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
+        """Truncate to the longest prefix shared with `ids`; return (ids to prefill, reused).
+
+        With `need_logits` at least one token is left to prefill (its logits start decoding)."""
         n = 0
-        limit = min(len(self.ids), len(ids) - 1)  # always prefill >= 1 token for logits
+        limit = min(len(self.ids), len(ids) - need_logits)
         while n < limit and self.ids[n] == ids[n]:
             n += 1
         self.cache.truncate(n)
@@ -77,6 +86,8 @@ class Runtime:
         self._state = _KVState(self.new_cache())
         self._stats: dict[str, Any] = {}
         self._last_state = self._state  # whose cache stats() reports
+        self.document: dict | None = None  # set by load_document / a document session
+        self.session: dict = {}  # what a loaded session said about itself
 
     @classmethod
     def from_pretrained(
@@ -264,6 +275,102 @@ class Runtime:
     def chat(self, system: str | None = None) -> Conversation:
         return Conversation(self, system)
 
+    # -- documents and sessions ------------------------------------------------
+
+    def _document_messages(self, question: str) -> list[dict[str, str]]:
+        doc = self.document
+        if doc is None:
+            raise OffloadError(
+                "no document loaded: call load_document() or load a document session"
+            )
+        user = DOCUMENT_PROMPT.format(document=doc["text"], question=question)
+        return ([{"role": "system", "content": doc["system"]}] if doc.get("system") else []) + [
+            {"role": "user", "content": user}
+        ]
+
+    def _document_ids(self) -> list[int]:
+        """Token ids of the document part of every question's prompt (a shared prefix)."""
+        full = self.tokenizer.apply_chat_template(self._document_messages(QUESTION_MARK))
+        return self.tokenizer.encode(full[: full.index(QUESTION_MARK)])
+
+    def load_document(
+        self, text: str, system: str | None = None, progress: Progress | None = None
+    ) -> dict:
+        """Prefill a document (and build its index) so that `ask` prefills only questions.
+
+        Returns figures: tokens, prefill and index seconds."""
+        if not text.strip():
+            raise OffloadError("the document is empty")
+        self.document = {"text": text, "system": system}
+        ids = self._document_ids()
+        self._check_fits(ids, "the document")
+        new_ids, _ = self._state.prepare(ids, need_logits=False)
+        t = time.perf_counter()
+        if new_ids:
+            prefill(
+                self.model,
+                self._state.cache,
+                new_ids,
+                self.config.generation.prefill_chunk,
+                progress,
+            )
+        prefill_s = time.perf_counter() - t
+        self._state.cache.finish_prefill(progress)
+        self._state.ids = list(ids)
+        self._last_state = self._state
+        index_s = time.perf_counter() - t - prefill_s
+        return {"tokens": len(ids), "prefill_tokens": len(new_ids), "prefill_seconds": prefill_s,
+                "index_seconds": index_s}  # fmt: skip
+
+    def stream_ask(
+        self, question: str, max_new_tokens: int | None = None, progress=None, **sampling
+    ):
+        """Answer a question about the loaded document; every question starts from the
+        document's KV (earlier questions and answers are cut away, not attended)."""
+        ids = self.encode_prompt(self._document_messages(question))
+        return self._run(self._state, ids, max_new_tokens, sampling, progress)
+
+    def ask(self, question: str, max_new_tokens: int | None = None, **sampling) -> str:
+        return "".join(s.text for s in self.stream_ask(question, max_new_tokens, **sampling))
+
+    def save_session(self, path: str | Path) -> dict:
+        """Save the runtime's KV (a loaded document, or the last prompt) to a session directory."""
+        from offload.session import save_state
+
+        if self.document is None:
+            return save_state(self, self._state, path, "prompt", {})
+        # A document session holds the document only: cut any question and answer away.
+        self._state.prepare(self._document_ids(), need_logits=False)
+        return save_state(self, self._state, path, "document", {"document": self.document})
+
+    @classmethod
+    def load_session(
+        cls,
+        path: str | Path,
+        config: str | Path | RuntimeConfig | None = None,
+        model=None,
+        **overrides,
+    ) -> Runtime:
+        """A Runtime holding a saved session's KV. The model is the session's own (its
+        path is in the manifest) unless `model` (a name, path or Runtime) is given; the
+        config is the session's unless `config` is given."""
+        from offload.session import load_state
+
+        rt = load_state(path, config, model, **overrides)
+        if rt.session.get("kind") == "document":
+            rt.document = rt.session["document"]
+        return rt
+
+    def resume_chat(self) -> Conversation:
+        """The conversation of a loaded chat session, continuing on its KV."""
+        from offload.session import check_session_kind
+
+        info = check_session_kind(self, "chat")
+        conv = Conversation(self, system=None)
+        conv._state, self._state = self._state, _KVState(self.new_cache())
+        conv.messages = list(info["messages"])
+        return conv
+
     def close(self) -> None:
         """Release the runtime's own cache (and its spilled chunk files)."""
         self._state.cache.close()
@@ -347,6 +454,12 @@ class Conversation:
 
     def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
         return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
+
+    def save(self, path: str | Path) -> dict:
+        """Save this conversation (its KV and messages) as a chat session."""
+        from offload.session import save_state
+
+        return save_state(self.runtime, self._state, path, "chat", {"messages": self.messages})
 
     def close(self) -> None:
         self._state.cache.close()

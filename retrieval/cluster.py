@@ -134,6 +134,25 @@ class ClusterIndex:
             self.segments.pop()
         self._counts_cache = None
 
+    # -- persistence (sessions) ----------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"centroids": self.centroids, "unit": self._unit, "assign": self.assign,
+                "sums": self._sums, "counts": self._counts}  # fmt: skip
+
+    def state_meta(self) -> dict:
+        return {"segments": list(self.segments), "unit_offset": self._unit_offset}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.centroids, self._unit, self.assign = (
+            tensors["centroids"],
+            tensors["unit"],
+            tensors["assign"],
+        )
+        self._sums, self._counts = tensors["sums"], tensors["counts"]
+        self.segments, self._unit_offset = list(meta["segments"]), int(meta["unit_offset"])
+        self._counts_cache = None
+
     # -- selecting ---------------------------------------------------------------
 
     def candidate_mask(self, q, lo, hi, k) -> torch.Tensor:

@@ -72,6 +72,11 @@ class ChunkDirectory:
         if filling:
             self._pinned.add(key)
 
+    def add_on_disk(self, key: Key, record: DiskRecord) -> None:
+        """A chunk that exists only on disk (adopted from a saved session)."""
+        assert key not in self._host and key not in self.disk, f"chunk {key} exists already"
+        self.disk[key] = record
+
     def filled(self, key: Key) -> None:
         self._pinned.discard(key)
 

@@ -85,7 +85,7 @@ class DiskTier:
         self.dtype = dtype
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}  # files this tier wrote (and may delete)
         self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
 
     def start(self) -> None:
@@ -164,10 +164,21 @@ class DiskTier:
         self._sizes[name] = payload.size
         return name
 
+    def owns(self, name: str) -> bool:
+        """Files the tier wrote itself; others (a loaded session's) are never deleted."""
+        return name in self._sizes
+
     def delete(self, name: str) -> None:
         self._readers.pop(name, None)
-        self.used_bytes -= self._sizes.pop(name, 0)
-        (self.directory / name).unlink(missing_ok=True)
+        if name in self._sizes:
+            self.used_bytes -= self._sizes.pop(name)
+            (self.directory / name).unlink(missing_ok=True)
+
+    def open(self, name: str) -> int:
+        """Map a file now (a session's, so later deletion by another process cannot hurt
+        this one); return its number of chunks."""
+        reader, _ = self._open(name)
+        return reader.num_record_batches
 
     # -- reading ---------------------------------------------------------------
 
@@ -198,6 +209,33 @@ class DiskTier:
             ) from None
         self._readers[name] = (reader, crcs)
         return reader, crcs
+
+    def read_all(self, name: str) -> torch.Tensor:
+        """Every chunk of a file as [n, 2, H, C, D] (one copy), each checksum verified."""
+        reader, crcs = self._open(name)
+        path = self.directory / name
+        L = self.layout
+        try:
+            table = reader.read_all()
+            cols = [pa.concat_arrays(table.column(i).chunks) for i in range(len(SCHEMA_FIELDS))]
+            datas = [np.frombuffer(c.buffers()[2], dtype=np.uint8) for c in cols]
+            offsets = [np.frombuffer(c.buffers()[1], dtype=np.int32)[: len(c) + 1] for c in cols]
+        except Exception as e:
+            raise StorageError(f"{path}: cannot read chunks ({type(e).__name__}: {e})") from None
+        n = len(cols[0])
+        for i in range(n):
+            crc = 0
+            for d, o in zip(datas, offsets, strict=True):
+                crc = zlib.crc32(d[o[i] : o[i + 1]], crc)
+            if crc != crcs[i]:
+                raise StorageError(f"{path}: checksum mismatch in chunk {i}: the file is corrupt")
+        kv = datas[0][offsets[0][0] : offsets[0][n]]
+        if kv.size != n * L.chunk_bytes:
+            raise StorageError(
+                f"{path}: {kv.size} bytes of KV for {n} chunks, expected {n * L.chunk_bytes}"
+            )
+        t = torch.from_numpy(kv.copy()).view(self.dtype)
+        return t.reshape(n, 2, L.num_kv_heads, L.chunk_size, L.head_dim)
 
     def read_chunk(self, name: str, batch: int) -> torch.Tensor:
         """The KV [2, H, C, D] of record batch `batch` of file `name`, checksum verified."""

@@ -86,7 +86,7 @@ class TieredStore:
     def close(self) -> None:
         """Delete this store's chunk files (and its directory when left empty). Idempotent."""
         for name in self.directory.files_in_use():
-            self.disk.delete(name)
+            self.disk.delete(name)  # only files this store wrote; a session's stay
         self.directory.disk.clear()
         self.disk.close()
 
@@ -257,21 +257,86 @@ class TieredStore:
                     self.host[layer].free(chunk)
                 self.directory.drop((layer, chunk))
             if n % C:  # the last kept chunk is partial again: it must be on the host, filling
-                key = (layer, n // C)
-                if not self.directory.on_host(key):
-                    _, kv = self._chunk_kv(layer, n // C)
-                    self.host[layer].put(n // C, kv)
-                    self.directory.loaded(key)
-                self.directory.drop(key)
-                self.directory.add(key)
+                self._reopen_partial(layer, n // C)
             self.dev[layer].truncate_chunks(n // C)
             self.lengths[layer] = n
-            w0 = max(min(self.sink, n), n - self.window)
-            if n > w0:  # refill the window ring with the tokens now most recent
-                kv = self.read_range(layer, w0, n)
-                self.dev[layer].write_recent(w0, kv[0], kv[1])
+            self._refill_recent(layer)
         for name in live_files_before - self.directory.files_in_use():
             self.disk.delete(name)
+
+    def _reopen_partial(self, layer: int, chunk: int) -> None:
+        """Make `chunk` the host chunk being filled (its disk record, if any, is dropped)."""
+        key = (layer, chunk)
+        if not self.directory.on_host(key):
+            _, kv = self._chunk_kv(layer, chunk)
+            self.host[layer].put(chunk, kv)
+            self.directory.loaded(key)
+        self.directory.drop(key)
+        self.directory.add(key)
+
+    def _refill_recent(self, layer: int) -> None:
+        """Rebuild the device's sink and window copies from host/disk (after a cut or load)."""
+        n = self.lengths[layer]
+        if n == 0:
+            return
+        kv = self.read_range(layer, 0, min(self.sink, n))
+        self.dev[layer].write_recent(0, kv[0], kv[1])
+        w0 = max(min(self.sink, n), n - self.window)
+        if n > w0:
+            kv = self.read_range(layer, w0, n)
+            self.dev[layer].write_recent(w0, kv[0], kv[1])
+
+    # -- sessions ------------------------------------------------------------------
+
+    def read_chunks(self, layer: int, chunks: list[int]) -> torch.Tensor:
+        """[len(chunks), 2, H, C, D] of whole chunks, wherever they live (for saving)."""
+        out = torch.empty(len(chunks), 2, self.layout.num_kv_heads, self.layout.chunk_size,
+                          self.layout.head_dim, dtype=self.dtype)  # fmt: skip
+        for i, c in enumerate(chunks):
+            out[i] = self._chunk_kv(layer, c)[1]
+        return out
+
+    def adopt(
+        self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict, preload: bool
+    ) -> None:
+        """Take a saved session's KV as this (empty) store's content.
+
+        files: (layer, path, chunk indices) of each chunk file; they become disk records
+        (memory-mapped now, never deleted by this store). device: the saved summaries
+        and abstracts per layer. With `preload`, chunks are read into the host tier
+        while its budget allows (bulk reads: one copy per file).
+        """
+        assert self.num_tokens == 0, "adopt needs an empty store"
+        L = self.layout
+        C = L.chunk_size
+        for layer, path, chunks in files:
+            name = str(path)
+            if self.disk.open(name) != len(chunks):
+                raise StorageError(
+                    f"{path}: holds a different number of chunks than the manifest says"
+                )
+            for i, c in enumerate(chunks):
+                self.directory.add_on_disk((layer, c), DiskRecord(name, i))
+        for layer in range(L.num_layers):
+            dev = self.dev[layer]
+            for key, g in (("codes", dev.codes), ("scale", dev.scale), ("zero", dev.zero),
+                           ("kmin", dev.kmin), ("kmax", dev.kmax), ("kmean", dev.kmean)):  # fmt: skip
+                g.append(device[f"L{layer}.{key}"].to(g.data.device))
+            self.lengths[layer] = num_tokens
+        if preload:
+            room = self.directory.host_capacity - 2 * L.num_layers
+            for layer, path, chunks in files:
+                if len(chunks) > room:
+                    break
+                data = self.disk.read_all(str(path))
+                for i, c in enumerate(chunks):
+                    self.host[layer].put(c, data[i])
+                    self.directory.loaded((layer, c))
+                room -= len(chunks)
+        for layer in range(L.num_layers):
+            if num_tokens % C:
+                self._reopen_partial(layer, num_tokens // C)
+            self._refill_recent(layer)
 
     # -- accounting --------------------------------------------------------------
 

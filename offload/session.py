@@ -1,0 +1,157 @@
+"""Saving and loading a runtime's KV state as a session directory (storage/session.py).
+
+What is checked on load, each refusal naming what differs:
+  - the model fingerprint (config + checkpoint bytes) and the tokenizer hash
+  - the KV layout (layers, heads, head dim, dtype, chunk size, summary bits)
+The selection settings may differ: the saved cluster index is reused when its
+settings match the loading config's, and rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from offload.config import RuntimeConfig
+from offload.errors import ConfigError, OffloadError
+from storage.session import SessionContents, SessionError, open_session, save_session
+
+if TYPE_CHECKING:
+    from offload.runtime import Runtime, _KVState
+
+INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
+
+
+def save_state(rt: Runtime, state: _KVState, path: str | Path, kind: str, extra: dict) -> dict:
+    """Write `state` (a cache and the ids it holds) with the runtime's identity; return figures."""
+    cache = state.cache
+    if cache.store is None:
+        raise ConfigError(
+            'saving a session needs the tiered store: set selection.mode to "auto", "dense" or "sparse"'
+        )
+    assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
+    t = time.perf_counter()
+    index, index_meta = _index_state(cache.policy)
+    meta = {
+        "kind": kind,
+        "model": {
+            "fingerprint": rt.loaded.fingerprint,
+            "source": str(rt.loaded.source),
+            "arch": rt.args.arch,
+        },
+        "tokenizer_sha256": rt.tokenizer.fingerprint,
+        "config": rt.config.to_dict(),
+        **extra,
+    }
+    nbytes = save_session(
+        Path(path), cache.store, SessionContents(state.ids, meta, index, index_meta)
+    )
+    return {"tokens": len(state.ids), "bytes": nbytes, "seconds": time.perf_counter() - t}
+
+
+def _index_state(policy) -> tuple[dict[str, torch.Tensor], dict]:
+    from retrieval import ClusterIndex
+
+    tensors, meta = {}, {"layers": []}
+    for layer, sel in enumerate(policy.selectors):
+        if isinstance(sel, ClusterIndex) and sel.indexed_tokens:
+            for name, t in sel.state_tensors().items():
+                tensors[f"L{layer}.{name}"] = t.contiguous()
+            meta["layers"].append({"layer": layer, **sel.state_meta()})
+    meta["settings"] = {k: getattr(policy.selection, k) for k in INDEX_KEYS}
+    return tensors, meta
+
+
+def load_state(
+    path: str | Path,
+    config: str | Path | RuntimeConfig | None = None,
+    model=None,
+    **overrides,
+) -> Runtime:
+    """A Runtime whose cache holds the saved session (see `Runtime.load_session`)."""
+    from offload.runtime import Runtime
+
+    session = open_session(Path(path))
+    m = session.manifest
+    if config is None:
+        try:
+            config = RuntimeConfig.from_dict(
+                m["config"], source=f"{session.version_dir / 'manifest.json'}"
+            )
+        except ConfigError as e:
+            raise SessionError(f"the session's saved config is not usable: {e}") from None
+    if isinstance(model, Runtime):
+        cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
+        rt = Runtime(model.loaded, cfg.replace(**overrides) if overrides else cfg, model.device)
+    else:
+        source = model if model is not None else m["model"]["source"]
+        if model is None and not Path(source).exists():
+            raise SessionError(
+                f"the session's model {source} is not there any more; pass the model explicitly"
+            )
+        rt = Runtime.from_pretrained(source, config=config, **overrides)
+    _check_compatible(rt, session)
+    cache = rt._state.cache
+    if cache.store is None:
+        raise ConfigError(
+            'loading a session needs the tiered store: set selection.mode to "auto", "dense" or "sparse"'
+        )
+    files = [
+        (f["layer"], session.version_dir / f["name"], f["chunks"]) for f in session.chunk_files()
+    ]
+    cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors(), preload=True)
+    cache.num_tokens = session.manifest["num_tokens"]
+    _restore_index(cache.policy, *session.index())
+    rt._state.ids = list(session.token_ids)
+    rt.session = {k: m[k] for k in ("kind", "document", "messages") if k in m}
+    rt.session["path"] = str(session.path)
+    return rt
+
+
+def _check_compatible(rt: Runtime, session) -> None:
+    m = session.manifest
+    where = session.version_dir / "manifest.json"
+    if m["model"]["fingerprint"] != rt.loaded.fingerprint:
+        raise SessionError(
+            f"{where}: the session was made with another model ({m['model']['source']}); "
+            f"this runtime has {rt.loaded.source}"
+        )
+    if m["tokenizer_sha256"] != rt.tokenizer.fingerprint:
+        raise SessionError(f"{where}: the session was made with another tokenizer")
+    saved, ours = session.layout, rt.layout
+    diff = [
+        f"{f.name} {getattr(saved, f.name)!r} (now {getattr(ours, f.name)!r})"
+        for f in dataclasses.fields(saved)
+        if getattr(saved, f.name) != getattr(ours, f.name)
+    ]
+    if diff:
+        raise SessionError(
+            f"{where}: the session's KV layout differs from this config: {', '.join(diff)}"
+        )
+
+
+def _restore_index(policy, tensors: dict, meta: dict) -> None:
+    if not tensors:
+        return
+    settings = {k: getattr(policy.selection, k) for k in INDEX_KEYS}
+    if meta.get("settings") != settings:
+        return  # another selector or cluster setting: the index is rebuilt on first use
+    for entry in meta["layers"]:
+        layer = entry["layer"]
+        sel = policy.selectors[layer]
+        prefix = f"L{layer}."
+        sel.load_state(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, entry
+        )
+
+
+def check_session_kind(rt: Runtime, kind: str) -> dict:
+    info = getattr(rt, "session", None)
+    if not info or info.get("kind") != kind:
+        found = info.get("kind") if info else "none"
+        raise OffloadError(f"this needs a {kind} session; the loaded session is of kind {found!r}")
+    return info

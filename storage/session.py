@@ -1,0 +1,288 @@
+"""Sessions on disk: a saved KV cache that any later process can load and continue.
+
+    DIR/
+      .lock                 flock'ed while a save runs: a second writer is refused
+      CURRENT               the name of the complete version (replaced atomically)
+      v-<id>/
+        manifest.json       format version, model fingerprint, tokenizer hash, runtime
+                            config, token ids, layout, caller metadata, and per file
+                            its size and sha256 (chunk files: size; their chunks carry
+                            crc32s checked on every read)
+        kv/L000-*.arrow     the chunks of each layer (storage.disk format)
+        device.safetensors  summaries, abstracts of every layer
+        index.safetensors   the selection index of every layer (if any)
+
+A save writes `v-<new>.tmp`, fsyncs every file, renames it to `v-<new>`, then
+replaces CURRENT and removes older versions. A crash at any point leaves CURRENT
+naming a complete version (the previous one), or no CURRENT at all on a first
+save, which loads as "incomplete". Loading memory-maps chunk files: a 128k-token
+session opens without reading its KV; chunks are read when first needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from storage.disk import DiskTier, StorageError, fsync_dir, write_atomic
+from storage.layout import KVLayout
+
+SESSION_FORMAT = 1
+MAX_CHUNKS_PER_FILE = 1024
+
+
+class SessionError(StorageError):
+    """A session directory is missing, incomplete, corrupt or incompatible; names the file."""
+
+
+class SessionLockedError(SessionError):
+    """Another process is saving to this session."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class SessionLock:
+    """An exclusive, non-blocking flock on DIR/.lock (released by the OS if we die)."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".lock"
+        self.fd = None
+
+    def __enter__(self) -> SessionLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise SessionLockedError(
+                f"session {self.path.parent} is locked: another process is saving it"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def prepare_dir(path: Path) -> Path:
+    """Create the session directory, or say clearly why it cannot be one."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SessionError(f"session path {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SessionError(f"cannot create session directory {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SessionError(f"session directory {path} is not writable")
+    return path
+
+
+@dataclass
+class SessionContents:
+    """What a save needs from the caller; the store supplies the KV itself."""
+
+    token_ids: list[int]
+    meta: dict  # model fingerprint, tokenizer hash, config, messages, ...
+    index: dict[str, torch.Tensor]  # selection index tensors (names are the caller's)
+    index_meta: dict
+
+
+def save_session(path: Path, store, contents: SessionContents) -> int:
+    """Write the store's KV (all tokens of every layer) as a new version; return its bytes."""
+    path = prepare_dir(path)
+    L: KVLayout = store.layout
+    T = store.num_tokens
+    with SessionLock(path):
+        version = f"v-{uuid.uuid4().hex[:12]}"
+        tmp = path / f"{version}.tmp"
+        try:
+            tmp.mkdir()
+            (tmp / "kv").mkdir()
+            files: dict[str, dict] = {}
+            writer = DiskTier(tmp / "kv", L, store.dtype, budget_bytes=1 << 62)
+            n_chunks = L.num_chunks(T)
+            for layer in range(L.num_layers):
+                dev = store.dev[layer]
+                for c0 in range(0, n_chunks, MAX_CHUNKS_PER_FILE):
+                    chunks = list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
+                    data = store.read_chunks(layer, chunks)
+                    full = [c for c in chunks if c < dev.num_chunks]
+                    abstracts = dev.abstracts(full) if full else None
+                    abstracts = _pad_abstracts(abstracts, len(chunks), L)
+                    name = writer.write_chunks(layer, chunks, data, abstracts)
+                    files[f"kv/{name}"] = {"size": (tmp / "kv" / name).stat().st_size, "layer": layer,
+                                           "chunks": chunks}  # fmt: skip
+            device = {}
+            for layer in range(L.num_layers):
+                dev = store.dev[layer]
+                s = dev.summaries()
+                a = dev.abstracts()
+                for key, t in (("codes", s.codes), ("scale", s.scale), ("zero", s.zero),
+                               ("kmin", a.kmin), ("kmax", a.kmax), ("kmean", a.kmean)):  # fmt: skip
+                    device[f"L{layer}.{key}"] = t.contiguous().cpu()
+            _save_tensors(tmp / "device.safetensors", device, files)
+            if contents.index:
+                _save_tensors(tmp / "index.safetensors", contents.index, files, contents.index_meta)
+            manifest = {
+                "format_version": SESSION_FORMAT,
+                "num_tokens": T,
+                "token_ids": list(contents.token_ids),
+                "layout": dataclasses.asdict(L),
+                "files": files,
+                **contents.meta,
+            }
+            body = json.dumps(manifest, sort_keys=True).encode()
+            manifest["manifest_sha256"] = hashlib.sha256(body).hexdigest()
+            write_atomic(
+                tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode()
+            )
+            for sub in (tmp / "kv", tmp):
+                fsync_dir(sub)
+            os.replace(tmp, path / version)
+            fsync_dir(path)
+            write_atomic(path / "CURRENT", (version + "\n").encode())
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SessionError(f"cannot save session to {path}: {e.strerror or e}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Older versions and leftovers of killed saves are garbage now.
+        for old in path.iterdir():
+            if old.name.startswith("v-") and old.name != version:
+                shutil.rmtree(old, ignore_errors=True)
+        return (
+            sum(f["size"] for f in files.values())
+            + (path / version / "manifest.json").stat().st_size
+        )
+
+
+def _pad_abstracts(abstracts, n: int, L: KVLayout):
+    """Abstracts of `n` chunks; a trailing partial chunk (no abstract yet) gets zeros."""
+    from storage.abstracts import ChunkAbstracts
+
+    have = 0 if abstracts is None else abstracts.kmin.shape[0]
+    if have == n:
+        return abstracts
+    pad = torch.zeros(n - have, L.num_kv_heads, L.head_dim)
+    if abstracts is None:
+        return ChunkAbstracts(pad, pad, pad)
+    return ChunkAbstracts(
+        *(torch.cat([t.cpu(), pad]) for t in (abstracts.kmin, abstracts.kmax, abstracts.kmean))
+    )
+
+
+def _save_tensors(path: Path, tensors: dict, files: dict, meta: dict | None = None) -> None:
+    save_file(tensors, str(path), metadata={"meta": json.dumps(meta or {})})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@dataclass
+class OpenedSession:
+    path: Path
+    version_dir: Path
+    manifest: dict
+
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout(**self.manifest["layout"])
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.manifest["token_ids"]
+
+    def chunk_files(self) -> list[dict]:
+        return [dict(v, name=k) for k, v in self.manifest["files"].items() if k.startswith("kv/")]
+
+    def device_tensors(self) -> dict[str, torch.Tensor]:
+        return self._tensors("device.safetensors")[0]
+
+    def index(self) -> tuple[dict[str, torch.Tensor], dict]:
+        if "index.safetensors" not in self.manifest["files"]:
+            return {}, {}
+        return self._tensors("index.safetensors")
+
+    def _tensors(self, name: str):
+        path = self.version_dir / name
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SessionError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        return tensors, meta
+
+
+def open_session(path: Path) -> OpenedSession:
+    """Find the complete version, read and check its manifest and small files.
+
+    Chunk files are checked for presence and size only; their crc32s are checked as
+    chunks are read, so opening does not read the KV.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SessionError(f"no session at {path}")
+    if not path.is_dir():
+        raise SessionError(f"session path {path} is a file, not a directory")
+    current = path / "CURRENT"
+    if not current.is_file():
+        partial = any(p.name.endswith(".tmp") for p in path.iterdir())
+        raise SessionError(
+            f"{path}: no complete session"
+            + (
+                " (a save was interrupted before it completed)"
+                if partial
+                else " (not a session directory)"
+            )
+        )
+    version_dir = path / current.read_text().strip()
+    mpath = version_dir / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        claimed = manifest.pop("manifest_sha256")
+        body = json.dumps(manifest, sort_keys=True).encode()
+    except FileNotFoundError:
+        raise SessionError(f"{mpath}: manifest is missing") from None
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise SessionError(f"{mpath}: manifest is corrupt ({type(e).__name__}: {e})") from None
+    if hashlib.sha256(body).hexdigest() != claimed:
+        raise SessionError(f"{mpath}: manifest checksum mismatch: the file is corrupt")
+    if manifest.get("format_version") != SESSION_FORMAT:
+        raise SessionError(
+            f"{mpath}: session format {manifest.get('format_version')}, expected {SESSION_FORMAT}"
+        )
+    for name, info in manifest["files"].items():
+        f = version_dir / name
+        if not f.is_file():
+            raise SessionError(f"{f}: file of the session is missing")
+        if f.stat().st_size != info["size"]:
+            raise SessionError(
+                f"{f}: size {f.stat().st_size}, manifest says {info['size']}: the file is corrupt"
+            )
+        if "sha256" in info and sha256_file(f) != info["sha256"]:
+            raise SessionError(f"{f}: checksum mismatch: the file is corrupt")
+    return OpenedSession(path, version_dir, manifest)
