@@ -42,13 +42,19 @@ def read_questions(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--docs", nargs="+", type=Path, required=True)
     ap.add_argument("--questions", type=Path, required=True)
-    ap.add_argument("--session", type=Path, required=True, help="reused when it exists, else created")
+    ap.add_argument(
+        "--session", type=Path, required=True, help="reused when it exists, else created"
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--max-new-tokens", type=int, default=40)
-    ap.add_argument("--compare-reingest", action="store_true", help="also time a fresh ingest in this run")
+    ap.add_argument(
+        "--compare-reingest", action="store_true", help="also time a fresh ingest in this run"
+    )
     ap.add_argument("--out", type=Path, default=Path("results/longdoc_qa.jsonl"))
     args = ap.parse_args()
     console = Console()
@@ -96,7 +102,9 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
 
-    table = Table(title=f"{args.session} ({len(rt._document_ids())} document tokens, session loaded in {load_s:.2f}s)")
+    table = Table(
+        title=f"{args.session} ({len(rt._document_ids())} document tokens, session loaded in {load_s:.2f}s)"
+    )
     for col in ("question", "answer", "correct", "TTFT s"):
         table.add_column(col, overflow="fold")
     for r in results:
