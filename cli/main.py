@@ -76,6 +76,14 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
         return Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
 
 
+def print_steps(steps) -> None:
+    """Stream generated text to stdout as it comes, then end the line."""
+    for step in steps:
+        sys.stdout.write(step.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 class PrefillBar:
     """Rich progress bars over prefill (long inputs only) and index build; a `Progress`."""
 
@@ -129,12 +137,9 @@ def generate(model, config, overrides, max_new_tokens, temperature, seed, prompt
     sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
     bar = PrefillBar(err_console)
     try:
-        for step in rt.stream(prompt, max_new_tokens=max_new_tokens, progress=bar, **sampling):
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
+        print_steps(rt.stream(prompt, max_new_tokens=max_new_tokens, progress=bar, **sampling))
     finally:
         bar.close()
-    sys.stdout.write("\n")
     s = rt.stats()
     err_console.print(
         f"[dim]{s['prefill_tokens']} prompt tokens at {s['prefill_tokens_per_second']:.0f} tok/s, "
@@ -307,10 +312,7 @@ def ask(session_dir, config, overrides, max_new_tokens, question):
         raise OffloadError(
             f"{session_dir} is a {kind} session, not a document: use `offload chat --session`"
         )
-    for step in rt.stream_ask(question, max_new_tokens=max_new_tokens):
-        sys.stdout.write(step.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    print_steps(rt.stream_ask(question, max_new_tokens=max_new_tokens))
     s = rt.stats()
     err_console.print(
         f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "

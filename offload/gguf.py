@@ -18,7 +18,7 @@ import torch
 from offload.config import SUPPORTED_ARCHS, ModelArgs
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
-from offload.weights import build_model
+from offload.weights import build_model, rename
 
 _GGUF_NAMES = [
     (r"token_embd\.weight", "tok_embeddings.weight"),
@@ -122,11 +122,7 @@ def load_gguf_model(
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue
-        ours = None
-        for pattern, repl in _GGUF_PATTERNS:
-            if pattern.match(t.name):
-                ours = pattern.sub(repl, t.name)
-                break
+        ours = rename(t.name, _GGUF_PATTERNS)
         if ours is None:
             raise ModelLoadError(f"{path}: unexpected tensor {t.name!r}")
         try:

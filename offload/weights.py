@@ -35,10 +35,11 @@ _HF_NAMES = [
 _HF_PATTERNS = [(re.compile(p + "$"), r) for p, r in _HF_NAMES]
 
 
-def _rename(hf_name: str) -> str | None:
-    for pattern, repl in _HF_PATTERNS:
-        if pattern.match(hf_name):
-            return pattern.sub(repl, hf_name)
+def rename(name: str, patterns) -> str | None:
+    """Map a checkpoint's tensor name to ours with (compiled pattern, replacement) pairs."""
+    for pattern, repl in patterns:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
     return None
 
 
@@ -88,7 +89,7 @@ def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device) -> 
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    ours = _rename(name)
+                    ours = rename(name, _HF_PATTERNS)
                     if ours is None:
                         if name.endswith("rotary_emb.inv_freq"):
                             continue  # derived from config, not loaded

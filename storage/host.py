@@ -1,9 +1,12 @@
-"""Host tier: full-precision K and V of one layer, chunk-contiguous.
+"""Host tier: full-precision K and V of one layer, in chunk slots.
 
-Storage is a slab `[slots, 2, H_kv, C, D]`: one chunk (K and V of C tokens, all
-KV heads) is one contiguous slot, so moving a chunk to or from disk, or to the
-device, is one contiguous copy. Slots freed by spills are reused. With CUDA the
-slab is pinned so device copies can be asynchronous.
+Storage is a slab `[2, H_kv, slots, C, D]`: a chunk (K and V of C tokens, all KV
+heads) is slot s of every (K/V, head) plane, moved to or from disk or the device
+by one `copy_`. The slot axis sits inside the head axis so that, while a layer's
+chunks occupy slots 0..n-1 in order (no spill or reuse yet, the common case),
+`tokens_view` gives every token's K and V `[H, T, D]` as a view, and dense
+attention on the CPU reads them without a copy. Slots freed by spills are
+reused. With CUDA the slab is pinned so device copies can be asynchronous.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ class HostTier:
         self.layout = layout
         self.dtype = dtype
         self.pin = pin
-        C, H, D = layout.chunk_size, layout.num_kv_heads, layout.head_dim
-        self._shape = (2, H, C, D)
         self.slab = self._alloc(0)
         self.slot_of: dict[int, int] = {}  # chunk index -> slot
         # The same map as a tensor (-1: not on the host), so a gather of many tokens
@@ -28,7 +29,9 @@ class HostTier:
         self._free: list[int] = []
 
     def _alloc(self, n: int) -> torch.Tensor:
-        return torch.empty((n, *self._shape), dtype=self.dtype, pin_memory=self.pin)
+        L = self.layout
+        shape = (2, L.num_kv_heads, n, L.chunk_size, L.head_dim)
+        return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
 
     @property
     def num_chunks(self) -> int:
@@ -40,10 +43,10 @@ class HostTier:
     def _new_slot(self) -> int:
         if self._free:
             return self._free.pop()
-        n = self.slab.shape[0]
+        n = self.slab.shape[2]
         bigger = self._alloc(max(8, 2 * n))  # geometric growth: O(T) copies in all
-        bigger[:n] = self.slab
-        self._free.extend(range(bigger.shape[0] - 1, n, -1))
+        bigger[:, :, :n] = self.slab
+        self._free.extend(range(bigger.shape[2] - 1, n, -1))  # popped in increasing order
         self.slab = bigger
         return n
 
@@ -60,30 +63,42 @@ class HostTier:
             self.slot_table = grown
         self.slot_table[chunk] = slot
         if data is not None:
-            self.slab[slot].copy_(data)
-        return self.slab[slot]
+            self.slab[:, :, slot].copy_(data)
+        return self.slab[:, :, slot]
 
     def chunk(self, chunk: int) -> torch.Tensor:
         """The slot of `chunk`: a view [2, H, C, D]."""
-        return self.slab[self.slot_of[chunk]]
+        return self.slab[:, :, self.slot_of[chunk]]
 
     def write(self, chunk: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [H, n, D] at token `offset` inside `chunk`."""
         n = k.shape[1]
-        slot = self.slab[self.slot_of[chunk]]
-        slot[0, :, offset : offset + n] = k
-        slot[1, :, offset : offset + n] = v
+        slot = self.slot_of[chunk]
+        self.slab[0, :, slot, offset : offset + n] = k
+        self.slab[1, :, slot, offset : offset + n] = v
 
     def gather_chunks(self, chunks: list[int]) -> torch.Tensor:
         """[len(chunks), 2, H, C, D] copied from the slots of `chunks` (one index_select)."""
-        return self.slab.index_select(0, self.slot_table[torch.tensor(chunks, dtype=torch.long)])
+        slots = self.slot_table[torch.tensor(chunks, dtype=torch.long)]
+        return self.slab.index_select(2, slots).permute(2, 0, 1, 3, 4)
+
+    def tokens_view(self, num_tokens: int) -> torch.Tensor | None:
+        """K and V [2, H, T, D] of tokens 0..T-1 as a view of the slab, when chunks
+        0..n-1 are in slots 0..n-1 in order; None otherwise (the caller copies)."""
+        C = self.layout.chunk_size
+        n = -(-num_tokens // C)
+        if n > self.slot_table.shape[0] or n > self.slab.shape[2]:
+            return None
+        if not torch.equal(self.slot_table[:n], torch.arange(n)):
+            return None
+        L = self.layout
+        return self.slab[:, :, :n].reshape(2, L.num_kv_heads, n * C, L.head_dim)[:, :, :num_tokens]
 
     def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """K and V of `token_ids` [n] (all on the host) into `out` [2, H, n, D]; returns out."""
         C = self.layout.chunk_size
         slots = self.slot_table[token_ids // C]
-        picked = self.slab[slots, :, :, token_ids % C]  # [n, 2, H, D]
-        out.copy_(picked.permute(1, 2, 0, 3))
+        out.copy_(self.slab[:, :, slots, token_ids % C])  # [2, H, n, D]
         return out
 
     def missing(self, chunks: torch.Tensor) -> list[int]:
@@ -102,9 +117,7 @@ class HostTier:
         assert bool((slots >= 0).all()), "gather_heads: some chunks are not on the host"
         heads = torch.arange(H)[:, None].expand(H, n)
         offsets = ids % C
-        k = self.slab[slots, 0, heads, offsets]  # [H, n, D]
-        v = self.slab[slots, 1, heads, offsets]
-        return torch.stack([k, v])
+        return self.slab[:, heads, slots, offsets]  # [2, H, n, D]
 
     def free(self, chunk: int) -> None:
         self._free.append(self.slot_of.pop(chunk))
