@@ -103,7 +103,7 @@ def load_state(
     files = [
         (f["layer"], session.version_dir / f["name"], f["chunks"]) for f in session.chunk_files()
     ]
-    cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors(), preload=True)
+    cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
     cache.num_tokens = session.manifest["num_tokens"]
     _restore_index(cache.policy, *session.index())
     rt._state.ids = list(session.token_ids)

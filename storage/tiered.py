@@ -27,6 +27,8 @@ from storage.disk import DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
 
+BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
+
 
 @dataclass
 class TierReads:
@@ -193,13 +195,34 @@ class TieredStore:
             idx = torch.tensor([c - c0 for c in on_host], dtype=torch.long)
             buf.index_copy_(0, idx, self.host[layer].gather_chunks(on_host))
             self.reads.add("host", len(on_host), len(on_host) * L.chunk_bytes)
-        for c in chunks:
-            if not self.directory.on_host((layer, c)):
-                _, kv = self._chunk_kv(layer, c)
+        on_disk = [c for c in chunks if not self.directory.on_host((layer, c))]
+        if on_disk:
+            for c, kv in self._read_disk_chunks(layer, on_disk):
                 buf[c - c0] = kv
-                self.reads.add("disk", 1, L.chunk_bytes)
         kv = buf.permute(1, 2, 0, 3, 4).reshape(2, L.num_kv_heads, len(chunks) * C, L.head_dim)
         return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(self.device)
+
+    def _read_disk_chunks(self, layer: int, chunks: list[int]):
+        """Yield (chunk, kv) for chunks on disk. Many chunks of one file are read with one
+        bulk read; while the host has free slots, what was read is kept there (promoted),
+        so a loaded session is read from disk once, when first needed."""
+        L = self.layout
+        by_file: dict[str, list[int]] = {}
+        for c in chunks:
+            by_file.setdefault(self.directory.disk[(layer, c)].file, []).append(c)
+        for name, group in by_file.items():
+            if len(group) >= BULK_READ_MIN:
+                data = self.disk.read_all(name)
+                pairs = [(c, data[self.directory.disk[(layer, c)].batch]) for c in group]
+            else:
+                pairs = [(c, self._chunk_kv(layer, c)[1]) for c in group]
+            self.reads.add("disk", len(pairs), len(pairs) * L.chunk_bytes)
+            room = self.directory.host_capacity - self.directory.host_count
+            for i, (c, kv) in enumerate(pairs):
+                if i < room:
+                    self.host[layer].put(c, kv)
+                    self.directory.loaded((layer, c))
+                yield c, kv
 
     def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
         """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""
@@ -303,14 +326,13 @@ class TieredStore:
         return out
 
     def adopt(
-        self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict, preload: bool
+        self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict
     ) -> None:
         """Take a saved session's KV as this (empty) store's content.
 
         files: (layer, path, chunk indices) of each chunk file; they become disk records
-        (memory-mapped now, never deleted by this store). device: the saved summaries
-        and abstracts per layer. With `preload`, chunks are read into the host tier
-        while its budget allows (bulk reads: one copy per file).
+        (memory-mapped now, never deleted by this store), read when first needed.
+        device: the saved summaries and abstracts per layer.
         """
         assert self.num_tokens == 0, "adopt needs an empty store"
         L = self.layout
@@ -329,16 +351,6 @@ class TieredStore:
                            ("kmin", dev.kmin), ("kmax", dev.kmax), ("kmean", dev.kmean)):  # fmt: skip
                 g.append(device[f"L{layer}.{key}"].to(g.data.device))
             self.lengths[layer] = num_tokens
-        if preload:
-            room = self.directory.host_capacity - 2 * L.num_layers
-            for layer, path, chunks in files:
-                if len(chunks) > room:
-                    break
-                data = self.disk.read_all(str(path))
-                for i, c in enumerate(chunks):
-                    self.host[layer].put(c, data[i])
-                    self.directory.loaded((layer, c))
-                room -= len(chunks)
         for layer in range(L.num_layers):
             if num_tokens % C:
                 self._reopen_partial(layer, num_tokens // C)
