@@ -65,6 +65,8 @@ def test_prompt_longer_than_context(tmp_path):
     conv = rt.chat()
     with pytest.raises(ContextLengthError, match="reset"):
         conv.send("the river " * 100)
+    with pytest.raises(ContextLengthError, match="the document is \\d+ tokens"):
+        rt.load_document("the river " * 100)
     # Generation that reaches the window stops with finish_reason "length".
     steps = list(rt.stream("seven", max_new_tokens=500))
     assert steps[-1].finish_reason == "length"
