@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from offload.documents import read_documents
 from offload.errors import OffloadError
 from offload.loading import DEFAULT_MODEL
 from storage.disk import StorageError
@@ -250,23 +251,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def read_documents(paths: tuple[str, ...]) -> str:
-    """Text and markdown files, joined with their names as headings."""
-    parts = []
-    for name in paths:
-        p = Path(name)
-        if not p.is_file():
-            raise OffloadError(f"document not found: {p}" if not p.exists() else f"not a file: {p}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise OffloadError(
-                f"{p}: not UTF-8 text (ingest takes text and markdown files)"
-            ) from None
-        parts.append(f"# {p.name}\n\n{text.strip()}" if len(paths) > 1 else text.strip())
-    return "\n\n".join(parts)
 
 
 @main.command()

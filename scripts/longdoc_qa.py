@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offload import OffloadError, Runtime, StorageError
+from offload.documents import read_documents
 
 
 def read_questions(path: Path) -> list[dict]:
@@ -60,8 +61,6 @@ def main() -> None:
     console = Console()
     try:
         questions = read_questions(args.questions)
-        from cli.main import read_documents
-
         text = read_documents(tuple(str(d) for d in args.docs))
         ingest_s = None
         if not (args.session / "CURRENT").exists():
