@@ -245,7 +245,9 @@ class SelectionSection:
     cluster_size: int = 16  # about one centroid per this many tokens
     cluster_iters: int = 10  # spherical k-means iterations
     cluster_segment: int = 8192  # tokens clustered together; longer contexts get more segments
-    candidate_factor: int = 4  # cluster candidates = factor x retrieved, reranked by summaries
+    candidate_factor: int = (
+        8  # cluster candidates = factor x retrieved, reranked by summaries (docs/fidelity.md)
+    )
     index_refresh: int = 256  # new decode tokens join the index in batches of this many
 
     def __post_init__(self):
