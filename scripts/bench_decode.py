@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import DEFAULT_TEXTS, PrefilledContext, prose  # noqa: E402
+from evalkit import DEFAULT_TEXTS, PrefilledContext, prose, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.generate import generate_steps, make_sampler, prefill  # noqa: E402
@@ -89,9 +88,7 @@ def main() -> None:
     for r in rows:
         table.add_row(*(str(r[c]) if c == "context" else f"{r[c]:.1f}" for c in cols))
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=2))
-    console.print(f"wrote {args.out}")
+    write_json(console, args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

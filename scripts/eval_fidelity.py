@@ -15,8 +15,6 @@ decoded token by token after the rest, dense vs each selector and budget.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import DEFAULT_TEXTS, PrefilledContext, prose  # noqa: E402
+from evalkit import (  # noqa: E402
+    DEFAULT_TEXTS,
+    PrefilledContext,
+    dense_variant,
+    prose,
+    sparse_variants,
+    write_json,
+)
 
 from offload import Runtime  # noqa: E402
 
@@ -49,15 +54,8 @@ def main() -> None:
     text_ids = rt.tokenizer.encode(prose(args.texts))
     assert len(text_ids) >= args.length, f"need {args.length} tokens of text, have {len(text_ids)}"
     ids = text_ids[: args.length]
-    settings = [("dense", 1.0, dataclasses.replace(base, mode="dense"))] + [
-        (
-            s,
-            b,
-            dataclasses.replace(base, mode="sparse", selector=s, retrieved=0, retrieve_fraction=b),
-        )
-        for s in args.selectors.split(",")
-        for b in (float(x) for x in args.budgets.split(","))
-    ]
+    budgets = [float(x) for x in args.budgets.split(",")]
+    settings = [dense_variant(base), *sparse_variants(base, args.selectors.split(","), budgets)]
     results = []
 
     # Attention-mass recall over real decode steps after the whole text.
@@ -101,9 +99,7 @@ def main() -> None:
             f"{r['recall_p10']:.3f}" if "recall_p10" in r else "1.000", f"{r['perplexity']:.3f}",
         )  # fmt: skip
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"length": args.length, "results": results}, indent=2))
-    console.print(f"wrote {args.out}")
+    write_json(console, args.out, {"length": args.length, "results": results})
 
 
 if __name__ == "__main__":

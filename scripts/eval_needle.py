@@ -14,8 +14,6 @@ head, on top of sink (16) and window (256).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,16 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import DEFAULT_TEXTS, PASSPHRASES, PrefilledContext, needle_prompt, prose  # noqa: E402
+from evalkit import (  # noqa: E402
+    DEFAULT_TEXTS,
+    PASSPHRASES,
+    PrefilledContext,
+    dense_variant,
+    needle_prompt,
+    prose,
+    sparse_variants,
+    write_json,
+)
 
 from offload import Runtime  # noqa: E402
 
@@ -56,18 +63,7 @@ def main() -> None:
             phrase = PASSPHRASES[i % len(PASSPHRASES)]
             ids = needle_prompt(rt, filler, length, depth, phrase)
             ctx = PrefilledContext(rt, ids)
-            runs = [("dense", 1.0, dataclasses.replace(base, mode="dense"))]
-            runs += [
-                (
-                    s,
-                    b,
-                    dataclasses.replace(
-                        base, mode="sparse", selector=s, retrieved=0, retrieve_fraction=b
-                    ),
-                )
-                for s in selectors
-                for b in budgets
-            ]
+            runs = [dense_variant(base), *sparse_variants(base, selectors, budgets)]
             for name, budget, selection in runs:
                 tokens, _ = ctx.decode(selection, args.new_tokens)
                 answer = rt.tokenizer.decode(tokens)
@@ -90,9 +86,7 @@ def main() -> None:
         label = "dense" if key[1] == "dense" else f"{key[2]:.0%}"
         table.add_row(str(key[0]), key[1], label, f"{hits}/{len(group)}")
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=2))
-    console.print(f"wrote {args.out}")
+    write_json(console, args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -117,3 +117,29 @@ class PrefilledContext:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def sparse_variants(base, selectors, budgets) -> list[tuple[str, float, object]]:
+    """(selector, budget, selection) for every selector x retrieved-fraction pair."""
+    return [
+        (
+            s,
+            b,
+            dataclasses.replace(base, mode="sparse", selector=s, retrieved=0, retrieve_fraction=b),
+        )
+        for s in selectors
+        for b in budgets
+    ]
+
+
+def dense_variant(base) -> tuple[str, float, object]:
+    return ("dense", 1.0, dataclasses.replace(base, mode="dense"))
+
+
+def write_json(console, path: Path, payload: dict) -> None:
+    """Save a script's results and say where."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {path}")
