@@ -205,15 +205,7 @@ class Runtime:
             state.cache.store.reads = TierReads()
             recall = state.cache.policy.stats.recall
             state.cache.policy.stats = SelectionStats(recall=recall)
-        self._stats = {
-            "prompt_tokens": len(ids),
-            "reused_tokens": reused,
-            "prefill_tokens": len(new_ids),
-            "prefill_seconds": 0.0,
-            "decode_tokens": 0,
-            "decode_seconds": 0.0,
-            "finish_reason": None,
-        }
+        self._stats = _request_stats(len(ids), reused, len(new_ids))
         steps = generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
             prefill_chunk=g.prefill_chunk, progress=progress,
@@ -366,9 +358,8 @@ class Runtime:
         from offload.session import check_session_kind
 
         info = check_session_kind(self, "chat")
-        conv = Conversation(self, system=None)
-        conv._state, self._state = self._state, _KVState(self.new_cache())
-        conv.messages = list(info["messages"])
+        conv = Conversation(self, system=None, state=self._state, messages=info["messages"])
+        self._state = _KVState(self.new_cache())
         return conv
 
     def close(self) -> None:
@@ -383,10 +374,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """Figures of the last request and the current cache."""
-        s = dict(self._stats) if self._stats else {
-            "prompt_tokens": 0, "reused_tokens": 0, "prefill_tokens": 0, "prefill_seconds": 0.0,
-            "decode_tokens": 0, "decode_seconds": 0.0, "finish_reason": None,
-        }  # fmt: skip
+        s = dict(self._stats) if self._stats else _request_stats(0, 0, 0)
         cache = self._last_state.cache
         s["context_tokens"] = cache.num_tokens
         s["kv_bytes"] = cache.tier_bytes()
@@ -417,9 +405,19 @@ class Conversation:
     """A multi-turn chat whose earlier turns' KV is reused: each `send` prefills only
     the new turn (and the previous answer's end-of-turn token)."""
 
-    def __init__(self, runtime: Runtime, system: str | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        system: str | None = None,
+        state: _KVState | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ):
+        """A new conversation, or (with `state` and `messages`) one resumed from a session."""
         self.runtime = runtime
         self.system = system
+        if state is not None:
+            self._state, self.messages = state, list(messages or [])
+            return
         self._state = _KVState(runtime.new_cache())
         self.messages: list[dict[str, str]] = []
         self.reset()
@@ -463,6 +461,19 @@ class Conversation:
 
     def close(self) -> None:
         self._state.cache.close()
+
+
+def _request_stats(prompt_tokens: int, reused_tokens: int, prefill_tokens: int) -> dict[str, Any]:
+    """The per-request figures of `stats()`, before any step has run."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "reused_tokens": reused_tokens,
+        "prefill_tokens": prefill_tokens,
+        "prefill_seconds": 0.0,
+        "decode_tokens": 0,
+        "decode_seconds": 0.0,
+        "finish_reason": None,
+    }
 
 
 def _rate(n: int, seconds: float) -> float:

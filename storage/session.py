@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from storage.abstracts import ChunkAbstracts
 from storage.disk import DiskTier, StorageError, fsync_dir, write_atomic
 from storage.layout import KVLayout
 
@@ -179,8 +180,6 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
 
 def _pad_abstracts(abstracts, n: int, L: KVLayout):
     """Abstracts of `n` chunks; a trailing partial chunk (no abstract yet) gets zeros."""
-    from storage.abstracts import ChunkAbstracts
-
     have = 0 if abstracts is None else abstracts.kmin.shape[0]
     if have == n:
         return abstracts

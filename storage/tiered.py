@@ -303,13 +303,15 @@ class TieredStore:
         self.directory.drop(key)
         self.directory.add(key)
 
-    def _refill_recent(self, layer: int) -> None:
-        """Rebuild the device's sink and window copies from host/disk (after a cut or load)."""
+    def _refill_recent(self, layer: int, with_sink: bool = False) -> None:
+        """Rebuild the device's window copy (and, after a load, its sink copy) from
+        host/disk. A cut never changes the sink tokens it keeps, so it skips them."""
         n = self.lengths[layer]
         if n == 0:
             return
-        kv = self.read_range(layer, 0, min(self.sink, n))
-        self.dev[layer].write_recent(0, kv[0], kv[1])
+        if with_sink:
+            kv = self.read_range(layer, 0, min(self.sink, n))
+            self.dev[layer].write_recent(0, kv[0], kv[1])
         w0 = max(min(self.sink, n), n - self.window)
         if n > w0:
             kv = self.read_range(layer, w0, n)
@@ -354,7 +356,7 @@ class TieredStore:
         for layer in range(L.num_layers):
             if num_tokens % C:
                 self._reopen_partial(layer, num_tokens // C)
-            self._refill_recent(layer)
+            self._refill_recent(layer, with_sink=True)
 
     # -- accounting --------------------------------------------------------------
 
