@@ -161,6 +161,7 @@ def parse_bytes(value: int | str | None, key: str) -> int | None:
 
 
 DTYPES = ("bfloat16", "float16", "float32")
+WEIGHT_MODES = ("auto", "dense", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,15 @@ class ModelSection:
     dtype: str = "bfloat16"  # weights and KV; bf16 is about 2x faster than fp32 on CPU here
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    weights: str = (
+        "auto"  # auto | dense | int8 | int4 (CPU weight-only kernels; offload/quantize.py)
+    )
 
     def __post_init__(self):
+        if self.weights not in WEIGHT_MODES:
+            raise ConfigError(
+                f"model.weights: {self.weights!r} is not one of {', '.join(WEIGHT_MODES)}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -137,4 +137,12 @@ def load_gguf_model(
         # Unquantized tensors come back as read-only views of the memory map: copy.
         w = np.array(w, dtype=np.float32, order="C", copy=not w.flags.writeable)
         state[ours] = torch.from_numpy(w).to(device=device, dtype=dtype)
-    return build_model(args, state, source=str(path))
+    model = build_model(args, state, source=str(path))
+    # What the block linears were stored as (e.g. Q4_1): `weights = "auto"` follows it.
+    kinds = {
+        t.tensor_type.name
+        for t in reader.tensors
+        if t.name.startswith("blk.") and t.name.endswith("_q.weight")
+    }
+    model.source_quant = kinds.pop() if len(kinds) == 1 else None
+    return model

@@ -17,6 +17,7 @@ import torch
 from offload.config import ModelArgs
 from offload.errors import ModelLoadError
 from offload.model import Transformer
+from offload.quantize import quantize_model, resolve_weights
 from offload.tokenizer import Tokenizer
 
 EMBEDDED = {
@@ -74,7 +75,10 @@ def _fingerprint(path: Path, args: ModelArgs) -> str:
     return h.hexdigest()
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load(
+    name_or_path: str | Path, dtype: torch.dtype, device: torch.device, weights: str = "dense"
+) -> LoadedModel:
+    """Model and tokenizer; `weights` (see offload/quantize.py) picks dense or packed linears."""
     path = resolve_source(name_or_path)
     if path.is_dir():
         from offload.weights import load_hf_model
@@ -94,7 +98,12 @@ def load(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> 
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary is {model.args.vocab_size}"
         )
-    return LoadedModel(model, tokenizer, model.args, path, _fingerprint(path, model.args))
+    weights = resolve_weights(weights, getattr(model, "source_quant", None), device)
+    quantize_model(model, weights)
+    model.weights = weights
+    # Packed weights give (slightly) different KV, so sessions know which form made theirs.
+    fingerprint = _fingerprint(path, model.args) + ("" if weights == "dense" else f"+{weights}")
+    return LoadedModel(model, tokenizer, model.args, path, fingerprint)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -114,7 +114,7 @@ class Runtime:
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         dtype = getattr(torch, cfg.model.dtype)
-        return cls(load(name_or_path, dtype, device), cfg, device)
+        return cls(load(name_or_path, dtype, device, cfg.model.weights), cfg, device)
 
     # -- pieces --------------------------------------------------------------
 

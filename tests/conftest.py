@@ -143,7 +143,7 @@ def embedded_gguf_path():
 
 @pytest.fixture(scope="session")
 def smol_bf16():
-    """The embedded model with the default config (bf16)."""
+    """The embedded model with the default config (bf16; its Q4_1 linears run at int4)."""
     from offload import Runtime
 
     return Runtime.from_pretrained("smollm2")
@@ -151,6 +151,7 @@ def smol_bf16():
 
 @pytest.fixture(scope="session")
 def smol_fp32():
+    """fp32 with dense (dequantized) weights: the form transformers loads, for comparisons."""
     from offload import Runtime
 
-    return Runtime.from_pretrained("smollm2", dtype="float32")
+    return Runtime.from_pretrained("smollm2", dtype="float32", weights="dense")

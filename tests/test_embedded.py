@@ -124,3 +124,34 @@ def test_dense_generation_spilling_to_disk_equals_in_memory(smol_bf16, tmp_path)
     # The disk holds at least every chunk that is not on the host.
     chunks = 30 * (s["context_tokens"] // 16)
     assert s["kv_bytes"]["disk"] >= (chunks - 64) * chunk_bytes
+
+
+def test_int4_weights_are_the_files_own_q4_1_codes(smol_fp32):
+    """Re-quantizing a dequantized Q4_1 block gives back the file's codes, so the default
+    int4 linears run the GGUF at its stored precision."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from offload.quantize import int4_codes
+
+    tensor = next(
+        t for t in GGUFReader(embedded_gguf_path()).tensors if t.name == "blk.0.ffn_up.weight"
+    )
+    assert tensor.tensor_type.name == "Q4_1"
+    blocks = np.asarray(tensor.data).view(np.uint8).reshape(-1, 20)  # fp16 d, fp16 m, 16 B
+    nibbles = blocks[:, 4:]
+    stored = np.concatenate([nibbles & 15, nibbles >> 4], axis=1)  # first 16, last 16
+    ours, _, _ = int4_codes(smol_fp32.model.layers[0].feed_forward.w3.weight)
+    assert np.array_equal(ours.numpy().reshape(-1, 32), stored)
+
+
+def test_default_weights_are_int4_and_agree_with_dense(smol_bf16, smol_fp32):
+    from offload.quantize import Int4Linear
+
+    assert smol_bf16.model.weights == "int4"
+    assert isinstance(smol_bf16.model.layers[0].feed_forward.w1, Int4Linear)
+    ids = smol_bf16.encode_prompt("Name the capital of France.")
+    a = smol_bf16.logits(ids)[-1]
+    b = smol_fp32.logits(ids)[-1]
+    assert int(a.argmax()) == int(b.argmax())
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99

@@ -1,0 +1,120 @@
+"""Weight-only quantized linears for CPU decode.
+
+One decode step reads every weight once, so on a CPU it is bound by memory
+bandwidth: SmolLM2's 135M parameters are 270 MB a token in bf16. Keeping the
+weights at 8 or 4 bits and multiplying with torch's packed-weight CPU kernels
+reads 2x or about 4x less (measured in docs/performance.md).
+
+    int8  per output channel, symmetric:   w = scale[n] * q[n, k]          q in -127..127
+    int4  per group of 32 inputs, asymmetric:
+                                           w = scale[n, g] * (q - 8) + zero[n, g]   q in 0..15
+
+The int4 form is the one llama.cpp's Q4_1 blocks use (32 weights, a scale and a
+minimum), so the embedded GGUF's block linears come back with their own codes:
+re-quantizing a dequantized Q4_1 block gives back the same scale, minimum and
+codes (up to scale and zero being kept in bf16 here).
+
+`weights = "auto"` keeps what the file has: a GGUF whose block linears are
+4-bit runs them at int4 on the CPU; everything else stays dense. On CUDA the
+weights stay dense (bf16 matmuls there are not the bottleneck this fixes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from offload.config import WEIGHT_MODES
+from offload.errors import ConfigError
+INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_1
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.out_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def int4_codes(w: torch.Tensor, group: int = INT4_GROUP):
+    """[n, k] weights -> codes [n, k] int32 in 0..15, scale and minimum [n, k / group] (fp32)."""
+    w = w.detach().float()
+    n, k = w.shape
+    wg = w.reshape(n, k // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+    return q.to(torch.int32).reshape(n, k), scale, lo
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+        super().__init__()
+        n = linear.out_features
+        q, scale, lo = int4_codes(linear.weight, group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
+        zero = lo + 8 * scale
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
+        self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
+        self.group = group
+        self.bias = linear.bias
+        self.out_features = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group, self.scales_zeros
+        )
+        return y if self.bias is None else y + self.bias
+
+
+def int4_fits(linear: nn.Linear) -> bool:
+    """The CPU int4 kernel needs whole groups of inputs and outputs in multiples of 16."""
+    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+
+def resolve_weights(mode: str, source_quant: str | None, device: torch.device) -> str:
+    """The weight form to run: `auto` follows the file (4-bit GGUF blocks -> int4) on CPU."""
+    if mode not in WEIGHT_MODES:
+        raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
+    if device.type != "cpu":
+        if mode in ("int8", "int4"):
+            raise ConfigError(
+                f"model.weights: {mode!r} uses torch's CPU kernels; on {device.type} use dense"
+            )
+        return "dense"
+    if mode == "auto":
+        return "int4" if source_quant in ("Q4_0", "Q4_1") else "dense"
+    return mode
+
+
+def quantize_model(model: nn.Module, mode: str) -> int:
+    """Replace the block linears (and the output head, at int8) in place; return how many.
+
+    Linears the int4 kernel cannot take (`int4_fits`) get int8 instead. The
+    token embedding stays dense (it is a lookup, not a matmul); a tied output head
+    gets its own int8 copy, since every decode step reads it whole.
+    """
+    if mode == "dense":
+        return 0
+    count = 0
+    for block in model.layers:
+        for parent in (block.attention, block.feed_forward):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                if mode == "int4" and int4_fits(child):
+                    setattr(parent, name, Int4Linear(child))
+                else:
+                    setattr(parent, name, Int8Linear(child))
+                count += 1
+    model.output = Int8Linear(model.output)
+    return count + 1
