@@ -53,6 +53,7 @@ class SelectionStats:
     fetch_seconds: float = 0.0
     index_seconds: float = 0.0
     last_retrieved: int = 0
+    layer_selection_seconds: dict = field(default_factory=dict)  # layer -> seconds
     # Evaluation probe: per sparse step, (layer, [H] share of dense softmax mass covered).
     recall: list | None = None
 
@@ -69,6 +70,7 @@ class SparsePolicy:
 
     def __post_init__(self):
         sel = self.selection
+        self.indexed = [False] * self.num_layers  # has the layer's selector an index yet
         self.selectors = [
             None
             if layer < sel.dense_layers
@@ -84,6 +86,21 @@ class SparsePolicy:
             return False
         return num_tokens - min(sel.sink, num_tokens) - sel.window >= 1
 
+    def bounds(self, num_tokens: int) -> tuple[int, int, int]:
+        """lo, hi, k: the selection range [lo, hi) between sink and window, and its size."""
+        sel = self.selection
+        lo = min(sel.sink, num_tokens)
+        hi = num_tokens - sel.window
+        return lo, hi, min(sel.retrieved_for(num_tokens), hi - lo)
+
+    def update(self, store: TieredStore, layer: int) -> LayerView:
+        """Bring the layer's index up to date (under the store's lock); return its view."""
+        view = self.view(store, layer)
+        with store.lock:
+            self.selectors[layer].update(view)
+        self.indexed[layer] = True
+        return view
+
     def view(self, store: TieredStore, layer: int) -> LayerView:
         dev = store.dev[layer]
         return LayerView(
@@ -92,6 +109,7 @@ class SparsePolicy:
             chunk_size=store.layout.chunk_size,
             num_tokens=store.lengths[layer],
             read_keys=lambda a, b: store.read_keys(layer, a, b),
+            keys=store.key_rows(layer),
         )
 
     def build_index(self, store: TieredStore, num_tokens: int, progress=None) -> None:
@@ -103,7 +121,7 @@ class SparsePolicy:
         ]
         t = time.perf_counter()
         for n, layer in enumerate(layers):
-            self.selectors[layer].update(self.view(store, layer))
+            self.update(store, layer)
             if progress is not None:
                 progress(n + 1, len(layers), "index")
         self.stats.index_seconds += time.perf_counter() - t
@@ -112,6 +130,8 @@ class SparsePolicy:
         for s in self.selectors:
             if s is not None:
                 s.truncate(num_tokens)
+        if num_tokens == 0:
+            self.indexed = [False] * self.num_layers
 
 
 class TieredLayer:
@@ -119,39 +139,45 @@ class TieredLayer:
 
     def __init__(self, store: TieredStore, policy: SparsePolicy, layer: int):
         self.store, self.policy, self.layer = store, policy, layer
+        self.prefetcher = None  # a `Prefetcher` when the cache prefetches
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.store.append(self.layer, k, v)
+        with self.store.lock:
+            self.store.append(self.layer, k, v)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         T = self.store.lengths[self.layer]
         if q.shape[1] > 1 or not self.policy.use_sparse(self.layer, T):
             self.policy.stats.dense_steps += q.shape[1] == 1
-            k, v = self.store.gather_all(self.layer)
+            with self.store.lock:
+                k, v = self.store.gather_all(self.layer)
             return gqa_attention(q, k, v)
         return self._attend_sparse(q, T)
 
     def _attend_sparse(self, q: torch.Tensor, T: int) -> torch.Tensor:
         store, policy, layer = self.store, self.policy, self.layer
-        sel, stats = policy.selection, policy.stats
+        stats = policy.stats
         Hq, _, D = q.shape
         H = store.layout.num_kv_heads
-        lo = min(sel.sink, T)
-        hi = T - sel.window
-        k = min(sel.retrieved_for(T), hi - lo)
+        lo, hi, k = policy.bounds(T)
         qg = q.reshape(H, Hq // H, D)  # [H_kv, G, D]: the query heads of each group
 
         t0 = time.perf_counter()
-        selector = policy.selectors[layer]
-        view = policy.view(store, layer)
-        selector.update(view)
-        ids = selector.select(qg, view, lo, hi, k)  # [H_kv, k] ascending, in [lo, hi)
+        view = policy.update(store, layer)
+        ids = policy.selectors[layer].select(qg, view, lo, hi, k)  # [H_kv, k] ascending
         t1 = time.perf_counter()
-        chosen = store.gather_selected(layer, ids)  # [2, H, k, D]
+        if self.prefetcher is not None:
+            chosen = self.prefetcher.fetch(layer, ids, T)  # [2, H, k, D]
+        else:
+            with store.lock:
+                chosen = store.gather_selected(layer, ids)
         dev = store.dev[layer]
         kv = torch.cat([dev.sink_kv[:, :, :lo], chosen, dev.read_window(hi, T)], dim=2)
         store.reads.add("device", 1, (lo + T - hi) * store.layout.token_bytes_per_layer)
         stats.selection_seconds += t1 - t0
+        stats.layer_selection_seconds[layer] = (
+            stats.layer_selection_seconds.get(layer, 0.0) + t1 - t0
+        )
         stats.fetch_seconds += time.perf_counter() - t1
         stats.sparse_steps += 1
         stats.last_retrieved = k

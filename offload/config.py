@@ -233,6 +233,7 @@ class KVSection:
 
 SELECTION_MODES = ("full", "dense", "sparse", "auto")
 SELECTORS = ("exact", "summary", "chunk", "cluster")
+PREFETCH_MODES = ("off", "cache", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,8 @@ class SelectionSection:
         8  # cluster candidates = factor x retrieved, reranked by summaries (docs/fidelity.md)
     )
     index_refresh: int = 256  # new decode tokens join the index in batches of this many
+    prefetch: str = "auto"  # off | cache | on | auto (on with CUDA, off on CPU): docs/config.md
+    hit_cache: float = 2.0  # device hit cache per layer and head, x the selection (>= 2)
 
     def __post_init__(self):
         if self.mode not in SELECTION_MODES:
@@ -280,6 +283,14 @@ class SelectionSection:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"selection.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ConfigError(
+                f"selection.prefetch: {self.prefetch!r} is not one of {', '.join(PREFETCH_MODES)}"
+            )
+        if self.hit_cache < 2:
+            raise ConfigError(
+                f"selection.hit_cache: must be >= 2 (x the tokens selected), got {self.hit_cache}"
+            )
         if not 0 < self.retrieve_fraction <= 1:
             raise ConfigError(
                 f"selection.retrieve_fraction: must be in (0, 1], got {self.retrieve_fraction}"

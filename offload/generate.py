@@ -126,29 +126,30 @@ def generate_steps(
     token = sampler(logits)
     prefill_seconds = time.perf_counter() - t0
     step_seconds = 0.0
-    for index in range(max_new_tokens):
-        finish = None
-        if token in stop_ids:
-            finish = "stop"
-        elif index + 1 == max_new_tokens or cache.num_tokens + 1 >= max_len:
-            finish = "length"
-        text = "" if finish == "stop" else decoder.push(token)
-        if finish is not None:
-            text += decoder.flush()
-        yield StepResult(
-            token_id=token,
-            text=text,
-            index=index,
-            finish_reason=finish,
-            prefill_tokens=len(new_ids),
-            prefill_seconds=prefill_seconds,
-            step_seconds=step_seconds,
-            context_tokens=cache.num_tokens,
-            kv_bytes=cache.tier_bytes(),
-        )
-        if finish is not None:
-            return
-        t = time.perf_counter()
-        x = torch.tensor([token], dtype=torch.long, device=model.device)
-        token = sampler(model(x, cache)[-1])
-        step_seconds = time.perf_counter() - t
+    with cache.decoding():  # the prefetch worker, if any, lives for the decode loop
+        for index in range(max_new_tokens):
+            finish = None
+            if token in stop_ids:
+                finish = "stop"
+            elif index + 1 == max_new_tokens or cache.num_tokens + 1 >= max_len:
+                finish = "length"
+            text = "" if finish == "stop" else decoder.push(token)
+            if finish is not None:
+                text += decoder.flush()
+            yield StepResult(
+                token_id=token,
+                text=text,
+                index=index,
+                finish_reason=finish,
+                prefill_tokens=len(new_ids),
+                prefill_seconds=prefill_seconds,
+                step_seconds=step_seconds,
+                context_tokens=cache.num_tokens,
+                kv_bytes=cache.tier_bytes(),
+            )
+            if finish is not None:
+                return
+            t = time.perf_counter()
+            x = torch.tensor([token], dtype=torch.long, device=model.device)
+            token = sampler(model(x, cache)[-1])
+            step_seconds = time.perf_counter() - t

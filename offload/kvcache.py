@@ -13,11 +13,13 @@ model's. `KVCache` groups the layers and keeps the shared token count.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 
 from offload.attention import SparsePolicy, TieredLayer, gqa_attention
+from offload.pipeline import Prefetcher
 from storage.device import Growable
 from storage.tiered import TieredStore
 
@@ -63,7 +65,34 @@ class KVCache:
         self.layers = layers
         self.store = store
         self.policy = policy
+        self.prefetcher: Prefetcher | None = None  # set by `enable_prefetch`
         self.num_tokens = 0
+
+    def enable_prefetch(self, model, cache_factor: float, speculate: bool) -> None:
+        """Sparse layers fetch through device hit caches (`cache_factor` x the selection
+        per head) and, with `speculate`, a worker that fetches one layer ahead."""
+        assert self.store is not None, "prefetching needs the tiered store"
+        self.prefetcher = Prefetcher(model, self.store, self.policy, cache_factor, speculate)
+        for layer in self.layers:
+            layer.prefetcher = self.prefetcher
+
+    @contextmanager
+    def decoding(self):
+        """The span of a decode loop: the prefetch worker runs inside it, and is joined
+        (its errors raised) on the way out."""
+        if self.prefetcher is None:
+            yield self
+            return
+        self.prefetcher.start()
+        try:
+            yield self
+        finally:
+            self.prefetcher.stop()
+
+    def layer_start(self, layer: int, x: torch.Tensor, cos, sin) -> None:
+        """The model calls this before block `layer` runs on x [S, dim]."""
+        if self.prefetcher is not None and x.shape[0] == 1:
+            self.prefetcher.ahead(layer + 1, x, cos, sin)
 
     @classmethod
     def tiered(cls, store: TieredStore, policy: SparsePolicy) -> KVCache:
@@ -93,6 +122,8 @@ class KVCache:
         if self.store is not None:
             self.store.truncate(num_tokens)
             self.policy.truncate(num_tokens)
+            if self.prefetcher is not None:
+                self.prefetcher.truncate(num_tokens)
         else:
             for layer in self.layers:
                 layer.truncate(num_tokens)

@@ -79,13 +79,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=bias)
         self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
 
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotated queries [Hq, S, D] of the normed input x [S, dim]."""
+        q = self.wq(x).view(x.shape[0], self.num_heads, self.head_dim).transpose(0, 1)
+        return q * cos + rotate_half(q) * sin
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_layer):
         S = x.shape[0]
         # q: [Hq, S, D]; k, v: [Hkv, S, D]
-        q = self.wq(x).view(S, self.num_heads, self.head_dim).transpose(0, 1)
+        q = self.query(x, cos, sin)
         k = self.wk(x).view(S, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = self.wv(x).view(S, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         cache_layer.append(k, v)
         out = cache_layer.attend(q)  # [Hq, S, D]
@@ -163,7 +167,8 @@ class Transformer(nn.Module):
         S = tokens.shape[0]
         cos, sin = self.rope(cache.num_tokens, S)
         x = self.tok_embeddings(tokens)  # [S, dim]
-        for block, cache_layer in zip(self.layers, cache.layers, strict=True):
+        for i, (block, cache_layer) in enumerate(zip(self.layers, cache.layers, strict=True)):
+            cache.layer_start(i, x, cos, sin)  # a prefetching cache looks one layer ahead
             x = block(x, cos, sin, cache_layer)
         cache.advance(S)
         if last_only:

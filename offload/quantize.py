@@ -26,6 +26,7 @@ from torch import nn
 
 from offload.config import WEIGHT_MODES
 from offload.errors import ConfigError
+
 INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_1
 
 

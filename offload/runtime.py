@@ -28,6 +28,7 @@ from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult, generate_steps, make_sampler, prefill
 from offload.kvcache import KVCache
 from offload.loading import DEFAULT_MODEL, LoadedModel, load
+from offload.pipeline import PrefetchStats
 from offload.tokenizer import check_messages
 from storage.disk import StorageError
 from storage.layout import KVLayout
@@ -153,9 +154,15 @@ class Runtime:
         )  # fmt: skip
         policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
         try:
-            return KVCache.tiered(store, policy)
+            cache = KVCache.tiered(store, policy)
         except StorageError as e:
             raise ConfigError(str(e)) from None
+        prefetch = sel.prefetch
+        if prefetch == "auto":  # measured: on a CPU both cost more than they save
+            prefetch = "on" if self.device.type == "cuda" else "off"
+        if prefetch != "off":
+            cache.enable_prefetch(self.model, sel.hit_cache, speculate=prefetch == "on")
+        return cache
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""
@@ -205,6 +212,8 @@ class Runtime:
             state.cache.store.reads = TierReads()
             recall = state.cache.policy.stats.recall
             state.cache.policy.stats = SelectionStats(recall=recall)
+            if state.cache.prefetcher is not None:
+                state.cache.prefetcher.stats = PrefetchStats()
         self._stats = _request_stats(len(ids), reused, len(new_ids))
         steps = generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
@@ -391,7 +400,13 @@ class Runtime:
                 "index_seconds": st.index_seconds,
                 "selection_seconds": st.selection_seconds,
                 "fetch_seconds": st.fetch_seconds,
+                "selection_seconds_per_layer": dict(sorted(st.layer_selection_seconds.items())),
             }
+            steps = max(s["decode_tokens"] - 1, 1)
+            s["read_bytes_per_token"] = {t: n / steps for t, n in cache.store.reads.nbytes.items()}
+            if cache.prefetcher is not None:
+                s["prefetch"] = {"speculate": cache.prefetcher.speculate,
+                                 **cache.prefetcher.stats.summary()}  # fmt: skip
             # Tokens attended per KV head per layer at the last sparse step.
             s["budget"] = {"sink": sel.sink, "window": sel.window, "retrieved": st.last_retrieved,
                            "total": sel.sink + sel.window + st.last_retrieved}  # fmt: skip

@@ -6,7 +6,8 @@
             the mean of its members' keys (what q . k averages to)
     select  score centroids (max of logits over the query heads of a group), take
             the best clusters until `candidate_factor x k` candidates, rerank the
-            candidates by their low-bit summaries (sum of softmax), keep top-k
+            candidates by their low-bit summaries (sum of softmax), keep top-k; where
+            the full keys are in place (the CPU's host tier), rerank by those instead
     update  tokens appended during decode join the index in batches: they are
             assigned to the nearest existing centroid of the last segment, and a
             full new segment gets its own k-means
@@ -21,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from retrieval.base import LayerView, coarse_max, fine_softmax_sum, top_k_ids
+from retrieval.base import LayerView, coarse_max, exact_logits, fine_softmax_sum, top_k_ids
 from storage.quant import score_keys_at
 
 
@@ -197,7 +198,11 @@ class ClusterIndex:
         ids = ids[:, :n]
         valid = torch.arange(n)[None, :] < n_valid[:, None]
         ids = torch.where(valid, ids, torch.full_like(ids, lo))
-        scores = score_keys_at(view.summaries, q, ids) * q.shape[-1] ** -0.5  # [H, G, n]
+        if view.keys is not None:  # keys in place (CPU): rerank exactly, and cheaper
+            scores = exact_logits(q, view.keys.gather(ids))
+        else:
+            scores = score_keys_at(view.summaries, q, ids)
+        scores = scores * q.shape[-1] ** -0.5  # [H, G, n]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         weights = fine_softmax_sum(scores)
         if bool((n_valid < k).any()):  # too few candidates (tiny contexts): fill from the range

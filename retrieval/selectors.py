@@ -10,7 +10,14 @@ import math
 
 import torch
 
-from retrieval.base import LayerView, coarse_max, fine_softmax_sum, range_mask, top_k_ids
+from retrieval.base import (
+    LayerView,
+    coarse_max,
+    exact_logits,
+    fine_softmax_sum,
+    range_mask,
+    top_k_ids,
+)
 from storage.abstracts import upper_bound_scores
 from storage.quant import score_keys
 
@@ -24,11 +31,14 @@ class _Stateless:
 
 
 class ExactTopK(_Stateless):
-    """True top-k by exact q . k over full-precision keys (reads them all: evaluation only)."""
+    """True top-k by exact q . k over full-precision keys. It reads every key: on a CPU,
+    where they are in place, that is cheap at a few thousand tokens; elsewhere it is the
+    evaluation oracle."""
 
     def select(self, q, view: LayerView, lo, hi, k):
-        keys = view.read_keys(lo, hi)  # [H, hi-lo, D]
-        scores = torch.einsum("hgd,hnd->hgn", q.float(), keys.float()) * q.shape[-1] ** -0.5
+        # In place (no copy) where the host tier is this device's memory.
+        keys = view.keys.view()[:, lo:hi] if view.keys is not None else view.read_keys(lo, hi)
+        scores = exact_logits(q, keys) * q.shape[-1] ** -0.5
         return top_k_ids(fine_softmax_sum(scores), None, k) + lo
 
 

@@ -85,6 +85,8 @@ class PrefilledContext:
         self.cache.policy = policy
         for layer in self.cache.layers:
             layer.policy = policy
+        if self.cache.prefetcher is not None:
+            self.cache.prefetcher.policy = policy
         policy.build_index(self.cache.store, len(self.ids))
         return policy
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from storage.layout import KVLayout
+from storage.layout import HeadRows, KVLayout
 
 
 class HostTier:
@@ -94,6 +94,15 @@ class HostTier:
         L = self.layout
         return self.slab[:, :, :n].reshape(2, L.num_kv_heads, n * C, L.head_dim)[:, :, :num_tokens]
 
+    def key_rows(self, num_tokens: int) -> HeadRows | None:
+        """Keys of tokens 0..T-1 as `HeadRows` over the slab (no copy), when chunks sit in
+        slots 0..n-1 in order (see `tokens_view`); None otherwise."""
+        if self.tokens_view(num_tokens) is None:
+            return None
+        L = self.layout
+        keys = self.slab[0].view(L.num_kv_heads, -1, L.head_dim)  # [H, slots * C, D]
+        return HeadRows(keys, num_tokens)
+
     def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """K and V of `token_ids` [n] (all on the host) into `out` [2, H, n, D]; returns out."""
         C = self.layout.chunk_size
@@ -115,9 +124,11 @@ class HostTier:
         H, n = ids.shape
         slots = self.slot_table[ids // C]  # [H, n]
         assert bool((slots >= 0).all()), "gather_heads: some chunks are not on the host"
-        heads = torch.arange(H)[:, None].expand(H, n)
-        offsets = ids % C
-        return self.slab[:, heads, slots, offsets]  # [2, H, n, D]
+        # One index_select over the slab seen as [2, H * slots * C, D] rows.
+        per_head = self.slab.shape[2] * C
+        rows = torch.arange(H)[:, None] * per_head + slots * C + ids % C
+        flat = self.slab.view(2, -1, self.layout.head_dim)
+        return flat.index_select(1, rows.view(-1)).view(2, H, n, -1)
 
     def free(self, chunk: int) -> None:
         self._free.append(self.slot_of.pop(chunk))

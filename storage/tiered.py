@@ -16,6 +16,7 @@ spilling it again writes nothing.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
 from storage.host import HostTier
-from storage.layout import KVLayout
+from storage.layout import HeadRows, KVLayout
+from storage.staging import PinnedStaging
 
 BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
 
@@ -78,6 +80,10 @@ class TieredStore:
         self._recency = [torch.zeros(64, dtype=torch.long) for _ in range(L.num_layers)]
         self.reads = TierReads()
         self.spilled_chunks = 0
+        # Held by every caller that reads or changes the store while a prefetch worker
+        # may be running (offload/pipeline.py); re-entrant for nested store calls.
+        self.lock = threading.RLock()
+        self._staging = PinnedStaging() if device.type == "cuda" else None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -228,6 +234,13 @@ class TieredStore:
         """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""
         return self.read_range(layer, t0, t1)[0]
 
+    def key_rows(self, layer: int) -> HeadRows | None:
+        """Every token's key in place (no copy) when the host tier is the compute device's
+        memory and holds the layer's chunks in order; None otherwise."""
+        if self.device.type != "cpu":
+            return None
+        return self.host[layer].key_rows(self.lengths[layer])
+
     def gather_selected(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """K and V [2, H, k, D] of per-head token ids [H, k] on the compute device.
 
@@ -249,7 +262,14 @@ class TieredStore:
         self.reads.add("host", ids.numel(), ids.numel() * 2 * L.head_dim * L.dtype_bytes)
         if self.directory.over_budget():
             self.spill()
-        return kv.to(self.device)
+        return self.to_device(kv)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor -> compute device; on CUDA through pinned staging, asynchronously
+        on the current stream (the prefetch worker's copy stream when it runs there)."""
+        if self._staging is None:
+            return t.to(self.device)
+        return self._staging.to_device(t, self.device)
 
     def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [H, T, D] of every token of `layer`, in order."""
