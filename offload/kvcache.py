@@ -65,14 +65,18 @@ class KVCache:
         self.layers = layers
         self.store = store
         self.policy = policy
-        self.prefetcher: Prefetcher | None = None  # set by `enable_prefetch`
+        self.prefetcher: Prefetcher | None = None  # set by `set_prefetch`
         self.num_tokens = 0
 
-    def enable_prefetch(self, model, cache_factor: float, speculate: bool) -> None:
-        """Sparse layers fetch through device hit caches (`cache_factor` x the selection
-        per head) and, with `speculate`, a worker that fetches one layer ahead."""
+    def set_prefetch(self, model, mode: str, cache_factor: float = 2.0) -> None:
+        """How sparse layers fetch (selection.prefetch): "off" gathers directly; "cache"
+        goes through device hit caches of `cache_factor` x the selection per head; "on"
+        adds the worker that speculates one layer ahead."""
+        assert mode in ("off", "cache", "on"), mode
         assert self.store is not None, "prefetching needs the tiered store"
-        self.prefetcher = Prefetcher(model, self.store, self.policy, cache_factor, speculate)
+        self.prefetcher = None
+        if mode != "off":
+            self.prefetcher = Prefetcher(model, self.store, self.policy, cache_factor, mode == "on")
         for layer in self.layers:
             layer.prefetcher = self.prefetcher
 

@@ -161,7 +161,7 @@ class Runtime:
         if prefetch == "auto":  # measured: on a CPU both cost more than they save
             prefetch = "on" if self.device.type == "cuda" else "off"
         if prefetch != "off":
-            cache.enable_prefetch(self.model, sel.hit_cache, speculate=prefetch == "on")
+            cache.set_prefetch(self.model, prefetch, sel.hit_cache)
         return cache
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

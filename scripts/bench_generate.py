@@ -15,7 +15,6 @@ import dataclasses
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from offload import Runtime
 from offload.generate import generate_steps, make_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import DEFAULT_TEXTS, prose  # noqa: E402
+from evalkit import DEFAULT_TEXTS, bench_hf, prose  # noqa: E402
 
 
 def prompt_ids(rt: Runtime, text: str, length: int) -> list[int]:
@@ -50,41 +49,6 @@ def bench_ours(rt: Runtime, ids: list[int], decode_tokens: int) -> dict:
         "prefill_tok_s": len(ids) / results[0].prefill_seconds,
         "decode_ms_per_token": 1000 * decode_s / (len(results) - 1),
         "decode_tok_s": (len(results) - 1) / decode_s,
-    }
-
-
-class _Clock:
-    """A transformers streamer that timestamps every batch of tokens it is handed."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def bench_hf(model, ids: list[int], decode_tokens: int) -> dict:
-    clock = _Clock()
-    x = torch.tensor([ids])
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=decode_tokens + 1,
-            min_new_tokens=decode_tokens + 1, do_sample=False, streamer=clock, pad_token_id=2,
-        )  # fmt: skip
-    # put() is called once with the prompt, then once per generated token.
-    first = clock.times[1]
-    prefill = first - start
-    decode_s = clock.times[-1] - first
-    n = len(clock.times) - 2
-    return {
-        "prefill_seconds": prefill,
-        "prefill_tok_s": len(ids) / prefill,
-        "decode_ms_per_token": 1000 * decode_s / n,
-        "decode_tok_s": n / decode_s,
     }
 
 

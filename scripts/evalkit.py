@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -136,6 +137,41 @@ def sparse_variants(base, selectors, budgets) -> list[tuple[str, float, object]]
 
 def dense_variant(base) -> tuple[str, float, object]:
     return ("dense", 1.0, dataclasses.replace(base, mode="dense"))
+
+
+class _Clock:
+    """A transformers streamer that timestamps every batch of tokens it is handed."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def bench_hf(model, ids: list[int], decode_tokens: int) -> dict:
+    clock = _Clock()
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=decode_tokens + 1,
+            min_new_tokens=decode_tokens + 1, do_sample=False, streamer=clock, pad_token_id=2,
+        )  # fmt: skip
+    # put() is called once with the prompt, then once per generated token.
+    first = clock.times[1]
+    prefill = first - start
+    decode_s = clock.times[-1] - first
+    n = len(clock.times) - 2
+    return {
+        "prefill_seconds": prefill,
+        "prefill_tok_s": len(ids) / prefill,
+        "decode_ms_per_token": 1000 * decode_s / n,
+        "decode_tok_s": n / decode_s,
+    }
 
 
 def write_json(console, path: Path, payload: dict) -> None:
