@@ -128,4 +128,4 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    return model.eval()
+    return model.fuse().eval()

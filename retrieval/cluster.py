@@ -161,7 +161,7 @@ class ClusterIndex:
         group) until `candidate_factor x k` of them, plus the not yet indexed tokens,
         restricted to [lo, hi). One batched pass, no loop over heads or clusters."""
         counts = self._counts_exact()
-        cscore = coarse_max(torch.einsum("hgd,hcd->hgc", q.float(), self.centroids))  # [H, NC]
+        cscore = coarse_max(exact_logits(q.float(), self.centroids))  # [H, NC]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(counts, 1, ranked).cumsum(1)
         n_clusters = (cum < self.candidate_factor * k).sum(1, keepdim=True) + 1  # [H, 1]

@@ -174,7 +174,7 @@ def synthetic_runtime(layers: int, max_len: int) -> Runtime:
     model = Transformer(a)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    model = model.to(torch.bfloat16)
+    model = model.fuse().to(torch.bfloat16)
     quantize_model(model, "int4")
     model.weights = "int4"
     loaded = LoadedModel(model, None, a, Path("synthetic-llama-3.1-8b-shape"), "synthetic")

@@ -141,7 +141,8 @@ def test_int4_weights_are_the_files_own_q4_1_codes(smol_fp32):
     blocks = np.asarray(tensor.data).view(np.uint8).reshape(-1, 20)  # fp16 d, fp16 m, 16 B
     nibbles = blocks[:, 4:]
     stored = np.concatenate([nibbles & 15, nibbles >> 4], axis=1)  # first 16, last 16
-    ours, _, _ = int4_codes(smol_fp32.model.layers[0].feed_forward.w3.weight)
+    gate_up = smol_fp32.model.layers[0].feed_forward.w13.weight  # [gate; up], fused at load
+    ours, _, _ = int4_codes(gate_up[gate_up.shape[0] // 2 :])
     assert np.array_equal(ours.numpy().reshape(-1, 32), stored)
 
 
@@ -149,7 +150,7 @@ def test_default_weights_are_int4_and_agree_with_dense(smol_bf16, smol_fp32):
     from offload.quantize import Int4Linear
 
     assert smol_bf16.model.weights == "int4"
-    assert isinstance(smol_bf16.model.layers[0].feed_forward.w1, Int4Linear)
+    assert isinstance(smol_bf16.model.layers[0].feed_forward.w13, Int4Linear)
     ids = smol_bf16.encode_prompt("Name the capital of France.")
     a = smol_bf16.logits(ids)[-1]
     b = smol_fp32.logits(ids)[-1]
