@@ -95,8 +95,8 @@ class SparsePolicy:
 
     def update(self, store: TieredStore, layer: int) -> LayerView:
         """Bring the layer's index up to date (under the store's lock); return its view."""
-        view = self.view(store, layer)
-        with store.lock:
+        with store.lock:  # a spill by the prefetch worker may move this layer's chunks
+            view = self.view(store, layer)
             self.selectors[layer].update(view)
         self.indexed[layer] = True
         return view

@@ -175,14 +175,21 @@ class Pipeline:
     def submit(self, layer: int, job) -> None:
         assert self._pool is not None, "submit() on a pipeline that is not started"
         assert layer not in self._pending, f"layer {layer} has a job in flight already"
-        self._pending[layer] = self._pool.submit(self._run, job)
+        ready = None
+        if self._stream is not None:
+            # The job reads tensors the compute stream produced (the hidden state) and
+            # overwrites hit-cache slots earlier steps may still be reading: order it after.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        self._pending[layer] = self._pool.submit(self._run, job, ready)
 
-    def _run(self, job):
+    def _run(self, job, ready):
         t = time.perf_counter()
         if self._stream is None:
             job()
             return None, time.perf_counter() - t
         with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
             job()
             event = torch.cuda.Event()
             event.record(self._stream)
@@ -319,7 +326,8 @@ class Prefetcher:
             q = block.attention.query(block.attention_norm(x), cos, sin)  # [Hq, 1, D]
             H = store.layout.num_kv_heads
             qg = q.reshape(H, q.shape[0] // H, q.shape[-1])
-            view = policy.view(store, layer)
+            with store.lock:
+                view = policy.view(store, layer)
             ids = policy.selectors[layer].select(qg, view, lo, hi, k)
             self._spec[layer] = ids
             _, copied = self._fetch_into(layer, ids, T)

@@ -337,7 +337,7 @@ def main() -> None:
     ap.add_argument("--synthetic-layers", type=int, default=2)
     ap.add_argument("--texts", type=Path, default=DEFAULT_TEXTS)
     ap.add_argument("--out", type=Path, default=Path("results/bench_decode.json"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/decode_ms_per_token.png"))
+    ap.add_argument("--plot", default="docs/decode_ms_per_token.png", help="'' to skip")
     args = ap.parse_args()
     console = Console()
     threads = torch.get_num_threads()
@@ -361,7 +361,7 @@ def main() -> None:
             console.print(p)
     write_json(console, args.out, result)
     if panels and args.plot:
-        plot(args.plot, panels)
+        plot(Path(args.plot), panels)
         console.print(f"wrote {args.plot}")
 
 

@@ -11,6 +11,8 @@ reused. With CUDA the slab is pinned so device copies can be asynchronous.
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from storage.layout import HeadRows, KVLayout
@@ -41,12 +43,14 @@ class HostTier:
         return self.num_chunks * self.layout.chunk_bytes
 
     def _new_slot(self) -> int:
+        # The lowest free slot, so that chunks re-filled after a truncation land where
+        # they were and `tokens_view` keeps working (a min-heap of free slots).
         if self._free:
-            return self._free.pop()
+            return heapq.heappop(self._free)
         n = self.slab.shape[2]
         bigger = self._alloc(max(8, 2 * n))  # geometric growth: O(T) copies in all
         bigger[:, :, :n] = self.slab
-        self._free.extend(range(bigger.shape[2] - 1, n, -1))  # popped in increasing order
+        self._free.extend(range(n + 1, bigger.shape[2]))  # sorted: a valid heap
         self.slab = bigger
         return n
 
@@ -131,5 +135,5 @@ class HostTier:
         return flat.index_select(1, rows.view(-1)).view(2, H, n, -1)
 
     def free(self, chunk: int) -> None:
-        self._free.append(self.slot_of.pop(chunk))
+        heapq.heappush(self._free, self.slot_of.pop(chunk))
         self.slot_table[chunk] = -1

@@ -244,3 +244,22 @@ def test_truncated_and_missing_files_are_named(chunk_file):
     path.unlink()
     with pytest.raises(StorageError, match=f"{name}: chunk file is missing"):
         fresh(tier).read_chunk(name, 0)
+
+
+def test_keys_stay_in_place_after_a_truncation(tmp_path):
+    """A cut frees the tail's host slots; re-filling must put the chunks back in order,
+    or the CPU fast paths (keys and K/V read in place, no copy) are lost for good."""
+    C = LAYOUT.chunk_size
+    kv = random_kv(5 * C, seed=3)
+    with make_store(tmp_path, host_chunks=64) as store:
+        for layer in range(LAYOUT.num_layers):
+            store.append(layer, kv[0, :, : 4 * C + 3], kv[1, :, : 4 * C + 3])
+        store.truncate(2 * C)
+        for layer in range(LAYOUT.num_layers):
+            store.append(layer, kv[0, :, 2 * C :], kv[1, :, 2 * C :])
+        for layer in range(LAYOUT.num_layers):
+            rows = store.key_rows(layer)
+            assert rows is not None
+            assert torch.equal(rows.view(), kv[0])
+            ids = torch.tensor([[1, 2 * C + 5, 5 * C - 1]] * LAYOUT.num_kv_heads)
+            assert torch.equal(rows.gather(ids), kv[0][:, ids[0]])
