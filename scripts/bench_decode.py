@@ -318,7 +318,7 @@ def plot(path: Path, panels: list[tuple[str, list[dict]]]) -> None:
         ax.set_ylabel("decode ms / token")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

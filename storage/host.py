@@ -29,6 +29,7 @@ class HostTier:
         # looks its slots up in one indexing op instead of a Python loop.
         self.slot_table = torch.full((64,), -1, dtype=torch.long)
         self._free: list[int] = []
+        self._misplaced = 0  # chunks whose slot is not their own index
 
     def _alloc(self, n: int) -> torch.Tensor:
         L = self.layout
@@ -59,6 +60,7 @@ class HostTier:
         assert chunk not in self.slot_of, f"chunk {chunk} is on the host already"
         slot = self._new_slot()
         self.slot_of[chunk] = slot
+        self._misplaced += slot != chunk
         if chunk >= self.slot_table.shape[0]:
             grown = torch.full(
                 (max(2 * self.slot_table.shape[0], chunk + 1),), -1, dtype=torch.long
@@ -86,26 +88,39 @@ class HostTier:
         slots = self.slot_table[torch.tensor(chunks, dtype=torch.long)]
         return self.slab.index_select(2, slots).permute(2, 0, 1, 3, 4)
 
+    def in_order(self, num_tokens: int) -> bool:
+        """Are chunks 0..n-1 of these tokens all here, each in the slot of its index?
+        (O(1): kept up by put/free.) Then token t of head h is row h * capacity + t."""
+        n = -(-num_tokens // self.layout.chunk_size)
+        return self._misplaced == 0 and len(self.slot_of) == n
+
     def tokens_view(self, num_tokens: int) -> torch.Tensor | None:
-        """K and V [2, H, T, D] of tokens 0..T-1 as a view of the slab, when chunks
-        0..n-1 are in slots 0..n-1 in order; None otherwise (the caller copies)."""
-        C = self.layout.chunk_size
-        n = -(-num_tokens // C)
-        if n > self.slot_table.shape[0] or n > self.slab.shape[2]:
-            return None
-        if not torch.equal(self.slot_table[:n], torch.arange(n)):
+        """K and V [2, H, T, D] of tokens 0..T-1 as a view of the slab when `in_order`;
+        None otherwise (the caller copies)."""
+        if not self.in_order(num_tokens):
             return None
         L = self.layout
-        return self.slab[:, :, :n].reshape(2, L.num_kv_heads, n * C, L.head_dim)[:, :, :num_tokens]
+        n = -(-num_tokens // L.chunk_size)
+        return self.slab[:, :, :n].reshape(2, L.num_kv_heads, n * L.chunk_size, L.head_dim)[
+            :, :, :num_tokens
+        ]
 
     def key_rows(self, num_tokens: int) -> HeadRows | None:
         """Keys of tokens 0..T-1 as `HeadRows` over the slab (no copy), when chunks sit in
         slots 0..n-1 in order (see `tokens_view`); None otherwise."""
-        if self.tokens_view(num_tokens) is None:
+        if not self.in_order(num_tokens):
             return None
         L = self.layout
         keys = self.slab[0].view(L.num_kv_heads, -1, L.head_dim)  # [H, slots * C, D]
         return HeadRows(keys, num_tokens)
+
+    def gather_in_order(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-head token ids [H, n] -> K and V [2, H, n, D], when `in_order` holds: one
+        index_select, no slot lookups."""
+        L = self.layout
+        rows = ids + torch.arange(L.num_kv_heads)[:, None] * (self.slab.shape[2] * L.chunk_size)
+        flat = self.slab.view(2, -1, L.head_dim)
+        return flat.index_select(1, rows.reshape(-1)).view(2, L.num_kv_heads, ids.shape[1], -1)
 
     def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """K and V of `token_ids` [n] (all on the host) into `out` [2, H, n, D]; returns out."""
@@ -135,5 +150,7 @@ class HostTier:
         return flat.index_select(1, rows.view(-1)).view(2, H, n, -1)
 
     def free(self, chunk: int) -> None:
-        heapq.heappush(self._free, self.slot_of.pop(chunk))
+        slot = self.slot_of.pop(chunk)
+        self._misplaced -= slot != chunk
+        heapq.heappush(self._free, slot)
         self.slot_table[chunk] = -1
