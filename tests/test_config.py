@@ -59,3 +59,16 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects(text):
     with pytest.raises(ConfigError, match="kv.host_bytes"):
         parse_bytes(text, "kv.host_bytes")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("weights", "int3", "model.weights: 'int3' is not one of auto, dense, int8, int4"),
+        ("prefetch", "sometimes", "selection.prefetch: 'sometimes' is not one of off, cache"),
+        ("hit_cache", 1.5, "selection.hit_cache: must be >= 2"),
+    ],
+)
+def test_decode_speed_settings_are_checked(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RuntimeConfig().replace(**{key: value})
