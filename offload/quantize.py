@@ -28,6 +28,10 @@ from offload.config import WEIGHT_MODES
 from offload.errors import ConfigError
 
 INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_1
+# Inputs with more rows than this (prefill chunks) multiply a weight dequantized for
+# the call: the packed kernels are built for decode and at 512 rows run 12x slower
+# than a dense matmul (docs/performance.md).
+PACKED_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
@@ -41,6 +45,9 @@ class Int8Linear(nn.Module):
         self.out_features = w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > PACKED_MAX_ROWS:
+            w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+            return nn.functional.linear(x, w, self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
         return y if self.bias is None else y + self.bias
 
@@ -66,11 +73,26 @@ class Int4Linear(nn.Module):
         zero = lo + 8 * scale
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
         self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
+        # For prefill's dequantization (the kernel's packed layout is its own): the codes
+        # two to a byte (byte j of a group holds codes j and j + group / 2), and scale and
+        # minimum in float16, as Q4_1 stores them, so the weight comes back as the file's.
+        qg = q.to(torch.uint8).reshape(n, -1, group)
+        self.register_buffer("nibbles", qg[..., : group // 2] | (qg[..., group // 2 :] << 4))
+        self.register_buffer("group_scale", scale.to(torch.float16))  # [n, k / group]
+        self.register_buffer("group_min", lo.to(torch.float16))
         self.group = group
         self.bias = linear.bias
         self.out_features = n
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [n, k] in `dtype`, from the codes (what the kernel multiplies by)."""
+        q = torch.cat([self.nibbles & 15, self.nibbles >> 4], dim=-1).float()  # [n, k/g, g]
+        w = q.mul_(self.group_scale.float()[..., None]).add_(self.group_min.float()[..., None])
+        return w.reshape(self.out_features, -1).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > PACKED_MAX_ROWS:
+            return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scales_zeros
         )

@@ -5,7 +5,7 @@
         [--texts ../shared/texts] [--out results/eval_fidelity.json]
 
 Recall: over `--steps` real decode steps after a prompt of `--length` tokens of
-prose, the share of the true (dense) softmax mass, per sparse layer and KV head
+prose (less `--steps` where that would pass the model's context), the share of the true (dense) softmax mass, per sparse layer and KV head
 (mean over its query heads), that sink + window + selected tokens cover; the
 table gives the mean and the 10th percentile over (step, layer, head).
 Perplexity: the last `--ppl-tokens` tokens of a text of `--length` tokens,
@@ -58,8 +58,9 @@ def main() -> None:
     settings = [dense_variant(base), *sparse_variants(base, args.selectors.split(","), budgets)]
     results = []
 
-    # Attention-mass recall over real decode steps after the whole text.
-    ctx = PrefilledContext(rt, ids)
+    # Attention-mass recall over real decode steps after the text (cut so that every step
+    # fits the model's context: decoding stops at max_seq_len).
+    ctx = PrefilledContext(rt, ids[: rt.args.max_seq_len - args.steps])
     for name, budget, selection in settings[1:]:
         _, stats = ctx.decode(selection, args.steps, probe_recall=True)
         masses = torch.cat([m for _, m in stats.recall])

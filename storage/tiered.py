@@ -276,6 +276,11 @@ class TieredStore:
             return t.to(self.device)
         return self._staging.to_device(t, self.device)
 
+    def in_place(self, layer: int) -> bool:
+        """Can dense attention read every token of `layer` where it lies, without a copy?
+        (CPU: the host tier is the compute device's memory and holds them all, in order.)"""
+        return self.device.type == "cpu" and self.host[layer].in_order(self.lengths[layer])
+
     def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [H, T, D] of every token of `layer`, in order."""
         T = self.lengths[layer]

@@ -156,3 +156,8 @@ def test_default_weights_are_int4_and_agree_with_dense(smol_bf16, smol_fp32):
     b = smol_fp32.logits(ids)[-1]
     assert int(a.argmax()) == int(b.argmax())
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
+    # Prefill chunks multiply the weight dequantized from the codes: the file's, exactly.
+    for name in ("w13", "w2"):
+        packed = getattr(smol_bf16.model.layers[3].feed_forward, name)
+        dense = getattr(smol_fp32.model.layers[3].feed_forward, name).weight
+        assert torch.equal(packed.dequantized(torch.float32), dense.detach())

@@ -61,3 +61,24 @@ def test_chunk_upper_bound_bounds_every_token():
     bound = upper_bound_scores(chunk_abstracts(k, 16), q)  # [H, G, n]
     exact = torch.einsum("hgd,htd->hgt", q, k).reshape(3, 2, 8, 16)
     assert torch.all(exact.amax(-1) <= bound + 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_packed_linear_prefill_rows_match_the_decode_kernel(kind):
+    """Many rows (a prefill chunk) go through a weight dequantized for the call; a few rows
+    (decode) through torch's packed kernel. Both multiply by the same quantized weight."""
+    from offload.quantize import PACKED_MAX_ROWS, Int4Linear, Int8Linear, int4_codes
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    packed = (Int4Linear if kind == "int4" else Int8Linear)(linear)
+    x = torch.randn(PACKED_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    many = packed(x)  # the dequantized path
+    rows = torch.cat([packed(x[i : i + 1]) for i in range(x.shape[0])])  # the kernel, per row
+    torch.testing.assert_close(many.float(), rows.float(), atol=0.03, rtol=0.02)
+    # and both are the linear up to quantization error
+    assert (many.float() - linear(x).float()).abs().max() < 0.1 * linear(x).float().abs().max()
+    if kind == "int4":
+        q, scale, lo = int4_codes(linear.weight)
+        w = (scale[..., None] * q.float().reshape(48, -1, 32) + lo[..., None]).reshape(48, 64)
+        torch.testing.assert_close(packed.dequantized(torch.float32), w, atol=0.02, rtol=0.02)

@@ -126,6 +126,37 @@ def test_sparse_attention_is_exact_attention_over_sink_window_and_selected(tmp_p
     store.close()
 
 
+def test_auto_mode_on_cpu_is_dense_in_place_and_sparse_once_spilled(tmp_path):
+    """Mode "auto" above the threshold: dense while the host tier holds the layer in place
+    (cheaper on a CPU than selecting), sparse once chunks have gone to disk."""
+    from offload.attention import TieredLayer
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", chunk_size=4)
+    sel = SelectionSection(mode="auto", selector="exact", sink=4, window=8, retrieved=6,
+                           dense_layers=0, sparse_threshold=16)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 2, 2, 64, 16, generator=g)
+    q = torch.randn(4, 1, 16, generator=g)
+    steps = {}
+    for host_chunks in (64, 6):  # room for every chunk; room for 6 of the 16 per layer
+        store = TieredStore(layout, torch.float32, torch.device("cpu"),
+                            host_bytes=host_chunks * layout.chunk_bytes, disk_dir=tmp_path / str(host_chunks),
+                            disk_bytes=1 << 30, sink=4, window=8, spill_batch=2)  # fmt: skip
+        store.start()
+        policy = SparsePolicy(sel, 2, 2, 16)
+        layers = [TieredLayer(store, policy, i) for i in range(2)]
+        for i, tl in enumerate(layers):
+            tl.append(kv[i, 0, :, :63], kv[i, 1, :, :63])
+        policy.build_index(store, 63)
+        for i, tl in enumerate(layers):
+            tl.append(kv[i, 0, :, 63:], kv[i, 1, :, 63:])
+            out = tl.attend(q)
+            assert out.shape == (4, 1, 16) and torch.isfinite(out).all()
+        steps[host_chunks] = (policy.stats.dense_steps, policy.stats.sparse_steps)
+        store.close()
+    assert steps == {64: (2, 0), 6: (0, 2)}
+
+
 def test_make_selector_by_name():
     sel = SelectionSection()
     assert isinstance(make_selector("cluster", 3, 64, sel), ClusterIndex)
