@@ -71,6 +71,10 @@ class DeviceTier:
         W = self.window
         if W == 0:
             return
+        if S == 1:  # a decode step: one slot, two plain copies
+            self.ring[0, :, start % W] = k[:, 0]
+            self.ring[1, :, start % W] = v[:, 0]
+            return
         keep = min(S, W)  # only the last W tokens can stay
         pos = torch.arange(start + S - keep, start + S, device=k.device) % W
         self.ring[0].index_copy_(1, pos, k[:, S - keep :])
@@ -81,13 +85,14 @@ class DeviceTier:
         pos = torch.arange(t0, t1, device=self.ring.device) % self.window
         return self.ring.index_select(2, pos)
 
-    def add_chunk(self, k_chunk: torch.Tensor) -> None:
-        """Summaries and abstract of one completed chunk (k_chunk [H, C, D])."""
-        qk = quantize_keys(k_chunk, self.layout.summary_bits, self.layout.chunk_size)
+    def add_chunks(self, keys: torch.Tensor) -> None:
+        """Summaries and abstracts of completed chunks, the next ones in order
+        (keys [H, n * C, D])."""
+        qk = quantize_keys(keys, self.layout.summary_bits, self.layout.chunk_size)
         self.codes.append(qk.codes)
         self.scale.append(qk.scale)
         self.zero.append(qk.zero)
-        a = chunk_abstracts(k_chunk, self.layout.chunk_size)
+        a = chunk_abstracts(keys, self.layout.chunk_size)
         self.kmin.append(a.kmin)
         self.kmax.append(a.kmax)
         self.kmean.append(a.kmean)

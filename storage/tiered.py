@@ -115,13 +115,14 @@ class TieredStore:
         self.dev[layer].write_recent(start, k, v)
         kc, vc = k.to("cpu", self.dtype), v.to("cpu", self.dtype)
         pos = start
+        new, filled = [], []
         while pos < start + S:
             chunk, offset = divmod(pos, C)
             n = min(C - offset, start + S - pos)
             if offset == 0:
                 self.directory.add((layer, chunk))
                 host.put(chunk)
-                self._mark_recent(layer, torch.tensor([chunk]))
+                new.append(chunk)
             host.write(
                 chunk,
                 offset,
@@ -130,8 +131,13 @@ class TieredStore:
             )
             if offset + n == C:
                 self.directory.filled((layer, chunk))
-                self.dev[layer].add_chunk(host.chunk(chunk)[0].to(self.device))
+                filled.append(chunk)
             pos += n
+        if new:
+            self._mark_recent(layer, torch.tensor(new))
+        if filled:  # summaries and abstracts of every chunk completed here, in one call
+            keys = torch.cat([host.chunk(c)[0] for c in filled], dim=1)
+            self.dev[layer].add_chunks(keys.to(self.device))
         self.lengths[layer] = start + S
         if self.directory.over_budget():
             self.spill()
