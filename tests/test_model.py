@@ -110,3 +110,21 @@ def test_tiered_dense_chat_equals_in_memory_chat(tiny_dirs, tmp_path):
         assert a.send(text, max_new_tokens=9) == b.send(text, max_new_tokens=9)
         assert full.stats()["prefill_tokens"] == tiered.stats()["prefill_tokens"]
     assert tiered.stats()["spilled_chunks"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,T", [(1, 40), (7, 7), (7, 40), (33, 100)])
+def test_gqa_attention_equals_causal_softmax(dtype, S, T):
+    """Decode, a first chunk, and chunks after earlier tokens (on the CPU: the prefix and
+    the chunk attended apart and merged) all equal a plain lower-right causal softmax."""
+    from offload.attention import gqa_attention
+
+    g = torch.Generator().manual_seed(S * T)
+    q, k, v = (torch.randn(h, n, 16, generator=g) for h, n in ((6, S), (2, T), (2, T)))
+    k_rep, v_rep = k.repeat_interleave(3, 0), v.repeat_interleave(3, 0)
+    logits = q @ k_rep.transpose(1, 2) / 4.0
+    visible = torch.arange(T)[None, :] <= torch.arange(T - S, T)[:, None]
+    want = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1) @ v_rep
+    got = gqa_attention(q.to(dtype), k.to(dtype), v.to(dtype)).float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
