@@ -193,7 +193,7 @@ class GenerationSection:
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
     seed: int | None = None
-    prefill_chunk: int = 512  # tokens per prefill forward: bounds activation memory
+    prefill_chunk: int = 2048  # tokens per prefill forward: bounds activation memory
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -109,7 +109,7 @@ def generate_steps(
     new_ids: list[int],
     max_new_tokens: int,
     sampler: Sampler,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 2048,
     progress: Progress | None = None,
 ) -> Iterator[StepResult]:
     """Prefill `new_ids` after what `cache` already holds, then decode token by token.
