@@ -5,9 +5,10 @@
         [--texts ../shared/texts] [--out results/eval_fidelity.json]
 
 Recall: over `--steps` real decode steps after a prompt of `--length` tokens of
-prose (less `--steps` where that would pass the model's context), the share of the true (dense) softmax mass, per sparse layer and KV head
-(mean over its query heads), that sink + window + selected tokens cover; the
-table gives the mean and the 10th percentile over (step, layer, head).
+prose (less `--steps` where that would pass the model's context), the share of
+the true (dense) softmax mass, per sparse layer and KV head (mean over its query
+heads), that sink + window + selected tokens cover; the table gives the mean and
+the 10th percentile over (step, layer, head).
 Perplexity: the last `--ppl-tokens` tokens of a text of `--length` tokens,
 decoded token by token after the rest, dense vs each selector and budget.
 """
