@@ -72,6 +72,23 @@ class HostTier:
             self.slab[:, :, slot].copy_(data)
         return self.slab[:, :, slot]
 
+    def put_in_order(self, num_tokens: int) -> bool:
+        """When every chunk of these tokens is here but some sit in other slots (a loaded
+        session brings them in as they are needed), move each to the slot of its index
+        with one copy of the slab, so that `in_order` holds. Returns `in_order`."""
+        n = -(-num_tokens // self.layout.chunk_size)
+        if self._misplaced == 0 or len(self.slot_of) != n:
+            return self.in_order(num_tokens)
+        cap = self.slab.shape[2]
+        slab = self._alloc(cap)
+        slab[:, :, :n] = self.slab.index_select(2, self.slot_table[:n])
+        self.slab = slab
+        self.slot_of = {c: c for c in range(n)}
+        self.slot_table[:n] = torch.arange(n)
+        self._free = list(range(n, cap))  # sorted: a valid heap
+        self._misplaced = 0
+        return True
+
     def chunk(self, chunk: int) -> torch.Tensor:
         """The slot of `chunk`: a view [2, H, C, D]."""
         return self.slab[:, :, self.slot_of[chunk]]

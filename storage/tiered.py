@@ -284,8 +284,12 @@ class TieredStore:
 
     def in_place(self, layer: int) -> bool:
         """Can dense attention read every token of `layer` where it lies, without a copy?
-        (CPU: the host tier is the compute device's memory and holds them all, in order.)"""
-        return self.device.type == "cpu" and self.host[layer].in_order(self.lengths[layer])
+        (CPU: the host tier is the compute device's memory and holds them all, in order;
+        all there but out of order, as after loading a session, they are put in order.)"""
+        if self.device.type != "cpu":
+            return False
+        with self.lock:
+            return self.host[layer].put_in_order(self.lengths[layer])
 
     def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [H, T, D] of every token of `layer`, in order."""

@@ -58,6 +58,22 @@ def test_round_trip_in_process_with_index(tiny, tmp_path):
     assert loaded.stats()["reused_tokens"] == n_doc
 
 
+def test_loaded_session_in_auto_mode_reads_in_place_on_cpu(tiny, tmp_path):
+    """Mode "auto" on the CPU: the document's KV fits in host memory, so decoding stays
+    dense (no index is built), also after a load brings the chunks back out of order."""
+    rt = doc_runtime(tiny, filler_text(60, seed=1), mode="auto", sparse_threshold=32)
+    want = rt.ask("seven stones", max_new_tokens=6)
+    sel = rt.stats()["selection"]
+    assert sel["sparse_layer_steps"] == 0 and sel["dense_layer_steps"] > 0
+    rt.save_session(tmp_path / "s")
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny, mode="auto", sparse_threshold=32)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    sel = loaded.stats()["selection"]
+    assert sel["sparse_layer_steps"] == 0 and sel["index_seconds"] < 1e-3
+    store = loaded._state.cache.store
+    assert all(store.in_place(layer) for layer in range(store.layout.num_layers))
+
+
 def test_chat_session_resumes(tiny, tmp_path):
     a = Runtime(tiny.loaded, tiny.config, tiny.device).chat(system="sys")
     a.send("the river", max_new_tokens=5)

@@ -263,3 +263,25 @@ def test_keys_stay_in_place_after_a_truncation(tmp_path):
             assert torch.equal(rows.view(), kv[0])
             ids = torch.tensor([[1, 2 * C + 5, 5 * C - 1]] * LAYOUT.num_kv_heads)
             assert torch.equal(rows.gather(ids), kv[0][:, ids[0]])
+
+
+def test_chunks_brought_in_out_of_order_are_put_in_order():
+    """A loaded session brings chunks to the host as they are needed, in any order; once
+    all are there, one copy puts each in its own slot and every token reads in place."""
+    g = torch.Generator().manual_seed(3)
+    n = 7
+    data = torch.randn(n, 2, 3, 4, 8, generator=g).to(DT)  # [chunk, 2, H, C, D]
+    host = HostTier(LAYOUT, DT)
+    for c in (6, 0, 5, 2):
+        host.put(c, data[c])
+    T = n * 4 - 2  # the last chunk partly filled
+    assert not host.put_in_order(T) and host.tokens_view(T) is None  # not all here yet
+    for c in (3, 1, 4):
+        host.put(c, data[c])
+    assert not host.in_order(T)
+    assert host.put_in_order(T) and host.in_order(T)
+    want = data.permute(1, 2, 0, 3, 4).reshape(2, 3, n * 4, 8)[:, :, :T]
+    assert torch.equal(host.tokens_view(T), want)
+    host.free(6)  # later puts reuse the freed slot as before
+    host.put(6, data[6])
+    assert host.in_order(T) and torch.equal(host.tokens_view(T), want)
