@@ -102,15 +102,17 @@ class SparsePolicy:
             for layer in range(self.num_layers)
         ]
 
-    def use_sparse(self, layer: int, num_tokens: int, in_place: bool = False) -> bool:
+    def use_sparse(self, layer: int, num_tokens: int, store: TieredStore | None = None) -> bool:
         """Sparse for this layer at this context? Mode "auto" stays dense up to
-        `sparse_threshold` tokens, and wherever the layer's KV can be read in place
-        (`in_place`: on the CPU, all in host memory), since there reading every token
-        costs less than selecting some (docs/performance.md)."""
+        `sparse_threshold` tokens, and wherever `store` can hand the layer's KV to dense
+        attention in place (on the CPU, all in host memory), since there reading every
+        token costs less than selecting some (docs/performance.md)."""
         sel = self.selection
         if sel.mode == "dense" or self.selectors[layer] is None:
             return False
-        if sel.mode == "auto" and (in_place or num_tokens <= sel.sparse_threshold):
+        if sel.mode == "auto" and (
+            num_tokens <= sel.sparse_threshold or (store is not None and store.in_place(layer))
+        ):
             return False
         return num_tokens - min(sel.sink, num_tokens) - sel.window >= 1
 
@@ -145,7 +147,7 @@ class SparsePolicy:
         layers = [
             i
             for i, s in enumerate(self.selectors)
-            if s is not None and self.use_sparse(i, num_tokens + 1, store.in_place(i))
+            if s is not None and self.use_sparse(i, num_tokens + 1, store)
         ]
         t = time.perf_counter()
         for n, layer in enumerate(layers):
@@ -175,9 +177,7 @@ class TieredLayer:
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         T = self.store.lengths[self.layer]
-        if q.shape[1] > 1 or not self.policy.use_sparse(
-            self.layer, T, self.store.in_place(self.layer)
-        ):
+        if q.shape[1] > 1 or not self.policy.use_sparse(self.layer, T, self.store):
             self.policy.stats.dense_steps += q.shape[1] == 1
             with self.store.lock:
                 k, v = self.store.gather_all(self.layer)

@@ -317,7 +317,7 @@ class Prefetcher:
         if not self.pipeline.running or layer >= len(self.caches):
             return
         T = store.lengths[layer] + 1  # the layer will hold this step's token too
-        if not policy.use_sparse(layer, T, store.in_place(layer)) or not policy.indexed[layer]:
+        if not policy.use_sparse(layer, T, store) or not policy.indexed[layer]:
             return
         block = self.model.layers[layer]
         lo, hi, k = policy.bounds(T)

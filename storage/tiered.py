@@ -294,12 +294,10 @@ class TieredStore:
     def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [H, T, D] of every token of `layer`, in order."""
         T = self.lengths[layer]
-        if self.device.type == "cpu":
-            # The host tier is the compute device's memory: read it in place when it can be.
+        if self.in_place(layer):  # the host tier is the compute device's memory: no copy
             view = self.host[layer].tokens_view(T)
-            if view is not None:
-                self.reads.add("host", 1, T * self.layout.token_bytes_per_layer)
-                return view[0], view[1]
+            self.reads.add("host", 1, T * self.layout.token_bytes_per_layer)
+            return view[0], view[1]
         dev = self.dev[layer]
         n_sink = min(self.sink, T)
         w0 = max(n_sink, T - self.window)
