@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offload.config import GenerationSection
 from offload.kvcache import KVCache
 from offload.model import Transformer
 from offload.tokenizer import StreamDecoder, Tokenizer
@@ -109,7 +110,7 @@ def generate_steps(
     new_ids: list[int],
     max_new_tokens: int,
     sampler: Sampler,
-    prefill_chunk: int = 2048,
+    prefill_chunk: int = GenerationSection.prefill_chunk,
     progress: Progress | None = None,
 ) -> Iterator[StepResult]:
     """Prefill `new_ids` after what `cache` already holds, then decode token by token.

@@ -76,7 +76,7 @@ class HostTier:
         """When every chunk of these tokens is here but some sit in other slots (a loaded
         session brings them in as they are needed), move each to the slot of its index
         with one copy of the slab, so that `in_order` holds. Returns `in_order`."""
-        n = -(-num_tokens // self.layout.chunk_size)
+        n = self.layout.num_chunks(num_tokens)
         if self._misplaced == 0 or len(self.slot_of) != n:
             return self.in_order(num_tokens)
         cap = self.slab.shape[2]
@@ -108,7 +108,7 @@ class HostTier:
     def in_order(self, num_tokens: int) -> bool:
         """Are chunks 0..n-1 of these tokens all here, each in the slot of its index?
         (O(1): kept up by put/free.) Then token t of head h is row h * capacity + t."""
-        n = -(-num_tokens // self.layout.chunk_size)
+        n = self.layout.num_chunks(num_tokens)
         return self._misplaced == 0 and len(self.slot_of) == n
 
     def tokens_view(self, num_tokens: int) -> torch.Tensor | None:
@@ -117,7 +117,7 @@ class HostTier:
         if not self.in_order(num_tokens):
             return None
         L = self.layout
-        n = -(-num_tokens // L.chunk_size)
+        n = L.num_chunks(num_tokens)
         return self.slab[:, :, :n].reshape(2, L.num_kv_heads, n * L.chunk_size, L.head_dim)[
             :, :, :num_tokens
         ]
