@@ -170,12 +170,18 @@ class TieredLayer:
     def __init__(self, store: TieredStore, policy: SparsePolicy, layer: int):
         self.store, self.policy, self.layer = store, policy, layer
         self.prefetcher = None  # a `Prefetcher` when the cache prefetches
+        self.mirror = None  # a device `DenseLayer` with the same KV (KVCache.mirror_dense_layers)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         with self.store.lock:
             self.store.append(self.layer, k, v)
+        if self.mirror is not None:
+            self.mirror.append(k, v)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
+        if self.mirror is not None:  # a dense layer whose KV is on the device as well
+            self.policy.stats.dense_steps += q.shape[1] == 1
+            return self.mirror.attend(q)
         T = self.store.lengths[self.layer]
         if q.shape[1] > 1 or not self.policy.use_sparse(self.layer, T, self.store):
             self.policy.stats.dense_steps += q.shape[1] == 1

@@ -172,6 +172,7 @@ class ModelSection:
     weights: str = (
         "auto"  # auto | dense | int8 | int4 (CPU weight-only kernels; offload/quantize.py)
     )
+    cuda_graphs: bool = True  # CUDA: replay each decode step of the device cache as one graph
 
     def __post_init__(self):
         if self.weights not in WEIGHT_MODES:

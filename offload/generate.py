@@ -151,6 +151,5 @@ def generate_steps(
             if finish is not None:
                 return
             t = time.perf_counter()
-            x = torch.tensor([token], dtype=torch.long, device=model.device)
-            token = sampler(model(x, cache)[-1])
+            token = sampler(cache.decode(model, token))
             step_seconds = time.perf_counter() - t

@@ -19,7 +19,10 @@ from typing import Protocol
 import torch
 
 from offload.attention import SparsePolicy, TieredLayer, gqa_attention
+from offload.backend import Backend
+from offload.graphs import DecodeStep, DensePlan
 from offload.pipeline import Prefetcher
+from offload.tiered_step import TieredPlan
 from storage.device import Growable
 from storage.tiered import TieredStore
 
@@ -44,6 +47,25 @@ class DenseLayer:
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         return gqa_attention(q, self.k.view(), self.v.view())
 
+    @property
+    def capacity(self) -> int:
+        return self.k.data.shape[1]
+
+    def reserve(self, num_tokens: int, limit: int) -> None:
+        """Room for `num_tokens` (grown geometrically, never past `limit` tokens)."""
+        if num_tokens > self.capacity:
+            grown = min(max(num_tokens, 2 * self.capacity), max(limit, num_tokens))
+            self.k.reserve(grown)
+            self.v.reserve(grown)
+
+    def commit(self, num_tokens: int) -> None:
+        """Count `num_tokens` written by a `DenseStepLayer` (they are in the buffers already)."""
+        self.k.length += num_tokens
+        self.v.length += num_tokens
+
+    def step_layer(self, pos: torch.Tensor, length: torch.Tensor, backend) -> DenseStepLayer:
+        return DenseStepLayer(self, pos, length, backend)
+
     def truncate(self, num_tokens: int) -> None:
         self.k.truncate(num_tokens)
         self.v.truncate(num_tokens)
@@ -51,6 +73,26 @@ class DenseLayer:
     def tier_bytes(self) -> dict[str, int]:
         k = self.k.view()
         return {"device": 2 * k.numel() * k.element_size()}
+
+
+class DenseStepLayer:
+    """A `DenseLayer` inside a fixed-shape decode step (offload/graphs.py): the new K/V go
+    to the device position `pos`, attention reads the whole buffers up to the device
+    `length`. It reads the layer's buffers when called, so a step captured after they
+    grew uses the new ones."""
+
+    def __init__(self, layer: DenseLayer, pos: torch.Tensor, length: torch.Tensor, backend):
+        self.layer, self.pos, self.length, self.backend = layer, pos, length, backend
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.layer.k.data.index_copy_(1, self.pos, k)  # k, v: [H_kv, 1, D]
+        self.layer.v.data.index_copy_(1, self.pos, v)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        Hq, _, D = q.shape
+        k, v = self.layer.k.data, self.layer.v.data
+        out = self.backend.decode_attention(q.reshape(k.shape[0], -1, D), k, v, self.length)
+        return out.reshape(Hq, 1, D)
 
 
 class KVCache:
@@ -66,7 +108,45 @@ class KVCache:
         self.store = store
         self.policy = policy
         self.prefetcher: Prefetcher | None = None  # set by `set_prefetch`
+        self.step: DecodeStep | None = None  # set by `use_step`
         self.num_tokens = 0
+
+    def use_step(self, model, backend: Backend) -> None:
+        """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`)."""
+        if self.store is None:
+            plan = DensePlan(self, backend, model.args.max_seq_len)
+        else:
+            plan = TieredPlan(self, backend, model.args.max_seq_len)
+        self.step = DecodeStep(model, plan, backend)
+
+    def flush(self) -> None:
+        """Bring the tiers level with the context: fixed-shape steps over the tiered store
+        write new tokens to the device only and hand them to the store per chunk."""
+        if self.step is not None:
+            self.step.plan.flush()
+
+    def mirror_dense_layers(self, device) -> None:
+        """Keep the KV of the dense layers (selection.dense_layers) of a tiered cache on
+        `device` too, filled from the store: they attend to every token at every step,
+        which must not cross PCIe. Call again after the store's content was replaced."""
+        store = self.store
+        for i in range(min(self.policy.selection.dense_layers, len(self.layers))):
+            mirror = DenseLayer(store.layout.num_kv_heads, store.layout.head_dim, store.dtype,
+                                device)  # fmt: skip
+            if store.lengths[i]:
+                with store.lock:
+                    k, v = store.gather_all(i)
+                mirror.append(k.to(device), v.to(device))
+            self.layers[i].mirror = mirror
+
+    def decode(self, model, token: int) -> torch.Tensor:
+        """Feed one token; return its float32 logits [V]."""
+        if self.step is not None:
+            logits = self.step(token, self.num_tokens)
+            if logits is not None:
+                self.num_tokens += 1
+                return logits
+        return model(torch.tensor([token], dtype=torch.long, device=model.device), self)[-1]
 
     def set_prefetch(self, model, mode: str, cache_factor: float = 2.0) -> None:
         """How sparse layers fetch (selection.prefetch): "off" gathers directly; "cache"
@@ -83,15 +163,19 @@ class KVCache:
     @contextmanager
     def decoding(self):
         """The span of a decode loop: the prefetch worker runs inside it, and is joined
-        (its errors raised) on the way out."""
+        (its errors raised) on the way out; the tiers are brought level (`flush`)."""
         if self.prefetcher is None:
-            yield self
+            try:
+                yield self
+            finally:
+                self.flush()
             return
         self.prefetcher.start()
         try:
             yield self
         finally:
             self.prefetcher.stop()
+            self.flush()
 
     def layer_start(self, layer: int, x: torch.Tensor, cos, sin) -> None:
         """The model calls this before block `layer` runs on x [S, dim]."""
@@ -108,6 +192,8 @@ class KVCache:
         return cache
 
     def close(self) -> None:
+        if self.step is not None:
+            self.step.close()
         if self.store is not None:
             self.store.close()
 
@@ -123,7 +209,11 @@ class KVCache:
         """Drop every token from position `num_tokens` on (reuse a shared prefix)."""
         if num_tokens == self.num_tokens:
             return
+        self.flush()
         if self.store is not None:
+            for layer in self.layers:
+                if layer.mirror is not None:
+                    layer.mirror.truncate(num_tokens)
             self.store.truncate(num_tokens)
             self.policy.truncate(num_tokens)
             if self.prefetcher is not None:

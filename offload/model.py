@@ -21,6 +21,8 @@ from torch import nn
 from offload.config import ModelArgs
 from offload.kvcache import KVCache
 
+ROPE_BLOCK = 4096  # positions of the RoPE table computed at a time
+
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse RoPE frequencies `[D/2]` (float32, CPU), with Llama-3 scaling when set."""
@@ -155,8 +157,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # A plain attribute, not a buffer: it is derived from args, never loaded.
+        # Plain attributes, not buffers: derived from args, never loaded.
         self._inv_freq = rope_inv_freq(args)
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tie_weights(self) -> None:
         self.output.weight = self.tok_embeddings.weight
@@ -176,14 +179,35 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
-    def rope(self, start: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[S, D]` for positions start..start+S-1, in the model dtype."""
+    def rope_table(self, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[N, D]` (N >= num_positions) of positions 0.. in the model dtype.
+
+        Built in blocks of ROPE_BLOCK positions, each computed alone, so a position's
+        values never depend on how far the table has grown (greedy decoding stays
+        exactly repeatable), and kept: a decode step reads its rows by index."""
+        table = self._rope_cache
+        if table is None or table[0].device != self.device:
+            table = self._rope_cache = (torch.empty(0, self.args.head_dim, dtype=self.dtype,
+                                                    device=self.device),) * 2  # fmt: skip
+        have = table[0].shape[0]
+        if have >= num_positions:
+            return table
         if self._inv_freq.device != self.device:
             self._inv_freq = self._inv_freq.to(self.device)
-        pos = torch.arange(start, start + S, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self._inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        cos, sin = [table[0]], [table[1]]
+        for start in range(have, num_positions, ROPE_BLOCK):
+            pos = torch.arange(start, start + ROPE_BLOCK, device=self.device, dtype=torch.float32)
+            freqs = torch.outer(pos, self._inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos.append(emb.cos().to(self.dtype))
+            sin.append(emb.sin().to(self.dtype))
+        self._rope_cache = (torch.cat(cos), torch.cat(sin))
+        return self._rope_cache
+
+    def rope(self, start: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[S, D]` for positions start..start+S-1, in the model dtype (views)."""
+        cos, sin = self.rope_table(start + S)
+        return cos[start : start + S], sin[start : start + S]
 
     # no_grad, not inference_mode: the cache's tensors outlive the forward and are
     # updated in place outside it (truncation, loading), which inference tensors forbid.
@@ -205,4 +229,17 @@ class Transformer(nn.Module):
         cache.advance(S)
         if last_only:
             x = x[-1:]
+        return self.output(self.norm(x)).float()
+
+    @torch.no_grad()
+    def forward_at(self, tokens: torch.Tensor, positions: torch.Tensor, layers) -> torch.Tensor:
+        """The fixed-shape forward of a decode step: tokens and positions `[S]` are device
+        tensors and `layers` are cache layers that read them there, so nothing here waits
+        on the host and a CUDA graph can capture it. The RoPE table must already cover
+        the positions (`rope_table`). Returns float32 logits `[S, vocab]`."""
+        cos_table, sin_table = self._rope_cache
+        cos, sin = cos_table.index_select(0, positions), sin_table.index_select(0, positions)
+        x = self.tok_embeddings(tokens)
+        for block, cache_layer in zip(self.layers, layers, strict=True):
+            x = block(x, cos, sin, cache_layer)
         return self.output(self.norm(x)).float()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from offload.attention import SelectionStats, SparsePolicy
+from offload.backend import Backend
 from offload.budgets import resolve_budgets
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, OffloadError
@@ -84,6 +85,7 @@ class Runtime:
         self.model = loaded.model
         self.config = config
         self.device = device
+        self.backend = Backend.for_device(device, graphs=config.model.cuda_graphs)
         self._state = _KVState(self.new_cache())
         self._stats: dict[str, Any] = {}
         self._last_state = self._state  # whose cache stats() reports
@@ -139,13 +141,23 @@ class Runtime:
             kv.summary_bits,
         )
 
-    def new_cache(self) -> KVCache:
-        """A fresh cache: one in-memory tier (`selection.mode = "full"`) or the tiered store."""
+    def new_cache(self, tiered: bool = False) -> KVCache:
+        """A fresh cache: all KV in one device tensor per layer, or the tiered store.
+
+        The device cache is taken for `selection.mode = "full"`, and for "auto" on CUDA
+        when the KV of the model's whole context window fits the device budget: there
+        dense attention is exact and fastest, and each decode step is one CUDA graph
+        replay. `tiered` asks for the tiered store whatever the mode (sessions)."""
         a, sel, kv = self.args, self.config.selection, self.config.kv
-        if sel.mode == "full":
-            return KVCache.dense(
+        if not tiered and (
+            sel.mode == "full" or sel.mode == "auto" and self._context_fits_device()
+        ):
+            cache = KVCache.dense(
                 a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device
             )
+            if self.backend.graphs:
+                cache.use_step(self.model, self.backend)
+            return cache
         b = resolve_budgets(kv, self.device)
         store = TieredStore(
             self.layout, self.model.dtype, self.device, host_bytes=b.host_bytes,
@@ -157,12 +169,23 @@ class Runtime:
             cache = KVCache.tiered(store, policy)
         except StorageError as e:
             raise ConfigError(str(e)) from None
+        if self.backend.remote_host:
+            cache.mirror_dense_layers(self.device)
+            cache.use_step(self.model, self.backend)
         prefetch = sel.prefetch
         if prefetch == "auto":  # measured: on a CPU both cost more than they save
             prefetch = "on" if self.device.type == "cuda" else "off"
         if prefetch != "off":
             cache.set_prefetch(self.model, prefetch, sel.hit_cache)
         return cache
+
+    def _context_fits_device(self) -> bool:
+        """Mode "auto": does the KV of a full context window fit the device budget? Only
+        on CUDA; on a CPU the tiered store reads host KV in place (docs/performance.md)."""
+        if self.device.type != "cuda":
+            return False
+        budget = resolve_budgets(self.config.kv, self.device).device_bytes
+        return self.layout.kv_bytes(self.args.max_seq_len) <= budget
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""

@@ -21,6 +21,7 @@ from offload.errors import ConfigError, OffloadError
 from storage.session import SessionContents, SessionError, open_session, save_session
 
 if TYPE_CHECKING:
+    from offload.kvcache import KVCache
     from offload.runtime import Runtime, _KVState
 
 INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
@@ -29,12 +30,10 @@ INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
 def save_state(rt: Runtime, state: _KVState, path: str | Path, kind: str, extra: dict) -> dict:
     """Write `state` (a cache and the ids it holds) with the runtime's identity; return figures."""
     cache = state.cache
-    if cache.store is None:
-        raise ConfigError(
-            'saving a session needs the tiered store: set selection.mode to "auto", "dense" or "sparse"'
-        )
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
+    if cache.store is None:  # the device cache: sessions are written from the tiered store
+        cache = _tiered_copy(rt, cache)
     index, index_meta = _index_state(cache.policy)
     meta = {
         "kind": kind,
@@ -95,21 +94,53 @@ def load_state(
             )
         rt = Runtime.from_pretrained(source, config=config, **overrides)
     _check_compatible(rt, session)
-    cache = rt._state.cache
-    if cache.store is None:
-        raise ConfigError(
-            'loading a session needs the tiered store: set selection.mode to "auto", "dense" or "sparse"'
-        )
+    dense = rt._state.cache.store is None  # the device cache: loaded through a tiered one
+    cache = rt.new_cache(tiered=True) if dense else rt._state.cache
     files = [
         (f["layer"], session.version_dir / f["name"], f["chunks"]) for f in session.chunk_files()
     ]
     cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
     cache.num_tokens = session.manifest["num_tokens"]
     _restore_index(cache.policy, *session.index())
+    if cache.layers[0].mirror is not None:  # the dense layers' device copy, from the session
+        cache.mirror_dense_layers(rt.device)
+    if dense:
+        rt._state.cache.close()
+        rt._state.cache = _dense_copy(rt, cache)
+        cache.close()
     rt._state.ids = list(session.token_ids)
     rt.session = {k: m[k] for k in ("kind", "document", "messages") if k in m}
     rt.session["path"] = str(session.path)
     return rt
+
+
+COPY_TOKENS = 4096  # tokens per layer copied at a time between a device and a tiered cache
+
+
+def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:
+    """A tiered cache holding the KV of device cache `dense` (index built)."""
+    tiered = rt.new_cache(tiered=True)
+    T = dense.num_tokens
+    for i, layer in enumerate(dense.layers):
+        k, v = layer.k.view(), layer.v.view()
+        for s in range(0, T, COPY_TOKENS):
+            tiered.store.append(i, k[:, s : s + COPY_TOKENS], v[:, s : s + COPY_TOKENS])
+    tiered.advance(T)
+    tiered.finish_prefill()
+    return tiered
+
+
+def _dense_copy(rt: Runtime, tiered: KVCache) -> KVCache:
+    """A device cache holding the KV of `tiered` (read layer by layer)."""
+    dense = rt.new_cache()
+    T = tiered.num_tokens
+    for i, layer in enumerate(dense.layers):
+        layer.reserve(T, rt.args.max_seq_len)
+        with tiered.store.lock:
+            k, v = tiered.store.gather_all(i)
+        layer.append(k.to(rt.device), v.to(rt.device))
+    dense.advance(T)
+    return dense
 
 
 def _check_compatible(rt: Runtime, session) -> None:

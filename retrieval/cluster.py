@@ -92,13 +92,15 @@ class ClusterIndex:
 
     def _assign_to_last(self, keys: torch.Tensor) -> None:
         """New tokens [H, n, D] join the nearest centroid of the last segment."""
-        sims = torch.einsum("hnd,hcd->hnc", keys.float(), self._unit)
+        keys = keys.to("cpu", torch.float32)  # the index lives in host memory
+        sims = torch.einsum("hnd,hcd->hnc", keys, self._unit)
         new_assign = sims.argmax(dim=-1) + self._unit_offset
         self.assign = torch.cat([self.assign, new_assign], dim=1)
         self._add_members(keys, new_assign)
 
     def _add_members(self, keys, new_assign) -> None:
         """Add keys [H, n, D] to their clusters' running sums; centroids are member means."""
+        keys = keys.to("cpu", torch.float32)
         for h in range(self.H):
             self._sums[h].index_add_(0, new_assign[h], keys[h].float())
             self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
@@ -186,7 +188,10 @@ class ClusterIndex:
         return self._counts_cache
 
     def select(self, q, view: LayerView, lo, hi, k):
-        mask = self.candidate_mask(q, lo, hi, k)
+        # The index lives in host memory; the rerank runs where the summaries are.
+        # (On CUDA the decode step uses `DeviceClusterIndex`, which never leaves the device.)
+        dev = q.device
+        mask = self.candidate_mask(q.to("cpu"), lo, hi, k)
         n_valid = mask.sum(1)
         n = max(int(n_valid.max()), k)
         # Compact each row's candidates to the front, in token order (O(T), no sort):
@@ -197,7 +202,8 @@ class ClusterIndex:
         ids.scatter_(1, column, torch.arange(T).expand(H, T))
         ids = ids[:, :n]
         valid = torch.arange(n)[None, :] < n_valid[:, None]
-        ids = torch.where(valid, ids, torch.full_like(ids, lo))
+        ids = torch.where(valid, ids, torch.full_like(ids, lo)).to(dev)
+        valid = valid.to(dev)
         if view.keys is not None:  # keys in place (CPU): rerank exactly, and cheaper
             scores = exact_logits(q, view.keys.gather(ids))
         else:
@@ -219,7 +225,7 @@ def _fill_short(ids, valid, weights, lo, hi, k):
         if len(chosen) >= k:
             out.append(torch.sort(ids[h][torch.topk(weights[h], k).indices]).values)
             continue
-        rest = torch.arange(lo, hi)
+        rest = torch.arange(lo, hi, device=ids.device)
         rest = rest[~torch.isin(rest, chosen)][: k - len(chosen)]
         out.append(torch.sort(torch.cat([chosen, rest])).values)
     return torch.stack(out)

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 
 import pytest
 import torch
+
+# Triton kernels run in its interpreter where there is no GPU (read when a kernel is
+# first defined, so before any test imports one).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"

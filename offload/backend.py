@@ -1,0 +1,56 @@
+"""The compute backend, chosen once per runtime and handed to the caches and the step.
+
+    cuda   Triton kernels (decode attention over device-side lengths), decode steps
+           captured as CUDA graphs, pinned host memory
+    cpu    the kernels' plain-torch references, eager steps, ordinary memory
+
+Code that differs by device asks this object, instead of testing
+`device.type == "cuda"` where it stands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload.kernels import triton_available
+from offload.kernels.decode_attention import decode_attention, decode_attention_ref
+from offload.kernels.gather import device_view, gather_kv, gather_kv_ref
+
+
+@dataclass(frozen=True)
+class Backend:
+    device: torch.device
+    kernels: bool = False  # Triton kernels instead of their torch references
+    graphs: bool = False  # replay decode steps as CUDA graphs
+    pin: bool = False  # pin host tensors (asynchronous copies, device reads through UVA)
+    # Host memory is not the compute device's: the dense layers of a tiered cache keep a
+    # device copy of their KV, and decode steps over it run fixed-shape.
+    remote_host: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, graphs: bool = True) -> Backend:
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        kernels = cuda and triton_available()
+        return cls(device, kernels=kernels, graphs=cuda and graphs, pin=cuda, remote_host=cuda)
+
+    def decode_attention(self, q, k, v, length) -> torch.Tensor:
+        """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""
+        if self.kernels:
+            return decode_attention(q, k, v, length)
+        return decode_attention_ref(q, k, v, length)
+
+    def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
+        """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""
+        if self.kernels:
+            return gather_kv(slab, slot_table, ids)
+        return gather_kv_ref(slab, slot_table, ids)
+
+    def host_view(self, t: torch.Tensor) -> torch.Tensor:
+        """The host tensor `t` as the compute device reads it: on CUDA a view of the pinned
+        memory through unified virtual addressing (no copy); elsewhere `t` itself."""
+        if self.device.type == "cuda":
+            return device_view(t, self.device)
+        return t

@@ -1,0 +1,127 @@
+"""Decode attention: one query position per KV-head group against a KV buffer whose
+valid length is a device tensor, so the call has fixed shapes and a CUDA graph can
+replay it while the context grows.
+
+    q       [H, G, D]   the G query heads of each of the H KV heads (one position)
+    k, v    [H, N, D]   N rows of capacity (last dim contiguous); rows >= length ignored
+    length  [1] int64   valid rows, on the device (an int is accepted by the reference)
+    ->      [H, G, D]   softmax(q k^T / sqrt(D)) v over rows 0 .. length-1
+
+The Triton kernel is flash-decoding: the N rows are cut into splits, one program
+per (KV head, split) keeps a running max, sum and weighted V sum over its rows
+(the G query heads as the rows of one `tl.dot`, padded to 16), and the splits are
+merged by their log-sum-exps. Splits past `length` do no work. One program per
+head, as SDPA runs a single decode query, would leave most of a GPU idle.
+
+    rows  0 ........................................ N-1
+          |split 0|split 1| ... |split s|  ...  |split S-1|
+                                    ^ length: later splits exit at once
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import torch
+
+BLOCK_N = 64  # rows per inner iteration
+MAX_SPLITS = 128  # partial results merged per (head, query)
+
+
+def decode_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor | int
+) -> torch.Tensor:
+    """Plain-torch reference (and the CPU path): float32 softmax over the valid rows."""
+    H, G, D = q.shape
+    N = k.shape[1]
+    logits = torch.matmul(q.float(), k.float().transpose(1, 2)) * D**-0.5  # [H, G, N]
+    if not isinstance(length, int):
+        length = length.reshape(())
+    valid = torch.arange(N, device=q.device) < length
+    logits = logits.masked_fill(~valid, float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), v.float()).to(q.dtype)
+
+
+def split_rows(N: int) -> int:
+    """Rows per split for a buffer of N rows: a multiple of BLOCK_N, at most MAX_SPLITS splits."""
+    blocks = math.ceil(N / BLOCK_N)
+    return BLOCK_N * max(1, math.ceil(blocks / MAX_SPLITS))
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    """The Triton kernel (see the module docstring); same contract as the reference."""
+    import triton
+
+    H, G, D = q.shape
+    N = k.shape[1]
+    assert k.shape == v.shape == (H, N, D), (q.shape, k.shape, v.shape)
+    assert k.stride(2) == 1 and v.stride(2) == 1 and q.stride(2) == 1, "last dim contiguous"
+    assert D & (D - 1) == 0 and D >= 16, f"head_dim {D} must be a power of two >= 16"
+    assert length.dtype == torch.int64 and length.numel() == 1
+    split = split_rows(N)
+    num_splits = math.ceil(N / split)
+    GP = max(16, triton.next_power_of_2(G))  # tl.dot needs at least 16 rows
+    m = torch.empty(H, GP, num_splits, dtype=torch.float32, device=q.device)
+    s = torch.empty_like(m)
+    acc = torch.empty(H, GP, num_splits, D, dtype=torch.float32, device=q.device)
+    _kernels().split[(H, num_splits)](
+        q, k, v, length, m, s, acc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        D**-0.5, G, split,
+        GP=GP, D=D, BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    # Merge the splits: a split with no rows has m = -inf and weight 0.
+    w = torch.exp(m - m.amax(dim=-1, keepdim=True))  # [H, GP, S]
+    out = (acc * w[..., None]).sum(2) / (s * w).sum(-1, keepdim=True)
+    return out[:, :G].to(q.dtype)
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """Define the Triton kernels on first use (so importing this module needs no triton,
+    and `TRITON_INTERPRET` is read when the kernel is first wanted)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split(Q, K, V, LEN, M, S, ACC, sq_h, sq_g, sk_h, sk_t, sv_h, sv_t, scale, G, SPLIT,
+              GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        h = tl.program_id(0)
+        sp = tl.program_id(1)
+        num_splits = tl.num_programs(1)
+        length = tl.load(LEN)
+        start = sp * SPLIT
+        stop = tl.minimum(start + SPLIT, length)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        q = tl.load(Q + h * sq_h + g[:, None] * sq_g + d[None, :], mask=g[:, None] < G, other=0.0)
+        q = q.to(tl.float32) * scale
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        s_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for n0 in range(start, stop, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            ok = n < stop
+            k = tl.load(K + h * sk_h + n[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+            # float32 operands: 16-bit inputs go through tf32 (the kernel is bound by its
+            # reads, not its math); float32 inputs are multiplied exactly.
+            logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+            logits = tl.where(ok[None, :], logits, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(logits - m_new[:, None])
+            s_i = s_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + h * sv_h + n[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
+            pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        row = (h * GP + g) * num_splits + sp  # m, s: [H, GP, splits]
+        tl.store(M + row, m_i)
+        tl.store(S + row, s_i)
+        tl.store(ACC + row[:, None] * D + d[None, :], acc)
+
+    return SimpleNamespace(split=split)

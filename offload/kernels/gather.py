@@ -1,0 +1,92 @@
+"""Gather the selected tokens' K and V from the host slab, read by the device itself.
+
+    slab        [2, H, slots, C, D]  a layer's host tier (storage/host.py); on CUDA the
+                                     pinned slab seen through `device_view`
+    slot_table  [chunks] int64       the slot of each chunk (on the compute device)
+    ids         [H, k] int64         token ids per KV head
+    ->          [2, H, k, D]         K and V of those tokens, on the compute device
+
+Pinned host memory has one address for the CPU and the GPU under unified virtual
+addressing, so a kernel can read the selected rows straight from it over PCIe: no
+staging copy, no host thread, nothing the host must wait for (ShadowKV and
+ClusterKV fetch offloaded KV the same way). Only the k rows cross PCIe.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+BLOCK_K = 32  # token rows per program
+
+
+def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor over the memory of the pinned host tensor `t` (same address, UVA).
+    The caller keeps `t` alive for as long as the view is used."""
+    assert t.is_pinned() and t.is_contiguous(), "device_view needs a contiguous pinned tensor"
+    nbytes = t.numel() * t.element_size()
+    iface = SimpleNamespace(
+        __cuda_array_interface__={
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (t.data_ptr(), False),
+            "version": 3,
+            "strides": None,
+        }  # fmt: skip
+    )
+    return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
+
+
+def gather_kv_ref(slab: torch.Tensor, slot_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Plain-torch reference (advanced indexing)."""
+    C = slab.shape[3]
+    heads = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    return slab[:, heads, slot_table[ids // C], ids % C]
+
+
+def gather_kv(
+    slab: torch.Tensor, slot_table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The Triton kernel: one program per (KV head, block of BLOCK_K ids); slot lookup,
+    K and V rows in one launch. `out` [2, H, k, D] may be given (a static buffer)."""
+    import triton
+
+    _, H, _, C, D = slab.shape
+    k = ids.shape[1]
+    assert slab.stride(4) == 1 and ids.is_contiguous() and ids.shape[0] == H
+    assert D & (D - 1) == 0, f"head_dim {D} must be a power of two"
+    if out is None:
+        out = torch.empty(2, H, k, D, dtype=slab.dtype, device=ids.device)
+    assert out.stride(3) == 1
+    _kernels().gather[(H, triton.cdiv(k, BLOCK_K))](
+        slab, slot_table, ids, out, k,
+        slab.stride(0), slab.stride(1), slab.stride(2), slab.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        C=C, D=D, BLOCK=BLOCK_K,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather(SLAB, SLOTS, IDS, OUT, k, s_kv, s_h, s_slot, s_c, o_kv, o_h, o_k,
+               C: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        h = tl.program_id(0).to(tl.int64)  # offsets into a large slab need 64 bits
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = j < k
+        t = tl.load(IDS + h * k + j, mask=ok, other=0)
+        slot = tl.load(SLOTS + t // C, mask=ok, other=0)
+        src = h * s_h + slot * s_slot + (t % C) * s_c
+        dst = h * o_h + j * o_k
+        d = tl.arange(0, D)
+        for kv in tl.static_range(2):
+            x = tl.load(SLAB + kv * s_kv + src[:, None] + d[None, :], mask=ok[:, None])
+            tl.store(OUT + kv * o_kv + dst[:, None] + d[None, :], x, mask=ok[:, None])
+
+    return SimpleNamespace(gather=gather)

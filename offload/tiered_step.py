@@ -1,0 +1,205 @@
+"""The fixed-shape decode step over the tiered store (KV in host memory, sparse layers).
+
+Inside the step (captured as a CUDA graph on CUDA), per layer:
+
+    dense layers (the first `dense_layers`)   K/V written at `pos` into the layer's device
+                                              mirror; attention over it up to pos + 1
+    sparse layers                             K/V written into the device window ring at
+                                              pos % window;
+                                              select: DeviceClusterIndex -> ids [H, k]
+                                              fetch:  gather kernel, straight from the
+                                                      pinned host slab (UVA)
+                                              attend: sink | selected | window ring
+
+Nothing there reads a host value: the range end `hi = pos + 1 - window` is computed
+on the device. Between steps (`finish`), every `chunk_size` tokens the completed
+chunk goes from the device (ring or mirror) into the store: host slab, summaries,
+abstracts, and the cluster index absorbs it in batches as in the eager path; the
+device index is synced from it. So the store lags the context by less than one
+chunk while steps run; `flush` brings it level before anything else reads it.
+
+A step runs fixed-shape only while every sparse layer attends sparsely, uses the
+cluster selector and has all its chunks on the host in slot order (no spill);
+otherwise the store is flushed and the step is decoded eagerly (offload/attention.py).
+
+Differences from the eager path, by design: no device hit cache or speculative
+prefetch (the gather reads all k rows each step); the rerank uses the low-bit
+summaries (as the eager path does wherever keys are not in the CPU's memory); the
+number retrieved per head is `retrieved`, or the fraction of the context rounded
+up to `K_BUCKET` tokens (so `k` changes, and the step is captured again, rarely);
+and the index absorbs a finished batch one step later than the eager path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.backend import Backend
+from retrieval import ClusterIndex
+from retrieval.device_index import DeviceClusterIndex
+from storage.quant import QuantKeys
+
+K_BUCKET = 1024  # context tokens per step of the retrieved count (fraction mode)
+TOKEN_GROWTH = 1.25  # the device index's token capacity grows by this factor
+
+
+class TieredPlan:
+    def __init__(self, cache, backend: Backend, max_tokens: int):
+        self.cache, self.backend, self.max_tokens = cache, backend, max_tokens
+        self.store, self.policy = cache.store, cache.policy
+        sel, L = self.policy.selection, self.store.layout
+        self.sel, self.layout = sel, L
+        dev = backend.device
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)  # static inputs of the graph
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.length = torch.zeros(1, dtype=torch.long, device=dev)  # pos + 1
+        self.hi = torch.zeros(1, dtype=torch.long, device=dev)  # pos + 1 - window
+        self.ring_slot = torch.zeros(1, dtype=torch.long, device=dev)  # pos % window
+        self.rows = torch.zeros(1, dtype=torch.long, device=dev)  # sink + k + window
+        self.k = self.num_candidates = self._rows = 0
+        self.sparse = [i for i, s in enumerate(self.policy.selectors) if s is not None]
+        self.indexes = {
+            i: DeviceClusterIndex(L.num_kv_heads, L.head_dim, sel.candidate_factor, dev)
+            for i in self.sparse
+        }
+        self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
+        self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.layers = [
+            cache.layers[i].mirror.step_layer(self.pos, self.length, backend)
+            if i not in self.indexes
+            else SparseStepLayer(self, i)
+            for i in range(L.num_layers)
+        ]
+
+    # -- between steps -------------------------------------------------------------
+
+    def applies(self, num_tokens: int) -> bool:
+        """Can the step at this position run fixed-shape? (See the module docstring.)"""
+        T = num_tokens + 1
+        store, policy = self.store, self.policy
+        if not self.sparse or any(self.cache.layers[i].mirror is None for i in self._dense()):
+            return False
+        for i in self.sparse:
+            if not isinstance(policy.selectors[i], ClusterIndex):
+                return False
+            if not policy.use_sparse(i, T, store) or not policy.indexed[i]:
+                return False
+            if not store.host[i].in_order(store.lengths[i]):
+                return False
+        return True
+
+    def _dense(self) -> list[int]:
+        return [i for i in range(self.layout.num_layers) if i not in self.indexes]
+
+    def prepare(self, num_tokens: int) -> tuple | None:
+        if not self.applies(num_tokens):
+            self.flush()
+            return None
+        T = num_tokens + 1
+        sel, C = self.sel, self.layout.chunk_size
+        lo, hi = min(sel.sink, T), T - sel.window
+        bucket = -(-T // K_BUCKET) * K_BUCKET
+        self.k = min(sel.retrieved or sel.retrieved_for(bucket), hi - lo)
+        for i in self._dense():
+            self.cache.layers[i].mirror.reserve(T, self.max_tokens)
+        tail = sel.index_refresh + 2 * C  # tokens between the index end and hi, at most
+        grown = False
+        for i in self.sparse:
+            index = self.policy.selectors[i]
+            dev = self.indexes[i]
+            if self._synced[i] != index.indexed_tokens or dev.token_capacity < T:
+                cap = max(T + C, int(dev.token_capacity * TOKEN_GROWTH))
+                grown |= dev.sync(index, min(cap, self.max_tokens), tail)
+                self._synced[i] = index.indexed_tokens
+        self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
+        rows = sel.sink + self.k + sel.window
+        if rows != self._rows:
+            self.rows.fill_(rows)
+            self._rows = rows
+        return (self.k, self.num_candidates, *self._addresses())
+
+    def _addresses(self) -> tuple:
+        """Every buffer address a captured step reads: it is captured again when one moves."""
+        out = []
+        for i in self._dense():
+            out.append(self.cache.layers[i].mirror.k.data.data_ptr())
+        for i in self.sparse:
+            d, idx = self.store.dev[i], self.indexes[i]
+            out += [d.codes.data.data_ptr(), d.scale.data.data_ptr(), d.zero.data.data_ptr()]
+            out += [self.store.host[i].slab.data_ptr(), idx.centroids.data_ptr()]
+            out.append(idx.assign.data_ptr())
+        return tuple(out)
+
+    def derive(self, pos: torch.Tensor) -> None:
+        torch.add(pos, 1, out=self.length)
+        torch.sub(self.length, self.sel.window, out=self.hi)
+        torch.remainder(pos, self.sel.window, out=self.ring_slot)
+
+    def finish(self, num_tokens: int) -> None:
+        for i in self._dense():
+            self.cache.layers[i].mirror.commit(1)
+        if num_tokens % self.layout.chunk_size == 0:
+            self.flush(num_tokens)
+            for i in self.sparse:  # the index absorbs new chunks in batches, as eagerly
+                self.policy.update(self.store, i)
+
+    def flush(self, num_tokens: int | None = None) -> None:
+        """Bring the store level with the cache: append the tokens the steps wrote only
+        to the device (ring or mirror) since the last flush."""
+        T = self.cache.num_tokens if num_tokens is None else num_tokens
+        store = self.store
+        with store.lock:
+            for i in range(self.layout.num_layers):
+                t0 = store.lengths[i]
+                if t0 >= T:
+                    continue
+                mirror = self.cache.layers[i].mirror
+                if mirror is not None:
+                    k, v = mirror.k.data[:, t0:T], mirror.v.data[:, t0:T]
+                else:
+                    k, v = store.dev[i].read_window(t0, T)
+                store.append(i, k, v)
+
+    # -- what the step reads ---------------------------------------------------------
+
+    def summaries(self, layer: int) -> QuantKeys:
+        """Layer's low-bit keys over their whole buffers (ids below the summarized count)."""
+        d, L = self.store.dev[layer], self.layout
+        return QuantKeys(L.summary_bits, L.chunk_size, d.codes.data, d.scale.data, d.zero.data)
+
+    def slab(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host slab as the device reads it, and the slot table of in-order chunks."""
+        slab = self.store.host[layer].slab
+        cached = self._views.get(layer)
+        if cached is None or cached[0] != slab.data_ptr():
+            slots = torch.arange(slab.shape[2], device=self.backend.device)
+            cached = (slab.data_ptr(), self.backend.host_view(slab), slots)
+            self._views[layer] = cached
+        return cached[1], cached[2]
+
+
+class SparseStepLayer:
+    """A sparse tiered layer inside the fixed-shape step (see the module docstring)."""
+
+    def __init__(self, plan: TieredPlan, layer: int):
+        self.plan, self.layer = plan, layer
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        ring = self.plan.store.dev[self.layer].ring  # [2, H, window, D]
+        ring[0].index_copy_(1, self.plan.ring_slot, k)  # k, v: [H, 1, D]
+        ring[1].index_copy_(1, self.plan.ring_slot, v)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        plan, layer = self.plan, self.layer
+        Hq, _, D = q.shape
+        dev = plan.store.dev[layer]
+        H = dev.ring.shape[1]
+        qg = q.reshape(H, Hq // H, D)
+        ids = plan.indexes[layer].select(  # sparse steps run past the sink: lo = sink
+            qg, plan.summaries(layer), plan.sel.sink, plan.hi, plan.k, plan.num_candidates
+        )
+        slab, slots = plan.slab(layer)
+        chosen = plan.backend.gather_kv(slab, slots, ids)  # [2, H, k, D]
+        kv = torch.cat([dev.sink_kv, chosen, dev.ring], dim=2)
+        out = plan.backend.decode_attention(qg, kv[0], kv[1], plan.rows)
+        return out.reshape(Hq, 1, D)

@@ -1,0 +1,126 @@
+"""`DeviceClusterIndex`: a `ClusterIndex` mirrored into fixed-capacity device buffers,
+and its selection with fixed shapes (no host synchronisation, CUDA-graph capturable).
+
+The index itself (k-means, assignment of new tokens) is still built by
+`ClusterIndex`; `sync` copies its state here between decode steps. `select` then
+computes, on the device, exactly what `ClusterIndex.select` computes with the
+low-bit rerank, with these shapes fixed at capture time:
+
+    clusters   [H, NC_cap]      centroids past the real count score -inf
+    tokens     [H, T_cap]       assign of each token; tokens not indexed yet point at
+                                the extra cluster NC_cap, which is always taken
+    candidates [H, N]           N = candidate_factor * k + pad (`candidate_count`)
+
+The range end `hi` (= context - window) is a device tensor, so the same replay
+serves every step until a buffer is reallocated or `k` changes.
+
+Where it differs from `ClusterIndex.select`: a head with fewer than k candidates
+(possible only when candidate_factor * k minus the sink is below k, i.e. with
+candidate_factor 1) gets token `lo` repeated instead of other tokens of the range.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retrieval.base import coarse_max, exact_logits, fine_softmax_sum
+from retrieval.cluster import ClusterIndex
+from storage.quant import QuantKeys, score_keys_at
+
+CANDIDATE_PAD = 256  # candidate slots are rounded up to this many (fewer recaptures)
+
+
+class DeviceClusterIndex:
+    def __init__(self, num_heads: int, head_dim: int, candidate_factor: int, device):
+        self.H, self.D, self.factor, self.device = num_heads, head_dim, candidate_factor, device
+        self.centroids = torch.zeros(num_heads, 0, head_dim, device=device)
+        self.bias = torch.zeros(num_heads, 0, device=device)  # 0 real, -inf past the count
+        self.counts = torch.zeros(num_heads, 1, device=device)  # [H, NC_cap + 1]
+        self.assign = torch.zeros(num_heads, 0, dtype=torch.long, device=device)
+        self.max_count = 0  # the largest cluster (bounds the candidates)
+        self.tail = 0  # tokens of [indexed, hi) at most (always candidates)
+
+    @property
+    def token_capacity(self) -> int:
+        return self.assign.shape[1]
+
+    @property
+    def cluster_capacity(self) -> int:
+        return self.centroids.shape[1]
+
+    def sync(self, index: ClusterIndex, token_capacity: int, tail: int) -> bool:
+        """Copy `index` into the buffers, growing them (geometrically) to hold it and
+        `token_capacity` tokens. `tail` bounds the tokens between the end of the index
+        and the range end at any step until the next sync. Returns whether a buffer was
+        reallocated (a captured step must then be captured again)."""
+        H, D, dev = self.H, self.D, self.device
+        NC, T_idx = index.centroids.shape[1], index.indexed_tokens
+        grown = False
+        if NC > self.cluster_capacity:
+            cap = max(NC, 2 * self.cluster_capacity)
+            self.centroids = torch.zeros(H, cap, D, device=dev)
+            self.bias = torch.zeros(H, cap, device=dev)
+            self.counts = torch.zeros(H, cap + 1, device=dev)
+            grown = True
+        if max(token_capacity, T_idx) > self.token_capacity:
+            self.assign = torch.zeros(
+                H, max(token_capacity, T_idx, 2 * self.token_capacity), dtype=torch.long, device=dev
+            )
+            grown = True
+        cap = self.cluster_capacity
+        self.centroids[:, :NC] = index.centroids.to(dev)
+        self.centroids[:, NC:] = 0
+        self.bias[:, :NC] = 0
+        self.bias[:, NC:] = float("-inf")
+        counts = index._counts_exact().to(dev, torch.float32)
+        self.counts[:, :NC] = counts
+        self.counts[:, NC:] = 0
+        self.assign[:, :T_idx] = index.assign.to(dev)
+        self.assign[:, T_idx:] = cap  # not indexed yet: the extra, always-taken cluster
+        self.max_count = int(counts.max()) if NC else 0
+        self.tail = tail
+        return grown
+
+    def candidate_count(self, k: int) -> int:
+        """N: enough candidate slots for every head (see `select`), padded."""
+        need = self.factor * k + self.max_count + self.tail
+        return -(-need // CANDIDATE_PAD) * CANDIDATE_PAD
+
+    def select(
+        self,
+        q: torch.Tensor,
+        summaries: QuantKeys,
+        lo: int,
+        hi: torch.Tensor,
+        k: int,
+        num_candidates: int,
+    ) -> torch.Tensor:
+        """q [H, G, D], hi a device tensor [1] -> token ids [H, k] in [lo, hi), ascending.
+
+        Candidates: the best clusters by max of logits over the group until
+        candidate_factor x k tokens (then one more cluster), plus the tokens not yet
+        indexed; reranked by their low-bit keys (sum of softmax), top-k."""
+        H, T_cap = self.H, self.token_capacity
+        N = num_candidates
+        cscore = coarse_max(exact_logits(q.float(), self.centroids)) + self.bias  # [H, NC_cap]
+        ranked = torch.argsort(cscore, dim=-1, descending=True)
+        cum = torch.gather(self.counts[:, :-1], 1, ranked).cumsum(1)
+        n_clusters = (cum < self.factor * k).sum(1, keepdim=True) + 1  # [H, 1]
+        rank_ok = torch.arange(ranked.shape[1], device=q.device)[None, :] < n_clusters
+        take = torch.zeros(H, self.cluster_capacity + 1, dtype=torch.bool, device=q.device)
+        take[:, :-1].scatter_(1, ranked, rank_ok)
+        take[:, -1] = True  # the tokens not indexed yet
+        t = torch.arange(T_cap, device=q.device)
+        mask = torch.gather(take, 1, self.assign) & (t >= lo) & (t < hi)  # [H, T_cap]
+        # Compact each row's candidates to the front in token order; beyond N: dropped.
+        pos = mask.cumsum(1) - 1
+        column = torch.where(mask & (pos < N), pos, N)
+        ids = torch.full((H, N + 1), lo, dtype=torch.long, device=q.device)
+        ids.scatter_(1, column, t.expand(H, T_cap))
+        ids = ids[:, :N]
+        valid = torch.arange(N, device=q.device)[None, :] < mask.sum(1, keepdim=True)
+        ids = torch.where(valid, ids, lo)
+        scores = score_keys_at(summaries, q, ids) * q.shape[-1] ** -0.5  # [H, G, N]
+        weights = fine_softmax_sum(scores.masked_fill(~valid[:, None, :], float("-inf")))
+        top = torch.topk(weights, k, dim=-1, sorted=False).indices
+        return torch.sort(torch.gather(ids, 1, top), dim=-1).values

@@ -1,0 +1,60 @@
+"""Device-resident cluster selection: fixed shapes, and the same ids as `ClusterIndex`."""
+
+import pytest
+import torch
+
+from retrieval import ClusterIndex
+from retrieval.device_index import DeviceClusterIndex
+from tests.conftest import DEVICE
+from tests.retrieval_data import synthetic_layer, view_of
+
+
+def _pair(view, T_cap, factor=8, tail=0, **kw):
+    index = ClusterIndex(3, 64, candidate_factor=factor, **kw)
+    index.update(view)
+    dev = DeviceClusterIndex(3, 64, factor, DEVICE)
+    dev.sync(index, T_cap, tail)
+    return index, dev
+
+
+def _on(view, device):
+    s = view.summaries
+    return type(s)(s.bits, s.group, s.codes.to(device), s.scale.to(device), s.zero.to(device))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("factor", [2, 8])
+def test_device_selection_equals_cluster_index_selection(seed, factor):
+    keys, q, view = synthetic_layer(T=4096, seed=seed)
+    index, dev = _pair(view, 8192, factor)
+    lo, hi, k = 16, 4096 - 256, 205
+    ref = index.select(q, view, lo, hi, k)  # summary rerank: no keys in place in this view
+    n = dev.candidate_count(k)
+    got = dev.select(q.to(DEVICE), _on(view, DEVICE), lo, torch.tensor([hi], device=DEVICE), k, n)
+    assert got.shape == (3, k)
+    assert torch.equal(got.cpu(), ref)
+
+
+def test_device_selection_takes_tokens_not_yet_indexed_and_follows_hi():
+    """Tokens past the index are always candidates (as in `ClusterIndex`), and one
+    replay serves growing contexts: `hi` is read from the device."""
+    keys, q, view = synthetic_layer(T=4096, seed=4)
+    index, dev = _pair(view_of(keys, 3072), 4096, tail=1024)
+    qd, sd = q.to(DEVICE), _on(view, DEVICE)
+    n = dev.candidate_count(100)
+    for hi in (3200, 3500, 4096):
+        ref = index.select(q, view, 16, hi, 100)
+        got = dev.select(qd, sd, 16, torch.tensor([hi], device=DEVICE), 100, n)
+        assert torch.equal(got.cpu(), ref), hi
+        assert int(got.max()) < hi and int(got.min()) >= 16
+
+
+def test_sync_reports_reallocation_only_when_buffers_grow():
+    keys, _, view = synthetic_layer(T=4096, seed=5)
+    index = ClusterIndex(3, 64, refresh=256)
+    index.update(view_of(keys, 2048))
+    dev = DeviceClusterIndex(3, 64, 8, DEVICE)
+    assert dev.sync(index, 8192, 0)
+    index.update(view_of(keys, 2560))  # assigned to existing clusters
+    assert not dev.sync(index, 8192, 0)
+    assert dev.token_capacity == 8192 and int(dev.assign[:, 2560:].min()) == dev.cluster_capacity
