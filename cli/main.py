@@ -381,6 +381,13 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
             f"{tier}: {human_bytes(p.tier_total(tier))} of {human_bytes(budget)}: {verdict}"
         )
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
+    window = f"the model's whole {a.max_seq_len:,}-token window"
+    if p.kv_on_device:
+        console.print(f'on CUDA, mode "auto" keeps all KV on the device: {window} fits there')
+    else:
+        console.print(
+            f'on CUDA, mode "auto" uses the tiers above: {window} does not fit the device'
+        )
     if not (p.fits_device and p.fits_host):
         sys.exit(1)
 

@@ -131,13 +131,16 @@ class KVCache:
         which must not cross PCIe. Call again after the store's content was replaced."""
         store = self.store
         for i in range(min(self.policy.selection.dense_layers, len(self.layers))):
-            mirror = DenseLayer(store.layout.num_kv_heads, store.layout.head_dim, store.dtype,
-                                device)  # fmt: skip
+            mirror = self.layers[i].mirror  # refilled in place: a step plan holds it
+            if mirror is None:
+                L = store.layout
+                mirror = DenseLayer(L.num_kv_heads, L.head_dim, store.dtype, device)
+                self.layers[i].mirror = mirror
+            mirror.truncate(0)
             if store.lengths[i]:
                 with store.lock:
                     k, v = store.gather_all(i)
                 mirror.append(k.to(device), v.to(device))
-            self.layers[i].mirror = mirror
 
     def decode(self, model, token: int) -> torch.Tensor:
         """Feed one token; return its float32 logits [V]."""

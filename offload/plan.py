@@ -51,6 +51,13 @@ class Plan:
     def dense_kv_bytes(self) -> int:
         return self.layout.kv_bytes(self.context)
 
+    @property
+    def kv_on_device(self) -> bool:
+        """Would `mode = "auto"` on CUDA keep all KV on the device? It does when the KV of
+        the model's whole context window fits beside the weights (offload/runtime.py)."""
+        fixed = sum(r.nbytes for r in self.rows if r.what in ("weights", "activations reserve"))
+        return fixed + self.layout.kv_bytes(self.args.max_seq_len) <= self.device_budget
+
 
 def make_plan(
     model: str | Path,
@@ -62,6 +69,7 @@ def make_plan(
     summary_bits: int = 2,
     sink: int = 16,
     window: int = 256,
+    dense_layers: int = 2,
 ) -> Plan:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -73,6 +81,7 @@ def make_plan(
     full_chunks = context // chunk_size
     resident = min(context, sink + window)
     weights = count_parameters(a) * DTYPE_BYTES[dtype]
+    n_dense = min(dense_layers, a.num_layers)  # their KV is mirrored on the GPU
     host_kv_all = L.kv_bytes(context)
     host_room = max(0, host_bytes)
     host_kv = min(host_kv_all, host_room // L.chunk_bytes * L.chunk_bytes)
@@ -82,6 +91,10 @@ def make_plan(
         PlanRow("device", "weights", weights, 0.0),
         PlanRow("device", "activations reserve", ACTIVATION_RESERVE, 0.0),
         PlanRow("device", f"sink + window KV ({sink} + {window} tokens)", resident * L.token_bytes, 0.0),
+        PlanRow(
+            "device", f"KV of the {n_dense} dense layers (attended whole every step)",
+            context * n_dense * L.token_bytes_per_layer, n_dense * L.token_bytes_per_layer,
+        ),
         PlanRow(
             "device", f"{summary_bits}-bit key summaries",
             full_chunks * chunk_size * L.summary_bytes_per_token, L.summary_bytes_per_token,

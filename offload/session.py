@@ -33,7 +33,15 @@ def save_state(rt: Runtime, state: _KVState, path: str | Path, kind: str, extra:
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
     if cache.store is None:  # the device cache: sessions are written from the tiered store
-        cache = _tiered_copy(rt, cache)
+        copy = _tiered_copy(rt, cache)
+        try:
+            return _save(rt, copy, state.ids, path, kind, extra, t)
+        finally:
+            copy.close()
+    return _save(rt, cache, state.ids, path, kind, extra, t)
+
+
+def _save(rt: Runtime, cache: KVCache, ids: list[int], path, kind: str, extra: dict, t) -> dict:
     index, index_meta = _index_state(cache.policy)
     meta = {
         "kind": kind,
@@ -46,10 +54,8 @@ def save_state(rt: Runtime, state: _KVState, path: str | Path, kind: str, extra:
         "config": rt.config.to_dict(),
         **extra,
     }
-    nbytes = save_session(
-        Path(path), cache.store, SessionContents(state.ids, meta, index, index_meta)
-    )
-    return {"tokens": len(state.ids), "bytes": nbytes, "seconds": time.perf_counter() - t}
+    nbytes = save_session(Path(path), cache.store, SessionContents(ids, meta, index, index_meta))
+    return {"tokens": len(ids), "bytes": nbytes, "seconds": time.perf_counter() - t}
 
 
 def _index_state(policy) -> tuple[dict[str, torch.Tensor], dict]:

@@ -57,6 +57,7 @@ class TieredPlan:
         self.ring_slot = torch.zeros(1, dtype=torch.long, device=dev)  # pos % window
         self.rows = torch.zeros(1, dtype=torch.long, device=dev)  # sink + k + window
         self.k = self.num_candidates = self._rows = 0
+        self.steps = 0  # steps this plan ran (fixed-shape)
         self.sparse = [i for i, s in enumerate(self.policy.selectors) if s is not None]
         self.indexes = {
             i: DeviceClusterIndex(L.num_kv_heads, L.head_dim, sel.candidate_factor, dev)
@@ -136,6 +137,11 @@ class TieredPlan:
         torch.remainder(pos, self.sel.window, out=self.ring_slot)
 
     def finish(self, num_tokens: int) -> None:
+        self.steps += 1
+        stats = self.policy.stats  # counted as the eager path counts them
+        stats.sparse_steps += len(self.sparse)
+        stats.dense_steps += self.layout.num_layers - len(self.sparse)
+        stats.last_retrieved = self.k
         for i in self._dense():
             self.cache.layers[i].mirror.commit(1)
         if num_tokens % self.layout.chunk_size == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from retrieval.base import LayerView, coarse_max, exact_logits, fine_softmax_sum, top_k_ids
 from storage.quant import score_keys_at
@@ -43,10 +44,13 @@ class ClusterIndex:
         candidate_factor: int = 4,
         refresh: int = 256,
         seed: int = 1234,
+        kmeans: str = "auto",
     ):
         self.H, self.D = num_heads, head_dim
         self.cluster_size, self.iters, self.segment = cluster_size, iters, segment
         self.candidate_factor, self.refresh, self.seed = candidate_factor, refresh, seed
+        assert kmeans in ("auto", "faiss", "torch"), kmeans
+        self.kmeans = kmeans  # auto: faiss for keys in host memory, torch for keys on a GPU
         self.reset()
 
     def reset(self) -> None:
@@ -66,29 +70,38 @@ class ClusterIndex:
     # -- building --------------------------------------------------------------
 
     def _kmeans_segment(self, keys: torch.Tensor) -> None:
-        """k-means over keys [H, n, D] of a new segment starting at indexed_tokens."""
+        """k-means over keys [H, n, D] of a new segment starting at indexed_tokens: faiss
+        on the CPU, batched torch matmuls where the keys are on a GPU."""
         H, n, D = keys.shape
         nc = max(1, min(n, round(n / self.cluster_size)))
+        if self.kmeans == "faiss" or self.kmeans == "auto" and keys.device.type == "cpu":
+            unit, assign = self._faiss_kmeans(keys, nc)
+        else:
+            unit, assign = spherical_kmeans(keys, nc, self.iters, self.seed)
+            unit, assign = unit.cpu(), assign.cpu()
+        base = self.centroids.shape[1]
+        self._unit = unit
+        self._unit_offset = base
+        self.segments.append(self.indexed_tokens)
+        new_assign = assign + base
+        self._sums = torch.cat([self._sums, torch.zeros(H, nc, D)], dim=1)
+        self._counts = torch.cat([self._counts, torch.zeros(H, nc)], dim=1)
+        self.assign = torch.cat([self.assign, new_assign], dim=1)
+        self._add_members(keys, new_assign)
+
+    def _faiss_kmeans(self, keys: torch.Tensor, nc: int) -> tuple[torch.Tensor, torch.Tensor]:
         units, assigns = [], []
-        for h in range(H):
+        for h in range(keys.shape[0]):
             x = as_faiss(keys[h])
             km = faiss.Kmeans(
-                D, nc, niter=self.iters, spherical=True, seed=self.seed, verbose=False
+                x.shape[1], nc, niter=self.iters, spherical=True, seed=self.seed, verbose=False
             )
             km.cp.min_points_per_centroid = 1  # silence faiss' warning on small segments
             km.train(x)
             _, a = km.index.search(x, 1)
             units.append(torch.from_numpy(km.centroids.copy()))
             assigns.append(torch.from_numpy(a[:, 0].astype(np.int64)))
-        base = self.centroids.shape[1]
-        self._unit = torch.stack(units)
-        self._unit_offset = base
-        self.segments.append(self.indexed_tokens)
-        new_assign = torch.stack(assigns) + base
-        self._sums = torch.cat([self._sums, torch.zeros(H, nc, D)], dim=1)
-        self._counts = torch.cat([self._counts, torch.zeros(H, nc)], dim=1)
-        self.assign = torch.cat([self.assign, new_assign], dim=1)
-        self._add_members(keys, new_assign)
+        return torch.stack(units), torch.stack(assigns)
 
     def _assign_to_last(self, keys: torch.Tensor) -> None:
         """New tokens [H, n, D] join the nearest centroid of the last segment."""
@@ -214,6 +227,40 @@ class ClusterIndex:
         if bool((n_valid < k).any()):  # too few candidates (tiny contexts): fill from the range
             return _fill_short(ids, valid, weights, lo, hi, k)
         return top_k_ids(weights, ids, k)
+
+
+KMEANS_BLOCK = 8192  # points scored against the centroids at a time (bounds memory)
+
+
+def spherical_kmeans(
+    keys: torch.Tensor, nc: int, iters: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means of each head's points, all heads at once, where `keys` lie.
+
+    keys: [H, n, D] -> unit centroids [H, nc, D] float32, assignment [H, n] int64.
+    Lloyd iterations on the unit sphere, as faiss' spherical k-means: start from nc
+    distinct points (seeded), assign by the largest dot product, move each centroid
+    to its members' normalized mean; a cluster left empty keeps its centroid."""
+    H, n, D = keys.shape
+    x = F.normalize(keys.float(), dim=-1)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    start = torch.stack([torch.randperm(n, generator=gen, device=x.device)[:nc] for _ in range(H)])
+    c = torch.gather(x, 1, start[:, :, None].expand(H, nc, D))
+    for _ in range(iters):
+        assign = _nearest(x, c)
+        sums = torch.zeros_like(c).scatter_add_(1, assign[:, :, None].expand(H, n, D), x)
+        counts = torch.zeros(H, nc, device=x.device).scatter_add_(1, assign, x.new_ones(H, n))
+        c = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), c)
+    return c, _nearest(x, c)
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[H, n] index of the largest x . c, in blocks of KMEANS_BLOCK points."""
+    blocks = [
+        torch.bmm(x[:, s : s + KMEANS_BLOCK], c.transpose(1, 2)).argmax(-1)
+        for s in range(0, x.shape[1], KMEANS_BLOCK)
+    ]
+    return torch.cat(blocks, dim=1)
 
 
 def _fill_short(ids, valid, weights, lo, hi, k):

@@ -152,14 +152,17 @@ class _Clock:
         pass
 
 
-def bench_hf(model, ids: list[int], decode_tokens: int) -> dict:
+def bench_hf(model, ids: list[int], decode_tokens: int, **generate_kwargs) -> dict:
+    """transformers `generate` on `ids`, timed per token; `generate_kwargs` choose its
+    cache (e.g. `cache_implementation="static"` or `"offloaded"`)."""
     clock = _Clock()
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=decode_tokens + 1,
             min_new_tokens=decode_tokens + 1, do_sample=False, streamer=clock, pad_token_id=2,
+            **generate_kwargs,
         )  # fmt: skip
     # put() is called once with the prompt, then once per generated token.
     first = clock.times[1]

@@ -179,6 +179,7 @@ def _tiered_pair(tiny_dirs, **overrides):
                prefetch="off", device=DEVICE.type)  # fmt: skip
     rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], **{**cfg, **overrides})
     eager, stepped = rt.new_cache(), rt.new_cache()
+    eager.step = None  # on CUDA the Runtime gives tiered caches the (captured) step
     if stepped.step is None:  # on a CPU the Runtime decodes tiered caches eagerly
         stepped.mirror_dense_layers(DEVICE)
         stepped.use_step(rt.model, Backend(DEVICE, kernels=True, graphs=False))
@@ -197,8 +198,9 @@ def test_fixed_shape_tiered_step_equals_eager_sparse_decode(tiny_dirs):
         c.finish_prefill()
     out = [_greedy(c, rt.model, lg, 30) for c, lg in zip((eager, stepped), logits, strict=True)]
     assert out[0] == out[1]
-    assert eager.policy.stats.sparse_steps == 30  # layer 1 attended sparsely at every step
-    assert stepped.policy.stats.sparse_steps == 0  # ... and here never through the eager path
+    # layer 1 attended sparsely at every step, and in the stepped cache fixed-shape
+    assert eager.policy.stats.sparse_steps == stepped.policy.stats.sparse_steps == 30
+    assert stepped.step.plan.steps == 30
     # The store lags by less than a chunk while steps run; flushing brings it level.
     assert stepped.store.num_tokens <= stepped.num_tokens < stepped.store.num_tokens + 16
     stepped.flush()
@@ -227,3 +229,49 @@ def test_tiered_step_falls_back_to_eager_where_it_cannot_apply(tiny_dirs):
     a = _greedy(eager, rt.model, eager.decode(rt.model, 5), 10)
     b = _greedy(stepped, rt.model, stepped.decode(rt.model, 5), 10)
     assert a == b and stepped.store.num_tokens == stepped.num_tokens
+
+
+def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
+    """The Runtime as it runs on CUDA (dense layers mirrored on the device, tiered
+    decode through the fixed-shape step), here eagerly on the CPU: with a budget that
+    covers the whole range, sparse decode equals dense decode token for token, over a
+    chat whose second turn reuses the first turn's KV."""
+    from offload.runtime import _KVState
+
+    path = tiny_dirs["llama-gqa-untied"][0]
+    dense = Runtime.from_pretrained(path, dtype="float32", mode="full")
+    rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", sink=4, window=32,
+                                 retrieved=100000, dense_layers=1)  # fmt: skip
+    rt.backend = Backend(DEVICE, kernels=True, graphs=False, remote_host=True)
+    rt._state = _KVState(rt.new_cache())
+    assert rt._state.cache.step is not None and rt._state.cache.layers[0].mirror is not None
+    prompt = "seven quiet stones over the river " * 4
+    assert rt.generate(prompt, max_new_tokens=24) == dense.generate(prompt, max_new_tokens=24)
+    # every step ran fixed-shape, over the whole range
+    assert rt._state.cache.step.plan.steps == 23 and rt._state.cache.step.plan.k > 40
+    a, b = rt.chat(), dense.chat()
+    for turn in ("green north market", "and after winter"):
+        assert a.send(turn, max_new_tokens=16) == b.send(turn, max_new_tokens=16)
+    assert a._state.cache.store.num_tokens == a.context_tokens  # flushed after each answer
+
+
+@cuda_only
+def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_dirs):
+    rt, _, stepped = _tiered_pair(tiny_dirs)
+    assert stepped.step.backend.graphs
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    token = int(prefill(rt.model, stepped, ids, 64).argmax())
+    stepped.finish_prefill()
+    # Step to just past a chunk boundary: the next 3 steps complete no chunk (a completed
+    # chunk goes to the host between steps, a sync by design).
+    while stepped.num_tokens % 16 != 1:
+        token = int(stepped.decode(rt.model, token).argmax())
+    captures = stepped.step.captures
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in (3, 4, 5):
+            stepped.decode(rt.model, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stepped.step.captures == captures and stepped.step.plan.steps >= 4

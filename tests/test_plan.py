@@ -32,6 +32,10 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     weights = next(r for r in p.rows if r.what == "weights").nbytes
     assert abs(weights / 2 - 8.03e9) < 0.01e9  # 8.03B parameters in bf16
     assert p.fits_device and p.fits_host
+    mirror = next(r for r in p.rows if r.what.startswith("KV of the 2 dense layers"))
+    assert mirror.nbytes == 2 * 131072 * 2 * 8 * 128 * 2  # 1 GiB on the GPU
+    assert not p.kv_on_device  # 16 GiB of KV and 15 GiB of weights exceed 24 GiB
+    assert make_plan(d, 8192, device_bytes=80 * GiB, host_bytes=64 * GiB).kv_on_device
     # with 4 GiB of host memory, the other 12 GiB of KV (plus abstracts) go to disk
     p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=4 * GiB)
     assert p.tier_total("host") == 4 * GiB
@@ -47,6 +51,7 @@ def test_plan_cli(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "dense KV would be 16.00 GiB" in r.output and "fits" in r.output
+    assert 'mode "auto" uses the tiers above' in r.output
     r = CliRunner().invoke(
         main,
         ["plan", "-m", str(d), "--context", "131072", "--gpu-mem", "8GiB", "--host-mem", "64GiB"],

@@ -46,7 +46,9 @@ def test_full_budget_sparse_equals_dense(smol_bf16, selector):
 
 def test_needle_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
     """Wherever dense attention finds the needle, sparse (cluster, 5% + sink + window) does too,
-    with the same answer. Dense finds it at 5 of 5 depths with this prompt (measured)."""
+    with the same answer. Dense finds it at 4 or 5 of 5 depths with this prompt (measured;
+    which ones depends on rounding, so on the thread count and the device): what the code
+    guarantees is the agreement, asserted on at least 3 depths."""
     dense_hits = 0
     for depth in (0.1, 0.3, 0.5, 0.7, 0.9):
         prompt = needle_messages(320, depth)
@@ -63,4 +65,4 @@ def test_needle_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
             dense_hits += 1
             assert "purple elephant" in got, (depth, want, got)
             assert got == want, (depth, want, got)
-    assert dense_hits == 5
+    assert dense_hits >= 3

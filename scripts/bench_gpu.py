@@ -1,0 +1,277 @@
+"""GPU benchmark: decode ms/token, prefill seconds and peak device memory, every system
+in one run, on a random-weight Llama-3.1-8B-shaped model; plus the embedded model's
+decode tokens/s on the GPU.
+
+    python scripts/bench_gpu.py [--lengths 8192,32768,131072] [--tokens 32]
+        [--systems device,offloaded,embedded,hf,hf-static,hf-offloaded]
+        [--shape llama-8b] [--fill-above 32768] [--out results/bench_gpu.json]
+        [--plot docs/gpu_decode_ms_per_token.png]
+
+Systems:
+  device        ours, all KV on the device (`mode = "full"`): each decode step one CUDA
+                graph replay (offload/graphs.py)
+  offloaded     ours with the rtx4090-llama3.1-8b preset: KV in pinned host memory,
+                dense layers mirrored on the device, sparse layers select 2048 tokens per
+                KV head on the device and gather them straight from host memory
+                (offload/tiered_step.py). Above `--fill-above` tokens its KV is written
+                straight into the cache instead of prefilled (layer-by-layer prefill is
+                not built yet: a 128k prefill through the tiered store takes minutes),
+                and its prefill seconds are then not reported.
+  embedded      the embedded SmolLM2-135M with the default config, an 8k prompt
+  hf            transformers `generate`, DynamicCache on the GPU
+  hf-static     ... StaticCache with its decode step compiled (lengths <= 32k)
+  hf-offloaded  ... its offloaded cache (every layer's KV moves every step)
+
+Random token ids (speed does not depend on them); greedy decoding. Each figure is
+the mean over `--tokens` steps after two warm-up steps (capture happens there).
+Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evalkit import bench_hf, write_json  # noqa: E402
+
+from offload import Runtime  # noqa: E402
+from offload.config import ModelArgs, RuntimeConfig  # noqa: E402
+from offload.generate import prefill  # noqa: E402
+from offload.loading import LoadedModel  # noqa: E402
+from offload.model import Transformer  # noqa: E402
+
+SHAPES = {
+    "llama-8b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                     hidden_dim=14336, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                 hidden_dim=512, vocab_size=1000),
+}  # fmt: skip
+OFFLOADED_PRESET = "rtx4090-llama3.1-8b"
+HF_STATIC_MAX = 32768
+
+
+def device_of() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def reset_peak() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def synthetic_args(shape: str, max_len: int) -> ModelArgs:
+    return ModelArgs(arch="llama", max_seq_len=max_len, **SHAPES[shape])
+
+
+def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig) -> Runtime:
+    """Our model with random bf16 weights, built on the meta device and materialized on
+    the GPU directly (no host copy of 16 GB)."""
+    a = synthetic_args(shape, max_len)
+    with torch.device("meta"):
+        model = Transformer(a).fuse().to(torch.bfloat16)
+    model = model.to_empty(device=device_of())
+    gen = torch.Generator(device=device_of()).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    loaded = LoadedModel(model, None, a, Path(f"synthetic-{shape}"), "synthetic")
+    return Runtime(loaded, config, device_of())
+
+
+def fill_kv(cache, num_tokens: int, args: ModelArgs) -> None:
+    """Random K/V straight into every layer of a tiered cache (keys share a direction so
+    attention is peaked, as in real models), then the index is built."""
+    gen = torch.Generator(device=device_of()).manual_seed(1)
+    H, D = args.num_kv_heads, args.head_dim
+    for start in range(0, num_tokens, 4096):
+        n = min(4096, num_tokens - start)
+        for layer in cache.layers:
+            k = torch.randn(H, n, D, generator=gen, device=device_of()).to(torch.bfloat16)
+            v = torch.randn(H, n, D, generator=gen, device=device_of()).to(torch.bfloat16)
+            layer.append(k + 2.0, v)
+        cache.advance(n)
+    cache.finish_prefill()
+
+
+def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
+    reset_peak()
+    cache = rt.new_cache()
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, rt.args.vocab_size, (length,), generator=gen).tolist()
+    sync()
+    t = time.perf_counter()
+    if fill:
+        fill_kv(cache, length - 1, rt.args)
+        logits = cache.decode(rt.model, ids[-1])
+    else:
+        logits = prefill(rt.model, cache, ids, rt.config.generation.prefill_chunk)
+        cache.finish_prefill()
+    sync()
+    prefill_s = time.perf_counter() - t
+    token = int(logits.argmax())
+    with cache.decoding():
+        for _ in range(2):  # warm-up: graph capture, Triton compilation
+            token = int(cache.decode(rt.model, token).argmax())
+        sync()
+        t = time.perf_counter()
+        for _ in range(tokens):
+            token = int(cache.decode(rt.model, token).argmax())
+        sync()
+        ms = 1000 * (time.perf_counter() - t) / tokens
+    out = {
+        "decode_ms_per_token": ms,
+        "prefill_seconds": None if fill else prefill_s,
+        "peak_device_gib": peak_gib(),
+        "captures": cache.step.captures if cache.step is not None else 0,
+        "kv_filled": fill,
+    }
+    cache.close()
+    return out
+
+
+def bench_embedded(tokens: int) -> dict:
+    rt = Runtime.from_pretrained("smollm2")
+    prompt = ("The river carries light over seven quiet stones. " * 800)[:30000]
+    ids = rt.tokenizer.encode(prompt)[:8000]
+    text = rt.tokenizer.decode(ids)
+    steps = list(rt.stream(text + "\nSummarize.", max_new_tokens=tokens + 1))
+    s = rt.stats()
+    return {"prompt_tokens": s["prompt_tokens"], "decode_tokens": len(steps),
+            "decode_tok_s": s["decode_tokens_per_second"],
+            "prefill_seconds": s["prefill_seconds"], "kv_on_device": rt._state.cache.store is None}  # fmt: skip
+
+
+def hf_model(shape: str, max_len: int):
+    import transformers
+
+    s = SHAPES[shape]
+    config = transformers.LlamaConfig(
+        hidden_size=s["dim"], num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
+        num_key_value_heads=s["num_kv_heads"], head_dim=s["head_dim"],
+        intermediate_size=s["hidden_dim"], vocab_size=s["vocab_size"],
+        rope_theta=s.get("rope_theta", 10000.0), max_position_embeddings=max_len,
+    )  # fmt: skip
+    with torch.device(device_of()):
+        model = transformers.LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+    return model.eval()
+
+
+HF_CACHES = {"hf": {}, "hf-static": {"cache_implementation": "static"},
+             "hf-offloaded": {"cache_implementation": "offloaded"}}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lengths", default="8192,32768,131072")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--systems", default="device,offloaded,embedded,hf,hf-static,hf-offloaded")
+    p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    p.add_argument("--fill-above", type=int, default=32768)
+    p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
+    p.add_argument("--plot", type=Path, default=Path("docs/gpu_decode_ms_per_token.png"))
+    args = p.parse_args()
+    console = Console()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    systems = args.systems.split(",")
+    max_len = max(lengths) + args.tokens + 8
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
+
+    def record(system: str, length: int | None, figures: dict) -> None:
+        row = {"system": system, "context": length, **figures}
+        results["rows"].append(row)
+        console.print(row)
+        write_json(console, args.out, results)  # after every row: a crash keeps the rest
+
+    ours = [s for s in ("device", "offloaded") if s in systems]
+    for system in ours:
+        base = (
+            RuntimeConfig.from_toml(OFFLOADED_PRESET) if system == "offloaded" else RuntimeConfig()
+        )
+        config = base.replace(mode="full") if system == "device" else base
+        if device_of().type != "cuda":
+            config = config.replace(device="cpu", dtype="bfloat16")
+        rt = synthetic_runtime(args.shape, max_len, config)
+        for n in lengths:
+            fill = system == "offloaded" and n > args.fill_above
+            try:
+                record(system, n, bench_ours(rt, n, args.tokens, fill))
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                record(system, n, {"error": str(e).splitlines()[0][:300]})
+        del rt
+        reset_peak()
+    if "embedded" in systems:
+        record("embedded", None, bench_embedded(args.tokens * 4))
+    for system in [s for s in systems if s in HF_CACHES]:
+        model = hf_model(args.shape, max_len)
+        for n in lengths:
+            if system == "hf-static" and n > HF_STATIC_MAX:
+                continue
+            reset_peak()
+            gen = torch.Generator().manual_seed(n)
+            ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (n,), generator=gen).tolist()
+            try:
+                figures = bench_hf(model, ids, args.tokens, **HF_CACHES[system])
+                record(system, n, {**figures, "peak_device_gib": peak_gib()})
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                record(system, n, {"error": str(e).splitlines()[0][:300]})
+        del model
+        reset_peak()
+    table = Table(title=f"decode ms/token, {args.shape}, {gpu}")
+    for col in ("system", "context", "decode ms/token", "prefill s", "peak GiB"):
+        table.add_column(col)
+    for r in results["rows"]:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+        table.add_row(r["system"], fmt(r["context"]), fmt(r.get("decode_ms_per_token", r.get("error"))),
+                      fmt(r.get("prefill_seconds")), fmt(r.get("peak_device_gib")))  # fmt: skip
+    console.print(table)
+    plot(results, args.plot, console)
+
+
+def plot(results: dict, path: Path, console) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system in dict.fromkeys(r["system"] for r in results["rows"] if r["context"]):
+        pts = [(r["context"], r["decode_ms_per_token"]) for r in results["rows"]
+               if r["system"] == system and "decode_ms_per_token" in r]  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode ms/token")
+    ax.set_title(f"{results['shape']} on {results['gpu']}")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
