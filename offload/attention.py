@@ -173,15 +173,26 @@ class TieredLayer:
         self.mirror = None  # a device `DenseLayer` with the same KV (KVCache.mirror_dense_layers)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        mirror = self.mirror_kv()
         with self.store.lock:
             self.store.append(self.layer, k, v)
-        if self.mirror is not None:
-            self.mirror.append(k, v)
+        if mirror is not None:
+            mirror.append(k, v)
+
+    def mirror_kv(self):
+        """The device mirror, first filled with what the store holds beyond it (after a
+        session load). A mirror ahead of the store (fixed-shape steps) is left alone."""
+        mirror, T = self.mirror, self.store.lengths[self.layer]
+        if mirror is not None and mirror.k.length < T:
+            with self.store.lock:
+                kv = self.store.read_range(self.layer, mirror.k.length, T)
+            mirror.append(kv[0], kv[1])
+        return mirror
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         if self.mirror is not None:  # a dense layer whose KV is on the device as well
             self.policy.stats.dense_steps += q.shape[1] == 1
-            return self.mirror.attend(q)
+            return self.mirror_kv().attend(q)
         T = self.store.lengths[self.layer]
         if q.shape[1] > 1 or not self.policy.use_sparse(self.layer, T, self.store):
             self.policy.stats.dense_steps += q.shape[1] == 1

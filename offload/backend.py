@@ -23,7 +23,8 @@ from offload.kernels.gather import device_view, gather_kv, gather_kv_ref
 class Backend:
     device: torch.device
     kernels: bool = False  # Triton kernels instead of their torch references
-    graphs: bool = False  # replay decode steps as CUDA graphs
+    fixed_shape: bool = False  # decode through the fixed-shape step (offload/graphs.py)
+    graphs: bool = False  # ... captured and replayed as a CUDA graph
     pin: bool = False  # pin host tensors (asynchronous copies, device reads through UVA)
     # Host memory is not the compute device's: the dense layers of a tiered cache keep a
     # device copy of their KV, and decode steps over it run fixed-shape.
@@ -34,7 +35,9 @@ class Backend:
         device = torch.device(device)
         cuda = device.type == "cuda"
         kernels = cuda and triton_available()
-        return cls(device, kernels=kernels, graphs=cuda and graphs, pin=cuda, remote_host=cuda)
+        steps = cuda and graphs  # eager CUDA decode (graphs off) is the plain path
+        return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, pin=cuda,
+                   remote_host=cuda)  # fmt: skip
 
     def decode_attention(self, q, k, v, length) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""

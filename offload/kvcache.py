@@ -127,20 +127,16 @@ class KVCache:
 
     def mirror_dense_layers(self, device) -> None:
         """Keep the KV of the dense layers (selection.dense_layers) of a tiered cache on
-        `device` too, filled from the store: they attend to every token at every step,
-        which must not cross PCIe. Call again after the store's content was replaced."""
-        store = self.store
+        `device` too: they attend to every token at every step, which must not cross
+        PCIe. A mirror that holds fewer tokens than the store is filled from it when
+        next used (`TieredLayer.mirror_kv`), so call this again (it empties the mirrors)
+        after the store's content was replaced; opening a session still reads no KV."""
+        L = self.store.layout
         for i in range(min(self.policy.selection.dense_layers, len(self.layers))):
-            mirror = self.layers[i].mirror  # refilled in place: a step plan holds it
-            if mirror is None:
-                L = store.layout
-                mirror = DenseLayer(L.num_kv_heads, L.head_dim, store.dtype, device)
+            if self.layers[i].mirror is None:
+                mirror = DenseLayer(L.num_kv_heads, L.head_dim, self.store.dtype, device)
                 self.layers[i].mirror = mirror
-            mirror.truncate(0)
-            if store.lengths[i]:
-                with store.lock:
-                    k, v = store.gather_all(i)
-                mirror.append(k.to(device), v.to(device))
+            self.layers[i].mirror.truncate(0)  # emptied in place: a step plan holds it
 
     def decode(self, model, token: int) -> torch.Tensor:
         """Feed one token; return its float32 logits [V]."""
@@ -215,8 +211,8 @@ class KVCache:
         self.flush()
         if self.store is not None:
             for layer in self.layers:
-                if layer.mirror is not None:
-                    layer.mirror.truncate(num_tokens)
+                if layer.mirror is not None:  # it may not be filled yet (`mirror_kv`)
+                    layer.mirror.truncate(min(num_tokens, layer.mirror.k.length))
             self.store.truncate(num_tokens)
             self.policy.truncate(num_tokens)
             if self.prefetcher is not None:

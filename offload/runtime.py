@@ -155,7 +155,7 @@ class Runtime:
             cache = KVCache.dense(
                 a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device
             )
-            if self.backend.graphs:
+            if self.backend.fixed_shape:
                 cache.use_step(self.model, self.backend)
             return cache
         b = resolve_budgets(kv, self.device)
@@ -171,7 +171,8 @@ class Runtime:
             raise ConfigError(str(e)) from None
         if self.backend.remote_host:
             cache.mirror_dense_layers(self.device)
-            cache.use_step(self.model, self.backend)
+            if self.backend.fixed_shape:
+                cache.use_step(self.model, self.backend)
         prefetch = sel.prefetch
         if prefetch == "auto":  # measured: on a CPU both cost more than they save
             prefetch = "on" if self.device.type == "cuda" else "off"

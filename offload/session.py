@@ -103,7 +103,9 @@ def load_state(
     dense = rt._state.cache.store is None  # the device cache: loaded through a tiered one
     cache = rt.new_cache(tiered=True) if dense else rt._state.cache
     files = [
-        (f["layer"], session.version_dir / f["name"], f["chunks"]) for f in session.chunk_files()
+        # absolute: the disk tier joins a relative name onto its own directory
+        (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"])
+        for f in session.chunk_files()
     ]
     cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
     cache.num_tokens = session.manifest["num_tokens"]

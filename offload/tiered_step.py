@@ -25,9 +25,10 @@ otherwise the store is flushed and the step is decoded eagerly (offload/attentio
 Differences from the eager path, by design: no device hit cache or speculative
 prefetch (the gather reads all k rows each step); the rerank uses the low-bit
 summaries (as the eager path does wherever keys are not in the CPU's memory); the
-number retrieved per head is `retrieved`, or the fraction of the context rounded
-up to `K_BUCKET` tokens (so `k` changes, and the step is captured again, rarely);
-and the index absorbs a finished batch one step later than the eager path.
+gather fills a fixed number of slots, enough for the context rounded up to
+`K_BUCKET` tokens (so the step is captured again rarely), of which attention uses
+the best `k_valid` (the eager path's count, computed on the device); and the index
+absorbs a finished batch one step later than the eager path.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class TieredPlan:
         self.length = torch.zeros(1, dtype=torch.long, device=dev)  # pos + 1
         self.hi = torch.zeros(1, dtype=torch.long, device=dev)  # pos + 1 - window
         self.ring_slot = torch.zeros(1, dtype=torch.long, device=dev)  # pos % window
-        self.rows = torch.zeros(1, dtype=torch.long, device=dev)  # sink + k + window
-        self.k = self.num_candidates = self._rows = 0
+        self.k_valid = torch.zeros(1, dtype=torch.long, device=dev)  # tokens retrieved
+        self.rows = torch.zeros(1, dtype=torch.long, device=dev)  # sink + window + k_valid
+        self.k = self.num_candidates = 0  # retrieval slots, candidate slots
         self.steps = 0  # steps this plan ran (fixed-shape)
         self.sparse = [i for i, s in enumerate(self.policy.selectors) if s is not None]
         self.indexes = {
@@ -98,11 +100,12 @@ class TieredPlan:
             return None
         T = num_tokens + 1
         sel, C = self.sel, self.layout.chunk_size
-        lo, hi = min(sel.sink, T), T - sel.window
-        bucket = -(-T // K_BUCKET) * K_BUCKET
-        self.k = min(sel.retrieved or sel.retrieved_for(bucket), hi - lo)
+        # Retrieval slots: enough for every context up to the next K_BUCKET boundary (the
+        # step attends to the first k_valid of them, computed on the device).
+        bucket = min(-(-T // K_BUCKET) * K_BUCKET, self.max_tokens)
+        self.k = max(1, min(sel.retrieved_for(bucket), bucket - sel.window - sel.sink))
         for i in self._dense():
-            self.cache.layers[i].mirror.reserve(T, self.max_tokens)
+            self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
         tail = sel.index_refresh + 2 * C  # tokens between the index end and hi, at most
         grown = False
         for i in self.sparse:
@@ -113,10 +116,6 @@ class TieredPlan:
                 grown |= dev.sync(index, min(cap, self.max_tokens), tail)
                 self._synced[i] = index.indexed_tokens
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
-        rows = sel.sink + self.k + sel.window
-        if rows != self._rows:
-            self.rows.fill_(rows)
-            self._rows = rows
         return (self.k, self.num_candidates, *self._addresses())
 
     def _addresses(self) -> tuple:
@@ -132,16 +131,27 @@ class TieredPlan:
         return tuple(out)
 
     def derive(self, pos: torch.Tensor) -> None:
+        sel = self.sel
         torch.add(pos, 1, out=self.length)
-        torch.sub(self.length, self.sel.window, out=self.hi)
-        torch.remainder(pos, self.sel.window, out=self.ring_slot)
+        torch.sub(self.length, sel.window, out=self.hi)
+        torch.remainder(pos, sel.window, out=self.ring_slot)
+        # k_valid = min(retrieved_for(T), hi - sink), as the eager path computes it (ceil of
+        # a float64 product, like Python's): budget = sink + window + retrieved.
+        if sel.retrieved:
+            k = torch.full_like(self.hi, sel.retrieved)
+        else:
+            k = torch.ceil(self.length.double() * sel.retrieve_fraction).long()
+        torch.minimum(k, self.hi - sel.sink, out=self.k_valid)
+        torch.add(self.k_valid, sel.sink + sel.window, out=self.rows)
 
     def finish(self, num_tokens: int) -> None:
         self.steps += 1
         stats = self.policy.stats  # counted as the eager path counts them
         stats.sparse_steps += len(self.sparse)
         stats.dense_steps += self.layout.num_layers - len(self.sparse)
-        stats.last_retrieved = self.k
+        stats.last_retrieved = min(
+            self.sel.retrieved_for(num_tokens), num_tokens - self.sel.window - self.sel.sink
+        )
         for i in self._dense():
             self.cache.layers[i].mirror.commit(1)
         if num_tokens % self.layout.chunk_size == 0:
@@ -201,11 +211,13 @@ class SparseStepLayer:
         dev = plan.store.dev[layer]
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
-        ids = plan.indexes[layer].select(  # sparse steps run past the sink: lo = sink
-            qg, plan.summaries(layer), plan.sel.sink, plan.hi, plan.k, plan.num_candidates
-        )
+        ids = plan.indexes[layer].select(  # best first; sparse steps run past the sink
+            qg, plan.summaries(layer), plan.sel.sink, plan.hi, plan.k, plan.num_candidates,
+            plan.k_valid,
+        )  # fmt: skip
         slab, slots = plan.slab(layer)
         chosen = plan.backend.gather_kv(slab, slots, ids)  # [2, H, k, D]
-        kv = torch.cat([dev.sink_kv, chosen, dev.ring], dim=2)
+        # The selected tokens last, so that the length `rows` cuts the unused slots off.
+        kv = torch.cat([dev.sink_kv, dev.ring, chosen], dim=2)
         out = plan.backend.decode_attention(qg, kv[0], kv[1], plan.rows)
         return out.reshape(Hq, 1, D)

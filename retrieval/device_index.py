@@ -94,18 +94,24 @@ class DeviceClusterIndex:
         hi: torch.Tensor,
         k: int,
         num_candidates: int,
+        k_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [H, G, D], hi a device tensor [1] -> token ids [H, k] in [lo, hi), ascending.
+        """q [H, G, D], hi a device tensor [1] -> token ids [H, k] in [lo, hi), best first
+        (`ClusterIndex.select` returns the same ids, ascending).
 
         Candidates: the best clusters by max of logits over the group until
         candidate_factor x k tokens (then one more cluster), plus the tokens not yet
-        indexed; reranked by their low-bit keys (sum of softmax), top-k."""
+        indexed; reranked by their low-bit keys (sum of softmax), top-k. With `k_valid`
+        (a device tensor <= k) the candidates are those of k_valid and the first
+        k_valid ids are `ClusterIndex.select(..., k_valid)`'s: a caller with a fixed
+        number of slots uses only those."""
         H, T_cap = self.H, self.token_capacity
         N = num_candidates
+        want = self.factor * (k if k_valid is None else k_valid)
         cscore = coarse_max(exact_logits(q.float(), self.centroids)) + self.bias  # [H, NC_cap]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(self.counts[:, :-1], 1, ranked).cumsum(1)
-        n_clusters = (cum < self.factor * k).sum(1, keepdim=True) + 1  # [H, 1]
+        n_clusters = (cum < want).sum(1, keepdim=True) + 1  # [H, 1]
         rank_ok = torch.arange(ranked.shape[1], device=q.device)[None, :] < n_clusters
         take = torch.zeros(H, self.cluster_capacity + 1, dtype=torch.bool, device=q.device)
         take[:, :-1].scatter_(1, ranked, rank_ok)
@@ -122,5 +128,5 @@ class DeviceClusterIndex:
         ids = torch.where(valid, ids, lo)
         scores = score_keys_at(summaries, q, ids) * q.shape[-1] ** -0.5  # [H, G, N]
         weights = fine_softmax_sum(scores.masked_fill(~valid[:, None, :], float("-inf")))
-        top = torch.topk(weights, k, dim=-1, sorted=False).indices
-        return torch.sort(torch.gather(ids, 1, top), dim=-1).values
+        top = torch.topk(weights, k, dim=-1, sorted=True).indices
+        return torch.gather(ids, 1, top)

@@ -154,7 +154,10 @@ class TieredStore:
 
     def _sync_lru(self) -> None:
         keys = self.directory.lru_order()
-        clock = torch.tensor([int(self._recency[layer][chunk]) for layer, chunk in keys])
+        rec = self._recency  # a chunk never selected (loaded from a session) has clock 0
+        clock = torch.tensor(
+            [int(rec[layer][chunk]) if chunk < rec[layer].shape[0] else 0 for layer, chunk in keys]
+        )
         self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
 
     def spill(self) -> None:

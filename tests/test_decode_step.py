@@ -242,7 +242,7 @@ def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
     dense = Runtime.from_pretrained(path, dtype="float32", mode="full")
     rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", sink=4, window=32,
                                  retrieved=100000, dense_layers=1)  # fmt: skip
-    rt.backend = Backend(DEVICE, kernels=True, graphs=False, remote_host=True)
+    rt.backend = Backend(DEVICE, kernels=True, fixed_shape=True, remote_host=True)
     rt._state = _KVState(rt.new_cache())
     assert rt._state.cache.step is not None and rt._state.cache.layers[0].mirror is not None
     prompt = "seven quiet stones over the river " * 4

@@ -113,13 +113,17 @@ def test_an_error_nobody_waited_for_is_raised_by_stop():
 
 def test_prefetch_on_and_off_give_identical_tokens(smol_bf16):
     """The same sparse decode with direct gathers, with the hit cache, and with the
-    speculating worker: identical tokens; the worker's stats are filled and it is gone."""
+    speculating worker: identical tokens; the worker's stats are filled and it is gone.
+    (The eager sparse path: on CUDA, `cuda_graphs = false` keeps decode off the captured
+    step, which fetches without the pipeline.)"""
     prompt = needle_messages(40, 0.5)  # about 1k tokens
     tokens, stats = {}, {}
     for prefetch in ("off", "cache", "on"):
         rt = Runtime(
             smol_bf16.loaded,
-            smol_bf16.config.replace(mode="sparse", prefetch=prefetch, retrieve_fraction=0.1),
+            smol_bf16.config.replace(
+                mode="sparse", prefetch=prefetch, retrieve_fraction=0.1, cuda_graphs=False
+            ),
             smol_bf16.device,
         )
         tokens[prefetch] = [s.token_id for s in rt.stream(prompt, max_new_tokens=8)]

@@ -38,6 +38,28 @@ def doc_runtime(tiny, text, **overrides):
     return rt
 
 
+def test_session_given_by_a_relative_path_loads(tiny, tmp_path, monkeypatch):
+    rt = doc_runtime(tiny, filler_text(60, seed=1))
+    want = rt.ask("seven stones", max_new_tokens=6)
+    monkeypatch.chdir(tmp_path)
+    rt.save_session("s1")
+    assert Runtime.load_session("s1", model=tiny).ask("seven stones", max_new_tokens=6) == want
+
+
+def test_session_larger_than_the_host_budget_loads_and_answers(tiny, tmp_path):
+    # chunks of 2 tokens: more than the 64 chunks per layer the recency table starts with
+    rt = doc_runtime(tiny, filler_text(75, seed=3), mode="dense", chunk_size=2)
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "big")
+    budget = 4 * tiny.args.num_layers * rt.layout.chunk_bytes  # four chunks per layer
+    loaded = Runtime.load_session(
+        tmp_path / "big", model=tiny, mode="dense", chunk_size=2, host_bytes=budget
+    )
+    assert loaded._state.cache.num_tokens > 64 * 2  # far more than fits
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert loaded.stats()["tier_reads"]["disk"] > 0
+
+
 def test_round_trip_in_process_with_index(tiny, tmp_path):
     rt = doc_runtime(tiny, filler_text(60, seed=1))
     want = rt.ask("seven stones", max_new_tokens=6)

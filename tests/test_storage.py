@@ -285,3 +285,15 @@ def test_chunks_brought_in_out_of_order_are_put_in_order():
     host.free(6)  # later puts reuse the freed slot as before
     host.put(6, data[6])
     assert host.in_order(T) and torch.equal(host.tokens_view(T), want)
+
+
+def test_lru_sync_takes_chunks_never_marked_as_oldest(tmp_path):
+    """A loaded session's chunks enter the host without a selection hit, and their index
+    may lie past a layer's recency table: they sort as least recently used."""
+    with make_store(tmp_path, host_chunks=64) as store:
+        fill(store, torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)]))
+        store.directory.add((1, 100))
+        store.host[1].put(100)
+        store.directory.filled((1, 100))
+        store._sync_lru()  # was an IndexError: chunk 100 of a 64-entry table
+        assert store.directory.lru_order()[0] == (1, 100)

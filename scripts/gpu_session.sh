@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Everything a session with a lent GPU should check, in one command (docs/gpu.md):
+# the suite on CUDA, then the GPU benchmark in its short form. Results go to $OUT (the
+# device tool's folder) or results/gpu. On an offline machine prepared with
+# ../shared/gpu/prepare-carry.sh, start the command with `source .dev/setup.sh;`.
+#
+#   bash scripts/gpu_session.sh [pytest-seconds] [bench-seconds]
+set -uo pipefail
+out=${OUT:-results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+timeout "${1:-300}" python -m pytest -q --maxfail=30 -rfEs tests 2>&1 | tee "$out/pytest.txt" | tail -60
+timeout "${2:-240}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
+  --systems embedded,device,offloaded --out "$out/bench_gpu.json" \
+  --plot "$out/gpu_decode_ms_per_token.png" 2>&1 | tail -40
