@@ -25,6 +25,7 @@ def test_decode_attention_kernel_matches_reference(dtype, H, G, D, N, length):
     gen = torch.Generator().manual_seed(N)
     q, k, v = (torch.randn(H, n, D, generator=gen).to(DEVICE, dtype) for n in (G, N, N))
     k[:, length:] = 1e4  # rows past the length must not count, whatever they hold
+    v[:, length:] = float("nan")
     n = torch.tensor([length], device=DEVICE)
     out = decode_attention(q, k, v, n)
     ref = decode_attention_ref(q, k, v, n)

@@ -9,8 +9,8 @@ replay it while the context grows.
 
 The Triton kernel is flash-decoding: the N rows are cut into splits, one program
 per (KV head, split) keeps a running max, sum and weighted V sum over its rows
-(the G query heads as the rows of one `tl.dot`, padded to 16), and the splits are
-merged by their log-sum-exps. Splits past `length` do no work. One program per
+(the G query heads as the rows of one `tl.dot`, padded to 16), and a second kernel
+merges the splits by their log-sum-exps. Splits past `length` do no work. One program per
 head, as SDPA runs a single decode query, would leave most of a GPU idle.
 
     rows  0 ........................................ N-1
@@ -41,7 +41,10 @@ def decode_attention_ref(
         length = length.reshape(())
     valid = torch.arange(N, device=q.device) < length
     logits = logits.masked_fill(~valid, float("-inf"))
-    return torch.matmul(torch.softmax(logits, dim=-1), v.float()).to(q.dtype)
+    # Rows past the length may hold anything (an uninitialized buffer: NaN too), and
+    # 0 * NaN is NaN: zero them rather than rely on their weight being 0.
+    v = v.float().masked_fill(~valid[:, None], 0.0)
+    return torch.matmul(torch.softmax(logits, dim=-1), v).to(q.dtype)
 
 
 def split_rows(N: int) -> int:
@@ -74,10 +77,13 @@ def decode_attention(
         D**-0.5, G, split,
         GP=GP, D=D, BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    # Merge the splits: a split with no rows has m = -inf and weight 0.
-    w = torch.exp(m - m.amax(dim=-1, keepdim=True))  # [H, GP, S]
-    out = (acc * w[..., None]).sum(2) / (s * w).sum(-1, keepdim=True)
-    return out[:, :G].to(q.dtype)
+    # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
+    out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)
+    _kernels().combine[(H, G)](
+        m, s, acc, out, num_splits, out.stride(0), out.stride(1),
+        GP=GP, D=D, SP=triton.next_power_of_2(num_splits),
+    )  # fmt: skip
+    return out
 
 
 @functools.cache
@@ -124,4 +130,22 @@ def _kernels() -> SimpleNamespace:
         tl.store(S + row, s_i)
         tl.store(ACC + row[:, None] * D + d[None, :], acc)
 
-    return SimpleNamespace(split=split)
+    @triton.jit
+    def combine(M, S, ACC, OUT, num_splits, so_h, so_g,
+                GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):  # fmt: skip
+        # One (KV head, query row): the splits' partial sums weighted by exp(m - max m);
+        # a split with no rows has m = -inf, weight 0.
+        h = tl.program_id(0)
+        g = tl.program_id(1)
+        sp = tl.arange(0, SP)
+        ok = sp < num_splits
+        row = (h * GP + g) * num_splits + sp
+        m = tl.load(M + row, mask=ok, other=float("-inf"))
+        s = tl.load(S + row, mask=ok, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))
+        d = tl.arange(0, D)
+        acc = tl.load(ACC + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(s * w, 0)
+        tl.store(OUT + h * so_h + g * so_g + d, out.to(OUT.dtype.element_ty))
+
+    return SimpleNamespace(split=split, combine=combine)
