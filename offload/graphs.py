@@ -1,7 +1,7 @@
-"""The decode step of a device-resident cache, captured once and replayed.
+"""The fixed-shape decode step, captured once and replayed.
 
-A decode step over a dense device cache has fixed shapes when its position is a
-device tensor: RoPE rows are read from a table by index, the new K/V are written
+A decode step has fixed shapes when its position is a device tensor (here over a
+dense device cache; offload/tiered_step.py does the same over the tiered store): RoPE rows are read from a table by index, the new K/V are written
 with `index_copy_` at that position, and attention reads the layer's whole buffer
 up to a device-side length (`offload/kernels/decode_attention.py`). Nothing in it
 waits on the host, so on CUDA it is captured as one CUDA graph and each token
@@ -33,6 +33,8 @@ class StepPlan(Protocol):
     tiered store's in offload/tiered_step.py)."""
 
     layers: list  # the cache layers the model calls inside the step
+    token: torch.Tensor  # [1] int64 on the device: the graph's static inputs
+    pos: torch.Tensor
 
     def prepare(self, num_tokens: int) -> tuple | None:
         """Before a step at position `num_tokens`: make room, sync device state; return
@@ -72,11 +74,11 @@ class DecodeStep:
         key = self.plan.prepare(num_tokens)
         if key is None:
             return None
-        self.model.rope_table(self.model.args.max_seq_len)  # built once, never moved
+        rope = self.model.rope_table(self.model.args.max_seq_len)  # built once, never moved
         self.plan.token.fill_(token)
         self.plan.pos.fill_(num_tokens)
         if self.backend.graphs:
-            key = (*key, self.model._rope_cache[0].data_ptr())
+            key = (*key, rope[0].data_ptr())
             if key != self._key:
                 self._capture(key)
             self._graph.replay()

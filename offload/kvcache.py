@@ -129,14 +129,11 @@ class KVCache:
         """Keep the KV of the dense layers (selection.dense_layers) of a tiered cache on
         `device` too: they attend to every token at every step, which must not cross
         PCIe. A mirror that holds fewer tokens than the store is filled from it when
-        next used (`TieredLayer.mirror_kv`), so call this again (it empties the mirrors)
-        after the store's content was replaced; opening a session still reads no KV."""
+        next used (`TieredLayer.mirror_kv`): after a session is adopted, say, so opening
+        one still reads no KV."""
         L = self.store.layout
         for i in range(min(self.policy.selection.dense_layers, len(self.layers))):
-            if self.layers[i].mirror is None:
-                mirror = DenseLayer(L.num_kv_heads, L.head_dim, self.store.dtype, device)
-                self.layers[i].mirror = mirror
-            self.layers[i].mirror.truncate(0)  # emptied in place: a step plan holds it
+            self.layers[i].mirror = DenseLayer(L.num_kv_heads, L.head_dim, self.store.dtype, device)
 
     def decode(self, model, token: int) -> torch.Tensor:
         """Feed one token; return its float32 logits [V]."""
@@ -163,17 +160,13 @@ class KVCache:
     def decoding(self):
         """The span of a decode loop: the prefetch worker runs inside it, and is joined
         (its errors raised) on the way out; the tiers are brought level (`flush`)."""
-        if self.prefetcher is None:
-            try:
-                yield self
-            finally:
-                self.flush()
-            return
-        self.prefetcher.start()
+        if self.prefetcher is not None:
+            self.prefetcher.start()
         try:
             yield self
         finally:
-            self.prefetcher.stop()
+            if self.prefetcher is not None:
+                self.prefetcher.stop()
             self.flush()
 
     def layer_start(self, layer: int, x: torch.Tensor, cos, sin) -> None:

@@ -110,8 +110,6 @@ def load_state(
     cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
     cache.num_tokens = session.manifest["num_tokens"]
     _restore_index(cache.policy, *session.index())
-    if cache.layers[0].mirror is not None:  # the dense layers' device copy, from the session
-        cache.mirror_dense_layers(rt.device)
     if dense:
         rt._state.cache.close()
         rt._state.cache = _dense_copy(rt, cache)

@@ -61,6 +61,7 @@ class TieredPlan:
         self.k = self.num_candidates = 0  # retrieval slots, candidate slots
         self.steps = 0  # steps this plan ran (fixed-shape)
         self.sparse = [i for i, s in enumerate(self.policy.selectors) if s is not None]
+        self.dense = [i for i, s in enumerate(self.policy.selectors) if s is None]
         self.indexes = {
             i: DeviceClusterIndex(L.num_kv_heads, L.head_dim, sel.candidate_factor, dev)
             for i in self.sparse
@@ -69,7 +70,7 @@ class TieredPlan:
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.layers = [
             cache.layers[i].mirror.step_layer(self.pos, self.length, backend)
-            if i not in self.indexes
+            if i in self.dense
             else SparseStepLayer(self, i)
             for i in range(L.num_layers)
         ]
@@ -80,7 +81,7 @@ class TieredPlan:
         """Can the step at this position run fixed-shape? (See the module docstring.)"""
         T = num_tokens + 1
         store, policy = self.store, self.policy
-        if not self.sparse or any(self.cache.layers[i].mirror is None for i in self._dense()):
+        if not self.sparse or any(self.cache.layers[i].mirror is None for i in self.dense):
             return False
         for i in self.sparse:
             if not isinstance(policy.selectors[i], ClusterIndex):
@@ -90,9 +91,6 @@ class TieredPlan:
             if not store.host[i].in_order(store.lengths[i]):
                 return False
         return True
-
-    def _dense(self) -> list[int]:
-        return [i for i in range(self.layout.num_layers) if i not in self.indexes]
 
     def prepare(self, num_tokens: int) -> tuple | None:
         if not self.applies(num_tokens):
@@ -104,16 +102,15 @@ class TieredPlan:
         # step attends to the first k_valid of them, computed on the device).
         bucket = min(-(-T // K_BUCKET) * K_BUCKET, self.max_tokens)
         self.k = max(1, min(sel.retrieved_for(bucket), bucket - sel.window - sel.sink))
-        for i in self._dense():
+        for i in self.dense:
             self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
         tail = sel.index_refresh + 2 * C  # tokens between the index end and hi, at most
-        grown = False
-        for i in self.sparse:
+        for i in self.sparse:  # (a reallocation shows in the addresses below)
             index = self.policy.selectors[i]
             dev = self.indexes[i]
             if self._synced[i] != index.indexed_tokens or dev.token_capacity < T:
                 cap = max(T + C, int(dev.token_capacity * TOKEN_GROWTH))
-                grown |= dev.sync(index, min(cap, self.max_tokens), tail)
+                dev.sync(index, min(cap, self.max_tokens), tail)
                 self._synced[i] = index.indexed_tokens
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
         return (self.k, self.num_candidates, *self._addresses())
@@ -121,7 +118,7 @@ class TieredPlan:
     def _addresses(self) -> tuple:
         """Every buffer address a captured step reads: it is captured again when one moves."""
         out = []
-        for i in self._dense():
+        for i in self.dense:
             out.append(self.cache.layers[i].mirror.k.data.data_ptr())
         for i in self.sparse:
             d, idx = self.store.dev[i], self.indexes[i]
@@ -148,11 +145,11 @@ class TieredPlan:
         self.steps += 1
         stats = self.policy.stats  # counted as the eager path counts them
         stats.sparse_steps += len(self.sparse)
-        stats.dense_steps += self.layout.num_layers - len(self.sparse)
+        stats.dense_steps += len(self.dense)
         stats.last_retrieved = min(
             self.sel.retrieved_for(num_tokens), num_tokens - self.sel.window - self.sel.sink
         )
-        for i in self._dense():
+        for i in self.dense:
             self.cache.layers[i].mirror.commit(1)
         if num_tokens % self.layout.chunk_size == 0:
             self.flush(num_tokens)

@@ -123,14 +123,19 @@ def test_graph_replay_gives_eager_tokens_and_never_syncs(tiny_dirs):
     assert graphed.step.captures >= 1
     graphed.decode(rt.model, 7)  # captured for this capacity already
     captures = graphed.step.captures
+    _decode_without_syncs(graphed, rt.model, (3, 4, 5))
+    assert graphed.step.captures == captures  # replayed, not captured again
+
+
+def _decode_without_syncs(cache, model, tokens) -> None:
+    """Decode `tokens` with CUDA's sync debug mode raising on any host synchronisation."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for t in (3, 4, 5):
-            graphed.decode(rt.model, t)
+        for t in tokens:
+            cache.decode(model, t)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert graphed.step.captures == captures  # replayed, not captured again
 
 
 @cuda_only
@@ -268,11 +273,5 @@ def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_di
     while stepped.num_tokens % 16 != 1:
         token = int(stepped.decode(rt.model, token).argmax())
     captures = stepped.step.captures
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for t in (3, 4, 5):
-            stepped.decode(rt.model, t)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _decode_without_syncs(stepped, rt.model, (3, 4, 5))
     assert stepped.step.captures == captures and stepped.step.plan.steps >= 4
