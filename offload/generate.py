@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from offload.config import GenerationSection
-from offload.kvcache import KVCache
+from offload.kvcache import DenseLayer, KVCache
 from offload.model import Transformer
 from offload.tokenizer import StreamDecoder, Tokenizer
 
@@ -93,6 +93,8 @@ def prefill(
     Chunks bound activation memory (attention scores are [H, chunk, T], not [H, T, T]).
     """
     assert ids, "prefill needs at least one token"
+    if cache.layered_prefill and cache.num_tokens == 0:
+        return prefill_by_layer(model, cache, ids, chunk_size, progress)
     total = len(ids)
     logits = None
     for start in range(0, total, chunk_size):
@@ -101,6 +103,43 @@ def prefill(
         if progress is not None:
             progress(min(start + chunk_size, total), total, "prefill")
     return logits[-1]
+
+
+@torch.no_grad()
+def prefill_by_layer(
+    model: Transformer,
+    cache: KVCache,
+    ids: list[int],
+    chunk_size: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Prefill an empty tiered cache one layer at a time; return the last logits [V].
+
+    The prompt's hidden states `[S, dim]` stay on the compute device; each layer runs
+    over all of them in chunks of `chunk_size` against that layer's KV, held on the
+    device for the duration (exact causal attention), and only then hands the layer's
+    KV to the cache (host tier, and the device mirror of a dense layer). So no chunk
+    reads earlier KV back over PCIe, as chunk-by-chunk prefill through the tiers does
+    when the host is not the device's memory; peak device memory is the weights, the
+    hidden states, one layer's KV and one chunk's activations.
+    """
+    S = len(ids)
+    args = model.args
+    cos, sin = model.rope(0, S)
+    x = model.tok_embeddings(torch.tensor(ids, dtype=torch.long, device=model.device))
+    for i, (block, layer) in enumerate(zip(model.layers, cache.layers, strict=True)):
+        local = DenseLayer(args.num_kv_heads, args.head_dim, model.dtype, model.device)
+        local.reserve(S, S)
+        out = torch.empty_like(x)
+        for s in range(0, S, chunk_size):
+            e = min(S, s + chunk_size)
+            out[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
+        x = out
+        layer.append(local.k.view(), local.v.view())
+        if progress is not None:
+            progress((i + 1) * S // args.num_layers, S, "prefill")
+    cache.advance(S)
+    return model.output(model.norm(x[-1:])).float()[-1]
 
 
 def generate_steps(

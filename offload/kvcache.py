@@ -109,6 +109,9 @@ class KVCache:
         self.policy = policy
         self.prefetcher: Prefetcher | None = None  # set by `set_prefetch`
         self.step: DecodeStep | None = None  # set by `use_step`
+        # Prefill an empty cache one layer at a time (generate.prefill_by_layer): for a
+        # tiered cache whose host tier is not the compute device's memory.
+        self.layered_prefill = False
         self.num_tokens = 0
 
     def use_step(self, model, backend: Backend) -> None:

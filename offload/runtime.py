@@ -171,6 +171,7 @@ class Runtime:
             raise ConfigError(str(e)) from None
         if self.backend.remote_host:
             cache.mirror_dense_layers(self.device)
+            cache.layered_prefill = True
             if self.backend.fixed_shape:
                 cache.use_step(self.model, self.backend)
         prefetch = sel.prefetch

@@ -13,10 +13,9 @@ Systems:
   offloaded     ours with the rtx4090-llama3.1-8b preset: KV in pinned host memory,
                 dense layers mirrored on the device, sparse layers select 2048 tokens per
                 KV head on the device and gather them straight from host memory
-                (offload/tiered_step.py). Above `--fill-above` tokens its KV is written
-                straight into the cache instead of prefilled (layer-by-layer prefill is
-                not built yet: a 128k prefill through the tiered store takes minutes),
-                and its prefill seconds are then not reported.
+                (offload/tiered_step.py); prefilled layer by layer. Above `--fill-above`
+                tokens its KV is written straight into the cache instead (random K/V,
+                index built), and its prefill seconds are then not reported.
   embedded      the embedded SmolLM2-135M with the default config, an 8k prompt
   hf            transformers `generate`, DynamicCache on the GPU
   hf-static     ... StaticCache with its decode step compiled (lengths <= 32k)

@@ -275,3 +275,52 @@ def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_di
     captures = stepped.step.captures
     _decode_without_syncs(stepped, rt.model, (3, 4, 5))
     assert stepped.step.captures == captures and stepped.step.plan.steps >= 4
+
+
+def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol_bf16):
+    """The real model as CUDA runs it when its KV is tiered (dense layers mirrored, the
+    rest through the fixed-shape sparse step; on a CPU with the torch references, since
+    Triton's interpreter is too slow for 30 layers): at full budget, dense's tokens."""
+    from offload.runtime import _KVState
+    from tests.test_sparse_e2e import needle_messages
+
+    prompt = needle_messages(40, 0.5)  # about 1k tokens
+    dense = Runtime(smol_bf16.loaded, smol_bf16.config.replace(mode="full"), smol_bf16.device)
+    want = [s.token_id for s in dense.stream(prompt, max_new_tokens=8)]
+    config = smol_bf16.config.replace(mode="sparse", retrieved=100_000)
+    rt = Runtime(smol_bf16.loaded, config, smol_bf16.device)
+    rt.backend = Backend(DEVICE, kernels=DEVICE.type == "cuda", fixed_shape=True,
+                         remote_host=True)  # fmt: skip
+    rt._state = _KVState(rt.new_cache())
+    got = [s.token_id for s in rt.stream(prompt, max_new_tokens=8)]
+    assert got == want
+    assert rt._state.cache.step.plan.steps == len(got) - 1
+    assert rt.stats()["selection"]["sparse_layer_steps"] == 28 * (len(got) - 1)
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored):
+    """Layer by layer (all hidden states kept, one layer's KV at a time) gives the logits
+    and the KV of token-chunked prefill through the tiers, and the same decode after."""
+    from offload.generate import prefill_by_layer
+
+    rt, plain, layered = _tiered_pair(tiny_dirs)
+    plain.layered_prefill = False  # (on CUDA the Runtime asks for layers)
+    if not mirrored:
+        layered = rt.new_cache()
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    want = prefill(rt.model, plain, ids, 64)
+    plain.finish_prefill()
+    seen = []
+    got = prefill_by_layer(rt.model, layered, ids, 64, lambda *a: seen.append(a))
+    layered.finish_prefill()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert seen[-1] == (150, 150, "prefill") and len(seen) == rt.args.num_layers
+    assert layered.num_tokens == layered.store.num_tokens == 150
+    for layer in range(rt.args.num_layers):
+        k_p, v_p = plain.store.gather_all(layer)
+        k_l, v_l = layered.store.gather_all(layer)
+        torch.testing.assert_close(k_l, k_p)
+        torch.testing.assert_close(v_l, v_p)
+    assert (layered.layers[0].mirror is not None) == mirrored
+    assert _greedy(plain, rt.model, want, 12) == _greedy(layered, rt.model, got, 12)
