@@ -159,7 +159,20 @@ def smol_bf16():
 
 @pytest.fixture(scope="session")
 def smol_fp32():
-    """fp32 with dense (dequantized) weights: the form transformers loads, for comparisons."""
+    """fp32 with dense (dequantized) weights: the form transformers loads, for comparisons.
+    On the CPU on every machine, since the references it is compared with run there."""
     from offload import Runtime
 
-    return Runtime.from_pretrained("smollm2", dtype="float32", weights="dense")
+    return Runtime.from_pretrained("smollm2", dtype="float32", weights="dense", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol_cpu(smol_bf16):
+    """The default config on the CPU (the int4 linears are the CPU's form of the weights)."""
+    from offload import Runtime
+
+    return (
+        smol_bf16
+        if smol_bf16.device.type == "cpu"
+        else Runtime.from_pretrained("smollm2", device="cpu")
+    )
