@@ -31,6 +31,21 @@ class Budgets:
     disk_bytes: int
 
 
+BUSY_CORE = 50.0  # percent: a core this busy when we start is left to whoever uses it
+THREADS_SAMPLE_SECONDS = 0.05
+
+
+def machine_threads() -> int:
+    """Intra-op threads when `model.threads = 0`: one per core that is not busy now.
+
+    torch's default (one per core) collapses when another process uses a core: its
+    threads wait on each other at every op. Measured on a 2-core machine, 40 tokens of
+    the embedded model: idle, 2 threads 80 tok/s and 1 thread 54; with one core busy,
+    2 threads 24 tok/s and 1 thread 65 (docs/performance.md)."""
+    busy = psutil.cpu_percent(interval=THREADS_SAMPLE_SECONDS, percpu=True)
+    return max(1, sum(p < BUSY_CORE for p in busy))
+
+
 def default_disk_dir() -> Path:
     return Path(tempfile.gettempdir()) / "offload-kv"
 

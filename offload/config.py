@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ WEIGHT_MODES = ("auto", "dense", "int8", "int4")
 class ModelSection:
     dtype: str = "bfloat16"  # weights and KV; bf16 is about 2x faster than fp32 on CPU here
     device: str = "auto"  # "auto" picks cuda when present, else cpu
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    threads: int = 0  # torch intra-op threads; 0: one per core idle at start (budgets.py)
     weights: str = (
         "auto"  # auto | dense | int8 | int4 (CPU weight-only kernels; offload/quantize.py)
     )
@@ -183,8 +184,12 @@ class ModelSection:
             raise ConfigError(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"model.device: {self.device!r} is not auto, cpu or cuda[:N]")
-        if self.threads < 0:
-            raise ConfigError(f"model.threads: must be >= 0, got {self.threads}")
+        cpus = os.cpu_count() or 1
+        if not 0 <= self.threads <= cpus:
+            raise ConfigError(
+                f"model.threads: must be between 0 (one per idle core) and this machine's "
+                f"{cpus} CPUs, got {self.threads}"
+            )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 
 from offload.attention import SelectionStats, SparsePolicy
 from offload.backend import Backend
-from offload.budgets import resolve_budgets
+from offload.budgets import machine_threads, resolve_budgets
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult, generate_steps, make_sampler, prefill
@@ -114,8 +114,7 @@ class Runtime:
         if overrides:
             cfg = cfg.replace(**overrides)
         device = pick_device(cfg.model.device)
-        if cfg.model.threads:
-            torch.set_num_threads(cfg.model.threads)
+        torch.set_num_threads(cfg.model.threads or machine_threads())
         dtype = getattr(torch, cfg.model.dtype)
         return cls(load(name_or_path, dtype, device, cfg.model.weights), cfg, device)
 

@@ -72,3 +72,21 @@ def test_parse_bytes_rejects(text):
 def test_decode_speed_settings_are_checked(key, value, message):
     with pytest.raises(ConfigError, match=message):
         RuntimeConfig().replace(**{key: value})
+
+
+def test_threads_are_bounded_by_the_machine_and_default_to_idle_cores(monkeypatch):
+    import os
+
+    import psutil
+
+    from offload.budgets import machine_threads
+    from offload.config import ModelSection
+
+    with pytest.raises(
+        ConfigError, match=f"model.threads: must be between 0 .* {os.cpu_count()} CPUs, got 1000000"
+    ):
+        ModelSection(threads=1_000_000)
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [97.0, 3.0, 12.0, 80.0])
+    assert machine_threads() == 2  # the two cores that are not busy
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [100.0, 99.0])
+    assert machine_threads() == 1  # never zero

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli.main import main
@@ -253,3 +254,19 @@ def test_cli_ingest_ask_and_errors(tiny, tmp_path):
     assert r.exit_code == 2 and "document not found" in r.output
     r = runner.invoke(main, ["ask", "--session", str(tmp_path / "nothing"), "q"])
     assert r.exit_code == 2 and "no session at" in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
+    """One format on both devices (full budget, fp32: the same answer on each)."""
+    path = tiny_dirs["llama-gqa-untied"][0]
+    kw = dict(dtype="float32", mode="sparse", sink=4, window=16, retrieved=100_000, dense_layers=1)
+    gpu = Runtime.from_pretrained(path, device="cuda", **kw)
+    gpu.load_document(filler_text(60, seed=1))
+    want = gpu.ask("seven stones", max_new_tokens=6)
+    gpu.save_session(tmp_path / "g")
+    cpu = Runtime.load_session(tmp_path / "g", device="cpu")
+    assert cpu.device.type == "cpu" and cpu.ask("seven stones", max_new_tokens=6) == want
+    cpu.save_session(tmp_path / "c")
+    back = Runtime.load_session(tmp_path / "c", device="cuda")
+    assert back.ask("seven stones", max_new_tokens=6) == want
