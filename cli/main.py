@@ -77,12 +77,20 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
         return Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
 
 
+CUT_NOTE = "[dim](answer cut at the token limit: raise it with -n)[/]"
+
+
 def print_steps(steps) -> None:
-    """Stream generated text to stdout as it comes, then end the line."""
+    """Stream generated text to stdout as it comes, then end the line. An answer cut at
+    the token limit says so on stderr (stdout keeps only the answer, for pipes)."""
+    step = None
     for step in steps:
         sys.stdout.write(step.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if step is not None and step.finish_reason == "length":
+        sys.stdout.flush()
+        err_console.print(CUT_NOTE)
 
 
 class PrefillBar:
@@ -121,6 +129,7 @@ class PrefillBar:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="offload", prog_name="offload", message="%(prog)s %(version)s")
 def main():
     """offload: long-context LLM inference with a tiered KV cache."""
 
@@ -209,10 +218,13 @@ def chat(model, config, overrides, system, max_new_tokens, session_dir):
             )
             continue
         if cmd.startswith("/"):
-            console.print(f"[yellow]unknown command {cmd.split()[0]}[/] (/reset /stats /exit)")
+            console.print(
+                f"[yellow]unknown command {cmd.split()[0]}[/] (/reset /stats /save DIR /exit)"
+            )
             continue
         bar = PrefillBar(console)
         console.print("[bold blue]assistant>[/] ", end="")
+        step = None
         try:
             for step in conv.stream(text, max_new_tokens=max_new_tokens, progress=bar):
                 console.out(step.text, end="", highlight=False)
@@ -221,6 +233,8 @@ def chat(model, config, overrides, system, max_new_tokens, session_dir):
             console.print(f"\n[bold red]error:[/] {e}", highlight=False)
             continue
         bar.close()
+        if step is not None and step.finish_reason == "length":
+            console.print(f" {CUT_NOTE}", end="")
         s = rt.stats()
         console.print(
             f"\n[dim]{s['decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s, "
@@ -381,6 +395,12 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
             f"{tier}: {human_bytes(p.tier_total(tier))} of {human_bytes(budget)}: {verdict}"
         )
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
+    too_long = context > a.max_seq_len
+    if too_long:
+        console.print(
+            f"[red]the model's context window is {a.max_seq_len:,} tokens: "
+            f"{context:,} do not fit it, whatever the memory[/]"
+        )
     window = f"the model's whole {a.max_seq_len:,}-token window"
     if p.kv_on_device:
         console.print(f'on CUDA, mode "auto" keeps all KV on the device: {window} fits there')
@@ -388,7 +408,7 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
         console.print(
             f'on CUDA, mode "auto" uses the tiers above: {window} does not fit the device'
         )
-    if not (p.fits_device and p.fits_host):
+    if too_long or not (p.fits_device and p.fits_host):
         sys.exit(1)
 
 

@@ -55,3 +55,30 @@ def test_cli_generate_info_and_chat(tiny_dirs):
     assert "prefill_tokens" in r.output and "unknown command /bogus" in r.output
     assert "conversation cleared" in r.output
     assert r.output.count("tok/s") == 2  # one figure line per answer
+
+
+def test_cli_version_cut_answers_and_chat_hint(tiny_dirs):
+    model_dir = str(tiny_dirs["llama-gqa-untied"][0])
+    runner = CliRunner()
+    r = runner.invoke(main, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("offload 0.")
+    # a tiny random model rarely ends a turn within 3 tokens: the cut is said, on stderr
+    r = runner.invoke(
+        main, ["generate", "-m", model_dir, "-n", "3", "--set", "dtype=float32", "seven"]
+    )
+    assert r.exit_code == 0 and "answer cut at the token limit" in r.stderr
+    assert "answer cut" not in r.stdout
+    r = runner.invoke(main, ["chat", "-m", model_dir, "-n", "4"], input="/bogus\n/exit\n")
+    assert "(/reset /stats /save DIR /exit)" in r.output
+
+
+def test_cli_plan_refuses_a_context_beyond_the_window(tmp_path):
+    import json
+
+    from tests.test_plan import LLAMA31_8B
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_8B))
+    args = ["plan", "-m", str(tmp_path), "--gpu-mem", "80GiB", "--host-mem", "64GiB"]
+    r = CliRunner().invoke(main, [*args, "--context", "200000"])
+    assert r.exit_code == 1 and "context window is 131,072 tokens" in r.output
+    assert CliRunner().invoke(main, [*args, "--context", "8192"]).exit_code == 0
