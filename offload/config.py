@@ -63,6 +63,15 @@ class ModelArgs:
             raise ConfigError(
                 f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
+        for key in ("dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_dim",
+                    "vocab_size", "max_seq_len"):  # fmt: skip
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model {key} must be a positive integer, got {value!r}")
+        for key in ("norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"model {key} must be a finite number above 0, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) is not a multiple of "
@@ -76,6 +85,8 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Build from the dict of an HF `config.json` (llama, mistral, qwen2)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         arch = cfg.get("model_type")
         if arch not in SUPPORTED_ARCHS:
             raise ConfigError(
@@ -84,7 +95,7 @@ class ModelArgs:
         try:
             dim = int(cfg["hidden_size"])
             num_heads = int(cfg["num_attention_heads"])
-            head_dim = int(cfg.get("head_dim") or dim // num_heads)
+            head_dim = int(cfg.get("head_dim") or (dim // num_heads if num_heads > 0 else 0))
             rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
             theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
             scaling = None
@@ -127,6 +138,8 @@ class ModelArgs:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a list for a number, and such
+            raise ConfigError(f"{source}: invalid value: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,11 +217,15 @@ class GenerationSection:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"generation.temperature: must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses NaN
+            raise ConfigError(
+                f"generation.temperature: must be a finite number >= 0, got {self.temperature}"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ConfigError(f"generation.seed: must be in [0, 2**63), got {self.seed}")
         if self.top_k < 0:
             raise ConfigError(f"generation.top_k: must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"generation.prefill_chunk: must be >= 1, got {self.prefill_chunk}")

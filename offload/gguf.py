@@ -88,7 +88,7 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
             head_dim=int(
                 field_value(reader, f"{arch}.attention.key_length", None)
                 or field_value(reader, f"{arch}.rope.dimension_count", None)
-                or dim // num_heads
+                or (dim // num_heads if num_heads > 0 else 0)  # 0 heads: refused below
             ),
             hidden_dim=int(req("feed_forward_length")),
             vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),

@@ -102,3 +102,42 @@ def test_cli_errors_are_one_line_exit_2(args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, "num_heads must be a positive integer, got 0"),
+        ({"hidden_size": -64}, "dim must be a positive integer, got -64"),
+        ({"num_hidden_layers": 0}, "num_layers must be a positive integer"),
+        ({"max_position_embeddings": 0}, "max_seq_len must be a positive integer"),
+        ({"rms_norm_eps": float("nan")}, "norm_eps must be a finite number above 0"),
+        ({"rope_scaling": "llama3"}, "invalid value"),
+        ({"intermediate_size": [96]}, "invalid value"),
+    ],
+)
+def test_bad_model_config_values_are_named(tmp_path, change, message):
+    from offload.config import ModelArgs
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320}  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        ModelArgs.from_hf_config({**cfg, **change})
+    with pytest.raises(ConfigError, match="expected a JSON object, got list"):
+        ModelArgs.from_hf_config([cfg])
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("temperature", float("nan"), "generation.temperature: must be a finite number >= 0"),
+        ("temperature", float("inf"), "generation.temperature: must be a finite number >= 0"),
+        ("top_p", float("nan"), "generation.top_p: must be in"),
+        ("seed", 10**23, r"generation.seed: must be in \[0, 2\*\*63\)"),
+    ],
+)
+def test_bad_sampling_values_are_named(key, value, message):
+    from offload.config import RuntimeConfig
+
+    with pytest.raises(ConfigError, match=message):
+        RuntimeConfig().replace(**{key: value})
