@@ -25,7 +25,6 @@ class Backend:
     kernels: bool = False  # Triton kernels instead of their torch references
     fixed_shape: bool = False  # decode through the fixed-shape step (offload/graphs.py)
     graphs: bool = False  # ... captured and replayed as a CUDA graph
-    pin: bool = False  # pin host tensors (asynchronous copies, device reads through UVA)
     # Host memory is not the compute device's: the dense layers of a tiered cache keep a
     # device copy of their KV, and decode steps over it run fixed-shape.
     remote_host: bool = False
@@ -36,8 +35,7 @@ class Backend:
         cuda = device.type == "cuda"
         kernels = cuda and triton_available()
         steps = cuda and graphs  # eager CUDA decode (graphs off) is the plain path
-        return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, pin=cuda,
-                   remote_host=cuda)  # fmt: skip
+        return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, remote_host=cuda)
 
     def decode_attention(self, q, k, v, length) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""

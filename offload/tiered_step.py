@@ -81,7 +81,7 @@ class TieredPlan:
         """Can the step at this position run fixed-shape? (See the module docstring.)"""
         T = num_tokens + 1
         store, policy = self.store, self.policy
-        if not self.sparse or any(self.cache.layers[i].mirror is None for i in self.dense):
+        if not self.sparse:
             return False
         for i in self.sparse:
             if not isinstance(policy.selectors[i], ClusterIndex):

@@ -115,7 +115,7 @@ class ClusterIndex:
         """Add keys [H, n, D] to their clusters' running sums; centroids are member means."""
         keys = keys.to("cpu", torch.float32)
         for h in range(self.H):
-            self._sums[h].index_add_(0, new_assign[h], keys[h].float())
+            self._sums[h].index_add_(0, new_assign[h], keys[h])
             self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
         self.centroids = self._sums / self._counts.clamp_min(1)[:, :, None]
         self._counts_cache = None

@@ -11,9 +11,7 @@ from offload import Runtime
 from offload.backend import Backend
 from offload.generate import prefill
 from offload.kernels.decode_attention import decode_attention, decode_attention_ref, split_rows
-from tests.conftest import DEVICE
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.conftest import DEVICE, cuda_only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

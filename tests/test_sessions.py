@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli.main import main
 from offload import Runtime
 from storage.disk import StorageError
 from storage.session import SessionError, SessionLock, SessionLockedError, open_session
-from tests.conftest import filler_text
+from tests.conftest import cuda_only, filler_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,7 +255,7 @@ def test_cli_ingest_ask_and_errors(tiny, tmp_path):
     assert r.exit_code == 2 and "no session at" in r.output
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@cuda_only
 def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
     """One format on both devices (full budget, fp32: the same answer on each)."""
     path = tiny_dirs["llama-gqa-untied"][0]
