@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -29,7 +30,7 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (OffloadError, StorageError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -63,11 +64,15 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def load_session_runtime(session_dir: str, config: str | None, overrides: tuple[str, ...]):
+def load_session_runtime(
+    session_dir: str, model: str, config: str | None, overrides: tuple[str, ...]
+):
     from offload.runtime import Runtime
 
     with err_console.status(f"loading session {session_dir} ..."):
-        return Runtime.load_session(session_dir, config=config, **parse_overrides(overrides))
+        return Runtime.load_session(
+            session_dir, config=config, model=model, **parse_overrides(overrides)
+        )
 
 
 def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
@@ -169,7 +174,7 @@ def chat(model, config, overrides, system, max_new_tokens, session_dir):
     """Multi-turn chat; earlier turns' KV is reused. Commands: /reset /stats /save DIR /exit."""
     console = Console()
     if session_dir:
-        rt = load_session_runtime(session_dir, config, overrides)
+        rt = load_session_runtime(session_dir, model, config, overrides)
         if rt.session.get("kind") == "chat":
             conv = rt.resume_chat()
             console.print(
@@ -296,15 +301,17 @@ def ingest(model, config, overrides, files, session_dir, system):
 
 
 @main.command()
+@model_options
 @click.option("--session", "session_dir", required=True, help="A session made by `offload ingest`.")
-@click.option("--config", "-c", default=None, help="TOML file or preset (default: the session's).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--max-new-tokens", "-n", type=int, default=None)
 @click.argument("question")
 @friendly_errors
-def ask(session_dir, config, overrides, max_new_tokens, question):
-    """Answer QUESTION from a saved document without prefilling the document again."""
-    rt = load_session_runtime(session_dir, config, overrides)
+def ask(model, session_dir, config, overrides, max_new_tokens, question):
+    """Answer QUESTION from a saved document without prefilling the document again.
+
+    The model (-m) must be the one the document was ingested with; the config is the
+    session's unless -c is given."""
+    rt = load_session_runtime(session_dir, model, config, overrides)
     if rt.document is None:
         kind = rt.session.get("kind")
         raise OffloadError(

@@ -376,9 +376,11 @@ class Runtime:
         model=None,
         **overrides,
     ) -> Runtime:
-        """A Runtime holding a saved session's KV. The model is the session's own (its
-        path is in the manifest) unless `model` (a name, path or Runtime) is given; the
-        config is the session's unless `config` is given."""
+        """A Runtime holding a saved session's KV. `model` (a name, path or Runtime; the
+        default model if not given) must be the one the session was made with: a
+        session never chooses which model file is opened. The config is the session's
+        (less the keys that describe the machine it was made on) unless `config` is
+        given."""
         from offload.session import load_state
 
         rt = load_state(path, config, model, **overrides)

@@ -18,6 +18,7 @@ import torch
 
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, OffloadError
+from offload.loading import DEFAULT_MODEL
 from storage.session import SessionContents, SessionError, open_session, save_session
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ def load_state(
     if config is None:
         try:
             config = RuntimeConfig.from_dict(
-                m["config"], source=f"{session.version_dir / 'manifest.json'}"
+                _without_machine_keys(m["config"]),
+                source=f"{session.version_dir / 'manifest.json'}",
             )
         except ConfigError as e:
             raise SessionError(f"the session's saved config is not usable: {e}") from None
@@ -93,23 +95,25 @@ def load_state(
         cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
         rt = Runtime(model.loaded, cfg.replace(**overrides) if overrides else cfg, model.device)
     else:
-        source = model if model is not None else m["model"]["source"]
-        if model is None and not Path(source).exists():
-            raise SessionError(
-                f"the session's model {source} is not there any more; pass the model explicitly"
-            )
-        rt = Runtime.from_pretrained(source, config=config, **overrides)
+        # The user names the model (the default one otherwise): a session never chooses
+        # which file is opened; its fingerprint must match what is loaded.
+        rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
     _check_compatible(rt, session)
     dense = rt._state.cache.store is None  # the device cache: loaded through a tiered one
     cache = rt.new_cache(tiered=True) if dense else rt._state.cache
     files = [
         # absolute: the disk tier joins a relative name onto its own directory
-        (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"])
+        (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f.get("crc32"))
         for f in session.chunk_files()
     ]
     cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
     cache.num_tokens = session.manifest["num_tokens"]
-    _restore_index(cache.policy, *session.index())
+    try:
+        _restore_index(cache.policy, *session.index(), session.manifest["num_tokens"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SessionError(
+            f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
+        ) from None
     if dense:
         rt._state.cache.close()
         rt._state.cache = _dense_copy(rt, cache)
@@ -149,16 +153,41 @@ def _dense_copy(rt: Runtime, tiered: KVCache) -> KVCache:
     return dense
 
 
+# Keys that describe the machine a session was made on, not its KV: a loading process
+# takes its own (a session must not choose a directory to write, nor this machine's
+# memory, threads or device).
+MACHINE_KEYS = {"model": ("device", "threads"),
+                "kv": ("device_bytes", "host_bytes", "disk_dir", "disk_bytes")}  # fmt: skip
+
+
+def _without_machine_keys(saved: dict) -> dict:
+    out = {name: dict(values) if isinstance(values, dict) else values
+           for name, values in saved.items()}  # fmt: skip
+    for section, keys in MACHINE_KEYS.items():
+        if isinstance(out.get(section), dict):
+            for key in keys:
+                out[section].pop(key, None)
+    return out
+
+
 def _check_compatible(rt: Runtime, session) -> None:
     m = session.manifest
     where = session.version_dir / "manifest.json"
     if m["model"]["fingerprint"] != rt.loaded.fingerprint:
         raise SessionError(
-            f"{where}: the session was made with another model ({m['model']['source']}); "
-            f"this runtime has {rt.loaded.source}"
+            f"{where}: the session was made with another model ({m['model']['source']!r}); "
+            f"this runtime has {rt.loaded.source}: name the session's model (-m, model=)"
         )
     if m["tokenizer_sha256"] != rt.tokenizer.fingerprint:
         raise SessionError(f"{where}: the session was made with another tokenizer")
+    if m["num_tokens"] > rt.args.max_seq_len:
+        raise SessionError(
+            f"{where}: {m['num_tokens']} tokens, more than the model's "
+            f"{rt.args.max_seq_len}-token context window"
+        )
+    vocab = rt.args.vocab_size
+    if any(t >= vocab for t in m["token_ids"]):
+        raise SessionError(f"{where}: token ids outside the model's vocabulary of {vocab}")
     saved, ours = session.layout, rt.layout
     diff = [
         f"{f.name} {getattr(saved, f.name)!r} (now {getattr(ours, f.name)!r})"
@@ -171,7 +200,7 @@ def _check_compatible(rt: Runtime, session) -> None:
         )
 
 
-def _restore_index(policy, tensors: dict, meta: dict) -> None:
+def _restore_index(policy, tensors: dict, meta: dict, num_tokens: int) -> None:
     if not tensors:
         return
     settings = {k: getattr(policy.selection, k) for k in INDEX_KEYS}
@@ -179,10 +208,16 @@ def _restore_index(policy, tensors: dict, meta: dict) -> None:
         return  # another selector or cluster setting: the index is rebuilt on first use
     for entry in meta["layers"]:
         layer = entry["layer"]
+        if not isinstance(layer, int) or not 0 <= layer < len(policy.selectors):
+            raise ValueError(f"layer {layer!r}")
         sel = policy.selectors[layer]
+        if sel is None:
+            raise ValueError(f"layer {layer} is not a sparse layer")
         prefix = f"L{layer}."
         sel.load_state(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, entry
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+            entry,
+            num_tokens,
         )
 
 

@@ -159,14 +159,32 @@ class ClusterIndex:
     def state_meta(self) -> dict:
         return {"segments": list(self.segments), "unit_offset": self._unit_offset}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        self.centroids, self._unit, self.assign = (
-            tensors["centroids"],
-            tensors["unit"],
-            tensors["assign"],
-        )
-        self._sums, self._counts = tensors["sums"], tensors["counts"]
-        self.segments, self._unit_offset = list(meta["segments"]), int(meta["unit_offset"])
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, max_tokens: int) -> None:
+        """Adopt saved state after checking it fits together (ValueError naming what not):
+        a saved index is read from a file, so nothing in it is trusted to index with."""
+        H, D = self.H, self.D
+        c, unit, assign = tensors["centroids"], tensors["unit"], tensors["assign"]
+        sums, counts = tensors["sums"], tensors["counts"]
+        NC, T = c.shape[1] if c.dim() == 3 else -1, assign.shape[-1]
+        want = {"centroids": (c, (H, NC, D), torch.float32), "sums": (sums, (H, NC, D), torch.float32),
+                "counts": (counts, (H, NC), torch.float32),
+                "unit": (unit, (H, unit.shape[1] if unit.dim() == 3 else -1, D), torch.float32),
+                "assign": (assign, (H, T), torch.int64)}  # fmt: skip
+        for name, (t, shape, dtype) in want.items():
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        segments, offset = meta["segments"], meta["unit_offset"]
+        if not isinstance(segments, list) or not all(isinstance(x, int) for x in segments):
+            raise ValueError(f"segments {segments!r}")
+        if not isinstance(offset, int) or not 0 <= offset <= NC - unit.shape[1]:
+            raise ValueError(f"unit_offset {offset!r}")
+        if T > max_tokens or segments != sorted(set(segments)) or any(not 0 <= x < max(T, 1) for x in segments):
+            raise ValueError(f"{T} indexed tokens with segments {segments[:4]} for {max_tokens}")
+        if T and not (0 <= int(assign.min()) and int(assign.max()) < NC):
+            raise ValueError(f"cluster ids outside 0..{NC - 1}")
+        self.centroids, self._unit, self.assign = c, unit, assign
+        self._sums, self._counts = sums, counts
+        self.segments, self._unit_offset = list(segments), offset
         self._counts_cache = None
 
     # -- selecting ---------------------------------------------------------------

@@ -76,6 +76,12 @@ def write_atomic(path: Path, payload) -> None:
         raise
 
 
+def _span(chunks) -> str:
+    if isinstance(chunks, list) and chunks:
+        return f"{chunks[0]}..{chunks[-1]}" if len(chunks) > 1 else str(chunks[0])
+    return repr(chunks)
+
+
 class DiskTier:
     """Chunk files of all layers under one directory, with a byte budget."""
 
@@ -87,6 +93,7 @@ class DiskTier:
         self.used_bytes = 0
         self._sizes: dict[str, int] = {}  # files this tier wrote (and may delete)
         self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
+        self._meta: dict[str, dict] = {}
 
     def start(self) -> None:
         try:
@@ -100,6 +107,7 @@ class DiskTier:
 
     def close(self) -> None:
         self._readers.clear()
+        self._meta.clear()
         try:
             self.directory.rmdir()  # only succeeds when empty: never removes a user's files
         except OSError:
@@ -170,15 +178,32 @@ class DiskTier:
 
     def delete(self, name: str) -> None:
         self._readers.pop(name, None)
+        self._meta.pop(name, None)
         if name in self._sizes:
             self.used_bytes -= self._sizes.pop(name)
             (self.directory / name).unlink(missing_ok=True)
 
-    def open(self, name: str) -> int:
-        """Map a file now (a session's, so later deletion by another process cannot hurt
-        this one); return its number of chunks."""
-        reader, _ = self._open(name)
-        return reader.num_record_batches
+    def open(self, name: str, layer: int, chunks: list[int], crc32: list[int] | None) -> None:
+        """Map a session's file now (so later deletion by another process cannot hurt this
+        one) and check that its own metadata says what the manifest says: the layer, the
+        chunk ids, the crc32s (if the manifest lists them). Swapped or foreign files of
+        the right size are refused here, before any of their KV is used."""
+        reader, crcs = self._open(name)
+        meta = self._meta[name]
+        path = self.directory / name
+        if meta.get("layer") != layer or meta.get("chunks") != chunks or len(chunks) != len(crcs):
+            raise StorageError(
+                f"{path}: holds layer {meta.get('layer')!r}, chunks {_span(meta.get('chunks'))}; "
+                f"the manifest says layer {layer}, chunks {_span(chunks)}"
+            )
+        if meta.get("layout") != dataclasses.asdict(self.layout):
+            raise StorageError(f"{path}: its KV layout differs from the session's")
+        if crc32 is not None and crcs != crc32:
+            raise StorageError(f"{path}: its chunk checksums differ from the manifest's")
+
+    def crc32s(self, name: str) -> list[int]:
+        """The per-chunk crc32s a file carries (read from its schema, not its data)."""
+        return list(self._open(name)[1])
 
     # -- reading ---------------------------------------------------------------
 
@@ -208,6 +233,7 @@ class DiskTier:
                 f"{path}: not a valid chunk file ({type(e).__name__}: {e})"
             ) from None
         self._readers[name] = (reader, crcs)
+        self._meta[name] = meta
         return reader, crcs
 
     def read_all(self, name: str) -> torch.Tensor:

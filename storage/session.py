@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,11 @@ from safetensors.torch import load_file, save_file
 from storage.abstracts import ChunkAbstracts
 from storage.disk import DiskTier, StorageError, fsync_dir, write_atomic
 from storage.layout import KVLayout
+from storage.manifest import VERSION_NAME, validate_manifest
 
 SESSION_FORMAT = 1
 MAX_CHUNKS_PER_FILE = 1024
+MAX_MANIFEST_BYTES = 1 << 28  # token ids and messages of a 16M-token session fit
 
 
 class SessionError(StorageError):
@@ -67,7 +70,13 @@ class SessionLock:
         self.fd = None
 
     def __enter__(self) -> SessionLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlinked .lock must not make us create its target
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise SessionError(
+                f"{self.path}: cannot open the session lock ({e.strerror or e}; "
+                "a symbolic link is refused)"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,7 +141,7 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
                     abstracts = _pad_abstracts(abstracts, len(chunks), L)
                     name = writer.write_chunks(layer, chunks, data, abstracts)
                     files[f"kv/{name}"] = {"size": (tmp / "kv" / name).stat().st_size, "layer": layer,
-                                           "chunks": chunks}  # fmt: skip
+                                           "chunks": chunks, "crc32": writer.crc32s(name)}  # fmt: skip
             device = {}
             for layer in range(L.num_layers):
                 dev = store.dev[layer]
@@ -216,7 +225,28 @@ class OpenedSession:
         return [dict(v, name=k) for k, v in self.manifest["files"].items() if k.startswith("kv/")]
 
     def device_tensors(self) -> dict[str, torch.Tensor]:
-        return self._tensors("device.safetensors")[0]
+        """Summaries and abstracts of every layer, each checked for its name, dtype and
+        shape (they cover the session's completed chunks)."""
+        tensors = self._tensors("device.safetensors")[0]
+        L = self.layout
+        n = self.manifest["num_tokens"] // L.chunk_size
+        H, D, C = L.num_kv_heads, L.head_dim, L.chunk_size
+        want = {"codes": ((H, n * C, D * L.summary_bits // 8), torch.uint8),
+                "scale": ((H, n, D), torch.float32), "zero": ((H, n, D), torch.float32),
+                "kmin": ((n, H, D), torch.float32), "kmax": ((n, H, D), torch.float32),
+                "kmean": ((n, H, D), torch.float32)}  # fmt: skip
+        where = self.version_dir / "device.safetensors"
+        for layer in range(L.num_layers):
+            for key, (shape, dtype) in want.items():
+                t = tensors.get(f"L{layer}.{key}")
+                if t is None:
+                    raise SessionError(f"{where}: tensor L{layer}.{key} is missing")
+                if tuple(t.shape) != shape or t.dtype != dtype:
+                    raise SessionError(
+                        f"{where}: tensor L{layer}.{key} is {t.dtype} {tuple(t.shape)}, "
+                        f"expected {dtype} {shape}"
+                    )
+        return tensors
 
     def index(self) -> tuple[dict[str, torch.Tensor], dict]:
         if "index.safetensors" not in self.manifest["files"]:
@@ -239,16 +269,21 @@ class OpenedSession:
 def open_session(path: Path) -> OpenedSession:
     """Find the complete version, read and check its manifest and small files.
 
-    Chunk files are checked for presence and size only; their crc32s are checked as
-    chunks are read, so opening does not read the KV.
+    Everything a session names must be a plain file or folder inside it: CURRENT
+    names a version folder (no path), the manifest's file names are the ones a save
+    writes, and symbolic links are refused wherever they appear. Chunk files are
+    checked for presence and size only; their own metadata (layer, chunk ids,
+    crc32s) is checked against the manifest when they are mapped, and each chunk's
+    crc32 as it is read, so opening does not read the KV.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise SessionError(f"no session at {path}")
     if not path.is_dir():
         raise SessionError(f"session path {path} is a file, not a directory")
+    path = path.resolve()  # the one folder the user named; nothing below it is followed
     current = path / "CURRENT"
-    if not current.is_file():
+    if not os.path.lexists(current):
         partial = any(p.name.endswith(".tmp") for p in path.iterdir())
         raise SessionError(
             f"{path}: no complete session"
@@ -258,30 +293,67 @@ def open_session(path: Path) -> OpenedSession:
                 else " (not a session directory)"
             )
         )
-    version_dir = path / current.read_text().strip()
+    name = _read_small(current, 64).strip()
+    try:
+        name = name.decode("ascii")
+    except UnicodeDecodeError:
+        name = ""
+    if not VERSION_NAME.fullmatch(name):
+        raise SessionError(f"{current}: does not name a version folder (v-<12 hex digits>)")
+    version_dir = path / name
+    _check_plain(version_dir, dir=True)
     mpath = version_dir / "manifest.json"
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(_read_small(mpath, MAX_MANIFEST_BYTES).decode("utf-8"))
         claimed = manifest.pop("manifest_sha256")
         body = json.dumps(manifest, sort_keys=True).encode()
-    except FileNotFoundError:
-        raise SessionError(f"{mpath}: manifest is missing") from None
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
         raise SessionError(f"{mpath}: manifest is corrupt ({type(e).__name__}: {e})") from None
-    if hashlib.sha256(body).hexdigest() != claimed:
+    if not isinstance(claimed, str) or hashlib.sha256(body).hexdigest() != claimed:
         raise SessionError(f"{mpath}: manifest checksum mismatch: the file is corrupt")
     if manifest.get("format_version") != SESSION_FORMAT:
         raise SessionError(
-            f"{mpath}: session format {manifest.get('format_version')}, expected {SESSION_FORMAT}"
+            f"{mpath}: session format {manifest.get('format_version')!r}, expected {SESSION_FORMAT}"
         )
-    for name, info in manifest["files"].items():
-        f = version_dir / name
-        if not f.is_file():
-            raise SessionError(f"{f}: file of the session is missing")
-        if f.stat().st_size != info["size"]:
-            raise SessionError(
-                f"{f}: size {f.stat().st_size}, manifest says {info['size']}: the file is corrupt"
-            )
-        if "sha256" in info and sha256_file(f) != info["sha256"]:
+    try:
+        validate_manifest(manifest)
+    except ValueError as e:
+        raise SessionError(f"{mpath}: manifest is invalid: {e}") from None
+    if any(n.startswith("kv/") for n in manifest["files"]):
+        _check_plain(version_dir / "kv", dir=True)
+    for fname, info in manifest["files"].items():
+        f = version_dir / fname
+        size = _check_plain(f)
+        if size != info["size"]:
+            raise SessionError(f"{f}: size {size}, manifest says {info['size']}: the file is corrupt")
+        if info.get("sha256") is not None and sha256_file(f) != info["sha256"]:
             raise SessionError(f"{f}: checksum mismatch: the file is corrupt")
     return OpenedSession(path, version_dir, manifest)
+
+
+def _check_plain(path: Path, dir: bool = False) -> int:
+    """A plain file (its size) or folder, never a symbolic link; else SessionError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise SessionError(f"{path}: {'folder' if dir else 'file'} of the session is missing") from None
+    except OSError as e:
+        raise SessionError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise SessionError(f"{path}: is a symbolic link; a session's files must be inside its folder")
+    if dir and not stat.S_ISDIR(st.st_mode) or not dir and not stat.S_ISREG(st.st_mode):
+        raise SessionError(f"{path}: is not a plain {'folder' if dir else 'file'}")
+    return st.st_size
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """The bytes of a plain file of at most `limit` bytes (opened without following links)."""
+    size = _check_plain(path)
+    if size > limit:
+        raise SessionError(f"{path}: {size} bytes, more than the {limit} such a file can hold")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as e:
+        raise SessionError(f"{path}: cannot read ({e.strerror or e})") from None

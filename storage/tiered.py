@@ -373,19 +373,17 @@ class TieredStore:
     ) -> None:
         """Take a saved session's KV as this (empty) store's content.
 
-        files: (layer, path, chunk indices) of each chunk file; they become disk records
-        (memory-mapped now, never deleted by this store), read when first needed.
+        files: (layer, path, chunk indices, crc32s or None) of each chunk file; they become
+        disk records (memory-mapped and checked now, never deleted by this store), read
+        when first needed.
         device: the saved summaries and abstracts per layer.
         """
         assert self.num_tokens == 0, "adopt needs an empty store"
         L = self.layout
         C = L.chunk_size
-        for layer, path, chunks in files:
+        for layer, path, chunks, crc32 in files:
             name = str(path)
-            if self.disk.open(name) != len(chunks):
-                raise StorageError(
-                    f"{path}: holds a different number of chunks than the manifest says"
-                )
+            self.disk.open(name, layer, chunks, crc32)
             for i, c in enumerate(chunks):
                 self.directory.add_on_disk((layer, c), DiskRecord(name, i))
         for layer in range(L.num_layers):

@@ -244,6 +244,10 @@ def test_cli_ingest_ask_and_errors(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     assert "ingested" in r.output and "tokens" in r.output
     r = runner.invoke(main, ["ask", "--session", str(tmp_path / "s"), "-n", "4", "seven?"])
+    assert r.exit_code == 2 and "made with another model" in r.output  # the default model
+    r = runner.invoke(
+        main, ["ask", "--session", str(tmp_path / "s"), "-m", model, "-n", "4", "seven?"]
+    )
     assert r.exit_code == 0, r.output
     assert "document tokens reused" in r.output
     r = runner.invoke(
