@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,13 @@ class PrefillBar:
 @click.version_option(package_name="offload", prog_name="offload", message="%(prog)s %(version)s")
 def main():
     """offload: long-context LLM inference with a tiered KV cache."""
+    # SIGTERM exits as Ctrl-C would: finalizers remove this process's spilled KV files
+    # (a SIGKILL's leftovers are removed by the next process that spills to the folder).
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 @main.command()

@@ -12,9 +12,8 @@ what differs.
 
 from __future__ import annotations
 
-import os
+import functools
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from offload.kvcache import KVCache
 from offload.loading import DEFAULT_MODEL, LoadedModel, load
 from offload.pipeline import PrefetchStats
 from offload.tokenizer import check_messages
-from storage.disk import StorageError
+from storage.disk import StorageError, cache_dir_name, sweep_stale
 from storage.layout import KVLayout
 from storage.tiered import TieredStore, TierReads
 
@@ -43,6 +42,12 @@ DOCUMENT_PROMPT = (
 )
 QUESTION_MARK = "\x00question\x00"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+
+
+@functools.cache
+def _sweep_once(disk_dir: Path) -> int:
+    """Once per process and directory: remove the spill folders dead processes left."""
+    return sweep_stale(disk_dir)
 
 
 def pick_device(name: str) -> torch.device:
@@ -158,9 +163,10 @@ class Runtime:
                 cache.use_step(self.model, self.backend)
             return cache
         b = resolve_budgets(kv, self.device)
+        _sweep_once(b.disk_dir)
         store = TieredStore(
             self.layout, self.model.dtype, self.device, host_bytes=b.host_bytes,
-            disk_dir=b.disk_dir / f"cache-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            disk_dir=b.disk_dir / cache_dir_name(),
             disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
         )  # fmt: skip
         policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)

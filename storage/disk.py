@@ -18,8 +18,10 @@ Every read checks its batch's crc32; a mismatch names the file.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import re
 import uuid
 import zlib
 from pathlib import Path
@@ -76,6 +78,64 @@ def write_atomic(path: Path, payload) -> None:
         raise
 
 
+OWNER_LOCK = ".owner"
+CACHE_DIR_NAME = re.compile(r"cache-([0-9]+)-[0-9a-f]{8}")
+
+
+def cache_dir_name() -> str:
+    """The name of this process's own spill directory (one per tiered store)."""
+    return f"cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def sweep_stale(base: Path) -> int:
+    """Remove the spill directories under `base` of processes that died without cleaning
+    up (killed, out of memory): those whose owner lock nobody holds, or, without a lock
+    file, whose process is gone. Returns how many were removed. Only names this module
+    makes are touched, and only chunk files and the lock inside them."""
+    removed = 0
+    try:
+        entries = list(Path(base).iterdir())
+    except OSError:
+        return 0
+    for d in entries:
+        m = CACHE_DIR_NAME.fullmatch(d.name)
+        if not m or d.is_symlink() or not d.is_dir() or int(m.group(1)) == os.getpid():
+            continue
+        if not _owner_gone(d, int(m.group(1))):
+            continue
+        for f in d.iterdir():
+            if f.name == OWNER_LOCK or f.suffix in (".arrow", ".tmp"):
+                f.unlink(missing_ok=True)
+        try:
+            d.rmdir()
+            removed += 1
+        except OSError:
+            pass  # something else is in there: leave it
+    return removed
+
+
+def _owner_gone(d: Path, pid: int) -> bool:
+    try:
+        fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _span(chunks) -> str:
     if isinstance(chunks, list) and chunks:
         return f"{chunks[0]}..{chunks[-1]}" if len(chunks) > 1 else str(chunks[0])
@@ -94,8 +154,11 @@ class DiskTier:
         self._sizes: dict[str, int] = {}  # files this tier wrote (and may delete)
         self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
         self._meta: dict[str, dict] = {}
+        self._owner: int | None = None  # fd of the flock'ed OWNER_LOCK while started
 
     def start(self) -> None:
+        """Create the directory and hold a lock in it while this process lives, so that
+        a later process can tell a dead one's leftovers (`sweep_stale`) from a live one's."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -104,10 +167,18 @@ class DiskTier:
             ) from None
         if not os.access(self.directory, os.W_OK):
             raise StorageError(f"disk tier: directory {self.directory} is not writable")
+        if self._owner is None:
+            fd = os.open(self.directory / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._owner = fd
 
     def close(self) -> None:
         self._readers.clear()
         self._meta.clear()
+        if self._owner is not None:
+            (self.directory / OWNER_LOCK).unlink(missing_ok=True)
+            os.close(self._owner)
+            self._owner = None
         try:
             self.directory.rmdir()  # only succeeds when empty: never removes a user's files
         except OSError:

@@ -171,9 +171,10 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
             os.replace(tmp, path / version)
             fsync_dir(path)
             write_atomic(path / "CURRENT", (version + "\n").encode())
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # a full disk, while writing any file
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SessionError(f"cannot save session to {path}: {e.strerror or e}") from None
+            reason = getattr(e, "strerror", None) or str(e)
+            raise SessionError(f"cannot save session to {path}: {reason}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
