@@ -31,7 +31,9 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (OffloadError, StorageError) as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True
+            )
             sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -288,10 +290,10 @@ def human_bytes(n: float) -> str:
 @friendly_errors
 def ingest(model, config, overrides, files, session_dir, system):
     """Prefill FILES once and save their KV, summaries and index as a session."""
-    from storage.session import prepare_dir
+    from storage.session import check_dir
 
     text = read_documents(files)
-    prepare_dir(Path(session_dir))  # fail before the long prefill, not after
+    check_dir(Path(session_dir))  # fail before the long prefill, not after; create nothing yet
     rt = load_runtime(model, config, overrides)
     bar = PrefillBar(err_console)
     t = time.perf_counter()

@@ -37,6 +37,13 @@ class RopeScaling:
     original_max_position: int
 
 
+# Upper bounds of a model's dimensions, far above any real model's (Llama-3.1-405B: dim
+# 16384, 126 layers, 128 heads; 256k-entry vocabularies; 10M-token contexts).
+MODEL_BOUNDS = {"dim": 1 << 18, "num_layers": 1 << 12, "num_heads": 1 << 12,
+                "num_kv_heads": 1 << 12, "head_dim": 1 << 12, "hidden_dim": 1 << 20,
+                "vocab_size": 1 << 24, "max_seq_len": 1 << 24}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     arch: str
@@ -63,11 +70,12 @@ class ModelArgs:
             raise ConfigError(
                 f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
-        for key in ("dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_dim",
-                    "vocab_size", "max_seq_len"):  # fmt: skip
+        for key, most in MODEL_BOUNDS.items():
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model {key} must be a positive integer, got {value!r}")
+            if value > most:  # a header's claim, before anything is sized from it
+                raise ConfigError(f"model {key} must be at most {most:,}, got {value:,}")
         for key in ("norm_eps", "rope_theta"):
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
@@ -175,6 +183,17 @@ def parse_bytes(value: int | str | None, key: str) -> int | None:
 
 
 DTYPES = ("bfloat16", "float16", "float32")
+MAX_TOKENS = 1 << 24  # bound of every token count: far beyond any model's context window
+
+
+def check_at_most(section, name: str, keys: tuple[str, ...], bound: int) -> None:
+    """Refuse values a typo makes huge (window=1000000000 would allocate terabytes)."""
+    for key in keys:
+        value = getattr(section, key)
+        if value > bound:
+            raise ConfigError(f"{name}.{key}: must be at most {bound:,}, got {value:,}")
+
+
 WEIGHT_MODES = ("auto", "dense", "int8", "int4")
 
 
@@ -229,6 +248,7 @@ class GenerationSection:
             raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"generation.prefill_chunk: must be >= 1, got {self.prefill_chunk}")
+        check_at_most(self, "generation", ("max_new_tokens", "prefill_chunk", "top_k"), MAX_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -252,6 +272,7 @@ class KVSection:
             object.__setattr__(self, key, parse_bytes(getattr(self, key), f"kv.{key}"))
         if self.spill_batch < 1:
             raise ConfigError(f"kv.spill_batch: must be >= 1, got {self.spill_batch}")
+        check_at_most(self, "kv", ("chunk_size", "spill_batch"), 1 << 16)
 
 
 SELECTION_MODES = ("full", "dense", "sparse", "auto")
@@ -314,6 +335,12 @@ class SelectionSection:
             raise ConfigError(
                 f"selection.hit_cache: must be >= 2 (x the tokens selected), got {self.hit_cache}"
             )
+        check_at_most(self, "selection", ("sink", "window", "retrieved", "sparse_threshold",
+                      "cluster_size", "cluster_segment", "index_refresh"), MAX_TOKENS)  # fmt: skip
+        check_at_most(self, "selection", ("dense_layers",), 1 << 12)
+        check_at_most(self, "selection", ("cluster_iters", "candidate_factor"), 1000)
+        if not math.isfinite(self.hit_cache) or self.hit_cache > 1000:
+            raise ConfigError(f"selection.hit_cache: must be at most 1000, got {self.hit_cache}")
         if not 0 < self.retrieve_fraction <= 1:
             raise ConfigError(
                 f"selection.retrieve_fraction: must be in (0, 1], got {self.retrieve_fraction}"

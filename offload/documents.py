@@ -23,5 +23,7 @@ def read_documents(paths) -> str:
             raise OffloadError(
                 f"{p}: not UTF-8 text (ingest takes text and markdown files)"
             ) from None
+        if not text.strip():
+            raise OffloadError(f"{p}: the document is empty")
         parts.append(f"# {p.name}\n\n{text.strip()}" if len(paths) > 1 else text.strip())
     return "\n\n".join(parts)

@@ -89,8 +89,14 @@ def load(
         from offload.gguf import load_gguf_model, open_gguf
 
         reader = open_gguf(path)
-        model = load_gguf_model(path, dtype, device, reader=reader)
-        tokenizer = Tokenizer.from_gguf(reader, path)
+        try:
+            model = load_gguf_model(path, dtype, device, reader=reader)
+            tokenizer = Tokenizer.from_gguf(reader, path)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            # metadata of the wrong type or invalid UTF-8 (UnicodeDecodeError is a ValueError)
+            raise ModelLoadError(
+                f"{path}: invalid GGUF metadata ({type(e).__name__}: {e})"
+            ) from None
     else:
         raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
     if tokenizer.vocab_size > model.args.vocab_size:

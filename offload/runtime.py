@@ -88,6 +88,11 @@ class Runtime:
     def __init__(self, loaded: LoadedModel, config: RuntimeConfig, device: torch.device):
         self.loaded = loaded
         self.model = loaded.model
+        sel, n = config.selection, loaded.args.max_seq_len
+        if sel.sink > n or sel.window > n:  # more than the context window is the window
+            config = config.replace(
+                sink=min(sel.sink, n), window=max(config.kv.chunk_size, min(sel.window, n))
+            )
         self.config = config
         self.device = device
         self.backend = Backend.for_device(device, graphs=config.model.cuda_graphs)

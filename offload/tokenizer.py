@@ -1,8 +1,9 @@
 """Tokenizer: HF `tokenizers` from `tokenizer.json`, or built from GGUF metadata.
 
 Chat templates are rendered with jinja2 the way HF renders them (sandboxed,
-`trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`), and the rendered
-text is encoded without adding special tokens: the template writes them.
+`trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`), within bounds of
+time and size (offload/templates.py), and the rendered text is encoded without
+adding special tokens: the template writes them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -61,19 +62,12 @@ class Tokenizer:
     @cached_property
     def _template(self):
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise TemplateError(message)
+        from offload.templates import BoundedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
-            x, ensure_ascii=False, indent=indent
-        )
+        env = BoundedEnvironment()
         try:
-            return env.from_string(self.chat_template or CHATML_TEMPLATE)
+            return env, env.from_string(self.chat_template or CHATML_TEMPLATE)
         except TemplateError as e:
             raise ModelLoadError(f"the model's chat template does not parse: {e}") from None
 
@@ -89,8 +83,11 @@ class Tokenizer:
         # A final assistant message is continued, not closed (HF's continue_final_message):
         # it primes the answer, e.g. "The secret passphrase is".
         prime = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        env, template = self._template
         try:
-            text = self._template.render(
+            text = env.render(
+                template,
+                sum(len(m["content"]) for m in messages),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt and prime is None,
                 bos_token=self.bos_token or "",
@@ -159,7 +156,12 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
         types = list(field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = HFTokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        try:
+            backend = HFTokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise ModelLoadError(
+                f"{path}: the GGUF vocabulary or merges are invalid: {e}"
+            ) from None
         pre = field_value(reader, "tokenizer.ggml.pre", "default")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if pre in ("llama-bpe", "llama3", "qwen2", "deepseek-r1-qwen"):
@@ -209,6 +211,19 @@ def check_messages(messages) -> None:
             or not isinstance(m.get("content"), str)
         ):
             raise OffloadError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+        check_text(m["content"], f"messages[{i}]")
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Text must be encodable as UTF-8: a command line or file read with surrogate
+    escapes carries lone surrogates where its bytes were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OffloadError(
+            f"{what} is not valid UTF-8 (bad byte at character {e.start}); "
+            "convert it to UTF-8 first"
+        ) from None
 
 
 def _stop_ids(backend, ids) -> tuple[int, ...]:
@@ -231,7 +246,7 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         raise ModelLoadError(f"{path}: cannot read: {e}") from None
 
 

@@ -49,8 +49,8 @@ def read_hf_config(directory: Path) -> ModelArgs:
         raise ModelLoadError(f"{directory}: no config.json (expected an HF model directory)")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+        raise ModelLoadError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
     try:
         return ModelArgs.from_hf_config(cfg, source=str(path))
     except ConfigError as e:
@@ -62,7 +62,7 @@ def _shard_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
             raise ModelLoadError(f"{index}: cannot read the shard index: {e}") from None
         files = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
@@ -100,8 +100,19 @@ def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device) -> 
     return build_model(args, state, source=str(directory))
 
 
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], source: str) -> Transformer:
     """Assign a renamed state dict into a model built on the meta device."""
+    # The file's tensors, not its metadata, bound what is built: a header claiming 10^9
+    # layers must not build 10^9 modules before the tensors are compared.
+    layers = {int(m.group(1)) for m in map(_LAYER.match, state) if m}
+    if len(layers) != args.num_layers or layers and max(layers) != args.num_layers - 1:
+        raise ModelLoadError(
+            f"{source}: the config says {args.num_layers} layers, the weights hold "
+            f"{len(layers)}" + (f" (numbered up to {max(layers)})" if layers else "")
+        )
     with torch.device("meta"):
         model = Transformer(args)
     expected = set(model.state_dict().keys())

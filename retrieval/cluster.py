@@ -178,7 +178,11 @@ class ClusterIndex:
             raise ValueError(f"segments {segments!r}")
         if not isinstance(offset, int) or not 0 <= offset <= NC - unit.shape[1]:
             raise ValueError(f"unit_offset {offset!r}")
-        if T > max_tokens or segments != sorted(set(segments)) or any(not 0 <= x < max(T, 1) for x in segments):
+        if (
+            T > max_tokens
+            or segments != sorted(set(segments))
+            or any(not 0 <= x < max(T, 1) for x in segments)
+        ):
             raise ValueError(f"{T} indexed tokens with segments {segments[:4]} for {max_tokens}")
         if T and not (0 <= int(assign.min()) and int(assign.max()) < NC):
             raise ValueError(f"cluster ids outside 0..{NC - 1}")

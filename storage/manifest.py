@@ -109,7 +109,9 @@ class Manifest(BaseModel):
             if f.layer is None or f.chunks is None or not f.chunks:
                 raise ValueError(f"files.{name}: layer and chunks are required")
             if f.layer >= layout.num_layers:
-                raise ValueError(f"files.{name}: layer {f.layer}, the layout has {layout.num_layers}")
+                raise ValueError(
+                    f"files.{name}: layer {f.layer}, the layout has {layout.num_layers}"
+                )
             if f.crc32 is not None and len(f.crc32) != len(f.chunks):
                 raise ValueError(f"files.{name}: {len(f.crc32)} crc32s for {len(f.chunks)} chunks")
             have[f.layer].extend(f.chunks)

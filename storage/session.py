@@ -107,6 +107,23 @@ def prepare_dir(path: Path) -> Path:
     return path
 
 
+def check_dir(path: Path) -> None:
+    """Could `prepare_dir` make `path` a session directory? Creates nothing, so a
+    command that fails later (an empty document, one too long) leaves nothing behind."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SessionError(f"session path {path} is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SessionError(f"session directory {path} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SessionError(f"cannot create session directory {path}: {parent} is not writable")
+
+
 @dataclass
 class SessionContents:
     """What a save needs from the caller; the store supplies the KV itself."""
@@ -326,7 +343,9 @@ def open_session(path: Path) -> OpenedSession:
         f = version_dir / fname
         size = _check_plain(f)
         if size != info["size"]:
-            raise SessionError(f"{f}: size {size}, manifest says {info['size']}: the file is corrupt")
+            raise SessionError(
+                f"{f}: size {size}, manifest says {info['size']}: the file is corrupt"
+            )
         if info.get("sha256") is not None and sha256_file(f) != info["sha256"]:
             raise SessionError(f"{f}: checksum mismatch: the file is corrupt")
     return OpenedSession(path, version_dir, manifest)
@@ -337,11 +356,15 @@ def _check_plain(path: Path, dir: bool = False) -> int:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise SessionError(f"{path}: {'folder' if dir else 'file'} of the session is missing") from None
+        raise SessionError(
+            f"{path}: {'folder' if dir else 'file'} of the session is missing"
+        ) from None
     except OSError as e:
         raise SessionError(f"{path}: cannot read ({e.strerror or e})") from None
     if stat.S_ISLNK(st.st_mode):
-        raise SessionError(f"{path}: is a symbolic link; a session's files must be inside its folder")
+        raise SessionError(
+            f"{path}: is a symbolic link; a session's files must be inside its folder"
+        )
     if dir and not stat.S_ISDIR(st.st_mode) or not dir and not stat.S_ISREG(st.st_mode):
         raise SessionError(f"{path}: is not a plain {'folder' if dir else 'file'}")
     return st.st_size

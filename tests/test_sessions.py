@@ -309,7 +309,9 @@ def outside(tmp_path):
 )
 def test_current_must_name_a_version_folder_inside(saved, outside, current):
     before = tree(outside)
-    (saved.path / "CURRENT").write_bytes(current if isinstance(current, bytes) else current.encode())
+    (saved.path / "CURRENT").write_bytes(
+        current if isinstance(current, bytes) else current.encode()
+    )
     with pytest.raises(SessionError, match="CURRENT|bytes, more than"):
         open_session(saved.path)
     assert tree(outside) == before
@@ -386,7 +388,9 @@ def test_the_session_does_not_choose_the_model_nor_a_folder_to_write(
     rewrite_manifest(saved, change)
     opened = []
     real = Runtime.from_pretrained
-    monkeypatch.setattr(Runtime, "from_pretrained", lambda src, **kw: opened.append(src) or real(src, **kw))
+    monkeypatch.setattr(
+        Runtime, "from_pretrained", lambda src, **kw: opened.append(src) or real(src, **kw)
+    )
     with pytest.raises(SessionError, match="made with another model"):
         Runtime.load_session(saved.path)  # no model named: the default one, not the decoy
     assert opened == ["smollm2"]
@@ -431,7 +435,10 @@ def test_device_tensors_are_checked(tiny, saved):
     save_file(tensors, path, metadata={"meta": "{}"})
 
     def change(m):
-        m["files"]["device.safetensors"] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        m["files"]["device.safetensors"] = {
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
 
     rewrite_manifest(saved, change)
     with pytest.raises(SessionError, match="tensor L1.kmax is missing"):

@@ -198,7 +198,9 @@ def test_enospc_midway_leaves_no_readable_half_file(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match="No space left on device"):
         fill(store, kv)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert [p.name for p in (tmp_path / "kv").iterdir()] == [".owner"]  # neither a final nor a temporary file
+    assert [p.name for p in (tmp_path / "kv").iterdir()] == [
+        ".owner"
+    ]  # neither a final nor a temporary file
     # nothing was lost: every token written so far still reads back from the host
     T = store.lengths[1]
     k, _ = store.gather_all(0)

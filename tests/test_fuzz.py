@@ -1,0 +1,309 @@
+"""Hostile input, generated: every case ends in the project's own error or succeeds.
+
+Seeded (derandomized) hypothesis runs over config values, HF `config.json` files,
+GGUF headers, session manifests and CURRENT files. A case may succeed or raise an
+`OffloadError` / `StorageError` (which the CLI prints as one line); any other
+exception, a hang past the deadline or a large allocation is a failure.
+"""
+
+import json
+import os
+import resource
+import string
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from offload.config import RuntimeConfig, _locate
+from offload.errors import OffloadError
+from storage.disk import StorageError
+
+FUZZ = settings(
+    derandomize=True, max_examples=60, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+CASE_SECONDS = 10
+CASE_BYTES = 2 << 30  # no case may grow the process by this much
+
+
+class Bounded:
+    """Time and peak-memory growth of one case."""
+
+    def __enter__(self):
+        self.t = time.monotonic()
+        self.rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        assert time.monotonic() - self.t < CASE_SECONDS, "a case ran past its deadline"
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.rss
+        assert grown < CASE_BYTES, f"a case grew the process by {grown} bytes"
+        return False
+
+
+REPORT = os.environ.get("FUZZ_REPORT")  # a file: one line per case (test, outcome) for notes
+
+
+def ours_or_success(fn, *args, **kwargs):
+    with Bounded():
+        try:
+            out = fn(*args, **kwargs)
+        except (OffloadError, StorageError) as e:
+            assert str(e) and "\n" not in str(e), "an error must be one line with a message"
+            out = e
+    if REPORT:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+        with open(REPORT, "a") as f:
+            f.write(f"{test} {'error' if isinstance(out, Exception) else 'ok'}\n")
+    return out
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+CONFIG_KEYS = ["window", "sink", "retrieved", "threads", "temperature", "top_p", "top_k", "seed",
+               "max_new_tokens", "prefill_chunk", "chunk_size", "summary_bits", "host_bytes",
+               "disk_dir", "mode", "selector", "dtype", "weights", "hit_cache", "cluster_iters",
+               "retrieve_fraction", "dense_layers", "spill_batch", "cuda_graphs", "device"]  # fmt: skip
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(CONFIG_KEYS),
+                          st.integers(0, 4096) | st.floats(0, 2) | st.sampled_from(["auto", "on", "off", "2GiB", "cpu"])
+                          | json_scalars | st.text(string.printable, max_size=8)),
+                min_size=1, max_size=3))  # fmt: skip
+def test_config_values(pairs):
+    assert all(_locate(k) for k, _ in pairs)
+    ours_or_success(RuntimeConfig().replace, **dict(pairs))
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_dirs):
+    return tiny_dirs["llama-gqa-untied"][0]
+
+
+def copy_model(src, dst):
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    (dst / "config.json").unlink()
+    return dst
+
+
+@FUZZ
+@given(key=st.sampled_from(["num_hidden_layers", "hidden_size", "num_attention_heads",
+                            "num_key_value_heads", "intermediate_size", "vocab_size",
+                            "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                            "rope_scaling", "head_dim", "eos_token_id", "model_type",
+                            "tie_word_embeddings", "sliding_window"]),
+       value=json_values)  # fmt: skip
+def test_hf_config_json_values(tiny_hf, tmp_path_factory, key, value):
+    from offload.loading import load
+
+    d = copy_model(tiny_hf, tmp_path_factory.mktemp("m"))
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    ours_or_success(load, d, __import__("torch").float32, __import__("torch").device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"{\"model_type\": \"llama\"",
+     b"", json.dumps({"model_type": "llama", "num_hidden_layers": 10**9}).encode()],
+)  # fmt: skip
+def test_hf_config_json_files(tiny_hf, tmp_path, raw):
+    from offload.loading import load
+
+    d = copy_model(tiny_hf, tmp_path / "m")
+    if raw.startswith(b'{"model_type": "llama", "num_hidden_layers"'):
+        cfg = json.loads((tiny_hf / "config.json").read_text())
+        raw = json.dumps({**cfg, "num_hidden_layers": 10**9}).encode()
+    (d / "config.json").write_bytes(raw)
+    err = ours_or_success(load, d, __import__("torch").float32, __import__("torch").device("cpu"))
+    assert isinstance(err, OffloadError)
+
+
+def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None):
+    """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary."""
+    import gguf
+
+    from offload.gguf import _unpermute  # noqa: F401 (the loader undoes llama.cpp's permute)
+
+    rng = np.random.default_rng(0)
+    dim, ff, heads, kv = 8, 16, 2, 1
+    tokens = [chr(c) for c in range(33, 127)] + ["ab", "<|im_start|>", "<|im_end|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(block_count)
+    w.add_context_length(context)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_merges(list(merges))
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    if template is not None:
+        w.add_chat_template(template)
+    hd = dim // heads
+    shapes = {"token_embd.weight": (len(tokens), dim), "output_norm.weight": (dim,)}
+    for i in range(1):
+        shapes |= {f"blk.{i}.attn_q.weight": (heads * hd, dim), f"blk.{i}.attn_k.weight": (kv * hd, dim),
+                   f"blk.{i}.attn_v.weight": (kv * hd, dim), f"blk.{i}.attn_output.weight": (dim, heads * hd),
+                   f"blk.{i}.ffn_gate.weight": (ff, dim), f"blk.{i}.ffn_up.weight": (ff, dim),
+                   f"blk.{i}.ffn_down.weight": (dim, ff), f"blk.{i}.attn_norm.weight": (dim,),
+                   f"blk.{i}.ffn_norm.weight": (dim,)}  # fmt: skip
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def load_gguf(path):
+    import torch
+
+    from offload.loading import load
+
+    return load(path, torch.float32, torch.device("cpu"))
+
+
+def test_minimal_gguf_loads_and_lying_headers_are_refused(tmp_path):
+    loaded = load_gguf(write_gguf(tmp_path / "ok.gguf"))
+    assert loaded.args.num_layers == 1 and loaded.tokenizer.encode("ab")
+    with pytest.raises(OffloadError, match="num_layers must be at most 4,096, got 1,000,000,000"):
+        load_gguf(write_gguf(tmp_path / "huge.gguf", block_count=10**9))
+    with pytest.raises(OffloadError, match="the config says 3 layers, the weights hold 1"):
+        load_gguf(write_gguf(tmp_path / "lie.gguf", block_count=3))
+    with pytest.raises(OffloadError, match="max_seq_len must be a positive integer"):
+        load_gguf(write_gguf(tmp_path / "zero.gguf", context=0))
+
+
+@FUZZ
+@given(st.data())
+def test_gguf_header_bytes(tmp_path_factory, data):
+    src = write_gguf(tmp_path_factory.mktemp("g") / "m.gguf")
+    raw = bytearray(src.read_bytes())
+    header = raw.index(b"token_embd.weight") + 200  # metadata and tensor infos
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, header))
+        raw[at] = data.draw(st.integers(0, 255))
+    src.write_bytes(bytes(raw))
+    ours_or_success(load_gguf, src)
+
+
+@pytest.mark.parametrize("merge", [b"\xff\xfe b", b"\xc3"])
+def test_gguf_with_invalid_utf8_merges(tmp_path, merge):
+    src = write_gguf(tmp_path / "m.gguf", merges=("a b",))
+    raw = src.read_bytes().replace(b"a b", merge[:3].ljust(3, b" "), 1)
+    src.write_bytes(raw)
+    err = ours_or_success(load_gguf, src)
+    assert isinstance(err, OffloadError)
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_session(tiny_hf, tmp_path_factory):
+    from offload import Runtime
+    from tests.conftest import filler_text
+
+    rt = Runtime.from_pretrained(tiny_hf, dtype="float32", mode="sparse", sink=4, window=16,
+                                 retrieved=8, dense_layers=1)  # fmt: skip
+    rt.load_document(filler_text(40, seed=1))
+    path = tmp_path_factory.mktemp("s") / "s"
+    rt.save_session(path)
+    return rt, path
+
+
+def mutated_copy(src, dst, change):
+    import hashlib
+    import shutil
+
+    from storage.session import open_session
+
+    shutil.copytree(src, dst, symlinks=True)
+    s = open_session(dst)
+    mpath = s.version_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m.pop("manifest_sha256")
+    change(m)
+    m["manifest_sha256"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+    mpath.write_text(json.dumps(m))
+    return dst
+
+
+def paths_in(m):
+    out = [()]
+    stack = [((), m)]
+    while stack:
+        where, v = stack.pop()
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, child in items:
+            if where[:1] == ("token_ids",) or len(where) > 4:
+                continue
+            out.append((*where, k))
+            stack.append(((*where, k), child))
+    return out
+
+
+@FUZZ
+@given(st.data())
+def test_session_manifest_fields(saved_session, tmp_path_factory, data):
+    from storage.session import open_session
+
+    rt, path = saved_session
+    m0 = json.loads((open_session(path).version_dir / "manifest.json").read_text())
+    m0.pop("manifest_sha256")
+    where = data.draw(st.sampled_from(sorted(paths_in(m0)[1:], key=repr)))
+    action = data.draw(st.sampled_from(["set", "drop"]))
+    value = data.draw(json_values)
+
+    def change(m):
+        parent = m
+        for k in where[:-1]:
+            parent = parent[k]
+        if action == "drop" and isinstance(parent, dict):
+            parent.pop(where[-1])
+        else:
+            parent[where[-1]] = value
+
+    dst = mutated_copy(path, tmp_path_factory.mktemp("f") / "s", change)
+    from offload import Runtime
+
+    result = ours_or_success(Runtime.load_session, dst, model=rt)
+    if not isinstance(result, Exception):
+        ours_or_success(result.ask, "seven", max_new_tokens=2)
+
+
+@FUZZ
+@given(st.binary(max_size=80))
+def test_session_current_bytes(saved_session, tmp_path_factory, raw):
+    import shutil
+
+    from storage.session import open_session
+
+    _, path = saved_session
+    dst = tmp_path_factory.mktemp("c") / "s"
+    shutil.copytree(path, dst, symlinks=True)
+    (dst / "CURRENT").write_bytes(raw)
+    ours_or_success(open_session, dst)
