@@ -446,8 +446,9 @@ def test_device_tensors_are_checked(tiny, saved):
 
 
 def test_disk_full_while_writing_tensors_leaves_the_old_session(tiny, saved, monkeypatch):
-    import storage.session as ss
     from safetensors import SafetensorError
+
+    import storage.session as ss
 
     def full(*a, **kw):
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
