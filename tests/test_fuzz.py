@@ -307,3 +307,44 @@ def test_session_current_bytes(saved_session, tmp_path_factory, raw):
     shutil.copytree(path, dst, symlinks=True)
     (dst / "CURRENT").write_bytes(raw)
     ours_or_success(open_session, dst)
+
+
+# -- chat templates and prompts ---------------------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "10 GB string": "{{ 'x' * 10000000000 }}",
+    "doubling": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "wide filter": "{{ 'x'|center(1000000000) }}",
+    "wide method": "{{ 'x'.ljust(1000000000) }}",
+    "much output": "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
+    "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "power": "{{ 7 ** 100000000 }}",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
+def test_hostile_chat_templates_are_bounded(tiny_hf, monkeypatch, name):
+    import dataclasses
+
+    import offload.templates
+    from offload.tokenizer import Tokenizer
+
+    monkeypatch.setattr(offload.templates, "RENDER_SECONDS", 0.5)
+    tok = Tokenizer.from_hf_dir(tiny_hf)
+    tok = dataclasses.replace(tok, chat_template=HOSTILE_TEMPLATES[name])
+    err = ours_or_success(tok.apply_chat_template, [{"role": "user", "content": "hi"}])
+    assert isinstance(err, OffloadError) and "chat template" in str(err)
+
+
+def test_a_prompt_that_is_not_utf8_is_named(tiny_hf):
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from offload import Runtime
+
+    rt = Runtime.from_pretrained(tiny_hf, dtype="float32")
+    with pytest.raises(OffloadError, match="not valid UTF-8"):
+        rt.generate("caf\udce9", max_new_tokens=2)
+    r = CliRunner().invoke(main, ["generate", "-m", str(tiny_hf), "-n", "2", "caf\udce9"])
+    assert r.exit_code == 2 and "not valid UTF-8" in r.output
