@@ -59,27 +59,54 @@ def pick_device(name: str) -> torch.device:
 
 
 class _KVState:
-    """A KV cache plus the token ids it holds, reused across calls by common prefix."""
+    """A KV cache plus the token ids it holds, reused across calls by common prefix.
+
+    Reuse is exact: greedy decoding gives the same tokens for the same request whether
+    its KV is reused or computed fresh. A forward pass over S tokens does not round
+    exactly as S passes of one token do, so a request reuses KV only up to a position
+    where an earlier forward pass began (`passes`); what follows is then computed in
+    the same passes, with the same shapes, as the first time. Reusing all of the cache
+    is always exact (what follows is new either way).
+    """
 
     def __init__(self, cache: KVCache):
         self.cache = cache
         self.ids: list[int] = []
+        # (start, end, step): forward passes began at start, start + step, ... < end
+        self.passes: list[tuple[int, int, int]] = []
 
     def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
-        """Truncate to the longest prefix shared with `ids`; return (ids to prefill, reused).
+        """Truncate to the longest reusable prefix shared with `ids`; return (ids to
+        prefill, reused).
 
         With `need_logits` at least one token is left to prefill (its logits start decoding)."""
         n = 0
         limit = min(len(self.ids), len(ids) - need_logits)
         while n < limit and self.ids[n] == ids[n]:
             n += 1
+        if n < len(self.ids):
+            n = self._pass_start_at_most(n)
         self.cache.truncate(n)
         self.ids = self.ids[:n]
+        self.passes = [(s, min(e, n), step) for s, e, step in self.passes if s < n]
         return ids[n:], n
+
+    def _pass_start_at_most(self, n: int) -> int:
+        best = 0
+        for s, e, step in self.passes:
+            if s <= n:
+                best = max(best, s + (min(n, e - 1) - s) // step * step)
+        return best
+
+    def computed(self, start: int, end: int, step: int) -> None:
+        """Tokens start..end-1 were computed in passes of `step` tokens."""
+        if end > start:
+            self.passes.append((start, end, step))
 
     def reset(self) -> None:
         self.cache.truncate(0)
         self.ids = []
+        self.passes = []
 
 
 class Runtime:
@@ -241,6 +268,7 @@ class Runtime:
         self._check_fits(ids, "the prompt")
         g, sampler = self._sampling(max_new_tokens, sampling)
         new_ids, reused = state.prepare(ids)
+        state.computed(reused, len(ids), g.prefill_chunk)
         state.ids = list(ids)
         self._last_state = state
         if state.cache.store is not None:  # reads and selection are counted per request
@@ -270,6 +298,7 @@ class Runtime:
             # A consumer that stopped early may leave the cache a step ahead of ids.
             if state.cache.num_tokens != len(state.ids):
                 state.reset()
+            state.computed(len(ids), len(state.ids), 1)  # decode: one token a pass
 
     # -- public API ----------------------------------------------------------
 
@@ -340,7 +369,8 @@ class Runtime:
         self.document = {"text": text, "system": system}
         ids = self._document_ids()
         self._check_fits(ids, "the document")
-        new_ids, _ = self._state.prepare(ids, need_logits=False)
+        new_ids, reused = self._state.prepare(ids, need_logits=False)
+        self._state.computed(reused, len(ids), self.config.generation.prefill_chunk)
         t = time.perf_counter()
         if new_ids:
             prefill(

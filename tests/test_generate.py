@@ -82,3 +82,39 @@ def test_cli_plan_refuses_a_context_beyond_the_window(tmp_path):
     r = CliRunner().invoke(main, [*args, "--context", "200000"])
     assert r.exit_code == 1 and "context window is 131,072 tokens" in r.output
     assert CliRunner().invoke(main, [*args, "--context", "8192"]).exit_code == 0
+
+
+def test_reuse_stops_where_an_earlier_pass_began():
+    from offload.runtime import _KVState
+
+    class Cache:
+        num_tokens = 0
+
+        def truncate(self, n):
+            self.num_tokens = n
+
+    state = _KVState(Cache())
+    state.ids = list(range(100))  # a 70-token prompt in chunks of 32, then 30 decoded
+    state.computed(0, 70, 32)
+    state.computed(70, 100, 1)
+    assert state.prepare(list(range(70)))[1] == 64  # the last chunk is computed again
+    state.ids = list(range(100))
+    state.passes = [(0, 70, 32), (70, 100, 1)]
+    assert state.prepare(list(range(90)) + [7])[1] == 90  # decoded tokens: any position
+    state.ids = list(range(100))
+    state.passes = [(0, 70, 32), (70, 100, 1)]
+    assert state.prepare(list(range(100)) + [5])[1] == 100  # all of it: always exact
+
+
+def test_same_greedy_request_gives_the_same_tokens_with_and_without_reuse(smol_bf16):
+    rt = Runtime(smol_bf16.loaded, smol_bf16.config, smol_bf16.device)
+    for prompt in ("Write a haiku about rain.", "Name three colors."):
+        fresh = Runtime(rt.loaded, rt.config, rt.device).generate(prompt, max_new_tokens=24)
+        again = [rt.generate(prompt, max_new_tokens=24) for _ in range(3)]
+        assert again == [fresh] * 3, prompt
+    # and a chat turn reuses the earlier turns up to the last decoded token
+    conv = rt.chat()
+    conv.send("Tell me about the river Nile.", max_new_tokens=16)
+    conv.send("How long is it?", max_new_tokens=8)
+    s = rt.stats()
+    assert s["reused_tokens"] >= s["prompt_tokens"] - 20
