@@ -14,10 +14,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from offload.config import DEFAULT_MODEL
 from offload.documents import read_documents
 from offload.errors import OffloadError
-from offload.loading import DEFAULT_MODEL
-from storage.disk import StorageError
+from storage.errors import StorageError
 
 err_console = Console(stderr=True)
 PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long

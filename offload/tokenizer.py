@@ -113,6 +113,19 @@ class Tokenizer:
 
     # -- construction ------------------------------------------------------
 
+    def to_state(self) -> dict:
+        """JSON-ready state (the weight cache keeps it beside the converted model)."""
+        return {"backend": self.backend.to_str(), "chat_template": self.chat_template,
+                "bos_token": self.bos_token, "eos_token": self.eos_token,
+                "stop_ids": list(self.stop_ids)}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(state["backend"]), state["chat_template"],
+                   state["bos_token"], state["eos_token"], tuple(state["stop_ids"]))  # fmt: skip
+
     @classmethod
     def from_hf_dir(cls, directory: Path, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer

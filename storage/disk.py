@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from storage.abstracts import ChunkAbstracts
+from storage.errors import DiskFullError, StorageError  # noqa: F401 (re-exported)
 from storage.layout import KVLayout
 
 FORMAT_VERSION = 1
@@ -41,14 +42,6 @@ SCHEMA_FIELDS = [
     ("kmax", pa.binary()),
     ("kmean", pa.binary()),
 ]
-
-
-class StorageError(Exception):
-    """A tier file is missing, corrupt, or cannot be written; the message names it."""
-
-
-class DiskFullError(StorageError):
-    """The disk budget (or the disk) cannot take what must be spilled; nothing was lost."""
 
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:

@@ -20,6 +20,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Converted weights (offload/weight_cache.py) go to a folder of this run, not the home.
+if "OFFLOAD_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["OFFLOAD_CACHE"] = tempfile.mkdtemp(prefix="offload-test-cache-")
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Tests that only mean something on a GPU: skipped on the CPU, run on a CUDA machine.
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -178,3 +184,44 @@ def smol_cpu(smol_bf16):
         if smol_bf16.device.type == "cpu"
         else Runtime.from_pretrained("smollm2", device="cpu")
     )
+
+
+def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None):
+    """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    dim, ff, heads, kv = 8, 16, 2, 1
+    tokens = [chr(c) for c in range(33, 127)] + ["ab", "<|im_start|>", "<|im_end|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(block_count)
+    w.add_context_length(context)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+    w.add_token_merges(list(merges))
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    if template is not None:
+        w.add_chat_template(template)
+    hd = dim // heads
+    shapes = {"token_embd.weight": (len(tokens), dim), "output_norm.weight": (dim,)}
+    for i in range(1):
+        shapes |= {f"blk.{i}.attn_q.weight": (heads * hd, dim), f"blk.{i}.attn_k.weight": (kv * hd, dim),
+                   f"blk.{i}.attn_v.weight": (kv * hd, dim), f"blk.{i}.attn_output.weight": (dim, heads * hd),
+                   f"blk.{i}.ffn_gate.weight": (ff, dim), f"blk.{i}.ffn_up.weight": (ff, dim),
+                   f"blk.{i}.ffn_down.weight": (dim, ff), f"blk.{i}.attn_norm.weight": (dim,),
+                   f"blk.{i}.ffn_norm.weight": (dim,)}  # fmt: skip
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

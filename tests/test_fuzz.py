@@ -12,7 +12,6 @@ import resource
 import string
 import time
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from offload.config import RuntimeConfig, _locate
 from offload.errors import OffloadError
 from storage.disk import StorageError
+from tests.conftest import write_gguf
 
 FUZZ = settings(
     derandomize=True, max_examples=60, deadline=None, database=None,
@@ -134,48 +134,6 @@ def test_hf_config_json_files(tiny_hf, tmp_path, raw):
     (d / "config.json").write_bytes(raw)
     err = ours_or_success(load, d, __import__("torch").float32, __import__("torch").device("cpu"))
     assert isinstance(err, OffloadError)
-
-
-def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None):
-    """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary."""
-    import gguf
-
-    from offload.gguf import _unpermute  # noqa: F401 (the loader undoes llama.cpp's permute)
-
-    rng = np.random.default_rng(0)
-    dim, ff, heads, kv = 8, 16, 2, 1
-    tokens = [chr(c) for c in range(33, 127)] + ["ab", "<|im_start|>", "<|im_end|>"]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(block_count)
-    w.add_context_length(context)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
-    w.add_token_merges(list(merges))
-    w.add_bos_token_id(len(tokens) - 2)
-    w.add_eos_token_id(len(tokens) - 1)
-    if template is not None:
-        w.add_chat_template(template)
-    hd = dim // heads
-    shapes = {"token_embd.weight": (len(tokens), dim), "output_norm.weight": (dim,)}
-    for i in range(1):
-        shapes |= {f"blk.{i}.attn_q.weight": (heads * hd, dim), f"blk.{i}.attn_k.weight": (kv * hd, dim),
-                   f"blk.{i}.attn_v.weight": (kv * hd, dim), f"blk.{i}.attn_output.weight": (dim, heads * hd),
-                   f"blk.{i}.ffn_gate.weight": (ff, dim), f"blk.{i}.ffn_up.weight": (ff, dim),
-                   f"blk.{i}.ffn_down.weight": (dim, ff), f"blk.{i}.attn_norm.weight": (dim,),
-                   f"blk.{i}.ffn_norm.weight": (dim,)}  # fmt: skip
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def load_gguf(path):

@@ -86,8 +86,9 @@ def test_generation_on_tiny_model_is_deterministic(runtimes):
     assert a == b
     s = rt.stats()
     assert s["decode_tokens"] >= 1 and s["context_tokens"] > 0
-    # The second call shared the whole prompt with the first: only one token re-prefilled.
-    assert s["prefill_tokens"] == 1 and s["reused_tokens"] == s["prompt_tokens"] - 1
+    # The second call shares the whole prompt, which the first computed in one pass:
+    # that pass is computed again as it was (exact reuse), not its last token alone.
+    assert s["prefill_tokens"] == s["prompt_tokens"] and s["reused_tokens"] == 0
     # default mode "auto": the tiered store; nothing spilled, every chunk on the host
     L = rt.layout
     assert s["kv_bytes"]["host"] == L.num_chunks(s["context_tokens"]) * L.num_layers * L.chunk_bytes
@@ -130,3 +131,40 @@ def test_gqa_attention_equals_causal_softmax(dtype, S, T):
     got = gqa_attention(q.to(dtype), k.to(dtype), v.to(dtype)).float()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
+    import offload.gguf
+    from offload import weight_cache
+    from offload.loading import load
+    from tests.conftest import write_gguf
+
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = write_gguf(tmp_path / "m.gguf")
+    cpu = torch.device("cpu")
+    first = load(src, torch.float32, cpu, "auto")
+    files = list((tmp_path / "cache" / "weights").glob("*.safetensors"))
+    assert len(files) == 1
+    ids = torch.tensor([3, 1, 4, 1, 5])
+
+    def logits(loaded):
+        from offload.kvcache import KVCache
+
+        a = loaded.args
+        cache = KVCache.dense(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32, cpu)
+        return loaded.model(ids, cache)
+
+    monkeypatch.setattr(offload.gguf, "open_gguf", lambda p: pytest.fail("the cache was not used"))
+    again = load(src, torch.float32, cpu, "auto")
+    assert again.fingerprint == first.fingerprint
+    assert again.tokenizer.fingerprint == first.tokenizer.fingerprint
+    assert torch.equal(logits(again), logits(first))
+    monkeypatch.undo()
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    # a damaged cache file is converted again and replaced; an unwritable folder only costs time
+    files[0].write_bytes(files[0].read_bytes()[:1000])
+    assert torch.equal(logits(load(src, torch.float32, cpu, "auto")), logits(first))
+    assert weight_cache.load_cached(files[0], torch.float32, cpu) is not None
+    (tmp_path / "ro").write_text("a file where a folder should be")
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "ro"))
+    assert torch.equal(logits(load(src, torch.float32, cpu, "auto")), logits(first))

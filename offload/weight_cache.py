@@ -1,0 +1,124 @@
+"""A cache of converted GGUF models: the first start converts, later ones map a file.
+
+Reading a GGUF means parsing its metadata in Python (the embedded model's vocabulary
+and merges take about 2 s), dequantizing every tensor, and repacking the block
+linears for the CPU kernels (2-3 s more). None of that changes between starts, so
+the result is written once, as a safetensors file of the model's own tensors with
+the model's config and tokenizer in its metadata, and later starts load that file
+instead (no pickle: tensors and JSON only).
+
+The key covers everything the result depends on: the source file (size, mtime,
+first and last MiB), the dtype, the weight form, torch's version and the machine's
+architecture, and this module's format version. A cache file that cannot be read
+or does not match is ignored and rewritten; one that cannot be written (read-only
+home, full disk) only costs the next start its speed. The folder is
+`$OFFLOAD_CACHE`, else `$XDG_CACHE_HOME/offload`, else `~/.cache/offload`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import uuid
+from pathlib import Path
+
+import torch
+
+CACHE_FORMAT = 1
+EDGE_BYTES = 1 << 20  # bytes hashed at each end of the source file
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OFFLOAD_CACHE"):
+        return Path(os.environ["OFFLOAD_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "offload"
+
+
+def cache_path(source: Path, dtype: torch.dtype, weights: str) -> Path:
+    st = source.stat()
+    h = hashlib.sha256(
+        f"{CACHE_FORMAT}|{torch.__version__}|{platform.machine()}|{dtype}|{weights}|"
+        f"{st.st_size}|{st.st_mtime_ns}".encode()
+    )
+    with open(source, "rb") as f:
+        h.update(f.read(EDGE_BYTES))
+        f.seek(max(0, st.st_size - EDGE_BYTES))
+        h.update(f.read(EDGE_BYTES))
+    return cache_dir() / "weights" / f"{source.stem}-{h.hexdigest()[:24]}.safetensors"
+
+
+def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer) from the cache file at `path`, or None when it is not usable."""
+    from safetensors import safe_open
+
+    from offload.config import ModelArgs, RopeScaling
+    from offload.model import Transformer
+    from offload.quantize import quantize_model
+    from offload.tokenizer import Tokenizer
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads(f.metadata()["offload"])
+            state = {name: f.get_tensor(name) for name in f.keys()}
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        weights = meta["weights"]
+        a = dict(meta["args"])
+        a["rope_scaling"] = RopeScaling(**a["rope_scaling"]) if a["rope_scaling"] else None
+        for key in ("rope_freq_factors", "eos_ids"):
+            a[key] = tuple(a[key]) if a[key] is not None else None
+        args = ModelArgs(**a)
+        # Only factory calls on the meta device: its Python kernels (cat, normal_) would
+        # import a second of torch machinery.
+        with torch.device("meta"):
+            model = Transformer(args, fused=True).to(dtype)
+            if weights != "dense":
+                quantize_model(model, weights, empty=True)
+        if meta["tied"]:
+            model.tie_weights()
+        model.load_state_dict(
+            {k: v.to(device) for k, v in state.items()}, strict=not meta["tied"], assign=True
+        )
+        if meta["tied"]:
+            model.tie_weights()
+        model.eval()
+        model.source_quant, model.weights = meta["source_quant"], weights
+        tokenizer = Tokenizer.from_state(meta["tokenizer"])
+    except Exception:  # a damaged, foreign or older cache file: convert again
+        return None
+    return model, tokenizer
+
+
+def store(path: Path, model, tokenizer, weights: str) -> bool:
+    """Write the converted model to `path` (atomically); False when it cannot be written."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tied = model.output.weight is model.tok_embeddings.weight if weights == "dense" else False
+    state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
+    if tied:
+        state.pop("output.weight")
+    meta = {
+        "format": CACHE_FORMAT,
+        "weights": weights,
+        "args": model.args.to_dict(),
+        "tied": tied,
+        "source_quant": getattr(model, "source_quant", None),
+        "tokenizer": tokenizer.to_state(),
+    }
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata={"offload": json.dumps(meta)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError):
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+    return True
