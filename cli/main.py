@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 import time
@@ -11,16 +12,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cli.render import CUT_NOTE, PrefillBar, human_bytes
 from offload.config import DEFAULT_MODEL
 from offload.documents import read_documents
 from offload.errors import OffloadError
 from storage.errors import StorageError
 
 err_console = Console(stderr=True)
-PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
 
 
 def friendly_errors(fn):
@@ -85,9 +85,6 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
         return Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
 
 
-CUT_NOTE = "[dim](answer cut at the token limit: raise it with -n)[/]"
-
-
 def print_steps(steps) -> None:
     """Stream generated text to stdout as it comes, then end the line. An answer cut at
     the token limit says so on stderr (stdout keeps only the answer, for pipes)."""
@@ -101,42 +98,31 @@ def print_steps(steps) -> None:
         err_console.print(CUT_NOTE)
 
 
-class PrefillBar:
-    """Rich progress bars over prefill (long inputs only) and index build; a `Progress`."""
+class OneLineErrors(click.Group):
+    """Usage errors as one line on stderr with exit code 2, as every other error is
+    (click's own are four: usage, hint, blank line, error)."""
 
-    LABELS = {"prefill": "prefill", "index": "index build"}
-    UNITS = {"prefill": "tokens", "index": "layers"}
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, done: int, total: int, stage: str = "prefill") -> None:
-        if stage == "prefill" and total < PROGRESS_MIN_TOKENS:
-            return
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = Progress(
-                TextColumn(f"[dim]{self.LABELS.get(stage, stage)}"), BarColumn(),
-                TextColumn(f"{{task.completed}}/{{task.total}} {self.UNITS.get(stage, '')}"),
-                TimeRemainingColumn(), console=self.console, transient=True,
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(args, prog_name or "offload", **kwargs)
+        except click.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx else "offload"
+            err_console.print(
+                f"[bold red]error:[/] {escape(e.format_message())} (see {cmd} --help)",
+                highlight=False, soft_wrap=True,
             )  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task(stage, total=total)
-        self.bar.update(self.task, completed=done)
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-        self.stage = None
+            sys.exit(2)
+        except click.Abort:
+            err_console.print("interrupted")
+            sys.exit(130)
+        except click.ClickException as e:  # FileError and such
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="offload", prog_name="offload", message="%(prog)s %(version)s")
 def main():
     """offload: long-context LLM inference with a tiered KV cache."""
@@ -149,20 +135,86 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def sampling_options(fn):
+    """The usual generation flags (llama.cpp's and ollama's names), each optional: an
+    unset flag keeps the config's value."""
+    for decl, kw in reversed([
+        (("--max-tokens", "--max-new-tokens", "-n", "max_new_tokens"),
+         dict(type=click.IntRange(1), help="Most tokens to generate.")),
+        (("--temperature", "-t"), dict(type=click.FloatRange(0), help="0: greedy.")),
+        (("--top-k",), dict(type=click.IntRange(0), help="Keep the k likeliest (0: all).")),
+        (("--top-p",), dict(type=click.FloatRange(0, 1, min_open=True), help="Nucleus mass.")),
+        (("--seed",), dict(type=click.IntRange(0, 2**63 - 1), help="Sampling seed.")),
+        (("--repeat-penalty",), dict(type=click.FloatRange(0, 100, min_open=True),
+                                     help="> 1 discourages repeating the last 64 tokens.")),
+        (("--stop",), dict(multiple=True, help="End the answer at this text (repeatable).")),
+        (("--threads",), dict(type=click.IntRange(0), help="CPU threads (0: one per idle core).")),
+    ]):  # fmt: skip
+        fn = click.option(*decl, default=None, **kw)(fn)
+    return fn
+
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed", "repeat_penalty")
+
+
+def split_sampling(opts: dict, overrides: tuple[str, ...]):
+    """(sampling kwargs for a request, --set overrides with --threads added)."""
+    sampling = {k: opts[k] for k in SAMPLING_FLAGS if opts.get(k) is not None}
+    if opts.get("stop"):
+        sampling["stop"] = list(opts["stop"])
+    if opts.get("threads") is not None:
+        overrides = (*overrides, f"threads={opts['threads']}")
+    return sampling, overrides
+
+
+def read_prompt(prompt: str | None, file: str | None) -> str:
+    """PROMPT, or standard input for "-" or when PROMPT is omitted and input is piped;
+    --file's text comes first when both are given."""
+    parts = []
+    if file is not None:
+        parts.append(read_documents([file]))
+    if prompt == "-" or prompt is None and file is None:
+        if prompt is None and sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, - or --file, or pipe the prompt in")
+        parts.append(sys.stdin.read())
+    elif prompt is not None:
+        parts.append(prompt)
+    text = "\n\n".join(p.strip() for p in parts if p.strip())
+    if not text:
+        raise OffloadError("the prompt is empty")
+    return text
+
+
 @main.command()
 @model_options
-@click.option("--max-new-tokens", "-n", type=int, default=None, help="Tokens to generate.")
-@click.option("--temperature", "-t", type=float, default=None)
-@click.option("--seed", type=int, default=None)
-@click.argument("prompt")
+@sampling_options
+@click.option("--system", "-s", default=None, help="System prompt.")
+@click.option("--file", "-f", "file", default=None, help="Read the prompt from this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text and stats.")
+@click.argument("prompt", required=False)
 @friendly_errors
-def generate(model, config, overrides, max_new_tokens, temperature, seed, prompt):
-    """Stream the answer to PROMPT (one user turn) to stdout."""
+def generate(model, config, overrides, system, file, as_json, prompt, max_new_tokens, **opts):
+    """Stream the answer to PROMPT (one user turn) to stdout.
+
+    PROMPT may be "-" or left out to read it from standard input."""
+    text = read_prompt(prompt, file)
+    sampling, overrides = split_sampling(opts, overrides)
     rt = load_runtime(model, config, overrides)
-    sampling = {k: v for k, v in (("temperature", temperature), ("seed", seed)) if v is not None}
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    if as_json:
+        out = list(rt.stream(messages, max_new_tokens=max_new_tokens, **sampling))
+        s = rt.stats()
+        json.dump({"text": "".join(st.text for st in out),
+                   "finish_reason": out[-1].finish_reason if out else None,
+                   "stats": {k: v for k, v in s.items() if isinstance(v, (int, float, str))}},
+                  sys.stdout, indent=1)  # fmt: skip
+        sys.stdout.write("\n")
+        return
     bar = PrefillBar(err_console)
     try:
-        print_steps(rt.stream(prompt, max_new_tokens=max_new_tokens, progress=bar, **sampling))
+        print_steps(rt.stream(messages, max_new_tokens=max_new_tokens, progress=bar, **sampling))
     finally:
         bar.close()
     s = rt.stats()
@@ -174,14 +226,20 @@ def generate(model, config, overrides, max_new_tokens, temperature, seed, prompt
 
 @main.command()
 @model_options
-@click.option("--system", default=None, help="System prompt.")
-@click.option("--max-new-tokens", "-n", type=int, default=None)
+@sampling_options
+@click.option("--system", "-s", default=None, help="System prompt.")
 @click.option(
-    "--session", "session_dir", default=None, help="Resume a saved session (chat or document)."
-)
+    "--session", "session_dir", default=None,
+    help="Resume a chat saved with /save DIR, or chat about a document saved by ingest.",
+)  # fmt: skip
 @friendly_errors
-def chat(model, config, overrides, system, max_new_tokens, session_dir):
-    """Multi-turn chat; earlier turns' KV is reused. Commands: /reset /stats /save DIR /exit."""
+def chat(model, config, overrides, system, session_dir, max_new_tokens, **opts):
+    """Multi-turn chat; earlier turns' KV is reused.
+
+    Commands: /reset /stats /save DIR /file PATH [text] /exit; Ctrl-C stops an answer."""
+    from cli.chat import run_chat
+
+    sampling, overrides = split_sampling(opts, overrides)
     console = Console()
     if session_dir:
         rt = load_session_runtime(session_dir, model, config, overrides)
@@ -190,96 +248,18 @@ def chat(model, config, overrides, system, max_new_tokens, session_dir):
             console.print(
                 f"[dim]resumed {len(conv.messages)} messages, {conv.context_tokens} tokens of KV[/]"
             )
-        else:
-            raise OffloadError(
-                f"{session_dir} is a {rt.session.get('kind')} session: use `offload ask`"
+        elif rt.document is not None:
+            conv = rt.chat_about_document()
+            console.print(
+                f"[dim]chatting about the document of {escape(session_dir)} "
+                f"({conv.context_tokens} tokens of KV): the first turn asks about it[/]"
             )
+        else:
+            raise OffloadError(f"{session_dir} is a {rt.session.get('kind')} session")
     else:
         rt = load_runtime(model, config, overrides)
         conv = rt.chat(system=system)
-    console.print(
-        "[dim]/reset clears the conversation, /stats shows figures, /save DIR saves it, /exit quits[/]"
-    )
-    while True:
-        try:
-            text = console.input("[bold green]you>[/] ")
-        except EOFError:
-            console.print()
-            return
-        cmd = text.strip()
-        if not cmd:
-            continue
-        if cmd in ("/exit", "/quit"):
-            return
-        if cmd == "/reset":
-            conv.reset()
-            console.print("[dim]conversation cleared[/]")
-            continue
-        if cmd == "/stats":
-            render_stats(console, rt.stats())
-            continue
-        if cmd == "/save" or cmd.startswith("/save "):
-            target = cmd[len("/save") :].strip()
-            if not target:
-                console.print("[yellow]usage: /save DIR[/]")
-                continue
-            try:
-                info = conv.save(target)
-            except (OffloadError, StorageError) as e:
-                console.print(f"[bold red]error:[/] {e}", highlight=False)
-                continue
-            console.print(
-                f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) to {target}[/]"
-            )
-            continue
-        if cmd.startswith("/"):
-            console.print(
-                f"[yellow]unknown command {cmd.split()[0]}[/] (/reset /stats /save DIR /exit)"
-            )
-            continue
-        bar = PrefillBar(console)
-        console.print("[bold blue]assistant>[/] ", end="")
-        step = None
-        try:
-            for step in conv.stream(text, max_new_tokens=max_new_tokens, progress=bar):
-                console.out(step.text, end="", highlight=False)
-        except (OffloadError, StorageError) as e:
-            bar.close()
-            console.print(f"\n[bold red]error:[/] {e}", highlight=False)
-            continue
-        bar.close()
-        if step is not None and step.finish_reason == "length":
-            console.print(f" {CUT_NOTE}", end="")
-        s = rt.stats()
-        console.print(
-            f"\n[dim]{s['decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s, "
-            f"prefill {s['prefill_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
-            f"context {s['context_tokens']}[/]"
-        )
-
-
-def render_stats(console: Console, stats: dict) -> None:
-    table = Table(show_header=False, box=None)
-    for key, value in stats.items():
-        if isinstance(value, dict):
-            fmt = human_bytes if "bytes" in key else _plain
-            value = ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
-        elif isinstance(value, float):
-            value = f"{value:.3f}"
-        table.add_row(f"[dim]{key}[/]", str(value))
-    console.print(table)
-
-
-def _plain(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    run_chat(rt, conv, console, max_new_tokens, sampling)
 
 
 @main.command()
@@ -312,22 +292,23 @@ def ingest(model, config, overrides, files, session_dir, system):
 
 @main.command()
 @model_options
+@sampling_options
 @click.option("--session", "session_dir", required=True, help="A session made by `offload ingest`.")
-@click.option("--max-new-tokens", "-n", type=int, default=None)
 @click.argument("question")
 @friendly_errors
-def ask(model, session_dir, config, overrides, max_new_tokens, question):
+def ask(model, session_dir, config, overrides, question, max_new_tokens, **opts):
     """Answer QUESTION from a saved document without prefilling the document again.
 
     The model (-m) must be the one the document was ingested with; the config is the
     session's unless -c is given."""
+    sampling, overrides = split_sampling(opts, overrides)
     rt = load_session_runtime(session_dir, model, config, overrides)
     if rt.document is None:
         kind = rt.session.get("kind")
         raise OffloadError(
             f"{session_dir} is a {kind} session, not a document: use `offload chat --session`"
         )
-    print_steps(rt.stream_ask(question, max_new_tokens=max_new_tokens))
+    print_steps(rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling))
     s = rt.stats()
     err_console.print(
         f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "

@@ -232,6 +232,8 @@ class GenerationSection:
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
     seed: int | None = None
+    repeat_penalty: float = 1.0  # > 1 discourages the last repeat_last_n tokens; 1 disables
+    repeat_last_n: int = 64
     prefill_chunk: int = 2048  # tokens per prefill forward: bounds activation memory
 
     def __post_init__(self):
@@ -245,6 +247,14 @@ class GenerationSection:
             raise ConfigError(f"generation.seed: must be in [0, 2**63), got {self.seed}")
         if self.top_k < 0:
             raise ConfigError(f"generation.top_k: must be >= 0, got {self.top_k}")
+        if not 0 < self.repeat_penalty <= 100:  # NaN fails this too
+            raise ConfigError(
+                f"generation.repeat_penalty: must be in (0, 100], got {self.repeat_penalty}"
+            )
+        if not 0 <= self.repeat_last_n <= MAX_TOKENS:
+            raise ConfigError(
+                f"generation.repeat_last_n: must be in [0, {MAX_TOKENS:,}], got {self.repeat_last_n}"
+            )
         if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
         if self.prefill_chunk < 1:

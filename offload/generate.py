@@ -7,6 +7,7 @@ benchmarks all drive it. Sampling is a policy passed in as a callable made by
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,9 +53,39 @@ class StepResult:
 
 
 def make_sampler(
-    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    context: list[int] = (),
 ) -> Sampler:
-    """Greedy when temperature == 0, else temperature / top-k / top-p sampling."""
+    """Greedy when temperature == 0, else temperature / top-k / top-p sampling.
+
+    `repeat_penalty` (llama.cpp's and HF's repetition penalty) divides the positive
+    logits and multiplies the negative ones of the tokens among the last
+    `repeat_last_n` of `context` and of what this sampler has returned."""
+    recent = list(context)[-repeat_last_n:] if repeat_last_n else []
+    pick = _pick(temperature, top_k, top_p, seed)
+    if repeat_penalty == 1.0 or not repeat_last_n:
+        return pick
+
+    def penalized(logits: torch.Tensor) -> int:
+        if recent:
+            ids = torch.tensor(sorted(set(recent)), device=logits.device)
+            seen = logits[ids]
+            logits = logits.clone()
+            logits[ids] = torch.where(seen > 0, seen / repeat_penalty, seen * repeat_penalty)
+        token = pick(logits)
+        recent.append(token)
+        del recent[:-repeat_last_n]
+        return token
+
+    return penalized
+
+
+def _pick(temperature: float, top_k: int, top_p: float, seed: int | None) -> Sampler:
     if temperature == 0:
         return lambda logits: int(torch.argmax(logits))
     gen = torch.Generator(device="cpu")
@@ -79,6 +110,42 @@ def make_sampler(
         return int(torch.multinomial(probs, 1, generator=gen))
 
     return sample
+
+
+def apply_stops(steps: Iterator[StepResult], stops: list[str]) -> Iterator[StepResult]:
+    """End generation where the text first contains one of `stops` (not shown).
+
+    Text that may be the start of a stop string is held back until it is known not
+    to be; the step that completes a stop string is the last, with finish_reason
+    "stop" and the text before the stop string."""
+    stops = [s for s in stops if s]
+    if not stops:
+        yield from steps
+        return
+    pending = ""
+    try:
+        for step in steps:
+            pending += step.text
+            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                yield dataclasses.replace(step, text=pending[:cut], finish_reason="stop")
+                return
+            if step.finish_reason is not None:
+                yield dataclasses.replace(step, text=pending)
+                return
+            keep = max((_held(pending, s) for s in stops), default=0)
+            out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+            yield dataclasses.replace(step, text=out)
+    finally:
+        steps.close()
+
+
+def _held(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that begins `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
 
 
 def prefill(

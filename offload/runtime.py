@@ -25,7 +25,14 @@ from offload.backend import Backend
 from offload.budgets import machine_threads, resolve_budgets
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, OffloadError
-from offload.generate import Progress, StepResult, generate_steps, make_sampler, prefill
+from offload.generate import (
+    Progress,
+    StepResult,
+    apply_stops,
+    generate_steps,
+    make_sampler,
+    prefill,
+)
 from offload.kvcache import KVCache
 from offload.loading import DEFAULT_MODEL, LoadedModel, load
 from offload.pipeline import PrefetchStats
@@ -41,7 +48,7 @@ DOCUMENT_PROMPT = (
     "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
 )
 QUESTION_MARK = "\x00question\x00"
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "repeat_penalty", "repeat_last_n")
 
 
 @functools.cache
@@ -245,7 +252,7 @@ class Runtime:
                 f"(at most {limit - 1} prompt tokens, leaving room for one generated token)"
             )
 
-    def _sampling(self, max_new_tokens: int | None, sampling: dict[str, Any]):
+    def _sampling(self, max_new_tokens: int | None, sampling: dict[str, Any], context=()):
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
             raise ConfigError(
@@ -255,7 +262,8 @@ class Runtime:
         if max_new_tokens is not None:
             overrides["generation.max_new_tokens"] = max_new_tokens
         g = self.config.replace(**overrides).generation if overrides else self.config.generation
-        return g, make_sampler(g.temperature, g.top_k, g.top_p, g.seed)
+        return g, make_sampler(g.temperature, g.top_k, g.top_p, g.seed, g.repeat_penalty,
+                               g.repeat_last_n, context)  # fmt: skip
 
     def _run(
         self,
@@ -266,7 +274,11 @@ class Runtime:
         progress: Progress | None,
     ) -> Iterator[StepResult]:
         self._check_fits(ids, "the prompt")
-        g, sampler = self._sampling(max_new_tokens, sampling)
+        stops = sampling.pop("stop", None) or []
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        if not all(isinstance(x, str) for x in stops):
+            raise ConfigError(f"stop: expected strings, got {stops!r}")
+        g, sampler = self._sampling(max_new_tokens, sampling, ids)
         new_ids, reused = state.prepare(ids)
         state.computed(reused, len(ids), g.prefill_chunk)
         state.ids = list(ids)
@@ -278,10 +290,10 @@ class Runtime:
             if state.cache.prefetcher is not None:
                 state.cache.prefetcher.stats = PrefetchStats()
         self._stats = _request_stats(len(ids), reused, len(new_ids))
-        steps = generate_steps(
+        steps = apply_stops(generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
             prefill_chunk=g.prefill_chunk, progress=progress,
-        )  # fmt: skip
+        ), stops)  # fmt: skip
         last_token = None
         try:
             for step in steps:
@@ -293,6 +305,13 @@ class Runtime:
                 self._stats["decode_seconds"] += step.step_seconds
                 self._stats["finish_reason"] = step.finish_reason
                 yield step
+        except BaseException as e:
+            # An error or Ctrl-C inside a forward pass may leave layers at different
+            # lengths: start clean. A consumer that stops between steps (GeneratorExit
+            # at the yield) leaves the cache whole.
+            if not isinstance(e, GeneratorExit):
+                state.reset()
+            raise
         finally:
             steps.close()
             # A consumer that stopped early may leave the cache a step ahead of ids.
@@ -309,7 +328,11 @@ class Runtime:
         progress: Progress | None = None,
         **sampling: Any,
     ) -> Iterator[StepResult]:
-        """Yield one `StepResult` per generated token."""
+        """Yield one `StepResult` per generated token.
+
+        `sampling`: temperature, top_k, top_p, seed, repeat_penalty, repeat_last_n
+        (defaults from the config's [generation]), and `stop`: a string or strings
+        that end the answer where it first contains one (not included)."""
         return self._run(
             self._state, self.encode_prompt(prompt), max_new_tokens, sampling, progress
         )
@@ -438,6 +461,21 @@ class Runtime:
         self._state = _KVState(self.new_cache())
         return conv
 
+    def chat_about_document(self) -> Conversation:
+        """A conversation about the loaded document: its first turn is a question about
+        the document (the prompt `ask` builds), so the document's KV is reused; later
+        turns follow as in any chat. `/save` makes it a chat session."""
+        doc = self.document
+        if doc is None:
+            raise OffloadError(
+                "no document loaded: call load_document() or load a document session"
+            )
+        system = [{"role": "system", "content": doc["system"]}] if doc.get("system") else []
+        conv = Conversation(self, system=doc.get("system"), state=self._state, messages=system)
+        conv.document = doc["text"]
+        self._state = _KVState(self.new_cache())
+        return conv
+
     def close(self) -> None:
         """Release the runtime's own cache (and its spilled chunk files)."""
         self._state.cache.close()
@@ -497,6 +535,7 @@ class Conversation:
         """A new conversation, or (with `state` and `messages`) one resumed from a session."""
         self.runtime = runtime
         self.system = system
+        self.document: str | None = None  # chat_about_document: the first turn asks about it
         if state is not None:
             self._state, self.messages = state, list(messages or [])
             return
@@ -505,7 +544,10 @@ class Conversation:
         self.reset()
 
     def reset(self) -> None:
-        self._state.reset()
+        if self.document is None:
+            self._state.reset()
+        # (about a document: the next turn's prompt starts with the document again, and
+        # its KV is kept for that)
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     @property
@@ -520,6 +562,8 @@ class Conversation:
         **sampling: Any,
     ) -> Iterator[StepResult]:
         rt = self.runtime
+        if self.document is not None and not any(m["role"] == "user" for m in self.messages):
+            text = DOCUMENT_PROMPT.format(document=self.document, question=text)
         messages = self.messages + [{"role": "user", "content": text}]
         ids = rt.encode_prompt(messages)
         try:

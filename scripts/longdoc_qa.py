@@ -72,7 +72,7 @@ def main() -> None:
             console.print(f"ingested {info['tokens']} tokens in {ingest_s:.1f}s -> {args.session}")
             del rt
         t = time.perf_counter()
-        rt = Runtime.load_session(args.session)
+        rt = Runtime.load_session(args.session, model=args.model)
         load_s = time.perf_counter() - t
         if rt.document is None or rt.document["text"] != text:
             raise OffloadError(f"{args.session} holds another document; give a new --session")

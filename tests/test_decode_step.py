@@ -96,15 +96,18 @@ def test_rope_table_rows_do_not_depend_on_its_growth(tiny_dirs):
 def test_session_saved_from_the_device_cache_loads_and_answers_alike(tiny_dirs, tmp_path):
     """mode "full" (the device cache, as mode "auto" gives on CUDA while the context fits)
     saves through a tiered copy, and loads back into a device cache."""
-    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full")
+    model = tiny_dirs["llama-gqa-untied"][0]
+    rt = Runtime.from_pretrained(model, dtype="float32", mode="full")
     rt.load_document("seven quiet stones over the river " * 6)
     assert rt._state.cache.store is None
     before = rt.ask("green?", max_new_tokens=8)
     rt.save_session(tmp_path / "s")
-    rt2 = Runtime.load_session(tmp_path / "s")
+    rt2 = Runtime.load_session(tmp_path / "s", model=model)
     assert rt2._state.cache.store is None and rt2._state.cache.num_tokens == len(rt2._state.ids)
     assert rt2.ask("green?", max_new_tokens=8) == before
-    rt3 = Runtime.load_session(tmp_path / "s", mode="auto")  # and into the tiered store
+    rt3 = Runtime.load_session(
+        tmp_path / "s", model=model, mode="auto"
+    )  # and into the tiered store
     assert rt3._state.cache.store is not None and rt3.ask("green?", max_new_tokens=8) == before
 
 

@@ -268,10 +268,10 @@ def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
     gpu.load_document(filler_text(60, seed=1))
     want = gpu.ask("seven stones", max_new_tokens=6)
     gpu.save_session(tmp_path / "g")
-    cpu = Runtime.load_session(tmp_path / "g", device="cpu")
+    cpu = Runtime.load_session(tmp_path / "g", model=path, device="cpu")
     assert cpu.device.type == "cpu" and cpu.ask("seven stones", max_new_tokens=6) == want
     cpu.save_session(tmp_path / "c")
-    back = Runtime.load_session(tmp_path / "c", device="cuda")
+    back = Runtime.load_session(tmp_path / "c", model=path, device="cuda")
     assert back.ask("seven stones", max_new_tokens=6) == want
 
 

@@ -1,0 +1,137 @@
+"""The interactive chat loop of `offload chat`.
+
+On a terminal, input is read with prompt_toolkit: line editing, history (up and
+down arrows), and bracketed paste, so a pasted block of many lines, however long,
+arrives as one turn. Ctrl-C stops an answer being generated and returns to the
+prompt (at the prompt it clears the line); Ctrl-D or /exit quits. When standard
+input is not a terminal (a pipe, a script), each line is one turn.
+
+Commands: /reset, /stats, /save DIR, /file PATH [text], /exit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from cli.render import CUT_NOTE, PrefillBar, human_bytes, render_stats
+from offload.documents import read_documents
+from offload.errors import OffloadError
+from storage.errors import StorageError
+
+HINT = "/reset clears the conversation, /stats shows figures, /save DIR saves it, /file PATH [text] sends a file, /exit quits (Ctrl-C stops an answer)"
+COMMANDS = "/reset /stats /save DIR /file PATH /exit"
+
+
+class LineReader:
+    """One turn of input at a time; EOFError when the user is done."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.session = None
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.formatted_text import HTML
+            from prompt_toolkit.history import InMemoryHistory
+
+            self.session = PromptSession(history=InMemoryHistory())
+            self.prompt = HTML("<ansigreen><b>you&gt;</b></ansigreen> ")
+
+    def read(self) -> str:
+        if self.session is None:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        while True:
+            try:
+                return self.session.prompt(self.prompt)
+            except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
+                continue
+
+
+def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
+    """The loop: read a turn or a command, stream the answer, repeat until EOF or /exit."""
+    reader = LineReader(console)
+    console.print(f"[dim]{HINT}[/]")
+    while True:
+        try:
+            text = reader.read()
+        except EOFError:
+            console.print()
+            return
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            conv.reset()
+            console.print("[dim]conversation cleared[/]")
+            continue
+        if cmd == "/stats":
+            render_stats(console, rt.stats())
+            continue
+        if cmd == "/save" or cmd.startswith("/save "):
+            target = cmd[len("/save") :].strip()
+            if not target:
+                console.print("[yellow]usage: /save DIR[/]")
+                continue
+            try:
+                info = conv.save(target)
+            except (OffloadError, StorageError) as e:
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+                continue
+            console.print(
+                f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) "
+                f"to {escape(target)}[/]"
+            )
+            continue
+        if cmd == "/file" or cmd.startswith("/file "):
+            name, _, rest = cmd[len("/file") :].strip().partition(" ")
+            if not name:
+                console.print("[yellow]usage: /file PATH [text][/]")
+                continue
+            try:
+                text = read_documents([Path(name).expanduser()])
+            except OffloadError as e:
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+                continue
+            text = f"{text}\n\n{rest.strip()}" if rest.strip() else text
+            console.print(f"[dim]sending {name} ({len(text):,} characters)[/]")
+        elif cmd.startswith("/"):
+            console.print(f"[yellow]unknown command {escape(cmd.split()[0])}[/] ({COMMANDS})")
+            continue
+        answer(rt, conv, console, text, max_new_tokens, sampling)
+
+
+def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> None:
+    """Stream one answer; Ctrl-C stops it (the conversation keeps the turns before)."""
+    bar = PrefillBar(console)
+    console.print("[bold blue]assistant>[/] ", end="")
+    step = None
+    steps = conv.stream(text, max_new_tokens=max_new_tokens, progress=bar, **sampling)
+    try:
+        for step in steps:
+            console.out(step.text, end="", highlight=False)
+    except KeyboardInterrupt:
+        steps.close()
+        bar.close()
+        console.print("\n[dim]stopped[/]", highlight=False)
+        return
+    except (OffloadError, StorageError) as e:
+        bar.close()
+        console.print(f"\n[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return
+    bar.close()
+    if step is not None and step.finish_reason == "length":
+        console.print(f" {CUT_NOTE}", end="")
+    s = rt.stats()
+    console.print(
+        f"\n[dim]{s['decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s, "
+        f"prefill {s['prefill_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
+        f"context {s['context_tokens']}[/]"
+    )

@@ -1,0 +1,69 @@
+"""What the command line shows: prefill bars, stats tables, byte counts (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
+CUT_NOTE = "[dim](answer cut at the token limit: raise it with -n)[/]"
+
+
+class PrefillBar:
+    """Rich progress bars over prefill (long inputs only) and index build; a `Progress`."""
+
+    LABELS = {"prefill": "prefill", "index": "index build"}
+    UNITS = {"prefill": "tokens", "index": "layers"}
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, done: int, total: int, stage: str = "prefill") -> None:
+        if stage == "prefill" and total < PROGRESS_MIN_TOKENS:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = Progress(
+                TextColumn(f"[dim]{self.LABELS.get(stage, stage)}"), BarColumn(),
+                TextColumn(f"{{task.completed}}/{{task.total}} {self.UNITS.get(stage, '')}"),
+                TimeRemainingColumn(), console=self.console, transient=True,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(stage, total=total)
+        self.bar.update(self.task, completed=done)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        self.stage = None
+
+
+def render_stats(console: Console, stats: dict) -> None:
+    table = Table(show_header=False, box=None)
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            fmt = human_bytes if "bytes" in key else _plain
+            value = ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        table.add_row(f"[dim]{key}[/]", str(value))
+    console.print(table)
+
+
+def _plain(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,153 @@
+"""The command line as users of llama.cpp, ollama and HF expect it."""
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    return ["-m", str(tiny_dirs["llama-gqa-untied"][0]), "--set", "dtype=float32"]
+
+
+def test_help_and_version_import_no_torch():
+    code = "import sys, cli.main; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "cli.main", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, check=True)  # fmt: skip
+    assert "generate" in out.stdout and "chat" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--top-p", "3", "x"], "Invalid value for '--top-p'"),
+        (["generate", "--no-such-flag", "x"], "No such option '--no-such-flag'"),
+        (["nonsense"], "No such command 'nonsense'"),
+        (["ask", "q"], "Missing option '--session'"),
+        (["generate", "-n", "0", "x"], "0 is not in the range x>=1"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, message):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert message in r.output and r.output.startswith("error:")
+    assert r.output.strip().count("\n") == 0, r.output
+
+
+def test_prompt_from_stdin_file_and_flags(tiny, tmp_path):
+    runner = CliRunner()
+    flags = ["-n", "6", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9",
+             "--seed", "5", "--repeat-penalty", "1.1", "--threads", "1"]  # fmt: skip
+    want = runner.invoke(main, ["generate", *tiny, *flags, "seven stones"])
+    assert want.exit_code == 0, want.output
+    piped = runner.invoke(main, ["generate", *tiny, *flags], input="seven stones\n")
+    dash = runner.invoke(main, ["generate", *tiny, *flags, "-"], input="seven stones")
+    (tmp_path / "p.txt").write_text("seven stones\n")
+    filed = runner.invoke(main, ["generate", *tiny, *flags, "-f", str(tmp_path / "p.txt")])
+    first = lambda r: r.output.splitlines()[0]  # noqa: E731 (stdout's answer line)
+    assert first(piped) == first(dash) == first(filed) == first(want)
+    r = runner.invoke(main, ["generate", *tiny, "-n", "3", "-s", "Be brief.", "--json", "x"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{") :])
+    assert set(out) == {"text", "finish_reason", "stats"}
+    assert out["stats"]["decode_tokens"] <= 3 and out["stats"]["prompt_tokens"] > 3
+    r = runner.invoke(main, ["generate", *tiny], input="")
+    assert r.exit_code == 2 and "the prompt is empty" in r.output
+
+
+def test_stop_strings_end_the_answer(tiny):
+    from offload import Runtime
+
+    rt = Runtime.from_pretrained(tiny[1], dtype="float32")
+    full = rt.generate("seven stones", max_new_tokens=24)
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = rt.generate("seven stones", max_new_tokens=24, stop=[stop, "never there"])
+    assert cut == full[: full.index(stop)]
+    steps = list(rt.stream("seven stones", max_new_tokens=24, stop=stop))
+    assert steps[-1].finish_reason == "stop" and "".join(s.text for s in steps) == cut
+    assert rt.generate("seven stones", max_new_tokens=24, stop="never there") == full
+
+
+def test_repeat_penalty_changes_only_repeated_tokens():
+    import torch
+
+    from offload.generate import make_sampler
+
+    logits = torch.tensor([3.0, 2.9, -1.0, 0.5])
+    assert make_sampler()(logits) == 0
+    assert make_sampler(repeat_penalty=1.5, context=[0])(logits) == 1  # 3.0 / 1.5 < 2.9
+    pen = make_sampler(repeat_penalty=1.5, repeat_last_n=1, context=[0, 3])
+    assert pen(logits) == 0  # only the last token (3) is penalized
+
+
+def test_chat_about_a_document_session(tiny, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("The lighthouse keeper counts seven stones every morning. " * 3)
+    runner = CliRunner()
+    r = runner.invoke(main, ["ingest", str(doc), "--session", str(tmp_path / "s"), *tiny])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["chat", "--session", str(tmp_path / "s"), *tiny, "-n", "3"],
+                      input="how many stones?\nand then?\n/exit\n")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "chatting about the document" in r.output and r.output.count("tok/s") == 2
+
+
+def read_until(fd, buf: bytearray, pattern: bytes, timeout: float = 120) -> bytes:
+    """Bytes from the terminal up to and including `pattern` (the rest stay in buf)."""
+    end = time.monotonic() + timeout
+    while pattern not in buf:
+        left = end - time.monotonic()
+        assert left > 0, f"{pattern!r} not seen in {bytes(buf[-400:])!r}"
+        if select.select([fd], [], [], left)[0]:
+            buf += os.read(fd, 65536)
+    i = buf.index(pattern) + len(pattern)
+    seen = bytes(buf[:i])
+    del buf[:i]
+    return seen
+
+
+def test_chat_in_a_terminal_pastes_one_turn_and_ctrl_c_stops_an_answer():
+    """The embedded model in a pseudo-terminal: prompt_toolkit's line editor, a
+    multi-line bracketed paste as one turn, Ctrl-C during an answer back to the prompt."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: offload chat on the terminal
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "cli.main", "chat", "-n", "400"])
+    buf = bytearray()
+    try:
+        read_until(fd, buf, b"you>")
+        os.write(fd, b"Write a very long story about a dragon.\r")
+        read_until(fd, buf, b"assistant>")
+        read_until(fd, buf, b"dragon")  # it is answering
+        os.write(fd, b"\x03")  # Ctrl-C
+        seen = read_until(fd, buf, b"stopped")
+        assert b"tok/s" not in seen  # cut short, not finished
+        read_until(fd, buf, b"you>")
+        os.write(fd, b"\x1b[200~Repeat these three lines:\nfirst line\nsecond line\x1b[201~\r")
+        seen = read_until(fd, buf, b"tok/s")  # the one answer's figures
+        assert seen.count(b"assistant>") == 1
+        read_until(fd, buf, b"you>")
+        os.write(fd, b"/exit\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
