@@ -56,7 +56,7 @@ class LineReader:
 def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
     """The loop: read a turn or a command, stream the answer, repeat until EOF or /exit."""
     reader = LineReader(console)
-    console.print(f"[dim]{HINT}[/]")
+    console.print(f"[dim]{escape(HINT)}[/]")
     while True:
         try:
             text = reader.read()
@@ -93,7 +93,7 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
         if cmd == "/file" or cmd.startswith("/file "):
             name, _, rest = cmd[len("/file") :].strip().partition(" ")
             if not name:
-                console.print("[yellow]usage: /file PATH [text][/]")
+                console.print(f"[yellow]{escape('usage: /file PATH [text]')}[/]")
                 continue
             try:
                 text = read_documents([Path(name).expanduser()])

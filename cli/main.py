@@ -82,7 +82,13 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
     from offload.runtime import Runtime
 
     with err_console.status(f"loading {model} ..."):
-        return Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
+        rt = Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
+    if rt.tokenizer.chat_template is None:
+        err_console.print(
+            f"[dim]note: {escape(str(model))} has no chat template; prompts are written in "
+            "ChatML (<|im_start|>role ... <|im_end|>)[/]", highlight=False,
+        )  # fmt: skip
+    return rt
 
 
 def print_steps(steps) -> None:

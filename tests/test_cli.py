@@ -151,3 +151,12 @@ def test_chat_in_a_terminal_pastes_one_turn_and_ctrl_c_stops_an_answer():
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_a_model_without_chat_template_says_which_is_used(tmp_path):
+    from tests.conftest import write_gguf
+
+    src = write_gguf(tmp_path / "m.gguf")
+    r = CliRunner().invoke(main, ["generate", "-m", str(src), "-n", "2", "ab"])
+    assert r.exit_code == 0, r.output
+    assert "has no chat template; prompts are written in ChatML" in r.stderr

@@ -69,7 +69,7 @@ def test_cli_version_cut_answers_and_chat_hint(tiny_dirs):
     assert r.exit_code == 0 and "answer cut at the token limit" in r.stderr
     assert "answer cut" not in r.stdout
     r = runner.invoke(main, ["chat", "-m", model_dir, "-n", "4"], input="/bogus\n/exit\n")
-    assert "(/reset /stats /save DIR /exit)" in r.output
+    assert "(/reset /stats /save DIR /file PATH /exit)" in r.output and "[text]" in r.output
 
 
 def test_cli_plan_refuses_a_context_beyond_the_window(tmp_path):
