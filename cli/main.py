@@ -86,7 +86,7 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
     if rt.tokenizer.chat_template is None:
         err_console.print(
             f"[dim]note: {escape(str(model))} has no chat template; prompts are written in "
-            "ChatML (<|im_start|>role ... <|im_end|>)[/]", highlight=False,
+            "ChatML (<|im_start|>role ... <|im_end|>)[/]", highlight=False, soft_wrap=True,
         )  # fmt: skip
     return rt
 
