@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
 CUT_NOTE = "[dim](answer cut at the token limit: raise it with -n)[/]"
+
+
+class RateColumn(ProgressColumn):
+    """Units per second since the bar started ("2,315 tok/s")."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0
+        if not elapsed or not task.completed:
+            return Text("")
+        return Text(f"{task.completed / elapsed:,.0f} {self.unit}/s", style="dim")
 
 
 class PrefillBar:
@@ -15,6 +30,7 @@ class PrefillBar:
 
     LABELS = {"prefill": "prefill", "index": "index build"}
     UNITS = {"prefill": "tokens", "index": "layers"}
+    RATES = {"prefill": "tok", "index": "layer"}
 
     def __init__(self, console: Console):
         self.console = console
@@ -30,7 +46,8 @@ class PrefillBar:
             self.bar = Progress(
                 TextColumn(f"[dim]{self.LABELS.get(stage, stage)}"), BarColumn(),
                 TextColumn(f"{{task.completed}}/{{task.total}} {self.UNITS.get(stage, '')}"),
-                TimeRemainingColumn(), console=self.console, transient=True,
+                RateColumn(self.RATES.get(stage, "")), TimeRemainingColumn(),
+                console=self.console, transient=True,
             )  # fmt: skip
             self.bar.start()
             self.task = self.bar.add_task(stage, total=total)
