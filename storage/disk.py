@@ -96,14 +96,14 @@ def sweep_stale(base: Path) -> int:
             continue
         if not _owner_gone(d, int(m.group(1))):
             continue
-        for f in d.iterdir():
-            if f.name == OWNER_LOCK or f.suffix in (".arrow", ".tmp"):
-                f.unlink(missing_ok=True)
-        try:
+        try:  # (another process may be sweeping the same folder)
+            for f in d.iterdir():
+                if f.name == OWNER_LOCK or f.suffix in (".arrow", ".tmp"):
+                    f.unlink(missing_ok=True)
             d.rmdir()
             removed += 1
         except OSError:
-            pass  # something else is in there: leave it
+            pass  # something else is in there, or it is gone already: leave it
     return removed
 
 
@@ -161,7 +161,11 @@ class DiskTier:
         if not os.access(self.directory, os.W_OK):
             raise StorageError(f"disk tier: directory {self.directory} is not writable")
         if self._owner is None:
-            fd = os.open(self.directory / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            lock = self.directory / OWNER_LOCK
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise StorageError(f"disk tier: cannot create {lock}: {e.strerror or e}") from None
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._owner = fd
 

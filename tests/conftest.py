@@ -225,3 +225,15 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None)
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def rewrite_manifest(session, change) -> None:
+    """Apply `change(manifest)` and store it with a valid checksum (as an attacker can)."""
+    import hashlib
+
+    path = session.version_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    m.pop("manifest_sha256")
+    change(m)
+    m["manifest_sha256"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+    path.write_text(json.dumps(m))

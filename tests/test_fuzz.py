@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from offload.config import RuntimeConfig, _locate
 from offload.errors import OffloadError
 from storage.disk import StorageError
-from tests.conftest import write_gguf
+from tests.conftest import rewrite_manifest, write_gguf
 
 FUZZ = settings(
     derandomize=True, max_examples=60, deadline=None, database=None,
@@ -194,19 +194,12 @@ def saved_session(tiny_hf, tmp_path_factory):
 
 
 def mutated_copy(src, dst, change):
-    import hashlib
     import shutil
 
     from storage.session import open_session
 
     shutil.copytree(src, dst, symlinks=True)
-    s = open_session(dst)
-    mpath = s.version_dir / "manifest.json"
-    m = json.loads(mpath.read_text())
-    m.pop("manifest_sha256")
-    change(m)
-    m["manifest_sha256"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
-    mpath.write_text(json.dumps(m))
+    rewrite_manifest(open_session(dst), change)
     return dst
 
 

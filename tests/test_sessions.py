@@ -17,7 +17,7 @@ from cli.main import main
 from offload import Runtime
 from storage.disk import StorageError
 from storage.session import SessionError, SessionLock, SessionLockedError, open_session
-from tests.conftest import cuda_only, filler_text
+from tests.conftest import cuda_only, filler_text, rewrite_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,18 +276,6 @@ def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
 
 
 # -- a session folder from someone else: nothing outside it is read, written or chosen --
-
-
-def rewrite_manifest(session, change) -> None:
-    """Apply `change(manifest)` and store it with a valid checksum (as an attacker can)."""
-    import hashlib
-
-    path = session.version_dir / "manifest.json"
-    m = json.loads(path.read_text())
-    m.pop("manifest_sha256")
-    change(m)
-    m["manifest_sha256"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
-    path.write_text(json.dumps(m))
 
 
 def tree(path: Path) -> dict:
