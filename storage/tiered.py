@@ -17,11 +17,13 @@ spilling it again writes nothing.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from storage.abstracts import ChunkAbstracts
 from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
@@ -84,6 +86,8 @@ class TieredStore:
         # may be running (offload/pipeline.py); re-entrant for nested store calls.
         self.lock = threading.RLock()
         self._staging = PinnedStaging() if device.type == "cuda" else None
+        self._writer: ThreadPoolExecutor | None = None  # writes spilled chunks (`spill`)
+        self._inflight = None  # (jobs, future) of the spill being written
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -93,6 +97,13 @@ class TieredStore:
 
     def close(self) -> None:
         """Delete this store's chunk files (and its directory when left empty). Idempotent."""
+        try:
+            self.settle()
+        except StorageError:
+            pass  # what could not be written is being discarded anyway
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         for name in self.directory.files_in_use():
             self.disk.delete(name)  # only files this store wrote; a session's stay
         self.directory.disk.clear()
@@ -161,28 +172,72 @@ class TieredStore:
         self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
 
     def spill(self) -> None:
-        """Move least recently used chunks to disk until the host is within budget."""
+        """Move least recently used chunks to disk until the host is within budget.
+
+        The files are written by a background thread (`settle` applies them): the
+        chunks stay on the host, readable, until their file is complete, so a failed
+        write (a full disk) loses nothing, and the write overlaps what the caller
+        computes next (the next layer of a prefill). One spill is in flight at most:
+        a spill first waits for the previous one, which bounds how far the host goes
+        past its budget meanwhile to one spill's chunks."""
+        self.settle()
         self._sync_lru()
         need = self.directory.over_budget()
+        if not need:
+            return
         keys = self.directory.spill_candidates(max(need, self.spill_batch))
         if len(keys) < need:
             raise StorageError(f"host tier: {need} chunks must leave but only {len(keys)} can")
         by_layer: dict[int, list[int]] = {}
         for layer, chunk in keys:
             by_layer.setdefault(layer, []).append(chunk)
+        jobs = []
         for layer, chunks in sorted(by_layer.items()):
-            host = self.host[layer]
             fresh = [c for c in chunks if not self.directory.on_disk((layer, c))]
-            if fresh:
-                data = host.gather_chunks(fresh)
-                name = self.disk.write_chunks(layer, fresh, data, self.dev[layer].abstracts(fresh))
-                for i, c in enumerate(fresh):
-                    self.directory.spilled((layer, c), DiskRecord(name, i))
+            data = abstracts = None
+            if fresh:  # copies: the writer never reads the store's own tensors
+                data = self.host[layer].gather_chunks(fresh)
+                a = self.dev[layer].abstracts(fresh)
+                abstracts = ChunkAbstracts(a.kmin.cpu(), a.kmax.cpu(), a.kmean.cpu())
+            jobs.append((layer, chunks, fresh, data, abstracts))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="offload-spill")
+        self._inflight = (jobs, self._writer.submit(self._write_jobs, jobs))
+
+    def _write_jobs(self, jobs) -> tuple[list[str | None], StorageError | None]:
+        """(In the writer thread.) One file per layer; stops at the first failure."""
+        names: list[str | None] = []
+        for layer, _, fresh, data, abstracts in jobs:
+            if not fresh:
+                names.append(None)
+                continue
+            try:
+                names.append(self.disk.write_chunks(layer, fresh, data, abstracts))
+            except StorageError as e:
+                return names, e
+        return names, None
+
+    def settle(self, wait: bool = True) -> None:
+        """Apply the spill written in the background: its chunks leave the host. Raises
+        the write's error (DiskFullError) with the chunks it could not write still on
+        the host. Without `wait`, only if the write has finished."""
+        if self._inflight is None:
+            return
+        jobs, future = self._inflight
+        if not wait and not future.done():
+            return
+        self._inflight = None
+        names, error = future.result()
+        for (layer, chunks, fresh, _, _), name in zip(jobs, names):  # the written ones
+            for i, c in enumerate(fresh):
+                self.directory.spilled((layer, c), DiskRecord(name, i))
             for c in chunks:
                 if c not in fresh:
                     self.directory.spilled((layer, c))
-                host.free(c)
+                self.host[layer].free(c)
             self.spilled_chunks += len(chunks)
+        if error is not None:
+            raise error
 
     # -- reading -----------------------------------------------------------------
 
@@ -316,6 +371,7 @@ class TieredStore:
     # -- truncation --------------------------------------------------------------
 
     def truncate(self, n: int) -> None:
+        self.settle()
         C = self.layout.chunk_size
         keep_chunks = -(-n // C)
         live_files_before = self.directory.files_in_use()
@@ -404,6 +460,7 @@ class TieredStore:
         return self.lengths[-1]
 
     def tier_bytes(self) -> dict[str, int]:
+        self.settle(wait=False)
         L = self.layout
         T = self.num_tokens
         return {

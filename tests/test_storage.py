@@ -186,6 +186,26 @@ def test_disk_budget_exceeded_before_anything_is_lost(tmp_path):
     assert [p.name for p in (tmp_path / "kv").iterdir()] == [".owner"]
 
 
+def test_a_failed_background_write_loses_nothing_and_the_next_spill_succeeds(tmp_path):
+    """Spills are written by a background thread; the chunks stay on the host until
+    their file is complete, so a write that fails leaves every token readable."""
+    kv = torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)])
+    store = make_store(tmp_path, disk_bytes=100).start()
+    with pytest.raises(DiskFullError, match="disk tier budget exceeded"):
+        fill(store, kv)
+    for layer in range(LAYOUT.num_layers):
+        T = store.lengths[layer]
+        assert T > 0 and torch.equal(store.read_range(layer, 0, T), kv[layer, :, :, :T])
+    store.disk.budget_bytes = 1 << 30  # room again: the next spill writes what must leave
+    store.spill()
+    store.settle()
+    assert store.spilled_chunks > 0 and not store.directory.over_budget()
+    for layer in range(LAYOUT.num_layers):
+        T = store.lengths[layer]
+        assert torch.equal(store.read_range(layer, 0, T), kv[layer, :, :, :T])
+    store.close()
+
+
 def test_enospc_midway_leaves_no_readable_half_file(tmp_path, monkeypatch):
     kv = torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)])
     store = make_store(tmp_path).start()
