@@ -228,7 +228,8 @@ class TieredStore:
             return
         self._inflight = None
         names, error = future.result()
-        for (layer, chunks, fresh, _, _), name in zip(jobs, names):  # the written ones
+        written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
+        for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
             for i, c in enumerate(fresh):
                 self.directory.spilled((layer, c), DiskRecord(name, i))
             for c in chunks:
