@@ -10,6 +10,7 @@ budget per KV head = sink + window + retrieved   (docs/budgets.md)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -136,6 +137,19 @@ class SparsePolicy:
             self.selectors[layer].update(view)
         self.indexed[layer] = True
         return view
+
+    def update_from_keys(self, store: TieredStore, layer: int, keys: torch.Tensor) -> None:
+        """Index a layer just prefilled from its keys [H, T, D] still on the compute device
+        (a layer-by-layer prefill), instead of reading them back from the host tier."""
+        T = keys.shape[1]
+        if not self.use_sparse(layer, T + 1, store):
+            return
+        t = time.perf_counter()
+        with store.lock:
+            view = dataclasses.replace(self.view(store, layer), read_keys=lambda a, b: keys[:, a:b])
+            self.selectors[layer].update(view)
+        self.indexed[layer] = True
+        self.stats.index_seconds += time.perf_counter() - t
 
     def view(self, store: TieredStore, layer: int) -> LayerView:
         dev = store.dev[layer]

@@ -185,10 +185,11 @@ def prefill_by_layer(
     The prompt's hidden states `[S, dim]` stay on the compute device; each layer runs
     over all of them in chunks of `chunk_size` against that layer's KV, held on the
     device for the duration (exact causal attention), and only then hands the layer's
-    KV to the cache (host tier, and the device mirror of a dense layer). So no chunk
-    reads earlier KV back over PCIe, as chunk-by-chunk prefill through the tiers does
-    when the host is not the device's memory; peak device memory is the weights, the
-    hidden states, one layer's KV and one chunk's activations.
+    KV to the cache (host tier, and the device mirror of a dense layer), after building
+    the layer's selection index from the keys still on the device. So no chunk reads
+    earlier KV back over PCIe, as chunk-by-chunk prefill through the tiers does when
+    the host is not the device's memory, and neither does the index build; peak device
+    memory is the weights, the hidden states, one layer's KV and one chunk's activations.
     """
     S = len(ids)
     args = model.args
@@ -203,6 +204,8 @@ def prefill_by_layer(
             out[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
         x = out
         layer.append(local.k.view(), local.v.view())
+        if cache.policy is not None:  # index the layer before its keys leave the device
+            cache.policy.update_from_keys(cache.store, i, local.k.view())
         if progress is not None:
             progress((i + 1) * S // args.num_layers, S, "prefill")
     cache.advance(S)

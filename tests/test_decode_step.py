@@ -313,8 +313,15 @@ def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored):
     want = prefill(rt.model, plain, ids, 64)
     plain.finish_prefill()
     seen = []
+    real_read = layered.store.read_keys
+    layered.store.read_keys = lambda *a: pytest.fail("keys read back from the host tier")
     got = prefill_by_layer(rt.model, layered, ids, 64, lambda *a: seen.append(a))
-    layered.finish_prefill()
+    layered.finish_prefill()  # each layer was indexed from its device keys already
+    layered.store.read_keys = real_read
+    for a, b in zip(plain.policy.selectors, layered.policy.selectors, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.indexed_tokens == b.indexed_tokens > 0 and a.segments == b.segments
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert seen[-1] == (150, 150, "prefill") and len(seen) == rt.args.num_layers
     assert layered.num_tokens == layered.store.num_tokens == 150
