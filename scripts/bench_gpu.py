@@ -3,8 +3,9 @@ in one run, on a random-weight Llama-3.1-8B-shaped model; plus the embedded mode
 decode tokens/s on the GPU.
 
     python scripts/bench_gpu.py [--lengths 8192,32768,131072] [--tokens 32]
-        [--systems device,offloaded,embedded,hf,hf-static,hf-offloaded]
-        [--shape llama-8b] [--fill-above 32768] [--out results/bench_gpu.json]
+        [--systems device,offloaded,session,embedded,hf,hf-static,hf-offloaded]
+        [--shape llama-8b] [--fill-above 32768] [--session-lengths 8192,131072]
+        [--session-dir /tmp/offload-bench-session] [--out results/bench_gpu.json]
         [--plot docs/gpu_decode_ms_per_token.png]
 
 Systems:
@@ -20,6 +21,10 @@ Systems:
   hf            transformers `generate`, DynamicCache on the GPU
   hf-static     ... StaticCache with its decode step compiled (lengths <= 32k)
   hf-offloaded  ... its offloaded cache (every layer's KV moves every step)
+  session       ours offloaded: a session of each `--session-lengths` is saved, loaded
+                in a fresh runtime, and asked a new 24-token question: load seconds and
+                time to its first token (the embedded model's tokenizer; random KV above
+                `--fill-above`). Written under `--session-dir` and removed after.
 
 Random token ids (speed does not depend on them); greedy decoding. Each figure is
 the mean over `--tokens` steps after two warm-up steps (capture happens there).
@@ -81,7 +86,7 @@ def synthetic_args(shape: str, max_len: int) -> ModelArgs:
     return ModelArgs(arch="llama", max_seq_len=max_len, **SHAPES[shape])
 
 
-def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig) -> Runtime:
+def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig, tokenizer=None) -> Runtime:
     """Our model with random bf16 weights, built on the meta device and materialized on
     the GPU directly (no host copy of 16 GB)."""
     a = synthetic_args(shape, max_len)
@@ -92,7 +97,7 @@ def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig) -> Runtim
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=gen)
-    loaded = LoadedModel(model, None, a, Path(f"synthetic-{shape}"), "synthetic")
+    loaded = LoadedModel(model, tokenizer, a, Path(f"synthetic-{shape}"), "synthetic")
     return Runtime(loaded, config, device_of())
 
 
@@ -147,6 +152,47 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
     return out
 
 
+def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
+    """A saved session of `length` tokens: save, load in a fresh runtime, and the time
+    to the first token of a new 24-token question after it (load included)."""
+    from offload.runtime import _KVState
+
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, rt.args.vocab_size, (length,), generator=gen).tolist()
+    cache = rt.new_cache(tiered=True)
+    t = time.perf_counter()
+    if fill:
+        fill_kv(cache, length, rt.args)
+    else:
+        prefill(rt.model, cache, ids, rt.config.generation.prefill_chunk)
+        cache.finish_prefill()
+    sync()
+    made_s = time.perf_counter() - t
+    rt._state.cache.close()
+    rt._state = _KVState(cache)
+    rt._state.ids = list(ids)
+    t = time.perf_counter()
+    saved = rt.save_session(path)
+    save_s = time.perf_counter() - t
+    rt._state.cache.close()
+    reset_peak()
+    t = time.perf_counter()
+    loaded = Runtime.load_session(path, model=rt)
+    sync()
+    load_s = time.perf_counter() - t
+    question = torch.randint(0, rt.args.vocab_size, (24,), generator=gen).tolist()
+    steps = loaded._run(loaded._state, ids + question, 1, {}, None)
+    next(steps)
+    sync()
+    first_s = time.perf_counter() - t - load_s
+    steps.close()
+    loaded._state.cache.close()
+    return {"prefill_seconds": None if fill else made_s, "save_seconds": save_s,
+            "session_gib": saved["bytes"] / 2**30, "load_seconds": load_s,
+            "question_first_token_seconds": first_s, "ttft_seconds": load_s + first_s,
+            "peak_device_gib": peak_gib(), "kv_filled": fill}  # fmt: skip
+
+
 def bench_embedded(tokens: int) -> dict:
     rt = Runtime.from_pretrained("smollm2")
     prompt = ("The river carries light over seven quiet stones. " * 800)[:30000]
@@ -182,9 +228,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lengths", default="8192,32768,131072")
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--systems", default="device,offloaded,embedded,hf,hf-static,hf-offloaded")
+    p.add_argument(
+        "--systems", default="device,offloaded,session,embedded,hf,hf-static,hf-offloaded"
+    )
     p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     p.add_argument("--fill-above", type=int, default=32768)
+    p.add_argument("--session-lengths", default="8192,131072")
+    p.add_argument("--session-dir", type=Path, default=Path("/tmp/offload-bench-session"))
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/gpu_decode_ms_per_token.png"))
     args = p.parse_args()
@@ -218,6 +268,25 @@ def main() -> None:
                 record(system, n, {"error": str(e).splitlines()[0][:300]})
         del rt
         reset_peak()
+    if "session" in systems:
+        import shutil
+
+        config = RuntimeConfig.from_toml(OFFLOADED_PRESET)
+        if device_of().type != "cuda":
+            config = config.replace(device="cpu", dtype="bfloat16")
+        tok = Runtime.from_pretrained("smollm2", device="cpu").tokenizer
+        session_lengths = [int(x) for x in args.session_lengths.split(",")]
+        rt = synthetic_runtime(args.shape, max(session_lengths) + 64, config, tok)
+        for n in session_lengths:
+            path = args.session_dir / f"s{n}"
+            try:
+                record("session", n, bench_session(rt, n, n > args.fill_above, path))
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                record("session", n, {"error": str(e).splitlines()[0][:300]})
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+        del rt
+        reset_peak()
     if "embedded" in systems:
         record("embedded", None, bench_embedded(args.tokens * 4))
     for system in [s for s in systems if s in HF_CACHES]:
@@ -236,12 +305,13 @@ def main() -> None:
         del model
         reset_peak()
     table = Table(title=f"decode ms/token, {args.shape}, {gpu}")
-    for col in ("system", "context", "decode ms/token", "prefill s", "peak GiB"):
+    for col in ("system", "context", "decode ms/token", "prefill s", "first token s", "peak GiB"):
         table.add_column(col)
     for r in results["rows"]:
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
         table.add_row(r["system"], fmt(r["context"]), fmt(r.get("decode_ms_per_token", r.get("error"))),
-                      fmt(r.get("prefill_seconds")), fmt(r.get("peak_device_gib")))  # fmt: skip
+                      fmt(r.get("prefill_seconds")), fmt(r.get("ttft_seconds")),
+                      fmt(r.get("peak_device_gib")))  # fmt: skip
     console.print(table)
     plot(results, args.plot, console)
 
