@@ -399,6 +399,10 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
             f"{tier}: {human_bytes(p.tier_total(tier))} of {human_bytes(budget)}: {verdict}"
         )
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
+    console.print(
+        f"prefill, layer by layer: peak device memory {human_bytes(p.prefill_peak_bytes)} "
+        f"(the above, the hidden states in and out of a layer and one layer's KV)"
+    )
     too_long = context > a.max_seq_len
     if too_long:
         console.print(

@@ -52,6 +52,16 @@ class Plan:
         return self.layout.kv_bytes(self.context)
 
     @property
+    def prefill_peak_bytes(self) -> int:
+        """Device memory at the peak of a layer-by-layer prefill of the whole context
+        (offload/generate.py, `prefill_by_layer`): everything the device holds for
+        decode, plus the hidden states in and out of a layer ([context, dim] each) and
+        one layer's full K and V, held while that layer runs over its chunks."""
+        hidden = 2 * self.context * self.args.dim * self.layout.dtype_bytes
+        one_layer = self.context * self.layout.token_bytes_per_layer
+        return self.tier_total("device") + hidden + one_layer
+
+    @property
     def kv_on_device(self) -> bool:
         """Would `mode = "auto"` on CUDA keep all KV on the device? It does when the KV of
         the model's whole context window fits beside the weights (offload/runtime.py)."""
