@@ -80,6 +80,7 @@ def make_plan(
     sink: int = 16,
     window: int = 256,
     dense_layers: int = 2,
+    selector: str = "cluster",
 ) -> Plan:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -109,9 +110,9 @@ def make_plan(
             "device", f"{summary_bits}-bit key summaries",
             full_chunks * chunk_size * L.summary_bytes_per_token, L.summary_bytes_per_token,
         ),
-        PlanRow(
-            "device", "chunk abstracts (min/max/mean)",
-            full_chunks * L.num_layers * L.abstract_bytes_per_chunk, L.abstract_bytes_per_token,
+        PlanRow(  # read only by the chunk selector; kept in host memory otherwise
+            "device" if selector == "chunk" else "host", "chunk abstracts (min/max/mean)",
+            L.abstracts_bytes(context), L.abstract_bytes_per_token,
         ),
         PlanRow("host", "full-precision K and V", host_kv, L.token_bytes if host_kv else 0.0),
         PlanRow(

@@ -207,6 +207,8 @@ class Runtime:
             self.layout, self.model.dtype, self.device, host_bytes=b.host_bytes,
             disk_dir=b.disk_dir / cache_dir_name(),
             disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
+            # only the chunk selector reads abstracts: elsewhere they wait in host memory
+            abstracts_on_device=sel.selector == "chunk",
         )  # fmt: skip
         policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
         try:

@@ -47,7 +47,15 @@ class Growable:
 
 
 class DeviceTier:
-    def __init__(self, layout: KVLayout, dtype: torch.dtype, device, sink: int, window: int):
+    """Sink and window KV, key summaries and chunk abstracts of one layer. The abstracts
+    are read only by the chunk selector (and written to disk records), so they may be
+    kept in host memory instead (`abstracts_device`): 3 GiB of GPU memory for the 8B
+    shape at 128k."""
+
+    def __init__(
+        self, layout: KVLayout, dtype: torch.dtype, device, sink: int, window: int,
+        abstracts_device=None,
+    ):  # fmt: skip
         H, D = layout.num_kv_heads, layout.head_dim
         self.layout, self.sink, self.window = layout, sink, window
         self.sink_kv = torch.empty(2, H, sink, D, dtype=dtype, device=device)
@@ -57,9 +65,11 @@ class DeviceTier:
         self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device)
         self.scale = Growable((H, 0, D), 1, f32, device)
         self.zero = Growable((H, 0, D), 1, f32, device)
-        self.kmin = Growable((0, H, D), 0, f32, device)
-        self.kmax = Growable((0, H, D), 0, f32, device)
-        self.kmean = Growable((0, H, D), 0, f32, device)
+        where = device if abstracts_device is None else abstracts_device
+        self.abstracts_on_device = torch.device(where) == torch.device(device)
+        self.kmin = Growable((0, H, D), 0, f32, where)
+        self.kmax = Growable((0, H, D), 0, f32, where)
+        self.kmean = Growable((0, H, D), 0, f32, where)
 
     def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""
@@ -124,5 +134,6 @@ class DeviceTier:
 
     def nbytes(self, num_tokens: int) -> int:
         return (
-            self.layout.device_bytes(num_tokens, self.sink, self.window) // self.layout.num_layers
+            self.layout.device_bytes(num_tokens, self.sink, self.window, self.abstracts_on_device)
+            // self.layout.num_layers
         )

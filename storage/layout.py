@@ -78,15 +78,20 @@ class KVLayout:
     def abstract_bytes_per_token(self) -> float:
         return self.num_layers * self.abstract_bytes_per_chunk / self.chunk_size
 
-    def device_bytes(self, num_tokens: int, sink: int, window: int) -> int:
-        """Sink + window at full precision, plus summaries and abstracts of every token."""
+    def device_bytes(self, num_tokens: int, sink: int, window: int, abstracts: bool = True) -> int:
+        """Sink + window at full precision, plus summaries (and, with `abstracts`, the
+        chunk abstracts) of every token."""
         resident = min(num_tokens, sink + window)
         full_chunks = num_tokens // self.chunk_size
         return (
             resident * self.token_bytes
             + full_chunks * self.chunk_size * self.summary_bytes_per_token
-            + full_chunks * self.num_layers * self.abstract_bytes_per_chunk
+            + abstracts * self.abstracts_bytes(num_tokens)
         )
+
+    def abstracts_bytes(self, num_tokens: int) -> int:
+        """The abstracts of every completed chunk of every layer."""
+        return num_tokens // self.chunk_size * self.num_layers * self.abstract_bytes_per_chunk
 
     def disk_bytes_per_chunk(self) -> int:
         """A chunk record on disk: its KV and its abstract (file framing not counted)."""

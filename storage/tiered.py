@@ -58,6 +58,7 @@ class TieredStore:
         sink: int = 16,
         window: int = 256,
         spill_batch: int = 64,
+        abstracts_on_device: bool = True,
     ):
         L = layout
         capacity = host_bytes // L.chunk_bytes
@@ -72,7 +73,10 @@ class TieredStore:
         pin = device.type == "cuda"
         self.directory = ChunkDirectory(capacity)
         self.host = [HostTier(layout, dtype, pin=pin) for _ in range(L.num_layers)]
-        self.dev = [DeviceTier(layout, dtype, device, sink, window) for _ in range(L.num_layers)]
+        where = device if abstracts_on_device else torch.device("cpu")
+        self.dev = [DeviceTier(layout, dtype, device, sink, window, where)
+                    for _ in range(L.num_layers)]  # fmt: skip
+        self.abstracts_on_device = self.dev[0].abstracts_on_device
         self.disk = DiskTier(disk_dir, layout, dtype, disk_bytes)
         self.lengths = [0] * L.num_layers
         # Recency of each chunk (a clock value per layer and chunk), kept as tensors so a
@@ -81,7 +85,7 @@ class TieredStore:
         self._clock = 0
         self._recency = [torch.zeros(64, dtype=torch.long) for _ in range(L.num_layers)]
         self.reads = TierReads()
-        self.spilled_chunks = 0
+        self._spilled = 0  # chunks moved to disk (`spilled_chunks`)
         # Held by every caller that reads or changes the store while a prefetch worker
         # may be running (offload/pipeline.py); re-entrant for nested store calls.
         self.lock = threading.RLock()
@@ -236,7 +240,7 @@ class TieredStore:
                 if c not in fresh:
                     self.directory.spilled((layer, c))
                 self.host[layer].free(c)
-            self.spilled_chunks += len(chunks)
+            self._spilled += len(chunks)
         if error is not None:
             raise error
 
@@ -460,12 +464,19 @@ class TieredStore:
     def num_tokens(self) -> int:
         return self.lengths[-1]
 
+    @property
+    def spilled_chunks(self) -> int:
+        """Chunks moved to disk so far (the spill being written included, once done)."""
+        self.settle()
+        return self._spilled
+
     def tier_bytes(self) -> dict[str, int]:
-        self.settle(wait=False)
+        self.settle()  # figures of a finished spill, whatever the writer's timing
         L = self.layout
         T = self.num_tokens
         return {
-            "device": L.device_bytes(T, self.sink, self.window),
-            "host": self.directory.host_count * L.chunk_bytes,
+            "device": L.device_bytes(T, self.sink, self.window, self.abstracts_on_device),
+            "host": self.directory.host_count * L.chunk_bytes
+            + (0 if self.abstracts_on_device else L.abstracts_bytes(T)),
             "disk": self.disk.used_bytes,
         }

@@ -28,7 +28,16 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     d = write_config(tmp_path)
     p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=64 * GiB)
     assert p.dense_kv_bytes == 16 * GiB
-    assert p.tier_total("host") == 16 * GiB and p.tier_total("disk") == 0
+    host_kv = lambda p: next(r for r in p.rows if r.what == "full-precision K and V").nbytes  # noqa: E731
+    abstracts = next(r for r in p.rows if r.what.startswith("chunk abstracts"))
+    assert (
+        abstracts.tier == "host" and abstracts.nbytes == 3 * GiB
+    )  # (only the chunk selector reads them)
+    assert host_kv(p) == 16 * GiB and p.tier_total("host") == 19 * GiB and p.tier_total("disk") == 0
+    assert (
+        make_plan(d, 131072, 24 * GiB, 64 * GiB, selector="chunk").tier_total("device")
+        == p.tier_total("device") + 3 * GiB
+    )
     weights = next(r for r in p.rows if r.what == "weights").nbytes
     assert abs(weights / 2 - 8.03e9) < 0.01e9  # 8.03B parameters in bf16
     assert p.fits_device and p.fits_host
@@ -41,7 +50,7 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     assert make_plan(d, 8192, device_bytes=80 * GiB, host_bytes=64 * GiB).kv_on_device
     # with 4 GiB of host memory, the other 12 GiB of KV (plus abstracts) go to disk
     p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=4 * GiB)
-    assert p.tier_total("host") == 4 * GiB
+    assert host_kv(p) == 4 * GiB
     spilled = 131072 // 16 * 32 - 4 * GiB // p.layout.chunk_bytes
     assert p.tier_total("disk") == spilled * p.layout.disk_bytes_per_chunk()
 

@@ -13,6 +13,7 @@ from storage.disk import DiskFullError, DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
+from tests.conftest import cuda_only
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
 DT = torch.bfloat16
@@ -319,3 +320,24 @@ def test_lru_sync_takes_chunks_never_marked_as_oldest(tmp_path):
         store.directory.filled((1, 100))
         store._sync_lru()  # was an IndexError: chunk 100 of a 64-entry table
         assert store.directory.lru_order()[0] == (1, 100)
+
+
+@cuda_only
+def test_abstracts_can_wait_in_host_memory(tmp_path):
+    """Only the chunk selector reads abstracts: a CUDA store may keep them on the host,
+    and its accounting moves them there; spills and reads are unchanged."""
+    kv = torch.stack([random_kv(30, seed=1), random_kv(30, seed=2)]).cuda()
+    store = TieredStore(
+        LAYOUT, DT, torch.device("cuda"), host_bytes=4 * LAYOUT.chunk_bytes,
+        disk_dir=tmp_path / "kv", disk_bytes=1 << 30, sink=4, window=8, spill_batch=2,
+        abstracts_on_device=False,
+    ).start()  # fmt: skip
+    T = fill(store, kv)
+    store.settle()
+    assert store.dev[0].kmin.data.device.type == "cpu" and store.spilled_chunks > 0
+    b = store.tier_bytes()
+    assert b["device"] == LAYOUT.device_bytes(T, 4, 8, abstracts=False)
+    assert b["host"] >= LAYOUT.abstracts_bytes(T)
+    for layer in range(LAYOUT.num_layers):
+        assert torch.equal(store.read_range(layer, 0, T), kv[layer, :, :, :T])
+    store.close()
