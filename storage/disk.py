@@ -240,6 +240,9 @@ class DiskTier:
         self._sizes[name] = payload.size
         return name
 
+    def own_files(self) -> list[str]:
+        return list(self._sizes)
+
     def owns(self, name: str) -> bool:
         """Files the tier wrote itself; others (a loaded session's) are never deleted."""
         return name in self._sizes

@@ -106,10 +106,12 @@ class TieredStore:
         except StorageError:
             pass  # what could not be written is being discarded anyway
         if self._writer is not None:
-            self._writer.shutdown()
+            self._writer.shutdown()  # waits for a write still running
             self._writer = None
-        for name in self.directory.files_in_use():
-            self.disk.delete(name)  # only files this store wrote; a session's stay
+        # Every file this store wrote, recorded or not (an interrupt may have come between
+        # a write and its record); a loaded session's files are not among them.
+        for name in self.disk.own_files():
+            self.disk.delete(name)
         self.directory.disk.clear()
         self.disk.close()
 
@@ -230,8 +232,8 @@ class TieredStore:
         jobs, future = self._inflight
         if not wait and not future.done():
             return
+        names, error = future.result()  # (an interrupt here keeps the job for later)
         self._inflight = None
-        names, error = future.result()
         written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
         for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
             for i, c in enumerate(fresh):
