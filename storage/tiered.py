@@ -229,20 +229,23 @@ class TieredStore:
         the host. Without `wait`, only if the write has finished."""
         if self._inflight is None:
             return
-        jobs, future = self._inflight
-        if not wait and not future.done():
-            return
-        names, error = future.result()  # (an interrupt here keeps the job for later)
-        self._inflight = None
-        written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
-        for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
-            for i, c in enumerate(fresh):
-                self.directory.spilled((layer, c), DiskRecord(name, i))
-            for c in chunks:
-                if c not in fresh:
-                    self.directory.spilled((layer, c))
-                self.host[layer].free(c)
-            self._spilled += len(chunks)
+        with self.lock:  # (tier_bytes may call this while a prefetch worker reads the store)
+            if self._inflight is None:
+                return
+            jobs, future = self._inflight
+            if not wait and not future.done():
+                return
+            names, error = future.result()  # (an interrupt here keeps the job for later)
+            self._inflight = None
+            written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
+            for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
+                for i, c in enumerate(fresh):
+                    self.directory.spilled((layer, c), DiskRecord(name, i))
+                for c in chunks:
+                    if c not in fresh:
+                        self.directory.spilled((layer, c))
+                    self.host[layer].free(c)
+                self._spilled += len(chunks)
         if error is not None:
             raise error
 
