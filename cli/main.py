@@ -182,7 +182,11 @@ def read_prompt(prompt: str | None, file: str | None) -> str:
     if prompt == "-" or prompt is None and file is None:
         if prompt is None and sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, - or --file, or pipe the prompt in")
-        parts.append(sys.stdin.read())
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        try:
+            parts.append(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except UnicodeDecodeError as e:
+            raise OffloadError(f"standard input is not UTF-8 text (byte {e.start})") from None
     elif prompt is not None:
         parts.append(prompt)
     text = "\n\n".join(p.strip() for p in parts if p.strip())

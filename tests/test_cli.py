@@ -66,6 +66,8 @@ def test_prompt_from_stdin_file_and_flags(tiny, tmp_path):
     assert out["stats"]["decode_tokens"] <= 3 and out["stats"]["prompt_tokens"] > 3
     r = runner.invoke(main, ["generate", *tiny], input="")
     assert r.exit_code == 2 and "the prompt is empty" in r.output
+    r = runner.invoke(main, ["generate", *tiny], input=b"caf\xe9\n")
+    assert r.exit_code == 2 and "standard input is not UTF-8 text (byte 3)" in r.output
 
 
 def test_stop_strings_end_the_answer(tiny):
