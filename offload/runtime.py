@@ -1,4 +1,5 @@
-"""The Python face of the runtime: `Runtime` and its chat `Conversation`s.
+"""The Python face of the runtime: `Runtime` (its `Conversation`s and the KV reuse
+state are in offload/conversation.py).
 
     rt = Runtime.from_pretrained("smollm2")            # or an HF dir / .gguf path
     rt.generate("Summarise ...", max_new_tokens=64)    # -> str
@@ -24,6 +25,7 @@ from offload.attention import SelectionStats, SparsePolicy
 from offload.backend import Backend
 from offload.budgets import machine_threads, resolve_budgets
 from offload.config import RuntimeConfig
+from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
     Progress,
@@ -44,9 +46,6 @@ from storage.tiered import TieredStore, TierReads
 Prompt = str | list[dict[str, str]]
 # How a question about a loaded document is put to the model. The document comes
 # first so its KV is a prefix shared by every question.
-DOCUMENT_PROMPT = (
-    "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
-)
 QUESTION_MARK = "\x00question\x00"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "repeat_penalty", "repeat_last_n")
 
@@ -65,57 +64,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _KVState:
-    """A KV cache plus the token ids it holds, reused across calls by common prefix.
-
-    Reuse is exact: greedy decoding gives the same tokens for the same request whether
-    its KV is reused or computed fresh. A forward pass over S tokens does not round
-    exactly as S passes of one token do, so a request reuses KV only up to a position
-    where an earlier forward pass began (`passes`); what follows is then computed in
-    the same passes, with the same shapes, as the first time. Reusing all of the cache
-    is always exact (what follows is new either way).
-    """
-
-    def __init__(self, cache: KVCache):
-        self.cache = cache
-        self.ids: list[int] = []
-        # (start, end, step): forward passes began at start, start + step, ... < end
-        self.passes: list[tuple[int, int, int]] = []
-
-    def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
-        """Truncate to the longest reusable prefix shared with `ids`; return (ids to
-        prefill, reused).
-
-        With `need_logits` at least one token is left to prefill (its logits start decoding)."""
-        n = 0
-        limit = min(len(self.ids), len(ids) - need_logits)
-        while n < limit and self.ids[n] == ids[n]:
-            n += 1
-        if n < len(self.ids):
-            n = self._pass_start_at_most(n)
-        self.cache.truncate(n)
-        self.ids = self.ids[:n]
-        self.passes = [(s, min(e, n), step) for s, e, step in self.passes if s < n]
-        return ids[n:], n
-
-    def _pass_start_at_most(self, n: int) -> int:
-        best = 0
-        for s, e, step in self.passes:
-            if s <= n:
-                best = max(best, s + (min(n, e - 1) - s) // step * step)
-        return best
-
-    def computed(self, start: int, end: int, step: int) -> None:
-        """Tokens start..end-1 were computed in passes of `step` tokens."""
-        if end > start:
-            self.passes.append((start, end, step))
-
-    def reset(self) -> None:
-        self.cache.truncate(0)
-        self.ids = []
-        self.passes = []
-
-
 class Runtime:
     """A loaded model, its tokenizer, a runtime config and the KV caches built from them."""
 
@@ -130,7 +78,7 @@ class Runtime:
         self.config = config
         self.device = device
         self.backend = Backend.for_device(device, graphs=config.model.cuda_graphs)
-        self._state = _KVState(self.new_cache())
+        self._state = KVState(self.new_cache())
         self._stats: dict[str, Any] = {}
         self._last_state = self._state  # whose cache stats() reports
         self.document: dict | None = None  # set by load_document / a document session
@@ -269,7 +217,7 @@ class Runtime:
 
     def _run(
         self,
-        state: _KVState,
+        state: KVState,
         ids: list[int],
         max_new_tokens: int | None,
         sampling: dict[str, Any],
@@ -460,7 +408,7 @@ class Runtime:
 
         info = check_session_kind(self, "chat")
         conv = Conversation(self, system=None, state=self._state, messages=info["messages"])
-        self._state = _KVState(self.new_cache())
+        self._state = KVState(self.new_cache())
         return conv
 
     def chat_about_document(self) -> Conversation:
@@ -475,7 +423,7 @@ class Runtime:
         system = [{"role": "system", "content": doc["system"]}] if doc.get("system") else []
         conv = Conversation(self, system=doc.get("system"), state=self._state, messages=system)
         conv.document = doc["text"]
-        self._state = _KVState(self.new_cache())
+        self._state = KVState(self.new_cache())
         return conv
 
     def close(self) -> None:
@@ -521,74 +469,6 @@ class Runtime:
         # The first token comes with the prefill; later ones each cost one decode step.
         s["decode_tokens_per_second"] = _rate(max(s["decode_tokens"] - 1, 0), s["decode_seconds"])
         return s
-
-
-class Conversation:
-    """A multi-turn chat whose earlier turns' KV is reused: each `send` prefills only
-    the new turn (and the previous answer's end-of-turn token)."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        system: str | None = None,
-        state: _KVState | None = None,
-        messages: list[dict[str, str]] | None = None,
-    ):
-        """A new conversation, or (with `state` and `messages`) one resumed from a session."""
-        self.runtime = runtime
-        self.system = system
-        self.document: str | None = None  # chat_about_document: the first turn asks about it
-        if state is not None:
-            self._state, self.messages = state, list(messages or [])
-            return
-        self._state = _KVState(runtime.new_cache())
-        self.messages: list[dict[str, str]] = []
-        self.reset()
-
-    def reset(self) -> None:
-        if self.document is None:
-            self._state.reset()
-        # (about a document: the next turn's prompt starts with the document again, and
-        # its KV is kept for that)
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-
-    @property
-    def context_tokens(self) -> int:
-        return self._state.cache.num_tokens
-
-    def stream(
-        self,
-        text: str,
-        max_new_tokens: int | None = None,
-        progress: Progress | None = None,
-        **sampling: Any,
-    ) -> Iterator[StepResult]:
-        rt = self.runtime
-        if self.document is not None and not any(m["role"] == "user" for m in self.messages):
-            text = DOCUMENT_PROMPT.format(document=self.document, question=text)
-        messages = self.messages + [{"role": "user", "content": text}]
-        ids = rt.encode_prompt(messages)
-        try:
-            rt._check_fits(ids, "the conversation")
-        except ContextLengthError as e:
-            raise ContextLengthError(f"{e}; start a new conversation (reset)") from None
-        pieces: list[str] = []
-        for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
-            pieces.append(step.text)
-            yield step
-        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
-
-    def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
-        return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
-
-    def save(self, path: str | Path) -> dict:
-        """Save this conversation (its KV and messages) as a chat session."""
-        from offload.session import save_state
-
-        return save_state(self.runtime, self._state, path, "chat", {"messages": self.messages})
-
-    def close(self) -> None:
-        self._state.cache.close()
 
 
 def _request_stats(prompt_tokens: int, reused_tokens: int, prefill_tokens: int) -> dict[str, Any]:

@@ -22,13 +22,14 @@ from offload.loading import DEFAULT_MODEL
 from storage.session import SessionContents, SessionError, open_session, save_session
 
 if TYPE_CHECKING:
+    from offload.conversation import KVState
     from offload.kvcache import KVCache
-    from offload.runtime import Runtime, _KVState
+    from offload.runtime import Runtime
 
 INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
 
 
-def save_state(rt: Runtime, state: _KVState, path: str | Path, kind: str, extra: dict) -> dict:
+def save_state(rt: Runtime, state: KVState, path: str | Path, kind: str, extra: dict) -> dict:
     """Write `state` (a cache and the ids it holds) with the runtime's identity; return figures."""
     cache = state.cache
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))

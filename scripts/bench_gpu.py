@@ -155,7 +155,7 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
 def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
     """A saved session of `length` tokens: save, load in a fresh runtime, and the time
     to the first token of a new 24-token question after it (load included)."""
-    from offload.runtime import _KVState
+    from offload.conversation import KVState
 
     gen = torch.Generator().manual_seed(length)
     ids = torch.randint(0, rt.args.vocab_size, (length,), generator=gen).tolist()
@@ -169,7 +169,7 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
     sync()
     made_s = time.perf_counter() - t
     rt._state.cache.close()
-    rt._state = _KVState(cache)
+    rt._state = KVState(cache)
     rt._state.ids = list(ids)
     t = time.perf_counter()
     saved = rt.save_session(path)

@@ -243,14 +243,14 @@ def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
     decode through the fixed-shape step), here eagerly on the CPU: with a budget that
     covers the whole range, sparse decode equals dense decode token for token, over a
     chat whose second turn reuses the first turn's KV."""
-    from offload.runtime import _KVState
+    from offload.conversation import KVState
 
     path = tiny_dirs["llama-gqa-untied"][0]
     dense = Runtime.from_pretrained(path, dtype="float32", mode="full")
     rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", sink=4, window=32,
                                  retrieved=100000, dense_layers=1)  # fmt: skip
     rt.backend = Backend(DEVICE, kernels=True, fixed_shape=True, remote_host=True)
-    rt._state = _KVState(rt.new_cache())
+    rt._state = KVState(rt.new_cache())
     assert rt._state.cache.step is not None and rt._state.cache.layers[0].mirror is not None
     prompt = "seven quiet stones over the river " * 4
     assert rt.generate(prompt, max_new_tokens=24) == dense.generate(prompt, max_new_tokens=24)
@@ -282,7 +282,7 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
     """The real model as CUDA runs it when its KV is tiered (dense layers mirrored, the
     rest through the fixed-shape sparse step; on a CPU with the torch references, since
     Triton's interpreter is too slow for 30 layers): at full budget, dense's tokens."""
-    from offload.runtime import _KVState
+    from offload.conversation import KVState
     from tests.test_sparse_e2e import needle_messages
 
     prompt = needle_messages(40, 0.5)  # about 1k tokens
@@ -292,7 +292,7 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
     rt = Runtime(smol_bf16.loaded, config, smol_bf16.device)
     rt.backend = Backend(DEVICE, kernels=DEVICE.type == "cuda", fixed_shape=True,
                          remote_host=True)  # fmt: skip
-    rt._state = _KVState(rt.new_cache())
+    rt._state = KVState(rt.new_cache())
     got = [s.token_id for s in rt.stream(prompt, max_new_tokens=8)]
     assert got == want
     assert rt._state.cache.step.plan.steps == len(got) - 1

@@ -85,7 +85,7 @@ def test_cli_plan_refuses_a_context_beyond_the_window(tmp_path):
 
 
 def test_reuse_stops_where_an_earlier_pass_began():
-    from offload.runtime import _KVState
+    from offload.conversation import KVState
 
     class Cache:
         num_tokens = 0
@@ -93,7 +93,7 @@ def test_reuse_stops_where_an_earlier_pass_began():
         def truncate(self, n):
             self.num_tokens = n
 
-    state = _KVState(Cache())
+    state = KVState(Cache())
     state.ids = list(range(100))  # a 70-token prompt in chunks of 32, then 30 decoded
     state.computed(0, 70, 32)
     state.computed(70, 100, 1)

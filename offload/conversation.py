@@ -1,0 +1,142 @@
+"""Reusing KV across requests (`KVState`) and multi-turn chat on top of it (`Conversation`).
+
+`KVState` is a cache plus the token ids it holds; a request reuses the longest
+prefix it can reuse exactly. `Conversation` renders each turn with the chat
+template and runs it through its runtime's generation loop on its own state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from offload.errors import ContextLengthError
+from offload.generate import Progress, StepResult
+
+if TYPE_CHECKING:
+    from offload.kvcache import KVCache
+    from offload.runtime import Runtime
+
+DOCUMENT_PROMPT = (
+    "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
+)
+
+
+class KVState:
+    """A KV cache plus the token ids it holds, reused across calls by common prefix.
+
+    Reuse is exact: greedy decoding gives the same tokens for the same request whether
+    its KV is reused or computed fresh. A forward pass over S tokens does not round
+    exactly as S passes of one token do, so a request reuses KV only up to a position
+    where an earlier forward pass began (`passes`); what follows is then computed in
+    the same passes, with the same shapes, as the first time. Reusing all of the cache
+    is always exact (what follows is new either way).
+    """
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.ids: list[int] = []
+        # (start, end, step): forward passes began at start, start + step, ... < end
+        self.passes: list[tuple[int, int, int]] = []
+
+    def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
+        """Truncate to the longest reusable prefix shared with `ids`; return (ids to
+        prefill, reused).
+
+        With `need_logits` at least one token is left to prefill (its logits start decoding)."""
+        n = 0
+        limit = min(len(self.ids), len(ids) - need_logits)
+        while n < limit and self.ids[n] == ids[n]:
+            n += 1
+        if n < len(self.ids):
+            n = self._pass_start_at_most(n)
+        self.cache.truncate(n)
+        self.ids = self.ids[:n]
+        self.passes = [(s, min(e, n), step) for s, e, step in self.passes if s < n]
+        return ids[n:], n
+
+    def _pass_start_at_most(self, n: int) -> int:
+        best = 0
+        for s, e, step in self.passes:
+            if s <= n:
+                best = max(best, s + (min(n, e - 1) - s) // step * step)
+        return best
+
+    def computed(self, start: int, end: int, step: int) -> None:
+        """Tokens start..end-1 were computed in passes of `step` tokens."""
+        if end > start:
+            self.passes.append((start, end, step))
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self.ids = []
+        self.passes = []
+
+
+class Conversation:
+    """A multi-turn chat whose earlier turns' KV is reused: each `send` prefills only
+    the new turn (and the previous answer's end-of-turn token)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        system: str | None = None,
+        state: KVState | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ):
+        """A new conversation, or (with `state` and `messages`) one resumed from a session."""
+        self.runtime = runtime
+        self.system = system
+        self.document: str | None = None  # chat_about_document: the first turn asks about it
+        if state is not None:
+            self._state, self.messages = state, list(messages or [])
+            return
+        self._state = KVState(runtime.new_cache())
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        if self.document is None:
+            self._state.reset()
+        # (about a document: the next turn's prompt starts with the document again, and
+        # its KV is kept for that)
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    @property
+    def context_tokens(self) -> int:
+        return self._state.cache.num_tokens
+
+    def stream(
+        self,
+        text: str,
+        max_new_tokens: int | None = None,
+        progress: Progress | None = None,
+        **sampling: Any,
+    ) -> Iterator[StepResult]:
+        rt = self.runtime
+        if self.document is not None and not any(m["role"] == "user" for m in self.messages):
+            text = DOCUMENT_PROMPT.format(document=self.document, question=text)
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = rt.encode_prompt(messages)
+        try:
+            rt._check_fits(ids, "the conversation")
+        except ContextLengthError as e:
+            raise ContextLengthError(f"{e}; start a new conversation (reset)") from None
+        pieces: list[str] = []
+        for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
+            pieces.append(step.text)
+            yield step
+        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+
+    def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
+        return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
+
+    def save(self, path: str | Path) -> dict:
+        """Save this conversation (its KV and messages) as a chat session."""
+        from offload.session import save_state
+
+        return save_state(self.runtime, self._state, path, "chat", {"messages": self.messages})
+
+    def close(self) -> None:
+        self._state.cache.close()
