@@ -80,12 +80,10 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
             model = Transformer(args, fused=True).to(dtype)
             if weights != "dense":
                 quantize_model(model, weights, empty=True)
-        if meta["tied"]:
-            model.tie_weights()
         model.load_state_dict(
             {k: v.to(device) for k, v in state.items()}, strict=not meta["tied"], assign=True
         )
-        if meta["tied"]:
+        if meta["tied"]:  # the head is the embedding (its tensor is stored once)
             model.tie_weights()
         model.eval()
         model.source_quant, model.weights = meta["source_quant"], weights

@@ -145,6 +145,7 @@ class DiskTier:
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self._sizes: dict[str, int] = {}  # files this tier wrote (and may delete)
+        self._crcs: dict[str, list[int]] = {}  # ... and their chunks' crc32s
         self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
         self._meta: dict[str, dict] = {}
         self._owner: int | None = None  # fd of the flock'ed OWNER_LOCK while started
@@ -238,6 +239,7 @@ class DiskTier:
             raise DiskFullError(f"disk tier: cannot write {path}: {e.strerror or e}") from None
         self.used_bytes += payload.size
         self._sizes[name] = payload.size
+        self._crcs[name] = crcs
         return name
 
     def own_files(self) -> list[str]:
@@ -250,6 +252,7 @@ class DiskTier:
     def delete(self, name: str) -> None:
         self._readers.pop(name, None)
         self._meta.pop(name, None)
+        self._crcs.pop(name, None)
         if name in self._sizes:
             self.used_bytes -= self._sizes.pop(name)
             (self.directory / name).unlink(missing_ok=True)
@@ -273,8 +276,8 @@ class DiskTier:
             raise StorageError(f"{path}: its chunk checksums differ from the manifest's")
 
     def crc32s(self, name: str) -> list[int]:
-        """The per-chunk crc32s a file carries (read from its schema, not its data)."""
-        return list(self._open(name)[1])
+        """The per-chunk crc32s of a file this tier wrote (kept from the write)."""
+        return list(self._crcs[name])
 
     # -- reading ---------------------------------------------------------------
 

@@ -96,14 +96,11 @@ class SessionLock:
 def prepare_dir(path: Path) -> Path:
     """Create the session directory, or say clearly why it cannot be one."""
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise SessionError(f"session path {path} is a file, not a directory")
+    check_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SessionError(f"cannot create session directory {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise SessionError(f"session directory {path} is not writable")
     return path
 
 
