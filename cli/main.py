@@ -413,12 +413,17 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
             f"[red]the model's context window is {a.max_seq_len:,} tokens: "
             f"{context:,} do not fit it, whatever the memory[/]"
         )
-    window = f"the model's whole {a.max_seq_len:,}-token window"
-    if p.kv_on_device:
-        console.print(f'on CUDA, mode "auto" keeps all KV on the device: {window} fits there')
+    n = p.device_kv_tokens
+    if n >= a.max_seq_len:
+        console.print(
+            f'on CUDA, mode "auto" keeps all KV on the device: the model\'s whole '
+            f"{a.max_seq_len:,}-token window fits there"
+        )
     else:
         console.print(
-            f'on CUDA, mode "auto" uses the tiers above: {window} does not fit the device'
+            f'on CUDA, mode "auto" keeps all KV on the device up to {n:,} tokens '
+            f"(kv.device_bytes = {human_bytes(p.device_kv_bytes)}: the device less weights "
+            f"and activations), then moves it to the tiers above"
         )
     if too_long or not (p.fits_device and p.fits_host):
         sys.exit(1)

@@ -160,6 +160,7 @@ def prefill(
     Chunks bound activation memory (attention scores are [H, chunk, T], not [H, T, T]).
     """
     assert ids, "prefill needs at least one token"
+    cache.make_room(len(ids))  # a device cache that would pass its budget moves to the tiers
     if cache.layered_prefill and cache.num_tokens == 0:
         return prefill_by_layer(model, cache, ids, chunk_size, progress)
     total = len(ids)

@@ -13,6 +13,7 @@ model's. `KVCache` groups the layers and keeps the shared token count.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -26,6 +27,16 @@ from offload.tiered_step import TieredPlan
 from storage.device import Growable
 from storage.tiered import TieredStore
 
+MOVE_TOKENS = 4096  # tokens per layer copied at a time when a device cache moves to the tiers
+
+
+def append_in_pieces(store: TieredStore, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Append k, v [H, T, D] of a device cache's layer to `store`, MOVE_TOKENS at a time
+    (bounded host staging)."""
+    with store.lock:
+        for s in range(0, k.shape[1], MOVE_TOKENS):
+            store.append(layer, k[:, s : s + MOVE_TOKENS], v[:, s : s + MOVE_TOKENS])
+
 
 class CacheLayer(Protocol):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None: ...
@@ -34,11 +45,14 @@ class CacheLayer(Protocol):
 
 
 class DenseLayer:
-    """All keys and values of one layer in two growable tensors `[H_kv, T, D]`."""
+    """All keys and values of one layer in two growable tensors `[H_kv, T, D]`, which
+    grow past `most` tokens only when asked for more (a device cache's budget)."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
-        self.k = Growable((num_kv_heads, 0, head_dim), 1, dtype, device)
-        self.v = Growable((num_kv_heads, 0, head_dim), 1, dtype, device)
+    def __init__(
+        self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, most: int | None = None
+    ):
+        self.k = Growable((num_kv_heads, 0, head_dim), 1, dtype, device, most)
+        self.v = Growable((num_kv_heads, 0, head_dim), 1, dtype, device, most)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.append(k)
@@ -52,8 +66,11 @@ class DenseLayer:
         return self.k.data.shape[1]
 
     def reserve(self, num_tokens: int, limit: int) -> None:
-        """Room for `num_tokens` (grown geometrically, never past `limit` tokens)."""
+        """Room for `num_tokens` (grown geometrically, never past `limit` tokens, nor the
+        layer's own bound)."""
         if num_tokens > self.capacity:
+            if self.k.most is not None:
+                limit = min(limit, self.k.most)
             grown = min(max(num_tokens, 2 * self.capacity), max(limit, num_tokens))
             self.k.reserve(grown)
             self.v.reserve(grown)
@@ -113,6 +130,12 @@ class KVCache:
         # tiered cache whose host tier is not the compute device's memory.
         self.layered_prefill = False
         self.num_tokens = 0
+        # A device cache with a budget holds at most `device_limit` tokens: before a
+        # request would pass it, `outgrow(self)` turns the cache into a tiered one in place
+        # (`move_to_tiers`; the Runtime sets both, for mode "auto" on CUDA).
+        self.device_limit: int | None = None
+        self.outgrow: Callable[[KVCache], None] | None = None
+        self._decoding = False  # inside `decoding()`
 
     def use_step(self, model, backend: Backend) -> None:
         """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`)."""
@@ -136,10 +159,53 @@ class KVCache:
         one still reads no KV."""
         L = self.store.layout
         for i in range(min(self.policy.selection.dense_layers, len(self.layers))):
-            self.layers[i].mirror = DenseLayer(L.num_kv_heads, L.head_dim, self.store.dtype, device)
+            if self.layers[i].mirror is None:  # (`move_to_tiers` keeps the device buffers)
+                self.layers[i].mirror = DenseLayer(
+                    L.num_kv_heads, L.head_dim, self.store.dtype, device
+                )
+
+    def fits(self, num_tokens: int) -> bool:
+        """Can this cache hold `num_tokens` on the device? (False for a tiered cache.)"""
+        return self.store is None and (self.device_limit is None or num_tokens <= self.device_limit)
+
+    def make_room(self, num_new: int) -> None:
+        """Before `num_new` tokens are added: a device cache they would take past its
+        limit moves to the tiers first (`outgrow`)."""
+        if self.store is None and not self.fits(self.num_tokens + num_new):
+            self.outgrow(self)
+
+    def move_to_tiers(self, store: TieredStore, policy: SparsePolicy, mirrors: bool) -> None:
+        """Turn this device cache into a tiered cache over the empty `store`, in place:
+        each layer's KV goes to the store (host tier, summaries) and its selection index
+        is built from its keys while they are still on the device (nothing is read back);
+        with `mirrors`, the dense layers keep their device buffers as their mirrors, and
+        every other layer's device buffers are freed."""
+        assert self.store is None and store.num_tokens == 0
+        if self.step is not None:
+            self.step.close()
+            self.step = None
+        old = self.layers
+        self._attach(store, policy)
+        for i, layer in enumerate(old):
+            k, v = layer.k.view(), layer.v.view()
+            append_in_pieces(store, i, k, v)
+            policy.update_from_keys(store, i, k)
+            if mirrors and policy.selectors[i] is None:
+                layer.k.most = layer.v.most = None  # a mirror grows with the context
+                self.layers[i].mirror = layer
+            old[i] = None  # the device buffers of a sparse layer go now, not at the end
+        self.device_limit = self.outgrow = None
+
+    def _attach(self, store: TieredStore, policy: SparsePolicy) -> None:
+        store.start()
+        self.store, self.policy = store, policy
+        self.layers = [TieredLayer(store, policy, i) for i in range(store.layout.num_layers)]
+        # Spilled chunk files are removed when the cache is closed or collected.
+        weakref.finalize(self, store.close)
 
     def decode(self, model, token: int) -> torch.Tensor:
         """Feed one token; return its float32 logits [V]."""
+        self.make_room(1)
         if self.step is not None:
             logits = self.step(token, self.num_tokens)
             if logits is not None:
@@ -158,16 +224,20 @@ class KVCache:
             self.prefetcher = Prefetcher(model, self.store, self.policy, cache_factor, mode == "on")
         for layer in self.layers:
             layer.prefetcher = self.prefetcher
+        if self._decoding and self.prefetcher is not None:  # set inside a decode loop
+            self.prefetcher.start()
 
     @contextmanager
     def decoding(self):
         """The span of a decode loop: the prefetch worker runs inside it, and is joined
         (its errors raised) on the way out; the tiers are brought level (`flush`)."""
+        self._decoding = True
         if self.prefetcher is not None:
             self.prefetcher.start()
         try:
             yield self
         finally:
+            self._decoding = False
             if self.prefetcher is not None:
                 self.prefetcher.stop()
             self.flush()
@@ -179,11 +249,8 @@ class KVCache:
 
     @classmethod
     def tiered(cls, store: TieredStore, policy: SparsePolicy) -> KVCache:
-        store.start()
-        layers = [TieredLayer(store, policy, i) for i in range(store.layout.num_layers)]
-        cache = cls(layers, store, policy)
-        # Spilled chunk files are removed when the cache is closed or collected.
-        weakref.finalize(cache, store.close)
+        cache = cls([])
+        cache._attach(store, policy)
         return cache
 
     def close(self) -> None:
@@ -193,8 +260,17 @@ class KVCache:
             self.store.close()
 
     @classmethod
-    def dense(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device) -> KVCache:
-        return cls([DenseLayer(num_kv_heads, head_dim, dtype, device) for _ in range(num_layers)])
+    def dense(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device,
+        limit: int | None = None,
+    ) -> KVCache:  # fmt: skip
+        """All KV on `device`; with `limit`, at most that many tokens (see `make_room`)."""
+        layers = [
+            DenseLayer(num_kv_heads, head_dim, dtype, device, limit) for _ in range(num_layers)
+        ]
+        cache = cls(layers)
+        cache.device_limit = limit
+        return cache
 
     def advance(self, num_new: int) -> None:
         """Called by the model once every layer has appended `num_new` tokens."""

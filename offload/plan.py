@@ -62,11 +62,19 @@ class Plan:
         return self.tier_total("device") + hidden + one_layer
 
     @property
-    def kv_on_device(self) -> bool:
-        """Would `mode = "auto"` on CUDA keep all KV on the device? It does when the KV of
-        the model's whole context window fits beside the weights (offload/runtime.py)."""
+    def device_kv_bytes(self) -> int:
+        """What the device has for KV beside the weights and the activations reserve: the
+        `kv.device_bytes` of a runtime on this device."""
         fixed = sum(r.nbytes for r in self.rows if r.what in ("weights", "activations reserve"))
-        return fixed + self.layout.kv_bytes(self.args.max_seq_len) <= self.device_budget
+        return max(0, self.device_budget - fixed)
+
+    @property
+    def device_kv_tokens(self) -> int:
+        """Mode "auto" on CUDA keeps all KV on the device up to this many tokens of
+        context, then moves it to the tiers (`Runtime.device_kv_tokens`, same arithmetic)."""
+        L = self.layout
+        per_token = L.token_bytes + L.token_bytes_per_layer  # one layer's growth held back
+        return min(self.device_kv_bytes // per_token, self.args.max_seq_len)
 
 
 def make_plan(

@@ -135,20 +135,44 @@ class Runtime:
     def new_cache(self, tiered: bool = False) -> KVCache:
         """A fresh cache: all KV in one device tensor per layer, or the tiered store.
 
-        The device cache is taken for `selection.mode = "full"`, and for "auto" on CUDA
-        when the KV of the model's whole context window fits the device budget: there
-        dense attention is exact and fastest, and each decode step is one CUDA graph
-        replay. `tiered` asks for the tiered store whatever the mode (sessions)."""
-        a, sel, kv = self.args, self.config.selection, self.config.kv
-        if not tiered and (
-            sel.mode == "full" or sel.mode == "auto" and self._context_fits_device()
-        ):
+        The device cache is taken for `selection.mode = "full"` (without a bound), and
+        for "auto" where host memory is not the compute device's (CUDA): there it holds
+        the KV while it fits the device budget (`device_kv_tokens`), where dense attention
+        is exact and fastest and each decode step is one CUDA graph replay, and moves to
+        the tiered store, in place, before a request would pass it. `tiered` asks for the
+        tiered store whatever the mode (sessions)."""
+        a, sel = self.args, self.config.selection
+        limit = None
+        if not tiered and sel.mode == "auto" and self.backend.remote_host:
+            limit = self.device_kv_tokens()
+        if not tiered and (sel.mode == "full" or limit):
             cache = KVCache.dense(
-                a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device
-            )
+                a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device,
+                limit if limit and limit < a.max_seq_len else None,
+            )  # fmt: skip
+            cache.outgrow = self._move_to_tiers
             if self.backend.fixed_shape:
                 cache.use_step(self.model, self.backend)
             return cache
+        store, policy = self._tiered_parts()
+        try:
+            cache = KVCache.tiered(store, policy)
+        except StorageError as e:
+            raise ConfigError(str(e)) from None
+        self._setup_tiered(cache)
+        return cache
+
+    def device_kv_tokens(self) -> int:
+        """Mode "auto" on CUDA: how many tokens of KV the device cache holds before it
+        moves to the tiers, from `kv.device_bytes`. One layer's worth is kept back: a
+        layer's buffers grow by reallocation, so the old ones briefly stay beside them."""
+        budget = resolve_budgets(self.config.kv, self.device).device_bytes
+        L = self.layout
+        return min(budget // (L.token_bytes + L.token_bytes_per_layer), self.args.max_seq_len)
+
+    def _tiered_parts(self) -> tuple[TieredStore, SparsePolicy]:
+        """An empty tiered store (budgets from the config or the machine) and its policy."""
+        a, sel, kv = self.args, self.config.selection, self.config.kv
         b = resolve_budgets(kv, self.device)
         _sweep_once(b.disk_dir)
         store = TieredStore(
@@ -158,11 +182,15 @@ class Runtime:
             # only the chunk selector reads abstracts: elsewhere they wait in host memory
             abstracts_on_device=sel.selector == "chunk",
         )  # fmt: skip
-        policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
-        try:
-            cache = KVCache.tiered(store, policy)
-        except StorageError as e:
-            raise ConfigError(str(e)) from None
+        return store, SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
+
+    def _move_to_tiers(self, cache: KVCache) -> None:
+        """`KVCache.outgrow` of the device caches made here: the same cache, now tiered."""
+        cache.move_to_tiers(*self._tiered_parts(), mirrors=self.backend.remote_host)
+        self._setup_tiered(cache)
+
+    def _setup_tiered(self, cache: KVCache) -> None:
+        sel = self.config.selection
         if self.backend.remote_host:
             cache.mirror_dense_layers(self.device)
             cache.layered_prefill = True
@@ -173,15 +201,6 @@ class Runtime:
             prefetch = "on" if self.device.type == "cuda" else "off"
         if prefetch != "off":
             cache.set_prefetch(self.model, prefetch, sel.hit_cache)
-        return cache
-
-    def _context_fits_device(self) -> bool:
-        """Mode "auto": does the KV of a full context window fit the device budget? Only
-        on CUDA; on a CPU the tiered store reads host KV in place (docs/performance.md)."""
-        if self.device.type != "cuda":
-            return False
-        budget = resolve_budgets(self.config.kv, self.device).device_bytes
-        return self.layout.kv_bytes(self.args.max_seq_len) <= budget
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""
@@ -306,6 +325,7 @@ class Runtime:
                 f"{len(ids)} tokens exceed the model's context window of {self.args.max_seq_len}"
             )
         cache = self.new_cache()
+        cache.make_room(len(ids))
         chunk = self.config.generation.prefill_chunk
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
         return torch.cat([self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)])

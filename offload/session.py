@@ -18,6 +18,7 @@ import torch
 
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, OffloadError
+from offload.kvcache import append_in_pieces
 from offload.loading import DEFAULT_MODEL
 from storage.session import SessionContents, SessionError, open_session, save_session
 
@@ -100,7 +101,9 @@ def load_state(
         # which file is opened; its fingerprint must match what is loaded.
         rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
     _check_compatible(rt, session)
-    dense = rt._state.cache.store is None  # the device cache: loaded through a tiered one
+    # The device cache: loaded through a tiered one, which is kept where the session's
+    # KV does not fit the device cache's budget.
+    dense = rt._state.cache.store is None
     cache = rt.new_cache(tiered=True) if dense else rt._state.cache
     files = [
         # absolute: the disk tier joins a relative name onto its own directory
@@ -116,9 +119,13 @@ def load_state(
             f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
         ) from None
     if dense:
-        rt._state.cache.close()
-        rt._state.cache = _dense_copy(rt, cache)
-        cache.close()
+        device_cache = rt._state.cache
+        if device_cache.fits(cache.num_tokens):
+            rt._state.cache = _dense_copy(rt, cache)
+            cache.close()
+        else:
+            rt._state.cache = cache
+        device_cache.close()
     rt._state.ids = list(session.token_ids)
     # How the saved KV was computed is not recorded: any prefix of it may be reused.
     rt._state.computed(0, len(rt._state.ids), 1)
@@ -127,17 +134,12 @@ def load_state(
     return rt
 
 
-COPY_TOKENS = 4096  # tokens per layer copied at a time between a device and a tiered cache
-
-
 def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:
     """A tiered cache holding the KV of device cache `dense` (index built)."""
     tiered = rt.new_cache(tiered=True)
     T = dense.num_tokens
     for i, layer in enumerate(dense.layers):
-        k, v = layer.k.view(), layer.v.view()
-        for s in range(0, T, COPY_TOKENS):
-            tiered.store.append(i, k[:, s : s + COPY_TOKENS], v[:, s : s + COPY_TOKENS])
+        append_in_pieces(tiered.store, i, layer.k.view(), layer.v.view())
     tiered.advance(T)
     tiered.finish_prefill()
     return tiered

@@ -15,10 +15,15 @@ from storage.quant import QuantKeys, quantize_keys
 
 
 class Growable:
-    """A tensor that grows along `dim` with geometric reallocation; `view()` is the filled part."""
+    """A tensor that grows along `dim` with geometric reallocation; `view()` is the filled part.
 
-    def __init__(self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device):
-        self.dim = dim
+    `most` bounds the geometric growth (a request for more is still granted exactly):
+    a cache with a byte budget never reserves beyond it."""
+
+    def __init__(
+        self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device, most: int | None = None
+    ):
+        self.dim, self.most = dim, most
         self.data = torch.empty(shape, dtype=dtype, device=device)
         self.length = shape[dim]  # starts full (shape[dim] is usually 0)
 
@@ -27,7 +32,8 @@ class Growable:
         if needed <= cap:
             return
         shape = list(self.data.shape)
-        shape[self.dim] = max(needed, 2 * cap, 16)
+        grown = max(needed, 2 * cap, 16)
+        shape[self.dim] = grown if self.most is None else max(needed, min(grown, self.most))
         bigger = self.data.new_empty(shape)
         bigger.narrow(self.dim, 0, self.length).copy_(self.view())
         self.data = bigger

@@ -43,11 +43,15 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     assert p.fits_device and p.fits_host
     mirror = next(r for r in p.rows if r.what.startswith("KV of the 2 dense layers"))
     assert mirror.nbytes == 2 * 131072 * 2 * 8 * 128 * 2  # 1 GiB on the GPU
-    assert not p.kv_on_device  # 16 GiB of KV and 15 GiB of weights exceed 24 GiB
+    # 16 GiB of KV and 15 GiB of weights exceed 24 GiB: auto on CUDA keeps the KV on the
+    # device while it fits beside the weights and the reserve (128 KiB + 4 KiB a token)
+    assert p.device_kv_bytes == 24 * GiB - weights - GiB
+    assert p.device_kv_tokens == p.device_kv_bytes // (131072 + 4096) < 131072
     # a layer-by-layer prefill adds the hidden states in and out (2 x 128k x 4096 x 2 B)
     # and one layer's KV (128k x 2 x 8 x 128 x 2 B) to what decode holds
     assert p.prefill_peak_bytes == p.tier_total("device") + 2 * GiB + GiB // 2
-    assert make_plan(d, 8192, device_bytes=80 * GiB, host_bytes=64 * GiB).kv_on_device
+    big = make_plan(d, 8192, device_bytes=80 * GiB, host_bytes=64 * GiB)
+    assert big.device_kv_tokens == big.args.max_seq_len  # the whole window fits
     # with 4 GiB of host memory, the other 12 GiB of KV (plus abstracts) go to disk
     p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=4 * GiB)
     assert host_kv(p) == 4 * GiB
@@ -63,7 +67,7 @@ def test_plan_cli(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "dense KV would be 16.00 GiB" in r.output and "fits" in r.output
-    assert 'mode "auto" uses the tiers above' in r.output
+    assert 'mode "auto" keeps all KV on the device up to 63,' in " ".join(r.output.split())
     assert "prefill, layer by layer: peak device memory" in r.output
     r = CliRunner().invoke(
         main,
