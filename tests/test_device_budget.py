@@ -15,6 +15,7 @@ from offload.tiered_step import TieredPlan
 from storage.tiered import TieredStore
 from tests.conftest import DEVICE
 
+
 @pytest.fixture(autouse=True)
 def _as_on_cuda(monkeypatch):
     """Every Runtime here gets CUDA's backend (on a CPU: eager steps, the kernels' torch
