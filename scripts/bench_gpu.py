@@ -3,7 +3,7 @@ in one run, on a random-weight Llama-3.1-8B-shaped model; plus the embedded mode
 decode tokens/s on the GPU.
 
     python scripts/bench_gpu.py [--lengths 8192,32768,131072] [--tokens 32]
-        [--systems device,offloaded,session,embedded,hf,hf-static,hf-offloaded]
+        [--systems device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded]
         [--shape llama-8b] [--fill-above 32768] [--session-lengths 8192,131072]
         [--session-dir /tmp/offload-bench-session] [--out results/bench_gpu.json]
         [--plot docs/gpu_decode_ms_per_token.png]
@@ -11,12 +11,17 @@ decode tokens/s on the GPU.
 Systems:
   device        ours, all KV on the device (`mode = "full"`): each decode step one CUDA
                 graph replay (offload/graphs.py)
-  offloaded     ours with the rtx4090-llama3.1-8b preset: KV in pinned host memory,
-                dense layers mirrored on the device, sparse layers select 2048 tokens per
-                KV head on the device and gather them straight from host memory
-                (offload/tiered_step.py); prefilled layer by layer. Above `--fill-above`
-                tokens its KV is written straight into the cache instead (random K/V,
-                index built), and its prefill seconds are then not reported.
+  offloaded     ours with the rtx4090-llama3.1-8b preset (mode "auto"): the KV on the
+                device while it fits the preset's 7 GiB (55,606 tokens), beyond that in
+                pinned host memory, dense layers mirrored on the device, sparse layers
+                select 2048 tokens per KV head on the device and gather them straight
+                from host memory (offload/tiered_step.py); a prompt past the bound is
+                prefilled layer by layer. Above `--fill-above` tokens its KV is written
+                straight into the cache instead (random K/V, index built), and its
+                prefill seconds are then not reported.
+  tiered        the same preset with `mode = "sparse"`: the tiered path at the lengths
+                where "auto" keeps the KV on the device (skipped above the bound, where
+                `offloaded` is this path)
   embedded      the embedded SmolLM2-135M with the default config, an 8k prompt
   hf            transformers `generate`, DynamicCache on the GPU
   hf-static     ... StaticCache with its decode step compiled (lengths <= 32k)
@@ -102,12 +107,13 @@ def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig, tokenizer
 
 
 def fill_kv(cache, num_tokens: int, args: ModelArgs) -> None:
-    """Random K/V straight into every layer of a tiered cache (keys share a direction so
+    """Random K/V straight into every layer of a cache (keys share a direction so
     attention is peaked, as in real models), then the index is built."""
     gen = torch.Generator(device=device_of()).manual_seed(1)
     H, D = args.num_kv_heads, args.head_dim
     for start in range(0, num_tokens, 4096):
         n = min(4096, num_tokens - start)
+        cache.make_room(n)  # a device cache past its budget moves to the tiers here
         for layer in cache.layers:
             k = torch.randn(H, n, D, generator=gen, device=device_of()).to(torch.bfloat16)
             v = torch.randn(H, n, D, generator=gen, device=device_of()).to(torch.bfloat16)
@@ -146,6 +152,7 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         "prefill_seconds": None if fill else prefill_s,
         "peak_device_gib": peak_gib(),
         "captures": cache.step.captures if cache.step is not None else 0,
+        "kv": "device" if cache.store is None else "tiers",
         "kv_filled": fill,
     }
     cache.close()
@@ -229,7 +236,8 @@ def main() -> None:
     p.add_argument("--lengths", default="8192,32768,131072")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument(
-        "--systems", default="device,offloaded,session,embedded,hf,hf-static,hf-offloaded"
+        "--systems",
+        default="device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded",
     )
     p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     p.add_argument("--fill-above", type=int, default=32768)
@@ -251,17 +259,21 @@ def main() -> None:
         console.print(row)
         write_json(console, args.out, results)  # after every row: a crash keeps the rest
 
-    ours = [s for s in ("device", "offloaded") if s in systems]
+    ours = [s for s in ("device", "offloaded", "tiered") if s in systems]
     for system in ours:
-        base = (
-            RuntimeConfig.from_toml(OFFLOADED_PRESET) if system == "offloaded" else RuntimeConfig()
-        )
-        config = base.replace(mode="full") if system == "device" else base
+        if system == "device":
+            config = RuntimeConfig().replace(mode="full")
+        else:
+            config = RuntimeConfig.from_toml(OFFLOADED_PRESET)
+            if system == "tiered":
+                config = config.replace(mode="sparse")
         if device_of().type != "cuda":
             config = config.replace(device="cpu", dtype="bfloat16")
         rt = synthetic_runtime(args.shape, max_len, config)
         for n in lengths:
-            fill = system == "offloaded" and n > args.fill_above
+            if system == "tiered" and n > rt.device_kv_tokens():
+                continue
+            fill = system != "device" and n > args.fill_above
             try:
                 record(system, n, bench_ours(rt, n, args.tokens, fill))
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
