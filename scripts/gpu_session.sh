@@ -13,6 +13,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 timeout "${1:-300}" python -m pytest -q --maxfail=30 -rfEs tests 2>&1 | tee "$out/pytest.txt" | tail -60
 timeout "${2:-240}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
-  --systems embedded,device,offloaded,session --fill-above 131072 \
+  --systems embedded,device,offloaded,tiered,session --fill-above 131072 \
   --session-lengths 8192,131072 --out "$out/bench_gpu.json" \
   --plot "$out/gpu_decode_ms_per_token.png" 2>&1 | tail -40
