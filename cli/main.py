@@ -346,13 +346,7 @@ def info(model, dtype):
 
 
 @main.command()
-@click.option(
-    "--model",
-    "-m",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help="Model dir, config.json, .gguf or name.",
-)
+@model_options
 @click.option(
     "--context", "-n", "context", type=int, required=True, help="Context length in tokens."
 )
@@ -362,27 +356,31 @@ def info(model, dtype):
 @click.option(
     "--host-mem", default=None, help="Host memory for KV, e.g. 64GiB (default: available)."
 )
-@click.option("--dtype", default="bfloat16", show_default=True)
-@click.option("--sink", default=16, show_default=True)
-@click.option("--window", default=256, show_default=True)
+@click.option("--dtype", default=None, help="KV dtype (default: the config's, bfloat16).")
+@click.option("--sink", type=int, default=None, help="Sink tokens (default: the config's, 16).")
 @click.option(
-    "--bits", "summary_bits", default=2, show_default=True, help="Key summary bits (2 or 4)."
+    "--window", type=int, default=None, help="Window tokens (default: the config's, 256)."
 )
+@click.option("--bits", "summary_bits", type=int, default=None, help="Key summary bits (2 or 4).")
 @friendly_errors
-def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
-    """Where the KV of CONTEXT tokens goes, tier by tier, and whether it fits."""
+def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
+    """Where the KV of CONTEXT tokens goes, tier by tier, and whether it fits (with the
+    settings of --config, as they run on CUDA)."""
     import torch
 
     from offload.budgets import machine_device_bytes, machine_host_bytes
-    from offload.config import parse_bytes
-    from offload.plan import make_plan
+    from offload.config import RuntimeConfig, parse_bytes
+    from offload.plan import plan_for_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = parse_bytes(gpu_mem, "--gpu-mem") if gpu_mem else machine_device_bytes(device)
     host = parse_bytes(host_mem, "--host-mem") if host_mem else machine_host_bytes()
-    p = make_plan(
-        model, context, gpu, host, dtype=dtype, summary_bits=summary_bits, sink=sink, window=window
+    cfg = RuntimeConfig.from_toml(config) if config else RuntimeConfig()
+    flags = {"dtype": dtype, "sink": sink, "window": window, "summary_bits": summary_bits}
+    cfg = cfg.replace(
+        **parse_overrides(overrides), **{k: v for k, v in flags.items() if v is not None}
     )
+    p = plan_for_config(model, context, gpu, host, cfg)
     console = Console()
     a = p.args
     console.print(
@@ -405,7 +403,7 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
     console.print(
         f"prefill, layer by layer: peak device memory {human_bytes(p.prefill_peak_bytes)} "
-        f"(the above, the hidden states in and out of a layer and one layer's KV)"
+        f"(the above less the hit caches, plus the hidden states and one layer's KV)"
     )
     too_long = context > a.max_seq_len
     if too_long:
@@ -422,8 +420,8 @@ def plan(model, context, gpu_mem, host_mem, dtype, sink, window, summary_bits):
     else:
         console.print(
             f'on CUDA, mode "auto" keeps all KV on the device up to {n:,} tokens '
-            f"(kv.device_bytes = {human_bytes(p.device_kv_bytes)}: the device less weights "
-            f"and activations), then moves it to the tiers above"
+            f"(kv.device_bytes = {human_bytes(p.device_kv_bytes)}), then moves it to the "
+            f"tiers above"
         )
     if too_long or not (p.fits_device and p.fits_host):
         sys.exit(1)

@@ -16,7 +16,7 @@ import torch
 
 from offload.kernels import triton_available
 from offload.kernels.decode_attention import decode_attention, decode_attention_ref
-from offload.kernels.gather import device_view, gather_kv, gather_kv_ref
+from offload.kernels.gather import device_view, fetch_into, fetch_into_ref, gather_kv, gather_kv_ref
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,14 @@ class Backend:
         if self.kernels:
             return gather_kv(slab, slot_table, ids)
         return gather_kv_ref(slab, slot_table, ids)
+
+    def fetch_into(self, slab, slot_table, ids, rows, dst, cache) -> None:
+        """cache[:, h, dst[h, j]] = K/V of ids[h, j] from the host slab, where rows[h, j]
+        (a device hit cache's misses: only those rows are read)."""
+        if self.kernels:
+            fetch_into(slab, slot_table, ids, rows, dst, cache)
+        else:
+            fetch_into_ref(slab, slot_table, ids, rows, dst, cache)
 
     def host_view(self, t: torch.Tensor) -> torch.Tensor:
         """The host tensor `t` as the compute device reads it: on CUDA a view of the pinned

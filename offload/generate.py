@@ -199,11 +199,11 @@ def prefill_by_layer(
     for i, (block, layer) in enumerate(zip(model.layers, cache.layers, strict=True)):
         local = DenseLayer(args.num_kv_heads, args.head_dim, model.dtype, model.device)
         local.reserve(S, S)
-        out = torch.empty_like(x)
         for s in range(0, S, chunk_size):
             e = min(S, s + chunk_size)
-            out[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
-        x = out
+            # In place: a chunk's output is computed from its own rows of x (the earlier
+            # rows reach it only through the layer's KV), so one [S, dim] buffer serves.
+            x[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
         layer.append(local.k.view(), local.v.view())
         if cache.policy is not None:  # index the layer before its keys leave the device
             cache.policy.update_from_keys(cache.store, i, local.k.view())

@@ -54,6 +54,10 @@ class StepPlan(Protocol):
         """Bring state the steps keep only on the device level with the cache's tiers."""
         ...
 
+    def truncate(self, num_tokens: int) -> None:
+        """The cache drops every token from `num_tokens` on: forget what the plan keeps of them."""
+        ...
+
 
 class DecodeStep:
     """One token through `model` with fixed shapes over `plan`, replayed as a CUDA graph
@@ -142,3 +146,6 @@ class DensePlan:
 
     def flush(self) -> None:
         pass  # the buffers are the cache
+
+    def truncate(self, num_tokens: int) -> None:
+        pass  # the cache's own truncation is all

@@ -137,12 +137,13 @@ class KVCache:
         self.outgrow: Callable[[KVCache], None] | None = None
         self._decoding = False  # inside `decoding()`
 
-    def use_step(self, model, backend: Backend) -> None:
-        """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`)."""
+    def use_step(self, model, backend: Backend, hit_factor: float | None = None) -> None:
+        """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`);
+        over the tiers, with device hit caches of `hit_factor` x the retrieved tokens."""
         if self.store is None:
             plan = DensePlan(self, backend, model.args.max_seq_len)
         else:
-            plan = TieredPlan(self, backend, model.args.max_seq_len)
+            plan = TieredPlan(self, backend, model.args.max_seq_len, hit_factor)
         self.step = DecodeStep(model, plan, backend)
 
     def flush(self) -> None:
@@ -281,6 +282,8 @@ class KVCache:
         if num_tokens == self.num_tokens:
             return
         self.flush()
+        if self.step is not None:
+            self.step.plan.truncate(num_tokens)
         if self.store is not None:
             for layer in self.layers:
                 if layer.mirror is not None:  # it may not be filled yet (`mirror_kv`)

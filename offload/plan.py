@@ -6,12 +6,14 @@ weights, so a user can plan Llama-3.1-8B at 128k before downloading it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offload.config import DTYPES, ModelArgs
+from offload.config import DTYPES, ModelArgs, RuntimeConfig
 from offload.errors import ConfigError
 from offload.loading import count_parameters, read_args
+from offload.tiered_step import K_BUCKET
 from storage.layout import DTYPE_BYTES, KVLayout
 
 GiB = 1 << 30
@@ -35,6 +37,7 @@ class Plan:
     device_budget: int
     host_budget: int
     rows: list[PlanRow] = field(default_factory=list)
+    kv_device_bytes: int | None = None  # the config's kv.device_bytes, if set
 
     def tier_total(self, tier: str) -> int:
         return sum(r.nbytes for r in self.rows if r.tier == tier)
@@ -55,16 +58,20 @@ class Plan:
     def prefill_peak_bytes(self) -> int:
         """Device memory at the peak of a layer-by-layer prefill of the whole context
         (offload/generate.py, `prefill_by_layer`): everything the device holds for
-        decode, plus the hidden states in and out of a layer ([context, dim] each) and
-        one layer's full K and V, held while that layer runs over its chunks."""
-        hidden = 2 * self.context * self.args.dim * self.layout.dtype_bytes
+        decode but the hit caches (made at the first decode step), plus the hidden
+        states ([context, dim], updated in place) and one layer's full K and V, held
+        while that layer runs over its chunks."""
+        hidden = self.context * self.args.dim * self.layout.dtype_bytes
         one_layer = self.context * self.layout.token_bytes_per_layer
-        return self.tier_total("device") + hidden + one_layer
+        hit = sum(r.nbytes for r in self.rows if r.what.startswith("hit caches"))
+        return self.tier_total("device") - hit + hidden + one_layer
 
     @property
     def device_kv_bytes(self) -> int:
-        """What the device has for KV beside the weights and the activations reserve: the
-        `kv.device_bytes` of a runtime on this device."""
+        """`kv.device_bytes`: the config's, else what the device has beside the weights
+        and the activations reserve (what a runtime on this device takes when unset)."""
+        if self.kv_device_bytes is not None:
+            return self.kv_device_bytes
         fixed = sum(r.nbytes for r in self.rows if r.what in ("weights", "activations reserve"))
         return max(0, self.device_budget - fixed)
 
@@ -78,7 +85,7 @@ class Plan:
 
 
 def make_plan(
-    model: str | Path,
+    model: str | Path | ModelArgs,
     context: int,
     device_bytes: int,
     host_bytes: int,
@@ -89,14 +96,22 @@ def make_plan(
     window: int = 256,
     dense_layers: int = 2,
     selector: str = "cluster",
+    retrieved: int = 0,
+    retrieve_fraction: float = 0.05,
+    cluster_size: int = 16,
+    hit_cache: float | None = 2.0,
+    kv_device_bytes: int | None = None,
 ) -> Plan:
+    """`retrieved` (0: `retrieve_fraction` of the context), `cluster_size` and
+    `hit_cache` (None: no hit caches) as in the [selection] config."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if context < 1:
         raise ConfigError(f"context must be at least 1 token, got {context}")
-    _, a = read_args(model)
+    a = model if isinstance(model, ModelArgs) else read_args(model)[1]
     L = KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, dtype, chunk_size, summary_bits)
-    plan = Plan(str(model), a, L, context, device_bytes, host_bytes)
+    name = "model" if isinstance(model, ModelArgs) else str(model)
+    plan = Plan(name, a, L, context, device_bytes, host_bytes, kv_device_bytes=kv_device_bytes)
     full_chunks = context // chunk_size
     resident = min(context, sink + window)
     weights = count_parameters(a) * DTYPE_BYTES[dtype]
@@ -122,6 +137,8 @@ def make_plan(
             "device" if selector == "chunk" else "host", "chunk abstracts (min/max/mean)",
             L.abstracts_bytes(context), L.abstract_bytes_per_token,
         ),
+        *_selection_rows(L, a, context, n_dense, selector, retrieved, retrieve_fraction,
+                         cluster_size, hit_cache),
         PlanRow("host", "full-precision K and V", host_kv, L.token_bytes if host_kv else 0.0),
         PlanRow(
             "disk", "spilled chunks (KV + abstract)", disk_kv,
@@ -130,3 +147,47 @@ def make_plan(
     ]  # fmt: skip
     plan.rows = rows
     return plan
+
+
+def plan_for_config(
+    model: str | Path | ModelArgs, context: int, device_bytes: int, host_bytes: int,
+    config: RuntimeConfig,
+) -> Plan:  # fmt: skip
+    """`make_plan` with a runtime config's settings (as that config runs on CUDA)."""
+    kv, sel = config.kv, config.selection
+    return make_plan(
+        model, context, device_bytes, host_bytes, dtype=config.model.dtype,
+        chunk_size=kv.chunk_size, summary_bits=kv.summary_bits, sink=sel.sink,
+        window=sel.window, dense_layers=sel.dense_layers, selector=sel.selector,
+        retrieved=sel.retrieved, retrieve_fraction=sel.retrieve_fraction,
+        cluster_size=sel.cluster_size, hit_cache=None if sel.prefetch == "off" else sel.hit_cache,
+        kv_device_bytes=kv.device_bytes,
+    )  # fmt: skip
+
+
+def _selection_rows(L: KVLayout, a: ModelArgs, context: int, n_dense: int, selector: str,
+                    retrieved: int, fraction: float, cluster_size: int,
+                    hit_cache: float | None) -> list[PlanRow]:  # fmt: skip
+    """What the sparse layers' selection keeps: the cluster index (its state in host
+    memory; centroids and a token map on the device, retrieval/device_index.py) and the
+    decode step's hit caches (offload/step_cache.py)."""
+    n_sparse, H, D = a.num_layers - n_dense, L.num_kv_heads, L.head_dim
+    rows = []
+    if selector == "cluster" and n_sparse > 0:
+        clusters = -(-context // cluster_size)
+        # centroids float32 + bias and counts; the token map int32
+        device = n_sparse * H * (clusters * (D + 2) * 4 + context * 4)
+        # centroids and member sums float32, the token map int64
+        host = n_sparse * H * (clusters * 2 * D * 4 + context * 8)
+        rows += [
+            PlanRow("device", "cluster index (centroids, token map)", device, device / context),
+            PlanRow("host", "cluster index (k-means state)", host, host / context),
+        ]
+    if hit_cache and n_sparse > 0:
+        bucket = -(-context // K_BUCKET) * K_BUCKET
+        k = retrieved or math.ceil(fraction * bucket)
+        slots = max(2 * k, math.ceil(hit_cache * k)) + 1  # (one scratch slot)
+        nbytes = n_sparse * H * (slots * (2 * D * L.dtype_bytes + 16) + (context + 1) * 4)
+        rows.append(PlanRow("device", f"hit caches ({slots - 1:,} tokens per KV head and layer)",
+                            nbytes, n_sparse * H * 4))  # fmt: skip
+    return rows

@@ -191,14 +191,16 @@ class Runtime:
 
     def _setup_tiered(self, cache: KVCache) -> None:
         sel = self.config.selection
-        if self.backend.remote_host:
-            cache.mirror_dense_layers(self.device)
-            cache.layered_prefill = True
-            if self.backend.fixed_shape:
-                cache.use_step(self.model, self.backend)
         prefetch = sel.prefetch
         if prefetch == "auto":  # measured: on a CPU both cost more than they save
             prefetch = "on" if self.device.type == "cuda" else "off"
+        if self.backend.remote_host:
+            cache.mirror_dense_layers(self.device)
+            cache.layered_prefill = True
+            if self.backend.fixed_shape:  # the step's hit caches: see offload/step_cache.py
+                cache.use_step(
+                    self.model, self.backend, sel.hit_cache if prefetch != "off" else None
+                )
         if prefetch != "off":
             cache.set_prefetch(self.model, prefetch, sel.hit_cache)
 

@@ -33,9 +33,12 @@ absorbs a finished batch one step later than the eager path.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from offload.backend import Backend
+from offload.step_cache import StepHitCache
 from retrieval import ClusterIndex
 from retrieval.device_index import DeviceClusterIndex
 from storage.quant import QuantKeys
@@ -45,7 +48,10 @@ TOKEN_GROWTH = 1.25  # the device index's token capacity grows by this factor
 
 
 class TieredPlan:
-    def __init__(self, cache, backend: Backend, max_tokens: int):
+    def __init__(self, cache, backend: Backend, max_tokens: int, hit_factor: float | None = None):
+        """`hit_factor`: each sparse layer keeps a device hit cache of that many times the
+        retrieved tokens per KV head (at least 2x), and reads only its misses from the
+        host; None: every selected token is read from the host at every step."""
         self.cache, self.backend, self.max_tokens = cache, backend, max_tokens
         self.store, self.policy = cache.store, cache.policy
         sel, L = self.policy.selection, self.store.layout
@@ -66,6 +72,13 @@ class TieredPlan:
             i: DeviceClusterIndex(L.num_kv_heads, L.head_dim, sel.candidate_factor, dev)
             for i in self.sparse
         }
+        self.hit_factor = hit_factor
+        # lookups and hits per sparse layer, counted on the device inside steps
+        self.hit_counts = torch.zeros(len(self.sparse), 2, dtype=torch.long, device=dev)
+        self.hit_caches = {
+            i: StepHitCache(L.num_kv_heads, L.head_dim, self.store.dtype, dev, self.hit_counts[n])
+            for n, i in enumerate(self.sparse)
+        } if hit_factor else {}  # fmt: skip
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.layers = [
@@ -113,6 +126,9 @@ class TieredPlan:
                 dev.sync(index, min(cap, self.max_tokens), tail)
                 self._synced[i] = index.indexed_tokens
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
+        slots = max(2 * self.k, math.ceil((self.hit_factor or 0) * self.k))
+        for i, hc in self.hit_caches.items():
+            hc.reserve(slots, self.indexes[i].token_capacity)
         return (self.k, self.num_candidates, *self._addresses())
 
     def _addresses(self) -> tuple:
@@ -125,6 +141,8 @@ class TieredPlan:
             out += [d.codes.data.data_ptr(), d.scale.data.data_ptr(), d.zero.data.data_ptr()]
             out += [self.store.host[i].slab.data_ptr(), idx.centroids.data_ptr()]
             out.append(idx.assign.data_ptr())
+            if i in self.hit_caches:
+                out += self.hit_caches[i].addresses()
         return tuple(out)
 
     def derive(self, pos: torch.Tensor) -> None:
@@ -151,16 +169,41 @@ class TieredPlan:
         )
         for i in self.dense:
             self.cache.layers[i].mirror.commit(1)
+        if not self.hit_caches:  # every retrieved token came from the host
+            n = len(self.sparse) * self.layout.num_kv_heads * stats.last_retrieved
+            self.store.reads.add("host", n, n * self._row_bytes)
         if num_tokens % self.layout.chunk_size == 0:
             self.flush(num_tokens)
             for i in self.sparse:  # the index absorbs new chunks in batches, as eagerly
                 self.policy.update(self.store, i)
 
+    @property
+    def _row_bytes(self) -> int:
+        """Bytes of one token's K and V for one KV head."""
+        return 2 * self.layout.head_dim * self.layout.dtype_bytes
+
+    def truncate(self, num_tokens: int) -> None:
+        for hc in self.hit_caches.values():
+            hc.truncate(num_tokens)
+
     def flush(self, num_tokens: int | None = None) -> None:
         """Bring the store level with the cache: append the tokens the steps wrote only
-        to the device (ring or mirror) since the last flush."""
+        to the device (ring or mirror) since the last flush; count the hit caches'
+        lookups (one read of the device)."""
         T = self.cache.num_tokens if num_tokens is None else num_tokens
         store = self.store
+        if self.hit_caches:
+            lookups, hits = self.hit_counts.sum(0).tolist()
+            self.hit_counts.zero_()
+            copied = lookups - hits
+            store.reads.add("host", copied, copied * self._row_bytes)
+            if self.cache.prefetcher is not None:  # reported with the eager path's figures
+                s = self.cache.prefetcher.stats
+                s.lookups, s.hits = s.lookups + lookups, s.hits + hits
+                s.copied, s.copied_bytes = (
+                    s.copied + copied,
+                    s.copied_bytes + copied * self._row_bytes,
+                )
         with store.lock:
             for i in range(self.layout.num_layers):
                 t0 = store.lengths[i]
@@ -213,7 +256,11 @@ class SparseStepLayer:
             plan.k_valid,
         )  # fmt: skip
         slab, slots = plan.slab(layer)
-        chosen = plan.backend.gather_kv(slab, slots, ids)  # [2, H, k, D]
+        hc = plan.hit_caches.get(layer)
+        if hc is None:
+            chosen = plan.backend.gather_kv(slab, slots, ids)  # [2, H, k, D]
+        else:  # only the misses cross PCIe
+            chosen = hc.lookup(ids, plan.k_valid, slab, slots, plan.backend)
         # The selected tokens last, so that the length `rows` cuts the unused slots off.
         kv = torch.cat([dev.sink_kv, dev.ring, chosen], dim=2)
         out = plan.backend.decode_attention(qg, kv[0], kv[1], plan.rows)

@@ -7,8 +7,8 @@ computes, on the device, exactly what `ClusterIndex.select` computes with the
 low-bit rerank, with these shapes fixed at capture time:
 
     clusters   [H, NC_cap]      centroids past the real count score -inf
-    tokens     [H, T_cap]       assign of each token; tokens not indexed yet point at
-                                the extra cluster NC_cap, which is always taken
+    tokens     [H, T_cap]       assign (int32) of each token; tokens not indexed yet
+                                point at the extra cluster NC_cap, which is always taken
     candidates [H, N]           N = candidate_factor * k + pad (`candidate_count`)
 
 The range end `hi` (= context - window) is a device tensor, so the same replay
@@ -28,6 +28,8 @@ from retrieval.cluster import ClusterIndex
 from storage.quant import QuantKeys, score_keys_at
 
 CANDIDATE_PAD = 256  # candidate slots are rounded up to this many (fewer recaptures)
+CLUSTER_GROWTH = 1.25  # the centroid buffers grow by this factor (they are 1 GiB at 128k
+# tokens for the 8B shape: doubling could waste half of that)
 
 
 class DeviceClusterIndex:
@@ -36,7 +38,7 @@ class DeviceClusterIndex:
         self.centroids = torch.zeros(num_heads, 0, head_dim, device=device)
         self.bias = torch.zeros(num_heads, 0, device=device)  # 0 real, -inf past the count
         self.counts = torch.zeros(num_heads, 1, device=device)  # [H, NC_cap + 1]
-        self.assign = torch.zeros(num_heads, 0, dtype=torch.long, device=device)
+        self.assign = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
         self.max_count = 0  # the largest cluster (bounds the candidates)
         self.tail = 0  # tokens of [indexed, hi) at most (always candidates)
 
@@ -49,23 +51,22 @@ class DeviceClusterIndex:
         return self.centroids.shape[1]
 
     def sync(self, index: ClusterIndex, token_capacity: int, tail: int) -> bool:
-        """Copy `index` into the buffers, growing them (geometrically) to hold it and
-        `token_capacity` tokens. `tail` bounds the tokens between the end of the index
+        """Copy `index` into the buffers, growing them to hold it and `token_capacity`
+        tokens (the centroids geometrically). `tail` bounds the tokens between the end of the index
         and the range end at any step until the next sync. Returns whether a buffer was
         reallocated (a captured step must then be captured again)."""
         H, D, dev = self.H, self.D, self.device
         NC, T_idx = index.centroids.shape[1], index.indexed_tokens
         grown = False
         if NC > self.cluster_capacity:
-            cap = max(NC, 2 * self.cluster_capacity)
+            cap = max(NC, int(CLUSTER_GROWTH * self.cluster_capacity))
             self.centroids = torch.zeros(H, cap, D, device=dev)
             self.bias = torch.zeros(H, cap, device=dev)
             self.counts = torch.zeros(H, cap + 1, device=dev)
             grown = True
         if max(token_capacity, T_idx) > self.token_capacity:
-            self.assign = torch.zeros(
-                H, max(token_capacity, T_idx, 2 * self.token_capacity), dtype=torch.long, device=dev
-            )
+            # (the caller sizes the growth: offload/tiered_step.py grows it by 1.25x)
+            self.assign = torch.zeros(H, max(token_capacity, T_idx), dtype=torch.int32, device=dev)
             grown = True
         cap = self.cluster_capacity
         self.centroids[:, :NC] = index.centroids.to(dev)
@@ -117,7 +118,7 @@ class DeviceClusterIndex:
         take[:, :-1].scatter_(1, ranked, rank_ok)
         take[:, -1] = True  # the tokens not indexed yet
         t = torch.arange(T_cap, device=q.device)
-        mask = torch.gather(take, 1, self.assign) & (t >= lo) & (t < hi)  # [H, T_cap]
+        mask = torch.gather(take, 1, self.assign.long()) & (t >= lo) & (t < hi)  # [H, T_cap]
         # Compact each row's candidates to the front in token order; beyond N: dropped.
         pos = mask.cumsum(1) - 1
         column = torch.where(mask & (pos < N), pos, N)

@@ -12,7 +12,7 @@ Systems:
   device        ours, all KV on the device (`mode = "full"`): each decode step one CUDA
                 graph replay (offload/graphs.py)
   offloaded     ours with the rtx4090-llama3.1-8b preset (mode "auto"): the KV on the
-                device while it fits the preset's 7 GiB (55,606 tokens), beyond that in
+                device while it fits the preset's 6 GiB (47,662 tokens), beyond that in
                 pinned host memory, dense layers mirrored on the device, sparse layers
                 select 2048 tokens per KV head on the device and gather them straight
                 from host memory (offload/tiered_step.py); a prompt past the bound is
@@ -56,6 +56,7 @@ from offload.config import ModelArgs, RuntimeConfig  # noqa: E402
 from offload.generate import prefill  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
+from offload.plan import plan_for_config  # noqa: E402
 
 SHAPES = {
     "llama-8b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -147,10 +148,15 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
             token = int(cache.decode(rt.model, token).argmax())
         sync()
         ms = 1000 * (time.perf_counter() - t) / tokens
+    # what `offload plan` predicts for this context with this config (decode; the
+    # layer-by-layer prefill's peak), beside the measured peak
+    p = plan_for_config(rt.args, length, 0, 0, rt.config)
     out = {
         "decode_ms_per_token": ms,
         "prefill_seconds": None if fill else prefill_s,
         "peak_device_gib": peak_gib(),
+        "plan_device_gib": p.tier_total("device") / 2**30,
+        "plan_prefill_peak_gib": p.prefill_peak_bytes / 2**30,
         "captures": cache.step.captures if cache.step is not None else 0,
         "kv": "device" if cache.store is None else "tiers",
         "kv_filled": fill,

@@ -11,7 +11,7 @@ import torch
 
 from storage.abstracts import ChunkAbstracts, chunk_abstracts
 from storage.layout import KVLayout
-from storage.quant import QuantKeys, quantize_keys
+from storage.quant import PARAM_DTYPE, QuantKeys, quantize_keys
 
 
 class Growable:
@@ -69,8 +69,8 @@ class DeviceTier:
         bits = layout.summary_bits
         f32 = torch.float32
         self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device)
-        self.scale = Growable((H, 0, D), 1, f32, device)
-        self.zero = Growable((H, 0, D), 1, f32, device)
+        self.scale = Growable((H, 0, D), 1, PARAM_DTYPE, device)
+        self.zero = Growable((H, 0, D), 1, PARAM_DTYPE, device)
         where = device if abstracts_device is None else abstracts_device
         self.abstracts_on_device = torch.device(where) == torch.device(device)
         self.kmin = Growable((0, H, D), 0, f32, where)

@@ -6,7 +6,10 @@ Keys have a few outlier channels, so the quantization range is set per channel
     codes[t, c] = round((k[t, c] - zero[g, c]) / scale[g, c])      g = t // group
     k_hat[t, c] = zero[g, c] + scale[g, c] * codes[t, c]
 
-Codes are packed along channels, 8 // bits codes per uint8. Scoring a query
+Scale and zero point are float16 (on the 8B shape at 128k, float32 ones would be
+2 GiB of GPU memory, twice the codes), rounded outward (zero down, scale up) so
+that every key of the group stays within the code range: the error is still at
+most half a step. Codes are packed along channels, 8 // bits codes per uint8. Scoring a query
 against the summaries never rebuilds float keys for the whole cache:
 
     q . k_hat[t] = q . zero[g] + sum_c (q[c] * scale[g, c]) * codes[t, c]
@@ -28,7 +31,7 @@ class QuantKeys:
     """Packed low-bit keys of T tokens for H heads.
 
     codes: [H, T, D * bits / 8] uint8
-    scale, zero: [H, T / group, D] float32 (per group of tokens, per channel)
+    scale, zero: [H, T / group, D] float16 (per group of tokens, per channel)
     """
 
     bits: int
@@ -45,9 +48,14 @@ class QuantKeys:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
+PARAM_DTYPE = torch.float16  # scale and zero point
+PARAM_MAX = torch.finfo(PARAM_DTYPE).max
+PARAM_TINY = torch.finfo(PARAM_DTYPE).tiny  # the smallest scale (a constant channel's)
+
+
 def summary_bytes_per_token(head_dim: int, bits: int, group: int) -> int:
     """Bytes of one token's summary for one KV head (codes plus its share of scale/zero)."""
-    return head_dim * bits // 8 + (2 * head_dim * 4) // group
+    return head_dim * bits // 8 + (2 * head_dim * PARAM_DTYPE.itemsize) // group
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int) -> QuantKeys:
@@ -57,13 +65,21 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int) -> QuantKeys:
     assert T % group == 0, f"T={T} is not a multiple of the group size {group}"
     assert D * bits % 8 == 0, f"head_dim {D} cannot be packed at {bits} bits"
     kg = k.float().reshape(H, T // group, group, D)
-    lo = kg.amin(dim=2)
-    hi = kg.amax(dim=2)
     levels = (1 << bits) - 1
-    scale = ((hi - lo) / levels).clamp_min(1e-8)  # a constant channel gets any scale
-    codes = torch.round((kg - lo[:, :, None]) / scale[:, :, None]).clamp_(0, levels)
+    lo = _round(kg.amin(dim=2).clamp(-PARAM_MAX, PARAM_MAX), down=True)
+    hi = kg.amax(dim=2)
+    scale = _round(((hi - lo.float()) / levels).clamp(PARAM_TINY, PARAM_MAX), down=False)
+    codes = torch.round((kg - lo.float()[:, :, None]) / scale.float()[:, :, None]).clamp_(0, levels)
     codes = codes.to(torch.uint8).reshape(H, T, D)
     return QuantKeys(bits, group, pack(codes, bits), scale, lo)
+
+
+def _round(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """float32 -> PARAM_DTYPE, rounded toward -inf (`down`) or +inf."""
+    y = x.to(PARAM_DTYPE)
+    inf = torch.tensor(float("-inf") if down else float("inf"), dtype=PARAM_DTYPE, device=x.device)
+    wrong = y.float() > x if down else y.float() < x
+    return torch.where(wrong, torch.nextafter(y, inf), y)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,9 +105,8 @@ def dequantize_keys(qk: QuantKeys) -> torch.Tensor:
     codes = unpack(qk.codes, qk.bits).float()
     H, T, D = codes.shape
     g = qk.group
-    return (qk.zero[:, :, None] + qk.scale[:, :, None] * codes.reshape(H, T // g, g, D)).reshape(
-        H, T, D
-    )
+    zero, scale = qk.zero.float()[:, :, None], qk.scale.float()[:, :, None]
+    return (zero + scale * codes.reshape(H, T // g, g, D)).reshape(H, T, D)
 
 
 def score_keys(qk: QuantKeys, q: torch.Tensor) -> torch.Tensor:
@@ -105,14 +120,14 @@ def score_keys(qk: QuantKeys, q: torch.Tensor) -> torch.Tensor:
     g = qk.group
     T = qk.num_tokens
     # q . zero per group of tokens: [H, G, T/g]
-    base = torch.einsum("hgd,hnd->hgn", qf, qk.zero)
+    base = torch.einsum("hgd,hnd->hgn", qf, qk.zero.float())
     out = torch.empty(H, G, T, dtype=torch.float32, device=q.device)
     for start in range(0, T, SCORE_BLOCK):
         stop = min(start + SCORE_BLOCK, T)
         n0, n1 = start // g, stop // g
         codes = unpack(qk.codes[:, start:stop], qk.bits).float()  # [H, B, D]
         codes = codes.reshape(H, n1 - n0, g, D)
-        qs = qf[:, :, None, :] * qk.scale[:, None, n0:n1, :]  # [H, G, B/g, D]
+        qs = qf[:, :, None, :] * qk.scale[:, None, n0:n1, :].float()  # [H, G, B/g, D]
         part = torch.einsum("hgnd,hnkd->hgnk", qs, codes)  # [H, G, B/g, g]
         out[:, :, start:stop] = (part + base[:, :, n0:n1, None]).reshape(H, G, stop - start)
     return out
@@ -130,7 +145,7 @@ def score_keys_at(qk: QuantKeys, q: torch.Tensor, ids: torch.Tensor) -> torch.Te
     codes = unpack(codes, qk.bits).float()  # [H, N, D]
     D = codes.shape[-1]
     groups = (ids // qk.group)[:, :, None].expand(H, N, D)
-    scale = torch.gather(qk.scale, 1, groups)
-    zero = torch.gather(qk.zero, 1, groups)
+    scale = torch.gather(qk.scale, 1, groups).float()
+    zero = torch.gather(qk.zero, 1, groups).float()
     k_hat = zero + scale * codes
     return torch.einsum("hgd,hnd->hgn", q.float(), k_hat)

@@ -40,6 +40,7 @@ from storage.abstracts import ChunkAbstracts
 from storage.disk import DiskTier, StorageError, fsync_dir, write_atomic
 from storage.layout import KVLayout
 from storage.manifest import VERSION_NAME, validate_manifest
+from storage.quant import PARAM_DTYPE
 
 SESSION_FORMAT = 1
 MAX_CHUNKS_PER_FILE = 1024
@@ -246,20 +247,22 @@ class OpenedSession:
         L = self.layout
         n = self.manifest["num_tokens"] // L.chunk_size
         H, D, C = L.num_kv_heads, L.head_dim, L.chunk_size
-        want = {"codes": ((H, n * C, D * L.summary_bits // 8), torch.uint8),
-                "scale": ((H, n, D), torch.float32), "zero": ((H, n, D), torch.float32),
-                "kmin": ((n, H, D), torch.float32), "kmax": ((n, H, D), torch.float32),
-                "kmean": ((n, H, D), torch.float32)}  # fmt: skip
+        # (scale and zero are float16 since 2026-12; float32 ones load as well)
+        f32, params = torch.float32, (PARAM_DTYPE, torch.float32)
+        want = {"codes": ((H, n * C, D * L.summary_bits // 8), (torch.uint8,)),
+                "scale": ((H, n, D), params), "zero": ((H, n, D), params),
+                "kmin": ((n, H, D), (f32,)), "kmax": ((n, H, D), (f32,)),
+                "kmean": ((n, H, D), (f32,))}  # fmt: skip
         where = self.version_dir / "device.safetensors"
         for layer in range(L.num_layers):
-            for key, (shape, dtype) in want.items():
+            for key, (shape, dtypes) in want.items():
                 t = tensors.get(f"L{layer}.{key}")
                 if t is None:
                     raise SessionError(f"{where}: tensor L{layer}.{key} is missing")
-                if tuple(t.shape) != shape or t.dtype != dtype:
+                if tuple(t.shape) != shape or t.dtype not in dtypes:
                     raise SessionError(
                         f"{where}: tensor L{layer}.{key} is {t.dtype} {tuple(t.shape)}, "
-                        f"expected {dtype} {shape}"
+                        f"expected {' or '.join(map(str, dtypes))} {shape}"
                     )
         return tensors
 

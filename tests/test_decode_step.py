@@ -179,8 +179,9 @@ def test_gather_kernel_reads_pinned_host_memory():
     assert torch.equal(got.cpu(), gather_kv_ref(slab, slot_table, ids))
 
 
-def _tiered_pair(tiny_dirs, **overrides):
-    """Two tiered caches of one tiny model: eager decode, and the fixed-shape step."""
+def _tiered_pair(tiny_dirs, hit_factor=None, **overrides):
+    """Two tiered caches of one tiny model: eager decode, and the fixed-shape step (with
+    device hit caches of `hit_factor` x the retrieved tokens)."""
     cfg = dict(dtype="float32", mode="sparse", selector="cluster", sink=4, window=32,
                retrieved=16, dense_layers=1, candidate_factor=2, index_refresh=4096,
                prefetch="off", device=DEVICE.type)  # fmt: skip
@@ -189,25 +190,37 @@ def _tiered_pair(tiny_dirs, **overrides):
     eager.step = None  # on CUDA the Runtime gives tiered caches the (captured) step
     if stepped.step is None:  # on a CPU the Runtime decodes tiered caches eagerly
         stepped.mirror_dense_layers(DEVICE)
-        stepped.use_step(rt.model, Backend(DEVICE, kernels=True, graphs=False))
+        stepped.use_step(rt.model, Backend(DEVICE, kernels=True, graphs=False), hit_factor)
+    elif hit_factor:
+        stepped.use_step(rt.model, rt.backend, hit_factor)
     # The step reranks by the low-bit summaries; so must the eager path to be comparable
     # (on a CPU it would rerank by the exact keys in place).
     eager.store.key_rows = lambda layer: None
     return rt, eager, stepped
 
 
-def test_fixed_shape_tiered_step_equals_eager_sparse_decode(tiny_dirs):
-    rt, eager, stepped = _tiered_pair(tiny_dirs)
+@pytest.mark.parametrize("hit_factor", [None, 2.0])
+def test_fixed_shape_tiered_step_equals_eager_sparse_decode(tiny_dirs, hit_factor):
+    """With and without the step's device hit caches (only their misses are read from
+    the host tier: counted in the store's reads)."""
+    from storage.tiered import TierReads
+
+    rt, eager, stepped = _tiered_pair(tiny_dirs, hit_factor)
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
     logits = []
     for c in (eager, stepped):
         logits.append(prefill(rt.model, c, ids, 64))
         c.finish_prefill()
+    stepped.store.reads = TierReads()
     out = [_greedy(c, rt.model, lg, 30) for c, lg in zip((eager, stepped), logits, strict=True)]
     assert out[0] == out[1]
     # layer 1 attended sparsely at every step, and in the stepped cache fixed-shape
     assert eager.policy.stats.sparse_steps == stepped.policy.stats.sparse_steps == 30
     assert stepped.step.plan.steps == 30
+    stepped.flush()
+    selected = 30 * rt.args.num_kv_heads * 16  # steps x heads x retrieved
+    host_rows = stepped.store.reads.count["host"]
+    assert host_rows == selected if hit_factor is None else 0 < host_rows < selected
     # The store lags by less than a chunk while steps run; flushing brings it level.
     assert stepped.store.num_tokens <= stepped.num_tokens < stepped.store.num_tokens + 16
     stepped.flush()
@@ -263,8 +276,9 @@ def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
 
 
 @cuda_only
-def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_dirs):
-    rt, _, stepped = _tiered_pair(tiny_dirs)
+@pytest.mark.parametrize("hit_factor", [None, 2.0])
+def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_dirs, hit_factor):
+    rt, _, stepped = _tiered_pair(tiny_dirs, hit_factor)
     assert stepped.step.backend.graphs
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
     token = int(prefill(rt.model, stepped, ids, 64).argmax())
@@ -288,7 +302,8 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
     prompt = needle_messages(40, 0.5)  # about 1k tokens
     dense = Runtime(smol_bf16.loaded, smol_bf16.config.replace(mode="full"), smol_bf16.device)
     want = [s.token_id for s in dense.stream(prompt, max_new_tokens=8)]
-    config = smol_bf16.config.replace(mode="sparse", retrieved=100_000)
+    # prefetch "cache": the step's device hit caches (what CUDA's "auto" gives)
+    config = smol_bf16.config.replace(mode="sparse", retrieved=100_000, prefetch="cache")
     rt = Runtime(smol_bf16.loaded, config, smol_bf16.device)
     rt.backend = Backend(DEVICE, kernels=DEVICE.type == "cuda", fixed_shape=True,
                          remote_host=True)  # fmt: skip
@@ -296,7 +311,10 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
     got = [s.token_id for s in rt.stream(prompt, max_new_tokens=8)]
     assert got == want
     assert rt._state.cache.step.plan.steps == len(got) - 1
-    assert rt.stats()["selection"]["sparse_layer_steps"] == 28 * (len(got) - 1)
+    s = rt.stats()
+    assert s["selection"]["sparse_layer_steps"] == 28 * (len(got) - 1)
+    # the first step missed everything; later ones the new tokens of the range only
+    assert 0.5 < s["prefetch"]["hit_rate"] < 1
 
 
 @pytest.mark.parametrize("mirrored", [False, True])

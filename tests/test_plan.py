@@ -29,15 +29,30 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     p = make_plan(d, 131072, device_bytes=24 * GiB, host_bytes=64 * GiB)
     assert p.dense_kv_bytes == 16 * GiB
     host_kv = lambda p: next(r for r in p.rows if r.what == "full-precision K and V").nbytes  # noqa: E731
+    row = lambda p, what: next(r for r in p.rows if r.what.startswith(what)).nbytes  # noqa: E731
     abstracts = next(r for r in p.rows if r.what.startswith("chunk abstracts"))
     assert (
         abstracts.tier == "host" and abstracts.nbytes == 3 * GiB
     )  # (only the chunk selector reads them)
-    assert host_kv(p) == 16 * GiB and p.tier_total("host") == 19 * GiB and p.tier_total("disk") == 0
-    assert (
-        make_plan(d, 131072, 24 * GiB, 64 * GiB, selector="chunk").tier_total("device")
-        == p.tier_total("device") + 3 * GiB
+    # the cluster index of the 30 sparse layers: 8192 clusters x 8 heads, float32 centroids
+    # (+ bias, count) and int32 token map on the device; centroids and member sums
+    # float32 and an int64 token map in host memory
+    assert row(p, "cluster index (centroids") == 30 * 8 * (8192 * 130 * 4 + 131072 * 4)
+    assert row(p, "cluster index (k-means") == 30 * 8 * (8192 * 256 * 4 + 131072 * 8)
+    host_index = row(p, "cluster index (k-means")
+    assert host_kv(p) == 16 * GiB and p.tier_total("host") == 19 * GiB + host_index
+    assert p.tier_total("disk") == 0
+    # hit caches: 2 x 5% of 128k (6554) tokens per head and sparse layer, + a scratch slot
+    # (K, V bf16 + two int64 tags), and a slot map over the context (int32)
+    assert row(p, "hit caches (13,108 tokens") == 30 * 8 * (13109 * (512 + 16) + 131073 * 4)
+    preset = make_plan(d, 131072, 24 * GiB, 64 * GiB, retrieved=2048)
+    assert row(preset, "hit caches (4,096 tokens") == 30 * 8 * (4097 * (512 + 16) + 131073 * 4)
+    assert make_plan(d, 131072, 24 * GiB, 64 * GiB, hit_cache=None).tier_total("device") == (
+        p.tier_total("device") - row(p, "hit caches")
     )
+    assert make_plan(d, 131072, 24 * GiB, 64 * GiB, selector="chunk").tier_total(
+        "device"
+    ) == p.tier_total("device") + 3 * GiB - row(p, "cluster index (centroids")
     weights = next(r for r in p.rows if r.what == "weights").nbytes
     assert abs(weights / 2 - 8.03e9) < 0.01e9  # 8.03B parameters in bf16
     assert p.fits_device and p.fits_host
@@ -47,9 +62,10 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     # device while it fits beside the weights and the reserve (128 KiB + 4 KiB a token)
     assert p.device_kv_bytes == 24 * GiB - weights - GiB
     assert p.device_kv_tokens == p.device_kv_bytes // (131072 + 4096) < 131072
-    # a layer-by-layer prefill adds the hidden states in and out (2 x 128k x 4096 x 2 B)
-    # and one layer's KV (128k x 2 x 8 x 128 x 2 B) to what decode holds
-    assert p.prefill_peak_bytes == p.tier_total("device") + 2 * GiB + GiB // 2
+    # a layer-by-layer prefill adds the hidden states (128k x 4096 x 2 B, updated in place)
+    # and one layer's KV (128k x 2 x 8 x 128 x 2 B) to what decode holds, less the hit
+    # caches (made at the first decode step)
+    assert p.prefill_peak_bytes == p.tier_total("device") - row(p, "hit caches") + GiB + GiB // 2
     big = make_plan(d, 8192, device_bytes=80 * GiB, host_bytes=64 * GiB)
     assert big.device_kv_tokens == big.args.max_seq_len  # the whole window fits
     # with 4 GiB of host memory, the other 12 GiB of KV (plus abstracts) go to disk
@@ -74,5 +90,13 @@ def test_plan_cli(tmp_path):
         ["plan", "-m", str(d), "--context", "131072", "--gpu-mem", "8GiB", "--host-mem", "64GiB"],
     )
     assert r.exit_code == 1 and "does not fit" in r.output
+    r = CliRunner().invoke(  # a preset's settings: its kv.device_bytes bounds the device KV
+        main,
+        ["plan", "-m", str(d), "-n", "131072", "--gpu-mem", "24GiB", "--host-mem", "64GiB",
+         "-c", "rtx4090-llama3.1-8b"],
+    )  # fmt: skip
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "keeps all KV on the device up to 47,662 tokens" in out
+    assert "hit caches (4,096 tokens" in out  # the preset retrieves 2048 tokens
     r = CliRunner().invoke(main, ["plan", "-m", str(d), "--context", "100", "--gpu-mem", "lots"])
     assert r.exit_code == 2 and "--gpu-mem: cannot read 'lots'" in r.output

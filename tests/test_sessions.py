@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli.main import main
@@ -431,6 +432,28 @@ def test_device_tensors_are_checked(tiny, saved):
     rewrite_manifest(saved, change)
     with pytest.raises(SessionError, match="tensor L1.kmax is missing"):
         Runtime.load_session(saved.path, model=tiny)
+
+
+def test_sessions_with_float32_summary_parameters_still_load(tiny, saved):
+    """Summaries' scale and zero point were float32 before they became float16: such a
+    session loads and answers as the same session with float16 ones."""
+    from safetensors.torch import load_file, save_file
+
+    from storage.session import sha256_file
+
+    rt = Runtime.load_session(saved.path, model=tiny)
+    want = rt.ask("green?", max_new_tokens=6)
+    path = saved.version_dir / "device.safetensors"
+    tensors = load_file(path)
+    assert tensors["L1.scale"].dtype == torch.float16
+    for name in [n for n in tensors if n.endswith((".scale", ".zero"))]:
+        tensors[name] = tensors[name].float()
+    save_file(tensors, path, metadata={"meta": "{}"})
+    rewrite_manifest(saved, lambda m: m["files"].update({"device.safetensors": {
+        "size": path.stat().st_size, "sha256": sha256_file(path)}}))  # fmt: skip
+    old = Runtime.load_session(saved.path, model=tiny)
+    assert old._state.cache.store.dev[1].scale.data.dtype == torch.float16
+    assert old.ask("green?", max_new_tokens=6) == want
 
 
 def test_disk_full_while_writing_tensors_leaves_the_old_session(tiny, saved, monkeypatch):

@@ -100,8 +100,8 @@ def test_layout_arithmetic():
     assert L.kv_bytes(131072) == 16 * 2**30  # 16 GiB at 128k
     assert L.chunk_bytes == 16 * 4096
     assert L.num_chunks(33) == 3
-    # 2-bit codes (32 B per head) + per-16-token float32 scale and zero (2*128*4/16 = 64 B)
-    assert L.summary_bytes_per_token == 32 * 8 * (32 + 64)
+    # 2-bit codes (32 B per head) + per-16-token float16 scale and zero (2*128*2/16 = 32 B)
+    assert L.summary_bytes_per_token == 32 * 8 * (32 + 32)
 
 
 # -- bookkeeping: exact orders -------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""`StepHitCache`: a device hit cache of one sparse layer inside the fixed-shape tiered
+step (offload/tiered_step.py), so that only the selected tokens not already on the
+device cross PCIe. Every shape is fixed and nothing waits on the host, so a CUDA
+graph captures it; its bookkeeping lives in device tensors.
+
+    kv        [2, H, M + 1, D]  K/V of the cached tokens; slot M is scratch
+    slot_of   [H, T_cap + 1]    int32: the slot of token t, or -1; column T_cap is scratch
+    token_of  [H, M + 1]        the token in each slot, or -1
+    used      [H, M + 1]        the step (clock) that last selected each slot
+
+A step (`lookup`), per KV head, for the selected ids [H, k] (the first `k_valid` used):
+
+    hit    slot_of[ids] >= 0                         -> stamp those slots with the clock
+    miss   not a hit, and a used row (j < k_valid)   -> the j-th miss of a head takes the
+           j-th least recently used slot; its old token is forgotten, the new one
+           recorded, and the fetch kernel reads just the missed rows from the pinned
+           host slab into their slots
+    out    kv[:, h, slot of each row]  [2, H, k, D]
+
+A slot a hit stamped in this step is never a victim (its clock is the newest, and
+a head has at most k - hits misses for M - hits >= k - hits other slots). Writes
+that must not land anywhere go to the scratch column or slot, so no step needs a
+data-dependent shape. Rows past `k_valid` are neither fetched nor stamped: they
+read whatever their slot holds and attention cuts them off by length.
+
+Tokens keep their ids while they are cached: the host slab row of a token never
+changes until a truncation, and `truncate` forgets the tokens past it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.backend import Backend
+
+
+class StepHitCache:
+    def __init__(
+        self, num_heads: int, head_dim: int, dtype: torch.dtype, device, counts: torch.Tensor
+    ):
+        """`counts` [2] int64 on the device: lookups and hits are added to it inside steps
+        (the owner reads many caches' counts with one sync, between steps)."""
+        self.H, self.D, self.dtype, self.device = num_heads, head_dim, dtype, device
+        self._alloc_slots(0)
+        self.slot_of = torch.full((num_heads, 1), -1, dtype=torch.int32, device=device)
+        self.clock = torch.zeros(1, dtype=torch.long, device=device)
+        self.counts = counts
+
+    @property
+    def slots(self) -> int:
+        return self.kv.shape[2] - 1
+
+    @property
+    def token_capacity(self) -> int:
+        return self.slot_of.shape[1] - 1
+
+    def _alloc_slots(self, M: int) -> None:
+        H, dev = self.H, self.device
+        self.kv = torch.zeros(2, H, M + 1, self.D, dtype=self.dtype, device=dev)
+        self.token_of = torch.full((H, M + 1), -1, dtype=torch.long, device=dev)
+        self.used = torch.full((H, M + 1), -1, dtype=torch.long, device=dev)
+
+    def reserve(self, slots: int, token_capacity: int) -> None:
+        """At least `slots` slots per head (more start the cache empty), and ids below
+        `token_capacity` (grown keeping what is cached). A reallocation moves the
+        buffers' addresses: a captured step must be captured again."""
+        if slots > self.slots:
+            self._alloc_slots(slots)
+            self.slot_of.fill_(-1)
+        if token_capacity > self.token_capacity:
+            T = self.token_capacity
+            grown = torch.full((self.H, token_capacity + 1), -1, dtype=torch.int32,
+                               device=self.device)  # fmt: skip
+            grown[:, :T] = self.slot_of[:, :T]
+            self.slot_of = grown
+
+    def addresses(self) -> tuple[int, ...]:
+        return self.kv.data_ptr(), self.slot_of.data_ptr()
+
+    def lookup(
+        self,
+        ids: torch.Tensor,
+        k_valid: torch.Tensor,
+        slab: torch.Tensor,
+        slot_table: torch.Tensor,
+        backend: Backend,
+    ) -> torch.Tensor:
+        """K/V [2, H, k, D] of the tokens ids [H, k] (see the module docstring); the
+        misses among the first k_valid rows are read from `slab` (`Backend.host_view`)."""
+        H, k = ids.shape
+        M, T_cap = self.slots, self.token_capacity
+        assert k <= M, f"a hit cache of {M} slots cannot serve {k} tokens"
+        self.clock.add_(1)
+        now = self.clock.expand(H, k)
+        slots = self.slot_of.gather(1, ids).long()  # [H, k]
+        hit = slots >= 0
+        used_row = torch.arange(k, device=ids.device)[None, :] < k_valid  # [1, k]
+        self.used.scatter_(1, torch.where(hit, slots, M), now)
+        miss = ~hit & used_row
+        victims = torch.topk(self.used[:, :M], k, dim=1, largest=False).indices  # oldest first
+        rank = (miss.cumsum(1) - 1).clamp_min(0)
+        to = torch.where(miss, victims.gather(1, rank), M)  # misses' slots; else scratch
+        old = self.token_of.gather(1, to)
+        self.slot_of.scatter_(1, torch.where(miss & (old >= 0), old, T_cap), -1)
+        self.slot_of.scatter_(1, torch.where(miss, ids, T_cap), to.int())
+        self.token_of.scatter_(1, to, torch.where(miss, ids, -1))
+        self.used.scatter_(1, to, now)
+        backend.fetch_into(slab, slot_table, ids, miss, to, self.kv)
+        self.counts[0] += used_row.sum() * H
+        self.counts[1] += (hit & used_row).sum()
+        rows = torch.where(miss, to, torch.where(hit, slots, M))
+        heads = torch.arange(H, device=ids.device)[:, None]
+        return self.kv[:, heads, rows]
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget the tokens from `num_tokens` on (their ids will name other tokens)."""
+        gone = self.token_of >= num_tokens
+        self.slot_of.scatter_(1, torch.where(gone, self.token_of, self.token_capacity), -1)
+        self.token_of.masked_fill_(gone, -1)
+        self.used.masked_fill_(gone, -1)
