@@ -28,7 +28,11 @@ class HostTier:
         # The same map as a tensor (-1: not on the host), so a gather of many tokens
         # looks its slots up in one indexing op instead of a Python loop.
         self.slot_table = torch.full((64,), -1, dtype=torch.long)
+        # Free slots: those freed below `_next` (a min-heap), and every slot from `_next`
+        # up (never used since the slab last grew), so a run of new chunks can take a
+        # run of slots at once (`put_run`).
         self._free: list[int] = []
+        self._next = 0
         self._misplaced = 0  # chunks whose slot is not their own index
 
     def _alloc(self, n: int) -> torch.Tensor:
@@ -43,22 +47,25 @@ class HostTier:
     def nbytes(self) -> int:
         return self.num_chunks * self.layout.chunk_bytes
 
+    def _reserve(self, slots: int) -> None:
+        """Room for `slots` slots (geometric growth: O(T) copies in all; pinning memory is
+        slow, so a known size is reserved at once)."""
+        n = self.slab.shape[2]
+        if slots > n:
+            bigger = self._alloc(max(8, 2 * n, slots))
+            bigger[:, :, :n] = self.slab
+            self.slab = bigger
+
     def _new_slot(self) -> int:
         # The lowest free slot, so that chunks re-filled after a truncation land where
         # they were and `tokens_view` keeps working (a min-heap of free slots).
         if self._free:
             return heapq.heappop(self._free)
-        n = self.slab.shape[2]
-        bigger = self._alloc(max(8, 2 * n))  # geometric growth: O(T) copies in all
-        bigger[:, :, :n] = self.slab
-        self._free.extend(range(n + 1, bigger.shape[2]))  # sorted: a valid heap
-        self.slab = bigger
-        return n
+        self._reserve(self._next + 1)
+        self._next += 1
+        return self._next - 1
 
-    def put(self, chunk: int, data: torch.Tensor | None = None) -> torch.Tensor:
-        """Give `chunk` a slot (filled from `data` [2, H, C, D] if given); return the slot."""
-        assert chunk not in self.slot_of, f"chunk {chunk} is on the host already"
-        slot = self._new_slot()
+    def _record(self, chunk: int, slot: int) -> None:
         self.slot_of[chunk] = slot
         self._misplaced += slot != chunk
         if chunk >= self.slot_table.shape[0]:
@@ -67,10 +74,43 @@ class HostTier:
             )
             grown[: self.slot_table.shape[0]] = self.slot_table
             self.slot_table = grown
+
+    def put(self, chunk: int, data: torch.Tensor | None = None) -> torch.Tensor:
+        """Give `chunk` a slot (filled from `data` [2, H, C, D] if given); return the slot."""
+        assert chunk not in self.slot_of, f"chunk {chunk} is on the host already"
+        slot = self._new_slot()
+        self._record(chunk, slot)
         self.slot_table[chunk] = slot
         if data is not None:
             self.slab[:, :, slot].copy_(data)
         return self.slab[:, :, slot]
+
+    def put_run(self, c0: int, n: int) -> int | None:
+        """Give the new chunks c0 .. c0+n-1 the slots s0 .. s0+n-1 in one step and return
+        s0, when no freed slot would come first (else None: `put` them one by one)."""
+        if self._free and self._free[0] == self._next - len(self._free):
+            # the freed slots are exactly the top ones (a truncated tail): unused again
+            self._next, self._free = self._free[0], []
+        if self._free:
+            return None
+        s0 = self._next
+        self._reserve(s0 + n)
+        self._next += n
+        for i in range(n):
+            assert c0 + i not in self.slot_of, f"chunk {c0 + i} is on the host already"
+            self._record(c0 + i, s0 + i)
+        self.slot_table[c0 : c0 + n] = torch.arange(s0, s0 + n)
+        return s0
+
+    def write_run(self, s0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [H, n * C, D] (any device) into the slots s0 .. s0+n-1: one copy per
+        (K/V, head), each contiguous on both sides (a device-to-pinned copy runs at full
+        speed; no staging)."""
+        H, T, D = k.shape
+        n = T // self.layout.chunk_size
+        for i, x in enumerate((k, v)):
+            for h in range(H):
+                self.slab[i, h, s0 : s0 + n].view(T, D).copy_(x[h])
 
     def put_in_order(self, num_tokens: int) -> bool:
         """When every chunk of these tokens is here but some sit in other slots (a loaded
@@ -85,7 +125,7 @@ class HostTier:
         self.slab = slab
         self.slot_of = {c: c for c in range(n)}
         self.slot_table[:n] = torch.arange(n)
-        self._free = list(range(n, cap))  # sorted: a valid heap
+        self._free, self._next = [], n
         self._misplaced = 0
         return True
 

@@ -46,6 +46,9 @@ class TierReads:
         self.nbytes[tier] += nbytes
 
 
+BULK_APPEND_MIN = 64  # tokens: appends with fewer whole chunks go chunk by chunk
+
+
 class TieredStore:
     def __init__(
         self,
@@ -124,12 +127,53 @@ class TieredStore:
     # -- writing -----------------------------------------------------------------
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [H, S, D] of tokens lengths[layer] .. +S-1."""
+        """k, v: [H, S, D] of tokens lengths[layer] .. +S-1.
+
+        Whole chunks in the middle of a long append take a run of host slots at once
+        and are copied there per head, straight from where k and v are (a GPU to the
+        pinned slab: no staging), and their summaries are computed from k as given;
+        the partial chunks at either end go chunk by chunk."""
         C = self.layout.chunk_size
         start = self.lengths[layer]
         S = k.shape[1]
-        host = self.host[layer]
         self.dev[layer].write_recent(start, k, v)
+        a = min(S, -start % C)  # the end of the partial first chunk, in k
+        b = a + (S - a) // C * C  # the end of the whole chunks
+        run = None
+        if b - a >= BULK_APPEND_MIN:
+            c0 = (start + a) // C
+            run = self.host[layer].put_run(c0, (b - a) // C)
+        if run is None:  # chunk by chunk
+            a = b = S
+        new, filled = self._append_pieces(layer, start, k[:, :a], v[:, :a])
+        if run is not None:
+            n = (b - a) // C
+            for c in range(c0, c0 + n):
+                self.directory.add((layer, c), filling=False)
+            self.host[layer].write_run(run, k[:, a:b], v[:, a:b])
+            new2, filled2 = self._append_pieces(layer, start + b, k[:, b:], v[:, b:])
+            new += [*range(c0, c0 + n), *new2]
+        if new:
+            self._mark_recent(layer, torch.tensor(new))
+        # Summaries and abstracts of every chunk completed here, in one call.
+        keys = [self.host[layer].chunk(c)[0].to(self.device) for c in filled]
+        if run is not None:
+            keys.append(k[:, a:b].to(self.device, self.dtype))
+            keys += [self.host[layer].chunk(c)[0].to(self.device) for c in filled2]
+        if keys:
+            self.dev[layer].add_chunks(torch.cat(keys, dim=1))
+        self.lengths[layer] = start + S
+        if self.directory.over_budget():
+            self.spill()
+
+    def _append_pieces(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[list[int], list[int]]:
+        """Write k, v [H, S, D] at token `start` chunk by chunk; return the chunks begun
+        and the chunks completed."""
+        C = self.layout.chunk_size
+        S = k.shape[1]
+        host = self.host[layer]
         kc, vc = k.to("cpu", self.dtype), v.to("cpu", self.dtype)
         pos = start
         new, filled = [], []
@@ -150,14 +194,7 @@ class TieredStore:
                 self.directory.filled((layer, chunk))
                 filled.append(chunk)
             pos += n
-        if new:
-            self._mark_recent(layer, torch.tensor(new))
-        if filled:  # summaries and abstracts of every chunk completed here, in one call
-            keys = torch.cat([host.chunk(c)[0] for c in filled], dim=1)
-            self.dev[layer].add_chunks(keys.to(self.device))
-        self.lengths[layer] = start + S
-        if self.directory.over_budget():
-            self.spill()
+        return new, filled
 
     def _mark_recent(self, layer: int, chunks: torch.Tensor) -> None:
         self._clock += 1

@@ -269,6 +269,38 @@ def test_truncated_and_missing_files_are_named(chunk_file):
         fresh(tier).read_chunk(name, 0)
 
 
+@pytest.mark.parametrize("host_chunks", [256, 24])
+def test_long_appends_equal_token_by_token_appends(tmp_path, host_chunks):
+    """Whole chunks of a long append go to a run of host slots at once (summaries from
+    the keys as given): the same KV, summaries, abstracts and residency as appending
+    one token at a time, also when the host budget makes it spill, and after a cut."""
+    kv = torch.stack([random_kv(300, seed=5), random_kv(300, seed=6)])
+    one = make_store(tmp_path / "one", host_chunks=host_chunks)
+    bulk = make_store(tmp_path / "bulk", host_chunks=host_chunks)
+    with one, bulk:
+        fill(one, kv, pieces=[1] * 230)
+        fill(bulk, kv, pieces=(3, 70, 1, 130, 26))  # 70 and 130: runs of whole chunks
+        one.truncate(150)
+        bulk.truncate(150)
+        fill(one, kv[:, :, :, 150:], pieces=[1] * 150)
+        fill(bulk, kv[:, :, :, 150:], pieces=(150,))
+        for layer in range(2):
+            for a, b in zip(one.gather_all(layer), bulk.gather_all(layer), strict=True):
+                assert torch.equal(a, b)
+            assert torch.equal(bulk.gather_all(layer)[0], kv[layer, 0])
+            s1, s2 = one.dev[layer].summaries(), bulk.dev[layer].summaries()
+            for a, b in ((s1.codes, s2.codes), (s1.scale, s2.scale), (s1.zero, s2.zero)):
+                assert torch.equal(a, b)
+            a1, a2 = one.dev[layer].abstracts(), bulk.dev[layer].abstracts()
+            assert torch.equal(a1.kmax, a2.kmax) and torch.equal(a1.kmean, a2.kmean)
+        if host_chunks == 256:  # nothing spilled: the chunks sit in order, read in place
+            assert one.directory.host_count == bulk.directory.host_count == 2 * 75
+            assert bulk.host[0].in_order(300) and bulk.key_rows(0) is not None
+        else:  # (a spill is applied when its background write is done)
+            bulk.settle()
+            assert bulk.spilled_chunks > 0 and bulk.directory.host_count <= host_chunks
+
+
 def test_keys_stay_in_place_after_a_truncation(tmp_path):
     """A cut frees the tail's host slots; re-filling must put the chunks back in order,
     or the CPU fast paths (keys and K/V read in place, no copy) are lost for good."""
