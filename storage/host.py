@@ -12,10 +12,29 @@ reused. With CUDA the slab is pinned so device copies can be asynchronous.
 from __future__ import annotations
 
 import heapq
+from types import SimpleNamespace
 
 import torch
 
 from storage.layout import HeadRows, KVLayout
+
+
+def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor over the memory of the pinned host tensor `t` (same address, unified
+    virtual addressing): the device reads it over PCIe, no copy is made. The caller
+    keeps `t` alive for as long as the view is used."""
+    assert t.is_pinned() and t.is_contiguous(), "device_view needs a contiguous pinned tensor"
+    nbytes = t.numel() * t.element_size()
+    iface = SimpleNamespace(
+        __cuda_array_interface__={
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (t.data_ptr(), False),
+            "version": 3,
+            "strides": None,
+        }  # fmt: skip
+    )
+    return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
 
 
 class HostTier:

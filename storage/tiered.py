@@ -27,7 +27,7 @@ from storage.abstracts import ChunkAbstracts
 from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
-from storage.host import HostTier
+from storage.host import HostTier, device_view
 from storage.layout import HeadRows, KVLayout
 from storage.staging import PinnedStaging
 
@@ -403,6 +403,17 @@ class TieredStore:
             view = self.host[layer].tokens_view(T)
             self.reads.add("host", 1, T * self.layout.token_bytes_per_layer)
             return view[0], view[1]
+        host = self.host[layer]
+        if host.pin and host.in_order(T):
+            # All in the pinned slab, in order: the device copies it where it lies, in one
+            # pass over PCIe (no host-side gather, no pageable staging).
+            view = device_view(host.slab, self.device)
+            L = self.layout
+            n = L.num_chunks(T)
+            kv = view[:, :, :n].reshape(2, L.num_kv_heads, n * L.chunk_size, L.head_dim)
+            kv = kv[:, :, :T].clone()
+            self.reads.add("host", 1, T * L.token_bytes_per_layer)
+            return kv[0], kv[1]
         dev = self.dev[layer]
         n_sink = min(self.sink, T)
         w0 = max(n_sink, T - self.window)

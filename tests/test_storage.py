@@ -373,3 +373,24 @@ def test_abstracts_can_wait_in_host_memory(tmp_path):
     for layer in range(LAYOUT.num_layers):
         assert torch.equal(store.read_range(layer, 0, T), kv[layer, :, :, :T])
     store.close()
+
+
+@cuda_only
+def test_cuda_store_reads_its_pinned_slab_in_place_and_after_a_spill(tmp_path):
+    """On CUDA a layer whose chunks are all in the pinned slab, in order, is copied by the
+    device straight from there (long appends write it straight from the device); after
+    a spill it is gathered as before. Both give every token exactly."""
+    kv = torch.stack([random_kv(300, seed=7), random_kv(300, seed=8)]).cuda()
+    for host_chunks, spilled in ((256, False), (24, True)):
+        store = TieredStore(
+            LAYOUT, DT, torch.device("cuda"), host_bytes=host_chunks * LAYOUT.chunk_bytes,
+            disk_dir=tmp_path / f"kv{host_chunks}", disk_bytes=1 << 30, sink=4, window=8,
+        ).start()  # fmt: skip
+        T = fill(store, kv, pieces=(3, 70, 1, 130, 96))
+        store.settle()
+        assert store.host[0].slab.is_pinned() and (store.spilled_chunks > 0) == spilled
+        for layer in range(LAYOUT.num_layers):
+            k, v = store.gather_all(layer)
+            assert k.device.type == "cuda"
+            assert torch.equal(k, kv[layer, 0, :, :T]) and torch.equal(v, kv[layer, 1, :, :T])
+        store.close()

@@ -22,24 +22,9 @@ from types import SimpleNamespace
 
 import torch
 
+from storage.host import device_view  # noqa: F401  (the view the kernels read through)
+
 BLOCK_K = 32  # token rows per program
-
-
-def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor over the memory of the pinned host tensor `t` (same address, UVA).
-    The caller keeps `t` alive for as long as the view is used."""
-    assert t.is_pinned() and t.is_contiguous(), "device_view needs a contiguous pinned tensor"
-    nbytes = t.numel() * t.element_size()
-    iface = SimpleNamespace(
-        __cuda_array_interface__={
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (t.data_ptr(), False),
-            "version": 3,
-            "strides": None,
-        }  # fmt: skip
-    )
-    return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
 
 
 def gather_kv_ref(slab: torch.Tensor, slot_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
