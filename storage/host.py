@@ -12,8 +12,11 @@ reused. With CUDA the slab is pinned so device copies can be asynchronous.
 from __future__ import annotations
 
 import heapq
+import math
+import weakref
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from storage.layout import HeadRows, KVLayout
@@ -37,6 +40,27 @@ def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
 
 
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory of exactly this size, readable by the GPU (UVA).
+
+    torch's pinned allocator rounds every block up to a power of two: a slab of 2^k
+    chunks plus one would take twice the memory, and a power-of-two context (128k
+    tokens) lands on exactly such an edge. So the memory is an ordinary buffer
+    registered with CUDA (as sglang's host KV pools do), unregistered by the
+    finalizer of the array that owns it, which lives as long as any view of it.
+    Where registration is refused, torch's pinned allocator is used after all."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        cudart = torch.cuda.cudart()
+        ptr = buf.ctypes.data
+        # portable (1) and mapped (2): one address for the CPU and every device
+        if int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0:
+            weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
+            return torch.from_numpy(buf).view(dtype).view(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 class HostTier:
     def __init__(self, layout: KVLayout, dtype: torch.dtype, pin: bool = False):
         self.layout = layout
@@ -57,7 +81,9 @@ class HostTier:
     def _alloc(self, n: int) -> torch.Tensor:
         L = self.layout
         shape = (2, L.num_kv_heads, n, L.chunk_size, L.head_dim)
-        return torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
+        if self.pin:
+            return pinned_empty(shape, self.dtype)
+        return torch.empty(shape, dtype=self.dtype)
 
     @property
     def num_chunks(self) -> int:
@@ -67,11 +93,13 @@ class HostTier:
         return self.num_chunks * self.layout.chunk_bytes
 
     def _reserve(self, slots: int) -> None:
-        """Room for `slots` slots (geometric growth: O(T) copies in all; pinning memory is
-        slow, so a known size is reserved at once)."""
+        """Room for `slots` slots, and an eighth more, so that a long prefill's slab does
+        not grow again at the next few chunks (growth is geometric: O(T) copies in all;
+        by 1.25x where memory is pinned, which is slow to pin and scarce)."""
         n = self.slab.shape[2]
         if slots > n:
-            bigger = self._alloc(max(8, 2 * n, slots))
+            growth = 1.25 if self.pin else 2
+            bigger = self._alloc(max(8, slots + slots // 8, int(growth * n)))
             bigger[:, :, :n] = self.slab
             self.slab = bigger
 

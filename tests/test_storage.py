@@ -394,3 +394,23 @@ def test_cuda_store_reads_its_pinned_slab_in_place_and_after_a_spill(tmp_path):
             assert k.device.type == "cuda"
             assert torch.equal(k, kv[layer, 0, :, :T]) and torch.equal(v, kv[layer, 1, :, :T])
         store.close()
+
+
+@cuda_only
+def test_pinned_slabs_are_readable_by_the_device_while_any_view_lives():
+    """Host slabs on CUDA are exactly sized pinned memory (registered with CUDA, not
+    rounded up to a power of two); the device reads them in place."""
+    import gc
+
+    from storage.host import device_view, pinned_empty
+
+    t = pinned_empty((2, 3, 1000, 16, 64), torch.bfloat16)
+    assert t.is_pinned() and t.is_contiguous()
+    t.normal_()
+    want = t.clone()
+    assert torch.equal(device_view(t, torch.device("cuda")).cpu(), want)
+    part = t[:, :, 5:7]
+    del t
+    gc.collect()
+    assert part.is_pinned() and torch.equal(part, want[:, :, 5:7])
+    assert torch.equal(part.to("cuda", non_blocking=True).cpu(), want[:, :, 5:7])
