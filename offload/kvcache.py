@@ -27,16 +27,6 @@ from offload.tiered_step import TieredPlan
 from storage.device import Growable
 from storage.tiered import TieredStore
 
-MOVE_TOKENS = 4096  # tokens per layer copied at a time when a device cache moves to the tiers
-
-
-def append_in_pieces(store: TieredStore, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Append k, v [H, T, D] of a device cache's layer to `store`, MOVE_TOKENS at a time
-    (bounded host staging)."""
-    with store.lock:
-        for s in range(0, k.shape[1], MOVE_TOKENS):
-            store.append(layer, k[:, s : s + MOVE_TOKENS], v[:, s : s + MOVE_TOKENS])
-
 
 class CacheLayer(Protocol):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None: ...
@@ -189,7 +179,8 @@ class KVCache:
         self._attach(store, policy)
         for i, layer in enumerate(old):
             k, v = layer.k.view(), layer.v.view()
-            append_in_pieces(store, i, k, v)
+            with store.lock:  # (whole chunks go straight to the host slab, unstaged)
+                store.append(i, k, v)
             policy.update_from_keys(store, i, k)
             if mirrors and policy.selectors[i] is None:
                 layer.k.most = layer.v.most = None  # a mirror grows with the context

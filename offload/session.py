@@ -18,7 +18,6 @@ import torch
 
 from offload.config import RuntimeConfig
 from offload.errors import ConfigError, OffloadError
-from offload.kvcache import append_in_pieces
 from offload.loading import DEFAULT_MODEL
 from storage.session import SessionContents, SessionError, open_session, save_session
 
@@ -139,7 +138,8 @@ def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:
     tiered = rt.new_cache(tiered=True)
     T = dense.num_tokens
     for i, layer in enumerate(dense.layers):
-        append_in_pieces(tiered.store, i, layer.k.view(), layer.v.view())
+        with tiered.store.lock:
+            tiered.store.append(i, layer.k.view(), layer.v.view())
     tiered.advance(T)
     tiered.finish_prefill()
     return tiered

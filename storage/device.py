@@ -13,17 +13,23 @@ from storage.abstracts import ChunkAbstracts, chunk_abstracts
 from storage.layout import KVLayout
 from storage.quant import PARAM_DTYPE, QuantKeys, quantize_keys
 
+SUMMARY_GROWTH = 1.125  # of the summaries' and abstracts' buffers (see `Growable`)
+
 
 class Growable:
     """A tensor that grows along `dim` with geometric reallocation; `view()` is the filled part.
 
     `most` bounds the geometric growth (a request for more is still granted exactly):
-    a cache with a byte budget never reserves beyond it."""
+    a cache with a byte budget never reserves beyond it. `growth` is the factor: 2 by
+    default; the device tier's summaries, which grow for the whole context, use 1.125,
+    so that their capacity stays within an eighth of their size (doubling at a
+    power-of-two context, 128k tokens, would hold twice what they need)."""
 
     def __init__(
-        self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device, most: int | None = None
-    ):
-        self.dim, self.most = dim, most
+        self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device,
+        most: int | None = None, growth: float = 2.0,
+    ):  # fmt: skip
+        self.dim, self.most, self.growth = dim, most, growth
         self.data = torch.empty(shape, dtype=dtype, device=device)
         self.length = shape[dim]  # starts full (shape[dim] is usually 0)
 
@@ -32,7 +38,7 @@ class Growable:
         if needed <= cap:
             return
         shape = list(self.data.shape)
-        grown = max(needed, 2 * cap, 16)
+        grown = max(needed, int(self.growth * cap), 16)
         shape[self.dim] = grown if self.most is None else max(needed, min(grown, self.most))
         bigger = self.data.new_empty(shape)
         bigger.narrow(self.dim, 0, self.length).copy_(self.view())
@@ -68,14 +74,15 @@ class DeviceTier:
         self.ring = torch.empty(2, H, window, D, dtype=dtype, device=device)
         bits = layout.summary_bits
         f32 = torch.float32
-        self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device)
-        self.scale = Growable((H, 0, D), 1, PARAM_DTYPE, device)
-        self.zero = Growable((H, 0, D), 1, PARAM_DTYPE, device)
+        g = SUMMARY_GROWTH
+        self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device, growth=g)
+        self.scale = Growable((H, 0, D), 1, PARAM_DTYPE, device, growth=g)
+        self.zero = Growable((H, 0, D), 1, PARAM_DTYPE, device, growth=g)
         where = device if abstracts_device is None else abstracts_device
         self.abstracts_on_device = torch.device(where) == torch.device(device)
-        self.kmin = Growable((0, H, D), 0, f32, where)
-        self.kmax = Growable((0, H, D), 0, f32, where)
-        self.kmean = Growable((0, H, D), 0, f32, where)
+        self.kmin = Growable((0, H, D), 0, f32, where, growth=g)
+        self.kmax = Growable((0, H, D), 0, f32, where, growth=g)
+        self.kmean = Growable((0, H, D), 0, f32, where, growth=g)
 
     def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""

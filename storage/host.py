@@ -40,6 +40,9 @@ def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
 
 
+PAGE = 4096
+
+
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Page-locked host memory of exactly this size, readable by the GPU (UVA).
 
@@ -51,13 +54,15 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     Where registration is refused, torch's pinned allocator is used after all."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes:
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = np.empty(nbytes + PAGE, dtype=np.uint8)
+        start = -buf.ctypes.data % PAGE  # page-aligned, as registration wants
+        mem = buf[start : start + nbytes]
         cudart = torch.cuda.cudart()
-        ptr = buf.ctypes.data
+        ptr = mem.ctypes.data
         # portable (1) and mapped (2): one address for the CPU and every device
         if int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0:
             weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
-            return torch.from_numpy(buf).view(dtype).view(shape)
+            return torch.from_numpy(mem).view(dtype).view(shape)
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
@@ -128,7 +133,9 @@ class HostTier:
         slot = self._new_slot()
         self._record(chunk, slot)
         self.slot_table[chunk] = slot
-        if data is not None:
+        if data is None:  # a chunk to fill: its unwritten rows are zeros, not old memory
+            self.slab[:, :, slot].zero_()  # (so the files a save writes are deterministic)
+        else:
             self.slab[:, :, slot].copy_(data)
         return self.slab[:, :, slot]
 

@@ -47,6 +47,7 @@ class TierReads:
 
 
 BULK_APPEND_MIN = 64  # tokens: appends with fewer whole chunks go chunk by chunk
+SUMMARY_BLOCK = 16384  # tokens of whole chunks summarized at a time, at most
 
 
 class TieredStore:
@@ -157,8 +158,12 @@ class TieredStore:
             self._mark_recent(layer, torch.tensor(new))
         # Summaries and abstracts of every chunk completed here, in one call.
         keys = [self.host[layer].chunk(c)[0].to(self.device) for c in filled]
-        if run is not None:
-            keys.append(k[:, a:b].to(self.device, self.dtype))
+        if run is not None:  # (in blocks: their float32 temporaries stay small)
+            block = max(C, SUMMARY_BLOCK // C * C)
+            for s in range(a, b, block):
+                keys.append(k[:, s : min(b, s + block)].to(self.device, self.dtype))
+                self.dev[layer].add_chunks(torch.cat(keys, dim=1))
+                keys = []
             keys += [self.host[layer].chunk(c)[0].to(self.device) for c in filled2]
         if keys:
             self.dev[layer].add_chunks(torch.cat(keys, dim=1))
