@@ -13,7 +13,6 @@ what differs.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,10 @@ from typing import Any
 
 import torch
 
-from offload.attention import SelectionStats, SparsePolicy
+from offload import caches
+from offload.attention import SelectionStats
 from offload.backend import Backend
-from offload.budgets import machine_threads, resolve_budgets
+from offload.budgets import machine_threads
 from offload.config import RuntimeConfig
 from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
 from offload.errors import ConfigError, ContextLengthError, OffloadError
@@ -39,21 +39,14 @@ from offload.kvcache import KVCache
 from offload.loading import DEFAULT_MODEL, LoadedModel, load
 from offload.pipeline import PrefetchStats
 from offload.tokenizer import check_messages
-from storage.disk import StorageError, cache_dir_name, sweep_stale
 from storage.layout import KVLayout
-from storage.tiered import TieredStore, TierReads
+from storage.tiered import TierReads
 
 Prompt = str | list[dict[str, str]]
 # How a question about a loaded document is put to the model. The document comes
 # first so its KV is a prefix shared by every question.
 QUESTION_MARK = "\x00question\x00"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "repeat_penalty", "repeat_last_n")
-
-
-@functools.cache
-def _sweep_once(disk_dir: Path) -> int:
-    """Once per process and directory: remove the spill folders dead processes left."""
-    return sweep_stale(disk_dir)
 
 
 def pick_device(name: str) -> torch.device:
@@ -133,76 +126,14 @@ class Runtime:
         )
 
     def new_cache(self, tiered: bool = False) -> KVCache:
-        """A fresh cache: all KV in one device tensor per layer, or the tiered store.
-
-        The device cache is taken for `selection.mode = "full"` (without a bound), and
-        for "auto" where host memory is not the compute device's (CUDA): there it holds
-        the KV while it fits the device budget (`device_kv_tokens`), where dense attention
-        is exact and fastest and each decode step is one CUDA graph replay, and moves to
-        the tiered store, in place, before a request would pass it. `tiered` asks for the
-        tiered store whatever the mode (sessions)."""
-        a, sel = self.args, self.config.selection
-        limit = None
-        if not tiered and sel.mode == "auto" and self.backend.remote_host:
-            limit = self.device_kv_tokens()
-        if not tiered and (sel.mode == "full" or limit):
-            cache = KVCache.dense(
-                a.num_layers, a.num_kv_heads, a.head_dim, self.model.dtype, self.device,
-                limit if limit and limit < a.max_seq_len else None,
-            )  # fmt: skip
-            cache.outgrow = self._move_to_tiers
-            if self.backend.fixed_shape:
-                cache.use_step(self.model, self.backend)
-            return cache
-        store, policy = self._tiered_parts()
-        try:
-            cache = KVCache.tiered(store, policy)
-        except StorageError as e:
-            raise ConfigError(str(e)) from None
-        self._setup_tiered(cache)
-        return cache
+        """A fresh cache: all KV in one device tensor per layer, or the tiered store
+        (offload/caches.py says which, and moves one to the other)."""
+        return caches.new_cache(self, tiered)
 
     def device_kv_tokens(self) -> int:
-        """Mode "auto" on CUDA: how many tokens of KV the device cache holds before it
-        moves to the tiers, from `kv.device_bytes`. One layer's worth is kept back: a
-        layer's buffers grow by reallocation, so the old ones briefly stay beside them."""
-        budget = resolve_budgets(self.config.kv, self.device).device_bytes
-        L = self.layout
-        return min(budget // (L.token_bytes + L.token_bytes_per_layer), self.args.max_seq_len)
-
-    def _tiered_parts(self) -> tuple[TieredStore, SparsePolicy]:
-        """An empty tiered store (budgets from the config or the machine) and its policy."""
-        a, sel, kv = self.args, self.config.selection, self.config.kv
-        b = resolve_budgets(kv, self.device)
-        _sweep_once(b.disk_dir)
-        store = TieredStore(
-            self.layout, self.model.dtype, self.device, host_bytes=b.host_bytes,
-            disk_dir=b.disk_dir / cache_dir_name(),
-            disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
-            # only the chunk selector reads abstracts: elsewhere they wait in host memory
-            abstracts_on_device=sel.selector == "chunk",
-        )  # fmt: skip
-        return store, SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
-
-    def _move_to_tiers(self, cache: KVCache) -> None:
-        """`KVCache.outgrow` of the device caches made here: the same cache, now tiered."""
-        cache.move_to_tiers(*self._tiered_parts(), mirrors=self.backend.remote_host)
-        self._setup_tiered(cache)
-
-    def _setup_tiered(self, cache: KVCache) -> None:
-        sel = self.config.selection
-        prefetch = sel.prefetch
-        if prefetch == "auto":  # measured: on a CPU both cost more than they save
-            prefetch = "on" if self.device.type == "cuda" else "off"
-        if self.backend.remote_host:
-            cache.mirror_dense_layers(self.device)
-            cache.layered_prefill = True
-            if self.backend.fixed_shape:  # the step's hit caches: see offload/step_cache.py
-                cache.use_step(
-                    self.model, self.backend, sel.hit_cache if prefetch != "off" else None
-                )
-        if prefetch != "off":
-            cache.set_prefetch(self.model, prefetch, sel.hit_cache)
+        """Mode "auto" on CUDA: tokens of KV the device cache holds before it moves to
+        the tiers (`kv.device_bytes`)."""
+        return caches.device_kv_tokens(self)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""

@@ -1,0 +1,105 @@
+"""Building a runtime's KV caches, and the move from one kind to the other.
+
+    device cache   all KV in one device tensor per layer: `selection.mode = "full"`
+                   (unbounded), and mode "auto" where host memory is not the compute
+                   device's (CUDA), bounded by `kv.device_bytes` (`device_kv_tokens`)
+    tiered store   device / host / disk tiers with per-step selection: every other
+                   mode, sessions, and a bounded device cache that a request would
+                   take past its bound (`KVCache.move_to_tiers`, called through
+                   `KVCache.outgrow`, so the same cache object carries on)
+
+Where the host tier is not the compute device's memory (CUDA), a tiered cache keeps
+the dense layers' KV on the device too, prefills an empty cache layer by layer, and
+decodes through the fixed-shape tiered step with its device hit caches.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from offload.attention import SparsePolicy
+from offload.budgets import resolve_budgets
+from offload.errors import ConfigError
+from offload.kvcache import KVCache
+from storage.disk import StorageError, cache_dir_name, sweep_stale
+from storage.tiered import TieredStore
+
+if TYPE_CHECKING:
+    from offload.runtime import Runtime
+
+
+@functools.cache
+def _sweep_once(disk_dir: Path) -> int:
+    """Once per process and directory: remove the spill folders dead processes left."""
+    return sweep_stale(disk_dir)
+
+
+def new_cache(rt: Runtime, tiered: bool = False) -> KVCache:
+    """A fresh cache for `rt`: the device cache or the tiered store (module docstring);
+    `tiered` asks for the tiered store whatever the mode (sessions)."""
+    a, sel = rt.args, rt.config.selection
+    limit = None
+    if not tiered and sel.mode == "auto" and rt.backend.remote_host:
+        limit = device_kv_tokens(rt)
+    if not tiered and (sel.mode == "full" or limit):
+        cache = KVCache.dense(
+            a.num_layers, a.num_kv_heads, a.head_dim, rt.model.dtype, rt.device,
+            limit if limit and limit < a.max_seq_len else None,
+        )  # fmt: skip
+        cache.outgrow = functools.partial(move_to_tiers, rt)
+        if rt.backend.fixed_shape:
+            cache.use_step(rt.model, rt.backend)
+        return cache
+    store, policy = _tiered_parts(rt)
+    try:
+        cache = KVCache.tiered(store, policy)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
+    _setup_tiered(rt, cache)
+    return cache
+
+
+def device_kv_tokens(rt: Runtime) -> int:
+    """How many tokens of KV the bounded device cache holds before it moves to the
+    tiers, from `kv.device_bytes`. One layer's worth is kept back: a layer's buffers
+    grow by reallocation, so the old ones briefly stay beside the new."""
+    budget = resolve_budgets(rt.config.kv, rt.device).device_bytes
+    L = rt.layout
+    return min(budget // (L.token_bytes + L.token_bytes_per_layer), rt.args.max_seq_len)
+
+
+def move_to_tiers(rt: Runtime, cache: KVCache) -> None:
+    """`KVCache.outgrow` of the device caches made here: the same cache, now tiered."""
+    cache.move_to_tiers(*_tiered_parts(rt), mirrors=rt.backend.remote_host)
+    _setup_tiered(rt, cache)
+
+
+def _tiered_parts(rt: Runtime) -> tuple[TieredStore, SparsePolicy]:
+    """An empty tiered store (budgets from the config or the machine) and its policy."""
+    a, sel, kv = rt.args, rt.config.selection, rt.config.kv
+    b = resolve_budgets(kv, rt.device)
+    _sweep_once(b.disk_dir)
+    store = TieredStore(
+        rt.layout, rt.model.dtype, rt.device, host_bytes=b.host_bytes,
+        disk_dir=b.disk_dir / cache_dir_name(),
+        disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
+        # only the chunk selector reads abstracts: elsewhere they wait in host memory
+        abstracts_on_device=sel.selector == "chunk",
+    )  # fmt: skip
+    return store, SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
+
+
+def _setup_tiered(rt: Runtime, cache: KVCache) -> None:
+    sel = rt.config.selection
+    prefetch = sel.prefetch
+    if prefetch == "auto":  # measured: on a CPU both cost more than they save
+        prefetch = "on" if rt.device.type == "cuda" else "off"
+    if rt.backend.remote_host:
+        cache.mirror_dense_layers(rt.device)
+        cache.layered_prefill = True
+        if rt.backend.fixed_shape:  # the step's hit caches: see offload/step_cache.py
+            cache.use_step(rt.model, rt.backend, sel.hit_cache if prefetch != "off" else None)
+    if prefetch != "off":
+        cache.set_prefetch(rt.model, prefetch, sel.hit_cache)
