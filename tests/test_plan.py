@@ -100,3 +100,45 @@ def test_plan_cli(tmp_path):
     assert "hit caches (4,096 tokens" in out  # the preset retrieves 2048 tokens
     r = CliRunner().invoke(main, ["plan", "-m", str(d), "--context", "100", "--gpu-mem", "lots"])
     assert r.exit_code == 2 and "--gpu-mem: cannot read 'lots'" in r.output
+
+
+def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs):
+    """The plan's rows against the buffers a tiered cache decoding as on CUDA (here with
+    the torch references) holds: summaries and hit caches exactly (but for the slot
+    map, sized by the index's token capacity), the device index within its growth."""
+    import torch
+
+    from offload import Runtime
+    from offload.backend import Backend
+    from offload.generate import prefill
+    from offload.plan import plan_for_config
+    from tests.conftest import DEVICE
+
+    path = tiny_dirs["llama-gqa-untied"][0]
+    rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", sink=4, window=32,
+                                 retrieved=16, dense_layers=1, prefetch="cache",
+                                 candidate_factor=2, cluster_size=8)  # fmt: skip
+    rt.backend = Backend(DEVICE, kernels=False, fixed_shape=True, remote_host=True)
+    cache = rt.new_cache()
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:200]
+    token = int(prefill(rt.model, cache, ids, 64).argmax())
+    cache.finish_prefill()
+    for _ in range(8):
+        token = int(cache.decode(rt.model, token).argmax())
+    cache.flush()
+    T, step = cache.num_tokens, cache.step.plan
+    assert step.steps == 8
+    p = plan_for_config(path, T, 1 << 40, 1 << 40, rt.config)
+    row = lambda what: next(r for r in p.rows if r.what.startswith(what)).nbytes  # noqa: E731
+    nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    summaries = sum(nbytes(d.codes.view(), d.scale.view(), d.zero.view()) for d in cache.store.dev)
+    assert summaries == row("2-bit key summaries")
+    hc, H = step.hit_caches[1], rt.args.num_kv_heads
+    slot_map_extra = H * 4 * (hc.token_capacity - T)  # the map covers the index's capacity
+    assert hc.slots == 32 and slot_map_extra >= 0
+    held = nbytes(hc.kv, hc.token_of, hc.used, hc.slot_of)
+    assert held == row("hit caches") + slot_map_extra
+    idx = step.indexes[1]
+    index = nbytes(idx.centroids, idx.bias, idx.counts, idx.assign)
+    assert 0.75 <= index / row("cluster index (centroids") <= 1.5
+    assert cache.store.dev[1].scale.data.dtype == torch.float16  # (the plan's 2 bytes)
