@@ -57,6 +57,11 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buf = np.empty(nbytes + PAGE, dtype=np.uint8)
         start = -buf.ctypes.data % PAGE  # page-aligned, as registration wants
         mem = buf[start : start + nbytes]
+        # Touch every page first, with torch's threads (zero_ runs in parallel): a
+        # registration then locks pages that exist instead of faulting them in one by one
+        # (whether that is faster on the GPU machine is to be measured), and the slab
+        # holds no stale memory.
+        torch.from_numpy(mem).zero_()
         cudart = torch.cuda.cudart()
         ptr = mem.ctypes.data
         # portable (1) and mapped (2): one address for the CPU and every device
