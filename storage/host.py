@@ -61,13 +61,19 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # registration then locks pages that exist instead of faulting them in one by one
         # (whether that is faster on the GPU machine is to be measured), and the slab
         # holds no stale memory.
-        torch.from_numpy(mem).zero_()
-        cudart = torch.cuda.cudart()
+        t = torch.from_numpy(mem)
+        t.zero_()
         ptr = mem.ctypes.data
-        # portable (1) and mapped (2): one address for the CPU and every device
-        if int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0:
+        try:
+            cudart = torch.cuda.cudart()
+            # portable (1) and mapped (2): one address for the CPU and every device
+            registered = int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0
+        except (AttributeError, RuntimeError, TypeError):  # no such binding here
+            registered = False
+        if registered:
             weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
-            return torch.from_numpy(mem).view(dtype).view(shape)
+            if t.is_pinned():  # (what the rest of the store and `device_view` rely on)
+                return t.view(dtype).view(shape)
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
