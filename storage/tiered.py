@@ -17,7 +17,6 @@ spilling it again writes nothing.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
 from storage.host import HostTier, device_view
 from storage.layout import HeadRows, KVLayout
+from storage.spill import SpillWriter
 from storage.staging import PinnedStaging
 
 BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
@@ -94,8 +94,7 @@ class TieredStore:
         # may be running (offload/pipeline.py); re-entrant for nested store calls.
         self.lock = threading.RLock()
         self._staging = PinnedStaging() if device.type == "cuda" else None
-        self._writer: ThreadPoolExecutor | None = None  # writes spilled chunks (`spill`)
-        self._inflight = None  # (jobs, future) of the spill being written
+        self._writer = SpillWriter(self.disk)  # writes spilled chunks (`spill`)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -109,9 +108,7 @@ class TieredStore:
             self.settle()
         except StorageError:
             pass  # what could not be written is being discarded anyway
-        if self._writer is not None:
-            self._writer.shutdown()  # waits for a write still running
-            self._writer = None
+        self._writer.close()
         # Every file this store wrote, recorded or not (an interrupt may have come between
         # a write and its record); a loaded session's files are not among them.
         for name in self.disk.own_files():
@@ -248,37 +245,19 @@ class TieredStore:
                 a = self.dev[layer].abstracts(fresh)
                 abstracts = ChunkAbstracts(a.kmin.cpu(), a.kmax.cpu(), a.kmean.cpu())
             jobs.append((layer, chunks, fresh, data, abstracts))
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="offload-spill")
-        self._inflight = (jobs, self._writer.submit(self._write_jobs, jobs))
-
-    def _write_jobs(self, jobs) -> tuple[list[str | None], StorageError | None]:
-        """(In the writer thread.) One file per layer; stops at the first failure."""
-        names: list[str | None] = []
-        for layer, _, fresh, data, abstracts in jobs:
-            if not fresh:
-                names.append(None)
-                continue
-            try:
-                names.append(self.disk.write_chunks(layer, fresh, data, abstracts))
-            except StorageError as e:
-                return names, e
-        return names, None
+        self._writer.submit(jobs)
 
     def settle(self, wait: bool = True) -> None:
         """Apply the spill written in the background: its chunks leave the host. Raises
         the write's error (DiskFullError) with the chunks it could not write still on
         the host. Without `wait`, only if the write has finished."""
-        if self._inflight is None:
+        if not self._writer.busy:
             return
         with self.lock:  # (tier_bytes may call this while a prefetch worker reads the store)
-            if self._inflight is None:
+            done = self._writer.take(wait)  # (an interrupt here keeps the job for later)
+            if done is None:
                 return
-            jobs, future = self._inflight
-            if not wait and not future.done():
-                return
-            names, error = future.result()  # (an interrupt here keeps the job for later)
-            self._inflight = None
+            jobs, names, error = done
             written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
             for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
                 for i, c in enumerate(fresh):
