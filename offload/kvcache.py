@@ -58,12 +58,8 @@ class DenseLayer:
     def reserve(self, num_tokens: int, limit: int) -> None:
         """Room for `num_tokens` (grown geometrically, never past `limit` tokens, nor the
         layer's own bound)."""
-        if num_tokens > self.capacity:
-            if self.k.most is not None:
-                limit = min(limit, self.k.most)
-            grown = min(max(num_tokens, 2 * self.capacity), max(limit, num_tokens))
-            self.k.reserve(grown)
-            self.v.reserve(grown)
+        self.k.reserve(num_tokens, limit)
+        self.v.reserve(num_tokens, limit)
 
     def commit(self, num_tokens: int) -> None:
         """Count `num_tokens` written by a `DenseStepLayer` (they are in the buffers already)."""

@@ -20,7 +20,8 @@ class Growable:
     """A tensor that grows along `dim` with geometric reallocation; `view()` is the filled part.
 
     `most` bounds the geometric growth (a request for more is still granted exactly):
-    a cache with a byte budget never reserves beyond it. `growth` is the factor: 2 by
+    a cache with a byte budget never reserves beyond it; `reserve` may bound it further
+    (a cache never reserves past the model's window). `growth` is the factor: 2 by
     default; the device tier's summaries, which grow for the whole context, use 1.125,
     so that their capacity stays within an eighth of their size (doubling at a
     power-of-two context, 128k tokens, would hold twice what they need)."""
@@ -33,13 +34,16 @@ class Growable:
         self.data = torch.empty(shape, dtype=dtype, device=device)
         self.length = shape[dim]  # starts full (shape[dim] is usually 0)
 
-    def reserve(self, needed: int) -> None:
+    def reserve(self, needed: int, most: int | None = None) -> None:
         cap = self.data.shape[self.dim]
         if needed <= cap:
             return
         shape = list(self.data.shape)
         grown = max(needed, int(self.growth * cap), 16)
-        shape[self.dim] = grown if self.most is None else max(needed, min(grown, self.most))
+        for bound in (self.most, most):
+            if bound is not None:
+                grown = max(needed, min(grown, bound))
+        shape[self.dim] = grown
         bigger = self.data.new_empty(shape)
         bigger.narrow(self.dim, 0, self.length).copy_(self.view())
         self.data = bigger
