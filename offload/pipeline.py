@@ -286,11 +286,15 @@ class Prefetcher:
         if spec is not None:
             self._score_speculation(spec, ids, num_tokens)
         slots, copied = self._fetch_into(layer, ids, num_tokens)
-        s = self.stats
-        s.lookups += ids.numel()
-        s.hits += ids.numel() - copied
-        self._count_copy(copied)
+        self.count_lookups(ids.numel(), copied)
         return self.caches[layer].read(slots)
+
+    def count_lookups(self, lookups: int, copied: int) -> None:
+        """Token-head lookups of the hit caches, `copied` of them misses (also called by
+        the captured tiered step, whose own hit caches count on the device)."""
+        self.stats.lookups += lookups
+        self.stats.hits += lookups - copied
+        self._count_copy(copied)
 
     def _count_copy(self, copied: int, speculative: bool = False) -> None:
         L = self.store.layout

@@ -198,12 +198,7 @@ class TieredPlan:
             copied = lookups - hits
             store.reads.add("host", copied, copied * self._row_bytes)
             if self.cache.prefetcher is not None:  # reported with the eager path's figures
-                s = self.cache.prefetcher.stats
-                s.lookups, s.hits = s.lookups + lookups, s.hits + hits
-                s.copied, s.copied_bytes = (
-                    s.copied + copied,
-                    s.copied_bytes + copied * self._row_bytes,
-                )
+                self.cache.prefetcher.count_lookups(lookups, copied)
         with store.lock:
             for i in range(self.layout.num_layers):
                 t0 = store.lengths[i]
