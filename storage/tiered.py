@@ -144,26 +144,24 @@ class TieredStore:
         if run is None:  # chunk by chunk
             a = b = S
         new, filled = self._append_pieces(layer, start, k[:, :a], v[:, :a])
+        # Keys of the chunks completed here, in order, for their summaries and abstracts:
+        # those completed chunk by chunk in one call, the whole chunks in blocks (their
+        # float32 temporaries stay small).
+        keys = [torch.cat([self.host[layer].chunk(c)[0] for c in filled], dim=1)] if filled else []
         if run is not None:
             n = (b - a) // C
             for c in range(c0, c0 + n):
                 self.directory.add((layer, c), filling=False)
             self.host[layer].write_run(run, k[:, a:b], v[:, a:b])
-            new2, filled2 = self._append_pieces(layer, start + b, k[:, b:], v[:, b:])
-            new += [*range(c0, c0 + n), *new2]
+            block = max(C, SUMMARY_BLOCK // C * C)
+            keys += [k[:, s : min(b, s + block)] for s in range(a, b, block)]
+            # (the rest, fewer than C tokens from a chunk's start, completes no chunk)
+            tail, _ = self._append_pieces(layer, start + b, k[:, b:], v[:, b:])
+            new += [*range(c0, c0 + n), *tail]
         if new:
             self._mark_recent(layer, torch.tensor(new))
-        # Summaries and abstracts of every chunk completed here, in one call.
-        keys = [self.host[layer].chunk(c)[0].to(self.device) for c in filled]
-        if run is not None:  # (in blocks: their float32 temporaries stay small)
-            block = max(C, SUMMARY_BLOCK // C * C)
-            for s in range(a, b, block):
-                keys.append(k[:, s : min(b, s + block)].to(self.device, self.dtype))
-                self.dev[layer].add_chunks(torch.cat(keys, dim=1))
-                keys = []
-            keys += [self.host[layer].chunk(c)[0].to(self.device) for c in filled2]
-        if keys:
-            self.dev[layer].add_chunks(torch.cat(keys, dim=1))
+        for part in keys:
+            self.dev[layer].add_chunks(part.to(self.device, self.dtype))
         self.lengths[layer] = start + S
         if self.directory.over_budget():
             self.spill()
