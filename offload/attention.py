@@ -3,7 +3,11 @@
 dense   every token, gathered from the tiers (prefill chunks always; decode in
         dense layers, below the auto threshold, or in mode "dense")
 sparse  one decode token attends to sink + window + the `retrieved` tokens the
-        layer's selector picks per KV head, fetched from host (and disk)
+        layer's selector picks per KV head, fetched from host (and disk); so does
+        a prefill chunk after a long context whose KV is not in place (CUDA, or
+        spilled to disk): exactly to sink + the window before it + itself, and to
+        one selection for the whole chunk (all its queries as the selector's rows)
+        in the far range, instead of reading every earlier token again
 
 budget per KV head = sink + window + retrieved   (docs/budgets.md)
 """
@@ -80,6 +84,7 @@ def _cpu_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 class SelectionStats:
     sparse_steps: int = 0  # (layer, token) decode steps that attended sparsely
     dense_steps: int = 0
+    sparse_chunks: int = 0  # (layer, prefill chunk) passes that attended sparsely
     selection_seconds: float = 0.0
     fetch_seconds: float = 0.0
     index_seconds: float = 0.0
@@ -109,11 +114,14 @@ class SparsePolicy:
             for layer in range(self.num_layers)
         ]
 
-    def use_sparse(self, layer: int, num_tokens: int, store: TieredStore | None = None) -> bool:
-        """Sparse for this layer at this context? Mode "auto" stays dense up to
-        `sparse_threshold` tokens, and wherever `store` can hand the layer's KV to dense
-        attention in place (on the CPU, all in host memory), since there reading every
-        token costs less than selecting some (docs/performance.md)."""
+    def use_sparse(
+        self, layer: int, num_tokens: int, store: TieredStore | None = None, queries: int = 1
+    ) -> bool:
+        """Sparse for this layer at this context (`queries` new positions at its end)?
+        Mode "auto" stays dense up to `sparse_threshold` tokens, and wherever `store` can
+        hand the layer's KV to dense attention in place (on the CPU, all in host memory),
+        since there reading every token costs less than selecting some
+        (docs/performance.md)."""
         sel = self.selection
         if sel.mode == "dense" or self.selectors[layer] is None:
             return False
@@ -121,13 +129,21 @@ class SparsePolicy:
             num_tokens <= sel.sparse_threshold or (store is not None and store.in_place(layer))
         ):
             return False
-        return num_tokens - min(sel.sink, num_tokens) - sel.window >= 1
+        return self.bounds(num_tokens, queries)[1] - min(sel.sink, num_tokens) >= 1
 
-    def bounds(self, num_tokens: int) -> tuple[int, int, int]:
-        """lo, hi, k: the selection range [lo, hi) between sink and window, and its size."""
+    def use_sparse_chunk(self, layer: int, num_tokens: int, store: TieredStore, queries: int):
+        """Does a prefill chunk of `queries` positions attend sparsely? Where the layer's
+        KV is in place (on the CPU, in host memory) never: every token is read where it
+        lies, exactly. Elsewhere, as a decode step at this context would."""
+        return not store.in_place(layer) and self.use_sparse(layer, num_tokens, store, queries)
+
+    def bounds(self, num_tokens: int, queries: int = 1) -> tuple[int, int, int]:
+        """lo, hi, k: the selection range [lo, hi) between sink and window, and its size.
+        With `queries` new positions, the window is the `window` tokens the last of them
+        sees (itself included), so the other queries of a prefill chunk see more."""
         sel = self.selection
         lo = min(sel.sink, num_tokens)
-        hi = num_tokens - sel.window
+        hi = num_tokens - sel.window - (queries - 1)
         return lo, hi, min(sel.retrieved_for(num_tokens), hi - lo)
 
     def update(self, store: TieredStore, layer: int) -> LayerView:
@@ -213,39 +229,53 @@ class TieredLayer:
         if self.mirror is not None:  # a dense layer whose KV is on the device as well
             self.policy.stats.dense_steps += q.shape[1] == 1
             return self.mirror_kv().attend(q)
-        T = self.store.lengths[self.layer]
-        if q.shape[1] > 1 or not self.policy.use_sparse(self.layer, T, self.store):
-            self.policy.stats.dense_steps += q.shape[1] == 1
+        T, S = self.store.lengths[self.layer], q.shape[1]
+        if S > 1 and self.policy.use_sparse_chunk(self.layer, T, self.store, S):
+            return self._attend_sparse(q, T)
+        if S > 1 or not self.policy.use_sparse(self.layer, T, self.store):
+            self.policy.stats.dense_steps += S == 1
             with self.store.lock:
                 k, v = self.store.gather_all(self.layer)
             return gqa_attention(q, k, v)
         return self._attend_sparse(q, T)
 
     def _attend_sparse(self, q: torch.Tensor, T: int) -> torch.Tensor:
+        """The S = q.shape[1] newest positions (a decode step, or a prefill chunk) over
+        sink + the selected tokens + the window (and the chunk itself, causally)."""
         store, policy, layer = self.store, self.policy, self.layer
         stats = policy.stats
-        Hq, _, D = q.shape
+        Hq, S, D = q.shape
         H = store.layout.num_kv_heads
-        lo, hi, k = policy.bounds(T)
-        qg = q.reshape(H, Hq // H, D)  # [H_kv, G, D]: the query heads of each group
+        lo, hi, k = policy.bounds(T, S)
+        # [H_kv, G x S, D]: the query heads of each group (and a chunk's positions) as rows
+        qg = q.reshape(H, Hq // H * S, D)
 
         t0 = time.perf_counter()
         view = policy.update(store, layer)
         ids = policy.selectors[layer].select(qg, view, lo, hi, k)  # [H_kv, k] ascending
         t1 = time.perf_counter()
-        if self.prefetcher is not None:
+        if self.prefetcher is not None and S == 1:
             chosen = self.prefetcher.fetch(layer, ids, T)  # [2, H, k, D]
         else:
             with store.lock:
                 chosen = store.gather_selected(layer, ids)
         dev = store.dev[layer]
-        kv = torch.cat([dev.sink_kv[:, :, :lo], chosen, dev.read_window(hi, T)], dim=2)
-        store.reads.add("device", 1, (lo + T - hi) * store.layout.token_bytes_per_layer)
+        if S == 1:
+            near = dev.read_window(hi, T)
+            store.reads.add("device", 1, (lo + T - hi) * store.layout.token_bytes_per_layer)
+        else:  # the chunk has overwritten the ring's older part: read the window's tokens
+            with store.lock:
+                near = store.read_range(layer, hi, T)
+            store.reads.add("device", 1, lo * store.layout.token_bytes_per_layer)
+        kv = torch.cat([dev.sink_kv[:, :, :lo], chosen, near], dim=2)
         stats.selection_seconds += t1 - t0
         stats.layer_selection_seconds[layer] = (
             stats.layer_selection_seconds.get(layer, 0.0) + t1 - t0
         )
         stats.fetch_seconds += time.perf_counter() - t1
+        if S > 1:
+            stats.sparse_chunks += 1
+            return gqa_attention(q, kv[0], kv[1])
         stats.sparse_steps += 1
         stats.last_retrieved = k
         if stats.recall is not None:

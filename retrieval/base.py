@@ -6,7 +6,10 @@ Sink and window are always attended and are not the selector's business.
 
 GQA: the G query heads sharing a KV head get one selection, their scores
 aggregated: max of logits in coarse stages (clusters, chunks), sum of softmax
-in the final top-k (measured best in DESIGN.md section 3).
+in the final top-k (measured best in DESIGN.md section 3). A prefill chunk of S
+positions selects the same way with all its G x S queries as the rows (one
+selection for the chunk); `row_max` and `row_softmax_sum` score them a block of
+rows at a time, since their logits at once would not fit.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class LayerView:
 
 class Selector(Protocol):
     def select(self, q: torch.Tensor, view: LayerView, lo: int, hi: int, k: int) -> torch.Tensor:
-        """q: [H, G, D] -> token ids [H, k] in [lo, hi), distinct per head, ascending."""
+        """q: [H, G, D] (or [H, G x S, D]: a prefill chunk's queries) -> token ids [H, k]
+        in [lo, hi), distinct per head, ascending."""
         ...
 
     def update(self, view: LayerView, progress: Callable[[int, int], None] | None = None) -> None:
@@ -78,6 +82,30 @@ def fine_softmax_sum(scores: torch.Tensor) -> torch.Tensor:
     """
     probs = torch.softmax(scores, dim=-1)
     return torch.nan_to_num(probs, nan=0.0).sum(dim=1)
+
+
+ROW_BLOCK = 64  # query rows scored at a time (a decode step has G <= 64 rows: one block)
+
+
+def row_max(q: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`coarse_max(logits(q))` for rows q [H, R, D], scored `ROW_BLOCK` rows at a time."""
+    out = None
+    for r in range(0, q.shape[1], ROW_BLOCK):
+        m = coarse_max(logits(q[:, r : r + ROW_BLOCK]))
+        out = m if out is None else torch.maximum(out, m)
+    return out
+
+
+def row_softmax_sum(
+    q: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`fine_softmax_sum(logits(q))` for rows q [H, R, D], scored `ROW_BLOCK` rows at a
+    time (`logits` maps rows [H, r, D] to scaled, masked logits [H, r, N])."""
+    out = None
+    for r in range(0, q.shape[1], ROW_BLOCK):
+        w = fine_softmax_sum(logits(q[:, r : r + ROW_BLOCK]))
+        out = w if out is None else out + w
+    return out
 
 
 def top_k_ids(weights: torch.Tensor, ids: torch.Tensor | None, k: int) -> torch.Tensor:

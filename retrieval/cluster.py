@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.base import LayerView, coarse_max, exact_logits, fine_softmax_sum, top_k_ids
-from storage.quant import score_keys_at
+from retrieval.base import LayerView, exact_logits, row_max, row_softmax_sum, top_k_ids
+from storage.quant import keys_at, score_dequantized
 
 
 def as_faiss(x: torch.Tensor) -> np.ndarray:
@@ -198,7 +198,7 @@ class ClusterIndex:
         group) until `candidate_factor x k` of them, plus the not yet indexed tokens,
         restricted to [lo, hi). One batched pass, no loop over heads or clusters."""
         counts = self._counts_exact()
-        cscore = coarse_max(exact_logits(q.float(), self.centroids))  # [H, NC]
+        cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids))  # [H, NC]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(counts, 1, ranked).cumsum(1)
         n_clusters = (cum < self.candidate_factor * k).sum(1, keepdim=True) + 1  # [H, 1]
@@ -240,12 +240,20 @@ class ClusterIndex:
         ids = torch.where(valid, ids, torch.full_like(ids, lo)).to(dev)
         valid = valid.to(dev)
         if view.keys is not None:  # keys in place (CPU): rerank exactly, and cheaper
-            scores = exact_logits(q, view.keys.gather(ids))
+            keys = view.keys.gather(ids)
+
+            def raw(rows):
+                return exact_logits(rows, keys)
         else:
-            scores = score_keys_at(view.summaries, q, ids)
-        scores = scores * q.shape[-1] ** -0.5  # [H, G, n]
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        weights = fine_softmax_sum(scores)
+            k_hat = keys_at(view.summaries, ids)  # dequantized once for every block of rows
+
+            def raw(rows):
+                return score_dequantized(rows, k_hat)
+
+        scale, invalid = q.shape[-1] ** -0.5, ~valid[:, None, :]
+        weights = row_softmax_sum(  # [H, n]
+            q, lambda rows: (raw(rows) * scale).masked_fill(invalid, float("-inf"))
+        )
         if bool((n_valid < k).any()):  # too few candidates (tiny contexts): fill from the range
             return _fill_short(ids, valid, weights, lo, hi, k)
         return top_k_ids(weights, ids, k)

@@ -12,10 +12,10 @@ import torch
 
 from retrieval.base import (
     LayerView,
-    coarse_max,
     exact_logits,
-    fine_softmax_sum,
     range_mask,
+    row_max,
+    row_softmax_sum,
     top_k_ids,
 )
 from storage.abstracts import upper_bound_scores
@@ -38,8 +38,9 @@ class ExactTopK(_Stateless):
     def select(self, q, view: LayerView, lo, hi, k):
         # In place (no copy) where the host tier is this device's memory.
         keys = view.keys.view()[:, lo:hi] if view.keys is not None else view.read_keys(lo, hi)
-        scores = exact_logits(q, keys) * q.shape[-1] ** -0.5
-        return top_k_ids(fine_softmax_sum(scores), None, k) + lo
+        scale = q.shape[-1] ** -0.5
+        weights = row_softmax_sum(q, lambda rows: exact_logits(rows, keys) * scale)
+        return top_k_ids(weights, None, k) + lo
 
 
 class SummaryScan(_Stateless):
@@ -47,10 +48,13 @@ class SummaryScan(_Stateless):
 
     def select(self, q, view: LayerView, lo, hi, k):
         assert hi <= view.summarized_tokens, f"tokens up to {hi} must be summarized"
-        scores = score_keys(view.summaries, q) * q.shape[-1] ** -0.5  # [H, G, T_c]
-        outside = ~range_mask(scores.shape[-1], lo, hi, scores.device)
-        scores = scores.masked_fill(outside, float("-inf"))
-        return top_k_ids(fine_softmax_sum(scores), None, k)
+        scale = q.shape[-1] ** -0.5
+        outside = ~range_mask(view.summarized_tokens, lo, hi, q.device)
+
+        def logits(rows):  # [H, G, T_c]
+            return (score_keys(view.summaries, rows) * scale).masked_fill(outside, float("-inf"))
+
+        return top_k_ids(row_softmax_sum(q, logits), None, k)
 
 
 class ChunkBound(_Stateless):
@@ -58,7 +62,7 @@ class ChunkBound(_Stateless):
 
     def select(self, q, view: LayerView, lo, hi, k):
         C = view.chunk_size
-        bound = coarse_max(upper_bound_scores(view.abstracts, q))  # [H, n]
+        bound = row_max(q, lambda rows: upper_bound_scores(view.abstracts, rows))  # [H, n]
         n = bound.shape[-1]
         c_lo, c_hi = lo // C, min(n, math.ceil(hi / C))
         valid_chunk = range_mask(n, c_lo, c_hi, bound.device)

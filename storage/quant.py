@@ -139,6 +139,11 @@ def score_keys_at(qk: QuantKeys, q: torch.Tensor, ids: torch.Tensor) -> torch.Te
     q: [H, G, D]; ids: [H, N] token ids (< qk.num_tokens; pad with any valid id)
     returns [H, G, N] float32
     """
+    return score_dequantized(q, keys_at(qk, ids))
+
+
+def keys_at(qk: QuantKeys, ids: torch.Tensor) -> torch.Tensor:
+    """The dequantized keys k_hat [H, N, D] float32 of token ids [H, N]."""
     H, N = ids.shape
     P = qk.codes.shape[-1]
     codes = torch.gather(qk.codes, 1, ids[:, :, None].expand(H, N, P))  # [H, N, P]
@@ -147,5 +152,9 @@ def score_keys_at(qk: QuantKeys, q: torch.Tensor, ids: torch.Tensor) -> torch.Te
     groups = (ids // qk.group)[:, :, None].expand(H, N, D)
     scale = torch.gather(qk.scale, 1, groups).float()
     zero = torch.gather(qk.zero, 1, groups).float()
-    k_hat = zero + scale * codes
+    return zero + scale * codes
+
+
+def score_dequantized(q: torch.Tensor, k_hat: torch.Tensor) -> torch.Tensor:
+    """q [H, G, D] against dequantized keys [H, N, D] -> [H, G, N] float32."""
     return torch.einsum("hgd,hnd->hgn", q.float(), k_hat)

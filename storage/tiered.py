@@ -301,14 +301,18 @@ class TieredStore:
         kv = buf.permute(1, 2, 0, 3, 4).reshape(2, L.num_kv_heads, len(chunks) * C, L.head_dim)
         return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(self.device)
 
-    def _read_disk_chunks(self, layer: int, chunks: list[int]):
+    def _read_disk_chunks(self, layer: int, chunks: list[int], keep_all: bool = False):
         """Yield (chunk, kv) for chunks on disk. Many chunks of one file are read with one
-        bulk read; while the host has free slots, what was read is kept there (promoted),
-        so a loaded session is read from disk once, when first needed."""
+        bulk read; while the host has free slots (or all, with `keep_all`: the caller
+        restores the budget), what was read is kept there (promoted), so a loaded session
+        is read from disk once, when first needed."""
         L = self.layout
         by_file: dict[str, list[int]] = {}
         for c in chunks:
-            by_file.setdefault(self.directory.disk[(layer, c)].file, []).append(c)
+            rec = self.directory.disk.get((layer, c))
+            if rec is None:
+                raise StorageError(f"chunk {c} of layer {layer} is in no tier")
+            by_file.setdefault(rec.file, []).append(c)
         for name, group in by_file.items():
             if len(group) >= BULK_READ_MIN:
                 data = self.disk.read_all(name)
@@ -317,6 +321,8 @@ class TieredStore:
                 pairs = [(c, self._chunk_kv(layer, c)[1]) for c in group]
             self.reads.add("disk", len(pairs), len(pairs) * L.chunk_bytes)
             room = self.directory.host_capacity - self.directory.host_count
+            if keep_all:
+                room = len(pairs)
             for i, (c, kv) in enumerate(pairs):
                 if i < room:
                     self.host[layer].put(c, kv)
@@ -350,11 +356,9 @@ class TieredStore:
             self.reads.add("host", ids.numel(), n_bytes)
             return self.to_device(host.gather_in_order(ids_cpu))
         chunks = torch.unique(ids_cpu // L.chunk_size)
-        for c in host.missing(chunks):  # only chunks on disk take the slow path
-            _, kv = self._chunk_kv(layer, c)
-            host.put(c, kv)
-            self.directory.loaded((layer, c))
-            self.reads.add("disk", 1, L.chunk_bytes)
+        missing = host.missing(chunks)  # only chunks on disk take the slow path
+        for _ in self._read_disk_chunks(layer, missing, keep_all=True):
+            pass
         self._mark_recent(layer, chunks)
         kv = host.gather_heads(ids_cpu)
         self.reads.add("host", ids.numel(), n_bytes)
