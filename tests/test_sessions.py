@@ -354,11 +354,20 @@ def test_manifest_file_names_cannot_leave_the_folder(saved, name):
         open_session(saved.path)
 
 
-def test_swapped_chunk_files_of_equal_size_are_refused(tiny, saved):
-    a, b = [saved.version_dir / f["name"] for f in saved.chunk_files()[:2]]
-    assert a.stat().st_size == b.stat().st_size and a.name[:4] != b.name[:4]
+def test_swapped_chunk_files_are_refused_by_the_layer_they_hold(tiny, saved):
+    """Two chunk files of different layers swapped, their sizes in the manifest swapped
+    too (as an attacker can): each file's own metadata names its layer."""
+    fa, fb = saved.chunk_files()[:2]
+    a, b = saved.version_dir / fa["name"], saved.version_dir / fb["name"]
+    assert fa["layer"] != fb["layer"]
     tmp = a.with_suffix(".swap")
     a.rename(tmp), b.rename(a), tmp.rename(b)
+
+    def change(m):
+        files = m["files"]
+        files[fa["name"]]["size"], files[fb["name"]]["size"] = fb["size"], fa["size"]
+
+    rewrite_manifest(saved, change)
     with pytest.raises(StorageError, match="holds layer 1.*the manifest says layer 0"):
         Runtime.load_session(saved.path, model=tiny)
 
