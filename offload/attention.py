@@ -6,8 +6,9 @@ sparse  one decode token attends to sink + window + the `retrieved` tokens the
         layer's selector picks per KV head, fetched from host (and disk); so does
         a prefill chunk after a long context whose KV is not in place (CUDA, or
         spilled to disk): exactly to sink + the window before it + itself, and to
-        one selection for the whole chunk (all its queries as the selector's rows)
-        in the far range, instead of reading every earlier token again
+        one selection for the whole chunk (its queries as the selector's rows,
+        `selection_queries`) in the far range, instead of reading every earlier
+        token again
 
 budget per KV head = sink + window + retrieved   (docs/budgets.md)
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from offload.quantize import chunk_dtype
 from retrieval import LayerView, make_selector
 from storage.tiered import TieredStore
 
@@ -41,6 +43,9 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     """
     Hq, S, D = q.shape
     Hkv, T, _ = k.shape
+    if S > 1 and chunk_dtype(q) != q.dtype:  # bf16 on a CPU without fast bf16 matmuls
+        dt = chunk_dtype(q)
+        return gqa_attention(q.to(dt), k.to(dt), v.to(dt)).to(q.dtype)
     if S == 1:
         out = F.scaled_dot_product_attention(q.reshape(1, Hkv, Hq // Hkv, D), k[None], v[None])
         return out.reshape(Hq, 1, D)
@@ -78,6 +83,22 @@ def _cpu_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     lse = torch.logaddexp(lse1, lse2)
     out = o1.reshape(Hq, S, D).float() * (lse1 - lse).exp() + o2[0].float() * (lse2 - lse).exp()
     return out.to(q.dtype)
+
+
+SELECT_POSITIONS = 64  # a prefill chunk's selection is scored with at most this many
+
+
+def selection_queries(q: torch.Tensor) -> torch.Tensor:
+    """The queries [H_q, S', D] a selection is scored with: all S positions of a decode
+    step or a short chunk; of a longer chunk, `SELECT_POSITIONS` evenly spaced ones, the
+    first and the last included (the summed attention mass of a sample of the chunk's
+    queries estimates the whole chunk's; scoring every query of a 2048-token chunk
+    against every candidate would cost more than reading all the KV)."""
+    S = q.shape[1]
+    if S <= SELECT_POSITIONS:
+        return q
+    pos = torch.linspace(0, S - 1, SELECT_POSITIONS, device=q.device).round().long()
+    return q[:, pos]
 
 
 @dataclass
@@ -247,8 +268,8 @@ class TieredLayer:
         Hq, S, D = q.shape
         H = store.layout.num_kv_heads
         lo, hi, k = policy.bounds(T, S)
-        # [H_kv, G x S, D]: the query heads of each group (and a chunk's positions) as rows
-        qg = q.reshape(H, Hq // H * S, D)
+        # [H_kv, G x S', D]: the query heads of each group (and a chunk's positions) as rows
+        qg = selection_queries(q).reshape(H, -1, D)
 
         t0 = time.perf_counter()
         view = policy.update(store, layer)

@@ -21,6 +21,8 @@ weights stay dense (bf16 matmuls there are not the bottleneck this fixes).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -32,6 +34,32 @@ INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_
 # the call: the packed kernels are built for decode and at 512 rows run 12x slower
 # than a dense matmul (docs/performance.md).
 PACKED_MAX_ROWS = 16
+
+
+@functools.cache
+def slow_bf16_matmul() -> bool:
+    """Does this CPU lack fast bf16 matmuls? torch's own test (AVX-512 or AMX on x86,
+    bf16 instructions on Arm). Where it fails, as on AVX2-only x86, a bf16 GEMM of a
+    2048-row prefill chunk ran 6x slower than the same GEMM in float32 (measured,
+    docs/performance.md), so prefill chunks compute in float32 there."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def chunk_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a prefill chunk `x` is multiplied and attended in: float32 for bf16 on a
+    CPU without fast bf16 matmuls (the KV and the results stay bf16), else its own."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and slow_bf16_matmul():
+        return torch.float32
+    return x.dtype
+
+
+def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """`linear(x, weight, bias)` for a prefill chunk, in `chunk_dtype(x)`, back in x's."""
+    dt = chunk_dtype(x)
+    if dt == x.dtype:
+        return nn.functional.linear(x, weight, bias)
+    bias = None if bias is None else bias.to(dt)
+    return nn.functional.linear(x.to(dt), weight.to(dt), bias).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -51,8 +79,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > PACKED_MAX_ROWS:
-            w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
-            return nn.functional.linear(x, w, self.bias)
+            dt = chunk_dtype(x)
+            return chunk_linear(x, self.qweight.to(dt) * self.scale.to(dt)[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
         return y if self.bias is None else y + self.bias
 
@@ -106,7 +134,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > PACKED_MAX_ROWS:
-            return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+            return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scales_zeros
         )

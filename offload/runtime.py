@@ -405,6 +405,7 @@ class Runtime:
                 "selector": sel.selector,
                 "sparse_layer_steps": st.sparse_steps,
                 "dense_layer_steps": st.dense_steps,
+                "sparse_layer_prefill_chunks": st.sparse_chunks,
                 "index_seconds": st.index_seconds,
                 "selection_seconds": st.selection_seconds,
                 "fetch_seconds": st.fetch_seconds,

@@ -62,6 +62,7 @@ class ClusterIndex:
         self._sums = torch.zeros(self.H, 0, self.D)  # running member sums and counts per cluster
         self._counts = torch.zeros(self.H, 0)
         self._counts_cache = None
+        self._moved = None  # (centroids, their copy on the queries' device)
 
     @property
     def indexed_tokens(self) -> int:
@@ -198,7 +199,8 @@ class ClusterIndex:
         group) until `candidate_factor x k` of them, plus the not yet indexed tokens,
         restricted to [lo, hi). One batched pass, no loop over heads or clusters."""
         counts = self._counts_exact()
-        cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids))  # [H, NC]
+        centroids = self._centroids_on(q.device)
+        cscore = row_max(q.float(), lambda rows: exact_logits(rows, centroids)).cpu()  # [H, NC]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(counts, 1, ranked).cumsum(1)
         n_clusters = (cum < self.candidate_factor * k).sum(1, keepdim=True) + 1  # [H, 1]
@@ -212,6 +214,15 @@ class ClusterIndex:
         mask[:, :lo] = False
         return mask
 
+    def _centroids_on(self, device: torch.device) -> torch.Tensor:
+        """The centroids where the queries are: a prefill chunk's many queries are scored
+        against them on the GPU, not copied to the host (a copy per change of the index)."""
+        if self.centroids.device == device:
+            return self.centroids
+        if self._moved is None or self._moved[0] is not self.centroids:
+            self._moved = (self.centroids, self.centroids.to(device))
+        return self._moved[1]
+
     def candidates(self, q, lo, hi, k) -> list[torch.Tensor]:
         """The candidate token ids of each head (see `candidate_mask`)."""
         return [row.nonzero()[:, 0] for row in self.candidate_mask(q, lo, hi, k)]
@@ -223,10 +234,11 @@ class ClusterIndex:
         return self._counts_cache
 
     def select(self, q, view: LayerView, lo, hi, k):
-        # The index lives in host memory; the rerank runs where the summaries are.
-        # (On CUDA the decode step uses `DeviceClusterIndex`, which never leaves the device.)
+        # The index lives in host memory; the coarse scores and the rerank run where the
+        # queries and the summaries are. (On CUDA the decode step uses
+        # `DeviceClusterIndex`, which never leaves the device.)
         dev = q.device
-        mask = self.candidate_mask(q.to("cpu"), lo, hi, k)
+        mask = self.candidate_mask(q, lo, hi, k)
         n_valid = mask.sum(1)
         n = max(int(n_valid.max()), k)
         # Compact each row's candidates to the front, in token order (O(T), no sort):

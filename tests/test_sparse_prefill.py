@@ -36,7 +36,9 @@ def _reference(q, k_all, v_all, T, ids=None):
     out = []
     for h in range(H):
         if ids is None:
-            rows = q[G * h : G * h + G].reshape(G * S, D)
+            # a long chunk is scored with 64 evenly spaced positions, first and last included
+            pos = torch.linspace(0, S - 1, min(S, 64)).round().long()
+            rows = q[G * h : G * h + G, pos].reshape(-1, D)
             mass = torch.softmax(rows @ k_all[h, lo:hi].T / D**0.5, dim=-1).sum(0)
             far = torch.topk(mass, K).indices.sort().values + lo
         else:
@@ -47,17 +49,19 @@ def _reference(q, k_all, v_all, T, ids=None):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_a_chunk_attends_to_sink_window_itself_and_one_selection(tmp_path, monkeypatch, in_place):
-    """Not in place: exactly the reference above (the chunk's 80 query rows are scored
-    in two blocks); in place (the CPU's host memory): every token, as before."""
+@pytest.mark.parametrize("in_place,S", [(False, 40), (False, 100), (True, 40)])
+def test_a_chunk_attends_to_sink_window_itself_and_one_selection(
+    tmp_path, monkeypatch, in_place, S
+):
+    """Not in place: exactly the reference above (the chunk's query rows are scored in
+    blocks); in place (the CPU's host memory): every token, as before."""
     if not in_place:
         monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
     sel = SelectionSection(mode="sparse", selector="exact", sink=SINK, window=WINDOW,
                            retrieved=K, dense_layers=1)  # fmt: skip
     store, policy = _store(tmp_path, sel)
     g = torch.Generator().manual_seed(0)
-    T0, S = 100, 40
+    T0 = 100
     T = T0 + S
     assert G * S > ROW_BLOCK
     kv = torch.randn(2, H, T, D, generator=g)
@@ -130,9 +134,9 @@ DOC = "seven quiet stones over the river and a lamp by the door " * 4
 QUESTION = "Where is the lamp?"
 
 
-def _turns(path, **overrides) -> tuple[list[int], list[int], object]:
+def _turns(path, **overrides) -> tuple:
     """Tokens of a first turn (the document) and of a second (the question), on a tiered
-    cache; and that cache."""
+    cache; that cache, and the runtime's stats."""
     cfg = dict(dtype="float32", mode="sparse", sink=4, window=16, dense_layers=1,
                sparse_threshold=32, candidate_factor=2, prefetch="off")  # fmt: skip
     chat = Runtime.from_pretrained(path, **{**cfg, **overrides}).chat()
@@ -140,7 +144,8 @@ def _turns(path, **overrides) -> tuple[list[int], list[int], object]:
     cache = chat._state.cache
     assert cache.store is not None
     cache.store.reads.nbytes["host"] = 0
-    return first, [s.token_id for s in chat.stream(QUESTION, max_new_tokens=4)], cache
+    second = [s.token_id for s in chat.stream(QUESTION, max_new_tokens=4)]
+    return first, second, cache, chat.runtime.stats()
 
 
 def test_second_turn_is_dense_at_full_budget_and_reads_less_below_it(tiny_dirs, monkeypatch):
@@ -155,5 +160,6 @@ def test_second_turn_is_dense_at_full_budget_and_reads_less_below_it(tiny_dirs, 
     assert full[:2] == want[:2]
     assert want[2].policy.stats.sparse_chunks == 0
     assert full[2].policy.stats.sparse_chunks > 0 and small[2].policy.stats.sparse_chunks > 0
+    assert small[3]["selection"]["sparse_layer_prefill_chunks"] > 0
     assert small[2].store.reads.nbytes["host"] < full[2].store.reads.nbytes["host"]
     assert small[2].num_tokens == full[2].num_tokens > 100
