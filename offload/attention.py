@@ -1,7 +1,8 @@
 """Attention over the KV cache: the exact GQA kernel, and the tiered layer's two paths.
 
-dense   every token, gathered from the tiers (prefill chunks always; decode in
-        dense layers, below the auto threshold, or in mode "dense")
+dense   every token, gathered from the tiers (prefill chunks where the KV is in
+        place or the context short; decode in dense layers, below the auto
+        threshold, or in mode "dense")
 sparse  one decode token attends to sink + window + the `retrieved` tokens the
         layer's selector picks per KV head, fetched from host (and disk); so does
         a prefill chunk after a long context whose KV is not in place (CUDA, or

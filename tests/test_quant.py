@@ -82,3 +82,33 @@ def test_packed_linear_prefill_rows_match_the_decode_kernel(kind):
         q, scale, lo = int4_codes(linear.weight)
         w = (scale[..., None] * q.float().reshape(48, -1, 32) + lo[..., None]).reshape(48, 64)
         torch.testing.assert_close(packed.dequantized(torch.float32), w, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_prefill_chunks_compute_in_float32_where_bf16_matmuls_are_slow(monkeypatch, slow):
+    """On a CPU without fast bf16 matmuls a bf16 prefill chunk is multiplied and attended
+    in float32 (results back in bf16); elsewhere in bf16. Decode rows are unchanged."""
+    import offload.quantize as quantize
+    from offload.attention import gqa_attention
+
+    monkeypatch.setattr(quantize, "slow_bf16_matmul", lambda: slow)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    packed = quantize.Int4Linear(linear)
+    x = torch.randn(quantize.PACKED_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    assert quantize.chunk_dtype(x) == (torch.float32 if slow else torch.bfloat16)
+    assert quantize.chunk_dtype(x.float()) == torch.float32
+    w = packed.dequantized(quantize.chunk_dtype(x))
+    want = torch.nn.functional.linear(x.to(w.dtype), w, linear.bias.to(w.dtype))
+    got = packed(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.to(torch.bfloat16), atol=0, rtol=0)
+    q, k, v = (torch.randn(4, n, 16).to(torch.bfloat16) for n in (8, 20, 20))
+    k, v = k[:2], v[:2]
+    out = gqa_attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    ref = gqa_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    if slow:
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), atol=0.02, rtol=0.02)
