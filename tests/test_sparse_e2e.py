@@ -50,13 +50,14 @@ def test_needle_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
     """Wherever dense attention finds the needle, sparse (cluster, 5% + sink + window) does too,
     with the same answer. Dense finds it at 4 or 5 of 5 depths with this prompt (measured;
     which ones depends on rounding, so on the thread count and the device): what the code
-    guarantees is the agreement, asserted on at least 3 depths.
+    guarantees is the agreement, asserted on at least 2 of 3 depths (an 8k prefill takes
+    about a minute on a 2-core CPU without fast bf16).
 
     Both decode from the same prefill: after the sparse answer, the same prompt again
     with the selection mode set to dense reuses the prompt's KV but for its last chunk
     (`KVState.prepare`), and every step attends to every token."""
     dense_hits = 0
-    for depth in (0.1, 0.3, 0.5, 0.7, 0.9):
+    for depth in (0.1, 0.5, 0.9):
         prompt = needle_messages(320, depth)
         sparse = fresh(smol_bf16, mode="sparse", selector="cluster", retrieve_fraction=0.05)
         got = sparse.generate(prompt, max_new_tokens=3)
@@ -74,4 +75,4 @@ def test_needle_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
             dense_hits += 1
             assert "purple elephant" in got, (depth, want, got)
             assert got == want, (depth, want, got)
-    assert dense_hits >= 3
+    assert dense_hits >= 2
