@@ -87,6 +87,10 @@ def _cpu_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 SELECT_POSITIONS = 64  # a prefill chunk's selection is scored with at most this many
+# A prefill chunk's one selection retrieves up to this many times a decode step's tokens:
+# on the needle questions at 8k (scripts/eval_sparse_prefill.py) a question's 19 tokens
+# sharing a step's 5% lost the needle that a step per token, or the shared 20%, found.
+CHUNK_RETRIEVAL = 4
 
 
 def selection_queries(q: torch.Tensor) -> torch.Tensor:
@@ -162,11 +166,13 @@ class SparsePolicy:
     def bounds(self, num_tokens: int, queries: int = 1) -> tuple[int, int, int]:
         """lo, hi, k: the selection range [lo, hi) between sink and window, and its size.
         With `queries` new positions, the window is the `window` tokens the last of them
-        sees (itself included), so the other queries of a prefill chunk see more."""
+        sees (itself included), so the other queries of a prefill chunk see more, and
+        the chunk's one selection takes `min(queries, CHUNK_RETRIEVAL)` times a step's."""
         sel = self.selection
         lo = min(sel.sink, num_tokens)
         hi = num_tokens - sel.window - (queries - 1)
-        return lo, hi, min(sel.retrieved_for(num_tokens), hi - lo)
+        k = sel.retrieved_for(num_tokens) * min(queries, CHUNK_RETRIEVAL)
+        return lo, hi, min(k, hi - lo)
 
     def update(self, store: TieredStore, layer: int) -> LayerView:
         """Bring the layer's index up to date (under the store's lock); return its view."""

@@ -28,9 +28,9 @@ def _store(tmp_path, sel, **kw):
 
 
 def _reference(q, k_all, v_all, T, ids=None):
-    """The chunk's S queries over sink + the far tokens `ids` [H, K] (by default the exact
-    top-K by the summed softmax mass of all G x S queries of a group) + the near range
-    (causally)."""
+    """The chunk's S queries over sink + the far tokens `ids` [H, k] (by default the exact
+    top-k, k = 4 x K, by the summed softmax mass of the G x S queries of a group) + the
+    near range (causally)."""
     S = q.shape[1]
     lo, hi = SINK, T - WINDOW - (S - 1)
     out = []
@@ -40,7 +40,7 @@ def _reference(q, k_all, v_all, T, ids=None):
             pos = torch.linspace(0, S - 1, min(S, 64)).round().long()
             rows = q[G * h : G * h + G, pos].reshape(-1, D)
             mass = torch.softmax(rows @ k_all[h, lo:hi].T / D**0.5, dim=-1).sum(0)
-            far = torch.topk(mass, K).indices.sort().values + lo
+            far = torch.topk(mass, min(4 * K, hi - lo)).indices.sort().values + lo
         else:
             far = ids[h]
         keep = torch.cat([torch.arange(lo), far, torch.arange(hi, T)])
@@ -112,7 +112,7 @@ def test_a_chunk_reads_only_the_selected_chunks_from_disk(tmp_path, monkeypatch)
     store.reads.count["disk"] = 0
     q = torch.randn(H * G, S, D, generator=g)
     lo, hi, k = policy.bounds(T, S)
-    assert (lo, hi, k) == (SINK, T - WINDOW - S + 1, K)
+    assert (lo, hi, k) == (SINK, T - WINDOW - S + 1, 4 * K)
     ids = SummaryScan().select(q.reshape(H, G * S, D), policy.view(store, 1), lo, hi, k)
     out = layer.attend(q)
     torch.testing.assert_close(out, _reference(q, kv[0], kv[1], T, ids))
