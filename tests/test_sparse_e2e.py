@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from offload import Runtime
+from offload.generate import generate_steps, make_sampler
 
 FILL = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The secret passphrase is purple elephant. "
@@ -53,26 +54,26 @@ def test_needle_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
     guarantees is the agreement, asserted on at least 2 of 3 depths (an 8k prefill takes
     about a minute on a 2-core CPU without fast bf16).
 
-    Both decode from the same prefill: after the sparse answer, the same prompt again
-    with the selection mode set to dense reuses the prompt's KV but for its last chunk
-    (`KVState.prepare`), and every step attends to every token."""
+    Both decode from the same prefill, whose logits gave both their first token: after
+    the sparse answer the cache is cut back to the prompt and the first token, with the
+    selection mode set to dense, decodes the rest attending to every token."""
     dense_hits = 0
     for depth in (0.1, 0.5, 0.9):
         prompt = needle_messages(320, depth)
         sparse = fresh(smol_bf16, mode="sparse", selector="cluster", retrieve_fraction=0.05)
-        got = sparse.generate(prompt, max_new_tokens=3)
+        got = [step.token_id for step in sparse.stream(prompt, max_new_tokens=3)]
         s = sparse.stats()
         assert 7500 <= s["prompt_tokens"] <= 8192
         assert s["budget"]["retrieved"] <= 0.05 * s["context_tokens"] + 1
         assert s["selection"]["sparse_layer_steps"] > 0
-        policy = sparse._state.cache.policy
-        policy.selection = dataclasses.replace(policy.selection, mode="dense")
-        want = sparse.generate(prompt, max_new_tokens=3)
-        s = sparse.stats()
-        assert s["reused_tokens"] > 0 and s["selection"]["sparse_layer_steps"] == 0
+        cache = sparse._state.cache
+        cache.truncate(s["prompt_tokens"])
+        cache.policy.selection = dataclasses.replace(cache.policy.selection, mode="dense")
+        steps = generate_steps(sparse.model, cache, sparse.tokenizer, got[:1], 2, make_sampler())
+        want = got[:1] + [step.token_id for step in steps][: len(got) - 1]
+        assert cache.policy.stats.sparse_steps == s["selection"]["sparse_layer_steps"]
         sparse.close()
-        if "purple elephant" in want:
+        if "purple elephant" in smol_bf16.tokenizer.decode(want):
             dense_hits += 1
-            assert "purple elephant" in got, (depth, want, got)
             assert got == want, (depth, want, got)
     assert dense_hits >= 2
