@@ -161,7 +161,8 @@ class SparsePolicy:
         """Does a prefill chunk of `queries` positions attend sparsely? Where the layer's
         KV is in place (on the CPU, in host memory) never: every token is read where it
         lies, exactly. Elsewhere, as a decode step at this context would."""
-        return not store.in_place(layer) and self.use_sparse(layer, num_tokens, store, queries)
+        # (store=None below: in place was just answered, and is not asked twice)
+        return not store.in_place(layer) and self.use_sparse(layer, num_tokens, None, queries)
 
     def bounds(self, num_tokens: int, queries: int = 1) -> tuple[int, int, int]:
         """lo, hi, k: the selection range [lo, hi) between sink and window, and its size.
