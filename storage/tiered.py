@@ -376,11 +376,21 @@ class TieredStore:
     def in_place(self, layer: int) -> bool:
         """Can dense attention read every token of `layer` where it lies, without a copy?
         (CPU: the host tier is the compute device's memory and holds them all, in order;
-        all there but out of order, as after loading a session, they are put in order.)"""
+        all there but out of order, as after loading a session, they are put in order.
+        A loaded session's chunks still on disk are read into host memory first, once,
+        when the host budget has room for them: its prompts and steps are then exact,
+        as they were before the save, and not sparse for want of a read.)"""
         if self.device.type != "cpu":
             return False
         with self.lock:
-            return self.host[layer].put_in_order(self.lengths[layer])
+            host, T = self.host[layer], self.lengths[layer]
+            if not host.in_order(T):
+                missing = host.missing(torch.arange(self.layout.num_chunks(T)))
+                room = self.directory.host_capacity - self.directory.host_count
+                if missing and len(missing) <= room:
+                    for _ in self._read_disk_chunks(layer, missing):
+                        pass
+            return host.put_in_order(T)
 
     def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [H, T, D] of every token of `layer`, in order."""
