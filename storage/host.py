@@ -109,13 +109,24 @@ class HostTier:
         return self.num_chunks * self.layout.chunk_bytes
 
     def _reserve(self, slots: int) -> None:
-        """Room for `slots` slots, and an eighth more, so that a long prefill's slab does
+        """Room for `slots` slots (see `new_slab`)."""
+        if slots > self.slab.shape[2]:
+            self.take_slab(self.new_slab(slots))
+
+    def new_slab(self, slots: int) -> torch.Tensor:
+        """A slab for `slots` slots, and an eighth more, so that a long prefill's slab does
         not grow again at the next few chunks (growth is geometric: O(T) copies in all;
-        by 1.25x where memory is pinned, which is slow to pin and scarce)."""
+        by 1.25x where memory is pinned, which is slow to pin and scarce). It only
+        allocates (and pins): a thread may call it while another uses this tier."""
         n = self.slab.shape[2]
-        if slots > n:
-            growth = 1.25 if self.pin else 2
-            bigger = self._alloc(max(8, slots + slots // 8, int(growth * n)))
+        growth = 1.25 if self.pin else 2
+        return self._alloc(max(8, slots + slots // 8, int(growth * n)))
+
+    def take_slab(self, bigger: torch.Tensor) -> None:
+        """Move to a slab from `new_slab` (the caller holds the store's lock), unless the
+        slab has grown as far meanwhile."""
+        n = self.slab.shape[2]
+        if bigger.shape[2] > n:
             bigger[:, :, :n] = self.slab
             self.slab = bigger
 

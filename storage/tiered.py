@@ -166,6 +166,24 @@ class TieredStore:
         if self.directory.over_budget():
             self.spill()
 
+    def reserve_host(self, layer: int, num_tokens: int) -> bool:
+        """Allocate (on CUDA: and pin) `layer`'s host slab for its first `num_tokens`
+        tokens ahead of the appends that fill it, when the host budget holds that many
+        tokens of every layer. Only the swap to the new slab takes the lock, so a thread
+        can do it while a layer computes (a layer-by-layer prefill; offload/generate.py).
+        Returns whether it reserved."""
+        n = self.layout.num_chunks(num_tokens)
+        host = self.host[layer]
+        with self.lock:
+            missing = sum(max(0, n - h.num_chunks) for h in self.host)
+            room = self.directory.host_capacity - self.directory.host_count
+        if n <= host.slab.shape[2] or missing > room:
+            return False
+        slab = host.new_slab(n)
+        with self.lock:
+            host.take_slab(slab)
+        return True
+
     def _append_pieces(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[list[int], list[int]]:

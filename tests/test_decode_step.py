@@ -4,6 +4,8 @@ Every test runs on the CPU (the kernel in Triton's interpreter, the step eagerly
 the CUDA-only ones check what only a GPU has: graph replay and no host sync.
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -318,10 +320,12 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
 
 
 @pytest.mark.parametrize("mirrored", [False, True])
-def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored):
+def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatch):
     """Layer by layer (all hidden states kept, one layer's KV at a time) gives the logits
-    and the KV of token-chunked prefill through the tiers, and the same decode after."""
+    and the KV of token-chunked prefill through the tiers, and the same decode after;
+    the host slabs are allocated on the reserving thread, not by the appends."""
     from offload.generate import prefill_by_layer
+    from storage.host import HostTier
 
     rt, plain, layered = _tiered_pair(tiny_dirs)
     plain.layered_prefill = False  # (on CUDA the Runtime asks for layers)
@@ -333,7 +337,12 @@ def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored):
     seen = []
     real_read = layered.store.read_keys
     layered.store.read_keys = lambda *a: pytest.fail("keys read back from the host tier")
+    allocs, real_alloc = [], HostTier._alloc
+    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(
+        threading.current_thread().name) or real_alloc(self, n))  # fmt: skip
     got = prefill_by_layer(rt.model, layered, ids, 64, lambda *a: seen.append(a))
+    monkeypatch.undo()
+    assert allocs and all(name.startswith("offload-reserve") for name in allocs)
     layered.finish_prefill()  # each layer was indexed from its device keys already
     layered.store.read_keys = real_read
     for a, b in zip(plain.policy.selectors, layered.policy.selectors, strict=True):

@@ -301,6 +301,28 @@ def test_long_appends_equal_token_by_token_appends(tmp_path, host_chunks):
             assert bulk.spilled_chunks > 0 and bulk.directory.host_count <= host_chunks
 
 
+def test_host_slabs_reserved_ahead_take_the_appends_without_allocating(tmp_path, monkeypatch):
+    """A layer's slab reserved for T tokens (a thread does it during a layer-by-layer
+    prefill, pinning on CUDA) takes the appends of those tokens with no allocation; the
+    KV is as without the reservation. Where the budget cannot hold T tokens of every
+    layer, nothing is reserved (the appends spill as before)."""
+    kv = torch.stack([random_kv(130, seed=7), random_kv(130, seed=8)])
+    allocs = []
+    real = HostTier._alloc
+    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
+    with make_store(tmp_path / "a", host_chunks=2 * 33) as store:
+        assert store.reserve_host(0, 130) and store.reserve_host(1, 130)
+        assert not store.reserve_host(1, 130)  # already there
+        reserved = len(allocs)
+        fill(store, kv, pieces=(130,))
+        assert len(allocs) == reserved
+        for layer in range(2):
+            assert torch.equal(store.gather_all(layer)[0], kv[layer, 0])
+            assert torch.equal(store.gather_all(layer)[1], kv[layer, 1])
+    with make_store(tmp_path / "b", host_chunks=2 * 33 - 1) as store:
+        assert not store.reserve_host(0, 130)
+
+
 def test_keys_stay_in_place_after_a_truncation(tmp_path):
     """A cut frees the tail's host slots; re-filling must put the chunks back in order,
     or the CPU fast paths (keys and K/V read in place, no copy) are lost for good."""
