@@ -514,4 +514,3 @@ def test_no_spilled_file_survives_a_kill_and_the_next_start(tiny, tmp_path, sig)
         live = disk / "cache-1-0123abcd"  # a live process's folder (pid 1) stays
         live.mkdir()
         assert sweep_stale(disk) == stale and list(disk.iterdir()) == [live]
-
