@@ -30,6 +30,7 @@ from storage.host import HostTier, device_view
 from storage.layout import HeadRows, KVLayout
 from storage.spill import SpillWriter
 from storage.staging import PinnedStaging
+from storage.warm import Warmer
 
 BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
 
@@ -95,6 +96,7 @@ class TieredStore:
         self.lock = threading.RLock()
         self._staging = PinnedStaging() if device.type == "cuda" else None
         self._writer = SpillWriter(self.disk)  # writes spilled chunks (`spill`)
+        self._warmer: Warmer | None = None  # reads a loaded session's files (`warm`)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -104,6 +106,8 @@ class TieredStore:
 
     def close(self) -> None:
         """Delete this store's chunk files (and its directory when left empty). Idempotent."""
+        if self._warmer is not None:
+            self._warmer.stop()
         try:
             self.settle()
         except StorageError:
@@ -338,14 +342,24 @@ class TieredStore:
             else:
                 pairs = [(c, self._chunk_kv(layer, c)[1]) for c in group]
             self.reads.add("disk", len(pairs), len(pairs) * L.chunk_bytes)
+            self.keep_on_host(layer, pairs, len(pairs) if keep_all else None)
+            yield from pairs
+
+    def keep_on_host(self, layer: int, pairs, room: int | None = None) -> int:
+        """Put chunks read from disk, (chunk, kv [2, H, C, D]) pairs, into host memory:
+        those not there already, `room` at most (by default the free slots). Their disk
+        records stay (KV never changes: a later spill writes nothing). Returns how many."""
+        if room is None:
             room = self.directory.host_capacity - self.directory.host_count
-            if keep_all:
-                room = len(pairs)
-            for i, (c, kv) in enumerate(pairs):
-                if i < room:
-                    self.host[layer].put(c, kv)
-                    self.directory.loaded((layer, c))
-                yield c, kv
+        kept = 0
+        for c, kv in pairs:
+            if kept >= room:
+                break
+            if not self.directory.on_host((layer, c)):
+                self.host[layer].put(c, kv)
+                self.directory.loaded((layer, c))
+                kept += 1
+        return kept
 
     def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
         """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""
@@ -524,6 +538,13 @@ class TieredStore:
             if num_tokens % C:
                 self._reopen_partial(layer, num_tokens // C)
             self._refill_recent(layer, with_sink=True)
+
+    def warm(self) -> Warmer:
+        """Start reading the chunks still on disk into host memory on a thread, while the
+        host budget has room (a session just loaded; storage/warm.py)."""
+        if self._warmer is None:
+            self._warmer = Warmer(self).start()
+        return self._warmer
 
     # -- accounting --------------------------------------------------------------
 

@@ -1,0 +1,74 @@
+"""A loaded session's KV is read into host memory on a thread (storage/warm.py), so the
+questions after it read memory; within the host budget, and never over a truncation."""
+
+from offload import Runtime
+from storage.tiered import TieredStore
+from storage.warm import Warmer
+from tests.conftest import filler_text
+from tests.test_sessions import doc_runtime, tiny  # noqa: F401  (the fixture)
+
+
+def _chunks(store):
+    return sum(store.layout.num_chunks(n) for n in store.lengths)
+
+
+def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):  # noqa: F811
+    rt = doc_runtime(tiny, filler_text(60, seed=1))
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "s")
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    store = loaded._state.cache.store
+    store.warm().wait()
+    assert store.directory.host_count == _chunks(store)
+    C = store.layout.chunk_size  # (the partial last chunk was read at the load)
+    assert store.reads.nbytes["disk"] >= store.layout.kv_bytes(store.num_tokens // C * C)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert loaded.stats()["tier_reads"]["disk"] == 0  # the question read memory only
+    loaded.close()
+
+
+def test_warming_keeps_the_host_budget(tiny, tmp_path):  # noqa: F811
+    rt = doc_runtime(tiny, filler_text(75, seed=3), mode="dense", chunk_size=2)
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "big")
+    budget = 6 * tiny.args.num_layers * rt.layout.chunk_bytes
+    loaded = Runtime.load_session(
+        tmp_path / "big", model=tiny, mode="dense", chunk_size=2, host_bytes=budget
+    )
+    store = loaded._state.cache.store
+    store.warm().wait()
+    assert 0 < store.directory.host_count <= store.directory.host_capacity < _chunks(store)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+
+
+def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """A truncation between the warmer's read and its put: the chunks past the cut stay
+    gone, the KV kept is the saved one, and a question after it answers as it would
+    on a session never warmed."""
+    rt = doc_runtime(tiny, filler_text(60, seed=1))
+    rt.save_session(tmp_path / "s")
+    ref = rt._state.cache.store
+    monkeypatch.setattr(TieredStore, "warm", lambda self: None)  # (driven by hand below)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    store = loaded._state.cache.store
+    warmer = Warmer(store)
+    files = warmer.files()
+    assert files and [layer for layer, _ in files] == sorted(layer for layer, _ in files)
+    real = store.disk.read_all
+    cut = store.num_tokens // 2
+
+    def read_then_cut(name):
+        data = real(name)
+        if store.num_tokens > cut:
+            loaded._state.cache.truncate(cut)
+        return data
+
+    monkeypatch.setattr(store.disk, "read_all", read_then_cut)
+    warmer.run()
+    C = store.layout.chunk_size
+    for layer in range(store.layout.num_layers):
+        assert all(c < -(-cut // C) for (lay, c) in store.directory.lru_order() if lay == layer)
+        k, v = store.gather_all(layer)
+        k_ref, v_ref = ref.gather_all(layer)
+        assert k.shape[1] == cut
+        assert k.equal(k_ref[:, :cut]) and v.equal(v_ref[:, :cut])
