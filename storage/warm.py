@@ -5,7 +5,8 @@ question reads the chunks it needs when it needs them. Meanwhile the warmer read
 the other files, layer by layer, each in one bulk read with its checksums verified,
 into the free slots of the host tier, so that questions after it read memory: on a
 CPU the layers are in place for exact attention; on CUDA the sparse prompt chunks
-and decode steps gather from the pinned slab instead of files.
+and decode steps gather from the pinned slab instead of files, and once every layer
+is read in, each in slot order, decode steps run as captured CUDA graphs again.
 
 It takes the store's lock only to put what it read (chunks a question brought in
 meanwhile are skipped, and so are chunks cut away by a truncation), stops when the
@@ -49,31 +50,48 @@ class Warmer:
         return sorted(out, key=lambda f: out[f])
 
     def run(self) -> None:
+        files = self.files()
+        for i, (layer, name) in enumerate(files):
+            if self._stop.is_set() or not self._read(layer, name):
+                return
+            if i + 1 == len(files) or files[i + 1][0] != layer:
+                self._put_in_order(layer)
+
+    def _read(self, layer: int, name: str) -> bool:
+        """Put the file's chunks that are still wanted on the host; False to stop."""
         store = self.store
-        for layer, name in self.files():
+        with store.lock:
+            room = store.directory.host_capacity - store.directory.host_count
+            want = [c for (lay, c), rec in store.directory.disk.items()
+                    if lay == layer and rec.file == name
+                    and not store.directory.on_host((lay, c))]  # fmt: skip
+        if len(want) > room:
+            return False  # the budget is full: the rest stays on disk
+        if not want:
+            return True
+        try:
+            data = store.disk.read_all(name)
+        except Exception:  # (StorageError: the question that needs it reports it)
+            return False
+        with store.lock:
             if self._stop.is_set():
-                return
-            with store.lock:
-                room = store.directory.host_capacity - store.directory.host_count
-                want = [c for (lay, c), rec in store.directory.disk.items()
-                        if lay == layer and rec.file == name
-                        and not store.directory.on_host((lay, c))]  # fmt: skip
-            if len(want) > room:
-                return  # the budget is full: the rest stays on disk
-            if not want:
-                continue
-            try:
-                data = store.disk.read_all(name)
-            except Exception:  # (StorageError: the question that needs it reports it)
-                return
-            with store.lock:
-                if self._stop.is_set():
-                    return
-                # (a chunk cut away meanwhile is gone; one appended again under its
-                # index since, and spilled, has another file)
-                records = [(c, store.directory.disk.get((layer, c))) for c in want]
-                pairs = [(c, data[r.batch]) for c, r in records if r is not None and r.file == name]
-                kept = store.keep_on_host(layer, pairs)
-                store.reads.add("disk", len(pairs), len(pairs) * store.layout.chunk_bytes)
-            if kept < len(pairs):
-                return
+                return False
+            # (a chunk cut away meanwhile is gone; one appended again under its index
+            # since, and spilled, has another file)
+            records = [(c, store.directory.disk.get((layer, c))) for c in want]
+            pairs = [(c, data[r.batch]) for c, r in records if r is not None and r.file == name]
+            kept = store.keep_on_host(layer, pairs)
+            store.reads.add("disk", len(pairs), len(pairs) * store.layout.chunk_bytes)
+        return kept == len(pairs)
+
+    def _put_in_order(self, layer: int) -> None:
+        """A layer read in whole: each chunk to the slot of its index (what the fixed-shape
+        CUDA step and in-place attention read). The new slab is allocated (pinned, on
+        CUDA) outside the lock; only the copy into it holds the lock."""
+        store = self.store
+        host = store.host[layer]
+        if host.in_order(store.lengths[layer]):
+            return
+        slab = host.same_size_slab()
+        with store.lock:
+            host.put_in_order(store.lengths[layer], slab)

@@ -1,7 +1,10 @@
 """A loaded session's KV is read into host memory on a thread (storage/warm.py), so the
 questions after it read memory; within the host budget, and never over a truncation."""
 
+import torch
+
 from offload import Runtime
+from offload.backend import Backend
 from storage.tiered import TieredStore
 from storage.warm import Warmer
 from tests.conftest import filler_text
@@ -20,6 +23,8 @@ def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):  # noq
     store = loaded._state.cache.store
     store.warm().wait()
     assert store.directory.host_count == _chunks(store)
+    # each layer in slot order: what the captured CUDA step reads
+    assert all(store.host[i].in_order(n) for i, n in enumerate(store.lengths))
     C = store.layout.chunk_size  # (the partial last chunk was read at the load)
     assert store.reads.nbytes["disk"] >= store.layout.kv_bytes(store.num_tokens // C * C)
     assert loaded.ask("seven stones", max_new_tokens=6) == want
@@ -72,3 +77,20 @@ def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monk
         k_ref, v_ref = ref.gather_all(layer)
         assert k.shape[1] == cut
         assert k.equal(k_ref[:, :cut]) and v.equal(v_ref[:, :cut])
+
+
+def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """As on CUDA (host memory is not the device's; steps run fixed-shape; here on the
+    CPU, eagerly): once the warmer has read every layer in, in slot order, the decode
+    steps of a loaded session take the fixed-shape path, and at full budget answer as
+    the runtime that saved it."""
+    rt = doc_runtime(tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache")
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "s")
+    remote = Backend(torch.device("cpu"), fixed_shape=True, remote_host=True)
+    monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
+    monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    loaded._state.cache.store.warm().wait()
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert loaded._state.cache.step.plan.steps > 0
