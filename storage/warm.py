@@ -2,7 +2,7 @@
 
 A session opens with its KV as the disk tier: nothing is read at load, and a
 question reads the chunks it needs when it needs them. Meanwhile the warmer reads
-the other files, layer by layer, each in one bulk read with its checksums verified,
+the other files, layer by layer from the last, each in one bulk read with its checksums verified,
 into the free slots of the host tier, so that questions after it read memory: on a
 CPU the layers are in place for exact attention; on CUDA the sparse prompt chunks
 and decode steps gather from the pinned slab instead of files, and once every layer
@@ -39,11 +39,13 @@ class Warmer:
             self._thread.join()
 
     def files(self) -> list[tuple[int, str]]:
-        """(layer, file) of every chunk on disk and not on the host, in layer order."""
+        """(layer, file) of every chunk on disk and not on the host, the last layer first:
+        a question asked at once reads from the first layer up, so the two meet halfway
+        instead of reading the same files twice."""
         store = self.store
         with store.lock:
             out = {
-                (layer, rec.file): (layer, chunk)
+                (layer, rec.file): (-layer, chunk)
                 for (layer, chunk), rec in store.directory.disk.items()
                 if not store.directory.on_host((layer, chunk))
             }
