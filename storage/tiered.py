@@ -6,7 +6,10 @@
     read_range(layer, a, b)  K/V of tokens a..b-1 from wherever they live
     gather_all(layer)        all tokens (dense attention): sink and window from the
                              device, the rest from host and disk
+                             (the reads: storage/reading.py, mixed in)
     truncate(n)              keep the first n tokens (reuse of a shared prefix)
+    adopt(...), warm()       a loaded session's files as the disk tier, read into
+                             host memory on a thread (storage/warm.py)
 
 When the host holds more chunks than its budget, the least recently used filled
 chunks are spilled to disk, `spill_batch` at a time and one file per layer, so
@@ -17,7 +20,6 @@ spilling it again writes nothing.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,32 +28,18 @@ from storage.abstracts import ChunkAbstracts
 from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
-from storage.host import HostTier, device_view
-from storage.layout import HeadRows, KVLayout
+from storage.host import HostTier
+from storage.layout import KVLayout
+from storage.reading import StoreReads, TierReads
 from storage.spill import SpillWriter
 from storage.staging import PinnedStaging
 from storage.warm import Warmer
-
-BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
-
-
-@dataclass
-class TierReads:
-    """Reads served by each tier since the last reset (count of reads, bytes)."""
-
-    count: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "disk": 0})
-    nbytes: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "disk": 0})
-
-    def add(self, tier: str, n: int, nbytes: int) -> None:
-        self.count[tier] += n
-        self.nbytes[tier] += nbytes
-
 
 BULK_APPEND_MIN = 64  # tokens: appends with fewer whole chunks go chunk by chunk
 SUMMARY_BLOCK = 16384  # tokens of whole chunks summarized at a time, at most
 
 
-class TieredStore:
+class TieredStore(StoreReads):
     def __init__(
         self,
         layout: KVLayout,
@@ -289,170 +277,6 @@ class TieredStore:
                 self._spilled += len(chunks)
         if error is not None:
             raise error
-
-    # -- reading -----------------------------------------------------------------
-
-    def _chunk_kv(self, layer: int, chunk: int) -> tuple[str, torch.Tensor]:
-        if self.directory.on_host((layer, chunk)):
-            return "host", self.host[layer].chunk(chunk)
-        rec = self.directory.disk.get((layer, chunk))
-        if rec is None:
-            raise StorageError(f"chunk {chunk} of layer {layer} is in no tier")
-        return "disk", self.disk.read_chunk(rec.file, rec.batch)
-
-    def read_range(self, layer: int, t0: int, t1: int) -> torch.Tensor:
-        """[2, H, t1-t0, D] on the compute device, from host and disk chunks."""
-        L = self.layout
-        C = L.chunk_size
-        if t1 <= t0:
-            return torch.empty(
-                2, L.num_kv_heads, 0, L.head_dim, dtype=self.dtype, device=self.device
-            )
-        c0, c1 = t0 // C, (t1 - 1) // C + 1
-        chunks = list(range(c0, c1))
-        on_host = [c for c in chunks if self.directory.on_host((layer, c))]
-        buf = torch.empty(len(chunks), 2, L.num_kv_heads, C, L.head_dim, dtype=self.dtype)
-        if on_host:
-            idx = torch.tensor([c - c0 for c in on_host], dtype=torch.long)
-            buf.index_copy_(0, idx, self.host[layer].gather_chunks(on_host))
-            self.reads.add("host", len(on_host), len(on_host) * L.chunk_bytes)
-        on_disk = [c for c in chunks if not self.directory.on_host((layer, c))]
-        if on_disk:
-            for c, kv in self._read_disk_chunks(layer, on_disk):
-                buf[c - c0] = kv
-        kv = buf.permute(1, 2, 0, 3, 4).reshape(2, L.num_kv_heads, len(chunks) * C, L.head_dim)
-        return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(self.device)
-
-    def _read_disk_chunks(self, layer: int, chunks: list[int], keep_all: bool = False):
-        """Yield (chunk, kv) for chunks on disk. Many chunks of one file are read with one
-        bulk read; while the host has free slots (or all, with `keep_all`: the caller
-        restores the budget), what was read is kept there (promoted), so a loaded session
-        is read from disk once, when first needed."""
-        L = self.layout
-        by_file: dict[str, list[int]] = {}
-        for c in chunks:
-            rec = self.directory.disk.get((layer, c))
-            if rec is None:
-                raise StorageError(f"chunk {c} of layer {layer} is in no tier")
-            by_file.setdefault(rec.file, []).append(c)
-        for name, group in by_file.items():
-            if len(group) >= BULK_READ_MIN:
-                data = self.disk.read_all(name)
-                pairs = [(c, data[self.directory.disk[(layer, c)].batch]) for c in group]
-            else:
-                pairs = [(c, self._chunk_kv(layer, c)[1]) for c in group]
-            self.reads.add("disk", len(pairs), len(pairs) * L.chunk_bytes)
-            self.keep_on_host(layer, pairs, len(pairs) if keep_all else None)
-            yield from pairs
-
-    def keep_on_host(self, layer: int, pairs, room: int | None = None) -> int:
-        """Put chunks read from disk, (chunk, kv [2, H, C, D]) pairs, into host memory:
-        those not there already, `room` at most (by default the free slots). Their disk
-        records stay (KV never changes: a later spill writes nothing). Returns how many."""
-        if room is None:
-            room = self.directory.host_capacity - self.directory.host_count
-        kept = 0
-        for c, kv in pairs:
-            if kept >= room:
-                break
-            if not self.directory.on_host((layer, c)):
-                self.host[layer].put(c, kv)
-                self.directory.loaded((layer, c))
-                kept += 1
-        return kept
-
-    def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
-        """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""
-        return self.read_range(layer, t0, t1)[0]
-
-    def key_rows(self, layer: int) -> HeadRows | None:
-        """Every token's key in place (no copy) when the host tier is the compute device's
-        memory and holds the layer's chunks in order; None otherwise."""
-        if self.device.type != "cpu":
-            return None
-        return self.host[layer].key_rows(self.lengths[layer])
-
-    def gather_selected(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        """K and V [2, H, k, D] of per-head token ids [H, k] on the compute device.
-
-        Chunks only on disk are brought back to the host first (a selection hit is
-        a reason to keep them near), every touched chunk becomes most recently used,
-        and the host budget is restored afterwards.
-        """
-        L = self.layout
-        ids_cpu = ids.to("cpu")
-        host = self.host[layer]
-        n_bytes = ids.numel() * 2 * L.head_dim * L.dtype_bytes
-        if host.in_order(self.lengths[layer]):  # all on the host, in place: the fast path
-            self._mark_recent(layer, ids_cpu.reshape(-1) // L.chunk_size)
-            self.reads.add("host", ids.numel(), n_bytes)
-            return self.to_device(host.gather_in_order(ids_cpu))
-        chunks = torch.unique(ids_cpu // L.chunk_size)
-        missing = host.missing(chunks)  # only chunks on disk take the slow path
-        for _ in self._read_disk_chunks(layer, missing, keep_all=True):
-            pass
-        self._mark_recent(layer, chunks)
-        kv = host.gather_heads(ids_cpu)
-        self.reads.add("host", ids.numel(), n_bytes)
-        if self.directory.over_budget():
-            self.spill()
-        return self.to_device(kv)
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host tensor -> compute device; on CUDA through pinned staging, asynchronously
-        on the current stream (the prefetch worker's copy stream when it runs there)."""
-        if self._staging is None:
-            return t.to(self.device)
-        return self._staging.to_device(t, self.device)
-
-    def in_place(self, layer: int) -> bool:
-        """Can dense attention read every token of `layer` where it lies, without a copy?
-        (CPU: the host tier is the compute device's memory and holds them all, in order;
-        all there but out of order, as after loading a session, they are put in order.
-        A loaded session's chunks still on disk are read into host memory first, once,
-        when the host budget has room for them: its prompts and steps are then exact,
-        as they were before the save, and not sparse for want of a read.)"""
-        if self.device.type != "cpu":
-            return False
-        with self.lock:
-            host, T = self.host[layer], self.lengths[layer]
-            if not host.in_order(T):
-                missing = host.missing(torch.arange(self.layout.num_chunks(T)))
-                room = self.directory.host_capacity - self.directory.host_count
-                if missing and len(missing) <= room:
-                    for _ in self._read_disk_chunks(layer, missing):
-                        pass
-            return host.put_in_order(T)
-
-    def gather_all(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [H, T, D] of every token of `layer`, in order."""
-        T = self.lengths[layer]
-        if self.in_place(layer):  # the host tier is the compute device's memory: no copy
-            view = self.host[layer].tokens_view(T)
-            self.reads.add("host", 1, T * self.layout.token_bytes_per_layer)
-            return view[0], view[1]
-        host = self.host[layer]
-        if host.pin and host.in_order(T):
-            # All in the pinned slab, in order: the device copies it where it lies, in one
-            # pass over PCIe (no host-side gather, no pageable staging).
-            view = device_view(host.slab, self.device)
-            L = self.layout
-            n = L.num_chunks(T)
-            kv = view[:, :, :n].reshape(2, L.num_kv_heads, n * L.chunk_size, L.head_dim)
-            kv = kv[:, :, :T].clone()
-            self.reads.add("host", 1, T * L.token_bytes_per_layer)
-            return kv[0], kv[1]
-        dev = self.dev[layer]
-        n_sink = min(self.sink, T)
-        w0 = max(n_sink, T - self.window)
-        parts = [
-            dev.sink_kv[:, :, :n_sink],
-            self.read_range(layer, n_sink, w0),
-            dev.read_window(w0, T),
-        ]
-        self.reads.add("device", 1, (n_sink + T - w0) * self.layout.token_bytes_per_layer)
-        kv = torch.cat(parts, dim=2)
-        return kv[0], kv[1]
 
     # -- truncation --------------------------------------------------------------
 
