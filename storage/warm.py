@@ -24,6 +24,7 @@ class Warmer:
         self.store = store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.error: Exception | None = None  # what stopped it early, if anything
 
     def start(self) -> Warmer:
         self._thread = threading.Thread(target=self.run, name="offload-warm", daemon=True)
@@ -38,43 +39,41 @@ class Warmer:
         if self._thread is not None:
             self._thread.join()
 
-    def files(self) -> list[tuple[int, str]]:
-        """(layer, file) of every chunk on disk and not on the host, the last layer first:
+    def files(self) -> dict[tuple[int, str], list[int]]:
+        """The chunks on disk and not on the host, by (layer, file), the last layer first:
         a question asked at once reads from the first layer up, so the two meet halfway
         instead of reading the same files twice."""
         store = self.store
+        out: dict[tuple[int, str], list[int]] = {}
         with store.lock:
-            out = {
-                (layer, rec.file): (-layer, chunk)
-                for (layer, chunk), rec in store.directory.disk.items()
-                if not store.directory.on_host((layer, chunk))
-            }
-        return sorted(out, key=lambda f: out[f])
+            for (layer, chunk), rec in store.directory.disk.items():
+                if not store.directory.on_host((layer, chunk)):
+                    out.setdefault((layer, rec.file), []).append(chunk)
+        order = sorted(out, key=lambda f: (-f[0], min(out[f])))
+        return {f: out[f] for f in order}
 
     def run(self) -> None:
-        files = self.files()
-        for i, (layer, name) in enumerate(files):
-            if self._stop.is_set() or not self._read(layer, name):
-                return
-            if i + 1 == len(files) or files[i + 1][0] != layer:
-                self._put_in_order(layer)
+        try:
+            files = list(self.files().items())
+            for i, ((layer, name), chunks) in enumerate(files):
+                if self._stop.is_set() or not self._read(layer, name, chunks):
+                    return
+                if i + 1 == len(files) or files[i + 1][0][0] != layer:
+                    self._put_in_order(layer)
+        except Exception as e:  # (a warm-up is an optimization: what it could not do,
+            self.error = e  # the reads that need the chunks do, and report)
 
-    def _read(self, layer: int, name: str) -> bool:
+    def _read(self, layer: int, name: str, chunks: list[int]) -> bool:
         """Put the file's chunks that are still wanted on the host; False to stop."""
         store = self.store
         with store.lock:
             room = store.directory.host_capacity - store.directory.host_count
-            want = [c for (lay, c), rec in store.directory.disk.items()
-                    if lay == layer and rec.file == name
-                    and not store.directory.on_host((lay, c))]  # fmt: skip
+            want = [c for c in chunks if not store.directory.on_host((layer, c))]
         if len(want) > room:
             return False  # the budget is full: the rest stays on disk
         if not want:
             return True
-        try:
-            data = store.disk.read_all(name)
-        except Exception:  # (StorageError: the question that needs it reports it)
-            return False
+        data = store.disk.read_all(name)  # (StorageError: stops the warm-up, see `run`)
         with store.lock:
             if self._stop.is_set():
                 return False

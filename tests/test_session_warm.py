@@ -59,6 +59,7 @@ def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monk
     warmer = Warmer(store)
     files = warmer.files()
     layers = [layer for layer, _ in files]
+    assert sum(map(len, files.values())) == _chunks(store) - store.directory.host_count
     assert layers == sorted(layers, reverse=True) and len(set(layers)) > 1
     real = store.disk.read_all
     cut = store.num_tokens // 2

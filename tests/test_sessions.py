@@ -194,7 +194,11 @@ def test_corrupt_chunk_file_is_named(tiny, saved):
     f = saved.version_dir / saved.chunk_files()[0]["name"]
     flip_byte(f, f.stat().st_size // 2)
     # Opening does not read the KV; the first read of the damaged chunk names the file.
+    # (The warm-up that reads the session in on a thread stops at it, quietly.)
     loaded = Runtime.load_session(saved.path, model=tiny)
+    warmer = loaded._state.cache.store.warm()
+    warmer.wait()
+    assert isinstance(warmer.error, StorageError) and f.name in str(warmer.error)
     with pytest.raises(StorageError, match=f"{f.name}: checksum mismatch"):
         loaded.ask("seven", max_new_tokens=2)
 
