@@ -318,18 +318,22 @@ class DiskTier:
         try:
             table = reader.read_all()
             cols = [pa.concat_arrays(table.column(i).chunks) for i in range(len(SCHEMA_FIELDS))]
-            datas = [np.frombuffer(c.buffers()[2], dtype=np.uint8) for c in cols]
-            offsets = [np.frombuffer(c.buffers()[1], dtype=np.int32)[: len(c) + 1] for c in cols]
+            datas = [memoryview(c.buffers()[2]) for c in cols]
+            offsets = [
+                np.frombuffer(c.buffers()[1], dtype=np.int32)[: len(c) + 1].tolist() for c in cols
+            ]
         except Exception as e:
             raise StorageError(f"{path}: cannot read chunks ({type(e).__name__}: {e})") from None
         n = len(cols[0])
-        for i in range(n):
+        columns = list(zip(datas, offsets, strict=True))
+        crc32 = zlib.crc32
+        for i in range(n):  # (per chunk: a session holds hundreds of thousands)
             crc = 0
-            for d, o in zip(datas, offsets, strict=True):
-                crc = zlib.crc32(d[o[i] : o[i + 1]], crc)
+            for d, o in columns:
+                crc = crc32(d[o[i] : o[i + 1]], crc)
             if crc != crcs[i]:
                 raise StorageError(f"{path}: checksum mismatch in chunk {i}: the file is corrupt")
-        kv = datas[0][offsets[0][0] : offsets[0][n]]
+        kv = np.frombuffer(datas[0], dtype=np.uint8)[offsets[0][0] : offsets[0][n]]
         if kv.size != n * L.chunk_bytes:
             raise StorageError(
                 f"{path}: {kv.size} bytes of KV for {n} chunks, expected {n * L.chunk_bytes}"

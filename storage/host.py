@@ -165,6 +165,24 @@ class HostTier:
             self.slab[:, :, slot].copy_(data)
         return self.slab[:, :, slot]
 
+    def put_many(self, chunks: list[int], data: torch.Tensor) -> None:
+        """`put` each of `chunks` (chunks read back from disk, data [n, 2, H, C, D]), the
+        slots taken as `put` takes them, with one copy into the slab for all: a loaded
+        session puts hundreds of thousands of chunks, and `put` costs tens of us each."""
+        n = len(chunks)
+        slots = [heapq.heappop(self._free) for _ in range(min(n, len(self._free)))]
+        if len(slots) < n:
+            rest = n - len(slots)
+            self._reserve(self._next + rest)
+            slots += range(self._next, self._next + rest)
+            self._next += rest
+        for c, slot in zip(chunks, slots, strict=True):
+            assert c not in self.slot_of, f"chunk {c} is on the host already"
+            self._record(c, slot)
+        index = torch.tensor(slots, dtype=torch.long)
+        self.slot_table[torch.tensor(chunks, dtype=torch.long)] = index
+        self.slab.index_copy_(2, index, data.permute(1, 2, 0, 3, 4))
+
     def put_run(self, c0: int, n: int) -> int | None:
         """Give the new chunks c0 .. c0+n-1 the slots s0 .. s0+n-1 in one step and return
         s0, when no freed slot would come first (else None: `put` them one by one)."""

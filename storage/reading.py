@@ -95,19 +95,18 @@ class StoreReads:
 
     def keep_on_host(self, layer: int, pairs, room: int | None = None) -> int:
         """Put chunks read from disk, (chunk, kv [2, H, C, D]) pairs, into host memory:
-        those not there already, `room` at most (by default the free slots). Their disk
-        records stay (KV never changes: a later spill writes nothing). Returns how many."""
+        those not there already, `room` at most (by default the free slots), with one
+        copy. Their disk records stay (KV never changes: a later spill writes nothing).
+        Returns how many."""
         if room is None:
             room = self.directory.host_capacity - self.directory.host_count
-        kept = 0
-        for c, kv in pairs:
-            if kept >= room:
-                break
-            if not self.directory.on_host((layer, c)):
-                self.host[layer].put(c, kv)
+        keep = [(c, kv) for c, kv in pairs if not self.directory.on_host((layer, c))]
+        keep = keep[: max(room, 0)]
+        if keep:
+            self.host[layer].put_many([c for c, _ in keep], torch.stack([kv for _, kv in keep]))
+            for c, _ in keep:
                 self.directory.loaded((layer, c))
-                kept += 1
-        return kept
+        return len(keep)
 
     def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
         """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""

@@ -1,34 +1,48 @@
-"""`Warmer`: a loaded session's chunk files read into host memory on a thread.
+"""`Warmer`: a loaded session's chunk files read into host memory on a few threads.
 
 A session opens with its KV as the disk tier: nothing is read at load, and a
 question reads the chunks it needs when it needs them. Meanwhile the warmer reads
-the other files, layer by layer from the last, each in one bulk read with its checksums verified,
-into the free slots of the host tier, so that questions after it read memory: on a
-CPU the layers are in place for exact attention; on CUDA the sparse prompt chunks
-and decode steps gather from the pinned slab instead of files, and once every layer
-is read in, each in slot order, decode steps run as captured CUDA graphs again.
+the other files, layer by layer from the last, each file in one bulk read with its
+checksums verified (a few files at once), into the free slots of the host tier, so
+that questions after it read memory: on a CPU the layers are in place for exact
+attention; on CUDA the sparse prompt chunks and decode steps gather from the pinned
+slab instead of files, and once every layer is read in, each in slot order, decode
+steps run as captured CUDA graphs again.
 
 It takes the store's lock only to put what it read (chunks a question brought in
 meanwhile are skipped, and so are chunks cut away by a truncation), stops when the
 host budget is full, and is stopped before the store closes. A file it cannot read is
-left to the question that needs it, which reports it by name.
+skipped and left to the question that needs it, which reports it by name.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import Counter
+
+READERS = 4  # files read at once, at most (checksums and copies release the GIL)
 
 
 class Warmer:
-    def __init__(self, store):
+    def __init__(self, store, readers: int | None = None):
         self.store = store
+        self.readers = readers or max(1, min(READERS, os.cpu_count() or 1))
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: Exception | None = None  # what stopped it early, if anything
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # the work list and the files left per layer
+        self.error: Exception | None = None  # the last read that failed, if any
 
     def start(self) -> Warmer:
-        self._thread = threading.Thread(target=self.run, name="offload-warm", daemon=True)
-        self._thread.start()
+        """Read on `readers` daemon threads (an exit does not wait for them; they only
+        read the session's files)."""
+        self._plan()
+        self._threads = [
+            threading.Thread(target=self._reader, name=f"offload-warm-{i}", daemon=True)
+            for i in range(self.readers)
+        ]
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self) -> None:
@@ -36,8 +50,8 @@ class Warmer:
         self.wait()
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        for t in self._threads:
+            t.join()
 
     def files(self) -> dict[tuple[int, str], list[int]]:
         """The chunks on disk and not on the host, by (layer, file), the last layer first:
@@ -53,15 +67,31 @@ class Warmer:
         return {f: out[f] for f in order}
 
     def run(self) -> None:
-        try:
-            files = list(self.files().items())
-            for i, ((layer, name), chunks) in enumerate(files):
-                if self._stop.is_set() or not self._read(layer, name, chunks):
+        """The whole warm-up on the calling thread (what the readers share out)."""
+        self._plan()
+        self._reader()
+
+    def _plan(self) -> None:
+        self._work = list(self.files().items())  # taken from the front by the readers
+        self._left = Counter(layer for (layer, _), _ in self._work)  # files per layer
+
+    def _reader(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._work:
                     return
-                if i + 1 == len(files) or files[i + 1][0][0] != layer:
+                (layer, name), chunks = self._work.pop(0)
+            try:
+                if not self._read(layer, name, chunks):
+                    self._stop.set()  # the host budget is full: the rest stays on disk
+                    return
+                with self._lock:
+                    self._left[layer] -= 1
+                    done = self._left[layer] == 0
+                if done:
                     self._put_in_order(layer)
-        except Exception as e:  # (a warm-up is an optimization: what it could not do,
-            self.error = e  # the reads that need the chunks do, and report)
+            except Exception as e:  # a warm-up is an optimization: what it could not read,
+                self.error = e  # the reads that need it read, and report by name
 
     def _read(self, layer: int, name: str, chunks: list[int]) -> bool:
         """Put the file's chunks that are still wanted on the host; False to stop."""
@@ -70,10 +100,10 @@ class Warmer:
             room = store.directory.host_capacity - store.directory.host_count
             want = [c for c in chunks if not store.directory.on_host((layer, c))]
         if len(want) > room:
-            return False  # the budget is full: the rest stays on disk
+            return False
         if not want:
             return True
-        data = store.disk.read_all(name)  # (StorageError: stops the warm-up, see `run`)
+        data = store.disk.read_all(name)
         with store.lock:
             if self._stop.is_set():
                 return False
