@@ -21,13 +21,14 @@ import os
 import threading
 from collections import Counter
 
-READERS = 4  # files read at once, at most (checksums and copies release the GIL)
+READERS = 4  # files read at once, at most (checksums and copies release the GIL); one
+# core is left to the question that may be computing meanwhile
 
 
 class Warmer:
     def __init__(self, store, readers: int | None = None):
         self.store = store
-        self.readers = readers or max(1, min(READERS, os.cpu_count() or 1))
+        self.readers = readers or max(1, min(READERS, (os.cpu_count() or 2) - 1))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # the work list and the files left per layer
