@@ -23,7 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval.base import LayerView, exact_logits, row_max, row_softmax_sum, top_k_ids
+from retrieval.base import (
+    ROW_BLOCK,
+    LayerView,
+    exact_logits,
+    row_max,
+    row_softmax_sum,
+    top_k_ids,
+)
 from storage.quant import keys_at, score_dequantized
 
 
@@ -62,7 +69,6 @@ class ClusterIndex:
         self._sums = torch.zeros(self.H, 0, self.D)  # running member sums and counts per cluster
         self._counts = torch.zeros(self.H, 0)
         self._counts_cache = None
-        self._moved = None  # (centroids, their copy on the queries' device)
 
     @property
     def indexed_tokens(self) -> int:
@@ -199,8 +205,15 @@ class ClusterIndex:
         group) until `candidate_factor x k` of them, plus the not yet indexed tokens,
         restricted to [lo, hi). One batched pass, no loop over heads or clusters."""
         counts = self._counts_exact()
-        centroids = self._centroids_on(q.device)
-        cscore = row_max(q.float(), lambda rows: exact_logits(rows, centroids)).cpu()  # [H, NC]
+        # A decode step's few query rows are scored where the index lives (the host); a
+        # prefill chunk's many rows where they are, against a copy of the centroids made
+        # for the call: kept, the copies would take 1 GiB of GPU memory at 128k tokens
+        # for an 8B model (33 MB per layer), which `offload plan` does not budget.
+        rows = q.float()
+        if rows.shape[1] <= ROW_BLOCK:
+            rows = rows.to(self.centroids.device)
+        centroids = self.centroids.to(rows.device)
+        cscore = row_max(rows, lambda r: exact_logits(r, centroids)).cpu()  # [H, NC]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(counts, 1, ranked).cumsum(1)
         n_clusters = (cum < self.candidate_factor * k).sum(1, keepdim=True) + 1  # [H, 1]
@@ -213,15 +226,6 @@ class ClusterIndex:
         mask[:, upto:] = True  # not indexed yet: always candidates
         mask[:, :lo] = False
         return mask
-
-    def _centroids_on(self, device: torch.device) -> torch.Tensor:
-        """The centroids where the queries are: a prefill chunk's many queries are scored
-        against them on the GPU, not copied to the host (a copy per change of the index)."""
-        if self.centroids.device == device:
-            return self.centroids
-        if self._moved is None or self._moved[0] is not self.centroids:
-            self._moved = (self.centroids, self.centroids.to(device))
-        return self._moved[1]
 
     def candidates(self, q, lo, hi, k) -> list[torch.Tensor]:
         """The candidate token ids of each head (see `candidate_mask`)."""
