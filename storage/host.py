@@ -132,7 +132,15 @@ class HostTier:
         n = self.slab.shape[2]
         if bigger.shape[2] > n:
             bigger[:, :, :n] = self.slab
-            self.slab = bigger
+            self._swap(bigger)
+
+    def _swap(self, slab: torch.Tensor) -> None:
+        """Replace the slab. A pinned one may still have device reads queued (a gather
+        through its UVA view: the host runs ahead of the GPU); they must finish before it
+        is unregistered and freed, or they read unmapped memory."""
+        old, self.slab = self.slab, slab
+        if self.pin and old.numel():
+            torch.cuda.synchronize()
 
     def _new_slot(self) -> int:
         # The lowest free slot, so that chunks re-filled after a truncation land where
@@ -221,7 +229,7 @@ class HostTier:
         if slab is None or slab.shape[2] < self.slab.shape[2]:
             slab = self._alloc(self.slab.shape[2])
         slab[:, :, :n] = self.slab.index_select(2, self.slot_table[:n])
-        self.slab = slab
+        self._swap(slab)
         self.slot_of = {c: c for c in range(n)}
         self.slot_table[:n] = torch.arange(n)
         self._free, self._next = [], n
@@ -270,12 +278,16 @@ class HostTier:
         keys = self.slab[0].view(L.num_kv_heads, -1, L.head_dim)  # [H, slots * C, D]
         return HeadRows(keys, num_tokens)
 
-    def gather_in_order(self, ids: torch.Tensor) -> torch.Tensor:
+    def gather_in_order(self, ids: torch.Tensor, slab: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head token ids [H, n] -> K and V [2, H, n, D], when `in_order` holds: one
-        index_select, no slot lookups."""
+        index_select, no slot lookups. `slab`: the slab as another device sees it (on
+        CUDA its UVA view: the GPU gathers the rows from host memory itself), with `ids`
+        on that device."""
         L = self.layout
-        rows = ids + torch.arange(L.num_kv_heads)[:, None] * (self.slab.shape[2] * L.chunk_size)
-        flat = self.slab.view(2, -1, L.head_dim)
+        slab = self.slab if slab is None else slab
+        heads = torch.arange(L.num_kv_heads, device=ids.device)[:, None]
+        rows = ids + heads * (slab.shape[2] * L.chunk_size)
+        flat = slab.view(2, -1, L.head_dim)
         return flat.index_select(1, rows.reshape(-1)).view(2, L.num_kv_heads, ids.shape[1], -1)
 
     def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

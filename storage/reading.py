@@ -133,6 +133,10 @@ class StoreReads:
         if host.in_order(self.lengths[layer]):  # all on the host, in place: the fast path
             self._mark_recent(layer, ids_cpu.reshape(-1) // L.chunk_size)
             self.reads.add("host", ids.numel(), n_bytes)
+            if host.pin:  # (CUDA) the device reads just these rows from the pinned slab
+                return host.gather_in_order(
+                    ids.to(self.device), device_view(host.slab, self.device)
+                )
             return self.to_device(host.gather_in_order(ids_cpu))
         chunks = torch.unique(ids_cpu // L.chunk_size)
         missing = host.missing(chunks)  # only chunks on disk take the slow path

@@ -400,8 +400,9 @@ def test_abstracts_can_wait_in_host_memory(tmp_path):
 @cuda_only
 def test_cuda_store_reads_its_pinned_slab_in_place_and_after_a_spill(tmp_path):
     """On CUDA a layer whose chunks are all in the pinned slab, in order, is copied by the
-    device straight from there (long appends write it straight from the device); after
-    a spill it is gathered as before. Both give every token exactly."""
+    device straight from there (long appends write it straight from the device), and
+    selected rows are gathered by the device from there; after a spill both are
+    gathered as before. All give every token exactly."""
     kv = torch.stack([random_kv(300, seed=7), random_kv(300, seed=8)]).cuda()
     for host_chunks, spilled in ((256, False), (24, True)):
         store = TieredStore(
@@ -411,10 +412,15 @@ def test_cuda_store_reads_its_pinned_slab_in_place_and_after_a_spill(tmp_path):
         T = fill(store, kv, pieces=(3, 70, 1, 130, 96))
         store.settle()
         assert store.host[0].slab.is_pinned() and (store.spilled_chunks > 0) == spilled
+        g = torch.Generator(device="cuda").manual_seed(host_chunks)
+        ids = torch.randint(0, T, (LAYOUT.num_kv_heads, 50), device="cuda", generator=g)
+        heads = torch.arange(LAYOUT.num_kv_heads, device="cuda")[:, None]
         for layer in range(LAYOUT.num_layers):
             k, v = store.gather_all(layer)
             assert k.device.type == "cuda"
             assert torch.equal(k, kv[layer, 0, :, :T]) and torch.equal(v, kv[layer, 1, :, :T])
+            # a selection: in the slab, in order, the device gathers the rows itself
+            assert torch.equal(store.gather_selected(layer, ids), kv[layer][:, heads, ids])
         store.close()
 
 
