@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.quantize import chunk_dtype
-from retrieval import LayerView, make_selector
+from retrieval import ClusterIndex, LayerView, make_selector
 from storage.tiered import TieredStore
 
 
@@ -236,6 +236,8 @@ class TieredLayer:
         self.store, self.policy, self.layer = store, policy, layer
         self.prefetcher = None  # a `Prefetcher` when the cache prefetches
         self.mirror = None  # a device `DenseLayer` with the same KV (KVCache.mirror_dense_layers)
+        self.plan = None  # the fixed-shape steps' `TieredPlan` (KVCache.use_step): its
+        # device index selects a prefill chunk's far tokens too
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         mirror = self.mirror_kv()
@@ -281,7 +283,7 @@ class TieredLayer:
 
         t0 = time.perf_counter()
         view = policy.update(store, layer)
-        ids = policy.selectors[layer].select(qg, view, lo, hi, k)  # [H_kv, k] ascending
+        ids = self._select(qg, view, lo, hi, k, T, S)  # [H_kv, k]
         t1 = time.perf_counter()
         if self.prefetcher is not None and S == 1:
             chosen = self.prefetcher.fetch(layer, ids, T)  # [2, H, k, D]
@@ -310,6 +312,24 @@ class TieredLayer:
         if stats.recall is not None:
             stats.recall.append((layer, self._mass_covered(qg, ids, lo, hi, T)))
         return gqa_attention(q, kv[0], kv[1])
+
+    def _select(self, qg, view: LayerView, lo: int, hi: int, k: int, T: int, S: int):
+        """The far tokens [H_kv, k]: by the layer's selector; for a prefill chunk where the
+        fixed-shape steps run (CUDA), by their device-resident copy of the cluster index,
+        which returns the same tokens (tests/test_device_index.py) without the host-side
+        candidate masks (tens of ms per layer at 128k) or a copy of the centroids."""
+        selector = self.policy.selectors[self.layer]
+        if (
+            S > 1
+            and self.plan is not None
+            and isinstance(selector, ClusterIndex)
+            and selector.candidate_factor > 1  # (with 1, the device pads heads short of k)
+            and view.keys is None  # (keys in place: the host reranks exactly)
+        ):
+            dev = self.plan.device_index(self.layer, T)
+            hi_t = torch.full((1,), hi, dtype=torch.long, device=qg.device)
+            return dev.select(qg, view.summaries, lo, hi_t, k, dev.candidate_count(k))
+        return selector.select(qg, view, lo, hi, k)
 
     def _mass_covered(self, qg, ids, lo, hi, T) -> torch.Tensor:
         """[H] share of the dense softmax mass (mean over the group) on sink + window + ids."""

@@ -130,6 +130,8 @@ class KVCache:
             plan = DensePlan(self, backend, model.args.max_seq_len)
         else:
             plan = TieredPlan(self, backend, model.args.max_seq_len, hit_factor)
+            for layer in self.layers:
+                layer.plan = plan
         self.step = DecodeStep(model, plan, backend)
 
     def flush(self) -> None:

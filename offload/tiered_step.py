@@ -110,21 +110,15 @@ class TieredPlan:
             self.flush()
             return None
         T = num_tokens + 1
-        sel, C = self.sel, self.layout.chunk_size
+        sel = self.sel
         # Retrieval slots: enough for every context up to the next K_BUCKET boundary (the
         # step attends to the first k_valid of them, computed on the device).
         bucket = min(-(-T // K_BUCKET) * K_BUCKET, self.max_tokens)
         self.k = max(1, min(sel.retrieved_for(bucket), bucket - sel.window - sel.sink))
         for i in self.dense:
             self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
-        tail = sel.index_refresh + 2 * C  # tokens between the index end and hi, at most
         for i in self.sparse:  # (a reallocation shows in the addresses below)
-            index = self.policy.selectors[i]
-            dev = self.indexes[i]
-            if self._synced[i] != index.indexed_tokens or dev.token_capacity < T:
-                cap = max(T + C, int(dev.token_capacity * TOKEN_GROWTH))
-                dev.sync(index, min(cap, self.max_tokens), tail)
-                self._synced[i] = index.indexed_tokens
+            self.device_index(i, T)
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
         slots = max(2 * self.k, math.ceil((self.hit_factor or 0) * self.k))
         for i, hc in self.hit_caches.items():
@@ -144,6 +138,19 @@ class TieredPlan:
             if i in self.hit_caches:
                 out += self.hit_caches[i].addresses()
         return tuple(out)
+
+    def device_index(self, layer: int, num_tokens: int) -> DeviceClusterIndex:
+        """The layer's device index, synced with its `ClusterIndex` and with room for
+        `num_tokens` tokens. Each step's `prepare` asks; so does a prefill chunk after a
+        long context, which selects its far tokens with it (offload/attention.py)."""
+        index, dev = self.policy.selectors[layer], self.indexes[layer]
+        if self._synced[layer] != index.indexed_tokens or dev.token_capacity < num_tokens:
+            C = self.layout.chunk_size
+            cap = max(num_tokens + C, int(dev.token_capacity * TOKEN_GROWTH))
+            tail = self.sel.index_refresh + 2 * C  # tokens between the index end and hi
+            dev.sync(index, min(cap, self.max_tokens), tail)
+            self._synced[layer] = index.indexed_tokens
+        return dev
 
     def derive(self, pos: torch.Tensor) -> None:
         sel = self.sel
@@ -185,6 +192,8 @@ class TieredPlan:
     def truncate(self, num_tokens: int) -> None:
         for hc in self.hit_caches.values():
             hc.truncate(num_tokens)
+        # The index may grow back to as many tokens as it had, with other tokens: sync again.
+        self._synced = dict.fromkeys(self.sparse, -1)
 
     def flush(self, num_tokens: int | None = None) -> None:
         """Bring the store level with the cache: append the tokens the steps wrote only

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from retrieval.base import coarse_max, exact_logits, fine_softmax_sum
+from retrieval.base import exact_logits, row_max, row_softmax_sum
 from retrieval.cluster import ClusterIndex
-from storage.quant import QuantKeys, score_keys_at
+from storage.quant import QuantKeys, keys_at, score_dequantized
 
 CANDIDATE_PAD = 256  # candidate slots are rounded up to this many (fewer recaptures)
 CLUSTER_GROWTH = 1.25  # the centroid buffers grow by this factor (they are 1 GiB at 128k
@@ -97,7 +97,8 @@ class DeviceClusterIndex:
         num_candidates: int,
         k_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [H, G, D], hi a device tensor [1] -> token ids [H, k] in [lo, hi), best first
+        """q [H, G, D] (a decode step; or [H, R, D], a prefill chunk's query rows), hi a
+        device tensor [1] -> token ids [H, k] in [lo, hi), best first
         (`ClusterIndex.select` returns the same ids, ascending).
 
         Candidates: the best clusters by max of logits over the group until
@@ -109,7 +110,7 @@ class DeviceClusterIndex:
         H, T_cap = self.H, self.token_capacity
         N = num_candidates
         want = self.factor * (k if k_valid is None else k_valid)
-        cscore = coarse_max(exact_logits(q.float(), self.centroids)) + self.bias  # [H, NC_cap]
+        cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids)) + self.bias
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         cum = torch.gather(self.counts[:, :-1], 1, ranked).cumsum(1)
         n_clusters = (cum < want).sum(1, keepdim=True) + 1  # [H, 1]
@@ -127,7 +128,14 @@ class DeviceClusterIndex:
         ids = ids[:, :N]
         valid = torch.arange(N, device=q.device)[None, :] < mask.sum(1, keepdim=True)
         ids = torch.where(valid, ids, lo)
-        scores = score_keys_at(summaries, q, ids) * q.shape[-1] ** -0.5  # [H, G, N]
-        weights = fine_softmax_sum(scores.masked_fill(~valid[:, None, :], float("-inf")))
+        # The rerank: each candidate's key dequantized once; a prefill chunk's many query
+        # rows scored against them a block at a time (a step's G rows: one block).
+        k_hat = keys_at(summaries, ids)  # [H, N, D]
+        scale, invalid = q.shape[-1] ** -0.5, ~valid[:, None, :]
+
+        def logits(rows):
+            return (score_dequantized(rows, k_hat) * scale).masked_fill(invalid, float("-inf"))
+
+        weights = row_softmax_sum(q, logits)
         top = torch.topk(weights, k, dim=-1, sorted=True).indices
         return torch.gather(ids, 1, top)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from retrieval import ClusterIndex
+from retrieval.base import ROW_BLOCK
 from retrieval.device_index import DeviceClusterIndex
 from tests.conftest import DEVICE
 from tests.retrieval_data import synthetic_layer, view_of
@@ -38,6 +39,21 @@ def test_device_selection_equals_cluster_index_selection(seed, factor):
     k_valid = torch.tensor([k], device=DEVICE)
     got = dev.select(q.to(DEVICE), _on(view, DEVICE), lo, hi_d, 2 * k, n * 2, k_valid)
     assert torch.equal(torch.sort(got[:, :k]).values.cpu(), ref)
+
+
+def test_a_prefill_chunks_rows_select_as_on_the_host():
+    """A prefill chunk's many query rows (more than one block of `ROW_BLOCK`): the device
+    index returns the tokens `ClusterIndex.select` returns for the same rows."""
+    keys, q, view = synthetic_layer(T=4096, seed=6)
+    index, dev = _pair(view, 8192, 8)
+    g = torch.Generator().manual_seed(6)
+    rows = q.repeat(1, 50, 1) + 0.3 * torch.randn(3, 50 * q.shape[1], 64, generator=g)
+    assert rows.shape[1] > ROW_BLOCK
+    lo, hi, k = 16, 4096 - 300, 4 * 205
+    ref = index.select(rows, view, lo, hi, k)
+    got = dev.select(rows.to(DEVICE), _on(view, DEVICE), lo, torch.tensor([hi], device=DEVICE),
+                     k, dev.candidate_count(k))  # fmt: skip
+    assert torch.equal(torch.sort(got).values.cpu(), ref)
 
 
 def test_device_selection_takes_tokens_not_yet_indexed_and_follows_hi():

@@ -11,6 +11,7 @@ from offload.backend import Backend
 from offload.config import SelectionSection
 from retrieval import SummaryScan
 from retrieval.base import ROW_BLOCK, coarse_max, fine_softmax_sum, row_max, row_softmax_sum
+from retrieval.device_index import DeviceClusterIndex
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
 from tests.conftest import DEVICE
@@ -128,6 +129,7 @@ def _as_on_cuda(monkeypatch):
                       graphs=DEVICE.type == "cuda", remote_host=True)  # fmt: skip
     monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **k: backend))
     monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
+    monkeypatch.setattr(TieredStore, "key_rows", lambda self, layer: None)  # (none on CUDA)
 
 
 DOC = "seven quiet stones over the river and a lamp by the door " * 4
@@ -150,13 +152,19 @@ def _turns(path, **overrides) -> tuple:
 
 def test_second_turn_is_dense_at_full_budget_and_reads_less_below_it(tiny_dirs, monkeypatch):
     """On the CUDA path (run here on the CPU): a question after a document goes through
-    the sparse chunk path; at full budget it gives dense attention's tokens, at a small
-    budget it reads a fraction of the earlier KV from the host."""
+    the sparse chunk path, its far tokens selected by the decode steps' device index; at
+    full budget it gives dense attention's tokens, at a small budget it reads a fraction
+    of the earlier KV from the host."""
     _as_on_cuda(monkeypatch)
+    rows = []  # query rows of each device-index selection (a step's: G; a chunk's: more)
+    real = DeviceClusterIndex.select
+    monkeypatch.setattr(DeviceClusterIndex, "select",
+                        lambda self, q, *a: rows.append(q.shape[1]) or real(self, q, *a))  # fmt: skip
     path = tiny_dirs["llama-gqa-untied"][0]
     want = _turns(path, mode="dense")
     full = _turns(path, retrieved=100_000)
     small = _turns(path, retrieved=8)
+    assert max(rows) > min(rows)  # the chunks selected with the steps' device index
     assert full[:2] == want[:2]
     assert want[2].policy.stats.sparse_chunks == 0
     assert full[2].policy.stats.sparse_chunks > 0 and small[2].policy.stats.sparse_chunks > 0
