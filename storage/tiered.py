@@ -281,7 +281,13 @@ class TieredStore(StoreReads):
     # -- truncation --------------------------------------------------------------
 
     def truncate(self, n: int) -> None:
+        """Keep the first n tokens of every layer. Under the lock: a loaded session's
+        warmer may be putting chunks on the host meanwhile (it skips those cut away)."""
         self.settle()
+        with self.lock:
+            self._truncate(n)
+
+    def _truncate(self, n: int) -> None:
         C = self.layout.chunk_size
         keep_chunks = -(-n // C)
         live_files_before = self.directory.files_in_use()
@@ -327,11 +333,13 @@ class TieredStore(StoreReads):
     # -- sessions ------------------------------------------------------------------
 
     def read_chunks(self, layer: int, chunks: list[int]) -> torch.Tensor:
-        """[len(chunks), 2, H, C, D] of whole chunks, wherever they live (for saving)."""
+        """[len(chunks), 2, H, C, D] of whole chunks, wherever they live (for saving;
+        under the lock, since a loaded session's warmer may be moving chunks meanwhile)."""
         out = torch.empty(len(chunks), 2, self.layout.num_kv_heads, self.layout.chunk_size,
                           self.layout.head_dim, dtype=self.dtype)  # fmt: skip
-        for i, c in enumerate(chunks):
-            out[i] = self._chunk_kv(layer, c)[1]
+        with self.lock:
+            for i, c in enumerate(chunks):
+                out[i] = self._chunk_kv(layer, c)[1]
         return out
 
     def adopt(
