@@ -8,14 +8,14 @@ from offload.backend import Backend
 from storage.tiered import TieredStore
 from storage.warm import Warmer
 from tests.conftest import filler_text
-from tests.test_sessions import doc_runtime, tiny  # noqa: F401  (the fixture)
+from tests.test_sessions import doc_runtime, tiny  # a helper and a fixture
 
 
 def _chunks(store):
     return sum(store.layout.num_chunks(n) for n in store.lengths)
 
 
-def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):  # noqa: F811
+def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):
     rt = doc_runtime(tiny, filler_text(60, seed=1))
     want = rt.ask("seven stones", max_new_tokens=6)
     rt.save_session(tmp_path / "s")
@@ -32,7 +32,7 @@ def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):  # noq
     loaded.close()
 
 
-def test_warming_keeps_the_host_budget(tiny, tmp_path):  # noqa: F811
+def test_warming_keeps_the_host_budget(tiny, tmp_path):
     rt = doc_runtime(tiny, filler_text(75, seed=3), mode="dense", chunk_size=2)
     want = rt.ask("seven stones", max_new_tokens=6)
     rt.save_session(tmp_path / "big")
@@ -46,7 +46,7 @@ def test_warming_keeps_the_host_budget(tiny, tmp_path):  # noqa: F811
     assert loaded.ask("seven stones", max_new_tokens=6) == want
 
 
-def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monkeypatch):
     """A truncation between the warmer's read and its put: the chunks past the cut stay
     gone, the KV kept is the saved one, and a question after it answers as it would
     on a session never warmed."""
@@ -81,7 +81,7 @@ def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monk
         assert k.equal(k_ref[:, :cut]) and v.equal(v_ref[:, :cut])
 
 
-def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, monkeypatch):
     """As on CUDA (host memory is not the device's; steps run fixed-shape; here on the
     CPU, eagerly): once the warmer has read every layer in, in slot order, the decode
     steps of a loaded session take the fixed-shape path, and at full budget answer as
