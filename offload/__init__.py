@@ -4,8 +4,9 @@
 (and `offload --help`) starts without importing torch.
 """
 
-from offload.config import ModelArgs, RuntimeConfig
+from offload.config import RuntimeConfig
 from offload.errors import ConfigError, ContextLengthError, ModelLoadError, OffloadError
+from offload.model_args import ModelArgs
 from storage.errors import DiskFullError, StorageError
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from offload.config import SUPPORTED_ARCHS, ModelArgs
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
+from offload.model_args import SUPPORTED_ARCHS, ModelArgs
 from offload.weights import build_model, rename
 
 _GGUF_NAMES = [

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from offload.config import DEFAULT_MODEL, ModelArgs  # noqa: F401 (re-exported)
 from offload.errors import ModelLoadError
 from offload.model import Transformer
+from offload.model_args import ModelArgs
 from offload.quantize import quantize_model, resolve_weights
 from offload.tokenizer import Tokenizer
 

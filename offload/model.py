@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offload.config import ModelArgs
 from offload.kvcache import KVCache
+from offload.model_args import ModelArgs
 
 ROPE_BLOCK = 4096  # positions of the RoPE table computed at a time
 

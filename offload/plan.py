@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offload.config import DTYPES, ModelArgs, RuntimeConfig
+from offload.config import DTYPES, RuntimeConfig
 from offload.errors import ConfigError
 from offload.loading import count_parameters, read_args
+from offload.model_args import ModelArgs
 from offload.tiered_step import K_BUCKET
 from storage.layout import DTYPE_BYTES, KVLayout
 

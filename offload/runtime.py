@@ -24,7 +24,7 @@ from offload import caches
 from offload.attention import SelectionStats
 from offload.backend import Backend
 from offload.budgets import machine_threads
-from offload.config import RuntimeConfig
+from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
@@ -36,7 +36,7 @@ from offload.generate import (
     prefill,
 )
 from offload.kvcache import KVCache
-from offload.loading import DEFAULT_MODEL, LoadedModel, load
+from offload.loading import LoadedModel, load
 from offload.pipeline import PrefetchStats
 from offload.tokenizer import check_messages
 from storage.layout import KVLayout

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from offload.config import RuntimeConfig
+from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.errors import ConfigError, OffloadError
-from offload.loading import DEFAULT_MODEL
 from storage.session import SessionContents, SessionError, open_session, save_session
 
 if TYPE_CHECKING:

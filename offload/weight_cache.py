@@ -55,8 +55,8 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
     """(model, tokenizer) from the cache file at `path`, or None when it is not usable."""
     from safetensors import safe_open
 
-    from offload.config import ModelArgs, RopeScaling
     from offload.model import Transformer
+    from offload.model_args import ModelArgs, RopeScaling
     from offload.quantize import quantize_model
     from offload.tokenizer import Tokenizer
 

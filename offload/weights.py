@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from offload.config import ModelArgs
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
+from offload.model_args import ModelArgs
 
 _HF_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),

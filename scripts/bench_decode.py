@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evalkit import DEFAULT_TEXTS, PrefilledContext, bench_hf, prose, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
-from offload.config import ModelArgs, RuntimeConfig  # noqa: E402
+from offload.config import RuntimeConfig  # noqa: E402
 from offload.generate import generate_steps, make_sampler, prefill  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
+from offload.model_args import ModelArgs  # noqa: E402
 from offload.quantize import quantize_model  # noqa: E402
 
 # Stated assumptions of the GPU projection (an RTX 4090-class card).

@@ -54,10 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evalkit import bench_hf, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
-from offload.config import ModelArgs, RuntimeConfig  # noqa: E402
+from offload.config import RuntimeConfig  # noqa: E402
 from offload.generate import prefill  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
+from offload.model_args import ModelArgs  # noqa: E402
 from offload.plan import plan_for_config  # noqa: E402
 
 SHAPES = {

@@ -117,7 +117,7 @@ def test_cli_errors_are_one_line_exit_2(args, message):
     ],
 )
 def test_bad_model_config_values_are_named(tmp_path, change, message):
-    from offload.config import ModelArgs
+    from offload.model_args import ModelArgs
 
     cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320}  # fmt: skip
