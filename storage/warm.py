@@ -109,12 +109,13 @@ class Warmer:
             if self._stop.is_set():
                 return False
             # (a chunk cut away meanwhile is gone; one appended again under its index
-            # since, and spilled, has another file)
+            # since, and spilled, has another file; one a question read in is there)
             records = [(c, store.directory.disk.get((layer, c))) for c in want]
-            pairs = [(c, data[r.batch]) for c, r in records if r is not None and r.file == name]
-            kept = store.keep_on_host(layer, pairs)
+            pairs = [(c, data[r.batch]) for c, r in records
+                     if r is not None and r.file == name
+                     and not store.directory.on_host((layer, c))]  # fmt: skip
             store.reads.add("disk", len(pairs), len(pairs) * store.layout.chunk_bytes)
-        return kept == len(pairs)
+            return store.keep_on_host(layer, pairs) == len(pairs)  # (else the budget is full)
 
     def _put_in_order(self, layer: int) -> None:
         """A layer read in whole: each chunk to the slot of its index (what the fixed-shape

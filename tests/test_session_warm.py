@@ -96,3 +96,29 @@ def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, m
     loaded._state.cache.store.warm().wait()
     assert loaded.ask("seven stones", max_new_tokens=6) == want
     assert loaded._state.cache.step.plan.steps > 0
+
+
+def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path, monkeypatch):
+    """A question reads some chunks of a file between the warmer's read of that file and
+    its put: they are skipped, and every layer is still read in whole, in slot order."""
+    rt = doc_runtime(tiny, filler_text(60, seed=1))
+    rt.save_session(tmp_path / "s")
+    monkeypatch.setattr(TieredStore, "warm", lambda self: None)  # (driven by hand below)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    store = loaded._state.cache.store
+    real = store.disk.read_all
+    C = store.layout.chunk_size
+
+    def read_then_a_question_reads(name):
+        data = real(name)
+        for layer in range(store.layout.num_layers):
+            with store.lock:
+                store.read_range(layer, 0, 2 * C)  # (kept on the host: there is room)
+        return data
+
+    monkeypatch.setattr(store.disk, "read_all", read_then_a_question_reads)
+    warmer = Warmer(store)
+    warmer.run()
+    assert warmer.error is None
+    assert store.directory.host_count == _chunks(store)
+    assert all(store.host[i].in_order(n) for i, n in enumerate(store.lengths))
