@@ -161,8 +161,9 @@ class StoreReads:
         (CPU: the host tier is the compute device's memory and holds them all, in order;
         all there but out of order, as after loading a session, they are put in order.
         A loaded session's chunks still on disk are read into host memory first, once,
-        when the host budget has room for them: its prompts and steps are then exact,
-        as they were before the save, and not sparse for want of a read.)"""
+        when the host budget holds the whole cache: its prompts and steps are then
+        exact, as they were before the save, and not sparse for want of a read. A cache
+        that spilled for want of room is not read back: it would spill again.)"""
         if self.device.type != "cpu":
             return False
         with self.lock:
@@ -170,7 +171,10 @@ class StoreReads:
             if not host.in_order(T):
                 missing = host.missing(torch.arange(self.layout.num_chunks(T)))
                 room = self.directory.host_capacity - self.directory.host_count
-                if missing and len(missing) <= room:
+                fits = (
+                    sum(map(self.layout.num_chunks, self.lengths)) <= self.directory.host_capacity
+                )
+                if missing and fits and len(missing) <= room:
                     for _ in self._read_disk_chunks(layer, missing):
                         pass
             return host.put_in_order(T)
