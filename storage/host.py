@@ -122,10 +122,6 @@ class HostTier:
         growth = 1.25 if self.pin else 2
         return self._alloc(max(8, slots + slots // 8, int(growth * n)))
 
-    def same_size_slab(self) -> torch.Tensor:
-        """A new slab of this one's capacity, for `put_in_order` (allocated by a thread)."""
-        return self._alloc(self.slab.shape[2])
-
     def take_slab(self, bigger: torch.Tensor) -> None:
         """Move to a slab from `new_slab` (the caller holds the store's lock), unless the
         slab has grown as far meanwhile."""
@@ -135,9 +131,9 @@ class HostTier:
             self._swap(bigger)
 
     def _swap(self, slab: torch.Tensor) -> None:
-        """Replace the slab. A pinned one may still have device reads queued (a gather
-        through its UVA view: the host runs ahead of the GPU); they must finish before it
-        is unregistered and freed, or they read unmapped memory."""
+        """Replace the slab (it grew). A pinned one may still have device reads queued (a
+        gather through its UVA view: the host runs ahead of the GPU); they must finish
+        before it is unregistered and freed, or they read unmapped memory."""
         old, self.slab = self.slab, slab
         if self.pin and old.numel():
             torch.cuda.synchronize()
@@ -218,18 +214,15 @@ class HostTier:
             for h in range(H):
                 self.slab[i, h, s0 : s0 + n].view(T, D).copy_(x[h])
 
-    def put_in_order(self, num_tokens: int, slab: torch.Tensor | None = None) -> bool:
+    def put_in_order(self, num_tokens: int) -> bool:
         """When every chunk of these tokens is here but some sit in other slots (a loaded
-        session brings them in as they are needed), move each to the slot of its index
-        with one copy into a new slab (`slab`, if given: one of at least this one's
-        capacity, allocated beforehand), so that `in_order` holds. Returns `in_order`."""
+        session brings them in as they are needed), move each to the slot of its index,
+        in the same slab (through one temporary copy: no new slab to allocate, which on
+        CUDA means to pin), so that `in_order` holds. Returns `in_order`."""
         n = self.layout.num_chunks(num_tokens)
         if self._misplaced == 0 or len(self.slot_of) != n:
             return self.in_order(num_tokens)
-        if slab is None or slab.shape[2] < self.slab.shape[2]:
-            slab = self._alloc(self.slab.shape[2])
-        slab[:, :, :n] = self.slab.index_select(2, self.slot_table[:n])
-        self._swap(slab)
+        self.slab[:, :, :n] = self.slab.index_select(2, self.slot_table[:n])
         self.slot_of = {c: c for c in range(n)}
         self.slot_table[:n] = torch.arange(n)
         self._free, self._next = [], n

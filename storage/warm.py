@@ -75,6 +75,7 @@ class Warmer:
     def _plan(self) -> None:
         self._work = list(self.files().items())  # taken from the front by the readers
         self._left = Counter(layer for (layer, _), _ in self._work)  # files per layer
+        self._begun: set[int] = set()  # layers whose slab was reserved
 
     def _reader(self) -> None:
         while not self._stop.is_set():
@@ -82,7 +83,12 @@ class Warmer:
                 if not self._work:
                     return
                 (layer, name), chunks = self._work.pop(0)
+                first = layer not in self._begun
+                self._begun.add(layer)
             try:
+                if first:  # the layer's whole slab at once (pinned once, on CUDA), not
+                    # grown by 1.25x file after file (pinning all the sizes on the way)
+                    self.store.reserve_host(layer, self.store.lengths[layer])
                 if not self._read(layer, name, chunks):
                     self._stop.set()  # the host budget is full: the rest stays on disk
                     return
@@ -119,12 +125,7 @@ class Warmer:
 
     def _put_in_order(self, layer: int) -> None:
         """A layer read in whole: each chunk to the slot of its index (what the fixed-shape
-        CUDA step and in-place attention read). The new slab is allocated (pinned, on
-        CUDA) outside the lock; only the copy into it holds the lock."""
+        CUDA step and in-place attention read)."""
         store = self.store
-        host = store.host[layer]
-        if host.in_order(store.lengths[layer]):
-            return
-        slab = host.same_size_slab()
         with store.lock:
-            host.put_in_order(store.lengths[layer], slab)
+            store.host[layer].put_in_order(store.lengths[layer])

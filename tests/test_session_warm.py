@@ -122,3 +122,26 @@ def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path
     assert warmer.error is None
     assert store.directory.host_count == _chunks(store)
     assert all(store.host[i].in_order(n) for i, n in enumerate(store.lengths))
+
+
+def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, monkeypatch):
+    """A layer's chunks come in many files: its host slab is allocated (on CUDA: pinned)
+    once, for the whole layer, not grown file after file; putting it in slot order
+    allocates nothing either."""
+    import storage.session
+    from storage.host import HostTier
+
+    monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 4)
+    rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
+    rt.save_session(tmp_path / "s")
+    monkeypatch.setattr(TieredStore, "warm", lambda self: None)  # (driven by hand below)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    store = loaded._state.cache.store
+    warmer = Warmer(store)
+    assert len(warmer.files()) > 3 * store.layout.num_layers
+    allocs, real = [], HostTier._alloc
+    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
+    warmer.run()
+    assert len(allocs) == store.layout.num_layers
+    assert store.directory.host_count == _chunks(store)
+    assert all(store.host[i].in_order(n) for i, n in enumerate(store.lengths))
