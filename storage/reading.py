@@ -22,6 +22,7 @@ from storage.host import device_view
 from storage.layout import HeadRows
 
 BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
+RESERVE_MIN = 64  # chunks read back at once that size the layer's slab for all its chunks
 
 
 @dataclass
@@ -102,6 +103,13 @@ class StoreReads:
             room = self.directory.host_capacity - self.directory.host_count
         keep = [(c, kv) for c, kv in pairs if not self.directory.on_host((layer, c))]
         keep = keep[: max(room, 0)]
+        if len(keep) >= RESERVE_MIN:
+            # A bulk read-back (a question on a loaded session) where the budget holds the
+            # whole cache: the layer's slab is sized for all its chunks at once. On CUDA it
+            # is pinned memory, and growing it 1.25x at a time as files come in would pin
+            # several times its size. (A few chunks, as the recent window read at a load,
+            # grow it as before: a load pins nothing.)
+            self.reserve_host(layer, self.lengths[layer])
         if keep:
             self.host[layer].put_many([c for c, _ in keep], torch.stack([kv for _, kv in keep]))
             for c, _ in keep:

@@ -145,3 +145,23 @@ def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, m
     assert len(allocs) == store.layout.num_layers
     assert store.directory.host_count == _chunks(store)
     assert all(store.host[i].in_order(n) for i, n in enumerate(store.lengths))
+
+
+def test_a_bulk_read_back_sizes_the_layers_slab_once(tiny, tmp_path, monkeypatch):
+    """A question on a loaded session reads many chunks of a layer back, file by file:
+    the first bulk put sizes the layer's slab for all its chunks (one allocation, one
+    pinning on CUDA); the few chunks a load reads (the recent window) allocate as before."""
+    import storage.session
+    from storage.host import HostTier
+
+    monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 70)
+    rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
+    rt.save_session(tmp_path / "s")
+    monkeypatch.setattr(TieredStore, "warm", lambda self: None)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    store = loaded._state.cache.store
+    allocs, real = [], HostTier._alloc
+    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
+    with store.lock:
+        kv = store.read_range(0, 0, store.lengths[0])
+    assert len(allocs) == 1 and torch.equal(kv, rt._state.cache.store.read_range(0, 0, kv.shape[2]))
