@@ -7,6 +7,7 @@ benchmarks all drive it. Sampling is a policy passed in as a callable made by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -166,12 +167,36 @@ def prefill(
         return prefill_by_layer(model, cache, ids, chunk_size, progress)
     total = len(ids)
     logits = None
-    for start in range(0, total, chunk_size):
-        piece = torch.tensor(ids[start : start + chunk_size], dtype=torch.long, device=model.device)
-        logits = model(piece, cache, last_only=True)
-        if progress is not None:
-            progress(min(start + chunk_size, total), total, "prefill")
+    # A prompt of many chunks into the tiers (a long paste after a conversation): each
+    # layer's host slab is sized for all of it on a thread, once, instead of growing
+    # 1.25x at a time chunk after chunk (on CUDA, pinning several times its final size).
+    with _reserving(cache, cache.num_tokens + total if total > chunk_size else 0):
+        for start in range(0, total, chunk_size):
+            piece = torch.tensor(
+                ids[start : start + chunk_size], dtype=torch.long, device=model.device
+            )
+            logits = model(piece, cache, last_only=True)
+            if progress is not None:
+                progress(min(start + chunk_size, total), total, "prefill")
     return logits[-1]
+
+
+@contextlib.contextmanager
+def _reserving(cache: KVCache, num_tokens: int):
+    """Reserve each layer's host slab for `num_tokens` tokens on a thread, in layer order
+    (`TieredStore.reserve_host`: within the host budget only); yields a future per layer
+    (a caller that must not grow a slab waits for its layer's). Nothing for a cache
+    without tiers, or num_tokens 0."""
+    if cache.store is None or not num_tokens:
+        yield None
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="offload-reserve")
+    try:
+        yield [
+            pool.submit(cache.store.reserve_host, i, num_tokens) for i in range(len(cache.layers))
+        ]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @torch.no_grad()
@@ -200,9 +225,7 @@ def prefill_by_layer(
     # Each layer's host slab is allocated (on CUDA: pinned, about 1.5 GB/s on the H100
     # machine, so 11 s for 128k tokens of an 8B model) on a thread, in layer order,
     # while the layers before it compute; a layer's append waits for its own slab only.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="offload-reserve")
-    reserved = [pool.submit(cache.store.reserve_host, i, S) for i in range(args.num_layers)]
-    try:
+    with _reserving(cache, S) as reserved:
         for i, (block, layer) in enumerate(zip(model.layers, cache.layers, strict=True)):
             local = DenseLayer(args.num_kv_heads, args.head_dim, model.dtype, model.device)
             local.reserve(S, S)
@@ -217,8 +240,6 @@ def prefill_by_layer(
                 cache.policy.update_from_keys(cache.store, i, local.k.view())
             if progress is not None:
                 progress((i + 1) * S // args.num_layers, S, "prefill")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
     cache.advance(S)
     return model.output(model.norm(x[-1:])).float()[-1]
 

@@ -359,3 +359,25 @@ def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatc
         torch.testing.assert_close(v_l, v_p)
     assert (layered.layers[0].mirror is not None) == mirrored
     assert _greedy(plain, rt.model, want, 12) == _greedy(layered, rt.model, got, 12)
+
+
+def test_a_prompt_of_many_chunks_reserves_each_layers_slab_once(tiny_dirs, monkeypatch):
+    """Token-chunked prefill into the tiers (a long prompt after earlier context) has a
+    thread size each layer's host slab for the whole prompt, instead of growing it chunk
+    by chunk; a prompt of one chunk does not. The KV is as without it."""
+    from storage.tiered import TieredStore
+
+    rt, plain, _ = _tiered_pair(tiny_dirs)
+    plain.layered_prefill = False
+    asked, real = [], TieredStore.reserve_host
+    monkeypatch.setattr(TieredStore, "reserve_host",
+                        lambda self, layer, n: asked.append((layer, n)) or real(self, layer, n))  # fmt: skip
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    prefill(rt.model, plain, ids[:100], 64)  # two chunks
+    assert sorted(asked) == [(i, 100) for i in range(rt.args.num_layers)]
+    prefill(rt.model, plain, ids[100:140], 64)  # one chunk: nothing to reserve
+    assert len(asked) == rt.args.num_layers
+    store = plain.store
+    for layer in range(rt.args.num_layers):
+        assert store.host[layer].slab.shape[2] >= store.layout.num_chunks(100)
+        assert store.read_range(layer, 0, 140).shape[2] == 140
