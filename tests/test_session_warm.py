@@ -15,6 +15,15 @@ def _chunks(store):
     return sum(store.layout.num_chunks(n) for n in store.lengths)
 
 
+def _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt):
+    """`rt`'s document saved and loaded with the warm-up held back (a test drives it by
+    hand); the loaded runtime and its store."""
+    rt.save_session(tmp_path / "s")
+    monkeypatch.setattr(TieredStore, "warm", lambda self: None)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    return loaded, loaded._state.cache.store
+
+
 def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):
     rt = doc_runtime(tiny, filler_text(60, seed=1))
     want = rt.ask("seven stones", max_new_tokens=6)
@@ -51,11 +60,8 @@ def test_chunks_cut_away_while_warming_are_not_brought_back(tiny, tmp_path, monk
     gone, the KV kept is the saved one, and a question after it answers as it would
     on a session never warmed."""
     rt = doc_runtime(tiny, filler_text(60, seed=1))
-    rt.save_session(tmp_path / "s")
     ref = rt._state.cache.store
-    monkeypatch.setattr(TieredStore, "warm", lambda self: None)  # (driven by hand below)
-    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
-    store = loaded._state.cache.store
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     warmer = Warmer(store)
     files = warmer.files()
     layers = [layer for layer, _ in files]
@@ -102,10 +108,7 @@ def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path
     """A question reads some chunks of a file between the warmer's read of that file and
     its put: they are skipped, and every layer is still read in whole, in slot order."""
     rt = doc_runtime(tiny, filler_text(60, seed=1))
-    rt.save_session(tmp_path / "s")
-    monkeypatch.setattr(TieredStore, "warm", lambda self: None)  # (driven by hand below)
-    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
-    store = loaded._state.cache.store
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     real = store.disk.read_all
     C = store.layout.chunk_size
 
@@ -133,10 +136,7 @@ def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, m
 
     monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 4)
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
-    rt.save_session(tmp_path / "s")
-    monkeypatch.setattr(TieredStore, "warm", lambda self: None)  # (driven by hand below)
-    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
-    store = loaded._state.cache.store
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     warmer = Warmer(store)
     assert len(warmer.files()) > 3 * store.layout.num_layers
     allocs, real = [], HostTier._alloc
@@ -156,10 +156,7 @@ def test_a_bulk_read_back_sizes_the_layers_slab_once(tiny, tmp_path, monkeypatch
 
     monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 70)
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
-    rt.save_session(tmp_path / "s")
-    monkeypatch.setattr(TieredStore, "warm", lambda self: None)
-    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
-    store = loaded._state.cache.store
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     allocs, real = [], HostTier._alloc
     monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
     with store.lock:
