@@ -76,25 +76,51 @@ class ClusterIndex:
 
     # -- building --------------------------------------------------------------
 
-    def _kmeans_segment(self, keys: torch.Tensor) -> None:
-        """k-means over keys [H, n, D] of a new segment starting at indexed_tokens: faiss
-        on the CPU, batched torch matmuls where the keys are on a GPU."""
-        H, n, D = keys.shape
-        nc = max(1, min(n, round(n / self.cluster_size)))
-        if self.kmeans == "faiss" or self.kmeans == "auto" and keys.device.type == "cpu":
-            unit, assign = self._faiss_kmeans(keys, nc)
-        else:
-            unit, assign = spherical_kmeans(keys, nc, self.iters, self.seed)
-            unit, assign = unit.cpu(), assign.cpu()
-        base = self.centroids.shape[1]
-        self._unit = unit
-        self._unit_offset = base
-        self.segments.append(self.indexed_tokens)
-        new_assign = assign + base
-        self._sums = torch.cat([self._sums, torch.zeros(H, nc, D)], dim=1)
-        self._counts = torch.cat([self._counts, torch.zeros(H, nc)], dim=1)
-        self.assign = torch.cat([self.assign, new_assign], dim=1)
-        self._add_members(keys, new_assign)
+    def _kmeans_segments(self, read_keys, start: int, end: int, progress=None) -> None:
+        """New segments over tokens start..end-1 (`read_keys(a, b)` -> [H, b - a, D]):
+        whole segments of `segment` tokens, then the rest as one. Where keys are on a
+        GPU, a group of whole segments runs as one batched k-means (one call for every
+        segment of the group and head, not a call each: a 128k-token layer has 16
+        segments) and the members' sums are taken there too; only the small results
+        (centroids, sums, assignments) come to the host, once per group. The index's
+        tensors grow once per update, not once per segment."""
+        S, base = self.segment, self._sums.shape[1]
+        bounds = [(s, min(end, s + S)) for s in range(start, end, S)]
+        assigns, all_sums, all_counts = [], [], []
+        i = 0
+        while i < len(bounds):
+            a, b = bounds[i]
+            keys = read_keys(a, b)
+            torch_km = self.kmeans == "torch" or self.kmeans == "auto" and keys.device.type != "cpu"
+            H, n, D = keys.shape
+            g = 1
+            if torch_km and n == S:  # whole segments: as many more as the group holds
+                g = max(1, min(KMEANS_GROUP_BYTES // (H * S * D * 4), len(bounds) - i))
+                while g > 1 and bounds[i + g - 1][1] - bounds[i + g - 1][0] != S:
+                    g -= 1
+                if g > 1:
+                    keys = read_keys(a, a + g * S)
+            nc = max(1, min(n, round(n / self.cluster_size)))
+            if torch_km:  # ids j * nc .. (j + 1) * nc - 1 in segment j of the group
+                unit, assign = spherical_kmeans(keys, nc, self.iters, self.seed, segments=g)
+            else:
+                unit, assign = self._faiss_kmeans(keys, nc)
+                assign = assign.to(keys.device)
+            sums, counts = member_sums(keys, assign, g * nc)  # where the keys are
+            assigns.append(assign.cpu() + base)
+            all_sums.append(sums.cpu())
+            all_counts.append(counts.cpu())
+            self.segments += [a + j * n for j in range(g)]
+            self._unit = unit.cpu()[:, -nc:]  # the last segment's (new tokens join it)
+            self._unit_offset = base + (g - 1) * nc
+            base += g * nc
+            i += g
+            if progress is not None:
+                progress(a + g * n, end)
+        self.assign = torch.cat([self.assign, *assigns], dim=1)
+        self._sums = torch.cat([self._sums, *all_sums], dim=1)
+        self._counts = torch.cat([self._counts, *all_counts], dim=1)
+        self._set_centroids()
 
     def _faiss_kmeans(self, keys: torch.Tensor, nc: int) -> tuple[torch.Tensor, torch.Tensor]:
         units, assigns = [], []
@@ -116,14 +142,13 @@ class ClusterIndex:
         sims = torch.einsum("hnd,hcd->hnc", keys, self._unit)
         new_assign = sims.argmax(dim=-1) + self._unit_offset
         self.assign = torch.cat([self.assign, new_assign], dim=1)
-        self._add_members(keys, new_assign)
-
-    def _add_members(self, keys, new_assign) -> None:
-        """Add keys [H, n, D] to their clusters' running sums; centroids are member means."""
-        keys = keys.to("cpu", torch.float32)
-        for h in range(self.H):
+        for h in range(self.H):  # add them to their clusters' running sums
             self._sums[h].index_add_(0, new_assign[h], keys[h])
             self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
+        self._set_centroids()
+
+    def _set_centroids(self) -> None:
+        """A cluster is represented by its members' mean."""
         self.centroids = self._sums / self._counts.clamp_min(1)[:, :, None]
         self._counts_cache = None
 
@@ -132,18 +157,14 @@ class ClusterIndex:
         start = self.indexed_tokens
         if upto - start < (self.refresh if self.segments else 1):
             return
-        while upto - self.indexed_tokens > 0:
-            s = self.indexed_tokens
-            seg_start = self.segments[-1] if self.segments else 0
-            room = self.segment - (s - seg_start) if self.segments else 0
-            if room > 0:  # fill the last segment by assignment
-                e = min(upto, s + room)
-                self._assign_to_last(view.read_keys(s, e))
-            else:
-                e = min(upto, s + self.segment)
-                self._kmeans_segment(view.read_keys(s, e))
-            if progress is not None:
-                progress(self.indexed_tokens, upto)
+        if self.segments:  # fill the last segment by assignment
+            room = self.segment - (start - self.segments[-1])
+            if room > 0:
+                self._assign_to_last(view.read_keys(start, min(upto, start + room)))
+                if progress is not None:
+                    progress(self.indexed_tokens, upto)
+        if upto > self.indexed_tokens:
+            self._kmeans_segments(view.read_keys, self.indexed_tokens, upto, progress)
 
     def truncate(self, num_tokens: int) -> None:
         if num_tokens >= self.indexed_tokens:
@@ -275,38 +296,61 @@ class ClusterIndex:
         return top_k_ids(weights, ids, k)
 
 
-KMEANS_BLOCK = 8192  # points scored against the centroids at a time (bounds memory)
+KMEANS_BLOCK_BYTES = 128 << 20  # scores of points against centroids at a time, at most
+KMEANS_GROUP_BYTES = 128 << 20  # float32 keys of the segments k-means'd together, at most
 
 
 def spherical_kmeans(
-    keys: torch.Tensor, nc: int, iters: int, seed: int
+    keys: torch.Tensor, nc: int, iters: int, seed: int, segments: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical k-means of each head's points, all heads at once, where `keys` lie.
 
-    keys: [H, n, D] -> unit centroids [H, nc, D] float32, assignment [H, n] int64.
-    Lloyd iterations on the unit sphere, as faiss' spherical k-means: start from nc
-    distinct points (seeded), assign by the largest dot product, move each centroid
-    to its members' normalized mean; a cluster left empty keeps its centroid."""
+    keys: [H, n, D] -> unit centroids [H, segments * nc, D] float32, assignment [H, n]
+    int64. With `segments` > 1, the n points of a head are that many equal segments,
+    each clustered on its own into nc centroids (segment j's ids: j * nc ..), in one
+    batched run. Lloyd iterations on the unit sphere, as faiss' spherical k-means:
+    start from nc distinct points (seeded: the same for every segment of a head, so
+    each segment clusters as it would alone), assign by the largest dot product, move
+    each centroid to its members' normalized mean; a cluster left empty keeps its
+    centroid."""
     H, n, D = keys.shape
-    x = F.normalize(keys.float(), dim=-1)
+    g, m = segments, n // segments
+    x = F.normalize(keys.float(), dim=-1).reshape(H * g, m, D)  # row h * g + j: head h, segment j
+    B = x.shape[0]
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    start = torch.stack([torch.randperm(n, generator=gen, device=x.device)[:nc] for _ in range(H)])
-    c = torch.gather(x, 1, start[:, :, None].expand(H, nc, D))
+    start = torch.stack([torch.randperm(m, generator=gen, device=x.device)[:nc] for _ in range(H)])
+    c = torch.gather(x, 1, start.repeat_interleave(g, dim=0)[:, :, None].expand(B, nc, D))
     for _ in range(iters):
         assign = _nearest(x, c)
-        sums = torch.zeros_like(c).scatter_add_(1, assign[:, :, None].expand(H, n, D), x)
-        counts = torch.zeros(H, nc, device=x.device).scatter_add_(1, assign, x.new_ones(H, n))
+        sums = torch.zeros_like(c).scatter_add_(1, assign[:, :, None].expand(B, m, D), x)
+        counts = torch.zeros(B, nc, device=x.device).scatter_add_(1, assign, x.new_ones(B, m))
         c = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), c)
-    return c, _nearest(x, c)
+    offsets = nc * torch.arange(g, device=x.device).repeat(H)[:, None]
+    return c.view(H, g * nc, D), (_nearest(x, c) + offsets).view(H, n)
 
 
 def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """[H, n] index of the largest x . c, in blocks of KMEANS_BLOCK points."""
+    """[B, n] index of the largest x . c, in blocks of points (scores of at most
+    KMEANS_BLOCK_BYTES at a time)."""
+    B, n, _ = x.shape
+    block = max(1, KMEANS_BLOCK_BYTES // (4 * B * c.shape[1]))
     blocks = [
-        torch.bmm(x[:, s : s + KMEANS_BLOCK], c.transpose(1, 2)).argmax(-1)
-        for s in range(0, x.shape[1], KMEANS_BLOCK)
+        torch.bmm(x[:, s : s + block], c.transpose(1, 2)).argmax(-1) for s in range(0, n, block)
     ]
     return torch.cat(blocks, dim=1)
+
+
+def member_sums(keys: torch.Tensor, assign: torch.Tensor, nc: int):
+    """keys [H, n, D] and their clusters [H, n] -> the float32 sum of each cluster's
+    members [H, nc, D] and their count [H, nc], computed where the keys are."""
+    H, n, D = keys.shape
+    sums = torch.zeros(H, nc, D, device=keys.device)
+    counts = torch.zeros(H, nc, device=keys.device)
+    ones = torch.ones(n, device=keys.device)
+    for h in range(H):  # (index_add_ per head: on a CPU far cheaper than one scatter_add_)
+        sums[h].index_add_(0, assign[h], keys[h].float())
+        counts[h].index_add_(0, assign[h], ones)
+    return sums, counts
 
 
 def _fill_short(ids, valid, weights, lo, hi, k):

@@ -78,6 +78,27 @@ def test_cluster_index_absorbs_new_tokens_in_batches():
     assert small.segments == [0, 512, 1024, 1536]
 
 
+@pytest.mark.parametrize("kmeans", ["torch", "faiss"])
+def test_segments_built_in_one_batch_equal_segments_built_one_by_one(monkeypatch, kmeans):
+    """A bulk update k-means' whole segments together (torch: one batched run per group
+    of segments; member sums where the keys are) and grows the index's tensors once:
+    exactly the index that segments added one update at a time make."""
+    import retrieval.cluster as cluster
+
+    keys, _, view = synthetic_layer(T=2048, seed=4)
+    bulk = ClusterIndex(3, 64, segment=384, refresh=64, kmeans=kmeans)
+    bulk.update(view_of(keys, 96))  # a first segment of 96 tokens...
+    bulk.update(view)  # ...filled to 384 by assignment, then 4 whole segments and a part
+    assert bulk.segments == [0, 384, 768, 1152, 1536, 1920]
+    monkeypatch.setattr(cluster, "KMEANS_GROUP_BYTES", 1)  # one segment per k-means run
+    step = ClusterIndex(3, 64, segment=384, refresh=64, kmeans=kmeans)
+    for upto in (96, 384, 768, 1152, 1536, 1920, 2048):
+        step.update(view_of(keys, upto))
+    assert bulk.state_meta() == step.state_meta()
+    for name, t in bulk.state_tensors().items():
+        assert torch.equal(t, step.state_tensors()[name]), name
+
+
 def test_gqa_aggregation():
     scores = torch.tensor([[[0.0, 5.0, 1.0], [4.0, 0.0, float("-inf")]]])  # [H=1, G=2, N=3]
     assert coarse_max(scores).tolist() == [[4.0, 5.0, 1.0]]
