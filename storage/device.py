@@ -124,6 +124,14 @@ class DeviceTier:
         self.kmax.append(a.kmax)
         self.kmean.append(a.kmean)
 
+    def reserve_chunks(self, n: int) -> None:
+        """Room for n chunks' summaries and abstracts in all, ahead of a long append that
+        adds them block by block (growing by an eighth at each block would copy the
+        layer's abstracts, host memory, several times over)."""
+        self.codes.reserve(n * self.layout.chunk_size)
+        for g in (self.scale, self.zero, self.kmin, self.kmax, self.kmean):
+            g.reserve(n)
+
     @property
     def num_chunks(self) -> int:
         return self.kmin.length

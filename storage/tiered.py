@@ -152,6 +152,8 @@ class TieredStore(StoreReads):
             new += [*range(c0, c0 + n), *tail]
         if new:
             self._mark_recent(layer, torch.tensor(new))
+        if len(keys) > 1:
+            self.dev[layer].reserve_chunks((start + b) // C)
         for part in keys:
             self.dev[layer].add_chunks(part.to(self.device, self.dtype))
         self.lengths[layer] = start + S

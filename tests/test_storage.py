@@ -270,16 +270,35 @@ def test_truncated_and_missing_files_are_named(chunk_file):
 
 
 @pytest.mark.parametrize("host_chunks", [256, 24])
-def test_long_appends_equal_token_by_token_appends(tmp_path, host_chunks):
+def test_long_appends_equal_token_by_token_appends(tmp_path, monkeypatch, host_chunks):
     """Whole chunks of a long append go to a run of host slots at once (summaries from
-    the keys as given): the same KV, summaries, abstracts and residency as appending
-    one token at a time, also when the host budget makes it spill, and after a cut."""
+    the keys as given, block by block, into buffers sized once for the whole run): the
+    same KV, summaries, abstracts and residency as appending one token at a time, also
+    when the host budget makes it spill, and after a cut."""
+    import storage.tiered as tiered
+    from storage.device import Growable
+
+    monkeypatch.setattr(tiered, "SUMMARY_BLOCK", 2 * LAYOUT.chunk_size)  # several blocks
     kv = torch.stack([random_kv(300, seed=5), random_kv(300, seed=6)])
     one = make_store(tmp_path / "one", host_chunks=host_chunks)
     bulk = make_store(tmp_path / "bulk", host_chunks=host_chunks)
     with one, bulk:
         fill(one, kv, pieces=[1] * 230)
-        fill(bulk, kv, pieces=(3, 70, 1, 130, 26))  # 70 and 130: runs of whole chunks
+        fill(bulk, kv, pieces=(3, 70, 1))
+        grown = []
+        real = Growable.reserve
+
+        def reserve(g, *args):
+            before = g.data
+            real(g, *args)
+            if g.data is not before:
+                grown.append(g)
+
+        with monkeypatch.context() as m:
+            m.setattr(Growable, "reserve", reserve)
+            fill(bulk, kv[:, :, :, 74:], pieces=(130,))  # 8 whole chunks, in 4 blocks
+        assert len(grown) == 2 * 6  # each layer's codes, scale, zero, kmin, kmax, kmean: once
+        fill(bulk, kv[:, :, :, 204:], pieces=(26,))
         one.truncate(150)
         bulk.truncate(150)
         fill(one, kv[:, :, :, 150:], pieces=[1] * 150)
