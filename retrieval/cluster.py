@@ -18,6 +18,8 @@ refresh batch) are always candidates.
 
 from __future__ import annotations
 
+import itertools
+
 import faiss
 import numpy as np
 import torch
@@ -32,6 +34,8 @@ from retrieval.base import (
     top_k_ids,
 )
 from storage.quant import keys_at, score_dequantized
+
+_EPOCHS = itertools.count(1)  # see ClusterIndex.epoch
 
 
 def as_faiss(x: torch.Tensor) -> np.ndarray:
@@ -61,6 +65,9 @@ class ClusterIndex:
         self.reset()
 
     def reset(self) -> None:
+        # Changes other than growth (tokens appended to the end, clusters from
+        # `_unit_offset` on) make a new epoch: a mirror of the index copies it whole again.
+        self.epoch = next(_EPOCHS)
         self.centroids = torch.empty(self.H, 0, self.D)  # [H, NC, D] member means
         self._unit = torch.empty(self.H, 0, self.D)  # [H, NC', D] k-means centroids (last segment)
         self._unit_offset = 0  # global id of the last segment's first cluster
@@ -85,6 +92,7 @@ class ClusterIndex:
         (centroids, sums, assignments) come to the host, once per group. The index's
         tensors grow once per update, not once per segment."""
         S, base = self.segment, self._sums.shape[1]
+        first = base
         bounds = [(s, min(end, s + S)) for s in range(start, end, S)]
         assigns, all_sums, all_counts = [], [], []
         i = 0
@@ -120,7 +128,7 @@ class ClusterIndex:
         self.assign = torch.cat([self.assign, *assigns], dim=1)
         self._sums = torch.cat([self._sums, *all_sums], dim=1)
         self._counts = torch.cat([self._counts, *all_counts], dim=1)
-        self._set_centroids()
+        self._set_centroids(first)
 
     def _faiss_kmeans(self, keys: torch.Tensor, nc: int) -> tuple[torch.Tensor, torch.Tensor]:
         units, assigns = [], []
@@ -145,11 +153,18 @@ class ClusterIndex:
         for h in range(self.H):  # add them to their clusters' running sums
             self._sums[h].index_add_(0, new_assign[h], keys[h])
             self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
-        self._set_centroids()
+        self._set_centroids(self._unit_offset)
 
-    def _set_centroids(self) -> None:
-        """A cluster is represented by its members' mean."""
-        self.centroids = self._sums / self._counts.clamp_min(1)[:, :, None]
+    def _set_centroids(self, first: int) -> None:
+        """A cluster is represented by its members' mean: set those of clusters `first`
+        on (the others have not changed; at 128k tokens of the 8B shape, all of a layer's
+        are 32 MiB, and new tokens join a batch at a time)."""
+        NC = self._sums.shape[1]
+        means = self._sums[:, first:] / self._counts[:, first:].clamp_min(1)[:, :, None]
+        if self.centroids.shape[1] == NC:
+            self.centroids[:, first:] = means
+        else:
+            self.centroids = torch.cat([self.centroids[:, :first], means], dim=1)
         self._counts_cache = None
 
     def update(self, view: LayerView, progress=None) -> None:
@@ -173,6 +188,7 @@ class ClusterIndex:
             self.reset()
             return
         # Centroids keep their (slightly stale) means; membership is cut exactly.
+        self.epoch = next(_EPOCHS)
         self.assign = self.assign[:, :num_tokens]
         while self.segments and self.segments[-1] >= num_tokens:
             self.segments.pop()
@@ -218,6 +234,7 @@ class ClusterIndex:
         self._sums, self._counts = sums, counts
         self.segments, self._unit_offset = list(segments), offset
         self._counts_cache = None
+        self.epoch = next(_EPOCHS)
 
     # -- selecting ---------------------------------------------------------------
 
@@ -251,6 +268,18 @@ class ClusterIndex:
     def candidates(self, q, lo, hi, k) -> list[torch.Tensor]:
         """The candidate token ids of each head (see `candidate_mask`)."""
         return [row.nonzero()[:, 0] for row in self.candidate_mask(q, lo, hi, k)]
+
+    def counts_from(self, first: int, start: int) -> torch.Tensor:
+        """[H, NC - first] members of the clusters `first` on, exactly, counted over the
+        tokens `start` on, which must hold all their members (the last segment's first
+        token, where `first` is its first cluster)."""
+        if not first:
+            return self._counts_exact()
+        NC = self.centroids.shape[1]
+        out = []
+        for a in self.assign[:, start:]:
+            out.append(torch.bincount(a[a >= first] - first, minlength=NC - first))
+        return torch.stack(out)
 
     def _counts_exact(self) -> torch.Tensor:
         if self._counts_cache is None:

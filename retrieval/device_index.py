@@ -41,6 +41,8 @@ class DeviceClusterIndex:
         self.assign = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
         self.max_count = 0  # the largest cluster (bounds the candidates)
         self.tail = 0  # tokens of [indexed, hi) at most (always candidates)
+        # (epoch, tokens, first cluster and its segment's first token) at the last sync
+        self._synced: tuple[int, int, int, int] | None = None
 
     @property
     def token_capacity(self) -> int:
@@ -54,7 +56,12 @@ class DeviceClusterIndex:
         """Copy `index` into the buffers, growing them to hold it and `token_capacity`
         tokens (the centroids geometrically). `tail` bounds the tokens between the end of the index
         and the range end at any step until the next sync. Returns whether a buffer was
-        reallocated (a captured step must then be captured again)."""
+        reallocated (a captured step must then be captured again).
+
+        Between two syncs in one epoch of the index (see `ClusterIndex.epoch`) only the
+        index's end changes: new tokens, and the clusters from the last segment's first
+        on. Only those are copied (a full copy is 40 MB per layer at 128k tokens of the
+        8B shape, every `index_refresh` tokens of a decode)."""
         H, D, dev = self.H, self.D, self.device
         NC, T_idx = index.centroids.shape[1], index.indexed_tokens
         grown = False
@@ -69,16 +76,25 @@ class DeviceClusterIndex:
             self.assign = torch.zeros(H, max(token_capacity, T_idx), dtype=torch.int32, device=dev)
             grown = True
         cap = self.cluster_capacity
-        self.centroids[:, :NC] = index.centroids.to(dev)
-        self.centroids[:, NC:] = 0
-        self.bias[:, :NC] = 0
-        self.bias[:, NC:] = float("-inf")
-        counts = index._counts_exact().to(dev, torch.float32)
-        self.counts[:, :NC] = counts
-        self.counts[:, NC:] = 0
-        self.assign[:, :T_idx] = index.assign.to(dev)
-        self.assign[:, T_idx:] = cap  # not indexed yet: the extra, always-taken cluster
-        self.max_count = int(counts.max()) if NC else 0
+        c0 = t0 = first_token = 0
+        if not grown and self._synced is not None and self._synced[0] == index.epoch:
+            _, t0, c0, first_token = self._synced  # (buffers past them hold what a full sync wrote)
+        counts = index.counts_from(c0, first_token).float()
+        self.centroids[:, c0:NC] = index.centroids[:, c0:].to(dev)
+        self.bias[:, c0:NC] = 0
+        self.counts[:, c0:NC] = counts.to(dev)
+        self.assign[:, t0:T_idx] = index.assign[:, t0:].to(dev)
+        if not c0:  # a full sync: the rest of the buffers as well
+            self.centroids[:, NC:] = 0
+            self.bias[:, NC:] = float("-inf")
+            self.counts[:, NC:] = 0
+            self.max_count = 0
+        if not t0:
+            self.assign[:, T_idx:] = cap  # not indexed yet: the extra, always-taken cluster
+        # (clusters before c0 have not changed, and no count has gone down this epoch)
+        self.max_count = max(self.max_count, int(counts.max()) if counts.numel() else 0)
+        first = (index._unit_offset, index.segments[-1]) if index.segments else (0, 0)
+        self._synced = (index.epoch, T_idx, *first)
         self.tail = tail
         return grown
 

@@ -100,3 +100,45 @@ def test_torch_kmeans_clusters_as_well_as_faiss():
         index.update(view)
         got[kmeans] = recall(index.candidates(q, 16, 3840, 205), exact)
     assert got["torch"] >= 0.9 and got["torch"] >= got["faiss"] - 0.02, got
+
+
+def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
+    """Within an epoch of the index, a sync copies only the new tokens and the clusters
+    of the last segment on; a cut (and a loaded state) starts a new epoch and a full
+    copy. After each change, the mirror holds what a fresh full sync gives."""
+    keys, q, view = synthetic_layer(T=4096, seed=7)
+    index = ClusterIndex(3, 64, refresh=64, segment=1024)
+    dev = DeviceClusterIndex(3, 64, 8, DEVICE)
+    copied = []
+    real_to = torch.Tensor.to
+    other = synthetic_layer(T=4096, seed=8)[0]
+    for upto, cut in ((1536, None), (1600, None), (2048, None), (2304, 1800), (2560, None),
+                      (2496, 2200), (3072, 700), (4096, None)):  # fmt: skip
+        if cut is not None:  # (new keys after the cut: new assignments for old positions)
+            index.truncate(cut)
+            keys = torch.cat([keys[:, :cut], other[:, cut:]], dim=1)
+        index.update(view_of(keys, upto))
+        T, NC = index.indexed_tokens, index.centroids.shape[1]
+        copied.clear()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(
+                torch.Tensor,
+                "to",
+                lambda t, *a, **k: copied.append(t.numel()) or real_to(t, *a, **k),
+            )
+            grown = dev.sync(index, 4096, 0)
+        fresh = DeviceClusterIndex(3, 64, 8, DEVICE)
+        fresh.sync(index, 4096, 0)
+        if cut is None and not grown:  # the end only: under a third of the index
+            assert sum(copied) < (index.centroids.numel() + index.assign.numel()) / 3
+        assert torch.equal(dev.centroids[:, :NC], fresh.centroids[:, :NC])
+        assert torch.equal(dev.counts[:, :NC], fresh.counts[:, :NC])
+        assert torch.equal(dev.assign[:, :T], fresh.assign[:, :T])
+        assert bool((dev.assign[:, T:] == dev.cluster_capacity).all())
+        assert bool((dev.bias[:, :NC] == 0).all()) and bool(dev.bias[:, NC:].isneginf().all())
+        assert dev.max_count == fresh.max_count
+        k, lo, hi = 100, 16, torch.tensor([index.indexed_tokens], device=DEVICE)
+        s = _on(view_of(keys, upto), DEVICE)
+        got = dev.select(q.to(DEVICE), s, lo, hi, k, dev.candidate_count(k))
+        want = fresh.select(q.to(DEVICE), s, lo, hi, k, fresh.candidate_count(k))
+        assert torch.equal(torch.sort(got).values, torch.sort(want).values), upto
