@@ -17,7 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from cli.render import CUT_NOTE, PrefillBar, human_bytes, render_stats
+from cli.render import CUT_NOTE, PrefillBar, render_stats
+from offload.config import human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
 from storage.errors import StorageError

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.render import CUT_NOTE, PrefillBar, human_bytes
-from offload.config import DEFAULT_MODEL
+from cli.render import CUT_NOTE, PrefillBar
+from offload.config import DEFAULT_MODEL, human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
 from storage.errors import StorageError

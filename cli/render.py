@@ -7,6 +7,8 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeR
 from rich.table import Table
 from rich.text import Text
 
+from offload.config import human_bytes
+
 PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
 CUT_NOTE = "[dim](answer cut at the token limit: raise it with -n)[/]"
 
@@ -76,11 +78,3 @@ def render_stats(console: Console, stats: dict) -> None:
 
 def _plain(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from offload.attention import SparsePolicy
 from offload.budgets import resolve_budgets
+from offload.config import human_bytes
 from offload.errors import ConfigError
 from offload.kvcache import KVCache
 from storage.disk import StorageError, cache_dir_name, sweep_stale
@@ -68,6 +69,30 @@ def device_kv_tokens(rt: Runtime) -> int:
     budget = resolve_budgets(rt.config.kv, rt.device).device_bytes
     L = rt.layout
     return min(budget // (L.token_bytes + L.token_bytes_per_layer), rt.args.max_seq_len)
+
+
+def check_device_room(rt: Runtime, cache: KVCache, num_tokens: int, what: str) -> None:
+    """Where the host tier is not the device's memory (CUDA), refuse `what` (a request
+    that can reach `num_tokens` tokens of context, or a session of that many) when the
+    tiered KV's device part would then pass `kv.device_bytes` (ConfigError naming the
+    parts): `offload plan`'s arithmetic, checked before anything is computed, where the
+    alternative is running out of device memory partway. A device cache that holds the
+    tokens within its own bound (or mode "full") is not tiered and passes."""
+    if not rt.backend.remote_host or (cache.store is None and cache.fits(num_tokens)):
+        return
+    from offload.plan import plan_for_config  # (it reads model files for the CLI)
+
+    budget = resolve_budgets(rt.config.kv, rt.device).device_bytes
+    rows = plan_for_config(rt.args, num_tokens, budget, 0, rt.config).kv_rows_on_device
+    need = sum(r.nbytes for r in rows)
+    if need > budget:
+        parts = ", ".join(f"{r.what.split(' (')[0]} {human_bytes(r.nbytes)}" for r in rows)
+        raise ConfigError(
+            f"{what} reaches {num_tokens:,} tokens of context; there the KV kept on the "
+            f"device takes {human_bytes(need)} ({parts}), over kv.device_bytes = "
+            f"{human_bytes(budget)}: raise kv.device_bytes, lower selection.dense_layers "
+            f"or selection.retrieved, or use fewer tokens (`offload plan` shows each part)"
+        )
 
 
 def move_to_tiers(rt: Runtime, cache: KVCache) -> None:

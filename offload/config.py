@@ -30,6 +30,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Runtime configuration
 
 
+def human_bytes(n: float) -> str:
+    """A byte count as people read it (1.50 GiB): the inverse of `parse_bytes`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def parse_bytes(value: int | str | None, key: str) -> int | None:
     """'6GiB', '512 MB', '1.5G', 1048576 -> bytes. None stays None ("from the machine")."""
     if value is None or isinstance(value, int) and not isinstance(value, bool):

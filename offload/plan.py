@@ -19,6 +19,7 @@ from storage.layout import DTYPE_BYTES, KVLayout
 
 GiB = 1 << 30
 ACTIVATION_RESERVE = GiB  # prefill activations and allocator slack kept free on the device
+NOT_KV = ("weights", "activations reserve")  # the device rows `kv.device_bytes` does not cover
 
 
 @dataclass
@@ -73,8 +74,13 @@ class Plan:
         and the activations reserve (what a runtime on this device takes when unset)."""
         if self.kv_device_bytes is not None:
             return self.kv_device_bytes
-        fixed = sum(r.nbytes for r in self.rows if r.what in ("weights", "activations reserve"))
+        fixed = sum(r.nbytes for r in self.rows if r.what in NOT_KV)
         return max(0, self.device_budget - fixed)
+
+    @property
+    def kv_rows_on_device(self) -> list[PlanRow]:
+        """What the tiered KV keeps on the device (what `kv.device_bytes` bounds)."""
+        return [r for r in self.rows if r.tier == "device" and r.what not in NOT_KV]
 
     @property
     def device_kv_tokens(self) -> int:

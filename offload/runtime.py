@@ -181,6 +181,8 @@ class Runtime:
         if not all(isinstance(x, str) for x in stops):
             raise ConfigError(f"stop: expected strings, got {stops!r}")
         g, sampler = self._sampling(max_new_tokens, sampling, ids)
+        reach = min(len(ids) + g.max_new_tokens, self.args.max_seq_len)
+        caches.check_device_room(self, state.cache, reach, "this request")
         new_ids, reused = state.prepare(ids)
         state.computed(reused, len(ids), g.prefill_chunk)
         state.ids = list(ids)
@@ -295,6 +297,7 @@ class Runtime:
         self.document = {"text": text, "system": system}
         ids = self._document_ids()
         self._check_fits(ids, "the document")
+        caches.check_device_room(self, self._state.cache, len(ids), "the document")
         new_ids, reused = self._state.prepare(ids, need_logits=False)
         self._state.computed(reused, len(ids), self.config.generation.prefill_chunk)
         t = time.perf_counter()

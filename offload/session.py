@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from offload import caches
 from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.errors import ConfigError, OffloadError
 from storage.session import SessionContents, SessionError, open_session, save_session
@@ -102,6 +103,8 @@ def load_state(
     # The device cache: loaded through a tiered one, which is kept where the session's
     # KV does not fit the device cache's budget.
     dense = rt._state.cache.store is None
+    num_tokens = session.manifest["num_tokens"]
+    caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
     cache = rt.new_cache(tiered=True) if dense else rt._state.cache
     files = [
         # absolute: the disk tier joins a relative name onto its own directory

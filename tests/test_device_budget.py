@@ -10,6 +10,7 @@ import torch
 
 from offload import Runtime
 from offload.backend import Backend
+from offload.errors import ConfigError
 from offload.kvcache import DenseLayer
 from offload.tiered_step import TieredPlan
 from storage.tiered import TieredStore
@@ -85,7 +86,7 @@ def test_device_cache_moves_to_the_tiers_when_it_outgrows_its_budget(tiny_dirs):
 def test_a_prompt_longer_than_the_budget_is_prefilled_layer_by_layer(tiny_dirs, monkeypatch):
     path = tiny_dirs["llama-gqa-untied"][0]
     dense = Runtime.from_pretrained(path, dtype="float32", mode="full")
-    rt = _budgeted(path, limit=40)
+    rt = _budgeted(path, limit=80, window=16)  # (the tiered KV's device part fits the budget)
     import offload.generate as generate
 
     layered = []
@@ -107,29 +108,37 @@ def test_a_budget_below_the_sparse_threshold_decodes_eagerly_after_the_move(tiny
 
 
 def test_a_session_larger_than_the_budget_loads_into_the_tiers(tiny_dirs, tmp_path):
+    """...or is refused, naming the session, where even the tiered KV's device part
+    (the dense layer's KV, summaries, index) would not fit the budget."""
     path = tiny_dirs["llama-gqa-untied"][0]
     full = Runtime.from_pretrained(path, dtype="float32", mode="full")
     full.load_document(PROMPT * 2)
     before = full.ask("green?", max_new_tokens=8)
     full.save_session(tmp_path / "s")
-    for limit, tiered in ((1000, False), (LIMIT, True)):
+    for limit, tiered in ((1000, False), (120, True)):  # (120: room for its device part)
         rt = _budgeted(path, limit=limit)
         loaded = Runtime.load_session(tmp_path / "s", model=rt, config=rt.config)
         assert (loaded._state.cache.store is not None) == tiered
         assert loaded._state.cache.num_tokens == len(loaded._state.ids) > LIMIT
         assert loaded.ask("green?", max_new_tokens=8) == before
+    rt = _budgeted(path, limit=60)
+    with pytest.raises(ConfigError, match=f"session {tmp_path / 's'} reaches .* kv.device_bytes"):
+        Runtime.load_session(tmp_path / "s", model=rt, config=rt.config)
 
 
 @pytest.mark.parametrize("limit", [0, 10**9])
 def test_budget_extremes(tiny_dirs, limit):
-    """No room at all: the tiered store from the start; room for the whole window: a
-    device cache without a bound (it never moves)."""
+    """No room at all: the tiered store from the start, and a request refused (its KV's
+    device part cannot fit); room for the whole window: a device cache without a bound
+    (it never moves)."""
     rt = _budgeted(tiny_dirs["llama-gqa-untied"][0], limit=limit)
     cache = rt._state.cache
     if limit == 0:
         assert cache.store is not None
-    else:
-        assert cache.store is None and cache.device_limit is None
-        assert rt.device_kv_tokens() == rt.args.max_seq_len
+        with pytest.raises(ConfigError, match="over kv.device_bytes = 0 B"):
+            rt.generate(PROMPT, max_new_tokens=4)
+        return
+    assert cache.store is None and cache.device_limit is None
+    assert rt.device_kv_tokens() == rt.args.max_seq_len
     assert rt.generate(PROMPT, max_new_tokens=4)
     torch.testing.assert_close(rt.logits([5, 6, 7]).shape, torch.Size([3, rt.args.vocab_size]))
