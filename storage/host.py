@@ -87,10 +87,11 @@ class HostTier:
         # The same map as a tensor (-1: not on the host), so a gather of many tokens
         # looks its slots up in one indexing op instead of a Python loop.
         self.slot_table = torch.full((64,), -1, dtype=torch.long)
-        # Free slots: those freed below `_next` (a min-heap), and every slot from `_next`
-        # up (never used since the slab last grew), so a run of new chunks can take a
-        # run of slots at once (`put_run`).
+        # Free slots: those freed below `_next` (a min-heap, and the same as a set), and
+        # every slot from `_next` up (never used since the slab last grew), so a run of
+        # new chunks can take a run of slots at once (`put_run`).
         self._free: list[int] = []
+        self._free_set: set[int] = set()
         self._next = 0
         self._misplaced = 0  # chunks whose slot is not their own index
 
@@ -142,7 +143,9 @@ class HostTier:
         # The lowest free slot, so that chunks re-filled after a truncation land where
         # they were and `tokens_view` keeps working (a min-heap of free slots).
         if self._free:
-            return heapq.heappop(self._free)
+            slot = heapq.heappop(self._free)
+            self._free_set.discard(slot)
+            return slot
         self._reserve(self._next + 1)
         self._next += 1
         return self._next - 1
@@ -170,16 +173,33 @@ class HostTier:
         return self.slab[:, :, slot]
 
     def put_many(self, chunks: list[int], data: torch.Tensor) -> None:
-        """`put` each of `chunks` (chunks read back from disk, data [n, 2, H, C, D]), the
-        slots taken as `put` takes them, with one copy into the slab for all: a loaded
-        session puts hundreds of thousands of chunks, and `put` costs tens of us each."""
-        n = len(chunks)
-        slots = [heapq.heappop(self._free) for _ in range(min(n, len(self._free)))]
-        if len(slots) < n:
-            rest = n - len(slots)
-            self._reserve(self._next + rest)
-            slots += range(self._next, self._next + rest)
-            self._next += rest
+        """`put` each of `chunks` (chunks read back from disk, data [n, 2, H, C, D]) with
+        one copy into the slab for all: a loaded session puts hundreds of thousands of
+        chunks, and `put` costs tens of us each. A chunk whose own slot (its index) is
+        free takes it, the others the lowest free slots: a layer read back file by file,
+        in any order, into a slab sized for it is then mostly in slot order already, and
+        `put_in_order` moves only the few chunks that are not."""
+        cap = self.slab.shape[2]
+        own = {c for c in chunks if c < cap and (c >= self._next or c in self._free_set)}
+        if own:
+            top = max(own) + 1
+            if top > self._next:  # the slots skipped on the way up are free
+                self._free += [x for x in range(self._next, top) if x not in own]
+                self._free_set.update(range(self._next, top))
+                self._next = top
+            self._free_set -= own
+            self._free = [x for x in self._free if x not in own]
+            heapq.heapify(self._free)
+        rest = [c for c in chunks if c not in own]
+        slots = [heapq.heappop(self._free) for _ in range(min(len(rest), len(self._free)))]
+        self._free_set.difference_update(slots)
+        if len(slots) < len(rest):
+            more = len(rest) - len(slots)
+            self._reserve(self._next + more)
+            slots += range(self._next, self._next + more)
+            self._next += more
+        given = iter(slots)
+        slots = [c if c in own else next(given) for c in chunks]
         for c, slot in zip(chunks, slots, strict=True):
             assert c not in self.slot_of, f"chunk {c} is on the host already"
             self._record(c, slot)
@@ -193,6 +213,7 @@ class HostTier:
         if self._free and self._free[0] == self._next - len(self._free):
             # the freed slots are exactly the top ones (a truncated tail): unused again
             self._next, self._free = self._free[0], []
+            self._free_set.clear()
         if self._free:
             return None
         s0 = self._next
@@ -222,10 +243,14 @@ class HostTier:
         n = self.layout.num_chunks(num_tokens)
         if self._misplaced == 0 or len(self.slot_of) != n:
             return self.in_order(num_tokens)
-        self.slab[:, :, :n] = self.slab.index_select(2, self.slot_table[:n])
+        # Only the chunks out of place move: the slot of each is another's own slot (or
+        # past n), so all of them are copied out first, then each to its own slot.
+        moved = torch.tensor([c for c, slot in self.slot_of.items() if slot != c])
+        self.slab.index_copy_(2, moved, self.slab.index_select(2, self.slot_table[moved]))
         self.slot_of = {c: c for c in range(n)}
         self.slot_table[:n] = torch.arange(n)
         self._free, self._next = [], n
+        self._free_set.clear()
         self._misplaced = 0
         return True
 
@@ -314,4 +339,5 @@ class HostTier:
         slot = self.slot_of.pop(chunk)
         self._misplaced -= slot != chunk
         heapq.heappush(self._free, slot)
+        self._free_set.add(slot)
         self.slot_table[chunk] = -1

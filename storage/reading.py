@@ -5,7 +5,7 @@ they live, brought to the compute device.
     gather_selected(layer, ids) per-head selections (sparse attention)
     gather_all(layer)           every token (dense attention): in place where the host
                                 tier is the compute device's memory
-    keep_on_host(layer, pairs)  chunks read from disk kept in free host slots
+    keep_on_host(layer, chunks, kv)  chunks read from disk kept in free host slots
 
 Chunks read from disk are kept on the host while it has room (a loaded session is
 read once). `TierReads` counts what each tier served.
@@ -23,6 +23,14 @@ from storage.layout import HeadRows
 
 BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
 RESERVE_MIN = 64  # chunks read back at once that size the layer's slab for all its chunks
+
+
+def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows]: a view (no copy) when rows are consecutive and ascending (a file's chunks
+    but a few at either end, the sink's or the recent window's, already read)."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0] : rows[0] + len(rows)]
+    return t[torch.tensor(rows, dtype=torch.long)]
 
 
 @dataclass
@@ -86,35 +94,51 @@ class StoreReads:
             by_file.setdefault(rec.file, []).append(c)
         for name, group in by_file.items():
             if len(group) >= BULK_READ_MIN:
-                data = self.disk.read_all(name)
-                pairs = [(c, data[self.directory.disk[(layer, c)].batch]) for c in group]
+                rows = [self.directory.disk[(layer, c)].batch for c in group]
+                kv = take_rows(self.disk.read_all(name), rows)
             else:
-                pairs = [(c, self._chunk_kv(layer, c)[1]) for c in group]
-            self.reads.add("disk", len(pairs), len(pairs) * L.chunk_bytes)
-            self.keep_on_host(layer, pairs, len(pairs) if keep_all else None)
-            yield from pairs
+                kv = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
+            self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
+            self.keep_on_host(layer, group, kv, len(group) if keep_all else None)
+            yield from zip(group, kv, strict=True)
 
-    def keep_on_host(self, layer: int, pairs, room: int | None = None) -> int:
-        """Put chunks read from disk, (chunk, kv [2, H, C, D]) pairs, into host memory:
+    def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
+        """Of `chunks`, those on disk in file `name` and not on the host, and their rows in
+        it (a file read without the lock, checked under it: a chunk cut away meanwhile is
+        gone, one appended again since and spilled has another file, one a question read
+        in is on the host)."""
+        kept, rows = [], []
+        for c in chunks:
+            rec = self.directory.disk.get((layer, c))
+            if rec is not None and rec.file == name and not self.directory.on_host((layer, c)):
+                kept.append(c)
+                rows.append(rec.batch)
+        return kept, rows
+
+    def keep_on_host(
+        self, layer: int, chunks: list[int], kv: torch.Tensor, room: int | None = None
+    ) -> int:
+        """Put chunks read from disk (kv[i]: [2, H, C, D] of chunks[i]) into host memory:
         those not there already, `room` at most (by default the free slots), with one
         copy. Their disk records stay (KV never changes: a later spill writes nothing).
         Returns how many."""
         if room is None:
             room = self.directory.host_capacity - self.directory.host_count
-        keep = [(c, kv) for c, kv in pairs if not self.directory.on_host((layer, c))]
-        keep = keep[: max(room, 0)]
-        if len(keep) >= RESERVE_MIN:
+        rows = [i for i, c in enumerate(chunks) if not self.directory.on_host((layer, c))]
+        rows = rows[: max(room, 0)]
+        if len(rows) >= RESERVE_MIN:
             # A bulk read-back (a question on a loaded session) where the budget holds the
             # whole cache: the layer's slab is sized for all its chunks at once. On CUDA it
             # is pinned memory, and growing it 1.25x at a time as files come in would pin
             # several times its size. (A few chunks, as the recent window read at a load,
             # grow it as before: a load pins nothing.)
             self.reserve_host(layer, self.lengths[layer])
-        if keep:
-            self.host[layer].put_many([c for c, _ in keep], torch.stack([kv for _, kv in keep]))
-            for c, _ in keep:
+        if rows:
+            keep = [chunks[i] for i in rows]
+            self.host[layer].put_many(keep, take_rows(kv, rows))
+            for c in keep:
                 self.directory.loaded((layer, c))
-        return len(keep)
+        return len(rows)
 
     def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
         """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""

@@ -21,6 +21,8 @@ import os
 import threading
 from collections import Counter
 
+from storage.reading import take_rows
+
 READERS = 4  # files read at once, at most (checksums and copies release the GIL); one
 # core is left to the question that may be computing meanwhile
 
@@ -114,14 +116,10 @@ class Warmer:
         with store.lock:
             if self._stop.is_set():
                 return False
-            # (a chunk cut away meanwhile is gone; one appended again under its index
-            # since, and spilled, has another file; one a question read in is there)
-            records = [(c, store.directory.disk.get((layer, c))) for c in want]
-            pairs = [(c, data[r.batch]) for c, r in records
-                     if r is not None and r.file == name
-                     and not store.directory.on_host((layer, c))]  # fmt: skip
-            store.reads.add("disk", len(pairs), len(pairs) * store.layout.chunk_bytes)
-            return store.keep_on_host(layer, pairs) == len(pairs)  # (else the budget is full)
+            kept, rows = store.rows_in_file(layer, name, want)
+            store.reads.add("disk", len(kept), len(kept) * store.layout.chunk_bytes)
+            kv = take_rows(data, rows)
+            return store.keep_on_host(layer, kept, kv) == len(kept)  # (else the budget is full)
 
     def _put_in_order(self, layer: int) -> None:
         """A layer read in whole: each chunk to the slot of its index (what the fixed-shape

@@ -383,6 +383,35 @@ def test_chunks_brought_in_out_of_order_are_put_in_order():
     assert host.in_order(T) and torch.equal(host.tokens_view(T), want)
 
 
+def test_chunks_read_back_in_bulk_take_their_own_slots(monkeypatch):
+    """A loaded session's files, read back in any order into a slab sized for the layer,
+    put each chunk in its own slot where it is free, so that putting the layer in order
+    moves only the chunks that could not be (the recent window read at the load sat in
+    their slots), not the whole layer."""
+    g = torch.Generator().manual_seed(4)
+    n, C = 40, LAYOUT.chunk_size
+    data = torch.randn(n, 2, 3, C, 8, generator=g).to(DT)
+    host = HostTier(LAYOUT, DT)
+    host.put_many([0, 38, 39], data[[0, 38, 39]])  # at a load: the sink and recent chunks
+    assert host.slot_of == {0: 0, 38: 1, 39: 2}
+    host._reserve(n)  # the warm-up sizes the slab for the layer
+    host.put_many(list(range(20, 38)), data[20:38])  # the files in any order
+    host.put_many(list(range(1, 20)), data[1:20])
+    moved = {c for c, slot in host.slot_of.items() if slot != c}
+    assert moved == {1, 2, 38, 39}  # slots 1 and 2 were taken: chunks 1 and 2 went elsewhere
+    copied = []
+    real = torch.Tensor.index_copy_
+    monkeypatch.setattr(
+        torch.Tensor, "index_copy_", lambda t, d, i, s: copied.append(len(i)) or real(t, d, i, s)
+    )
+    assert host.put_in_order(n * C) and copied == [4]
+    want = data.permute(1, 2, 0, 3, 4).reshape(2, 3, n * C, 8)
+    assert torch.equal(host.tokens_view(n * C), want)
+    host.free(39)
+    host.put_many([39], data[39:])  # (its own slot again)
+    assert host.in_order(n * C)
+
+
 def test_lru_sync_takes_chunks_never_marked_as_oldest(tmp_path):
     """A loaded session's chunks enter the host without a selection hit, and their index
     may lie past a layer's recency table: they sort as least recently used."""
