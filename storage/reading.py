@@ -13,6 +13,10 @@ read once). `TierReads` counts what each tier served.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,28 @@ from storage.layout import HeadRows
 
 BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
 RESERVE_MIN = 64  # chunks read back at once that size the layer's slab for all its chunks
+READ_THREADS = min(8, os.cpu_count() or 1)  # files read at once by a question, at most
+
+
+def read_files(disk, names: list[str], threads: int | None = None):
+    """(name, `disk.read_all(name)`) of each file in order; several files are read on
+    `threads` threads, that many ahead of the consumer (a question on a loaded session
+    reads most files of each layer: the checksums and copies release the GIL)."""
+    threads = min(threads or READ_THREADS, len(names))
+    if threads < 2:
+        yield from ((name, disk.read_all(name)) for name in names)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="offload-read") as pool:
+        ahead = deque(pool.submit(disk.read_all, name) for name in names[:threads])
+        try:
+            for i, name in enumerate(names):
+                data = ahead.popleft().result()
+                if i + threads < len(names):
+                    ahead.append(pool.submit(disk.read_all, names[i + threads]))
+                yield name, data
+        finally:
+            for f in ahead:  # (a consumer that stopped early: the rest is not read)
+                f.cancel()
 
 
 def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -92,15 +118,17 @@ class StoreReads:
             if rec is None:
                 raise StorageError(f"chunk {c} of layer {layer} is in no tier")
             by_file.setdefault(rec.file, []).append(c)
-        for name, group in by_file.items():
-            if len(group) >= BULK_READ_MIN:
-                rows = [self.directory.disk[(layer, c)].batch for c in group]
-                kv = take_rows(self.disk.read_all(name), rows)
-            else:
-                kv = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
-            self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
-            self.keep_on_host(layer, group, kv, len(group) if keep_all else None)
-            yield from zip(group, kv, strict=True)
+        bulk = [name for name, group in by_file.items() if len(group) >= BULK_READ_MIN]
+        with contextlib.closing(read_files(self.disk, bulk)) as files:
+            for group in by_file.values():  # (the bulk files come in this order)
+                if len(group) >= BULK_READ_MIN:
+                    rows = [self.directory.disk[(layer, c)].batch for c in group]
+                    kv = take_rows(next(files)[1], rows)
+                else:
+                    kv = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
+                self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
+                self.keep_on_host(layer, group, kv, len(group) if keep_all else None)
+                yield from zip(group, kv, strict=True)
 
     def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
         """Of `chunks`, those on disk in file `name` and not on the host, and their rows in

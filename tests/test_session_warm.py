@@ -1,10 +1,15 @@
 """A loaded session's KV is read into host memory on a thread (storage/warm.py), so the
 questions after it read memory; within the host budget, and never over a truncation."""
 
+import threading
+from collections import Counter
+
+import pytest
 import torch
 
 from offload import Runtime
 from offload.backend import Backend
+from storage.disk import StorageError
 from storage.tiered import TieredStore
 from storage.warm import Warmer
 from tests.conftest import filler_text
@@ -162,3 +167,47 @@ def test_a_bulk_read_back_sizes_the_layers_slab_once(tiny, tmp_path, monkeypatch
     with store.lock:
         kv = store.read_range(0, 0, store.lengths[0])
     assert len(allocs) == 1 and torch.equal(kv, rt._state.cache.store.read_range(0, 0, kv.shape[2]))
+
+
+def test_a_question_reads_a_layers_files_on_threads(tiny, tmp_path, monkeypatch):
+    """A layer saved as several files (a long session: 1024 chunks a file) is read by a
+    question asked at once on threads, files ahead of their use: the same answer as
+    before the save, every file read once; a corrupt file is still named."""
+    import storage.reading as reading
+    import storage.session as session
+
+    monkeypatch.setattr(session, "MAX_CHUNKS_PER_FILE", reading.BULK_READ_MIN)
+    monkeypatch.setattr(reading, "READ_THREADS", 3)
+    rt = doc_runtime(tiny, filler_text(60, seed=1), chunk_size=2)
+    want = rt.ask("seven stones", max_new_tokens=6)
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
+    per_layer = Counter(layer for layer, _ in Warmer(store).files())
+    assert min(per_layer.values()) > 3  # more files than threads
+    threads, reads = set(), Counter()
+    real = store.disk.read_all
+
+    def read_all(name):
+        threads.add(threading.current_thread().name)
+        reads[name] += 1
+        return real(name)
+
+    monkeypatch.setattr(store.disk, "read_all", read_all)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert set(reads.values()) == {1} and len(reads) > 2 * 3  # each once, layers of 3+ files
+    assert any(t.startswith("offload-read") for t in threads)
+
+
+def test_files_read_ahead_come_in_order_and_a_failed_read_is_raised_at_its_turn():
+    import storage.reading as reading
+
+    class Disk:
+        def read_all(self, name):
+            if name == "bad":
+                raise StorageError("bad: checksum mismatch in chunk 0: the file is corrupt")
+            return name
+
+    names = ["a", "b", "c", "bad", "d"]
+    got = reading.read_files(Disk(), names, threads=3)
+    assert [next(got) for _ in range(3)] == [(n, n) for n in "abc"]
+    with pytest.raises(StorageError, match="bad: checksum mismatch"):
+        next(got)
