@@ -12,11 +12,13 @@ Inside the step (captured as a CUDA graph on CUDA), per layer:
                                               attend: sink | selected | window ring
 
 Nothing there reads a host value: the range end `hi = pos + 1 - window` is computed
-on the device. Between steps (`finish`), every `chunk_size` tokens the completed
-chunk goes from the device (ring or mirror) into the store: host slab, summaries,
-abstracts, and the cluster index absorbs it in batches as in the eager path; the
-device index is synced from it. So the store lags the context by less than one
-chunk while steps run; `flush` brings it level before anything else reads it.
+on the device. Between steps (`finish`), every `FLUSH_CHUNKS` chunks (fewer where the
+window holds fewer) the completed chunks go from the device (ring or mirror) into
+the store in one append per layer: host slab, summaries, abstracts, and the
+cluster index absorbs them in batches as in the eager path; the device index is
+synced from it. So the store lags the context by less than that many chunks, all
+still in the window, while steps run; `flush` brings it level before anything else
+reads it.
 
 A step runs fixed-shape only while every sparse layer attends sparsely, uses the
 cluster selector and has all its chunks on the host in slot order (no spill);
@@ -44,6 +46,10 @@ from retrieval.device_index import DeviceClusterIndex
 from storage.quant import QuantKeys
 
 K_BUCKET = 1024  # context tokens per step of the retrieved count (fraction mode)
+# Chunks handed to the store at once between steps: an append per layer costs about
+# as much for 4 chunks as for 1 (host work, and on CUDA the copies' syncs), 32 layers
+# every 16 tokens was most of a millisecond per token.
+FLUSH_CHUNKS = 4
 TOKEN_GROWTH = 1.25  # the device index's token capacity grows by this factor
 
 
@@ -179,7 +185,8 @@ class TieredPlan:
         if not self.hit_caches:  # every retrieved token came from the host
             n = len(self.sparse) * self.layout.num_kv_heads * stats.last_retrieved
             self.store.reads.add("host", n, n * self._row_bytes)
-        if num_tokens % self.layout.chunk_size == 0:
+        C = self.layout.chunk_size
+        if num_tokens % (C * max(1, min(FLUSH_CHUNKS, self.sel.window // C))) == 0:
             self.flush(num_tokens)
             for i in self.sparse:  # the index absorbs new chunks in batches, as eagerly
                 self.policy.update(self.store, i)
