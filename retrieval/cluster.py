@@ -81,6 +81,12 @@ class ClusterIndex:
     def indexed_tokens(self) -> int:
         return self.assign.shape[1]
 
+    @property
+    def last_segment(self) -> tuple[int, int]:
+        """(first cluster, first token) of the last segment: within an epoch, only its
+        clusters and those after change, and their members are tokens from there on."""
+        return (self._unit_offset, self.segments[-1]) if self.segments else (0, 0)
+
     # -- building --------------------------------------------------------------
 
     def _kmeans_segments(self, read_keys, start: int, end: int, progress=None) -> None:
@@ -343,6 +349,7 @@ def spherical_kmeans(
     each centroid to its members' normalized mean; a cluster left empty keeps its
     centroid."""
     H, n, D = keys.shape
+    assert n % segments == 0, f"{n} points do not split into {segments} equal segments"
     g, m = segments, n // segments
     x = F.normalize(keys.float(), dim=-1).reshape(H * g, m, D)  # row h * g + j: head h, segment j
     B = x.shape[0]

@@ -93,8 +93,7 @@ class DeviceClusterIndex:
             self.assign[:, T_idx:] = cap  # not indexed yet: the extra, always-taken cluster
         # (clusters before c0 have not changed, and no count has gone down this epoch)
         self.max_count = max(self.max_count, int(counts.max()) if counts.numel() else 0)
-        first = (index._unit_offset, index.segments[-1]) if index.segments else (0, 0)
-        self._synced = (index.epoch, T_idx, *first)
+        self._synced = (index.epoch, T_idx, *index.last_segment)
         self.tail = tail
         return grown
 
