@@ -152,7 +152,9 @@ class TieredPlan:
         index, dev = self.policy.selectors[layer], self.indexes[layer]
         if self._synced[layer] != index.indexed_tokens or dev.token_capacity < num_tokens:
             C = self.layout.chunk_size
-            cap = max(num_tokens + C, int(dev.token_capacity * TOKEN_GROWTH))
+            cap = dev.token_capacity  # grown only when short (a growth means a new capture)
+            if cap < num_tokens:
+                cap = max(num_tokens + C, int(cap * TOKEN_GROWTH))
             tail = self.sel.index_refresh + 2 * C  # tokens between the index end and hi
             dev.sync(index, min(cap, self.max_tokens), tail)
             self._synced[layer] = index.indexed_tokens

@@ -277,6 +277,35 @@ def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
     assert a._state.cache.store.num_tokens == a.context_tokens  # flushed after each answer
 
 
+def test_tiered_step_equals_dense_while_its_index_grows_and_syncs_in_part(tiny_dirs, monkeypatch):
+    """Decode steps long enough for the index to absorb new tokens several times and to
+    start new segments: the device index syncs only its end between them (and whole
+    when its buffers grow), and at full budget the steps still give dense's tokens."""
+    from offload.conversation import KVState
+    from retrieval.cluster import ClusterIndex
+
+    path = tiny_dirs["llama-gqa-untied"][0]
+    dense = Runtime.from_pretrained(path, dtype="float32", mode="full")
+    rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", sink=4, window=32,
+                                 retrieved=100000, dense_layers=1, index_refresh=16,
+                                 cluster_segment=64)  # fmt: skip
+    rt.backend = Backend(DEVICE, kernels=DEVICE.type == "cuda", fixed_shape=True, remote_host=True)
+    rt._state = KVState(rt.new_cache())
+    firsts = []
+    real = ClusterIndex.counts_from
+    monkeypatch.setattr(
+        ClusterIndex, "counts_from", lambda self, f, t: firsts.append(f) or real(self, f, t)
+    )
+    prompt = "seven quiet stones over the river " * 4
+    n = 150  # (the tiny model's window is 256 tokens)
+    assert rt.generate(prompt, max_new_tokens=n) == dense.generate(prompt, max_new_tokens=n)
+    plan = rt._state.cache.step.plan
+    assert plan.steps == n - 1
+    index = rt._state.cache.policy.selectors[1]
+    assert len(index.segments) >= 3  # new segments during the steps
+    assert any(f > 0 for f in firsts) and 0 in firsts  # partial syncs, and full ones
+
+
 @cuda_only
 @pytest.mark.parametrize("hit_factor", [None, 2.0])
 def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_dirs, hit_factor):
