@@ -275,6 +275,10 @@ class DiskTier:
         if crc32 is not None and crcs != crc32:
             raise StorageError(f"{path}: its chunk checksums differ from the manifest's")
 
+    def num_chunks(self, name: str) -> int:
+        """How many chunks file `name` holds."""
+        return len(self._open(name)[1])
+
     def crc32s(self, name: str) -> list[int]:
         """The per-chunk crc32s of a file this tier wrote (kept from the write)."""
         return list(self._crcs[name])

@@ -25,7 +25,11 @@ from storage.disk import StorageError
 from storage.host import device_view
 from storage.layout import HeadRows
 
-BULK_READ_MIN = 8  # disk chunks of one file needed at once before the whole file is read
+# Chunks of one file needed at once before the whole file is read: at least this many,
+# and a quarter of the file (a chunk read alone costs about what one costs in a whole
+# read, 50-60 us for the 8B shape here; a load's recent window is a few chunks of a
+# 1024-chunk session file, a question's selection most of them).
+BULK_READ_MIN, BULK_READ_FRACTION = 8, 4
 RESERVE_MIN = 64  # chunks read back at once that size the layer's slab for all its chunks
 READ_THREADS = min(8, os.cpu_count() or 1)  # files read at once by a question, at most
 
@@ -118,10 +122,13 @@ class StoreReads:
             if rec is None:
                 raise StorageError(f"chunk {c} of layer {layer} is in no tier")
             by_file.setdefault(rec.file, []).append(c)
-        bulk = [name for name, group in by_file.items() if len(group) >= BULK_READ_MIN]
-        with contextlib.closing(read_files(self.disk, bulk)) as files:
-            for group in by_file.values():  # (the bulk files come in this order)
-                if len(group) >= BULK_READ_MIN:
+        bulk = {
+            name for name, group in by_file.items()
+            if len(group) >= max(BULK_READ_MIN, self.disk.num_chunks(name) // BULK_READ_FRACTION)
+        }  # fmt: skip
+        with contextlib.closing(read_files(self.disk, [n for n in by_file if n in bulk])) as files:
+            for name, group in by_file.items():  # (the bulk files come in this order)
+                if name in bulk:
                     rows = [self.directory.disk[(layer, c)].batch for c in group]
                     kv = take_rows(next(files)[1], rows)
                 else:

@@ -364,6 +364,8 @@ class TieredStore(StoreReads):
                 self.directory.add_on_disk((layer, c), DiskRecord(name, i))
         for layer in range(L.num_layers):
             dev = self.dev[layer]
+            n = num_tokens // C
+            dev.reserve_chunks(n + n // 8)  # room to grow: the first appends copy nothing
             for key, g in (("codes", dev.codes), ("scale", dev.scale), ("zero", dev.zero),
                            ("kmin", dev.kmin), ("kmax", dev.kmax), ("kmean", dev.kmean)):  # fmt: skip
                 g.append(device[f"L{layer}.{key}"].to(g.data.device))

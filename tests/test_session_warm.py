@@ -211,3 +211,35 @@ def test_files_read_ahead_come_in_order_and_a_failed_read_is_raised_at_its_turn(
     assert [next(got) for _ in range(3)] == [(n, n) for n in "abc"]
     with pytest.raises(StorageError, match="bad: checksum mismatch"):
         next(got)
+
+
+def test_a_load_reads_its_few_chunks_alone_and_leaves_room_to_grow(tiny, tmp_path, monkeypatch):
+    """Opening a session reads the recent window's chunks one by one, not the whole
+    files they sit in (a 128k-token session's files hold 1024 chunks each, the window
+    17), and sizes the summaries with room, so the first tokens after it copy nothing."""
+    from storage.device import Growable
+    from storage.disk import DiskTier
+
+    rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)
+    want = rt.ask("seven stones", max_new_tokens=6)
+    calls = Counter()
+    for name in ("read_all", "read_chunk"):
+        real = getattr(DiskTier, name)
+        monkeypatch.setattr(
+            DiskTier, name, lambda self, *a, _r=real, _n=name: calls.update([_n]) or _r(self, *a)
+        )
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
+    assert calls["read_all"] == 0 and calls["read_chunk"] > 0
+    grown = []
+    real_reserve = Growable.reserve
+
+    def reserve(g, *args):
+        before = g.data
+        real_reserve(g, *args)
+        if g.data is not before:
+            grown.append(g)
+
+    monkeypatch.setattr(Growable, "reserve", reserve)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert calls["read_all"] > 0  # the question needs most chunks: whole files
+    assert not grown
