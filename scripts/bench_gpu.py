@@ -55,6 +55,7 @@ from evalkit import bench_hf, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
+from offload.errors import OffloadError  # noqa: E402
 from offload.generate import prefill  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
@@ -300,7 +301,7 @@ def main() -> None:
             fill = system != "device" and n > args.fill_above
             try:
                 record(system, n, bench_ours(rt, n, args.tokens, fill))
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
                 record(system, n, {"error": str(e).splitlines()[0][:300]})
         del rt
         reset_peak()
@@ -317,7 +318,7 @@ def main() -> None:
             path = args.session_dir / f"s{n}"
             try:
                 record("session", n, bench_session(rt, n, n > args.fill_above, path))
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
                 record("session", n, {"error": str(e).splitlines()[0][:300]})
             finally:
                 shutil.rmtree(path, ignore_errors=True)
@@ -336,7 +337,7 @@ def main() -> None:
             try:
                 figures = bench_hf(model, ids, args.tokens, **HF_CACHES[system])
                 record(system, n, {**figures, "peak_device_gib": peak_gib()})
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
                 record(system, n, {"error": str(e).splitlines()[0][:300]})
         del model
         reset_peak()
