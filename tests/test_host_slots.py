@@ -1,0 +1,81 @@
+"""`HostTier`'s slot bookkeeping under seeded random sequences of what the store does
+(puts, bulk puts of chunks read back, runs of new chunks, frees, reservations, putting
+a layer in order): every chunk's KV stays in its slot, and the free-slot structures,
+the slot table and the misplaced count agree with the slots in use."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storage.host import HostTier
+from storage.layout import KVLayout
+
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=2, head_dim=4, dtype="float32", chunk_size=2)
+N = 48  # chunk ids 0..N-1
+
+
+def kv_of(c: int) -> torch.Tensor:
+    """The KV [2, H, C, D] chunk c holds, recognisable."""
+    return torch.full((2, 2, 2, 4), float(c)) + torch.arange(4.0)
+
+
+def check(host: HostTier) -> None:
+    used = set(host.slot_of.values())
+    assert len(used) == len(host.slot_of), "two chunks in one slot"
+    assert host._free_set == set(host._free) and not used & host._free_set
+    assert used | host._free_set == set(range(host._next))
+    assert host._next <= host.slab.shape[2]
+    assert host._misplaced == sum(s != c for c, s in host.slot_of.items())
+    for c in range(min(N, host.slot_table.shape[0])):
+        assert int(host.slot_table[c]) == host.slot_of.get(c, -1)
+    for c, s in host.slot_of.items():
+        assert torch.equal(host.slab[:, :, s], kv_of(c)), (c, s)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "many", "run", "free", "reserve", "order", "fill"]),
+        st.integers(0, N - 1),
+        st.integers(1, 12),
+    ),
+    max_size=40,
+)
+
+
+@settings(derandomize=True, max_examples=150, deadline=None, database=None)
+@given(OPS)
+def test_slots_stay_consistent(ops):
+    host = HostTier(LAYOUT, torch.float32)
+    for op, c, n in ops:
+        absent = [x for x in range(c, min(N, c + n)) if x not in host.slot_of]
+        if op == "put" and c not in host.slot_of:
+            host.put(c, kv_of(c))
+        elif op == "many" and absent:
+            order = absent[::-1] if n % 2 else absent  # files come in any order
+            host.put_many(order, torch.stack([kv_of(x) for x in order]))
+        elif op == "run" and len(absent) == min(N, c + n) - c:
+            s0 = host.put_run(c, len(absent))
+            if s0 is not None:
+                k = torch.stack([kv_of(x)[0] for x in absent], 1).reshape(2, -1, 4)
+                v = torch.stack([kv_of(x)[1] for x in absent], 1).reshape(2, -1, 4)
+                host.write_run(s0, k, v)
+            else:
+                for x in absent:
+                    host.put(x, kv_of(x))
+        elif op == "free":
+            for x in range(c, min(N, c + n)):
+                if x in host.slot_of:
+                    host.free(x)
+        elif op == "fill":  # every chunk below c: a layer read back whole, in any order
+            rest = [x for x in range(c + 1) if x not in host.slot_of][:: -1 if n % 2 else 1]
+            if rest:
+                host.put_many(rest, torch.stack([kv_of(x) for x in rest]))
+        elif op == "reserve":
+            host._reserve(c + n)
+        elif op == "order" and host.slot_of:
+            T = (max(host.slot_of) + 1) * LAYOUT.chunk_size
+            done = host.put_in_order(T)
+            assert done == (len(host.slot_of) == max(host.slot_of) + 1)
+            if done:
+                assert host.in_order(T) and host._misplaced == 0
+        check(host)
