@@ -82,43 +82,50 @@ def load_state(
     """A Runtime whose cache holds the saved session (see `Runtime.load_session`)."""
     from offload.runtime import Runtime
 
-    session = open_session(Path(path))
-    m = session.manifest
-    if config is None:
-        try:
-            config = RuntimeConfig.from_dict(
-                _without_machine_keys(m["config"]),
-                source=f"{session.version_dir / 'manifest.json'}",
-            )
-        except ConfigError as e:
-            raise SessionError(f"the session's saved config is not usable: {e}") from None
-    if isinstance(model, Runtime):
-        cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
-        rt = Runtime(model.loaded, cfg.replace(**overrides) if overrides else cfg, model.device)
-    else:
-        # The user names the model (the default one otherwise): a session never chooses
-        # which file is opened; its fingerprint must match what is loaded.
-        rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
-    _check_compatible(rt, session)
-    # The device cache: loaded through a tiered one, which is kept where the session's
-    # KV does not fit the device cache's budget.
-    dense = rt._state.cache.store is None
-    num_tokens = session.manifest["num_tokens"]
-    caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
-    cache = rt.new_cache(tiered=True) if dense else rt._state.cache
-    files = [
-        # absolute: the disk tier joins a relative name onto its own directory
-        (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f.get("crc32"))
-        for f in session.chunk_files()
-    ]
-    cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
-    cache.num_tokens = session.manifest["num_tokens"]
+    # The small files are hashed on threads while the model and the files load; nothing
+    # read from them is used before `verified()` (storage/session.py).
+    session = open_session(Path(path), verify_later=True)
     try:
-        _restore_index(cache.policy, *session.index(), session.manifest["num_tokens"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SessionError(
-            f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
-        ) from None
+        m = session.manifest
+        if config is None:
+            try:
+                config = RuntimeConfig.from_dict(
+                    _without_machine_keys(m["config"]),
+                    source=f"{session.version_dir / 'manifest.json'}",
+                )
+            except ConfigError as e:
+                raise SessionError(f"the session's saved config is not usable: {e}") from None
+        if isinstance(model, Runtime):
+            cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
+            rt = Runtime(model.loaded, cfg.replace(**overrides) if overrides else cfg, model.device)
+        else:
+            # The user names the model (the default one otherwise): a session never chooses
+            # which file is opened; its fingerprint must match what is loaded.
+            rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
+        _check_compatible(rt, session)
+        # The device cache: loaded through a tiered one, which is kept where the session's
+        # KV does not fit the device cache's budget.
+        dense = rt._state.cache.store is None
+        num_tokens = session.manifest["num_tokens"]
+        caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
+        cache = rt.new_cache(tiered=True) if dense else rt._state.cache
+        files = [
+            # absolute: the disk tier joins a relative name onto its own directory
+            (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f.get("crc32"))
+            for f in session.chunk_files()
+        ]
+        cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
+        cache.num_tokens = session.manifest["num_tokens"]
+        try:
+            _restore_index(cache.policy, *session.index(), session.manifest["num_tokens"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SessionError(
+                f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
+            ) from None
+    except BaseException:
+        session.verified()  # a damaged file is named as such, whatever failed on it first
+        raise
+    session.verified()
     if dense:
         device_cache = rt._state.cache
         if device_cache.fits(cache.num_tokens):

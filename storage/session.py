@@ -29,7 +29,8 @@ import os
 import shutil
 import stat
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -228,6 +229,14 @@ class OpenedSession:
     path: Path
     version_dir: Path
     manifest: dict
+    # sha256 checks of the small files still running (`open_session(verify_later=True)`)
+    checks: list[Future] = field(default_factory=list, repr=False)
+
+    def verified(self) -> None:
+        """Wait for the small files' sha256 checks; SessionError naming a file that fails."""
+        for check in self.checks:
+            check.result()
+        self.checks = []
 
     @property
     def layout(self) -> KVLayout:
@@ -284,7 +293,12 @@ class OpenedSession:
         return tensors, meta
 
 
-def open_session(path: Path) -> OpenedSession:
+def _check_sha256(path: Path, want: str) -> None:
+    if sha256_file(path) != want:
+        raise SessionError(f"{path}: checksum mismatch: the file is corrupt")
+
+
+def open_session(path: Path, verify_later: bool = False) -> OpenedSession:
     """Find the complete version, read and check its manifest and small files.
 
     Everything a session names must be a plain file or folder inside it: CURRENT
@@ -293,6 +307,11 @@ def open_session(path: Path) -> OpenedSession:
     checked for presence and size only; their own metadata (layer, chunk ids,
     crc32s) is checked against the manifest when they are mapped, and each chunk's
     crc32 as it is read, so opening does not read the KV.
+
+    The small files' sha256s are computed on threads, one file each (the summaries and
+    the index are 7 GiB for the 8B shape at 128k tokens: seconds of hashing). With
+    `verify_later` they are left running, and the caller reads the files meanwhile and
+    calls `verified()` before it uses anything read from them.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -339,6 +358,7 @@ def open_session(path: Path) -> OpenedSession:
         raise SessionError(f"{mpath}: manifest is invalid: {e}") from None
     if any(n.startswith("kv/") for n in manifest["files"]):
         _check_plain(version_dir / "kv", dir=True)
+    hashed = []
     for fname, info in manifest["files"].items():
         f = version_dir / fname
         size = _check_plain(f)
@@ -346,9 +366,16 @@ def open_session(path: Path) -> OpenedSession:
             raise SessionError(
                 f"{f}: size {size}, manifest says {info['size']}: the file is corrupt"
             )
-        if info.get("sha256") is not None and sha256_file(f) != info["sha256"]:
-            raise SessionError(f"{f}: checksum mismatch: the file is corrupt")
-    return OpenedSession(path, version_dir, manifest)
+        if info.get("sha256") is not None:
+            hashed.append((f, info["sha256"]))
+    session = OpenedSession(path, version_dir, manifest)
+    if hashed:  # (hashlib releases the GIL: the files are hashed side by side)
+        pool = ThreadPoolExecutor(len(hashed), thread_name_prefix="offload-sha256")
+        session.checks = [pool.submit(_check_sha256, f, want) for f, want in hashed]
+        pool.shutdown(wait=False)  # (the threads end with their checks)
+        if not verify_later:
+            session.verified()
+    return session
 
 
 def _check_plain(path: Path, dir: bool = False) -> int:

@@ -203,6 +203,17 @@ def test_corrupt_chunk_file_is_named(tiny, saved):
         loaded.ask("seven", max_new_tokens=2)
 
 
+@pytest.mark.parametrize("name", ["device.safetensors", "index.safetensors"])
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_damaged_small_file_fails_the_load_by_name(tiny, saved, name, where):
+    """The small files are hashed on threads while the load reads them: a damaged one
+    fails the load with its name, whether its bytes still parse (data) or not (header)."""
+    f = saved.version_dir / name
+    flip_byte(f, 20 if where == "header" else f.stat().st_size - 10)
+    with pytest.raises(SessionError, match=f"{name}: checksum mismatch"):
+        Runtime.load_session(saved.path, model=tiny)
+
+
 def test_corrupt_manifest_and_index_are_named(tiny, saved):
     index = saved.version_dir / "index.safetensors"
     flip_byte(index, index.stat().st_size - 10)
