@@ -42,6 +42,24 @@ WORDS = (
 ).split()
 
 
+def count_reallocations(monkeypatch) -> list:
+    """The `Growable`s (summary and abstract buffers) reallocated from now on, one entry
+    per reallocation (a growth copies everything they hold)."""
+    from storage.device import Growable
+
+    grown = []
+    real = Growable.reserve
+
+    def reserve(g, *args):
+        before = g.data
+        real(g, *args)
+        if g.data is not before:
+            grown.append(g)
+
+    monkeypatch.setattr(Growable, "reserve", reserve)
+    return grown
+
+
 def filler_text(num_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     sentences = []

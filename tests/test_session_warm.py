@@ -12,7 +12,7 @@ from offload.backend import Backend
 from storage.disk import StorageError
 from storage.tiered import TieredStore
 from storage.warm import Warmer
-from tests.conftest import filler_text
+from tests.conftest import count_reallocations, filler_text
 from tests.test_sessions import doc_runtime, tiny  # a helper and a fixture
 
 
@@ -217,7 +217,6 @@ def test_a_load_reads_its_few_chunks_alone_and_leaves_room_to_grow(tiny, tmp_pat
     """Opening a session reads the recent window's chunks one by one, not the whole
     files they sit in (a 128k-token session's files hold 1024 chunks each, the window
     17), and sizes the summaries with room, so the first tokens after it copy nothing."""
-    from storage.device import Growable
     from storage.disk import DiskTier
 
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)
@@ -230,16 +229,7 @@ def test_a_load_reads_its_few_chunks_alone_and_leaves_room_to_grow(tiny, tmp_pat
         )
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     assert calls["read_all"] == 0 and calls["read_chunk"] > 0
-    grown = []
-    real_reserve = Growable.reserve
-
-    def reserve(g, *args):
-        before = g.data
-        real_reserve(g, *args)
-        if g.data is not before:
-            grown.append(g)
-
-    monkeypatch.setattr(Growable, "reserve", reserve)
+    grown = count_reallocations(monkeypatch)
     assert loaded.ask("seven stones", max_new_tokens=6) == want
     assert calls["read_all"] > 0  # the question needs most chunks: whole files
     assert not grown

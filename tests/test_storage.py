@@ -13,7 +13,7 @@ from storage.disk import DiskFullError, DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
-from tests.conftest import cuda_only
+from tests.conftest import count_reallocations, cuda_only
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
 DT = torch.bfloat16
@@ -276,7 +276,6 @@ def test_long_appends_equal_token_by_token_appends(tmp_path, monkeypatch, host_c
     same KV, summaries, abstracts and residency as appending one token at a time, also
     when the host budget makes it spill, and after a cut."""
     import storage.tiered as tiered
-    from storage.device import Growable
 
     monkeypatch.setattr(tiered, "SUMMARY_BLOCK", 2 * LAYOUT.chunk_size)  # several blocks
     kv = torch.stack([random_kv(300, seed=5), random_kv(300, seed=6)])
@@ -285,17 +284,8 @@ def test_long_appends_equal_token_by_token_appends(tmp_path, monkeypatch, host_c
     with one, bulk:
         fill(one, kv, pieces=[1] * 230)
         fill(bulk, kv, pieces=(3, 70, 1))
-        grown = []
-        real = Growable.reserve
-
-        def reserve(g, *args):
-            before = g.data
-            real(g, *args)
-            if g.data is not before:
-                grown.append(g)
-
         with monkeypatch.context() as m:
-            m.setattr(Growable, "reserve", reserve)
+            grown = count_reallocations(m)
             fill(bulk, kv[:, :, :, 74:], pieces=(130,))  # 8 whole chunks, in 4 blocks
         assert len(grown) == 2 * 6  # each layer's codes, scale, zero, kmin, kmax, kmean: once
         fill(bulk, kv[:, :, :, 204:], pieces=(26,))
