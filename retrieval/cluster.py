@@ -112,8 +112,8 @@ class ClusterIndex:
                 g = max(1, min(KMEANS_GROUP_BYTES // (H * S * D * 4), len(bounds) - i))
                 while g > 1 and bounds[i + g - 1][1] - bounds[i + g - 1][0] != S:
                     g -= 1
-                if g > 1:
-                    keys = read_keys(a, a + g * S)
+                if g > 1:  # (the rest of the group; a read may cost I/O: none twice)
+                    keys = torch.cat([keys, read_keys(b, a + g * S)], dim=1)
             nc = max(1, min(n, round(n / self.cluster_size)))
             if torch_km:  # ids j * nc .. (j + 1) * nc - 1 in segment j of the group
                 unit, assign = spherical_kmeans(keys, nc, self.iters, self.seed, segments=g)
