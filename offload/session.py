@@ -114,10 +114,10 @@ def load_state(
             (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f.get("crc32"))
             for f in session.chunk_files()
         ]
-        cache.store.adopt(session.manifest["num_tokens"], files, session.device_tensors())
-        cache.num_tokens = session.manifest["num_tokens"]
+        cache.store.adopt(num_tokens, files, session.device_tensors())
+        cache.num_tokens = num_tokens
         try:
-            _restore_index(cache.policy, *session.index(), session.manifest["num_tokens"])
+            _restore_index(cache.policy, *session.index(), num_tokens)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SessionError(
                 f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
