@@ -41,6 +41,7 @@ def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 PAGE = 4096
+COPY_RUN_MIN = 16  # consecutive slots copied as one slice (fewer: with index_copy_)
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -176,36 +177,69 @@ class HostTier:
         """`put` each of `chunks` (chunks read back from disk, data [n, 2, H, C, D]) with
         one copy into the slab for all: a loaded session puts hundreds of thousands of
         chunks, and `put` costs tens of us each. A chunk whose own slot (its index) is
-        free takes it, the others the lowest free slots: a layer read back file by file,
-        in any order, into a slab sized for it is then mostly in slot order already, and
-        `put_in_order` moves only the few chunks that are not."""
+        free takes it, the others spare slots (`_spare_slots`): a layer read back file by
+        file, in any order, into a slab sized for it is then in slot order but for a few
+        chunks, which `put_in_order` moves."""
         cap = self.slab.shape[2]
         own = {c for c in chunks if c < cap and (c >= self._next or c in self._free_set)}
-        if own:
-            top = max(own) + 1
-            if top > self._next:  # the slots skipped on the way up are free
-                self._free += [x for x in range(self._next, top) if x not in own]
-                self._free_set.update(range(self._next, top))
-                self._next = top
-            self._free_set -= own
-            self._free = [x for x in self._free if x not in own]
-            heapq.heapify(self._free)
-        rest = [c for c in chunks if c not in own]
-        slots = [heapq.heappop(self._free) for _ in range(min(len(rest), len(self._free)))]
-        self._free_set.difference_update(slots)
-        if len(slots) < len(rest):
-            more = len(rest) - len(slots)
-            self._reserve(self._next + more)
-            slots += range(self._next, self._next + more)
-            self._next += more
-        given = iter(slots)
-        slots = [c if c in own else next(given) for c in chunks]
+        self._take(own)
+        spare = iter(self._spare_slots(len(chunks) - len(own), max(chunks)))
+        slots = [c if c in own else next(spare) for c in chunks]
         for c, slot in zip(chunks, slots, strict=True):
             assert c not in self.slot_of, f"chunk {c} is on the host already"
             self._record(c, slot)
-        index = torch.tensor(slots, dtype=torch.long)
-        self.slot_table[torch.tensor(chunks, dtype=torch.long)] = index
-        self.slab.index_copy_(2, index, data.permute(1, 2, 0, 3, 4))
+        self.slot_table[torch.tensor(chunks, dtype=torch.long)] = torch.tensor(slots)
+        self._copy_in(slots, data.permute(1, 2, 0, 3, 4))
+
+    def _take(self, slots: set[int]) -> None:
+        """Mark these free slots used (the frontier moves past them: the slots it skips
+        are free)."""
+        if not slots:
+            return
+        top = max(slots) + 1
+        if top > self._next:
+            self._free += [x for x in range(self._next, top) if x not in slots]
+            self._free_set.update(range(self._next, top))
+            self._next = top
+        self._free_set -= slots
+        self._free = [x for x in self._free if x not in slots]
+        heapq.heapify(self._free)
+
+    def _spare_slots(self, n: int, above: int) -> list[int]:
+        """n free slots for chunks that cannot have their own: the top of the slab where
+        it has room past the frontier and past chunk `above` (a slab sized for the layer:
+        they take no slot a chunk still to come owns), else the lowest free ones."""
+        cap = self.slab.shape[2]
+        if n and cap - n > above and cap - n >= self._next:
+            slots = list(range(cap - n, cap))
+            self._take(set(slots))
+            return slots
+        slots = [heapq.heappop(self._free) for _ in range(min(n, len(self._free)))]
+        self._free_set.difference_update(slots)
+        if len(slots) < n:
+            more = n - len(slots)
+            self._reserve(self._next + more)
+            slots += range(self._next, self._next + more)
+            self._next += more
+        return slots
+
+    def _copy_in(self, slots: list[int], src: torch.Tensor) -> None:
+        """src[:, :, i] ([2, H, n, C, D]) into slot slots[i]: runs of consecutive slots (a
+        file into its own slots) as plain copies, about twice as fast as index_copy_
+        (11 against 5 GB/s here), the rest with one index_copy_."""
+        rest, start = [], 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[i - 1] + 1:
+                if i - start >= COPY_RUN_MIN:
+                    self.slab[:, :, slots[start] : slots[start] + i - start] = src[:, :, start:i]
+                else:
+                    rest += range(start, i)
+                start = i
+        if len(rest) == len(slots):
+            self.slab.index_copy_(2, torch.tensor(slots), src)
+        elif rest:
+            index = torch.tensor([slots[i] for i in rest])
+            self.slab.index_copy_(2, index, src[:, :, torch.tensor(rest)])
 
     def put_run(self, c0: int, n: int) -> int | None:
         """Give the new chunks c0 .. c0+n-1 the slots s0 .. s0+n-1 in one step and return
