@@ -194,20 +194,21 @@ class DiskTier:
         file is left behind and the caller still holds the data.
         """
         n = len(chunks)
-        columns = {name: [] for name, _ in SCHEMA_FIELDS}
+        # Each column as one [n, bytes] array; each chunk's record batch holds views of its
+        # rows (no per-chunk copy into Python bytes): the same file, byte for byte, in half
+        # the time (a 128k-token session of the 8B shape is 262,144 chunks).
+        rows = [
+            tensor_bytes(data.to(self.dtype)).reshape(n, -1),
+            *(tensor_bytes(t.float()).reshape(n, -1)
+              for t in (abstracts.kmin, abstracts.kmax, abstracts.kmean)),
+        ]  # fmt: skip
         crcs = []
         for i in range(n):
-            parts = [
-                tensor_bytes(data[i].to(self.dtype)),
-                tensor_bytes(abstracts.kmin[i].float()),
-                tensor_bytes(abstracts.kmax[i].float()),
-                tensor_bytes(abstracts.kmean[i].float()),
-            ]
             crc = 0
-            for (name, _), p in zip(SCHEMA_FIELDS, parts, strict=True):
-                columns[name].append(p.tobytes())
-                crc = zlib.crc32(p, crc)
+            for r in rows:
+                crc = zlib.crc32(r[i], crc)
             crcs.append(crc)
+        offsets = [pa.py_buffer(np.array([0, r.shape[1]], dtype=np.int32)) for r in rows]
         meta = {
             "format_version": FORMAT_VERSION,
             "layout": dataclasses.asdict(self.layout),
@@ -219,12 +220,9 @@ class DiskTier:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, schema) as writer:
             for i in range(n):
-                writer.write_batch(
-                    pa.record_batch(
-                        [pa.array([columns[name][i]], type=t) for name, t in SCHEMA_FIELDS],
-                        schema=schema,
-                    )
-                )
+                cols = [pa.Array.from_buffers(pa.binary(), 1, [None, o, pa.py_buffer(r[i])])
+                        for o, r in zip(offsets, rows, strict=True)]  # fmt: skip
+                writer.write_batch(pa.record_batch(cols, schema=schema))
         payload = sink.getvalue()
         if self.used_bytes + payload.size > self.budget_bytes:
             raise DiskFullError(
