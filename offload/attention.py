@@ -200,7 +200,7 @@ class SparsePolicy:
         dev = store.dev[layer]
         return LayerView(
             summaries=dev.summaries(),
-            abstracts=dev.abstracts(),
+            abstracts_of=dev.abstracts,
             chunk_size=store.layout.chunk_size,
             num_tokens=store.lengths[layer],
             read_keys=lambda a, b: store.read_keys(layer, a, b),

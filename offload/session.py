@@ -114,7 +114,7 @@ def load_state(
             (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f.get("crc32"))
             for f in session.chunk_files()
         ]
-        cache.store.adopt(num_tokens, files, session.device_tensors())
+        cache.store.adopt(num_tokens, files, session.device_tensors(), session.abstract_tensors)
         cache.num_tokens = num_tokens
         try:
             _restore_index(cache.policy, *session.index(), num_tokens)

@@ -30,7 +30,8 @@ class LayerView:
     """One layer's device-side summaries plus a reader of full-precision keys.
 
     summaries: low-bit keys of every token of the completed chunks (tokens 0 .. T_c-1)
-    abstracts: min/max/mean of each completed chunk
+    abstracts_of(): min/max/mean of each completed chunk (`abstracts`; read only by the
+          chunk selector: a loaded session's arrive after the load)
     read_keys(a, b): full-precision keys [H, b-a, D] of tokens a..b-1 (host/disk reads)
     keys: every token's full-precision key in place, when the host tier is the compute
           device's memory (CPU) and holds them all; None otherwise. There, scoring exact
@@ -38,11 +39,15 @@ class LayerView:
     """
 
     summaries: QuantKeys
-    abstracts: ChunkAbstracts
+    abstracts_of: Callable[[], ChunkAbstracts]
     chunk_size: int
     num_tokens: int
     read_keys: Callable[[int, int], torch.Tensor]
     keys: HeadRows | None = None
+
+    @property
+    def abstracts(self) -> ChunkAbstracts:
+        return self.abstracts_of()
 
     @property
     def summarized_tokens(self) -> int:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+ABSTRACT_KEYS = ("kmin", "kmax", "kmean")  # ChunkAbstracts' fields, as sessions name them
+
 
 @dataclass
 class ChunkAbstracts:

@@ -7,6 +7,8 @@ On CUDA these are CUDA tensors; on CPU ordinary ones. The window is a ring of
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from storage.abstracts import ChunkAbstracts, chunk_abstracts
@@ -87,6 +89,10 @@ class DeviceTier:
         self.kmin = Growable((0, H, D), 0, f32, where, growth=g)
         self.kmax = Growable((0, H, D), 0, f32, where, growth=g)
         self.kmean = Growable((0, H, D), 0, f32, where, growth=g)
+        # A loaded session's abstracts, still being read (`abstracts_later`): (the future
+        # of their buffers, how many chunks they hold); meanwhile the buffers above hold
+        # the chunks after those.
+        self._pending: tuple[Future, int] | None = None
 
     def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""
@@ -129,20 +135,59 @@ class DeviceTier:
         adds them block by block (growing by an eighth at each block would copy the
         layer's abstracts, host memory, several times over)."""
         self.codes.reserve(n * self.layout.chunk_size)
-        for g in (self.scale, self.zero, self.kmin, self.kmax, self.kmean):
+        for g in (self.scale, self.zero):
             g.reserve(n)
+        if self._pending is None:  # (else the saved abstracts come in buffers with room)
+            for g in (self.kmin, self.kmax, self.kmean):
+                g.reserve(n)
 
     @property
     def num_chunks(self) -> int:
-        return self.kmin.length
+        return self.scale.length
 
     def truncate_chunks(self, n: int) -> None:
         C = self.layout.chunk_size
         self.codes.truncate(n * C)
         for g in (self.scale, self.zero):
             g.truncate(n)
+        first = 0
+        if self._pending is not None:  # a cut needs none of the saved abstracts read
+            future, saved = self._pending
+            self._pending = (future, min(saved, n))
+            first = saved
         for g in (self.kmin, self.kmax, self.kmean):
-            g.truncate(n)
+            g.truncate(max(n - first, 0))
+
+    def abstracts_later(self, future: Future, n: int) -> None:
+        """The first `n` chunks' abstracts (a loaded session's) arrive as `future`'s
+        buffers (kmin, kmax, kmean [>= n, H, D], the first n rows filled): a load does
+        not wait for them (3 GiB for the 8B shape at 128k). Appends and cuts go on
+        meanwhile; the first read of the abstracts waits (and raises what the read of
+        them raised, a damaged file named)."""
+        assert self.scale.length == n and self.kmin.length == 0 and self._pending is None
+        self._pending = (future, n)
+
+    def abstract_buffers(self, saved: ChunkAbstracts, room: int) -> list[torch.Tensor]:
+        """`abstracts_later`'s buffers: the saved abstracts, on the abstracts' device, with
+        room for `room` chunks (made on the thread that reads them)."""
+        out = []
+        mine, theirs = (self.kmin, self.kmax, self.kmean), (saved.kmin, saved.kmax, saved.kmean)
+        for g, t in zip(mine, theirs, strict=True):
+            buf = g.data.new_empty((max(room, t.shape[0]), *t.shape[1:]))
+            buf[: t.shape[0]].copy_(t)
+            out.append(buf)
+        return out
+
+    def _settle_abstracts(self) -> None:
+        if self._pending is None:
+            return
+        future, n = self._pending
+        buffers = future.result()
+        for g, buf in zip((self.kmin, self.kmax, self.kmean), buffers, strict=True):
+            after = g.view().to(buf.device)  # chunks appended since (usually a few)
+            g.data, g.length = buf, n
+            g.append(after)
+        self._pending = None
 
     def summaries(self) -> QuantKeys:
         L = self.layout
@@ -151,6 +196,7 @@ class DeviceTier:
         )
 
     def abstracts(self, chunks: list[int] | None = None) -> ChunkAbstracts:
+        self._settle_abstracts()
         a = ChunkAbstracts(self.kmin.view(), self.kmax.view(), self.kmean.view())
         if chunks is None:
             return a

@@ -19,7 +19,11 @@ from storage.layout import DTYPE_BYTES, KVLayout
 
 VERSION_NAME = re.compile(r"v-[0-9a-f]{12}")
 CHUNK_FILE_NAME = re.compile(r"kv/L[0-9]{3}-[0-9]{7}-[0-9a-f]{8}\.arrow")
-TENSOR_FILES = ("device.safetensors", "index.safetensors")
+TENSOR_FILES = ("device.safetensors", "abstracts.safetensors", "index.safetensors")
+# Format 2 hashes a tensor file per block of this many bytes (its last block may be
+# shorter), so that blocks are checked side by side and a file read lazily is checked
+# when it is read; format 1 hashed each file whole.
+HASH_BLOCK = 64 << 20
 MAX_TOKENS = 1 << 24  # far beyond any context window; bounds what a manifest can make us allocate
 MAX_LAYERS = 1 << 12
 MAX_FILE_BYTES = 1 << 44
@@ -43,7 +47,8 @@ class LayoutEntry(_Strict):
 
 class FileEntry(_Strict):
     size: Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]
-    sha256: Hex64 | None = None
+    sha256: Hex64 | None = None  # format 1: of the whole file
+    sha256_blocks: list[Hex64] | None = None  # format 2: of each HASH_BLOCK bytes
     layer: Annotated[int, Field(ge=0, lt=MAX_LAYERS)] | None = None
     chunks: list[Count] | None = None
     crc32: list[Annotated[int, Field(ge=0, lt=1 << 32)]] | None = None
@@ -70,7 +75,7 @@ class Manifest(BaseModel):
     """The fields a loader reads; others (caller metadata) are kept as they are."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     kind: Literal["prompt", "document", "chat"]
     num_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)]
     token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]]
@@ -92,15 +97,25 @@ class Manifest(BaseModel):
             raise ValueError("a document session without its document")
         if self.kind == "chat" and self.messages is None:
             raise ValueError("a chat session without its messages")
-        if "device.safetensors" not in self.files:
-            raise ValueError("files: device.safetensors is not listed")
+        tensor_files = ["device.safetensors"] + ["abstracts.safetensors"] * (
+            self.format_version > 1
+        )
+        for name in tensor_files:
+            if name not in self.files:
+                raise ValueError(f"files: {name} is not listed")
         layout = KVLayout(**self.layout.model_dump())
         want = list(range(layout.num_chunks(self.num_tokens)))
         have: dict[int, list[int]] = {layer: [] for layer in range(layout.num_layers)}
         for name, f in self.files.items():
             if name in TENSOR_FILES:
-                if f.sha256 is None:
-                    raise ValueError(f"files.{name}: no sha256")
+                if self.format_version == 1:
+                    if f.sha256 is None or name == "abstracts.safetensors":
+                        raise ValueError(f"files.{name}: not a format 1 file or no sha256")
+                elif f.sha256_blocks is None or len(f.sha256_blocks) != hash_blocks(f.size):
+                    raise ValueError(
+                        f"files.{name}: sha256_blocks must hold {hash_blocks(f.size)} hashes "
+                        f"for {f.size} bytes"
+                    )
                 continue
             if not CHUNK_FILE_NAME.fullmatch(name):
                 raise ValueError(
@@ -122,6 +137,11 @@ class Manifest(BaseModel):
                     f"{len(want)} expected once each for {self.num_tokens} tokens"
                 )
         return self
+
+
+def hash_blocks(size: int) -> int:
+    """How many HASH_BLOCK blocks a file of `size` bytes is hashed in (one at least)."""
+    return max(1, -(-size // HASH_BLOCK))
 
 
 def validate_manifest(data: object) -> Manifest:

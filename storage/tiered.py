@@ -20,11 +20,13 @@ spilling it again writes nothing.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
-from storage.abstracts import ChunkAbstracts
+from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
 from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
@@ -85,6 +87,7 @@ class TieredStore(StoreReads):
         self._staging = PinnedStaging() if device.type == "cuda" else None
         self._writer = SpillWriter(self.disk)  # writes spilled chunks (`spill`)
         self._warmer: Warmer | None = None  # reads a loaded session's files (`warm`)
+        self._abstracts_reader: threading.Thread | None = None  # (`adopt`)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -96,6 +99,8 @@ class TieredStore(StoreReads):
         """Delete this store's chunk files (and its directory when left empty). Idempotent."""
         if self._warmer is not None:
             self._warmer.stop()
+        if self._abstracts_reader is not None:
+            self._abstracts_reader.join()
         try:
             self.settle()
         except StorageError:
@@ -345,14 +350,18 @@ class TieredStore(StoreReads):
         return out
 
     def adopt(
-        self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict
-    ) -> None:
+        self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict,
+        abstracts: Callable[[], dict],
+    ):  # fmt: skip
         """Take a saved session's KV as this (empty) store's content.
 
         files: (layer, path, chunk indices, crc32s or None) of each chunk file; they become
         disk records (memory-mapped and checked now, never deleted by this store), read
         when first needed.
-        device: the saved summaries and abstracts per layer.
+        device: the saved summaries per layer (`L<layer>.codes`, `.scale`, `.zero`).
+        abstracts: reads the saved abstracts per layer (`L<layer>.kmin`, ...); it runs on a
+        thread, which copies them into place while the load goes on (the first read of a
+        layer's abstracts waits for it; DeviceTier.abstracts_later).
         """
         assert self.num_tokens == 0, "adopt needs an empty store"
         L = self.layout
@@ -362,14 +371,32 @@ class TieredStore(StoreReads):
             self.disk.open(name, layer, chunks, crc32)
             for i, c in enumerate(chunks):
                 self.directory.add_on_disk((layer, c), DiskRecord(name, i))
+        n = num_tokens // C
+        room = n + n // 8  # room to grow: the first appends copy nothing
         for layer in range(L.num_layers):
             dev = self.dev[layer]
-            n = num_tokens // C
-            dev.reserve_chunks(n + n // 8)  # room to grow: the first appends copy nothing
-            for key, g in (("codes", dev.codes), ("scale", dev.scale), ("zero", dev.zero),
-                           ("kmin", dev.kmin), ("kmax", dev.kmax), ("kmean", dev.kmean)):  # fmt: skip
+            dev.reserve_chunks(room)
+            for key, g in (("codes", dev.codes), ("scale", dev.scale), ("zero", dev.zero)):
                 g.append(device[f"L{layer}.{key}"].to(g.data.device))
             self.lengths[layer] = num_tokens
+        futures = [Future() for _ in range(L.num_layers)]
+        for layer, future in enumerate(futures):
+            self.dev[layer].abstracts_later(future, n)
+
+        def read_abstracts() -> None:
+            try:
+                saved = abstracts()
+                for layer, future in enumerate(futures):
+                    got = ChunkAbstracts(*(saved[f"L{layer}.{k}"] for k in ABSTRACT_KEYS))
+                    future.set_result(self.dev[layer].abstract_buffers(got, room))
+            except BaseException as e:  # raised where the abstracts are first read
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(e)
+
+        # (not a daemon: an exit waits for it rather than stop it inside torch code)
+        self._abstracts_reader = threading.Thread(target=read_abstracts, name="offload-abstracts")
+        self._abstracts_reader.start()
         for layer in range(L.num_layers):
             if num_tokens % C:
                 self._reopen_partial(layer, num_tokens // C)

@@ -34,7 +34,7 @@ def view_of(keys, upto, bits=2, chunk=16):
     k = keys[:, :upto]
     return LayerView(
         summaries=quantize_keys(k, bits, chunk),
-        abstracts=chunk_abstracts(k, chunk),
+        abstracts_of=lambda: chunk_abstracts(k, chunk),
         chunk_size=chunk,
         num_tokens=upto,
         read_keys=lambda a, b: keys[:, a:b],

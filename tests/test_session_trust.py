@@ -145,6 +145,9 @@ TAMPERINGS = {
     "a chunk missing": lambda m: next(f for f in m["files"].values() if "chunks" in f)["chunks"].pop(),
     "a list": lambda m: m.update(layout=[1, 2]),
     "bad message": lambda m: m.update(kind="chat", messages=[{"role": "root", "content": 1}]),
+    "no abstracts file": lambda m: m["files"].pop("abstracts.safetensors"),
+    "a block hash missing": lambda m: m["files"]["device.safetensors"]["sha256_blocks"].pop(),
+    "format 1 with blocks": lambda m: m.update(format_version=1),
 }  # fmt: skip
 
 
@@ -158,19 +161,16 @@ def test_tampered_manifests_get_one_clear_error(saved, what):
 def test_device_tensors_are_checked(tiny, saved):
     from safetensors.torch import load_file, save_file
 
-    from storage.session import sha256_file
+    from storage.session import file_entry
 
     path = saved.version_dir / "device.safetensors"
     tensors = load_file(path)
-    tensors.pop("L1.kmax")
+    tensors.pop("L1.scale")
     save_file(tensors, path, metadata={"meta": "{}"})
 
     def change(m):
-        m["files"]["device.safetensors"] = {
-            "size": path.stat().st_size,
-            "sha256": sha256_file(path),
-        }
+        m["files"]["device.safetensors"] = file_entry(path)
 
     rewrite_manifest(saved, change)
-    with pytest.raises(SessionError, match="tensor L1.kmax is missing"):
+    with pytest.raises(SessionError, match="tensor L1.scale is missing"):
         Runtime.load_session(saved.path, model=tiny)

@@ -299,7 +299,7 @@ def test_sessions_with_float32_summary_parameters_still_load(tiny, saved):
     session loads and answers as the same session with float16 ones."""
     from safetensors.torch import load_file, save_file
 
-    from storage.session import sha256_file
+    from storage.session import file_entry
 
     rt = Runtime.load_session(saved.path, model=tiny)
     want = rt.ask("green?", max_new_tokens=6)
@@ -309,8 +309,7 @@ def test_sessions_with_float32_summary_parameters_still_load(tiny, saved):
     for name in [n for n in tensors if n.endswith((".scale", ".zero"))]:
         tensors[name] = tensors[name].float()
     save_file(tensors, path, metadata={"meta": "{}"})
-    rewrite_manifest(saved, lambda m: m["files"].update({"device.safetensors": {
-        "size": path.stat().st_size, "sha256": sha256_file(path)}}))  # fmt: skip
+    rewrite_manifest(saved, lambda m: m["files"].update({"device.safetensors": file_entry(path)}))
     old = Runtime.load_session(saved.path, model=tiny)
     assert old._state.cache.store.dev[1].scale.data.dtype == torch.float16
     assert old.ask("green?", max_new_tokens=6) == want

@@ -1,0 +1,122 @@
+"""The session format: the abstracts in a file of their own that the load does not wait
+for, tensor files hashed in blocks checked side by side, and format-1 sessions (before
+2026-12-02: abstracts inside device.safetensors, files hashed whole) still loading."""
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import storage.manifest
+import storage.session
+from offload import Runtime
+from storage.session import OpenedSession, SessionError, open_session, sha256_file
+from tests.conftest import filler_text, rewrite_manifest
+from tests.test_sessions import doc_runtime, flip_byte, tiny  # helpers and a fixture
+
+
+def _abstracts(rt):
+    return [dev.abstracts() for dev in rt._state.cache.store.dev]
+
+
+def _same_abstracts(a, b):
+    for x, y in zip(a, b, strict=True):
+        for key in ("kmin", "kmax", "kmean"):
+            assert torch.equal(getattr(x, key), getattr(y, key))
+
+
+def test_the_load_does_not_wait_for_the_abstracts(tiny, tmp_path, monkeypatch):
+    """They are read on a thread; questions append and cut meanwhile, and once they are
+    in, every chunk's abstracts are those of the runtime that saved the session."""
+    rt = doc_runtime(tiny, filler_text(60, seed=1))
+    rt.save_session(tmp_path / "s")
+    release = threading.Event()
+    real = OpenedSession.abstract_tensors
+
+    def held(self):
+        assert release.wait(60), "the load waited for the abstracts"
+        return real(self)
+
+    monkeypatch.setattr(OpenedSession, "abstract_tensors", held)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    store = loaded._state.cache.store
+    for question in ("seven stones", "green market"):
+        assert loaded.ask(question, max_new_tokens=6) == rt.ask(question, max_new_tokens=6)
+    assert all(dev._pending is not None for dev in store.dev)  # still being read
+    assert store.num_tokens == rt._state.cache.num_tokens > store.layout.chunk_size
+    release.set()
+    _same_abstracts(_abstracts(loaded), _abstracts(rt))
+
+
+def test_a_damaged_abstracts_file_is_named_where_they_are_read(tiny, tmp_path):
+    """The load and the questions do not read the abstracts (only the chunk selector,
+    spills and saves do): the first read names the file, and a save leaves nothing."""
+    rt = doc_runtime(tiny, filler_text(60, seed=2))
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "s")
+    f = open_session(tmp_path / "s").version_dir / "abstracts.safetensors"
+    flip_byte(f, f.stat().st_size - 10)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    with pytest.raises(SessionError, match="abstracts.safetensors: checksum mismatch"):
+        loaded.save_session(tmp_path / "t")
+    assert not any(p.name.startswith("v-") for p in (tmp_path / "t").iterdir())
+
+
+def test_tensor_files_are_hashed_in_blocks(tiny, tmp_path, monkeypatch):
+    for module in (storage.manifest, storage.session):
+        monkeypatch.setattr(module, "HASH_BLOCK", 1024)
+    rt = doc_runtime(tiny, filler_text(60, seed=3))
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "s")
+    saved = open_session(tmp_path / "s")
+    f = saved.version_dir / "device.safetensors"
+    blocks = saved.manifest["files"]["device.safetensors"]["sha256_blocks"]
+    assert len(blocks) == -(-f.stat().st_size // 1024) > 2
+    assert (
+        Runtime.load_session(tmp_path / "s", model=tiny).ask("seven stones", max_new_tokens=6)
+        == want
+    )
+    flip_byte(f, 1024 + 100)  # the second block
+    with pytest.raises(SessionError, match="device.safetensors: checksum mismatch"):
+        Runtime.load_session(tmp_path / "s", model=tiny)
+
+
+def _as_format_1(saved) -> None:
+    """Rewrite a saved session as format 1 wrote it."""
+    device = saved.version_dir / "device.safetensors"
+    abstracts = saved.version_dir / "abstracts.safetensors"
+    tensors = {**load_file(device), **load_file(abstracts)}
+    save_file(tensors, device, metadata={"meta": "{}"})
+    abstracts.unlink()
+
+    def change(m):
+        m["format_version"] = 1
+        del m["files"]["abstracts.safetensors"]
+        for name in list(m["files"]):
+            if name.endswith(".safetensors"):
+                path = saved.version_dir / name
+                m["files"][name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+    rewrite_manifest(saved, change)
+
+
+def test_format_1_sessions_still_load(tiny, tmp_path):
+    rt = doc_runtime(tiny, filler_text(60, seed=4))
+    rt.save_session(tmp_path / "s")
+    want = rt.ask("seven stones", max_new_tokens=6)
+    saved = open_session(tmp_path / "s")
+    _as_format_1(saved)
+    assert json.loads((saved.version_dir / "manifest.json").read_text())["format_version"] == 1
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    _same_abstracts(_abstracts(loaded), _abstracts(rt))
+    loaded.save_session(tmp_path / "s")  # saved again: format 2
+    again = open_session(tmp_path / "s")
+    assert again.manifest["format_version"] == 2
+    assert (
+        Runtime.load_session(tmp_path / "s", model=tiny).ask("seven stones", max_new_tokens=6)
+        == want
+    )
