@@ -111,7 +111,7 @@ def load_state(
         cache = rt.new_cache(tiered=True) if dense else rt._state.cache
         files = [
             # absolute: the disk tier joins a relative name onto its own directory
-            (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f.get("crc32"))
+            (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f["crc32"])
             for f in session.chunk_files()
         ]
         cache.store.adopt(num_tokens, files, session.device_tensors(), session.abstract_tensors)

@@ -50,8 +50,14 @@ class FileEntry(_Strict):
     sha256: Hex64 | None = None  # format 1: of the whole file
     sha256_blocks: list[Hex64] | None = None  # format 2: of each HASH_BLOCK bytes
     layer: Annotated[int, Field(ge=0, lt=MAX_LAYERS)] | None = None
+    # chunk files, format 1: the chunk ids and their crc32s
     chunks: list[Count] | None = None
     crc32: list[Annotated[int, Field(ge=0, lt=1 << 32)]] | None = None
+    # chunk files, format 2: a range of chunk ids, and the sha256 of their crc32s
+    # (storage.disk.crc32_digest): a 128k-token manifest of the 8B shape is 1 MB, not 28
+    first_chunk: Count | None = None
+    num_chunks: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
+    crc32_sha256: Hex64 | None = None
 
 
 class ModelEntry(BaseModel):
@@ -121,15 +127,27 @@ class Manifest(BaseModel):
                 raise ValueError(
                     f"files: {name!r} is not a name a session uses (kv/L<layer>-<chunk>-<id>.arrow)"
                 )
-            if f.layer is None or f.chunks is None or not f.chunks:
-                raise ValueError(f"files.{name}: layer and chunks are required")
+            if f.layer is None:
+                raise ValueError(f"files.{name}: layer is required")
             if f.layer >= layout.num_layers:
                 raise ValueError(
                     f"files.{name}: layer {f.layer}, the layout has {layout.num_layers}"
                 )
-            if f.crc32 is not None and len(f.crc32) != len(f.chunks):
-                raise ValueError(f"files.{name}: {len(f.crc32)} crc32s for {len(f.chunks)} chunks")
-            have[f.layer].extend(f.chunks)
+            if self.format_version == 1:
+                if not f.chunks or f.first_chunk is not None or f.crc32_sha256 is not None:
+                    raise ValueError(f"files.{name}: chunks are required (format 1)")
+                if f.crc32 is not None and len(f.crc32) != len(f.chunks):
+                    raise ValueError(
+                        f"files.{name}: {len(f.crc32)} crc32s for {len(f.chunks)} chunks"
+                    )
+                have[f.layer].extend(f.chunks)
+            else:
+                if (f.first_chunk is None or f.num_chunks is None or f.crc32_sha256 is None
+                        or f.chunks is not None or f.crc32 is not None):  # fmt: skip
+                    raise ValueError(
+                        f"files.{name}: first_chunk, num_chunks and crc32_sha256 are required"
+                    )
+                have[f.layer].extend(range(f.first_chunk, f.first_chunk + f.num_chunks))
         for layer, chunks in have.items():
             if sorted(chunks) != want:
                 raise ValueError(

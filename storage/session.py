@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
-from storage.disk import DiskTier, StorageError, fsync_dir, write_atomic
+from storage.disk import DiskTier, StorageError, crc32_digest, fsync_dir, write_atomic
 from storage.layout import KVLayout
 from storage.manifest import HASH_BLOCK, VERSION_NAME, hash_blocks, validate_manifest
 from storage.quant import PARAM_DTYPE
@@ -220,8 +220,11 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
                     abstracts = dev.abstracts(full) if full else None
                     abstracts = _pad_abstracts(abstracts, len(chunks), L)
                     name = writer.write_chunks(layer, chunks, data, abstracts)
-                    files[f"kv/{name}"] = {"size": (tmp / "kv" / name).stat().st_size, "layer": layer,
-                                           "chunks": chunks, "crc32": writer.crc32s(name)}  # fmt: skip
+                    files[f"kv/{name}"] = {
+                        "size": (tmp / "kv" / name).stat().st_size, "layer": layer,
+                        "first_chunk": c0, "num_chunks": len(chunks),
+                        "crc32_sha256": crc32_digest(writer.crc32s(name)),
+                    }  # fmt: skip
             summaries, abstracts = {}, {}
             for layer in range(L.num_layers):
                 dev = store.dev[layer]
@@ -312,7 +315,17 @@ class OpenedSession:
         return self.manifest["token_ids"]
 
     def chunk_files(self) -> list[dict]:
-        return [dict(v, name=k) for k, v in self.manifest["files"].items() if k.startswith("kv/")]
+        """Each chunk file's entry with its `name`, `chunks` (the ids it holds) and
+        `crc32` (their crc32s, or format 2's `crc32_digest` of them, or None)."""
+        out = []
+        for name, f in self.manifest["files"].items():
+            if name.startswith("kv/"):
+                f = dict(f, name=name)
+                if "first_chunk" in f:  # format 2: a range, and a digest of the crc32s
+                    f["chunks"] = list(range(f["first_chunk"], f["first_chunk"] + f["num_chunks"]))
+                    f["crc32"] = f["crc32_sha256"]
+                out.append({"crc32": None, **f})
+        return out
 
     def device_tensors(self) -> dict[str, torch.Tensor]:
         """The key summaries of every layer, each checked for its name, dtype and shape

@@ -377,7 +377,7 @@ class TieredStore(StoreReads):
             dev = self.dev[layer]
             dev.reserve_chunks(room)
             for key, g in (("codes", dev.codes), ("scale", dev.scale), ("zero", dev.zero)):
-                g.append(device[f"L{layer}.{key}"].to(g.data.device))
+                g.append(device[f"L{layer}.{key}"])  # (copied into place: no device temporary)
             self.lengths[layer] = num_tokens
         futures = [Future() for _ in range(L.num_layers)]
         for layer, future in enumerate(futures):

@@ -5,6 +5,7 @@ for, tensor files hashed in blocks checked side by side, and format-1 sessions (
 import json
 import threading
 
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import storage.manifest
 import storage.session
 from offload import Runtime
+from storage.disk import META_KEY, StorageError
 from storage.session import OpenedSession, SessionError, open_session, sha256_file
 from tests.conftest import filler_text, rewrite_manifest
 from tests.test_sessions import doc_runtime, flip_byte, tiny  # helpers and a fixture
@@ -95,6 +97,13 @@ def _as_format_1(saved) -> None:
     def change(m):
         m["format_version"] = 1
         del m["files"]["abstracts.safetensors"]
+        for name, f in m["files"].items():
+            if name.startswith("kv/"):
+                first, n = f.pop("first_chunk"), f.pop("num_chunks")
+                f["chunks"] = list(range(first, first + n))
+                f.pop("crc32_sha256")
+                meta = pa.ipc.open_file(str(saved.version_dir / name)).schema.metadata
+                f["crc32"] = json.loads(meta[META_KEY])["crc32"]
         for name in list(m["files"]):
             if name.endswith(".safetensors"):
                 path = saved.version_dir / name
@@ -120,3 +129,13 @@ def test_format_1_sessions_still_load(tiny, tmp_path):
         Runtime.load_session(tmp_path / "s", model=tiny).ask("seven stones", max_new_tokens=6)
         == want
     )
+
+
+def test_chunk_files_must_hold_the_crc32s_the_manifest_names(tiny, tmp_path):
+    rt = doc_runtime(tiny, filler_text(60, seed=5))
+    rt.save_session(tmp_path / "s")
+    saved = open_session(tmp_path / "s")
+    entry = saved.chunk_files()[1]
+    rewrite_manifest(saved, lambda m: m["files"][entry["name"]].update(crc32_sha256="0" * 64))
+    with pytest.raises(StorageError, match="its chunk checksums differ from the manifest's"):
+        Runtime.load_session(tmp_path / "s", model=tiny)
