@@ -1,11 +1,14 @@
 """The chunk file as written: one record batch per chunk whose buffers hold exactly that
 chunk's bytes (the format storage/disk.py documents), whatever the row sizes."""
 
+from pathlib import Path
+
 import pyarrow as pa
+import pytest
 import torch
 
 from storage.abstracts import chunk_abstracts
-from storage.disk import DiskTier
+from storage.disk import DiskTier, StorageError
 from storage.layout import KVLayout
 
 
@@ -28,3 +31,47 @@ def test_each_record_batch_holds_exactly_its_chunk(tmp_path):
             assert offsets.size == 8 and values.size == t.numel() * t.element_size()
             assert values.to_pybytes() == t.view(torch.uint8).numpy().tobytes()
         assert torch.equal(disk.read_chunk(name, i), data[i])
+
+
+def _written(tmp_path, n=6):
+    L = KVLayout(num_layers=1, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
+    data = (torch.arange(n * L.chunk_bytes // 2) % 251 / 7).to(torch.bfloat16).view(n, 2, 3, 4, 8)
+    ab = chunk_abstracts(data[:, 0].permute(1, 0, 2, 3).reshape(3, n * 4, 8), 4)
+    disk = DiskTier(tmp_path, L, torch.bfloat16, 1 << 30)
+    disk.start()
+    return disk, disk.write_chunks(0, list(range(n)), data, ab), data
+
+
+def test_a_file_is_read_where_it_lies(tmp_path):
+    """The chunks of a file as this tier writes it lie at one stride: `read_all` is a view
+    of the mapped file (no copy), equal to the chunks."""
+    disk, name, data = _written(tmp_path)
+    kv = disk.read_all(name)
+    assert torch.equal(kv, data) and not kv.is_contiguous()  # (rows apart by their stride)
+    mapped = disk._mapped[name]
+    assert mapped.address <= kv.data_ptr() < mapped.address + mapped.size
+
+
+def test_a_file_laid_out_otherwise_or_damaged_takes_the_general_read(tmp_path):
+    """Batches at uneven places (per-batch metadata of several sizes: a valid file another
+    writer could make) are read through the column; a damaged chunk is named either way."""
+    for uneven in (False, True):
+        disk, name, data = _written(tmp_path / str(uneven))
+        path = disk.directory / name
+        if uneven:
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            with pa.ipc.new_file(f"{path}.new", reader.schema) as w:
+                for i, b in enumerate(batches):
+                    w.write_batch(b, custom_metadata={"pad": "x" * (i * 24)})
+            Path(f"{path}.new").rename(path)
+        tier = DiskTier(disk.directory, disk.layout, torch.bfloat16, 1 << 30)
+        r, crcs = tier._open(name)
+        assert (tier._read_in_place(name, r, crcs) is None) == uneven
+        assert torch.equal(tier.read_all(name), data)
+        raw = bytearray(path.read_bytes())  # a bit of chunk 3's KV flipped
+        raw[raw.find(data[3].contiguous().view(torch.uint8).numpy().tobytes()) + 5] ^= 0x55
+        path.write_bytes(bytes(raw))
+        tier = DiskTier(disk.directory, disk.layout, torch.bfloat16, 1 << 30)
+        with pytest.raises(StorageError, match=f"{name}: checksum mismatch in chunk 3"):
+            tier.read_all(name)
