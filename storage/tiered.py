@@ -352,7 +352,7 @@ class TieredStore(StoreReads):
     def adopt(
         self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict,
         abstracts: Callable[[], dict],
-    ):  # fmt: skip
+    ) -> None:  # fmt: skip
         """Take a saved session's KV as this (empty) store's content.
 
         files: (layer, path, chunk indices, crc32s or None) of each chunk file; they become
