@@ -198,31 +198,42 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
     loaded = Runtime.load_session(path, model=rt)
     sync()
     load_s = time.perf_counter() - t
-    first_s = _first_token(loaded, ids, gen)  # asked at once: the warmer is reading too
+    first_s, first_parts = _first_token(loaded, ids, gen)  # asked at once: the warmer reads too
     t = time.perf_counter()
     store = loaded._state.cache.store
     if store is not None:
         store.warm().wait()  # the rest of the read-in (storage/warm.py)
     warm_s = time.perf_counter() - t
-    warm_first_s = _first_token(loaded, ids, gen)  # a new question after the read-in
+    warm_first_s, warm_parts = _first_token(loaded, ids, gen)  # a question after the read-in
     loaded._state.cache.close()
     return {"prefill_seconds": None if fill else made_s, "save_seconds": save_s,
             "session_gib": saved["bytes"] / 2**30, "load_seconds": load_s,
             "question_first_token_seconds": first_s, "ttft_seconds": load_s + first_s,
             "warm_rest_seconds": warm_s, "warm_question_first_token_seconds": warm_first_s,
+            "question_parts": first_parts, "warm_question_parts": warm_parts,
             "peak_device_gib": peak_gib(), "kv_filled": fill}  # fmt: skip
 
 
-def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> float:
-    """Seconds to the first token of a new 24-token question after `ids`."""
+def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[float, dict]:
+    """Seconds to the first token of a new 24-token question after `ids`, and where they
+    went: the selection and the fetch of the far tokens (host time: a fetch from files
+    includes their reads and the pinning of host memory), the index updates, and the
+    bytes each tier served."""
     question = torch.randint(0, rt.args.vocab_size, (24,), generator=gen).tolist()
+    cache = rt._state.cache
+    st, reads = cache.policy.stats, cache.store.reads if cache.store is not None else None
+    keys = ("selection_seconds", "fetch_seconds", "index_seconds")
+    before = [getattr(st, k) for k in keys], dict(reads.nbytes) if reads else {}
     t = time.perf_counter()
     steps = rt._run(rt._state, ids + question, 1, {}, None)
     next(steps)
     sync()
     seconds = time.perf_counter() - t
     steps.close()
-    return seconds
+    parts = {k: getattr(st, k) - b for k, b in zip(keys, before[0], strict=True)}
+    for tier, n in (dict(reads.nbytes) if reads else {}).items():
+        parts[f"{tier}_read_gib"] = (n - before[1].get(tier, 0)) / 2**30
+    return seconds, parts
 
 
 def bench_embedded(tokens: int) -> dict:
