@@ -139,3 +139,36 @@ def test_chunk_files_must_hold_the_crc32s_the_manifest_names(tiny, tmp_path):
     rewrite_manifest(saved, lambda m: m["files"][entry["name"]].update(crc32_sha256="0" * 64))
     with pytest.raises(StorageError, match="its chunk checksums differ from the manifest's"):
         Runtime.load_session(tmp_path / "s", model=tiny)
+
+
+def test_cuts_and_appends_before_the_abstracts_arrive():
+    """A cut below the saved chunks (a prompt that shares only part of a loaded session)
+    and appends after it, while the saved abstracts are still being read: once they
+    arrive, every chunk's abstracts are those of a tier that had them all along."""
+    from concurrent.futures import Future
+
+    from storage.abstracts import chunk_abstracts
+    from storage.device import DeviceTier
+    from storage.layout import KVLayout
+
+    L = KVLayout(num_layers=1, num_kv_heads=2, head_dim=8, dtype="float32", chunk_size=4)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 40, 8, generator=g)  # 10 chunks saved
+    more = torch.randn(2, 12, 8, generator=g)  # 3 chunks after the cut
+    want = DeviceTier(L, torch.float32, "cpu", 4, 8)
+    want.add_chunks(keys)
+    want.truncate_chunks(7)
+    want.add_chunks(more)
+    tier = DeviceTier(L, torch.float32, "cpu", 4, 8)
+    tier.codes.append(want.codes.view()[:, :40])  # (the summaries come with the load)
+    for g_, w in ((tier.scale, want.scale), (tier.zero, want.zero)):
+        g_.append(w.view()[:, :10])
+    future = Future()
+    tier.abstracts_later(future, 10)
+    tier.truncate_chunks(7)
+    tier.add_chunks(more)
+    assert tier.num_chunks == 10 and tier._pending is not None
+    future.set_result(tier.abstract_buffers(chunk_abstracts(keys, 4), 12))
+    got, ref = tier.abstracts(), want.abstracts()
+    for key in ("kmin", "kmax", "kmean"):
+        assert torch.equal(getattr(got, key), getattr(ref, key))
