@@ -298,6 +298,21 @@ class HostTier:
         self.slab[0, :, slot, offset : offset + n] = k
         self.slab[1, :, slot, offset : offset + n] = v
 
+    def copy_out(self, chunks: list[int], out: torch.Tensor, rows: list[int]) -> None:
+        """out[rows[i]] = chunk chunks[i] ([2, H, C, D]): a run of consecutive slots going
+        to consecutive rows (a layer in slot order, saved) as one copy (2x a copy per
+        chunk here, which also costs tens of us of Python each)."""
+        slots = [self.slot_of[c] for c in chunks]
+        start = 0
+        for i in range(1, len(slots) + 1):
+            if i < len(slots) and slots[i] == slots[i - 1] + 1 and rows[i] == rows[i - 1] + 1:
+                continue
+            n = i - start
+            out[rows[start] : rows[start] + n] = self.slab[
+                :, :, slots[start] : slots[start] + n
+            ].permute(2, 0, 1, 3, 4)
+            start = i
+
     def gather_chunks(self, chunks: list[int]) -> torch.Tensor:
         """[len(chunks), 2, H, C, D] copied from the slots of `chunks` (one index_select)."""
         slots = self.slot_table[torch.tensor(chunks, dtype=torch.long)]
