@@ -112,6 +112,7 @@ class Manifest(BaseModel):
         layout = KVLayout(**self.layout.model_dump())
         want = list(range(layout.num_chunks(self.num_tokens)))
         have: dict[int, list[int]] = {layer: [] for layer in range(layout.num_layers)}
+        spans: dict[int, list[tuple[int, int]]] = {layer: [] for layer in range(layout.num_layers)}
         for name, f in self.files.items():
             if name in TENSOR_FILES:
                 if self.format_version == 1:
@@ -147,11 +148,20 @@ class Manifest(BaseModel):
                     raise ValueError(
                         f"files.{name}: first_chunk, num_chunks and crc32_sha256 are required"
                     )
-                have[f.layer].extend(range(f.first_chunk, f.first_chunk + f.num_chunks))
+                spans[f.layer].append((f.first_chunk, f.num_chunks))
         for layer, chunks in have.items():
-            if sorted(chunks) != want:
+            if self.format_version == 1:
+                count, tiled = len(chunks), sorted(chunks) == want
+            else:  # ranges that must tile the chunks: checked without listing them, so a
+                # manifest cannot make this allocate more than its own size
+                count, tiled = 0, True
+                for first, n in sorted(spans[layer]):
+                    tiled &= first == count
+                    count += n
+                tiled &= count == len(want)
+            if not tiled:
                 raise ValueError(
-                    f"files: the chunk files of layer {layer} hold {len(chunks)} chunks, "
+                    f"files: the chunk files of layer {layer} hold {count} chunks, "
                     f"{len(want)} expected once each for {self.num_tokens} tokens"
                 )
         return self

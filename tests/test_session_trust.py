@@ -143,6 +143,8 @@ TAMPERINGS = {
     "string size": lambda m: next(iter(m["files"].values())).update(size="12"),
     "ids and count disagree": lambda m: m["token_ids"].pop(),
     "a chunk missing": lambda m: next(f for f in m["files"].values() if "num_chunks" in f).update(num_chunks=1),
+    "a huge chunk range": lambda m: next(f for f in m["files"].values() if "num_chunks" in f).update(num_chunks=1 << 24),
+    "overlapping ranges": lambda m: m["files"].update({"kv/L000-0000000-deadbeef.arrow": dict(next(f for f in m["files"].values() if f.get("layer") == 0))}),
     "format 1 chunk list": lambda m: next(f for f in m["files"].values() if "num_chunks" in f).update(chunks=[0]),
     "a list": lambda m: m.update(layout=[1, 2]),
     "bad message": lambda m: m.update(kind="chat", messages=[{"role": "root", "content": 1}]),
