@@ -79,3 +79,17 @@ def test_slots_stay_consistent(ops):
             if done:
                 assert host.in_order(T) and host._misplaced == 0
         check(host)
+
+
+def test_copy_out_follows_rows_and_slots():
+    """Runs are copied whole only where both the slots and the rows run on."""
+    host = HostTier(LAYOUT, torch.float32)
+    data = torch.randn(8, 2, 2, 2, 4)
+    for c in [0, 1, 2, 3, 6, 7, 5, 4]:  # 4 and 5 in swapped slots
+        host.put(c, data[c])
+    chunks, rows = [0, 1, 2, 3, 4, 5, 6], [0, 2, 3, 4, 5, 6, 8]
+    out = torch.zeros(9, 2, 2, 2, 4)
+    host.copy_out(chunks, out, rows)
+    for c, r in zip(chunks, rows, strict=True):
+        assert torch.equal(out[r], data[c])
+    assert not out[[1, 7]].any()

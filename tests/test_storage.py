@@ -148,37 +148,21 @@ def fill(store, kv, pieces=(5, 1, 1, 9, 3, 11)):
 
 
 def test_read_chunks_gives_each_chunk_wherever_it_lives(tmp_path):
-    """What a save reads: whole chunks in the order asked, from host slots in runs or
-    not, and from disk files; the same bytes as reading each chunk alone."""
+    """What a save reads: chunks in any order, from host slots (runs or not) and disk."""
     kv = torch.stack([random_kv(40, seed=5), random_kv(40, seed=6)])
     with make_store(tmp_path, host_chunks=12) as store:
         fill(store, kv, pieces=(7, 9, 13, 11))
         store.truncate(30)  # (frees slots: chunks refilled after it land out of order)
         for layer in range(2):
             store.append(layer, kv[layer, 0, :, 30:40], kv[layer, 1, :, 30:40])
-        assert store.spilled_chunks > 0
         for layer in range(2):
             on_host = [c for c in range(10) if store.directory.on_host((layer, c))]
-            assert on_host and len(on_host) < 10
+            assert on_host and len(on_host) < 10  # (the rest on disk)
             for order in (list(range(10)), [9, 2, 3, 4, 0, 8, 1, 5, 6, 7]):
                 want = torch.stack([store._chunk_kv(layer, c)[1] for c in order])
                 assert torch.equal(store.read_chunks(layer, order), want)
             full = kv[layer, :, :, :40].reshape(2, 3, 10, 4, 8).permute(2, 0, 1, 3, 4)
             assert torch.equal(store.read_chunks(layer, list(range(10))), full)
-
-
-def test_copy_out_follows_rows_and_slots():
-    """Runs are copied whole only where both the slots and the rows run on."""
-    host = HostTier(LAYOUT, DT)
-    data = torch.randn(8, 2, 3, 4, 8).to(DT)
-    for c in [0, 1, 2, 3, 6, 7, 5, 4]:  # 4 and 5 in swapped slots
-        host.put(c, data[c])
-    chunks, rows = [0, 1, 2, 3, 4, 5, 6], [0, 2, 3, 4, 5, 6, 8]
-    out = torch.zeros(9, 2, 3, 4, 8, dtype=DT)
-    host.copy_out(chunks, out, rows)
-    for c, r in zip(chunks, rows, strict=True):
-        assert torch.equal(out[r], data[c])
-    assert not out[[1, 7]].any()
 
 
 def test_store_spills_and_gathers_bit_exact(tmp_path):
