@@ -12,15 +12,20 @@ from storage.disk import DiskTier, StorageError
 from storage.layout import KVLayout
 
 
-def test_each_record_batch_holds_exactly_its_chunk(tmp_path):
-    # rows of 384 and 96 bytes: not multiples of Arrow's 64-byte padding
+def _written(tmp_path, n=6):
+    """A file of n chunks (rows of 384 and 96 bytes: not multiples of Arrow's 64-byte
+    padding) and the tier, name, KV and abstracts."""
     L = KVLayout(num_layers=1, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
-    n = 5
     data = (torch.arange(n * L.chunk_bytes // 2) % 251 / 7).to(torch.bfloat16).view(n, 2, 3, 4, 8)
     ab = chunk_abstracts(data[:, 0].permute(1, 0, 2, 3).reshape(3, n * 4, 8), 4)
     disk = DiskTier(tmp_path, L, torch.bfloat16, 1 << 30)
     disk.start()
-    name = disk.write_chunks(0, list(range(n)), data, ab)
+    return disk, disk.write_chunks(0, list(range(n)), data, ab), data, ab
+
+
+def test_each_record_batch_holds_exactly_its_chunk(tmp_path):
+    n = 5
+    disk, name, data, ab = _written(tmp_path, n)
     reader = pa.ipc.open_file(pa.memory_map(str(tmp_path / name)))
     assert reader.num_record_batches == n
     for i in range(n):
@@ -33,19 +38,10 @@ def test_each_record_batch_holds_exactly_its_chunk(tmp_path):
         assert torch.equal(disk.read_chunk(name, i), data[i])
 
 
-def _written(tmp_path, n=6):
-    L = KVLayout(num_layers=1, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
-    data = (torch.arange(n * L.chunk_bytes // 2) % 251 / 7).to(torch.bfloat16).view(n, 2, 3, 4, 8)
-    ab = chunk_abstracts(data[:, 0].permute(1, 0, 2, 3).reshape(3, n * 4, 8), 4)
-    disk = DiskTier(tmp_path, L, torch.bfloat16, 1 << 30)
-    disk.start()
-    return disk, disk.write_chunks(0, list(range(n)), data, ab), data
-
-
 def test_a_file_is_read_where_it_lies(tmp_path):
     """The chunks of a file as this tier writes it lie at one stride: `read_all` is a view
     of the mapped file (no copy), equal to the chunks."""
-    disk, name, data = _written(tmp_path)
+    disk, name, data, _ = _written(tmp_path)
     kv = disk.read_all(name)
     assert torch.equal(kv, data) and not kv.is_contiguous()  # (rows apart by their stride)
     mapped = disk._mapped[name]
@@ -56,7 +52,7 @@ def test_a_file_laid_out_otherwise_or_damaged_takes_the_general_read(tmp_path):
     """Batches at uneven places (per-batch metadata of several sizes: a valid file another
     writer could make) are read through the column; a damaged chunk is named either way."""
     for uneven in (False, True):
-        disk, name, data = _written(tmp_path / str(uneven))
+        disk, name, data, _ = _written(tmp_path / str(uneven))
         path = disk.directory / name
         if uneven:
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
