@@ -223,16 +223,17 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
     cache = rt._state.cache
     st, reads = cache.policy.stats, cache.store.reads if cache.store is not None else None
     keys = ("selection_seconds", "fetch_seconds", "index_seconds")
-    before = [getattr(st, k) for k in keys], dict(reads.nbytes) if reads else {}
+    seconds0 = [getattr(st, k) for k in keys]
+    bytes0 = dict(reads.nbytes) if reads else {}
     t = time.perf_counter()
     steps = rt._run(rt._state, ids + question, 1, {}, None)
     next(steps)
     sync()
     seconds = time.perf_counter() - t
     steps.close()
-    parts = {k: getattr(st, k) - b for k, b in zip(keys, before[0], strict=True)}
-    for tier, n in (dict(reads.nbytes) if reads else {}).items():
-        parts[f"{tier}_read_gib"] = (n - before[1].get(tier, 0)) / 2**30
+    parts = {k: getattr(st, k) - b for k, b in zip(keys, seconds0, strict=True)}
+    for tier, n in (reads.nbytes if reads else {}).items():
+        parts[f"{tier}_read_gib"] = (n - bytes0[tier]) / 2**30
     return seconds, parts
 
 

@@ -352,10 +352,12 @@ class DiskTier:
         over the bytes found there proves them its own. None otherwise (a file laid out
         some other way, or damaged: `_read_column` tells which)."""
         n = len(crcs)
+        if n < 2:
+            return None
         whole = self._mapped[name]
+        spans, stride = [], None  # (place of chunk 0's bytes, size) of each column
         try:
-            batches = [reader.get_batch(i) for i in (0, 1, n - 1)] if n >= 2 else []
-            spans, strides = [], set()
+            batches = [reader.get_batch(i) for i in (0, 1, n - 1)]
             for col in range(len(SCHEMA_FIELDS)):
                 at = []
                 for b in batches:
@@ -365,14 +367,18 @@ class DiskTier:
                         (arr.buffers()[2].address - whole.address + int(o[0]), int(o[1] - o[0]))
                     )
                 (p0, size), (p1, size1), (last, size2) = at
-                strides.add(p1 - p0)
-                if size1 != size or size2 != size or last != p0 + (n - 1) * (p1 - p0):
+                stride = p1 - p0 if stride is None else stride
+                if (
+                    p1 - p0 != stride
+                    or size1 != size
+                    or size2 != size
+                    or last != p0 + (n - 1) * stride
+                ):
                     return None
                 spans.append((p0, size))
         except Exception:  # (a file the general path reports on)
             return None
-        stride = strides.pop() if len(strides) == 1 else 0
-        kv_at, kv_size = spans[0] if spans else (0, 0)
+        kv_at, kv_size = spans[0]
         if stride <= 0 or kv_size != self.layout.chunk_bytes or stride % self.dtype.itemsize:
             return None
         view, crc32 = memoryview(whole), zlib.crc32

@@ -68,23 +68,19 @@ class SessionLockedError(SessionError):
     """Another process is saving to this session."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, start: int = 0, length: float = float("inf")) -> str:
+    """sha256 of `length` bytes of the file from `start` (all of it by default)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        f.seek(start)
+        while length > 0 and (block := f.read(int(min(length, 1 << 20)))):
             h.update(block)
+            length -= len(block)
     return h.hexdigest()
 
 
 def _sha256_block(path: Path, i: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(i * HASH_BLOCK)
-        left = HASH_BLOCK
-        while left > 0 and (block := f.read(min(left, 1 << 20))):
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
+    return sha256_file(path, i * HASH_BLOCK, HASH_BLOCK)
 
 
 def file_entry(path: Path) -> dict:
