@@ -110,7 +110,11 @@ class DecodeStep:
                 self._forward()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": only this thread's unsafe calls break the capture. The default,
+        # "global", also fails it (and the other thread's call) when a background thread
+        # of this runtime calls CUDA meanwhile: the session warmer pinning a slab, the
+        # abstracts reader copying to the device, a spill.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._logits = self._forward()
         self._graph, self._key = graph, key
         self.captures += 1

@@ -218,16 +218,22 @@ class TieredPlan:
             if self.cache.prefetcher is not None:  # reported with the eager path's figures
                 self.cache.prefetcher.count_lookups(lookups, copied)
         with store.lock:
+            # Usually every layer is at the same token: one append for all of them.
+            by_start: dict[int, list[int]] = {}
             for i in range(self.layout.num_layers):
-                t0 = store.lengths[i]
-                if t0 >= T:
-                    continue
-                mirror = self.cache.layers[i].mirror
-                if mirror is not None:
-                    k, v = mirror.k.data[:, t0:T], mirror.v.data[:, t0:T]
-                else:
-                    k, v = store.dev[i].read_window(t0, T)
-                store.append(i, k, v)
+                if store.lengths[i] < T:
+                    by_start.setdefault(store.lengths[i], []).append(i)
+            for t0, layers in by_start.items():
+                kv = torch.stack([self._written(i, t0, T) for i in layers])
+                # (a sparse layer's tokens are in its window ring: the step wrote them there)
+                store.append_layers(layers, kv, in_window=self.sparse)
+
+    def _written(self, layer: int, t0: int, t1: int) -> torch.Tensor:
+        """K and V [2, H, t1 - t0, D] of tokens the steps wrote to the device only."""
+        mirror = self.cache.layers[layer].mirror
+        if mirror is None:
+            return self.store.dev[layer].read_window(t0, t1)
+        return torch.stack([mirror.k.data[:, t0:t1], mirror.v.data[:, t0:t1]])
 
     # -- what the step reads ---------------------------------------------------------
 

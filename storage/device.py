@@ -121,11 +121,16 @@ class DeviceTier:
     def add_chunks(self, keys: torch.Tensor) -> None:
         """Summaries and abstracts of completed chunks, the next ones in order
         (keys [H, n * C, D])."""
-        qk = quantize_keys(keys, self.layout.summary_bits, self.layout.chunk_size)
+        C = self.layout.chunk_size
+        self.add_summaries(
+            quantize_keys(keys, self.layout.summary_bits, C), chunk_abstracts(keys, C)
+        )
+
+    def add_summaries(self, qk: QuantKeys, a: ChunkAbstracts) -> None:
+        """The summaries and abstracts of the next completed chunks, computed elsewhere."""
         self.codes.append(qk.codes)
         self.scale.append(qk.scale)
         self.zero.append(qk.zero)
-        a = chunk_abstracts(keys, self.layout.chunk_size)
         self.kmin.append(a.kmin)
         self.kmax.append(a.kmax)
         self.kmean.append(a.kmean)

@@ -263,7 +263,12 @@ class HostTier:
         (K/V, head), each contiguous on both sides (a device-to-pinned copy runs at full
         speed; no staging)."""
         H, T, D = k.shape
-        n = T // self.layout.chunk_size
+        C = self.layout.chunk_size
+        n = T // C
+        if k.device.type == "cpu" and v.device.type == "cpu":  # host to host: one copy each
+            for i, x in enumerate((k, v)):
+                self.slab[i, :, s0 : s0 + n].copy_(x.reshape(H, n, C, D))
+            return
         for i, x in enumerate((k, v)):
             for h in range(H):
                 self.slab[i, h, s0 : s0 + n].view(T, D).copy_(x[h])

@@ -130,6 +130,43 @@ def test_graph_replay_gives_eager_tokens_and_never_syncs(tiny_dirs):
     assert graphed.step.captures == captures  # replayed, not captured again
 
 
+@cuda_only
+def test_capture_succeeds_while_another_thread_pins_and_copies(tiny_dirs):
+    """The runtime's own threads (the session warmer, the abstracts reader) pin memory
+    and copy to the device while the decode loop may capture its graph: neither side fails."""
+    from storage.host import pinned_empty
+
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full")
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 3)
+    eager, graphed = rt.new_cache(), rt.new_cache()
+    eager.use_step(rt.model, Backend(DEVICE, kernels=True, graphs=False))
+    logits = [prefill(rt.model, c, ids, 8) for c in (eager, graphed)]
+    stop, started, errors = threading.Event(), threading.Event(), []
+
+    def busy() -> None:
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                host = pinned_empty((4096 * (n % 64 + 1),), torch.uint8)
+                host.to(DEVICE).add_(1)  # (a fresh registration and allocation each time)
+                started.set()
+        except Exception as e:
+            errors.append(e)
+            started.set()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    started.wait()
+    try:
+        graphed_tokens = _greedy(graphed, rt.model, logits[1], 24)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors and graphed.step.captures >= 1
+    assert _greedy(eager, rt.model, logits[0], 24) == graphed_tokens
+
+
 def _decode_without_syncs(cache, model, tokens) -> None:
     """Decode `tokens` with CUDA's sync debug mode raising on any host synchronisation."""
     torch.cuda.synchronize()
