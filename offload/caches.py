@@ -111,7 +111,7 @@ def _tiered_parts(rt: Runtime) -> tuple[TieredStore, SparsePolicy]:
         disk_dir=b.disk_dir / cache_dir_name(),
         disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
         # only the chunk selector reads abstracts: elsewhere they wait in host memory
-        abstracts_on_device=sel.selector == "chunk",
+        abstracts_on_device=sel.selector == "chunk", max_tokens=a.max_seq_len,
     )  # fmt: skip
     return store, SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
 

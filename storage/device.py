@@ -72,7 +72,7 @@ class DeviceTier:
 
     def __init__(
         self, layout: KVLayout, dtype: torch.dtype, device, sink: int, window: int,
-        abstracts_device=None,
+        abstracts_device=None, max_chunks: int | None = None,
     ):  # fmt: skip
         H, D = layout.num_kv_heads, layout.head_dim
         self.layout, self.sink, self.window = layout, sink, window
@@ -80,15 +80,18 @@ class DeviceTier:
         self.ring = torch.empty(2, H, window, D, dtype=dtype, device=device)
         bits = layout.summary_bits
         f32 = torch.float32
-        g = SUMMARY_GROWTH
-        self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device, growth=g)
-        self.scale = Growable((H, 0, D), 1, PARAM_DTYPE, device, growth=g)
-        self.zero = Growable((H, 0, D), 1, PARAM_DTYPE, device, growth=g)
+        # Growth by an eighth, never past the chunks of the model's window (`max_chunks`).
+        self.max_chunks = max_chunks
+        g, most = SUMMARY_GROWTH, max_chunks
+        tokens = None if most is None else most * layout.chunk_size
+        self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device, tokens, g)
+        self.scale = Growable((H, 0, D), 1, PARAM_DTYPE, device, most, g)
+        self.zero = Growable((H, 0, D), 1, PARAM_DTYPE, device, most, g)
         where = device if abstracts_device is None else abstracts_device
         self.abstracts_on_device = torch.device(where) == torch.device(device)
-        self.kmin = Growable((0, H, D), 0, f32, where, growth=g)
-        self.kmax = Growable((0, H, D), 0, f32, where, growth=g)
-        self.kmean = Growable((0, H, D), 0, f32, where, growth=g)
+        self.kmin = Growable((0, H, D), 0, f32, where, most, g)
+        self.kmax = Growable((0, H, D), 0, f32, where, most, g)
+        self.kmean = Growable((0, H, D), 0, f32, where, most, g)
         # A loaded session's abstracts, still being read (`abstracts_later`): (the future
         # of their buffers, how many chunks they hold); meanwhile the buffers above hold
         # the chunks after those.

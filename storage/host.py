@@ -79,10 +79,14 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class HostTier:
-    def __init__(self, layout: KVLayout, dtype: torch.dtype, pin: bool = False):
+    def __init__(
+        self, layout: KVLayout, dtype: torch.dtype, pin: bool = False, max_slots: int | None = None
+    ):
         self.layout = layout
         self.dtype = dtype
         self.pin = pin
+        # Slots the layer can ever need (the model's window): growth stops there.
+        self.max_slots = max_slots
         self.slab = self._alloc(0)
         self.slot_of: dict[int, int] = {}  # chunk index -> slot
         # The same map as a tensor (-1: not on the host), so a gather of many tokens
@@ -122,7 +126,10 @@ class HostTier:
         allocates (and pins): a thread may call it while another uses this tier."""
         n = self.slab.shape[2]
         growth = 1.25 if self.pin else 2
-        return self._alloc(max(8, slots + slots // 8, int(growth * n)))
+        grown = max(8, slots + slots // 8, int(growth * n))
+        if self.max_slots is not None:  # (a request past it is still granted)
+            grown = max(slots, min(grown, self.max_slots))
+        return self._alloc(grown)
 
     def take_slab(self, bigger: torch.Tensor) -> None:
         """Move to a slab from `new_slab` (the caller holds the store's lock), unless the

@@ -55,7 +55,10 @@ class TieredStore(StoreReads):
         window: int = 256,
         spill_batch: int = 64,
         abstracts_on_device: bool = True,
+        max_tokens: int | None = None,
     ):
+        """`max_tokens`: the most a layer will hold (the model's window); the host slabs
+        and the summaries' buffers grow geometrically but never past it."""
         L = layout
         capacity = host_bytes // L.chunk_bytes
         if capacity < 2 * L.num_layers:
@@ -68,9 +71,10 @@ class TieredStore(StoreReads):
         self.sink, self.window, self.spill_batch = sink, window, spill_batch
         pin = device.type == "cuda"
         self.directory = ChunkDirectory(capacity)
-        self.host = [HostTier(layout, dtype, pin=pin) for _ in range(L.num_layers)]
+        most = None if max_tokens is None else L.num_chunks(max_tokens)
+        self.host = [HostTier(layout, dtype, pin, most) for _ in range(L.num_layers)]
         where = device if abstracts_on_device else torch.device("cpu")
-        self.dev = [DeviceTier(layout, dtype, device, sink, window, where)
+        self.dev = [DeviceTier(layout, dtype, device, sink, window, where, most)
                     for _ in range(L.num_layers)]  # fmt: skip
         self.abstracts_on_device = self.dev[0].abstracts_on_device
         self.disk = DiskTier(disk_dir, layout, dtype, disk_bytes)
@@ -423,7 +427,8 @@ class TieredStore(StoreReads):
             for i, c in enumerate(chunks):
                 self.directory.add_on_disk((layer, c), DiskRecord(name, i))
         n = num_tokens // C
-        room = n + n // 8  # room to grow: the first appends copy nothing
+        room = n + n // 8  # room to grow: the first appends copy nothing (up to the window)
+        room = room if self.dev[0].max_chunks is None else max(n, min(room, self.dev[0].max_chunks))
         for layer in range(L.num_layers):
             dev = self.dev[layer]
             dev.reserve_chunks(room)

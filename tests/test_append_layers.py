@@ -1,5 +1,6 @@
 """`TieredStore.append_layers`, the one append for every layer that a decode loop over
-the fixed-shape step makes every few chunks: the same store as an append per layer."""
+the fixed-shape step makes every few chunks: the same store as an append per layer.
+And how far the store's buffers grow (never past the model's window)."""
 
 import pytest
 import torch
@@ -69,3 +70,23 @@ def test_layers_whose_window_holds_the_tokens_are_not_written_again(tmp_path):
         for layer in range(2):
             assert torch.equal(store.read_range(layer, 0, 48)[0], kv[layer, 0, :, :48])
         assert store.lengths == [48, 48] and store.dev[1].num_chunks == 48 // C
+
+
+def test_buffers_never_grow_past_the_models_window(tmp_path):
+    """`max_tokens`: host slabs and summary buffers grow geometrically up to the window
+    (at 128k tokens an eighth more would be 2 GiB of pinned memory and 0.25 GiB of GPU
+    memory for the 8B shape), and a loaded session's room to grow stops there too."""
+    from storage.tiered import TieredStore
+
+    C, T = LAYOUT.chunk_size, 96
+    kv = torch.stack([random_kv(T, seed=9), random_kv(T, seed=10)])
+    store = TieredStore(LAYOUT, torch.bfloat16, torch.device("cpu"), host_bytes=1 << 24,
+                        disk_dir=tmp_path, disk_bytes=1 << 30, max_tokens=T)  # fmt: skip
+    with store:
+        fill(store, kv, pieces=(5, 30, 1, 20, 40))
+        for layer in range(LAYOUT.num_layers):
+            d = store.dev[layer]
+            assert store.host[layer].slab.shape[2] == T // C
+            assert d.codes.data.shape[1] == T and d.scale.data.shape[1] == T // C
+            assert d.kmin.data.shape[0] == T // C
+            assert torch.equal(store.read_range(layer, 0, T), kv[layer])

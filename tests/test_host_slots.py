@@ -43,9 +43,12 @@ OPS = st.lists(
 
 
 @settings(derandomize=True, max_examples=150, deadline=None, database=None)
-@given(OPS)
-def test_slots_stay_consistent(ops):
-    host = HostTier(LAYOUT, torch.float32)
+@given(OPS, st.sampled_from([None, N]))
+def test_slots_stay_consistent(ops, max_slots):
+    """(With `max_slots`, the model's window in chunks: the slab never grows past it,
+    but for a reservation that asks for more.)"""
+    host = HostTier(LAYOUT, torch.float32, max_slots=max_slots)
+    asked = 0
     for op, c, n in ops:
         absent = [x for x in range(c, min(N, c + n)) if x not in host.slot_of]
         if op == "put" and c not in host.slot_of:
@@ -72,6 +75,7 @@ def test_slots_stay_consistent(ops):
                 host.put_many(rest, torch.stack([kv_of(x) for x in rest]))
         elif op == "reserve":
             host._reserve(c + n)
+            asked = max(asked, c + n)
         elif op == "order" and host.slot_of:
             T = (max(host.slot_of) + 1) * LAYOUT.chunk_size
             done = host.put_in_order(T)
@@ -79,6 +83,7 @@ def test_slots_stay_consistent(ops):
             if done:
                 assert host.in_order(T) and host._misplaced == 0
         check(host)
+        assert max_slots is None or host.slab.shape[2] <= max(max_slots, asked)
 
 
 def test_copy_out_follows_rows_and_slots():
