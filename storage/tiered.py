@@ -177,7 +177,7 @@ class TieredStore(StoreReads):
         at the same token: what a decode loop over the fixed-shape step hands over every
         few chunks. When that token starts a chunk and S is whole chunks, the KV crosses
         to the host in one copy and the summaries and abstracts of every layer are
-        computed at once: 32 layers of the 8B shape cost about a tenth of the device
+        computed at once: 32 layers of the 8B shape cost about a fifth of the device
         calls of an append per layer (copies per head and layer, summaries per layer),
         each a launch on CUDA. `in_window`: layers whose window holds the tokens already."""
         C = self.layout.chunk_size
