@@ -8,7 +8,7 @@ token is read back before the next step. Measured here on a model of the
 Llama-3.1-8B KV shape (32 layers, 8 KV heads x 128, bf16) with the
 `rtx4090-llama3.1-8b` preset's selection, over random KV of --tokens tokens.
 
-    python scripts/bench_step_host.py [--tokens 10240] [--steps 512]
+    python scripts/bench_step_host.py [--tokens 10240] [--steps 512] [--layers 32]
         [--out results/bench_step_host.json]
 
 On a CPU the step is driven as CUDA drives it (fixed shapes, dense layers mirrored)
@@ -50,11 +50,11 @@ class CountCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tiered_cache(tokens: int, disk: Path):
+def tiered_cache(tokens: int, disk: Path, layers: int = 32):
     """A tiered cache of `tokens` random tokens of the 8B KV shape, decoding through the
     fixed-shape step (the model is thin: its weights are never used here)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    a = ModelArgs(arch="llama", max_seq_len=131072, dim=1024, num_layers=32, num_heads=8,
+    a = ModelArgs(arch="llama", max_seq_len=131072, dim=1024, num_layers=layers, num_heads=8,
                   num_kv_heads=8, head_dim=128, hidden_dim=256, vocab_size=1000)  # fmt: skip
     model = Transformer(a).fuse().to(device, torch.bfloat16)
     loaded = LoadedModel(model, None, a, Path("synthetic"), "synthetic")
@@ -110,13 +110,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=10240)
     p.add_argument("--steps", type=int, default=512)
+    p.add_argument("--layers", type=int, default=32, help="fewer: a long context on a small host")
     p.add_argument("--out", type=Path, default=Path("results/bench_step_host.json"))
     args = p.parse_args()
     console = Console()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with tempfile.TemporaryDirectory() as disk:
         t = time.perf_counter()
-        cache = tiered_cache(args.tokens, Path(disk))
+        cache = tiered_cache(args.tokens, Path(disk), args.layers)
         console.print(f"filled and indexed {args.tokens} tokens in {time.perf_counter() - t:.1f} s")
         for _ in range(4):
             step(cache, sync)
@@ -137,6 +138,7 @@ def main() -> None:
     out = {
         "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
         "tokens": args.tokens,
+        "layers": args.layers,
         "steps": args.steps,
         "host_ms_per_token": statistics.fmean(a + b for a, b in zip(prepare, finish, strict=True)),
         "prepare_ms_mean": statistics.fmean(prepare),
