@@ -165,6 +165,11 @@ class Pipeline:
     def running(self) -> bool:
         return self._pool is not None
 
+    @property
+    def stream(self):
+        """The copy stream the jobs run on (CUDA), else None."""
+        return self._stream
+
     def start(self) -> Pipeline:
         assert self._pool is None, "pipeline already started"
         if self.device.type == "cuda":
@@ -327,6 +332,10 @@ class Prefetcher:
         lo, hi, k = policy.bounds(T)
 
         def job():
+            stream = self.pipeline.stream
+            if stream is not None:  # (x, cos, sin come from the compute stream, which may
+                for t in (x, cos, sin):  # free them before this stream has read them)
+                    t.record_stream(stream)
             q = block.attention.query(block.attention_norm(x), cos, sin)  # [Hq, 1, D]
             H = store.layout.num_kv_heads
             qg = q.reshape(H, q.shape[0] // H, q.shape[-1])
