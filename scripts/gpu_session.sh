@@ -14,7 +14,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-timeout "${1:-240}" python -m pytest -q --maxfail=30 -rfEs tests 2>&1 | tee "$out/pytest.txt" | tail -60
+timeout "${1:-240}" python -m pytest -q --maxfail=30 -rfEs --durations=15 tests 2>&1 | tee "$out/pytest.txt" | tail -60
 timeout 30 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
 timeout "${2:-200}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
   --systems embedded,device,offloaded,tiered,session --fill-above 131072 \
