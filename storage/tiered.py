@@ -152,9 +152,7 @@ class TieredStore(StoreReads):
         keys = [torch.cat([self.host[layer].chunk(c)[0] for c in filled], dim=1)] if filled else []
         if run is not None:
             n = (b - a) // C
-            for c in range(c0, c0 + n):
-                self.directory.add((layer, c), filling=False)
-            self.host[layer].write_run(run, k[:, a:b], v[:, a:b])
+            self._write_run(layer, c0, run, k[:, a:b], v[:, a:b])
             block = max(C, SUMMARY_BLOCK // C * C)
             keys += [k[:, s : min(b, s + block)] for s in range(a, b, block)]
             # (the rest, fewer than C tokens from a chunk's start, completes no chunk)
@@ -203,15 +201,20 @@ class TieredStore(StoreReads):
                 continue
             if layer not in in_window:
                 self.dev[layer].write_recent(start, kv[j, 0], kv[j, 1])
-            for c in range(c0, c0 + S // C):
-                self.directory.add((layer, c), filling=False)
-            self.host[layer].write_run(run, host[j, 0], host[j, 1])
+            self._write_run(layer, c0, run, host[j, 0], host[j, 1])
             self._mark_recent(layer, chunks)
             summary = QuantKeys(qk.bits, C, *(t[j] for t in per))
             self.dev[layer].add_summaries(summary, ChunkAbstracts(*(t[:, j] for t in a)))
             self.lengths[layer] = start + S
         if self.directory.over_budget():
             self.spill()
+
+    def _write_run(self, layer: int, c0: int, run: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Whole chunks c0 .. (k [H, n * C, D] and v) into the host slots `put_run` gave
+        them, from slot `run` on, as filled chunks."""
+        for c in range(c0, c0 + k.shape[1] // self.layout.chunk_size):
+            self.directory.add((layer, c), filling=False)
+        self.host[layer].write_run(run, k, v)
 
     def reserve_host(self, layer: int, num_tokens: int) -> bool:
         """Allocate (on CUDA: and pin) `layer`'s host slab for its first `num_tokens`
