@@ -138,6 +138,12 @@ class DeviceTier:
         self.kmax.append(a.kmax)
         self.kmean.append(a.kmean)
 
+    def room_for(self, n: int) -> int:
+        """Chunks to reserve for n chunks with room to grow: an eighth more, up to the
+        model's window."""
+        room = n + n // 8
+        return room if self.max_chunks is None else max(n, min(room, self.max_chunks))
+
     def reserve_chunks(self, n: int) -> None:
         """Room for n chunks' summaries and abstracts in all, ahead of a long append that
         adds them block by block (growing by an eighth at each block would copy the

@@ -430,8 +430,7 @@ class TieredStore(StoreReads):
             for i, c in enumerate(chunks):
                 self.directory.add_on_disk((layer, c), DiskRecord(name, i))
         n = num_tokens // C
-        room = n + n // 8  # room to grow: the first appends copy nothing (up to the window)
-        room = room if self.dev[0].max_chunks is None else max(n, min(room, self.dev[0].max_chunks))
+        room = self.dev[0].room_for(n)  # the first appends copy nothing
         for layer in range(L.num_layers):
             dev = self.dev[layer]
             dev.reserve_chunks(room)
