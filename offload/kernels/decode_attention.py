@@ -28,6 +28,11 @@ import torch
 
 BLOCK_N = 64  # rows per inner iteration
 MAX_SPLITS = 128  # partial results merged per (head, query)
+# Shared memory of the split kernel beside its pipelined K and V tiles (an upper bound
+# of what compiling it for sm_86/89/90 showed: 8-12.5 KiB), and the least a block may
+# use on the GPUs this runtime is for (an RTX 3090/4090: 99 KiB).
+SHARED_SLACK = 16 * 1024
+SHARED_MIN = 99 * 1024
 
 
 def decode_attention_ref(
@@ -53,6 +58,33 @@ def split_rows(N: int) -> int:
     return BLOCK_N * max(1, math.ceil(blocks / MAX_SPLITS))
 
 
+def launch_config(D: int, itemsize: int, shared_limit: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the split kernel for head dim D, KV elements of
+    `itemsize` bytes, and a GPU whose blocks may use `shared_limit` bytes of shared memory.
+
+    Triton pipelines the K and V tiles' loads through `num_stages` buffers in shared
+    memory, (stages - 1) x 2 x BLOCK_N x D x itemsize bytes and a little more. The 3
+    stages Triton defaults to take 143 KiB for float32 at head dim 128, past the 99 KiB of
+    an RTX 4090 (the launch would fail), so fewer are taken where that many do not fit.
+    Float32 tiles spill registers with 4 warps (255 per thread and a stack) and do not
+    with 8. (Compiled for sm_86/89/90 without a GPU: offload/kernels/aot.py.)"""
+    warps = 8 if itemsize >= 4 else 4
+    for stages in (3, 2, 1):
+        if (max(stages, 2) - 1) * 2 * BLOCK_N * D * itemsize + SHARED_SLACK <= shared_limit:
+            break
+    return warps, stages
+
+
+@functools.cache
+def shared_limit(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on `device` (opted in); elsewhere the least
+    of the GPUs this runtime is for."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", SHARED_MIN)
+    return SHARED_MIN
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
 ) -> torch.Tensor:
@@ -71,11 +103,13 @@ def decode_attention(
     m = torch.empty(H, GP, num_splits, dtype=torch.float32, device=q.device)
     s = torch.empty_like(m)
     acc = torch.empty(H, GP, num_splits, D, dtype=torch.float32, device=q.device)
+    warps, stages = launch_config(D, k.element_size(), shared_limit(q.device))
     _kernels().split[(H, num_splits)](
         q, k, v, length, m, s, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         D**-0.5, G, split,
         GP=GP, D=D, BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
     out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)

@@ -1,0 +1,214 @@
+"""Compile the Triton kernels for a GPU that is not here (ahead of time).
+
+Triton compiles a kernel for a named target without a GPU: through its IRs to PTX,
+and with the `ptxas` it ships to a cubin. The interpreter tests check what the kernels
+compute; this checks what the interpreter cannot, on any machine: that each kernel,
+with the argument types and constants the runtime launches it with, compiles for the
+GPUs this runtime is for, and what it uses there (registers, spills, shared memory).
+
+    launches(fn)              run `fn`, recording the kernel launches it makes instead
+                              of running them (meta tensors do: nothing is computed)
+    compile_launch(l, arch)   compile one recorded launch for an architecture (89: an
+                              RTX 4090, 90: an H100)
+    resources(compiled)       registers, spilled bytes, shared memory of the cubin
+
+`python scripts/kernel_report.py` prints the table for the runtime's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from offload.kernels import decode_attention as attention_kernels
+from offload.kernels import gather as gather_kernels
+
+# Shared memory one block may use (opt-in maximum), by architecture.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MODULES = (attention_kernels, gather_kernels)  # each defines its kernels in `_kernels()`
+
+TYPES = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+    torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1",
+}  # fmt: skip
+
+
+@dataclass
+class Launch:
+    kernel: object  # the triton.JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+class _Recorder:
+    """Stands in for a module's kernel namespace: `kernel[grid](*args)` is recorded."""
+
+    def __init__(self, real: SimpleNamespace, out: list[Launch]):
+        self.real, self.out = real, out
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self.real, name)
+        out = self.out
+
+        class Indexed:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: out.append(Launch(kernel, grid, args, kwargs))
+
+        return Indexed()
+
+
+def launches(fn, arch: int = 89) -> list[Launch]:
+    """The kernel launches `fn()` makes, recorded, not run, configured as for a GPU of
+    compute capability `arch` (its shared memory)."""
+    out: list[Launch] = []
+    saved = {m: m._kernels for m in MODULES}
+    limit = attention_kernels.shared_limit
+    try:
+        for m, real in saved.items():
+            m._kernels = lambda real=real: _Recorder(real(), out)
+        attention_kernels.shared_limit = lambda device: SHARED_LIMIT[arch]
+        fn()
+    finally:
+        for m, real in saved.items():
+            m._kernels = real
+        attention_kernels.shared_limit = limit
+    return out
+
+
+def _specialize(value) -> tuple[str, object, bool]:
+    """(type, constant or None, divisible by 16) of one argument, as Triton's launcher
+    specializes it: an int equal to 1 becomes the constant 1, ints pick 32 or 64 bits."""
+    if isinstance(value, torch.Tensor):
+        aligned = value.storage_offset() * value.element_size() % 16 == 0
+        return "*" + TYPES[value.dtype], None, aligned
+    if isinstance(value, bool):
+        return "i1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"cannot specialize a kernel argument of type {type(value).__name__}")
+
+
+def compile_launch(launch: Launch, arch: int):
+    """The launch's kernel compiled for compute capability `arch` (e.g. 89, 90), with the
+    launch's options (`num_warps`, `num_stages`) where it gives them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernel = launch.kernel
+    if not isinstance(kernel, JITFunction):
+        # TRITON_INTERPRET=1 makes every @triton.jit function, Triton's own helpers too, an
+        # interpreted one that cannot be compiled: this needs a process without it.
+        raise RuntimeError("Triton kernels compile only in a process without TRITON_INTERPRET")
+    options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if i >= len(launch.args):  # a keyword: a constant (`tl.constexpr`)
+            signature[name], constexprs[name] = "constexpr", launch.kwargs[name]
+            continue
+        kind, const, aligned = _specialize(launch.args[i])
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = const
+        elif aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resources(compiled) -> dict:
+    """Registers per thread, stack frame and spilled bytes of a compiled kernel (what the
+    `ptxas` Triton ships reports for its PTX), and its shared memory."""
+    ptx = compiled.asm["ptx"]
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    tool = _ptxas(int(re.search(r"\d+", target).group()))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [tool, "-v", f"--gpu-name={target}", path, "-o", os.path.join(tmp, "kernel.o")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    frame = re.search(
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log
+    )
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+        "stack_bytes": int(frame.group(1)),
+        "spill_bytes": int(frame.group(2)) + int(frame.group(3)),
+        "shared_bytes": compiled.metadata.shared,
+        "num_warps": compiled.metadata.num_warps,
+        "num_stages": compiled.metadata.num_stages,
+    }
+
+
+def _ptxas(arch: int) -> str:
+    """The `ptxas` Triton compiles for `arch` with (one of the two it ships)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):  # another Triton: its one ptxas
+        from triton.backends import nvidia
+
+        return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+
+
+# The models whose shapes the runtime's launches are compiled at: (KV heads, query heads
+# per KV head, head dim), and the context the buffers are sized for.
+SHAPES = {"smollm2-135m": (3, 3, 64, 8192), "llama-3.1-8b": (8, 4, 128, 131072)}
+RETRIEVED = 2048  # tokens per KV head a tiered step gathers (the rtx4090 preset at 128k)
+HIT_SLOTS = 4096  # a step hit cache's slots per KV head
+
+
+def runtime_launches(dtype: torch.dtype, arch: int) -> list[tuple[str, Launch]]:
+    """Every kernel launch of a decode step, at each model's shape and at its longest
+    context, as on a GPU of compute capability `arch`, recorded on meta tensors: (what it
+    is, the launch)."""
+    out = []
+    for model, shape in SHAPES.items():
+        for what, call in _step_calls(*shape, dtype).items():
+            for launch in launches(call, arch):
+                out.append((f"{model}: {what} ({launch.name})", launch))
+    return out
+
+
+def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
+    """The kernel calls of a decode step over meta tensors of the runtime's shapes."""
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q, length = meta(H, G, D), meta(1, dtype=torch.long)
+    kv = meta(2, H, T, D)  # a dense layer's buffer
+    rows = meta(2, H, 4 + 1024 + RETRIEVED, D)  # a tiered step's sink | window | selected
+    C = 64
+    slots = T // C + T // C // 8
+    slab, table = meta(2, H, slots, C, D), meta(slots, dtype=torch.long)
+    ids = meta(H, RETRIEVED, dtype=torch.long)
+    miss = meta(H, RETRIEVED, dtype=torch.bool)
+    cache = meta(2, H, HIT_SLOTS, D)
+    attend = attention_kernels.decode_attention
+    return {
+        "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
+        "decode attention, tiered layer": lambda: attend(q, rows[0], rows[1], length),
+        "gather from the host slab": lambda: gather_kernels.gather_kv(slab, table, ids),
+        "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
+            slab, table, ids, miss, ids, cache
+        ),
+    }
