@@ -1,0 +1,78 @@
+"""A decode step never reads a value back to the host: checked on the CPU.
+
+What CUDA captures as a graph (`DecodeStep._forward`) is run under `HostReads`
+(tests/host_sync.py), for the dense device cache's step and the tiered step with and
+without its hit caches, over enough tokens to cross a hand-over to the store and an
+index update between steps. The CUDA-only test in tests/test_decode_step.py checks
+the same with CUDA's sync debug mode on a GPU.
+"""
+
+import pytest
+import torch
+
+from offload import Runtime
+from offload.backend import Backend
+from offload.generate import prefill
+from tests.conftest import DEVICE
+from tests.host_sync import HostReads
+from tests.test_decode_step import _greedy, _tiered_pair
+
+
+def _watch(step) -> list:
+    """Run each of `step`'s forwards under HostReads; returns what they recorded."""
+    found, forward = [], step._forward
+
+    def watched():
+        with HostReads() as reads:
+            out = forward()
+        found.extend(reads.found)
+        return out
+
+    step._forward = watched
+    return found
+
+
+@pytest.mark.parametrize("hit_factor", [None, 2.0])
+def test_the_tiered_step_reads_nothing_back(tiny_dirs, hit_factor):
+    rt, _, stepped = _tiered_pair(tiny_dirs, hit_factor, index_refresh=16)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    first = prefill(rt.model, stepped, ids, 64)
+    stepped.finish_prefill()
+    found = _watch(stepped.step)
+    _greedy(stepped, rt.model, first, 40)
+    assert stepped.step.plan.steps == 40  # every step fixed-shape
+    assert stepped.store.num_tokens >= 160  # steps ran after a hand-over to the store
+    assert not found, found
+
+
+def test_the_dense_step_reads_nothing_back(tiny_dirs):
+    rt = Runtime.from_pretrained(
+        tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
+    )
+    cache = rt.new_cache()
+    cache.use_step(rt.model, Backend(DEVICE, kernels=False, graphs=False))
+    first = prefill(rt.model, cache, rt.tokenizer.encode("seven quiet stones " * 3), 8)
+    found = _watch(cache.step)
+    _greedy(cache, rt.model, first, 20)
+    assert not found, found
+
+
+def test_host_reads_catches_each_kind():
+    """The watcher itself: each forbidden kind is recorded, a scalar fill is not."""
+    x = torch.arange(6)
+    cases = {
+        "_local_scalar_dense": lambda: int(x[2]),
+        "Tensor.tolist": lambda: x.tolist(),
+        "nonzero": lambda: torch.nonzero(x),
+        "index": lambda: x[x > 2],
+        "lift_fresh": lambda: torch.tensor([1, 2]),
+        "repeat_interleave": lambda: torch.repeat_interleave(x, x),
+    }
+    for name, op in cases.items():
+        with HostReads() as reads:
+            op()
+        assert name in [what for what, _ in reads.found], name
+    with HostReads() as reads:
+        x[1] = 7
+        torch.repeat_interleave(x, x, output_size=21)  # (x is 0, 7, 2, 3, 4, 5)
+    assert reads.found == []
