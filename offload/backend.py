@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.kernels import triton_available
-from offload.kernels.decode_attention import decode_attention, decode_attention_ref
-from offload.kernels.gather import device_view, fetch_into, fetch_into_ref, gather_kv, gather_kv_ref
+from offload.kernels import ops, triton_available
+from offload.kernels.decode_attention import decode_attention_ref
+from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 
 
 @dataclass(frozen=True)
@@ -28,32 +28,38 @@ class Backend:
     # Host memory is not the compute device's: the dense layers of a tiered cache keep a
     # device copy of their KV, and decode steps over it run fixed-shape.
     remote_host: bool = False
+    # The fixed-shape step goes through torch.compile (its elementwise work fused into
+    # fewer kernels) before it is captured.
+    compile: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device | str, graphs: bool = True) -> Backend:
+    def for_device(
+        cls, device: torch.device | str, graphs: bool = True, compile: bool = False
+    ) -> Backend:
         device = torch.device(device)
         cuda = device.type == "cuda"
         kernels = cuda and triton_available()
         steps = cuda and graphs  # eager CUDA decode (graphs off) is the plain path
-        return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, remote_host=cuda)
+        return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, remote_host=cuda,
+                   compile=steps and compile)  # fmt: skip
 
     def decode_attention(self, q, k, v, length) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""
         if self.kernels:
-            return decode_attention(q, k, v, length)
+            return ops.decode_attention(q, k, v, length)
         return decode_attention_ref(q, k, v, length)
 
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""
         if self.kernels:
-            return gather_kv(slab, slot_table, ids)
+            return ops.gather_kv(slab, slot_table, ids)
         return gather_kv_ref(slab, slot_table, ids)
 
     def fetch_into(self, slab, slot_table, ids, rows, dst, cache) -> None:
         """cache[:, h, dst[h, j]] = K/V of ids[h, j] from the host slab, where rows[h, j]
         (a device hit cache's misses: only those rows are read)."""
         if self.kernels:
-            fetch_into(slab, slot_table, ids, rows, dst, cache)
+            ops.fetch_into(slab, slot_table, ids, rows, dst, cache)
         else:
             fetch_into_ref(slab, slot_table, ids, rows, dst, cache)
 

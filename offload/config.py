@@ -88,6 +88,7 @@ class ModelSection:
         "auto"  # auto | dense | int8 | int4 (CPU weight-only kernels; offload/quantize.py)
     )
     cuda_graphs: bool = True  # CUDA: replay each decode step of the device cache as one graph
+    compile_step: bool = False  # CUDA: torch.compile the decode step before capturing it
 
     def __post_init__(self):
         if self.weights not in WEIGHT_MODES:

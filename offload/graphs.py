@@ -66,6 +66,10 @@ class DecodeStep:
     def __init__(self, model, plan: StepPlan, backend: Backend):
         self.model, self.plan, self.backend = model, plan, backend
         self.captures = 0  # how often the step was captured (for tests and stats)
+        # With `backend.compile`, what runs (and is captured) is the step compiled by
+        # torch.compile: recompiled where a shape it reads changes (a buffer grew, the
+        # retrieved count changed), then with that size symbolic, so rarely.
+        self._run = torch.compile(self._forward, dynamic=True) if backend.compile else self._forward
         self._graph = None
         self._key = None
         self._logits = None
@@ -88,7 +92,7 @@ class DecodeStep:
             self._graph.replay()
             logits = self._logits
         else:
-            logits = self._forward()
+            logits = self._run()
         self.plan.finish(num_tokens + 1)
         return logits[-1]
 
@@ -106,8 +110,8 @@ class DecodeStep:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self._forward()
+            for _ in range(WARMUP_RUNS):  # (and, the first time, compiles)
+                self._run()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # "thread_local": only this thread's unsafe calls break the capture. The default,
@@ -115,7 +119,7 @@ class DecodeStep:
         # of this runtime calls CUDA meanwhile: the session warmer pinning a slab, the
         # abstracts reader copying to the device, a spill.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._logits = self._forward()
+            self._logits = self._run()
         self._graph, self._key = graph, key
         self.captures += 1
 

@@ -70,7 +70,9 @@ class Runtime:
             )
         self.config = config
         self.device = device
-        self.backend = Backend.for_device(device, graphs=config.model.cuda_graphs)
+        self.backend = Backend.for_device(
+            device, graphs=config.model.cuda_graphs, compile=config.model.compile_step
+        )
         self._state = KVState(self.new_cache())
         self._stats: dict[str, Any] = {}
         self._last_state = self._state  # whose cache stats() reports

@@ -125,6 +125,7 @@ class TieredPlan:
             self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
         for i in self.sparse:  # (a reallocation shows in the addresses below)
             self.device_index(i, T)
+        self._view_slabs()
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
         slots = max(2 * self.k, math.ceil((self.hit_factor or 0) * self.k))
         for i, hc in self.hit_caches.items():
@@ -243,14 +244,18 @@ class TieredPlan:
         return QuantKeys(L.summary_bits, L.chunk_size, d.codes.data, d.scale.data, d.zero.data)
 
     def slab(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The host slab as the device reads it, and the slot table of in-order chunks."""
-        slab = self.store.host[layer].slab
-        cached = self._views.get(layer)
-        if cached is None or cached[0] != slab.data_ptr():
-            slots = torch.arange(slab.shape[2], device=self.backend.device)
-            cached = (slab.data_ptr(), self.backend.host_view(slab), slots)
-            self._views[layer] = cached
-        return cached[1], cached[2]
+        """The host slab as the device reads it, and the slot table of in-order chunks
+        (made by `prepare`, so the step itself compares no addresses: `torch.compile`
+        would break its graph there)."""
+        return self._views[layer][1:]
+
+    def _view_slabs(self) -> None:
+        for layer in self.sparse:
+            slab = self.store.host[layer].slab
+            cached = self._views.get(layer)
+            if cached is None or cached[0] != slab.data_ptr():
+                slots = torch.arange(slab.shape[2], device=self.backend.device)
+                self._views[layer] = (slab.data_ptr(), self.backend.host_view(slab), slots)
 
 
 class SparseStepLayer:

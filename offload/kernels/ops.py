@@ -1,0 +1,53 @@
+"""The Triton kernels as torch operators (`torch.library.custom_op`), so that
+`torch.compile` keeps each one as a single opaque call in the graph it builds of a
+decode step (offload/graphs.py, `compile_step`) instead of breaking the graph at
+Triton's launcher. Each has a fake implementation that gives only the output's shape.
+
+Eagerly they are the kernels themselves (`Backend` calls these when it uses kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.kernels import decode_attention as attention_kernels
+from offload.kernels import gather as gather_kernels
+
+
+@torch.library.custom_op("offload::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+) -> torch.Tensor:
+    return attention_kernels.decode_attention(q, k, v, length)
+
+
+@decode_attention.register_fake
+def _(q, k, v, length):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("offload::gather_kv", mutates_args=())
+def gather_kv(slab: torch.Tensor, slot_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return gather_kernels.gather_kv(slab, slot_table, ids)
+
+
+@gather_kv.register_fake
+def _(slab, slot_table, ids):
+    return slab.new_empty(2, ids.shape[0], ids.shape[1], slab.shape[-1], device=ids.device)
+
+
+@torch.library.custom_op("offload::fetch_into", mutates_args=("cache",))
+def fetch_into(
+    slab: torch.Tensor,
+    slot_table: torch.Tensor,
+    ids: torch.Tensor,
+    rows: torch.Tensor,
+    dst: torch.Tensor,
+    cache: torch.Tensor,
+) -> None:
+    gather_kernels.fetch_into(slab, slot_table, ids, rows, dst, cache)
+
+
+@fetch_into.register_fake
+def _(slab, slot_table, ids, rows, dst, cache):
+    return None

@@ -1,0 +1,58 @@
+"""The decode step through torch.compile (`model.compile_step`): the same tokens as the
+step it compiles, compiled once however the buffers grow (on a CPU with Inductor's C++
+backend and the step run eagerly; on CUDA with Triton and the graph captured)."""
+
+import pytest
+from torch._dynamo.utils import counters
+
+from offload import Runtime
+from offload.backend import Backend
+from offload.generate import prefill
+from tests.conftest import DEVICE
+from tests.test_decode_step import _greedy, _tiered_pair
+
+CUDA = DEVICE.type == "cuda"
+
+
+def _backend(compile: bool) -> Backend:
+    return Backend(DEVICE, kernels=True, fixed_shape=True, graphs=CUDA, remote_host=True,
+                   compile=compile)  # fmt: skip
+
+
+def _graphs_compiled() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_dense_step_equals_the_step_and_compiles_once(tiny_dirs):
+    rt = Runtime.from_pretrained(
+        tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
+    )
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 3)
+    plain, compiled = rt.new_cache(), rt.new_cache()
+    plain.use_step(rt.model, _backend(False))
+    compiled.use_step(rt.model, _backend(True))
+    logits = [prefill(rt.model, c, ids, 8) for c in (plain, compiled)]
+    before = _graphs_compiled()
+    tokens = [_greedy(c, rt.model, lg, 60) for c, lg in zip((plain, compiled), logits, strict=True)]
+    assert tokens[0] == tokens[1]
+    assert compiled.layers[0].capacity > 2 * len(ids)  # the buffers grew meanwhile
+    assert _graphs_compiled() - before == 1
+
+
+@pytest.mark.parametrize("hit_factor", [None, 2.0])
+def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_factor):
+    """Through hand-overs to the store, index updates and growing buffers; the kernels
+    (as torch operators) inside the compiled graph."""
+    rt, plain, compiled = _tiered_pair(tiny_dirs, hit_factor, index_refresh=16)
+    for cache, compile in ((plain, False), (compiled, True)):
+        cache.mirror_dense_layers(DEVICE)
+        cache.use_step(rt.model, _backend(compile), hit_factor)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    logits = []
+    for c in (plain, compiled):
+        logits.append(prefill(rt.model, c, ids, 64))
+        c.finish_prefill()
+    before = _graphs_compiled()
+    tokens = [_greedy(c, rt.model, lg, 60) for c, lg in zip((plain, compiled), logits, strict=True)]
+    assert tokens[0] == tokens[1] and compiled.step.plan.steps == 60
+    assert _graphs_compiled() - before == 1
