@@ -3,7 +3,8 @@ in one run, on a random-weight Llama-3.1-8B-shaped model; plus the embedded mode
 decode tokens/s on the GPU.
 
     python scripts/bench_gpu.py [--lengths 8192,32768,131072] [--tokens 32]
-        [--systems device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded]
+        [--systems device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded,
+                   device-compiled,offloaded-compiled,embedded-compiled]
         [--shape llama-8b] [--fill-above 32768] [--session-lengths 8192,131072]
         [--session-dir /tmp/offload-bench-session] [--out results/bench_gpu.json]
         [--plot docs/gpu_decode_ms_per_token.png]
@@ -23,6 +24,9 @@ Systems:
                 where "auto" keeps the KV on the device (skipped above the bound, where
                 `offloaded` is this path)
   embedded      the embedded SmolLM2-135M with the default config, an 8k prompt
+  *-compiled    device, offloaded, embedded with `model.compile_step = true`: the step
+                goes through torch.compile before it is captured (the compile falls in
+                the warm-up steps, whose seconds the rows report)
   hf            transformers `generate`, DynamicCache on the GPU
   hf-static     ... StaticCache with its decode step compiled (lengths <= 32k)
   hf-offloaded  ... its offloaded cache (every layer's KV moves every step)
@@ -144,9 +148,11 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
     prefill_s = time.perf_counter() - t
     token = int(logits.argmax())
     with cache.decoding():
-        for _ in range(2):  # warm-up: graph capture, Triton compilation
+        t = time.perf_counter()
+        for _ in range(2):  # warm-up: graph capture, Triton compilation (torch.compile)
             token = int(cache.decode(rt.model, token).argmax())
         sync()
+        warmup_s = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(tokens):
             token = int(cache.decode(rt.model, token).argmax())
@@ -157,6 +163,7 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
     p = plan_for_config(rt.args, length, 0, 0, rt.config)
     out = {
         "decode_ms_per_token": ms,
+        "warmup_seconds": warmup_s,
         "prefill_seconds": None if fill else prefill_s,
         "peak_device_gib": peak_gib(),
         "plan_device_gib": p.tier_total("device") / 2**30,
@@ -237,8 +244,8 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
     return seconds, parts
 
 
-def bench_embedded(tokens: int) -> dict:
-    rt = Runtime.from_pretrained("smollm2")
+def bench_embedded(tokens: int, compile_step: bool = False) -> dict:
+    rt = Runtime.from_pretrained("smollm2", compile_step=compile_step)
     prompt = ("The river carries light over seven quiet stones. " * 800)[:30000]
     ids = rt.tokenizer.encode(prompt)[:8000]
     text = rt.tokenizer.decode(ids)
@@ -296,21 +303,23 @@ def main() -> None:
         console.print(row)
         write_json(console, args.out, results)  # after every row: a crash keeps the rest
 
-    ours = [s for s in ("device", "offloaded", "tiered") if s in systems]
+    ours = [s for s in systems if s.removesuffix("-compiled") in ("device", "offloaded", "tiered")]
     for system in ours:
-        if system == "device":
+        if system.startswith("device"):
             config = RuntimeConfig().replace(mode="full")
         else:
             config = RuntimeConfig.from_toml(OFFLOADED_PRESET)
-            if system == "tiered":
+            if system.startswith("tiered"):
                 config = config.replace(mode="sparse")
+        if system.endswith("-compiled"):
+            config = config.replace(compile_step=True)
         if device_of().type != "cuda":
             config = config.replace(device="cpu", dtype="bfloat16")
         rt = synthetic_runtime(args.shape, max_len, config)
         for n in lengths:
-            if system == "tiered" and n > rt.device_kv_tokens():
+            if system.startswith("tiered") and n > rt.device_kv_tokens():
                 continue
-            fill = system != "device" and n > args.fill_above
+            fill = not system.startswith("device") and n > args.fill_above
             try:
                 record(system, n, bench_ours(rt, n, args.tokens, fill))
             except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
@@ -336,8 +345,8 @@ def main() -> None:
                 shutil.rmtree(path, ignore_errors=True)
         del rt
         reset_peak()
-    if "embedded" in systems:
-        record("embedded", None, bench_embedded(args.tokens * 4))
+    for system in [s for s in systems if s.startswith("embedded")]:
+        record(system, None, bench_embedded(args.tokens * 4, system.endswith("-compiled")))
     for system in [s for s in systems if s in HF_CACHES]:
         model = hf_model(args.shape, max_len)
         for n in lengths:
