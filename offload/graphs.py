@@ -19,6 +19,7 @@ it exists so that tests check its numerics against the ordinary decode path.
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import torch
@@ -92,9 +93,25 @@ class DecodeStep:
             self._graph.replay()
             logits = self._logits
         else:
-            logits = self._run()
+            logits = self._compute()
         self.plan.finish(num_tokens + 1)
         return logits[-1]
+
+    def _compute(self) -> torch.Tensor:
+        """The step: compiled where asked, and where compiling fails, as written (with a
+        warning) rather than not at all."""
+        try:
+            return self._run()
+        except torch._dynamo.exc.TorchDynamoException as e:
+            if self._run == self._forward:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(
+                f"torch.compile of the decode step failed, decoding without it: {first}",
+                stacklevel=2,
+            )
+            self._run = self._forward
+            return self._run()
 
     def _forward(self) -> torch.Tensor:
         self.plan.derive(self.plan.pos)
@@ -111,7 +128,7 @@ class DecodeStep:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # (and, the first time, compiles)
-                self._run()
+                self._compute()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # "thread_local": only this thread's unsafe calls break the capture. The default,

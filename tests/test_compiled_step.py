@@ -3,6 +3,7 @@ step it compiles, compiled once however the buffers grow (on a CPU with Inductor
 backend and the step run eagerly; on CUDA with Triton and the graph captured)."""
 
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 from offload import Runtime
@@ -56,3 +57,24 @@ def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_f
     tokens = [_greedy(c, rt.model, lg, 60) for c, lg in zip((plain, compiled), logits, strict=True)]
     assert tokens[0] == tokens[1] and compiled.step.plan.steps == 60
     assert _graphs_compiled() - before == 1
+
+
+def test_a_step_that_fails_to_compile_decodes_as_written(tiny_dirs):
+    """A compiler that fails (here a backend that raises) costs a warning, not the decode."""
+    rt = Runtime.from_pretrained(
+        tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
+    )
+    ids = rt.tokenizer.encode("seven quiet stones over the river")
+    plain, broken = rt.new_cache(), rt.new_cache()
+    for c in (plain, broken):
+        c.use_step(rt.model, _backend(False))
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("no compiler here")
+
+    step = broken.step
+    step._run = torch.compile(step._forward, backend=no_compiler)
+    logits = [prefill(rt.model, c, ids, 8) for c in (plain, broken)]
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        tokens = [_greedy(c, rt.model, lg, 8) for c, lg in zip((plain, broken), logits, strict=True)]
+    assert tokens[0] == tokens[1] and step._run == step._forward
