@@ -76,5 +76,7 @@ def test_a_step_that_fails_to_compile_decodes_as_written(tiny_dirs):
     step._run = torch.compile(step._forward, backend=no_compiler)
     logits = [prefill(rt.model, c, ids, 8) for c in (plain, broken)]
     with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
-        tokens = [_greedy(c, rt.model, lg, 8) for c, lg in zip((plain, broken), logits, strict=True)]
+        tokens = [
+            _greedy(c, rt.model, lg, 8) for c, lg in zip((plain, broken), logits, strict=True)
+        ]
     assert tokens[0] == tokens[1] and step._run == step._forward
