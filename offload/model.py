@@ -246,14 +246,21 @@ class Transformer(nn.Module):
         return self.output(self.norm(x)).float()
 
     @torch.no_grad()
-    def forward_at(self, tokens: torch.Tensor, positions: torch.Tensor, layers) -> torch.Tensor:
+    def forward_at(
+        self, tokens: torch.Tensor, positions: torch.Tensor, layers, run_block=None
+    ) -> torch.Tensor:
         """The fixed-shape forward of a decode step: tokens and positions `[S]` are device
         tensors and `layers` are cache layers that read them there, so nothing here waits
         on the host and a CUDA graph can capture it. The RoPE table must already cover
-        the positions (`rope_table`). Returns float32 logits `[S, vocab]`."""
+        the positions (`rope_table`). Returns float32 logits `[S, vocab]`. `run_block(block,
+        x, cos, sin, cache_layer)` runs each block where given (a compiled one)."""
         cos_table, sin_table = self._rope_cache
         cos, sin = cos_table.index_select(0, positions), sin_table.index_select(0, positions)
         x = self.tok_embeddings(tokens)
         for block, cache_layer in zip(self.layers, layers, strict=True):
-            x = block(x, cos, sin, cache_layer)
+            x = (
+                block(x, cos, sin, cache_layer)
+                if run_block is None
+                else run_block(block, x, cos, sin, cache_layer)
+            )
         return self.output(self.norm(x)).float()
