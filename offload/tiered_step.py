@@ -125,7 +125,7 @@ class TieredPlan:
             self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
         for i in self.sparse:  # (a reallocation shows in the addresses below)
             self.device_index(i, T)
-        self._view_slabs()
+        self._refresh_layers()
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
         slots = max(2 * self.k, math.ceil((self.hit_factor or 0) * self.k))
         for i, hc in self.hit_caches.items():
@@ -243,44 +243,49 @@ class TieredPlan:
         d, L = self.store.dev[layer], self.layout
         return QuantKeys(L.summary_bits, L.chunk_size, d.codes.data, d.scale.data, d.zero.data)
 
-    def slab(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The host slab as the device reads it, and the slot table of in-order chunks
-        (made by `prepare`, so the step itself compares no addresses: `torch.compile`
-        would break its graph there)."""
-        return self._views[layer][1:]
-
-    def _view_slabs(self) -> None:
+    def _refresh_layers(self) -> None:
+        """Hand each sparse step layer what its step reads (see `SparseStepLayer.take`),
+        with the host slab as the device reads it, viewed again when it moved."""
         for layer in self.sparse:
             slab = self.store.host[layer].slab
             cached = self._views.get(layer)
             if cached is None or cached[0] != slab.data_ptr():
                 slots = torch.arange(slab.shape[2], device=self.backend.device)
-                self._views[layer] = (slab.data_ptr(), self.backend.host_view(slab), slots)
+                self._views[layer] = cached = (slab.data_ptr(), self.backend.host_view(slab), slots)
+            self.layers[layer].take(self.summaries(layer), *cached[1:])
 
 
 class SparseStepLayer:
-    """A sparse tiered layer inside the fixed-shape step (see the module docstring)."""
+    """A sparse tiered layer inside the fixed-shape step (see the module docstring).
+
+    The step reads only this object's attributes, which `TieredPlan.prepare` sets
+    (`take`), never a table by layer number: compiled (`model.compile_step`), a lookup by
+    number would make each layer's block a compile of its own."""
 
     def __init__(self, plan: TieredPlan, layer: int):
         self.plan, self.layer = plan, layer
+        self.index = plan.indexes[layer]
+        self.hit_cache = plan.hit_caches.get(layer)
+        self.dev = self.summaries = self.slab = self.slots = None
+
+    def take(self, summaries: QuantKeys, slab: torch.Tensor, slots: torch.Tensor) -> None:
+        self.dev = self.plan.store.dev[self.layer]
+        self.summaries, self.slab, self.slots = summaries, slab, slots
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        ring = self.plan.store.dev[self.layer].ring  # [2, H, window, D]
+        ring = self.dev.ring  # [2, H, window, D]
         ring[0].index_copy_(1, self.plan.ring_slot, k)  # k, v: [H, 1, D]
         ring[1].index_copy_(1, self.plan.ring_slot, v)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
-        plan, layer = self.plan, self.layer
+        plan, dev = self.plan, self.dev
         Hq, _, D = q.shape
-        dev = plan.store.dev[layer]
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
-        ids = plan.indexes[layer].select(  # best first; sparse steps run past the sink
-            qg, plan.summaries(layer), plan.sel.sink, plan.hi, plan.k, plan.num_candidates,
-            plan.k_valid,
-        )  # fmt: skip
-        slab, slots = plan.slab(layer)
-        hc = plan.hit_caches.get(layer)
+        ids = self.index.select(  # best first; sparse steps run past the sink
+            qg, self.summaries, plan.sel.sink, plan.hi, plan.k, plan.num_candidates, plan.k_valid
+        )
+        slab, slots, hc = self.slab, self.slots, self.hit_cache
         if hc is None:
             chosen = plan.backend.gather_kv(slab, slots, ids)  # [2, H, k, D]
         else:  # only the misses cross PCIe
