@@ -87,6 +87,7 @@ class TieredPlan:
         } if hit_factor else {}  # fmt: skip
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._key: tuple | None = None  # what the layers were last handed for
         self.layers = [
             cache.layers[i].mirror.step_layer(self.pos, self.length, backend)
             if i in self.dense
@@ -125,12 +126,15 @@ class TieredPlan:
             self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
         for i in self.sparse:  # (a reallocation shows in the addresses below)
             self.device_index(i, T)
-        self._refresh_layers()
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
         slots = max(2 * self.k, math.ceil((self.hit_factor or 0) * self.k))
         for i, hc in self.hit_caches.items():
             hc.reserve(slots, self.indexes[i].token_capacity)
-        return (self.k, self.num_candidates, *self._addresses())
+        key = (self.k, self.num_candidates, *self._addresses())
+        if key != self._key:  # a buffer moved: the layers' views of them too
+            self._refresh_layers()
+            self._key = key
+        return key
 
     def _addresses(self) -> tuple:
         """Every buffer address a captured step reads: it is captured again when one moves."""
