@@ -23,7 +23,7 @@ def decode_attention(
 
 @decode_attention.register_fake
 def _(q, k, v, length):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # (contiguous, as the kernel's output)
 
 
 @torch.library.custom_op("offload::gather_kv", mutates_args=())
