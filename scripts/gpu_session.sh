@@ -7,7 +7,7 @@
 #   bash scripts/gpu_session.sh [pytest-seconds] [bench-seconds]
 #
 # A lent GPU has 15 minutes of device time in all (its start and the call that carries
-# the first model half included): the defaults, 240 + 25 + 190 + 80 + 40 s, fit one call
+# the first model half included): the defaults, 240 + 25 + 180 + 90 + 40 s, fit one call
 # (at most 600 s). The fourth part times the decode step through torch.compile
 # (`model.compile_step`) beside the captured step of the third.
 set -uo pipefail
@@ -18,11 +18,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 timeout "${1:-240}" python -m pytest -q --maxfail=30 -rfEs --durations=15 tests 2>&1 | tee "$out/pytest.txt" | tail -60
 timeout 25 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
-timeout "${2:-190}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
+timeout "${2:-180}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
   --systems embedded,device,offloaded,tiered,session --fill-above 131072 \
   --session-lengths 8192,131072 --out "$out/bench_gpu.json" \
   --plot "$out/gpu_decode_ms_per_token.png" 2>&1 | tail -40
-timeout 80 python scripts/bench_gpu.py --lengths 8192 --tokens 16 \
+timeout 90 python scripts/bench_gpu.py --lengths 8192 --tokens 16 \
   --systems embedded-compiled,device-compiled --out "$out/bench_gpu_compiled.json" \
   --plot "$out/gpu_compiled.png" 2>&1 | tail -20
 timeout 40 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -20
