@@ -67,11 +67,9 @@ class DecodeStep:
     def __init__(self, model, plan: StepPlan, backend: Backend):
         self.model, self.plan, self.backend = model, plan, backend
         self.captures = 0  # how often the step was captured (for tests and stats)
-        # With `backend.compile`, what runs (and is captured) is the step compiled by
-        # torch.compile: recompiled where a shape it reads changes (a buffer grew, the
-        # retrieved count changed), then with that size symbolic, so rarely.
+        # With `backend.compile`, each block runs (and is captured) compiled by
+        # torch.compile (`compiled_block`).
         self._block = compiled_block() if backend.compile else None
-        self._run = self._forward
         self._graph = None
         self._key = None
         self._logits = None
@@ -102,17 +100,17 @@ class DecodeStep:
         """The step: compiled where asked, and where compiling fails, as written (with a
         warning) rather than not at all."""
         try:
-            return self._run()
+            return self._forward()
         except torch._dynamo.exc.TorchDynamoException as e:
-            if self._run == self._forward:
+            if self._block is None:
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             warnings.warn(
                 f"torch.compile of the decode step failed, decoding without it: {first}",
                 stacklevel=2,
             )
-            self._run = self._forward
-            return self._run()
+            self._block = None
+            return self._forward()
 
     def _forward(self) -> torch.Tensor:
         self.plan.derive(self.plan.pos)
@@ -137,7 +135,7 @@ class DecodeStep:
         # of this runtime calls CUDA meanwhile: the session warmer pinning a slab, the
         # abstracts reader copying to the device, a spill.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._logits = self._run()
+            self._logits = self._forward()
         self._graph, self._key = graph, key
         self.captures += 1
 

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from offload import Runtime
 from offload.backend import Backend
 from offload.generate import prefill
+from offload.graphs import run_block
 from tests.conftest import DEVICE
 from tests.test_decode_step import _greedy, _tiered_pair
 
@@ -82,10 +83,10 @@ def test_a_step_that_fails_to_compile_decodes_as_written(tiny_dirs):
         raise RuntimeError("no compiler here")
 
     step = broken.step
-    step._run = torch.compile(step._forward, backend=no_compiler)
+    step._block = torch.compile(run_block, backend=no_compiler)  # as `compile_step` would
     logits = [prefill(rt.model, c, ids, 8) for c in (plain, broken)]
     with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
         tokens = [
             _greedy(c, rt.model, lg, 8) for c, lg in zip((plain, broken), logits, strict=True)
         ]
-    assert tokens[0] == tokens[1] and step._run == step._forward
+    assert tokens[0] == tokens[1] and step._block is None
