@@ -12,7 +12,7 @@ from offload import Runtime
 from offload.backend import Backend
 from offload.generate import prefill
 from offload.graphs import run_block
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, cuda_only
 from tests.test_decode_step import _greedy, _tiered_pair
 
 CUDA = DEVICE.type == "cuda"
@@ -90,3 +90,19 @@ def test_a_step_that_fails_to_compile_decodes_as_written(tiny_dirs):
             _greedy(c, rt.model, lg, 8) for c, lg in zip((plain, broken), logits, strict=True)
         ]
     assert tokens[0] == tokens[1] and step._block is None
+
+
+@cuda_only
+def test_compiled_step_replays_without_host_syncs(tiny_dirs):
+    from tests.test_decode_step import _decode_without_syncs
+
+    rt = Runtime.from_pretrained(
+        tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", compile_step=True
+    )
+    cache = rt.new_cache()
+    assert cache.step is not None and cache.step._block is not None
+    logits = prefill(rt.model, cache, rt.tokenizer.encode("seven quiet stones " * 3), 8)
+    _greedy(cache, rt.model, logits, 4)  # compiled and captured
+    captures = cache.step.captures
+    _decode_without_syncs(cache, rt.model, (3, 4, 5))
+    assert cache.step.captures == captures and cache.step._block is not None
