@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from offload.kernels import decode_attention as attention_kernels
+from offload.kernels import gather as gather_kernels
 from offload.kernels import ops, triton_available
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
@@ -29,8 +31,18 @@ class Backend:
     # device copy of their KV, and decode steps over it run fixed-shape.
     remote_host: bool = False
     # The fixed-shape step goes through torch.compile (its elementwise work fused into
-    # fewer kernels) before it is captured.
+    # fewer kernels) before it is captured; the kernels are then called as torch
+    # operators (offload/kernels/ops.py), which torch.compile keeps whole. Only then:
+    # an operator call costs about 90 us more from Python on this CPU.
     compile: bool = False
+
+    @property
+    def _attention(self):
+        return ops if self.compile else attention_kernels
+
+    @property
+    def _gather(self):
+        return ops if self.compile else gather_kernels
 
     @classmethod
     def for_device(
@@ -46,20 +58,20 @@ class Backend:
     def decode_attention(self, q, k, v, length) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""
         if self.kernels:
-            return ops.decode_attention(q, k, v, length)
+            return self._attention.decode_attention(q, k, v, length)
         return decode_attention_ref(q, k, v, length)
 
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""
         if self.kernels:
-            return ops.gather_kv(slab, slot_table, ids)
+            return self._gather.gather_kv(slab, slot_table, ids)
         return gather_kv_ref(slab, slot_table, ids)
 
     def fetch_into(self, slab, slot_table, ids, rows, dst, cache) -> None:
         """cache[:, h, dst[h, j]] = K/V of ids[h, j] from the host slab, where rows[h, j]
         (a device hit cache's misses: only those rows are read)."""
         if self.kernels:
-            ops.fetch_into(slab, slot_table, ids, rows, dst, cache)
+            self._gather.fetch_into(slab, slot_table, ids, rows, dst, cache)
         else:
             fetch_into_ref(slab, slot_table, ids, rows, dst, cache)
 

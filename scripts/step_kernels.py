@@ -74,8 +74,9 @@ def compiled_counts(step) -> dict:
 
 def measure(rt, tiered: bool, hit_factor: float | None) -> dict:
     cache = rt.new_cache()
-    # the kernels as operators: the eager count then sees each as one launch
-    backend = Backend(rt.device, kernels=True, fixed_shape=True, remote_host=True)
+    # the kernels as operators, as the compiled step calls them: the eager count then sees
+    # each as one launch
+    backend = Backend(rt.device, kernels=True, fixed_shape=True, remote_host=True, compile=True)
     if tiered:
         cache.mirror_dense_layers(rt.device)
     gen = torch.Generator().manual_seed(0)
@@ -83,6 +84,7 @@ def measure(rt, tiered: bool, hit_factor: float | None) -> dict:
     logits = prefill(rt.model, cache, ids, 256)
     cache.finish_prefill()
     cache.use_step(rt.model, backend, hit_factor)
+    cache.step._block = None  # the blocks as written: counted, then compiled whole below
     token = int(logits.argmax())
     for _ in range(3):
         token = int(cache.decode(rt.model, token).argmax())

@@ -3,7 +3,9 @@
 decode step (offload/graphs.py, `compile_step`) instead of breaking the graph at
 Triton's launcher. Each has a fake implementation that gives only the output's shape.
 
-Eagerly they are the kernels themselves (`Backend` calls these when it uses kernels).
+`Backend` calls these only where the step is compiled: an operator call costs about
+90 us more from Python than the kernel's own launcher (this CPU), which the eager paths
+would pay at every layer.
 """
 
 from __future__ import annotations
