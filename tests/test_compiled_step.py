@@ -76,8 +76,8 @@ def test_a_step_that_fails_to_compile_decodes_as_written(tiny_dirs):
     )
     ids = rt.tokenizer.encode("seven quiet stones over the river")
     plain, broken = rt.new_cache(), rt.new_cache()
-    for c in (plain, broken):
-        c.use_step(rt.model, _backend(False))
+    plain.use_step(rt.model, _backend(False))
+    broken.use_step(rt.model, _backend(True))
 
     def no_compiler(graph, inputs):
         raise RuntimeError("no compiler here")
