@@ -158,6 +158,7 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
             token = int(cache.decode(rt.model, token).argmax())
         sync()
         ms = 1000 * (time.perf_counter() - t) / tokens
+        kernels = step_kernels(cache, rt.model, token)
     # what `offload plan` predicts for this context with this config (decode; the
     # layer-by-layer prefill's peak), beside the measured peak
     p = plan_for_config(rt.args, length, 0, 0, rt.config)
@@ -171,9 +172,31 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         "captures": cache.step.captures if cache.step is not None else 0,
         "kv": "device" if cache.store is None else "tiers",
         "kv_filled": fill,
+        **kernels,
     }
     cache.close()
     return out
+
+
+def step_kernels(cache, model, token: int, steps: int = 4) -> dict:
+    """GPU kernels per decode step and their summed GPU time, from the profiler over a
+    few steps: many kernels whose time is small against the step's means the step is
+    bound by their count, not by memory (docs/gpu.md, "What a step launches"). (Where
+    the profiler records a graph replay as one event, the count says so: about one.)"""
+    if device_of().type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                token = int(cache.decode(model, token).argmax())
+            sync()
+    except RuntimeError as e:  # no CUPTI: the figures are missing, the row is not
+        return {"kernels_error": str(e).splitlines()[0][:200]}
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "emcpy" not in e.name]
+    return {"kernels_per_step": len(kernels) / steps,
+            "kernel_ms_per_step": sum(e.device_time for e in kernels) / 1000 / steps}  # fmt: skip
 
 
 def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
