@@ -16,9 +16,11 @@ import torch
 
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
+from offload.kernels import hit_cache as hit_kernels
 from offload.kernels import ops, triton_available
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
+from offload.kernels.hit_cache import assign_ref, stamp_ref
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,9 @@ class Backend:
     # an operator call costs about 90 us more from Python on this CPU.
     compile: bool = False
 
-    @property
-    def _attention(self):
-        return ops if self.compile else attention_kernels
-
-    @property
-    def _gather(self):
-        return ops if self.compile else gather_kernels
+    def _kernel(self, module):
+        """Where a kernel is called from: its module, or its operator when compiled."""
+        return ops if self.compile else module
 
     @classmethod
     def for_device(
@@ -58,22 +56,37 @@ class Backend:
     def decode_attention(self, q, k, v, length) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""
         if self.kernels:
-            return self._attention.decode_attention(q, k, v, length)
+            return self._kernel(attention_kernels).decode_attention(q, k, v, length)
         return decode_attention_ref(q, k, v, length)
 
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""
         if self.kernels:
-            return self._gather.gather_kv(slab, slot_table, ids)
+            return self._kernel(gather_kernels).gather_kv(slab, slot_table, ids)
         return gather_kv_ref(slab, slot_table, ids)
 
     def fetch_into(self, slab, slot_table, ids, rows, dst, cache) -> None:
         """cache[:, h, dst[h, j]] = K/V of ids[h, j] from the host slab, where rows[h, j]
         (a device hit cache's misses: only those rows are read)."""
         if self.kernels:
-            self._gather.fetch_into(slab, slot_table, ids, rows, dst, cache)
+            self._kernel(gather_kernels).fetch_into(slab, slot_table, ids, rows, dst, cache)
         else:
             fetch_into_ref(slab, slot_table, ids, rows, dst, cache)
+
+    def hit_stamp(self, ids, slot_of, used, clock) -> torch.Tensor:
+        """A step hit cache's slots [H, k] of ids [H, k] (-1: not cached); the slots hit
+        are stamped with the clock (offload/kernels/hit_cache.py)."""
+        if self.kernels:
+            return self._kernel(hit_kernels).stamp(ids, slot_of, used, clock)
+        return stamp_ref(ids, slot_of, used, clock)
+
+    def hit_assign(self, ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts):
+        """The misses of a step hit cache's lookup given their victims' slots: its tables
+        updated -> (to, miss, rows) [H, k] (offload/kernels/hit_cache.py)."""
+        args = (ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts)
+        if self.kernels:
+            return self._kernel(hit_kernels).assign(*args)
+        return assign_ref(*args)
 
     def host_view(self, t: torch.Tensor) -> torch.Tensor:
         """The host tensor `t` as the compute device reads it: on CUDA a view of the pinned

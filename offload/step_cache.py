@@ -20,8 +20,10 @@ A step (`lookup`), per KV head, for the selected ids [H, k] (the first `k_valid`
 A slot a hit stamped in this step is never a victim (its clock is the newest, and
 a head has at most k - hits misses for M - hits >= k - hits other slots). Writes
 that must not land anywhere go to the scratch column or slot, so no step needs a
-data-dependent shape. Rows past `k_valid` are neither fetched nor stamped: they
-read whatever their slot holds and attention cuts them off by length.
+data-dependent shape. Rows past `k_valid` are not fetched (a hit among them is
+stamped all the same): they read whatever their slot holds and attention cuts them
+off by length. The bookkeeping is two kernels and a `topk` on CUDA
+(offload/kernels/hit_cache.py), their torch references elsewhere.
 
 Tokens keep their ids while they are cached: the host slab row of a token never
 changes until a truncation, and `truncate` forgets the tokens past it.
@@ -45,6 +47,7 @@ class StepHitCache:
         self.slot_of = torch.full((num_heads, 1), -1, dtype=torch.int32, device=device)
         self.clock = torch.zeros(1, dtype=torch.long, device=device)
         self.counts = counts
+        self._heads = torch.arange(num_heads, device=device)[:, None]
 
     @property
     def slots(self) -> int:
@@ -88,29 +91,15 @@ class StepHitCache:
         """K/V [2, H, k, D] of the tokens ids [H, k] (see the module docstring); the
         misses among the first k_valid rows are read from `slab` (`Backend.host_view`)."""
         H, k = ids.shape
-        M, T_cap = self.slots, self.token_capacity
-        assert k <= M, f"a hit cache of {M} slots cannot serve {k} tokens"
+        assert k <= self.slots, f"a hit cache of {self.slots} slots cannot serve {k} tokens"
         self.clock.add_(1)
-        now = self.clock.expand(H, k)
-        slots = self.slot_of.gather(1, ids).long()  # [H, k]
-        hit = slots >= 0
-        used_row = torch.arange(k, device=ids.device)[None, :] < k_valid  # [1, k]
-        self.used.scatter_(1, torch.where(hit, slots, M), now)
-        miss = ~hit & used_row
-        victims = torch.topk(self.used[:, :M], k, dim=1, largest=False).indices  # oldest first
-        rank = (miss.cumsum(1) - 1).clamp_min(0)
-        to = torch.where(miss, victims.gather(1, rank), M)  # misses' slots; else scratch
-        old = self.token_of.gather(1, to)
-        self.slot_of.scatter_(1, torch.where(miss & (old >= 0), old, T_cap), -1)
-        self.slot_of.scatter_(1, torch.where(miss, ids, T_cap), to.int())
-        self.token_of.scatter_(1, to, torch.where(miss, ids, -1))
-        self.used.scatter_(1, to, now)
+        slots = backend.hit_stamp(ids, self.slot_of, self.used, self.clock)
+        # (stamped first: a slot hit in this step is never a victim)
+        victims = torch.topk(self.used[:, : self.slots], k, dim=1, largest=False).indices
+        to, miss, rows = backend.hit_assign(ids, slots, victims, k_valid, self.slot_of,
+                                            self.token_of, self.used, self.clock, self.counts)  # fmt: skip
         backend.fetch_into(slab, slot_table, ids, miss, to, self.kv)
-        self.counts[0] += used_row.sum() * H
-        self.counts[1] += (hit & used_row).sum()
-        rows = torch.where(miss, to, torch.where(hit, slots, M))
-        heads = torch.arange(H, device=ids.device)[:, None]
-        return self.kv[:, heads, rows]
+        return self.kv[:, self._heads, rows]
 
     def truncate(self, num_tokens: int) -> None:
         """Forget the tokens from `num_tokens` on (their ids will name other tokens)."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from offload.backend import Backend
+from offload.kernels import hit_cache
 from offload.kernels.gather import fetch_into, fetch_into_ref
 from offload.step_cache import StepHitCache
 from tests.conftest import DEVICE
@@ -117,3 +118,45 @@ def test_growing_the_token_capacity_keeps_what_is_cached():
     hc.reserve(8, 8 * C)
     _lookup(hc, slab, [[3, 100], [1, 2]])
     assert counts.tolist() == [8, 3]
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_bookkeeping_kernels_match_their_torch_references(block, monkeypatch):
+    """The two kernels of a lookup (stamp, assign) against the torch code they replace:
+    the same tables, counts, slots fetched and output rows, step after step, with
+    evictions, partial k_valid and truncations (distinct ids per head: with repeated ones
+    which of a token's slots `slot_of` names is unspecified). Blocks of 4 ids: several
+    programs of `stamp`, several iterations of `assign` (its running count of misses)."""
+    if block:
+        monkeypatch.setattr(hit_cache, "BLOCK_STAMP", block)
+        monkeypatch.setattr(hit_cache, "BLOCK_ASSIGN", block)
+    gen = torch.Generator().manual_seed(5)
+    slab = _slab(seed=5)
+    T, k = 8 * C, 12
+    caches = {kernels: _cache(M=20) for kernels in (False, True)}
+    for step in range(30):
+        ids = torch.stack([torch.randperm(T // 2, generator=gen)[:k] for _ in range(H)])
+        ids = ids.to(DEVICE) + (T // 2 if step % 3 == 0 else 0)  # some steps all misses
+        k_valid = torch.tensor([int(torch.randint(1, k + 1, (1,), generator=gen))], device=DEVICE)
+        out = {}
+        for kernels, (hc, counts) in caches.items():
+            backend = Backend(DEVICE, kernels=kernels)
+            fetched = []
+            real = backend.fetch_into
+
+            def spy(*a, real=real, fetched=fetched):
+                fetched.append((a[3].clone(), torch.where(a[3], a[4], -1)))
+                real(*a)
+
+            object.__setattr__(backend, "fetch_into", spy)
+            kv = hc.lookup(ids, k_valid, slab, torch.arange(8, device=DEVICE), backend)
+            M, T_cap = hc.slots, hc.token_capacity
+            out[kernels] = (kv, hc.slot_of[:, :T_cap], hc.token_of[:, :M], hc.used[:, :M],
+                            counts, *fetched[0])  # fmt: skip
+        for a, b in zip(out[False], out[True], strict=True):
+            assert torch.equal(a, b), step
+        if step % 10 == 7:
+            n = int(torch.randint(0, T, (1,), generator=gen))
+            for hc, _ in caches.values():
+                hc.truncate(n)
+    assert 0 < int(caches[True][1][1]) < int(caches[True][1][0])  # hits and misses

@@ -28,10 +28,15 @@ import torch
 
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
+from offload.kernels import hit_cache as hit_kernels
 
 # Shared memory one block may use (opt-in maximum), by architecture.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-MODULES = (attention_kernels, gather_kernels)  # each defines its kernels in `_kernels()`
+MODULES = (
+    attention_kernels,
+    gather_kernels,
+    hit_kernels,
+)  # each defines its kernels in `_kernels()`
 
 TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -203,6 +208,13 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
     ids = meta(H, RETRIEVED, dtype=torch.long)
     miss = meta(H, RETRIEVED, dtype=torch.bool)
     cache = meta(2, H, HIT_SLOTS, D)
+    slot_of = meta(H, T + 1, dtype=torch.int32)
+    token_of, used = (
+        meta(H, HIT_SLOTS + 1, dtype=torch.long),
+        meta(H, HIT_SLOTS + 1, dtype=torch.long),
+    )
+    clock, counts = meta(1, dtype=torch.long), meta(2, dtype=torch.long)
+    hit_slots = meta(H, RETRIEVED, dtype=torch.int32)
     attend = attention_kernels.decode_attention
     return {
         "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
@@ -210,5 +222,9 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "gather from the host slab": lambda: gather_kernels.gather_kv(slab, table, ids),
         "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
             slab, table, ids, miss, ids, cache
+        ),
+        "hit cache: stamp the hits": lambda: hit_kernels.stamp(ids, slot_of, used, clock),
+        "hit cache: assign the misses": lambda: hit_kernels.assign(
+            ids, hit_slots, ids, length, slot_of, token_of, used, clock, counts
         ),
     }

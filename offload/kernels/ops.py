@@ -14,6 +14,7 @@ import torch
 
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
+from offload.kernels import hit_cache as hit_kernels
 
 
 @torch.library.custom_op("offload::decode_attention", mutates_args=())
@@ -53,3 +54,39 @@ def fetch_into(
 @fetch_into.register_fake
 def _(slab, slot_table, ids, rows, dst, cache):
     return None
+
+
+@torch.library.custom_op("offload::stamp", mutates_args=("used",))
+def stamp(
+    ids: torch.Tensor, slot_of: torch.Tensor, used: torch.Tensor, clock: torch.Tensor
+) -> torch.Tensor:
+    return hit_kernels.stamp(ids, slot_of, used, clock)
+
+
+@stamp.register_fake
+def _(ids, slot_of, used, clock):
+    return ids.new_empty(ids.shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("offload::assign", mutates_args=("slot_of", "token_of", "used", "counts"))
+def assign(
+    ids: torch.Tensor,
+    slots: torch.Tensor,
+    victims: torch.Tensor,
+    k_valid: torch.Tensor,
+    slot_of: torch.Tensor,
+    token_of: torch.Tensor,
+    used: torch.Tensor,
+    clock: torch.Tensor,
+    counts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hit_kernels.assign(ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts)
+
+
+@assign.register_fake
+def _(ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts):
+    return (
+        ids.new_empty(ids.shape),
+        ids.new_empty(ids.shape, dtype=torch.bool),
+        ids.new_empty(ids.shape),
+    )
