@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
@@ -21,6 +22,7 @@ from offload.kernels import ops, triton_available
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import assign_ref, stamp_ref
+from storage.quant import QuantKeys, score_candidates
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,16 @@ class Backend:
             self._kernel(gather_kernels).fetch_into(slab, slot_table, ids, rows, dst, cache)
         else:
             fetch_into_ref(slab, slot_table, ids, rows, dst, cache)
+
+    def score_candidates(
+        self, q, summaries: QuantKeys, ids, count, sm_scale: float
+    ) -> torch.Tensor:
+        """Logits [H, R, N] of rows q [H, R, D] against the low-bit keys of candidates ids
+        [H, N], -inf past count[h] (`storage.quant.score_candidates`)."""
+        if self.kernels:
+            op = self._kernel(candidate_kernels)
+            return op.score_candidates(q, summaries, ids, count, sm_scale)
+        return score_candidates(q, summaries, ids, count, sm_scale)
 
     def hit_stamp(self, ids, slot_of, used, clock) -> torch.Tensor:
         """A step hit cache's slots [H, k] of ids [H, k] (-1: not cached); the slots hit

@@ -287,7 +287,14 @@ class SparseStepLayer:
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
         ids = self.index.select(  # best first; sparse steps run past the sink
-            qg, self.summaries, plan.sel.sink, plan.hi, plan.k, plan.num_candidates, plan.k_valid
+            qg,
+            self.summaries,
+            plan.sel.sink,
+            plan.hi,
+            plan.k,
+            plan.num_candidates,
+            plan.k_valid,
+            score=plan.backend.score_candidates,
         )
         slab, slots, hc = self.slab, self.slots, self.hit_cache
         if hc is None:

@@ -25,7 +25,7 @@ import torch
 
 from retrieval.base import exact_logits, row_max, row_softmax_sum
 from retrieval.cluster import ClusterIndex
-from storage.quant import QuantKeys, keys_at, score_dequantized
+from storage.quant import QuantKeys, score_candidates
 
 CANDIDATE_PAD = 256  # candidate slots are rounded up to this many (fewer recaptures)
 CLUSTER_GROWTH = 1.25  # the centroid buffers grow by this factor (they are 1 GiB at 128k
@@ -111,6 +111,7 @@ class DeviceClusterIndex:
         k: int,
         num_candidates: int,
         k_valid: torch.Tensor | None = None,
+        score=score_candidates,
     ) -> torch.Tensor:
         """q [H, G, D] (a decode step; or [H, R, D], a prefill chunk's query rows), hi a
         device tensor [1] -> token ids [H, k] in [lo, hi), best first
@@ -121,7 +122,8 @@ class DeviceClusterIndex:
         indexed; reranked by their low-bit keys (sum of softmax), top-k. With `k_valid`
         (a device tensor <= k) the candidates are those of k_valid and the first
         k_valid ids are `ClusterIndex.select(..., k_valid)`'s: a caller with a fixed
-        number of slots uses only those."""
+        number of slots uses only those. `score` computes the rerank's logits
+        (`storage.quant.score_candidates`; on CUDA `Backend.score_candidates`, a kernel)."""
         H, T_cap = self.H, self.token_capacity
         N = num_candidates
         want = self.factor * (k if k_valid is None else k_valid)
@@ -141,16 +143,11 @@ class DeviceClusterIndex:
         ids = torch.full((H, N + 1), lo, dtype=torch.long, device=q.device)
         ids.scatter_(1, column, t.expand(H, T_cap))
         ids = ids[:, :N]
-        valid = torch.arange(N, device=q.device)[None, :] < mask.sum(1, keepdim=True)
-        ids = torch.where(valid, ids, lo)
-        # The rerank: each candidate's key dequantized once; a prefill chunk's many query
-        # rows scored against them a block at a time (a step's G rows: one block).
-        k_hat = keys_at(summaries, ids)  # [H, N, D]
-        scale, invalid = q.shape[-1] ** -0.5, ~valid[:, None, :]
-
-        def logits(rows):
-            return (score_dequantized(rows, k_hat) * scale).masked_fill(invalid, float("-inf"))
-
-        weights = row_softmax_sum(q, logits)
+        count = mask.sum(1)  # [H] real candidates; the rest of a row is padding
+        ids = torch.where(torch.arange(N, device=q.device)[None, :] < count[:, None], ids, lo)
+        # The rerank on the candidates' low-bit keys; a prefill chunk's many query rows a
+        # block at a time (a step's G rows: one block).
+        sm_scale = q.shape[-1] ** -0.5
+        weights = row_softmax_sum(q, lambda rows: score(rows, summaries, ids, count, sm_scale))
         top = torch.topk(weights, k, dim=-1, sorted=True).indices
         return torch.gather(ids, 1, top)

@@ -158,3 +158,15 @@ def keys_at(qk: QuantKeys, ids: torch.Tensor) -> torch.Tensor:
 def score_dequantized(q: torch.Tensor, k_hat: torch.Tensor) -> torch.Tensor:
     """q [H, G, D] against dequantized keys [H, N, D] -> [H, G, N] float32."""
     return torch.einsum("hgd,hnd->hgn", q.float(), k_hat)
+
+
+def score_candidates(
+    q: torch.Tensor, qk: QuantKeys, ids: torch.Tensor, count: torch.Tensor, sm_scale: float
+) -> torch.Tensor:
+    """q [H, R, D] against the keys of candidates ids [H, N] -> logits [H, R, N] float32,
+    times `sm_scale`, -inf past the first count[h] candidates of each head (padding).
+    (On CUDA a Triton kernel computes it without the [H, N, D] temporaries:
+    offload/kernels/candidates.py.)"""
+    N = ids.shape[1]
+    padding = torch.arange(N, device=ids.device)[None, None, :] >= count[:, None, None]
+    return (score_dequantized(q, keys_at(qk, ids)) * sm_scale).masked_fill(padding, float("-inf"))

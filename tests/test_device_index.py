@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from offload.backend import Backend
+from offload.kernels.candidates import score_candidates as score_kernel
 from retrieval import ClusterIndex
 from retrieval.base import ROW_BLOCK
 from retrieval.device_index import DeviceClusterIndex
+from storage.quant import quantize_keys, score_candidates
 from tests.conftest import DEVICE
 from tests.retrieval_data import synthetic_layer, view_of
 
@@ -39,6 +42,38 @@ def test_device_selection_equals_cluster_index_selection(seed, factor):
     k_valid = torch.tensor([k], device=DEVICE)
     got = dev.select(q.to(DEVICE), _on(view, DEVICE), lo, hi_d, 2 * k, n * 2, k_valid)
     assert torch.equal(torch.sort(got[:, :k]).values.cpu(), ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("D, rows", [(64, 3), (128, 70)])
+def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows):
+    """The Triton rerank (in the interpreter on a CPU) against the torch reference: low-bit
+    keys dequantized in registers, padding past each head's count at -inf."""
+    g = torch.Generator().manual_seed(bits + D)
+    H, T, N = 3, 1024, 77  # N: not a multiple of the kernel's block
+    keys = torch.randn(H, T, D, generator=g) * torch.linspace(0.2, 3, D)  # outlier channels
+    qk = quantize_keys(keys, bits, 16)
+    qk = type(qk)(qk.bits, qk.group, *(t.to(DEVICE) for t in (qk.codes, qk.scale, qk.zero)))
+    q = torch.randn(H, rows, D, generator=g).to(DEVICE, torch.bfloat16)
+    ids = torch.randint(0, T, (H, N), generator=g).to(DEVICE)
+    count = torch.tensor([N, 50, 0], device=DEVICE)
+    want = score_candidates(q, qk, ids, count, D**-0.5)
+    got = score_kernel(q, qk, ids, count, D**-0.5)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert int(torch.isinf(want).sum()) == rows * (N - 50 + N)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_device_selection_with_the_scoring_kernel_equals_the_host_selection(seed):
+    keys, q, view = synthetic_layer(T=4096, seed=seed)
+    index, dev = _pair(view, 8192, 8)
+    lo, hi, k = 16, 4096 - 256, 205
+    ref = index.select(q, view, lo, hi, k)
+    score = Backend(DEVICE, kernels=True).score_candidates
+    got = dev.select(q.to(DEVICE), _on(view, DEVICE), lo, torch.tensor([hi], device=DEVICE), k,
+                     dev.candidate_count(k), score=score)  # fmt: skip
+    assert torch.equal(torch.sort(got).values.cpu(), ref)
 
 
 def test_a_prefill_chunks_rows_select_as_on_the_host():

@@ -32,7 +32,7 @@ def test_every_kernel_launch_compiles_within_the_gpus_limits(tmp_path):
     rows = json.loads(out.read_text())
     # every kernel, for both GPUs, in each dtype, at both models' shapes
     kernels = {r["launch"].rsplit("(", 1)[1] for r in rows}
-    assert kernels == {"split)", "combine)", "gather)", "stamp)", "assign)"}
+    assert kernels == {"split)", "combine)", "gather)", "score)", "stamp)", "assign)"}
     assert len({(r["arch"], r["dtype"]) for r in rows}) == 6
     assert {r["launch"].split(":")[0] for r in rows} == {"smollm2-135m", "llama-3.1-8b"}
     for r in rows:

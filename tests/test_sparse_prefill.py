@@ -159,7 +159,7 @@ def test_second_turn_is_dense_at_full_budget_and_reads_less_below_it(tiny_dirs, 
     rows = []  # query rows of each device-index selection (a step's: G; a chunk's: more)
     real = DeviceClusterIndex.select
     monkeypatch.setattr(DeviceClusterIndex, "select",
-                        lambda self, q, *a: rows.append(q.shape[1]) or real(self, q, *a))  # fmt: skip
+                        lambda self, q, *a, **k: rows.append(q.shape[1]) or real(self, q, *a, **k))  # fmt: skip
     path = tiny_dirs["llama-gqa-untied"][0]
     want = _turns(path, mode="dense")
     full = _turns(path, retrieved=100_000)

@@ -26,17 +26,16 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from storage.quant import QuantKeys
 
 # Shared memory one block may use (opt-in maximum), by architecture.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-MODULES = (
-    attention_kernels,
-    gather_kernels,
-    hit_kernels,
-)  # each defines its kernels in `_kernels()`
+# each defines its kernels in `_kernels()`
+MODULES = (attention_kernels, gather_kernels, hit_kernels, candidate_kernels)
 
 TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -179,6 +178,7 @@ def _ptxas(arch: int) -> str:
 SHAPES = {"smollm2-135m": (3, 3, 64, 8192), "llama-3.1-8b": (8, 4, 128, 131072)}
 RETRIEVED = 2048  # tokens per KV head a tiered step gathers (the rtx4090 preset at 128k)
 HIT_SLOTS = 4096  # a step hit cache's slots per KV head
+CANDIDATES = 8 * RETRIEVED + 512  # reranked per KV head (candidate_factor 8, padded)
 
 
 def runtime_launches(dtype: torch.dtype, arch: int) -> list[tuple[str, Launch]]:
@@ -215,6 +215,10 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
     )
     clock, counts = meta(1, dtype=torch.long), meta(2, dtype=torch.long)
     hit_slots = meta(H, RETRIEVED, dtype=torch.int32)
+    summaries = QuantKeys(2, 16, meta(H, T, D // 4, dtype=torch.uint8),
+                          meta(H, T // 16, D, dtype=torch.float16),
+                          meta(H, T // 16, D, dtype=torch.float16))  # fmt: skip
+    candidates = meta(H, CANDIDATES, dtype=torch.long)
     attend = attention_kernels.decode_attention
     return {
         "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
@@ -222,6 +226,9 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "gather from the host slab": lambda: gather_kernels.gather_kv(slab, table, ids),
         "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
             slab, table, ids, miss, ids, cache
+        ),
+        "rerank the candidates on their low-bit keys": lambda: candidate_kernels.score_candidates(
+            q, summaries, candidates, meta(H, dtype=torch.long), D**-0.5
         ),
         "hit cache: stamp the hits": lambda: hit_kernels.stamp(ids, slot_of, used, clock),
         "hit cache: assign the misses": lambda: hit_kernels.assign(

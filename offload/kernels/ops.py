@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from storage.quant import QuantKeys
 
 
 @torch.library.custom_op("offload::decode_attention", mutates_args=())
@@ -90,3 +92,29 @@ def _(ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts):
         ids.new_empty(ids.shape, dtype=torch.bool),
         ids.new_empty(ids.shape),
     )
+
+
+def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
+    s = summaries
+    return _score_candidates(q, s.codes, s.scale, s.zero, ids, count, s.bits, s.group, sm_scale)
+
+
+@torch.library.custom_op("offload::score_candidates", mutates_args=())
+def _score_candidates(
+    q: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    ids: torch.Tensor,
+    count: torch.Tensor,
+    bits: int,
+    group: int,
+    sm_scale: float,
+) -> torch.Tensor:
+    summaries = QuantKeys(bits, group, codes, scale, zero)
+    return candidate_kernels.score_candidates(q, summaries, ids, count, sm_scale)
+
+
+@_score_candidates.register_fake
+def _(q, codes, scale, zero, ids, count, bits, group, sm_scale):
+    return q.new_empty(q.shape[0], q.shape[1], ids.shape[1], dtype=torch.float32)
