@@ -329,7 +329,7 @@ class TieredLayer:
             dev = self.plan.device_index(self.layer, T)
             hi_t = torch.full((1,), hi, dtype=torch.long, device=qg.device)
             return dev.select(qg, view.summaries, lo, hi_t, k, dev.candidate_count(k),
-                              score=self.plan.backend.score_candidates)  # fmt: skip
+                              backend=self.plan.backend)  # fmt: skip
         return selector.select(qg, view, lo, hi, k)
 
     def _mass_covered(self, qg, ids, lo, hi, T) -> torch.Tensor:

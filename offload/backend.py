@@ -19,6 +19,7 @@ from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
 from offload.kernels import ops, triton_available
+from offload.kernels.candidates import cluster_candidates_ref
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import assign_ref, stamp_ref
@@ -84,6 +85,14 @@ class Backend:
             op = self._kernel(candidate_kernels)
             return op.score_candidates(q, summaries, ids, count, sm_scale)
         return score_candidates(q, summaries, ids, count, sm_scale)
+
+    def cluster_candidates(self, take, assign, lo: int, hi, N: int):
+        """Each head's tokens in [lo, hi) of the clusters taken, in token order, the first N
+        of them -> ids [H, N] (padded with lo), count [H]
+        (offload/kernels/candidates.py)."""
+        if self.kernels:
+            return self._kernel(candidate_kernels).cluster_candidates(take, assign, lo, hi, N)
+        return cluster_candidates_ref(take, assign, lo, hi, N)
 
     def hit_stamp(self, ids, slot_of, used, clock) -> torch.Tensor:
         """A step hit cache's slots [H, k] of ids [H, k] (-1: not cached); the slots hit

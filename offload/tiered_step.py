@@ -294,7 +294,7 @@ class SparseStepLayer:
             plan.k,
             plan.num_candidates,
             plan.k_valid,
-            score=plan.backend.score_candidates,
+            backend=plan.backend,
         )
         slab, slots, hc = self.slab, self.slots, self.hit_cache
         if hc is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from offload.kernels.candidates import cluster_candidates_ref
 from retrieval.base import exact_logits, row_max, row_softmax_sum
 from retrieval.cluster import ClusterIndex
 from storage.quant import QuantKeys, score_candidates
@@ -111,7 +112,7 @@ class DeviceClusterIndex:
         k: int,
         num_candidates: int,
         k_valid: torch.Tensor | None = None,
-        score=score_candidates,
+        backend=None,
     ) -> torch.Tensor:
         """q [H, G, D] (a decode step; or [H, R, D], a prefill chunk's query rows), hi a
         device tensor [1] -> token ids [H, k] in [lo, hi), best first
@@ -122,9 +123,12 @@ class DeviceClusterIndex:
         indexed; reranked by their low-bit keys (sum of softmax), top-k. With `k_valid`
         (a device tensor <= k) the candidates are those of k_valid and the first
         k_valid ids are `ClusterIndex.select(..., k_valid)`'s: a caller with a fixed
-        number of slots uses only those. `score` computes the rerank's logits
-        (`storage.quant.score_candidates`; on CUDA `Backend.score_candidates`, a kernel)."""
-        H, T_cap = self.H, self.token_capacity
+        number of slots uses only those. The candidate list and the rerank's logits are
+        computed by `backend` (an `offload.backend.Backend`: Triton kernels on CUDA) or,
+        without one, by the kernels' torch references."""
+        H = self.H
+        score = backend.score_candidates if backend else score_candidates
+        candidates = backend.cluster_candidates if backend else cluster_candidates_ref
         N = num_candidates
         want = self.factor * (k if k_valid is None else k_valid)
         cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids)) + self.bias
@@ -135,16 +139,8 @@ class DeviceClusterIndex:
         take = torch.zeros(H, self.cluster_capacity + 1, dtype=torch.bool, device=q.device)
         take[:, :-1].scatter_(1, ranked, rank_ok)
         take[:, -1] = True  # the tokens not indexed yet
-        t = torch.arange(T_cap, device=q.device)
-        mask = torch.gather(take, 1, self.assign.long()) & (t >= lo) & (t < hi)  # [H, T_cap]
-        # Compact each row's candidates to the front in token order; beyond N: dropped.
-        pos = mask.cumsum(1) - 1
-        column = torch.where(mask & (pos < N), pos, N)
-        ids = torch.full((H, N + 1), lo, dtype=torch.long, device=q.device)
-        ids.scatter_(1, column, t.expand(H, T_cap))
-        ids = ids[:, :N]
-        count = mask.sum(1)  # [H] real candidates; the rest of a row is padding
-        ids = torch.where(torch.arange(N, device=q.device)[None, :] < count[:, None], ids, lo)
+        # Each head's candidates in token order, the first N (then dropped), padded with lo.
+        ids, count = candidates(take, self.assign, lo, hi, N)  # [H, N], [H]
         # The rerank on the candidates' low-bit keys; a prefill chunk's many query rows a
         # block at a time (a step's G rows: one block).
         sm_scale = q.shape[-1] ** -0.5

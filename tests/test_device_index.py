@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from offload.backend import Backend
+from offload.kernels import candidates as candidate_kernels
+from offload.kernels.candidates import cluster_candidates_ref
 from offload.kernels.candidates import score_candidates as score_kernel
 from retrieval import ClusterIndex
 from retrieval.base import ROW_BLOCK
@@ -64,15 +66,36 @@ def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("N", [64, 1024])
+def test_candidate_list_kernels_match_their_reference(N, monkeypatch):
+    """The two kernels of the candidate list (blocks of 64 tokens here, so many blocks)
+    against the torch code: the same ids in the same order, the same counts, padding
+    with lo, and past N (N = 64: more candidates than that) the rest dropped."""
+    monkeypatch.setattr(candidate_kernels, "BLOCK_T", 64)
+    g = torch.Generator().manual_seed(N)
+    H, NC, T_cap = 3, 40, 1000  # T_cap: not a multiple of the block
+    take = (torch.rand(H, NC + 1, generator=g) < 0.3).to(DEVICE)
+    take[:, -1] = True
+    take[2] = False  # a head with no candidates
+    assign = torch.randint(0, NC + 1, (H, T_cap), generator=g, dtype=torch.int32).to(DEVICE)
+    for lo, hi in [(0, T_cap), (16, 700), (5, 5)]:
+        hi_t = torch.tensor([hi], device=DEVICE)
+        want = cluster_candidates_ref(take, assign, lo, hi_t, N)
+        got = candidate_kernels.cluster_candidates(take, assign, lo, hi_t, N)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (lo, hi)
+    full = cluster_candidates_ref(take, assign, 0, torch.tensor([T_cap], device=DEVICE), N)[1]
+    assert int(full.max()) > 64 and int(full[2]) == 0  # some dropped at N = 64; an empty head
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_device_selection_with_the_scoring_kernel_equals_the_host_selection(seed):
+def test_device_selection_with_the_kernels_equals_the_host_selection(seed):
     keys, q, view = synthetic_layer(T=4096, seed=seed)
     index, dev = _pair(view, 8192, 8)
     lo, hi, k = 16, 4096 - 256, 205
     ref = index.select(q, view, lo, hi, k)
-    score = Backend(DEVICE, kernels=True).score_candidates
+    backend = Backend(DEVICE, kernels=True)
     got = dev.select(q.to(DEVICE), _on(view, DEVICE), lo, torch.tensor([hi], device=DEVICE), k,
-                     dev.candidate_count(k), score=score)  # fmt: skip
+                     dev.candidate_count(k), backend=backend)  # fmt: skip
     assert torch.equal(torch.sort(got).values.cpu(), ref)
 
 

@@ -188,8 +188,12 @@ def runtime_launches(dtype: torch.dtype, arch: int) -> list[tuple[str, Launch]]:
     out = []
     for model, shape in SHAPES.items():
         for what, call in _step_calls(*shape, dtype).items():
-            for launch in launches(call, arch):
-                out.append((f"{model}: {what} ({launch.name})", launch))
+            recorded = launches(call, arch)
+            names = [launch.name for launch in recorded]
+            for i, launch in enumerate(recorded):  # a kernel launched twice: its passes
+                n = names[: i + 1].count(launch.name)
+                part = f", pass {n}" if names.count(launch.name) > 1 else ""
+                out.append((f"{model}: {what} ({launch.name}{part})", launch))
     return out
 
 
@@ -226,6 +230,9 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "gather from the host slab": lambda: gather_kernels.gather_kv(slab, table, ids),
         "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
             slab, table, ids, miss, ids, cache
+        ),
+        "the candidates of the clusters taken": lambda: candidate_kernels.cluster_candidates(
+            meta(H, T // 16 + 1, dtype=torch.bool), slot_of, 16, length, CANDIDATES
         ),
         "rerank the candidates on their low-bit keys": lambda: candidate_kernels.score_candidates(
             q, summaries, candidates, meta(H, dtype=torch.long), D**-0.5

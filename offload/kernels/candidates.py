@@ -16,6 +16,13 @@ tensors is 71 MB and the rerank moves close to 1 GB per sparse layer and step (a
 bytes of codes and its group's scale and zero point once, and writes only the logits.
 One program per (KV head, block of candidates); its keys are dequantized once for all
 the rows.
+
+The candidate list itself (`cluster_candidates`): each head's tokens in [lo, hi) whose
+cluster is taken, in token order, the first N of them, padded with `lo`. In torch that
+is a dozen passes over [H, T_cap] (a cumsum, gathers, `where`s: 1.3M entries each for
+the 8B shape at 128k); here two kernels over blocks of tokens, the first counting each
+block's candidates and the second writing them at the offsets a cumsum of the counts
+gives, in the same order.
 """
 
 from __future__ import annotations
@@ -29,6 +36,38 @@ from storage.quant import QuantKeys
 from storage.quant import score_candidates as score_candidates_ref  # noqa: F401
 
 BLOCK_N = 32  # candidates per program
+BLOCK_T = 1024  # tokens per program of the candidate list
+
+
+def cluster_candidates_ref(take, assign, lo: int, hi, N: int):
+    """take [H, NC + 1] bool (clusters taken), assign [H, T_cap] int32 (each token's
+    cluster), lo, hi [1] (a device tensor) -> ids [H, N] int64, count [H] int64 (the
+    candidates of each head; more than N: the rest dropped)."""
+    H, T_cap = assign.shape
+    t = torch.arange(T_cap, device=assign.device)
+    mask = torch.gather(take, 1, assign.long()) & (t >= lo) & (t < hi)  # [H, T_cap]
+    pos = mask.cumsum(1) - 1
+    column = torch.where(mask & (pos < N), pos, N)
+    ids = torch.full((H, N + 1), lo, dtype=torch.long, device=assign.device)
+    ids.scatter_(1, column, t.expand(H, T_cap))
+    return ids[:, :N], mask.sum(1)
+
+
+def cluster_candidates(take, assign, lo: int, hi, N: int):
+    """The kernels of `cluster_candidates_ref`."""
+    import triton
+
+    H, T_cap = assign.shape
+    assert take.stride(1) == 1 and assign.stride(1) == 1 and hi.numel() == 1
+    blocks = triton.cdiv(T_cap, BLOCK_T)
+    counts = torch.empty(H, blocks, dtype=torch.int32, device=assign.device)
+    ids = torch.full((H, N), lo, dtype=torch.long, device=assign.device)
+    args = (take.view(torch.uint8), assign, hi, lo, T_cap, take.stride(0), assign.stride(0))
+    kernel = _kernels().candidates
+    kernel[(H, blocks)](*args, counts, counts, ids, N, BLOCK=BLOCK_T, WRITE=False)
+    ends = counts.cumsum(1)  # [H, blocks] int64: where each block's candidates end
+    kernel[(H, blocks)](*args, counts, ends, ids, N, BLOCK=BLOCK_T, WRITE=True)
+    return ids, ends[:, -1]
 
 
 def score_candidates(
@@ -40,12 +79,12 @@ def score_candidates(
     N = ids.shape[1]
     codes, scale, zero = summaries.codes, summaries.scale, summaries.zero
     assert D & (D - 1) == 0, f"head_dim {D} must be a power of two"
-    assert q.stride(2) == 1 and ids.is_contiguous() and count.is_contiguous()
+    assert q.stride(2) == 1 and ids.is_contiguous() and count.dim() == 1
     assert codes.stride(2) == 1 and scale.stride() == zero.stride() and scale.stride(2) == 1
     out = torch.empty(H, R, N, dtype=torch.float32, device=q.device)
     _kernels().score[(H, triton.cdiv(N, BLOCK_N))](
         q, codes, scale, zero, ids, count, out, R, N, summaries.group, sm_scale,
-        q.stride(0), q.stride(1), codes.stride(0), codes.stride(1),
+        q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
         D=D, BITS=summaries.bits, BLOCK=BLOCK_N,
     )  # fmt: skip
@@ -59,7 +98,7 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def score(Q, CODES, SCALE, ZERO, IDS, COUNT, OUT, R, N, group, sm_scale,
-              s_qh, s_qr, s_ch, s_ct, s_ph, s_pg,
+              s_qh, s_qr, s_count, s_ch, s_ct, s_ph, s_pg,
               D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -74,11 +113,28 @@ def _kernels() -> SimpleNamespace:
         scale = tl.load(SCALE + param, mask=ok[:, None], other=0).to(tl.float32)
         zero = tl.load(ZERO + param, mask=ok[:, None], other=0).to(tl.float32)
         k = zero + scale * code.to(tl.float32)  # [BLOCK, D]
-        real = ok & (n < tl.load(COUNT + h))
+        real = ok & (n < tl.load(COUNT + h * s_count))
         for r in range(R):
             q = tl.load(Q + h * s_qh + r * s_qr + d).to(tl.float32)
             logit = tl.sum(k * q[None, :], axis=1) * sm_scale
             logit = tl.where(real, logit, float("-inf"))
             tl.store(OUT + (h * R + r) * N + n, logit, mask=ok)
 
-    return SimpleNamespace(score=score)
+    @triton.jit
+    def candidates(TAKE, ASSIGN, HI, lo, T_cap, s_take, s_assign, COUNTS, ENDS, IDS, N,
+                   BLOCK: tl.constexpr, WRITE: tl.constexpr):  # fmt: skip
+        """Pass 1 (WRITE off): each block's candidates counted. Pass 2: written."""
+        h = tl.program_id(0).to(tl.int64)
+        b = h * tl.num_programs(1) + tl.program_id(1)
+        t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = (t < T_cap) & (t >= lo) & (t < tl.load(HI))
+        cluster = tl.load(ASSIGN + h * s_assign + t, mask=ok, other=0)
+        m = (ok & (tl.load(TAKE + h * s_take + cluster, mask=ok, other=0) != 0)).to(tl.int32)
+        if WRITE:
+            start = tl.load(ENDS + b) - tl.load(COUNTS + b)  # candidates of the blocks before
+            pos = start + tl.cumsum(m, 0) - 1
+            tl.store(IDS + h * N + pos, t.to(tl.int64), mask=(m != 0) & (pos < N))
+        else:
+            tl.store(COUNTS + b, tl.sum(m, 0))
+
+    return SimpleNamespace(score=score, candidates=candidates)

@@ -118,3 +118,16 @@ def _score_candidates(
 @_score_candidates.register_fake
 def _(q, codes, scale, zero, ids, count, bits, group, sm_scale):
     return q.new_empty(q.shape[0], q.shape[1], ids.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("offload::cluster_candidates", mutates_args=())
+def cluster_candidates(
+    take: torch.Tensor, assign: torch.Tensor, lo: int, hi: torch.Tensor, N: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return candidate_kernels.cluster_candidates(take, assign, lo, hi, N)
+
+
+@cluster_candidates.register_fake
+def _(take, assign, lo, hi, N):
+    H = assign.shape[0]
+    return assign.new_empty(H, N, dtype=torch.long), assign.new_empty(H, dtype=torch.long)
