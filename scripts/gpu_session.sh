@@ -7,16 +7,18 @@
 #   bash scripts/gpu_session.sh [pytest-seconds] [bench-seconds]
 #
 # A lent GPU has 15 minutes of device time in all (its start and the call that carries
-# the first model half included): the defaults, 240 + 25 + 180 + 90 + 40 s, fit one call
-# (at most 600 s). The fourth part times the decode step through torch.compile
-# (`model.compile_step`) beside the captured step of the third.
+# the first model half included): the defaults, 220 + 25 + 180 + 90 + 35 + 30 s, fit one
+# call (at most 600 s). The fourth part times the decode step through torch.compile
+# (`model.compile_step`) beside the captured step of the third; the last, one sparse
+# layer's selection and hit-cache lookup with the Triton kernels and with their torch
+# references (scripts/bench_selection.py).
 set -uo pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-timeout "${1:-240}" python -m pytest -q --maxfail=30 -rfEs --durations=15 tests 2>&1 | tee "$out/pytest.txt" | tail -60
+timeout "${1:-220}" python -m pytest -q --maxfail=30 -rfEs --durations=15 tests 2>&1 | tee "$out/pytest.txt" | tail -60
 timeout 25 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
 timeout "${2:-180}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
   --systems embedded,device,offloaded,tiered,session --fill-above 131072 \
@@ -25,4 +27,5 @@ timeout "${2:-180}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 1
 timeout 90 python scripts/bench_gpu.py --lengths 8192 --tokens 16 \
   --systems embedded-compiled,device-compiled --out "$out/bench_gpu_compiled.json" \
   --plot "$out/gpu_compiled.png" 2>&1 | tail -20
-timeout 40 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -20
+timeout 35 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -20
+timeout 30 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8

@@ -1,0 +1,157 @@
+"""One sparse layer's share of a tiered decode step, with the Triton kernels and with
+their torch references: the device selection (clusters ranked, the candidate list, the
+rerank on low-bit keys, top-k) and the hit cache's lookup (bookkeeping, and the fetch
+of the misses from pinned host memory).
+
+At the 8B shape (8 KV heads x 128, 4 query heads each, bf16) and the rtx4090 preset's
+selection (2048 tokens, candidate_factor 8, a hit cache of 4096 slots per head), over
+a random index of --tokens tokens (clusters of 16 tokens on average; what the clusters
+mean does not change what the step computes per token). Each step's query is new, so
+the hit cache sees misses as a decode would.
+
+On CUDA each variant is captured as a CUDA graph and replayed, as the decode step runs
+(`ms_per_layer`; times 30 sparse layers is its share of an 8B step), and also run
+eagerly; `kernels_per_layer` counts the launches (profiler). On a CPU only the
+references run (a smoke check; the interpreter is too slow for these sizes).
+
+    python scripts/bench_selection.py [--tokens 131072] [--steps 50]
+        [--out results/bench_selection.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evalkit import write_json  # noqa: E402
+
+from offload.backend import Backend  # noqa: E402
+from offload.step_cache import StepHitCache  # noqa: E402
+from retrieval.device_index import DeviceClusterIndex  # noqa: E402
+from storage.quant import quantize_keys  # noqa: E402
+
+H, G, D, C = 8, 4, 128, 16  # KV heads, query heads per KV head, head dim, chunk size
+K, FACTOR, SLOTS, SINK, WINDOW = 2048, 8, 4096, 16, 256
+
+
+def layer_state(T: int, device: torch.device) -> dict:
+    """A sparse layer of T tokens: its device index, summaries, host slab, hit cache."""
+    gen = torch.Generator().manual_seed(0)
+    NC = T // 16
+    index = DeviceClusterIndex(H, D, FACTOR, device)
+    assign = torch.randint(0, NC, (H, T), generator=gen, dtype=torch.int32)
+    index.centroids = torch.randn(H, NC, D, generator=gen).to(device)
+    index.bias = torch.zeros(H, NC, device=device)
+    counts = torch.zeros(H, NC + 1)
+    counts.scatter_add_(1, assign.long(), torch.ones(H, T))
+    index.counts, index.assign = counts.to(device), assign.to(device)
+    index.max_count, index.tail = int(counts.max()), 0
+    keys = torch.randn(H, T, D, generator=gen) * torch.linspace(0.3, 3, D)
+    summaries = quantize_keys(keys, 2, C)
+    summaries = type(summaries)(2, C, *(t.to(device) for t in (summaries.codes,
+                                summaries.scale, summaries.zero)))  # fmt: skip
+    cuda = device.type == "cuda"
+    slab = torch.randn(2, H, T // C, C, D, generator=gen).bfloat16()
+    slab = slab.pin_memory() if cuda else slab
+    counts_hc = torch.zeros(2, dtype=torch.long, device=device)
+    queries = torch.randn(8, H, G, D, generator=gen).to(device, torch.bfloat16)
+    return {"index": index, "summaries": summaries, "slab": slab, "counts": counts_hc,
+            "queries": queries, "T": T}  # fmt: skip
+
+
+def layer_step(state: dict, backend: Backend, device: torch.device):
+    """The layer's selection and lookup as the step runs them, on static buffers."""
+    index, T = state["index"], state["T"]
+    hc = StepHitCache(H, D, torch.bfloat16, device, state["counts"])
+    hc.reserve(SLOTS, T)
+    slab = backend.host_view(state["slab"])
+    slots = torch.arange(T // C, device=device)
+    q = state["queries"][0].clone()
+    hi = torch.tensor([T - WINDOW], device=device)
+    k_valid = torch.tensor([K], device=device)
+    N = index.candidate_count(K)
+
+    def run():
+        ids = index.select(q, state["summaries"], SINK, hi, K, N, k_valid, backend=backend)
+        return hc.lookup(ids, k_valid, slab, slots, backend)
+
+    return q, run
+
+
+def timed(state, q, run, steps: int, device) -> list[float]:
+    """ms per call, each call with a new query (copied in, as a step's is)."""
+    times = []
+    for i in range(steps):
+        q.copy_(state["queries"][i % len(state["queries"])])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def kernels_per_call(run) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
+def measure(state, backend, steps, device) -> dict:
+    q, run = layer_step(state, backend, device)
+    for _ in range(3):  # warm-up: Triton compiles, the hit cache fills
+        run()
+    row = {"eager_ms_per_layer": statistics.median(timed(state, q, run, steps, device))}
+    if device.type == "cuda":
+        row["kernels_per_layer"] = kernels_per_call(run)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            run()
+        row["ms_per_layer"] = statistics.median(timed(state, q, graph.replay, steps, device))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("results/bench_selection.json"))
+    args = p.parse_args()
+    console = Console()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = layer_state(args.tokens, device)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "tokens": args.tokens, "retrieved": K, "candidates": state["index"].candidate_count(K),
+               "rows": []}  # fmt: skip
+    variants = [("torch references", False)] + (
+        [("Triton kernels", True)] if device.type == "cuda" else []
+    )
+    for name, kernels in variants:
+        row = {
+            "variant": name,
+            **measure(state, Backend(device, kernels=kernels), args.steps, device),
+        }
+        console.print(row)
+        results["rows"].append(row)
+    write_json(console, args.out, results)
+
+
+if __name__ == "__main__":
+    main()
