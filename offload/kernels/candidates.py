@@ -1,11 +1,13 @@
-"""Score a selection's candidate tokens on their low-bit keys, dequantized in registers.
+"""A device selection's candidates (retrieval/device_index.py): their rerank on low-bit
+keys dequantized in registers (`score_candidates`), and their list (`cluster_candidates`).
 
     q        [H, R, D]             query rows per KV head (a step's query heads of the
                                    group; a prefill chunk's rows, a block at a time)
     summaries                      `QuantKeys` of the layer: codes [H, T, D * bits / 8]
                                    uint8, scale and zero [H, T / group, D] float16
     ids      [H, N] int64          candidate tokens per KV head
-    count    [H] int64             candidates per head that are real (the rest padding)
+    count    [H] int64             candidates per head that are real (the rest padding;
+                                   any stride)
     ->       [H, R, N] float32     q . k_hat * sm_scale, -inf past each head's count
 
 The torch reference (`storage.quant.score_candidates`) gathers each candidate's codes,
@@ -33,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 from storage.quant import QuantKeys
-from storage.quant import score_candidates as score_candidates_ref  # noqa: F401
+from storage.quant import score_candidates as score_candidates_ref  # noqa: F401 (beside its kernel)
 
 BLOCK_N = 32  # candidates per program
 BLOCK_T = 1024  # tokens per program of the candidate list
