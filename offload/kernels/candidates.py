@@ -30,6 +30,7 @@ gives, in the same order.
 from __future__ import annotations
 
 import functools
+import os
 from types import SimpleNamespace
 
 import torch
@@ -38,6 +39,10 @@ from storage.quant import QuantKeys
 from storage.quant import score_candidates as score_candidates_ref  # noqa: F401 (beside its kernel)
 
 BLOCK_N = 32  # candidates per program
+# Triton's interpreter (the CPU tests) runs programs one after another, each op a numpy
+# call: with blocks of 32 a decode step's rerank took seconds there. It takes larger
+# blocks (the same results; tests/test_device_index.py runs the GPU's block size).
+INTERPRETED_BLOCK_N = 1024
 BLOCK_T = 1024  # tokens per program of the candidate list
 
 
@@ -84,11 +89,12 @@ def score_candidates(
     assert q.stride(2) == 1 and ids.is_contiguous() and count.dim() == 1
     assert codes.stride(2) == 1 and scale.stride() == zero.stride() and scale.stride(2) == 1
     out = torch.empty(H, R, N, dtype=torch.float32, device=q.device)
-    _kernels().score[(H, triton.cdiv(N, BLOCK_N))](
+    block = INTERPRETED_BLOCK_N if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_N
+    _kernels().score[(H, triton.cdiv(N, block))](
         q, codes, scale, zero, ids, count, out, R, N, summaries.group, sm_scale,
         q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
-        D=D, BITS=summaries.bits, BLOCK=BLOCK_N,
+        D=D, BITS=summaries.bits, BLOCK=block,
     )  # fmt: skip
     return out
 
