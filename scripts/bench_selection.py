@@ -43,25 +43,22 @@ K, FACTOR, SLOTS, SINK, WINDOW = 2048, 8, 4096, 16, 256
 
 def layer_state(T: int, device: torch.device) -> dict:
     """A sparse layer of T tokens: its device index, summaries, host slab, hit cache."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)  # (made on the device: seconds on a CPU)
     NC = T // 16
     index = DeviceClusterIndex(H, D, FACTOR, device)
-    assign = torch.randint(0, NC, (H, T), generator=gen, dtype=torch.int32)
-    index.centroids = torch.randn(H, NC, D, generator=gen).to(device)
+    assign = torch.randint(0, NC, (H, T), generator=gen, device=device, dtype=torch.int32)
+    index.centroids = torch.randn(H, NC, D, generator=gen, device=device)
     index.bias = torch.zeros(H, NC, device=device)
-    counts = torch.zeros(H, NC + 1)
-    counts.scatter_add_(1, assign.long(), torch.ones(H, T))
-    index.counts, index.assign = counts.to(device), assign.to(device)
+    counts = torch.zeros(H, NC + 1, device=device)
+    counts.scatter_add_(1, assign.long(), torch.ones(H, T, device=device))
+    index.counts, index.assign = counts, assign
     index.max_count, index.tail = int(counts.max()), 0
-    keys = torch.randn(H, T, D, generator=gen) * torch.linspace(0.3, 3, D)
-    summaries = quantize_keys(keys, 2, C)
-    summaries = type(summaries)(2, C, *(t.to(device) for t in (summaries.codes,
-                                summaries.scale, summaries.zero)))  # fmt: skip
-    cuda = device.type == "cuda"
-    slab = torch.randn(2, H, T // C, C, D, generator=gen).bfloat16()
-    slab = slab.pin_memory() if cuda else slab
+    scales = torch.linspace(0.3, 3, D, device=device)
+    summaries = quantize_keys(torch.randn(H, T, D, generator=gen, device=device) * scales, 2, C)
+    slab = torch.randn(2, H, T // C, C, D, generator=gen, device=device, dtype=torch.bfloat16)
+    slab = slab.cpu().pin_memory() if device.type == "cuda" else slab
     counts_hc = torch.zeros(2, dtype=torch.long, device=device)
-    queries = torch.randn(8, H, G, D, generator=gen).to(device, torch.bfloat16)
+    queries = torch.randn(8, H, G, D, generator=gen, device=device).bfloat16()
     return {"index": index, "summaries": summaries, "slab": slab, "counts": counts_hc,
             "queries": queries, "T": T}  # fmt: skip
 
