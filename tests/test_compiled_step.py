@@ -106,3 +106,46 @@ def test_compiled_step_replays_without_host_syncs(tiny_dirs):
     captures = cache.step.captures
     _decode_without_syncs(cache, rt.model, (3, 4, 5))
     assert cache.step.captures == captures and cache.step._block is not None
+
+
+def test_kernel_operators_pass_torchs_operator_checks():
+    """Each Triton kernel as the compiled step calls it (offload/kernels/ops.py), through
+    `torch.library.opcheck`: its schema (what it mutates), its fake implementation (the
+    shapes and dtypes Inductor plans with) and its trace with symbolic sizes."""
+    from offload.kernels import ops
+    from storage.quant import quantize_keys
+
+    g = torch.Generator().manual_seed(0)
+    H, T, D, N, k, M, C = 2, 256, 64, 64, 8, 16, 16
+
+    def ints(high, *shape, dtype=torch.long):
+        return torch.randint(0, high, shape, generator=g, dtype=dtype).to(DEVICE)
+
+    qk = quantize_keys(torch.randn(H, T, D, generator=g), 2, C)
+    codes, scale, zero = (t.to(DEVICE) for t in (qk.codes, qk.scale, qk.zero))
+    q = torch.randn(H, 3, D, generator=g).to(DEVICE, torch.bfloat16)
+    kv = torch.randn(2, H, T, D, generator=g).to(DEVICE)
+    slab = torch.randn(2, H, T // C, C, D, generator=g).to(DEVICE)
+    table = torch.arange(T // C, device=DEVICE)
+    sel = torch.stack([torch.randperm(T, generator=g)[:k] for _ in range(H)]).to(DEVICE)
+    victims = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(H)]).to(DEVICE)
+    one = torch.ones(1, dtype=torch.long, device=DEVICE)
+
+    def tables():  # a hit cache's (fresh for each check: they are mutated)
+        return (torch.full((H, T + 1), -1, dtype=torch.int32, device=DEVICE),
+                torch.full((H, M + 1), -1, device=DEVICE), torch.full((H, M + 1), -1, device=DEVICE))  # fmt: skip
+
+    slot_of, token_of, used = tables()
+    stamp_slot_of, _, stamp_used = tables()
+    checks = [
+        (ops.decode_attention, (q.float(), kv[0], kv[1], torch.tensor([200], device=DEVICE))),
+        (ops.gather_kv, (slab, table, sel)),
+        (ops.fetch_into, (slab, table, sel, sel > T // 2, victims, torch.zeros(2, H, M, D, device=DEVICE))),
+        (ops._score_candidates, (q, codes, scale, zero, ints(T, H, N), torch.tensor([N, 40], device=DEVICE), 2, C, D**-0.5)),
+        (ops.cluster_candidates, ((torch.rand(H, 17, generator=g) < 0.5).to(DEVICE), ints(17, H, T, dtype=torch.int32), 4, torch.tensor([200], device=DEVICE), N)),
+        (ops.stamp, (sel, stamp_slot_of, stamp_used, one)),
+        (ops.assign, (sel, torch.full((H, k), -1, dtype=torch.int32, device=DEVICE), victims, torch.tensor([k], device=DEVICE), slot_of, token_of, used, one, torch.zeros(2, dtype=torch.long, device=DEVICE))),
+    ]  # fmt: skip
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                    "test_aot_dispatch_dynamic"))  # fmt: skip
