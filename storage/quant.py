@@ -169,4 +169,4 @@ def score_candidates(
     offload/kernels/candidates.py.)"""
     N = ids.shape[1]
     padding = torch.arange(N, device=ids.device)[None, None, :] >= count[:, None, None]
-    return (score_dequantized(q, keys_at(qk, ids)) * sm_scale).masked_fill(padding, float("-inf"))
+    return (score_keys_at(qk, q, ids) * sm_scale).masked_fill(padding, float("-inf"))
