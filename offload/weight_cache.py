@@ -13,11 +13,17 @@ architecture, and this module's format version. A cache file that cannot be read
 or does not match is ignored and rewritten; one that cannot be written (read-only
 home, full disk) only costs the next start its speed. The folder is
 `$OFFLOAD_CACHE`, else `$XDG_CACHE_HOME/offload`, else `~/.cache/offload`.
+
+The cache holds one entry per source file name, dtype and weight form (its "slot"):
+writing an entry removes the others of its slot, which a reinstalled model file (a new
+mtime), a new torch or a new format has made unreachable. Without that, every
+reinstall left another copy of the model behind (220 MB each for the embedded one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -39,7 +45,9 @@ def cache_dir() -> Path:
 
 
 def cache_path(source: Path, dtype: torch.dtype, weights: str) -> Path:
+    """`<stem>-<slot>-<content>.safetensors` in the cache folder (the slot: module doc)."""
     st = source.stat()
+    slot = hashlib.sha256(f"{source.name}|{dtype}|{weights}".encode()).hexdigest()[:8]
     h = hashlib.sha256(
         f"{CACHE_FORMAT}|{torch.__version__}|{platform.machine()}|{dtype}|{weights}|"
         f"{st.st_size}|{st.st_mtime_ns}".encode()
@@ -48,7 +56,21 @@ def cache_path(source: Path, dtype: torch.dtype, weights: str) -> Path:
         h.update(f.read(EDGE_BYTES))
         f.seek(max(0, st.st_size - EDGE_BYTES))
         h.update(f.read(EDGE_BYTES))
-    return cache_dir() / "weights" / f"{source.stem}-{h.hexdigest()[:24]}.safetensors"
+    return cache_dir() / "weights" / f"{source.stem}-{slot}-{h.hexdigest()[:24]}.safetensors"
+
+
+def _superseded(path: Path) -> list[Path]:
+    """The other entries of `path`'s slot, and entries named before slots existed
+    (`<stem>-<24 hex>.safetensors`, never read again)."""
+    stem, slot, _ = path.name.removesuffix(".safetensors").rsplit("-", 2)
+    old = []
+    for other in path.parent.glob(f"{glob.escape(stem)}-*.safetensors"):
+        rest = other.name.removesuffix(".safetensors")[len(stem) + 1 :].split("-")
+        ours = len(rest) == 2 and rest[0] == slot
+        legacy = len(rest) == 1 and len(rest[0]) == 24
+        if other != path and (ours or legacy):
+            old.append(other)
+    return old
 
 
 def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
@@ -119,4 +141,7 @@ def store(path: Path, model, tokenizer, weights: str) -> bool:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         return False
+    for old in _superseded(path):  # a process still reading one keeps its open file
+        with contextlib.suppress(OSError):
+            old.unlink()
     return True

@@ -20,11 +20,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Converted weights (offload/weight_cache.py) go to a folder of this run, not the home.
+# Converted weights (offload/weight_cache.py) go to a folder of this run, not the home,
+# removed when the run ends (about 1 GB: every run leaving its own filled CI's disk).
 if "OFFLOAD_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["OFFLOAD_CACHE"] = tempfile.mkdtemp(prefix="offload-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["OFFLOAD_CACHE"], ignore_errors=True)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Tests that only mean something on a GPU: skipped on the CPU, run on a CUDA machine.

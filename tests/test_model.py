@@ -1,5 +1,7 @@
 """Numerics: our model against transformers on tiny seeded checkpoints (fp32)."""
 
+import os
+
 import pytest
 import torch
 
@@ -131,6 +133,29 @@ def test_gqa_attention_equals_causal_softmax(dtype, S, T):
     got = gqa_attention(q.to(dtype), k.to(dtype), v.to(dtype)).float()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_weight_cache_keeps_one_entry_per_model_dtype_and_form(tmp_path, monkeypatch):
+    from offload.loading import load
+    from tests.conftest import write_gguf
+
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "weights"
+    src = write_gguf(tmp_path / "m.gguf")
+    cpu = torch.device("cpu")
+    legacy = folder / f"m-{'0' * 24}.safetensors"  # named before slots: never read again
+    folder.mkdir(parents=True)
+    legacy.write_bytes(b"old")
+    load(src, torch.float32, cpu, "auto")
+    (f32,) = folder.glob("*.safetensors")
+    assert not legacy.exists()
+    load(src, torch.bfloat16, cpu, "auto")  # another dtype: its own slot, both kept
+    assert len(list(folder.glob("*.safetensors"))) == 2
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a reinstalled model file
+    load(src, torch.float32, cpu, "auto")
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(names) == 2 and f32.name not in names
 
 
 def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
