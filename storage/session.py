@@ -45,7 +45,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
-from storage.disk import DiskTier, StorageError, crc32_digest, fsync_dir, write_atomic
+from storage.disk import (
+    DiskFullError,
+    DiskTier,
+    StorageError,
+    crc32_digest,
+    fsync_dir,
+    write_atomic,
+)
 from storage.layout import KVLayout
 from storage.manifest import HASH_BLOCK, VERSION_NAME, hash_blocks, validate_manifest
 from storage.quant import PARAM_DTYPE
@@ -194,7 +201,11 @@ class SessionContents:
 
 
 def save_session(path: Path, store, contents: SessionContents) -> int:
-    """Write the store's KV (all tokens of every layer) as a new version; return its bytes."""
+    """Write the store's KV (all tokens of every layer) as a new version; return its bytes.
+
+    A save that fails (a full disk, a kill) leaves the session as it was: the new
+    version's folder is removed, and so is the session folder when this save created it."""
+    created = not Path(path).expanduser().exists()
     path = prepare_dir(path)
     L: KVLayout = store.layout
     T = store.num_tokens
@@ -251,13 +262,16 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
             os.replace(tmp, path / version)
             fsync_dir(path)
             write_atomic(path / "CURRENT", (version + "\n").encode())
-        except (OSError, SafetensorError) as e:  # a full disk, while writing any file
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = getattr(e, "strerror", None) or str(e)
+            if created:  # under the lock: no other save is using the folder
+                shutil.rmtree(path, ignore_errors=True)
+            if not isinstance(e, (OSError, SafetensorError, DiskFullError)):
+                raise
+            # a full disk, while writing any file (the KV files' writer says it as its own)
+            cause = e.__context__ if isinstance(e.__context__, OSError) else e
+            reason = getattr(cause, "strerror", None) or str(cause)
             raise SessionError(f"cannot save session to {path}: {reason}") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         # Older versions and leftovers of killed saves are garbage now.
         for old in path.iterdir():
             if old.name.startswith("v-") and old.name != version:

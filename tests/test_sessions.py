@@ -333,6 +333,24 @@ def test_disk_full_while_writing_tensors_leaves_the_old_session(tiny, saved, mon
     assert open_session(saved.path).token_ids == saved.token_ids
 
 
+def test_disk_full_on_a_first_save_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import storage.disk
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.disk, "write_atomic", full)  # the KV files' writer
+    rt = doc_runtime(tiny, filler_text(30, seed=10))
+    target = tmp_path / "new" / "doc"
+    with pytest.raises(
+        SessionError, match="cannot save session to .*doc: No space left on device$"
+    ):
+        rt.save_session(target)
+    assert not target.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_no_spilled_file_survives_a_kill_and_the_next_start(tiny, tmp_path, sig):
     from storage.disk import sweep_stale
