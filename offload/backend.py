@@ -19,7 +19,7 @@ from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
 from offload.kernels import ops, triton_available
-from offload.kernels.candidates import cluster_candidates_ref
+from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import assign_ref, stamp_ref
@@ -85,6 +85,13 @@ class Backend:
             op = self._kernel(candidate_kernels)
             return op.score_candidates(q, summaries, ids, count, sm_scale)
         return score_candidates(q, summaries, ids, count, sm_scale)
+
+    def take_clusters(self, ranked, counts, factor: int, k: int, k_valid=None):
+        """The clusters a selection takes, from their ranking ranked [H, NC] and sizes
+        counts [H, NC] -> take [H, NC + 1] bool (offload/kernels/candidates.py)."""
+        if self.kernels:
+            return self._kernel(candidate_kernels).take_clusters(ranked, counts, factor, k, k_valid)
+        return take_clusters_ref(ranked, counts, factor, k, k_valid)
 
     def cluster_candidates(self, take, assign, lo: int, hi, N: int):
         """Each head's tokens in [lo, hi) of the clusters taken, in token order, the first N

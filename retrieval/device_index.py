@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.kernels.candidates import cluster_candidates_ref
+from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
 from retrieval.base import exact_logits, row_max, row_softmax_sum
 from retrieval.cluster import ClusterIndex
 from storage.quant import QuantKeys, score_candidates
@@ -126,19 +126,15 @@ class DeviceClusterIndex:
         number of slots uses only those. The candidate list and the rerank's logits are
         computed by `backend` (an `offload.backend.Backend`: Triton kernels on CUDA) or,
         without one, by the kernels' torch references."""
-        H = self.H
         score = backend.score_candidates if backend else score_candidates
         candidates = backend.cluster_candidates if backend else cluster_candidates_ref
+        takes = backend.take_clusters if backend else take_clusters_ref
         N = num_candidates
-        want = self.factor * (k if k_valid is None else k_valid)
         cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids)) + self.bias
         ranked = torch.argsort(cscore, dim=-1, descending=True)
-        cum = torch.gather(self.counts[:, :-1], 1, ranked).cumsum(1)
-        n_clusters = (cum < want).sum(1, keepdim=True) + 1  # [H, 1]
-        rank_ok = torch.arange(ranked.shape[1], device=q.device)[None, :] < n_clusters
-        take = torch.zeros(H, self.cluster_capacity + 1, dtype=torch.bool, device=q.device)
-        take[:, :-1].scatter_(1, ranked, rank_ok)
-        take[:, -1] = True  # the tokens not indexed yet
+        # The best clusters until factor x k tokens, then one more; the tokens not indexed
+        # yet (the last column) always.
+        take = takes(ranked, self.counts[:, :-1], self.factor, k, k_valid)  # [H, NC_cap + 1]
         # Each head's candidates in token order, the first N (then dropped), padded with lo.
         ids, count = candidates(take, self.assign, lo, hi, N)  # [H, N], [H]
         # The rerank on the candidates' low-bit keys; a prefill chunk's many query rows a

@@ -5,7 +5,7 @@ import torch
 
 from offload.backend import Backend
 from offload.kernels import candidates as candidate_kernels
-from offload.kernels.candidates import cluster_candidates_ref
+from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
 from offload.kernels.candidates import score_candidates as score_kernel
 from retrieval import ClusterIndex
 from retrieval.base import ROW_BLOCK
@@ -87,6 +87,31 @@ def test_candidate_list_kernels_match_their_reference(N, monkeypatch):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (lo, hi)
     full = cluster_candidates_ref(take, assign, 0, torch.tensor([T_cap], device=DEVICE), N)[1]
     assert int(full.max()) > 64 and int(full[2]) == 0  # some dropped at N = 64; an empty head
+
+
+def test_cluster_taking_kernel_matches_its_reference(monkeypatch):
+    """The clusters taken, by the one-program-per-head kernel (blocks of 16 clusters here,
+    so a running count over many) against the torch code: counts with a row stride (the
+    index's), a head whose first cluster alone is enough, a head that takes every
+    cluster, want = 0 (the first cluster still taken), want from a device tensor."""
+    monkeypatch.setattr(candidate_kernels, "BLOCK_C", 16)
+    g = torch.Generator().manual_seed(3)
+    H, NC = 4, 100  # NC: not a multiple of the block
+    ranked = torch.stack([torch.randperm(NC, generator=g) for _ in range(H)]).to(DEVICE)
+    counts = torch.randint(0, 40, (H, NC + 1), generator=g).float()
+    counts[1, int(ranked[1, 0])] = 500  # its best cluster alone holds more than want
+    counts = counts.to(DEVICE)[:, :-1]  # (the index's layout: one more column)
+    for factor, k, k_valid in [(8, 40, None), (8, 1000, None), (8, 0, None), (2, 99, [50])]:
+        k_valid = None if k_valid is None else torch.tensor(k_valid, device=DEVICE)
+        want = take_clusters_ref(ranked, counts, factor, k, k_valid)
+        got = candidate_kernels.take_clusters(ranked, counts, factor, k, k_valid)
+        assert got.dtype == torch.bool and torch.equal(got, want), (factor, k)
+        if (factor, k) == (8, 40):
+            assert int(want[1].sum()) == 2 and 2 < int(want[0].sum()) < NC
+        if k == 1000:
+            assert bool(want.all())
+        if k == 0:
+            assert torch.equal(want.sum(1).cpu(), torch.full((H,), 2))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -4,8 +4,8 @@
                        valid length is a device tensor (split-K, flash-decoding)
     gather             per-head token rows of the host slab, read by the device
                        straight from pinned memory (unified virtual addressing)
-    candidates         a device selection's candidate list, and their rerank on
-                       low-bit keys dequantized in registers
+    candidates         a device selection's clusters taken, their candidate list,
+                       and its rerank on low-bit keys dequantized in registers
     hit_cache          a step hit cache's bookkeeping (hits stamped; misses given
                        the least recently used slots)
 

@@ -231,6 +231,13 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
             slab, table, ids, miss, ids, cache
         ),
+        "the clusters taken": lambda: candidate_kernels.take_clusters(
+            meta(H, T // 16, dtype=torch.long),
+            meta(H, T // 16 + 1, dtype=torch.float32)[:, :-1],
+            8,
+            2048,
+            length,
+        ),
         "the candidates of the clusters taken": lambda: candidate_kernels.cluster_candidates(
             meta(H, T // 16 + 1, dtype=torch.bool), slot_of, 16, length, CANDIDATES
         ),

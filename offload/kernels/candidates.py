@@ -19,6 +19,12 @@ bytes of codes and its group's scale and zero point once, and writes only the lo
 One program per (KV head, block of candidates); its keys are dequantized once for all
 the rows.
 
+Which clusters are taken (`take_clusters`): a head's clusters in the order of their
+scores (an argsort, in torch), taken while the tokens of the clusters before them are
+fewer than `want`. In torch that is ten kernels on [H, NC] (a gather, a cumsum,
+comparisons, a scatter); here one program per head walks the ranking a block at a time
+with a running count.
+
 The candidate list itself (`cluster_candidates`): each head's tokens in [lo, hi) whose
 cluster is taken, in token order, the first N of them, padded with `lo`. In torch that
 is a dozen passes over [H, T_cap] (a cumsum, gathers, `where`s: 1.3M entries each for
@@ -44,6 +50,37 @@ BLOCK_N = 32  # candidates per program
 # blocks (the same results; tests/test_device_index.py runs the GPU's block size).
 INTERPRETED_BLOCK_N = 1024
 BLOCK_T = 1024  # tokens per program of the candidate list
+BLOCK_C = 1024  # clusters per iteration of `take_clusters`' one program per head
+
+
+def take_clusters_ref(ranked, counts, factor: int, k: int, k_valid=None):
+    """ranked [H, NC] (each head's clusters, best first), counts [H, NC] (float: tokens
+    per cluster; any row stride) -> take [H, NC + 1] bool: the clusters before the
+    running count of tokens reaches want = factor x (k_valid if given, a device tensor
+    [1], else k), and the one that reaches it (at least one); the last column, the
+    tokens not indexed yet, always."""
+    H, NC = ranked.shape
+    want = factor * (k if k_valid is None else k_valid)
+    cum = torch.gather(counts, 1, ranked).cumsum(1)
+    n_clusters = (cum < want).sum(1, keepdim=True) + 1  # [H, 1]
+    rank_ok = torch.arange(NC, device=ranked.device)[None, :] < n_clusters
+    take = torch.zeros(H, NC + 1, dtype=torch.bool, device=ranked.device)
+    take[:, :-1].scatter_(1, ranked, rank_ok)
+    take[:, -1] = True
+    return take
+
+
+def take_clusters(ranked, counts, factor: int, k: int, k_valid=None):
+    """The kernel of `take_clusters_ref`."""
+    H, NC = ranked.shape
+    assert ranked.is_contiguous() and counts.stride(1) == 1
+    take = torch.empty(H, NC + 1, dtype=torch.bool, device=ranked.device)
+    valid = ranked if k_valid is None else k_valid  # (a pointer the kernel does not read)
+    _kernels().take[(H,)](
+        ranked, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
+        K_VALID=k_valid is not None, BLOCK=BLOCK_C,
+    )  # fmt: skip
+    return take
 
 
 def cluster_candidates_ref(take, assign, lo: int, hi, N: int):
@@ -145,4 +182,24 @@ def _kernels() -> SimpleNamespace:
         else:
             tl.store(COUNTS + b, tl.sum(m, 0))
 
-    return SimpleNamespace(score=score, candidates=candidates)
+    @triton.jit
+    def take(RANKED, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
+             K_VALID: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        h = tl.program_id(0).to(tl.int64)
+        if K_VALID:
+            k = tl.load(K_VALID_PTR)
+        want = (factor * k).to(tl.float32)
+        before = tl.zeros([], tl.float32)  # tokens of the clusters ranked before the block
+        for start in range(0, NC, BLOCK):
+            r = start + tl.arange(0, BLOCK)
+            ok = r < NC
+            c = tl.load(RANKED + h * NC + r, mask=ok, other=0)
+            n = tl.load(COUNTS + h * s_counts + c, mask=ok, other=0.0)
+            # (integer counts: float32 sums are exact, as the reference's cumsum)
+            above = before + tl.cumsum(n, 0) - n  # tokens of the clusters ranked above
+            keep = (above < want) | (r == 0)
+            tl.store(TAKE + h * (NC + 1) + c, keep.to(tl.uint8), mask=ok)
+            before += tl.sum(n, 0)
+        tl.store(TAKE + h * (NC + 1) + NC, tl.full([], 1, tl.uint8))
+
+    return SimpleNamespace(score=score, candidates=candidates, take=take)

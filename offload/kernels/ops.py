@@ -131,3 +131,15 @@ def cluster_candidates(
 def _(take, assign, lo, hi, N):
     H = assign.shape[0]
     return assign.new_empty(H, N, dtype=torch.long), assign.new_empty(H, dtype=torch.long)
+
+
+@torch.library.custom_op("offload::take_clusters", mutates_args=())
+def take_clusters(
+    ranked: torch.Tensor, counts: torch.Tensor, factor: int, k: int, k_valid: torch.Tensor | None
+) -> torch.Tensor:
+    return candidate_kernels.take_clusters(ranked, counts, factor, k, k_valid)
+
+
+@take_clusters.register_fake
+def _(ranked, counts, factor, k, k_valid):
+    return ranked.new_empty(ranked.shape[0], ranked.shape[1] + 1, dtype=torch.bool)
