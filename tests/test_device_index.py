@@ -68,12 +68,14 @@ def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows, monkeypat
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("N", [64, 1024])
-def test_candidate_list_kernels_match_their_reference(N, monkeypatch):
-    """The two kernels of the candidate list (blocks of 64 tokens here, so many blocks)
-    against the torch code: the same ids in the same order, the same counts, padding
-    with lo, and past N (N = 64: more candidates than that) the rest dropped."""
-    monkeypatch.setattr(candidate_kernels, "BLOCK_T", 64)
+@pytest.mark.parametrize("N, block", [(64, 64), (1024, 64), (1024, 16)])
+def test_candidate_list_kernels_match_their_reference(N, block, monkeypatch):
+    """The two kernels of the candidate list (blocks of 64 or 16 tokens here, so many
+    blocks; with 16, more blocks than a block's lanes, and each program's share of the
+    padding past a block) against the torch code: the same ids in the same order, the
+    same counts, padding with lo, and past N (N = 64: more candidates than that) the
+    rest dropped."""
+    monkeypatch.setattr(candidate_kernels, "BLOCK_T", block)
     g = torch.Generator().manual_seed(N)
     H, NC, T_cap = 3, 40, 1000  # T_cap: not a multiple of the block
     take = (torch.rand(H, NC + 1, generator=g) < 0.3).to(DEVICE)

@@ -29,8 +29,8 @@ The candidate list itself (`cluster_candidates`): each head's tokens in [lo, hi)
 cluster is taken, in token order, the first N of them, padded with `lo`. In torch that
 is a dozen passes over [H, T_cap] (a cumsum, gathers, `where`s: 1.3M entries each for
 the 8B shape at 128k); here two kernels over blocks of tokens, the first counting each
-block's candidates and the second writing them at the offsets a cumsum of the counts
-gives, in the same order.
+block's candidates and the second writing them after those of the blocks before it
+(each of its programs sums their counts), in the same order, and the padding.
 """
 
 from __future__ import annotations
@@ -98,20 +98,22 @@ def cluster_candidates_ref(take, assign, lo: int, hi, N: int):
 
 
 def cluster_candidates(take, assign, lo: int, hi, N: int):
-    """The kernels of `cluster_candidates_ref`."""
+    """The kernels of `cluster_candidates_ref`: two launches (the second sums the counts
+    of the blocks before its own, and pads its share of the slots past the candidates)."""
     import triton
 
     H, T_cap = assign.shape
     assert take.stride(1) == 1 and assign.stride(1) == 1 and hi.numel() == 1
     blocks = triton.cdiv(T_cap, BLOCK_T)
     counts = torch.empty(H, blocks, dtype=torch.int32, device=assign.device)
-    ids = torch.full((H, N), lo, dtype=torch.long, device=assign.device)
-    args = (take.view(torch.uint8), assign, hi, lo, T_cap, take.stride(0), assign.stride(0))
+    ids = torch.empty(H, N, dtype=torch.long, device=assign.device)
+    count = torch.empty(H, dtype=torch.long, device=assign.device)
+    args = (take.view(torch.uint8), assign, hi, lo, T_cap, take.stride(0), assign.stride(0),
+            counts, ids, count, N, blocks, triton.cdiv(N, blocks))  # fmt: skip
     kernel = _kernels().candidates
-    kernel[(H, blocks)](*args, counts, counts, ids, N, BLOCK=BLOCK_T, WRITE=False)
-    ends = counts.cumsum(1)  # [H, blocks] int64: where each block's candidates end
-    kernel[(H, blocks)](*args, counts, ends, ids, N, BLOCK=BLOCK_T, WRITE=True)
-    return ids, ends[:, -1]
+    kernel[(H, blocks)](*args, BLOCK=BLOCK_T, WRITE=False)
+    kernel[(H, blocks)](*args, BLOCK=BLOCK_T, WRITE=True)
+    return ids, count
 
 
 def score_candidates(
@@ -166,21 +168,36 @@ def _kernels() -> SimpleNamespace:
             tl.store(OUT + (h * R + r) * N + n, logit, mask=ok)
 
     @triton.jit
-    def candidates(TAKE, ASSIGN, HI, lo, T_cap, s_take, s_assign, COUNTS, ENDS, IDS, N,
-                   BLOCK: tl.constexpr, WRITE: tl.constexpr):  # fmt: skip
-        """Pass 1 (WRITE off): each block's candidates counted. Pass 2: written."""
+    def candidates(TAKE, ASSIGN, HI, lo, T_cap, s_take, s_assign, COUNTS, IDS, COUNT, N,
+                   blocks, pad_share, BLOCK: tl.constexpr, WRITE: tl.constexpr):  # fmt: skip
+        """Pass 1 (WRITE off): each block's candidates counted. Pass 2: written, after
+        the candidates of the blocks before; the slots past a head's candidates padded
+        with lo, pad_share of them per program; the head's count by its first program."""
         h = tl.program_id(0).to(tl.int64)
-        b = h * tl.num_programs(1) + tl.program_id(1)
-        t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.program_id(1)
+        t = blk * BLOCK + tl.arange(0, BLOCK)
         ok = (t < T_cap) & (t >= lo) & (t < tl.load(HI))
         cluster = tl.load(ASSIGN + h * s_assign + t, mask=ok, other=0)
         m = (ok & (tl.load(TAKE + h * s_take + cluster, mask=ok, other=0) != 0)).to(tl.int32)
         if WRITE:
-            start = tl.load(ENDS + b) - tl.load(COUNTS + b)  # candidates of the blocks before
-            pos = start + tl.cumsum(m, 0) - 1
+            before = tl.zeros([], tl.int32)  # candidates of the blocks before this one
+            total = tl.zeros([], tl.int32)  # ... and of all of them
+            for start in range(0, blocks, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                n = tl.load(COUNTS + h * blocks + j, mask=j < blocks, other=0)
+                before += tl.sum(tl.where(j < blk, n, 0), 0)
+                total += tl.sum(n, 0)
+            pos = before + tl.cumsum(m, 0) - 1
             tl.store(IDS + h * N + pos, t.to(tl.int64), mask=(m != 0) & (pos < N))
+            first = blk * pad_share
+            for start in range(0, pad_share, BLOCK):
+                p = first + start + tl.arange(0, BLOCK)
+                pad = (p < first + pad_share) & (p < N) & (p >= total)
+                tl.store(IDS + h * N + p, tl.full([BLOCK], lo, tl.int64), mask=pad)
+            if blk == 0:
+                tl.store(COUNT + h, total.to(tl.int64))
         else:
-            tl.store(COUNTS + b, tl.sum(m, 0))
+            tl.store(COUNTS + h * blocks + blk, tl.sum(m, 0))
 
     @triton.jit
     def take(RANKED, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
