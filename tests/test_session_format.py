@@ -54,7 +54,8 @@ def test_the_load_does_not_wait_for_the_abstracts(tiny, tmp_path, monkeypatch):
 
 def test_a_damaged_abstracts_file_is_named_where_they_are_read(tiny, tmp_path):
     """The load and the questions do not read the abstracts (only the chunk selector,
-    spills and saves do): the first read names the file, and a save leaves nothing."""
+    spills and saves do): the first read names the file, and a save leaves nothing (not
+    even the folder it created)."""
     rt = doc_runtime(tiny, filler_text(60, seed=2))
     want = rt.ask("seven stones", max_new_tokens=6)
     rt.save_session(tmp_path / "s")
@@ -64,7 +65,7 @@ def test_a_damaged_abstracts_file_is_named_where_they_are_read(tiny, tmp_path):
     assert loaded.ask("seven stones", max_new_tokens=6) == want
     with pytest.raises(SessionError, match="abstracts.safetensors: checksum mismatch"):
         loaded.save_session(tmp_path / "t")
-    assert not any(p.name.startswith("v-") for p in (tmp_path / "t").iterdir())
+    assert not (tmp_path / "t").exists()
 
 
 def test_tensor_files_are_hashed_in_blocks(tiny, tmp_path, monkeypatch):
