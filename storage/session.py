@@ -203,8 +203,9 @@ class SessionContents:
 def save_session(path: Path, store, contents: SessionContents) -> int:
     """Write the store's KV (all tokens of every layer) as a new version; return its bytes.
 
-    A save that fails (a full disk, a kill) leaves the session as it was: the new
-    version's folder is removed, and so is the session folder when this save created it."""
+    A save that fails (a full disk, an error) leaves the session as it was: the new
+    version's folder is removed, and so is the session folder when this save created it
+    (a killed save's folder is removed by the next save)."""
     created = not Path(path).expanduser().exists()
     path = prepare_dir(path)
     L: KVLayout = store.layout
@@ -269,7 +270,8 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
             if not isinstance(e, (OSError, SafetensorError, DiskFullError)):
                 raise
             # a full disk, while writing any file (the KV files' writer says it as its own)
-            cause = e.__context__ if isinstance(e.__context__, OSError) else e
+            full = isinstance(e, DiskFullError) and isinstance(e.__context__, OSError)
+            cause = e.__context__ if full else e
             reason = getattr(cause, "strerror", None) or str(cause)
             raise SessionError(f"cannot save session to {path}: {reason}") from None
         # Older versions and leftovers of killed saves are garbage now.
