@@ -18,6 +18,8 @@ The cache holds one entry per source file name, dtype and weight form (its "slot
 writing an entry removes the others of its slot, which a reinstalled model file (a new
 mtime), a new torch or a new format has made unreachable. Without that, every
 reinstall left another copy of the model behind (220 MB each for the embedded one).
+A write interrupted by Ctrl-C removes its partial file; one whose process was killed
+is removed by the next write (the file names its process).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import uuid
 from pathlib import Path
 
@@ -71,6 +74,21 @@ def _superseded(path: Path) -> list[Path]:
         if other != path and (ours or legacy):
             old.append(other)
     return old
+
+
+TEMP_NAME = re.compile(r"\..+\.safetensors\.(\d+)-[0-9a-f]{8}\.tmp")
+
+
+def _orphaned_temps(folder: Path) -> list[Path]:
+    """Partial cache files of writers that are gone (killed while converting)."""
+    from storage.disk import process_gone
+
+    orphans = []
+    for f in folder.glob(".*.tmp"):
+        m = TEMP_NAME.fullmatch(f.name)
+        if m and int(m.group(1)) != os.getpid() and process_gone(int(m.group(1))):
+            orphans.append(f)
+    return orphans
 
 
 def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
@@ -132,15 +150,20 @@ def store(path: Path, model, tokenizer, weights: str) -> bool:
         "source_quant": getattr(model, "source_quant", None),
         "tokenizer": tokenizer.to_state(),
     }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in _orphaned_temps(path.parent):  # (their room may be needed now)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         save_file(state, str(tmp), metadata={"offload": json.dumps(meta)})
         os.replace(tmp, path)
-    except (OSError, SafetensorError):
+    except BaseException as e:  # Ctrl-C during a write of gigabytes included
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        return False
+        if isinstance(e, (OSError, SafetensorError)):
+            return False
+        raise
     for old in _superseded(path):  # a process still reading one keeps its open file
         with contextlib.suppress(OSError):
             old.unlink()

@@ -109,17 +109,22 @@ def sweep_stale(base: Path) -> int:
     return removed
 
 
+def process_gone(pid: int) -> bool:
+    """No process has this id (one of another user's counts as there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
 def _owner_gone(d: Path, pid: int) -> bool:
     try:
         fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return process_gone(pid)
     except OSError:
         return False
     try:

@@ -1,6 +1,7 @@
 """Numerics: our model against transformers on tiny seeded checkpoints (fp32)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +157,38 @@ def test_weight_cache_keeps_one_entry_per_model_dtype_and_form(tmp_path, monkeyp
     load(src, torch.float32, cpu, "auto")
     names = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(names) == 2 and f32.name not in names
+
+
+def test_weight_cache_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A conversion interrupted by Ctrl-C removes its partial file; one whose process was
+    killed (its name says which) is removed by the next write, others' are left."""
+    import safetensors.torch
+
+    from offload.loading import load
+    from tests.conftest import write_gguf
+
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "weights"
+    folder.mkdir(parents=True)
+    src = write_gguf(tmp_path / "m.gguf")
+    real = safetensors.torch.save_file
+
+    def interrupted(state, name, metadata=None):
+        Path(name).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load(src, torch.float32, torch.device("cpu"), "auto")
+    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    killed = folder / ".m-0-0.safetensors.999999999-0123abcd.tmp"  # no such process
+    alive = folder / f".m-0-0.safetensors.{os.getppid()}-0123abcd.tmp"  # a writer still at it
+    for f in (killed, alive):
+        f.write_bytes(b"partial")
+    load(src, torch.float32, torch.device("cpu"), "auto")
+    assert not killed.exists() and alive.exists()
+    assert len(list(folder.glob("*.safetensors"))) == 1
 
 
 def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
