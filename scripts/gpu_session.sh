@@ -7,8 +7,9 @@
 #   bash scripts/gpu_session.sh [pytest-seconds] [bench-seconds]
 #
 # A lent GPU has 15 minutes of device time in all (its start and the call that carries
-# the first model half included): the defaults, 220 + 25 + 180 + 90 + 35 + 30 s, fit one
-# call (at most 600 s). The fourth part times the decode step through torch.compile
+# the first model half included): the defaults, 210 + 40 + 180 + 90 + 35 + 30 s, fit one
+# call (at most 600 s). The second part also says whether pinning on a thread stalls
+# the main thread's GPU work (scripts/probe_pinning.py). The fourth part times the decode step through torch.compile
 # (`model.compile_step`) beside the captured step of the third; the last, one sparse
 # layer's selection and hit-cache lookup with the Triton kernels and with their torch
 # references (scripts/bench_selection.py).
@@ -18,8 +19,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-timeout "${1:-220}" python -m pytest -q --maxfail=30 -rfEs --durations=15 tests 2>&1 | tee "$out/pytest.txt" | tail -60
-timeout 25 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
+timeout "${1:-210}" python -m pytest -q --maxfail=30 -rfEs --durations=15 tests 2>&1 | tee "$out/pytest.txt" | tail -60
+timeout 40 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -20
 timeout "${2:-180}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
   --systems embedded,device,offloaded,tiered,session --fill-above 131072 \
   --session-lengths 8192,131072 --out "$out/bench_gpu.json" \
