@@ -9,8 +9,9 @@
 # A lent GPU has 15 minutes of device time in all (its start and the call that carries
 # the first model half included): the defaults, 210 + 40 + 180 + 90 + 35 + 30 s, fit one
 # call (at most 600 s). The second part also says whether pinning on a thread stalls
-# the main thread's GPU work (scripts/probe_pinning.py). The fourth part times the decode step through torch.compile
-# (`model.compile_step`) beside the captured step of the third; the last, one sparse
+# the main thread's GPU work (scripts/probe_pinning.py). The fourth part times the
+# decode step through torch.compile (`model.compile_step`) beside the captured step of
+# the third; the last, one sparse
 # layer's selection and hit-cache lookup with the Triton kernels and with their torch
 # references (scripts/bench_selection.py).
 set -uo pipefail
