@@ -7,3 +7,11 @@ class StorageError(Exception):
 
 class DiskFullError(StorageError):
     """The disk budget (or the disk) cannot take what must be spilled; nothing was lost."""
+
+
+class SessionError(StorageError):
+    """A session directory is missing, incomplete, corrupt or incompatible; names the file."""
+
+
+class SessionLockedError(SessionError):
+    """Another process is saving to this session."""

@@ -35,9 +35,8 @@ import os
 import shutil
 import stat
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,90 +44,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
-from storage.disk import (
-    DiskFullError,
-    DiskTier,
-    StorageError,
-    crc32_digest,
-    fsync_dir,
-    write_atomic,
-)
+from storage.disk import DiskTier, crc32_digest, fsync_dir, write_atomic
+from storage.errors import DiskFullError, SessionError, SessionLockedError
+from storage.hashing import file_entry, hash_checks, sha256_file  # noqa: F401 (re-exported)
 from storage.layout import KVLayout
-from storage.manifest import HASH_BLOCK, VERSION_NAME, hash_blocks, validate_manifest
+from storage.manifest import VERSION_NAME, validate_manifest
 from storage.quant import PARAM_DTYPE
 
 SESSION_FORMAT = 2  # what a save writes; 1 and 2 load
 FORMATS = (1, 2)
 SUMMARY_KEYS = ("codes", "scale", "zero")
-# Blocks of a file hashed at once (hashlib releases the GIL): a 2 GiB summaries file in
-# 32 blocks is checked about 16x faster on a 16-core machine than on one thread.
-HASH_THREADS = min(16, os.cpu_count() or 1)
 MAX_CHUNKS_PER_FILE = 1024
 MAX_MANIFEST_BYTES = 1 << 28  # token ids and messages of a 16M-token session fit
-
-
-class SessionError(StorageError):
-    """A session directory is missing, incomplete, corrupt or incompatible; names the file."""
-
-
-class SessionLockedError(SessionError):
-    """Another process is saving to this session."""
-
-
-def sha256_file(path: Path, start: int = 0, length: float = float("inf")) -> str:
-    """sha256 of `length` bytes of the file from `start` (all of it by default)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        while length > 0 and (block := f.read(int(min(length, 1 << 20)))):
-            h.update(block)
-            length -= len(block)
-    return h.hexdigest()
-
-
-def _sha256_block(path: Path, i: int) -> str:
-    return sha256_file(path, i * HASH_BLOCK, HASH_BLOCK)
-
-
-def file_entry(path: Path) -> dict:
-    """What a manifest lists of a tensor file: its size and the sha256 of each HASH_BLOCK
-    bytes of it (hashed on threads)."""
-    n = hash_blocks(path.stat().st_size)
-    with ThreadPoolExecutor(min(HASH_THREADS, n), thread_name_prefix="offload-sha256") as pool:
-        blocks = list(pool.map(partial(_sha256_block, path), range(n)))
-    return {"size": path.stat().st_size, "sha256_blocks": blocks}
-
-
-def _hash_checks(files: list[tuple[Path, dict]]) -> list[Future]:
-    """Checks of these files against their manifest entries, running on threads (a block
-    or a format-1 file each); each raises SessionError naming a file that differs."""
-    jobs = []
-    for path, info in files:
-        if info.get("sha256") is not None:
-            jobs.append((_check_sha256, path, info["sha256"]))
-        else:
-            jobs.extend(
-                (_check_block, path, (i, want)) for i, want in enumerate(info["sha256_blocks"])
-            )
-    if not jobs:
-        return []
-    pool = ThreadPoolExecutor(min(HASH_THREADS, len(jobs)), thread_name_prefix="offload-sha256")
-    checks = [pool.submit(check, path, want) for check, path, want in jobs]
-    pool.shutdown(wait=False)  # (the threads end with their checks)
-    return checks
-
-
-def _check_sha256(path: Path, want: str) -> None:
-    if sha256_file(path) != want:
-        raise SessionError(f"{path}: checksum mismatch: the file is corrupt")
-
-
-def _check_block(path: Path, block: tuple[int, str]) -> None:
-    i, want = block
-    if _sha256_block(path, i) != want:
-        raise SessionError(
-            f"{path}: checksum mismatch: the file is corrupt (bytes {i * HASH_BLOCK}-)"
-        )
 
 
 class SessionLock:
@@ -351,7 +278,7 @@ class OpenedSession:
         name = "abstracts.safetensors"
         if name not in self.manifest["files"]:  # format 1
             return self._checked("device.safetensors", ABSTRACT_KEYS)
-        for check in _hash_checks([(self.version_dir / name, self.manifest["files"][name])]):
+        for check in hash_checks([(self.version_dir / name, self.manifest["files"][name])]):
             check.result()
         return self._checked(name, ABSTRACT_KEYS)
 
@@ -471,7 +398,7 @@ def open_session(path: Path, verify_later: bool = False) -> OpenedSession:
         if fname.endswith(".safetensors") and fname != "abstracts.safetensors":
             hashed.append((f, info))  # (the abstracts are hashed when they are read)
     session = OpenedSession(path, version_dir, manifest)
-    session.checks = _hash_checks(hashed)
+    session.checks = hash_checks(hashed)
     if not verify_later:
         session.verified()
     return session

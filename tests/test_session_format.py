@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import storage.hashing
 import storage.manifest
-import storage.session
 from offload import Runtime
 from storage.disk import META_KEY, StorageError
 from storage.session import OpenedSession, SessionError, open_session, sha256_file
@@ -69,7 +69,7 @@ def test_a_damaged_abstracts_file_is_named_where_they_are_read(tiny, tmp_path):
 
 
 def test_tensor_files_are_hashed_in_blocks(tiny, tmp_path, monkeypatch):
-    for module in (storage.manifest, storage.session):
+    for module in (storage.manifest, storage.hashing):
         monkeypatch.setattr(module, "HASH_BLOCK", 1024)
     rt = doc_runtime(tiny, filler_text(60, seed=3))
     want = rt.ask("seven stones", max_new_tokens=6)
