@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
+from offload.backend import Backend
 from retrieval.base import exact_logits, row_max, row_softmax_sum
 from retrieval.cluster import ClusterIndex
-from storage.quant import QuantKeys, score_candidates
+from storage.quant import QuantKeys
 
 CANDIDATE_PAD = 256  # candidate slots are rounded up to this many (fewer recaptures)
 CLUSTER_GROWTH = 1.25  # the centroid buffers grow by this factor (they are 1 GiB at 128k
@@ -123,23 +123,23 @@ class DeviceClusterIndex:
         indexed; reranked by their low-bit keys (sum of softmax), top-k. With `k_valid`
         (a device tensor <= k) the candidates are those of k_valid and the first
         k_valid ids are `ClusterIndex.select(..., k_valid)`'s: a caller with a fixed
-        number of slots uses only those. The candidate list and the rerank's logits are
-        computed by `backend` (an `offload.backend.Backend`: Triton kernels on CUDA) or,
-        without one, by the kernels' torch references."""
-        score = backend.score_candidates if backend else score_candidates
-        candidates = backend.cluster_candidates if backend else cluster_candidates_ref
-        takes = backend.take_clusters if backend else take_clusters_ref
+        number of slots uses only those. The clusters taken, the candidate list and the
+        rerank's logits are computed by `backend` (an `offload.backend.Backend`: Triton
+        kernels on CUDA); without one, by the kernels' torch references."""
+        backend = backend or Backend(q.device)
         N = num_candidates
         cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids)) + self.bias
         ranked = torch.argsort(cscore, dim=-1, descending=True)
-        # The best clusters until factor x k tokens, then one more; the tokens not indexed
-        # yet (the last column) always.
-        take = takes(ranked, self.counts[:, :-1], self.factor, k, k_valid)  # [H, NC_cap + 1]
+        # [H, NC_cap + 1]: the best clusters until factor x k tokens, then one more; the
+        # tokens not indexed yet (the last column) always.
+        take = backend.take_clusters(ranked, self.counts[:, :-1], self.factor, k, k_valid)
         # Each head's candidates in token order, the first N (then dropped), padded with lo.
-        ids, count = candidates(take, self.assign, lo, hi, N)  # [H, N], [H]
+        ids, count = backend.cluster_candidates(take, self.assign, lo, hi, N)  # [H, N], [H]
         # The rerank on the candidates' low-bit keys; a prefill chunk's many query rows a
         # block at a time (a step's G rows: one block).
         sm_scale = q.shape[-1] ** -0.5
-        weights = row_softmax_sum(q, lambda rows: score(rows, summaries, ids, count, sm_scale))
+        weights = row_softmax_sum(
+            q, lambda rows: backend.score_candidates(rows, summaries, ids, count, sm_scale)
+        )
         top = torch.topk(weights, k, dim=-1, sorted=True).indices
         return torch.gather(ids, 1, top)
