@@ -42,7 +42,6 @@ from types import SimpleNamespace
 import torch
 
 from storage.quant import QuantKeys
-from storage.quant import score_candidates as score_candidates_ref  # noqa: F401 (beside its kernel)
 
 BLOCK_N = 32  # candidates per program
 # Triton's interpreter (the CPU tests) runs programs one after another, each op a numpy

@@ -119,7 +119,7 @@ def _kernels() -> SimpleNamespace:
         h = tl.program_id(0).to(tl.int64)
         valid = tl.load(K_VALID)
         now = tl.load(CLOCK)
-        misses = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # a running count
+        misses = tl.zeros([], tl.int32)  # a running count
         hits = misses
         looked = misses
         # Pass 1: rank the misses, pick their slots, forget the victims' old tokens. Every
