@@ -4,6 +4,7 @@ Every test runs on the CPU (the kernel in Triton's interpreter, the step eagerly
 the CUDA-only ones check what only a GPU has: graph replay and no host sync.
 """
 
+import math
 import threading
 
 import pytest
@@ -274,6 +275,30 @@ def test_fixed_shape_tiered_step_equals_eager_sparse_decode(tiny_dirs, hit_facto
         c.truncate(170)
     nxt = [c.decode(rt.model, 7) for c in (eager, stepped)]
     torch.testing.assert_close(nxt[0], nxt[1], atol=1e-4, rtol=1e-4)
+
+
+def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs):
+    """The default config retrieves a fraction of the context (`retrieved` 0): the step
+    computes its count on the device from the position (ceil of a float64 product), as
+    the eager path does on the host, and gives the eager path's logits at every step."""
+    rt, eager, stepped = _tiered_pair(tiny_dirs, retrieved=0, retrieve_fraction=0.1)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    logits = []
+    for c in (eager, stepped):
+        logits.append(prefill(rt.model, c, ids, 64))
+        c.finish_prefill()
+    token = int(logits[0].argmax())
+    counts = []
+    for _ in range(20):
+        T = eager.num_tokens + 1
+        out = [c.decode(rt.model, token) for c in (eager, stepped)]
+        torch.testing.assert_close(out[1], out[0], atol=1e-4, rtol=1e-4)
+        k_valid = int(stepped.step.plan.k_valid)
+        assert k_valid == math.ceil(T * 0.1) == eager.policy.stats.last_retrieved
+        counts.append(k_valid)
+        token = int(out[0].argmax())
+    assert (counts[0], counts[9], counts[10], counts[-1]) == (16, 16, 17, 17)  # T 151, 160, 161, 170
+    assert stepped.step.plan.steps == 20
 
 
 def test_tiered_step_falls_back_to_eager_where_it_cannot_apply(tiny_dirs):
