@@ -297,7 +297,8 @@ def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs):
         assert k_valid == math.ceil(T * 0.1) == eager.policy.stats.last_retrieved
         counts.append(k_valid)
         token = int(out[0].argmax())
-    assert (counts[0], counts[9], counts[10], counts[-1]) == (16, 16, 17, 17)  # T 151, 160, 161, 170
+    # T 151, 160, 161, 170
+    assert (counts[0], counts[9], counts[10], counts[-1]) == (16, 16, 17, 17)
     assert stepped.step.plan.steps == 20
 
 
