@@ -277,10 +277,14 @@ def test_fixed_shape_tiered_step_equals_eager_sparse_decode(tiny_dirs, hit_facto
     torch.testing.assert_close(nxt[0], nxt[1], atol=1e-4, rtol=1e-4)
 
 
-def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs):
+def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs, monkeypatch):
     """The default config retrieves a fraction of the context (`retrieved` 0): the step
     computes its count on the device from the position (ceil of a float64 product), as
-    the eager path does on the host, and gives the eager path's logits at every step."""
+    the eager path does on the host, and gives the eager path's logits at every step;
+    also across a boundary of the retrieval slots' buckets (more slots: a new capture)."""
+    from offload import tiered_step
+
+    monkeypatch.setattr(tiered_step, "K_BUCKET", 160)  # slots for T <= 160, then for 256
     rt, eager, stepped = _tiered_pair(tiny_dirs, retrieved=0, retrieve_fraction=0.1)
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
     logits = []
@@ -288,7 +292,7 @@ def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs):
         logits.append(prefill(rt.model, c, ids, 64))
         c.finish_prefill()
     token = int(logits[0].argmax())
-    counts = []
+    counts, slots = [], []
     for _ in range(20):
         T = eager.num_tokens + 1
         out = [c.decode(rt.model, token) for c in (eager, stepped)]
@@ -296,9 +300,11 @@ def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs):
         k_valid = int(stepped.step.plan.k_valid)
         assert k_valid == math.ceil(T * 0.1) == eager.policy.stats.last_retrieved
         counts.append(k_valid)
+        slots.append(stepped.step.plan.k)
         token = int(out[0].argmax())
     # T 151, 160, 161, 170
     assert (counts[0], counts[9], counts[10], counts[-1]) == (16, 16, 17, 17)
+    assert slots == [16] * 10 + [26] * 10  # ceil(0.1 x 160), then ceil(0.1 x 256)
     assert stepped.step.plan.steps == 20
 
 
