@@ -11,7 +11,10 @@ Commands: /reset, /stats, /save DIR, /file PATH [text], /exit.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -109,6 +112,28 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
         answer(rt, conv, console, text, max_new_tokens, sampling)
 
 
+@contextlib.contextmanager
+def interrupt_flag():
+    """Ctrl-C raises KeyboardInterrupt as usual, and also sets the flag this yields,
+    which an answer's loop checks after each token: Python drops an interrupt whose
+    handler runs inside a finalizer (a generator closed by the garbage collector, say:
+    "Exception ignored in ..."), and an answer must stop all the same."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # (signal handlers are the main thread's)
+        return
+
+    def on_sigint(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> None:
     """Stream one answer; Ctrl-C stops it (the conversation keeps the turns before)."""
     bar = PrefillBar(console)
@@ -116,8 +141,11 @@ def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> N
     step = None
     steps = conv.stream(text, max_new_tokens=max_new_tokens, progress=bar, **sampling)
     try:
-        for step in steps:
-            console.out(step.text, end="", highlight=False)
+        with interrupt_flag() as interrupted:
+            for step in steps:
+                console.out(step.text, end="", highlight=False)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         steps.close()
         bar.close()

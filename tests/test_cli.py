@@ -155,6 +155,32 @@ def test_chat_in_a_terminal_pastes_one_turn_and_ctrl_c_stops_an_answer():
         os.close(fd)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_that_python_drops_still_stops_an_answer():
+    """An interrupt whose handler runs inside a finalizer is dropped by Python (reported
+    as "Exception ignored"); the flag the chat's answer loop checks keeps it."""
+    import gc
+    import signal
+
+    from cli.chat import interrupt_flag
+
+    def closed_by_the_collector():
+        try:
+            yield
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # handled here, in the finalizer
+            sum(range(1000))
+
+    with interrupt_flag() as interrupted:
+        g = closed_by_the_collector()
+        next(g)
+        del g  # closed now: its KeyboardInterrupt goes nowhere
+        gc.collect()
+        time.sleep(0.01)
+        assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_model_without_chat_template_says_which_is_used(tmp_path):
     from tests.conftest import write_gguf
 
