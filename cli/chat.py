@@ -11,15 +11,13 @@ Commands: /reset, /stats, /save DIR, /file PATH [text], /exit.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
+from cli.interrupts import interrupt_flag
 from cli.render import CUT_NOTE, PrefillBar, render_stats
 from offload.config import human_bytes
 from offload.documents import read_documents
@@ -110,28 +108,6 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             console.print(f"[yellow]unknown command {escape(cmd.split()[0])}[/] ({COMMANDS})")
             continue
         answer(rt, conv, console, text, max_new_tokens, sampling)
-
-
-@contextlib.contextmanager
-def interrupt_flag():
-    """Ctrl-C raises KeyboardInterrupt as usual, and also sets the flag this yields,
-    which an answer's loop checks after each token: Python drops an interrupt whose
-    handler runs inside a finalizer (a generator closed by the garbage collector, say:
-    "Exception ignored in ..."), and an answer must stop all the same."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # (signal handlers are the main thread's)
-        return
-
-    def on_sigint(signum, frame):
-        flag.set()
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> None:

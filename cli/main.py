@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.interrupts import interrupt_flag
 from cli.render import CUT_NOTE, PrefillBar
 from offload.config import DEFAULT_MODEL, human_bytes
 from offload.documents import read_documents
@@ -95,9 +96,12 @@ def print_steps(steps) -> None:
     """Stream generated text to stdout as it comes, then end the line. An answer cut at
     the token limit says so on stderr (stdout keeps only the answer, for pipes)."""
     step = None
-    for step in steps:
-        sys.stdout.write(step.text)
-        sys.stdout.flush()
+    with interrupt_flag() as interrupted:
+        for step in steps:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+            if interrupted.is_set():
+                raise KeyboardInterrupt
     sys.stdout.write("\n")
     if step is not None and step.finish_reason == "length":
         sys.stdout.flush()

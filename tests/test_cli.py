@@ -162,7 +162,7 @@ def test_ctrl_c_that_python_drops_still_stops_an_answer():
     import gc
     import signal
 
-    from cli.chat import interrupt_flag
+    from cli.interrupts import interrupt_flag
 
     def closed_by_the_collector():
         try:
