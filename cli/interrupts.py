@@ -14,8 +14,11 @@ def interrupt_flag():
     handler runs inside a finalizer (a generator closed by the garbage collector, say:
     "Exception ignored in ..."), and an answer must stop all the same."""
     flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # (signal handlers are the main thread's)
+    if (
+        threading.current_thread() is not threading.main_thread()  # (handlers are its)
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a parent's choice: kept
+    ):
+        yield flag
         return
 
     def on_sigint(signum, frame):
