@@ -147,7 +147,7 @@ def main() -> None:
         "finish_ms_max": max(finish),
         # of the two: handing tokens to the store; updating the index and its device copy
         "flush_ms_per_token": parts["flush"],
-        "flush_ms_median": statistics.median(flushes),
+        "flush_ms_median": statistics.median(flushes) if flushes else None,  # (one per 64 steps)
         "flushes": len(flushes),
         "index_ms_per_token": parts["index"],
         "flush_ops": sum(counted.calls.values()),
