@@ -309,8 +309,8 @@ def test_tiered_step_retrieves_the_fraction_of_the_context(tiny_dirs, monkeypatc
 
 
 def test_tiered_step_falls_back_to_eager_where_it_cannot_apply(tiny_dirs):
-    """Below the sparse range (and with chunks spilled to disk) the step hands over to
-    the eager path, with the store brought level first."""
+    """Below the sparse range the step hands over to the eager path, with the store
+    brought level first (in the sparse range: the test below)."""
     rt, eager, stepped = _tiered_pair(tiny_dirs)
     ids = rt.tokenizer.encode("seven quiet stones over the river")[:30]  # < sink + window
     for c in (eager, stepped):
@@ -320,6 +320,28 @@ def test_tiered_step_falls_back_to_eager_where_it_cannot_apply(tiny_dirs):
     a = _greedy(eager, rt.model, eager.decode(rt.model, 5), 10)
     b = _greedy(stepped, rt.model, stepped.decode(rt.model, 5), 10)
     assert a == b and stepped.store.num_tokens == stepped.num_tokens
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"selector": "summary"}, {"host_bytes": "16KiB", "spill_batch": 2}],
+    ids=["not-the-cluster-selector", "chunks-on-disk"],
+)
+def test_tiered_step_falls_back_in_the_sparse_range_where_it_cannot_apply(tiny_dirs, overrides):
+    """In the sparse range too: a selector other than the cluster index, or chunks
+    spilled to disk, and the steps are the eager path's (every one sparse there)."""
+    rt, eager, stepped = _tiered_pair(tiny_dirs, **overrides)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    for c in (eager, stepped):
+        prefill(rt.model, c, ids, 64)
+        c.finish_prefill()
+    if "host_bytes" in overrides:
+        assert stepped.store.directory.disk  # (some chunks were spilled)
+    assert stepped.step.plan.prepare(stepped.num_tokens) is None
+    a = _greedy(eager, rt.model, eager.decode(rt.model, 5), 10)
+    b = _greedy(stepped, rt.model, stepped.decode(rt.model, 5), 10)
+    assert a == b and stepped.step.plan.steps == 0
+    assert eager.policy.stats.sparse_steps == stepped.policy.stats.sparse_steps == 11
 
 
 def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
