@@ -344,6 +344,29 @@ def test_tiered_step_falls_back_in_the_sparse_range_where_it_cannot_apply(tiny_d
     assert eager.policy.stats.sparse_steps == stepped.policy.stats.sparse_steps == 11
 
 
+@pytest.mark.parametrize("retrieved", [8, 100_000])
+def test_recall_probe_measures_the_attention_mass_a_sparse_step_keeps(tiny_dirs, retrieved):
+    """`SelectionStats(recall=[])` (scripts/eval_fidelity.py): each sparse step records,
+    per KV head, the share of the dense softmax mass on what it attended; every token
+    attended (a budget past the context) keeps all of it."""
+    from offload.attention import SelectionStats
+
+    rt, eager, _ = _tiered_pair(tiny_dirs, retrieved=retrieved)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    logits = prefill(rt.model, eager, ids, 64)
+    eager.finish_prefill()
+    eager.policy.stats = SelectionStats(recall=[])
+    _greedy(eager, rt.model, logits, 6)
+    recall = eager.policy.stats.recall
+    assert [layer for layer, _ in recall] == [1] * 6  # layer 0 is dense
+    masses = torch.stack([m for _, m in recall])  # [steps, H]
+    assert masses.shape == (6, rt.args.num_kv_heads)
+    if retrieved > 150:
+        torch.testing.assert_close(masses, torch.ones_like(masses))
+    else:
+        assert ((masses > 0) & (masses < 0.99)).all()  # (0.26-0.87 here)
+
+
 def test_runtime_over_the_tiered_step_at_full_budget_equals_dense(tiny_dirs):
     """The Runtime as it runs on CUDA (dense layers mirrored on the device, tiered
     decode through the fixed-shape step), here eagerly on the CPU: with a budget that
