@@ -13,7 +13,8 @@ from offload.backend import Backend
 from offload.generate import prefill
 from offload.graphs import run_block
 from tests.conftest import DEVICE, cuda_only
-from tests.test_decode_step import _greedy, _tiered_pair
+from tests.test_decode_step import _greedy
+from tests.test_tiered_step import _tiered_pair
 
 CUDA = DEVICE.type == "cuda"
 

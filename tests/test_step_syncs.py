@@ -3,8 +3,8 @@
 What CUDA captures as a graph (`DecodeStep._forward`) is run under `HostReads`
 (tests/host_sync.py), for the dense device cache's step and the tiered step with and
 without its hit caches, over enough tokens to cross a hand-over to the store and an
-index update between steps. The CUDA-only test in tests/test_decode_step.py checks
-the same with CUDA's sync debug mode on a GPU.
+index update between steps. The CUDA-only tests in tests/test_decode_step.py and
+tests/test_tiered_step.py check the same with CUDA's sync debug mode on a GPU.
 """
 
 import pytest
@@ -15,7 +15,8 @@ from offload.backend import Backend
 from offload.generate import prefill
 from tests.conftest import DEVICE
 from tests.host_sync import HostReads
-from tests.test_decode_step import _greedy, _tiered_pair
+from tests.test_decode_step import _greedy
+from tests.test_tiered_step import _tiered_pair
 
 
 def _watch(step) -> list:
