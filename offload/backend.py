@@ -11,6 +11,7 @@ Code that differs by device asks this object, instead of testing
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -18,6 +19,7 @@ from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from offload.kernels import layer as layer_kernels
 from offload.kernels import ops, triton_available
 from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
 from offload.kernels.decode_attention import decode_attention_ref
@@ -55,6 +57,17 @@ class Backend:
         steps = cuda and graphs  # eager CUDA decode (graphs off) is the plain path
         return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, remote_host=cuda,
                    compile=steps and compile)  # fmt: skip
+
+    @property
+    def layer_ops(self) -> SimpleNamespace:
+        """The model layers' norms, RoPE and SwiGLU (`Transformer.use_ops`): one Triton
+        kernel each on CUDA (offload/kernels/layer.py), torch's operations elsewhere, and
+        where the step is compiled, since Inductor fuses those itself and more (across
+        the residual sums: 39 kernels for the 4-layer step of `scripts/step_kernels.py`,
+        45 around the kernels as opaque calls)."""
+        if self.kernels and not self.compile:
+            return layer_kernels.KERNELS
+        return layer_kernels.REFERENCE
 
     def decode_attention(self, q, k, v, length) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""

@@ -8,6 +8,10 @@ model runs over an in-memory cache or the tiered store.
 
 Q/K weights are in HF's layout (rotate-half RoPE); the GGUF loader un-permutes
 llama.cpp's interleaved rows before they reach this module.
+
+A layer's elementwise work (its norms, the residual sum before the second, RoPE,
+SwiGLU) goes through `ops` (offload/kernels/layer.py): torch's operations, or on CUDA
+one Triton kernel each (`Transformer.use_ops`, which `Runtime` calls with its backend's).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from offload.kernels.layer import REFERENCE
 from offload.kvcache import KVCache
 from offload.model_args import ModelArgs
 
@@ -49,23 +53,25 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
+    ops = REFERENCE  # (see the module's docstring)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as HF does, then scale in the model dtype (one fused op).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum x + y, and it normed."""
+        return self.ops.add_rms_norm(x, y, self.weight, self.eps)
 
 
 class Attention(nn.Module):
+    ops = REFERENCE
+
     def __init__(self, args: ModelArgs, fused: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -96,8 +102,7 @@ class Attention(nn.Module):
         S = x.shape[0]
         Hq, Hkv = self.num_heads, self.num_kv_heads
         qkv = self.wqkv(x).view(S, Hq + 2 * Hkv, self.head_dim).transpose(0, 1)
-        qk = qkv[: Hq + Hkv]
-        qk = qk * cos + rotate_half(qk) * sin
+        qk = self.ops.rope(qkv[: Hq + Hkv], cos, sin)
         return qk[:Hq], qk[Hq:], qkv[Hq + Hkv :]
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,6 +128,8 @@ def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
 
 
 class FeedForward(nn.Module):
+    ops = REFERENCE
+
     def __init__(self, args: ModelArgs, fused: bool = False):
         super().__init__()
         if fused:
@@ -139,8 +146,7 @@ class FeedForward(nn.Module):
         del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.ops.silu_mul(self.w13(x)))  # silu(gate) * up
 
 
 class Block(nn.Module):
@@ -152,8 +158,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, cache_layer):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache_layer)
-        return h + self.feed_forward(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(x), cos, sin, cache_layer)
+        h, normed = self.ffn_norm.add(x, a)  # h = x + a
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
@@ -177,6 +184,14 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         self.output.weight = self.tok_embeddings.weight
+
+    def use_ops(self, ops) -> Transformer:
+        """Run the layers' elementwise work with `ops` (offload/kernels/layer.py: the
+        Triton kernels on CUDA, `Backend.layer_ops`)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, FeedForward)):
+                m.ops = ops
+        return self
 
     def fuse(self) -> Transformer:
         """Fuse each block's projections (call once, after the weights are loaded)."""

@@ -73,6 +73,7 @@ class Runtime:
         self.backend = Backend.for_device(
             device, graphs=config.model.cuda_graphs, compile=config.model.compile_step
         )
+        self.model.use_ops(self.backend.layer_ops)
         self._state = KVState(self.new_cache())
         self._stats: dict[str, Any] = {}
         self._last_state = self._state  # whose cache stats() reports

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -36,6 +37,7 @@ from evalkit import write_json  # noqa: E402
 from offload.backend import Backend  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
 from offload.generate import prefill  # noqa: E402
+from offload.kernels import layer as layer_kernels  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "unsqueeze",
          "squeeze", "t", "transpose", "permute", "as_strided", "alias", "detach", "unbind",
@@ -59,6 +61,20 @@ class Count(TorchDispatchMode):
         if name not in VIEWS:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
+
+    def layer_kernels(self) -> SimpleNamespace:
+        """The layer's Triton kernels (offload/kernels/layer.py), each call counted as one:
+        they launch from Python, not through torch's dispatcher."""
+
+        def counted(name, kernel):
+            def call(*args):
+                self.ops[name] += 1
+                with torch.utils._python_dispatch._disable_current_modes():
+                    return kernel(*args)
+
+            return call
+
+        return SimpleNamespace(**{n: counted(n, k) for n, k in vars(layer_kernels.KERNELS).items()})
 
 
 def compiled_counts(step) -> dict:
@@ -92,8 +108,11 @@ def measure(rt, tiered: bool, hit_factor: float | None) -> dict:
     assert step.plan.prepare(cache.num_tokens) is not None, "the step does not apply here"
     step.plan.token.fill_(token)
     step.plan.pos.fill_(cache.num_tokens)
-    with Count() as counter:
+    counter = Count()
+    rt.model.use_ops(counter.layer_kernels())  # as on CUDA: the layer's norms, RoPE, SwiGLU
+    with counter:
         step._forward()
+    rt.model.use_ops(backend.layer_ops)  # compiled: torch's operations, for Inductor to fuse
     out = {"eager_ops": sum(counter.ops.values()), **compiled_counts(step)}
     cache.close()
     return out

@@ -30,12 +30,13 @@ from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from offload.kernels import layer as layer_kernels
 from storage.quant import QuantKeys
 
 # Shared memory one block may use (opt-in maximum), by architecture.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # each defines its kernels in `_kernels()`
-MODULES = (attention_kernels, gather_kernels, hit_kernels, candidate_kernels)
+MODULES = (attention_kernels, gather_kernels, hit_kernels, candidate_kernels, layer_kernels)
 
 TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -176,6 +177,7 @@ def _ptxas(arch: int) -> str:
 # The models whose shapes the runtime's launches are compiled at: (KV heads, query heads
 # per KV head, head dim), and the context the buffers are sized for.
 SHAPES = {"smollm2-135m": (3, 3, 64, 8192), "llama-3.1-8b": (8, 4, 128, 131072)}
+DIMS = {"smollm2-135m": (576, 1536), "llama-3.1-8b": (4096, 14336)}  # (dim, hidden dim)
 RETRIEVED = 2048  # tokens per KV head a tiered step gathers (the rtx4090 preset at 128k)
 HIT_SLOTS = 4096  # a step hit cache's slots per KV head
 CANDIDATES = 8 * RETRIEVED + 512  # reranked per KV head (candidate_factor 8, padded)
@@ -187,7 +189,8 @@ def runtime_launches(dtype: torch.dtype, arch: int) -> list[tuple[str, Launch]]:
     is, the launch)."""
     out = []
     for model, shape in SHAPES.items():
-        for what, call in _step_calls(*shape, dtype).items():
+        calls = _step_calls(*shape, dtype) | _layer_calls(*shape[:3], *DIMS[model], dtype)
+        for what, call in calls.items():
             recorded = launches(call, arch)
             names = [launch.name for launch in recorded]
             for i, launch in enumerate(recorded):  # a kernel launched twice: its passes
@@ -248,4 +251,20 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "hit cache: assign the misses": lambda: hit_kernels.assign(
             ids, hit_slots, ids, length, slot_of, token_of, used, clock, counts
         ),
+    }
+
+
+def _layer_calls(H: int, G: int, D: int, dim: int, hidden: int, dtype: torch.dtype) -> dict:
+    """The layer's elementwise kernels as a decode step calls them (a prefill chunk's
+    differ only in their grid): on the fused projections' outputs."""
+    x = torch.empty(1, dim, dtype=dtype, device="meta")
+    qkv = torch.empty(1, H * (G + 2), D, dtype=dtype, device="meta").transpose(0, 1)
+    cos = torch.empty(1, D, dtype=dtype, device="meta")
+    gu = torch.empty(1, 2 * hidden, dtype=dtype, device="meta")
+    w = torch.empty(dim, dtype=dtype, device="meta")
+    return {
+        "the norm": lambda: layer_kernels.rms_norm(x, w, 1e-5),
+        "the residual sum and norm": lambda: layer_kernels.add_rms_norm(x, x, w, 1e-5),
+        "RoPE of q and k": lambda: layer_kernels.rope(qkv[: H * (G + 1)], cos, cos),
+        "SwiGLU": lambda: layer_kernels.silu_mul(gu),
     }

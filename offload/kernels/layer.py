@@ -1,0 +1,202 @@
+"""A decoder layer's elementwise work, each in one kernel: the norms, RoPE, SwiGLU.
+
+    rms_norm(x, w, eps)          w * rmsnorm(x)                x [S, dim] -> [S, dim]
+    add_rms_norm(x, y, w, eps)   h = x + y, and w * rmsnorm(h) -> (h, normed)
+    rope(qk, cos, sin)           qk * cos + rotate_half(qk) * sin
+                                 qk [H, S, D] (any strides, last dim contiguous),
+                                 cos, sin [S, D] -> [H, S, D] contiguous
+    silu_mul(gu)                 silu(gate) * up of gu = [gate | up]  [S, 2F] -> [S, F]
+
+In torch each is several kernels (a norm: the cast to float32, the norm, the cast back,
+the scale; RoPE: five), and inside a replayed CUDA graph every kernel still costs the
+GPU a few microseconds however little it does: at batch 1 a decode step is bound by
+their count as much as by its weights (docs/gpu.md). These take a layer from about 26
+kernels to 13.
+
+Each kernel rounds where the reference rounds (to the model dtype after each torch
+operation: HF's order, normalise in float32, cast, then scale), so in bfloat16 they
+agree with the references but for the order of a norm's sum and the last bit of an
+exponential. The references are the CPU path (`REFERENCE`) and what the tests compare
+the kernels with in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+ROPE_HEADS = 16  # heads per RoPE program (a program per position and block of heads)
+SILU_BLOCK = 1024  # features per SwiGLU program
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 as HF does, then scale in the model dtype.
+    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def add_rms_norm_ref(x, y, w, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + y
+    return h, rms_norm_ref(h, w, eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_ref(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return qk * cos + rotate_half(qk) * sin
+
+
+def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+REFERENCE = SimpleNamespace(
+    rms_norm=rms_norm_ref, add_rms_norm=add_rms_norm_ref, rope=rope_ref, silu_mul=silu_mul_ref
+)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, dim] with a contiguous last dim (a view where it can be)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _norm(x, y, w, eps: float):
+    import triton
+
+    shape = x.shape
+    x2 = _rows(x)
+    S, N = x2.shape
+    out_dtype = torch.promote_types(w.dtype, x.dtype)
+    out = torch.empty(S, N, dtype=out_dtype, device=x.device)
+    h = y2 = None
+    if y is not None:
+        y2 = _rows(y)
+        h = torch.empty(S, N, dtype=x.dtype, device=x.device)
+    BLOCK = triton.next_power_of_2(N)
+    _kernels().norm[(S,)](
+        x2, y2 if y2 is not None else x2, h if h is not None else x2, w, out, N,
+        x2.stride(0), (y2 if y2 is not None else x2).stride(0), N, N, eps,
+        RESIDUAL=y is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
+    )  # fmt: skip
+    if y is None:
+        return out.view(shape)
+    return h.view(shape), out.view(shape)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Triton kernel of `rms_norm_ref`: one program per row."""
+    return _norm(x, None, w, eps)
+
+
+def add_rms_norm(x, y, w, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel of `add_rms_norm_ref`: the residual sum is written and normed in
+    one pass over the row."""
+    assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape, x.dtype, y.dtype)
+    return _norm(x, y, w, eps)
+
+
+def rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel of `rope_ref`: one program per (position, block of heads), both
+    halves of each head's row at once."""
+    import triton
+
+    H, S, D = qk.shape
+    assert D % 2 == 0 and qk.stride(2) == 1, (qk.shape, qk.stride())
+    assert cos.shape == sin.shape == (S, D) and cos.stride() == sin.stride(), (cos.shape, sin.shape)
+    assert cos.stride(1) == 1 and cos.dtype == sin.dtype == qk.dtype, (cos.stride(), cos.dtype)
+    out = torch.empty(H, S, D, dtype=qk.dtype, device=qk.device)
+    grid = (S, triton.cdiv(H, ROPE_HEADS))
+    _kernels().rope[grid](
+        qk, cos, sin, out, H, qk.stride(0), qk.stride(1), cos.stride(0), S * D, D,
+        HALF=D // 2, BLOCK_H=ROPE_HEADS, BLOCK_D=triton.next_power_of_2(D // 2),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel of `silu_mul_ref`: one program per (row, block of features)."""
+    import triton
+
+    shape = gu.shape
+    g2 = _rows(gu)
+    S, F2 = g2.shape
+    assert F2 % 2 == 0, shape
+    F_ = F2 // 2
+    out = torch.empty(S, F_, dtype=gu.dtype, device=gu.device)
+    grid = (S, triton.cdiv(F_, SILU_BLOCK))
+    _kernels().silu_mul[grid](g2, out, F_, g2.stride(0), F_, BLOCK=SILU_BLOCK)
+    return out.view(*shape[:-1], F_)
+
+
+KERNELS = SimpleNamespace(
+    rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope=rope, silu_mul=silu_mul
+)
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """Define the Triton kernels on first use (so importing this module needs no triton,
+    and `TRITON_INTERPRET` is read when the kernel is first wanted)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm(X, Y, H, W, OUT, N, sx, sy, sh, so, eps,
+             RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * sx + cols, mask=mask, other=0.0)
+        if RESIDUAL:  # h = x + y in the model dtype, as torch rounds it; normed from there
+            y = tl.load(Y + row * sy + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + y.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(H + row * sh + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        normed = (xf * rstd).to(X.dtype.element_ty)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        out = w.to(tl.float32) * normed.to(tl.float32)
+        tl.store(OUT + row * so + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def rope(QK, COS, SIN, OUT, H, sh, ss, sc, so_h, so_s,
+             HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        s = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HALF
+        mask = (h < H)[:, None] & dmask[None, :]
+        src = QK + h[:, None].to(tl.int64) * sh + s * ss + d[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(COS + s * sc + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(COS + s * sc + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(SIN + s * sc + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(SIN + s * sc + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        dt = OUT.dtype.element_ty
+        # qk * cos and rotate_half(qk) * sin each rounded to the model dtype, then summed
+        o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+        o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+        dst = OUT + h[:, None].to(tl.int64) * so_h + s * so_s + d[None, :]
+        tl.store(dst, o1.to(dt), mask=mask)
+        tl.store(dst + HALF, o2.to(dt), mask=mask)
+
+    @triton.jit
+    def silu_mul(GU, OUT, F, sg, so, BLOCK: tl.constexpr):
+        s = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < F
+        g = tl.load(GU + s * sg + j, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + s * sg + F + j, mask=mask, other=0.0).to(tl.float32)
+        dt = OUT.dtype.element_ty
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded as torch's
+        tl.store(OUT + s * so + j, (act * u).to(dt), mask=mask)
+
+    return SimpleNamespace(norm=norm, rope=rope, silu_mul=silu_mul)

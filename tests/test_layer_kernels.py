@@ -1,0 +1,114 @@
+"""The layer's elementwise kernels (offload/kernels/layer.py: the norms, RoPE, SwiGLU)
+against their torch references, in Triton's interpreter on the CPU and compiled on CUDA,
+and the model run with them against the model run with the references.
+
+In float32 the kernels equal the references to float32 rounding. In bfloat16 they round
+where the references round, which the interpreter shows only to one unit in the last
+place: it converts float32 to bfloat16 by truncation, where a GPU (and torch) rounds to
+nearest."""
+
+import pytest
+import torch
+
+from offload import Runtime
+from offload.backend import Backend
+from offload.generate import prefill
+from offload.kernels import layer as L
+from tests.conftest import DEVICE
+
+BF16 = dict(rtol=2**-6, atol=2**-6)  # two units in the last place of bfloat16 near 1
+F32 = dict(rtol=1e-6, atol=1e-6)
+
+
+def _close(dtype):
+    return BF16 if dtype == torch.bfloat16 else F32
+
+
+def _randn(g, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(1, 576), (7, 100), (3, 1024)])
+def test_norms_equal_their_references(dtype, rows, dim):
+    g = torch.Generator().manual_seed(rows * dim)
+    x, y = _randn(g, rows, dim, dtype=dtype), _randn(g, rows, dim, dtype=dtype, scale=3)
+    w = 1 + _randn(g, dim, dtype=dtype, scale=0.1)
+    torch.testing.assert_close(L.rms_norm(x, w, 1e-5), L.rms_norm_ref(x, w, 1e-5), **_close(dtype))
+    h, normed = L.add_rms_norm(x, y, w, 1e-5)
+    h_ref, normed_ref = L.add_rms_norm_ref(x, y, w, 1e-5)
+    torch.testing.assert_close(h, h_ref, **_close(dtype))
+    torch.testing.assert_close(normed, normed_ref, **_close(dtype))
+    # a float32 weight over bfloat16 rows scales in float32, as torch promotes
+    out = L.rms_norm(x, w.float(), 1e-5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, L.rms_norm_ref(x, w.float(), 1e-5), **_close(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,S,D", [(12, 1, 64), (40, 5, 128), (6, 3, 80)])
+def test_rope_equals_its_reference(dtype, heads, S, D):
+    """Over q and k as the model hands them: a strided view of the fused projection's
+    output ([S, heads + v heads, D] transposed), with the table's rows gathered by
+    position; more heads than a program takes; a head dim whose half is no power of two."""
+    g = torch.Generator().manual_seed(heads * S)
+    qkv = _randn(g, S, heads + 2, D, dtype=dtype).transpose(0, 1)
+    table_cos, table_sin = _randn(g, 64, D, dtype=dtype), _randn(g, 64, D, dtype=dtype)
+    pos = torch.randperm(64, generator=g)[:S].to(DEVICE)
+    cos, sin = table_cos.index_select(0, pos), table_sin.index_select(0, pos)
+    out = L.rope(qkv[:heads], cos, sin)
+    assert out.shape == (heads, S, D) and out.is_contiguous()
+    ref = L.rope_ref(qkv[:heads], cos, sin)
+    # (a sum of two rounded products may cancel: absolute, at the products' scale)
+    torch.testing.assert_close(out, ref, rtol=_close(dtype)["rtol"], atol=4 * _close(dtype)["atol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,features", [(1, 1536), (4, 100), (2, 2048)])
+def test_silu_mul_equals_its_reference(dtype, rows, features):
+    g = torch.Generator().manual_seed(rows * features)
+    gu = _randn(g, rows, 2 * features, dtype=dtype, scale=3)
+    out = L.silu_mul(gu)
+    assert out.shape == (rows, features)
+    # (relative to the largest value: the products reach ~60 with these inputs)
+    atol = _close(dtype)["atol"] * float(out.float().abs().max())
+    torch.testing.assert_close(out, L.silu_mul_ref(gu), rtol=_close(dtype)["rtol"], atol=atol)
+
+
+def test_the_backend_picks_the_kernels_where_it_runs_them():
+    assert Backend(torch.device("cpu")).layer_ops is L.REFERENCE
+    assert Backend(DEVICE, kernels=True).layer_ops is L.KERNELS
+    # compiled, Inductor fuses torch's operations (across the residual sums too)
+    assert Backend(DEVICE, kernels=True, compile=True).layer_ops is L.REFERENCE
+
+
+def test_a_runtime_runs_its_backends_layer_ops(tiny_dirs):
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], device=DEVICE.type)
+    block = rt.model.layers[0]
+    for m in (block.attention_norm, block.ffn_norm, block.attention, block.feed_forward):
+        assert m.ops is rt.backend.layer_ops
+    assert rt.model.norm.ops is rt.backend.layer_ops
+
+
+def test_the_model_with_the_kernels_equals_the_model_with_torch(tiny_dirs):
+    """A prompt in chunks and greedy decoding, float32: the same tokens, logits within
+    float32 rounding. (Each block uses every kernel: its two norms, the residual sum with
+    the second, RoPE of q and k, SwiGLU.)"""
+    rt = Runtime.from_pretrained(
+        tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
+    )
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 4)
+    runs = []
+    for used in (L.REFERENCE, L.KERNELS):
+        rt.model.use_ops(used)
+        cache = rt.new_cache()
+        logits = prefill(rt.model, cache, ids, 8)
+        out, tokens = [logits], []
+        for _ in range(6):
+            tokens.append(int(logits.argmax()))
+            logits = cache.decode(rt.model, tokens[-1])
+            out.append(logits)
+        runs.append((tokens, torch.stack(out)))
+        cache.close()
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-4)
