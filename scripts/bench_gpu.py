@@ -4,7 +4,8 @@ decode tokens/s on the GPU.
 
     python scripts/bench_gpu.py [--lengths 8192,32768,131072] [--tokens 32]
         [--systems device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded,
-                   device-compiled,offloaded-compiled,embedded-compiled]
+                   device-compiled,offloaded-compiled,embedded-compiled,
+                   device-torch-ops,embedded-torch-ops]
         [--shape llama-8b] [--fill-above 32768] [--session-lengths 8192,131072]
         [--session-dir /tmp/offload-bench-session] [--out results/bench_gpu.json]
         [--plot docs/gpu_decode_ms_per_token.png]
@@ -27,6 +28,9 @@ Systems:
   *-compiled    device, offloaded, embedded with `model.compile_step = true`: the step
                 goes through torch.compile before it is captured (the compile falls in
                 the warm-up steps, whose seconds the rows report)
+  *-torch-ops   device, embedded with the layers' norms, RoPE and SwiGLU in torch's
+                operations instead of their Triton kernels (offload/kernels/layer.py):
+                what those kernels gain
   hf            transformers `generate`, DynamicCache on the GPU
   hf-static     ... StaticCache with its decode step compiled (lengths <= 32k)
   hf-offloaded  ... its offloaded cache (every layer's KV moves every step)
@@ -61,6 +65,7 @@ from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
 from offload.errors import OffloadError  # noqa: E402
 from offload.generate import prefill  # noqa: E402
+from offload.kernels import layer as layer_kernels  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
 from offload.model_args import ModelArgs  # noqa: E402
@@ -267,8 +272,10 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
     return seconds, parts
 
 
-def bench_embedded(tokens: int, compile_step: bool = False) -> dict:
+def bench_embedded(tokens: int, compile_step: bool = False, torch_ops: bool = False) -> dict:
     rt = Runtime.from_pretrained("smollm2", compile_step=compile_step)
+    if torch_ops:
+        rt.model.use_ops(layer_kernels.REFERENCE)
     t = time.perf_counter()
     rt.generate("Hello.", max_new_tokens=4)  # warm-up: Triton's and torch.compile's compiles
     warmup_s = time.perf_counter() - t
@@ -320,6 +327,10 @@ def main() -> None:
     console = Console()
     lengths = [int(x) for x in args.lengths.split(",")]
     systems = args.systems.split(",")
+    known = {"session", *HF_CACHES, *(f"{s}{v}" for s in ("device", "offloaded", "tiered",
+             "embedded") for v in ("", "-compiled")), "device-torch-ops", "embedded-torch-ops"}  # fmt: skip
+    if unknown := [s for s in systems if s not in known]:
+        p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     max_len = max(lengths) + args.tokens + 8
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
@@ -330,7 +341,7 @@ def main() -> None:
         console.print(row)
         write_json(console, args.out, results)  # after every row: a crash keeps the rest
 
-    ours = [s for s in systems if s.removesuffix("-compiled") in ("device", "offloaded", "tiered")]
+    ours = [s for s in systems if s.split("-")[0] in ("device", "offloaded", "tiered")]
     for system in ours:
         if system.startswith("device"):
             config = RuntimeConfig().replace(mode="full")
@@ -343,6 +354,8 @@ def main() -> None:
         if device_of().type != "cuda":
             config = config.replace(device="cpu", dtype="bfloat16")
         rt = synthetic_runtime(args.shape, max_len, config)
+        if system.endswith("-torch-ops"):
+            rt.model.use_ops(layer_kernels.REFERENCE)
         for n in lengths:
             if system.startswith("tiered") and n > rt.device_kv_tokens():
                 continue
@@ -373,7 +386,10 @@ def main() -> None:
         del rt
         reset_peak()
     for system in [s for s in systems if s.startswith("embedded")]:
-        record(system, None, bench_embedded(args.tokens * 4, system.endswith("-compiled")))
+        figures = bench_embedded(
+            args.tokens * 4, system.endswith("-compiled"), system.endswith("-torch-ops")
+        )
+        record(system, None, figures)
     for system in [s for s in systems if s in HF_CACHES]:
         model = hf_model(args.shape, max_len)
         for n in lengths:

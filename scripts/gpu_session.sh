@@ -23,7 +23,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 # The files of the CUDA-only tests and the kernels first, torch.compile's last (the
 # slowest to compile), so that a suite cut short by the limit has run what matters most;
 # SIGINT at the limit, on which pytest still prints the failures it has seen.
-first="test_decode_step test_tiered_step test_step_syncs test_storage test_sessions test_device_index test_step_cache test_embedded test_device_budget test_sparse_prefill"
+first="test_decode_step test_tiered_step test_step_syncs test_layer_kernels test_storage test_sessions test_device_index test_step_cache test_embedded test_device_budget test_sparse_prefill"
 last="test_compiled_step test_kernel_compile"
 files=()
 for f in $first; do files+=("tests/$f.py"); done
@@ -35,7 +35,7 @@ timeout -s INT -k 10 "${1:-200}" python -m pytest -q --maxfail=30 -rfEs --durati
   "${files[@]}" 2>&1 | tee "$out/pytest.txt" | tail -60
 timeout 40 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -20
 timeout "${2:-180}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 16 \
-  --systems embedded,device,offloaded,tiered,session --fill-above 131072 \
+  --systems embedded,embedded-torch-ops,device,offloaded,tiered,session --fill-above 131072 \
   --session-lengths 8192,131072 --out "$out/bench_gpu.json" \
   --plot "$out/gpu_decode_ms_per_token.png" 2>&1 | tail -40
 timeout 90 python scripts/bench_gpu.py --lengths 8192 --tokens 16 \
