@@ -69,11 +69,16 @@ class Backend:
             return layer_kernels.KERNELS
         return layer_kernels.REFERENCE
 
-    def decode_attention(self, q, k, v, length) -> torch.Tensor:
-        """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D]."""
+    def decode_attention(
+        self, q, k, v, length, k2=None, v2=None, length2=None, idx2=None
+    ) -> torch.Tensor:
+        """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D];
+        and over k2, v2's rows below `length2` too where given (row j of head h at
+        idx2[h, j] where that is given: offload/kernels/decode_attention.py)."""
+        more = (k2, v2, length2, idx2)
         if self.kernels:
-            return self._kernel(attention_kernels).decode_attention(q, k, v, length)
-        return decode_attention_ref(q, k, v, length)
+            return self._kernel(attention_kernels).decode_attention(q, k, v, length, *more)
+        return decode_attention_ref(q, k, v, length, *more)
 
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""

@@ -15,7 +15,8 @@ A step (`lookup`), per KV head, for the selected ids [H, k] (the first `k_valid`
            j-th least recently used slot; its old token is forgotten, the new one
            recorded, and the fetch kernel reads just the missed rows from the pinned
            host slab into their slots
-    out    kv[:, h, slot of each row]  [2, H, k, D]
+    out    the slot of each row [H, k]: the step's attention reads kv there
+           (`lookup_slots`); or kv[:, h, slot of each row] [2, H, k, D] (`lookup`)
 
 A slot a hit stamped in this step is never a victim (its clock is the newest, and
 a head has at most k - hits misses for M - hits >= k - hits other slots). Writes
@@ -90,6 +91,18 @@ class StepHitCache:
     ) -> torch.Tensor:
         """K/V [2, H, k, D] of the tokens ids [H, k] (see the module docstring); the
         misses among the first k_valid rows are read from `slab` (`Backend.host_view`)."""
+        return self.kv[:, self._heads, self.lookup_slots(ids, k_valid, slab, slot_table, backend)]
+
+    def lookup_slots(
+        self,
+        ids: torch.Tensor,
+        k_valid: torch.Tensor,
+        slab: torch.Tensor,
+        slot_table: torch.Tensor,
+        backend: Backend,
+    ) -> torch.Tensor:
+        """`lookup` without its copy: the slots [H, k] of `kv` that hold the tokens ids
+        [H, k] once this step's misses are fetched (attention reads them there)."""
         H, k = ids.shape
         assert k <= self.slots, f"a hit cache of {self.slots} slots cannot serve {k} tokens"
         self.clock.add_(1)
@@ -99,7 +112,7 @@ class StepHitCache:
         to, miss, rows = backend.hit_assign(ids, slots, victims, k_valid, self.slot_of,
                                             self.token_of, self.used, self.clock, self.counts)  # fmt: skip
         backend.fetch_into(slab, slot_table, ids, miss, to, self.kv)
-        return self.kv[:, self._heads, rows]
+        return rows
 
     def truncate(self, num_tokens: int) -> None:
         """Forget the tokens from `num_tokens` on (their ids will name other tokens)."""

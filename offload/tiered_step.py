@@ -9,7 +9,10 @@ Inside the step (captured as a CUDA graph on CUDA), per layer:
                                               select: DeviceClusterIndex -> ids [H, k]
                                               fetch:  gather kernel, straight from the
                                                       pinned host slab (UVA)
-                                              attend: sink | selected | window ring
+                                              attend: sink and window ring (one
+                                                      buffer), and the selected rows
+                                                      where the fetch left them (one
+                                                      decode-attention kernel, no copy)
 
 Nothing there reads a host value: the range end `hi = pos + 1 - window` is computed
 on the device. Between steps (`finish`), every `FLUSH_CHUNKS` chunks (fewer where the
@@ -24,8 +27,9 @@ A step runs fixed-shape only while every sparse layer attends sparsely, uses the
 cluster selector and has all its chunks on the host in slot order (no spill);
 otherwise the store is flushed and the step is decoded eagerly (offload/attention.py).
 
-Differences from the eager path, by design: no device hit cache or speculative
-prefetch (the gather reads all k rows each step); the rerank uses the low-bit
+Differences from the eager path, by design: no speculative prefetch (with
+`hit_factor`, a device hit cache per sparse layer keeps what earlier steps fetched;
+without, the gather reads all k rows each step); the rerank uses the low-bit
 summaries (as the eager path does wherever keys are not in the CPU's memory); the
 gather fills a fixed number of slots, enough for the context rounded up to
 `K_BUCKET` tokens (so the step is captured again rarely), of which attention uses
@@ -69,7 +73,8 @@ class TieredPlan:
         self.hi = torch.zeros(1, dtype=torch.long, device=dev)  # pos + 1 - window
         self.ring_slot = torch.zeros(1, dtype=torch.long, device=dev)  # pos % window
         self.k_valid = torch.zeros(1, dtype=torch.long, device=dev)  # tokens retrieved
-        self.rows = torch.zeros(1, dtype=torch.long, device=dev)  # sink + window + k_valid
+        # rows of the sink and window buffer (the store's `recent`): all valid in a step
+        self.recent = torch.tensor([sel.sink + sel.window], device=dev)
         self.k = self.num_candidates = 0  # retrieval slots, candidate slots
         self.steps = 0  # steps this plan ran (fixed-shape)
         self.sparse = [i for i, s in enumerate(self.policy.selectors) if s is not None]
@@ -177,7 +182,6 @@ class TieredPlan:
         else:
             k = torch.ceil(self.length.double() * sel.retrieve_fraction).long()
         torch.minimum(k, self.hi - sel.sink, out=self.k_valid)
-        torch.add(self.k_valid, sel.sink + sel.window, out=self.rows)
 
     def finish(self, num_tokens: int) -> None:
         self.steps += 1
@@ -298,10 +302,12 @@ class SparseStepLayer:
         )
         slab, slots, hc = self.slab, self.slots, self.hit_cache
         if hc is None:
-            chosen = plan.backend.gather_kv(slab, slots, ids)  # [2, H, k, D]
-        else:  # only the misses cross PCIe
-            chosen = hc.lookup(ids, plan.k_valid, slab, slots, plan.backend)
-        # The selected tokens last, so that the length `rows` cuts the unused slots off.
-        kv = torch.cat([dev.sink_kv, dev.ring, chosen], dim=2)
-        out = plan.backend.decode_attention(qg, kv[0], kv[1], plan.rows)
+            chosen, at = plan.backend.gather_kv(slab, slots, ids), None  # [2, H, k, D]
+        else:  # only the misses cross PCIe; attention reads the hits where they are
+            chosen, at = hc.kv, hc.lookup_slots(ids, plan.k_valid, slab, slots, plan.backend)
+        # sink and window, then the first k_valid selected (the length cuts the rest off)
+        recent = dev.recent
+        out = plan.backend.decode_attention(
+            qg, recent[0], recent[1], plan.recent, chosen[0], chosen[1], plan.k_valid, at
+        )
         return out.reshape(Hq, 1, D)

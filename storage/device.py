@@ -76,8 +76,10 @@ class DeviceTier:
     ):  # fmt: skip
         H, D = layout.num_kv_heads, layout.head_dim
         self.layout, self.sink, self.window = layout, sink, window
-        self.sink_kv = torch.empty(2, H, sink, D, dtype=dtype, device=device)
-        self.ring = torch.empty(2, H, window, D, dtype=dtype, device=device)
+        # Sink and window ring in one buffer (views of it), which the fixed-shape step's
+        # attention reads as one set of rows (offload/tiered_step.py).
+        self.recent = torch.empty(2, H, sink + window, D, dtype=dtype, device=device)
+        self.sink_kv, self.ring = self.recent[:, :, :sink], self.recent[:, :, sink:]
         bits = layout.summary_bits
         f32 = torch.float32
         # Growth by an eighth, never past the chunks of the model's window (`max_chunks`).

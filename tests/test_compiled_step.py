@@ -141,6 +141,7 @@ def test_kernel_operators_pass_torchs_operator_checks():
     stamp_slot_of, _, stamp_used = tables()
     checks = [
         (ops.decode_attention, (q.float(), kv[0], kv[1], torch.tensor([200], device=DEVICE))),
+        (ops.decode_attention, (q.float(), kv[0], kv[1], one, kv[0], kv[1], one + 3, sel)),
         (ops.gather_kv, (slab, table, sel)),
         (ops.fetch_into, (slab, table, sel, sel > T // 2, victims, torch.zeros(2, H, M, D, device=DEVICE))),
         (ops._score_candidates, (q, codes, scale, zero, ints(T, H, N), torch.tensor([N, 40], device=DEVICE), 2, C, D**-0.5)),

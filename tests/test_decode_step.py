@@ -44,6 +44,35 @@ def test_decode_attention_reads_strided_buffers():
     torch.testing.assert_close(decode_attention(q, k, v, n), decode_attention_ref(q, k, v, n))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("indexed", [False, True], ids=["rows", "rows by number"])
+def test_decode_attention_over_a_second_set_of_rows(dtype, indexed):
+    """The tiered step's attention: its sink and window buffer, and the selected tokens
+    (gathered, or where they lie in its hit cache: row j of head h at idx2[h, j]); only
+    the first `length` and `length2` of each count. More first rows than second ones,
+    neither a multiple of a split."""
+    gen = torch.Generator().manual_seed(7)
+    H, G, D, N1, N2, slots = 2, 4, 64, 300, 40, 90
+    q = torch.randn(H, G, D, generator=gen).to(DEVICE, dtype)
+    first = torch.randn(2, H, N1, D, generator=gen).to(DEVICE, dtype)
+    first[:, :, 272:] = float("nan")  # past the first length
+    second = torch.randn(2, H, slots if indexed else N2, D, generator=gen).to(DEVICE, dtype)
+    idx = torch.randint(0, slots, (H, N2), generator=gen).to(DEVICE) if indexed else None
+    if not indexed:
+        second[:, :, 33:] = float("nan")  # past the second length
+    n1, n2 = (torch.tensor([n], device=DEVICE) for n in (272, 33))
+    out = decode_attention(q, first[0], first[1], n1, second[0], second[1], n2, idx)
+    heads = torch.arange(H, device=DEVICE)[:, None]
+    picked = second[:, heads, idx] if indexed else second
+    rows = torch.cat([first[:, :, :272], picked[:, :, :33]], dim=2)
+    ref = decode_attention_ref(q, rows[0], rows[1], 272 + 33)
+    torch.testing.assert_close(
+        decode_attention_ref(q, first[0], first[1], n1, second[0], second[1], n2, idx), ref
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
 def test_split_rows_bounds_the_number_of_splits():
     for N in (1, 64, 65, 8192, 131072, 1 << 20):
         split = split_rows(N)

@@ -208,7 +208,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
 
     q, length = meta(H, G, D), meta(1, dtype=torch.long)
     kv = meta(2, H, T, D)  # a dense layer's buffer
-    rows = meta(2, H, 4 + 1024 + RETRIEVED, D)  # a tiered step's sink | window | selected
+    recent = meta(2, H, 16 + 256, D)  # a tiered step's sink and window (the preset's)
     C = 64
     slots = T // C + T // C // 8
     slab, table = meta(2, H, slots, C, D), meta(slots, dtype=torch.long)
@@ -229,7 +229,12 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
     attend = attention_kernels.decode_attention
     return {
         "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
-        "decode attention, tiered layer": lambda: attend(q, rows[0], rows[1], length),
+        "decode attention, tiered layer": lambda: attend(
+            q, recent[0], recent[1], length, cache[0], cache[1], length, ids
+        ),
+        "decode attention, tiered layer, no hit cache": lambda: attend(
+            q, recent[0], recent[1], length, *meta(2, H, RETRIEVED, D), length
+        ),
         "gather from the host slab": lambda: gather_kernels.gather_kv(slab, table, ids),
         "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
             slab, table, ids, miss, ids, cache

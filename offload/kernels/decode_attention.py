@@ -7,6 +7,11 @@ replay it while the context grows.
     length  [1] int64   valid rows, on the device (an int is accepted by the reference)
     ->      [H, G, D]   softmax(q k^T / sqrt(D)) v over rows 0 .. length-1
 
+A second set of rows may join the first (`k2, v2, length2`: its rows 0 .. length2-1),
+read through a per-head table of row numbers where `idx2` [H, N2] is given: the
+tiered step attends to its sink and window (one buffer) and to the tokens it selected
+where they lie in its hit cache, without first copying them all into one buffer.
+
 The Triton kernel is flash-decoding: the N rows are cut into splits, one program
 per (KV head, split) keeps a running max, sum and weighted V sum over its rows
 (the G query heads as the rows of one `tl.dot`, padded to 16), and a second kernel
@@ -36,20 +41,30 @@ SHARED_MIN = 99 * 1024
 
 
 def decode_attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor | int
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor | int,
+    k2=None, v2=None, length2=None, idx2=None,
+) -> torch.Tensor:  # fmt: skip
     """Plain-torch reference (and the CPU path): float32 softmax over the valid rows."""
+    valid = _valid(k.shape[1], length, q.device)
+    if k2 is not None:
+        if idx2 is not None:
+            heads = torch.arange(k2.shape[0], device=q.device)[:, None]
+            k2, v2 = k2[heads, idx2], v2[heads, idx2]
+        k, v = torch.cat([k, k2], dim=1), torch.cat([v, v2], dim=1)
+        valid = torch.cat([valid, _valid(k2.shape[1], length2, q.device)])
     H, G, D = q.shape
-    N = k.shape[1]
     logits = torch.matmul(q.float(), k.float().transpose(1, 2)) * D**-0.5  # [H, G, N]
-    if not isinstance(length, int):
-        length = length.reshape(())
-    valid = torch.arange(N, device=q.device) < length
     logits = logits.masked_fill(~valid, float("-inf"))
     # Rows past the length may hold anything (an uninitialized buffer: NaN too), and
     # 0 * NaN is NaN: zero them rather than rely on their weight being 0.
     v = v.float().masked_fill(~valid[:, None], 0.0)
     return torch.matmul(torch.softmax(logits, dim=-1), v).to(q.dtype)
+
+
+def _valid(N: int, length, device) -> torch.Tensor:
+    if not isinstance(length, int):
+        length = length.reshape(())
+    return torch.arange(N, device=device) < length
 
 
 def split_rows(N: int) -> int:
@@ -86,9 +101,11 @@ def shared_limit(device: torch.device) -> int:
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
-) -> torch.Tensor:
-    """The Triton kernel (see the module docstring); same contract as the reference."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
+    k2=None, v2=None, length2=None, idx2=None,
+) -> torch.Tensor:  # fmt: skip
+    """The Triton kernel (see the module docstring); same contract as the reference. The
+    second rows' splits follow the first's, so the merge sees one list of splits."""
     import triton
 
     H, G, D = q.shape
@@ -97,19 +114,30 @@ def decode_attention(
     assert k.stride(2) == 1 and v.stride(2) == 1 and q.stride(2) == 1, "last dim contiguous"
     assert D & (D - 1) == 0 and D >= 16, f"head_dim {D} must be a power of two >= 16"
     assert length.dtype == torch.int64 and length.numel() == 1
-    split = split_rows(N)
-    num_splits = math.ceil(N / split)
+    N2 = 0
+    if k2 is not None:
+        assert k2.shape == v2.shape and k2.shape[0] == H and k2.shape[2] == D, (k2.shape, v2.shape)
+        assert k2.stride(2) == 1 and v2.stride(2) == 1 and k2.dtype == k.dtype
+        assert length2.dtype == torch.int64 and length2.numel() == 1
+        N2 = k2.shape[1] if idx2 is None else idx2.shape[1]
+        assert idx2 is None or idx2.shape == (H, N2) and idx2.stride(1) == 1, idx2.shape
+    else:  # (placeholders: no split reads them)
+        k2, v2, length2 = k, v, length
+    split = split_rows(N + N2)
+    splits1 = math.ceil(N / split)
+    num_splits = splits1 + math.ceil(N2 / split)
     GP = max(16, triton.next_power_of_2(G))  # tl.dot needs at least 16 rows
     m = torch.empty(H, GP, num_splits, dtype=torch.float32, device=q.device)
     s = torch.empty_like(m)
     acc = torch.empty(H, GP, num_splits, D, dtype=torch.float32, device=q.device)
     warps, stages = launch_config(D, k.element_size(), shared_limit(q.device))
     _kernels().split[(H, num_splits)](
-        q, k, v, length, m, s, acc,
+        q, k, v, length, k2, v2, length2, k2 if idx2 is None else idx2, m, s, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        D**-0.5, G, split,
+        k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
+        0 if idx2 is None else idx2.stride(0), D**-0.5, G, split, splits1,
         GP=GP, D=D, BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages,
+        HAS_IDX=idx2 is not None, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
     out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)
@@ -128,14 +156,21 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def split(Q, K, V, LEN, M, S, ACC, sq_h, sq_g, sk_h, sk_t, sv_h, sv_t, scale, G, SPLIT,
-              GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    def split(Q, K, V, LEN, K2, V2, LEN2, IDX, M, S, ACC, sq_h, sq_g, sk_h, sk_t, sv_h, sv_t,
+              sk2_h, sk2_t, sv2_h, sv2_t, si_h, scale, G, SPLIT, SPLITS1,
+              GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              HAS_IDX: tl.constexpr):  # fmt: skip
         h = tl.program_id(0)
         sp = tl.program_id(1)
         num_splits = tl.num_programs(1)
-        length = tl.load(LEN)
-        start = sp * SPLIT
-        stop = tl.minimum(start + SPLIT, length)
+        # A split of the first rows, or past SPLITS1 of the second: its buffers and strides
+        second = sp >= SPLITS1
+        start = tl.where(second, sp - SPLITS1, sp) * SPLIT
+        stop = tl.minimum(start + SPLIT, tl.where(second, tl.load(LEN2), tl.load(LEN)))
+        Kx, Vx = tl.where(second, K2, K), tl.where(second, V2, V)
+        kh, kt = tl.where(second, sk2_h, sk_h), tl.where(second, sk2_t, sk_t)
+        vh, vt = tl.where(second, sv2_h, sv_h), tl.where(second, sv2_t, sv_t)
+        idx_stop = tl.where(second, stop, 0)  # rows whose number IDX holds: the second's
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         q = tl.load(Q + h * sq_h + g[:, None] * sq_g + d[None, :], mask=g[:, None] < G, other=0.0)
@@ -146,7 +181,10 @@ def _kernels() -> SimpleNamespace:
         for n0 in range(start, stop, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             ok = n < stop
-            k = tl.load(K + h * sk_h + n[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+            r = n.to(tl.int64)
+            if HAS_IDX:  # the second rows' row j is row IDX[h, j] of its buffers
+                r = tl.where(second, tl.load(IDX + h * si_h + n, mask=n < idx_stop, other=0), r)
+            k = tl.load(Kx + h * kh + r[:, None] * kt + d[None, :], mask=ok[:, None], other=0.0)
             # float32 operands: 16-bit inputs go through tf32 (the kernel is bound by its
             # reads, not its math); float32 inputs are multiplied exactly.
             logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
@@ -155,7 +193,7 @@ def _kernels() -> SimpleNamespace:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(logits - m_new[:, None])
             s_i = s_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + h * sv_h + n[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(Vx + h * vh + r[:, None] * vt + d[None, :], mask=ok[:, None], other=0.0)
             pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv
             m_i = m_new

@@ -21,13 +21,20 @@ from storage.quant import QuantKeys
 
 @torch.library.custom_op("offload::decode_attention", mutates_args=())
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    k2: torch.Tensor | None = None,
+    v2: torch.Tensor | None = None,
+    length2: torch.Tensor | None = None,
+    idx2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return attention_kernels.decode_attention(q, k, v, length)
+    return attention_kernels.decode_attention(q, k, v, length, k2, v2, length2, idx2)
 
 
 @decode_attention.register_fake
-def _(q, k, v, length):
+def _(q, k, v, length, k2=None, v2=None, length2=None, idx2=None):
     return q.new_empty(q.shape)  # (contiguous, as the kernel's output)
 
 
