@@ -81,18 +81,6 @@ class StepHitCache:
     def addresses(self) -> tuple[int, ...]:
         return self.kv.data_ptr(), self.slot_of.data_ptr()
 
-    def lookup(
-        self,
-        ids: torch.Tensor,
-        k_valid: torch.Tensor,
-        slab: torch.Tensor,
-        slot_table: torch.Tensor,
-        backend: Backend,
-    ) -> torch.Tensor:
-        """K/V [2, H, k, D] of the tokens ids [H, k] (see the module docstring); the
-        misses among the first k_valid rows are read from `slab` (`Backend.host_view`)."""
-        return self.kv[:, self._heads, self.lookup_slots(ids, k_valid, slab, slot_table, backend)]
-
     def lookup_slots(
         self,
         ids: torch.Tensor,
@@ -101,8 +89,9 @@ class StepHitCache:
         slot_table: torch.Tensor,
         backend: Backend,
     ) -> torch.Tensor:
-        """`lookup` without its copy: the slots [H, k] of `kv` that hold the tokens ids
-        [H, k] once this step's misses are fetched (attention reads them there)."""
+        """The slots [H, k] of `kv` that hold the tokens ids [H, k] (see the module
+        docstring) once the misses among the first k_valid rows are read from `slab`
+        (`Backend.host_view`): the step's attention reads them there."""
         H, k = ids.shape
         assert k <= self.slots, f"a hit cache of {self.slots} slots cannot serve {k} tokens"
         self.clock.add_(1)
@@ -113,6 +102,10 @@ class StepHitCache:
                                             self.token_of, self.used, self.clock, self.counts)  # fmt: skip
         backend.fetch_into(slab, slot_table, ids, miss, to, self.kv)
         return rows
+
+    def lookup(self, ids, k_valid, slab, slot_table, backend) -> torch.Tensor:
+        """`lookup_slots`, and K/V [2, H, k, D] of the tokens ids [H, k] copied out."""
+        return self.kv[:, self._heads, self.lookup_slots(ids, k_valid, slab, slot_table, backend)]
 
     def truncate(self, num_tokens: int) -> None:
         """Forget the tokens from `num_tokens` on (their ids will name other tokens)."""
