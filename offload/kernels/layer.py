@@ -73,21 +73,17 @@ def _norm(x, y, w, eps: float):
     shape = x.shape
     x2 = _rows(x)
     S, N = x2.shape
-    out_dtype = torch.promote_types(w.dtype, x.dtype)
-    out = torch.empty(S, N, dtype=out_dtype, device=x.device)
-    h = y2 = None
-    if y is not None:
-        y2 = _rows(y)
-        h = torch.empty(S, N, dtype=x.dtype, device=x.device)
+    assert w.shape == (N,) and w.stride(0) == 1, (w.shape, w.stride())
+    out = torch.empty(S, N, dtype=torch.promote_types(w.dtype, x.dtype), device=x.device)
+    # (without a residual, x stands in for y and h: the kernel reads neither)
+    y2 = x2 if y is None else _rows(y)
+    h = x2 if y is None else torch.empty(S, N, dtype=x.dtype, device=x.device)
     BLOCK = triton.next_power_of_2(N)
     _kernels().norm[(S,)](
-        x2, y2 if y2 is not None else x2, h if h is not None else x2, w, out, N,
-        x2.stride(0), (y2 if y2 is not None else x2).stride(0), N, N, eps,
+        x2, y2, h, w, out, N, x2.stride(0), y2.stride(0), N, N, eps,
         RESIDUAL=y is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
     )  # fmt: skip
-    if y is None:
-        return out.view(shape)
-    return h.view(shape), out.view(shape)
+    return out.view(shape) if y is None else (h.view(shape), out.view(shape))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
