@@ -23,7 +23,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 # The files of the CUDA-only tests and the kernels first, torch.compile's last (the
 # slowest to compile), so that a suite cut short by the limit has run what matters most;
 # SIGINT at the limit, on which pytest still prints the failures it has seen.
-first="test_decode_step test_tiered_step test_step_syncs test_layer_kernels test_storage test_sessions test_device_index test_step_cache test_embedded test_device_budget test_sparse_prefill"
+first="test_decode_step test_tiered_step test_step_syncs test_storage test_sessions test_device_index test_step_cache test_embedded test_device_budget test_sparse_prefill test_layer_kernels"
 last="test_compiled_step test_kernel_compile"
 files=()
 for f in $first; do files+=("tests/$f.py"); done
