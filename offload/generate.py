@@ -90,14 +90,23 @@ def make_sampler(
 def _pick(temperature: float, top_k: int, top_p: float, seed: int | None) -> Sampler:
     if temperature == 0:
         return lambda logits: int(torch.argmax(logits))
-    gen = torch.Generator(device="cpu")
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        """One per device the logits come from, each seeded with `seed` (a GPU's draws
+        differ from a CPU's for the same seed)."""
+        if device not in gens:
+            gen = gens[device] = torch.Generator(device=device)
+            if seed is not None:
+                gen.manual_seed(seed)
+            else:
+                gen.seed()
+        return gens[device]
 
     def sample(logits: torch.Tensor) -> int:
-        logits = logits.float().cpu() / temperature  # [V]
+        # Where the logits are: on a GPU the vocabulary's sort for top-p (128k entries
+        # for Llama 3) would take milliseconds on the host, and one token comes back.
+        logits = logits.float() / temperature  # [V]
         if top_k > 0:
             kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -109,7 +118,7 @@ def _pick(temperature: float, top_k: int, top_p: float, seed: int | None) -> Sam
             sorted_logits[drop] = float("-inf")
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=gen))
+        return int(torch.multinomial(probs, 1, generator=generator(probs.device)))
 
     return sample
 

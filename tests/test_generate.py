@@ -7,6 +7,7 @@ from cli.main import main
 from offload import Runtime
 from offload.generate import make_sampler
 from offload.tokenizer import StreamDecoder
+from tests.conftest import DEVICE
 
 
 def test_greedy_and_top_k_1_agree():
@@ -16,7 +17,8 @@ def test_greedy_and_top_k_1_agree():
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_p():
-    logits = torch.tensor([5.0, 4.9, 0.0, -1.0, -2.0])
+    """On the logits' device (on a GPU, sampled there)."""
+    logits = torch.tensor([5.0, 4.9, 0.0, -1.0, -2.0], device=DEVICE)
     a = make_sampler(1.0, top_p=0.9, seed=11)
     b = make_sampler(1.0, top_p=0.9, seed=11)
     seq_a = [a(logits) for _ in range(50)]
