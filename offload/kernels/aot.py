@@ -91,9 +91,12 @@ def launches(fn, arch: int = 89) -> list[Launch]:
     return out
 
 
-def _specialize(value) -> tuple[str, object, bool]:
+def _specialize(value, specialize: bool = True) -> tuple[str, object, bool]:
     """(type, constant or None, divisible by 16) of one argument, as Triton's launcher
-    specializes it: an int equal to 1 becomes the constant 1, ints pick 32 or 64 bits."""
+    specializes it: an int equal to 1 becomes the constant 1, ints pick 32 or 64 bits
+    (only the bits where the kernel says `do_not_specialize`)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not specialize:
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), None, False
     if isinstance(value, torch.Tensor):
         aligned = value.storage_offset() * value.element_size() % 16 == 0
         return "*" + TYPES[value.dtype], None, aligned
@@ -123,11 +126,12 @@ def compile_launch(launch: Launch, arch: int):
         raise RuntimeError("Triton kernels compile only in a process without TRITON_INTERPRET")
     options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")}
     signature, constexprs, attrs = {}, {}, {}
+    fixed = {kernel.arg_names[a] if isinstance(a, int) else a for a in kernel.do_not_specialize}
     for i, name in enumerate(kernel.arg_names):
         if i >= len(launch.args):  # a keyword: a constant (`tl.constexpr`)
             signature[name], constexprs[name] = "constexpr", launch.kwargs[name]
             continue
-        kind, const, aligned = _specialize(launch.args[i])
+        kind, const, aligned = _specialize(launch.args[i], name not in fixed)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = const

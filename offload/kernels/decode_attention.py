@@ -155,7 +155,9 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # (SPLITS1 follows the buffer's capacity: specialized, its values 1 and multiples of
+    # 16 would each compile the kernel again as the buffer grows)
+    @triton.jit(do_not_specialize=["SPLITS1"])
     def split(Q, K, V, LEN, K2, V2, LEN2, IDX, M, S, ACC, sq_h, sq_g, sk_h, sk_t, sv_h, sv_t,
               sk2_h, sk2_t, sv2_h, sv2_t, si_h, scale, G, SPLIT, SPLITS1,
               GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
