@@ -179,9 +179,13 @@ class DensePlan:
         self.layers = [layer.step_layer(self.pos, self.length, backend) for layer in cache.layers]
 
     def prepare(self, num_tokens: int) -> tuple:
-        for layer in self.cache.layers:
-            layer.reserve(num_tokens + 1, self.max_tokens)
-        first = self.cache.layers[0]
+        layers = self.cache.layers
+        first = layers[0]
+        # The layers fill and grow together: one with room is all with room (no loop
+        # over every layer's buffers at every token, host time between two replays).
+        if min(first.capacity, layers[-1].capacity) <= num_tokens:
+            for layer in layers:
+                layer.reserve(num_tokens + 1, self.max_tokens)
         return first.capacity, first.k.data.data_ptr()
 
     def derive(self, pos: torch.Tensor) -> None:

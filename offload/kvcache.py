@@ -74,8 +74,8 @@ class DenseLayer:
         self.v.truncate(num_tokens)
 
     def tier_bytes(self) -> dict[str, int]:
-        k = self.k.view()
-        return {"device": 2 * k.numel() * k.element_size()}
+        H, _, D = self.k.data.shape  # (no view: asked after every token, `StepResult`)
+        return {"device": 2 * H * self.k.length * D * self.k.data.element_size()}
 
 
 class DenseStepLayer:
