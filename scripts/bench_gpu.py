@@ -307,6 +307,9 @@ def hf_model(shape: str, max_len: int):
 
 HF_CACHES = {"hf": {}, "hf-static": {"cache_implementation": "static"},
              "hf-offloaded": {"cache_implementation": "offloaded"}}  # fmt: skip
+OURS = ("device", "offloaded", "tiered")
+SYSTEMS = {*OURS, *(f"{s}-compiled" for s in OURS), "device-torch-ops", "session", "embedded",
+           "embedded-compiled", "embedded-torch-ops", *HF_CACHES}  # fmt: skip
 
 
 def main() -> None:
@@ -327,10 +330,8 @@ def main() -> None:
     console = Console()
     lengths = [int(x) for x in args.lengths.split(",")]
     systems = args.systems.split(",")
-    known = {"session", *HF_CACHES, *(f"{s}{v}" for s in ("device", "offloaded", "tiered",
-             "embedded") for v in ("", "-compiled")), "device-torch-ops", "embedded-torch-ops"}  # fmt: skip
-    if unknown := [s for s in systems if s not in known]:
-        p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if unknown := [s for s in systems if s not in SYSTEMS]:
+        p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(sorted(SYSTEMS))})")
     max_len = max(lengths) + args.tokens + 8
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
@@ -341,7 +342,7 @@ def main() -> None:
         console.print(row)
         write_json(console, args.out, results)  # after every row: a crash keeps the rest
 
-    ours = [s for s in systems if s.split("-")[0] in ("device", "offloaded", "tiered")]
+    ours = [s for s in systems if s.split("-")[0] in OURS]
     for system in ours:
         if system.startswith("device"):
             config = RuntimeConfig().replace(mode="full")
