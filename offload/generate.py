@@ -111,16 +111,41 @@ def _pick(temperature: float, top_k: int, top_p: float, seed: int | None) -> Sam
             kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # Drop a token once the mass before it already reaches top_p; keep the first.
-            drop = probs.cumsum(-1) - probs >= top_p
-            sorted_logits[drop] = float("-inf")
-            logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+            logits = nucleus(logits, top_p)
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator(probs.device)))
 
     return sample
+
+
+NUCLEUS_FIRST = 256  # most likely tokens a host's top-p looks at first (then 16x, then all)
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits [V] with -inf for every token past the nucleus: the most likely tokens
+    until their mass reaches `top_p` (a token is dropped once the mass before it does;
+    the first always stays).
+
+    On a GPU the whole vocabulary is sorted there. On a CPU that sort was most of a
+    sampled token (16 ms for Llama 3's 128k entries here), and the nucleus is usually
+    far smaller: the best NUCLEUS_FIRST by `topk`, then 16 times more, then all, while
+    their mass falls short (the same tokens: past the first k, the mass before any
+    token is at least theirs; but where tokens of equal probability straddle the edge,
+    as bf16 logits often make them, `topk` may keep another of them than a sort does).
+    The embedded model at temperature 0.7, top-p 0.9, 64 tokens on this CPU: nuclei of
+    3 tokens (median; at most 26), 0.57 ms a token against 3.3 for the sort."""
+    probs = torch.softmax(logits, dim=-1)
+    V = probs.numel()
+    if logits.device.type == "cpu":
+        k = min(NUCLEUS_FIRST, V)
+        top, order = torch.topk(probs, k)
+        while k < V and float(top.sum()) < top_p:
+            k = 16 * k if 16 * k < V // 4 else V  # (then the whole vocabulary)
+            top, order = torch.topk(probs, k)
+    else:
+        top, order = torch.sort(probs, descending=True)
+    kept = logits[order].masked_fill(top.cumsum(-1) - top >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(0, order, kept)  # (no sync)
 
 
 def apply_stops(steps: Iterator[StepResult], stops: list[str]) -> Iterator[StepResult]:

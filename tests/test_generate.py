@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from offload import Runtime
-from offload.generate import make_sampler
+from offload.generate import make_sampler, nucleus
 from offload.tokenizer import StreamDecoder
 from tests.conftest import DEVICE
 
@@ -24,6 +24,22 @@ def test_seeded_sampling_is_reproducible_and_respects_top_p():
     seq_a = [a(logits) for _ in range(50)]
     assert seq_a == [b(logits) for _ in range(50)]
     assert set(seq_a) <= {0, 1}  # tokens 0 and 1 hold > 0.9 of the mass
+
+
+def test_nucleus_keeps_the_tokens_a_sort_of_the_whole_vocabulary_keeps():
+    """The host's top-p looks at the best 256 tokens first, then 16x more, then all,
+    while their mass falls short: a peaked, a flat and a middling distribution over 5000
+    tokens (the flat one needs the whole vocabulary)."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (8.0, 0.01, 1.5):
+        logits = torch.randn(5000, generator=g) * scale
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            probs = torch.softmax(logits, -1)
+            p, order = torch.sort(probs, descending=True)
+            want = set(order[p.cumsum(-1) - p < top_p].tolist())
+            got = nucleus(logits.to(DEVICE), top_p).cpu()
+            assert set(torch.nonzero(got > float("-inf")).flatten().tolist()) == want
+            assert torch.equal(got[sorted(want)], logits[sorted(want)])
 
 
 def test_stream_decoder_holds_back_split_characters(tiny_dirs):
