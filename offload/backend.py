@@ -80,6 +80,16 @@ class Backend:
             return self._kernel(attention_kernels).decode_attention(q, k, v, length, *more)
         return decode_attention_ref(q, k, v, length, *more)
 
+    def store_kv(self, k, v, K, V, pos) -> None:
+        """K[:, pos] = k and V[:, pos] = v (k, v [H, S, D], pos [S] on the device): a
+        fixed-shape step's new K/V into its buffers. Compiled, as `index_copy_`s: an
+        operator that writes into views of one buffer (the tiered step's ring) gave
+        wrong tokens through Inductor (torch 2.13, on the CPU), the plain writes do not."""
+        if self.kernels and not self.compile:
+            layer_kernels.store_kv(k, v, K, V, pos)
+        else:
+            layer_kernels.store_kv_ref(k, v, K, V, pos)
+
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""
         if self.kernels:

@@ -88,8 +88,7 @@ class DenseStepLayer:
         self.layer, self.pos, self.length, self.backend = layer, pos, length, backend
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.layer.k.data.index_copy_(1, self.pos, k)  # k, v: [H_kv, 1, D]
-        self.layer.v.data.index_copy_(1, self.pos, v)
+        self.backend.store_kv(k, v, self.layer.k.data, self.layer.v.data, self.pos)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         Hq, _, D = q.shape

@@ -281,9 +281,8 @@ class SparseStepLayer:
         self.summaries, self.slab, self.slots = summaries, slab, slots
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        ring = self.dev.ring  # [2, H, window, D]
-        ring[0].index_copy_(1, self.plan.ring_slot, k)  # k, v: [H, 1, D]
-        ring[1].index_copy_(1, self.plan.ring_slot, v)
+        ring = self.dev.ring  # [2, H, window, D]; k, v: [H, 1, D]
+        self.plan.backend.store_kv(k, v, ring[0], ring[1], self.plan.ring_slot)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         plan, dev = self.plan, self.dev

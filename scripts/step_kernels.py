@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
@@ -62,19 +63,21 @@ class Count(TorchDispatchMode):
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
+    def counted(self, name: str, kernel):
+        """`kernel` (a Triton kernel's Python function), each call counted as one: it
+        launches from Python, not through torch's dispatcher."""
+
+        def call(*args):
+            self.ops[name] += 1
+            with torch.utils._python_dispatch._disable_current_modes():
+                return kernel(*args)
+
+        return call
+
     def layer_kernels(self) -> SimpleNamespace:
-        """The layer's Triton kernels (offload/kernels/layer.py), each call counted as one:
-        they launch from Python, not through torch's dispatcher."""
-
-        def counted(name, kernel):
-            def call(*args):
-                self.ops[name] += 1
-                with torch.utils._python_dispatch._disable_current_modes():
-                    return kernel(*args)
-
-            return call
-
-        return SimpleNamespace(**{n: counted(n, k) for n, k in vars(layer_kernels.KERNELS).items()})
+        """The layer's kernels (offload/kernels/layer.py) as the model calls them, counted."""
+        kernels = vars(layer_kernels.KERNELS).items()
+        return SimpleNamespace(**{n: self.counted(n, k) for n, k in kernels})
 
 
 def compiled_counts(step) -> dict:
@@ -110,7 +113,8 @@ def measure(rt, tiered: bool, hit_factor: float | None) -> dict:
     step.plan.pos.fill_(cache.num_tokens)
     counter = Count()
     rt.model.use_ops(counter.layer_kernels())  # as on CUDA: the layer's norms, RoPE, SwiGLU
-    with counter:
+    store = counter.counted("store_kv", layer_kernels.store_kv)  # ... and K/V writes
+    with counter, mock.patch.object(Backend, "store_kv", lambda self, *args: store(*args)):
         step._forward()
     rt.model.use_ops(backend.layer_ops)  # compiled: torch's operations, for Inductor to fuse
     out = {"eager_ops": sum(counter.ops.values()), **compiled_counts(step)}

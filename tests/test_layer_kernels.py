@@ -75,6 +75,21 @@ def test_silu_mul_equals_its_reference(dtype, rows, features):
     torch.testing.assert_close(out, L.silu_mul_ref(gu), rtol=_close(dtype)["rtol"], atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_what_index_copy_writes(dtype):
+    """Into views of one buffer, as the tiered step's ring is (the sink before it), one
+    position (a decode step) and several."""
+    g = torch.Generator().manual_seed(3)
+    for S in (1, 3):
+        k, v = _randn(g, 2, 4, S, 80, dtype=dtype)[:, :, :, :72].unbind(0)  # strided rows
+        want = _randn(g, 2, 4, 16 + 64, 72, dtype=dtype)
+        got = want.clone()
+        pos = torch.randperm(64, generator=g)[:S].to(DEVICE)
+        L.store_kv_ref(k, v, want[0, :, 16:], want[1, :, 16:], pos)
+        L.store_kv(k, v, got[0, :, 16:], got[1, :, 16:], pos)
+        assert torch.equal(got, want)
+
+
 def test_the_backend_picks_the_kernels_where_it_runs_them():
     assert Backend(torch.device("cpu")).layer_ops is L.REFERENCE
     assert Backend(DEVICE, kernels=True).layer_ops is L.KERNELS

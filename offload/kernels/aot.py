@@ -232,6 +232,9 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
     candidates = meta(H, CANDIDATES, dtype=torch.long)
     attend = attention_kernels.decode_attention
     return {
+        "the new K/V into a dense layer's buffers": lambda: layer_kernels.store_kv(
+            *meta(2, H, 1, D), kv[0], kv[1], meta(1, dtype=torch.long)
+        ),
         "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
         "decode attention, tiered layer": lambda: attend(
             q, recent[0], recent[1], length, cache[0], cache[1], length, ids
