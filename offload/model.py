@@ -9,8 +9,8 @@ model runs over an in-memory cache or the tiered store.
 Q/K weights are in HF's layout (rotate-half RoPE); the GGUF loader un-permutes
 llama.cpp's interleaved rows before they reach this module.
 
-A layer's elementwise work (its norms, the residual sum before the second, RoPE,
-SwiGLU) goes through `ops` (offload/kernels/layer.py): torch's operations, or on CUDA
+A layer's elementwise work (its norms and residual sums, RoPE, SwiGLU) goes
+through `ops` (offload/kernels/layer.py): torch's operations, or on CUDA
 one Triton kernel each (`Transformer.use_ops`, which `Runtime` calls with its backend's).
 """
 
@@ -145,8 +145,10 @@ class FeedForward(nn.Module):
         self.w13 = _concat_linears([self.w1, self.w3])
         del self.w1, self.w3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.ops.silu_mul(self.w13(x)))  # silu(gate) * up
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of x, plus `residual` where given (summed in the last matmul on CUDA)."""
+        act = self.ops.silu_mul(self.w13(x))  # silu(gate) * up
+        return self.w2(act) if residual is None else self.ops.linear_add(act, self.w2, residual)
 
 
 class Block(nn.Module):
@@ -160,7 +162,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache_layer):
         a = self.attention(self.attention_norm(x), cos, sin, cache_layer)
         h, normed = self.ffn_norm.add(x, a)  # h = x + a
-        return h + self.feed_forward(normed)
+        return self.feed_forward(normed, residual=h)  # h + mlp(normed)
 
 
 class Transformer(nn.Module):

@@ -90,6 +90,17 @@ def test_store_kv_writes_what_index_copy_writes(dtype):
         assert torch.equal(got, want)
 
 
+def test_linear_add_sums_in_the_matmul_where_it_can():
+    """r + linear(x) as one addmm for a plain linear; a biased one (and the int4/int8
+    linears) as the two operations."""
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(5, 96, generator=g).to(DEVICE), torch.randn(5, 64, generator=g).to(DEVICE)
+    plain = torch.nn.Linear(96, 64, bias=False).to(DEVICE)
+    biased = torch.nn.Linear(96, 64).to(DEVICE)
+    torch.testing.assert_close(L.linear_add(x, plain, r), L.linear_add_ref(x, plain, r))
+    assert torch.equal(L.linear_add(x, biased, r), L.linear_add_ref(x, biased, r))
+
+
 def test_the_backend_picks_the_kernels_where_it_runs_them():
     assert Backend(torch.device("cpu")).layer_ops is L.REFERENCE
     assert Backend(DEVICE, kernels=True).layer_ops is L.KERNELS
@@ -108,7 +119,7 @@ def test_a_runtime_runs_its_backends_layer_ops(tiny_dirs):
 def test_the_model_with_the_kernels_equals_the_model_with_torch(tiny_dirs):
     """A prompt in chunks and greedy decoding, float32: the same tokens, logits within
     float32 rounding. (Each block uses every kernel: its two norms, the residual sum with
-    the second, RoPE of q and k, SwiGLU.)"""
+    the second, RoPE of q and k, SwiGLU, the last residual sum in the down projection.)"""
     rt = Runtime.from_pretrained(
         tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
     )

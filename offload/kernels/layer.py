@@ -6,6 +6,9 @@
                                  qk [H, S, D] (any strides, last dim contiguous),
                                  cos, sin [S, D] -> [H, S, D] contiguous
     silu_mul(gu)                 silu(gate) * up of gu = [gate | up]  [S, 2F] -> [S, F]
+    linear_add(x, linear, r)     r + linear(x): the residual sum in the matmul's epilogue
+                                 (`addmm`, one cuBLAS call) where `linear` is a plain
+                                 `nn.Linear` without bias (else the two operations)
     store_kv(k, v, K, V, pos)    K[:, pos[s]] = k[:, s], V likewise: a fixed-shape step's
                                  new K/V into its buffers (one launch, not an
                                  `index_copy_` each)
@@ -14,7 +17,7 @@ In torch each is several kernels (a norm: the cast to float32, the norm, the cas
 the scale; RoPE: five), and inside a replayed CUDA graph every kernel still costs the
 GPU a few microseconds however little it does: at batch 1 a decode step is bound by
 their count as much as by its weights (docs/gpu.md). These take a dense layer's
-decode step from about 26 kernels to 12.
+decode step from about 26 kernels to 11.
 
 Each kernel rounds where the reference rounds (to the model dtype after each torch
 operation: HF's order, normalise in float32, cast, then scale), so in bfloat16 they
@@ -59,13 +62,21 @@ def silu_mul_ref(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear_add_ref(x: torch.Tensor, linear, r: torch.Tensor) -> torch.Tensor:
+    return r + linear(x)
+
+
 def store_kv_ref(k, v, K, V, pos) -> None:
     K.index_copy_(1, pos, k)
     V.index_copy_(1, pos, v)
 
 
 REFERENCE = SimpleNamespace(
-    rms_norm=rms_norm_ref, add_rms_norm=add_rms_norm_ref, rope=rope_ref, silu_mul=silu_mul_ref
+    rms_norm=rms_norm_ref,
+    add_rms_norm=add_rms_norm_ref,
+    rope=rope_ref,
+    silu_mul=silu_mul_ref,
+    linear_add=linear_add_ref,
 )
 
 
@@ -139,6 +150,16 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return out.view(*shape[:-1], F_)
 
 
+def linear_add(x: torch.Tensor, linear, r: torch.Tensor) -> torch.Tensor:
+    """`linear_add_ref` as one `addmm` (r as its C: rounded once, not after the product
+    and again after the sum) where it applies."""
+    if type(linear) is not torch.nn.Linear or linear.bias is not None:  # (int4/int8 linears)
+        return linear_add_ref(x, linear, r)
+    shape = r.shape
+    out = torch.addmm(r.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+    return out.view(shape)
+
+
 def store_kv(k, v, K, V, pos) -> None:
     """The Triton kernel of `store_kv_ref`: k, v [H, S, D] at positions pos [S] (int64,
     on the device) of K, V [H, T, D] (any strides, last dim contiguous); one program per
@@ -156,7 +177,11 @@ def store_kv(k, v, K, V, pos) -> None:
 
 
 KERNELS = SimpleNamespace(
-    rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope=rope, silu_mul=silu_mul
+    rms_norm=rms_norm,
+    add_rms_norm=add_rms_norm,
+    rope=rope,
+    silu_mul=silu_mul,
+    linear_add=linear_add,
 )
 
 
