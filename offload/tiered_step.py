@@ -74,7 +74,7 @@ class TieredPlan:
         self.ring_slot = torch.zeros(1, dtype=torch.long, device=dev)  # pos % window
         self.k_valid = torch.zeros(1, dtype=torch.long, device=dev)  # tokens retrieved
         # rows of the sink and window buffer (the store's `recent`): all valid in a step
-        self.recent = torch.tensor([sel.sink + sel.window], device=dev)
+        self.recent_rows = torch.tensor([sel.sink + sel.window], device=dev)
         self.k = self.num_candidates = 0  # retrieval slots, candidate slots
         self.steps = 0  # steps this plan ran (fixed-shape)
         self.sparse = [i for i, s in enumerate(self.policy.selectors) if s is not None]
@@ -307,6 +307,6 @@ class SparseStepLayer:
         # sink and window, then the first k_valid selected (the length cuts the rest off)
         recent = dev.recent
         out = plan.backend.decode_attention(
-            qg, recent[0], recent[1], plan.recent, chosen[0], chosen[1], plan.k_valid, at
+            qg, recent[0], recent[1], plan.recent_rows, chosen[0], chosen[1], plan.k_valid, at
         )
         return out.reshape(Hq, 1, D)

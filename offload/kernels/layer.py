@@ -19,10 +19,11 @@ GPU a few microseconds however little it does: at batch 1 a decode step is bound
 their count as much as by its weights (docs/gpu.md). These take a dense layer's
 decode step from about 26 kernels to 11.
 
-Each kernel rounds where the reference rounds (to the model dtype after each torch
-operation: HF's order, normalise in float32, cast, then scale), so in bfloat16 they
-agree with the references but for the order of a norm's sum and the last bit of an
-exponential. The references are the CPU path (`REFERENCE`) and what the tests compare
+Each Triton kernel rounds where the reference rounds (to the model dtype after each
+torch operation: HF's order, normalise in float32, cast, then scale), so in bfloat16
+they agree with the references but for the order of a norm's sum and the last bit of
+an exponential; `linear_add`'s `addmm` rounds the product and the sum once, not
+twice. The references are the CPU path (`REFERENCE`) and what the tests compare
 the kernels with in Triton's interpreter.
 """
 
