@@ -10,6 +10,7 @@ Code that differs by device asks this object, instead of testing
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -20,12 +21,17 @@ from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
 from offload.kernels import layer as layer_kernels
-from offload.kernels import ops, triton_available
-from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
+from offload.kernels import ops, supports_head_dim, triton_available
+from offload.kernels.candidates import (
+    cluster_candidates_ref,
+    rerank_weights_ref,
+    score_clusters_ref,
+    take_clusters_ref,
+)
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import assign_ref, stamp_ref
-from storage.quant import QuantKeys, score_candidates
+from storage.quant import QuantKeys
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,24 @@ class Backend:
 
     @classmethod
     def for_device(
-        cls, device: torch.device | str, graphs: bool = True, compile: bool = False
+        cls,
+        device: torch.device | str,
+        graphs: bool = True,
+        compile: bool = False,
+        head_dim: int | None = None,
     ) -> Backend:
+        """The backend of `device`. A model whose `head_dim` the kernels do not take runs
+        their torch references on CUDA, with a warning (slower, the same results)."""
         device = torch.device(device)
         cuda = device.type == "cuda"
         kernels = cuda and triton_available()
+        if kernels and head_dim is not None and not supports_head_dim(head_dim):
+            warnings.warn(
+                f"head_dim {head_dim}: the GPU kernels take a power of two >= 16; "
+                "running torch's operations instead (slower)",
+                stacklevel=2,
+            )
+            kernels = False
         steps = cuda and graphs  # eager CUDA decode (graphs off) is the plain path
         return cls(device, kernels=kernels, fixed_shape=steps, graphs=steps, remote_host=cuda,
                    compile=steps and compile)  # fmt: skip
@@ -104,15 +123,21 @@ class Backend:
         else:
             fetch_into_ref(slab, slot_table, ids, rows, dst, cache)
 
-    def score_candidates(
-        self, q, summaries: QuantKeys, ids, count, sm_scale: float
-    ) -> torch.Tensor:
-        """Logits [H, R, N] of rows q [H, R, D] against the low-bit keys of candidates ids
-        [H, N], -inf past count[h] (`storage.quant.score_candidates`)."""
+    def score_clusters(self, q, centroids, bias) -> torch.Tensor:
+        """Each cluster's largest logit over rows q [H, R, D] against centroids [H, NC, D],
+        plus bias [H, NC] -> [H, NC] float32 (offload/kernels/candidates.py)."""
+        if self.kernels:
+            return self._kernel(candidate_kernels).score_clusters(q, centroids, bias)
+        return score_clusters_ref(q, centroids, bias)
+
+    def rerank_weights(self, q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
+        """The rerank's weights [H, N]: each row of q [H, R, D] its softmax over the
+        logits against the low-bit keys of candidates ids [H, N] (-inf past count[h]),
+        summed over the rows (offload/kernels/candidates.py)."""
         if self.kernels:
             op = self._kernel(candidate_kernels)
-            return op.score_candidates(q, summaries, ids, count, sm_scale)
-        return score_candidates(q, summaries, ids, count, sm_scale)
+            return op.rerank_weights(q, summaries, ids, count, sm_scale)
+        return rerank_weights_ref(q, summaries, ids, count, sm_scale)
 
     def take_clusters(self, ranked, counts, factor: int, k: int, k_valid=None):
         """The clusters a selection takes, from their ranking ranked [H, NC] and sizes

@@ -71,7 +71,10 @@ class Runtime:
         self.config = config
         self.device = device
         self.backend = Backend.for_device(
-            device, graphs=config.model.cuda_graphs, compile=config.model.compile_step
+            device,
+            graphs=config.model.cuda_graphs,
+            compile=config.model.compile_step,
+            head_dim=loaded.args.head_dim,
         )
         self.model.use_ops(self.backend.layer_ops)
         self._state = KVState(self.new_cache())

@@ -106,9 +106,15 @@ def row_softmax_sum(
 ) -> torch.Tensor:
     """`fine_softmax_sum(logits(q))` for rows q [H, R, D], scored `ROW_BLOCK` rows at a
     time (`logits` maps rows [H, r, D] to scaled, masked logits [H, r, N])."""
+    return row_sum(q, lambda rows: fine_softmax_sum(logits(rows)))
+
+
+def row_sum(q: torch.Tensor, weights: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The sum of `weights(rows)` ([H, N], summed over its rows) over `ROW_BLOCK` rows of
+    q [H, R, D] at a time."""
     out = None
     for r in range(0, q.shape[1], ROW_BLOCK):
-        w = fine_softmax_sum(logits(q[:, r : r + ROW_BLOCK]))
+        w = weights(q[:, r : r + ROW_BLOCK])
         out = w if out is None else out + w
     return out
 

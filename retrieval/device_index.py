@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from offload.backend import Backend
-from retrieval.base import exact_logits, row_max, row_softmax_sum
+from retrieval.base import row_sum
 from retrieval.cluster import ClusterIndex
 from storage.quant import QuantKeys
 
@@ -128,7 +128,7 @@ class DeviceClusterIndex:
         kernels on CUDA); without one, by the kernels' torch references."""
         backend = backend or Backend(q.device)
         N = num_candidates
-        cscore = row_max(q.float(), lambda rows: exact_logits(rows, self.centroids)) + self.bias
+        cscore = backend.score_clusters(q, self.centroids, self.bias)  # [H, NC_cap]
         ranked = torch.argsort(cscore, dim=-1, descending=True)
         # [H, NC_cap + 1]: the best clusters until factor x k tokens, then one more; the
         # tokens not indexed yet (the last column) always.
@@ -138,8 +138,8 @@ class DeviceClusterIndex:
         # The rerank on the candidates' low-bit keys; a prefill chunk's many query rows a
         # block at a time (a step's G rows: one block).
         sm_scale = q.shape[-1] ** -0.5
-        weights = row_softmax_sum(
-            q, lambda rows: backend.score_candidates(rows, summaries, ids, count, sm_scale)
+        weights = row_sum(
+            q, lambda rows: backend.rerank_weights(rows, summaries, ids, count, sm_scale)
         )
         top = torch.topk(weights, k, dim=-1, sorted=True).indices
         return torch.gather(ids, 1, top)

@@ -68,6 +68,51 @@ def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows, monkeypat
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, block", [(3, 128), (70, 32), (5, 2)])
+def test_rerank_weights_kernels_match_their_reference(rows, block, monkeypatch):
+    """The rerank's softmax summed over the rows, from the scoring kernel's statistics of
+    each program (1 block of candidates; 3; 39 blocks of 2: more programs than the
+    statistics' block of 16, so several of its iterations) against the torch code:
+    padding at zero weight, a head with no candidates all zero, rows of a prefill block."""
+    N = 77
+    monkeypatch.setattr(candidate_kernels, "INTERPRETED_BLOCK_N", block)
+    monkeypatch.setattr(candidate_kernels, "BLOCK_W", 32)  # several programs of the sum
+    monkeypatch.setattr(candidate_kernels, "BLOCK_STATS", 16)
+    g = torch.Generator().manual_seed(rows)
+    H, T, D = 3, 1024, 64
+    qk = quantize_keys(torch.randn(H, T, D, generator=g) * 2, 2, 16)
+    qk = type(qk)(qk.bits, qk.group, *(t.to(DEVICE) for t in (qk.codes, qk.scale, qk.zero)))
+    q = torch.randn(H, rows, D, generator=g).to(DEVICE, torch.bfloat16)
+    ids = torch.randint(0, T, (H, N), generator=g).to(DEVICE)
+    count = torch.tensor([N, 50, 0], device=DEVICE)
+    want = candidate_kernels.rerank_weights_ref(q, qk, ids, count, D**-0.5)
+    got = candidate_kernels.rerank_weights(q, qk, ids, count, D**-0.5)
+    assert got.shape == (H, N) and got.dtype == torch.float32
+    assert torch.equal(got[1, 50:], torch.zeros(N - 50, device=DEVICE))
+    assert torch.equal(got[2], torch.zeros(N, device=DEVICE))
+    assert torch.allclose(got.sum(1).cpu(), torch.tensor([rows, rows, 0.0]), atol=1e-4)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("D, rows", [(64, 3), (128, 70), (80, 5)])
+def test_cluster_scoring_kernel_matches_its_reference(D, rows, monkeypatch):
+    """The clusters' scores (each centroid's largest logit over the rows, plus the bias
+    that masks the slots past the real clusters) against the torch code; with the GPU's
+    block of clusters, a head dim that is not a power of two, and centroids with a row
+    stride (the index's buffers past the real count)."""
+    monkeypatch.setattr(candidate_kernels, "INTERPRETED_BLOCK_N", candidate_kernels.BLOCK_CS)
+    g = torch.Generator().manual_seed(D + rows)
+    H, NC = 3, 100  # NC: not a multiple of the block
+    centroids = torch.randn(H, NC + 20, D, generator=g).to(DEVICE)[:, :NC]
+    bias = torch.zeros(H, NC + 1, device=DEVICE)[:, :NC]
+    bias[:, 90:] = float("-inf")
+    q = torch.randn(H, rows, D, generator=g).to(DEVICE, torch.bfloat16)
+    want = candidate_kernels.score_clusters_ref(q, centroids, bias)
+    got = candidate_kernels.score_clusters(q, centroids, bias)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(torch.isinf(want[:, 90:]).all())
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("N, block", [(64, 64), (1024, 64), (1024, 16)])
 def test_candidate_list_kernels_match_their_reference(N, block, monkeypatch):
     """The two kernels of the candidate list (blocks of 64 or 16 tokens here, so many

@@ -108,6 +108,15 @@ def test_the_backend_picks_the_kernels_where_it_runs_them():
     assert Backend(DEVICE, kernels=True, compile=True).layer_ops is L.REFERENCE
 
 
+def test_a_head_dim_the_kernels_do_not_take_runs_torchs_operations_on_cuda():
+    """(No GPU needed: the backend is only chosen here.)"""
+    assert Backend.for_device("cuda", head_dim=64).kernels
+    assert not Backend.for_device("cpu", head_dim=64).kernels
+    with pytest.warns(UserWarning, match="head_dim 80"):
+        backend = Backend.for_device("cuda", head_dim=80)
+    assert not backend.kernels and backend.graphs and backend.layer_ops is L.REFERENCE
+
+
 def test_a_runtime_runs_its_backends_layer_ops(tiny_dirs):
     rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], device=DEVICE.type)
     block = rt.model.layers[0]

@@ -24,3 +24,9 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Do the kernels take this head dim (decode attention's `tl.dot` and the rerank's
+    unpacking want a power of two, at least 16: every Llama, Mistral and Qwen2 size)?"""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0

@@ -256,7 +256,10 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "the candidates of the clusters taken": lambda: candidate_kernels.cluster_candidates(
             meta(H, T // 16 + 1, dtype=torch.bool), slot_of, 16, length, CANDIDATES
         ),
-        "rerank the candidates on their low-bit keys": lambda: candidate_kernels.score_candidates(
+        "the clusters' scores": lambda: candidate_kernels.score_clusters(
+            q, meta(H, T // 16, D, dtype=torch.float32), meta(H, T // 16, dtype=torch.float32)
+        ),
+        "rerank the candidates on their low-bit keys": lambda: candidate_kernels.rerank_weights(
             q, summaries, candidates, meta(H, dtype=torch.long), D**-0.5
         ),
         "hit cache: stamp the hits": lambda: hit_kernels.stamp(ids, slot_of, used, clock),

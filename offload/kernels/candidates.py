@@ -1,5 +1,7 @@
-"""A device selection's candidates (retrieval/device_index.py): their rerank on low-bit
-keys dequantized in registers (`score_candidates`), and their list (`cluster_candidates`).
+"""A device selection's kernels (retrieval/device_index.py): the clusters' scores
+(`score_clusters`), the clusters taken (`take_clusters`), their candidates' list
+(`cluster_candidates`) and the candidates' rerank on low-bit keys dequantized in
+registers (`score_candidates`; `rerank_weights` with the softmax summed over the rows).
 
     q        [H, R, D]             query rows per KV head (a step's query heads of the
                                    group; a prefill chunk's rows, a block at a time)
@@ -18,6 +20,19 @@ tensors is 71 MB and the rerank moves close to 1 GB per sparse layer and step (a
 bytes of codes and its group's scale and zero point once, and writes only the logits.
 One program per (KV head, block of candidates); its keys are dequantized once for all
 the rows.
+
+The rerank's weights (`rerank_weights`): each row's softmax over the candidates, summed
+over the rows (the query heads of a group), as `retrieval.base.fine_softmax_sum` of
+the logits. The scoring kernel also writes each program's maximum and sum of
+exponentials per row; a second kernel combines those of a row (an online softmax) and
+sums the rows' probabilities for a block of candidates. Two launches where torch took
+four after the logits (the softmax, `nan_to_num`, the sum over rows).
+
+The clusters' scores (`score_clusters`): each cluster's centroid against every query
+row, the maximum over the rows, plus the bias that masks the slots past the real
+clusters (`-inf`): `retrieval.base.row_max` of `exact_logits` in float32. One
+program per (KV head, block of clusters) reads its centroids once for all the rows;
+one launch where torch took four (q's cast, the matmul, the maximum, the bias).
 
 Which clusters are taken (`take_clusters`): a head's clusters in the order of their
 scores (an argsort, in torch), taken while the tokens of the clusters before them are
@@ -41,7 +56,10 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import supports_head_dim
+from retrieval.base import exact_logits, fine_softmax_sum, row_max
 from storage.quant import QuantKeys
+from storage.quant import score_candidates as reference_scores
 
 BLOCK_N = 32  # candidates per program
 # Triton's interpreter (the CPU tests) runs programs one after another, each op a numpy
@@ -50,6 +68,37 @@ BLOCK_N = 32  # candidates per program
 INTERPRETED_BLOCK_N = 1024
 BLOCK_T = 1024  # tokens per program of the candidate list
 BLOCK_C = 1024  # clusters per iteration of `take_clusters`' one program per head
+BLOCK_CS = 32  # clusters per program of `score_clusters` (their centroids in registers)
+BLOCK_W = 1024  # candidates per program of the rerank's softmax sum
+BLOCK_STATS = 1024  # (at most) its programs' statistics read at a time
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def score_clusters_ref(q, centroids, bias):
+    """q [H, R, D] against centroids [H, NC, D] float32 -> [H, NC] float32: each
+    cluster's largest logit over the rows (unscaled), plus bias [H, NC]."""
+    return row_max(q.float(), lambda rows: exact_logits(rows, centroids)) + bias
+
+
+def score_clusters(q, centroids, bias):
+    """The kernel of `score_clusters_ref`."""
+    import triton
+
+    H, R, D = q.shape
+    NC = centroids.shape[1]
+    assert centroids.dtype == torch.float32 and centroids.stride(2) == 1 and bias.stride(1) == 1
+    assert q.stride(2) == 1
+    out = torch.empty(H, NC, dtype=torch.float32, device=q.device)
+    block = INTERPRETED_BLOCK_N if _interpreted() else BLOCK_CS
+    _kernels().clusters[(H, triton.cdiv(NC, block))](
+        q, centroids, bias, out, R, NC, D, q.stride(0), q.stride(1), centroids.stride(0),
+        centroids.stride(1), bias.stride(0),
+        BLOCK=block, BLOCK_D=triton.next_power_of_2(D),
+    )  # fmt: skip
+    return out
 
 
 def take_clusters_ref(ranked, counts, factor: int, k: int, k_valid=None):
@@ -118,23 +167,56 @@ def cluster_candidates(take, assign, lo: int, hi, N: int):
 def score_candidates(
     q: torch.Tensor, summaries: QuantKeys, ids: torch.Tensor, count: torch.Tensor, sm_scale: float
 ) -> torch.Tensor:
+    """The kernel of `storage.quant.score_candidates`: logits [H, R, N]."""
+    return _score(q, summaries, ids, count, sm_scale, stats=False)[0]
+
+
+def rerank_weights_ref(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
+    """The rerank's weights [H, N] of rows q [H, R, D] (float32): each row's softmax over
+    the candidates' logits (`storage.quant.score_candidates`), summed over the rows."""
+    return fine_softmax_sum(reference_scores(q, summaries, ids, count, sm_scale))
+
+
+def rerank_weights(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
+    """The kernels of `rerank_weights_ref`: the logits with each program's softmax
+    statistics, then their softmax summed over the rows."""
+    import triton
+
+    H, R, _ = q.shape
+    N = ids.shape[1]
+    logits, top, total = _score(q, summaries, ids, count, sm_scale, stats=True)
+    blocks = top.shape[2]
+    out = torch.empty(H, N, dtype=torch.float32, device=q.device)
+    _kernels().softmax_sum[(H, triton.cdiv(N, BLOCK_W))](
+        logits, top, total, out, R, N, blocks,
+        BLOCK=BLOCK_W, BLOCK_S=min(BLOCK_STATS, triton.next_power_of_2(blocks)),
+    )  # fmt: skip
+    return out
+
+
+def _score(q, summaries: QuantKeys, ids, count, sm_scale: float, stats: bool):
+    """Logits [H, R, N]; with `stats`, each program's largest logit and sum of exponentials
+    of each row, [H, R, programs] each (else empty)."""
     import triton
 
     H, R, D = q.shape
     N = ids.shape[1]
     codes, scale, zero = summaries.codes, summaries.scale, summaries.zero
-    assert D & (D - 1) == 0, f"head_dim {D} must be a power of two"
+    assert supports_head_dim(D), f"head_dim {D} must be a power of two >= 16"
     assert q.stride(2) == 1 and ids.is_contiguous() and count.dim() == 1
     assert codes.stride(2) == 1 and scale.stride() == zero.stride() and scale.stride(2) == 1
     out = torch.empty(H, R, N, dtype=torch.float32, device=q.device)
-    block = INTERPRETED_BLOCK_N if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK_N
-    _kernels().score[(H, triton.cdiv(N, block))](
-        q, codes, scale, zero, ids, count, out, R, N, summaries.group, sm_scale,
+    block = INTERPRETED_BLOCK_N if _interpreted() else BLOCK_N
+    blocks = triton.cdiv(N, block)
+    top = torch.empty(H, R, blocks if stats else 0, dtype=torch.float32, device=q.device)
+    total = torch.empty_like(top)
+    _kernels().score[(H, blocks)](
+        q, codes, scale, zero, ids, count, out, top, total, R, N, summaries.group, sm_scale,
         q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
-        D=D, BITS=summaries.bits, BLOCK=block,
+        D=D, BITS=summaries.bits, BLOCK=block, STATS=stats,
     )  # fmt: skip
-    return out
+    return out, top, total
 
 
 @functools.cache
@@ -143,11 +225,13 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def score(Q, CODES, SCALE, ZERO, IDS, COUNT, OUT, R, N, group, sm_scale,
+    def score(Q, CODES, SCALE, ZERO, IDS, COUNT, OUT, TOP, TOTAL, R, N, group, sm_scale,
               s_qh, s_qr, s_count, s_ch, s_ct, s_ph, s_pg,
-              D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+              D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+              STATS: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
-        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.program_id(1)
+        n = blk * BLOCK + tl.arange(0, BLOCK)
         ok = n < N
         t = tl.load(IDS + h * N + n, mask=ok, other=0)
         d = tl.arange(0, D)
@@ -165,6 +249,57 @@ def _kernels() -> SimpleNamespace:
             logit = tl.sum(k * q[None, :], axis=1) * sm_scale
             logit = tl.where(real, logit, float("-inf"))
             tl.store(OUT + (h * R + r) * N + n, logit, mask=ok)
+            if STATS:  # the row's largest logit here, and its exponentials' sum below it
+                top = tl.max(logit, 0)
+                base = tl.where(top > float("-inf"), top, 0.0)  # (no -inf - -inf)
+                total = tl.sum(tl.where(real, tl.exp(logit - base), 0.0), 0)
+                stat = (h * R + r) * tl.num_programs(1) + blk
+                tl.store(TOP + stat, top)
+                tl.store(TOTAL + stat, total)
+
+    @triton.jit
+    def softmax_sum(LOGITS, TOP, TOTAL, OUT, R, N, blocks,
+                    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        """Each row's softmax from its programs' statistics, summed over the rows; a row
+        with no candidate (its maximum -inf) adds nothing."""
+        h = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = n < N
+        acc = tl.zeros([BLOCK], tl.float32)
+        for r in range(R):
+            stats = (h * R + r) * blocks
+            top = tl.full([], float("-inf"), tl.float32)
+            for start in range(0, blocks, BLOCK_S):
+                j = start + tl.arange(0, BLOCK_S)
+                top = tl.maximum(top, tl.max(tl.load(TOP + stats + j, mask=j < blocks,
+                                                     other=float("-inf")), 0))  # fmt: skip
+            base = tl.where(top > float("-inf"), top, 0.0)  # (no -inf - -inf)
+            total = tl.zeros([], tl.float32)
+            for start in range(0, blocks, BLOCK_S):
+                j = start + tl.arange(0, BLOCK_S)
+                m = tl.load(TOP + stats + j, mask=j < blocks, other=float("-inf"))
+                s = tl.load(TOTAL + stats + j, mask=j < blocks, other=0.0)
+                total += tl.sum(s * tl.exp(m - base), 0)  # (a block of no candidate: 0 x 0)
+            logit = tl.load(LOGITS + (h * R + r) * N + n, mask=ok, other=float("-inf"))
+            if top > float("-inf"):
+                acc += tl.exp(logit - top) / total
+        tl.store(OUT + h * N + n, acc, mask=ok)
+
+    @triton.jit
+    def clusters(Q, C, BIAS, OUT, R, NC, D, s_qh, s_qr, s_ch, s_cc, s_bh,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        h = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        d = tl.arange(0, BLOCK_D)
+        ok = c < NC
+        cent = tl.load(C + h * s_ch + c[:, None] * s_cc + d[None, :],
+                       mask=ok[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        for r in range(R):
+            q = tl.load(Q + h * s_qh + r * s_qr + d, mask=d < D, other=0.0).to(tl.float32)
+            best = tl.maximum(best, tl.sum(cent * q[None, :], axis=1))
+        bias = tl.load(BIAS + h * s_bh + c, mask=ok, other=0.0)
+        tl.store(OUT + h * NC + c, best + bias, mask=ok)
 
     @triton.jit
     def candidates(TAKE, ASSIGN, HI, lo, T_cap, s_take, s_assign, COUNTS, IDS, COUNT, N,
@@ -218,4 +353,6 @@ def _kernels() -> SimpleNamespace:
             before += tl.sum(n, 0)
         tl.store(TAKE + h * (NC + 1) + NC, tl.full([], 1, tl.uint8))
 
-    return SimpleNamespace(score=score, candidates=candidates, take=take)
+    return SimpleNamespace(
+        score=score, softmax_sum=softmax_sum, clusters=clusters, candidates=candidates, take=take
+    )

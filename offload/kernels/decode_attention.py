@@ -31,6 +31,8 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import supports_head_dim
+
 BLOCK_N = 64  # rows per inner iteration
 MAX_SPLITS = 128  # partial results merged per (head, query)
 # Shared memory of the split kernel beside its pipelined K and V tiles (an upper bound
@@ -112,7 +114,7 @@ def decode_attention(
     N = k.shape[1]
     assert k.shape == v.shape == (H, N, D), (q.shape, k.shape, v.shape)
     assert k.stride(2) == 1 and v.stride(2) == 1 and q.stride(2) == 1, "last dim contiguous"
-    assert D & (D - 1) == 0 and D >= 16, f"head_dim {D} must be a power of two >= 16"
+    assert supports_head_dim(D), f"head_dim {D} must be a power of two >= 16"
     assert length.dtype == torch.int64 and length.numel() == 1
     N2 = 0
     if k2 is not None:

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import supports_head_dim
 from storage.host import device_view  # noqa: F401  (the view the kernels read through)
 
 BLOCK_K = 32  # token rows per program
@@ -68,7 +69,7 @@ def _launch(slab, slot_table, ids, out, rows, dst) -> None:
     _, H, _, C, D = slab.shape
     k = ids.shape[1]
     assert slab.stride(4) == 1 and ids.is_contiguous() and ids.shape[0] == H
-    assert D & (D - 1) == 0, f"head_dim {D} must be a power of two"
+    assert supports_head_dim(D), f"head_dim {D} must be a power of two >= 16"
     assert out.stride(3) == 1
     scatter = rows is not None
     if scatter:

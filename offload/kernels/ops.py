@@ -101,13 +101,13 @@ def _(ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts):
     )
 
 
-def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
+def rerank_weights(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
     s = summaries
-    return _score_candidates(q, s.codes, s.scale, s.zero, ids, count, s.bits, s.group, sm_scale)
+    return _rerank_weights(q, s.codes, s.scale, s.zero, ids, count, s.bits, s.group, sm_scale)
 
 
-@torch.library.custom_op("offload::score_candidates", mutates_args=())
-def _score_candidates(
+@torch.library.custom_op("offload::rerank_weights", mutates_args=())
+def _rerank_weights(
     q: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -119,12 +119,22 @@ def _score_candidates(
     sm_scale: float,
 ) -> torch.Tensor:
     summaries = QuantKeys(bits, group, codes, scale, zero)
-    return candidate_kernels.score_candidates(q, summaries, ids, count, sm_scale)
+    return candidate_kernels.rerank_weights(q, summaries, ids, count, sm_scale)
 
 
-@_score_candidates.register_fake
+@_rerank_weights.register_fake
 def _(q, codes, scale, zero, ids, count, bits, group, sm_scale):
-    return q.new_empty(q.shape[0], q.shape[1], ids.shape[1], dtype=torch.float32)
+    return q.new_empty(ids.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("offload::score_clusters", mutates_args=())
+def score_clusters(q: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return candidate_kernels.score_clusters(q, centroids, bias)
+
+
+@score_clusters.register_fake
+def _(q, centroids, bias):
+    return centroids.new_empty(centroids.shape[:2])
 
 
 @torch.library.custom_op("offload::cluster_candidates", mutates_args=())
