@@ -139,12 +139,12 @@ class Backend:
             return op.rerank_weights(q, summaries, ids, count, sm_scale)
         return rerank_weights_ref(q, summaries, ids, count, sm_scale)
 
-    def take_clusters(self, ranked, counts, factor: int, k: int, k_valid=None):
-        """The clusters a selection takes, from their ranking ranked [H, NC] and sizes
-        counts [H, NC] -> take [H, NC + 1] bool (offload/kernels/candidates.py)."""
+    def take_clusters(self, scores, counts, factor: int, k: int, k_valid=None):
+        """The clusters a selection takes, from their scores [H, NC] and sizes counts
+        [H, NC] -> take [H, NC + 1] bool (offload/kernels/candidates.py)."""
         if self.kernels:
-            return self._kernel(candidate_kernels).take_clusters(ranked, counts, factor, k, k_valid)
-        return take_clusters_ref(ranked, counts, factor, k, k_valid)
+            return self._kernel(candidate_kernels).take_clusters(scores, counts, factor, k, k_valid)
+        return take_clusters_ref(scores, counts, factor, k, k_valid)
 
     def cluster_candidates(self, take, assign, lo: int, hi, N: int):
         """Each head's tokens in [lo, hi) of the clusters taken, in token order, the first N

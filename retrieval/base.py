@@ -74,6 +74,18 @@ def coarse_max(scores: torch.Tensor) -> torch.Tensor:
     return scores.amax(dim=1)
 
 
+def clusters_taken(scores: torch.Tensor, counts: torch.Tensor, want) -> torch.Tensor:
+    """scores [H, NC] of each cluster, counts [H, NC] (tokens per cluster) -> [H, NC] bool:
+    in the order of the scores, the clusters before the running count of tokens reaches
+    `want` (a number, or a tensor that broadcasts to [H, 1]), and the one that reaches
+    it (at least one per head)."""
+    ranked = torch.argsort(scores, dim=-1, descending=True)
+    cum = torch.gather(counts, 1, ranked).cumsum(1)
+    n_clusters = (cum < want).sum(1, keepdim=True) + 1  # [H, 1]
+    rank_ok = torch.arange(ranked.shape[1], device=ranked.device)[None, :] < n_clusters
+    return torch.zeros_like(rank_ok).scatter_(1, ranked, rank_ok)
+
+
 def exact_logits(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q [H, G, D] against keys [H, n, D] -> float32 logits [H, G, n] (unscaled). The
     product is taken as keys @ q^T, the layout CPU kernels run about 3x faster."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from retrieval.base import (
     ROW_BLOCK,
     LayerView,
+    clusters_taken,
     exact_logits,
     row_max,
     row_softmax_sum,
@@ -258,11 +259,7 @@ class ClusterIndex:
             rows = rows.to(self.centroids.device)
         centroids = self.centroids.to(rows.device)
         cscore = row_max(rows, lambda r: exact_logits(r, centroids)).cpu()  # [H, NC]
-        ranked = torch.argsort(cscore, dim=-1, descending=True)
-        cum = torch.gather(counts, 1, ranked).cumsum(1)
-        n_clusters = (cum < self.candidate_factor * k).sum(1, keepdim=True) + 1  # [H, 1]
-        rank_ok = torch.arange(ranked.shape[1])[None, :] < n_clusters
-        take = torch.zeros_like(rank_ok).scatter_(1, ranked, rank_ok)  # [H, NC] by cluster id
+        take = clusters_taken(cscore, counts, self.candidate_factor * k)  # [H, NC]
         T_idx = self.indexed_tokens
         mask = torch.zeros(self.H, hi, dtype=torch.bool)
         upto = min(T_idx, hi)

@@ -129,10 +129,9 @@ class DeviceClusterIndex:
         backend = backend or Backend(q.device)
         N = num_candidates
         cscore = backend.score_clusters(q, self.centroids, self.bias)  # [H, NC_cap]
-        ranked = torch.argsort(cscore, dim=-1, descending=True)
         # [H, NC_cap + 1]: the best clusters until factor x k tokens, then one more; the
         # tokens not indexed yet (the last column) always.
-        take = backend.take_clusters(ranked, self.counts[:, :-1], self.factor, k, k_valid)
+        take = backend.take_clusters(cscore, self.counts[:, :-1], self.factor, k, k_valid)
         # Each head's candidates in token order, the first N (then dropped), padded with lo.
         ids, count = backend.cluster_candidates(take, self.assign, lo, hi, N)  # [H, N], [H]
         # The rerank on the candidates' low-bit keys; a prefill chunk's many query rows a

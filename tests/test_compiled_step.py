@@ -131,7 +131,7 @@ def test_kernel_operators_pass_torchs_operator_checks():
     sel = torch.stack([torch.randperm(T, generator=g)[:k] for _ in range(H)]).to(DEVICE)
     victims = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(H)]).to(DEVICE)
     one = torch.ones(1, dtype=torch.long, device=DEVICE)
-    ranked = torch.stack([torch.randperm(17, generator=g) for _ in range(H)]).to(DEVICE)
+    scores = torch.randn(H, 17, generator=g).to(DEVICE)
 
     def tables():  # a hit cache's (fresh for each check: they are mutated)
         return (torch.full((H, T + 1), -1, dtype=torch.int32, device=DEVICE),
@@ -146,8 +146,8 @@ def test_kernel_operators_pass_torchs_operator_checks():
         (ops.fetch_into, (slab, table, sel, sel > T // 2, victims, torch.zeros(2, H, M, D, device=DEVICE))),
         (ops._rerank_weights, (q, codes, scale, zero, ints(T, H, N), torch.tensor([N, 40], device=DEVICE), 2, C, D**-0.5)),
         (ops.score_clusters, (q, kv[0, :, :17], torch.zeros(H, 17, device=DEVICE))),
-        (ops.take_clusters, (ranked, ints(9, H, 18).float()[:, :-1], 8, 2, one)),
-        (ops.take_clusters, (ranked, ints(9, H, 17).float(), 8, 2, None)),
+        (ops.take_clusters, (scores, ints(9, H, 18).float()[:, :-1], 8, 2, one)),
+        (ops.take_clusters, (scores, ints(9, H, 17).float(), 8, 2, None)),
         (ops.cluster_candidates, ((torch.rand(H, 17, generator=g) < 0.5).to(DEVICE), ints(17, H, T, dtype=torch.int32), 4, torch.tensor([200], device=DEVICE), N)),
         (ops.stamp, (sel, stamp_slot_of, stamp_used, one)),
         (ops.assign, (sel, torch.full((H, k), -1, dtype=torch.int32, device=DEVICE), victims, torch.tensor([k], device=DEVICE), slot_of, token_of, used, one, torch.zeros(2, dtype=torch.long, device=DEVICE))),

@@ -109,7 +109,9 @@ def test_cluster_scoring_kernel_matches_its_reference(D, rows, monkeypatch):
     q = torch.randn(H, rows, D, generator=g).to(DEVICE, torch.bfloat16)
     want = candidate_kernels.score_clusters_ref(q, centroids, bias)
     got = candidate_kernels.score_clusters(q, centroids, bias)
-    assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(torch.isinf(want[:, 90:]).all())
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(
+        torch.isinf(want[:, 90:]).all()
+    )
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -136,22 +138,28 @@ def test_candidate_list_kernels_match_their_reference(N, block, monkeypatch):
     assert int(full.max()) > 64 and int(full[2]) == 0  # some dropped at N = 64; an empty head
 
 
-def test_cluster_taking_kernel_matches_its_reference(monkeypatch):
-    """The clusters taken, by the one-program-per-head kernel (blocks of 16 clusters here,
-    so a running count over many) against the torch code: counts with a row stride (the
-    index's), a head whose first cluster alone is enough, a head that takes every
-    cluster, want = 0 (the first cluster still taken), want from a device tensor."""
-    monkeypatch.setattr(candidate_kernels, "BLOCK_C", 16)
+@pytest.mark.parametrize("block", [16, 16384])
+def test_cluster_taking_kernel_matches_its_reference(block, monkeypatch):
+    """The clusters taken, by the kernel's bisection over the scores (all of a head's in
+    registers; or blocks of 16 clusters, read in each pass) against the ranking of the
+    torch code: scores of both signs, zero and -inf (the buffer's slots past the real
+    clusters, with no tokens), counts with a row stride (the index's), a head whose best
+    cluster alone is enough, a head that takes every cluster, want = 0 (the best cluster
+    still taken), want from a device tensor."""
+    monkeypatch.setattr(candidate_kernels, "BLOCK_C", block)
     g = torch.Generator().manual_seed(3)
     H, NC = 4, 100  # NC: not a multiple of the block
-    ranked = torch.stack([torch.randperm(NC, generator=g) for _ in range(H)]).to(DEVICE)
+    scores = torch.randn(H, NC, generator=g) * 10
+    scores[:, 5] = 0.0
+    scores[:, 90:] = float("-inf")
     counts = torch.randint(0, 40, (H, NC + 1), generator=g).float()
-    counts[1, int(ranked[1, 0])] = 500  # its best cluster alone holds more than want
-    counts = counts.to(DEVICE)[:, :-1]  # (the index's layout: one more column)
+    counts[:, 90:] = 0
+    counts[1, int(scores[1].argmax())] = 500  # its best cluster alone holds more than want
+    scores, counts = scores.to(DEVICE), counts.to(DEVICE)[:, :-1]  # (the index's layout)
     for factor, k, k_valid in [(8, 40, None), (8, 1000, None), (8, 0, None), (2, 99, [50])]:
         k_valid = None if k_valid is None else torch.tensor(k_valid, device=DEVICE)
-        want = take_clusters_ref(ranked, counts, factor, k, k_valid)
-        got = candidate_kernels.take_clusters(ranked, counts, factor, k, k_valid)
+        want = take_clusters_ref(scores, counts, factor, k, k_valid)
+        got = candidate_kernels.take_clusters(scores, counts, factor, k, k_valid)
         assert got.dtype == torch.bool and torch.equal(got, want), (factor, k)
         if (factor, k) == (8, 40):
             assert int(want[1].sum()) == 2 and 2 < int(want[0].sum()) < NC
@@ -159,6 +167,17 @@ def test_cluster_taking_kernel_matches_its_reference(monkeypatch):
             assert bool(want.all())
         if k == 0:
             assert torch.equal(want.sum(1).cpu(), torch.full((H,), 2))
+
+
+def test_clusters_tied_at_the_threshold_are_all_taken():
+    """Where scores tie at the cut, the kernel takes every tied cluster (those the clusters
+    above leave room for), the ranking only the ones it put first."""
+    scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]], device=DEVICE)
+    counts = torch.tensor([[10.0, 10.0, 10.0, 10.0, 10.0]], device=DEVICE)
+    got = candidate_kernels.take_clusters(scores, counts, 1, 15)  # want 15: 3.0, then a 2.0
+    assert got.cpu().tolist() == [[True, True, True, True, False, True]]
+    want = take_clusters_ref(scores, counts, 1, 15)
+    assert int(want[0, 1:4].sum()) == 1 and bool((want <= got).all())
 
 
 @pytest.mark.parametrize("seed", [0, 1])

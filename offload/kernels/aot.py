@@ -247,7 +247,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
             slab, table, ids, miss, ids, cache
         ),
         "the clusters taken": lambda: candidate_kernels.take_clusters(
-            meta(H, T // 16, dtype=torch.long),
+            meta(H, T // 16, dtype=torch.float32),
             meta(H, T // 16 + 1, dtype=torch.float32)[:, :-1],
             8,
             2048,

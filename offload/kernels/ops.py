@@ -152,11 +152,11 @@ def _(take, assign, lo, hi, N):
 
 @torch.library.custom_op("offload::take_clusters", mutates_args=())
 def take_clusters(
-    ranked: torch.Tensor, counts: torch.Tensor, factor: int, k: int, k_valid: torch.Tensor | None
+    scores: torch.Tensor, counts: torch.Tensor, factor: int, k: int, k_valid: torch.Tensor | None
 ) -> torch.Tensor:
-    return candidate_kernels.take_clusters(ranked, counts, factor, k, k_valid)
+    return candidate_kernels.take_clusters(scores, counts, factor, k, k_valid)
 
 
 @take_clusters.register_fake
-def _(ranked, counts, factor, k, k_valid):
-    return ranked.new_empty(ranked.shape[0], ranked.shape[1] + 1, dtype=torch.bool)
+def _(scores, counts, factor, k, k_valid):
+    return scores.new_empty(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool)
