@@ -17,6 +17,10 @@ serves every step until a buffer is reallocated or `k` changes.
 Where it differs from `ClusterIndex.select`: a head with fewer than k candidates
 (possible only when candidate_factor * k minus the sink is below k, i.e. with
 candidate_factor 1) gets token `lo` repeated instead of other tokens of the range.
+With the Triton kernels (CUDA), scores are summed in another order than torch's, and
+clusters whose scores tie at the cut are all taken (the ranking takes those it put
+first); candidates past N are then dropped, the last in token order. Both need two
+float32 scores equal to the last bit at the cut.
 """
 
 from __future__ import annotations
@@ -123,9 +127,11 @@ class DeviceClusterIndex:
         indexed; reranked by their low-bit keys (sum of softmax), top-k. With `k_valid`
         (a device tensor <= k) the candidates are those of k_valid and the first
         k_valid ids are `ClusterIndex.select(..., k_valid)`'s: a caller with a fixed
-        number of slots uses only those. The clusters taken, the candidate list and the
-        rerank's logits are computed by `backend` (an `offload.backend.Backend`: Triton
-        kernels on CUDA); without one, by the kernels' torch references."""
+        number of slots uses only those. The clusters' scores, the clusters taken, the
+        candidate list and the rerank's weights are computed by `backend` (an
+        `offload.backend.Backend`: Triton kernels on CUDA, whose clusters taken differ
+        from the ranking's only where scores tie at the threshold); without one, by the
+        kernels' torch references."""
         backend = backend or Backend(q.device)
         N = num_candidates
         cscore = backend.score_clusters(q, self.centroids, self.bias)  # [H, NC_cap]
