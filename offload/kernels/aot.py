@@ -253,6 +253,14 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
             2048,
             length,
         ),
+        # (the buffers grown by 1.25x past a power of two: twice the clusters in registers)
+        "the clusters taken, grown": lambda: candidate_kernels.take_clusters(
+            meta(H, T // 16 * 5 // 4, dtype=torch.float32),
+            meta(H, T // 16 * 5 // 4 + 1, dtype=torch.float32)[:, :-1],
+            8,
+            2048,
+            length,
+        ),
         "the candidates of the clusters taken": lambda: candidate_kernels.cluster_candidates(
             meta(H, T // 16 + 1, dtype=torch.bool), slot_of, 16, length, CANDIDATES
         ),
