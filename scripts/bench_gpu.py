@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import bench_hf, write_json  # noqa: E402
+from evalkit import bench_hf, kernel_table, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
@@ -199,9 +199,9 @@ def step_kernels(cache, model, token: int, steps: int = 4) -> dict:
             sync()
     except RuntimeError as e:  # no CUPTI: the figures are missing, the row is not
         return {"kernels_error": str(e).splitlines()[0][:200]}
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "emcpy" not in e.name]
-    return {"kernels_per_step": len(kernels) / steps,
-            "kernel_ms_per_step": sum(e.device_time for e in kernels) / 1000 / steps}  # fmt: skip
+    table = kernel_table(prof.events(), steps)
+    return {"kernels_per_step": table["kernels_per_call"],
+            "kernel_ms_per_step": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
 
 
 def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:

@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import write_json  # noqa: E402
+from evalkit import kernel_table, write_json  # noqa: E402
 
 from offload.backend import Backend  # noqa: E402
 from offload.step_cache import StepHitCache  # noqa: E402
@@ -97,13 +97,16 @@ def timed(state, q, run, steps: int, device) -> list[float]:
     return times
 
 
-def kernels_per_call(run) -> int:
+def kernels_per_call(run) -> dict:
+    """The launches of one call, their GPU time and the kernels that took most of it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+    table = kernel_table(prof.events(), 1)
+    return {"kernels_per_layer": table["kernels_per_call"],
+            "kernel_ms_per_layer": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
 
 
 def measure(state, backend, steps, device) -> dict:
@@ -112,7 +115,7 @@ def measure(state, backend, steps, device) -> dict:
         run()
     row = {"eager_ms_per_layer": statistics.median(timed(state, q, run, steps, device))}
     if device.type == "cuda":
-        row["kernels_per_layer"] = kernels_per_call(run)
+        row.update(kernels_per_call(run))
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -177,6 +177,28 @@ def bench_hf(model, ids: list[int], decode_tokens: int, **generate_kwargs) -> di
     }
 
 
+def kernel_table(events, calls: int, top: int = 12) -> dict:
+    """The GPU kernels of profiler events (`torch.profiler.profile(...).events()`) over
+    `calls` calls of what was profiled: per call, their count and summed GPU time, and
+    the `top` kernels by time (name, launches and microseconds per call), which says
+    what to fuse or replace next."""
+    kernels = [e for e in events if e.device_type.name == "CUDA" and "emcpy" not in e.name]
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    return {
+        "kernels_per_call": len(kernels) / calls,
+        "kernel_ms_per_call": sum(e.device_time for e in kernels) / 1000 / calls,
+        "top_kernels": [
+            {"name": name[:120], "launches": n / calls, "us": round(t / calls, 2)}
+            for name, (n, t) in ranked
+        ],
+    }
+
+
 def write_json(console, path: Path, payload: dict) -> None:
     """Save a script's results and say where."""
     import json
