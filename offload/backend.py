@@ -31,6 +31,7 @@ from offload.kernels.candidates import (
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import assign_ref, stamp_ref
+from retrieval.base import ROW_BLOCK
 from storage.quant import QuantKeys
 
 
@@ -125,8 +126,10 @@ class Backend:
 
     def score_clusters(self, q, centroids, bias) -> torch.Tensor:
         """Each cluster's largest logit over rows q [H, R, D] against centroids [H, NC, D],
-        plus bias [H, NC] -> [H, NC] float32 (offload/kernels/candidates.py)."""
-        if self.kernels:
+        plus bias [H, NC] -> [H, NC] float32 (offload/kernels/candidates.py). The kernel
+        takes a decode step's few rows; a prefill chunk's many (more than `ROW_BLOCK`) go
+        through torch's matmul, which the kernel's loop over rows would not match."""
+        if self.kernels and q.shape[1] <= ROW_BLOCK:
             return self._kernel(candidate_kernels).score_clusters(q, centroids, bias)
         return score_clusters_ref(q, centroids, bias)
 

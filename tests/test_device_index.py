@@ -115,6 +115,27 @@ def test_cluster_scoring_kernel_matches_its_reference(D, rows, monkeypatch):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_prefill_chunks_many_rows_score_the_clusters_with_torch(monkeypatch):
+    """The kernel loops over its rows: a decode step's few take it, a prefill chunk's many
+    (more than a block of `ROW_BLOCK`) torch's matmul."""
+    calls = []
+    kernel = candidate_kernels.score_clusters
+    monkeypatch.setattr(
+        candidate_kernels, "score_clusters", lambda *a: calls.append(1) or kernel(*a)
+    )
+    g = torch.Generator().manual_seed(0)
+    centroids, bias = (
+        torch.randn(3, 40, 64, generator=g).to(DEVICE),
+        torch.zeros(3, 40, device=DEVICE),
+    )
+    backend = Backend(DEVICE, kernels=True)
+    for rows, kernel_calls in [(4, 1), (ROW_BLOCK, 2), (ROW_BLOCK + 1, 2)]:
+        q = torch.randn(3, rows, 64, generator=g).to(DEVICE)
+        got = backend.score_clusters(q, centroids, bias)
+        want = candidate_kernels.score_clusters_ref(q, centroids, bias)
+        assert len(calls) == kernel_calls and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("N, block", [(64, 64), (1024, 64), (1024, 16)])
 def test_candidate_list_kernels_match_their_reference(N, block, monkeypatch):
     """The two kernels of the candidate list (blocks of 64 or 16 tokens here, so many
