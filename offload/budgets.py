@@ -8,6 +8,7 @@ disk:   free space of the disk directory minus a margin
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,10 +18,31 @@ import psutil
 import torch
 
 from offload.config import KVSection
+from offload.errors import DeviceMemoryError
 
 GiB = 1 << 30
 HOST_MARGIN = 0.2  # of available memory left to the OS and the rest of the process
 DISK_MARGIN = 0.1  # of free disk space left to everything else
+
+
+@contextlib.contextmanager
+def device_memory(what: str):
+    """Torch's out-of-memory error on the GPU, raised inside, as one `DeviceMemoryError`
+    that says what was being done and what to change (its cause keeps torch's)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(what, e) from e
+
+
+def out_of_memory(what: str, e: BaseException) -> DeviceMemoryError:
+    said = (str(e).strip().splitlines() or [""])[0]
+    said = said if len(said) <= 240 else said[:240] + "..."
+    return DeviceMemoryError(
+        f"the GPU ran out of memory {what} ({said}); `offload plan` shows what the model "
+        "and its KV need there: a smaller kv.device_bytes, a shorter context, a smaller "
+        "dtype or model takes less"
+    )
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class KVState:
             self.passes.append((start, end, step))
 
     def reset(self) -> None:
-        self.cache.truncate(0)
+        self.cache.clear()
         self.ids = []
         self.passes = []
 

@@ -20,3 +20,7 @@ class ModelLoadError(OffloadError):
 
 class ContextLengthError(OffloadError):
     """A prompt (or a conversation) does not fit the model's context window."""
+
+
+class DeviceMemoryError(OffloadError):
+    """The GPU ran out of memory (torch's `OutOfMemoryError`, with what was being done)."""

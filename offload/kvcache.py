@@ -267,8 +267,16 @@ class KVCache:
 
     def truncate(self, num_tokens: int) -> None:
         """Drop every token from position `num_tokens` on (reuse a shared prefix)."""
-        if num_tokens == self.num_tokens:
-            return
+        if num_tokens != self.num_tokens:
+            self._drop_from(num_tokens)
+
+    def clear(self) -> None:
+        """Drop every token, whatever each layer holds: after a forward pass that stopped
+        partway (an error, Ctrl-C), the layers before that point hold more tokens than
+        `num_tokens` says, and `truncate` to the same count would keep them."""
+        self._drop_from(0)
+
+    def _drop_from(self, num_tokens: int) -> None:
         self.flush()
         if self.step is not None:
             self.step.plan.truncate(num_tokens)

@@ -23,7 +23,7 @@ import torch
 from offload import caches
 from offload.attention import SelectionStats
 from offload.backend import Backend
-from offload.budgets import machine_threads
+from offload.budgets import device_memory, machine_threads, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
 from offload.errors import ConfigError, ContextLengthError, OffloadError
@@ -107,7 +107,8 @@ class Runtime:
         device = pick_device(cfg.model.device)
         torch.set_num_threads(cfg.model.threads or machine_threads())
         dtype = getattr(torch, cfg.model.dtype)
-        return cls(load(name_or_path, dtype, device, cfg.model.weights), cfg, device)
+        with device_memory("loading the model"):
+            return cls(load(name_or_path, dtype, device, cfg.model.weights), cfg, device)
 
     # -- pieces --------------------------------------------------------------
 
@@ -221,6 +222,8 @@ class Runtime:
             # at the yield) leaves the cache whole.
             if not isinstance(e, GeneratorExit):
                 state.reset()
+            if isinstance(e, torch.OutOfMemoryError):
+                raise out_of_memory("during this request (its KV was dropped)", e) from e
             raise
         finally:
             steps.close()
@@ -307,16 +310,23 @@ class Runtime:
         new_ids, reused = self._state.prepare(ids, need_logits=False)
         self._state.computed(reused, len(ids), self.config.generation.prefill_chunk)
         t = time.perf_counter()
-        if new_ids:
-            prefill(
-                self.model,
-                self._state.cache,
-                new_ids,
-                self.config.generation.prefill_chunk,
-                progress,
-            )
-        prefill_s = time.perf_counter() - t
-        self._state.cache.finish_prefill(progress)
+        try:
+            if new_ids:
+                prefill(
+                    self.model,
+                    self._state.cache,
+                    new_ids,
+                    self.config.generation.prefill_chunk,
+                    progress,
+                )
+            prefill_s = time.perf_counter() - t
+            self._state.cache.finish_prefill(progress)
+        except BaseException as e:  # layers may be at different lengths: start clean
+            self._state.reset()
+            self.document = None
+            if isinstance(e, torch.OutOfMemoryError):
+                raise out_of_memory("reading the document (its KV was dropped)", e) from e
+            raise
         self._state.ids = list(ids)
         self._last_state = self._state
         index_s = time.perf_counter() - t - prefill_s
@@ -359,7 +369,8 @@ class Runtime:
         given."""
         from offload.session import load_state
 
-        rt = load_state(path, config, model, **overrides)
+        with device_memory("loading the session"):
+            rt = load_state(path, config, model, **overrides)
         if rt.session.get("kind") == "document":
             rt.document = rt.session["document"]
         return rt

@@ -4,10 +4,12 @@ import json
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli.main import main
 from offload import ConfigError, ContextLengthError, ModelLoadError, Runtime
+from offload.errors import DeviceMemoryError
 from tests.conftest import embedded_gguf_path
 
 
@@ -141,3 +143,38 @@ def test_bad_sampling_values_are_named(key, value, message):
 
     with pytest.raises(ConfigError, match=message):
         RuntimeConfig().replace(**{key: value})
+
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ...")
+
+
+def test_running_out_of_gpu_memory_mid_request_is_one_error_and_leaves_a_clean_runtime(
+    tiny_dirs,
+):
+    """(Raised here by a layer; on a GPU by torch's allocator.) The request's KV is
+    dropped, the first layer's too, which held more tokens than the cache had counted
+    (a prompt that reuses nothing: `truncate(0)` alone kept them, and every later answer
+    was garbage), so the next request runs as on a fresh runtime."""
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    want = rt.generate("ab cd", max_new_tokens=4, temperature=0)
+    layer = rt.model.layers[1]
+    layer.forward = _oom
+    with pytest.raises(DeviceMemoryError, match="ran out of memory during this request") as e:
+        rt.generate("ab cd ef", max_new_tokens=4)
+    assert "offload plan" in str(e.value) and "Tried to allocate 2.00 GiB" in str(e.value)
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    with pytest.raises(DeviceMemoryError, match="reading the document"):
+        rt.load_document("a document " * 20)
+    assert rt.document is None
+    del layer.forward
+    assert rt.generate("ab cd", max_new_tokens=4, temperature=0) == want
+
+
+def test_running_out_of_gpu_memory_while_loading_is_one_line_exit_2(tiny_dirs, monkeypatch):
+    monkeypatch.setattr("offload.runtime.load", _oom)
+    model = str(tiny_dirs["llama-gqa-untied"][0])
+    result = CliRunner().invoke(main, ["generate", "-m", model, "hi"])
+    assert result.exit_code == 2, result.output
+    assert "the GPU ran out of memory loading the model (CUDA out of memory." in result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
