@@ -5,7 +5,13 @@
 """
 
 from offload.config import RuntimeConfig
-from offload.errors import ConfigError, ContextLengthError, ModelLoadError, OffloadError
+from offload.errors import (
+    ConfigError,
+    ContextLengthError,
+    DeviceMemoryError,
+    ModelLoadError,
+    OffloadError,
+)
 from offload.model_args import ModelArgs
 from storage.errors import DiskFullError, StorageError
 
@@ -21,6 +27,7 @@ def __getattr__(name: str):
 __all__ = [
     "ConfigError",
     "ContextLengthError",
+    "DeviceMemoryError",
     "DiskFullError",
     "Conversation",
     "ModelArgs",

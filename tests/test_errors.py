@@ -8,8 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from offload import ConfigError, ContextLengthError, ModelLoadError, Runtime
-from offload.errors import DeviceMemoryError
+from offload import ConfigError, ContextLengthError, DeviceMemoryError, ModelLoadError, Runtime
 from tests.conftest import embedded_gguf_path
 
 
