@@ -272,7 +272,10 @@ class Runtime:
         cache.make_room(len(ids))
         chunk = self.config.generation.prefill_chunk
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return torch.cat([self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)])
+        with device_memory("computing logits"):
+            return torch.cat(
+                [self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)]
+            )
 
     def chat(self, system: str | None = None) -> Conversation:
         return Conversation(self, system)
