@@ -136,3 +136,27 @@ def test_same_greedy_request_gives_the_same_tokens_with_and_without_reuse(smol_b
     conv.send("How long is it?", max_new_tokens=8)
     s = rt.stats()
     assert s["reused_tokens"] >= s["prompt_tokens"] - 20
+
+
+def test_a_chat_interrupted_inside_its_first_prefill_answers_as_a_fresh_one(tiny_dirs):
+    """Ctrl-C during the first turn's prefill (a long paste) stops inside the model, with
+    the first layer's KV written and the cache counting none: the next turns answer as in
+    a chat that was never interrupted (the stale KV once stayed and spoiled them all)."""
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    want = [rt.chat().send(t, max_new_tokens=4, temperature=0) for t in ("ab cd",)]
+    conv = rt.chat()
+    layer = rt.model.layers[1]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    layer.forward = interrupted
+    try:
+        conv.send("a long pasted text " * 8, max_new_tokens=4)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt did not reach the caller")
+    del layer.forward
+    assert conv.context_tokens == 0 and conv.messages == []
+    assert [conv.send("ab cd", max_new_tokens=4, temperature=0)] == want
