@@ -57,6 +57,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _dropped(state: KVState, e: BaseException, what: str) -> None:
+    """After `e` stopped a forward pass partway (an error, Ctrl-C), which may leave layers
+    at different lengths: drop the state's KV; torch's out-of-memory error is raised as
+    a `DeviceMemoryError` saying so (the caller re-raises anything else)."""
+    state.reset()
+    if isinstance(e, torch.OutOfMemoryError):
+        raise out_of_memory(f"{what} (its KV was dropped)", e) from e
+
+
 class Runtime:
     """A loaded model, its tokenizer, a runtime config and the KV caches built from them."""
 
@@ -217,13 +226,10 @@ class Runtime:
                 self._stats["finish_reason"] = step.finish_reason
                 yield step
         except BaseException as e:
-            # An error or Ctrl-C inside a forward pass may leave layers at different
-            # lengths: start clean. A consumer that stops between steps (GeneratorExit
-            # at the yield) leaves the cache whole.
+            # A consumer that stops between steps (GeneratorExit at the yield) leaves the
+            # cache whole.
             if not isinstance(e, GeneratorExit):
-                state.reset()
-            if isinstance(e, torch.OutOfMemoryError):
-                raise out_of_memory("during this request (its KV was dropped)", e) from e
+                _dropped(state, e, "during this request")
             raise
         finally:
             steps.close()
@@ -324,11 +330,9 @@ class Runtime:
                 )
             prefill_s = time.perf_counter() - t
             self._state.cache.finish_prefill(progress)
-        except BaseException as e:  # layers may be at different lengths: start clean
-            self._state.reset()
+        except BaseException as e:
             self.document = None
-            if isinstance(e, torch.OutOfMemoryError):
-                raise out_of_memory("reading the document (its KV was dropped)", e) from e
+            _dropped(self._state, e, "reading the document")
             raise
         self._state.ids = list(ids)
         self._last_state = self._state
