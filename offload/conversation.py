@@ -52,9 +52,12 @@ class KVState:
         if n < len(self.ids):
             n = self._pass_start_at_most(n)
         self.cache.truncate(n)
+        self._cut(n)
+        return ids[n:], n
+
+    def _cut(self, n: int) -> None:
         self.ids = self.ids[:n]
         self.passes = [(s, min(e, n), step) for s, e, step in self.passes if s < n]
-        return ids[n:], n
 
     def _pass_start_at_most(self, n: int) -> int:
         best = 0
@@ -69,9 +72,13 @@ class KVState:
             self.passes.append((start, end, step))
 
     def reset(self) -> None:
-        self.cache.clear()
-        self.ids = []
-        self.passes = []
+        self.keep(0)
+
+    def keep(self, n: int) -> None:
+        """Keep the first n tokens (n <= what every layer holds), whatever a forward pass
+        that stopped partway (an error, Ctrl-C) left in the layers past them."""
+        self.cache.restore(n)
+        self._cut(n)
 
 
 class Conversation:

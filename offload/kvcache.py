@@ -270,11 +270,19 @@ class KVCache:
         if num_tokens != self.num_tokens:
             self._drop_from(num_tokens)
 
-    def clear(self) -> None:
-        """Drop every token, whatever each layer holds: after a forward pass that stopped
-        partway (an error, Ctrl-C), the layers before that point hold more tokens than
-        `num_tokens` says, and `truncate` to the same count would keep them."""
-        self._drop_from(0)
+    def restore(self, num_tokens: int) -> None:
+        """Every layer holds exactly the first `num_tokens` tokens (at most `num_tokens`),
+        whatever it holds now: after a forward pass that stopped partway (an error,
+        Ctrl-C), the layers before that point hold more tokens than `num_tokens` says,
+        and `truncate` to the same count would keep them."""
+        self._drop_from(num_tokens)
+
+    def forget_index(self) -> None:
+        """Drop the selection index (the next prefill rebuilds it from the KV, as after a
+        prompt): one that an error or Ctrl-C stopped inside an update may not fit
+        together."""
+        if self.policy is not None:
+            self.policy.truncate(0)
 
     def _drop_from(self, num_tokens: int) -> None:
         self.flush()

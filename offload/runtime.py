@@ -59,11 +59,13 @@ def pick_device(name: str) -> torch.device:
 
 def _dropped(state: KVState, e: BaseException, what: str) -> None:
     """After `e` stopped a forward pass partway (an error, Ctrl-C), which may leave layers
-    at different lengths: drop the state's KV; torch's out-of-memory error is raised as
-    a `DeviceMemoryError` saying so (the caller re-raises anything else)."""
-    state.reset()
+    at different lengths: keep the tokens every layer had finished (the context before
+    the request, and what of it was done), drop the rest; torch's out-of-memory error is
+    raised as a `DeviceMemoryError` saying so (the caller re-raises anything else)."""
+    state.keep(min(state.cache.num_tokens, len(state.ids)))
+    state.cache.forget_index()  # (it may have stopped inside an update: rebuilt next time)
     if isinstance(e, torch.OutOfMemoryError):
-        raise out_of_memory(f"{what} (its KV was dropped)", e) from e
+        raise out_of_memory(f"{what} (the tokens it had not finished were dropped)", e) from e
 
 
 class Runtime:
@@ -235,7 +237,7 @@ class Runtime:
             steps.close()
             # A consumer that stopped early may leave the cache a step ahead of ids.
             if state.cache.num_tokens != len(state.ids):
-                state.reset()
+                state.keep(min(state.cache.num_tokens, len(state.ids)))
             state.computed(len(ids), len(state.ids), 1)  # decode: one token a pass
 
     # -- public API ----------------------------------------------------------
@@ -318,6 +320,7 @@ class Runtime:
         caches.check_device_room(self, self._state.cache, len(ids), "the document")
         new_ids, reused = self._state.prepare(ids, need_logits=False)
         self._state.computed(reused, len(ids), self.config.generation.prefill_chunk)
+        self._state.ids = list(ids)  # (the cache holds a prefix of them: `_dropped`)
         t = time.perf_counter()
         try:
             if new_ids:
@@ -334,7 +337,6 @@ class Runtime:
             self.document = None
             _dropped(self._state, e, "reading the document")
             raise
-        self._state.ids = list(ids)
         self._last_state = self._state
         index_s = time.perf_counter() - t - prefill_s
         return {"tokens": len(ids), "prefill_tokens": len(new_ids), "prefill_seconds": prefill_s,

@@ -1,5 +1,6 @@
 """Sampling policies, incremental detokenization and the CLI on a tiny model."""
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -160,3 +161,41 @@ def test_a_chat_interrupted_inside_its_first_prefill_answers_as_a_fresh_one(tiny
     del layer.forward
     assert conv.context_tokens == 0 and conv.messages == []
     assert [conv.send("ab cd", max_new_tokens=4, temperature=0)] == want
+
+
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+def test_an_answer_stopped_inside_a_step_keeps_the_document(tiny_dirs, mode):
+    """Ctrl-C inside a decode step of an answer about a loaded document: the document's KV
+    (and what of the question was done) stays, the selection index is rebuilt from it
+    by the next question, whose answer is a fresh runtime's."""
+    over = {"mode": mode, "sink": 4, "window": 32, "retrieved": 16, "index_refresh": 64,
+            "dense_layers": 1, "sparse_threshold": 64}  # fmt: skip
+    doc = " ".join(f"w{i % 37}" for i in range(40))
+
+    def loaded():
+        rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32", **over)
+        rt.load_document(doc)
+        return rt
+
+    want = loaded().ask("w3 w4?", max_new_tokens=4, temperature=0)
+    rt = loaded()
+    doc_tokens = rt.stats()["context_tokens"]
+    layer, calls = rt.model.layers[1], []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the question's prefill, one step, then inside the next
+            raise KeyboardInterrupt
+        return type(layer).forward(layer, *args, **kwargs)
+
+    layer.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        rt.ask("w1 w2?", max_new_tokens=8, temperature=0)
+    del layer.forward
+    assert rt._state.cache.num_tokens > doc_tokens  # the document and the question kept
+    policy = rt._state.cache.policy
+    indexed = policy is not None and any(policy.indexed)
+    assert not indexed
+    assert rt.ask("w3 w4?", max_new_tokens=4, temperature=0) == want
+    assert (mode == "sparse") == (policy is not None and any(policy.indexed))  # rebuilt
+    assert rt.stats()["prefill_tokens"] < 20  # the question only
