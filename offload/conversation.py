@@ -80,6 +80,11 @@ class KVState:
         self.cache.restore(n)
         self._cut(n)
 
+    def keep_finished(self) -> None:
+        """Keep the tokens both the cache counts and `ids` names (what every layer had
+        finished, of the ids the state was given)."""
+        self.keep(min(self.cache.num_tokens, len(self.ids)))
+
 
 class Conversation:
     """A multi-turn chat whose earlier turns' KV is reused: each `send` prefills only

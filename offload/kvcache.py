@@ -268,23 +268,13 @@ class KVCache:
     def truncate(self, num_tokens: int) -> None:
         """Drop every token from position `num_tokens` on (reuse a shared prefix)."""
         if num_tokens != self.num_tokens:
-            self._drop_from(num_tokens)
+            self.restore(num_tokens)
 
     def restore(self, num_tokens: int) -> None:
         """Every layer holds exactly the first `num_tokens` tokens (at most `num_tokens`),
         whatever it holds now: after a forward pass that stopped partway (an error,
         Ctrl-C), the layers before that point hold more tokens than `num_tokens` says,
         and `truncate` to the same count would keep them."""
-        self._drop_from(num_tokens)
-
-    def forget_index(self) -> None:
-        """Drop the selection index (the next prefill rebuilds it from the KV, as after a
-        prompt): one that an error or Ctrl-C stopped inside an update may not fit
-        together."""
-        if self.policy is not None:
-            self.policy.truncate(0)
-
-    def _drop_from(self, num_tokens: int) -> None:
         self.flush()
         if self.step is not None:
             self.step.plan.truncate(num_tokens)
@@ -300,6 +290,13 @@ class KVCache:
             for layer in self.layers:
                 layer.truncate(num_tokens)
         self.num_tokens = num_tokens
+
+    def forget_index(self) -> None:
+        """Drop the selection index (the next prefill rebuilds it from the KV, as after a
+        prompt): one that an error or Ctrl-C stopped inside an update may not fit
+        together."""
+        if self.policy is not None:
+            self.policy.truncate(0)
 
     def finish_prefill(self, progress=None) -> None:
         """Build the selection index once a prefill is done (no-op without tiers)."""

@@ -62,7 +62,7 @@ def _dropped(state: KVState, e: BaseException, what: str) -> None:
     at different lengths: keep the tokens every layer had finished (the context before
     the request, and what of it was done), drop the rest; torch's out-of-memory error is
     raised as a `DeviceMemoryError` saying so (the caller re-raises anything else)."""
-    state.keep(min(state.cache.num_tokens, len(state.ids)))
+    state.keep_finished()
     state.cache.forget_index()  # (it may have stopped inside an update: rebuilt next time)
     if isinstance(e, torch.OutOfMemoryError):
         raise out_of_memory(f"{what} (the tokens it had not finished were dropped)", e) from e
@@ -237,7 +237,7 @@ class Runtime:
             steps.close()
             # A consumer that stopped early may leave the cache a step ahead of ids.
             if state.cache.num_tokens != len(state.ids):
-                state.keep(min(state.cache.num_tokens, len(state.ids)))
+                state.keep_finished()
             state.computed(len(ids), len(state.ids), 1)  # decode: one token a pass
 
     # -- public API ----------------------------------------------------------

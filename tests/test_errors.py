@@ -151,10 +151,10 @@ def _oom(*args, **kwargs):
 def test_running_out_of_gpu_memory_mid_request_is_one_error_and_leaves_a_clean_runtime(
     tiny_dirs,
 ):
-    """(Raised here by a layer; on a GPU by torch's allocator.) The request's KV is
-    dropped, the first layer's too, which held more tokens than the cache had counted
-    (a prompt that reuses nothing: `truncate(0)` alone kept them, and every later answer
-    was garbage), so the next request runs as on a fresh runtime."""
+    """(Raised here by a layer; on a GPU by torch's allocator.) The tokens the request
+    had not finished are dropped, the first layer's too, which held more than the cache
+    had counted (a prompt that reuses nothing: `truncate(0)` alone kept them, and every
+    later answer was garbage), so the next request runs as on a fresh runtime."""
     rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
     want = rt.generate("ab cd", max_new_tokens=4, temperature=0)
     layer = rt.model.layers[1]

@@ -173,13 +173,6 @@ def cluster_candidates(take, assign, lo: int, hi, N: int):
     return ids, count
 
 
-def score_candidates(
-    q: torch.Tensor, summaries: QuantKeys, ids: torch.Tensor, count: torch.Tensor, sm_scale: float
-) -> torch.Tensor:
-    """The kernel of `storage.quant.score_candidates`: logits [H, R, N]."""
-    return _score(q, summaries, ids, count, sm_scale, stats=False)[0]
-
-
 def rerank_weights_ref(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
     """The rerank's weights [H, N] of rows q [H, R, D] (float32): each row's softmax over
     the candidates' logits (`storage.quant.score_candidates`), summed over the rows."""
@@ -193,7 +186,7 @@ def rerank_weights(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torc
 
     H, R, _ = q.shape
     N = ids.shape[1]
-    logits, top, total = _score(q, summaries, ids, count, sm_scale, stats=True)
+    logits, top, total = score_candidates(q, summaries, ids, count, sm_scale)
     blocks = top.shape[2]
     out = torch.empty(H, N, dtype=torch.float32, device=q.device)
     _kernels().softmax_sum[(H, triton.cdiv(N, BLOCK_W))](
@@ -203,9 +196,10 @@ def rerank_weights(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torc
     return out
 
 
-def _score(q, summaries: QuantKeys, ids, count, sm_scale: float, stats: bool):
-    """Logits [H, R, N]; with `stats`, each program's largest logit and sum of exponentials
-    of each row, [H, R, programs] each (else empty)."""
+def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
+    """The kernel of `storage.quant.score_candidates`: logits [H, R, N], and each
+    program's largest logit and sum of exponentials of each row, [H, R, programs] each
+    (what `rerank_weights` makes the softmax of)."""
     import triton
 
     H, R, D = q.shape
@@ -217,13 +211,13 @@ def _score(q, summaries: QuantKeys, ids, count, sm_scale: float, stats: bool):
     out = torch.empty(H, R, N, dtype=torch.float32, device=q.device)
     block = INTERPRETED_BLOCK_N if _interpreted() else BLOCK_N
     blocks = triton.cdiv(N, block)
-    top = torch.empty(H, R, blocks if stats else 0, dtype=torch.float32, device=q.device)
+    top = torch.empty(H, R, blocks, dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)
     _kernels().score[(H, blocks)](
         q, codes, scale, zero, ids, count, out, top, total, R, N, summaries.group, sm_scale,
         q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
-        D=D, BITS=summaries.bits, BLOCK=block, STATS=stats,
+        D=D, BITS=summaries.bits, BLOCK=block,
     )  # fmt: skip
     return out, top, total
 
@@ -236,8 +230,7 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def score(Q, CODES, SCALE, ZERO, IDS, COUNT, OUT, TOP, TOTAL, R, N, group, sm_scale,
               s_qh, s_qr, s_count, s_ch, s_ct, s_ph, s_pg,
-              D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-              STATS: tl.constexpr):  # fmt: skip
+              D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         n = blk * BLOCK + tl.arange(0, BLOCK)
@@ -258,13 +251,13 @@ def _kernels() -> SimpleNamespace:
             logit = tl.sum(k * q[None, :], axis=1) * sm_scale
             logit = tl.where(real, logit, float("-inf"))
             tl.store(OUT + (h * R + r) * N + n, logit, mask=ok)
-            if STATS:  # the row's largest logit here, and its exponentials' sum below it
-                top = tl.max(logit, 0)
-                base = tl.where(top > float("-inf"), top, 0.0)  # (no -inf - -inf)
-                total = tl.sum(tl.where(real, tl.exp(logit - base), 0.0), 0)
-                stat = (h * R + r) * tl.num_programs(1) + blk
-                tl.store(TOP + stat, top)
-                tl.store(TOTAL + stat, total)
+            # the row's largest logit here, and its exponentials' sum below it
+            top = tl.max(logit, 0)
+            base = tl.where(top > float("-inf"), top, 0.0)  # (no -inf - -inf)
+            total = tl.sum(tl.where(real, tl.exp(logit - base), 0.0), 0)
+            stat = (h * R + r) * tl.num_programs(1) + blk
+            tl.store(TOP + stat, top)
+            tl.store(TOTAL + stat, total)
 
     @triton.jit
     def softmax_sum(LOGITS, TOP, TOTAL, OUT, R, N, blocks,
