@@ -21,16 +21,16 @@ from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
 from offload.kernels import layer as layer_kernels
-from offload.kernels import ops, supports_head_dim, triton_available
+from offload.kernels import ops, ranking, supports_head_dim, triton_available
 from offload.kernels.candidates import (
     cluster_candidates_ref,
     rerank_weights_ref,
     score_clusters_ref,
-    take_clusters_ref,
 )
 from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
-from offload.kernels.hit_cache import assign_ref, stamp_ref
+from offload.kernels.hit_cache import lookup_ref
+from offload.kernels.ranking import take_clusters_ref, top_ids_ref
 from retrieval.base import ROW_BLOCK
 from storage.quant import QuantKeys
 
@@ -144,9 +144,9 @@ class Backend:
 
     def take_clusters(self, scores, counts, factor: int, k: int, k_valid=None):
         """The clusters a selection takes, from their scores [H, NC] and sizes counts
-        [H, NC] -> take [H, NC + 1] bool (offload/kernels/candidates.py)."""
+        [H, NC] -> take [H, NC + 1] bool (offload/kernels/ranking.py)."""
         if self.kernels:
-            return self._kernel(candidate_kernels).take_clusters(scores, counts, factor, k, k_valid)
+            return self._kernel(ranking).take_clusters(scores, counts, factor, k, k_valid)
         return take_clusters_ref(scores, counts, factor, k, k_valid)
 
     def cluster_candidates(self, take, assign, lo: int, hi, N: int):
@@ -157,20 +157,21 @@ class Backend:
             return self._kernel(candidate_kernels).cluster_candidates(take, assign, lo, hi, N)
         return cluster_candidates_ref(take, assign, lo, hi, N)
 
-    def hit_stamp(self, ids, slot_of, used, clock) -> torch.Tensor:
-        """A step hit cache's slots [H, k] of ids [H, k] (-1: not cached); the slots hit
-        are stamped with the clock (offload/kernels/hit_cache.py)."""
+    def top_ids(self, weights, ids, k: int, k_valid=None) -> torch.Tensor:
+        """The ids [H, k] of the k_valid (or k) largest weights [H, N] per head, in their
+        order in ids [H, N]; the rows after them ids[:, 0] (offload/kernels/ranking.py)."""
         if self.kernels:
-            return self._kernel(hit_kernels).stamp(ids, slot_of, used, clock)
-        return stamp_ref(ids, slot_of, used, clock)
+            return self._kernel(ranking).top_ids(weights, ids, k, k_valid)
+        return top_ids_ref(weights, ids, k, k_valid)
 
-    def hit_assign(self, ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts):
-        """The misses of a step hit cache's lookup given their victims' slots: its tables
-        updated -> (to, miss, rows) [H, k] (offload/kernels/hit_cache.py)."""
-        args = (ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts)
+    def hit_lookup(self, ids, k_valid, slot_of, token_of, used, clock, counts):
+        """A step hit cache's lookup of ids [H, k]: its hits stamped, its misses given the
+        least recently used slots, its tables updated -> (to, miss, rows) [H, k]
+        (offload/kernels/hit_cache.py)."""
+        args = (ids, k_valid, slot_of, token_of, used, clock, counts)
         if self.kernels:
-            return self._kernel(hit_kernels).assign(*args)
-        return assign_ref(*args)
+            return self._kernel(hit_kernels).lookup(*args)
+        return lookup_ref(*args)
 
     def host_view(self, t: torch.Tensor) -> torch.Tensor:
         """The host tensor `t` as the compute device reads it: on CUDA a view of the pinned

@@ -7,14 +7,16 @@ graph captures it; its bookkeeping lives in device tensors.
     slot_of   [H, T_cap + 1]    int32: the slot of token t, or -1; column T_cap is scratch
     token_of  [H, M + 1]        the token in each slot, or -1
     used      [H, M + 1]        the step (clock) that last selected each slot
+    clock     [H]               the head's lookups so far
 
 A step (`lookup`), per KV head, for the selected ids [H, k] (the first `k_valid` used):
 
     hit    slot_of[ids] >= 0                         -> stamp those slots with the clock
-    miss   not a hit, and a used row (j < k_valid)   -> the j-th miss of a head takes the
-           j-th least recently used slot; its old token is forgotten, the new one
-           recorded, and the fetch kernel reads just the missed rows from the pinned
-           host slab into their slots
+    miss   not a hit, and a used row (j < k_valid)   -> the misses take as many least
+           recently used slots (ties: the lower slot; the j-th miss the j-th of them in
+           slot order); their old tokens are forgotten, the new ones recorded, and the
+           fetch kernel reads just the missed rows from the pinned host slab into
+           their slots
     out    the slot of each row [H, k]: the step's attention reads kv there
            (`lookup_slots`); or kv[:, h, slot of each row] [2, H, k, D] (`lookup`)
 
@@ -23,8 +25,8 @@ a head has at most k - hits misses for M - hits >= k - hits other slots). Writes
 that must not land anywhere go to the scratch column or slot, so no step needs a
 data-dependent shape. Rows past `k_valid` are not fetched (a hit among them is
 stamped all the same): they read whatever their slot holds and attention cuts them
-off by length. The bookkeeping is two kernels and a `topk` on CUDA
-(offload/kernels/hit_cache.py), their torch references elsewhere.
+off by length. The bookkeeping is one kernel on CUDA (offload/kernels/hit_cache.py),
+its torch reference elsewhere.
 
 Tokens keep their ids while they are cached: the host slab row of a token never
 changes until a truncation, and `truncate` forgets the tokens past it.
@@ -46,7 +48,7 @@ class StepHitCache:
         self.H, self.D, self.dtype, self.device = num_heads, head_dim, dtype, device
         self._alloc_slots(0)
         self.slot_of = torch.full((num_heads, 1), -1, dtype=torch.int32, device=device)
-        self.clock = torch.zeros(1, dtype=torch.long, device=device)
+        self.clock = torch.zeros(num_heads, dtype=torch.long, device=device)
         self.counts = counts
         self._heads = torch.arange(num_heads, device=device)[:, None]
 
@@ -94,12 +96,8 @@ class StepHitCache:
         (`Backend.host_view`): the step's attention reads them there."""
         H, k = ids.shape
         assert k <= self.slots, f"a hit cache of {self.slots} slots cannot serve {k} tokens"
-        self.clock.add_(1)
-        slots = backend.hit_stamp(ids, self.slot_of, self.used, self.clock)
-        # (stamped first: a slot hit in this step is never a victim)
-        victims = torch.topk(self.used[:, : self.slots], k, dim=1, largest=False).indices
-        to, miss, rows = backend.hit_assign(ids, slots, victims, k_valid, self.slot_of,
-                                            self.token_of, self.used, self.clock, self.counts)  # fmt: skip
+        to, miss, rows = backend.hit_lookup(ids, k_valid, self.slot_of, self.token_of,
+                                            self.used, self.clock, self.counts)  # fmt: skip
         backend.fetch_into(slab, slot_table, ids, miss, to, self.kv)
         return rows
 

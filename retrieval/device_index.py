@@ -20,7 +20,9 @@ candidate_factor 1) gets token `lo` repeated instead of other tokens of the rang
 With the Triton kernels (CUDA), scores are summed in another order than torch's, and
 clusters whose scores tie at the cut are all taken (the ranking takes those it put
 first); candidates past N are then dropped, the last in token order. Both need two
-float32 scores equal to the last bit at the cut.
+float32 scores equal to the last bit at the cut. Of candidates whose weights tie at the
+cut, the earlier are kept (by the kernel and its reference; `topk` on the host keeps
+any).
 """
 
 from __future__ import annotations
@@ -119,15 +121,15 @@ class DeviceClusterIndex:
         backend=None,
     ) -> torch.Tensor:
         """q [H, G, D] (a decode step; or [H, R, D], a prefill chunk's query rows), hi a
-        device tensor [1] -> token ids [H, k] in [lo, hi), best first
-        (`ClusterIndex.select` returns the same ids, ascending).
+        device tensor [1] -> token ids [H, k] in [lo, hi), in token order
+        (`ClusterIndex.select` returns the same ids).
 
         Candidates: the best clusters by max of logits over the group until
         candidate_factor x k tokens (then one more cluster), plus the tokens not yet
         indexed; reranked by their low-bit keys (sum of softmax), top-k. With `k_valid`
         (a device tensor <= k) the candidates are those of k_valid and the first
-        k_valid ids are `ClusterIndex.select(..., k_valid)`'s: a caller with a fixed
-        number of slots uses only those. The clusters' scores, the clusters taken, the
+        k_valid ids are `ClusterIndex.select(..., k_valid)`'s, the rows after them the
+        first candidate: a caller with a fixed number of slots uses only those. The clusters' scores, the clusters taken, the
         candidate list and the rerank's weights are computed by `backend` (an
         `offload.backend.Backend`: Triton kernels on CUDA, whose clusters taken differ
         from the ranking's only where scores tie at the threshold); without one, by the
@@ -146,5 +148,4 @@ class DeviceClusterIndex:
         weights = row_sum(
             q, lambda rows: backend.rerank_weights(rows, summaries, ids, count, sm_scale)
         )
-        top = torch.topk(weights, k, dim=-1, sorted=True).indices
-        return torch.gather(ids, 1, top)
+        return backend.top_ids(weights, ids, k, k_valid)

@@ -138,7 +138,6 @@ def test_kernel_operators_pass_torchs_operator_checks():
                 torch.full((H, M + 1), -1, device=DEVICE), torch.full((H, M + 1), -1, device=DEVICE))  # fmt: skip
 
     slot_of, token_of, used = tables()
-    stamp_slot_of, _, stamp_used = tables()
     checks = [
         (ops.decode_attention, (q.float(), kv[0], kv[1], torch.tensor([200], device=DEVICE))),
         (ops.decode_attention, (q.float(), kv[0], kv[1], one, kv[0], kv[1], one + 3, sel)),
@@ -148,9 +147,10 @@ def test_kernel_operators_pass_torchs_operator_checks():
         (ops.score_clusters, (q, kv[0, :, :17], torch.zeros(H, 17, device=DEVICE))),
         (ops.take_clusters, (scores, ints(9, H, 18).float()[:, :-1], 8, 2, one)),
         (ops.take_clusters, (scores, ints(9, H, 17).float(), 8, 2, None)),
+        (ops.top_ids, (scores, ints(T, H, 17), 5, one)),
+        (ops.top_ids, (scores, ints(T, H, 17), 5, None)),
         (ops.cluster_candidates, ((torch.rand(H, 17, generator=g) < 0.5).to(DEVICE), ints(17, H, T, dtype=torch.int32), 4, torch.tensor([200], device=DEVICE), N)),
-        (ops.stamp, (sel, stamp_slot_of, stamp_used, one)),
-        (ops.assign, (sel, torch.full((H, k), -1, dtype=torch.int32, device=DEVICE), victims, torch.tensor([k], device=DEVICE), slot_of, token_of, used, one, torch.zeros(2, dtype=torch.long, device=DEVICE))),
+        (ops.lookup, (sel, torch.tensor([k], device=DEVICE), slot_of, token_of, used, torch.zeros(H, dtype=torch.long, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE))),
     ]  # fmt: skip
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",

@@ -5,8 +5,10 @@ import torch
 
 from offload.backend import Backend
 from offload.kernels import candidates as candidate_kernels
-from offload.kernels.candidates import cluster_candidates_ref, take_clusters_ref
+from offload.kernels import ranking
+from offload.kernels.candidates import cluster_candidates_ref
 from offload.kernels.candidates import score_candidates as score_kernel
+from offload.kernels.ranking import take_clusters_ref, top_ids_ref
 from retrieval import ClusterIndex
 from retrieval.base import ROW_BLOCK
 from retrieval.device_index import DeviceClusterIndex
@@ -167,7 +169,7 @@ def test_cluster_taking_kernel_matches_its_reference(block, monkeypatch):
     clusters, with no tokens), counts with a row stride (the index's), a head whose best
     cluster alone is enough, a head that takes every cluster, want = 0 (the best cluster
     still taken), want from a device tensor."""
-    monkeypatch.setattr(candidate_kernels, "BLOCK_C", block)
+    monkeypatch.setattr(ranking, "BLOCK_C", block)
     g = torch.Generator().manual_seed(3)
     H, NC = 4, 100  # NC: not a multiple of the block
     scores = torch.randn(H, NC, generator=g) * 10
@@ -180,7 +182,7 @@ def test_cluster_taking_kernel_matches_its_reference(block, monkeypatch):
     for factor, k, k_valid in [(8, 40, None), (8, 1000, None), (8, 0, None), (2, 99, [50])]:
         k_valid = None if k_valid is None else torch.tensor(k_valid, device=DEVICE)
         want = take_clusters_ref(scores, counts, factor, k, k_valid)
-        got = candidate_kernels.take_clusters(scores, counts, factor, k, k_valid)
+        got = ranking.take_clusters(scores, counts, factor, k, k_valid)
         assert got.dtype == torch.bool and torch.equal(got, want), (factor, k)
         if (factor, k) == (8, 40):
             assert int(want[1].sum()) == 2 and 2 < int(want[0].sum()) < NC
@@ -195,10 +197,48 @@ def test_clusters_tied_at_the_threshold_are_all_taken():
     above leave room for), the ranking only the ones it put first."""
     scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]], device=DEVICE)
     counts = torch.tensor([[10.0, 10.0, 10.0, 10.0, 10.0]], device=DEVICE)
-    got = candidate_kernels.take_clusters(scores, counts, 1, 15)  # want 15: 3.0, then a 2.0
+    got = ranking.take_clusters(scores, counts, 1, 15)  # want 15: 3.0, then a 2.0
     assert got.cpu().tolist() == [[True, True, True, True, False, True]]
     want = take_clusters_ref(scores, counts, 1, 15)
     assert int(want[0, 1:4].sum()) == 1 and bool((want <= got).all())
+
+
+@pytest.mark.parametrize("block", [16, 32768])
+def test_top_ids_kernel_matches_its_reference(block, monkeypatch):
+    """The ids of the largest weights, by the kernel's radix select (a head's weights in
+    registers; or blocks of 16, read in each pass) against torch's stable sort: weights
+    tied at the cut (the earlier ones kept), zeros (a head's padding, or a head with no
+    candidate), k_valid below k (the rows after the chosen ones: the first candidate),
+    k = N, k_valid = 0."""
+    monkeypatch.setattr(ranking, "BLOCK_TOP", block)
+    monkeypatch.setattr(ranking, "BLOCK_READ", min(block, 2048))
+    g = torch.Generator().manual_seed(4)
+    H, N = 4, 100
+    weights = torch.rand(H, N, generator=g)
+    weights[0, ::3] = 0.7  # 34 ties, around the cut
+    weights[1, 60:] = 0.0  # padding
+    weights[2] = 0.0  # no candidate
+    weights[3] = torch.randn(N, generator=g) * 10  # both signs (the top digit's sign bit)
+    weights = weights.to(DEVICE)
+    ids = torch.randint(0, 10**6, (H, N + 7), generator=g).to(DEVICE)[:, :N]  # a row stride
+    for k, k_valid in [(40, None), (100, None), (50, [20]), (50, [0]), (1, None)]:
+        k_valid = None if k_valid is None else torch.tensor(k_valid, device=DEVICE)
+        want = top_ids_ref(weights, ids, k, k_valid)
+        got = ranking.top_ids(weights, ids, k, k_valid)
+        assert torch.equal(got, want), (k, k_valid)
+    want = top_ids_ref(weights, ids, 40, None)
+    n_above = int((weights[0] > 0.7).sum())
+    assert n_above < 40 < n_above + 34  # the cut falls among the ties...
+    kept = set(want[0].tolist())
+    ties = [int(ids[0, j]) for j in range(0, N, 3)]
+    assert [t in kept for t in ties] == [i < 40 - n_above for i in range(34)]  # ...the first
+    assert set(want[1].tolist()) <= set(ids[1, :60].tolist())  # no padding
+    assert want[2].tolist() == ids[2, :40].tolist()  # all zero: the first 40, in order
+    few = top_ids_ref(weights, ids, 50, torch.tensor([20], device=DEVICE))
+    assert (few[:, 20:] == ids[:, :1]).all()
+    many = torch.rand(2, 5000, generator=g).to(DEVICE) ** 8  # (keys sharing their high bits)
+    at = torch.arange(5000, device=DEVICE).expand(2, 5000)
+    assert torch.equal(ranking.top_ids(many, at, 700), top_ids_ref(many, at, 700))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -120,20 +120,22 @@ def test_growing_the_token_capacity_keeps_what_is_cached():
     assert counts.tolist() == [8, 3]
 
 
-@pytest.mark.parametrize("block", [None, 4])
-def test_bookkeeping_kernels_match_their_torch_references(block, monkeypatch):
-    """The two kernels of a lookup (stamp, assign) against the torch code they replace:
-    the same tables, counts, slots fetched and output rows, step after step, with
-    evictions, partial k_valid and truncations (distinct ids per head: with repeated ones
-    which of a token's slots `slot_of` names is unspecified). Blocks of 4 ids: several
-    programs of `stamp`, several iterations of `assign` (its running count of misses)."""
-    if block:
-        monkeypatch.setattr(hit_cache, "BLOCK_STAMP", block)
-        monkeypatch.setattr(hit_cache, "BLOCK_ASSIGN", block)
+@pytest.mark.parametrize("blocks", [None, (4, 16)])
+def test_lookup_kernel_matches_its_torch_reference(blocks, monkeypatch):
+    """The lookup kernel against the torch code it replaces: the same tables, clocks,
+    counts, slots fetched and output rows, step after step, with evictions (ties among
+    the least recent stamps: a step's misses share one), partial k_valid and
+    truncations (distinct ids per head: with repeated ones which of a token's slots
+    `slot_of` names is unspecified). With blocks of 4 ids and 16 slots: several
+    iterations of each pass (its running counts), the slots' stamps read a block at a
+    time in the bisection."""
+    if blocks:
+        monkeypatch.setattr(hit_cache, "BLOCK_IDS", blocks[0])
+        monkeypatch.setattr(hit_cache, "BLOCK_SLOTS", blocks[1])
     gen = torch.Generator().manual_seed(5)
     slab = _slab(seed=5)
     T, k = 8 * C, 12
-    caches = {kernels: _cache(M=20) for kernels in (False, True)}
+    caches = {kernels: _cache(M=40) for kernels in (False, True)}
     for step in range(30):
         ids = torch.stack([torch.randperm(T // 2, generator=gen)[:k] for _ in range(H)])
         ids = ids.to(DEVICE) + (T // 2 if step % 3 == 0 else 0)  # some steps all misses
@@ -152,7 +154,7 @@ def test_bookkeeping_kernels_match_their_torch_references(block, monkeypatch):
             kv = hc.lookup(ids, k_valid, slab, torch.arange(8, device=DEVICE), backend)
             M, T_cap = hc.slots, hc.token_capacity
             out[kernels] = (kv, hc.slot_of[:, :T_cap], hc.token_of[:, :M], hc.used[:, :M],
-                            counts, *fetched[0])  # fmt: skip
+                            hc.clock, counts, *fetched[0])  # fmt: skip
         for a, b in zip(out[False], out[True], strict=True):
             assert torch.equal(a, b), step
         if step % 10 == 7:
@@ -160,3 +162,24 @@ def test_bookkeeping_kernels_match_their_torch_references(block, monkeypatch):
             for hc, _ in caches.values():
                 hc.truncate(n)
     assert 0 < int(caches[True][1][1]) < int(caches[True][1][0])  # hits and misses
+
+
+def test_victims_are_the_least_recent_slots_and_ties_go_to_the_lower_slot():
+    """Stamps 5 3 3 -1 3 7 in slots 0-5 (slot 3 never used), three misses: slot 3 (never
+    used), then of the three slots last used at 3 the two lower (1, 2), in slot order."""
+    for kernels in (False, True):
+        hc, counts = _cache(M=6)
+        hc.used[:, :6] = torch.tensor([5, 3, 3, -1, 3, 7])
+        hc.clock.fill_(7)
+        ids = torch.tensor([[100, 101, 102]] * H, device=DEVICE)
+        to, miss, rows = Backend(DEVICE, kernels=kernels).hit_lookup(
+            ids,
+            torch.tensor([3], device=DEVICE),
+            hc.slot_of,
+            hc.token_of,
+            hc.used,
+            hc.clock,
+            counts,
+        )
+        assert to.tolist() == [[1, 2, 3]] * H and miss.all() and torch.equal(rows, to)
+        assert hc.used[0, :6].tolist() == [5, 8, 8, 8, 3, 7] and hc.clock.tolist() == [8] * H

@@ -31,12 +31,20 @@ from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
 from offload.kernels import layer as layer_kernels
+from offload.kernels import ranking
 from storage.quant import QuantKeys
 
 # Shared memory one block may use (opt-in maximum), by architecture.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # each defines its kernels in `_kernels()`
-MODULES = (attention_kernels, gather_kernels, hit_kernels, candidate_kernels, layer_kernels)
+MODULES = (
+    attention_kernels,
+    gather_kernels,
+    hit_kernels,
+    candidate_kernels,
+    ranking,
+    layer_kernels,
+)
 
 TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
@@ -224,8 +232,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         meta(H, HIT_SLOTS + 1, dtype=torch.long),
         meta(H, HIT_SLOTS + 1, dtype=torch.long),
     )
-    clock, counts = meta(1, dtype=torch.long), meta(2, dtype=torch.long)
-    hit_slots = meta(H, RETRIEVED, dtype=torch.int32)
+    clock, counts = meta(H, dtype=torch.long), meta(2, dtype=torch.long)
     summaries = QuantKeys(2, 16, meta(H, T, D // 4, dtype=torch.uint8),
                           meta(H, T // 16, D, dtype=torch.float16),
                           meta(H, T // 16, D, dtype=torch.float16))  # fmt: skip
@@ -246,7 +253,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "fetch misses into the hit cache": lambda: gather_kernels.fetch_into(
             slab, table, ids, miss, ids, cache
         ),
-        "the clusters taken": lambda: candidate_kernels.take_clusters(
+        "the clusters taken": lambda: ranking.take_clusters(
             meta(H, T // 16, dtype=torch.float32),
             meta(H, T // 16 + 1, dtype=torch.float32)[:, :-1],
             8,
@@ -254,7 +261,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
             length,
         ),
         # (the buffers grown by 1.25x past a power of two: twice the clusters in registers)
-        "the clusters taken, grown": lambda: candidate_kernels.take_clusters(
+        "the clusters taken, grown": lambda: ranking.take_clusters(
             meta(H, T // 16 * 5 // 4, dtype=torch.float32),
             meta(H, T // 16 * 5 // 4 + 1, dtype=torch.float32)[:, :-1],
             8,
@@ -270,9 +277,11 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "rerank the candidates on their low-bit keys": lambda: candidate_kernels.rerank_weights(
             q, summaries, candidates, meta(H, dtype=torch.long), D**-0.5
         ),
-        "hit cache: stamp the hits": lambda: hit_kernels.stamp(ids, slot_of, used, clock),
-        "hit cache: assign the misses": lambda: hit_kernels.assign(
-            ids, hit_slots, ids, length, slot_of, token_of, used, clock, counts
+        "the tokens kept": lambda: ranking.top_ids(
+            meta(H, CANDIDATES, dtype=torch.float32), candidates, RETRIEVED, length
+        ),
+        "hit cache: the lookup": lambda: hit_kernels.lookup(
+            ids, length, slot_of, token_of, used, clock, counts
         ),
     }
 

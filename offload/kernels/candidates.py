@@ -1,7 +1,8 @@
 """A device selection's kernels (retrieval/device_index.py): the clusters' scores
-(`score_clusters`), the clusters taken (`take_clusters`), their candidates' list
-(`cluster_candidates`) and the candidates' rerank on low-bit keys dequantized in
-registers (`score_candidates`; `rerank_weights` with the softmax summed over the rows).
+(`score_clusters`), the list of the candidates of the clusters taken
+(`cluster_candidates`; which are taken: offload/kernels/ranking.py) and the candidates'
+rerank on low-bit keys dequantized in registers (`score_candidates`; `rerank_weights`
+with the softmax summed over the rows).
 
     q        [H, R, D]             query rows per KV head (a step's query heads of the
                                    group; a prefill chunk's rows, a block at a time)
@@ -34,28 +35,13 @@ clusters (`-inf`): `retrieval.base.row_max` of `exact_logits` in float32. One
 program per (KV head, block of clusters) reads its centroids once for all the rows;
 one launch where torch took four (q's cast, the matmul, the maximum, the bias).
 
-Which clusters are taken (`take_clusters`): a head's clusters in the order of their
-scores, taken while the tokens of the clusters before them are fewer than `want`
-(and the best one always). In torch, an argsort (on a GPU a segmented radix sort of
-several kernels once a head has more than 4,096 clusters: past 64k tokens) and ten
-kernels on [H, NC] (a gather, a cumsum, comparisons, a scatter). Without the sort: a
-cluster is taken when the clusters scoring strictly higher hold fewer than `want`
-tokens, so what is taken is every cluster scoring at or above a threshold, the lowest
-score at which that holds. One program per head finds it by bisection over the scores'
-32-bit patterns (mapped to integers in the floats' order): 32 passes that each sum the
-counts of the clusters above a trial value, over scores and counts held in registers
-(or read a block at a time past `BLOCK_C` clusters), then marks the clusters at or
-above it. The same clusters as the ranking takes, but where scores tie at the
-threshold: there it takes every tied cluster where the ranking takes the tied ones it
-happened to rank first (both are "the best clusters"; more candidates than counted
-are then dropped past N, as ever).
-
 The candidate list itself (`cluster_candidates`): each head's tokens in [lo, hi) whose
 cluster is taken, in token order, the first N of them, padded with `lo`. In torch that
 is a dozen passes over [H, T_cap] (a cumsum, gathers, `where`s: 1.3M entries each for
 the 8B shape at 128k); here two kernels over blocks of tokens, the first counting each
 block's candidates and the second writing them after those of the blocks before it
 (each of its programs sums their counts), in the same order, and the padding.
+
 """
 
 from __future__ import annotations
@@ -67,7 +53,7 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import supports_head_dim
-from retrieval.base import clusters_taken, exact_logits, fine_softmax_sum, row_max
+from retrieval.base import exact_logits, fine_softmax_sum, row_max
 from storage.quant import QuantKeys
 from storage.quant import score_candidates as reference_scores
 
@@ -77,8 +63,6 @@ BLOCK_N = 32  # candidates per program
 # blocks (the same results; tests/test_device_index.py runs the GPU's block size).
 INTERPRETED_BLOCK_N = 1024
 BLOCK_T = 1024  # tokens per program of the candidate list
-BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
-# most: past it, it reads them a block at a time in each of its 32 passes)
 BLOCK_CS = 32  # clusters per program of `score_clusters` (their centroids in registers)
 BLOCK_W = 1024  # candidates per program of the rerank's softmax sum
 BLOCK_STATS = 1024  # (at most) its programs' statistics read at a time
@@ -110,34 +94,6 @@ def score_clusters(q, centroids, bias):
         BLOCK=block, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
     return out
-
-
-def take_clusters_ref(scores, counts, factor: int, k: int, k_valid=None):
-    """scores [H, NC] (of each cluster), counts [H, NC] (float: tokens per cluster; any
-    row stride) -> take [H, NC + 1] bool: in the order of the scores, the clusters before
-    the running count of tokens reaches want = factor x (k_valid if given, a device
-    tensor [1], else k), and the one that reaches it (at least one); the last column,
-    the tokens not indexed yet, always."""
-    want = factor * (k if k_valid is None else k_valid)
-    taken = clusters_taken(scores, counts, want)
-    return torch.cat([taken, taken.new_ones(taken.shape[0], 1)], dim=1)
-
-
-def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
-    """The kernel of `take_clusters_ref` (but for ties at the threshold: see above)."""
-    import triton
-
-    H, NC = scores.shape
-    assert scores.is_contiguous() and counts.stride(1) == 1
-    take = torch.empty(H, NC + 1, dtype=torch.bool, device=scores.device)
-    block = max(16, min(BLOCK_C, triton.next_power_of_2(NC)))
-    valid = scores if k_valid is None else k_valid  # (a pointer the kernel does not read)
-    _kernels().take[(H,)](
-        scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
-        K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block,
-        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
-    )  # fmt: skip
-    return take
 
 
 def cluster_candidates_ref(take, assign, lo: int, hi, N: int):
@@ -335,57 +291,6 @@ def _kernels() -> SimpleNamespace:
         else:
             tl.store(COUNTS + h * blocks + blk, tl.sum(m, 0))
 
-    @triton.jit
-    def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
-             K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
-        h = tl.program_id(0).to(tl.int64)
-        if K_VALID:
-            k = tl.load(K_VALID_PTR)
-        want = (factor * k).to(tl.float32)
-        r = tl.arange(0, BLOCK)
-        # the threshold lies in (lo, hi]: above lo the clusters hold >= want tokens (lo
-        # below every score: all of them), above hi fewer (hi the best score: none)
-        lo = tl.full([], -(2**31) - 1, tl.int64)
-        if WHOLE:
-            key = tl.load(SCORES + h * NC + r, mask=r < NC, other=float("-inf"))
-            key = key.to(tl.int32, bitcast=True)  # the floats' order: negatives' magnitude
-            key = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)  # bits flipped (here and below)
-            n = tl.load(COUNTS + h * s_counts + r, mask=r < NC, other=0.0)
-            hi = tl.max(key, 0).to(tl.int64)
-        else:
-            hi = tl.full([], -(2**31), tl.int64)
-            for start in range(0, NC, BLOCK):
-                c = start + r
-                x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-                x = x.to(tl.int32, bitcast=True)
-                x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
-                hi = tl.maximum(hi, tl.max(x, 0).to(tl.int64))
-        for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
-            mid = lo + (hi - lo) // 2
-            # (integer counts: float32 sums are exact, as the reference's cumsum)
-            if WHOLE:
-                above = tl.sum(tl.where(key > mid, n, 0.0), 0)
-            else:
-                above = tl.zeros([], tl.float32)
-                for start in range(0, NC, BLOCK):
-                    c = start + r
-                    x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-                    x = x.to(tl.int32, bitcast=True)
-                    x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
-                    m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
-                    above += tl.sum(tl.where(x > mid, m, 0.0), 0)
-            if above < want:
-                hi = mid
-            else:
-                lo = mid
-        for start in range(0, NC, BLOCK):
-            c = start + r
-            x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-            x = x.to(tl.int32, bitcast=True)
-            x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
-            tl.store(TAKE + h * (NC + 1) + c, (x >= hi).to(tl.uint8), mask=c < NC)
-        tl.store(TAKE + h * (NC + 1) + NC, tl.full([], 1, tl.uint8))
-
     return SimpleNamespace(
-        score=score, softmax_sum=softmax_sum, clusters=clusters, candidates=candidates, take=take
+        score=score, softmax_sum=softmax_sum, clusters=clusters, candidates=candidates
     )

@@ -16,6 +16,7 @@ from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from offload.kernels import ranking
 from storage.quant import QuantKeys
 
 
@@ -65,23 +66,11 @@ def _(slab, slot_table, ids, rows, dst, cache):
     return None
 
 
-@torch.library.custom_op("offload::stamp", mutates_args=("used",))
-def stamp(
-    ids: torch.Tensor, slot_of: torch.Tensor, used: torch.Tensor, clock: torch.Tensor
-) -> torch.Tensor:
-    return hit_kernels.stamp(ids, slot_of, used, clock)
-
-
-@stamp.register_fake
-def _(ids, slot_of, used, clock):
-    return ids.new_empty(ids.shape, dtype=torch.int32)
-
-
-@torch.library.custom_op("offload::assign", mutates_args=("slot_of", "token_of", "used", "counts"))
-def assign(
+@torch.library.custom_op(
+    "offload::lookup", mutates_args=("slot_of", "token_of", "used", "clock", "counts")
+)
+def lookup(
     ids: torch.Tensor,
-    slots: torch.Tensor,
-    victims: torch.Tensor,
     k_valid: torch.Tensor,
     slot_of: torch.Tensor,
     token_of: torch.Tensor,
@@ -89,11 +78,11 @@ def assign(
     clock: torch.Tensor,
     counts: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return hit_kernels.assign(ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts)
+    return hit_kernels.lookup(ids, k_valid, slot_of, token_of, used, clock, counts)
 
 
-@assign.register_fake
-def _(ids, slots, victims, k_valid, slot_of, token_of, used, clock, counts):
+@lookup.register_fake
+def _(ids, k_valid, slot_of, token_of, used, clock, counts):
     return (
         ids.new_empty(ids.shape),
         ids.new_empty(ids.shape, dtype=torch.bool),
@@ -150,11 +139,23 @@ def _(take, assign, lo, hi, N):
     return assign.new_empty(H, N, dtype=torch.long), assign.new_empty(H, dtype=torch.long)
 
 
+@torch.library.custom_op("offload::top_ids", mutates_args=())
+def top_ids(
+    weights: torch.Tensor, ids: torch.Tensor, k: int, k_valid: torch.Tensor | None
+) -> torch.Tensor:
+    return ranking.top_ids(weights, ids, k, k_valid)
+
+
+@top_ids.register_fake
+def _(weights, ids, k, k_valid):
+    return ids.new_empty(ids.shape[0], k)
+
+
 @torch.library.custom_op("offload::take_clusters", mutates_args=())
 def take_clusters(
     scores: torch.Tensor, counts: torch.Tensor, factor: int, k: int, k_valid: torch.Tensor | None
 ) -> torch.Tensor:
-    return candidate_kernels.take_clusters(scores, counts, factor, k, k_valid)
+    return ranking.take_clusters(scores, counts, factor, k, k_valid)
 
 
 @take_clusters.register_fake

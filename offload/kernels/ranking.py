@@ -1,0 +1,224 @@
+"""What a device selection keeps (retrieval/device_index.py), found without a sort: the
+clusters taken (`take_clusters`) and the tokens kept after the rerank (`top_ids`). Each is
+one program per KV head that finds a threshold over the 32-bit patterns of float32
+values, mapped to integers in the floats' order (the negatives' magnitude bits flipped),
+with the head's values held in registers (up to `BLOCK_C`, `BLOCK_TOP` of them; past
+that read a block at a time in each pass), then lists or marks what lies above it.
+
+Which clusters are taken (`take_clusters`): a head's clusters in the order of their
+scores, taken while the tokens of the clusters before them are fewer than `want`
+(and the best one always). In torch, an argsort (on a GPU a segmented radix sort of
+several kernels once a head has more than 4,096 clusters: past 64k tokens) and ten
+kernels on [H, NC] (a gather, a cumsum, comparisons, a scatter). Without the sort: a
+cluster is taken when the clusters scoring strictly higher hold fewer than `want`
+tokens, so what is taken is every cluster scoring at or above a threshold, the lowest
+score at which that holds (each pass sums the counts of the clusters above a trial
+value). The same clusters as the ranking takes, but where scores tie at the
+threshold: there it takes every tied cluster where the ranking takes the tied ones it
+happened to rank first (both are "the best clusters"; more candidates than counted
+are then dropped past N, as ever).
+
+The tokens kept (`top_ids`): the ids of each head's `want` largest weights (ties: the
+earlier candidate), in candidate order (the token order), the rows after them the head's
+first candidate. In torch, `topk` (on a GPU a radix select and, for the best first, a
+sort: a few kernels) and a gather. Here a radix select in one program per head: the
+want-th largest weight's pattern 8 bits a pass, from a histogram (`tl.histogram`) of the
+digits of the weights that share the bits found so far (4 passes, where a bisection would
+take 32 over 16,896 weights), then one pass lists the ids of the weights above it and of
+the first ones equal to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from retrieval.base import clusters_taken
+
+BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
+# most: past it, it reads them a block at a time in each of its 32 passes)
+BLOCK_TOP = 32768  # weights `top_ids`' holds (a step's 16,896 candidates at 128k of the
+# 8B shape: 128 registers a thread of 512, no spill), past it read a block at a time
+BLOCK_READ = 2048  # values read at a time by the passes that list the tokens kept
+
+
+def take_clusters_ref(scores, counts, factor: int, k: int, k_valid=None):
+    """scores [H, NC] (of each cluster), counts [H, NC] (float: tokens per cluster; any
+    row stride) -> take [H, NC + 1] bool: in the order of the scores, the clusters before
+    the running count of tokens reaches want = factor x (k_valid if given, a device
+    tensor [1], else k), and the one that reaches it (at least one); the last column,
+    the tokens not indexed yet, always."""
+    want = factor * (k if k_valid is None else k_valid)
+    taken = clusters_taken(scores, counts, want)
+    return torch.cat([taken, taken.new_ones(taken.shape[0], 1)], dim=1)
+
+
+def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
+    """The kernel of `take_clusters_ref` (but for ties at the threshold: see above)."""
+    import triton
+
+    H, NC = scores.shape
+    assert scores.is_contiguous() and counts.stride(1) == 1
+    take = torch.empty(H, NC + 1, dtype=torch.bool, device=scores.device)
+    block = max(16, min(BLOCK_C, triton.next_power_of_2(NC)))
+    valid = scores if k_valid is None else k_valid  # (a pointer the kernel does not read)
+    _kernels().take[(H,)](
+        scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
+        K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block,
+        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return take
+
+
+def top_ids_ref(weights, ids, k: int, k_valid=None):
+    """weights [H, N] float32 (none -0.0 or NaN), ids [H, N] (N >= k) -> [H, k]: the ids
+    of the want = k_valid (a device tensor [1] <= k) or k largest weights (ties: the
+    earlier), in their order in ids; the rows after them ids[:, 0]."""
+    H, N = weights.shape
+    want = k if k_valid is None else k_valid
+    at = torch.arange(N, device=weights.device).expand(H, N)
+    order = torch.sort(weights, dim=1, descending=True, stable=True).indices
+    chosen = torch.empty_like(order).scatter_(1, order, at) < want
+    kept = torch.sort(torch.where(chosen, at, N), dim=1).values[:, :k]
+    return torch.cat([ids, ids[:, :1]], dim=1).gather(1, kept)
+
+
+def top_ids(weights, ids, k: int, k_valid=None):
+    """The kernel of `top_ids_ref`."""
+    import triton
+
+    H, N = weights.shape
+    assert weights.is_contiguous() and weights.dtype == torch.float32 and ids.stride(1) == 1
+    assert N >= k
+    out = torch.empty(H, k, dtype=ids.dtype, device=ids.device)
+    whole = N <= BLOCK_TOP
+    block = max(16, triton.next_power_of_2(N)) if whole else BLOCK_READ
+    valid = weights if k_valid is None else k_valid  # (a pointer the kernel does not read)
+    _kernels().top[(H,)](
+        weights, ids, valid, out, N, k, ids.stride(0),
+        K_VALID=k_valid is not None, BLOCK=block, WHOLE=whole, BLOCK_K=min(BLOCK_READ, block),
+        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
+             K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
+        h = tl.program_id(0).to(tl.int64)
+        if K_VALID:
+            k = tl.load(K_VALID_PTR)
+        want = (factor * k).to(tl.float32)
+        r = tl.arange(0, BLOCK)
+        # the threshold lies in (lo, hi]: above lo the clusters hold >= want tokens (lo
+        # below every score: all of them), above hi fewer (hi the best score: none)
+        lo = tl.full([], -(2**31) - 1, tl.int64)
+        if WHOLE:
+            key = tl.load(SCORES + h * NC + r, mask=r < NC, other=float("-inf"))
+            key = key.to(tl.int32, bitcast=True)  # the floats' order: negatives' magnitude
+            key = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)  # bits flipped (here and below)
+            n = tl.load(COUNTS + h * s_counts + r, mask=r < NC, other=0.0)
+            hi = tl.max(key, 0).to(tl.int64)
+        else:
+            hi = tl.full([], -(2**31), tl.int64)
+            for start in range(0, NC, BLOCK):
+                c = start + r
+                x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
+                x = x.to(tl.int32, bitcast=True)
+                x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+                hi = tl.maximum(hi, tl.max(x, 0).to(tl.int64))
+        for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
+            mid = lo + (hi - lo) // 2
+            # (integer counts: float32 sums are exact, as the reference's cumsum)
+            if WHOLE:
+                above = tl.sum(tl.where(key > mid, n, 0.0), 0)
+            else:
+                above = tl.zeros([], tl.float32)
+                for start in range(0, NC, BLOCK):
+                    c = start + r
+                    x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
+                    x = x.to(tl.int32, bitcast=True)
+                    x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+                    m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
+                    above += tl.sum(tl.where(x > mid, m, 0.0), 0)
+            if above < want:
+                hi = mid
+            else:
+                lo = mid
+        for start in range(0, NC, BLOCK):
+            c = start + r
+            x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
+            x = x.to(tl.int32, bitcast=True)
+            x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+            tl.store(TAKE + h * (NC + 1) + c, (x >= hi).to(tl.uint8), mask=c < NC)
+        tl.store(TAKE + h * (NC + 1) + NC, tl.full([], 1, tl.uint8))
+
+    @triton.jit
+    def top(WEIGHTS, IDS, K_VALID_PTR, OUT, N, k, s_ids, K_VALID: tl.constexpr,
+            BLOCK: tl.constexpr, WHOLE: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        h = tl.program_id(0).to(tl.int64)
+        want = k
+        if K_VALID:
+            want = tl.load(K_VALID_PTR).to(tl.int32)
+        c = tl.arange(0, BLOCK)
+        key = c  # (read only where WHOLE)
+        if WHOLE:
+            key = tl.load(WEIGHTS + h * N + c, mask=c < N, other=0.0).to(tl.int32, bitcast=True)
+            key = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)  # the floats' order, as in `take`
+        # The want-th largest key, 8 bits a pass from the top: of the keys that share the
+        # bits found so far, the digit at which the count from the largest down reaches
+        # `need` (those above it are taken; need counts the rest to take). The top digit
+        # has its sign bit flipped, so that digits rise with the keys.
+        found = tl.zeros([], tl.int32)  # the key's bits found so far
+        need = want
+        bins = tl.arange(0, 256)
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            flip = 128 if p == 0 else 0
+            hist = tl.zeros([256], tl.int32)  # the digits at `shift` of the keys in play
+            if WHOLE:
+                play = c < N
+                if p > 0:
+                    play = play & ((key >> (shift + 8)) == (found >> (shift + 8)))
+                hist += tl.histogram(((key >> shift) & 255) ^ flip, 256, mask=play)
+            else:
+                for start in range(0, N, BLOCK):
+                    x = tl.load(WEIGHTS + h * N + start + c, mask=start + c < N, other=0.0)
+                    x = x.to(tl.int32, bitcast=True)
+                    x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+                    play = start + c < N
+                    if p > 0:
+                        play = play & ((x >> (shift + 8)) == (found >> (shift + 8)))
+                    hist += tl.histogram(((x >> shift) & 255) ^ flip, 256, mask=play)
+            at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+            digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
+            need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+            found = found | ((digit ^ flip) << shift)
+        # The keys above it, then the first `need` equal to it, in their order.
+        rk = tl.arange(0, BLOCK_K)
+        kept = tl.zeros([], tl.int32)
+        tied = kept
+        for start in range(0, N, BLOCK_K):
+            j = start + rk
+            x = tl.load(WEIGHTS + h * N + j, mask=j < N, other=0.0).to(tl.int32, bitcast=True)
+            x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+            eq = (x == found) & (j < N)
+            chosen = ((x > found) & (j < N)) | (eq & (tied + tl.cumsum(eq.to(tl.int32), 0) <= need))
+            t = tl.load(IDS + h * s_ids + j, mask=chosen, other=0)
+            tl.store(OUT + h * k + kept + tl.cumsum(chosen.to(tl.int32), 0) - 1, t, mask=chosen)
+            kept += tl.sum(chosen.to(tl.int32), 0)
+            tied += tl.sum(eq.to(tl.int32), 0)
+        first = tl.load(IDS + h * s_ids)
+        for start in range(0, k, BLOCK_K):
+            j = start + rk
+            tl.store(OUT + h * k + j, first + tl.zeros_like(j).to(first.dtype),
+                     mask=(j >= want) & (j < k))  # fmt: skip
+
+    return SimpleNamespace(take=take, top=top)
