@@ -5,7 +5,7 @@ the CPU with the kernels' references).
     eager      torch operations that launch work (views left out; each Triton kernel one)
     compiled   what torch.compile makes of the same step (`model.compile_step`): fused
                kernels Inductor generates, and the calls it leaves as they are (matmuls,
-               topk, the Triton kernels). Inductor's CPU backend here: a
+               the Triton kernels). Inductor's CPU backend here: a
                proxy for what its CUDA backend fuses
 
 On a GPU each launched kernel inside a replayed graph still costs a few microseconds,

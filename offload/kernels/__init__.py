@@ -4,10 +4,12 @@
                        valid length is a device tensor (split-K, flash-decoding)
     gather             per-head token rows of the host slab, read by the device
                        straight from pinned memory (unified virtual addressing)
-    candidates         a device selection's clusters taken, their candidate list,
+    candidates         a device selection's clusters' scores, its candidate list,
                        and its rerank on low-bit keys dequantized in registers
-    hit_cache          a step hit cache's bookkeeping (hits stamped; misses given
-                       the least recently used slots)
+    ranking            the clusters it takes and the tokens it keeps, without a sort
+    hit_cache          a step hit cache's bookkeeping in one kernel (hits stamped;
+                       misses given the least recently used slots)
+    layer              a layer's norms, RoPE, SwiGLU and the step's K/V write
 
 The kernels are used on CUDA only (`offload.backend`); on a CPU the references
 run. Tests check each kernel against its reference on the CPU with
