@@ -280,6 +280,13 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "the tokens kept": lambda: ranking.top_ids(
             meta(H, CANDIDATES, dtype=torch.float32), candidates, RETRIEVED, length
         ),
+        # (fewer candidates: a shorter context, or the embedded model's 5% of 8k)
+        "the tokens kept, in registers": lambda: ranking.top_ids(
+            meta(H, CANDIDATES // 4, dtype=torch.float32),
+            candidates[:, : CANDIDATES // 4],
+            RETRIEVED // 4,
+            length,
+        ),
         "hit cache: the lookup": lambda: hit_kernels.lookup(
             ids, length, slot_of, token_of, used, clock, counts
         ),

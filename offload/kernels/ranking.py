@@ -39,8 +39,9 @@ from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
 # most: past it, it reads them a block at a time in each of its 32 passes)
-BLOCK_TOP = 32768  # weights `top_ids`' holds (a step's 16,896 candidates at 128k of the
-# 8B shape: 128 registers a thread of 512, no spill), past it read a block at a time
+BLOCK_TOP = 8192  # weights `top_ids`' holds, past it read a block at a time in each
+# pass (as a step's 16,896 candidates of the 8B shape at 128k are: with Triton 3.6, 16,384
+# in registers spilled, 32,768 spilled 6.7 KB; with 3.9 neither)
 BLOCK_READ = 2048  # values read at a time by the passes that list the tokens kept
 
 
