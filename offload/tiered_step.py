@@ -289,7 +289,7 @@ class SparseStepLayer:
         Hq, _, D = q.shape
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
-        ids = self.index.select(  # best first; sparse steps run past the sink
+        ids = self.index.select(  # in token order; sparse steps run past the sink
             qg,
             self.summaries,
             plan.sel.sink,
