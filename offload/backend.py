@@ -110,6 +110,16 @@ class Backend:
         else:
             layer_kernels.store_kv_ref(k, v, K, V, pos)
 
+    def rope_store(self, qkv, cos, sin, K, V, pos) -> torch.Tensor:
+        """RoPE of the q and k heads of the fused projection's qkv [Hq + 2 Hkv, S, D], and
+        the new k (rotated) and v written at the device positions pos of K, V -> the
+        rotated q: a fixed-shape step's layer. One kernel on CUDA (`store_kv`'s launch
+        saved); elsewhere, and compiled, the layer's RoPE and `store_kv`."""
+        if self.kernels and not self.compile:
+            return layer_kernels.rope_store(qkv, cos, sin, K, V, pos)
+        return layer_kernels.rope_store_ref(qkv, cos, sin, K, V, pos, self.layer_ops.rope,
+                                            self.store_kv)  # fmt: skip
+
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""
         if self.kernels:

@@ -90,6 +90,12 @@ class DenseStepLayer:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.backend.store_kv(k, v, self.layer.k.data, self.layer.v.data, self.pos)
 
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`append` of the rotated k and v of the fused projection's qkv, with the RoPE of
+        q and k (one launch on CUDA) -> rotated q."""
+        return self.backend.rope_store(qkv, cos, sin, self.layer.k.data, self.layer.v.data,
+                                       self.pos)  # fmt: skip
+
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         Hq, _, D = q.shape
         k, v = self.layer.k.data, self.layer.v.data

@@ -97,11 +97,15 @@ class Attention(nn.Module):
         self.wqkv = _concat_linears([self.wq, self.wk, self.wv])
         del self.wq, self.wk, self.wv
 
+    def _projected(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v heads [Hq + 2 Hkv, S, D] of the normed input x [S, dim] (a view)."""
+        H = self.num_heads + 2 * self.num_kv_heads
+        return self.wqkv(x).view(x.shape[0], H, self.head_dim).transpose(0, 1)
+
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rotated q [Hq, S, D], rotated k and v [Hkv, S, D] of the normed input x [S, dim]."""
-        S = x.shape[0]
         Hq, Hkv = self.num_heads, self.num_kv_heads
-        qkv = self.wqkv(x).view(S, Hq + 2 * Hkv, self.head_dim).transpose(0, 1)
+        qkv = self._projected(x)
         qk = self.ops.rope(qkv[: Hq + Hkv], cos, sin)
         return qk[:Hq], qk[Hq:], qkv[Hq + Hkv :]
 
@@ -111,8 +115,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_layer):
         S = x.shape[0]
-        q, k, v = self._qkv(x, cos, sin)
-        cache_layer.append(k, v)
+        rope_store = getattr(cache_layer, "rope_store", None)
+        if rope_store is not None:  # a fixed-shape step's layer: RoPE and the K/V store in one
+            q = rope_store(self._projected(x), cos, sin)
+        else:
+            q, k, v = self._qkv(x, cos, sin)
+            cache_layer.append(k, v)
         out = cache_layer.attend(q)  # [Hq, S, D]
         return self.wo(out.transpose(0, 1).reshape(S, self.num_heads * self.head_dim))
 

@@ -284,6 +284,11 @@ class SparseStepLayer:
         ring = self.dev.ring  # [2, H, window, D]; k, v: [H, 1, D]
         self.plan.backend.store_kv(k, v, ring[0], ring[1], self.plan.ring_slot)
 
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`append` with the RoPE of q and k (one launch on CUDA) -> rotated q."""
+        ring = self.dev.ring
+        return self.plan.backend.rope_store(qkv, cos, sin, ring[0], ring[1], self.plan.ring_slot)
+
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         plan, dev = self.plan, self.dev
         Hq, _, D = q.shape

@@ -76,6 +76,30 @@ def test_silu_mul_equals_its_reference(dtype, rows, features):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,S,D", [(9, 3, 1, 64), (32, 8, 1, 128), (12, 2, 3, 80)])
+def test_rope_store_equals_rope_then_store(dtype, Hq, Hkv, S, D):
+    """RoPE of q and k with the store of k and v, in one launch, against the layer's RoPE
+    and `store_kv`: from a strided view of the fused projection's output into views of
+    one buffer (the tiered step's ring after its sink), more heads than a program takes,
+    a head dim whose half is no power of two, several positions."""
+    g = torch.Generator().manual_seed(Hq * S + D)
+    qkv = _randn(g, S, Hq + 2 * Hkv, D, dtype=dtype).transpose(0, 1)
+    cos, sin = _randn(g, S, D, dtype=dtype), _randn(g, S, D, dtype=dtype)
+    pos = torch.randperm(32, generator=g)[:S].to(DEVICE)
+    want = _randn(g, 2, Hkv, 8 + 32, D, dtype=dtype)
+    got = want.clone()
+    q_ref = L.rope_store_ref(qkv, cos, sin, want[0, :, 8:], want[1, :, 8:], pos)
+    q = L.rope_store(qkv, cos, sin, got[0, :, 8:], got[1, :, 8:], pos)
+    close = dict(rtol=_close(dtype)["rtol"], atol=4 * _close(dtype)["atol"])  # (as RoPE's)
+    torch.testing.assert_close(q, q_ref, **close)
+    torch.testing.assert_close(got, want, **close)
+    assert torch.equal(got[1], want[1])  # v: copied as it is
+    untouched = torch.ones(Hkv, 8 + 32, dtype=torch.bool, device=DEVICE)
+    untouched[:, 8 + pos] = False
+    assert torch.equal(got[:, untouched], want[:, untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_kv_writes_what_index_copy_writes(dtype):
     """Into views of one buffer, as the tiered step's ring is (the sink before it), one
     position (a decode step) and several."""

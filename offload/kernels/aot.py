@@ -237,10 +237,14 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
                           meta(H, T // 16, D, dtype=torch.float16),
                           meta(H, T // 16, D, dtype=torch.float16))  # fmt: skip
     candidates = meta(H, CANDIDATES, dtype=torch.long)
-    attend = attention_kernels.decode_attention
+    attend, rope_store = attention_kernels.decode_attention, layer_kernels.rope_store
+    qkv, cos = meta(1, H * (G + 2), D).transpose(0, 1), meta(1, D)  # (a step's projection)
     return {
         "the new K/V into a dense layer's buffers": lambda: layer_kernels.store_kv(
             *meta(2, H, 1, D), kv[0], kv[1], meta(1, dtype=torch.long)
+        ),
+        "RoPE of q and k, the new K/V into a dense layer's buffers": lambda: rope_store(
+            qkv, cos, cos, kv[0], kv[1], meta(1, dtype=torch.long)
         ),
         "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
         "decode attention, tiered layer": lambda: attend(

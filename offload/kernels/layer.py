@@ -12,6 +12,9 @@
     store_kv(k, v, K, V, pos)    K[:, pos[s]] = k[:, s], V likewise: a fixed-shape step's
                                  new K/V into its buffers (one launch, not an
                                  `index_copy_` each)
+    rope_store(qkv, cos, sin, K, V, pos)
+                                 RoPE of q and k, and the step's store of the rotated
+                                 k and of v, in one launch -> rotated q
 
 In torch each is several kernels (a norm: the cast to float32, the norm, the cast back,
 the scale; RoPE: five), and inside a replayed CUDA graph every kernel still costs the
@@ -72,6 +75,17 @@ def store_kv_ref(k, v, K, V, pos) -> None:
     V.index_copy_(1, pos, v)
 
 
+def rope_store_ref(qkv, cos, sin, K, V, pos, rope=rope_ref, store=store_kv_ref) -> torch.Tensor:
+    """qkv [Hq + 2 * Hkv, S, D] (q, k, v heads; any strides, last dim contiguous), K, V
+    [Hkv, T, D] -> rotated q [Hq, S, D]; the rotated k and v written at pos [S] of K, V
+    (with the `rope` and `store` given)."""
+    Hkv = K.shape[0]
+    Hq = qkv.shape[0] - 2 * Hkv
+    qk = rope(qkv[: Hq + Hkv], cos, sin)
+    store(qk[Hq:], qkv[Hq + Hkv :], K, V, pos)
+    return qk[:Hq]
+
+
 REFERENCE = SimpleNamespace(
     rms_norm=rms_norm_ref,
     add_rms_norm=add_rms_norm_ref,
@@ -121,17 +135,32 @@ def add_rms_norm(x, y, w, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 def rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The Triton kernel of `rope_ref`: one program per (position, block of heads), both
     halves of each head's row at once."""
+    return _rope(qk, cos, sin, qk.shape[0])
+
+
+def rope_store(qkv, cos, sin, K, V, pos) -> torch.Tensor:
+    """The Triton kernel of `rope_store_ref`: `rope`'s programs over the q, k and v heads,
+    the k and v heads' rows (k rotated) written to K, V at the device positions pos."""
+    Hkv = K.shape[0]
+    assert V.shape[0] == Hkv and K.stride(2) == V.stride(2) == 1 and pos.shape == qkv.shape[1:2]
+    return _rope(qkv, cos, sin, qkv.shape[0] - 2 * Hkv, K, V, pos)
+
+
+def _rope(qkv, cos, sin, Hq: int, K=None, V=None, pos=None) -> torch.Tensor:
     import triton
 
-    H, S, D = qk.shape
-    assert D % 2 == 0 and qk.stride(2) == 1, (qk.shape, qk.stride())
+    H, S, D = qkv.shape
+    assert D % 2 == 0 and qkv.stride(2) == 1, (qkv.shape, qkv.stride())
     assert cos.shape == sin.shape == (S, D) and cos.stride() == sin.stride(), (cos.shape, sin.shape)
-    assert cos.stride(1) == 1 and cos.dtype == sin.dtype == qk.dtype, (cos.stride(), cos.dtype)
-    out = torch.empty(H, S, D, dtype=qk.dtype, device=qk.device)
+    assert cos.stride(1) == 1 and cos.dtype == sin.dtype == qkv.dtype, (cos.stride(), cos.dtype)
+    out = torch.empty(Hq, S, D, dtype=qkv.dtype, device=qkv.device)
+    store = K is not None
+    K, V, pos = (K, V, pos) if store else (out, out, out)  # (pointers not read: no store)
     grid = (S, triton.cdiv(H, ROPE_HEADS))
     _kernels().rope[grid](
-        qk, cos, sin, out, H, qk.stride(0), qk.stride(1), cos.stride(0), S * D, D,
-        HALF=D // 2, BLOCK_H=ROPE_HEADS, BLOCK_D=triton.next_power_of_2(D // 2),
+        qkv, cos, sin, out, K, V, pos, H, Hq, qkv.stride(0), qkv.stride(1), cos.stride(0),
+        S * D, D, K.stride(0), K.stride(1), V.stride(0), V.stride(1),
+        HALF=D // 2, BLOCK_H=ROPE_HEADS, BLOCK_D=triton.next_power_of_2(D // 2), STORE=store,
     )  # fmt: skip
     return out
 
@@ -212,8 +241,9 @@ def _kernels() -> SimpleNamespace:
         tl.store(OUT + row * so + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def rope(QK, COS, SIN, OUT, H, sh, ss, sc, so_h, so_s,
-             HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    def rope(QK, COS, SIN, OUT, K, V, POS, H, Hq, sh, ss, sc, so_h, so_s, sk_h, sk_t, sv_h,
+             sv_t, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+             STORE: tl.constexpr):  # fmt: skip
         s = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
@@ -230,9 +260,22 @@ def _kernels() -> SimpleNamespace:
         # qk * cos and rotate_half(qk) * sin each rounded to the model dtype, then summed
         o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
         o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        dst = OUT + h[:, None].to(tl.int64) * so_h + s * so_s + d[None, :]
-        tl.store(dst, o1.to(dt), mask=mask)
-        tl.store(dst + HALF, o2.to(dt), mask=mask)
+        hq = h[:, None].to(tl.int64)
+        dst = OUT + hq * so_h + s * so_s + d[None, :]
+        tl.store(dst, o1.to(dt), mask=mask & (hq < Hq))
+        tl.store(dst + HALF, o2.to(dt), mask=mask & (hq < Hq))
+        if STORE:  # heads Hq.. are k (rotated) and v (as they are), rows of K, V at pos[s]
+            t = tl.load(POS + s)
+            Hkv = (H - Hq) // 2
+            kh = hq - Hq
+            is_k = mask & (kh >= 0) & (kh < Hkv)
+            dst = K + kh * sk_h + t * sk_t + d[None, :]
+            tl.store(dst, o1.to(dt), mask=is_k)
+            tl.store(dst + HALF, o2.to(dt), mask=is_k)
+            is_v = mask & (kh >= Hkv)
+            dst = V + (kh - Hkv) * sv_h + t * sv_t + d[None, :]
+            tl.store(dst, x1.to(dt), mask=is_v)
+            tl.store(dst + HALF, x2.to(dt), mask=is_v)
 
     @triton.jit
     def silu_mul(GU, OUT, F, sg, so, BLOCK: tl.constexpr):
