@@ -20,7 +20,7 @@ In torch each is several kernels (a norm: the cast to float32, the norm, the cas
 the scale; RoPE: five), and inside a replayed CUDA graph every kernel still costs the
 GPU a few microseconds however little it does: at batch 1 a decode step is bound by
 their count as much as by its weights (docs/gpu.md). These take a dense layer's
-decode step from about 26 kernels to 11.
+decode step from about 26 kernels to 10 (the K/V store in the RoPE launch).
 
 Each Triton kernel rounds where the reference rounds (to the model dtype after each
 torch operation: HF's order, normalise in float32, cast, then scale), so in bfloat16
