@@ -28,6 +28,12 @@ def triton_available() -> bool:
     return True
 
 
+def head_warps(block: int) -> int:
+    """Warps of a kernel whose one program per KV head holds `block` values in registers
+    (the clusters taken, the tokens kept, the hit cache's lookup)."""
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
 def supports_head_dim(head_dim: int) -> bool:
     """Do the kernels take this head dim (decode attention's `tl.dot` and the rerank's
     unpacking want a power of two, at least 16: every Llama, Mistral and Qwen2 size)?"""

@@ -32,6 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import head_warps
+
 BLOCK_IDS = 1024  # ids per iteration (at most; a power of two)
 BLOCK_SLOTS = 8192  # slots whose stamps the bisection holds in registers (at most)
 
@@ -90,7 +92,7 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts):
         to, miss.view(torch.uint8), rows, k, M,
         slot_of.stride(0), token_of.stride(0), used.stride(0),
         BLOCK=min(BLOCK_IDS, triton.next_power_of_2(k)), BLOCK_M=block_m, WHOLE=M <= block_m,
-        num_warps=16 if block_m >= 8192 else 8 if block_m >= 2048 else 4,
+        num_warps=head_warps(block_m),
     )  # fmt: skip
     return to, miss, rows
 

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import head_warps
 from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
@@ -68,7 +69,7 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     _kernels().take[(H,)](
         scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block,
-        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
+        num_warps=head_warps(block),
     )  # fmt: skip
     return take
 
@@ -100,7 +101,7 @@ def top_ids(weights, ids, k: int, k_valid=None):
     _kernels().top[(H,)](
         weights, ids, valid, out, N, k, ids.stride(0),
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=whole, BLOCK_K=min(BLOCK_READ, block),
-        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
+        num_warps=head_warps(block),
     )  # fmt: skip
     return out
 
