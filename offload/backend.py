@@ -100,25 +100,16 @@ class Backend:
             return self._kernel(attention_kernels).decode_attention(q, k, v, length, *more)
         return decode_attention_ref(q, k, v, length, *more)
 
-    def store_kv(self, k, v, K, V, pos) -> None:
-        """K[:, pos] = k and V[:, pos] = v (k, v [H, S, D], pos [S] on the device): a
-        fixed-shape step's new K/V into its buffers. Compiled, as `index_copy_`s: an
-        operator that writes into views of one buffer (the tiered step's ring) gave
-        wrong tokens through Inductor (torch 2.13, on the CPU), the plain writes do not."""
-        if self.kernels and not self.compile:
-            layer_kernels.store_kv(k, v, K, V, pos)
-        else:
-            layer_kernels.store_kv_ref(k, v, K, V, pos)
-
     def rope_store(self, qkv, cos, sin, K, V, pos) -> torch.Tensor:
         """RoPE of the q and k heads of the fused projection's qkv [Hq + 2 Hkv, S, D], and
         the new k (rotated) and v written at the device positions pos of K, V -> the
-        rotated q: a fixed-shape step's layer. One kernel on CUDA (`store_kv`'s launch
-        saved); elsewhere, and compiled, the layer's RoPE and `store_kv`."""
+        rotated q: a fixed-shape step's layer. One kernel on CUDA; elsewhere, and compiled,
+        the layer's RoPE and an `index_copy_` each (compiled, an operator that wrote into
+        views of one buffer, the tiered step's ring, gave wrong tokens through Inductor:
+        torch 2.13, on the CPU; the plain writes do not)."""
         if self.kernels and not self.compile:
             return layer_kernels.rope_store(qkv, cos, sin, K, V, pos)
-        return layer_kernels.rope_store_ref(qkv, cos, sin, K, V, pos, self.layer_ops.rope,
-                                            self.store_kv)  # fmt: skip
+        return layer_kernels.rope_store_ref(qkv, cos, sin, K, V, pos, self.layer_ops.rope)
 
     def gather_kv(self, slab, slot_table, ids) -> torch.Tensor:
         """K, V [2, H, k, D] of per-head token ids [H, k] from a host slab (`host_view`)."""

@@ -2,7 +2,7 @@
 
 A decode step has fixed shapes when its position is a device tensor (here over a
 dense device cache; offload/tiered_step.py does the same over the tiered store): RoPE rows are read from a table by index, the new K/V are written
-at that position (`Backend.store_kv`), and attention reads the layer's whole buffer
+at that position (`Backend.rope_store`, in RoPE's launch), and attention reads the layer's whole buffer
 up to a device-side length (`offload/kernels/decode_attention.py`). Nothing in it
 waits on the host, so on CUDA it is captured as one CUDA graph and each token
 costs one replay instead of several hundred kernel launches from Python

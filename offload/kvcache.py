@@ -29,6 +29,9 @@ from storage.tiered import TieredStore
 
 
 class CacheLayer(Protocol):
+    """(A fixed-shape step's layer has `rope_store(qkv, cos, sin) -> q` instead of
+    `append`: RoPE and its K/V write in one launch, `Attention.forward`.)"""
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     def attend(self, q: torch.Tensor) -> torch.Tensor: ...
@@ -87,12 +90,10 @@ class DenseStepLayer:
     def __init__(self, layer: DenseLayer, pos: torch.Tensor, length: torch.Tensor, backend):
         self.layer, self.pos, self.length, self.backend = layer, pos, length, backend
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.backend.store_kv(k, v, self.layer.k.data, self.layer.v.data, self.pos)
-
     def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """`append` of the rotated k and v of the fused projection's qkv, with the RoPE of
-        q and k (one launch on CUDA) -> rotated q."""
+        """The RoPE of the q and k heads of the fused projection's qkv, and the new k
+        (rotated) and v written at `pos` (one launch on CUDA) -> rotated q. (Instead of
+        `append`: the model calls this where a cache layer has it.)"""
         return self.backend.rope_store(qkv, cos, sin, self.layer.k.data, self.layer.v.data,
                                        self.pos)  # fmt: skip
 

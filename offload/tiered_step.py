@@ -280,13 +280,9 @@ class SparseStepLayer:
         self.dev = self.plan.store.dev[self.layer]
         self.summaries, self.slab, self.slots = summaries, slab, slots
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        ring = self.dev.ring  # [2, H, window, D]; k, v: [H, 1, D]
-        self.plan.backend.store_kv(k, v, ring[0], ring[1], self.plan.ring_slot)
-
     def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """`append` with the RoPE of q and k (one launch on CUDA) -> rotated q."""
-        ring = self.dev.ring
+        """`DenseStepLayer.rope_store`, into the window ring at `pos % window`."""
+        ring = self.dev.ring  # [2, H, window, D]
         return self.plan.backend.rope_store(qkv, cos, sin, ring[0], ring[1], self.plan.ring_slot)
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:

@@ -113,13 +113,8 @@ def measure(rt, tiered: bool, hit_factor: float | None) -> dict:
     step.plan.pos.fill_(cache.num_tokens)
     counter = Count()
     rt.model.use_ops(counter.layer_kernels())  # as on CUDA: the layer's norms, RoPE, SwiGLU
-    store = counter.counted("store_kv", layer_kernels.store_kv)  # ... and K/V writes
-    rope_store = counter.counted("rope_store", layer_kernels.rope_store)  # (with RoPE)
-    with (
-        counter,
-        mock.patch.object(Backend, "store_kv", lambda self, *args: store(*args)),
-        mock.patch.object(Backend, "rope_store", lambda self, *args: rope_store(*args)),
-    ):
+    rope_store = counter.counted("rope_store", layer_kernels.rope_store)  # (K/V writes too)
+    with counter, mock.patch.object(Backend, "rope_store", lambda self, *args: rope_store(*args)):
         step._forward()
     rt.model.use_ops(backend.layer_ops)  # compiled: torch's operations, for Inductor to fuse
     out = {"eager_ops": sum(counter.ops.values()), **compiled_counts(step)}

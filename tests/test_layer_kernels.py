@@ -79,7 +79,7 @@ def test_silu_mul_equals_its_reference(dtype, rows, features):
 @pytest.mark.parametrize("Hq,Hkv,S,D", [(9, 3, 1, 64), (32, 8, 1, 128), (12, 2, 3, 80)])
 def test_rope_store_equals_rope_then_store(dtype, Hq, Hkv, S, D):
     """RoPE of q and k with the store of k and v, in one launch, against the layer's RoPE
-    and `store_kv`: from a strided view of the fused projection's output into views of
+    and its writes (`store_kv_ref`, an `index_copy_` each): from a strided view of the fused projection's output into views of
     one buffer (the tiered step's ring after its sink), more heads than a program takes,
     a head dim whose half is no power of two, several positions."""
     g = torch.Generator().manual_seed(Hq * S + D)
@@ -97,21 +97,6 @@ def test_rope_store_equals_rope_then_store(dtype, Hq, Hkv, S, D):
     untouched = torch.ones(Hkv, 8 + 32, dtype=torch.bool, device=DEVICE)
     untouched[:, 8 + pos] = False
     assert torch.equal(got[:, untouched], want[:, untouched])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_writes_what_index_copy_writes(dtype):
-    """Into views of one buffer, as the tiered step's ring is (the sink before it), one
-    position (a decode step) and several."""
-    g = torch.Generator().manual_seed(3)
-    for S in (1, 3):
-        k, v = _randn(g, 2, 4, S, 80, dtype=dtype)[:, :, :, :72].unbind(0)  # strided rows
-        want = _randn(g, 2, 4, 16 + 64, 72, dtype=dtype)
-        got = want.clone()
-        pos = torch.randperm(64, generator=g)[:S].to(DEVICE)
-        L.store_kv_ref(k, v, want[0, :, 16:], want[1, :, 16:], pos)
-        L.store_kv(k, v, got[0, :, 16:], got[1, :, 16:], pos)
-        assert torch.equal(got, want)
 
 
 def test_linear_add_sums_in_the_matmul_where_it_can():

@@ -240,9 +240,6 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
     attend, rope_store = attention_kernels.decode_attention, layer_kernels.rope_store
     qkv, cos = meta(1, H * (G + 2), D).transpose(0, 1), meta(1, D)  # (a step's projection)
     return {
-        "the new K/V into a dense layer's buffers": lambda: layer_kernels.store_kv(
-            *meta(2, H, 1, D), kv[0], kv[1], meta(1, dtype=torch.long)
-        ),
         "RoPE of q and k, the new K/V into a dense layer's buffers": lambda: rope_store(
             qkv, cos, cos, kv[0], kv[1], meta(1, dtype=torch.long)
         ),

@@ -9,12 +9,11 @@
     linear_add(x, linear, r)     r + linear(x): the residual sum in the matmul's epilogue
                                  (`addmm`, one cuBLAS call) where `linear` is a plain
                                  `nn.Linear` without bias (else the two operations)
-    store_kv(k, v, K, V, pos)    K[:, pos[s]] = k[:, s], V likewise: a fixed-shape step's
-                                 new K/V into its buffers (one launch, not an
-                                 `index_copy_` each)
     rope_store(qkv, cos, sin, K, V, pos)
-                                 RoPE of q and k, and the step's store of the rotated
-                                 k and of v, in one launch -> rotated q
+                                 RoPE of q and k, and a fixed-shape step's store of the
+                                 rotated k and of v into its buffers at the device
+                                 positions pos, in one launch -> rotated q (in torch:
+                                 RoPE, then an `index_copy_` each, `store_kv_ref`)
 
 In torch each is several kernels (a norm: the cast to float32, the norm, the cast back,
 the scale; RoPE: five), and inside a replayed CUDA graph every kernel still costs the
@@ -190,22 +189,6 @@ def linear_add(x: torch.Tensor, linear, r: torch.Tensor) -> torch.Tensor:
     return out.view(shape)
 
 
-def store_kv(k, v, K, V, pos) -> None:
-    """The Triton kernel of `store_kv_ref`: k, v [H, S, D] at positions pos [S] (int64,
-    on the device) of K, V [H, T, D] (any strides, last dim contiguous); one program per
-    (head, position), K and V both."""
-    import triton
-
-    H, S, D = k.shape
-    assert v.shape == k.shape and K.shape[0] == V.shape[0] == H and pos.shape == (S,)
-    assert k.stride(2) == v.stride(2) == K.stride(2) == V.stride(2) == 1
-    _kernels().store_kv[(H, S)](
-        k, v, K, V, pos, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        K.stride(0), K.stride(1), V.stride(0), V.stride(1), D,
-        BLOCK_D=triton.next_power_of_2(D),
-    )  # fmt: skip
-
-
 KERNELS = SimpleNamespace(
     rms_norm=rms_norm,
     add_rms_norm=add_rms_norm,
@@ -288,17 +271,4 @@ def _kernels() -> SimpleNamespace:
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded as torch's
         tl.store(OUT + s * so + j, (act * u).to(dt), mask=mask)
 
-    @triton.jit
-    def store_kv(KN, VN, K, V, POS, skn_h, skn_s, svn_h, svn_s, sk_h, sk_t, sv_h, sv_t, D,
-                 BLOCK_D: tl.constexpr):  # fmt: skip
-        h = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(1)
-        t = tl.load(POS + s)
-        d = tl.arange(0, BLOCK_D)
-        mask = d < D
-        k = tl.load(KN + h * skn_h + s * skn_s + d, mask=mask)
-        v = tl.load(VN + h * svn_h + s * svn_s + d, mask=mask)
-        tl.store(K + h * sk_h + t * sk_t + d, k, mask=mask)
-        tl.store(V + h * sv_h + t * sv_t + d, v, mask=mask)
-
-    return SimpleNamespace(norm=norm, rope=rope, silu_mul=silu_mul, store_kv=store_kv)
+    return SimpleNamespace(norm=norm, rope=rope, silu_mul=silu_mul)
