@@ -7,13 +7,13 @@
 #   bash scripts/gpu_session.sh [pytest-seconds] [bench-seconds]
 #
 # A lent GPU has 15 minutes of device time in all (its start and the call that carries
-# the first model half included): the defaults, 200 (and 10 to stop) + 40 + 180 + 90 + 35 +
-# 30 s, fit one call (at most 600 s). The second part also says whether pinning on a thread stalls
-# the main thread's GPU work (scripts/probe_pinning.py). The fourth part times the
-# decode step through torch.compile (`model.compile_step`) beside the captured step of
-# the third; the last, one sparse
-# layer's selection and hit-cache lookup with the Triton kernels and with their torch
-# references (scripts/bench_selection.py).
+# the first model half included): the defaults, 200 (and 10 to stop) + 40 + 180 + 45 + 75 +
+# 35 s, fit one call (at most 600 s). The second part also says whether pinning on a thread stalls
+# the main thread's GPU work (scripts/probe_pinning.py). The fourth part times one sparse
+# layer's selection and hit-cache lookup with the Triton kernels, with their torch
+# references, and with torch's topk for the tokens kept (scripts/bench_selection.py; its
+# first launches compile the kernels); the fifth, the decode step through torch.compile
+# (`model.compile_step`) beside the captured step of the third.
 set -uo pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"
@@ -38,8 +38,8 @@ timeout "${2:-180}" python scripts/bench_gpu.py --lengths 8192,131072 --tokens 1
   --systems embedded,embedded-torch-ops,device,offloaded,tiered,session --fill-above 131072 \
   --session-lengths 8192,131072 --out "$out/bench_gpu.json" \
   --plot "$out/gpu_decode_ms_per_token.png" 2>&1 | tail -40
-timeout 90 python scripts/bench_gpu.py --lengths 8192 --tokens 16 \
+timeout 45 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8
+timeout 75 python scripts/bench_gpu.py --lengths 8192 --tokens 16 \
   --systems embedded-compiled,device-compiled --out "$out/bench_gpu_compiled.json" \
   --plot "$out/gpu_compiled.png" 2>&1 | tail -20
 timeout 35 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -20
-timeout 30 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8
