@@ -9,10 +9,11 @@ program per KV head, in passes over the head's ids and slots:
        (slot_of[h, ids[h, j]]), the slots hit stamped with now, the misses among the
        first k_valid rows counted
     2  the victims: the `misses` least recently used slots, ties to the lower slot. The
-       threshold stamp is found by bisection over the stamps (integers in [-1, now]: a
-       count of the slots at or below a trial stamp per pass, about log2(now) passes,
-       the stamps held in registers up to `BLOCK_SLOTS` slots, read a block at a time
-       past that), then the slots below it and the first ties are listed in slot order
+       threshold stamp is found by bisection over the stamps (integers from the oldest
+       stamp to now: a count of the slots at or below a trial stamp per pass, about
+       log2 of the steps since the oldest slot was used, the stamps held in registers up
+       to `BLOCK_SLOTS` slots, read a block at a time past that), then the slots below
+       it and the first ties are listed in slot order
     3  the j-th miss takes the j-th victim: its old token forgotten (slot_of = -1)
     4  the new tokens recorded (slot_of, token_of, used); lookups and hits added to
        `counts`, the clock stored
@@ -126,11 +127,18 @@ def _kernels() -> SimpleNamespace:
             looked += tl.sum(row_used.to(tl.int32), axis=0)
         tl.debug_barrier()  # pass 1's stamps are seen by all the program's threads
         # Pass 2: the threshold stamp, the least in (lo, hi] with at least `misses` slots
-        # at or below it (none at or below lo = -2; all of them at or below now).
+        # at or below it (none at or below lo, below the oldest stamp; all of them at or
+        # below now). The stamps span the steps since the oldest slot was used, so the
+        # passes are about log2 of that, not of the steps decoded.
         c = tl.arange(0, BLOCK_M)
         if WHOLE:
             u = tl.load(USED + h * s_used + c, mask=c < M, other=2**62)
-        lo = tl.full([], -2, tl.int64)
+            lo = tl.min(u, axis=0) - 1
+        else:
+            lo = now
+            for start in range(0, M, BLOCK_M):
+                x = tl.load(USED + h * s_used + start + c, mask=start + c < M, other=2**62)
+                lo = tl.minimum(lo, tl.min(x, axis=0) - 1)
         hi = tl.where(misses > 0, now, lo + 1)  # (no miss: no victim, no pass)
         while hi - lo > 1:
             mid = lo + (hi - lo) // 2
