@@ -291,6 +291,20 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "hit cache: the lookup": lambda: hit_kernels.lookup(
             ids, length, slot_of, token_of, used, clock, counts
         ),
+        # A prefill chunk's selection of its far tokens (four steps' worth; no k_valid)
+        "a prefill chunk's clusters taken": lambda: ranking.take_clusters(
+            meta(H, T // 16, dtype=torch.float32),
+            meta(H, T // 16, dtype=torch.float32),
+            8,
+            4 * RETRIEVED,
+            None,
+        ),
+        "a prefill chunk's tokens kept": lambda: ranking.top_ids(
+            meta(H, 4 * CANDIDATES, dtype=torch.float32),
+            meta(H, 4 * CANDIDATES, dtype=torch.long),
+            4 * RETRIEVED,
+            None,
+        ),
     }
 
 
