@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import head_warps
+from offload.kernels.ranking import first_ranked
 
 BLOCK_IDS = 1024  # ids per iteration (at most; a power of two)
 BLOCK_SLOTS = 8192  # slots whose stamps the bisection holds in registers (at most)
@@ -52,12 +53,9 @@ def lookup_ref(ids, k_valid, slot_of, token_of, used, clock, counts):
     used.scatter_(1, torch.where(hit, slots.long(), M), now)
     used_row = torch.arange(k, device=ids.device)[None, :] < k_valid  # [1, k]
     miss = ~hit & used_row
-    # the victims: the misses' number of least recently used slots (a stable sort puts
-    # the lower slot first among equal stamps), listed in slot order
-    order = torch.sort(used[:, :M], dim=1, stable=True).indices
-    slot = torch.arange(M, device=ids.device).expand(H, M)
-    chosen = torch.empty_like(order).scatter_(1, order, slot) < miss.sum(1, keepdim=True)
-    victims = torch.sort(torch.where(chosen, slot, M), dim=1).values[:, :k]
+    # the victims: the misses' number of least recently used slots (ties: the lower
+    # slot), listed in slot order
+    victims = first_ranked(used[:, :M], miss.sum(1, keepdim=True), k)
     rank = (miss.cumsum(1) - 1).clamp_min(0)
     to = torch.where(miss, victims.gather(1, rank), M)  # misses' slots; else scratch
     old = token_of.gather(1, to)

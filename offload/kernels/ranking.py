@@ -74,16 +74,23 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     return take
 
 
+def first_ranked(values, n, k: int, descending: bool = False) -> torch.Tensor:
+    """values [H, N] -> [H, k]: the positions of each row's first n values (a number, or
+    [H, 1]) in the order of the values (ties: the earlier position), listed in position
+    order, then N. What the one-program-per-head kernels pick (here and the hit cache's
+    victims), in torch."""
+    H, N = values.shape
+    at = torch.arange(N, device=values.device).expand(H, N)
+    order = torch.sort(values, dim=1, descending=descending, stable=True).indices
+    chosen = torch.empty_like(order).scatter_(1, order, at) < n
+    return torch.sort(torch.where(chosen, at, N), dim=1).values[:, :k]
+
+
 def top_ids_ref(weights, ids, k: int, k_valid=None):
     """weights [H, N] float32 (none -0.0 or NaN), ids [H, N] (N >= k) -> [H, k]: the ids
     of the want = k_valid (a device tensor [1] <= k) or k largest weights (ties: the
     earlier), in their order in ids; the rows after them ids[:, 0]."""
-    H, N = weights.shape
-    want = k if k_valid is None else k_valid
-    at = torch.arange(N, device=weights.device).expand(H, N)
-    order = torch.sort(weights, dim=1, descending=True, stable=True).indices
-    chosen = torch.empty_like(order).scatter_(1, order, at) < want
-    kept = torch.sort(torch.where(chosen, at, N), dim=1).values[:, :k]
+    kept = first_ranked(weights, k if k_valid is None else k_valid, k, descending=True)
     return torch.cat([ids, ids[:, :1]], dim=1).gather(1, kept)
 
 
