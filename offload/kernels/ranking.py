@@ -118,6 +118,14 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
+    global _ordered  # (Triton looks a kernel's callees up among its module's globals)
+
+    @triton.jit
+    def _ordered(x):
+        """float32 -> int32 in the floats' order (the negatives' magnitude bits flipped)."""
+        x = x.to(tl.int32, bitcast=True)
+        return tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+
     @triton.jit
     def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
              K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
@@ -131,8 +139,7 @@ def _kernels() -> SimpleNamespace:
         lo = tl.full([], -(2**31) - 1, tl.int64)
         if WHOLE:
             key = tl.load(SCORES + h * NC + r, mask=r < NC, other=float("-inf"))
-            key = key.to(tl.int32, bitcast=True)  # the floats' order: negatives' magnitude
-            key = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)  # bits flipped (here and below)
+            key = _ordered(key)
             n = tl.load(COUNTS + h * s_counts + r, mask=r < NC, other=0.0)
             hi = tl.max(key, 0).to(tl.int64)
         else:
@@ -140,8 +147,7 @@ def _kernels() -> SimpleNamespace:
             for start in range(0, NC, BLOCK):
                 c = start + r
                 x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-                x = x.to(tl.int32, bitcast=True)
-                x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+                x = _ordered(x)
                 hi = tl.maximum(hi, tl.max(x, 0).to(tl.int64))
         for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
             mid = lo + (hi - lo) // 2
@@ -153,8 +159,7 @@ def _kernels() -> SimpleNamespace:
                 for start in range(0, NC, BLOCK):
                     c = start + r
                     x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-                    x = x.to(tl.int32, bitcast=True)
-                    x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+                    x = _ordered(x)
                     m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
                     above += tl.sum(tl.where(x > mid, m, 0.0), 0)
             if above < want:
@@ -164,8 +169,7 @@ def _kernels() -> SimpleNamespace:
         for start in range(0, NC, BLOCK):
             c = start + r
             x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-            x = x.to(tl.int32, bitcast=True)
-            x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+            x = _ordered(x)
             tl.store(TAKE + h * (NC + 1) + c, (x >= hi).to(tl.uint8), mask=c < NC)
         tl.store(TAKE + h * (NC + 1) + NC, tl.full([], 1, tl.uint8))
 
@@ -179,8 +183,7 @@ def _kernels() -> SimpleNamespace:
         c = tl.arange(0, BLOCK)
         key = c  # (read only where WHOLE)
         if WHOLE:
-            key = tl.load(WEIGHTS + h * N + c, mask=c < N, other=0.0).to(tl.int32, bitcast=True)
-            key = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)  # the floats' order, as in `take`
+            key = _ordered(tl.load(WEIGHTS + h * N + c, mask=c < N, other=0.0))
         # The want-th largest key, 8 bits a pass from the top: of the keys that share the
         # bits found so far, the digit at which the count from the largest down reaches
         # `need` (those above it are taken; need counts the rest to take). The top digit
@@ -200,8 +203,7 @@ def _kernels() -> SimpleNamespace:
             else:
                 for start in range(0, N, BLOCK):
                     x = tl.load(WEIGHTS + h * N + start + c, mask=start + c < N, other=0.0)
-                    x = x.to(tl.int32, bitcast=True)
-                    x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+                    x = _ordered(x)
                     play = start + c < N
                     if p > 0:
                         play = play & ((x >> (shift + 8)) == (found >> (shift + 8)))
@@ -216,8 +218,7 @@ def _kernels() -> SimpleNamespace:
         tied = kept
         for start in range(0, N, BLOCK_K):
             j = start + rk
-            x = tl.load(WEIGHTS + h * N + j, mask=j < N, other=0.0).to(tl.int32, bitcast=True)
-            x = tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
+            x = _ordered(tl.load(WEIGHTS + h * N + j, mask=j < N, other=0.0))
             eq = (x == found) & (j < N)
             chosen = ((x > found) & (j < N)) | (eq & (tied + tl.cumsum(eq.to(tl.int32), 0) <= need))
             t = tl.load(IDS + h * s_ids + j, mask=chosen, other=0)
