@@ -12,7 +12,6 @@ model's. `KVCache` groups the layers and keeps the shared token count.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Protocol
@@ -24,6 +23,7 @@ from offload.backend import Backend
 from offload.graphs import DecodeStep, DensePlan
 from offload.pipeline import Prefetcher
 from offload.tiered_step import TieredPlan
+from storage.closing import close_when_collected
 from storage.device import Growable
 from storage.tiered import TieredStore
 
@@ -196,8 +196,9 @@ class KVCache:
         store.start()
         self.store, self.policy = store, policy
         self.layers = [TieredLayer(store, policy, i) for i in range(store.layout.num_layers)]
-        # Spilled chunk files are removed when the cache is closed or collected.
-        weakref.finalize(self, store.close)
+        # Spilled chunk files are removed when the cache is closed or collected (by the
+        # collector: on a thread of its own, storage/closing.py says why).
+        close_when_collected(self, store.close)
 
     def decode(self, model, token: int) -> torch.Tensor:
         """Feed one token; return its float32 logits [V]."""
