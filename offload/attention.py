@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,9 @@ class SparsePolicy:
     num_kv_heads: int
     head_dim: int
     stats: SelectionStats = field(default_factory=SelectionStats)
+    # The cluster index's k-means assignment where keys are on the compute device (a
+    # layer-by-layer prefill; `Backend.nearest_centroids`: a kernel on CUDA); None: torch's.
+    nearest: Callable | None = None
 
     def __post_init__(self):
         sel = self.selection
@@ -136,7 +140,7 @@ class SparsePolicy:
         self.selectors = [
             None
             if layer < sel.dense_layers
-            else make_selector(sel.selector, self.num_kv_heads, self.head_dim, sel)
+            else make_selector(sel.selector, self.num_kv_heads, self.head_dim, sel, self.nearest)
             for layer in range(self.num_layers)
         ]
 

@@ -20,6 +20,7 @@ from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from offload.kernels import kmeans as kmeans_kernels
 from offload.kernels import layer as layer_kernels
 from offload.kernels import ops, ranking, supports_head_dim, triton_available
 from offload.kernels.candidates import (
@@ -32,6 +33,7 @@ from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import lookup_ref
 from offload.kernels.ranking import take_clusters_ref, top_ids_ref
 from retrieval.base import ROW_BLOCK
+from retrieval.cluster import nearest_centroids
 from storage.quant import QuantKeys
 
 
@@ -173,6 +175,13 @@ class Backend:
         if self.kernels:
             return self._kernel(hit_kernels).lookup(*args)
         return lookup_ref(*args)
+
+    def nearest_centroids(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The cluster index's k-means assignment: [B, n] index of each point's nearest
+        centroid (x [B, n, D], c [B, nc, D] float32) (offload/kernels/kmeans.py)."""
+        if self.kernels and x.is_cuda:
+            return kmeans_kernels.nearest(x, c)
+        return nearest_centroids(x, c)
 
     def host_view(self, t: torch.Tensor) -> torch.Tensor:
         """The host tensor `t` as the compute device reads it: on CUDA a view of the pinned

@@ -113,7 +113,10 @@ def _tiered_parts(rt: Runtime) -> tuple[TieredStore, SparsePolicy]:
         # only the chunk selector reads abstracts: elsewhere they wait in host memory
         abstracts_on_device=sel.selector == "chunk", max_tokens=a.max_seq_len,
     )  # fmt: skip
-    return store, SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim)
+    policy = SparsePolicy(
+        sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=rt.backend.nearest_centroids
+    )
+    return store, policy
 
 
 def _setup_tiered(rt: Runtime, cache: KVCache) -> None:

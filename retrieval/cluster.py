@@ -57,12 +57,14 @@ class ClusterIndex:
         refresh: int = 256,
         seed: int = 1234,
         kmeans: str = "auto",
+        nearest=None,
     ):
         self.H, self.D = num_heads, head_dim
         self.cluster_size, self.iters, self.segment = cluster_size, iters, segment
         self.candidate_factor, self.refresh, self.seed = candidate_factor, refresh, seed
         assert kmeans in ("auto", "faiss", "torch"), kmeans
         self.kmeans = kmeans  # auto: faiss for keys in host memory, torch for keys on a GPU
+        self.nearest = nearest  # the torch k-means' assignment (None: `nearest_centroids`)
         self.reset()
 
     def reset(self) -> None:
@@ -117,7 +119,9 @@ class ClusterIndex:
                     keys = torch.cat([keys, read_keys(b, a + g * S)], dim=1)
             nc = max(1, min(n, round(n / self.cluster_size)))
             if torch_km:  # ids j * nc .. (j + 1) * nc - 1 in segment j of the group
-                unit, assign = spherical_kmeans(keys, nc, self.iters, self.seed, segments=g)
+                unit, assign = spherical_kmeans(
+                    keys, nc, self.iters, self.seed, segments=g, nearest=self.nearest
+                )
             else:
                 unit, assign = self._faiss_kmeans(keys, nc)
                 assign = assign.to(keys.device)
@@ -333,7 +337,7 @@ KMEANS_GROUP_BYTES = 128 << 20  # float32 keys of the segments k-means'd togethe
 
 
 def spherical_kmeans(
-    keys: torch.Tensor, nc: int, iters: int, seed: int, segments: int = 1
+    keys: torch.Tensor, nc: int, iters: int, seed: int, segments: int = 1, nearest=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical k-means of each head's points, all heads at once, where `keys` lie.
 
@@ -344,7 +348,8 @@ def spherical_kmeans(
     start from nc distinct points (seeded: the same for every segment of a head, so
     each segment clusters as it would alone), assign by the largest dot product, move
     each centroid to its members' normalized mean; a cluster left empty keeps its
-    centroid."""
+    centroid. `nearest(x, c)`: the assignment (default `nearest_centroids`)."""
+    nearest = nearest or nearest_centroids
     H, n, D = keys.shape
     assert n % segments == 0, f"{n} points do not split into {segments} equal segments"
     g, m = segments, n // segments
@@ -354,17 +359,19 @@ def spherical_kmeans(
     start = torch.stack([torch.randperm(m, generator=gen, device=x.device)[:nc] for _ in range(H)])
     c = torch.gather(x, 1, start.repeat_interleave(g, dim=0)[:, :, None].expand(B, nc, D))
     for _ in range(iters):
-        assign = _nearest(x, c)
+        assign = nearest(x, c)
         sums = torch.zeros_like(c).scatter_add_(1, assign[:, :, None].expand(B, m, D), x)
         counts = torch.zeros(B, nc, device=x.device).scatter_add_(1, assign, x.new_ones(B, m))
         c = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), c)
     offsets = nc * torch.arange(g, device=x.device).repeat(H)[:, None]
-    return c.view(H, g * nc, D), (_nearest(x, c) + offsets).view(H, n)
+    return c.view(H, g * nc, D), (nearest(x, c) + offsets).view(H, n)
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """[B, n] index of the largest x . c, in blocks of points (scores of at most
-    KMEANS_BLOCK_BYTES at a time)."""
+def nearest_centroids(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x [B, n, D], c [B, nc, D] -> [B, n] index of the largest x . c (the first of equal
+    ones), in blocks of points (scores of at most KMEANS_BLOCK_BYTES at a time). On CUDA
+    the runtime gives the k-means `offload.kernels.kmeans.nearest` instead (no scores in
+    memory; TF32)."""
     B, n, _ = x.shape
     block = max(1, KMEANS_BLOCK_BYTES // (4 * B * c.shape[1]))
     blocks = [
@@ -401,8 +408,9 @@ def _fill_short(ids, valid, weights, lo, hi, k):
     return torch.stack(out)
 
 
-def make_cluster_index(num_heads: int, head_dim: int, sel) -> ClusterIndex:
+def make_cluster_index(num_heads: int, head_dim: int, sel, nearest=None) -> ClusterIndex:
     return ClusterIndex(
         num_heads, head_dim, cluster_size=sel.cluster_size, iters=sel.cluster_iters,
         segment=sel.cluster_segment, candidate_factor=sel.candidate_factor, refresh=sel.index_refresh,
+        nearest=nearest,
     )  # fmt: skip

@@ -354,3 +354,82 @@ def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
         got = dev.select(q.to(DEVICE), s, lo, hi, k, dev.candidate_count(k))
         want = fresh.select(q.to(DEVICE), s, lo, hi, k, fresh.candidate_count(k))
         assert torch.equal(torch.sort(got).values, torch.sort(want).values), upto
+
+
+@pytest.mark.parametrize("B,m,nc,D", [(2, 300, 100, 64), (3, 64, 64, 128), (1, 70, 5, 16)])
+def test_nearest_centroid_kernel_picks_the_best_centroid(B, m, nc, D):
+    """The k-means' assignment without its scores in memory (offload/kernels/kmeans.py):
+    each point's centroid of largest dot product, as the torch one picks it. In float32
+    (Triton's interpreter) the same but where two centroids score within rounding; on a
+    GPU the dot products are TF32, so there within about 1e-3."""
+    import torch.nn.functional as F
+
+    from offload.kernels.kmeans import nearest
+    from retrieval.cluster import nearest_centroids
+
+    g = torch.Generator().manual_seed(B * m + nc)
+    x = F.normalize(torch.randn(B, m, D, generator=g), dim=-1).to(DEVICE)
+    c = F.normalize(torch.randn(B, nc, D, generator=g), dim=-1).to(DEVICE)
+    got, want = nearest(x, c), nearest_centroids(x, c)
+    scores = torch.einsum("bmd,bnd->bmn", x, c)
+    tol = 5e-3 if DEVICE.type == "cuda" else 1e-5
+    best2 = scores.topk(min(2, nc), dim=-1).values
+    chosen = scores.gather(-1, got[..., None])[..., 0]
+    assert bool((chosen >= best2[..., 0] - tol).all())
+    clear = best2[..., 0] - best2[..., -1] > tol if nc > 1 else torch.ones_like(chosen).bool()
+    assert torch.equal(got[clear], want[clear])
+
+
+def test_nearest_centroid_kernel_takes_the_first_of_equal_centroids():
+    """Small integer vectors: every dot product exact (TF32 too), many ties, always
+    broken toward the lower centroid, within a block of centroids and across blocks."""
+    from offload.kernels.kmeans import BLOCK_N, nearest
+    from retrieval.cluster import nearest_centroids
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-1, 2, (2, 200, 16), generator=g).float().to(DEVICE)
+    c = torch.randint(-1, 2, (2, BLOCK_N + 6, 16), generator=g).float()
+    c[:, BLOCK_N + 2] = c[:, 1]  # a copy in the next block
+    c = c.to(DEVICE)
+    got = nearest(x, c)
+    assert torch.equal(got, nearest_centroids(x, c))
+    assert not bool((got == BLOCK_N + 2).any())
+
+
+def test_torch_kmeans_with_the_nearest_centroid_kernel():
+    """The k-means of a layer-by-layer prefill on CUDA (`Backend.nearest_centroids`): its
+    assignment step through the kernel gives the index the torch one gives (float32)."""
+    from offload.kernels.kmeans import nearest
+    from retrieval.cluster import spherical_kmeans
+
+    keys, _, _ = synthetic_layer(T=512, seed=5)
+    want = spherical_kmeans(keys, 32, 4, seed=0, segments=2)
+    got = spherical_kmeans(keys.to(DEVICE), 32, 4, seed=0, segments=2, nearest=nearest)
+    if DEVICE.type == "cpu":  # (on a GPU: TF32, a near-tie may move a point)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert got[1].shape == (3, 512) and int(got[1].max()) < 64
+
+
+def test_the_index_runs_its_torch_kmeans_with_the_assignment_the_runtime_gives(tiny_dirs):
+    """A tiered cache's cluster indexes take the backend's assignment (the kernel on
+    CUDA), and a torch k-means calls it; with torch's own, the same index."""
+    from offload import Runtime
+    from retrieval.cluster import nearest_centroids
+
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32", dense_layers=0)
+    index = rt.new_cache(tiered=True).policy.selectors[-1]
+    assert index.nearest == rt.backend.nearest_centroids
+    calls = []
+
+    def spy(x, c):
+        calls.append(tuple(x.shape))
+        return nearest_centroids(x, c)
+
+    _, _, view = synthetic_layer(T=1024, seed=2)
+    a = ClusterIndex(3, 64, segment=512, kmeans="torch", nearest=spy)
+    a.update(view)
+    b = ClusterIndex(3, 64, segment=512, kmeans="torch")
+    b.update(view)
+    assert calls and calls[0] == (6, 512, 64)  # heads x segments, in one batch
+    for name, t in a.state_tensors().items():
+        assert torch.equal(t, b.state_tensors()[name]), name

@@ -30,6 +30,7 @@ from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from offload.kernels import kmeans as kmeans_kernels
 from offload.kernels import layer as layer_kernels
 from offload.kernels import ranking
 from storage.quant import QuantKeys
@@ -41,6 +42,7 @@ MODULES = (
     attention_kernels,
     gather_kernels,
     hit_kernels,
+    kmeans_kernels,
     candidate_kernels,
     ranking,
     layer_kernels,
@@ -304,6 +306,10 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
             meta(H, 4 * CANDIDATES, dtype=torch.long),
             4 * RETRIEVED,
             None,
+        ),
+        # The index build of a layer-by-layer prefill (4 segments of 8,192 keys a run)
+        "the k-means' nearest centroids": lambda: kmeans_kernels.nearest(
+            meta(4 * H, 8192, D, dtype=torch.float32), meta(4 * H, 512, D, dtype=torch.float32)
         ),
     }
 
