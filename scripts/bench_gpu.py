@@ -175,6 +175,8 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         "plan_device_gib": p.tier_total("device") / 2**30,
         "plan_prefill_peak_gib": p.prefill_peak_bytes / 2**30,
         "captures": cache.step.captures if cache.step is not None else 0,
+        # the index builds' host time (with the device's work it waits for: the k-means)
+        "index_seconds": cache.policy.stats.index_seconds if cache.policy is not None else None,
         "kv": "device" if cache.store is None else "tiers",
         "kv_filled": fill,
         **kernels,
