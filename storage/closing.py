@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable
 
 _queue: queue.SimpleQueue = queue.SimpleQueue()
-_collecting = 0  # collections running now (one at a time: they hold the GIL)
+_collecting = False  # is a collection running (one at a time: the collector does not nest)
 _running = False  # the closer thread takes closes (set before it starts, cleared as it ends)
 _start_lock = threading.Lock()
 POLL_SECONDS = 0.1  # how often an idle closer looks whether the main thread has ended
@@ -34,7 +34,7 @@ POLL_SECONDS = 0.1  # how often an idle closer looks whether the main thread has
 
 def _on_gc(phase: str, info: dict) -> None:
     global _collecting
-    _collecting += 1 if phase == "start" else -1
+    _collecting = phase == "start"
 
 
 def _after_fork() -> None:
