@@ -4,6 +4,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +129,9 @@ def test_chat_in_a_terminal_pastes_one_turn_and_ctrl_c_stops_an_answer():
     pid, fd = pty.fork()
     if pid == 0:  # the child: offload chat on the terminal
         os.chdir(ROOT)
+        # as a terminal's shell starts it (a suite run as a background job of a script
+        # inherits SIGINT ignored, which the chat keeps: a parent's choice)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "cli.main", "chat", "-n", "400"])
     buf = bytearray()
     try:
