@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -204,3 +205,31 @@ def test_a_model_without_chat_template_says_which_is_used(tmp_path):
     r = CliRunner().invoke(main, ["generate", "-m", str(src), "-n", "2", "ab"])
     assert r.exit_code == 0, r.output
     assert "has no chat template; prompts are written in ChatML" in r.stderr
+
+
+def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
+    """In `offload chat`: /save writes the conversation as a session that `offload chat
+    --session` resumes; /file sends a file's text and the words after it as one turn;
+    a missing argument or file is one line, and the chat goes on."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The lighthouse keeper counts seven stones every morning. " * 3)
+    missing, session = tmp_path / "missing.txt", tmp_path / "s"
+    runner = CliRunner()
+    turns = ["hello there", "/save", "/file", f"/file {missing}", f"/file {notes} how many?",
+             f"/save {session}", "/exit"]  # fmt: skip
+    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n")
+    assert r.exit_code == 0, r.output
+    out = r.output.replace("\n", "")  # (rich wraps at 80 columns)
+    assert "usage: /save DIR" in out and "usage: /file PATH [text]" in out
+    assert "missing.txt" in out and f"sending {notes}" in out
+    assert out.count("tok/s") == 2 and f"to {session}" in out
+    saved = int(re.search(r"saved (\d+) tokens", out)[1])
+    r = runner.invoke(main, ["chat", "--session", str(session), *tiny, "-n", "2"],
+                      input="and then?\n/exit\n")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # the saved turns' KV is taken as it is: only the new turn is prefilled
+    again = r.output.replace("\n", "")
+    assert f"resumed 4 messages, {saved} tokens of KV" in again and again.count("tok/s") == 1
+    prefilled = int(re.search(r"prefill (\d+) tokens", again)[1])
+    context = int(re.search(r"context (\d+)", again)[1])  # (+ the first token, unless it stopped)
+    assert prefilled < 50 and saved + prefilled <= context <= saved + prefilled + 1
