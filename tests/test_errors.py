@@ -177,3 +177,40 @@ def test_running_out_of_gpu_memory_while_loading_is_one_line_exit_2(tiny_dirs, m
     assert result.exit_code == 2, result.output
     assert "the GPU ran out of memory loading the model (CUDA out of memory." in result.output
     assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
+
+
+def _edit_weights(tmp_path, tiny_dirs, edit):
+    """A copy of a tiny model whose safetensors tensors `edit` changed (dict in place)."""
+    from safetensors.torch import load_file, save_file
+
+    src, _ = tiny_dirs["llama-gqa-untied"]
+    shutil.copytree(src, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}),
+         r"model.safetensors: unexpected tensor 'model.layers.0.mlp.extra.weight'"),
+        (lambda t: t.pop("model.norm.weight"),
+         r"weights do not match the config: missing tensors \['norm.weight'\]"),
+        (lambda t: t.update({"model.norm.weight": torch.zeros(3)}),
+         r"tensor norm.weight has shape \(3,\), config implies \(64,\)"),
+    ],
+)  # fmt: skip
+def test_weights_that_do_not_fit_the_model_are_named(tmp_path, tiny_dirs, edit, message):
+    with pytest.raises(ModelLoadError, match=message):
+        Runtime.from_pretrained(_edit_weights(tmp_path, tiny_dirs, edit))
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path, tiny_dirs):
+    model = _edit_weights(tmp_path, tiny_dirs, lambda t: None)
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="model.safetensors: cannot read safetensors file"):
+        Runtime.from_pretrained(model)
