@@ -214,3 +214,29 @@ def test_a_damaged_safetensors_file_is_named(tmp_path, tiny_dirs):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match="model.safetensors: cannot read safetensors file"):
         Runtime.from_pretrained(model)
+
+
+def test_documents_that_cannot_be_ingested_are_named(tmp_path, tiny_dirs):
+    """`offload ingest` and `/file`: a folder, an empty file, a file that is not UTF-8
+    text; and `offload ask` on a saved chat (not a document). One line each, exit 2."""
+    model = ["-m", str(tiny_dirs["llama-gqa-untied"][0]), "--set", "dtype=float32"]
+    (tmp_path / "empty.md").write_text(" \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    runner = CliRunner()
+    for name, message in [
+        (".", f"not a file: {tmp_path}"),
+        ("empty.md", "empty.md: the document is empty"),
+        ("latin1.txt", "latin1.txt: not UTF-8 text (ingest takes text and markdown files)"),
+    ]:
+        r = runner.invoke(
+            main, ["ingest", str(tmp_path / name), "--session", str(tmp_path / "s"), *model]
+        )
+        assert r.exit_code == 2 and message in r.output.replace("\n", ""), r.output
+        assert not (tmp_path / "s").exists()
+    r = runner.invoke(
+        main, ["chat", *model, "-n", "1"], input=f"hi\n/save {tmp_path / 'c'}\n/exit\n"
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["ask", "--session", str(tmp_path / "c"), *model, "what?"])
+    assert r.exit_code == 2 and "is a chat session, not a document" in r.output.replace("\n", "")
+    assert "Traceback" not in r.output
