@@ -240,3 +240,27 @@ def test_documents_that_cannot_be_ingested_are_named(tmp_path, tiny_dirs):
     r = runner.invoke(main, ["ask", "--session", str(tmp_path / "c"), *model, "what?"])
     assert r.exit_code == 2 and "is a chat session, not a document" in r.output.replace("\n", "")
     assert "Traceback" not in r.output
+
+
+def test_python_api_misuse_is_one_error_naming_it(tiny_dirs):
+    from offload import OffloadError
+
+    path = tiny_dirs["llama-gqa-untied"][0]
+    rt = Runtime.from_pretrained(path, dtype="float32")
+    V, N = rt.args.vocab_size, rt.args.max_seq_len
+    with pytest.raises(ConfigError, match=r"stop: expected strings, got \[3\]"):
+        rt.generate("x", stop=[3])
+    with pytest.raises(OffloadError, match=r"logits\(\) needs at least one token id"):
+        rt.logits([])
+    with pytest.raises(OffloadError, match=rf"token id {V} is outside the vocabulary \[0, {V}\)"):
+        rt.logits([1, V])
+    with pytest.raises(ContextLengthError, match=f"{N + 1} tokens exceed .* window of {N}"):
+        rt.logits([1] * (N + 1))
+    with pytest.raises(OffloadError, match="no document loaded: call load_document()"):
+        rt.ask("what?")
+    with pytest.raises(OffloadError, match="the document is empty"):
+        rt.load_document(" \n ")
+    assert rt.document is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.device: 'cuda' requested but CUDA is not"):
+            Runtime.from_pretrained(path, device="cuda")
