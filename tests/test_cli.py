@@ -233,3 +233,36 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     prefilled = int(re.search(r"prefill (\d+) tokens", again)[1])
     context = int(re.search(r"context (\d+)", again)[1])  # (+ the first token, unless it stopped)
     assert prefilled < 50 and saved + prefilled <= context <= saved + prefilled + 1
+
+
+def test_the_prefill_bar_counts_tokens_per_second_then_layers_of_the_index():
+    """The bar a long prompt shows (`offload generate`, `ingest`, `ask`, the chat; a
+    layer-by-layer prefill reports it layer by layer): tokens done and tok/s, then the
+    index build's layers; none for a short prompt; gone when done (transient)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cli.render import PROGRESS_MIN_TOKENS, PrefillBar
+
+    out = StringIO()
+    bar = PrefillBar(Console(file=out, force_terminal=True, width=120))
+    bar(10, PROGRESS_MIN_TOKENS - 1)
+    assert bar.bar is None and out.getvalue() == ""
+    n = 4 * PROGRESS_MIN_TOKENS
+    for layer in range(1, 4):
+        time.sleep(0.02)
+        bar(layer * n // 4, n)  # (as `prefill_by_layer` reports: a layer's share at a time)
+    bar.bar.refresh()
+    shown = out.getvalue()
+    assert f"{3 * n // 4}/{n} tokens" in shown and " tok/s" in shown and "prefill" in shown
+    bar(n, n)  # done: the bar closes itself
+    assert bar.bar is None
+    bar(1, 28, "index")
+    time.sleep(0.02)
+    bar(2, 28, "index")
+    bar.bar.refresh()
+    assert "index build" in out.getvalue() and "2/28 layers" in out.getvalue()
+    assert " layer/s" in out.getvalue()
+    bar.close()
+    assert bar.bar is None
