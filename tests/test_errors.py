@@ -264,3 +264,50 @@ def test_python_api_misuse_is_one_error_naming_it(tiny_dirs):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="model.device: 'cuda' requested but CUDA is not"):
             Runtime.from_pretrained(path, device="cuda")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "tokenizer.json").unlink(), r"m: no tokenizer.json"),
+        (lambda d: (d / "tokenizer.json").write_text("{not json"),
+         r"tokenizer.json: cannot load tokenizer"),
+        (lambda d: (d / "tokenizer_config.json").write_text("{not json"),
+         r"tokenizer_config.json: cannot read"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_damaged_tokenizer_is_named(tmp_path, tiny_dirs, damage, message):
+    shutil.copytree(tiny_dirs["llama-gqa-untied"][0], tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=message):
+        Runtime.from_pretrained(tmp_path / "m")
+
+
+def test_chat_templates_come_from_a_named_list_or_a_jinja_file(tmp_path, tiny_dirs):
+    """tokenizer_config.json may list named templates (the "default" one is used), or a
+    model may keep its template in chat_template.jinja."""
+    src = tiny_dirs["llama-gqa-untied"][0]
+    default = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    for name in ("named", "jinja"):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        if name == "named":
+            cfg["chat_template"] = [{"name": "tool_use", "template": "TOOLS"},
+                                    {"name": "default", "template": default}]  # fmt: skip
+        else:
+            del cfg["chat_template"]
+            (d / "chat_template.jinja").write_text(default)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        rt = Runtime.from_pretrained(d, dtype="float32")
+        assert rt.tokenizer.chat_template == default, name
+
+
+def test_messages_that_are_not_a_conversation_are_named(tiny_dirs):
+    from offload import OffloadError
+
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    with pytest.raises(OffloadError, match=r"messages must be a non-empty list of \{'role'"):
+        rt.generate([])
+    with pytest.raises(OffloadError, match=r"messages\[1\] must be a dict with string 'role'"):
+        rt.generate([{"role": "user", "content": "hi"}, {"role": "user", "content": 3}])
