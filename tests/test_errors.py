@@ -311,3 +311,14 @@ def test_messages_that_are_not_a_conversation_are_named(tiny_dirs):
         rt.generate([])
     with pytest.raises(OffloadError, match=r"messages\[1\] must be a dict with string 'role'"):
         rt.generate([{"role": "user", "content": "hi"}, {"role": "user", "content": 3}])
+
+
+def test_a_spill_folder_that_cannot_be_made_is_named(tmp_path, tiny_dirs):
+    """kv.disk_dir under a file: the tiered cache is refused with the folder named (a
+    config error: nothing was written)."""
+    (tmp_path / "a-file").write_text("x")
+    bad = tmp_path / "a-file" / "kv"
+    with pytest.raises(ConfigError, match=f"disk tier: cannot create directory {bad}/cache-"):
+        rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32",
+                                     mode="dense", disk_dir=str(bad))  # fmt: skip
+        rt.generate("seven stones", max_new_tokens=2)
