@@ -379,3 +379,23 @@ def test_no_spilled_file_survives_a_kill_and_the_next_start(tiny, tmp_path, sig)
         live = disk / "cache-1-0123abcd"  # a live process's folder (pid 1) stays
         live.mkdir()
         assert sweep_stale(disk) == stale and list(disk.iterdir()) == [live]
+
+
+def test_a_session_loads_only_into_its_kv_layout_and_rebuilds_an_index_of_other_settings(
+    tiny, tmp_path
+):
+    """Another chunk size or summary width is refused, naming the difference (the chunk
+    files hold that layout); other cluster settings load, and the index is rebuilt from
+    the KV on first use (the saved one was built with the old settings)."""
+    rt = doc_runtime(tiny, filler_text(60, seed=2))
+    rt.save_session(tmp_path / "s")
+    with pytest.raises(
+        SessionError, match=r"KV layout differs from this config: chunk_size 16 \(now 8\)"
+    ):
+        Runtime.load_session(tmp_path / "s", model=tiny, chunk_size=8)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny, cluster_size=8)
+    indexes = [s for s in loaded._state.cache.policy.selectors if s is not None]
+    assert indexes and all(s.indexed_tokens == 0 for s in indexes)  # (not the saved one)
+    fresh = doc_runtime(tiny, filler_text(60, seed=2), cluster_size=8)
+    question = "seven stones"
+    assert loaded.ask(question, max_new_tokens=6) == fresh.ask(question, max_new_tokens=6)
