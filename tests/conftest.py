@@ -208,8 +208,10 @@ def smol_cpu(smol_bf16):
     )
 
 
-def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None):
-    """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary."""
+def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
+               tokenizer="gpt2", dim_key=True):  # fmt: skip
+    """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary (`tokenizer` names
+    another kind; without `dim_key`, no embedding length)."""
     import gguf
     import numpy as np
 
@@ -219,12 +221,13 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(block_count)
     w.add_context_length(context)
-    w.add_embedding_length(dim)
+    if dim_key:
+        w.add_embedding_length(dim)
     w.add_feed_forward_length(ff)
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer)
     w.add_token_list(tokens)
     w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
     w.add_token_merges(list(merges))

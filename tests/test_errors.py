@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from offload import ConfigError, ContextLengthError, DeviceMemoryError, ModelLoadError, Runtime
-from tests.conftest import embedded_gguf_path
+from tests.conftest import embedded_gguf_path, write_gguf
 
 
 def test_missing_path():
@@ -47,6 +47,25 @@ def test_truncated_gguf(tmp_path, keep):
         bad.write_bytes(f.read(keep))
     with pytest.raises(ModelLoadError, match="cut.gguf"):
         Runtime.from_pretrained(bad)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"dim_key": False}, "m.gguf: GGUF metadata key llama.embedding_length is missing"),
+        ({"tokenizer": "llama"},
+         "m.gguf: tokenizer type 'llama' is not supported yet \\(byte-level BPE 'gpt2' is\\)"),
+    ],
+)  # fmt: skip
+def test_a_gguf_the_loader_cannot_take_is_named(tmp_path, kw, message):
+    """A GGUF without a key the model needs, or with a SentencePiece tokenizer (many
+    Llama 2 and Mistral files): one error naming the file and what is missing or not
+    supported."""
+    path = write_gguf(tmp_path / "m.gguf", **kw)
+    with pytest.raises(ModelLoadError, match=message):
+        Runtime.from_pretrained(path)
+    result = CliRunner().invoke(main, ["generate", "-m", str(path), "hi"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
 
 
 def test_not_a_model_file(tmp_path):
