@@ -8,7 +8,7 @@ times per layer (10 iterations and the last assignment), 1.5 TFLOP. In torch an
 assignment is a batched matmul, whose 2 GiB of float32 scores go to memory, and an
 argmax that reads them back: on an H100, at float32's throughput (the matmul does not
 use the tensor cores unless TF32 is switched on for the whole process) and with 4 GiB of
-traffic, about 40-50 ms a layer, 1.3-1.5 s of a 128k prefill (estimated from the FLOPs
+traffic, about 40-50 ms a layer, 1.2-1.5 s of a 128k prefill (estimated from the FLOPs
 and bytes; not measured). `nearest` keeps a block of scores in registers and carries the
 best centroid per point from block to block: one launch per assignment, 8 bytes written
 per point. Its dot products run at TF32 (Triton's default for float32 `tl.dot`: inputs
