@@ -30,9 +30,44 @@ if "OFFLOAD_CACHE" not in os.environ:
     os.environ["OFFLOAD_CACHE"] = tempfile.mkdtemp(prefix="offload-test-cache-")
     atexit.register(shutil.rmtree, os.environ["OFFLOAD_CACHE"], ignore_errors=True)
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# OFFLOAD_EMULATE_CUDA=1: every test runs under CUDA emulated on the CPU
+# (tests/cuda_emulation.py), the device tests choose being "cuda".
+EMULATED = os.environ.get("OFFLOAD_EMULATE_CUDA") == "1" and not torch.cuda.is_available()
+HAS_CUDA = torch.cuda.is_available() or EMULATED
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # Tests that only mean something on a GPU: skipped on the CPU, run on a CUDA machine.
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+_emulation = None
+
+
+def pytest_configure(config):
+    """Under emulation, the whole run is: fixtures too make their models "on CUDA"."""
+    global _emulation
+    if EMULATED:
+        from tests.cuda_emulation import emulated_cuda
+
+        _emulation = emulated_cuda()
+        _emulation.__enter__()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under emulation, the embedded model on "CUDA" runs every kernel in Triton's
+    interpreter, one program at a time: a prompt of a thousand tokens takes many minutes.
+    Its tests are left out there (they run on the CPU and on a GPU)."""
+    if not EMULATED:
+        return
+    slow = pytest.mark.skip(reason="the embedded model in Triton's interpreter (emulated CUDA)")
+    for item in items:
+        if "smol_bf16" in item.fixturenames and "smol_cpu" not in item.fixturenames:
+            item.add_marker(slow)
+
+
+def pytest_unconfigure(config):
+    if _emulation is not None:
+        _emulation.__exit__(None, None, None)
+
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"

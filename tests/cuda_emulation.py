@@ -1,0 +1,553 @@
+"""CUDA emulated on the CPU, so that the suite runs the runtime's CUDA paths without a GPU.
+
+A tensor "on CUDA" here is an `OnCuda`: an ordinary CPU tensor (same storage, same data
+pointer) that says it is on `cuda:0`, so every `is_cuda` / `device.type == "cuda"` branch
+of the runtime is taken. `emulated_cuda()` makes it so for a block: a dispatch mode moves
+each operation's work to the CPU, and checks what a GPU would refuse or wait for:
+
+- tensors of two devices in one operation (a CPU tensor of one or more dimensions with a
+  CUDA one, where CUDA allows only a 0-dim CPU tensor, as a scalar): `DeviceMismatch`;
+- host synchronisations (a value read on the host, a copy to pageable host memory, a copy
+  from pageable memory to the device): counted in `syncs`, refused under
+  `torch.cuda.set_sync_debug_mode("error")` and inside a graph capture, as on a GPU;
+- CUDA graphs: a capture records the device work (the operations on CUDA tensors, the
+  Triton launches as one each) with the tensors it used, and `replay()` runs that record
+  again: what was a Python value or a host-side computation at capture stays as it was,
+  as it does on a GPU.
+Pinned host memory (`pin_memory=True`, `cudaHostRegister`) is tracked by address, and a
+pinned tensor's unified-address view (`storage.host.device_view`) is an `OnCuda` over the
+same memory. Streams and events are no-ops (the CPU runs in order); the Triton kernels
+run in Triton's interpreter. What this cannot show: speed, memory, concurrency between
+streams, and the compiled kernels themselves (`scripts/kernel_report.py` compiles them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import traceback
+import weakref
+from types import SimpleNamespace
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+
+CUDA = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+aten = torch.ops.aten
+# Operations that take tensors of both devices on a GPU: copies, and advanced indexing
+# (CPU indices are moved to the device).
+CROSS_DEVICE = {"copy_", "_to_copy", "index", "index_put_", "_index_put_impl_", "index_put",
+                "_copy_from", "_copy_from_and_resize", "lift_fresh", "set_"}  # fmt: skip
+# Operations on a CUDA tensor whose result the host waits for.
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero",
+              "masked_select", "unique", "_unique2", "unique_consecutive", "bincount"}  # fmt: skip
+
+
+class DeviceMismatch(RuntimeError):
+    pass
+
+
+EMULATOR: Emulator | None = None  # that of the `emulated_cuda()` block open now
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor (`elem`, sharing its storage) that says it is on `cuda:0`."""
+
+    elem: torch.Tensor
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor):
+        assert type(elem) is torch.Tensor and elem.device.type == "cpu", type(elem)
+        r = torch.Tensor._make_subclass(
+            cls, elem, elem.requires_grad, dispatch_device=True, device_for_backend_keys=CUDA
+        )
+        r.elem = elem
+        return r
+
+    @property
+    def device(self) -> torch.device:
+        return CUDA
+
+    def __repr__(self) -> str:
+        return f"OnCuda({self.elem!r})"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.elem, spec)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func}: a tensor on emulated CUDA used outside emulated_cuda()")
+
+
+def _unwrap(x):
+    return x.elem if isinstance(x, OnCuda) else x
+
+
+def _is_cuda_target(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _frames() -> str:
+    keep = [
+        f
+        for f in traceback.extract_stack()[:-2]
+        if any(f"/{d}/" in f.filename for d in ("offload", "storage", "retrieval", "cli"))
+    ]
+    return "".join(traceback.format_list(keep[-4:]))
+
+
+class Emulator:
+    """The state of one `emulated_cuda()` block (see the module's docstring)."""
+
+    def __init__(self, free_bytes: int, total_bytes: int):
+        self.free_bytes, self.total_bytes = free_bytes, total_bytes
+        self.pinned: dict[int, int] = {}  # start address -> end, of pinned host memory
+        self.syncs: list[str] = []  # what waited on the device, with where
+        self.sync_debug = 0  # torch.cuda.set_sync_debug_mode: 0 off, 1 warn, 2 error
+        self.capture: list | None = None  # the record of the graph being captured
+        self.capture_thread: int | None = None
+        self.in_kernel = threading.local()
+        self.modes = threading.local()
+
+    # -- pinned host memory ---------------------------------------------------------------
+    def pin(self, t: torch.Tensor) -> torch.Tensor:
+        start = t.untyped_storage().data_ptr()
+        self.pinned[start] = start + t.untyped_storage().nbytes()
+        weakref.finalize(t.untyped_storage(), self.pinned.pop, start, None)
+        return t
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        if isinstance(t, OnCuda) or t.device.type != "cpu":
+            return False
+        p = t.untyped_storage().data_ptr()
+        return any(s <= p < e for s, e in self.pinned.items())
+
+    # -- synchronisation and capture --------------------------------------------------------
+    def _capturing(self) -> bool:
+        return self.capture is not None and self.capture_thread == threading.get_ident()
+
+    def sync(self, what: str) -> None:
+        if self._capturing():
+            raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing "
+                               f"({what})\n{_frames()}")  # fmt: skip
+        if self.sync_debug == 2:
+            raise RuntimeError(f"called a synchronizing CUDA operation ({what})\n{_frames()}")
+        self.syncs.append(f"{what}\n{_frames()}")
+
+    def record(self, node) -> None:
+        if self._capturing() and not getattr(self.in_kernel, "on", False):
+            self.capture.append(node)
+
+    # -- operations ---------------------------------------------------------------------------
+    def dispatch(self, func, args, kwargs):
+        kwargs = dict(kwargs or {})
+        name = func.overloadpacket.__name__
+        if func is torch.ops.prim.device.default:
+            return CUDA if isinstance(args[0], OnCuda) else func(*args)
+        if name == "record_stream":
+            return None
+        if name == "is_pinned":
+            return self.is_pinned(args[0])
+        if name == "_pin_memory":
+            return self.pin(args[0].clone())
+        if name == "set_" and isinstance(args[0], OnCuda):
+            raise NotImplementedError("set_ on an emulated CUDA tensor")
+        to_cuda = _is_cuda_target(kwargs.get("device"))
+        if to_cuda:
+            kwargs["device"] = CPU
+        pin = bool(kwargs.get("pin_memory"))
+        if pin:
+            kwargs["pin_memory"] = False
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        cuda_in = any(isinstance(t, OnCuda) for t in tensors)
+        host = [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0]
+        if cuda_in and host and name not in CROSS_DEVICE:
+            raise DeviceMismatch(
+                f"{func}: tensors on cuda:0 and cpu (shapes "
+                f"{[tuple(t.shape) for t in host]} on the CPU)\n{_frames()}")  # fmt: skip
+        self._check_sync(name, args, kwargs, cuda_in, to_cuda)
+        un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
+        out = func(*un_args, **un_kwargs)
+        # device="cpu" said: a copy to the host, a new host tensor (`new_empty`)
+        to_host = not to_cuda and kwargs.get("device") is not None
+        if (cuda_in or to_cuda) and not to_host:
+            out = self._wrap(out, args, un_args)
+            if name not in HOST_READS:
+                in_place = any(r.alias_info is not None for r in func._schema.returns)
+                self.record((func, args, kwargs, out, in_place))
+        if pin:
+            self.pin(out)
+        return out
+
+    def _check_sync(self, name, args, kwargs, cuda_in, to_cuda) -> None:
+        src = args[0] if args else None
+        if cuda_in and name in HOST_READS and isinstance(src, OnCuda):
+            self.sync(name)
+        elif name == "_to_copy":
+            if isinstance(src, OnCuda) and kwargs.get("device") is not None and not to_cuda:
+                self.sync("copy to the host")
+            elif to_cuda and not isinstance(src, OnCuda) and not self.is_pinned(src):
+                self.sync("copy from pageable host memory")
+        elif name == "copy_" and len(args) > 1:
+            dst, src = args[0], args[1]
+            if isinstance(src, OnCuda) and not isinstance(dst, OnCuda):
+                self.sync("copy to the host")
+            elif isinstance(dst, OnCuda) and not isinstance(src, OnCuda) and src.dim() > 0:
+                if not self.is_pinned(src):
+                    self.sync("copy from pageable host memory")
+
+    @staticmethod
+    def _wrap(out, args, un_args):
+        def wrap(t):
+            if not isinstance(t, torch.Tensor) or isinstance(t, OnCuda):
+                return t
+            for a, u in zip(args, un_args, strict=True):  # its own argument (in place, out=)
+                if u is t:
+                    return a
+            return OnCuda(t)
+
+        return tree_map(wrap, out)
+
+    def replay(self, nodes) -> None:
+        """Run a capture's record again: each node's function on the tensors it had, its
+        results written where they were (where it wrote in place, or is a view or a
+        kernel, running it again is all)."""
+        for fn, args, kwargs, out, in_place in nodes:
+            res = fn(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+            if not in_place:
+                for o, r in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=True):
+                    if isinstance(o, OnCuda):
+                        o.elem.copy_(r)
+
+    def call_on_host(self, func, args, kwargs, check: bool = True):
+        """`func` (a Python binding that a CPU build refuses for CUDA tensors) on the host
+        tensors under `args`, as one device operation: checked, wrapped, recorded."""
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        host = [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0]
+        if host and check:
+            raise DeviceMismatch(f"{func}: tensors on cuda:0 and cpu\n{_frames()}")
+        un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
+        out = self._wrap(func(*un_args, **un_kwargs), args, un_args)
+        in_place = any(o is a for o in tree_flatten(out)[0] for a in tensors)
+        self.record((func, args, kwargs, out, in_place))
+        return out
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, emu: Emulator):
+        super().__init__()
+        self.emu = emu
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.emu.dispatch(func, args, kwargs)
+
+
+class _Functions(TorchFunctionMode):
+    """What torch does in C++ before any dispatch for a CUDA tensor or device (indexing,
+    `.to`, `torch.tensor(..., device=)`), which a CPU-only build refuses: done on the
+    CPU, the result wrapped."""
+
+    def __init__(self, emu: Emulator):
+        super().__init__()
+        self.emu = emu
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            flat, _ = tree_flatten(args)
+            if any(isinstance(t, OnCuda) for t in flat):
+                if not isinstance(args[0], OnCuda):
+                    raise DeviceMismatch(f"a host tensor indexed with CUDA tensors\n{_frames()}")
+                if func is torch.Tensor.__setitem__:
+                    self._check_setitem(args)
+                # (indices may be host tensors: CUDA moves them to the device)
+                return self.emu.call_on_host(func, args, kwargs, check=False)
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            return self._to(func, args, kwargs)
+        if args and isinstance(args[0], OnCuda) and func in _GUARDED:
+            return _GUARDED[func](*args, **kwargs)
+        if func in (torch.tensor, torch.as_tensor) and _is_cuda_target(kwargs.get("device")):
+            return _from_data(func, *args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as e:
+            if "not linked with support for cuda" not in str(e):
+                raise
+        return self.emu.call_on_host(func, args, kwargs)
+
+    def _check_setitem(self, args) -> None:
+        value = args[2]
+        if isinstance(value, torch.Tensor) and not isinstance(value, OnCuda) and value.dim():
+            raise DeviceMismatch(f"t[...] = a CPU tensor of shape {tuple(value.shape)} "
+                                 f"into a CUDA tensor\n{_frames()}")  # fmt: skip
+
+    def _to(self, func, args, kwargs):
+        t, rest = args[0], list(args[1:])
+        target = kwargs.get("device")
+        if func is torch.Tensor.cuda:
+            target = CUDA
+        for i, a in enumerate(rest):  # .to(device), .to(device, dtype), .to(other tensor)
+            if isinstance(a, (str, torch.device)):
+                target = a
+                rest[i] = CPU
+            elif isinstance(a, torch.Tensor):
+                target, rest[i] = a.device, a.dtype
+        if not _is_cuda_target(target):
+            return func(*args, **kwargs)
+        dtype = kwargs.get("dtype") or next((a for a in rest if isinstance(a, torch.dtype)), None)
+        if isinstance(t, OnCuda):
+            return t if dtype in (None, t.dtype) else t.to(dtype)
+        if not (kwargs.get("non_blocking") and self.emu.is_pinned(t)):
+            self.emu.sync("copy from pageable host memory")
+        out = t.to(dtype=dtype, copy=True) if dtype else t.clone()
+        self.emu.record((aten.copy_.default, (out, t), {}, None, True))
+        return OnCuda(out)
+
+
+def _contiguous(t, memory_format=torch.contiguous_format):
+    if t.is_contiguous(memory_format=memory_format):
+        return t
+    return aten.clone.default(t, memory_format=memory_format)
+
+
+def _from_data(func, data, **kwargs):
+    """torch.tensor / as_tensor of Python or host data onto the device: a copy from
+    pageable memory (unless `data` is already a CUDA tensor)."""
+    if isinstance(data, OnCuda):
+        dtype = kwargs.get("dtype")
+        return data if dtype in (None, data.dtype) else data.to(dtype)
+    t = func(data, **{**kwargs, "device": CPU})
+    EMULATOR.sync("copy from pageable host memory")
+    return OnCuda(t.clone() if func is torch.as_tensor else t)
+
+
+def _new_tensor(t, data, dtype=None, device=None, requires_grad=False):
+    if device is not None and not _is_cuda_target(device):
+        return torch.tensor(data, dtype=dtype or t.dtype, device=device)
+    return _from_data(torch.tensor, data, dtype=dtype or t.dtype)
+
+
+# Tensor methods whose Python binding takes the device's guard before any dispatch, which
+# a CPU-only build refuses for "cuda": the same operations, from the dispatcher.
+_GUARDED = {
+    torch.Tensor.copy_: lambda t, src, non_blocking=False: aten.copy_.default(t, src, non_blocking),
+    torch.Tensor.__int__: lambda t: int(t.item()),
+    torch.Tensor.__index__: lambda t: int(t.item()),
+    torch.Tensor.__float__: lambda t: float(t.item()),
+    torch.Tensor.tolist: lambda t: (t.cpu()).tolist(),
+    torch.Tensor.nonzero: lambda t, **k: aten.nonzero.default(t),
+    torch.Tensor.contiguous: _contiguous,
+    torch.Tensor.new_tensor: _new_tensor,
+}
+
+
+class _Generator(torch.Generator):
+    """torch.Generator(device="cuda"): a CPU generator that says it is on CUDA. (Not
+    checked against the device of the tensors it makes: an operation receives another
+    Python object for the same generator, without what this one says.)"""
+
+    def __new__(cls, device="cpu"):
+        g = super().__new__(cls)
+        g.emulated = torch.device(device)
+        return g
+
+    def __init__(self, device="cpu"):
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        return CUDA if self.emulated.type == "cuda" else self.emulated
+
+    def manual_seed(self, seed: int) -> _Generator:
+        super().manual_seed(seed)
+        return self
+
+
+class _Graph:
+    def __init__(self, *a, **k):
+        self.nodes: list = []
+        self.emu: Emulator | None = None
+
+    def replay(self) -> None:
+        self.emu.replay(self.nodes)
+
+    def reset(self) -> None:
+        self.nodes = []
+
+
+class _Stream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        event = event or _Event()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _Event:
+    def __init__(self, *a, **k):
+        self.t = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return (end.t - self.t) * 1000
+
+
+class _Cudart:
+    """`cudaHostRegister` and `cudaHostUnregister`, on the emulator's table."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        self.emu.pinned[ptr] = ptr + nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.emu.pinned.pop(ptr, None)
+        return 0
+
+
+@contextlib.contextmanager
+def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
+    """A block in which `torch.cuda` says one device is there (an H100-sized one: free and
+    total memory as given) and tensors on it are `OnCuda`s. Threads started inside the
+    block run under it too. Yields the `Emulator` (its `syncs`)."""
+    emu = Emulator(free_bytes, total_bytes)
+    stream = _Stream()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
+        try:
+            yield g
+        finally:
+            emu.capture = emu.capture_thread = None
+
+    def set_sync_debug_mode(mode) -> None:
+        emu.sync_debug = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
+
+    props = SimpleNamespace(name="emulated (CPU)", total_memory=total_bytes, major=9, minor=0,
+                            multi_processor_count=132)  # fmt: skip
+    cuda = torch.cuda
+    patches = {
+        "is_available": lambda: True, "is_initialized": lambda: True,
+        "device_count": lambda: 1, "current_device": lambda: 0, "set_device": lambda d: None,
+        "get_device_properties": lambda d=None: props,
+        "get_device_capability": lambda d=None: (9, 0),
+        "get_device_name": lambda d=None: props.name,
+        "mem_get_info": lambda d=None: (emu.free_bytes, emu.total_bytes),
+        "memory_allocated": lambda d=None: 0, "max_memory_allocated": lambda d=None: 0,
+        "memory_reserved": lambda d=None: 0, "reset_peak_memory_stats": lambda d=None: None,
+        "empty_cache": lambda: None, "synchronize": lambda d=None: None,
+        "Stream": _Stream, "Event": _Event, "current_stream": lambda d=None: stream,
+        "default_stream": lambda d=None: stream,
+        "stream": lambda s=None: contextlib.nullcontext(),
+        "CUDAGraph": _Graph, "graph": graph, "graph_pool_handle": lambda: object(),
+        "cudart": lambda: _Cudart(emu), "set_sync_debug_mode": set_sync_debug_mode,
+        "get_sync_debug_mode": lambda: emu.sync_debug,
+    }  # fmt: skip
+    saved = {k: getattr(cuda, k) for k in patches}
+    saved_init = cuda._initialized
+
+    def device_view(t: torch.Tensor, device) -> torch.Tensor:
+        assert emu.is_pinned(t) and t.is_contiguous(), (
+            "device_view needs a contiguous pinned tensor"
+        )
+        return OnCuda(t)
+
+    import offload.backend
+    import offload.kernels.gather
+    import storage.host
+    import storage.reading
+
+    views = [offload.backend, offload.kernels.gather, storage.host, storage.reading]
+    saved_views = [m.device_view for m in views]
+    from triton.runtime import interpreter
+
+    launch = interpreter.GridExecutor.__call__
+
+    def recorded_launch(self, *args, **kwargs):
+        emu.record((self, args, kwargs, None, True))
+        emu.in_kernel.on = True
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            emu.in_kernel.on = False
+
+    from torch.nn.attention import bias
+
+    lower_right = bias.causal_lower_right
+
+    def causal_lower_right(*a):  # (a tensor subclass of its own: made outside the modes)
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            return lower_right(*a)
+
+    run = threading.Thread.run
+    generator, record_stream = torch.Generator, torch.Tensor.record_stream
+
+    def recorded_stream(t, stream) -> None:
+        assert isinstance(t, OnCuda), "record_stream of a host tensor"
+
+    def run_emulated(self):
+        with torch.no_grad(), _Functions(emu), _Dispatch(emu):
+            run(self)
+
+    try:
+        for k, v in patches.items():
+            setattr(cuda, k, v)
+        cuda._initialized = True
+        for m in views:
+            m.device_view = device_view
+        interpreter.GridExecutor.__call__ = recorded_launch
+        threading.Thread.run = run_emulated
+        torch.Generator, torch.Tensor.record_stream = _Generator, recorded_stream
+        bias.causal_lower_right = causal_lower_right
+        global EMULATOR
+        EMULATOR = emu
+        # (no autograd: its bookkeeping asks C++ for the device's guard, which a CPU build
+        # does not have; the runtime never needs gradients)
+        with torch.no_grad(), _Functions(emu), _Dispatch(emu):
+            yield emu
+    finally:
+        EMULATOR = None
+        torch.Generator, torch.Tensor.record_stream = generator, record_stream
+        bias.causal_lower_right = lower_right
+        threading.Thread.run = run
+        interpreter.GridExecutor.__call__ = launch
+        for m, v in zip(views, saved_views, strict=True):
+            m.device_view = v
+        for k, v in saved.items():
+            setattr(cuda, k, v)
+        cuda._initialized = saved_init
