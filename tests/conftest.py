@@ -35,8 +35,12 @@ if "OFFLOAD_CACHE" not in os.environ:
 EMULATED = os.environ.get("OFFLOAD_EMULATE_CUDA") == "1" and not torch.cuda.is_available()
 HAS_CUDA = torch.cuda.is_available() or EMULATED
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-# Tests that only mean something on a GPU: skipped on the CPU, run on a CUDA machine.
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def cuda_only(test):
+    """A test that only means something on a GPU: skipped on the CPU, run on a CUDA
+    machine and under emulation (marked "cuda": `-m cuda` selects them)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
 
 
 _emulation = None

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import traceback
 import weakref
-from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -348,138 +347,22 @@ _GUARDED = {
 }
 
 
-class _Generator(torch.Generator):
-    """torch.Generator(device="cuda"): a CPU generator that says it is on CUDA. (Not
-    checked against the device of the tensors it makes: an operation receives another
-    Python object for the same generator, without what this one says.)"""
-
-    def __new__(cls, device="cpu"):
-        g = super().__new__(cls)
-        g.emulated = torch.device(device)
-        return g
-
-    def __init__(self, device="cpu"):
-        pass
-
-    @property
-    def device(self) -> torch.device:
-        return CUDA if self.emulated.type == "cuda" else self.emulated
-
-    def manual_seed(self, seed: int) -> _Generator:
-        super().manual_seed(seed)
-        return self
-
-
-class _Graph:
-    def __init__(self, *a, **k):
-        self.nodes: list = []
-        self.emu: Emulator | None = None
-
-    def replay(self) -> None:
-        self.emu.replay(self.nodes)
-
-    def reset(self) -> None:
-        self.nodes = []
-
-
-class _Stream:
-    def __init__(self, *a, **k):
-        pass
-
-    def wait_stream(self, other) -> None:
-        pass
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def record_event(self, event=None):
-        event = event or _Event()
-        event.record()
-        return event
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-class _Event:
-    def __init__(self, *a, **k):
-        self.t = None
-
-    def record(self, stream=None) -> None:
-        self.t = time.perf_counter()
-
-    def wait(self, stream=None) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
-
-    def elapsed_time(self, end) -> float:
-        return (end.t - self.t) * 1000
-
-
-class _Cudart:
-    """`cudaHostRegister` and `cudaHostUnregister`, on the emulator's table."""
-
-    def __init__(self, emu: Emulator):
-        self.emu = emu
-
-    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
-        self.emu.pinned[ptr] = ptr + nbytes
-        return 0
-
-    def cudaHostUnregister(self, ptr: int) -> int:
-        self.emu.pinned.pop(ptr, None)
-        return 0
-
-
 @contextlib.contextmanager
 def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
     """A block in which `torch.cuda` says one device is there (an H100-sized one: free and
     total memory as given) and tensors on it are `OnCuda`s. Threads started inside the
     block run under it too. Yields the `Emulator` (its `syncs`)."""
-    emu = Emulator(free_bytes, total_bytes)
-    stream = _Stream()
+    from torch.nn.attention import bias
+    from triton.runtime import interpreter
 
-    @contextlib.contextmanager
-    def graph(g, pool=None, stream=None, capture_error_mode="global"):
-        emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
-        try:
-            yield g
-        finally:
-            emu.capture = emu.capture_thread = None
+    import offload.backend
+    import offload.kernels.gather
+    import storage.host
+    import storage.reading
+    from tests.cuda_standins import CudaGenerator, cuda_module_patches
 
-    def set_sync_debug_mode(mode) -> None:
-        emu.sync_debug = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
-
-    props = SimpleNamespace(name="emulated (CPU)", total_memory=total_bytes, major=9, minor=0,
-                            multi_processor_count=132)  # fmt: skip
-    cuda = torch.cuda
-    patches = {
-        "is_available": lambda: True, "is_initialized": lambda: True,
-        "device_count": lambda: 1, "current_device": lambda: 0, "set_device": lambda d: None,
-        "get_device_properties": lambda d=None: props,
-        "get_device_capability": lambda d=None: (9, 0),
-        "get_device_name": lambda d=None: props.name,
-        "mem_get_info": lambda d=None: (emu.free_bytes, emu.total_bytes),
-        "memory_allocated": lambda d=None: 0, "max_memory_allocated": lambda d=None: 0,
-        "memory_reserved": lambda d=None: 0, "reset_peak_memory_stats": lambda d=None: None,
-        "empty_cache": lambda: None, "synchronize": lambda d=None: None,
-        "Stream": _Stream, "Event": _Event, "current_stream": lambda d=None: stream,
-        "default_stream": lambda d=None: stream,
-        "stream": lambda s=None: contextlib.nullcontext(),
-        "CUDAGraph": _Graph, "graph": graph, "graph_pool_handle": lambda: object(),
-        "cudart": lambda: _Cudart(emu), "set_sync_debug_mode": set_sync_debug_mode,
-        "get_sync_debug_mode": lambda: emu.sync_debug,
-    }  # fmt: skip
-    saved = {k: getattr(cuda, k) for k in patches}
-    saved_init = cuda._initialized
+    global EMULATOR
+    emu = EMULATOR = Emulator(free_bytes, total_bytes)
 
     def device_view(t: torch.Tensor, device) -> torch.Tensor:
         assert emu.is_pinned(t) and t.is_contiguous(), (
@@ -487,18 +370,9 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
         )
         return OnCuda(t)
 
-    import offload.backend
-    import offload.kernels.gather
-    import storage.host
-    import storage.reading
-
-    views = [offload.backend, offload.kernels.gather, storage.host, storage.reading]
-    saved_views = [m.device_view for m in views]
-    from triton.runtime import interpreter
-
     launch = interpreter.GridExecutor.__call__
 
-    def recorded_launch(self, *args, **kwargs):
+    def recorded_launch(self, *args, **kwargs):  # a Triton launch: one device operation
         emu.record((self, args, kwargs, None, True))
         emu.in_kernel.on = True
         try:
@@ -506,48 +380,36 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
         finally:
             emu.in_kernel.on = False
 
-    from torch.nn.attention import bias
-
     lower_right = bias.causal_lower_right
 
     def causal_lower_right(*a):  # (a tensor subclass of its own: made outside the modes)
         with torch._C.DisableTorchFunction(), _disable_current_modes():
             return lower_right(*a)
 
-    run = threading.Thread.run
-    generator, record_stream = torch.Generator, torch.Tensor.record_stream
-
     def recorded_stream(t, stream) -> None:
         assert isinstance(t, OnCuda), "record_stream of a host tensor"
+
+    run = threading.Thread.run
 
     def run_emulated(self):
         with torch.no_grad(), _Functions(emu), _Dispatch(emu):
             run(self)
 
+    views = [offload.backend, offload.kernels.gather, storage.host, storage.reading]
+    patches = [(torch.cuda, k, v) for k, v in cuda_module_patches(emu).items()]
+    patches += [(m, "device_view", device_view) for m in views]
+    patches += [(interpreter.GridExecutor, "__call__", recorded_launch),
+                (bias, "causal_lower_right", causal_lower_right),
+                (threading.Thread, "run", run_emulated),
+                (torch.Tensor, "record_stream", recorded_stream),
+                (torch, "Generator", CudaGenerator)]  # fmt: skip
     try:
-        for k, v in patches.items():
-            setattr(cuda, k, v)
-        cuda._initialized = True
-        for m in views:
-            m.device_view = device_view
-        interpreter.GridExecutor.__call__ = recorded_launch
-        threading.Thread.run = run_emulated
-        torch.Generator, torch.Tensor.record_stream = _Generator, recorded_stream
-        bias.causal_lower_right = causal_lower_right
-        global EMULATOR
-        EMULATOR = emu
-        # (no autograd: its bookkeeping asks C++ for the device's guard, which a CPU build
-        # does not have; the runtime never needs gradients)
-        with torch.no_grad(), _Functions(emu), _Dispatch(emu):
-            yield emu
+        with contextlib.ExitStack() as stack:
+            for obj, name, value in patches:
+                stack.enter_context(mock.patch.object(obj, name, value))
+            # (no autograd: its bookkeeping asks C++ for the device's guard, which a CPU
+            # build does not have; the runtime never needs gradients)
+            with torch.no_grad(), _Functions(emu), _Dispatch(emu):
+                yield emu
     finally:
         EMULATOR = None
-        torch.Generator, torch.Tensor.record_stream = generator, record_stream
-        bias.causal_lower_right = lower_right
-        threading.Thread.run = run
-        interpreter.GridExecutor.__call__ = launch
-        for m, v in zip(views, saved_views, strict=True):
-            m.device_view = v
-        for k, v in saved.items():
-            setattr(cuda, k, v)
-        cuda._initialized = saved_init

@@ -1,0 +1,145 @@
+"""Stand-ins for what `torch.cuda` holds, for CUDA emulated on the CPU
+(tests/cuda_emulation.py): streams and events that do nothing (the CPU runs in order),
+graphs that the emulator records and replays, pinned-memory registration on its table,
+generators that say they are on CUDA, and one device's properties."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from tests.cuda_emulation import CUDA, Emulator
+
+
+class CudaGenerator(torch.Generator):
+    """torch.Generator(device="cuda"): a CPU generator that says it is on CUDA. (Not
+    checked against the device of the tensors it makes: an operation receives another
+    Python object for the same generator, without what this one says.)"""
+
+    def __new__(cls, device="cpu"):
+        g = super().__new__(cls)
+        g.emulated = torch.device(device)
+        return g
+
+    def __init__(self, device="cpu"):
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        return CUDA if self.emulated.type == "cuda" else self.emulated
+
+    def manual_seed(self, seed: int) -> CudaGenerator:
+        super().manual_seed(seed)
+        return self
+
+
+class _Graph:
+    """A captured graph: the emulator's record of its device work (`graph` fills it)."""
+
+    def __init__(self, *a, **k):
+        self.nodes: list = []
+        self.emu: Emulator | None = None
+
+    def replay(self) -> None:
+        self.emu.replay(self.nodes)
+
+    def reset(self) -> None:
+        self.nodes = []
+
+
+class _Stream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        event = event or _Event()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _Event:
+    def __init__(self, *a, **k):
+        self.t = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return (end.t - self.t) * 1000
+
+
+class _Cudart:
+    """`cudaHostRegister` and `cudaHostUnregister`, on the emulator's table."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        self.emu.pinned[ptr] = ptr + nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.emu.pinned.pop(ptr, None)
+        return 0
+
+
+def cuda_module_patches(emu: Emulator) -> dict:
+    """`torch.cuda`'s attributes as the emulator has them: one device with the free and
+    total memory of `emu`."""
+    stream = _Stream()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
+        try:
+            yield g
+        finally:
+            emu.capture = emu.capture_thread = None
+
+    def set_sync_debug_mode(mode) -> None:
+        emu.sync_debug = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
+
+    props = SimpleNamespace(name="emulated (CPU)", total_memory=emu.total_bytes, major=9,
+                            minor=0, multi_processor_count=132)  # fmt: skip
+    return {
+        "is_available": lambda: True, "is_initialized": lambda: True, "_initialized": True,
+        "device_count": lambda: 1, "current_device": lambda: 0, "set_device": lambda d: None,
+        "get_device_properties": lambda d=None: props,
+        "get_device_capability": lambda d=None: (9, 0),
+        "get_device_name": lambda d=None: props.name,
+        "mem_get_info": lambda d=None: (emu.free_bytes, emu.total_bytes),
+        "memory_allocated": lambda d=None: 0, "max_memory_allocated": lambda d=None: 0,
+        "memory_reserved": lambda d=None: 0, "reset_peak_memory_stats": lambda d=None: None,
+        "empty_cache": lambda: None, "synchronize": lambda d=None: None,
+        "Stream": _Stream, "Event": _Event, "current_stream": lambda d=None: stream,
+        "default_stream": lambda d=None: stream,
+        "stream": lambda s=None: contextlib.nullcontext(),
+        "CUDAGraph": _Graph, "graph": graph, "graph_pool_handle": lambda: object(),
+        "cudart": lambda: _Cudart(emu), "set_sync_debug_mode": set_sync_debug_mode,
+        "get_sync_debug_mode": lambda: emu.sync_debug,
+    }  # fmt: skip
