@@ -39,7 +39,9 @@ def test_tensors_of_two_devices_in_one_operation_are_refused(emu):
         a[0] = torch.ones(3)
     # what CUDA takes: a 0-dim host tensor as a scalar, host indices, explicit copies
     assert (a + torch.tensor(1.0)).is_cuda
-    assert a[torch.tensor([1])].is_cuda and a.index_select(0, torch.tensor([0], device="cuda")).is_cuda
+    assert (
+        a[torch.tensor([1])].is_cuda and a.index_select(0, torch.tensor([0], device="cuda")).is_cuda
+    )
     host = a.cpu()
     assert not host.is_cuda and host.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     b = torch.empty(2, 3, device="cuda")
