@@ -255,6 +255,12 @@ class TieredLayer:
         session load). A mirror ahead of the store (fixed-shape steps) is left alone."""
         mirror, T = self.mirror, self.store.lengths[self.layer]
         if mirror is not None and mirror.k.length < T:
+            # With room to grow, as the summaries have after a load: the question's tokens
+            # then copy nothing (an exact fit doubled at once, the whole KV copied on the
+            # device and held twice while it is).
+            C = self.store.layout.chunk_size
+            room = self.store.dev[self.layer].room_for(-(-T // C)) * C
+            mirror.reserve(room, room)
             with self.store.lock:
                 kv = self.store.read_range(self.layer, mirror.k.length, T)
             mirror.append(kv[0], kv[1])

@@ -282,10 +282,17 @@ class _Functions(TorchFunctionMode):
         return self.emu.call_on_host(func, args, kwargs)
 
     def _check_setitem(self, args) -> None:
-        value = args[2]
-        if isinstance(value, torch.Tensor) and not isinstance(value, OnCuda) and value.dim():
-            raise DeviceMismatch(f"t[...] = a CPU tensor of shape {tuple(value.shape)} "
-                                 f"into a CUDA tensor\n{_frames()}")  # fmt: skip
+        """`t[index] = host tensor`: a copy into a view where the index is basic (numbers,
+        slices), which CUDA does (waiting for it); with tensor indices, `index_put_`,
+        which wants its values on the device."""
+        index, value = args[1], args[2]
+        if not isinstance(value, torch.Tensor) or isinstance(value, OnCuda) or not value.dim():
+            return
+        if any(isinstance(i, torch.Tensor) for i in tree_flatten(index)[0]):
+            raise DeviceMismatch(f"t[tensor indices] = a CPU tensor of shape "
+                                 f"{tuple(value.shape)} into a CUDA tensor\n{_frames()}")  # fmt: skip
+        if not self.emu.is_pinned(value):
+            self.emu.sync("copy from pageable host memory")
 
     def _to(self, func, args, kwargs):
         t, rest = args[0], list(args[1:])
@@ -386,6 +393,11 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
         with torch._C.DisableTorchFunction(), _disable_current_modes():
             return lower_right(*a)
 
+    compatible = torch._has_compatible_shallow_copy_type
+
+    def shallow_copy_type(a, b) -> bool:  # (module.to("cuda") makes new parameters then)
+        return compatible(a, b) and isinstance(a, OnCuda) == isinstance(b, OnCuda)
+
     def recorded_stream(t, stream) -> None:
         assert isinstance(t, OnCuda), "record_stream of a host tensor"
 
@@ -402,7 +414,8 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
                 (bias, "causal_lower_right", causal_lower_right),
                 (threading.Thread, "run", run_emulated),
                 (torch.Tensor, "record_stream", recorded_stream),
-                (torch, "Generator", CudaGenerator)]  # fmt: skip
+                (torch, "Generator", CudaGenerator),
+                (torch, "_has_compatible_shallow_copy_type", shallow_copy_type)]  # fmt: skip
     try:
         with contextlib.ExitStack() as stack:
             for obj, name, value in patches:

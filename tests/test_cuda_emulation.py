@@ -114,13 +114,14 @@ def test_pinned_memory_is_known_by_address_and_its_device_view_aliases_it(emu):
 
 def test_the_cuda_only_tests_pass_under_emulation():
     """The suite's CUDA-only tests (`-m cuda`: graph capture and replay, no host sync in a
-    step, pinned slabs read in place, the default config on CUDA with the embedded model)
-    run their CUDA paths here, in a run of their own under OFFLOAD_EMULATE_CUDA=1."""
+    step, pinned slabs read in place, the default config on CUDA with the embedded model;
+    not the compiled step's: torch.compile does not take emulated tensors) run their
+    CUDA paths here, in a run of their own under OFFLOAD_EMULATE_CUDA=1."""
     env = {**os.environ, "OFFLOAD_EMULATE_CUDA": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-           "-rfEs", "--tb=short", "tests"]  # fmt: skip
+           "--ignore=tests/test_compiled_step.py", "-rfEs", "--tb=short", "tests"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     tail = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
     passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed and int(passed.group(1)) >= 11 and "skipped" not in run.stdout, tail
+    assert passed and int(passed.group(1)) >= 10 and "skipped" not in run.stdout, tail

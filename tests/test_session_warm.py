@@ -12,7 +12,7 @@ from offload.backend import Backend
 from storage.disk import StorageError
 from storage.tiered import TieredStore
 from storage.warm import Warmer
-from tests.conftest import count_reallocations, filler_text
+from tests.conftest import DEVICE, count_reallocations, filler_text
 from tests.test_sessions import doc_runtime, tiny  # a helper and a fixture
 
 
@@ -100,9 +100,10 @@ def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, m
     rt = doc_runtime(tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache")
     want = rt.ask("seven stones", max_new_tokens=6)
     rt.save_session(tmp_path / "s")
-    remote = Backend(torch.device("cpu"), fixed_shape=True, remote_host=True)
-    monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
-    monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
+    if DEVICE.type == "cpu":  # (CUDA's backend is so already)
+        remote = Backend(DEVICE, fixed_shape=True, remote_host=True)
+        monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
+        monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
     loaded = Runtime.load_session(tmp_path / "s", model=tiny)
     loaded._state.cache.store.warm().wait()
     assert loaded.ask("seven stones", max_new_tokens=6) == want

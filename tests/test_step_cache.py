@@ -45,10 +45,12 @@ BACKEND = Backend(DEVICE, kernels=True)  # the fetch kernel (in the interpreter 
 
 
 def _lookup(hc, slab, ids, k_valid=None):
+    """`hc.lookup` over `slab`, a slab as the device reads it (on CUDA in device memory
+    here: tests/test_decode_step.py reads a pinned one through its UVA view)."""
     ids = torch.tensor(ids, device=DEVICE)
     k_valid = torch.tensor([ids.shape[1] if k_valid is None else k_valid], device=DEVICE)
     slots = torch.arange(slab.shape[2], device=DEVICE)
-    return ids, hc.lookup(ids, k_valid, BACKEND.host_view(slab), slots, BACKEND)
+    return ids, hc.lookup(ids, k_valid, slab, slots, BACKEND)
 
 
 def _cached(hc, head=0) -> list[int]:
