@@ -35,8 +35,8 @@ def test_tensors_of_two_devices_in_one_operation_are_refused(emu):
     assert a.is_cuda and a.device == torch.device("cuda", 0)
     with pytest.raises(DeviceMismatch, match=r"aten.add.Tensor: tensors on cuda:0 and cpu"):
         a + torch.ones(2, 3)
-    with pytest.raises(DeviceMismatch, match="a CPU tensor of shape"):
-        a[0] = torch.ones(3)
+    with pytest.raises(DeviceMismatch, match=r"t\[tensor indices\] = a CPU tensor"):
+        a[torch.tensor([0], device="cuda")] = torch.ones(1, 3)
     # what CUDA takes: a 0-dim host tensor as a scalar, host indices, explicit copies
     assert (a + torch.tensor(1.0)).is_cuda
     assert (
@@ -47,6 +47,9 @@ def test_tensors_of_two_devices_in_one_operation_are_refused(emu):
     b = torch.empty(2, 3, device="cuda")
     b.copy_(host)
     assert torch.equal(b.cpu(), host)
+    before = len(emu.syncs)
+    a[0] = torch.ones(3)  # a copy into a view: CUDA waits for it
+    assert a[0].tolist() == [1.0] * 3 and len(emu.syncs) == before + 2  # (and .tolist())
 
 
 def test_host_reads_are_counted_and_refused_where_cuda_refuses_them(emu):
