@@ -377,13 +377,14 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
         )
         return OnCuda(t)
 
-    launch = interpreter.GridExecutor.__call__
+    launch, one_at_a_time = interpreter.GridExecutor.__call__, threading.Lock()
 
     def recorded_launch(self, *args, **kwargs):  # a Triton launch: one device operation
         emu.record((self, args, kwargs, None, True))
         emu.in_kernel.on = True
-        try:
-            return launch(self, *args, **kwargs)
+        try:  # (the interpreter patches triton.language for a launch: not thread-safe)
+            with one_at_a_time:
+                return launch(self, *args, **kwargs)
         finally:
             emu.in_kernel.on = False
 
