@@ -155,7 +155,9 @@ class Emulator:
         if name == "_pin_memory":
             return self.pin(args[0].clone())
         if name == "set_" and isinstance(args[0], OnCuda):
-            raise RuntimeError("set_ of an emulated CUDA tensor (it would part it from its CPU twin)")
+            raise RuntimeError(
+                "set_ of an emulated CUDA tensor (it would part it from its CPU twin)"
+            )
         to_cuda = _is_cuda_target(kwargs.get("device"))
         if to_cuda:
             kwargs["device"] = CPU
