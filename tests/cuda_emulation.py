@@ -111,7 +111,6 @@ class Emulator:
         self.capture: list | None = None  # the record of the graph being captured
         self.capture_thread: int | None = None
         self.in_kernel = threading.local()
-        self.modes = threading.local()
 
     # -- pinned host memory ---------------------------------------------------------------
     def pin(self, t: torch.Tensor) -> torch.Tensor:
