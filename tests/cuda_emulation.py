@@ -310,7 +310,8 @@ class _Functions(TorchFunctionMode):
             return func(*args, **kwargs)
         dtype = kwargs.get("dtype") or next((a for a in rest if isinstance(a, torch.dtype)), None)
         if isinstance(t, OnCuda):
-            return t if dtype in (None, t.dtype) else t.to(dtype)
+            out = t if dtype in (None, t.dtype) else t.to(dtype)
+            return out.clone() if out is t and kwargs.get("copy") else out
         if not (kwargs.get("non_blocking") and self.emu.is_pinned(t)):
             self.emu.sync("copy from pageable host memory")
         out = t.to(dtype=dtype, copy=True) if dtype else t.clone()

@@ -44,6 +44,7 @@ def test_tensors_of_two_devices_in_one_operation_are_refused(emu):
     )
     host = a.cpu()
     assert not host.is_cuda and host.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert a.to("cuda") is a and a.to("cuda", copy=True).data_ptr() != a.data_ptr()
     b = torch.empty(2, 3, device="cuda")
     b.copy_(host)
     assert torch.equal(b.cpu(), host)
