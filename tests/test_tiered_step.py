@@ -139,10 +139,13 @@ def test_tiered_step_falls_back_in_the_sparse_range_where_it_cannot_apply(tiny_d
     assert stepped.step.plan.prepare(stepped.num_tokens) is None
     a = _greedy(eager, rt.model, eager.decode(rt.model, 5), 10)
     b = _greedy(stepped, rt.model, stepped.decode(rt.model, 5), 10)
-    # (the first step at least is eager; once it has read the spilled chunks back, the
-    # host holds the layer in order again, and the fixed-shape step may take over)
-    assert a == b and stepped.step.plan.steps < 11
-    assert eager.policy.stats.sparse_steps == 11
+    assert a == b
+    assert eager.policy.stats.sparse_steps == stepped.policy.stats.sparse_steps == 11
+    # Every step is eager here on a CPU; on CUDA the first at least: once it has read the
+    # spilled chunks back, the host holds the layer in order again, and the fixed-shape
+    # step may take over.
+    steps = stepped.step.plan.steps
+    assert (steps == 0) if DEVICE.type == "cpu" else (steps < 11)
 
 
 @pytest.mark.parametrize("retrieved", [8, 100_000])
