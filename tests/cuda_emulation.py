@@ -87,6 +87,13 @@ def _unwrap(x):
     return x.elem if isinstance(x, OnCuda) else x
 
 
+def _tensors(args, kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors of an operation's arguments, and those of them on the host (a 0-dim
+    one aside: CUDA takes it as a scalar)."""
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    return tensors, [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0]
+
+
 def _is_cuda_target(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
@@ -163,10 +170,8 @@ class Emulator:
         pin = bool(kwargs.get("pin_memory"))
         if pin:
             kwargs["pin_memory"] = False
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        tensors, host = _tensors(args, kwargs)
         cuda_in = any(isinstance(t, OnCuda) for t in tensors)
-        host = [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0]
         if cuda_in and host and name not in CROSS_DEVICE:
             raise DeviceMismatch(
                 f"{func}: tensors on cuda:0 and cpu (shapes "
@@ -228,9 +233,7 @@ class Emulator:
     def call_on_host(self, func, args, kwargs, check: bool = True):
         """`func` (a Python binding that a CPU build refuses for CUDA tensors) on the host
         tensors under `args`, as one device operation: checked, wrapped, recorded."""
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-        host = [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0]
+        tensors, host = _tensors(args, kwargs)
         if host and check:
             raise DeviceMismatch(f"{func}: tensors on cuda:0 and cpu\n{_frames()}")
         un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
