@@ -13,12 +13,19 @@ each operation's work to the CPU, and checks what a GPU would refuse or wait for
 - CUDA graphs: a capture records the device work (the operations on CUDA tensors, the
   Triton launches as one each) with the tensors it used, and `replay()` runs that record
   again: what was a Python value or a host-side computation at capture stays as it was,
-  as it does on a GPU.
+  as it does on a GPU. As a GPU's graph does, the record keeps the memory it allocated
+  (its pool) and only the addresses of tensors made outside it: a replay that would read
+  or write one freed since is refused (`FreedMemory`; on a GPU, silent garbage).
 Pinned host memory (`pin_memory=True`, `cudaHostRegister`) is tracked by address, and a
 pinned tensor's unified-address view (`storage.host.device_view`) is an `OnCuda` over the
-same memory. Streams and events are no-ops (the CPU runs in order); the Triton kernels
-run in Triton's interpreter. What this cannot show: speed, memory, concurrency between
-streams, and the compiled kernels themselves (`scripts/kernel_report.py` compiles them).
+same memory. Device memory is counted as torch's allocator counts it
+(`torch.cuda.memory_allocated`, `max_memory_allocated`): the bytes of every storage an
+`OnCuda` was made over, from its making until torch frees it (a pinned tensor's view
+aside), with no caching, rounding or fragmentation. Streams and events are no-ops (the
+CPU runs in order); the Triton kernels run in Triton's interpreter. What this cannot
+show: speed, concurrency between streams, the compiled kernels themselves
+(`scripts/kernel_report.py` compiles them), and what a captured graph's memory pool
+reuses (the record keeps every tensor the capture made, a GPU's pool less).
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ class DeviceMismatch(RuntimeError):
     pass
 
 
+class FreedMemory(RuntimeError):
+    pass
+
+
 EMULATOR: Emulator | None = None  # that of the `emulated_cuda()` block open now
 
 
@@ -66,6 +77,8 @@ class OnCuda(torch.Tensor):
             cls, elem, elem.requires_grad, dispatch_device=True, device_for_backend_keys=CUDA
         )
         r.elem = elem
+        if EMULATOR is not None:
+            EMULATOR.allocate(elem)
         return r
 
     @property
@@ -117,7 +130,35 @@ class Emulator:
         self.sync_debug = 0  # torch.cuda.set_sync_debug_mode: 0 off, 1 warn, 2 error
         self.capture: list | None = None  # the record of the graph being captured
         self.capture_thread: int | None = None
+        self.pool: set[int] = set()  # the storages the capture under way allocated
         self.in_kernel = threading.local()
+        self.allocated = self.peak = 0  # bytes of device memory, now and at most
+        self.live: dict[int, int] = {}  # a device storage's C address -> its bytes
+        self.lock = threading.Lock()
+
+    # -- device memory --------------------------------------------------------------------
+    def allocate(self, elem: torch.Tensor) -> None:
+        """Count the storage under a new `OnCuda` (once; until torch frees it)."""
+        storage = elem.untyped_storage()
+        key = storage._cdata
+        if key in self.live or self.is_pinned(elem):
+            return
+        if self._capturing():
+            self.pool.add(key)
+        with self.lock:
+            self.live[key] = storage.nbytes()
+            self.allocated += storage.nbytes()
+            self.peak = max(self.peak, self.allocated)
+        # (torch keeps a storage's Python object while the storage lives: this runs when
+        # the memory is freed, not when Python lets go of this object)
+        weakref.finalize(storage, self.free, key)
+
+    def free(self, key: int) -> None:
+        with self.lock:
+            self.allocated -= self.live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
 
     # -- pinned host memory ---------------------------------------------------------------
     def pin(self, t: torch.Tensor) -> torch.Tensor:
@@ -146,7 +187,17 @@ class Emulator:
 
     def record(self, node) -> None:
         if self._capturing() and not getattr(self.in_kernel, "on", False):
-            self.capture.append(node)
+            fn, args, kwargs, out, in_place = node
+            self.capture.append((fn, *tree_map(self._hold, (args, kwargs, out)), in_place))
+
+    def _hold(self, x):
+        """A tensor in a record: those the capture allocated as they are (its pool), those
+        made outside it by address (`_Address`), a 0-dim host one (a scalar) by value."""
+        if not isinstance(x, torch.Tensor) or not isinstance(x, OnCuda) and not x.dim():
+            return x
+        if isinstance(x, OnCuda) and x.elem.untyped_storage()._cdata in self.pool:
+            return x
+        return _Address(x)
 
     # -- operations ---------------------------------------------------------------------------
     def dispatch(self, func, args, kwargs):
@@ -224,11 +275,12 @@ class Emulator:
         results written where they were (where it wrote in place, or is a view or a
         kernel, running it again is all)."""
         for fn, args, kwargs, out, in_place in nodes:
-            res = fn(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+            args, kwargs, out = tree_map(_resolve, (args, kwargs, out))
+            res = fn(*args, **kwargs)
             if not in_place:
                 for o, r in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=True):
-                    if isinstance(o, OnCuda):
-                        o.elem.copy_(r)
+                    if isinstance(o, torch.Tensor):
+                        o.copy_(r)
 
     def call_on_host(self, func, args, kwargs, check: bool = True):
         """`func` (a Python binding that a CPU build refuses for CUDA tensors) on the host
@@ -241,6 +293,29 @@ class Emulator:
         in_place = any(o is a for o in tree_flatten(out)[0] for a in tensors)
         self.record((func, args, kwargs, out, in_place))
         return out
+
+
+class _Address:
+    """A tensor made outside a capture, as its graph holds it: where it is (its storage,
+    weakly, and its view of it), not its memory."""
+
+    def __init__(self, t: torch.Tensor):
+        elem = _unwrap(t)
+        self.storage = weakref.ref(elem.untyped_storage())
+        self.view = (elem.storage_offset(), elem.shape, elem.stride())
+        self.dtype, self.what = elem.dtype, f"{type(t).__name__} {tuple(t.shape)} {t.dtype}"
+
+    def resolve(self) -> torch.Tensor:
+        storage = self.storage()
+        if storage is None:
+            raise FreedMemory(f"a graph replay uses a tensor freed since its capture "
+                              f"({self.what}): on a GPU it would read or write freed memory")  # fmt: skip
+        with _disable_current_modes():
+            return torch.empty(0, dtype=self.dtype).set_(storage, *self.view)
+
+
+def _resolve(x):
+    return x.resolve() if isinstance(x, _Address) else _unwrap(x)
 
 
 class _Dispatch(TorchDispatchMode):

@@ -115,11 +115,17 @@ def cuda_module_patches(emu: Emulator) -> dict:
 
     @contextlib.contextmanager
     def graph(g, pool=None, stream=None, capture_error_mode="global"):
-        emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
+        emu.capture, emu.capture_thread, emu.pool, g.emu = (
+            g.nodes,
+            threading.get_ident(),
+            set(),
+            emu,
+        )
         try:
             yield g
         finally:
             emu.capture = emu.capture_thread = None
+            emu.pool = set()
 
     def set_sync_debug_mode(mode) -> None:
         emu.sync_debug = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
@@ -133,8 +139,10 @@ def cuda_module_patches(emu: Emulator) -> dict:
         "get_device_capability": lambda d=None: (9, 0),
         "get_device_name": lambda d=None: props.name,
         "mem_get_info": lambda d=None: (emu.free_bytes, emu.total_bytes),
-        "memory_allocated": lambda d=None: 0, "max_memory_allocated": lambda d=None: 0,
-        "memory_reserved": lambda d=None: 0, "reset_peak_memory_stats": lambda d=None: None,
+        "memory_allocated": lambda d=None: emu.allocated,
+        "max_memory_allocated": lambda d=None: emu.peak,
+        "memory_reserved": lambda d=None: emu.allocated,
+        "reset_peak_memory_stats": lambda d=None: emu.reset_peak(),
         "empty_cache": lambda: None, "synchronize": lambda d=None: None,
         "Stream": _Stream, "Event": _Event, "current_stream": lambda d=None: stream,
         "default_stream": lambda d=None: stream,

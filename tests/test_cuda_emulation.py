@@ -116,6 +116,49 @@ def test_pinned_memory_is_known_by_address_and_its_device_view_aliases_it(emu):
         device_view(torch.zeros(4), torch.device("cuda"))
 
 
+def test_device_memory_is_counted_from_allocation_to_free(emu):
+    """As torch's allocator counts it (`memory_allocated`, its peak), without its rounding
+    or cache: a view adds nothing, a pinned tensor's device view is host memory."""
+    from storage.host import device_view, pinned_empty
+
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    a = torch.zeros(1000, device="cuda")
+    b = a[10:]
+    c = (a + 1).to(torch.float16)  # a float32 temporary, then 2,000 bytes
+    assert torch.cuda.memory_allocated() - base == 4000 + 2000
+    assert torch.cuda.max_memory_allocated() - base == 4000 + 4000 + 2000
+    del a
+    assert torch.cuda.memory_allocated() - base == 6000  # (the view keeps the storage)
+    del b, c
+    assert torch.cuda.memory_allocated() == base
+    view = device_view(pinned_empty((256,), torch.float32), torch.device("cuda"))
+    m = torch.nn.Linear(10, 10).to("cuda")
+    assert view.is_cuda and m.weight.is_cuda and torch.cuda.memory_allocated() - base == 4 * 110
+
+
+def test_a_replay_that_would_use_memory_freed_since_its_capture_is_refused(emu):
+    """A graph holds what it allocated (its pool) and only the addresses of the tensors
+    it used: on a GPU a replay after one of them was freed reads or writes freed memory."""
+    from tests.cuda_emulation import FreedMemory
+
+    x = torch.ones(4, device="cuda")
+    out = torch.zeros(4, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = x * 2  # allocated in the capture: the graph's
+        out.add_(y)
+    held = torch.cuda.memory_allocated()
+    del y
+    assert torch.cuda.memory_allocated() == held  # (the graph keeps its pool)
+    x.fill_(3.0)
+    g.replay()
+    assert out.tolist() == [8.0] * 4
+    del x
+    with pytest.raises(FreedMemory, match=r"freed since its capture \(OnCuda \(4,\)"):
+        g.replay()
+
+
 def test_the_cuda_only_tests_pass_under_emulation():
     """The suite's CUDA-only tests (`-m cuda`: graph capture and replay, no host sync in a
     step, pinned slabs read in place, the default config on CUDA with the embedded model;
