@@ -24,7 +24,7 @@ from offload.graphs import DecodeStep, DensePlan
 from offload.pipeline import Prefetcher
 from offload.tiered_step import TieredPlan
 from storage.closing import close_when_collected
-from storage.device import Growable
+from storage.device import CONTEXT_GROWTH, Growable
 from storage.tiered import TieredStore
 
 
@@ -46,6 +46,14 @@ class DenseLayer:
     ):
         self.k = Growable((num_kv_heads, 0, head_dim), 1, dtype, device, most)
         self.v = Growable((num_kv_heads, 0, head_dim), 1, dtype, device, most)
+
+    def as_mirror(self, most: int | None) -> DenseLayer:
+        """Made the device mirror of a tiered cache's layer: it grows with the whole
+        context, by an eighth as the summaries do (within what `offload plan` counts),
+        never past `most` tokens (the model's window)."""
+        for g in (self.k, self.v):
+            g.most, g.growth = most, CONTEXT_GROWTH
+        return self
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.append(k)
@@ -155,9 +163,13 @@ class KVCache:
         L = self.store.layout
         for i in range(min(self.policy.selection.dense_layers, len(self.layers))):
             if self.layers[i].mirror is None:  # (`move_to_tiers` keeps the device buffers)
-                self.layers[i].mirror = DenseLayer(
-                    L.num_kv_heads, L.head_dim, self.store.dtype, device
-                )
+                layer = DenseLayer(L.num_kv_heads, L.head_dim, self.store.dtype, device)
+                self.layers[i].mirror = layer.as_mirror(self._window())
+
+    def _window(self) -> int | None:
+        """The most tokens a layer of this tiered cache holds (the model's window)."""
+        most = self.store.dev[0].max_chunks
+        return None if most is None else most * self.store.layout.chunk_size
 
     def fits(self, num_tokens: int) -> bool:
         """Can this cache hold `num_tokens` on the device? (False for a tiered cache.)"""
@@ -187,8 +199,7 @@ class KVCache:
                 store.append(i, k, v)
             policy.update_from_keys(store, i, k)
             if mirrors and policy.selectors[i] is None:
-                layer.k.most = layer.v.most = None  # a mirror grows with the context
-                self.layers[i].mirror = layer
+                self.layers[i].mirror = layer.as_mirror(self._window())
             old[i] = None  # the device buffers of a sparse layer go now, not at the end
         self.device_limit = self.outgrow = None
 

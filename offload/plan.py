@@ -14,7 +14,8 @@ from offload.config import DTYPES, RuntimeConfig
 from offload.errors import ConfigError
 from offload.loading import count_parameters, read_args
 from offload.model_args import ModelArgs
-from offload.tiered_step import K_BUCKET
+from offload.tiered_step import K_BUCKET, TOKEN_GROWTH
+from storage.device import CONTEXT_GROWTH
 from storage.layout import DTYPE_BYTES, KVLayout
 
 GiB = 1 << 30
@@ -28,6 +29,7 @@ class PlanRow:
     what: str
     nbytes: int
     per_token: float  # bytes per token of context (0 for fixed costs)
+    growth: float = 0.0  # how much more, per token, its buffers may hold (`_growth_row`)
 
 
 @dataclass
@@ -135,10 +137,12 @@ def make_plan(
         PlanRow(
             "device", f"KV of the {n_dense} dense layers (attended whole every step)",
             context * n_dense * L.token_bytes_per_layer, n_dense * L.token_bytes_per_layer,
+            CONTEXT_GROWTH - 1,
         ),
         PlanRow(
             "device", f"{summary_bits}-bit key summaries",
             full_chunks * chunk_size * L.summary_bytes_per_token, L.summary_bytes_per_token,
+            CONTEXT_GROWTH - 1,
         ),
         PlanRow(  # read only by the chunk selector; kept in host memory otherwise
             "device" if selector == "chunk" else "host", "chunk abstracts (min/max/mean)",
@@ -152,8 +156,25 @@ def make_plan(
             L.disk_bytes_per_chunk() / chunk_size * L.num_layers if disk_kv else 0.0,
         ),
     ]  # fmt: skip
+    rows.insert(-2, _growth_row(rows, L, context, a.max_seq_len))
     plan.rows = rows
     return plan
+
+
+def _growth_row(rows: list[PlanRow], L: KVLayout, context: int, window: int) -> PlanRow:
+    """The room the device buffers that grow with the context hold beyond it (a row's
+    `growth`): the dense layers' KV and the key summaries grow by an eighth
+    (storage/device.py, `CONTEXT_GROWTH`), the cluster index and the hit caches' slot map
+    by a quarter and a chunk (offload/tiered_step.py, `TOKEN_GROWTH`); none past the
+    model's window. An upper bound (right after a growth they hold that much), which
+    `kv.device_bytes` must take."""
+    room = 0.0
+    for r in rows:
+        if r.growth:
+            extra = min(math.ceil(context * r.growth) + L.chunk_size, window - context)
+            room += max(0, extra) * r.per_token
+    return PlanRow("device", "room to grow (the buffers above that grow with the context)",
+                   int(room), 0.0)  # fmt: skip
 
 
 def plan_for_config(
@@ -187,7 +208,13 @@ def _selection_rows(L: KVLayout, a: ModelArgs, context: int, n_dense: int, selec
         # centroids and member sums float32, the token map int64
         host = n_sparse * H * (clusters * 2 * D * 4 + context * 8)
         rows += [
-            PlanRow("device", "cluster index (centroids, token map)", device, device / context),
+            PlanRow(
+                "device",
+                "cluster index (centroids, token map)",
+                device,
+                device / context,
+                TOKEN_GROWTH - 1,
+            ),
             PlanRow("host", "cluster index (k-means state)", host, host / context),
         ]
     if hit_cache and n_sparse > 0:
@@ -196,5 +223,5 @@ def _selection_rows(L: KVLayout, a: ModelArgs, context: int, n_dense: int, selec
         slots = max(2 * k, math.ceil(hit_cache * k)) + 1  # (one scratch slot)
         nbytes = n_sparse * H * (slots * (2 * D * L.dtype_bytes + 16) + (context + 1) * 4)
         rows.append(PlanRow("device", f"hit caches ({slots - 1:,} tokens per KV head and layer)",
-                            nbytes, n_sparse * H * 4))  # fmt: skip
+                            nbytes, n_sparse * H * 4, TOKEN_GROWTH - 1))  # fmt: skip
     return rows

@@ -15,7 +15,7 @@ from storage.abstracts import ChunkAbstracts, chunk_abstracts
 from storage.layout import KVLayout
 from storage.quant import PARAM_DTYPE, QuantKeys, quantize_keys
 
-SUMMARY_GROWTH = 1.125  # of the summaries' and abstracts' buffers (see `Growable`)
+CONTEXT_GROWTH = 1.125  # of device buffers that grow with the whole context (`Growable`)
 
 
 class Growable:
@@ -24,9 +24,10 @@ class Growable:
     `most` bounds the geometric growth (a request for more is still granted exactly):
     a cache with a byte budget never reserves beyond it; `reserve` may bound it further
     (a cache never reserves past the model's window). `growth` is the factor: 2 by
-    default; the device tier's summaries, which grow for the whole context, use 1.125,
-    so that their capacity stays within an eighth of their size (doubling at a
-    power-of-two context, 128k tokens, would hold twice what they need)."""
+    default; the device tier's summaries and the dense layers' device mirrors, which grow
+    for the whole context, use 1.125 (`CONTEXT_GROWTH`), so that their capacity stays
+    within an eighth of their size (doubling at a power-of-two context, 128k tokens,
+    would hold twice what they need)."""
 
     def __init__(
         self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device,
@@ -84,7 +85,7 @@ class DeviceTier:
         f32 = torch.float32
         # Growth by an eighth, never past the chunks of the model's window (`max_chunks`).
         self.max_chunks = max_chunks
-        g, most = SUMMARY_GROWTH, max_chunks
+        g, most = CONTEXT_GROWTH, max_chunks
         tokens = None if most is None else most * layout.chunk_size
         self.codes = Growable((H, 0, D * bits // 8), 1, torch.uint8, device, tokens, g)
         self.scale = Growable((H, 0, D), 1, PARAM_DTYPE, device, most, g)

@@ -7,6 +7,7 @@ loader reads exactly what it would read from a real checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -41,6 +42,19 @@ def cuda_only(test):
     """A test that only means something on a GPU: skipped on the CPU, run on a CUDA
     machine and under emulation (marked "cuda": `-m cuda` selects them)."""
     return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
+
+
+@contextlib.contextmanager
+def on_cuda():
+    """A block on CUDA: the GPU where there is one (or where the run emulates it), else
+    CUDA emulated on the CPU for the block (tests/cuda_emulation.py)."""
+    if HAS_CUDA:
+        yield
+        return
+    from tests.cuda_emulation import emulated_cuda
+
+    with emulated_cuda():
+        yield
 
 
 _emulation = None

@@ -142,3 +142,67 @@ def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs):
     index = nbytes(idx.centroids, idx.bias, idx.counts, idx.assign)
     assert 0.75 <= index / row("cluster index (centroids") <= 1.5
     assert cache.store.dev[1].scale.data.dtype == torch.float16  # (the plan's 2 bytes)
+
+
+def test_the_device_memory_a_tiered_cache_holds_is_what_the_plan_counts():
+    """On CUDA (emulated on a CPU: tests/cuda_emulation.py counts device memory as torch's
+    allocator does): a prompt past the device budget, prefilled layer by layer, then
+    decoded by the captured tiered step. What the cache then holds on the device (the
+    step's graph let go) is the plan's rows at that context, within their room to grow,
+    and within `kv.device_bytes`."""
+    import gc
+    from pathlib import Path
+
+    import torch
+
+    from offload import Runtime
+    from offload.config import RuntimeConfig
+    from offload.generate import prefill
+    from offload.kernels import layer as layer_kernels
+    from offload.loading import LoadedModel
+    from offload.model import Transformer
+    from offload.model_args import ModelArgs
+    from offload.plan import plan_for_config
+    from tests.conftest import EMULATED, HAS_CUDA, on_cuda
+
+    def allocated() -> int:
+        gc.collect()
+        if HAS_CUDA and not EMULATED:  # (cuBLAS keeps its workspaces in the allocator)
+            torch._C._cuda_clearCublasWorkspaces()
+        return torch.cuda.memory_allocated()
+
+    a = ModelArgs(arch="llama", max_seq_len=4096, dim=256, num_layers=4, num_heads=4,
+                  num_kv_heads=2, head_dim=64, hidden_dim=512, vocab_size=1000)  # fmt: skip
+    budget = 6 << 20  # 2,457 tokens of device KV; the tiered KV's device part fits
+    config = RuntimeConfig().replace(
+        device="cuda", dtype="bfloat16", mode="auto", retrieved=128, sparse_threshold=512,
+        prefill_chunk=512, device_bytes=budget,
+    )  # fmt: skip
+    with on_cuda():
+        torch.manual_seed(0)
+        model = Transformer(a).fuse().to(torch.bfloat16)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, 0, 0.05)
+        loaded = LoadedModel(model.to("cuda"), None, a, Path("random"), "random")
+        rt = Runtime(loaded, config, torch.device("cuda"))
+        if not HAS_CUDA or EMULATED:  # (Triton's interpreter: one program at a time)
+            rt.model.use_ops(layer_kernels.REFERENCE)
+        rt.model.rope_table(a.max_seq_len)  # (the model's, made once)
+        base = allocated()
+        ids = torch.randint(3, 1000, (3000,), generator=torch.Generator().manual_seed(0))
+        cache = rt.new_cache()
+        assert rt.device_kv_tokens() < len(ids)
+        cache.make_room(len(ids))  # (the empty cache moves to the tiers)
+        token = int(prefill(rt.model, cache, ids.tolist(), 512).argmax())
+        cache.finish_prefill()
+        for _ in range(4):
+            token = int(cache.decode(rt.model, token).argmax())
+        assert cache.step.plan.steps == 4 and cache.step.captures == 1
+        cache.step.close()  # (its graph's memory is the activations reserve's)
+        held = allocated() - base
+        rows = plan_for_config(a, cache.num_tokens, 0, 0, rt.config).kv_rows_on_device
+        room = rows[-1]
+        assert room.what.startswith("room to grow")
+        exact = sum(r.nbytes for r in rows[:-1])
+        assert exact <= held <= exact + room.nbytes <= budget, (exact, held, room.nbytes)
+        cache.close()
