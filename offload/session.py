@@ -165,6 +165,7 @@ def _dense_copy(rt: Runtime, tiered: KVCache) -> KVCache:
         with tiered.store.lock:
             k, v = tiered.store.gather_all(i)
         layer.append(k.to(rt.device), v.to(rt.device))
+        del k, v  # (one layer's read at a time: a device cache near its bound has room for one)
     dense.advance(T)
     return dense
 
