@@ -29,7 +29,7 @@ class PlanRow:
     what: str
     nbytes: int
     per_token: float  # bytes per token of context (0 for fixed costs)
-    growth: float = 0.0  # how much more, per token, its buffers may hold (`_growth_row`)
+    growth: float = 0.0  # the share of it its buffers may hold beyond it (`_growth_row`)
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _growth_row(rows: list[PlanRow], L: KVLayout, context: int, window: int) -> 
         if r.growth:
             extra = min(math.ceil(context * r.growth) + L.chunk_size, window - context)
             room += max(0, extra) * r.per_token
-    return PlanRow("device", "room to grow (the buffers above that grow with the context)",
+    return PlanRow("device", "room to grow (of the buffers that grow with the context)",
                    int(room), 0.0)  # fmt: skip
 
 
@@ -208,15 +208,10 @@ def _selection_rows(L: KVLayout, a: ModelArgs, context: int, n_dense: int, selec
         # centroids and member sums float32, the token map int64
         host = n_sparse * H * (clusters * 2 * D * 4 + context * 8)
         rows += [
-            PlanRow(
-                "device",
-                "cluster index (centroids, token map)",
-                device,
-                device / context,
-                TOKEN_GROWTH - 1,
-            ),
+            PlanRow("device", "cluster index (centroids, token map)", device, device / context,
+                    TOKEN_GROWTH - 1),
             PlanRow("host", "cluster index (k-means state)", host, host / context),
-        ]
+        ]  # fmt: skip
     if hit_cache and n_sparse > 0:
         bucket = -(-context // K_BUCKET) * K_BUCKET
         k = retrieved or math.ceil(fraction * bucket)

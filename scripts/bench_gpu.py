@@ -59,11 +59,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import bench_hf, kernel_table, write_json  # noqa: E402
+from evalkit import bench_hf, kernel_table, row_error, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
-from offload.errors import OffloadError  # noqa: E402
 from offload.generate import prefill  # noqa: E402
 from offload.kernels import layer as layer_kernels  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
@@ -258,19 +257,22 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
     bytes each tier served."""
     question = torch.randint(0, rt.args.vocab_size, (24,), generator=gen).tolist()
     cache = rt._state.cache
-    st, reads = cache.policy.stats, cache.store.reads if cache.store is not None else None
+    tiered = cache.store is not None  # (a session that fits the device cache went there)
+    st, reads = (cache.policy.stats, cache.store.reads) if tiered else (None, None)
     keys = ("selection_seconds", "fetch_seconds", "index_seconds")
-    seconds0 = [getattr(st, k) for k in keys]
-    bytes0 = dict(reads.nbytes) if reads else {}
+    seconds0 = [getattr(st, k) for k in keys] if tiered else []
+    bytes0 = dict(reads.nbytes) if tiered else {}
     t = time.perf_counter()
     steps = rt._run(rt._state, ids + question, 1, {}, None)
     next(steps)
     sync()
     seconds = time.perf_counter() - t
     steps.close()
-    parts = {k: getattr(st, k) - b for k, b in zip(keys, seconds0, strict=True)}
-    for tier, n in (reads.nbytes if reads else {}).items():
-        parts[f"{tier}_read_gib"] = (n - bytes0[tier]) / 2**30
+    parts: dict = {"kv": "tiers" if tiered else "device"}
+    if tiered:
+        parts.update({k: getattr(st, k) - b for k, b in zip(keys, seconds0, strict=True)})
+        for tier, n in reads.nbytes.items():
+            parts[f"{tier}_read_gib"] = (n - bytes0.get(tier, 0)) / 2**30
     return seconds, parts
 
 
@@ -365,8 +367,8 @@ def main() -> None:
             fill = not system.startswith("device") and n > args.fill_above
             try:
                 record(system, n, bench_ours(rt, n, args.tokens, fill))
-            except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
-                record(system, n, {"error": str(e).splitlines()[0][:300]})
+            except Exception as e:  # (a row's failure must not cost the rest of the run)
+                record(system, n, row_error(e))
         del rt
         reset_peak()
     if "session" in systems:
@@ -382,16 +384,19 @@ def main() -> None:
             path = args.session_dir / f"s{n}"
             try:
                 record("session", n, bench_session(rt, n, n > args.fill_above, path))
-            except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
-                record("session", n, {"error": str(e).splitlines()[0][:300]})
+            except Exception as e:
+                record("session", n, row_error(e))
             finally:
                 shutil.rmtree(path, ignore_errors=True)
         del rt
         reset_peak()
     for system in [s for s in systems if s.startswith("embedded")]:
-        figures = bench_embedded(
-            args.tokens * 4, system.endswith("-compiled"), system.endswith("-torch-ops")
-        )
+        try:
+            figures = bench_embedded(
+                args.tokens * 4, system.endswith("-compiled"), system.endswith("-torch-ops")
+            )
+        except Exception as e:
+            figures = row_error(e)
         record(system, None, figures)
     for system in [s for s in systems if s in HF_CACHES]:
         model = hf_model(args.shape, max_len)
@@ -404,8 +409,8 @@ def main() -> None:
             try:
                 figures = bench_hf(model, ids, args.tokens, **HF_CACHES[system])
                 record(system, n, {**figures, "peak_device_gib": peak_gib()})
-            except (RuntimeError, torch.cuda.OutOfMemoryError, OffloadError) as e:
-                record(system, n, {"error": str(e).splitlines()[0][:300]})
+            except Exception as e:  # (a row's failure must not cost the rest of the run)
+                record(system, n, row_error(e))
         del model
         reset_peak()
     table = Table(title=f"decode ms/token, {args.shape}, {gpu}")

@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import kernel_table, write_json  # noqa: E402
+from evalkit import kernel_table, row_error, write_json  # noqa: E402
 
 from offload.backend import Backend  # noqa: E402
 from offload.step_cache import StepHitCache  # noqa: E402
@@ -110,9 +110,12 @@ def kernels_per_call(run) -> dict:
     """The launches of one call, their GPU time and the kernels that took most of it."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    except RuntimeError as e:  # no CUPTI: the figures are missing, the row is not
+        return {"kernels_error": str(e).splitlines()[0][:200]}
     table = kernel_table(prof.events(), 1)
     return {"kernels_per_layer": table["kernels_per_call"],
             "kernel_ms_per_layer": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
@@ -154,10 +157,13 @@ def main() -> None:
         variants += [("Triton kernels", Backend(device, kernels=True)),
                      ("Triton kernels, torch's topk for the tokens kept", TopkBackend(device, kernels=True))]  # fmt: skip
     for name, backend in variants:
-        row = {"variant": name, **measure(state, backend, args.steps, device)}
+        try:
+            row = {"variant": name, **measure(state, backend, args.steps, device)}
+        except Exception as e:  # (a variant's failure must not cost the others)
+            row = {"variant": name, **row_error(e)}
         console.print(row)
         results["rows"].append(row)
-    write_json(console, args.out, results)
+        write_json(console, args.out, results)  # after every row: a crash keeps the rest
 
 
 if __name__ == "__main__":

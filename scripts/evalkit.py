@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -197,6 +198,13 @@ def kernel_table(events, calls: int, top: int = 12) -> dict:
             for name, (n, t) in ranked
         ],
     }
+
+
+def row_error(e: Exception) -> dict:
+    """A row that failed: what failed, and where (the run goes on with the next row)."""
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return {"error": f"{type(e).__name__}: {first}", "at": f"{where.filename}:{where.lineno}"}
 
 
 def write_json(console, path: Path, payload: dict) -> None:
