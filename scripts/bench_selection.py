@@ -4,9 +4,9 @@ rerank on low-bit keys, top-k) and the hit cache's lookup (bookkeeping, and the 
 of the misses from pinned host memory).
 
 At the 8B shape (8 KV heads x 128, 4 query heads each, bf16) and the rtx4090 preset's
-selection (2048 tokens, candidate_factor 8, a hit cache of 4096 slots per head), over
-a random index of --tokens tokens (clusters of 16 tokens on average; what the clusters
-mean does not change what the step computes per token). Each step's query is new, so
+selection (2048 tokens, `--retrieved`; candidate_factor 8, a hit cache of twice that
+per head), over a random index of --tokens tokens (clusters of 16 tokens on average;
+what the clusters mean does not change what the step computes per token). Each step's query is new, so
 the hit cache sees misses as a decode would.
 
 On CUDA each variant is captured as a CUDA graph and replayed, as the decode step runs
@@ -14,7 +14,7 @@ On CUDA each variant is captured as a CUDA graph and replayed, as the decode ste
 eagerly; `kernels_per_layer` counts the launches (profiler). On a CPU only the
 references run (a smoke check; the interpreter is too slow for these sizes).
 
-    python scripts/bench_selection.py [--tokens 131072] [--steps 50]
+    python scripts/bench_selection.py [--tokens 131072] [--steps 50] [--retrieved 2048]
         [--out results/bench_selection.json]
 """
 
@@ -38,7 +38,7 @@ from retrieval.device_index import DeviceClusterIndex  # noqa: E402
 from storage.quant import quantize_keys  # noqa: E402
 
 H, G, D, C = 8, 4, 128, 16  # KV heads, query heads per KV head, head dim, chunk size
-K, FACTOR, SLOTS, SINK, WINDOW = 2048, 8, 4096, 16, 256
+FACTOR, SINK, WINDOW = 8, 16, 256
 
 
 class TopkBackend(Backend):
@@ -72,11 +72,12 @@ def layer_state(T: int, device: torch.device) -> dict:
             "queries": queries, "T": T}  # fmt: skip
 
 
-def layer_step(state: dict, backend: Backend, device: torch.device):
-    """The layer's selection and lookup as the step runs them, on static buffers."""
+def layer_step(state: dict, backend: Backend, device: torch.device, K: int):
+    """The layer's selection and lookup as the step runs them, on static buffers: K tokens
+    kept per KV head, a hit cache of 2K slots."""
     index, T = state["index"], state["T"]
     hc = StepHitCache(H, D, torch.bfloat16, device, state["counts"])
-    hc.reserve(SLOTS, T)
+    hc.reserve(2 * K, T)
     slab = backend.host_view(state["slab"])
     slots = torch.arange(T // C, device=device)
     q = state["queries"][0].clone()
@@ -121,8 +122,8 @@ def kernels_per_call(run) -> dict:
             "kernel_ms_per_layer": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
 
 
-def measure(state, backend, steps, device) -> dict:
-    q, run = layer_step(state, backend, device)
+def measure(state, backend, steps, device, K) -> dict:
+    q, run = layer_step(state, backend, device, K)
     for _ in range(3):  # warm-up: Triton compiles, the hit cache fills
         run()
     row = {"eager_ms_per_layer": statistics.median(timed(state, q, run, steps, device))}
@@ -144,13 +145,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--retrieved", type=int, default=2048, help="tokens kept per KV head")
     p.add_argument("--out", type=Path, default=Path("results/bench_selection.json"))
     args = p.parse_args()
     console = Console()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = layer_state(args.tokens, device)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "tokens": args.tokens, "retrieved": K, "candidates": state["index"].candidate_count(K),
+               "tokens": args.tokens, "retrieved": args.retrieved,
+               "candidates": state["index"].candidate_count(args.retrieved),
                "rows": []}  # fmt: skip
     variants = [("torch references", Backend(device))]
     if device.type == "cuda":
@@ -158,7 +161,7 @@ def main() -> None:
                      ("Triton kernels, torch's topk for the tokens kept", TopkBackend(device, kernels=True))]  # fmt: skip
     for name, backend in variants:
         try:
-            row = {"variant": name, **measure(state, backend, args.steps, device)}
+            row = {"variant": name, **measure(state, backend, args.steps, device, args.retrieved)}
         except Exception as e:  # (a variant's failure must not cost the others)
             row = {"variant": name, **row_error(e)}
         console.print(row)

@@ -1,0 +1,53 @@
+"""The benchmark scripts a session with a lent GPU runs (scripts/gpu_session.sh), run on
+CUDA at the tiny shape: on a GPU as they are, elsewhere under emulated CUDA
+(tests/emulated_run.py). GPU time is short; a script that fails there loses the rows
+after it (a session loaded into the device cache once crashed bench_gpu.py so)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import EMULATED
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str, out: Path) -> dict:
+    on_gpu = torch.cuda.is_available() and not EMULATED
+    runner = [sys.executable] if on_gpu else [sys.executable, "-m", "tests.emulated_run"]
+    cmd = [*runner, f"scripts/{script}", *args, "--out", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_gpu_rows_on_cuda(tmp_path):
+    """Ours with the KV on the device, tiered (the captured step), and a saved session
+    asked at once and after its read-in (at the tiny shape it fits the device cache)."""
+    res = run_script(
+        "bench_gpu.py", "--shape", "tiny", "--lengths", "384", "--tokens", "2",
+        "--systems", "device,tiered,session", "--session-lengths", "256",
+        "--session-dir", str(tmp_path / "sessions"), "--plot", str(tmp_path / "plot.png"),
+        out=tmp_path / "bench_gpu.json",
+    )  # fmt: skip
+    rows = {r["system"]: r for r in res["rows"]}
+    assert sorted(rows) == ["device", "session", "tiered"] and len(res["rows"]) == 3
+    assert not [r for r in rows.values() if "error" in r], res["rows"]
+    assert rows["device"]["kv"] == "device" and rows["tiered"]["kv"] == "tiers"
+    assert rows["tiered"]["captures"] >= 1 and rows["session"]["ttft_seconds"] > 0
+
+
+def test_bench_selection_and_step_host_on_cuda(tmp_path):
+    sel = run_script("bench_selection.py", "--tokens", "2048", "--steps", "1", "--retrieved",
+                     "128", out=tmp_path / "selection.json")  # fmt: skip
+    assert [r["variant"] for r in sel["rows"]] == [
+        "torch references", "Triton kernels", "Triton kernels, torch's topk for the tokens kept"
+    ]  # fmt: skip
+    assert all("error" not in r and r["ms_per_layer"] > 0 for r in sel["rows"]), sel["rows"]
+    # (3 layers: the preset's 2 dense ones and a sparse one)
+    host = run_script("bench_step_host.py", "--tokens", "2048", "--layers", "3", "--steps", "2",
+                      out=tmp_path / "host.json")  # fmt: skip
+    assert host["steps"] == 2 and host["host_ms_per_token"] > 0
