@@ -53,11 +53,11 @@ HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero
               "masked_select", "unique", "_unique2", "unique_consecutive", "bincount"}  # fmt: skip
 
 
-class DeviceMismatch(RuntimeError):
+class DeviceMismatch(RuntimeError):  # tensors of two devices in one operation
     pass
 
 
-class FreedMemory(RuntimeError):
+class FreedMemory(RuntimeError):  # a graph replay after a tensor it uses was freed
     pass
 
 
@@ -149,8 +149,8 @@ class Emulator:
             self.live[key] = storage.nbytes()
             self.allocated += storage.nbytes()
             self.peak = max(self.peak, self.allocated)
-        # (torch keeps a storage's Python object while the storage lives: this runs when
-        # the memory is freed, not when Python lets go of this object)
+        # (torch keeps a storage's Python object as long as the storage: this runs when
+        # the memory is freed)
         weakref.finalize(storage, self.free, key)
 
     def free(self, key: int) -> None:

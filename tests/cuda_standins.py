@@ -115,12 +115,8 @@ def cuda_module_patches(emu: Emulator) -> dict:
 
     @contextlib.contextmanager
     def graph(g, pool=None, stream=None, capture_error_mode="global"):
-        emu.capture, emu.capture_thread, emu.pool, g.emu = (
-            g.nodes,
-            threading.get_ident(),
-            set(),
-            emu,
-        )
+        emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
+        emu.pool = set()
         try:
             yield g
         finally:
