@@ -1,31 +1,25 @@
 """CUDA emulated on the CPU, so that the suite runs the runtime's CUDA paths without a GPU.
 
-A tensor "on CUDA" here is an `OnCuda`: an ordinary CPU tensor (same storage, same data
-pointer) that says it is on `cuda:0`, so every `is_cuda` / `device.type == "cuda"` branch
-of the runtime is taken. `emulated_cuda()` makes it so for a block: a dispatch mode moves
-each operation's work to the CPU, and checks what a GPU would refuse or wait for:
+A tensor "on CUDA" here is an `OnCuda`: a CPU tensor (same storage, same data pointer)
+that says it is on `cuda:0`, so every `is_cuda` / `device.type == "cuda"` branch is taken.
+In an `emulated_cuda()` block a dispatch mode runs each operation on the CPU and checks
+what a GPU would refuse or wait for:
 
 - tensors of two devices in one operation (a CPU tensor of one or more dimensions with a
-  CUDA one, where CUDA allows only a 0-dim CPU tensor, as a scalar): `DeviceMismatch`;
-- host synchronisations (a value read on the host, a copy to pageable host memory, a copy
-  from pageable memory to the device): counted in `syncs`, refused under
-  `torch.cuda.set_sync_debug_mode("error")` and inside a graph capture, as on a GPU;
-- CUDA graphs: a capture records the device work (the operations on CUDA tensors, the
-  Triton launches as one each) with the tensors it used, and `replay()` runs that record
-  again: what was a Python value or a host-side computation at capture stays as it was,
-  as it does on a GPU. As a GPU's graph does, the record keeps the memory it allocated
-  (its pool) and only the addresses of tensors made outside it: a replay that would read
-  or write one freed since is refused (`FreedMemory`; on a GPU, silent garbage).
-Pinned host memory (`pin_memory=True`, `cudaHostRegister`) is tracked by address, and a
-pinned tensor's unified-address view (`storage.host.device_view`) is an `OnCuda` over the
-same memory. Device memory is counted as torch's allocator counts it
-(`torch.cuda.memory_allocated`, `max_memory_allocated`): the bytes of every storage an
-`OnCuda` was made over, from its making until torch frees it (a pinned tensor's view
-aside), with no caching, rounding or fragmentation. Streams and events are no-ops (the
-CPU runs in order); the Triton kernels run in Triton's interpreter. What this cannot
-show: speed, concurrency between streams, the compiled kernels themselves
-(`scripts/kernel_report.py` compiles them), and what a captured graph's memory pool
-reuses (the record keeps every tensor the capture made, a GPU's pool less).
+  CUDA one; CUDA takes only a 0-dim CPU tensor, as a scalar): `DeviceMismatch`;
+- host synchronisations (a value read on the host, a copy to pageable host memory or from
+  it): counted in `syncs`, refused under `set_sync_debug_mode("error")` and in a capture;
+- CUDA graphs: a capture records the device work (operations on CUDA tensors, each Triton
+  launch as one) and `replay()` runs the record again; a Python value or host computation
+  stays as captured. The record keeps what the capture allocated (its pool) and only the
+  addresses of tensors made outside it: a replay after one was freed raises `FreedMemory`.
+Pinned host memory is tracked by address; a pinned tensor's unified-address view
+(`storage.host.device_view`) is an `OnCuda` over it. Device memory is counted as torch's
+allocator counts it (`memory_allocated`, its peak): each storage an `OnCuda` was made over,
+until torch frees it (pinned views aside), without rounding or caching. Streams and events
+do nothing (the CPU runs in order); Triton kernels run in its interpreter. Not shown: speed,
+races between streams, the compiled kernels (`scripts/kernel_report.py` compiles them), a
+graph pool's reuse (the record keeps every tensor the capture made).
 """
 
 from __future__ import annotations
@@ -44,8 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
 aten = torch.ops.aten
-# Operations that take tensors of both devices on a GPU: copies, and advanced indexing
-# (CPU indices are moved to the device).
+# Operations that take tensors of both devices on a GPU: copies, advanced indexing.
 CROSS_DEVICE = {"copy_", "_to_copy", "index", "index_put_", "_index_put_impl_", "index_put",
                 "_copy_from", "_copy_from_and_resize", "lift_fresh", "set_"}  # fmt: skip
 # Operations on a CUDA tensor whose result the host waits for.
@@ -149,8 +142,7 @@ class Emulator:
             self.live[key] = storage.nbytes()
             self.allocated += storage.nbytes()
             self.peak = max(self.peak, self.allocated)
-        # (torch keeps a storage's Python object as long as the storage: this runs when
-        # the memory is freed)
+        # (torch keeps a storage's Python object as long as its memory: runs at the free)
         weakref.finalize(storage, self.free, key)
 
     def free(self, key: int) -> None:
@@ -420,8 +412,8 @@ def _new_tensor(t, data, dtype=None, device=None, requires_grad=False):
     return _from_data(torch.tensor, data, dtype=dtype or t.dtype)
 
 
-# Tensor methods whose Python binding takes the device's guard before any dispatch, which
-# a CPU-only build refuses for "cuda": the same operations, from the dispatcher.
+# Tensor methods whose binding takes the device's guard before dispatch (which a CPU-only
+# build refuses for "cuda"): the same operations, from the dispatcher.
 _GUARDED = {
     torch.Tensor.copy_: lambda t, src, non_blocking=False: aten.copy_.default(t, src, non_blocking),
     torch.Tensor.__int__: lambda t: int(t.item()),
@@ -501,8 +493,7 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
         with contextlib.ExitStack() as stack:
             for obj, name, value in patches:
                 stack.enter_context(mock.patch.object(obj, name, value))
-            # (no autograd: its bookkeeping asks C++ for the device's guard, which a CPU
-            # build does not have; the runtime never needs gradients)
+            # (no autograd: it asks for the device's guard, which a CPU build lacks)
             with torch.no_grad(), _Functions(emu), _Dispatch(emu):
                 yield emu
     finally:
