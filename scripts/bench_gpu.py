@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import bench_hf, kernel_table, row_error, write_json  # noqa: E402
+from evalkit import bench_hf, profile_kernels, row_error, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
@@ -191,18 +191,13 @@ def step_kernels(cache, model, token: int, steps: int = 4) -> dict:
     the profiler records a graph replay as one event, the count says so: about one.)"""
     if device_of().type != "cuda":
         return {}
-    from torch.profiler import ProfilerActivity, profile
 
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                token = int(cache.decode(model, token).argmax())
-            sync()
-    except RuntimeError as e:  # no CUPTI: the figures are missing, the row is not
-        return {"kernels_error": str(e).splitlines()[0][:200]}
-    table = kernel_table(prof.events(), steps)
-    return {"kernels_per_step": table["kernels_per_call"],
-            "kernel_ms_per_step": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
+    def run():
+        nonlocal token
+        for _ in range(steps):
+            token = int(cache.decode(model, token).argmax())
+
+    return profile_kernels(run, steps, "step")
 
 
 def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:

@@ -6,8 +6,8 @@ of the misses from pinned host memory).
 At the 8B shape (8 KV heads x 128, 4 query heads each, bf16) and the rtx4090 preset's
 selection (2048 tokens, `--retrieved`; candidate_factor 8, a hit cache of twice that
 per head), over a random index of --tokens tokens (clusters of 16 tokens on average;
-what the clusters mean does not change what the step computes per token). Each step's query is new, so
-the hit cache sees misses as a decode would.
+what the clusters mean does not change what the step computes per token). Each step's
+query is new, so the hit cache sees misses as a decode would.
 
 On CUDA each variant is captured as a CUDA graph and replayed, as the decode step runs
 (`ms_per_layer`; times 30 sparse layers is its share of an 8B step), and also run
@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import kernel_table, row_error, write_json  # noqa: E402
+from evalkit import profile_kernels, row_error, write_json  # noqa: E402
 
 from offload.backend import Backend  # noqa: E402
 from offload.step_cache import StepHitCache  # noqa: E402
@@ -107,28 +107,13 @@ def timed(state, q, run, steps: int, device) -> list[float]:
     return times
 
 
-def kernels_per_call(run) -> dict:
-    """The launches of one call, their GPU time and the kernels that took most of it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run()
-            torch.cuda.synchronize()
-    except RuntimeError as e:  # no CUPTI: the figures are missing, the row is not
-        return {"kernels_error": str(e).splitlines()[0][:200]}
-    table = kernel_table(prof.events(), 1)
-    return {"kernels_per_layer": table["kernels_per_call"],
-            "kernel_ms_per_layer": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
-
-
 def measure(state, backend, steps, device, K) -> dict:
     q, run = layer_step(state, backend, device, K)
     for _ in range(3):  # warm-up: Triton compiles, the hit cache fills
         run()
     row = {"eager_ms_per_layer": statistics.median(timed(state, q, run, steps, device))}
     if device.type == "cuda":
-        row.update(kernels_per_call(run))
+        row.update(profile_kernels(run, 1, "layer"))
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

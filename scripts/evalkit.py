@@ -200,6 +200,23 @@ def kernel_table(events, calls: int, top: int = 12) -> dict:
     }
 
 
+def profile_kernels(run, calls: int, per: str) -> dict:
+    """The GPU kernels of `run` (which makes `calls` calls), from torch's profiler: launches
+    and GPU time per call (keys named `per` it) and the kernels that took most of it. Where
+    the profiler cannot record (no CUPTI), why: the row has the rest of its figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    except RuntimeError as e:
+        return {"kernels_error": str(e).splitlines()[0][:200]}
+    table = kernel_table(prof.events(), calls)
+    return {f"kernels_per_{per}": table["kernels_per_call"],
+            f"kernel_ms_per_{per}": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
+
+
 def row_error(e: Exception) -> dict:
     """A row that failed: what failed, and where (the run goes on with the next row)."""
     where = traceback.extract_tb(e.__traceback__)[-1]
