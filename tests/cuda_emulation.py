@@ -16,10 +16,12 @@ what a GPU would refuse or wait for:
 Pinned host memory is tracked by address; a pinned tensor's unified-address view
 (`storage.host.device_view`) is an `OnCuda` over it. Device memory is counted as torch's
 allocator counts it (`memory_allocated`, its peak): each storage an `OnCuda` was made over,
-until torch frees it (pinned views aside), without rounding or caching. Streams and events
-do nothing (the CPU runs in order); Triton kernels run in its interpreter. Not shown: speed,
-races between streams, the compiled kernels (`scripts/kernel_report.py` compiles them), a
-graph pool's reuse (the record keeps every tensor the capture made).
+until torch frees it (pinned views aside), without rounding or caching. Work runs at once,
+in order; what a GPU would leave unordered between the host and the streams (streams, events,
+waits) is checked by tests/cuda_races.py: `Race`. Triton kernels run in its interpreter.
+Not shown: speed, the compiled kernels (`scripts/kernel_report.py` compiles them), a graph
+pool's reuse (the record keeps every tensor the capture made). `torch.cuda`'s stand-ins are
+in tests/cuda_standins.py; what torch does before dispatch, in tests/cuda_functions.py.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import weakref
 from unittest import mock
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
+
+from tests.cuda_races import Races, Touches, aten_touches
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -100,6 +103,11 @@ def _tensors(args, kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return tensors, [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0]
 
 
+def _same_memory(t: torch.Tensor, others) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(_unwrap(o).untyped_storage().data_ptr() == ptr for o in others)
+
+
 def _is_cuda_target(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
@@ -124,7 +132,8 @@ class Emulator:
         self.capture: list | None = None  # the record of the graph being captured
         self.capture_thread: int | None = None
         self.pool: set[int] = set()  # the storages the capture under way allocated
-        self.in_kernel = threading.local()
+        self.local = threading.local()  # .inner: in one device operation run on the host
+        self.races: Races | None = None  # (tests/cuda_races.py)
         self.allocated = self.peak = 0  # bytes of device memory, now and at most
         self.live: dict[int, int] = {}  # a device storage's C address -> its bytes
         self.lock = threading.Lock()
@@ -133,9 +142,11 @@ class Emulator:
     def allocate(self, elem: torch.Tensor) -> None:
         """Count the storage under a new `OnCuda` (once; until torch frees it)."""
         storage = elem.untyped_storage()
-        key = storage._cdata
+        key, ptr = storage._cdata, storage.data_ptr()
         if key in self.live or self.is_pinned(elem):
             return
+        if self.races is not None:
+            self.races.allocated(ptr)
         if self._capturing():
             self.pool.add(key)
         with self.lock:
@@ -143,11 +154,13 @@ class Emulator:
             self.allocated += storage.nbytes()
             self.peak = max(self.peak, self.allocated)
         # (torch keeps a storage's Python object as long as its memory: runs at the free)
-        weakref.finalize(storage, self.free, key)
+        weakref.finalize(storage, self.free, key, ptr)
 
-    def free(self, key: int) -> None:
+    def free(self, key: int, ptr: int) -> None:
         with self.lock:
             self.allocated -= self.live.pop(key, 0)
+        if self.races is not None:
+            self.races.freed(ptr, "device memory", device=True)
 
     def reset_peak(self) -> None:
         self.peak = self.allocated
@@ -156,8 +169,13 @@ class Emulator:
     def pin(self, t: torch.Tensor) -> torch.Tensor:
         start = t.untyped_storage().data_ptr()
         self.pinned[start] = start + t.untyped_storage().nbytes()
-        weakref.finalize(t.untyped_storage(), self.pinned.pop, start, None)
+        weakref.finalize(t.untyped_storage(), self.unpin, start)
         return t
+
+    def unpin(self, start: int) -> None:
+        self.pinned.pop(start, None)
+        if self.races is not None:
+            self.races.freed(start, "pinned host memory", device=False)
 
     def is_pinned(self, t: torch.Tensor) -> bool:
         if isinstance(t, OnCuda) or t.device.type != "cpu":
@@ -176,9 +194,10 @@ class Emulator:
         if self.sync_debug == 2:
             raise RuntimeError(f"called a synchronizing CUDA operation ({what})\n{_frames()}")
         self.syncs.append(f"{what}\n{_frames()}")
+        self.local.synced = True  # (the host waits for the stream once the operation is on it)
 
     def record(self, node) -> None:
-        if self._capturing() and not getattr(self.in_kernel, "on", False):
+        if self._capturing() and not getattr(self.local, "inner", False):
             fn, args, kwargs, out, in_place = node
             self.capture.append((fn, *tree_map(self._hold, (args, kwargs, out)), in_place))
 
@@ -222,6 +241,9 @@ class Emulator:
         self._check_sync(name, args, kwargs, cuda_in, to_cuda)
         un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
         out = func(*un_args, **un_kwargs)
+        if self.races is not None:
+            on_device = cuda_in or to_cuda or getattr(self.local, "replaying", False)
+            self._race_check(func, un_args, un_kwargs, out, on_device)
         # device="cpu" said: a copy to the host, a new host tensor (`new_empty`)
         to_host = not to_cuda and kwargs.get("device") is not None
         if (cuda_in or to_cuda) and not to_host:
@@ -232,6 +254,29 @@ class Emulator:
         if pin:
             self.pin(out)
         return out
+
+    def _race_check(self, func, args, kwargs, out, on_device: bool) -> None:
+        local, races = self.local, self.races
+        races.raise_pending()
+        if getattr(local, "inner", False) or self._capturing():
+            return
+        touched = aten_touches(func, args, kwargs, tree_map(_unwrap, out))
+        if touched is not None and on_device:
+            races.device_tensors(touched, func.overloadpacket.__name__)
+        elif touched is not None:
+            for t, write in touched:
+                races.host(t, write, func.overloadpacket.__name__)
+        if getattr(local, "synced", False):
+            local.synced = False
+            races.host_waits_stream()
+
+    def copied(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """A copy to the device that `Functions` made (`.to`), as a device operation."""
+        if self.races is not None and not self._capturing():
+            self.races.device_tensors([(_unwrap(src), False), (_unwrap(dst), True)], "copy")
+            if getattr(self.local, "synced", False):
+                self.local.synced = False
+                self.races.host_waits_stream()
 
     def _check_sync(self, name, args, kwargs, cuda_in, to_cuda) -> None:
         src = args[0] if args else None
@@ -245,7 +290,8 @@ class Emulator:
         elif name == "copy_" and len(args) > 1:
             dst, src = args[0], args[1]
             if isinstance(src, OnCuda) and not isinstance(dst, OnCuda):
-                self.sync("copy to the host")
+                if not (len(args) > 2 and args[2] and self.is_pinned(dst)):
+                    self.sync("copy to the host")  # (into pinned memory, non_blocking: none)
             elif isinstance(dst, OnCuda) and not isinstance(src, OnCuda) and src.dim() > 0:
                 if not self.is_pinned(src):
                     self.sync("copy from pageable host memory")
@@ -266,13 +312,17 @@ class Emulator:
         """Run a capture's record again: each node's function on the tensors it had, its
         results written where they were (where it wrote in place, or is a view or a
         kernel, running it again is all)."""
-        for fn, args, kwargs, out, in_place in nodes:
-            args, kwargs, out = tree_map(_resolve, (args, kwargs, out))
-            res = fn(*args, **kwargs)
-            if not in_place:
-                for o, r in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=True):
-                    if isinstance(o, torch.Tensor):
-                        o.copy_(r)
+        self.local.replaying = True  # (the nodes' tensors are the host's twins: on the device)
+        try:
+            for fn, args, kwargs, out, in_place in nodes:
+                args, kwargs, out = tree_map(_resolve, (args, kwargs, out))
+                res = fn(*args, **kwargs)
+                if not in_place:
+                    for o, r in zip(tree_flatten(out)[0], tree_flatten(res)[0], strict=True):
+                        if isinstance(o, torch.Tensor):
+                            o.copy_(r)
+        finally:
+            self.local.replaying = False
 
     def call_on_host(self, func, args, kwargs, check: bool = True):
         """`func` (a Python binding that a CPU build refuses for CUDA tensors) on the host
@@ -281,10 +331,28 @@ class Emulator:
         if host and check:
             raise DeviceMismatch(f"{func}: tensors on cuda:0 and cpu\n{_frames()}")
         un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
-        out = self._wrap(func(*un_args, **un_kwargs), args, un_args)
+        with self.inner():
+            out = self._wrap(func(*un_args, **un_kwargs), args, un_args)
         in_place = any(o is a for o in tree_flatten(out)[0] for a in tensors)
         self.record((func, args, kwargs, out, in_place))
+        if self.races is not None and not self._capturing():
+            outs = [_unwrap(o) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            written = [t for t in outs if not _same_memory(t, tensors)]  # (not a view)
+            if func is torch.Tensor.__setitem__:
+                written.append(_unwrap(args[0]))
+            self.races.device_tensors([(_unwrap(t), False) for t in tensors]
+                                      + [(t, True) for t in written], func.__name__)  # fmt: skip
         return out
+
+    @contextlib.contextmanager
+    def inner(self):
+        """Operations run on the host for one device operation (a Triton kernel's, an
+        indexing's): not device operations of their own."""
+        before, self.local.inner = getattr(self.local, "inner", False), True
+        try:
+            yield
+        finally:
+            self.local.inner = before
 
 
 class _Address:
@@ -319,113 +387,6 @@ class _Dispatch(TorchDispatchMode):
         return self.emu.dispatch(func, args, kwargs)
 
 
-class _Functions(TorchFunctionMode):
-    """What torch does in C++ before any dispatch for a CUDA tensor or device (indexing,
-    `.to`, `torch.tensor(..., device=)`), which a CPU-only build refuses: done on the
-    CPU, the result wrapped."""
-
-    def __init__(self, emu: Emulator):
-        super().__init__()
-        self.emu = emu
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
-            flat, _ = tree_flatten(args)
-            if any(isinstance(t, OnCuda) for t in flat):
-                if not isinstance(args[0], OnCuda):
-                    raise DeviceMismatch(f"a host tensor indexed with CUDA tensors\n{_frames()}")
-                if func is torch.Tensor.__setitem__:
-                    self._check_setitem(args)
-                # (indices may be host tensors: CUDA moves them to the device)
-                return self.emu.call_on_host(func, args, kwargs, check=False)
-        if func in (torch.Tensor.to, torch.Tensor.cuda):
-            return self._to(func, args, kwargs)
-        if args and isinstance(args[0], OnCuda) and func in _GUARDED:
-            return _GUARDED[func](*args, **kwargs)
-        if func in (torch.tensor, torch.as_tensor) and _is_cuda_target(kwargs.get("device")):
-            return _from_data(func, *args, **kwargs)
-        try:
-            return func(*args, **kwargs)
-        except RuntimeError as e:
-            if "not linked with support for cuda" not in str(e):
-                raise
-        return self.emu.call_on_host(func, args, kwargs)
-
-    def _check_setitem(self, args) -> None:
-        """`t[index] = host tensor`: a copy into a view where the index is basic (numbers,
-        slices), which CUDA does (waiting for it); with tensor indices, `index_put_`,
-        which wants its values on the device."""
-        index, value = args[1], args[2]
-        if not isinstance(value, torch.Tensor) or isinstance(value, OnCuda) or not value.dim():
-            return
-        if any(isinstance(i, torch.Tensor) for i in tree_flatten(index)[0]):
-            raise DeviceMismatch(f"t[tensor indices] = a CPU tensor of shape "
-                                 f"{tuple(value.shape)} into a CUDA tensor\n{_frames()}")  # fmt: skip
-        if not self.emu.is_pinned(value):
-            self.emu.sync("copy from pageable host memory")
-
-    def _to(self, func, args, kwargs):
-        t, rest = args[0], list(args[1:])
-        target = kwargs.get("device")
-        if func is torch.Tensor.cuda:
-            target = CUDA
-        for i, a in enumerate(rest):  # .to(device), .to(device, dtype), .to(other tensor)
-            if isinstance(a, (str, torch.device)):
-                target = a
-                rest[i] = CPU
-            elif isinstance(a, torch.Tensor):
-                target, rest[i] = a.device, a.dtype
-        if not _is_cuda_target(target):
-            return func(*args, **kwargs)
-        dtype = kwargs.get("dtype") or next((a for a in rest if isinstance(a, torch.dtype)), None)
-        if isinstance(t, OnCuda):
-            out = t if dtype in (None, t.dtype) else t.to(dtype)
-            return out.clone() if out is t and kwargs.get("copy") else out
-        if not (kwargs.get("non_blocking") and self.emu.is_pinned(t)):
-            self.emu.sync("copy from pageable host memory")
-        out = t.to(dtype=dtype, copy=True) if dtype else t.clone()
-        self.emu.record((aten.copy_.default, (out, t), {}, None, True))
-        return OnCuda(out)
-
-
-def _contiguous(t, memory_format=torch.contiguous_format):
-    if t.is_contiguous(memory_format=memory_format):
-        return t
-    return aten.clone.default(t, memory_format=memory_format)
-
-
-def _from_data(func, data, **kwargs):
-    """torch.tensor / as_tensor of Python or host data onto the device: a copy from
-    pageable memory (unless `data` is already a CUDA tensor)."""
-    if isinstance(data, OnCuda):
-        dtype = kwargs.get("dtype")
-        return data if dtype in (None, data.dtype) else data.to(dtype)
-    t = func(data, **{**kwargs, "device": CPU})
-    EMULATOR.sync("copy from pageable host memory")
-    return OnCuda(t.clone() if func is torch.as_tensor else t)
-
-
-def _new_tensor(t, data, dtype=None, device=None, requires_grad=False):
-    if device is not None and not _is_cuda_target(device):
-        return torch.tensor(data, dtype=dtype or t.dtype, device=device)
-    return _from_data(torch.tensor, data, dtype=dtype or t.dtype)
-
-
-# Tensor methods whose binding takes the device's guard before dispatch (which a CPU-only
-# build refuses for "cuda"): the same operations, from the dispatcher.
-_GUARDED = {
-    torch.Tensor.copy_: lambda t, src, non_blocking=False: aten.copy_.default(t, src, non_blocking),
-    torch.Tensor.__int__: lambda t: int(t.item()),
-    torch.Tensor.__index__: lambda t: int(t.item()),
-    torch.Tensor.__float__: lambda t: float(t.item()),
-    torch.Tensor.tolist: lambda t: (t.cpu()).tolist(),
-    torch.Tensor.nonzero: lambda t, **k: aten.nonzero.default(t),
-    torch.Tensor.contiguous: _contiguous,
-    torch.Tensor.new_tensor: _new_tensor,
-}
-
-
 @contextlib.contextmanager
 def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
     """A block in which `torch.cuda` says one device is there (an H100-sized one: free and
@@ -438,6 +399,7 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
     import offload.kernels.gather
     import storage.host
     import storage.reading
+    from tests.cuda_functions import Functions
     from tests.cuda_standins import CudaGenerator, cuda_module_patches
 
     global EMULATOR
@@ -453,12 +415,15 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
 
     def recorded_launch(self, *args, **kwargs):  # a Triton launch: one device operation
         emu.record((self, args, kwargs, None, True))
-        emu.in_kernel.on = True
-        try:  # (the interpreter patches triton.language for a launch: not thread-safe)
-            with one_at_a_time:
-                return launch(self, *args, **kwargs)
-        finally:
-            emu.in_kernel.on = False
+        races = None if emu.races is None or emu._capturing() else emu.races
+        # (the interpreter patches triton.language for a launch: not thread-safe)
+        with one_at_a_time, emu.inner():
+            if races is not None:
+                races.kernel = []  # (its loads and stores, from `Touches`)
+            out = launch(self, *args, **kwargs)
+            if races is not None:
+                races.kernel_done((args, kwargs), self.fn.__name__)
+        return out
 
     lower_right = bias.causal_lower_right
 
@@ -473,15 +438,17 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
 
     def recorded_stream(t, stream) -> None:
         assert isinstance(t, OnCuda), "record_stream of a host tensor"
+        emu.races.record_stream(t.elem, stream)
 
     run = threading.Thread.run
 
     def run_emulated(self):
-        with torch.no_grad(), _Functions(emu), _Dispatch(emu):
+        with torch.no_grad(), Functions(emu), _Dispatch(emu):
             run(self)
 
     views = [offload.backend, offload.kernels.gather, storage.host, storage.reading]
     patches = [(torch.cuda, k, v) for k, v in cuda_module_patches(emu).items()]
+    patches.append((interpreter, "_interpreter", Touches(interpreter._interpreter, emu.races)))
     patches += [(m, "device_view", device_view) for m in views]
     patches += [(interpreter.GridExecutor, "__call__", recorded_launch),
                 (bias, "causal_lower_right", causal_lower_right),
@@ -494,7 +461,7 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
             for obj, name, value in patches:
                 stack.enter_context(mock.patch.object(obj, name, value))
             # (no autograd: it asks for the device's guard, which a CPU build lacks)
-            with torch.no_grad(), _Functions(emu), _Dispatch(emu):
+            with torch.no_grad(), Functions(emu), _Dispatch(emu):
                 yield emu
     finally:
         EMULATOR = None

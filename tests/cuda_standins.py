@@ -1,6 +1,6 @@
 """Stand-ins for what `torch.cuda` holds, for CUDA emulated on the CPU
-(tests/cuda_emulation.py): streams and events that do nothing (the CPU runs in order),
-graphs that the emulator records and replays, pinned-memory registration on its table,
+(tests/cuda_emulation.py): streams and events that order nothing (the CPU runs in order)
+but tell the race check (tests/cuda_races.py) what they would order on a GPU, graphs that the emulator records and replays, pinned-memory registration on its table,
 generators that say they are on CUDA, and one device's properties."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from tests.cuda_emulation import CUDA, Emulator
+from tests.cuda_races import Races
 
 
 class CudaGenerator(torch.Generator):
@@ -52,42 +53,61 @@ class _Graph:
 
 
 class _Stream:
-    def __init__(self, *a, **k):
-        pass
+    """A stream: what orders it, for the race check (`emu.races`; the work itself runs
+    at once, in order)."""
+
+    races: Races | None = None  # (of the emulator open now)
+    count = 0
+
+    def __init__(self, *a, name: str | None = None, **k):
+        if name is None:
+            _Stream.count += 1
+        self.name = name or f"side {_Stream.count}"
 
     def wait_stream(self, other) -> None:
-        pass
+        if self.races is not None:
+            self.races.wait(self, dict(self.races._clock(other)))
 
     def wait_event(self, event) -> None:
-        pass
+        if self.races is not None and event.clock is not None:
+            self.races.wait(self, event.clock)
 
     def record_event(self, event=None):
         event = event or _Event()
-        event.record()
+        event.record(self)
         return event
 
     def synchronize(self) -> None:
-        pass
+        if self.races is not None:
+            self.races.host_waits_stream(self)
 
-    def query(self) -> bool:
+    def query(self) -> bool:  # (done at once: the host may go on as if it waited)
+        self.synchronize()
         return True
 
 
 class _Event:
     def __init__(self, *a, **k):
         self.t = None
+        self.clock: dict | None = None  # the recording stream's, for the race check
 
     def record(self, stream=None) -> None:
         self.t = time.perf_counter()
+        races = _Stream.races
+        if races is not None:
+            self.clock = races.snapshot(stream or races.current())
 
     def wait(self, stream=None) -> None:
-        pass
+        races = _Stream.races
+        (stream or (races.current() if races else _Stream())).wait_event(self)
 
     def query(self) -> bool:
+        self.synchronize()
         return True
 
     def synchronize(self) -> None:
-        pass
+        if _Stream.races is not None and self.clock is not None:
+            _Stream.races.host_waits(self.clock)
 
     def elapsed_time(self, end) -> float:
         return (end.t - self.t) * 1000
@@ -104,17 +124,32 @@ class _Cudart:
         return 0
 
     def cudaHostUnregister(self, ptr: int) -> int:
-        self.emu.pinned.pop(ptr, None)
+        self.emu.unpin(ptr)
         return 0
 
 
 def cuda_module_patches(emu: Emulator) -> dict:
     """`torch.cuda`'s attributes as the emulator has them: one device with the free and
-    total memory of `emu`."""
-    stream = _Stream()
+    total memory of `emu`; its race check (`emu.races`) set up."""
+    default = _Stream(name="default")
+    races = _Stream.races = emu.races = Races(default)
+
+    def current_stream(device=None):
+        return races.current()
+
+    @contextlib.contextmanager
+    def in_stream(s=None):
+        before = getattr(races.local, "stream", None)
+        if s is not None:
+            races.local.stream = s
+        try:
+            yield
+        finally:
+            races.local.stream = before
 
     @contextlib.contextmanager
     def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        races.host_waits_all()  # (torch.cuda.graph synchronizes before it captures)
         emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
         emu.pool = set()
         try:
@@ -139,10 +174,9 @@ def cuda_module_patches(emu: Emulator) -> dict:
         "max_memory_allocated": lambda d=None: emu.peak,
         "memory_reserved": lambda d=None: emu.allocated,
         "reset_peak_memory_stats": lambda d=None: emu.reset_peak(),
-        "empty_cache": lambda: None, "synchronize": lambda d=None: None,
-        "Stream": _Stream, "Event": _Event, "current_stream": lambda d=None: stream,
-        "default_stream": lambda d=None: stream,
-        "stream": lambda s=None: contextlib.nullcontext(),
+        "empty_cache": lambda: None, "synchronize": lambda d=None: races.host_waits_all(),
+        "Stream": _Stream, "Event": _Event, "current_stream": current_stream,
+        "default_stream": lambda d=None: default, "stream": in_stream,
         "CUDAGraph": _Graph, "graph": graph, "graph_pool_handle": lambda: object(),
         "cudart": lambda: _Cudart(emu), "set_sync_debug_mode": set_sync_debug_mode,
         "get_sync_debug_mode": lambda: emu.sync_debug,

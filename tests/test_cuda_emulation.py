@@ -111,6 +111,7 @@ def test_pinned_memory_is_known_by_address_and_its_device_view_aliases_it(emu):
     view = device_view(host, torch.device("cuda"))
     assert view.is_cuda and view.data_ptr() == host.data_ptr()
     view[1].fill_(3.0)
+    torch.cuda.synchronize()  # (the fill runs later than the host asks for it)
     assert host[1].tolist() == [3.0] * 8 and host[0].tolist() == [0.0] * 8
     with pytest.raises(AssertionError, match="pinned"):
         device_view(torch.zeros(4), torch.device("cuda"))
@@ -172,3 +173,96 @@ def test_the_cuda_only_tests_pass_under_emulation():
     assert run.returncode == 0, tail
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed and int(passed.group(1)) >= 10 and "skipped" not in run.stdout, tail
+
+
+def test_work_of_two_streams_left_unordered_is_a_race(emu):
+    """A GPU runs each stream's work later than the host asks for it, the streams side by
+    side: what one writes another may use only once it waits for it (a stream, an event,
+    or the host synchronizing in between)."""
+    from tests.cuda_races import Race
+
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    x = torch.zeros(8, device="cuda")
+    with torch.cuda.stream(side), pytest.raises(Race, match="side .* writes .* default writes"):
+        x.add_(1)  # (zeros may not have run yet)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        x.add_(1)
+        done = torch.cuda.Event()
+        done.record()
+    with pytest.raises(Race, match="default reads memory that stream side .* writes"):
+        x * 2
+    main.wait_event(done)
+    assert (x * 2).tolist() == [4.0] * 8
+    with torch.cuda.stream(side):
+        y = x + 1  # reads alone: no race
+    with pytest.raises(Race):
+        x.add_(1)  # a write while the side stream may still read
+    torch.cuda.synchronize()
+    x.add_(1)
+    assert y.tolist() == [3.0] * 8
+
+
+def test_the_host_may_touch_pinned_memory_only_once_device_work_on_it_is_done(emu):
+    """A kernel reading pinned memory through its device view, or a copy into it, runs
+    after the host asked for it: the host must wait before it writes or reads there.
+    A Triton kernel touches the bytes its loads and stores address, exactly."""
+    import triton
+    import triton.language as tl
+
+    from storage.host import device_view, pinned_empty
+    from tests.cuda_races import Race
+
+    @triton.jit
+    def first_four(src, dst):
+        i = tl.arange(0, 4)
+        tl.store(dst + i, tl.load(src + i) * 2)
+
+    host = pinned_empty((8,), torch.float32)
+    host.fill_(1.0)
+    out = torch.empty(4, device="cuda")
+    first_four[(1,)](device_view(host, torch.device("cuda")), out)
+    host[4:].fill_(5.0)  # bytes the kernel does not read
+    with pytest.raises(Race, match="the host writes memory that stream default reads"):
+        host[:4].fill_(3.0)
+    torch.cuda.current_stream().synchronize()
+    host[:4].fill_(3.0)
+    back = pinned_empty((4,), torch.float32)
+    back.copy_(out, non_blocking=True)  # (no wait: into pinned memory)
+    with pytest.raises(Race, match="the host reads memory that stream default writes"):
+        back.tolist()
+    event = torch.cuda.Event()
+    event.record()
+    event.synchronize()
+    assert back.tolist() == [2.0] * 4 and out.tolist() == [2.0] * 4  # (a copy to the host waits)
+
+
+def test_freeing_memory_the_device_may_still_use_is_a_race(emu):
+    """Pinned memory unregistered while a copy may still read it; a device tensor a side
+    stream used, freed without `record_stream` (its allocating stream may get it back at
+    once): the race is raised at the next operation."""
+    from storage.host import pinned_empty
+    from tests.cuda_races import Race
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    host = pinned_empty((16,), torch.float32)
+    with torch.cuda.stream(side):
+        on_device = host.to("cuda", non_blocking=True)
+    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+    with pytest.raises(Race, match="pinned host memory freed while stream side"):
+        torch.zeros(1, device="cuda") + 1
+    x = torch.ones(8, device="cuda")
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_device.copy_(x[:8].repeat(2))
+    del x
+    with pytest.raises(Race, match="device memory freed while stream side .*default allocates"):
+        torch.zeros(1, device="cuda") + 1
+    x = torch.ones(8, device="cuda")
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.record_stream(side)
+        on_device.copy_(x.repeat(2))
+    del x
+    torch.zeros(1, device="cuda") + 1
