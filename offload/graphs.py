@@ -125,10 +125,12 @@ class DecodeStep:
         # at `pos`, which the replay writes again with the same values.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):  # (and, the first time, compiles)
-                self._compute()
-        torch.cuda.current_stream(device).wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):  # (and, the first time, compiles)
+                    self._compute()
+        finally:  # (also when a run is stopped: its K/V writes must come before what follows)
+            torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # "thread_local": only this thread's unsafe calls break the capture. The default,
         # "global", also fails it (and the other thread's call) when a background thread

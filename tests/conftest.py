@@ -33,7 +33,7 @@ if "OFFLOAD_CACHE" not in os.environ:
 
 # OFFLOAD_EMULATE_CUDA=1: every test runs under CUDA emulated on the CPU
 # (tests/cuda_emulation.py), the device tests choose being "cuda".
-EMULATED = os.environ.get("OFFLOAD_EMULATE_CUDA") == "1" and not torch.cuda.is_available()
+EMULATED = os.environ.get("OFFLOAD_EMULATE_CUDA") == "1" and torch.version.cuda is None
 HAS_CUDA = torch.cuda.is_available() or EMULATED
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 

@@ -28,6 +28,7 @@ between two host threads' device work is seen, not one between their host access
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 HOST = "host"
+MAX_RUNS = 4096
 
 
 class Race(RuntimeError):  # device work that the host and the streams leave unordered
@@ -60,22 +62,33 @@ def _overlap(a: _Access, b: _Access) -> bool:
 
 
 def _span(t: torch.Tensor) -> tuple[int, np.ndarray, int] | None:
-    """A view's storage, its first byte and the bytes to its last element."""
+    """A view's storage and the bytes it covers: the starts of its contiguous runs and
+    their length (a narrowed [H, T, D] buffer: a run per head, not the gaps between
+    them); past `MAX_RUNS` runs, one span from its first byte to its last."""
     if t.numel() == 0:
         return None
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
-    return (
-        t.untyped_storage().data_ptr(),
-        np.array([t.data_ptr()], np.uint64),
-        ((last + 1) * t.element_size()),
-    )
+    dims = [(n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n != 1]
+    run = 1  # elements in a contiguous run (the innermost dims that are dense)
+    while dims and dims[-1][1] == run:
+        run *= dims.pop()[0]
+    key, size = t.untyped_storage().data_ptr(), t.element_size()
+    if not dims:
+        return key, np.array([t.data_ptr()], np.uint64), run * size
+    if math.prod(n for n, _ in dims) > MAX_RUNS:
+        last = sum((n - 1) * s for n, s in dims) + run
+        return key, np.array([t.data_ptr()], np.uint64), last * size
+    offsets = np.zeros(1, np.int64)
+    for n, s in dims:
+        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).ravel()
+    return key, np.unique(t.data_ptr() + offsets * size).astype(np.uint64), run * size
 
 
 class Races:
     """The clocks and the unsettled accesses of one emulated device (see the docstring)."""
 
-    def __init__(self, default_stream):
+    def __init__(self, default_stream, pinned: dict[int, int]):
         self.default = default_stream
+        self.pinned = pinned  # start -> end of pinned host memory (the emulator's table)
         self.clocks: dict[object, dict[object, int]] = {HOST: {HOST: 0}}
         self.accesses: dict[int, list[_Access]] = {}  # storage address -> accesses
         self.local = threading.local()  # .stream: the thread's current stream
@@ -152,6 +165,8 @@ class Races:
             if self.reused:
                 self._reuse(stream)
             for key, starts, size, write in touched:
+                if key not in self.owner and not self._pinned(key):
+                    continue  # (pageable memory: a copy from or to it waits, and its end is not seen)
                 new = _Access(stream, epoch, starts, size, write, what)
                 self._check(key, new, known)
                 self._keep(key, new)
@@ -218,6 +233,9 @@ class Races:
             else:
                 self.pending.append(f"{what} freed while {_name(left[0].actor)} may still use "
                                     f"it ({left[0].what})")  # fmt: skip
+
+    def _pinned(self, key: int) -> bool:
+        return any(s <= key < e for s, e in list(self.pinned.items()))
 
     def _known(self, actor, a: _Access) -> bool:
         return self._clock(actor).get(a.actor, 0) >= a.epoch
