@@ -241,9 +241,6 @@ class Emulator:
         self._check_sync(name, args, kwargs, cuda_in, to_cuda)
         un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
         out = func(*un_args, **un_kwargs)
-        if self.races is not None:
-            on_device = cuda_in or to_cuda or getattr(self.local, "replaying", False)
-            self._race_check(func, un_args, un_kwargs, out, on_device)
         # device="cpu" said: a copy to the host, a new host tensor (`new_empty`)
         to_host = not to_cuda and kwargs.get("device") is not None
         if (cuda_in or to_cuda) and not to_host:
@@ -253,6 +250,9 @@ class Emulator:
                 self.record((func, args, kwargs, out, in_place))
         if pin:
             self.pin(out)
+        if self.races is not None:  # (once the result is known as device or pinned memory)
+            on_device = cuda_in or to_cuda or getattr(self.local, "replaying", False)
+            self._race_check(func, un_args, un_kwargs, out, on_device)
         return out
 
     def _race_check(self, func, args, kwargs, out, on_device: bool) -> None:
