@@ -196,6 +196,30 @@ def test_capture_succeeds_while_another_thread_pins_and_copies(tiny_dirs):
     assert _greedy(eager, rt.model, logits[0], 24) == graphed_tokens
 
 
+@cuda_only
+def test_a_step_stopped_in_its_warm_up_leaves_nothing_unordered(tiny_dirs):
+    """Ctrl-C inside the runs that warm a capture up (on a side stream): the compute
+    stream still waits for what they queued, whose K/V writes at the step's position
+    would otherwise land after the next writes there (emulated, the race check sees it),
+    and the next steps decode as if nothing had stopped."""
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full")
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 3)
+    whole, stopped = rt.new_cache(), rt.new_cache()
+    logits = [prefill(rt.model, c, ids, 8) for c in (whole, stopped)]
+    layer = rt.model.layers[1]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # (after layer 0 queued its work)
+
+    layer.forward = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stopped.decode(rt.model, int(logits[1].argmax()))
+    finally:
+        del layer.forward
+    assert _greedy(stopped, rt.model, logits[1], 6) == _greedy(whole, rt.model, logits[0], 6)
+
+
 def _decode_without_syncs(cache, model, tokens) -> None:
     """Decode `tokens` with CUDA's sync debug mode raising on any host synchronisation."""
     torch.cuda.synchronize()
