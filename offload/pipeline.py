@@ -209,6 +209,8 @@ class Pipeline:
         try:
             event, seconds = fut.result()
         except Exception as e:
+            if self._stream is not None:  # (what the job queued before it failed comes first)
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
             raise PrefetchError(f"prefetch for layer {layer} failed: {e}") from e
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)

@@ -102,6 +102,27 @@ def test_worker_error_surfaces_in_the_caller_with_its_cause():
     assert prefetch_threads() == []
 
 
+def test_a_failed_jobs_device_work_still_comes_before_the_callers():
+    """On CUDA a job runs on the copy stream: what it queued before it failed must be
+    ordered before the compute stream's next work (emulated, the race check sees it)."""
+    from tests.conftest import on_cuda
+
+    with on_cuda():
+        x = torch.zeros(64, device="cuda")
+
+        def half_done():
+            x.add_(1)
+            raise OSError("disk gone")
+
+        p = Pipeline(x.device).start()
+        p.submit(2, half_done)
+        with pytest.raises(PrefetchError):
+            p.wait(2)
+        x.mul_(2)
+        p.stop()
+        assert x.tolist() == [2.0] * 64
+
+
 def test_an_error_nobody_waited_for_is_raised_by_stop():
     p = Pipeline(torch.device("cpu")).start()
     p.submit(1, lambda: 1 / 0)
