@@ -266,17 +266,19 @@ class Emulator:
         elif touched is not None:
             for t, write in touched:
                 races.host(t, write, func.overloadpacket.__name__)
-        if getattr(local, "synced", False):
-            local.synced = False
-            races.host_waits_stream()
+        self._waited()
+
+    def _waited(self) -> None:
+        """The operation just checked synchronised: the host has waited for its stream."""
+        if getattr(self.local, "synced", False):
+            self.local.synced = False
+            self.races.host_waits_stream()
 
     def copied(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """A copy to the device that `Functions` made (`.to`), as a device operation."""
         if self.races is not None and not self._capturing():
             self.races.device_tensors([(_unwrap(src), False), (_unwrap(dst), True)], "copy")
-            if getattr(self.local, "synced", False):
-                self.local.synced = False
-                self.races.host_waits_stream()
+            self._waited()
 
     def _check_sync(self, name, args, kwargs, cuda_in, to_cuda) -> None:
         src = args[0] if args else None

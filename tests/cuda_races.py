@@ -246,8 +246,8 @@ class Races:
         left = [a for a in self.reused.pop(stream, []) if not self._known(stream, a)]
         if left:
             raise Race(f"device memory freed while {_name(left[0].actor)} may still use it "
-                       f"({left[0].what}), then {_name(stream)} "
-                       f"allocates again: record_stream() it on that stream")  # fmt: skip
+                       f"({left[0].what}), and {_name(stream)}, which the allocator may give it "
+                       f"to, runs on before waiting for that: record_stream() it")  # fmt: skip
 
     def raise_pending(self) -> None:
         if self.pending:
