@@ -157,3 +157,18 @@ def test_prefetch_on_and_off_give_identical_tokens(smol_bf16):
     assert spec["jobs"] > 0 and 0 < spec["speculation_recall"] <= 1
     assert spec["hit_rate"] >= cached["hit_rate"]
     assert prefetch_threads() == []
+
+
+def test_pinned_staging_reuses_a_buffer_only_after_its_copy_is_done():
+    """Host -> device copies through two pinned buffers in turn (storage/staging.py): the
+    third copy refills the first buffer, which its asynchronous copy may still be reading
+    unless the host waited for it (emulated, the race check sees a missed wait)."""
+    from storage.staging import PinnedStaging
+    from tests.conftest import on_cuda
+
+    with on_cuda():
+        staging, device = PinnedStaging(), torch.device("cuda")
+        sent = [torch.full((3, 5), float(i)) for i in range(5)]
+        got = [staging.to_device(t, device) for t in sent]
+        assert all(g.is_cuda for g in got)
+        assert [g.tolist() for g in got] == [t.tolist() for t in sent]
