@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 HOST = "host"
@@ -81,6 +82,21 @@ def _span(t: torch.Tensor) -> tuple[int, np.ndarray, int] | None:
     for n, s in dims:
         offsets = (offsets[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).ravel()
     return key, np.unique(t.data_ptr() + offsets * size).astype(np.uint64), run * size
+
+
+def _rows(t: torch.Tensor, dim: int, index: torch.Tensor) -> tuple | None:
+    """The runs of `t`'s rows `index` along `dim` (what an index_select reads), or its
+    whole span past `MAX_RUNS` times 16 runs."""
+    with torch._C.DisableTorchFunction(), _disable_current_modes():  # (not operations)
+        first = _span(t.narrow(dim, 0, 1)) if t.shape[dim] else None
+        if first is None or index.numel() == 0:
+            return None
+        rows = np.unique(index.reshape(-1).numpy().astype(np.int64))
+    key, starts, size = first
+    if rows.size * starts.size > 16 * MAX_RUNS:
+        return _span(t)
+    step = (rows * t.stride(dim) * t.element_size()).astype(np.uint64)
+    return key, np.unique((starts[None, :] + step[:, None]).ravel()), size
 
 
 class Races:
@@ -172,15 +188,17 @@ class Races:
                 self._keep(key, new)
 
     def device_tensors(self, touched, what: str) -> None:
-        """`device` for (tensor, write) pairs: each touches its view's span."""
-        spans = [(_span(t), write) for t, write in touched]
+        """`device` for (tensor, write) pairs: each touches its view's span (or the span
+        given in its place)."""
+        spans = [(_span(t) if isinstance(t, torch.Tensor) else t, write) for t, write in touched]
         self.device([(*s, write) for s, write in spans if s is not None], what)
 
-    def host(self, t: torch.Tensor, write: bool, what: str) -> None:
-        """A host operation on `t` (host memory the device may use: pinned)."""
+    def host(self, t: torch.Tensor | tuple | None, write: bool, what: str) -> None:
+        """A host operation on `t` (host memory the device may use: pinned), or on a
+        span given in its place."""
         if not self.accesses:
             return
-        span = _span(t)
+        span = _span(t) if isinstance(t, torch.Tensor) else t
         if span is None or span[0] not in self.accesses:
             return
         with self.lock:
@@ -315,9 +333,9 @@ _NO_READ = ("empty_like", "new_empty", "new_empty_strided", "zeros_like", "ones_
             "full_like", "new_zeros", "new_ones", "new_full", "rand_like", "randn_like")  # fmt: skip
 
 
-def aten_touches(func, args, kwargs, out) -> list[tuple[torch.Tensor, bool]] | None:
-    """The tensors an aten operation reads and writes (by its schema), or None for a view
-    (it touches no memory)."""
+def aten_touches(func, args, kwargs, out) -> list[tuple] | None:
+    """The tensors an aten operation reads and writes (by its schema; an index_select's
+    rows as a span), or None for a view (it touches no memory)."""
     schema = func._schema
     if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
         return None
@@ -327,6 +345,9 @@ def aten_touches(func, args, kwargs, out) -> list[tuple[torch.Tensor, bool]] | N
         value = args[i] if i < len(args) else kwargs.get(arg.name)
         write = arg.alias_info is not None and arg.alias_info.is_write
         if name in _NO_READ and not write:
+            continue
+        if name == "index_select" and arg.name == "self":  # (the rows it selects)
+            touched.append((_rows(value, args[1], args[2]), False))
             continue
         touched += [(t, write) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
     if not any(r.alias_info is not None for r in schema.returns):

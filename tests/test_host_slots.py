@@ -98,3 +98,23 @@ def test_copy_out_follows_rows_and_slots():
     for c, r in zip(chunks, rows, strict=True):
         assert torch.equal(out[r], data[c])
     assert not out[[1, 7]].any()
+
+
+def test_an_outgrown_pinned_slab_outlives_the_device_reads_queued_on_it():
+    """On CUDA the device gathers rows straight from the pinned slab (its UVA view), later
+    than the host asks; when the slab grows, the old one is unregistered and freed only
+    after those reads (emulated, the race check sees a free before them)."""
+    import storage.host
+    from tests.conftest import on_cuda
+
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=16, dtype="float32", chunk_size=2)
+    with on_cuda():  # (its `device_view`, emulated where there is no GPU)
+        host = HostTier(layout, torch.float32, pin=True)
+        for c in range(3):
+            host.put(c, torch.full((2, 2, 2, 16), float(c)))
+        assert host.in_order(6)
+        ids = torch.tensor([[0, 5], [3, 2]], device="cuda")
+        got = host.gather_in_order(ids, storage.host.device_view(host.slab, ids.device))
+        for c in range(3, 40):  # the slab grows: the old one goes
+            host.put(c, torch.full((2, 2, 2, 16), float(c)))
+        assert got[:, :, :, 0].tolist() == [[[0.0, 2.0], [1.0, 1.0]]] * 2
