@@ -118,11 +118,12 @@ class Races:
     def current(self):
         return getattr(self.local, "stream", None) or self.default
 
-    def _clock(self, actor) -> dict:
+    def clock(self, actor) -> dict:
+        """What `actor` knows: each actor's count."""
         return self.clocks.setdefault(actor, {actor: 0})
 
     def _join(self, into, clock: dict) -> None:
-        mine = self._clock(into)
+        mine = self.clock(into)
         for actor, n in clock.items():
             if mine.get(actor, 0) < n:
                 mine[actor] = n
@@ -130,7 +131,7 @@ class Races:
     def _launch(self, stream) -> int:
         """The stream's next operation, after what the host did so far: its count."""
         self._join(stream, self.clocks[HOST])
-        clock = self._clock(stream)
+        clock = self.clock(stream)
         clock[stream] += 1
         return clock[stream]
 
@@ -161,7 +162,7 @@ class Races:
                     self.accesses.pop(key, None)
 
     def host_waits_stream(self, stream=None) -> None:
-        self.host_waits(dict(self._clock(stream or self.current())))
+        self.host_waits(dict(self.clock(stream or self.current())))
 
     def host_waits_all(self) -> None:
         merged: dict = {}
@@ -256,7 +257,7 @@ class Races:
         return any(s <= key < e for s, e in list(self.pinned.items()))
 
     def _known(self, actor, a: _Access) -> bool:
-        return self._clock(actor).get(a.actor, 0) >= a.epoch
+        return self.clock(actor).get(a.actor, 0) >= a.epoch
 
     def _reuse(self, stream) -> None:
         """The stream's operation may have memory freed with uses of other streams still

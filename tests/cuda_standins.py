@@ -1,7 +1,8 @@
 """Stand-ins for what `torch.cuda` holds, for CUDA emulated on the CPU
 (tests/cuda_emulation.py): streams and events that order nothing (the CPU runs in order)
-but tell the race check (tests/cuda_races.py) what they would order on a GPU, graphs that the emulator records and replays, pinned-memory registration on its table,
-generators that say they are on CUDA, and one device's properties."""
+but tell the race check (tests/cuda_races.py) what they would order on a GPU, graphs that
+the emulator records and replays, pinned-memory registration on its table, generators
+that say they are on CUDA, and one device's properties."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class _Stream:
 
     def wait_stream(self, other) -> None:
         if self.races is not None:
-            self.races.wait(self, dict(self.races._clock(other)))
+            self.races.wait(self, dict(self.races.clock(other)))
 
     def wait_event(self, event) -> None:
         if self.races is not None and event.clock is not None:
@@ -99,7 +100,8 @@ class _Event:
 
     def wait(self, stream=None) -> None:
         races = _Stream.races
-        (stream or (races.current() if races else _Stream())).wait_event(self)
+        if stream is not None or races is not None:
+            (stream or races.current()).wait_event(self)
 
     def query(self) -> bool:
         self.synchronize()
