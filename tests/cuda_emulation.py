@@ -180,8 +180,10 @@ class Emulator:
     def is_pinned(self, t: torch.Tensor) -> bool:
         if isinstance(t, OnCuda) or t.device.type != "cpu":
             return False
-        p = t.untyped_storage().data_ptr()
-        return any(s <= p < e for s, e in self.pinned.items())
+        return self.pinned_at(t.untyped_storage().data_ptr())
+
+    def pinned_at(self, ptr: int) -> bool:
+        return any(s <= ptr < e for s, e in list(self.pinned.items()))
 
     # -- synchronisation and capture --------------------------------------------------------
     def _capturing(self) -> bool:
@@ -260,12 +262,13 @@ class Emulator:
         races.raise_pending()
         if getattr(local, "inner", False) or self._capturing():
             return
-        touched = aten_touches(func, args, kwargs, tree_map(_unwrap, out))
-        if touched is not None and on_device:
-            races.device_tensors(touched, func.overloadpacket.__name__)
-        elif touched is not None:
-            for t, write in touched:
-                races.host(t, write, func.overloadpacket.__name__)
+        if on_device or races.accesses:  # (a host operation matters only near device work)
+            touched = aten_touches(func, args, kwargs, tree_map(_unwrap, out))
+            if touched is not None and on_device:
+                races.device_tensors(touched, func.overloadpacket.__name__)
+            elif touched is not None:
+                for t, write in touched:
+                    races.host(t, write, func.overloadpacket.__name__)
         self._waited()
 
     def _waited(self) -> None:

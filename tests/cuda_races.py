@@ -102,9 +102,9 @@ def _rows(t: torch.Tensor, dim: int, index: torch.Tensor) -> tuple | None:
 class Races:
     """The clocks and the unsettled accesses of one emulated device (see the docstring)."""
 
-    def __init__(self, default_stream, pinned: dict[int, int]):
+    def __init__(self, default_stream, pinned_at):
         self.default = default_stream
-        self.pinned = pinned  # start -> end of pinned host memory (the emulator's table)
+        self.pinned_at = pinned_at  # whether an address is pinned host memory (`Emulator`)
         self.clocks: dict[object, dict[object, int]] = {HOST: {HOST: 0}}
         self.accesses: dict[int, list[_Access]] = {}  # storage address -> accesses
         self.local = threading.local()  # .stream: the thread's current stream
@@ -182,7 +182,7 @@ class Races:
             if self.reused:
                 self._reuse(stream)
             for key, starts, size, write in touched:
-                if key not in self.owner and not self._pinned(key):
+                if key not in self.owner and not self.pinned_at(key):
                     continue  # (pageable memory: a copy from or to it waits, and its end is not seen)
                 new = _Access(stream, epoch, starts, size, write, what)
                 self._check(key, new, known)
@@ -253,9 +253,6 @@ class Races:
                 self.pending.append(f"{what} freed while {_name(left[0].actor)} may still use "
                                     f"it ({left[0].what})")  # fmt: skip
 
-    def _pinned(self, key: int) -> bool:
-        return any(s <= key < e for s, e in list(self.pinned.items()))
-
     def _known(self, actor, a: _Access) -> bool:
         return self.clock(actor).get(a.actor, 0) >= a.epoch
 
@@ -277,8 +274,8 @@ class Races:
     def kernel_touch(self, ptrs, mask, size: int, write: bool) -> None:
         if self.kernel is not None:
             p = np.asarray(ptrs)[np.asarray(mask, bool)] if mask is not None else np.asarray(ptrs)
-            if p.size:
-                self.kernel.append((np.unique(p.astype(np.uint64)), size, write))
+            if p.size:  # (sorted and made unique once, at the launch's end)
+                self.kernel.append((p.astype(np.uint64), size, write))
 
     def kernel_done(self, args, what: str) -> None:
         """A launch ended: its loads and stores, by storage of its tensor arguments."""

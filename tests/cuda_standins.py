@@ -134,7 +134,7 @@ def cuda_module_patches(emu: Emulator) -> dict:
     """`torch.cuda`'s attributes as the emulator has them: one device with the free and
     total memory of `emu`; its race check (`emu.races`) set up."""
     default = _Stream(name="default")
-    races = _Stream.races = emu.races = Races(default, emu.pinned)
+    races = _Stream.races = emu.races = Races(default, emu.pinned_at)
 
     def current_stream(device=None):
         return races.current()
