@@ -19,6 +19,8 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from offload.attention import SparsePolicy
 from offload.budgets import resolve_budgets
 from offload.config import human_bytes
@@ -53,13 +55,24 @@ def new_cache(rt: Runtime, tiered: bool = False) -> KVCache:
         if rt.backend.fixed_shape:
             cache.use_step(rt.model, rt.backend)
         return cache
-    store, policy = _tiered_parts(rt)
-    try:
-        cache = KVCache.tiered(store, policy)
-    except StorageError as e:
-        raise ConfigError(str(e)) from None
+    cache = _tiered_cache(rt, rt.device)
     _setup_tiered(rt, cache)
     return cache
+
+
+def host_cache(rt: Runtime) -> KVCache:
+    """A tiered cache held in host memory and on disk only, whatever the device: a saved
+    session that fits the device cache is read through it layer by layer, so none of
+    its other parts (summaries, recent window) sits on the device beside that KV."""
+    return _tiered_cache(rt, torch.device("cpu"))
+
+
+def _tiered_cache(rt: Runtime, device: torch.device) -> KVCache:
+    store, policy = _tiered_parts(rt, device)
+    try:
+        return KVCache.tiered(store, policy)
+    except StorageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def device_kv_tokens(rt: Runtime) -> int:
@@ -97,25 +110,25 @@ def check_device_room(rt: Runtime, cache: KVCache, num_tokens: int, what: str) -
 
 def move_to_tiers(rt: Runtime, cache: KVCache) -> None:
     """`KVCache.outgrow` of the device caches made here: the same cache, now tiered."""
-    cache.move_to_tiers(*_tiered_parts(rt), mirrors=rt.backend.remote_host)
+    cache.move_to_tiers(*_tiered_parts(rt, rt.device), mirrors=rt.backend.remote_host)
     _setup_tiered(rt, cache)
 
 
-def _tiered_parts(rt: Runtime) -> tuple[TieredStore, SparsePolicy]:
-    """An empty tiered store (budgets from the config or the machine) and its policy."""
+def _tiered_parts(rt: Runtime, device: torch.device) -> tuple[TieredStore, SparsePolicy]:
+    """An empty tiered store for `device` (budgets from the config or the machine) and
+    its policy."""
     a, sel, kv = rt.args, rt.config.selection, rt.config.kv
     b = resolve_budgets(kv, rt.device)
     _sweep_once(b.disk_dir)
     store = TieredStore(
-        rt.layout, rt.model.dtype, rt.device, host_bytes=b.host_bytes,
+        rt.layout, rt.model.dtype, device, host_bytes=b.host_bytes,
         disk_dir=b.disk_dir / cache_dir_name(),
         disk_bytes=b.disk_bytes, sink=sel.sink, window=sel.window, spill_batch=kv.spill_batch,
         # only the chunk selector reads abstracts: elsewhere they wait in host memory
         abstracts_on_device=sel.selector == "chunk", max_tokens=a.max_seq_len,
     )  # fmt: skip
-    policy = SparsePolicy(
-        sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=rt.backend.nearest_centroids
-    )
+    nearest = rt.backend.nearest_centroids if device == rt.device else None  # (its kernels)
+    policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=nearest)
     return store, policy
 
 

@@ -103,12 +103,17 @@ def load_state(
             # which file is opened; its fingerprint must match what is loaded.
             rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
         _check_compatible(rt, session)
-        # The device cache: loaded through a tiered one, which is kept where the session's
-        # KV does not fit the device cache's budget.
+        # A device cache is loaded through a tiered one: held in host memory only where
+        # the session fits the device cache (read into it below, layer by layer: the
+        # device then holds that KV alone), kept where it does not.
         dense = rt._state.cache.store is None
         num_tokens = session.manifest["num_tokens"]
         caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
-        cache = rt.new_cache(tiered=True) if dense else rt._state.cache
+        fits = dense and rt._state.cache.fits(num_tokens)
+        if dense:
+            cache = caches.host_cache(rt) if fits else rt.new_cache(tiered=True)
+        else:
+            cache = rt._state.cache
         files = [
             # absolute: the disk tier joins a relative name onto its own directory
             (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f["crc32"])
@@ -128,7 +133,7 @@ def load_state(
     session.verified()
     if dense:
         device_cache = rt._state.cache
-        if device_cache.fits(cache.num_tokens):
+        if fits:
             rt._state.cache = _dense_copy(rt, cache)
             cache.close()
         else:
@@ -157,15 +162,16 @@ def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:
 
 
 def _dense_copy(rt: Runtime, tiered: KVCache) -> KVCache:
-    """A device cache holding the KV of `tiered` (read layer by layer)."""
+    """A device cache holding the KV of `tiered` (a `caches.host_cache`), read layer by
+    layer and copied straight into the device buffers (no device temporary)."""
     dense = rt.new_cache()
     T = tiered.num_tokens
     for i, layer in enumerate(dense.layers):
         layer.reserve(T, rt.args.max_seq_len)
         with tiered.store.lock:
             k, v = tiered.store.gather_all(i)
-        layer.append(k.to(rt.device), v.to(rt.device))
-        del k, v  # (one layer's read at a time: a device cache near its bound has room for one)
+        layer.append(k, v)
+        del k, v  # (one layer's host memory at a time)
     dense.advance(T)
     return dense
 

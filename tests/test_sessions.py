@@ -298,6 +298,41 @@ def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
     assert back.ask("seven stones", max_new_tokens=6) == want
 
 
+def test_a_session_that_fits_the_device_cache_takes_no_more_device_memory_to_load(
+    tiny_dirs, tmp_path
+):
+    """On CUDA (emulated on a CPU), mode "auto": a session within `kv.device_bytes` loads
+    into the device cache, read layer by layer through host memory, so the load's peak
+    on the device is that cache's buffers (not the tiered store's summaries and window
+    beside them: a session near the preset's bound would pass a 24 GB card), and it
+    answers as before (full budget, fp32)."""
+    import gc
+
+    from tests.conftest import on_cuda
+
+    path = tiny_dirs["llama-gqa-untied"][0]
+    full = Runtime.from_pretrained(path, dtype="float32", mode="full")
+    full.load_document(filler_text(80, seed=1))
+    want = full.ask("seven stones", max_new_tokens=6)
+    full.save_session(tmp_path / "s")
+    n = len(full._state.ids)
+    with on_cuda():
+        rt = Runtime.from_pretrained(path, dtype="float32", mode="auto", device="cuda",
+                                     sink=4, window=16, dense_layers=1)  # fmt: skip
+        L = rt.layout
+        budget = (n + 20) * (L.token_bytes + L.token_bytes_per_layer)
+        gc.collect()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loaded = Runtime.load_session(
+            tmp_path / "s", model=rt, config=rt.config.replace(device_bytes=budget)
+        )
+        held = torch.cuda.memory_allocated() - base
+        assert loaded._state.cache.store is None and loaded._state.cache.num_tokens == n
+        assert torch.cuda.max_memory_allocated() - base == held <= budget
+        assert loaded.ask("seven stones", max_new_tokens=6) == want
+
+
 def test_sessions_with_float32_summary_parameters_still_load(tiny, saved):
     """Summaries' scale and zero point were float32 before they became float16: such a
     session loads and answers as the same session with float16 ones."""
