@@ -149,7 +149,7 @@ def make_plan(
             L.abstracts_bytes(context), L.abstract_bytes_per_token,
         ),
         *_selection_rows(L, a, context, n_dense, selector, retrieved, retrieve_fraction,
-                         cluster_size, hit_cache),
+                         cluster_size, hit_cache, sink + window),
         PlanRow("host", "full-precision K and V", host_kv, L.token_bytes if host_kv else 0.0),
         PlanRow(
             "disk", "spilled chunks (KV + abstract)", disk_kv,
@@ -195,7 +195,7 @@ def plan_for_config(
 
 def _selection_rows(L: KVLayout, a: ModelArgs, context: int, n_dense: int, selector: str,
                     retrieved: int, fraction: float, cluster_size: int,
-                    hit_cache: float | None) -> list[PlanRow]:  # fmt: skip
+                    hit_cache: float | None, near: int) -> list[PlanRow]:  # fmt: skip
     """What the sparse layers' selection keeps: the cluster index (its state in host
     memory; centroids and a token map on the device, retrieval/device_index.py) and the
     decode step's hit caches (offload/step_cache.py)."""
@@ -213,8 +213,9 @@ def _selection_rows(L: KVLayout, a: ModelArgs, context: int, n_dense: int, selec
             PlanRow("host", "cluster index (k-means state)", host, host / context),
         ]  # fmt: skip
     if hit_cache and n_sparse > 0:
-        bucket = -(-context // K_BUCKET) * K_BUCKET
-        k = retrieved or math.ceil(fraction * bucket)
+        # the step's k (offload/tiered_step.py, `prepare`): never more than the far tokens
+        bucket = min(-(-context // K_BUCKET) * K_BUCKET, a.max_seq_len)
+        k = max(1, min(retrieved or math.ceil(fraction * bucket), bucket - near))
         slots = max(2 * k, math.ceil(hit_cache * k)) + 1  # (one scratch slot)
         nbytes = n_sparse * H * (slots * (2 * D * L.dtype_bytes + 16) + (context + 1) * 4)
         rows.append(PlanRow("device", f"hit caches ({slots - 1:,} tokens per KV head and layer)",

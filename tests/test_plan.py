@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from cli.main import main
@@ -102,10 +103,13 @@ def test_plan_cli(tmp_path):
     assert r.exit_code == 2 and "--gpu-mem: cannot read 'lots'" in r.output
 
 
-def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs):
+@pytest.mark.parametrize("retrieved,slots", [(16, 32), (100_000, 2 * (256 - 4 - 32))])
+def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs, retrieved, slots):
     """The plan's rows against the buffers a tiered cache decoding as on CUDA (here with
     the torch references) holds: summaries and hit caches exactly (but for the slot
-    map, sized by the index's token capacity), the device index within its growth."""
+    map, sized by the index's token capacity), the device index within its growth. A
+    selection past the far tokens is held to them (the model's window of 256 less sink
+    and window), as the step holds it."""
     import torch
 
     from offload import Runtime
@@ -116,7 +120,7 @@ def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs):
 
     path = tiny_dirs["llama-gqa-untied"][0]
     rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", sink=4, window=32,
-                                 retrieved=16, dense_layers=1, prefetch="cache",
+                                 retrieved=retrieved, dense_layers=1, prefetch="cache",
                                  candidate_factor=2, cluster_size=8)  # fmt: skip
     rt.backend = Backend(DEVICE, kernels=False, fixed_shape=True, remote_host=True)
     cache = rt.new_cache()
@@ -135,7 +139,7 @@ def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs):
     assert summaries == row("2-bit key summaries")
     hc, H = step.hit_caches[1], rt.args.num_kv_heads
     slot_map_extra = H * 4 * (hc.token_capacity - T)  # the map covers the index's capacity
-    assert hc.slots == 32 and slot_map_extra >= 0
+    assert hc.slots == slots and slot_map_extra >= 0
     held = nbytes(hc.kv, hc.token_of, hc.used, hc.slot_of)
     assert held == row("hit caches") + slot_map_extra
     idx = step.indexes[1]
