@@ -12,7 +12,8 @@ on a thread stalls the main thread's GPU work: the layer-by-layer prefill pins e
 layer's slab on a thread while earlier layers compute, which hides the pinning only if
 the driver does not hold the launching thread meanwhile (other projects report its
 locks held for a registration's length). `work_ms_*` is one round of matmuls and small
-kernels, alone and while a thread pins a 0.5 GiB slab (an 8B layer's at 128k).
+kernels, alone and while a thread pins a 0.5 GiB slab (an 8B layer's at 128k). And
+`reserved_*`: a slab that grows where it is, registered piece by piece.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     rows["device_reads_in_place_gb_s"] = gb / s
     rows["gib"] = args.gib
     rows.update(pinning_beside_work())
+    rows.update(reserved_growth(args.gib))
     print(json.dumps(rows, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
@@ -108,6 +110,48 @@ def pinning_beside_work(slab_gib: float = 0.5) -> dict:
         "slab_pin_seconds_beside_work": pinned.get("seconds"),
         "slab_is_pinned": pinned.get("is_pinned"),
     }
+
+
+def reserved_growth(gib: float) -> dict:
+    """A host slab of the 8B shape's layer layout (2 x 8 planes of 4 KiB slots) reserved
+    at `gib` and grown in two halves, each registering one piece per plane
+    (storage/pinning.py): the rate, and what the driver does with one memcpy across the
+    edge of two registrations (the project never makes one; asked last, in case)."""
+    from storage.pinning import ReservedSlab
+
+    slots = int(gib * 2**30) // (16 * 4096)
+    r = ReservedSlab((2, 8, slots, 16, 128), torch.bfloat16, pin=True)
+    half = gib / 2 * 2**30 / 1e9
+    first, ok_first = timed(lambda: r.grow(slots // 2))
+    second, ok_second = timed(lambda: r.grow(slots))
+    out = {
+        "reserved_gib": gib,
+        "reserved_grown": ok_first and ok_second,
+        "reserved_first_half_gb_s": half / first,
+        "reserved_second_half_gb_s": half / second,
+        "reserved_registrations": len(r._pieces),
+        "reserved_is_pinned": r.tensor.is_pinned(),
+    }
+    if not out["reserved_grown"]:
+        return out
+    edge = r.edges[1]
+    plane = r.tensor[0, 0]  # [slots, 16, 128], one registration per growth
+    view = device_view(r.tensor, torch.device("cuda"))
+    plane[edge - 1 : edge + 1] = 3.0
+    out["reserved_kernel_read_across_edge"] = (
+        float(view[0, 0, edge - 1 : edge + 1].sum()) == 3.0 * 2 * 16 * 128
+    )
+    try:
+        plane[edge - 1 : edge + 1].copy_(
+            torch.ones(2, 16, 128, dtype=torch.bfloat16, device="cuda")
+        )
+        torch.cuda.synchronize()
+        out["memcpy_across_registrations"] = (
+            "ok" if float(plane[edge - 1 : edge + 1].sum()) == 2 * 16 * 128 else "wrong data"
+        )
+    except RuntimeError as e:
+        out["memcpy_across_registrations"] = str(e).splitlines()[0][:200]
+    return out
 
 
 if __name__ == "__main__":

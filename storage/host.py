@@ -6,20 +6,20 @@ by one `copy_`. The slot axis sits inside the head axis so that, while a layer's
 chunks occupy slots 0..n-1 in order (no spill or reuse yet, the common case),
 `tokens_view` gives every token's K and V `[H, T, D]` as a view, and dense
 attention on the CPU reads them without a copy. Slots freed by spills are
-reused. With CUDA the slab is pinned so device copies can be asynchronous.
+reused. The slab is reserved at the layer's largest size and grows where it is
+(storage/pinning.py); with CUDA its usable part is pinned, so device copies are
+asynchronous and the GPU reads it in place.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
-import weakref
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from storage.layout import HeadRows, KVLayout
+from storage.pinning import ReservedSlab, pinned_empty, slot_multiple
 
 
 def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -40,42 +40,7 @@ def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
 
 
-PAGE = 4096
 COPY_RUN_MIN = 16  # consecutive slots copied as one slice (fewer: with index_copy_)
-
-
-def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Page-locked host memory of exactly this size, readable by the GPU (UVA).
-
-    torch's pinned allocator rounds every block up to a power of two: a slab of 2^k
-    chunks plus one would take twice the memory, and a power-of-two context (128k
-    tokens) lands on exactly such an edge. So the memory is an ordinary buffer
-    registered with CUDA (as sglang's host KV pools do), unregistered by the
-    finalizer of the array that owns it, which lives as long as any view of it.
-    Where registration is refused, torch's pinned allocator is used after all."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes:
-        buf = np.empty(nbytes + PAGE, dtype=np.uint8)
-        start = -buf.ctypes.data % PAGE  # page-aligned, as registration wants
-        mem = buf[start : start + nbytes]
-        # Touch every page first, with torch's threads (zero_ runs in parallel): a
-        # registration then locks pages that exist instead of faulting them in one by one
-        # (whether that is faster on the GPU machine is to be measured), and the slab
-        # holds no stale memory.
-        t = torch.from_numpy(mem)
-        t.zero_()
-        ptr = mem.ctypes.data
-        try:
-            cudart = torch.cuda.cudart()
-            # portable (1) and mapped (2): one address for the CPU and every device
-            registered = int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0
-        except (AttributeError, RuntimeError, TypeError):  # no such binding here
-            registered = False
-        if registered:
-            weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
-            if t.is_pinned():  # (what the rest of the store and `device_view` rely on)
-                return t.view(dtype).view(shape)
-    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 class HostTier:
@@ -85,9 +50,20 @@ class HostTier:
         self.layout = layout
         self.dtype = dtype
         self.pin = pin
-        # Slots the layer can ever need (the model's window): growth stops there.
+        # Slots the layer can ever need (the model's window): growth stops there. Where it
+        # is known, the slab is reserved at it and grows in place (storage/pinning.py:
+        # no copy, no new address, on CUDA only the new slots pinned); else, and where
+        # the driver refuses to pin more of it, a growth moves to a bigger slab.
         self.max_slots = max_slots
-        self.slab = self._alloc(0)
+        self.reserved: ReservedSlab | None = None
+        if max_slots:
+            L = layout
+            m = slot_multiple(L.chunk_size * L.head_dim * dtype.itemsize) if pin else 1
+            shape = (2, L.num_kv_heads, -(-max_slots // m) * m, L.chunk_size, L.head_dim)
+            self.reserved = ReservedSlab(shape, dtype, pin)
+            self.slab = self.reserved.tensor
+        else:
+            self.slab = self._alloc(0)
         self.slot_of: dict[int, int] = {}  # chunk index -> slot
         # The same map as a tensor (-1: not on the host), so a gather of many tokens
         # looks its slots up in one indexing op instead of a Python loop.
@@ -114,29 +90,49 @@ class HostTier:
     def nbytes(self) -> int:
         return self.num_chunks * self.layout.chunk_bytes
 
+    @property
+    def capacity(self) -> int:
+        """The slots usable now (the slab's physical size is `slab.shape[2]`)."""
+        return self.slab.shape[2] if self.reserved is None else self.reserved.slots
+
     def _reserve(self, slots: int) -> None:
-        """Room for `slots` slots (see `new_slab`)."""
-        if slots > self.slab.shape[2]:
+        """Room for `slots` slots (see `grow_in_place`, `new_slab`)."""
+        if slots > self.capacity and not self.grow_in_place(slots):
             self.take_slab(self.new_slab(slots))
 
-    def new_slab(self, slots: int) -> torch.Tensor:
-        """A slab for `slots` slots, and an eighth more, so that a long prefill's slab does
-        not grow again at the next few chunks (growth is geometric: O(T) copies in all;
-        by 1.25x where memory is pinned, which is slow to pin and scarce). It only
-        allocates (and pins): a thread may call it while another uses this tier."""
-        n = self.slab.shape[2]
+    def _grown(self, slots: int) -> int:
+        """The capacity to grow to for `slots` slots: an eighth more, so that a long
+        prefill's slab does not grow again at the next few chunks (geometric growth: a
+        slab that moves makes O(T) copies in all; by 1.25x where memory is pinned, which
+        is slow to pin and scarce)."""
         growth = 1.25 if self.pin else 2
-        grown = max(8, slots + slots // 8, int(growth * n))
+        grown = max(8, slots + slots // 8, int(growth * self.capacity))
         if self.max_slots is not None:  # (a request past it is still granted)
             grown = max(slots, min(grown, self.max_slots))
-        return self._alloc(grown)
+        return grown
+
+    def grow_in_place(self, slots: int) -> bool:
+        """Room for `slots` slots in the reserved slab, where it is: a thread may do this
+        while another uses the tier. False where there is no reservation, or the driver
+        refused to pin more of it: the caller then moves to a bigger slab (`new_slab`,
+        `take_slab`), as it does without one."""
+        r = self.reserved
+        return (
+            r is not None and slots <= r.max_slots and r.grow(min(self._grown(slots), r.max_slots))
+        )
+
+    def new_slab(self, slots: int) -> torch.Tensor:
+        """A slab for `slots` slots and more (`_grown`), outside any reservation. It only
+        allocates (and pins): a thread may call it while another uses this tier."""
+        return self._alloc(self._grown(slots))
 
     def take_slab(self, bigger: torch.Tensor) -> None:
         """Move to a slab from `new_slab` (the caller holds the store's lock), unless the
         slab has grown as far meanwhile."""
-        n = self.slab.shape[2]
+        n = self.capacity
         if bigger.shape[2] > n:
-            bigger[:, :, :n] = self.slab
+            bigger[:, :, :n] = self.slab[:, :, :n]
+            self.reserved = None
             self._swap(bigger)
 
     def _swap(self, slab: torch.Tensor) -> None:
@@ -193,7 +189,7 @@ class HostTier:
         free takes it, the others spare slots (`_spare_slots`): a layer read back file by
         file, in any order, into a slab sized for it is then in slot order but for a few
         chunks, which `put_in_order` moves."""
-        cap = self.slab.shape[2]
+        cap = self.capacity
         own = {c for c in chunks if c < cap and (c >= self._next or c in self._free_set)}
         self._take(own)
         spare = iter(self._spare_slots(len(chunks) - len(own), max(chunks)))
@@ -222,7 +218,7 @@ class HostTier:
         """n free slots for chunks that cannot have their own: the top of the slab where
         it has room past the frontier and past chunk `above` (a slab sized for the layer:
         they take no slot a chunk still to come owns), else the lowest free ones."""
-        cap = self.slab.shape[2]
+        cap = self.capacity
         if n and cap - n > above and cap - n >= self._next:
             slots = list(range(cap - n, cap))
             self._take(set(slots))
@@ -276,9 +272,12 @@ class HostTier:
             for i, x in enumerate((k, v)):
                 self.slab[i, :, s0 : s0 + n].copy_(x.reshape(H, n, C, D))
             return
+        runs = [(s0, n)] if self.reserved is None else self.reserved.runs(s0, n)
         for i, x in enumerate((k, v)):
             for h in range(H):
-                self.slab[i, h, s0 : s0 + n].view(T, D).copy_(x[h])
+                for a, m in runs:  # (one registration each: storage/pinning.py)
+                    t0 = (a - s0) * C
+                    self.slab[i, h, a : a + m].view(m * C, D).copy_(x[h, t0 : t0 + m * C])
 
     def put_in_order(self, num_tokens: int) -> bool:
         """When every chunk of these tokens is here but some sit in other slots (a loaded

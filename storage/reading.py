@@ -255,14 +255,12 @@ class StoreReads:
             return view[0], view[1]
         host = self.host[layer]
         if host.pin and host.in_order(T):
-            # All in the pinned slab, in order: the device copies it where it lies, in one
-            # pass over PCIe (no host-side gather, no pageable staging).
-            view = device_view(host.slab, self.device)
-            L = self.layout
-            n = L.num_chunks(T)
-            kv = view[:, :, :n].reshape(2, L.num_kv_heads, n * L.chunk_size, L.head_dim)
-            kv = kv[:, :, :T].clone()
-            self.reads.add("host", 1, T * L.token_bytes_per_layer)
+            # All in the pinned slab, in order: the device gathers it where it lies, in one
+            # pass over PCIe (no host-side gather, no pageable staging; a kernel, which
+            # reads across the slab's registrations as a memcpy may not).
+            ids = torch.arange(T, device=self.device).expand(self.layout.num_kv_heads, T)
+            kv = host.gather_in_order(ids, device_view(host.slab, self.device))
+            self.reads.add("host", 1, T * self.layout.token_bytes_per_layer)
             return kv[0], kv[1]
         dev = self.dev[layer]
         n_sink = min(self.sink, T)

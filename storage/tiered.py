@@ -217,21 +217,22 @@ class TieredStore(StoreReads):
         self.host[layer].write_run(run, k, v)
 
     def reserve_host(self, layer: int, num_tokens: int) -> bool:
-        """Allocate (on CUDA: and pin) `layer`'s host slab for its first `num_tokens`
-        tokens ahead of the appends that fill it, when the host budget holds that many
-        tokens of every layer. Only the swap to the new slab takes the lock, so a thread
-        can do it while a layer computes (a layer-by-layer prefill; offload/generate.py).
-        Returns whether it reserved."""
+        """Make `layer`'s host slab hold its first `num_tokens` tokens (on CUDA: pinned)
+        ahead of the appends that fill it, when the host budget holds that many tokens of
+        every layer. A reserved slab grows where it is, without the lock; a slab that
+        moves takes the lock only to swap. So a thread can do it while a layer computes
+        (a layer-by-layer prefill; offload/generate.py). Returns whether it reserved."""
         n = self.layout.num_chunks(num_tokens)
         host = self.host[layer]
         with self.lock:
             missing = sum(max(0, n - h.num_chunks) for h in self.host)
             room = self.directory.host_capacity - self.directory.host_count
-        if n <= host.slab.shape[2] or missing > room:
+        if n <= host.capacity or missing > room:
             return False
-        slab = host.new_slab(n)
-        with self.lock:
-            host.take_slab(slab)
+        if not host.grow_in_place(n):
+            slab = host.new_slab(n)
+            with self.lock:
+                host.take_slab(slab)
         return True
 
     def _append_pieces(

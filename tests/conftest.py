@@ -122,6 +122,32 @@ def count_reallocations(monkeypatch) -> list:
     return grown
 
 
+def count_slab_growths(monkeypatch) -> list[str]:
+    """The host slabs' growths from now on, one entry each (the name of the thread that
+    made it): a reserved slab growing where it is, or a new slab allocated."""
+    import threading
+
+    from storage.host import HostTier
+    from storage.pinning import ReservedSlab
+
+    grown = []
+    real_grow, real_alloc = ReservedSlab.grow, HostTier._alloc
+
+    def grow(slab, slots):
+        if slots > slab.slots:
+            grown.append(threading.current_thread().name)
+        return real_grow(slab, slots)
+
+    def alloc(host, n):
+        if n:
+            grown.append(threading.current_thread().name)
+        return real_alloc(host, n)
+
+    monkeypatch.setattr(ReservedSlab, "grow", grow)
+    monkeypatch.setattr(HostTier, "_alloc", alloc)
+    return grown
+
+
 def filler_text(num_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     sentences = []

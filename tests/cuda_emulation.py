@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
-from tests.cuda_races import Races, Touches, aten_touches
+from tests.cuda_races import Races, Touches, aten_touches, check_registrations
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")
@@ -241,6 +241,7 @@ class Emulator:
                 f"{func}: tensors on cuda:0 and cpu (shapes "
                 f"{[tuple(t.shape) for t in host]} on the CPU)\n{_frames()}")  # fmt: skip
         self._check_sync(name, args, kwargs, cuda_in, to_cuda)
+        check_registrations(self.pinned, name, tensors, to_cuda)
         un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
         out = func(*un_args, **un_kwargs)
         # device="cpu" said: a copy to the host, a new host tensor (`new_empty`)

@@ -351,3 +351,30 @@ def aten_touches(func, args, kwargs, out) -> list[tuple] | None:
     if not any(r.alias_info is not None for r in schema.returns):
         touched += [(t, True) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     return touched
+
+
+# Copies that CUDA runs as one memcpy (contiguous on both sides), by operation.
+MEMCPY = {"copy_", "_to_copy", "clone"}
+
+
+def check_registrations(pinned: dict, name: str, tensors: list, to_device: bool) -> None:
+    """A copy between the device and pinned host memory (or through a device view of it)
+    that CUDA would run as one memcpy must lie within one registration: the driver refuses
+    a transfer over memory registered in part, and does not promise one over two
+    registrations (storage/pinning.py). Raises where one would cross an edge."""
+    on_device = [hasattr(t, "elem") for t in tensors]  # (an `OnCuda` wraps its CPU twin)
+    if name not in MEMCPY or not (to_device or any(on_device)):
+        return
+    for t in tensors:
+        elem = getattr(t, "elem", t)
+        if not elem.is_contiguous() or not elem.numel():
+            continue
+        start = elem.data_ptr()
+        end = start + elem.numel() * elem.element_size()
+        inside = [(s, e) for s, e in list(pinned.items()) if s < end and start < e]
+        if inside and not any(s <= start and end <= e for s, e in inside):
+            raise RuntimeError(
+                f"{name}: one memcpy over {end - start:,} bytes of pinned host memory that "
+                f"cross the edge of a registration (CUDA_ERROR_INVALID_VALUE on a GPU): "
+                f"split it at the registrations' edges (storage/pinning.py)"
+            )

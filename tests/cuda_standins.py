@@ -115,13 +115,22 @@ class _Event:
         return (end.t - self.t) * 1000
 
 
+PAGE = 4096
+ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+
+
 class _Cudart:
-    """`cudaHostRegister` and `cudaHostUnregister`, on the emulator's table."""
+    """`cudaHostRegister` and `cudaHostUnregister`, on the emulator's table. As the driver,
+    it refuses a registration that shares a page with another."""
 
     def __init__(self, emu: Emulator):
         self.emu = emu
 
     def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        first, end = ptr - ptr % PAGE, -(-(ptr + nbytes) // PAGE) * PAGE
+        for s, e in list(self.emu.pinned.items()):
+            if s < end and first < e:
+                return ALREADY_REGISTERED
         self.emu.pinned[ptr] = ptr + nbytes
         return 0
 

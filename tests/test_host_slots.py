@@ -24,7 +24,7 @@ def check(host: HostTier) -> None:
     assert len(used) == len(host.slot_of), "two chunks in one slot"
     assert host._free_set == set(host._free) and not used & host._free_set
     assert used | host._free_set == set(range(host._next))
-    assert host._next <= host.slab.shape[2]
+    assert host._next <= host.capacity <= host.slab.shape[2]
     assert host._misplaced == sum(s != c for c, s in host.slot_of.items())
     for c in range(min(N, host.slot_table.shape[0])):
         assert int(host.slot_table[c]) == host.slot_of.get(c, -1)
@@ -83,7 +83,9 @@ def test_slots_stay_consistent(ops, max_slots):
             if done:
                 assert host.in_order(T) and host._misplaced == 0
         check(host)
-        assert max_slots is None or host.slab.shape[2] <= max(max_slots, asked)
+        assert max_slots is None or host.capacity <= max(max_slots, asked)
+    if max_slots is not None and asked <= max_slots:  # reserved: it grew where it is
+        assert host.reserved is not None and host.slab.shape[2] == max_slots
 
 
 def test_copy_out_follows_rows_and_slots():
@@ -118,3 +120,55 @@ def test_an_outgrown_pinned_slab_outlives_the_device_reads_queued_on_it():
         for c in range(3, 40):  # the slab grows: the old one goes
             host.put(c, torch.full((2, 2, 2, 16), float(c)))
         assert got[:, :, :, 0].tolist() == [[[0.0, 2.0], [1.0, 1.0]]] * 2
+
+
+def test_a_reserved_pinned_slab_grows_where_it_is():
+    """On CUDA (emulated here) a slab with a largest size is mapped at it once and grows by
+    registering the new slots of each (K/V, head) plane: the same address (no copy, no
+    step captured again), what it held kept. A copy from the device that spans two
+    growths is split at their edge (one memcpy over both is refused, as the driver may);
+    the GPU's own gathers read across it. Where the driver refuses to pin more, the slab
+    moves to a bigger one, as without a reservation."""
+    import pytest
+
+    import storage.host
+    import storage.pinning
+    from tests.conftest import EMULATED, on_cuda
+
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", chunk_size=16)
+    chunk = lambda c: torch.full((2, 2, 16, 64), float(c))  # noqa: E731
+    with on_cuda():
+        host = HostTier(layout, torch.float32, pin=True, max_slots=40)
+        pinned = lambda: len(host.reserved._pieces)  # noqa: E731
+        ptr = host.slab.data_ptr()
+        for c in range(3):
+            host.put(c, chunk(c))
+        assert host.capacity == 8 and pinned() == 4  # a registration per plane
+        k = torch.arange(3, 21.0, device="cuda").repeat_interleave(16)[None, :, None]
+        k = k.expand(2, -1, 64).contiguous()
+        s0 = host.put_run(3, 18)  # chunks 3..20: past the first growth's edge
+        host.write_run(s0, k, k)
+        assert host.slab.data_ptr() == ptr and host.capacity >= 21 and host.reserved
+        assert pinned() == 8
+        for c in range(21):
+            assert torch.equal(host.slab[:, :, c], chunk(c)), c
+        ids = torch.tensor([[0, 16 * 20], [16 * 7 + 3, 16 * 8]], device="cuda")
+        got = host.gather_in_order(ids, storage.host.device_view(host.slab, ids.device))
+        assert got[:, :, :, 0].tolist() == [[[0.0, 20.0], [7.0, 8.0]]] * 2
+        if EMULATED or not torch.cuda.is_available():  # (on a GPU: the pinning probe's)
+            with pytest.raises(RuntimeError, match="cross the edge of a registration"):
+                host.slab[0, 0, 6:10].copy_(torch.zeros(4, 16, 64, device="cuda"))
+            cudart = storage.pinning._cudart()  # (pages registered are taken)
+            assert int(cudart.cudaHostRegister(ptr + 4096, 4096, 3)) != 0
+
+        real = storage.pinning._register
+        storage.pinning._register = lambda *a: False  # the driver refuses from now on
+        try:
+            for c in range(21, 30):
+                host.put(c, chunk(c))
+        finally:
+            storage.pinning._register = real
+        assert host.reserved is None and host.slab.data_ptr() != ptr and host.capacity >= 30
+        assert host.slab.is_pinned()  # (torch's pinned allocator, after all)
+        for c in range(30):
+            assert torch.equal(host.slab[:, :, c], chunk(c)), c

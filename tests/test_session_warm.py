@@ -12,7 +12,7 @@ from offload.backend import Backend
 from storage.disk import StorageError
 from storage.tiered import TieredStore
 from storage.warm import Warmer
-from tests.conftest import DEVICE, count_reallocations, filler_text
+from tests.conftest import DEVICE, count_reallocations, count_slab_growths, filler_text
 from tests.test_sessions import doc_runtime, tiny  # a helper and a fixture
 
 
@@ -134,19 +134,16 @@ def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path
 
 
 def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, monkeypatch):
-    """A layer's chunks come in many files: its host slab is allocated (on CUDA: pinned)
-    once, for the whole layer, not grown file after file; putting it in slot order
-    allocates nothing either."""
+    """A layer's chunks come in many files: its host slab grows (on CUDA: is pinned) once,
+    for the whole layer, not file after file; putting it in slot order grows nothing."""
     import storage.session
-    from storage.host import HostTier
 
     monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 4)
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     warmer = Warmer(store)
     assert len(warmer.files()) > 3 * store.layout.num_layers
-    allocs, real = [], HostTier._alloc
-    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
+    allocs = count_slab_growths(monkeypatch)
     warmer.run()
     assert len(allocs) == store.layout.num_layers
     assert store.directory.host_count == _chunks(store)
@@ -155,16 +152,14 @@ def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, m
 
 def test_a_bulk_read_back_sizes_the_layers_slab_once(tiny, tmp_path, monkeypatch):
     """A question on a loaded session reads many chunks of a layer back, file by file:
-    the first bulk put sizes the layer's slab for all its chunks (one allocation, one
-    pinning on CUDA); the few chunks a load reads (the recent window) allocate as before."""
+    the first bulk put sizes the layer's slab for all its chunks (one growth, one pinning
+    on CUDA); the few chunks a load reads (the recent window) grew it as before."""
     import storage.session
-    from storage.host import HostTier
 
     monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 70)
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
-    allocs, real = [], HostTier._alloc
-    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
+    allocs = count_slab_growths(monkeypatch)
     with store.lock:
         kv = store.read_range(0, 0, store.lengths[0])
     assert len(allocs) == 1 and torch.equal(kv, rt._state.cache.store.read_range(0, 0, kv.shape[2]))

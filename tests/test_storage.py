@@ -13,7 +13,7 @@ from storage.disk import DiskFullError, DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
-from tests.conftest import count_reallocations, cuda_only
+from tests.conftest import count_reallocations, count_slab_growths, cuda_only
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
 DT = torch.bfloat16
@@ -334,9 +334,7 @@ def test_host_slabs_reserved_ahead_take_the_appends_without_allocating(tmp_path,
     KV is as without the reservation. Where the budget cannot hold T tokens of every
     layer, nothing is reserved (the appends spill as before)."""
     kv = torch.stack([random_kv(130, seed=7), random_kv(130, seed=8)])
-    allocs = []
-    real = HostTier._alloc
-    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(n) or real(self, n))
+    allocs = count_slab_growths(monkeypatch)
     with make_store(tmp_path / "a", host_chunks=2 * 33) as store:
         assert store.reserve_host(0, 130) and store.reserve_host(1, 130)
         assert not store.reserve_host(1, 130)  # already there

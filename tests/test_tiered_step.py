@@ -5,7 +5,6 @@ through the embedded model; and the layer-by-layer prefill of a tiered cache. On
 interpreter or as torch references); the graph-replay test is CUDA-only."""
 
 import math
-import threading
 
 import pytest
 import torch
@@ -270,9 +269,9 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
 def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatch):
     """Layer by layer (all hidden states kept, one layer's KV at a time) gives the logits
     and the KV of token-chunked prefill through the tiers, and the same decode after;
-    the host slabs are allocated on the reserving thread, not by the appends."""
+    the host slabs grow on the reserving thread, not in the appends."""
     from offload.generate import prefill_by_layer
-    from storage.host import HostTier
+    from tests.conftest import count_slab_growths
 
     # (a full budget: where the host tier is remote, CUDA's, a token-chunked prefill
     # attends sparsely to the tokens before its chunk; layer by layer, exactly)
@@ -286,12 +285,10 @@ def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatc
     seen = []
     real_read = layered.store.read_keys
     layered.store.read_keys = lambda *a: pytest.fail("keys read back from the host tier")
-    allocs, real_alloc = [], HostTier._alloc
-    monkeypatch.setattr(HostTier, "_alloc", lambda self, n: allocs.append(
-        threading.current_thread().name) or real_alloc(self, n))  # fmt: skip
+    grown = count_slab_growths(monkeypatch)
     got = prefill_by_layer(rt.model, layered, ids, 64, lambda *a: seen.append(a))
     monkeypatch.undo()
-    assert allocs and all(name.startswith("offload-reserve") for name in allocs)
+    assert grown and all(name.startswith("offload-reserve") for name in grown)
     layered.finish_prefill()  # each layer was indexed from its device keys already
     layered.store.read_keys = real_read
     whole = len(ids) // rt.config.kv.chunk_size * rt.config.kv.chunk_size
