@@ -14,6 +14,7 @@ asynchronous and the GPU reads it in place.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -64,6 +65,10 @@ class HostTier:
             self.slab = self.reserved.tensor
         else:
             self.slab = self._alloc(0)
+        # Runs a growth on another thread (TieredStore gives its grower on CUDA), so a
+        # pinned slab's next slots are registered before a decode step needs them.
+        self.ahead: Callable[[Callable[[], object]], object] | None = None
+        self._ahead_pending = False
         self.slot_of: dict[int, int] = {}  # chunk index -> slot
         # The same map as a tensor (-1: not on the host), so a gather of many tokens
         # looks its slots up in one indexing op instead of a Python loop.
@@ -99,6 +104,29 @@ class HostTier:
         """Room for `slots` slots (see `grow_in_place`, `new_slab`)."""
         if slots > self.capacity and not self.grow_in_place(slots):
             self.take_slab(self.new_slab(slots))
+        self._grow_ahead(slots)
+
+    def _grow_ahead(self, used: int) -> None:
+        """Once `used` slots pass 7/8 of a pinned reserved slab, grow it on the `ahead`
+        thread, one growth at a time (the next needs then find their slots pinned)."""
+        r = self.reserved
+        if self.ahead is None or r is None or self._ahead_pending or 8 * used < 7 * r.slots:
+            return
+        if r.slots >= r.max_slots:
+            return
+        self._ahead_pending = True
+        target = min(self._grown(r.slots + 1), r.max_slots)
+
+        def grow() -> None:
+            try:
+                r.grow(target)  # (refused: the slots are grown where they are needed)
+            finally:
+                self._ahead_pending = False
+
+        try:
+            self.ahead(grow)
+        except RuntimeError:  # (the grower is shut down: its store closed)
+            self._ahead_pending = False
 
     def _grown(self, slots: int) -> int:
         """The capacity to grow to for `slots` slots: an eighth more, so that a long

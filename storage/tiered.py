@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -91,6 +91,10 @@ class TieredStore(StoreReads):
         self.lock = threading.RLock()
         self._staging = PinnedStaging() if device.type == "cuda" else None
         self._writer = SpillWriter(self.disk)  # writes spilled chunks (`spill`)
+        # Grows the pinned slabs ahead of need (`HostTier.ahead`), one layer at a time.
+        self._grower = ThreadPoolExecutor(1, thread_name_prefix="offload-grow") if pin else None
+        for host in self.host:
+            host.ahead = None if self._grower is None else self._grower.submit
         self._warmer: Warmer | None = None  # reads a loaded session's files (`warm`)
         self._abstracts_reader: threading.Thread | None = None  # (`adopt`)
 
@@ -111,6 +115,8 @@ class TieredStore(StoreReads):
         except StorageError:
             pass  # what could not be written is being discarded anyway
         self._writer.close()
+        if self._grower is not None:
+            self._grower.shutdown(wait=True)
         # Every file this store wrote, recorded or not (an interrupt may have come between
         # a write and its record); a loaded session's files are not among them.
         for name in self.disk.own_files():

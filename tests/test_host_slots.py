@@ -172,3 +172,31 @@ def test_a_reserved_pinned_slab_grows_where_it_is():
         assert host.slab.is_pinned()  # (torch's pinned allocator, after all)
         for c in range(30):
             assert torch.equal(host.slab[:, :, c], chunk(c)), c
+
+
+def test_a_pinned_slab_grows_ahead_of_need_on_another_thread(monkeypatch):
+    """Chunks put one by one (a decode) find their slots pinned already: once 7/8 of a
+    reserved pinned slab is used, its next growth runs on the `ahead` thread (here run
+    to its end at once), so after the first none runs on the thread that puts."""
+    import threading
+
+    from tests.conftest import count_slab_growths, on_cuda
+
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", chunk_size=16)
+    grown = count_slab_growths(monkeypatch)
+
+    def ahead(fn):
+        thread = threading.Thread(target=fn, name="offload-grow")
+        thread.start()
+        thread.join()
+
+    with on_cuda():
+        host = HostTier(layout, torch.float32, pin=True, max_slots=60)
+        host.ahead = ahead
+        for c in range(60):
+            host.put(c, torch.full((2, 2, 16, 64), float(c)))
+        assert host.capacity == 60 and host.reserved is not None
+        assert len(grown) > 3 and grown[0] == threading.current_thread().name
+        assert set(grown[1:]) == {"offload-grow"}, grown
+        for c in range(60):
+            assert torch.equal(host.slab[:, :, c], torch.full((2, 2, 16, 64), float(c)))
