@@ -61,10 +61,11 @@ class HostTier:
             L = layout
             m = slot_multiple(L.chunk_size * L.head_dim * dtype.itemsize) if pin else 1
             shape = (2, L.num_kv_heads, -(-max_slots // m) * m, L.chunk_size, L.head_dim)
-            self.reserved = ReservedSlab(shape, dtype, pin)
-            self.slab = self.reserved.tensor
-        else:
-            self.slab = self._alloc(0)
+            try:
+                self.reserved = ReservedSlab(shape, dtype, pin)
+            except OSError:  # (no address space to spare: a strict overcommit policy, a limit)
+                pass
+        self.slab = self._alloc(0) if self.reserved is None else self.reserved.tensor
         # Runs a growth on another thread (TieredStore gives its grower on CUDA), so a
         # pinned slab's next slots are registered before a decode step needs them.
         self.ahead: Callable[[Callable[[], object]], object] | None = None
