@@ -113,7 +113,7 @@ class HostTier:
         r = self.reserved
         if self.ahead is None or r is None or self._ahead_pending or 8 * used < 7 * r.slots:
             return
-        if r.slots >= r.max_slots:
+        if r.slots >= min(r.max_slots, self.max_slots):
             return
         self._ahead_pending = True
         target = min(self._grown(r.slots + 1), r.max_slots)

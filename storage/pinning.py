@@ -111,8 +111,10 @@ class ReservedSlab:
         # Small pages: registrations begin and end on 4 KiB edges, inside a huge page too.
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         mapped = mmap.mmap(-1, nbytes, flags=flags)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        try:
             mapped.madvise(mmap.MADV_NOHUGEPAGE)
+        except (AttributeError, OSError):  # (no transparent huge pages here)
+            pass
         owner = np.frombuffer(mapped, dtype=np.uint8)  # (the mapping lives as long as it)
         self.tensor = torch.from_numpy(owner)[: math.prod(shape) * dtype.itemsize]
         self.tensor = self.tensor.view(dtype).view(shape)
