@@ -61,9 +61,10 @@ def new_cache(rt: Runtime, tiered: bool = False) -> KVCache:
 
 
 def host_cache(rt: Runtime) -> KVCache:
-    """A tiered cache held in host memory and on disk only, whatever the device: a saved
-    session that fits the device cache is read through it layer by layer, so none of
-    its other parts (summaries, recent window) sits on the device beside that KV."""
+    """A tiered cache held in host memory and on disk only, whatever the device: a device
+    cache is saved through it and a session that fits one is loaded through it, layer
+    by layer, so none of its other parts (summaries, recent window) sits on the device
+    beside that KV."""
     return _tiered_cache(rt, torch.device("cpu"))
 
 
@@ -127,8 +128,9 @@ def _tiered_parts(rt: Runtime, device: torch.device) -> tuple[TieredStore, Spars
         # only the chunk selector reads abstracts: elsewhere they wait in host memory
         abstracts_on_device=sel.selector == "chunk", max_tokens=a.max_seq_len,
     )  # fmt: skip
-    nearest = rt.backend.nearest_centroids if device == rt.device else None  # (its kernels)
-    policy = SparsePolicy(sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=nearest)
+    policy = SparsePolicy(
+        sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=rt.backend.nearest_centroids
+    )
     return store, policy
 
 

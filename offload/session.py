@@ -150,14 +150,17 @@ def load_state(
 
 
 def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:
-    """A tiered cache holding the KV of device cache `dense` (index built)."""
-    tiered = rt.new_cache(tiered=True)
+    """A `caches.host_cache` holding the KV of device cache `dense`, its index built from
+    the keys where they are (the device's k-means there), layer by layer."""
+    tiered = caches.host_cache(rt)
     T = dense.num_tokens
     for i, layer in enumerate(dense.layers):
-        with tiered.store.lock:
-            tiered.store.append(i, layer.k.view(), layer.v.view())
+        k, v = layer.k.view(), layer.v.view()
+        with tiered.store.lock:  # (one layer's KV read back at a time)
+            tiered.store.append(i, k.to("cpu"), v.to("cpu"))
+        tiered.policy.update_from_keys(tiered.store, i, k)
     tiered.advance(T)
-    tiered.finish_prefill()
+    tiered.finish_prefill()  # (what the layers left: a last partial segment)
     return tiered
 
 

@@ -298,14 +298,14 @@ def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
     assert back.ask("seven stones", max_new_tokens=6) == want
 
 
-def test_a_session_that_fits_the_device_cache_takes_no_more_device_memory_to_load(
+def test_a_session_of_the_device_cache_takes_no_more_device_memory_to_save_or_load(
     tiny_dirs, tmp_path
 ):
-    """On CUDA (emulated on a CPU), mode "auto": a session within `kv.device_bytes` loads
-    into the device cache, read layer by layer through host memory, so the load's peak
-    on the device is that cache's buffers (not the tiered store's summaries and window
-    beside them: a session near the preset's bound would pass a 24 GB card), and it
-    answers as before (full budget, fp32)."""
+    """On CUDA (emulated on a CPU), mode "auto": a device cache is saved, and a session
+    within `kv.device_bytes` loaded into one, through host memory layer by layer, so
+    neither holds more on the device than that cache's buffers and a layer's passing
+    work (not the tiered store's summaries beside them: a session near the preset's
+    bound would pass a 24 GB card); it answers as before (full budget, fp32)."""
     import gc
 
     from tests.conftest import on_cuda
@@ -314,22 +314,30 @@ def test_a_session_that_fits_the_device_cache_takes_no_more_device_memory_to_loa
     full = Runtime.from_pretrained(path, dtype="float32", mode="full")
     full.load_document(filler_text(80, seed=1))
     want = full.ask("seven stones", max_new_tokens=6)
-    full.save_session(tmp_path / "s")
     n = len(full._state.ids)
     with on_cuda():
         rt = Runtime.from_pretrained(path, dtype="float32", mode="auto", device="cuda",
                                      sink=4, window=16, dense_layers=1)  # fmt: skip
         L = rt.layout
-        budget = (n + 20) * (L.token_bytes + L.token_bytes_per_layer)
+        cfg = rt.config.replace(device_bytes=(n + 20) * (L.token_bytes + L.token_bytes_per_layer))
+        made = Runtime(rt.loaded, cfg, rt.device)
+        made.load_document(filler_text(80, seed=1))
+        n = made._state.cache.num_tokens  # (the document: a session keeps no question)
+        assert made._state.cache.store is None
         gc.collect()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loaded = Runtime.load_session(
-            tmp_path / "s", model=rt, config=rt.config.replace(device_bytes=budget)
-        )
+        made.save_session(tmp_path / "s")
+        one_layer = n * L.token_bytes_per_layer
+        assert torch.cuda.max_memory_allocated() - base <= one_layer
+        del made
+        gc.collect()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loaded = Runtime.load_session(tmp_path / "s", model=rt, config=cfg)
         held = torch.cuda.memory_allocated() - base
         assert loaded._state.cache.store is None and loaded._state.cache.num_tokens == n
-        assert torch.cuda.max_memory_allocated() - base == held <= budget
+        assert torch.cuda.max_memory_allocated() - base == held <= cfg.kv.device_bytes
         assert loaded.ask("seven stones", max_new_tokens=6) == want
 
 
