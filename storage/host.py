@@ -113,10 +113,10 @@ class HostTier:
         r = self.reserved
         if self.ahead is None or r is None or self._ahead_pending or 8 * used < 7 * r.slots:
             return
-        if r.slots >= min(r.max_slots, self.max_slots):
+        if r.slots >= self.max_slots:
             return
         self._ahead_pending = True
-        target = min(self._grown(r.slots + 1), r.max_slots)
+        target = self._grown(r.slots + 1)  # (at most the layer's window: within the slab)
 
         def grow() -> None:
             try:
@@ -146,9 +146,7 @@ class HostTier:
         refused to pin more of it: the caller then moves to a bigger slab (`new_slab`,
         `take_slab`), as it does without one."""
         r = self.reserved
-        return (
-            r is not None and slots <= r.max_slots and r.grow(min(self._grown(slots), r.max_slots))
-        )
+        return r is not None and slots <= r.max_slots and r.grow(self._grown(slots))
 
     def new_slab(self, slots: int) -> torch.Tensor:
         """A slab for `slots` slots and more (`_grown`), outside any reservation. It only

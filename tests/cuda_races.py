@@ -357,13 +357,19 @@ def aten_touches(func, args, kwargs, out) -> list[tuple] | None:
 MEMCPY = {"copy_", "_to_copy", "clone"}
 
 
+def registrations(pinned: dict, start: int, end: int) -> list[tuple[int, int]]:
+    """The (start, end) of each registration in `pinned` that [start, end) overlaps."""
+    return [(s, e) for s, e in list(pinned.items()) if s < end and start < e]
+
+
 def check_registrations(pinned: dict, name: str, tensors: list, to_device: bool) -> None:
     """A copy between the device and pinned host memory (or through a device view of it)
     that CUDA would run as one memcpy must lie within one registration: the driver refuses
     a transfer over memory registered in part, and does not promise one over two
     registrations (storage/pinning.py). Raises where one would cross an edge."""
-    on_device = [hasattr(t, "elem") for t in tensors]  # (an `OnCuda` wraps its CPU twin)
-    if name not in MEMCPY or not (to_device or any(on_device)):
+    if name not in MEMCPY:
+        return
+    if not (to_device or any(hasattr(t, "elem") for t in tensors)):  # (`OnCuda`: a twin)
         return
     for t in tensors:
         elem = getattr(t, "elem", t)
@@ -371,7 +377,7 @@ def check_registrations(pinned: dict, name: str, tensors: list, to_device: bool)
             continue
         start = elem.data_ptr()
         end = start + elem.numel() * elem.element_size()
-        inside = [(s, e) for s, e in list(pinned.items()) if s < end and start < e]
+        inside = registrations(pinned, start, end)
         if inside and not any(s <= start and end <= e for s, e in inside):
             raise RuntimeError(
                 f"{name}: one memcpy over {end - start:,} bytes of pinned host memory that "

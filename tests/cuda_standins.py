@@ -13,8 +13,9 @@ from types import SimpleNamespace
 
 import torch
 
+from storage.pinning import PAGE
 from tests.cuda_emulation import CUDA, Emulator
-from tests.cuda_races import Races
+from tests.cuda_races import Races, registrations
 
 
 class CudaGenerator(torch.Generator):
@@ -115,7 +116,6 @@ class _Event:
         return (end.t - self.t) * 1000
 
 
-PAGE = 4096
 ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 
 
@@ -128,9 +128,8 @@ class _Cudart:
 
     def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
         first, end = ptr - ptr % PAGE, -(-(ptr + nbytes) // PAGE) * PAGE
-        for s, e in list(self.emu.pinned.items()):
-            if s < end and first < e:
-                return ALREADY_REGISTERED
+        if registrations(self.emu.pinned, first, end):
+            return ALREADY_REGISTERED
         self.emu.pinned[ptr] = ptr + nbytes
         return 0
 
