@@ -407,7 +407,8 @@ def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, wind
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
     console.print(
         f"prefill, layer by layer: peak device memory {human_bytes(p.prefill_peak_bytes)} "
-        f"(the above less the hit caches, plus the hidden states and one layer's KV)"
+        f"(the above less the hit caches and the index's device copy, plus the hidden "
+        f"states and two layers' KV)"
     )
     too_long = context > a.max_seq_len
     if too_long:

@@ -249,8 +249,13 @@ def prefill_by_layer(
     KV to the cache (host tier, and the device mirror of a dense layer), after building
     the layer's selection index from the keys still on the device. So no chunk reads
     earlier KV back over PCIe, as chunk-by-chunk prefill through the tiers does when
-    the host is not the device's memory, and neither does the index build; peak device
-    memory is the weights, the hidden states, one layer's KV and one chunk's activations.
+    the host is not the device's memory, and neither does the index build.
+
+    A layer is handed over while the next one computes (`_HandOver`): on CUDA its copies,
+    summaries and k-means run on a side stream, and the host's share (the index's
+    bookkeeping, the store's) waits on that stream only, so the GPU is not left idle
+    between layers. Peak device memory is the weights, the hidden states, two layers'
+    KV (the one computing, the one handed over) and one chunk's activations.
     """
     S = len(ids)
     args = model.args
@@ -259,23 +264,99 @@ def prefill_by_layer(
     # Each layer's host slab is allocated (on CUDA: pinned, about 1.5 GB/s on the H100
     # machine, so 11 s for 128k tokens of an 8B model) on a thread, in layer order,
     # while the layers before it compute; a layer's append waits for its own slab only.
-    with _reserving(cache, S) as reserved:
-        for i, (block, layer) in enumerate(zip(model.layers, cache.layers, strict=True)):
-            local = DenseLayer(args.num_kv_heads, args.head_dim, model.dtype, model.device)
-            local.reserve(S, S)
+    with _reserving(cache, S) as reserved, _HandOver(cache, reserved, S) as hand:
+        for i, block in enumerate(model.layers):
+            local = hand.buffer(model)
             for s in range(0, S, chunk_size):
                 e = min(S, s + chunk_size)
                 # In place: a chunk's output is computed from its own rows of x (earlier
                 # rows reach it only through the layer's KV), so one [S, dim] buffer serves.
                 x[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
-            reserved[i].result()
-            layer.append(local.k.view(), local.v.view())
-            if cache.policy is not None:  # index the layer before its keys leave the device
-                cache.policy.update_from_keys(cache.store, i, local.k.view())
-            if progress is not None:
-                progress((i + 1) * S // args.num_layers, S, "prefill")
+            hand.computed(i, local)  # hands over the layer before it meanwhile
+            if progress is not None and i:
+                progress(i * S // args.num_layers, S, "prefill")
+    if progress is not None:
+        progress(S, S, "prefill")
     cache.advance(S)
     return model.output(model.norm(x[-1:])).float()[-1]
+
+
+class _HandOver:
+    """A layer-by-layer prefill's hand-overs, one layer behind its compute.
+
+    `computed(i, local)` queues layer i's KV (in `local`, a `DenseLayer`) and hands over
+    layer i - 1: its KV to the store (and a dense layer's device mirror), its index built
+    from its keys. On CUDA that runs on a side stream that waits for layer i - 1's
+    compute only, so its synchronous copies and host reads wait for that stream, while
+    layer i computes on the main one. Two layer buffers take turns (`buffer`): the main
+    stream waits for a buffer's hand-over before the next layer writes it. The buffers
+    the store keeps on the device (summaries, a dense layer's mirror) are sized on the
+    main stream first, so no tensor that outlives the prefill belongs to the side stream.
+    """
+
+    def __init__(self, cache: KVCache, reserved, num_tokens: int):
+        self.cache, self.reserved, self.S = cache, reserved, num_tokens
+        self.free: list[DenseLayer] = []
+        self.queued: tuple[int, DenseLayer, object] | None = None  # (layer, KV, its event)
+        self.main = self.side = None
+
+    def __enter__(self) -> _HandOver:
+        store = self.cache.store
+        if store.device.type == "cuda":
+            self.main = torch.cuda.current_stream(store.device)
+            self.side = torch.cuda.Stream(store.device)
+        # Sized here, on the main stream, before any layer: the appends then grow nothing.
+        for i, layer in enumerate(self.cache.layers):
+            store.dev[i].reserve_chunks(self.S // store.layout.chunk_size)
+            if layer.mirror is not None:
+                layer.mirror.reserve(self.S, self.S)
+        return self
+
+    def buffer(self, model: Transformer) -> DenseLayer:
+        """An empty buffer for the next layer's KV (each made once, then reused)."""
+        if self.free:
+            local = self.free.pop()
+            local.truncate(0)
+            return local
+        a = model.args
+        local = DenseLayer(a.num_kv_heads, a.head_dim, model.dtype, model.device)
+        local.reserve(self.S, self.S)
+        return local
+
+    def computed(self, layer: int, local: DenseLayer) -> None:
+        done = None
+        if self.side is not None:
+            done = self.main.record_event()
+        if self.queued is not None:
+            self._hand_over(*self.queued)
+        self.queued = (layer, local, done)
+
+    def _hand_over(self, i: int, local: DenseLayer, done) -> None:
+        cache, store = self.cache, self.cache.store
+        layer = cache.layers[i]
+        with _on(self.side):
+            if done is not None:
+                self.side.wait_event(done)
+            self.reserved[i].result()
+            layer.append(local.k.view(), local.v.view())
+            if cache.policy is not None:  # index the layer before its keys leave the device
+                cache.policy.update_from_keys(store, i, local.k.view())
+        if self.side is not None:  # the next layer to write this buffer waits for it
+            self.main.wait_stream(self.side)
+        self.free.append(local)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None and self.queued is not None:
+                self._hand_over(*self.queued)
+        finally:
+            self.queued = None
+            if self.side is not None:  # nothing of the side stream's is pending after this
+                self.main.wait_stream(self.side)
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def generate_steps(

@@ -62,13 +62,15 @@ class Plan:
     def prefill_peak_bytes(self) -> int:
         """Device memory at the peak of a layer-by-layer prefill of the whole context
         (offload/generate.py, `prefill_by_layer`): everything the device holds for
-        decode but the hit caches (made at the first decode step), plus the hidden
-        states ([context, dim], updated in place) and one layer's full K and V, held
-        while that layer runs over its chunks."""
+        decode but the hit caches and the cluster index's device copy (made at the first
+        decode step), plus the hidden states ([context, dim], updated in place) and two
+        layers' full K and V: the layer that runs over its chunks, and the one before it,
+        handed over to the store meanwhile."""
         hidden = self.context * self.args.dim * self.layout.dtype_bytes
-        one_layer = self.context * self.layout.token_bytes_per_layer
-        hit = sum(r.nbytes for r in self.rows if r.what.startswith("hit caches"))
-        return self.tier_total("device") - hit + hidden + one_layer
+        two_layers = 2 * self.context * self.layout.token_bytes_per_layer
+        later = sum(r.nbytes for r in self.rows if r.tier == "device" and r.what.startswith(
+            ("hit caches", "cluster index")))  # fmt: skip
+        return self.tier_total("device") - later + hidden + two_layers
 
     @property
     def device_kv_bytes(self) -> int:

@@ -206,7 +206,9 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_hf_model(directory, name: str, seed: int = 0, max_positions: int = 256):
+def make_tiny_hf_model(
+    directory, name: str, seed: int = 0, max_positions: int = 256, layers: int = 2
+):
     """Save a seeded random HF model `name` (a key of TINY_CONFIGS) with a tokenizer."""
     import transformers
 
@@ -221,7 +223,7 @@ def make_tiny_hf_model(directory, name: str, seed: int = 0, max_positions: int =
         vocab_size=320,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         max_position_embeddings=max_positions,
         rms_norm_eps=1e-6,
         initializer_range=0.3,  # large enough that attention is far from uniform

@@ -314,6 +314,54 @@ def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatc
     assert _greedy(plain, rt.model, want, 12) == _greedy(layered, rt.model, got, 12)
 
 
+def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(tmp_path, monkeypatch):
+    """On CUDA (emulated on a CPU, where the race check sees the streams' order), a
+    layer-by-layer prefill hands layer i to the store (copies, summaries, index) on a
+    side stream after layer i + 1's compute is queued, in two layer buffers that take
+    turns (four layers: each buffer is reused after a dense layer's hand-over and after
+    a sparse one's); the logits and the answer are the CPU dense cache's."""
+    import offload.generate as generate
+    from tests.conftest import make_tiny_hf_model, on_cuda
+
+    make_tiny_hf_model(tmp_path, "llama-gqa-untied", layers=4)
+    ids = list(range(3, 203))
+    full = Runtime.from_pretrained(tmp_path, dtype="float32", mode="full", device="cpu")
+    dense = full.new_cache()
+    want = prefill(full.model, dense, ids, 64)
+    with on_cuda():
+        rt = Runtime.from_pretrained(tmp_path, dtype="float32", device="cuda", mode="sparse",
+                                     sink=4, window=16, dense_layers=2, retrieved=100_000,
+                                     candidate_factor=2)  # fmt: skip
+        cache = rt.new_cache()
+        assert cache.layered_prefill
+        main = torch.cuda.current_stream()
+        seen, made = [], []
+        for i, block in enumerate(rt.model.layers):
+            real = block.forward
+            monkeypatch.setattr(block, "forward",
+                                lambda *a, i=i, real=real: seen.append(("compute", i)) or real(*a))  # fmt: skip
+        real_append = type(cache.layers[0]).append
+
+        def append(layer, k, v):
+            assert torch.cuda.current_stream() is not main
+            seen.append(("hand over", layer.layer))
+            real_append(layer, k, v)
+
+        monkeypatch.setattr(type(cache.layers[0]), "append", append)
+        buffer = generate.DenseLayer
+        monkeypatch.setattr(generate, "DenseLayer", lambda *a: made.append(1) or buffer(*a))
+        got = prefill(rt.model, cache, ids, 64)
+        monkeypatch.undo()
+        order = [e for i, e in enumerate(seen) if e != seen[i - 1]]  # (a compute per chunk)
+        assert order == [("compute", 0), ("compute", 1), ("hand over", 0), ("compute", 2),
+                         ("hand over", 1), ("compute", 3), ("hand over", 2), ("hand over", 3)]  # fmt: skip
+        assert len(made) == 2
+        assert all(cache.policy.indexed[i] for i in (2, 3))
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+        cache.finish_prefill()
+        assert _greedy(cache, rt.model, got, 8) == _greedy(dense, full.model, want, 8)
+
+
 def test_a_prompt_of_many_chunks_reserves_each_layers_slab_once(tiny_dirs, monkeypatch):
     """Token-chunked prefill into the tiers (a long prompt after earlier context) has a
     thread size each layer's host slab for the whole prompt, instead of growing it chunk
