@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -298,10 +299,11 @@ class _HandOver:
         self.cache, self.reserved, self.S = cache, reserved, num_tokens
         self.free: list[DenseLayer] = []
         self.queued: tuple[int, DenseLayer, object] | None = None  # (layer, KV, its event)
-        self.main = self.side = None
+        self.main = self.side = self.started = None
 
     def __enter__(self) -> _HandOver:
         store = self.cache.store
+        self.cache.prefill_timeline = []
         if store.device.type == "cuda":
             self.main = torch.cuda.current_stream(store.device)
             self.side = torch.cuda.Stream(store.device)
@@ -313,20 +315,24 @@ class _HandOver:
         return self
 
     def buffer(self, model: Transformer) -> DenseLayer:
-        """An empty buffer for the next layer's KV (each made once, then reused)."""
+        """An empty buffer for the next layer's KV (each made once, then reused); on CUDA,
+        the layer's compute starts on the main stream here (an event marks it)."""
         if self.free:
             local = self.free.pop()
             local.truncate(0)
-            return local
-        a = model.args
-        local = DenseLayer(a.num_kv_heads, a.head_dim, model.dtype, model.device)
-        local.reserve(self.S, self.S)
+        else:
+            a = model.args
+            local = DenseLayer(a.num_kv_heads, a.head_dim, model.dtype, model.device)
+            local.reserve(self.S, self.S)
+        if self.side is not None:
+            self.started = self.main.record_event(torch.cuda.Event(enable_timing=True))
         return local
 
     def computed(self, layer: int, local: DenseLayer) -> None:
         done = None
         if self.side is not None:
-            done = self.main.record_event()
+            done = self.main.record_event(torch.cuda.Event(enable_timing=True))
+            self.cache.prefill_timeline.append((self.started, done))
         if self.queued is not None:
             self._hand_over(*self.queued)
         self.queued = (layer, local, done)
@@ -353,6 +359,20 @@ class _HandOver:
             self.queued = None
             if self.side is not None:  # nothing of the side stream's is pending after this
                 self.main.wait_stream(self.side)
+
+
+def layer_times(cache: KVCache) -> dict[str, float] | None:
+    """Of the last layer-by-layer prefill of `cache` on CUDA (None elsewhere), from its
+    events (waiting for them): the main stream's compute of the layers and its idle time
+    between them (waiting for a hand-over, or for the host to queue the next layer), ms."""
+    marks = cache.prefill_timeline
+    if not marks:
+        return None
+    marks[-1][1].synchronize()
+    return {
+        "layers_ms": sum(a.elapsed_time(b) for a, b in marks),
+        "between_layers_ms": sum(b.elapsed_time(c) for (_, b), (c, _) in pairwise(marks)),
+    }
 
 
 def _on(stream):

@@ -129,6 +129,9 @@ class KVCache:
         # Prefill an empty cache one layer at a time (generate.prefill_by_layer): for a
         # tiered cache whose host tier is not the compute device's memory.
         self.layered_prefill = False
+        # On CUDA, the events around each layer's compute in the last layer-by-layer
+        # prefill ((start, end) per layer; `generate.layer_times` reads them)
+        self.prefill_timeline: list[tuple] = []
         self.num_tokens = 0
         # A device cache with a budget holds at most `device_limit` tokens: before a
         # request would pass it, `outgrow(self)` turns the cache into a tiered one in place

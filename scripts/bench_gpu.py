@@ -63,7 +63,7 @@ from evalkit import bench_hf, profile_kernels, row_error, write_json  # noqa: E4
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
-from offload.generate import prefill  # noqa: E402
+from offload.generate import layer_times, prefill  # noqa: E402
 from offload.kernels import layer as layer_kernels  # noqa: E402
 from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
@@ -150,6 +150,9 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         cache.finish_prefill()
     sync()
     prefill_s = time.perf_counter() - t
+    # a layer-by-layer prefill: the layers' compute, and the GPU's idle time between them
+    # (the hand-overs that did not hide behind the next layer, the host's lateness)
+    layers = layer_times(cache) or {}
     token = int(logits.argmax())
     with cache.decoding():
         t = time.perf_counter()
@@ -170,6 +173,8 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         "decode_ms_per_token": ms,
         "warmup_seconds": warmup_s,
         "prefill_seconds": None if fill else prefill_s,
+        "prefill_layers_ms": layers.get("layers_ms"),
+        "prefill_between_layers_ms": layers.get("between_layers_ms"),
         "peak_device_gib": peak_gib(),
         "plan_device_gib": p.tier_total("device") / 2**30,
         "plan_prefill_peak_gib": p.prefill_peak_bytes / 2**30,
@@ -217,6 +222,7 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
         cache.finish_prefill()
     sync()
     made_s = time.perf_counter() - t
+    layers = layer_times(cache) or {}
     rt._state.cache.close()
     rt._state = KVState(cache)
     rt._state.ids = list(ids)
@@ -237,7 +243,8 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
     warm_s = time.perf_counter() - t
     warm_first_s, warm_parts = _first_token(loaded, ids, gen)  # a question after the read-in
     loaded._state.cache.close()
-    return {"prefill_seconds": None if fill else made_s, "save_seconds": save_s,
+    return {"prefill_seconds": None if fill else made_s,
+            "prefill_between_layers_ms": layers.get("between_layers_ms"), "save_seconds": save_s,
             "session_gib": saved["bytes"] / 2**30, "load_seconds": load_s,
             "question_first_token_seconds": first_s, "ttft_seconds": load_s + first_s,
             "warm_rest_seconds": warm_s, "warm_question_first_token_seconds": warm_first_s,

@@ -166,10 +166,11 @@ class Races:
 
     def host_waits_all(self) -> None:
         merged: dict = {}
-        for clock in list(self.clocks.values()):
-            for actor, n in clock.items():
-                merged[actor] = max(merged.get(actor, 0), n)
-        self.host_waits(merged)
+        with self.lock:  # (another thread's launch adds actors to the clocks meanwhile)
+            for clock in self.clocks.values():
+                for actor, n in clock.items():
+                    merged[actor] = max(merged.get(actor, 0), n)
+            self.host_waits(merged)
 
     # -- accesses ---------------------------------------------------------------------------
     def device(self, touched, what: str) -> None:

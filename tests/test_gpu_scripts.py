@@ -38,6 +38,9 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert not [r for r in rows.values() if "error" in r], res["rows"]
     assert rows["device"]["kv"] == "device" and rows["tiered"]["kv"] == "tiers"
     assert rows["tiered"]["captures"] >= 1 and rows["session"]["ttft_seconds"] > 0
+    # prefilled layer by layer: the GPU's idle time between layers, from the events
+    assert rows["tiered"]["prefill_layers_ms"] > 0
+    assert rows["tiered"]["prefill_between_layers_ms"] >= 0
 
 
 def test_bench_selection_and_step_host_on_cuda(tmp_path):

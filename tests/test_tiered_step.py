@@ -356,6 +356,9 @@ def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(tmp_
         assert order == [("compute", 0), ("compute", 1), ("hand over", 0), ("compute", 2),
                          ("hand over", 1), ("compute", 3), ("hand over", 2), ("hand over", 3)]  # fmt: skip
         assert len(made) == 2
+        times = generate.layer_times(cache)  # (the main stream's events around each layer)
+        assert len(cache.prefill_timeline) == 4 and times["layers_ms"] > 0
+        assert times["between_layers_ms"] >= 0
         assert all(cache.policy.indexed[i] for i in (2, 3))
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
         cache.finish_prefill()
