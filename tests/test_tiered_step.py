@@ -314,12 +314,16 @@ def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatc
     assert _greedy(plain, rt.model, want, 12) == _greedy(layered, rt.model, got, 12)
 
 
-def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_chunks", [None, 16])
+def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(
+    tmp_path, monkeypatch, host_chunks
+):
     """On CUDA (emulated on a CPU, where the race check sees the streams' order), a
     layer-by-layer prefill hands layer i to the store (copies, summaries, index) on a
     side stream after layer i + 1's compute is queued, in two layer buffers that take
     turns (four layers: each buffer is reused after a dense layer's hand-over and after
-    a sparse one's); the logits and the answer are the CPU dense cache's."""
+    a sparse one's); the logits and the answer are the CPU dense cache's. With a host
+    budget of 16 chunks for 50, the hand-overs spill the earlier layers to disk."""
     import offload.generate as generate
     from tests.conftest import make_tiny_hf_model, on_cuda
 
@@ -332,6 +336,9 @@ def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(tmp_
         rt = Runtime.from_pretrained(tmp_path, dtype="float32", device="cuda", mode="sparse",
                                      sink=4, window=16, dense_layers=2, retrieved=100_000,
                                      candidate_factor=2)  # fmt: skip
+        if host_chunks:
+            cfg = rt.config.replace(host_bytes=host_chunks * rt.layout.chunk_bytes, spill_batch=4)
+            rt = Runtime(rt.loaded, cfg, rt.device)
         cache = rt.new_cache()
         assert cache.layered_prefill
         main = torch.cuda.current_stream()
@@ -343,7 +350,7 @@ def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(tmp_
         real_append = type(cache.layers[0]).append
 
         def append(layer, k, v):
-            assert torch.cuda.current_stream() is not main
+            assert torch.cuda.current_stream() != main  # (CUDA: a new object per call)
             seen.append(("hand over", layer.layer))
             real_append(layer, k, v)
 
@@ -362,6 +369,7 @@ def test_each_layer_is_handed_over_on_a_side_stream_while_the_next_computes(tmp_
         assert all(cache.policy.indexed[i] for i in (2, 3))
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
         cache.finish_prefill()
+        assert (cache.store.spilled_chunks > 0) == bool(host_chunks)
         assert _greedy(cache, rt.model, got, 8) == _greedy(dense, full.model, want, 8)
 
 
