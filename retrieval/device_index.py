@@ -68,24 +68,21 @@ class DeviceClusterIndex:
         Between two syncs in one epoch of the index (see `ClusterIndex.epoch`) only the
         index's end changes: new tokens, and the clusters from the last segment's first
         on. Only those are copied (a full copy is 40 MB per layer at 128k tokens of the
-        8B shape, every `index_refresh` tokens of a decode)."""
+        8B shape, every `index_refresh` tokens of a decode), after a growth too."""
         H, D, dev = self.H, self.D, self.device
         NC, T_idx = index.centroids.shape[1], index.indexed_tokens
+        c0 = t0 = first_token = 0
+        if self._synced is not None and self._synced[0] == index.epoch:
+            _, t0, c0, first_token = self._synced  # (buffers past them hold what a full sync wrote)
         grown = False
         if NC > self.cluster_capacity:
-            cap = max(NC, int(CLUSTER_GROWTH * self.cluster_capacity))
-            self.centroids = torch.zeros(H, cap, D, device=dev)
-            self.bias = torch.zeros(H, cap, device=dev)
-            self.counts = torch.zeros(H, cap + 1, device=dev)
+            self._grow_clusters(max(NC, int(CLUSTER_GROWTH * self.cluster_capacity)), t0)
             grown = True
         if max(token_capacity, T_idx) > self.token_capacity:
             # (the caller sizes the growth: offload/tiered_step.py grows it by 1.25x)
-            self.assign = torch.zeros(H, max(token_capacity, T_idx), dtype=torch.int32, device=dev)
+            self._grow_tokens(max(token_capacity, T_idx))
             grown = True
         cap = self.cluster_capacity
-        c0 = t0 = first_token = 0
-        if not grown and self._synced is not None and self._synced[0] == index.epoch:
-            _, t0, c0, first_token = self._synced  # (buffers past them hold what a full sync wrote)
         counts = index.counts_from(c0, first_token).float()
         self.centroids[:, c0:NC] = index.centroids[:, c0:].to(dev)
         self.bias[:, c0:NC] = 0
@@ -103,6 +100,29 @@ class DeviceClusterIndex:
         self._synced = (index.epoch, T_idx, *index.last_segment)
         self.tail = tail
         return grown
+
+    # A buffer that grows keeps what the last sync wrote (a copy on the device), so the
+    # sync after a growth copies only the index's end from the host, as any other sync
+    # of the epoch does: a growth during a decode at 128k tokens of the 8B shape then
+    # moves a few MB over PCIe, not the whole index (1.35 GB from pageable memory).
+
+    def _grow_clusters(self, cap: int, t0: int) -> None:
+        H, D, dev, n = self.H, self.D, self.device, self.cluster_capacity
+        centroids, bias, counts = self.centroids, self.bias, self.counts
+        self.centroids = torch.zeros(H, cap, D, device=dev)
+        self.bias = torch.full((H, cap), float("-inf"), device=dev)
+        self.counts = torch.zeros(H, cap + 1, device=dev)
+        self.centroids[:, :n] = centroids
+        self.bias[:, :n] = bias
+        self.counts[:, :n] = counts[:, :n]
+        self.assign[:, t0:] = cap  # tokens not indexed yet: the extra cluster, now `cap`
+
+    def _grow_tokens(self, cap: int) -> None:
+        assign = self.assign
+        self.assign = torch.full(
+            (self.H, cap), self.cluster_capacity, dtype=torch.int32, device=self.device
+        )
+        self.assign[:, : assign.shape[1]] = assign
 
     def candidate_count(self, k: int) -> int:
         """N: enough candidate slots for every head (see `select`), padded."""

@@ -110,6 +110,43 @@ def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, m
     assert loaded._state.cache.step.plan.steps > 0
 
 
+def test_a_loaded_sessions_index_is_on_the_device_before_the_first_question(
+    tiny, tmp_path, monkeypatch
+):
+    """Where the fixed-shape steps run (CUDA; here on the CPU, eagerly), the load copies
+    each sparse layer's index to the steps' device copy, so the first question's syncs
+    copy only what it adds (none starts over), and it answers as before."""
+    from retrieval.device_index import DeviceClusterIndex
+
+    rt = doc_runtime(tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache")
+    want = rt.ask("seven stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "s")
+    if DEVICE.type == "cpu":  # (CUDA's backend is so already)
+        remote = Backend(DEVICE, fixed_shape=True, remote_host=True)
+        monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
+        monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    plan = loaded._state.cache.step.plan
+    selectors = loaded._state.cache.policy.selectors
+    assert plan.sparse and all(
+        plan._synced[i] == selectors[i].indexed_tokens > 0 for i in plan.sparse
+    )
+    for i in plan.sparse:
+        NC = selectors[i].centroids.shape[1]
+        assert plan.indexes[i].centroids[:, :NC].cpu().equal(selectors[i].centroids)
+    syncs = []
+    real = DeviceClusterIndex.sync
+
+    def sync(self, index, *a):
+        syncs.append(self._synced is not None and self._synced[0] == index.epoch)
+        return real(self, index, *a)
+
+    monkeypatch.setattr(DeviceClusterIndex, "sync", sync)
+    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert syncs and all(syncs)  # each one within the loaded index's epoch: its end only
+    loaded.close()
+
+
 def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path, monkeypatch):
     """A question reads some chunks of a file between the warmer's read of that file and
     its put: they are skipped, and every layer is still read in whole, in slot order."""
