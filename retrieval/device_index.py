@@ -69,7 +69,7 @@ class DeviceClusterIndex:
         index's end changes: new tokens, and the clusters from the last segment's first
         on. Only those are copied (a full copy is 40 MB per layer at 128k tokens of the
         8B shape, every `index_refresh` tokens of a decode), after a growth too."""
-        H, D, dev = self.H, self.D, self.device
+        dev = self.device
         NC, T_idx = index.centroids.shape[1], index.indexed_tokens
         c0 = t0 = first_token = 0
         if self._synced is not None and self._synced[0] == index.epoch:
