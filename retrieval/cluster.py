@@ -70,7 +70,9 @@ class ClusterIndex:
     def reset(self) -> None:
         # Changes other than growth (tokens appended to the end, clusters from
         # `_unit_offset` on) make a new epoch: a mirror of the index copies it whole again.
-        self.epoch = next(_EPOCHS)
+        # Within one, `cuts` lists the truncations (tokens kept) that cut the last segment
+        # only: a mirror copies the tokens from the lowest new one on.
+        self.epoch, self.cuts = next(_EPOCHS), []
         self.centroids = torch.empty(self.H, 0, self.D)  # [H, NC, D] member means
         self._unit = torch.empty(self.H, 0, self.D)  # [H, NC', D] k-means centroids (last segment)
         self._unit_offset = 0  # global id of the last segment's first cluster
@@ -199,11 +201,14 @@ class ClusterIndex:
             self.reset()
             return
         # Centroids keep their (slightly stale) means; membership is cut exactly.
-        self.epoch = next(_EPOCHS)
         self.assign = self.assign[:, :num_tokens]
+        self._counts_cache = None
+        if self.segments[-1] < num_tokens:  # the last segment's members only (its
+            self.cuts.append(num_tokens)  # clusters change as when tokens join it)
+            return
+        self.epoch, self.cuts = next(_EPOCHS), []
         while self.segments and self.segments[-1] >= num_tokens:
             self.segments.pop()
-        self._counts_cache = None
 
     # -- persistence (sessions) ----------------------------------------------------
 
@@ -245,7 +250,7 @@ class ClusterIndex:
         self._sums, self._counts = sums, counts
         self.segments, self._unit_offset = list(segments), offset
         self._counts_cache = None
-        self.epoch = next(_EPOCHS)
+        self.epoch, self.cuts = next(_EPOCHS), []
 
     # -- selecting ---------------------------------------------------------------
 

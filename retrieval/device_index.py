@@ -48,8 +48,8 @@ class DeviceClusterIndex:
         self.assign = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
         self.max_count = 0  # the largest cluster (bounds the candidates)
         self.tail = 0  # tokens of [indexed, hi) at most (always candidates)
-        # (epoch, tokens, first cluster and its segment's first token) at the last sync
-        self._synced: tuple[int, int, int, int] | None = None
+        # (epoch, tokens, first cluster and its segment's first token, cuts) at the last sync
+        self._synced: tuple[int, int, int, int, int] | None = None
 
     @property
     def token_capacity(self) -> int:
@@ -66,14 +66,18 @@ class DeviceClusterIndex:
         reallocated (a captured step must then be captured again).
 
         Between two syncs in one epoch of the index (see `ClusterIndex.epoch`) only the
-        index's end changes: new tokens, and the clusters from the last segment's first
-        on. Only those are copied (a full copy is 40 MB per layer at 128k tokens of the
+        index's end changes: new tokens or tokens cut from the last segment
+        (`ClusterIndex.cuts`), and the clusters from the last segment's first on. Only
+        those are copied (a full copy is 40 MB per layer at 128k tokens of the
         8B shape, every `index_refresh` tokens of a decode), after a growth too."""
         dev = self.device
         NC, T_idx = index.centroids.shape[1], index.indexed_tokens
         c0 = t0 = first_token = 0
+        cuts = []
         if self._synced is not None and self._synced[0] == index.epoch:
-            _, t0, c0, first_token = self._synced  # (buffers past them hold what a full sync wrote)
+            _, t0, c0, first_token, seen = self._synced  # (buffers past them hold what a
+            cuts = index.cuts[seen:]  # full sync wrote, but for the tokens cut since)
+            t0 = min([t0, *cuts])
         grown = False
         if NC > self.cluster_capacity:
             self._grow_clusters(max(NC, int(CLUSTER_GROWTH * self.cluster_capacity)), t0)
@@ -93,11 +97,11 @@ class DeviceClusterIndex:
             self.bias[:, NC:] = float("-inf")
             self.counts[:, NC:] = 0
             self.max_count = 0
-        if not t0:
+        if not t0 or cuts:
             self.assign[:, T_idx:] = cap  # not indexed yet: the extra, always-taken cluster
         # (clusters before c0 have not changed, and no count has gone down this epoch)
         self.max_count = max(self.max_count, int(counts.max()) if counts.numel() else 0)
-        self._synced = (index.epoch, T_idx, *index.last_segment)
+        self._synced = (index.epoch, T_idx, *index.last_segment, len(index.cuts))
         self.tail = tail
         return grown
 

@@ -315,17 +315,18 @@ def test_torch_kmeans_clusters_as_well_as_faiss():
 
 
 def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
-    """Within an epoch of the index, a sync copies only the new tokens and the clusters
-    of the last segment on, also when a buffer grows (it keeps its contents); a cut (and
-    a loaded state) starts a new epoch and a full copy. After each change, the mirror
-    holds what a fresh full sync gives."""
+    """Within an epoch of the index, a sync copies only the new tokens (or those from a
+    cut within the last segment on) and the clusters of the last segment on, also when a
+    buffer grows (it keeps its contents); a cut before the last segment (and a loaded
+    state) starts a new epoch and a full copy. After each change, the mirror holds what a
+    fresh full sync gives."""
     keys, q, view = synthetic_layer(T=4096, seed=7)
     index = ClusterIndex(3, 64, refresh=64, segment=1024)
     dev = DeviceClusterIndex(3, 64, 8, DEVICE)
     copied = []
     real_to = torch.Tensor.to
     other = synthetic_layer(T=4096, seed=8)[0]
-    growths = 0
+    growths, incremental = 0, []
     for upto, cut in ((1536, None), (1600, None), (2048, None), (2304, 1800), (2560, None),
                       (2496, 2200), (3072, 700), (4096, None)):  # fmt: skip
         if cut is not None:  # (new keys after the cut: new assignments for old positions)
@@ -333,7 +334,7 @@ def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
             keys = torch.cat([keys[:, :cut], other[:, cut:]], dim=1)
         index.update(view_of(keys, upto))
         T, NC = index.indexed_tokens, index.centroids.shape[1]
-        synced = dev._synced  # (epoch, tokens, first cluster of the last segment, ...)
+        synced = dev._synced  # (epoch, tokens, first cluster of the last segment, _, cuts)
         copied.clear()
         with pytest.MonkeyPatch.context() as m:
             m.setattr(
@@ -345,9 +346,11 @@ def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
         growths += grown
         fresh = DeviceClusterIndex(3, 64, 8, DEVICE)
         fresh.sync(index, upto + 64, 0)
-        if cut is None and synced is not None:  # the end only: centroids and counts
-            _, t0, c0, _ = synced  # from the last segment's first cluster, tokens from t0
+        if synced is not None and synced[0] == index.epoch:  # the end only: centroids and
+            epoch, t0, c0, _, seen = synced  # counts from the last segment's first cluster,
+            t0 = min([t0, *index.cuts[seen:]])  # tokens from the last sync's end or a cut
             assert sum(copied) == 3 * ((NC - c0) * (64 + 1) + T - t0), upto
+            incremental.append(cut)
         assert torch.equal(dev.centroids[:, :NC], fresh.centroids[:, :NC])
         assert torch.equal(dev.counts[:, :NC], fresh.counts[:, :NC])
         assert torch.equal(dev.assign[:, :T], fresh.assign[:, :T])
@@ -360,6 +363,7 @@ def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
         want = fresh.select(q.to(DEVICE), s, lo, hi, k, fresh.candidate_count(k))
         assert torch.equal(torch.sort(got).values, torch.sort(want).values), upto
     assert growths >= 4  # (the token map grew at most steps, the centroids at some)
+    assert incremental.count(None) == 4 and {1800, 2200} <= set(incremental)  # (not 700)
 
 
 @pytest.mark.parametrize("B,m,nc,D", [(2, 300, 100, 64), (3, 64, 64, 128), (1, 70, 5, 16)])

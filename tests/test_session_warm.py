@@ -29,6 +29,26 @@ def _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt):
     return loaded, loaded._state.cache.store
 
 
+QUESTIONS = (("seven stones", 6), ("green river", 6))
+
+
+def _loaded_as_on_cuda(tiny, tmp_path, monkeypatch, questions=QUESTIONS[:1], **overrides):
+    """A document session at full retrieval budget, saved, and loaded into a runtime that
+    drives the tiered store as CUDA does (host memory is not the device's; steps run
+    fixed-shape; on the CPU, eagerly): that runtime, and the saver's answers to
+    `questions` ((text, max_new_tokens) each, asked in turn after the save)."""
+    rt = doc_runtime(
+        tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache", **overrides
+    )
+    rt.save_session(tmp_path / "s")
+    want = [rt.ask(q, max_new_tokens=n) for q, n in questions]
+    if DEVICE.type == "cpu":  # (CUDA's backend is so already)
+        remote = Backend(DEVICE, fixed_shape=True, remote_host=True)
+        monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
+        monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
+    return Runtime.load_session(tmp_path / "s", model=tiny, **overrides), want
+
+
 def test_a_loaded_session_is_read_in_while_the_user_asks(tiny, tmp_path):
     rt = doc_runtime(tiny, filler_text(60, seed=1))
     want = rt.ask("seven stones", max_new_tokens=6)
@@ -97,16 +117,9 @@ def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, m
     CPU, eagerly): once the warmer has read every layer in, in slot order, the decode
     steps of a loaded session take the fixed-shape path, and at full budget answer as
     the runtime that saved it."""
-    rt = doc_runtime(tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache")
-    want = rt.ask("seven stones", max_new_tokens=6)
-    rt.save_session(tmp_path / "s")
-    if DEVICE.type == "cpu":  # (CUDA's backend is so already)
-        remote = Backend(DEVICE, fixed_shape=True, remote_host=True)
-        monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
-        monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
-    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    loaded, want = _loaded_as_on_cuda(tiny, tmp_path, monkeypatch)
     loaded._state.cache.store.warm().wait()
-    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert [loaded.ask("seven stones", max_new_tokens=6)] == want
     assert loaded._state.cache.step.plan.steps > 0
 
 
@@ -114,18 +127,14 @@ def test_a_loaded_sessions_index_is_on_the_device_before_the_first_question(
     tiny, tmp_path, monkeypatch
 ):
     """Where the fixed-shape steps run (CUDA; here on the CPU, eagerly), the load copies
-    each sparse layer's index to the steps' device copy, so the first question's syncs
-    copy only what it adds (none starts over), and it answers as before."""
+    each sparse layer's index to the steps' device copy, so the questions' syncs copy
+    only what they add (none starts over): also the second question's, though it cuts
+    the first's indexed question and answer away. They answer as before."""
     from retrieval.device_index import DeviceClusterIndex
 
-    rt = doc_runtime(tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache")
-    want = rt.ask("seven stones", max_new_tokens=6)
-    rt.save_session(tmp_path / "s")
-    if DEVICE.type == "cpu":  # (CUDA's backend is so already)
-        remote = Backend(DEVICE, fixed_shape=True, remote_host=True)
-        monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
-        monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
-    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    C = tiny.layout.chunk_size  # (the first answer joins the index)
+    questions = (("seven stones", 3 * C), QUESTIONS[1])
+    loaded, want = _loaded_as_on_cuda(tiny, tmp_path, monkeypatch, questions, index_refresh=C)
     plan = loaded._state.cache.step.plan
     selectors = loaded._state.cache.policy.selectors
     assert plan.sparse and all(
@@ -142,8 +151,9 @@ def test_a_loaded_sessions_index_is_on_the_device_before_the_first_question(
         return real(self, index, *a)
 
     monkeypatch.setattr(DeviceClusterIndex, "sync", sync)
-    assert loaded.ask("seven stones", max_new_tokens=6) == want
+    assert [loaded.ask(q, max_new_tokens=n) for q, n in questions] == want
     assert syncs and all(syncs)  # each one within the loaded index's epoch: its end only
+    assert all(selectors[i].cuts for i in plan.sparse)  # (the second question cut the index)
     loaded.close()
 
 
