@@ -76,6 +76,9 @@ class ClusterIndex:
         self.centroids = torch.empty(self.H, 0, self.D)  # [H, NC, D] member means
         self._unit = torch.empty(self.H, 0, self.D)  # [H, NC', D] k-means centroids (last segment)
         self._unit_offset = 0  # global id of the last segment's first cluster
+        # where that segment starts: the tokens from here on are all members of clusters
+        # `_unit_offset` on (a truncation keeps both: later tokens still join `_unit`)
+        self._unit_start = 0
         self.segments: list[int] = []  # start token of each segment
         self.assign = torch.empty(self.H, 0, dtype=torch.long)  # [H, T_idx] cluster of each token
         self._sums = torch.zeros(self.H, 0, self.D)  # running member sums and counts per cluster
@@ -134,6 +137,7 @@ class ClusterIndex:
             self.segments += [a + j * n for j in range(g)]
             self._unit = unit.cpu()[:, -nc:]  # the last segment's (new tokens join it)
             self._unit_offset = base + (g - 1) * nc
+            self._unit_start = self.segments[-1]
             base += g * nc
             i += g
             if progress is not None:
@@ -203,12 +207,12 @@ class ClusterIndex:
         # Centroids keep their (slightly stale) means; membership is cut exactly.
         self.assign = self.assign[:, :num_tokens]
         self._counts_cache = None
-        if self.segments[-1] < num_tokens:  # the last segment's members only (its
-            self.cuts.append(num_tokens)  # clusters change as when tokens join it)
-            return
-        self.epoch, self.cuts = next(_EPOCHS), []
         while self.segments and self.segments[-1] >= num_tokens:
             self.segments.pop()
+        if num_tokens >= self._unit_start:  # only members of clusters `_unit_offset` on are
+            self.cuts.append(num_tokens)  # cut: they change as when tokens join them
+        else:
+            self.epoch, self.cuts = next(_EPOCHS), []
 
     # -- persistence (sessions) ----------------------------------------------------
 
@@ -249,6 +253,7 @@ class ClusterIndex:
         self.centroids, self._unit, self.assign = c, unit, assign
         self._sums, self._counts = sums, counts
         self.segments, self._unit_offset = list(segments), offset
+        self._unit_start = T  # (where the saved `unit`'s segment starts is not saved)
         self._counts_cache = None
         self.epoch, self.cuts = next(_EPOCHS), []
 
