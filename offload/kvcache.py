@@ -325,6 +325,13 @@ class KVCache:
         if self.policy is not None:
             self.policy.build_index(self.store, self.num_tokens, progress)
 
+    def preload_index(self) -> None:
+        """Copy the selection index to the device now, where the fixed-shape steps select
+        with it (`TieredPlan.preload`): a document just read or a session just loaded,
+        which the user is about to ask about, so the first question does not wait for it."""
+        if self.store is not None and self.step is not None:
+            self.step.plan.preload(self.num_tokens)
+
     def tier_bytes(self) -> dict[str, int]:
         if self.store is not None:
             return self.store.tier_bytes()

@@ -333,6 +333,7 @@ class Runtime:
                 )
             prefill_s = time.perf_counter() - t
             self._state.cache.finish_prefill(progress)
+            self._state.cache.preload_index()
         except BaseException as e:
             self.document = None
             _dropped(self._state, e, "reading the document")

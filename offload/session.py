@@ -141,8 +141,7 @@ def load_state(
         device_cache.close()
     if rt._state.cache is cache:  # the KV stays in the tiers: read it in while the user asks
         cache.store.warm()
-        if cache.step is not None:  # (the fixed-shape steps' device copy of the index)
-            cache.step.plan.preload(num_tokens)
+        cache.preload_index()
     rt._state.ids = list(session.token_ids)
     # How the saved KV was computed is not recorded: any prefix of it may be reused.
     rt._state.computed(0, len(rt._state.ids), 1)

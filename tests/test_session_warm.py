@@ -32,20 +32,24 @@ def _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt):
 QUESTIONS = (("seven stones", 6), ("green river", 6))
 
 
-def _loaded_as_on_cuda(tiny, tmp_path, monkeypatch, questions=QUESTIONS[:1], **overrides):
-    """A document session at full retrieval budget, saved, and loaded into a runtime that
-    drives the tiered store as CUDA does (host memory is not the device's; steps run
-    fixed-shape; on the CPU, eagerly): that runtime, and the saver's answers to
-    `questions` ((text, max_new_tokens) each, asked in turn after the save)."""
-    rt = doc_runtime(
-        tiny, filler_text(60, seed=1), retrieved=100_000, prefetch="cache", **overrides
-    )
+def _loaded_as_on_cuda(
+    tiny, tmp_path, monkeypatch, questions=QUESTIONS[:1], session=True, **overrides
+):
+    """A document at full retrieval budget, saved, and loaded (or with `session` False,
+    read again) by a runtime that drives the tiered store as CUDA does (host memory is
+    not the device's; steps run fixed-shape; on the CPU, eagerly): that runtime, and the
+    saver's answers to `questions` ((text, max_new_tokens) each, asked in turn after
+    the save)."""
+    config = dict(retrieved=100_000, prefetch="cache", **overrides)
+    rt = doc_runtime(tiny, filler_text(60, seed=1), **config)
     rt.save_session(tmp_path / "s")
     want = [rt.ask(q, max_new_tokens=n) for q, n in questions]
     if DEVICE.type == "cpu":  # (CUDA's backend is so already)
         remote = Backend(DEVICE, fixed_shape=True, remote_host=True)
         monkeypatch.setattr(Backend, "for_device", classmethod(lambda cls, *a, **kw: remote))
         monkeypatch.setattr(TieredStore, "in_place", lambda self, layer: False)
+    if not session:
+        return doc_runtime(tiny, filler_text(60, seed=1), **config), want
     return Runtime.load_session(tmp_path / "s", model=tiny, **overrides), want
 
 
@@ -123,18 +127,22 @@ def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, m
     assert loaded._state.cache.step.plan.steps > 0
 
 
-def test_a_loaded_sessions_index_is_on_the_device_before_the_first_question(
-    tiny, tmp_path, monkeypatch
+@pytest.mark.parametrize("session", [True, False], ids=["session", "document"])
+def test_a_documents_index_is_on_the_device_before_the_first_question(
+    tiny, tmp_path, monkeypatch, session
 ):
-    """Where the fixed-shape steps run (CUDA; here on the CPU, eagerly), the load copies
-    each sparse layer's index to the steps' device copy, so the questions' syncs copy
-    only what they add (none starts over): also the second question's, though it cuts
-    the first's indexed question and answer away. They answer as before."""
+    """Where the fixed-shape steps run (CUDA; here on the CPU, eagerly), a session's load
+    and a document's read copy each sparse layer's index to the steps' device copy, so
+    the questions' syncs copy only what they add (none starts over): also the second
+    question's, though it cuts the first's indexed question and answer away. They
+    answer as before."""
     from retrieval.device_index import DeviceClusterIndex
 
     C = tiny.layout.chunk_size  # (the first answer joins the index)
     questions = (("seven stones", 3 * C), QUESTIONS[1])
-    loaded, want = _loaded_as_on_cuda(tiny, tmp_path, monkeypatch, questions, index_refresh=C)
+    loaded, want = _loaded_as_on_cuda(
+        tiny, tmp_path, monkeypatch, questions, session, index_refresh=C
+    )
     plan = loaded._state.cache.step.plan
     selectors = loaded._state.cache.policy.selectors
     assert plan.sparse and all(
