@@ -91,6 +91,7 @@ class TieredPlan:
             for n, i in enumerate(self.sparse)
         } if hit_factor else {}  # fmt: skip
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
+        self._summary_room = 0  # chunks every sparse layer's summaries hold, at least
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._key: tuple | None = None  # what the layers were last handed for
         self.layers = [
@@ -131,6 +132,7 @@ class TieredPlan:
             self.cache.layers[i].mirror_kv().reserve(T, self.max_tokens)
         for i in self.sparse:  # (a reallocation shows in the addresses below)
             self.device_index(i, T)
+        self._reserve_summaries(T)
         self.num_candidates = max(self.indexes[i].candidate_count(self.k) for i in self.sparse)
         slots = max(2 * self.k, math.ceil((self.hit_factor or 0) * self.k))
         for i, hc in self.hit_caches.items():
@@ -140,6 +142,19 @@ class TieredPlan:
             self._refresh_layers()
             self._key = key
         return key
+
+    def _reserve_summaries(self, T: int) -> None:
+        """Room in the sparse layers' summaries for the chunks the next flush appends,
+        made before the step: a prefill or a load sizes them exactly, and their growth
+        then comes with the first step's capture instead of a capture of its own at the
+        first flush (inside the first hundred tokens of an answer)."""
+        need = T // self.layout.chunk_size + FLUSH_CHUNKS
+        if need <= self._summary_room:
+            return
+        with self.store.lock:
+            for i in self.sparse:  # (with an eighth more, up to the model's window)
+                self.store.dev[i].reserve_chunks(self.store.dev[i].room_for(need))
+            self._summary_room = min(self.store.dev[i].chunk_capacity for i in self.sparse)
 
     def _addresses(self) -> tuple:
         """Every buffer address a captured step reads: it is captured again when one moves."""
@@ -162,9 +177,10 @@ class TieredPlan:
         index, dev = self.policy.selectors[layer], self.indexes[layer]
         if self._synced[layer] != index.indexed_tokens or dev.token_capacity < num_tokens:
             C = self.layout.chunk_size
-            cap = dev.token_capacity  # grown only when short (a growth means a new capture)
-            if cap < num_tokens:
-                cap = max(num_tokens + C, int(cap * TOKEN_GROWTH))
+            cap = dev.token_capacity  # grown only when short (a growth means a new capture),
+            if cap < num_tokens:  # the first time too (a prefill or load sized it exactly:
+                # the next chunk's tokens would make the steps capture again at once)
+                cap = max(num_tokens + C, int(max(cap, num_tokens) * TOKEN_GROWTH))
             tail = self.sel.index_refresh + 2 * C  # tokens between the index end and hi
             dev.sync(index, min(cap, self.max_tokens), tail)
             self._synced[layer] = index.indexed_tokens

@@ -162,6 +162,12 @@ class DeviceTier:
     def num_chunks(self) -> int:
         return self.scale.length
 
+    @property
+    def chunk_capacity(self) -> int:
+        """Chunks the summaries hold before they grow (and move)."""
+        C = self.layout.chunk_size
+        return min(self.scale.data.shape[1], self.codes.data.shape[1] // C)
+
     def truncate_chunks(self, n: int) -> None:
         C = self.layout.chunk_size
         self.codes.truncate(n * C)

@@ -393,3 +393,22 @@ def test_a_prompt_of_many_chunks_reserves_each_layers_slab_once(tiny_dirs, monke
     for layer in range(rt.args.num_layers):
         assert store.host[layer].slab.shape[2] >= store.layout.num_chunks(100)
         assert store.read_range(layer, 0, 140).shape[2] == 140
+
+
+def test_after_a_layer_by_layer_prefill_the_steps_buffers_keep_their_addresses(tiny_dirs):
+    """A layer-by-layer prefill sizes the summaries, the device index and the dense
+    mirrors exactly; the first step makes their room, so the steps after it keep every
+    address (on CUDA: one capture, replayed) past the first flush and the device index's
+    first growth, which each moved a buffer before."""
+    from offload.generate import prefill_by_layer
+
+    rt, _, stepped = _tiered_pair(tiny_dirs, retrieved=100_000)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    token = int(prefill_by_layer(rt.model, stepped, ids, 64).argmax())
+    stepped.finish_prefill()
+    plan, keys = stepped.step.plan, []
+    real = plan.prepare
+    plan.prepare = lambda n: keys.append(real(n)) or keys[-1]
+    for _ in range(18):  # (the mirrors, grown by an eighth at the first step, hold 168)
+        token = int(stepped.decode(rt.model, token).argmax())
+    assert plan.steps == 18 and len(set(keys)) == 1
