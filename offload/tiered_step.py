@@ -187,10 +187,10 @@ class TieredPlan:
         return dev
 
     def preload(self, num_tokens: int) -> None:
-        """Copy each sparse layer's index to the device now (a session just loaded), where
-        the steps and a question's chunks will select with it: the first question then
-        copies only what it adds to the index, not the whole of it (1.35 GB from pageable
-        memory at 128k tokens of the 8B shape)."""
+        """Copy each sparse layer's index to the device now (a session just loaded, a
+        document just read), where the steps and a question's chunks will select with
+        it: the first question then copies only what it adds to the index, not the whole
+        of it (1.35 GB from pageable memory at 128k tokens of the 8B shape)."""
         for i in self.sparse:
             index = self.policy.selectors[i]
             if (

@@ -70,8 +70,8 @@ class ClusterIndex:
     def reset(self) -> None:
         # Changes other than growth (tokens appended to the end, clusters from
         # `_unit_offset` on) make a new epoch: a mirror of the index copies it whole again.
-        # Within one, `cuts` lists the truncations (tokens kept) that cut the last segment
-        # only: a mirror copies the tokens from the lowest new one on.
+        # Within one, `cuts` lists the truncations (tokens kept) that cut only members of
+        # the clusters `_unit_offset` on: a mirror copies the tokens from the lowest new one on.
         self.epoch, self.cuts = next(_EPOCHS), []
         self.centroids = torch.empty(self.H, 0, self.D)  # [H, NC, D] member means
         self._unit = torch.empty(self.H, 0, self.D)  # [H, NC', D] k-means centroids (last segment)

@@ -99,7 +99,8 @@ class DeviceClusterIndex:
             self.max_count = 0
         if not t0 or cuts:
             self.assign[:, T_idx:] = cap  # not indexed yet: the extra, always-taken cluster
-        # (clusters before c0 have not changed, and no count has gone down this epoch)
+        # (clusters before c0 have not changed; `max_count` only rises within an epoch,
+        # a bound even after a cut)
         self.max_count = max(self.max_count, int(counts.max()) if counts.numel() else 0)
         self._synced = (index.epoch, T_idx, *index.last_segment, len(index.cuts))
         self.tail = tail
