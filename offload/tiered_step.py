@@ -149,6 +149,9 @@ class TieredPlan:
         then comes with the first step's capture instead of a capture of its own at the
         first flush (inside the first hundred tokens of an answer)."""
         need = T // self.layout.chunk_size + FLUSH_CHUNKS
+        most = self.store.dev[0].max_chunks  # (the model's window: no room past it)
+        if most is not None:
+            need = min(need, most)
         if need <= self._summary_room:
             return
         with self.store.lock:
