@@ -137,6 +137,9 @@ class Emulator:
         self.allocated = self.peak = 0  # bytes of device memory, now and at most
         self.live: dict[int, int] = {}  # a device storage's C address -> its bytes
         self.lock = threading.Lock()
+        # `pinned` is read and written from several threads (a pinning thread, the
+        # finalizers a collection runs: reentrant, since one may run inside a read)
+        self.pin_lock = threading.RLock()
 
     # -- device memory --------------------------------------------------------------------
     def allocate(self, elem: torch.Tensor) -> None:
@@ -168,12 +171,14 @@ class Emulator:
     # -- pinned host memory ---------------------------------------------------------------
     def pin(self, t: torch.Tensor) -> torch.Tensor:
         start = t.untyped_storage().data_ptr()
-        self.pinned[start] = start + t.untyped_storage().nbytes()
+        with self.pin_lock:
+            self.pinned[start] = start + t.untyped_storage().nbytes()
         weakref.finalize(t.untyped_storage(), self.unpin, start)
         return t
 
     def unpin(self, start: int) -> None:
-        self.pinned.pop(start, None)
+        with self.pin_lock:
+            self.pinned.pop(start, None)
         if self.races is not None:
             self.races.freed(start, "pinned host memory", device=False)
 
@@ -182,8 +187,13 @@ class Emulator:
             return False
         return self.pinned_at(t.untyped_storage().data_ptr())
 
+    def pinned_spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each piece of pinned host memory, as of now."""
+        with self.pin_lock:
+            return list(self.pinned.items())
+
     def pinned_at(self, ptr: int) -> bool:
-        return any(s <= ptr < e for s, e in list(self.pinned.items()))
+        return any(s <= ptr < e for s, e in self.pinned_spans())
 
     # -- synchronisation and capture --------------------------------------------------------
     def _capturing(self) -> bool:
@@ -241,7 +251,7 @@ class Emulator:
                 f"{func}: tensors on cuda:0 and cpu (shapes "
                 f"{[tuple(t.shape) for t in host]} on the CPU)\n{_frames()}")  # fmt: skip
         self._check_sync(name, args, kwargs, cuda_in, to_cuda)
-        check_registrations(self.pinned, name, tensors, to_cuda)
+        check_registrations(self.pinned_spans, name, tensors, to_cuda)
         un_args, un_kwargs = tree_map(_unwrap, args), tree_map(_unwrap, kwargs)
         out = func(*un_args, **un_kwargs)
         # device="cpu" said: a copy to the host, a new host tensor (`new_empty`)

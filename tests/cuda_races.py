@@ -358,27 +358,29 @@ def aten_touches(func, args, kwargs, out) -> list[tuple] | None:
 MEMCPY = {"copy_", "_to_copy", "clone"}
 
 
-def registrations(pinned: dict, start: int, end: int) -> list[tuple[int, int]]:
-    """The (start, end) of each registration in `pinned` that [start, end) overlaps."""
-    return [(s, e) for s, e in list(pinned.items()) if s < end and start < e]
+def registrations(spans: list, start: int, end: int) -> list[tuple[int, int]]:
+    """The (start, end) of each registration in `spans` that [start, end) overlaps."""
+    return [(s, e) for s, e in spans if s < end and start < e]
 
 
-def check_registrations(pinned: dict, name: str, tensors: list, to_device: bool) -> None:
+def check_registrations(pinned_spans, name: str, tensors: list, to_device: bool) -> None:
     """A copy between the device and pinned host memory (or through a device view of it)
     that CUDA would run as one memcpy must lie within one registration: the driver refuses
     a transfer over memory registered in part, and does not promise one over two
-    registrations (storage/pinning.py). Raises where one would cross an edge."""
+    registrations (storage/pinning.py). Raises where one would cross an edge.
+    (`pinned_spans()`: the registrations now, asked only for such a copy.)"""
     if name not in MEMCPY:
         return
     if not (to_device or any(hasattr(t, "elem") for t in tensors)):  # (`OnCuda`: a twin)
         return
+    spans = pinned_spans()
     for t in tensors:
         elem = getattr(t, "elem", t)
         if not elem.is_contiguous() or not elem.numel():
             continue
         start = elem.data_ptr()
         end = start + elem.numel() * elem.element_size()
-        inside = registrations(pinned, start, end)
+        inside = registrations(spans, start, end)
         if inside and not any(s <= start and end <= e for s, e in inside):
             raise RuntimeError(
                 f"{name}: one memcpy over {end - start:,} bytes of pinned host memory that "

@@ -128,9 +128,10 @@ class _Cudart:
 
     def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
         first, end = ptr - ptr % PAGE, -(-(ptr + nbytes) // PAGE) * PAGE
-        if registrations(self.emu.pinned, first, end):
-            return ALREADY_REGISTERED
-        self.emu.pinned[ptr] = ptr + nbytes
+        with self.emu.pin_lock:
+            if registrations(self.emu.pinned_spans(), first, end):
+                return ALREADY_REGISTERED
+            self.emu.pinned[ptr] = ptr + nbytes
         return 0
 
     def cudaHostUnregister(self, ptr: int) -> int:
