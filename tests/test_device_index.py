@@ -316,10 +316,10 @@ def test_torch_kmeans_clusters_as_well_as_faiss():
 
 def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
     """Within an epoch of the index, a sync copies only the new tokens (or those from a
-    cut within the last segment on) and the clusters of the last segment on, also when a
-    buffer grows (it keeps its contents); a cut before the last segment (and a loaded
-    state) starts a new epoch and a full copy. After each change, the mirror holds what a
-    fresh full sync gives."""
+    cut on, where it cut only members of the last k-means segment's clusters) and the
+    clusters of the last segment on, also when a buffer grows (it keeps its contents); a
+    deeper cut (and a loaded state) starts a new epoch and a full copy. After each
+    change, the mirror holds what a fresh full sync gives."""
     keys, q, view = synthetic_layer(T=4096, seed=7)
     index = ClusterIndex(3, 64, refresh=64, segment=1024)
     dev = DeviceClusterIndex(3, 64, 8, DEVICE)
@@ -347,7 +347,7 @@ def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
         fresh = DeviceClusterIndex(3, 64, 8, DEVICE)
         fresh.sync(index, upto + 64, 0)
         if synced is not None and synced[0] == index.epoch:  # the end only: centroids and
-            epoch, t0, c0, _, seen = synced  # counts from the last segment's first cluster,
+            _, t0, c0, _, seen = synced  # counts from the last segment's first cluster,
             t0 = min([t0, *index.cuts[seen:]])  # tokens from the last sync's end or a cut
             assert sum(copied) == 3 * ((NC - c0) * (64 + 1) + T - t0), upto
             incremental.append(cut)
