@@ -181,9 +181,9 @@ class TieredPlan:
         if self._synced[layer] != index.indexed_tokens or dev.token_capacity < num_tokens:
             C = self.layout.chunk_size
             cap = dev.token_capacity  # grown only when short (a growth means a new capture),
-            if cap < num_tokens:  # the first time too (a prefill or load sized it exactly:
-                # the next chunk's tokens would make the steps capture again at once)
-                cap = max(num_tokens + C, int(max(cap, num_tokens) * TOKEN_GROWTH))
+            if cap < num_tokens:  # by a quarter over what is asked, the first time too (a
+                # prefill or load sized it exactly: the next chunk would make it grow again)
+                cap = max(num_tokens + C, int(num_tokens * TOKEN_GROWTH))
             tail = self.sel.index_refresh + 2 * C  # tokens between the index end and hi
             dev.sync(index, min(cap, self.max_tokens), tail)
             self._synced[layer] = index.indexed_tokens
