@@ -117,7 +117,10 @@ class DecodeStep:
         return self.model.forward_at(self.plan.token, self.plan.pos, self.plan.layers, self._block)
 
     def _capture(self, key) -> None:
-        self._graph = None  # its memory returns to the pool before the new capture
+        # The graph captured before stays alive until this one is captured, into the same
+        # pool: what it freed during its capture is the new capture's to reuse, and a pool
+        # whose graphs were all freed while its memory was held (the logits) cannot be
+        # captured into again (torch 2.11 fails an internal assert, seen on an H200).
         device = self.model.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -142,7 +145,7 @@ class DecodeStep:
         self.captures += 1
 
     def close(self) -> None:
-        self._graph = self._logits = self._key = None
+        self._graph = self._logits = self._key = self._pool = None
 
 
 def run_block(block, x, cos, sin, cache_layer) -> torch.Tensor:

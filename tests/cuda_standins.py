@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -52,6 +53,31 @@ class _Graph:
 
     def reset(self) -> None:
         self.nodes = []
+        for pool in _Pool.all:
+            pool.graphs.discard(self)
+
+
+class _Pool:
+    """`torch.cuda.graph_pool_handle()`: the graphs captured into it. On torch 2.11 a
+    capture into a pool whose graphs were all freed while memory of it was still held
+    (a graph's output) fails an internal assert (seen on an H200); the emulator refuses
+    any capture into a pool whose graphs are all gone."""
+
+    all: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self):
+        self.graphs: weakref.WeakSet = weakref.WeakSet()
+        self.used = False
+        _Pool.all.add(self)
+
+    def take(self, graph: _Graph) -> None:
+        if self.used and not self.graphs:
+            raise RuntimeError(
+                "capture into a graph pool whose graphs are all freed (torch 2.11: "
+                "'it->second->use_count > 0 INTERNAL ASSERT FAILED')"
+            )
+        self.used = True
+        self.graphs.add(graph)
 
 
 class _Stream:
@@ -161,6 +187,8 @@ def cuda_module_patches(emu: Emulator) -> dict:
     @contextlib.contextmanager
     def graph(g, pool=None, stream=None, capture_error_mode="global"):
         races.host_waits_all()  # (torch.cuda.graph synchronizes before it captures)
+        if pool is not None:
+            pool.take(g)
         emu.capture, emu.capture_thread, g.emu = g.nodes, threading.get_ident(), emu
         emu.pool = set()
         try:
@@ -188,7 +216,7 @@ def cuda_module_patches(emu: Emulator) -> dict:
         "empty_cache": lambda: None, "synchronize": lambda d=None: races.host_waits_all(),
         "Stream": _Stream, "Event": _Event, "current_stream": current_stream,
         "default_stream": lambda d=None: default, "stream": in_stream,
-        "CUDAGraph": _Graph, "graph": graph, "graph_pool_handle": lambda: object(),
+        "CUDAGraph": _Graph, "graph": graph, "graph_pool_handle": _Pool,
         "cudart": lambda: _Cudart(emu), "set_sync_debug_mode": set_sync_debug_mode,
         "get_sync_debug_mode": lambda: emu.sync_debug,
     }  # fmt: skip
