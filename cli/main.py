@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cli.interrupts import interrupt_flag
 from cli.render import CUT_NOTE, PrefillBar
+from offload import __version__
 from offload.config import DEFAULT_MODEL, human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
@@ -133,7 +134,7 @@ class OneLineErrors(click.Group):
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="offload", prog_name="offload", message="%(prog)s %(version)s")
+@click.version_option(__version__, prog_name="offload", message="%(prog)s %(version)s")
 def main():
     """offload: long-context LLM inference with a tiered KV cache."""
     # SIGTERM exits as Ctrl-C would: finalizers remove this process's spilled KV files

@@ -4,6 +4,8 @@
 (and `offload --help`) starts without importing torch.
 """
 
+__version__ = "0.1.0"
+
 from offload.config import RuntimeConfig
 from offload.errors import (
     ConfigError,

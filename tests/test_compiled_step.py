@@ -24,6 +24,12 @@ def _backend(compile: bool) -> Backend:
                    compile=compile)  # fmt: skip
 
 
+def _compiled_ops(rt) -> None:
+    """The model's layer operations as a runtime with `compile_step` runs them (torch's,
+    which Inductor fuses: the Triton kernels are not traced), for both steps compared."""
+    rt.model.use_ops(_backend(True).layer_ops)
+
+
 def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
@@ -32,6 +38,7 @@ def test_compiled_dense_step_equals_the_step_and_compiles_once(tiny_dirs):
     rt = Runtime.from_pretrained(
         tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
     )
+    _compiled_ops(rt)
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 3)
     plain, compiled = rt.new_cache(), rt.new_cache()
     plain.use_step(rt.model, _backend(False))
@@ -51,6 +58,7 @@ def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_f
     (as torch operators) inside the compiled graph. Both layers sparse: they share one
     compile."""
     rt, plain, compiled = _tiered_pair(tiny_dirs, hit_factor, index_refresh=16, dense_layers=0)
+    _compiled_ops(rt)
     for cache, compile in ((plain, False), (compiled, True)):
         cache.mirror_dense_layers(DEVICE)
         cache.use_step(rt.model, _backend(compile), hit_factor)
