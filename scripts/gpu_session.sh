@@ -3,14 +3,19 @@
 # the GPU benchmark in its short form, in two parts that fit the two device calls a
 # session makes anyway (the embedded model's halves travel in separate calls). Results go
 # to $OUT (the device tool's folder) or results/gpu. On an offline machine prepared with
-# ../shared/gpu/prepare-carry.sh, start each command with `source .dev/setup.sh;`.
+# ../shared/gpu/prepare-carry.sh and scripts/gpu_wheels.sh, start each command with
+# `source .dev/setup.sh;`.
 #
-#   bash scripts/gpu_session.sh 1   # carry .dev/model-a: the suite's files that do not
-#                                   # load the embedded model, then the 8B-shaped model's
-#                                   # decode and prefill rows (about 230 s)
-#   bash scripts/gpu_session.sh 2   # carry .dev/model-b within 30 s: the embedded model's
-#                                   # test files, its rows, the sessions, the probes (450 s)
-#   bash scripts/gpu_session.sh     # both, on a machine that has the model already
+#   bash scripts/gpu_session.sh 1   # carry .dev/setup.sh .dev/whl .dev/model-a: the
+#                                   # suite's files that need neither the embedded model
+#                                   # nor the project's wheels the GPU image lacks, then
+#                                   # the 8B-shaped model's decode and prefill rows and
+#                                   # the tokens-kept kernel's launch settings (290 s)
+#   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
+#                                   # 30 s: the other files, the embedded model's rows,
+#                                   # the sessions, the probes (520 s)
+#   bash scripts/gpu_session.sh     # both, on a machine that has everything already
+#   bash scripts/gpu_session.sh suite2 bench2 ...   # named steps (below)
 #
 # A lent GPU has 15 minutes of device time in all, its start included. Each step has its
 # own time limit and writes its output to the results as it goes, so a step cut short
@@ -22,18 +27,31 @@ set -uo pipefail
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-part=${1:-all}
-# The files that load the embedded model (its fixtures, its file or its tokenizer).
-model_files="test_cli test_config test_decode_step test_embedded test_errors test_kernel_compile
-  test_gpu_scripts test_session_trust test_sessions test_sparse_e2e test_tiered_step"
+case "${1:-all}" in
+  1) steps="info suite1 bench1 sweep" ;;
+  2) steps="suite2 bench2 probes compiled" ;;
+  all) steps="info suite1 bench1 sweep suite2 bench2 probes compiled" ;;
+  *) steps="$*" ;;
+esac
+# The project's wheels that the GPU image lacks (scripts/gpu_wheels.sh), once per machine.
+if [ -d .dev/whl2 ] && [ ! -d /tmp/site/pydantic ]; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .dev/whl2/*.whl
+fi
+# The files that load the embedded model (its fixtures, its file or its tokenizer) or
+# import what needs those wheels (pydantic: sessions; prompt_toolkit: the chat).
+second="test_cli test_config test_cuda_journeys test_decode_step test_device_budget test_embedded
+  test_errors test_fuzz test_generate test_gpu_scripts test_kernel_compile test_pipeline
+  test_session_format test_session_trust test_session_warm test_sessions test_sparse_e2e
+  test_tiered_step"
 
 suite() {  # suite NAME SECONDS FILES...
   local name=$1 seconds=$2
   shift 2
   local workers=()
   python -c "import xdist" 2>/dev/null && workers=(-n 6)
-  OMP_NUM_THREADS=2 timeout -s INT -k 10 "$seconds" python -m pytest -q "${workers[@]}" -p no:cacheprovider -rfEs \
-    --durations=25 "$@" >"$out/pytest-$name.txt" 2>&1
+  OMP_NUM_THREADS=2 timeout -s INT -k 10 "$seconds" python -m pytest -q "${workers[@]}" \
+    -p no:cacheprovider -rfEs --durations=25 "$@" >"$out/pytest-$name.txt" 2>&1
   tail -40 "$out/pytest-$name.txt"
 }
 
@@ -41,31 +59,41 @@ bench() {  # bench NAME SECONDS ARGS...
   local name=$1 seconds=$2
   shift 2
   timeout "$seconds" python scripts/bench_gpu.py --tokens 16 --out "$out/bench-$name.json" \
-    --plot "/tmp/bench-$name.png" "$@" >"$out/bench-$name.txt" 2>&1
-  tail -25 "$out/bench-$name.txt"
+    --plot "/tmp/bench-$name.png" "$@" >"/tmp/bench-$name.txt" 2>&1
+  tail -25 "/tmp/bench-$name.txt"
 }
 
-if [ "$part" != 2 ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$out/gpu.txt"
-  files=()
-  for f in tests/test_*.py; do
-    case " $(echo $model_files) " in *" $(basename "$f" .py) "*) ;; *) files+=("$f") ;; esac
-  done
-  suite 1 100 "${files[@]}"
-  # The targets first: the offloaded preset at 128k (prefilled layer by layer; its 8k row
-  # warms the kernels), the KV on the device at 8k.
-  bench 1 110 --systems offloaded,device --lengths 8192,131072 --fill-above 131072
-fi
-if [ "$part" != 1 ]; then
-  files=()
-  for f in $model_files; do files+=("tests/$f.py"); done
-  suite 2 150 "${files[@]}"
-  bench 2 130 --systems embedded,embedded-torch-ops,session,tiered --lengths 8192 \
-    --session-lengths 8192,131072 --fill-above 131072
-  timeout 30 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
-  timeout 40 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8
-  bench compiled 70 --systems embedded-compiled,device-compiled --lengths 8192
-  timeout 25 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -12
-fi
+for step in $steps; do
+  case $step in
+    info)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+      python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+        | tee -a "$out/gpu.txt" ;;
+    suite1)
+      files=()
+      for f in tests/test_*.py; do
+        case " $(echo $second) " in *" $(basename "$f" .py) "*) ;; *) files+=("$f") ;; esac
+      done
+      suite 1 100 "${files[@]}" ;;
+    suite2)
+      files=()
+      for f in $second; do files+=("tests/$f.py"); done
+      suite 2 170 "${files[@]}" ;;
+    bench1)  # the targets first: the offloaded preset at 128k (prefilled layer by layer;
+      # its 8k row warms the kernels), the KV on the device at 8k
+      bench 1 110 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 ;;
+    bench2)  # the embedded model first (a target), then the sessions (the 128k one last)
+      bench embedded 50 --systems embedded,embedded-torch-ops
+      bench 2 110 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
+        --fill-above 131072 ;;
+    sweep)
+      timeout 60 python scripts/sweep_ranking.py --out "$out/sweep_ranking.json" 2>&1 | tail -25 ;;
+    probes)
+      timeout 30 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
+      timeout 40 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8
+      timeout 25 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -12 ;;
+    compiled)
+      bench compiled 70 --systems embedded-compiled,device-compiled --lengths 8192 ;;
+    *) echo "gpu_session.sh: unknown step $step" >&2 ;;
+  esac
+done
