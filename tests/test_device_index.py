@@ -211,7 +211,7 @@ def test_top_ids_kernel_matches_its_reference(block, monkeypatch):
     candidate), k_valid below k (the rows after the chosen ones: the first candidate),
     k = N, k_valid = 0."""
     monkeypatch.setattr(ranking, "BLOCK_TOP", block)
-    monkeypatch.setattr(ranking, "BLOCK_READ", min(block, 2048))
+    monkeypatch.setattr(ranking, "BLOCK_READ", min(block, ranking.BLOCK_READ))
     g = torch.Generator().manual_seed(4)
     H, N = 4, 100
     weights = torch.rand(H, N, generator=g)

@@ -43,7 +43,9 @@ BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in regis
 BLOCK_TOP = 8192  # weights `top_ids`' holds, past it read a block at a time in each
 # pass (as a step's 16,896 candidates of the 8B shape at 128k are: with Triton 3.6, 16,384
 # in registers spilled, 32,768 spilled 6.7 KB; with 3.9 neither)
-BLOCK_READ = 2048  # values read at a time by the passes that list the tokens kept
+BLOCK_READ = 4096  # values read at a time by the passes that list the tokens kept (on
+# an H200, 8 heads x 16,640 weights: 72 us against 77 at 2048 and 81 for torch's topk and
+# a gather; 8 warps, `head_warps`, were the best at each size: scripts/sweep_ranking.py)
 
 
 def take_clusters_ref(scores, counts, factor: int, k: int, k_valid=None):
