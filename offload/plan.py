@@ -87,6 +87,19 @@ class Plan:
         return [r for r in self.rows if r.tier == "device" and r.what not in NOT_KV]
 
     @property
+    def resident_device_bytes(self) -> int:
+        """Device memory while the whole context's KV stays on the device (mode "full",
+        and "auto" up to `device_kv_tokens`; the rows above are the tiered layout): the
+        weights, the activations reserve, and every layer's KV with the room its buffers
+        grow by (an eighth, `CONTEXT_GROWTH`; never past "auto"'s bound, `device_kv_tokens`,
+        below it, nor past the model's window)."""
+        n = self.context
+        bound = self.device_kv_tokens if n <= self.device_kv_tokens else self.args.max_seq_len
+        held = max(n, min(math.ceil(n * CONTEXT_GROWTH), bound))
+        fixed = sum(r.nbytes for r in self.rows if r.what in NOT_KV)
+        return fixed + held * self.layout.token_bytes
+
+    @property
     def device_kv_tokens(self) -> int:
         """Mode "auto" on CUDA keeps all KV on the device up to this many tokens of
         context, then moves it to the tiers (`Runtime.device_kv_tokens`, same arithmetic)."""

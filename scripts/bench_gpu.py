@@ -169,6 +169,8 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
     # what `offload plan` predicts for this context with this config (decode; the
     # layer-by-layer prefill's peak), beside the measured peak
     p = plan_for_config(rt.args, length, 0, 0, rt.config)
+    # (where the KV stays on the device: the weights, the reserve, the KV and its room)
+    tiered, GiB = cache.store is not None, 2**30
     out = {
         "decode_ms_per_token": ms,
         "warmup_seconds": warmup_s,
@@ -176,12 +178,12 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         "prefill_layers_ms": layers.get("layers_ms"),
         "prefill_between_layers_ms": layers.get("between_layers_ms"),
         "peak_device_gib": peak_gib(),
-        "plan_device_gib": p.tier_total("device") / 2**30,
-        "plan_prefill_peak_gib": p.prefill_peak_bytes / 2**30,
+        "plan_device_gib": (p.tier_total("device") if tiered else p.resident_device_bytes) / GiB,
+        "plan_prefill_peak_gib": p.prefill_peak_bytes / GiB if tiered else None,
         "captures": cache.step.captures if cache.step is not None else 0,
         # the index builds' host time (with the device's work it waits for: the k-means)
         "index_seconds": cache.policy.stats.index_seconds if cache.policy is not None else None,
-        "kv": "device" if cache.store is None else "tiers",
+        "kv": "tiers" if tiered else "device",
         "kv_filled": fill,
         **kernels,
     }

@@ -89,6 +89,10 @@ def _serve() -> None:
                 _running = False
             break
         _run(close)
+        # Let go of it before waiting for the next: a bound `store.close` kept here would
+        # keep that store and its device buffers alive (on an H200, 3 GiB of a 128k
+        # cache's, until another store was collected).
+        close = None
     while True:  # what was queued between the last look and `_running` going down
         try:
             close = _queue.get_nowait()

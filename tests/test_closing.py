@@ -4,6 +4,7 @@ collection, where the collecting thread may hold a lock the close needs."""
 import gc
 import threading
 import time
+import weakref
 
 from storage.closing import close_when_collected
 
@@ -45,6 +46,26 @@ def test_a_close_the_collector_asks_for_waits_for_the_locks_of_the_collecting_th
         assert ran == []
     wait_for(lambda: ran)
     assert ran == [("offload-closer", True)]
+
+
+def test_what_the_closer_thread_closed_is_let_go():
+    """The closer thread keeps no reference to a close it ran (a store's bound `close`
+    would keep the store, and on CUDA its device buffers, alive)."""
+
+    class Store:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    store = Store()
+    gone = weakref.ref(store)
+    owner = Cycle()
+    close_when_collected(owner, store.close)
+    del owner, store
+    gc.collect()
+    wait_for(lambda: gone() is None or gone().closed)
+    wait_for(lambda: gone() is None)
 
 
 def test_a_close_asked_for_in_plain_code_runs_there():

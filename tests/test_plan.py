@@ -101,6 +101,13 @@ def test_plan_cli(tmp_path):
     out = " ".join(r.output.split())
     assert r.exit_code == 0 and "keeps all KV on the device up to 47,662 tokens" in out
     assert "hit caches (4,096 tokens" in out  # the preset retrieves 2048 tokens
+    assert "it does:" not in out  # (128k is past the bound)
+    r = CliRunner().invoke(  # below the bound: the KV kept on the device, an eighth of room
+        main,
+        ["plan", "-m", str(d), "-n", "8192", "--gpu-mem", "24GiB", "-c", "rtx4090-llama3.1-8b"],
+    )
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "at 8,192 tokens it does: 17.08 GiB of device memory" in out
     r = CliRunner().invoke(main, ["plan", "-m", str(d), "--context", "100", "--gpu-mem", "lots"])
     assert r.exit_code == 2 and "--gpu-mem: cannot read 'lots'" in r.output
 
@@ -150,65 +157,114 @@ def test_plan_predicts_what_a_tiered_step_holds_on_the_device(tiny_dirs, retriev
     assert cache.store.dev[1].scale.data.dtype == torch.float16  # (the plan's 2 bytes)
 
 
-def test_the_device_memory_a_tiered_cache_holds_is_what_the_plan_counts():
-    """On CUDA (emulated on a CPU: tests/cuda_emulation.py counts device memory as torch's
-    allocator does): a prompt past the device budget, prefilled layer by layer, then
-    decoded by the captured tiered step. What the cache then holds on the device (the
-    step's graph let go) is the plan's rows at that context, within their room to grow,
-    and within `kv.device_bytes`."""
+# A small model on CUDA (emulated on a CPU: tests/cuda_emulation.py counts device memory
+# as torch's allocator does), under a device budget of 2,457 tokens of KV.
+SMALL = dict(arch="llama", max_seq_len=4096, dim=256, num_layers=4, num_heads=4,
+             num_kv_heads=2, head_dim=64, hidden_dim=512, vocab_size=1000)  # fmt: skip
+BUDGET = 6 << 20
+
+
+def _allocated() -> int:
     import gc
+
+    import torch
+
+    from tests.conftest import EMULATED, HAS_CUDA
+
+    gc.collect()
+    if HAS_CUDA and not EMULATED:  # (cuBLAS keeps its workspaces in the allocator)
+        torch._C._cuda_clearCublasWorkspaces()
+    return torch.cuda.memory_allocated()
+
+
+def _small_runtime():
+    """A random `SMALL` model's runtime on CUDA with the default config, bf16, mode "auto"
+    under `BUDGET` (inside `on_cuda()`)."""
     from pathlib import Path
 
     import torch
 
     from offload import Runtime
     from offload.config import RuntimeConfig
-    from offload.generate import prefill
     from offload.kernels import layer as layer_kernels
     from offload.loading import LoadedModel
     from offload.model import Transformer
     from offload.model_args import ModelArgs
-    from offload.plan import plan_for_config
-    from tests.conftest import EMULATED, HAS_CUDA, on_cuda
+    from tests.conftest import EMULATED, HAS_CUDA
 
-    def allocated() -> int:
-        gc.collect()
-        if HAS_CUDA and not EMULATED:  # (cuBLAS keeps its workspaces in the allocator)
-            torch._C._cuda_clearCublasWorkspaces()
-        return torch.cuda.memory_allocated()
-
-    a = ModelArgs(arch="llama", max_seq_len=4096, dim=256, num_layers=4, num_heads=4,
-                  num_kv_heads=2, head_dim=64, hidden_dim=512, vocab_size=1000)  # fmt: skip
-    budget = 6 << 20  # 2,457 tokens of device KV; the tiered KV's device part fits
+    a = ModelArgs(**SMALL)
     config = RuntimeConfig().replace(
         device="cuda", dtype="bfloat16", mode="auto", retrieved=128, sparse_threshold=512,
-        prefill_chunk=512, device_bytes=budget,
+        prefill_chunk=512, device_bytes=BUDGET,
     )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(a).fuse().to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    loaded = LoadedModel(model.to("cuda"), None, a, Path("random"), "random")
+    rt = Runtime(loaded, config, torch.device("cuda"))
+    if not HAS_CUDA or EMULATED:  # (Triton's interpreter: one program at a time)
+        rt.model.use_ops(layer_kernels.REFERENCE)
+    rt.model.rope_table(a.max_seq_len)  # (the model's, made once)
+    return rt
+
+
+def _prefill_and_decode(rt, num_tokens: int):
+    """A cache of `rt` prefilled with `num_tokens` random ids, then 4 captured steps (the
+    step's graph let go after: its memory is the activations reserve's)."""
+    import torch
+
+    from offload.generate import prefill
+
+    ids = torch.randint(3, 1000, (num_tokens,), generator=torch.Generator().manual_seed(0))
+    cache = rt.new_cache()
+    cache.make_room(len(ids))  # (an empty cache past the bound moves to the tiers)
+    token = int(prefill(rt.model, cache, ids.tolist(), 512).argmax())
+    cache.finish_prefill()
+    for _ in range(4):
+        token = int(cache.decode(rt.model, token).argmax())
+    assert cache.step.captures == 1
+    cache.step.close()
+    return cache
+
+
+def test_the_device_memory_a_tiered_cache_holds_is_what_the_plan_counts():
+    """A prompt past the device budget, prefilled layer by layer, then decoded by the
+    captured tiered step. What the cache then holds on the device is the plan's rows at
+    that context, within their room to grow, and within `kv.device_bytes`."""
+    from offload.plan import plan_for_config
+    from tests.conftest import on_cuda
+
     with on_cuda():
-        torch.manual_seed(0)
-        model = Transformer(a).fuse().to(torch.bfloat16)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, 0, 0.05)
-        loaded = LoadedModel(model.to("cuda"), None, a, Path("random"), "random")
-        rt = Runtime(loaded, config, torch.device("cuda"))
-        if not HAS_CUDA or EMULATED:  # (Triton's interpreter: one program at a time)
-            rt.model.use_ops(layer_kernels.REFERENCE)
-        rt.model.rope_table(a.max_seq_len)  # (the model's, made once)
-        base = allocated()
-        ids = torch.randint(3, 1000, (3000,), generator=torch.Generator().manual_seed(0))
-        cache = rt.new_cache()
-        assert rt.device_kv_tokens() < len(ids)
-        cache.make_room(len(ids))  # (the empty cache moves to the tiers)
-        token = int(prefill(rt.model, cache, ids.tolist(), 512).argmax())
-        cache.finish_prefill()
-        for _ in range(4):
-            token = int(cache.decode(rt.model, token).argmax())
-        assert cache.step.plan.steps == 4 and cache.step.captures == 1
-        cache.step.close()  # (its graph's memory is the activations reserve's)
-        held = allocated() - base
-        rows = plan_for_config(a, cache.num_tokens, 0, 0, rt.config).kv_rows_on_device
+        rt = _small_runtime()
+        base = _allocated()
+        assert rt.device_kv_tokens() < 3000
+        cache = _prefill_and_decode(rt, 3000)
+        assert cache.store is not None and cache.step.plan.steps == 4
+        held = _allocated() - base
+        rows = plan_for_config(rt.args, cache.num_tokens, 0, 0, rt.config).kv_rows_on_device
         room = rows[-1]
         assert room.what.startswith("room to grow")
         exact = sum(r.nbytes for r in rows[:-1])
-        assert exact <= held <= exact + room.nbytes <= budget, (exact, held, room.nbytes)
+        assert exact <= held <= exact + room.nbytes <= BUDGET, (exact, held, room.nbytes)
+        cache.close()
+
+
+def test_the_device_memory_of_kv_kept_on_the_device_is_what_the_plan_counts():
+    """Below the bound, "auto" keeps the whole KV on the device (`offload plan`'s
+    `resident_device_bytes`, which the plan's rows, the tiered layout, are not): what the
+    cache holds then is the context's KV, within an eighth more (its buffers' growth)."""
+    from offload.plan import NOT_KV, plan_for_config
+    from tests.conftest import on_cuda
+
+    with on_cuda():
+        rt = _small_runtime()
+        base = _allocated()
+        cache = _prefill_and_decode(rt, 1500)
+        assert cache.store is None
+        held = _allocated() - base
+        p = plan_for_config(rt.args, cache.num_tokens, 0, 0, rt.config)
+        kv = p.resident_device_bytes - sum(r.nbytes for r in p.rows if r.what in NOT_KV)
+        assert cache.num_tokens * p.layout.token_bytes <= held <= kv, (held, kv)
+        assert kv < cache.num_tokens * p.layout.token_bytes * 1.13
         cache.close()
