@@ -431,9 +431,9 @@ def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, wind
         )
     if context <= n and not too_long:
         console.print(
-            f"at {context:,} tokens it does: {human_bytes(p.resident_device_bytes)} of device "
-            f"memory (the weights, the activations reserve, the KV with room to grow by an "
-            f"eighth), instead of the tiers above"
+            f"at {context:,} tokens it does: up to {human_bytes(p.resident_device_bytes)} of "
+            f"device memory (the weights, the activations reserve, the KV in buffers that "
+            f"double as they fill), instead of the tiers above"
         )
     if too_long or not (p.fits_device and p.fits_host):
         sys.exit(1)

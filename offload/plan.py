@@ -90,12 +90,12 @@ class Plan:
     def resident_device_bytes(self) -> int:
         """Device memory while the whole context's KV stays on the device (mode "full",
         and "auto" up to `device_kv_tokens`; the rows above are the tiered layout): the
-        weights, the activations reserve, and every layer's KV with the room its buffers
-        grow by (an eighth, `CONTEXT_GROWTH`; never past "auto"'s bound, `device_kv_tokens`,
-        below it, nor past the model's window)."""
+        weights, the activations reserve, and every layer's KV buffers, which double as
+        they fill (`DenseLayer`), never past "auto"'s bound below it, nor the model's
+        window: up to twice the context's KV. An upper bound, as the tiered rows' room."""
         n = self.context
         bound = self.device_kv_tokens if n <= self.device_kv_tokens else self.args.max_seq_len
-        held = max(n, min(math.ceil(n * CONTEXT_GROWTH), bound))
+        held = max(n, min(2 * n, bound))
         fixed = sum(r.nbytes for r in self.rows if r.what in NOT_KV)
         return fixed + held * self.layout.token_bytes
 

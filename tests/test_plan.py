@@ -107,7 +107,7 @@ def test_plan_cli(tmp_path):
         ["plan", "-m", str(d), "-n", "8192", "--gpu-mem", "24GiB", "-c", "rtx4090-llama3.1-8b"],
     )
     out = " ".join(r.output.split())
-    assert r.exit_code == 0 and "at 8,192 tokens it does: 17.08 GiB of device memory" in out
+    assert r.exit_code == 0 and "at 8,192 tokens it does: up to 17.96 GiB of device" in out
     r = CliRunner().invoke(main, ["plan", "-m", str(d), "--context", "100", "--gpu-mem", "lots"])
     assert r.exit_code == 2 and "--gpu-mem: cannot read 'lots'" in r.output
 
@@ -253,7 +253,7 @@ def test_the_device_memory_a_tiered_cache_holds_is_what_the_plan_counts():
 def test_the_device_memory_of_kv_kept_on_the_device_is_what_the_plan_counts():
     """Below the bound, "auto" keeps the whole KV on the device (`offload plan`'s
     `resident_device_bytes`, which the plan's rows, the tiered layout, are not): what the
-    cache holds then is the context's KV, within an eighth more (its buffers' growth)."""
+    cache holds then is the context's KV, within twice that (its buffers double)."""
     from offload.plan import NOT_KV, plan_for_config
     from tests.conftest import on_cuda
 
@@ -266,5 +266,5 @@ def test_the_device_memory_of_kv_kept_on_the_device_is_what_the_plan_counts():
         p = plan_for_config(rt.args, cache.num_tokens, 0, 0, rt.config)
         kv = p.resident_device_bytes - sum(r.nbytes for r in p.rows if r.what in NOT_KV)
         assert cache.num_tokens * p.layout.token_bytes <= held <= kv, (held, kv)
-        assert kv < cache.num_tokens * p.layout.token_bytes * 1.13
+        assert kv <= 2 * cache.num_tokens * p.layout.token_bytes
         cache.close()
