@@ -61,7 +61,7 @@ def main() -> None:
     topk = lambda: torch.gather(ids, 1, torch.topk(w, a.kept, dim=-1, sorted=False).indices)  # noqa: E731
     rows.append({"variant": "torch topk + gather", "us": graph_us(topk)})
     print(rows[-1], flush=True)
-    warps = ranking.head_warps
+    saved = ranking.BLOCK_READ, ranking.BLOCK_TOP, ranking.head_warps
     settings = [(r, n, False) for r in (1024, 2048, 4096, 8192) for n in (4, 8, 16, 32)]
     settings += [(2048, n, True) for n in (16, 32)]
     for block_read, num_warps, whole in settings:
@@ -81,7 +81,7 @@ def main() -> None:
         a.out.write_text(
             json.dumps({"candidates": a.candidates, "kept": a.kept, "rows": rows}, indent=1)
         )
-    ranking.head_warps = warps
+    ranking.BLOCK_READ, ranking.BLOCK_TOP, ranking.head_warps = saved
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_plan_cli(tmp_path):
     assert r.exit_code == 0 and "keeps all KV on the device up to 47,662 tokens" in out
     assert "hit caches (4,096 tokens" in out  # the preset retrieves 2048 tokens
     assert "it does:" not in out  # (128k is past the bound)
-    r = CliRunner().invoke(  # below the bound: the KV kept on the device, an eighth of room
+    r = CliRunner().invoke(  # below the bound: the KV kept on the device, in buffers that double
         main,
         ["plan", "-m", str(d), "-n", "8192", "--gpu-mem", "24GiB", "-c", "rtx4090-llama3.1-8b"],
     )
