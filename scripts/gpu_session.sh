@@ -10,7 +10,7 @@
 #                                   # suite's files that need neither the embedded model
 #                                   # nor the project's wheels the GPU image lacks, then
 #                                   # the 8B-shaped model's decode and prefill rows and
-#                                   # the tokens-kept kernel's launch settings (290 s)
+#                                   # the selection kernels' launch settings (380 s)
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
 #                                   # 30 s: the other files, the embedded model's rows,
 #                                   # the sessions, the probes (520 s)
@@ -87,7 +87,7 @@ for step in $steps; do
       bench 2 110 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
         --fill-above 131072 ;;
     sweep)
-      timeout 60 python scripts/sweep_ranking.py --out "$out/sweep_ranking.json" 2>&1 | tail -25 ;;
+      timeout 150 python scripts/sweep_selection.py --out "$out/sweep_selection.json" 2>&1 | tail -40 ;;
     probes)
       timeout 30 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
       timeout 40 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8

@@ -203,15 +203,21 @@ def test_clusters_tied_at_the_threshold_are_all_taken():
     assert int(want[0, 1:4].sum()) == 1 and bool((want <= got).all())
 
 
-@pytest.mark.parametrize("block", [16, 32768])
-def test_top_ids_kernel_matches_its_reference(block, monkeypatch):
+@pytest.mark.parametrize("block, split", [(16, None), (32768, None), (32768, 16)])
+def test_top_ids_kernel_matches_its_reference(block, split, monkeypatch):
     """The ids of the largest weights, by the kernel's radix select (a head's weights in
-    registers; or blocks of 16, read in each pass) against torch's stable sort: weights
-    tied at the cut (the earlier ones kept), zeros (a head's padding, or a head with no
+    registers; or blocks of 16, read in each pass; or spread over programs of `split`
+    weights) against torch's stable sort: weights tied at the cut (the earlier ones
+    kept, ties in several programs), zeros (a head's padding, or a head with no
     candidate), k_valid below k (the rows after the chosen ones: the first candidate),
     k = N, k_valid = 0."""
     monkeypatch.setattr(ranking, "BLOCK_TOP", block)
     monkeypatch.setattr(ranking, "BLOCK_READ", min(block, ranking.BLOCK_READ))
+    if split:
+        monkeypatch.setattr(ranking, "SPLIT_ABOVE", 0)
+        monkeypatch.setattr(ranking, "BLOCK_SPLIT", split)
+    else:
+        monkeypatch.setattr(ranking, "SPLIT_ABOVE", 10**9)
     g = torch.Generator().manual_seed(4)
     H, N = 4, 100
     weights = torch.rand(H, N, generator=g)
@@ -237,6 +243,7 @@ def test_top_ids_kernel_matches_its_reference(block, monkeypatch):
     few = top_ids_ref(weights, ids, 50, torch.tensor([20], device=DEVICE))
     assert (few[:, 20:] == ids[:, :1]).all()
     many = torch.rand(2, 5000, generator=g).to(DEVICE) ** 8  # (keys sharing their high bits)
+    monkeypatch.setattr(ranking, "BLOCK_SPLIT", 1024)  # (5 programs a head, when split)
     at = torch.arange(5000, device=DEVICE).expand(2, 5000)
     assert torch.equal(ranking.top_ids(many, at, 700), top_ids_ref(many, at, 700))
 

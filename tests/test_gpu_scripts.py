@@ -43,13 +43,18 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert rows["tiered"]["prefill_between_layers_ms"] >= 0
 
 
-def test_bench_selection_and_step_host_on_cuda(tmp_path):
+def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path):
     sel = run_script("bench_selection.py", "--tokens", "2048", "--steps", "1", "--retrieved",
                      "128", out=tmp_path / "selection.json")  # fmt: skip
     assert [r["variant"] for r in sel["rows"]] == [
         "torch references", "Triton kernels", "Triton kernels, torch's topk for the tokens kept"
     ]  # fmt: skip
     assert all("error" not in r and r["ms_per_layer"] > 0 for r in sel["rows"]), sel["rows"]
+    sweep = run_script("sweep_selection.py", "--tokens", "2048", "--retrieved", "128", "--quick",
+                       out=tmp_path / "sweep.json")  # fmt: skip
+    kernels = {r["kernel"] for r in sweep["rows"]}
+    assert {"clusters", "take", "candidates", "rerank", "top", "fetch all"} <= kernels
+    assert all(r["equal"] for r in sweep["rows"] if "variant" not in r), sweep["rows"]
     # (3 layers: the preset's 2 dense ones and a sparse one)
     host = run_script("bench_step_host.py", "--tokens", "2048", "--layers", "3", "--steps", "2",
                       out=tmp_path / "host.json")  # fmt: skip

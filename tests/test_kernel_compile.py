@@ -34,8 +34,8 @@ def test_every_kernel_launch_compiles_within_the_gpus_limits(tmp_path):
     # (a kernel launched twice is named with its pass: "(candidates, pass 2)")
     kernels = {r["launch"].rsplit("(", 1)[1].split(",")[0].rstrip(")") for r in rows}
     assert kernels == {
-        "split", "combine", "gather", "clusters", "take", "top", "candidates", "score", "softmax_sum",
-        "lookup", "norm", "rope", "silu_mul", "nearest",
+        "split", "combine", "gather", "clusters", "take", "top", "top_pass", "top_list",
+        "candidates", "score", "softmax_sum", "lookup", "norm", "rope", "silu_mul", "nearest",
     }  # fmt: skip
     assert any(r["launch"].endswith("(candidates, pass 2)") for r in rows)
     assert len({(r["arch"], r["dtype"]) for r in rows}) == 6

@@ -283,10 +283,11 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "the tokens kept": lambda: ranking.top_ids(
             meta(H, CANDIDATES, dtype=torch.float32), candidates, RETRIEVED, length
         ),
-        # (fewer candidates: a shorter context, or the embedded model's 5% of 8k)
+        # (fewer candidates: a shorter context, or the embedded model's 5% of 8k; one
+        # program a head)
         "the tokens kept, in registers": lambda: ranking.top_ids(
-            meta(H, CANDIDATES // 4, dtype=torch.float32),
-            candidates[:, : CANDIDATES // 4],
+            meta(H, ranking.SPLIT_ABOVE, dtype=torch.float32),
+            candidates[:, : ranking.SPLIT_ABOVE],
             RETRIEVED // 4,
             length,
         ),

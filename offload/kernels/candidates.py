@@ -58,12 +58,14 @@ from storage.quant import QuantKeys
 from storage.quant import score_candidates as reference_scores
 
 BLOCK_N = 32  # candidates per program
+SCORE_WARPS = 4
 # Triton's interpreter (the CPU tests) runs programs one after another, each op a numpy
 # call: with blocks of 32 a decode step's rerank took seconds there. It takes larger
 # blocks (the same results; tests/test_device_index.py runs the GPU's block size).
 INTERPRETED_BLOCK_N = 1024
 BLOCK_T = 1024  # tokens per program of the candidate list
 BLOCK_CS = 32  # clusters per program of `score_clusters` (their centroids in registers)
+CLUSTER_WARPS = 4
 BLOCK_W = 1024  # candidates per program of the rerank's softmax sum
 BLOCK_STATS = 1024  # (at most) its programs' statistics read at a time
 
@@ -91,7 +93,7 @@ def score_clusters(q, centroids, bias):
     _kernels().clusters[(H, triton.cdiv(NC, block))](
         q, centroids, bias, out, R, NC, D, q.stride(0), q.stride(1), centroids.stride(0),
         centroids.stride(1), bias.stride(0),
-        BLOCK=block, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK=block, BLOCK_D=triton.next_power_of_2(D), num_warps=CLUSTER_WARPS,
     )  # fmt: skip
     return out
 
@@ -173,7 +175,7 @@ def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
         q, codes, scale, zero, ids, count, out, top, total, R, N, summaries.group, sm_scale,
         q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
-        D=D, BITS=summaries.bits, BLOCK=block,
+        D=D, BITS=summaries.bits, BLOCK=block, num_warps=SCORE_WARPS,
     )  # fmt: skip
     return out, top, total
 

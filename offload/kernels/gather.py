@@ -26,6 +26,7 @@ from offload.kernels import supports_head_dim
 from storage.host import device_view  # noqa: F401  (the view the kernels read through)
 
 BLOCK_K = 32  # token rows per program
+GATHER_WARPS = 4
 
 
 def gather_kv_ref(slab: torch.Tensor, slot_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def _launch(slab, slot_table, ids, out, rows, dst) -> None:
         slab, slot_table, ids, out, rows, dst, k,
         slab.stride(0), slab.stride(1), slab.stride(2), slab.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        C=C, D=D, BLOCK=BLOCK_K, SCATTER=scatter,
+        C=C, D=D, BLOCK=BLOCK_K, SCATTER=scatter, num_warps=GATHER_WARPS,
     )  # fmt: skip
 
 

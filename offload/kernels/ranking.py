@@ -26,6 +26,16 @@ want-th largest weight's pattern 8 bits a pass, from a histogram (`tl.histogram`
 digits of the weights that share the bits found so far (4 passes, where a bisection would
 take 32 over 16,896 weights), then one pass lists the ids of the weights above it and of
 the first ones equal to it.
+
+Past `SPLIT_ABOVE` weights a head's select is spread over programs of `BLOCK_SPLIT`
+weights each (`top_ids_split`; on the H200 one program per head took 76 us of a
+sparse layer's 250 at 128k, 8 of the 132 SMs busy): a launch per pass, in which each
+program histograms its own weights' digits into global memory after summing the
+histograms of the passes before (all the head's programs find the same digits), then a
+launch that lists: each program finds from the same histograms how many of the weights
+above the cut and of the ties lie in the programs before its own (a key above the cut
+is one whose digit is above the cut's in the first pass where it differs), and writes
+its ids after theirs. Five launches, the same ids.
 """
 
 from __future__ import annotations
@@ -45,7 +55,11 @@ BLOCK_TOP = 8192  # weights `top_ids`' holds, past it read a block at a time in 
 # in registers spilled, 32,768 spilled 6.7 KB; with 3.9 neither)
 BLOCK_READ = 4096  # values read at a time by the passes that list the tokens kept (on
 # an H200, 8 heads x 16,640 weights: 72 us against 77 at 2048 and 81 for torch's topk and
-# a gather; 8 warps, `head_warps`, were the best at each size: scripts/sweep_ranking.py)
+# a gather; 8 warps, `head_warps`, were the best at each size: scripts/sweep_selection.py)
+SPLIT_ABOVE = 4096  # weights per head past which `top_ids` spreads a head over programs
+BLOCK_SPLIT = 1024  # weights per program there
+SPLIT_WARPS = 4
+SPLIT_ROWS = 8  # programs' histograms summed at a time (in registers: ROWS x 256)
 
 
 def take_clusters_ref(scores, counts, factor: int, k: int, k_valid=None):
@@ -97,12 +111,14 @@ def top_ids_ref(weights, ids, k: int, k_valid=None):
 
 
 def top_ids(weights, ids, k: int, k_valid=None):
-    """The kernel of `top_ids_ref`."""
+    """The kernel of `top_ids_ref` (past `SPLIT_ABOVE` weights a head, `top_ids_split`)."""
     import triton
 
     H, N = weights.shape
     assert weights.is_contiguous() and weights.dtype == torch.float32 and ids.stride(1) == 1
     assert N >= k
+    if N > SPLIT_ABOVE:
+        return top_ids_split(weights, ids, k, k_valid)
     out = torch.empty(H, k, dtype=ids.dtype, device=ids.device)
     whole = N <= BLOCK_TOP
     block = max(16, triton.next_power_of_2(N)) if whole else BLOCK_READ
@@ -112,6 +128,27 @@ def top_ids(weights, ids, k: int, k_valid=None):
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=whole, BLOCK_K=min(BLOCK_READ, block),
         num_warps=head_warps(block),
     )  # fmt: skip
+    return out
+
+
+def top_ids_split(weights, ids, k: int, k_valid=None):
+    """`top_ids` with each head's weights spread over programs of `BLOCK_SPLIT`: four
+    launches of a histogram pass, one that lists."""
+    import triton
+
+    H, N = weights.shape
+    P = triton.cdiv(N, BLOCK_SPLIT)
+    out = torch.empty(H, k, dtype=ids.dtype, device=ids.device)
+    hist = torch.empty(H, 4, P, 256, dtype=torch.int32, device=weights.device)
+    valid = weights if k_valid is None else k_valid  # (a pointer the kernel does not read)
+    kernels, grid = _kernels(), (H, P)
+    common = dict(K_VALID=k_valid is not None, BLOCK=BLOCK_SPLIT, ROWS=SPLIT_ROWS,
+                  num_warps=SPLIT_WARPS)  # fmt: skip
+    for p in range(4):
+        kernels.top_pass[grid](weights, hist, valid, N, k, P, PASS=p, **common)
+    kernels.top_list[grid](
+        weights, ids, hist, valid, out, N, k, P, ids.stride(0), triton.cdiv(k, P), **common
+    )
     return out
 
 
@@ -233,4 +270,81 @@ def _kernels() -> SimpleNamespace:
             tl.store(OUT + h * k + j, first + tl.zeros_like(j).to(first.dtype),
                      mask=(j >= want) & (j < k))  # fmt: skip
 
-    return SimpleNamespace(take=take, top=top)
+    global _cut  # (as _ordered)
+
+    @triton.jit
+    def _cut(HIST, h, j, P, need, PASSES: tl.constexpr, ROWS: tl.constexpr):
+        """The want-th largest key's digits from passes 0..PASSES-1 (their histograms
+        [H, 4, P, 256], each program's, summed over the head's, ROWS programs' at a
+        time): the bits found, the ties still to take after the keys above (`need`,
+        from want), and of the head's programs before program j, the keys above the
+        cut and the keys equal to it."""
+        bins = tl.arange(0, 256)
+        rows = tl.arange(0, ROWS)
+        found = tl.zeros([], tl.int32)
+        above = tl.zeros([], tl.int32)
+        equal = above
+        for p in tl.static_range(PASSES):
+            flip = 128 if p == 0 else 0
+            hist = tl.zeros([256], tl.int32)  # the head's
+            before = hist  # the programs' before j
+            for start in range(0, P, ROWS):
+                r = start + rows
+                part = tl.load(HIST + ((h * 4 + p) * P + r[:, None]) * 256 + bins[None, :],
+                               mask=(r < P)[:, None], other=0)  # fmt: skip
+                hist += tl.sum(part, 0)
+                before += tl.sum(tl.where((r < j)[:, None], part, 0), 0)
+            at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+            digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
+            need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+            above += tl.sum(tl.where(bins > digit, before, 0), 0)
+            equal = tl.sum(tl.where(bins == digit, before, 0), 0)
+            found = found | ((digit ^ flip) << (24 - 8 * p))
+        return found, need, above, equal
+
+    @triton.jit
+    def top_pass(WEIGHTS, HIST, K_VALID_PTR, N, k, P, PASS: tl.constexpr,
+                 K_VALID: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+        """A program's histogram of the digits at pass PASS of its keys that share the
+        bits the passes before found."""
+        h = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        c = j * BLOCK + tl.arange(0, BLOCK)
+        key = _ordered(tl.load(WEIGHTS + h * N + c, mask=c < N, other=0.0))
+        play = c < N
+        if PASS > 0:
+            want = k
+            if K_VALID:
+                want = tl.load(K_VALID_PTR).to(tl.int32)
+            found, _, _, _ = _cut(HIST, h, j, P, want, PASS, ROWS)
+            play = play & ((key >> (32 - 8 * PASS)) == (found >> (32 - 8 * PASS)))
+        flip = 128 if PASS == 0 else 0
+        hist = tl.histogram(((key >> (24 - 8 * PASS)) & 255) ^ flip, 256, mask=play)
+        tl.store(HIST + ((h * 4 + PASS) * P + j) * 256 + tl.arange(0, 256), hist)
+
+    @triton.jit
+    def top_list(WEIGHTS, IDS, HIST, K_VALID_PTR, OUT, N, k, P, s_ids, pad_share,
+                 K_VALID: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+        """A program's ids above the cut and its share of the first ties, after those of
+        the programs before; its share of the rows past want padded."""
+        h = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        want = k
+        if K_VALID:
+            want = tl.load(K_VALID_PTR).to(tl.int32)
+        # (above, tied: of the programs before this one)
+        found, need, above, tied = _cut(HIST, h, j, P, want, 4, ROWS)
+        start = above + tl.minimum(tied, need)
+        c = j * BLOCK + tl.arange(0, BLOCK)
+        x = _ordered(tl.load(WEIGHTS + h * N + c, mask=c < N, other=0.0))
+        eq = (x == found) & (c < N)
+        chosen = ((x > found) & (c < N)) | (eq & (tied + tl.cumsum(eq.to(tl.int32), 0) <= need))
+        t = tl.load(IDS + h * s_ids + c, mask=chosen, other=0)
+        tl.store(OUT + h * k + start + tl.cumsum(chosen.to(tl.int32), 0) - 1, t, mask=chosen)
+        first = tl.load(IDS + h * s_ids)
+        for s in range(0, pad_share, BLOCK):
+            r = j * pad_share + s + tl.arange(0, BLOCK)
+            pad = (r >= want) & (r < k) & (r < (j + 1) * pad_share)
+            tl.store(OUT + h * k + r, first + tl.zeros_like(r).to(first.dtype), mask=pad)
+
+    return SimpleNamespace(take=take, top=top, top_pass=top_pass, top_list=top_list)

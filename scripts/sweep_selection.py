@@ -1,0 +1,217 @@
+"""A sparse layer's selection kernels under other launch settings, on this GPU: the
+clusters' scores (`clusters`), the clusters taken (`take`), the candidate list
+(`candidates`), the rerank (`score` and its softmax sum), the tokens kept (`top`: one
+program per KV head, or spread over programs of `BLOCK_SPLIT`, and torch's `topk` and
+a gather beside them) and the fetch of the hit cache's misses from pinned host memory
+(`fetch`, a third of the rows and all of them). On the H200 these took 7.5 ms of the 8B
+shape's 14.2 ms step at 128k, `top` 2.3 of it with one program per head (8 of 132 SMs).
+
+The inputs are one layer's at the 8B shape (scripts/bench_selection.py's random index of
+--tokens tokens, the rtx4090 preset's selection of --retrieved tokens a head), each
+kernel's inputs what the kernels before it computed. Each setting is checked against the
+default's output (the tokens kept: against `top_ids_ref`) and timed as a CUDA graph of 20
+calls replayed, as the decode step runs it. Then the tokens kept at fewer candidates, one
+program a head against the split (where `SPLIT_ABOVE` should be). Needs a CUDA GPU (or
+tests/emulated_run.py, with --quick: a few settings at a tiny shape).
+
+    python scripts/sweep_selection.py [--tokens 131072] [--retrieved 2048] [--quick]
+        [--out results/sweep_selection.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_selection import FACTOR, SINK, WINDOW, H, layer_state  # noqa: E402
+from evalkit import row_error, write_json  # noqa: E402
+
+from offload.backend import Backend  # noqa: E402
+from offload.kernels import candidates as candidate_kernels  # noqa: E402
+from offload.kernels import gather as gather_kernels  # noqa: E402
+from offload.kernels import ranking  # noqa: E402
+
+CALLS, REPLAYS = 20, 10  # (--quick: 1, 1)
+
+
+def graph_us(fn) -> float:
+    """us per call of `fn`, captured 20 times in a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (REPLAYS * CALLS)
+
+
+def layer_inputs(T: int, K: int) -> dict:
+    """Each kernel's inputs at one layer, computed by the kernels before it."""
+    dev = torch.device("cuda")
+    state = layer_state(T, dev)
+    index, backend = state["index"], Backend(dev, kernels=True)
+    q = state["queries"][0].contiguous()
+    hi = torch.tensor([T - WINDOW], device=dev)
+    k_valid = torch.tensor([K], device=dev)
+    N = index.candidate_count(K)
+    cscore = backend.score_clusters(q, index.centroids, index.bias)
+    take = backend.take_clusters(cscore, index.counts[:, :-1], FACTOR, K, k_valid)
+    ids, count = backend.cluster_candidates(take, index.assign, SINK, hi, N)
+    weights = backend.rerank_weights(q, state["summaries"], ids, count, q.shape[-1] ** -0.5)
+    kept = backend.top_ids(weights, ids, K, k_valid)
+    C, D = state["slab"].shape[3], state["slab"].shape[4]
+    gen = torch.Generator(dev).manual_seed(1)
+    return {
+        **state, "backend": backend, "q": q, "hi": hi, "k_valid": k_valid, "N": N,
+        "cscore": cscore, "take": take, "ids": ids, "count": count, "weights": weights,
+        "kept": kept, "K": K, "view": backend.host_view(state["slab"]),
+        "slots": torch.arange(T // C, device=dev),
+        "third": torch.rand(H, K, generator=gen, device=dev) < 1 / 3,
+        "all": torch.ones(H, K, dtype=torch.bool, device=dev),
+        "dst": torch.arange(K, device=dev).repeat(H, 1),
+        "cache": torch.zeros(2, H, 2 * K, D, dtype=torch.bfloat16, device=dev),
+    }  # fmt: skip
+
+
+def kernels(x: dict) -> dict:
+    """name -> (what it runs, its module, the settings to try: the default's first)."""
+    sm = x["q"].shape[-1] ** -0.5
+    index = x["index"]
+
+    def fetch(rows):
+        def run():
+            gather_kernels.fetch_into(x["view"], x["slots"], x["kept"], x[rows], x["dst"], x["cache"])
+            return x["cache"]
+        return run  # fmt: skip
+
+    ck, rk = candidate_kernels, ranking
+    return {
+        "clusters": (lambda: ck.score_clusters(x["q"], index.centroids, index.bias), ck,
+                     [{"BLOCK_CS": b, "CLUSTER_WARPS": w} for b in (32, 16, 64, 128) for w in (4, 2, 8)]),
+        "take": (lambda: rk.take_clusters(x["cscore"], index.counts[:, :-1], FACTOR, x["K"], x["k_valid"]), rk,
+                 [{}] + [{"head_warps": lambda block, n=n: n} for n in (4, 8, 32)]),
+        "candidates": (lambda: ck.cluster_candidates(x["take"], index.assign, SINK, x["hi"], x["N"]), ck,
+                       [{"BLOCK_T": b} for b in (1024, 256, 512, 2048, 4096)]),
+        "rerank": (lambda: ck.rerank_weights(x["q"], x["summaries"], x["ids"], x["count"], sm), ck,
+                   [{"BLOCK_N": b, "SCORE_WARPS": w} for b in (32, 16, 64, 128) for w in (4, 1, 2, 8)]
+                   + [{"BLOCK_W": b} for b in (256, 512, 2048)]),
+        "top": (lambda: rk.top_ids(x["weights"], x["ids"], x["K"], x["k_valid"]), rk,
+                [{"SPLIT_ABOVE": 10**9}]
+                + [{"SPLIT_ABOVE": 0, "BLOCK_SPLIT": b, "SPLIT_WARPS": w}
+                   for b in (1024, 256, 512, 2048) for w in (4, 2, 8)]
+                + [{"SPLIT_ABOVE": 0, "SPLIT_ROWS": r} for r in (2, 4, 16)]),
+        "fetch a third": (fetch("third"), gather_kernels,
+                          [{"BLOCK_K": b, "GATHER_WARPS": w} for b in (32, 8, 16, 64) for w in (4, 1, 2, 8)]),
+        "fetch all": (fetch("all"), gather_kernels,
+                      [{"BLOCK_K": b, "GATHER_WARPS": w} for b in (32, 16, 64) for w in (4, 2, 8)]),
+    }  # fmt: skip
+
+
+def same(a, b) -> bool:
+    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    return all(
+        torch.allclose(u, v, rtol=1e-5, atol=1e-6) if u.is_floating_point() else torch.equal(u, v)
+        for u, v in zip(a, b)
+    )
+
+
+def with_settings(module, setting: dict, fn):
+    saved = {name: getattr(module, name) for name in setting}
+    for name, value in setting.items():
+        setattr(module, name, value)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def sweep(name, run, module, settings, check) -> list[dict]:
+    rows, want = [], None
+    for setting in settings:
+        row = {"kernel": name, **{k: v for k, v in setting.items() if k != "head_warps"}}
+        if "head_warps" in setting:
+            row["warps"] = setting["head_warps"](0)
+        try:
+            def measure():
+                got = run()
+                got = tuple(t.clone() for t in got) if isinstance(got, tuple) else got.clone()
+                return got, graph_us(run)
+            got, row["us"] = with_settings(module, setting, measure)
+            want = got if want is None else want
+            row["equal"] = bool(check(got) if check else same(got, want))
+        except Exception as e:  # (a setting that fails to compile must not cost the rest)
+            row.update(row_error(e))
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--retrieved", type=int, default=2048, help="tokens kept per KV head")
+    p.add_argument("--quick", action="store_true", help="two settings a kernel, timed once")
+    p.add_argument("--out", type=Path, default=Path("results/sweep_selection.json"))
+    a = p.parse_args()
+    if a.quick:
+        global CALLS, REPLAYS
+        CALLS = REPLAYS = 1
+    console = Console()
+    x = layer_inputs(a.tokens, a.retrieved)
+    K = a.retrieved
+    results = {"device": torch.cuda.get_device_name(), "tokens": a.tokens, "retrieved": K,
+               "candidates": x["N"], "rows": []}  # fmt: skip
+    want_kept = ranking.top_ids_ref(x["weights"], x["ids"], K, x["k_valid"])
+    for name, (run, module, settings) in kernels(x).items():
+        check = (lambda got: torch.equal(got, want_kept)) if name == "top" else None
+        rows = sweep(name, run, module, settings[:2] if a.quick else settings, check)
+        if name == "top":
+            topk = lambda: torch.gather(x["ids"], 1, torch.topk(x["weights"], K, dim=-1, sorted=False).indices)  # noqa: E731
+            rows.append({"kernel": name, "variant": "torch topk + gather", "us": graph_us(topk)})
+        for row in rows:
+            console.print(row)
+        results["rows"] += rows
+        write_json(console, a.out, results)  # after every kernel: a crash keeps the rest
+    # Where a head's select should be split: fewer candidates (shorter contexts).
+    g = torch.Generator("cuda").manual_seed(2)
+    for n in (K + 256, 2 * K + 256, 4 * K + 256) if not a.quick else (K + 256,):
+        w = torch.rand(H, n, generator=g, device="cuda")
+        ids = torch.randint(0, 1 << 20, (H, n), generator=g, device="cuda")
+        want = ranking.top_ids_ref(w, ids, K)
+        settings = [{"SPLIT_ABOVE": 10**9}] + [
+            {"SPLIT_ABOVE": 0, "BLOCK_SPLIT": b, "SPLIT_WARPS": 4} for b in (512, 1024)
+        ]
+        rows = sweep(f"top at {n}", lambda: ranking.top_ids(w, ids, K), ranking, settings,
+                     lambda got: torch.equal(got, want))  # fmt: skip
+        for row in rows:
+            console.print(row)
+        results["rows"] += rows
+        write_json(console, a.out, results)
+    best = {}
+    for row in results["rows"]:
+        if row.get("equal") and row["us"] < best.get(row["kernel"], {"us": 1e9})["us"]:
+            best[row["kernel"]] = row
+    results["best"] = best
+    for row in best.values():
+        console.print("best", row)
+    write_json(console, a.out, results)
+
+
+if __name__ == "__main__":
+    main()
