@@ -127,7 +127,7 @@ def same(a, b) -> bool:
     a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
     return all(
         torch.allclose(u, v, rtol=1e-5, atol=1e-6) if u.is_floating_point() else torch.equal(u, v)
-        for u, v in zip(a, b)
+        for u, v in zip(a, b, strict=True)
     )
 
 
@@ -197,8 +197,8 @@ def main() -> None:
         settings = [{"SPLIT_ABOVE": 10**9}] + [
             {"SPLIT_ABOVE": 0, "BLOCK_SPLIT": b, "SPLIT_WARPS": 4} for b in (512, 1024)
         ]
-        rows = sweep(f"top at {n}", lambda: ranking.top_ids(w, ids, K), ranking, settings,
-                     lambda got: torch.equal(got, want))  # fmt: skip
+        rows = sweep(f"top at {n}", lambda w=w, ids=ids: ranking.top_ids(w, ids, K), ranking,
+                     settings, lambda got, want=want: torch.equal(got, want))  # fmt: skip
         for row in rows:
             console.print(row)
         results["rows"] += rows
