@@ -96,8 +96,11 @@ def kernels(x: dict) -> dict:
 
     def fetch(rows):
         def run():
-            gather_kernels.fetch_into(x["view"], x["slots"], x["kept"], x[rows], x["dst"], x["cache"])
+            gather_kernels.fetch_into(
+                x["view"], x["slots"], x["kept"], x[rows], x["dst"], x["cache"]
+            )
             return x["cache"]
+
         return run  # fmt: skip
 
     ck, rk = candidate_kernels, ranking
@@ -149,10 +152,12 @@ def sweep(name, run, module, settings, check) -> list[dict]:
         if "head_warps" in setting:
             row["warps"] = setting["head_warps"](0)
         try:
+
             def measure():
                 got = run()
                 got = tuple(t.clone() for t in got) if isinstance(got, tuple) else got.clone()
                 return got, graph_us(run)
+
             got, row["us"] = with_settings(module, setting, measure)
             want = got if want is None else want
             row["equal"] = bool(check(got) if check else same(got, want))
@@ -182,7 +187,10 @@ def main() -> None:
         check = (lambda got: torch.equal(got, want_kept)) if name == "top" else None
         rows = sweep(name, run, module, settings[:2] if a.quick else settings, check)
         if name == "top":
-            topk = lambda: torch.gather(x["ids"], 1, torch.topk(x["weights"], K, dim=-1, sorted=False).indices)  # noqa: E731
+
+            def topk():
+                return torch.gather(x["ids"], 1, torch.topk(x["weights"], K, sorted=False).indices)
+
             rows.append({"kernel": name, "variant": "torch topk + gather", "us": graph_us(topk)})
         for row in rows:
             console.print(row)
