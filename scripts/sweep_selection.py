@@ -113,6 +113,7 @@ def kernels(x: dict) -> dict:
                        [{"BLOCK_T": b} for b in (1024, 256, 512, 2048, 4096)]),
         "rerank": (lambda: ck.rerank_weights(x["q"], x["summaries"], x["ids"], x["count"], sm), ck,
                    [{"BLOCK_N": b, "SCORE_WARPS": w} for b in (32, 16, 64, 128) for w in (4, 1, 2, 8)]
+                   + [{"SCORE_DOT": False, "BLOCK_N": b} for b in (32, 64)]  # (until 12-04)
                    + [{"BLOCK_W": b} for b in (256, 512, 2048)]),
         "top": (lambda: rk.top_ids(x["weights"], x["ids"], x["K"], x["k_valid"]), rk,
                 [{"SPLIT_ABOVE": 10**9}]
