@@ -13,8 +13,10 @@
 #                                   # the selection kernels' launch settings (380 s)
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
 #                                   # 30 s: the other files, the embedded model's rows,
-#                                   # the sessions, the probes (520 s)
-#   bash scripts/gpu_session.sh     # both, on a machine that has everything already
+#                                   # the sessions (380 s)
+#   bash scripts/gpu_session.sh     # both, and the probes and the compiled step (measured
+#                                   # on 2026-12-04: docs/gpu.md), on a machine that has
+#                                   # everything already
 #   bash scripts/gpu_session.sh suite2 bench2 ...   # named steps (below)
 #
 # A lent GPU has 15 minutes of device time in all, its start included. Each step has its
@@ -29,7 +31,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 case "${1:-all}" in
   1) steps="info suite1 bench1 sweep" ;;
-  2) steps="suite2 bench2 probes compiled" ;;
+  2) steps="suite2 bench2" ;;
   all) steps="info suite1 bench1 sweep suite2 bench2 probes compiled" ;;
   *) steps="$*" ;;
 esac
@@ -84,7 +86,7 @@ for step in $steps; do
       bench 1 110 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 ;;
     bench2)  # the embedded model first (a target), then the sessions (the 128k one last)
       bench embedded 50 --systems embedded,embedded-torch-ops
-      bench 2 110 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
+      bench 2 160 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
         --fill-above 131072 ;;
     sweep)
       timeout 150 python scripts/sweep_selection.py --out "$out/sweep_selection.json" 2>&1 | tail -40 ;;
