@@ -89,42 +89,73 @@ def layer_inputs(T: int, K: int) -> dict:
     }  # fmt: skip
 
 
+def product(**axes) -> list[dict]:
+    """Every combination of the settings' values (the first of each: the default)."""
+    rows = [{}]
+    for name, values in axes.items():
+        rows = [{**row, name: v} for row in rows for v in values]
+    return rows
+
+
 def kernels(x: dict) -> dict:
-    """name -> (what it runs, its module, the settings to try: the default's first)."""
+    """name -> (what it runs, its module, the settings to try: the first is the one the
+    others are checked against)."""
     sm = x["q"].shape[-1] ** -0.5
-    index = x["index"]
+    index, K, k_valid = x["index"], x["K"], x["k_valid"]
 
     def fetch(rows):
         def run():
-            gather_kernels.fetch_into(
-                x["view"], x["slots"], x["kept"], x[rows], x["dst"], x["cache"]
+            view, slots, kept, dst, cache = (
+                x[n] for n in ("view", "slots", "kept", "dst", "cache")
             )
-            return x["cache"]
+            gather_kernels.fetch_into(view, slots, kept, x[rows], dst, cache)
+            return cache
 
-        return run  # fmt: skip
+        return run
 
     ck, rk = candidate_kernels, ranking
+    split = dict(SPLIT_ABOVE=[0])
     return {
-        "clusters": (lambda: ck.score_clusters(x["q"], index.centroids, index.bias), ck,
-                     [{"BLOCK_CS": b, "CLUSTER_WARPS": w} for b in (32, 16, 64, 128) for w in (4, 2, 8)]),
-        "take": (lambda: rk.take_clusters(x["cscore"], index.counts[:, :-1], FACTOR, x["K"], x["k_valid"]), rk,
-                 [{}] + [{"head_warps": lambda block, n=n: n} for n in (4, 8, 32)]),
-        "candidates": (lambda: ck.cluster_candidates(x["take"], index.assign, SINK, x["hi"], x["N"]), ck,
-                       [{"BLOCK_T": b} for b in (1024, 256, 512, 2048, 4096)]),
-        "rerank": (lambda: ck.rerank_weights(x["q"], x["summaries"], x["ids"], x["count"], sm), ck,
-                   [{"BLOCK_N": b, "SCORE_WARPS": w} for b in (32, 16, 64, 128) for w in (4, 1, 2, 8)]
-                   + [{"SCORE_DOT": False, "BLOCK_N": b} for b in (32, 64)]  # (until 12-04)
-                   + [{"BLOCK_W": b} for b in (256, 512, 2048)]),
-        "top": (lambda: rk.top_ids(x["weights"], x["ids"], x["K"], x["k_valid"]), rk,
-                [{"SPLIT_ABOVE": 10**9}]
-                + [{"SPLIT_ABOVE": 0, "BLOCK_SPLIT": b, "SPLIT_WARPS": w}
-                   for b in (1024, 256, 512, 2048) for w in (4, 2, 8)]
-                + [{"SPLIT_ABOVE": 0, "SPLIT_ROWS": r} for r in (2, 4, 16)]),
-        "fetch a third": (fetch("third"), gather_kernels,
-                          [{"BLOCK_K": b, "GATHER_WARPS": w} for b in (32, 8, 16, 64) for w in (4, 1, 2, 8)]),
-        "fetch all": (fetch("all"), gather_kernels,
-                      [{"BLOCK_K": b, "GATHER_WARPS": w} for b in (32, 16, 64) for w in (4, 2, 8)]),
-    }  # fmt: skip
+        "clusters": (
+            lambda: ck.score_clusters(x["q"], index.centroids, index.bias),
+            ck,
+            product(BLOCK_CS=(32, 16, 64, 128), CLUSTER_WARPS=(4, 2, 8)),
+        ),
+        "take": (
+            lambda: rk.take_clusters(x["cscore"], index.counts[:, :-1], FACTOR, K, k_valid),
+            rk,
+            [{}] + [{"head_warps": lambda block, n=n: n} for n in (4, 8, 32)],
+        ),
+        "candidates": (
+            lambda: ck.cluster_candidates(x["take"], index.assign, SINK, x["hi"], x["N"]),
+            ck,
+            product(BLOCK_T=(1024, 256, 512, 2048, 4096)),
+        ),
+        "rerank": (
+            lambda: ck.rerank_weights(x["q"], x["summaries"], x["ids"], x["count"], sm),
+            ck,
+            product(BLOCK_N=(32, 16, 64, 128), SCORE_WARPS=(4, 1, 2, 8))
+            + product(SCORE_DOT=[False], BLOCK_N=(32, 64))  # (the row loop: until 12-04)
+            + product(BLOCK_W=(256, 512, 2048)),
+        ),
+        "top": (
+            lambda: rk.top_ids(x["weights"], x["ids"], K, k_valid),
+            rk,
+            product(**split, BLOCK_SPLIT=(1024, 256, 512, 2048), SPLIT_WARPS=(4, 2, 8))
+            + product(**split, SPLIT_ROWS=(2, 4, 16))
+            + product(SPLIT_ABOVE=[10**9]),  # one program a head (until 12-04)
+        ),
+        "fetch a third": (
+            fetch("third"),
+            gather_kernels,
+            product(BLOCK_K=(32, 8, 16, 64), GATHER_WARPS=(4, 1, 2, 8)),
+        ),
+        "fetch all": (
+            fetch("all"),
+            gather_kernels,
+            product(BLOCK_K=(32, 16, 64), GATHER_WARPS=(4, 2, 8)),
+        ),
+    }
 
 
 def same(a, b) -> bool:
@@ -203,9 +234,7 @@ def main() -> None:
         w = torch.rand(H, n, generator=g, device="cuda")
         ids = torch.randint(0, 1 << 20, (H, n), generator=g, device="cuda")
         want = ranking.top_ids_ref(w, ids, K)
-        settings = [{"SPLIT_ABOVE": 10**9}] + [
-            {"SPLIT_ABOVE": 0, "BLOCK_SPLIT": b, "SPLIT_WARPS": 4} for b in (512, 1024)
-        ]
+        settings = product(SPLIT_ABOVE=[10**9]) + product(SPLIT_ABOVE=[0], BLOCK_SPLIT=(512, 1024))
         rows = sweep(f"top at {n}", lambda w=w, ids=ids: ranking.top_ids(w, ids, K), ranking,
                      settings, lambda got, want=want: torch.equal(got, want))  # fmt: skip
         for row in rows:

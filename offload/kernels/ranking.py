@@ -14,10 +14,11 @@ cluster is taken when the clusters scoring strictly higher hold fewer than `want
 tokens, so what is taken is every cluster scoring at or above a threshold, the lowest
 score at which that holds (each pass sums the counts of the clusters above three
 trial values in one reduction and keeps the quarter of the range where it lies: 16
-passes where a bisection took 32, each a reduction across the program's warps). The same clusters as the ranking takes, but where scores tie at the
-threshold: there it takes every tied cluster where the ranking takes the tied ones it
-happened to rank first (both are "the best clusters"; more candidates than counted
-are then dropped past N, as ever).
+passes where a bisection took 32, each a reduction across the program's warps). The
+same clusters as the ranking takes, but where scores tie at the threshold: there it
+takes every tied cluster where the ranking takes the tied ones it happened to rank
+first (both are "the best clusters"; more candidates than counted are then dropped
+past N, as ever).
 
 The tokens kept (`top_ids`): the ids of each head's `want` largest weights (ties: the
 earlier candidate), in candidate order (the token order), the rows after them the head's
