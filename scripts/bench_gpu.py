@@ -338,6 +338,8 @@ def main() -> None:
     p.add_argument("--session-dir", type=Path, default=Path("/tmp/offload-bench-session"))
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/gpu_decode_ms_per_token.png"))
+    p.add_argument("--kernel-settings", type=Path, help="scripts/sweep_selection.py's results: "
+                   "its fastest launch settings are used (where the file exists)")  # fmt: skip
     args = p.parse_args()
     console = Console()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -347,6 +349,11 @@ def main() -> None:
     max_len = max(lengths) + args.tokens + 8
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
+    if args.kernel_settings and args.kernel_settings.exists():
+        from sweep_selection import apply_best
+
+        results["kernel_settings"] = apply_best(args.kernel_settings)
+        console.print("kernel settings", results["kernel_settings"])
 
     def record(system: str, length: int | None, figures: dict) -> None:
         row = {"system": system, "context": length, **figures}

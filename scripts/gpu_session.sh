@@ -9,8 +9,9 @@
 #   bash scripts/gpu_session.sh 1   # carry .dev/setup.sh .dev/whl .dev/model-a: the
 #                                   # suite's files that need neither the embedded model
 #                                   # nor the project's wheels the GPU image lacks, then
-#                                   # the 8B-shaped model's decode and prefill rows and
-#                                   # the selection kernels' launch settings (380 s)
+#                                   # the selection kernels' launch settings, and the
+#                                   # 8B-shaped model's decode and prefill rows with the
+#                                   # fastest of them (380 s)
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
 #                                   # 30 s: the other files, the embedded model's rows,
 #                                   # the sessions (380 s)
@@ -30,9 +31,9 @@ out=${OUT:-results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 case "${1:-all}" in
-  1) steps="info suite1 bench1 sweep" ;;
+  1) steps="info suite1 sweep bench1" ;;
   2) steps="suite2 bench2" ;;
-  all) steps="info suite1 bench1 sweep suite2 bench2 probes compiled" ;;
+  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled" ;;
   *) steps="$*" ;;
 esac
 # The project's wheels that the GPU image lacks (scripts/gpu_wheels.sh), once per machine.
@@ -82,8 +83,10 @@ for step in $steps; do
       for f in $second; do files+=("tests/$f.py"); done
       suite 2 170 "${files[@]}" ;;
     bench1)  # the targets first: the offloaded preset at 128k (prefilled layer by layer;
-      # its 8k row warms the kernels), the KV on the device at 8k
-      bench 1 110 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 ;;
+      # its 8k row warms the kernels), the KV on the device at 8k; with the fastest launch
+      # settings the sweep found, where it ran
+      bench 1 110 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 \
+        --kernel-settings "$out/sweep_selection.json" ;;
     bench2)  # the embedded model first (a target), then the sessions (the 128k one last)
       bench embedded 50 --systems embedded,embedded-torch-ops
       bench 2 160 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \

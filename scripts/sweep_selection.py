@@ -21,6 +21,7 @@ tests/emulated_run.py, with --quick: a few settings at a tiny shape).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from offload.kernels import gather as gather_kernels  # noqa: E402
 from offload.kernels import ranking  # noqa: E402
 
 CALLS, REPLAYS = 20, 10  # (--quick: 1, 1)
+# the module whose settings a kernel's best row names (`apply_best`)
+MODULES = {"clusters": candidate_kernels, "candidates": candidate_kernels,
+           "rerank": candidate_kernels, "top": ranking, "fetch a third": gather_kernels}  # fmt: skip
 
 
 def graph_us(fn) -> float:
@@ -197,6 +201,24 @@ def sweep(name, run, module, settings, check) -> list[dict]:
             row.update(row_error(e))
         rows.append(row)
     return rows
+
+
+def apply_best(path: Path) -> dict:
+    """Set the fastest settings a sweep's results (`path`) found for each kernel -> the
+    settings set. Not the clusters taken's warps (`head_warps`, which other kernels
+    share), nor where the split starts (the sweep splits every head, `SPLIT_ABOVE` 0;
+    the rows at fewer candidates say where it should), unless one program a head won.
+    """
+    best = json.loads(path.read_text())["best"]
+    applied = {}
+    for name, module in MODULES.items():
+        for key, value in best.get(name, {}).items():
+            if key == "SPLIT_ABOVE" and value == 0:
+                continue
+            if key.isupper() and hasattr(module, key):
+                setattr(module, key, value)
+                applied[key] = value
+    return applied
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert rows["tiered"]["prefill_between_layers_ms"] >= 0
 
 
-def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path):
+def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path, monkeypatch):
     sel = run_script("bench_selection.py", "--tokens", "2048", "--steps", "1", "--retrieved",
                      "128", out=tmp_path / "selection.json")  # fmt: skip
     assert [r["variant"] for r in sel["rows"]] == [
@@ -55,6 +55,17 @@ def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path):
     kernels = {r["kernel"] for r in sweep["rows"]}
     assert {"clusters", "take", "candidates", "rerank", "top", "fetch all"} <= kernels
     assert all(r["equal"] for r in sweep["rows"] if "variant" not in r), sweep["rows"]
+    # bench_gpu.py --kernel-settings: the fastest settings set on the kernels' modules
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from sweep_selection import MODULES, apply_best
+
+    for module in MODULES.values():  # (put back after the test)
+        for key in [k for k in vars(module) if k.isupper()]:
+            monkeypatch.setattr(module, key, getattr(module, key))
+    applied = apply_best(tmp_path / "sweep.json")
+    assert "BLOCK_CS" in applied and "BLOCK_K" in applied and "BLOCK_SPLIT" in applied
+    assert "SPLIT_ABOVE" not in applied  # (each head split in the sweep's rows)
+    assert MODULES["rerank"].BLOCK_N == applied["BLOCK_N"] == sweep["best"]["rerank"]["BLOCK_N"]
     # (3 layers: the preset's 2 dense ones and a sparse one)
     host = run_script("bench_step_host.py", "--tokens", "2048", "--layers", "3", "--steps", "2",
                       out=tmp_path / "host.json")  # fmt: skip
