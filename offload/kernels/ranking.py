@@ -48,6 +48,7 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import head_warps
+from offload.kernels.jitlib import helpers
 from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
@@ -168,10 +169,7 @@ def _kernels() -> SimpleNamespace:
         return tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
 
     global _add3, _key32  # (as _ordered)
-
-    @triton.jit
-    def _add3(a1, b1, c1, a2, b2, c2):
-        return a1 + a2, b1 + b2, c1 + c2
+    _add3 = helpers().add3
 
     @triton.jit
     def _key32(m):
