@@ -210,7 +210,7 @@ def test_clusters_tied_at_the_threshold_are_all_taken():
 def test_top_ids_kernel_matches_its_reference(block, split, monkeypatch):
     """The ids of the largest weights, by the kernel's radix select (a head's weights in
     registers; or blocks of 16, read in each pass; or spread over programs of `split`
-    weights) against torch's stable sort: weights tied at the cut (the earlier ones
+    weights, their histograms summed two at a time) against torch's stable sort: weights tied at the cut (the earlier ones
     kept, ties in several programs), zeros (a head's padding, or a head with no
     candidate), k_valid below k (the rows after the chosen ones: the first candidate),
     k = N, k_valid = 0."""
@@ -219,6 +219,7 @@ def test_top_ids_kernel_matches_its_reference(block, split, monkeypatch):
     if split:
         monkeypatch.setattr(ranking, "SPLIT_ABOVE", 0)
         monkeypatch.setattr(ranking, "BLOCK_SPLIT", split)
+        monkeypatch.setattr(ranking, "SPLIT_ROWS", 2)  # (7 programs a head: 4 reads of them)
     else:
         monkeypatch.setattr(ranking, "SPLIT_ABOVE", 10**9)
     g = torch.Generator().manual_seed(4)
