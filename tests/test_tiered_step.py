@@ -36,11 +36,18 @@ def _tiered_pair(tiny_dirs, hit_factor=None, **overrides):
     return rt, eager, stepped
 
 
-@pytest.mark.parametrize("hit_factor", [None, 2.0])
-def test_fixed_shape_tiered_step_equals_eager_sparse_decode(tiny_dirs, hit_factor):
+@pytest.mark.parametrize("hit_factor, split", [(None, False), (2.0, False), (2.0, True)])
+def test_fixed_shape_tiered_step_equals_eager_sparse_decode(
+    tiny_dirs, hit_factor, split, monkeypatch
+):
     """With and without the step's device hit caches (only their misses are read from
-    the host tier: counted in the store's reads)."""
+    the host tier: counted in the store's reads); and with the tokens kept selected by
+    the split kernels (`top_ids_split`, which only a larger context reaches: forced)."""
+    from offload.kernels import ranking
     from storage.tiered import TierReads
+
+    if split:  # (4,352 candidates a head, the index's tail: 5 programs of 1,024)
+        monkeypatch.setattr(ranking, "SPLIT_ABOVE", 0)
 
     rt, eager, stepped = _tiered_pair(tiny_dirs, hit_factor)
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
