@@ -46,8 +46,12 @@ def test_fixed_shape_tiered_step_equals_eager_sparse_decode(
     from offload.kernels import ranking
     from storage.tiered import TierReads
 
-    if split:  # (4,352 candidates a head, the index's tail: 5 programs of 1,024)
+    if split:  # (4,352 candidates a head, the index's tail: 3 programs of 2,048)
         monkeypatch.setattr(ranking, "SPLIT_ABOVE", 0)
+        monkeypatch.setattr(ranking, "INTERPRETED_SPLIT_ABOVE", 0)
+        monkeypatch.setattr(ranking, "BLOCK_SPLIT", 2048)
+    else:  # (one program a head, on a GPU too)
+        monkeypatch.setattr(ranking, "SPLIT_ABOVE", 10**9)
 
     rt, eager, stepped = _tiered_pair(tiny_dirs, hit_factor)
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]

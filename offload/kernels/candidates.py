@@ -47,12 +47,12 @@ block's candidates and the second writing them after those of the blocks before 
 from __future__ import annotations
 
 import functools
-import os
 from types import SimpleNamespace
 
 import torch
 
 from offload.kernels import supports_head_dim
+from offload.kernels.jitlib import interpreted
 from retrieval.base import exact_logits, fine_softmax_sum, row_max
 from storage.quant import QuantKeys
 from storage.quant import score_candidates as reference_scores
@@ -72,10 +72,6 @@ BLOCK_W = 1024  # candidates per program of the rerank's softmax sum
 BLOCK_STATS = 1024  # (at most) its programs' statistics read at a time
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def score_clusters_ref(q, centroids, bias):
     """q [H, R, D] against centroids [H, NC, D] float32 -> [H, NC] float32: each
     cluster's largest logit over the rows (unscaled), plus bias [H, NC]."""
@@ -91,7 +87,7 @@ def score_clusters(q, centroids, bias):
     assert centroids.dtype == torch.float32 and centroids.stride(2) == 1 and bias.stride(1) == 1
     assert q.stride(2) == 1
     out = torch.empty(H, NC, dtype=torch.float32, device=q.device)
-    block = INTERPRETED_BLOCK_N if _interpreted() else BLOCK_CS
+    block = INTERPRETED_BLOCK_N if interpreted() else BLOCK_CS
     _kernels().clusters[(H, triton.cdiv(NC, block))](
         q, centroids, bias, out, R, NC, D, q.stride(0), q.stride(1), centroids.stride(0),
         centroids.stride(1), bias.stride(0),
@@ -169,7 +165,7 @@ def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
     assert q.stride(2) == 1 and ids.is_contiguous() and count.dim() == 1
     assert codes.stride(2) == 1 and scale.stride() == zero.stride() and scale.stride(2) == 1
     out = torch.empty(H, R, N, dtype=torch.float32, device=q.device)
-    block = INTERPRETED_BLOCK_N if _interpreted() else BLOCK_N
+    block = INTERPRETED_BLOCK_N if interpreted() else BLOCK_N
     blocks = triton.cdiv(N, block)
     top = torch.empty(H, R, blocks, dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)

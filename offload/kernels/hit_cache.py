@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import head_warps
-from offload.kernels.jitlib import helpers
+from offload.kernels.jitlib import helpers, interpreted
 from offload.kernels.ranking import first_ranked
 
 BLOCK_IDS = 1024  # ids per iteration (at most; a power of two)
@@ -93,6 +93,7 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts):
         to, miss.view(torch.uint8), rows, k, M,
         slot_of.stride(0), token_of.stride(0), used.stride(0),
         BLOCK=min(BLOCK_IDS, triton.next_power_of_2(k)), BLOCK_M=block_m, WHOLE=M <= block_m,
+        ONE_ROUND=not interpreted(),
         num_warps=head_warps(block_m),
     )  # fmt: skip
     return to, miss, rows
@@ -103,13 +104,14 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    global _add3  # (Triton looks a kernel's callees up among its module's globals)
-    _add3 = helpers().add3
+    global _sum3  # (Triton looks a kernel's callees up among its module's globals)
+    _sum3 = helpers().sum3
 
     @triton.jit
     def lookup(IDS, K_VALID, SLOT_OF, TOKEN_OF, USED, CLOCK, COUNTS, SLOTS, VICTIMS,
                TO, MISS, ROWS, k, M, s_slot_of, s_token_of, s_used,
-               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
+               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, WHOLE: tl.constexpr,
+               ONE_ROUND: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         valid = tl.load(K_VALID)
         now = tl.load(CLOCK + h) + 1
@@ -148,15 +150,15 @@ def _kernels() -> SimpleNamespace:
             m2 = lo + (hi - lo) // 2
             m3 = lo + (hi - lo) * 3 // 4
             if WHOLE:
-                n1, n2, n3 = tl.reduce(((u <= m1).to(tl.int32), (u <= m2).to(tl.int32),
-                                        (u <= m3).to(tl.int32)), 0, _add3)  # fmt: skip
+                n1, n2, n3 = _sum3((u <= m1).to(tl.int32), (u <= m2).to(tl.int32),
+                                   (u <= m3).to(tl.int32), ONE_ROUND)  # fmt: skip
             else:
                 n1 = tl.zeros([], tl.int32)
                 n2, n3 = n1, n1
                 for start in range(0, M, BLOCK_M):
                     x = tl.load(USED + h * s_used + start + c, mask=start + c < M, other=2**62)
-                    b1, b2, b3 = tl.reduce(((x <= m1).to(tl.int32), (x <= m2).to(tl.int32),
-                                            (x <= m3).to(tl.int32)), 0, _add3)  # fmt: skip
+                    b1, b2, b3 = _sum3((x <= m1).to(tl.int32), (x <= m2).to(tl.int32),
+                                       (x <= m3).to(tl.int32), ONE_ROUND)  # fmt: skip
                     n1, n2, n3 = n1 + b1, n2 + b2, n3 + b3
             # (the counts rise with the trial: the first at or past `misses` bounds it)
             hi = tl.where(

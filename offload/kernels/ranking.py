@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import head_warps
-from offload.kernels.jitlib import helpers
+from offload.kernels.jitlib import helpers, interpreted
 from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
@@ -60,6 +60,10 @@ BLOCK_READ = 4096  # values read at a time by the passes that list the tokens ke
 # an H200, 8 heads x 16,640 weights: 72 us against 77 at 2048 and 81 for torch's topk and
 # a gather; 8 warps, `head_warps`, were the best at each size: scripts/sweep_selection.py)
 SPLIT_ABOVE = 4096  # weights per head past which `top_ids` spreads a head over programs
+# Triton's interpreter (the CPU tests) runs one program a head up to more: its five
+# launches of many programs took 14x as long there (0.66 s a call at 4,352 weights), the
+# same ids. Tests of the split set both.
+INTERPRETED_SPLIT_ABOVE = 32768
 BLOCK_SPLIT = 1024  # weights per program there
 SPLIT_WARPS = 4
 SPLIT_ROWS = 8  # programs' histograms summed at a time (in registers: ROWS x 256)
@@ -88,7 +92,7 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     _kernels().take[(H,)](
         scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block,
-        num_warps=head_warps(block),
+        ONE_ROUND=not interpreted(), num_warps=head_warps(block),
     )  # fmt: skip
     return take
 
@@ -120,7 +124,7 @@ def top_ids(weights, ids, k: int, k_valid=None):
     H, N = weights.shape
     assert weights.is_contiguous() and weights.dtype == torch.float32 and ids.stride(1) == 1
     assert N >= k
-    if N > SPLIT_ABOVE:
+    if N > (INTERPRETED_SPLIT_ABOVE if interpreted() else SPLIT_ABOVE):
         return top_ids_split(weights, ids, k, k_valid)
     out = torch.empty(H, k, dtype=ids.dtype, device=ids.device)
     whole = N <= BLOCK_TOP
@@ -168,8 +172,8 @@ def _kernels() -> SimpleNamespace:
         x = x.to(tl.int32, bitcast=True)
         return tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
 
-    global _add3, _key32  # (as _ordered)
-    _add3 = helpers().add3
+    global _sum3, _key32  # (as _ordered)
+    _sum3 = helpers().sum3
 
     @triton.jit
     def _key32(m):
@@ -177,8 +181,8 @@ def _kernels() -> SimpleNamespace:
         return tl.maximum(m, -(2**31)).to(tl.int32)
 
     @triton.jit
-    def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
-             K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
+    def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k, K_VALID: tl.constexpr,
+             BLOCK: tl.constexpr, WHOLE: tl.constexpr, ONE_ROUND: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         if K_VALID:
             k = tl.load(K_VALID_PTR)
@@ -211,8 +215,8 @@ def _kernels() -> SimpleNamespace:
             t1, t2, t3 = _key32(m1), _key32(m2), _key32(m3)
             # (integer counts: float32 sums are exact, as the reference's cumsum)
             if WHOLE:
-                a1, a2, a3 = tl.reduce((tl.where(key > t1, n, 0.0), tl.where(key > t2, n, 0.0),
-                                        tl.where(key > t3, n, 0.0)), 0, _add3)  # fmt: skip
+                a1, a2, a3 = _sum3(tl.where(key > t1, n, 0.0), tl.where(key > t2, n, 0.0),
+                                   tl.where(key > t3, n, 0.0), ONE_ROUND)  # fmt: skip
             else:
                 a1 = tl.zeros([], tl.float32)
                 a2, a3 = a1, a1
@@ -221,8 +225,8 @@ def _kernels() -> SimpleNamespace:
                     x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
                     x = _ordered(x)
                     m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
-                    b1, b2, b3 = tl.reduce((tl.where(x > t1, m, 0.0), tl.where(x > t2, m, 0.0),
-                                            tl.where(x > t3, m, 0.0)), 0, _add3)  # fmt: skip
+                    b1, b2, b3 = _sum3(tl.where(x > t1, m, 0.0), tl.where(x > t2, m, 0.0),
+                                       tl.where(x > t3, m, 0.0), ONE_ROUND)  # fmt: skip
                     a1, a2, a3 = a1 + b1, a2 + b2, a3 + b3
             # (the sums fall as the trial rises: the first below want bounds it above)
             hi = tl.where(a1 < want, m1, tl.where(a2 < want, m2, tl.where(a3 < want, m3, hi)))
