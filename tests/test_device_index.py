@@ -164,18 +164,15 @@ def test_candidate_list_kernels_match_their_reference(N, block, monkeypatch):
     assert int(full.max()) > 64 and int(full[2]) == 0  # some dropped at N = 64; an empty head
 
 
-@pytest.mark.parametrize("block, one_round", [(16, False), (16384, False), (16384, True)])
-def test_cluster_taking_kernel_matches_its_reference(block, one_round, monkeypatch):
-    """The clusters taken, by the kernel's search over the scores (all of a head's in
+@pytest.mark.parametrize("block", [16, 16384])
+def test_cluster_taking_kernel_matches_its_reference(block, monkeypatch):
+    """The clusters taken, by the kernel's bisection over the scores (all of a head's in
     registers; or blocks of 16 clusters, read in each pass) against the ranking of the
     torch code: scores of both signs, zero and -inf (the buffer's slots past the real
     clusters, with no tokens), counts with a row stride (the index's), a head whose best
     cluster alone is enough, a head that takes every cluster, want = 0 (the best cluster
-    still taken), want from a device tensor. Its three sums a pass as the GPU makes them
-    (one reduction of the three: slow in the interpreter, which the other cases spare)."""
+    still taken), want from a device tensor."""
     monkeypatch.setattr(ranking, "BLOCK_C", block)
-    if one_round:
-        monkeypatch.setattr(ranking, "interpreted", lambda: False)
     g = torch.Generator().manual_seed(3)
     H, NC = 4, 100  # NC: not a multiple of the block
     scores = torch.randn(H, NC, generator=g) * 10

@@ -122,18 +122,15 @@ def test_growing_the_token_capacity_keeps_what_is_cached():
     assert counts.tolist() == [8, 3]
 
 
-@pytest.mark.parametrize("blocks, one_round", [(None, False), ((4, 16), False), (None, True)])
-def test_lookup_kernel_matches_its_torch_reference(blocks, one_round, monkeypatch):
+@pytest.mark.parametrize("blocks", [None, (4, 16)])
+def test_lookup_kernel_matches_its_torch_reference(blocks, monkeypatch):
     """The lookup kernel against the torch code it replaces: the same tables, clocks,
     counts, slots fetched and output rows, step after step, with evictions (ties among
     the least recent stamps: a step's misses share one), partial k_valid and
     truncations (distinct ids per head: with repeated ones which of a token's slots
     `slot_of` names is unspecified). With blocks of 4 ids and 16 slots: several
     iterations of each pass (its running counts), the slots' stamps read a block at a
-    time in the search. With the search's three counts a pass as the GPU makes them (one
-    reduction of the three: slow in the interpreter, which the other cases spare)."""
-    if one_round:
-        monkeypatch.setattr(hit_cache, "interpreted", lambda: False)
+    time in the bisection."""
     if blocks:
         monkeypatch.setattr(hit_cache, "BLOCK_IDS", blocks[0])
         monkeypatch.setattr(hit_cache, "BLOCK_SLOTS", blocks[1])

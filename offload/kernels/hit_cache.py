@@ -9,10 +9,9 @@ program per KV head, in passes over the head's ids and slots:
        (slot_of[h, ids[h, j]]), the slots hit stamped with now, the misses among the
        first k_valid rows counted
     2  the victims: the `misses` least recently used slots, ties to the lower slot. The
-       threshold stamp is found by search over the stamps (integers from the oldest
-       stamp to now: counts of the slots at or below three trial stamps per pass, in one
-       reduction, the quarter of the range they bound kept; about log4 of the steps
-       since the oldest slot was used, the stamps held in registers up
+       threshold stamp is found by bisection over the stamps (integers from the oldest
+       stamp to now: a count of the slots at or below a trial stamp per pass, about
+       log2 of the steps since the oldest slot was used, the stamps held in registers up
        to `BLOCK_SLOTS` slots, read a block at a time past that), then the slots below
        it and the first ties are listed in slot order
     3  the j-th miss takes the j-th victim: its old token forgotten (slot_of = -1)
@@ -35,7 +34,6 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import head_warps
-from offload.kernels.jitlib import helpers, interpreted
 from offload.kernels.ranking import first_ranked
 
 BLOCK_IDS = 1024  # ids per iteration (at most; a power of two)
@@ -93,7 +91,6 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts):
         to, miss.view(torch.uint8), rows, k, M,
         slot_of.stride(0), token_of.stride(0), used.stride(0),
         BLOCK=min(BLOCK_IDS, triton.next_power_of_2(k)), BLOCK_M=block_m, WHOLE=M <= block_m,
-        ONE_ROUND=not interpreted(),
         num_warps=head_warps(block_m),
     )  # fmt: skip
     return to, miss, rows
@@ -104,14 +101,10 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    global _sum3  # (Triton looks a kernel's callees up among its module's globals)
-    _sum3 = helpers().sum3
-
     @triton.jit
     def lookup(IDS, K_VALID, SLOT_OF, TOKEN_OF, USED, CLOCK, COUNTS, SLOTS, VICTIMS,
                TO, MISS, ROWS, k, M, s_slot_of, s_token_of, s_used,
-               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, WHOLE: tl.constexpr,
-               ONE_ROUND: tl.constexpr):  # fmt: skip
+               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         valid = tl.load(K_VALID)
         now = tl.load(CLOCK + h) + 1
@@ -134,7 +127,7 @@ def _kernels() -> SimpleNamespace:
         # Pass 2: the threshold stamp, the least in (lo, hi] with at least `misses` slots
         # at or below it (none at or below lo, below the oldest stamp; all of them at or
         # below now). The stamps span the steps since the oldest slot was used, so the
-        # passes are about log4 of that, not of the steps decoded.
+        # passes are about log2 of that, not of the steps decoded.
         c = tl.arange(0, BLOCK_M)
         if WHOLE:
             u = tl.load(USED + h * s_used + c, mask=c < M, other=2**62)
@@ -145,26 +138,19 @@ def _kernels() -> SimpleNamespace:
                 x = tl.load(USED + h * s_used + start + c, mask=start + c < M, other=2**62)
                 lo = tl.minimum(lo, tl.min(x, axis=0) - 1)
         hi = tl.where(misses > 0, now, lo + 1)  # (no miss: no victim, no pass)
-        while hi - lo > 1:  # (three trial stamps a pass: the quarter of (lo, hi] kept)
-            m1 = lo + (hi - lo) // 4
-            m2 = lo + (hi - lo) // 2
-            m3 = lo + (hi - lo) * 3 // 4
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
             if WHOLE:
-                n1, n2, n3 = _sum3((u <= m1).to(tl.int32), (u <= m2).to(tl.int32),
-                                   (u <= m3).to(tl.int32), ONE_ROUND)  # fmt: skip
+                n = tl.sum((u <= mid).to(tl.int32), axis=0)
             else:
-                n1 = tl.zeros([], tl.int32)
-                n2, n3 = n1, n1
+                n = tl.zeros([], tl.int32)
                 for start in range(0, M, BLOCK_M):
                     x = tl.load(USED + h * s_used + start + c, mask=start + c < M, other=2**62)
-                    b1, b2, b3 = _sum3((x <= m1).to(tl.int32), (x <= m2).to(tl.int32),
-                                       (x <= m3).to(tl.int32), ONE_ROUND)  # fmt: skip
-                    n1, n2, n3 = n1 + b1, n2 + b2, n3 + b3
-            # (the counts rise with the trial: the first at or past `misses` bounds it)
-            hi = tl.where(
-                n1 >= misses, m1, tl.where(n2 >= misses, m2, tl.where(n3 >= misses, m3, hi))
-            )
-            lo = tl.where(n3 < misses, m3, tl.where(n2 < misses, m2, tl.where(n1 < misses, m1, lo)))
+                    n += tl.sum((x <= mid).to(tl.int32), axis=0)
+            if n >= misses:
+                hi = mid
+            else:
+                lo = mid
         # The victims in slot order: every slot below the threshold, then the first ties
         # (BLOCK slots at a time: a scan over a block of BLOCK_M would take more registers).
         ties = misses

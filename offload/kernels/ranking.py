@@ -12,13 +12,11 @@ several kernels once a head has more than 4,096 clusters: past 64k tokens) and t
 kernels on [H, NC] (a gather, a cumsum, comparisons, a scatter). Without the sort: a
 cluster is taken when the clusters scoring strictly higher hold fewer than `want`
 tokens, so what is taken is every cluster scoring at or above a threshold, the lowest
-score at which that holds (each pass sums the counts of the clusters above three
-trial values in one reduction and keeps the quarter of the range where it lies: 16
-passes where a bisection took 32, each a reduction across the program's warps). The
-same clusters as the ranking takes, but where scores tie at the threshold: there it
-takes every tied cluster where the ranking takes the tied ones it happened to rank
-first (both are "the best clusters"; more candidates than counted are then dropped
-past N, as ever).
+score at which that holds (each pass sums the counts of the clusters above a trial
+value). The same clusters as the ranking takes, but where scores tie at the
+threshold: there it takes every tied cluster where the ranking takes the tied ones it
+happened to rank first (both are "the best clusters"; more candidates than counted
+are then dropped past N, as ever).
 
 The tokens kept (`top_ids`): the ids of each head's `want` largest weights (ties: the
 earlier candidate), in candidate order (the token order), the rows after them the head's
@@ -48,11 +46,11 @@ from types import SimpleNamespace
 import torch
 
 from offload.kernels import head_warps
-from offload.kernels.jitlib import helpers, interpreted
+from offload.kernels.jitlib import interpreted
 from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
-# most: past it, it reads them a block at a time in each of its 16 passes)
+# most: past it, it reads them a block at a time in each of its 32 passes)
 BLOCK_TOP = 8192  # weights `top_ids`' holds, past it read a block at a time in each
 # pass (as a step's 16,896 candidates of the 8B shape at 128k are: with Triton 3.6, 16,384
 # in registers spilled, 32,768 spilled 6.7 KB; with 3.9 neither)
@@ -92,7 +90,7 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     _kernels().take[(H,)](
         scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block,
-        ONE_ROUND=not interpreted(), num_warps=head_warps(block),
+        num_warps=head_warps(block),
     )  # fmt: skip
     return take
 
@@ -172,17 +170,9 @@ def _kernels() -> SimpleNamespace:
         x = x.to(tl.int32, bitcast=True)
         return tl.where(x >= 0, x, x ^ 0x7FFFFFFF)
 
-    global _sum3, _key32  # (as _ordered)
-    _sum3 = helpers().sum3
-
     @triton.jit
-    def _key32(m):
-        """An int64 trial value in (-2^31 - 1, 2^31) as int32 (-2^31 - 1: -2^31)."""
-        return tl.maximum(m, -(2**31)).to(tl.int32)
-
-    @triton.jit
-    def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k, K_VALID: tl.constexpr,
-             BLOCK: tl.constexpr, WHOLE: tl.constexpr, ONE_ROUND: tl.constexpr):  # fmt: skip
+    def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
+             K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         if K_VALID:
             k = tl.load(K_VALID_PTR)
@@ -203,34 +193,23 @@ def _kernels() -> SimpleNamespace:
                 x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
                 x = _ordered(x)
                 hi = tl.maximum(hi, tl.max(x, 0).to(tl.int64))
-        # Three trial values a pass, at the quarters of (lo, hi]: the tokens above each
-        # summed in one reduction (of three values), then (lo, hi] narrowed to the
-        # quarter where the sum falls below want. (hi - lo <= 2^32: quartered 16 times,
-        # it is 1.)
-        for _ in range(16):
-            m1 = lo + (hi - lo) // 4
-            m2 = lo + (hi - lo) // 2
-            m3 = lo + (hi - lo) * 3 // 4
-            # compared in 32 bits (no key is -2^31, a NaN's pattern: above it is above lo)
-            t1, t2, t3 = _key32(m1), _key32(m2), _key32(m3)
+        for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
+            mid = lo + (hi - lo) // 2
             # (integer counts: float32 sums are exact, as the reference's cumsum)
             if WHOLE:
-                a1, a2, a3 = _sum3(tl.where(key > t1, n, 0.0), tl.where(key > t2, n, 0.0),
-                                   tl.where(key > t3, n, 0.0), ONE_ROUND)  # fmt: skip
+                above = tl.sum(tl.where(key > mid, n, 0.0), 0)
             else:
-                a1 = tl.zeros([], tl.float32)
-                a2, a3 = a1, a1
+                above = tl.zeros([], tl.float32)
                 for start in range(0, NC, BLOCK):
                     c = start + r
                     x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
                     x = _ordered(x)
                     m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
-                    b1, b2, b3 = _sum3(tl.where(x > t1, m, 0.0), tl.where(x > t2, m, 0.0),
-                                       tl.where(x > t3, m, 0.0), ONE_ROUND)  # fmt: skip
-                    a1, a2, a3 = a1 + b1, a2 + b2, a3 + b3
-            # (the sums fall as the trial rises: the first below want bounds it above)
-            hi = tl.where(a1 < want, m1, tl.where(a2 < want, m2, tl.where(a3 < want, m3, hi)))
-            lo = tl.where(a3 >= want, m3, tl.where(a2 >= want, m2, tl.where(a1 >= want, m1, lo)))
+                    above += tl.sum(tl.where(x > mid, m, 0.0), 0)
+            if above < want:
+                hi = mid
+            else:
+                lo = mid
         for start in range(0, NC, BLOCK):
             c = start + r
             x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
