@@ -18,6 +18,8 @@ run. Tests check each kernel against its reference on the CPU with
 
 from __future__ import annotations
 
+import os
+
 
 def triton_available() -> bool:
     """Is the `triton` package importable (CUDA builds of torch bring it)?"""
@@ -38,3 +40,10 @@ def supports_head_dim(head_dim: int) -> bool:
     """Do the kernels take this head dim (decode attention's `tl.dot` and the rerank's
     unpacking want a power of two, at least 16: every Llama, Mistral and Qwen2 size)?"""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def interpreted() -> bool:
+    """Do the kernels run in Triton's interpreter (the CPU tests)? It runs a launch's
+    programs one after another, each operation a numpy call: some launches take other
+    settings there, with the same results."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

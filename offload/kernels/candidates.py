@@ -51,8 +51,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import supports_head_dim
-from offload.kernels.jitlib import interpreted
+from offload.kernels import interpreted, supports_head_dim
 from retrieval.base import exact_logits, fine_softmax_sum, row_max
 from storage.quant import QuantKeys
 from storage.quant import score_candidates as reference_scores

@@ -45,8 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import head_warps
-from offload.kernels.jitlib import interpreted
+from offload.kernels import head_warps, interpreted
 from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
