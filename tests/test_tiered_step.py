@@ -36,7 +36,7 @@ def _tiered_pair(tiny_dirs, hit_factor=None, **overrides):
     return rt, eager, stepped
 
 
-@pytest.mark.parametrize("hit_factor, split", [(None, False), (2.0, False), (2.0, True)])
+@pytest.mark.parametrize("hit_factor, split", [(None, False), (2.0, True)])
 def test_fixed_shape_tiered_step_equals_eager_sparse_decode(
     tiny_dirs, hit_factor, split, monkeypatch
 ):
