@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import profile_kernels, row_error, write_json  # noqa: E402
+from evalkit import captured, profile_kernels, row_error, write_json  # noqa: E402
 
 from offload.backend import Backend  # noqa: E402
 from offload.step_cache import StepHitCache  # noqa: E402
@@ -114,14 +114,7 @@ def measure(state, backend, steps, device, K) -> dict:
     row = {"eager_ms_per_layer": statistics.median(timed(state, q, run, steps, device))}
     if device.type == "cuda":
         row.update(profile_kernels(run, 1, "layer"))
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            run()
+        graph = captured(run)
         row["ms_per_layer"] = statistics.median(timed(state, q, graph.replay, steps, device))
     return row
 

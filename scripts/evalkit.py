@@ -200,6 +200,21 @@ def kernel_table(events, calls: int, top: int = 12) -> dict:
     }
 
 
+def captured(run, calls: int = 1):
+    """A CUDA graph of `calls` calls of `run`, captured after one call on a side stream
+    (as torch asks: the allocator and lazy initialisations warmed outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            run()
+    return graph
+
+
 def profile_kernels(run, calls: int, per: str) -> dict:
     """The GPU kernels of `run` (which makes `calls` calls), from torch's profiler: launches
     and GPU time per call (keys named `per` it) and the kernels that took most of it. Where

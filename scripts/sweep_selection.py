@@ -30,7 +30,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_selection import FACTOR, SINK, WINDOW, H, layer_state  # noqa: E402
-from evalkit import row_error, write_json  # noqa: E402
+from evalkit import captured, row_error, write_json  # noqa: E402
 
 from offload.backend import Backend  # noqa: E402
 from offload.kernels import candidates as candidate_kernels  # noqa: E402
@@ -45,15 +45,7 @@ MODULES = {"clusters": candidate_kernels, "candidates": candidate_kernels,
 
 def graph_us(fn) -> float:
     """us per call of `fn`, captured 20 times in a CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
+    graph = captured(fn, CALLS)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
