@@ -8,7 +8,8 @@ decode tokens/s on the GPU.
                    device-torch-ops,embedded-torch-ops]
         [--shape llama-8b] [--fill-above 32768] [--session-lengths 8192,131072]
         [--session-dir /tmp/offload-bench-session] [--out results/bench_gpu.json]
-        [--plot docs/gpu_decode_ms_per_token.png]
+        [--plot docs/gpu_decode_ms_per_token.png] [--set hit_cache=4.0 ...]
+        [--profile-question]
 
 Systems:
   device        ours, all KV on the device (`mode = "full"`): each decode step one CUDA
@@ -39,7 +40,12 @@ Systems:
                 seconds and time to its first token; then, once the session is read into
                 host memory (the rest of that read timed), another new question (the
                 embedded model's tokenizer; random KV above `--fill-above`). Written
-                under `--session-dir` and removed after.
+                under `--session-dir` and removed after. The peak device memory of the
+                load and of the questions beside the row's; `--profile-question`: the
+                functions the first question spent its host time in (cProfile).
+
+`--set KEY=VALUE` changes the preset's config (offloaded, tiered, session rows), as
+`offload --set` does; the JSON records it.
 
 Random token ids (speed does not depend on them); greedy decoding. Each figure is
 the mean over `--tokens` steps after two warm-up steps (capture happens there).
@@ -49,7 +55,9 @@ Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -207,7 +215,7 @@ def step_kernels(cache, model, token: int, steps: int = 4) -> dict:
     return profile_kernels(run, steps, "step")
 
 
-def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
+def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: bool = False) -> dict:
     """A saved session of `length` tokens: save, load in a fresh runtime, and the time
     to the first token of a new 24-token question asked at once, and of another after
     the session is read into host memory."""
@@ -240,21 +248,44 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path) -> dict:
     loaded = Runtime.load_session(path, config=rt.config, model=rt)
     sync()
     load_s = time.perf_counter() - t
+    load_peak = peak_gib()
+    reset_peak()
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
     first_s, first_parts = _first_token(loaded, ids, gen)  # asked at once: the warmer reads too
+    if profiler is not None:
+        profiler.disable()
+    question_peak = peak_gib()
     t = time.perf_counter()
     store = loaded._state.cache.store
     if store is not None:
         store.warm().wait()  # the rest of the read-in (storage/warm.py)
     warm_s = time.perf_counter() - t
+    reset_peak()
     warm_first_s, warm_parts = _first_token(loaded, ids, gen)  # a question after the read-in
     loaded._state.cache.close()
+    peaks = [load_peak, question_peak, peak_gib()]
     return {"prefill_seconds": None if fill else made_s,
             "prefill_between_layers_ms": layers.get("between_layers_ms"), "save_seconds": save_s,
             "session_gib": saved["bytes"] / 2**30, "load_seconds": load_s,
             "question_first_token_seconds": first_s, "ttft_seconds": load_s + first_s,
             "warm_rest_seconds": warm_s, "warm_question_first_token_seconds": warm_first_s,
             "question_parts": first_parts, "warm_question_parts": warm_parts,
-            "peak_device_gib": peak_gib(), "kv_filled": fill}  # fmt: skip
+            "peak_device_gib": None if peaks[0] is None else max(peaks),
+            "load_peak_gib": peaks[0], "question_peak_gib": peaks[1],
+            "warm_question_peak_gib": peaks[2], "kv_filled": fill,
+            **({"question_profile": _top_functions(profiler)} if profiler else {})}  # fmt: skip
+
+
+def _top_functions(profiler: cProfile.Profile, n: int = 25) -> list[str]:
+    """The n functions with the most cumulative time: "seconds calls file:line(name)"."""
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:n]
+    return [
+        f"{ct:.3f} {nc} {Path(f).name}:{line}({name})"
+        for (f, line, name), (_, nc, _, ct, _) in rows
+    ]
 
 
 def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[float, dict]:
@@ -265,10 +296,6 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
     question = torch.randint(0, rt.args.vocab_size, (24,), generator=gen).tolist()
     cache = rt._state.cache
     tiered = cache.store is not None  # (a session that fits the device cache went there)
-    st, reads = (cache.policy.stats, cache.store.reads) if tiered else (None, None)
-    keys = ("selection_seconds", "fetch_seconds", "index_seconds")
-    seconds0 = [getattr(st, k) for k in keys] if tiered else []
-    bytes0 = dict(reads.nbytes) if tiered else {}
     t = time.perf_counter()
     steps = rt._run(rt._state, ids + question, 1, {}, None)
     next(steps)
@@ -276,10 +303,12 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
     seconds = time.perf_counter() - t
     steps.close()
     parts: dict = {"kv": "tiers" if tiered else "device"}
-    if tiered:
-        parts.update({k: getattr(st, k) - b for k, b in zip(keys, seconds0, strict=True)})
-        for tier, n in reads.nbytes.items():
-            parts[f"{tier}_read_gib"] = (n - bytes0.get(tier, 0)) / 2**30
+    if tiered:  # (a request starts its own counts: `Runtime._run`)
+        st = cache.policy.stats
+        parts.update({k: getattr(st, k) for k in ("selection_seconds", "fetch_seconds",
+                                                  "index_seconds")})  # fmt: skip
+        for tier, n in cache.store.reads.nbytes.items():
+            parts[f"{tier}_read_gib"] = n / 2**30
     return seconds, parts
 
 
@@ -340,6 +369,10 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=Path("docs/gpu_decode_ms_per_token.png"))
     p.add_argument("--kernel-settings", type=Path, help="scripts/sweep_selection.py's results: "
                    "its fastest launch settings are used (where the file exists)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a change to the preset's config (offloaded, tiered, session)")  # fmt: skip
+    p.add_argument("--profile-question", action="store_true",
+                   help="the session rows' first question under cProfile")  # fmt: skip
     args = p.parse_args()
     console = Console()
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -349,6 +382,12 @@ def main() -> None:
     max_len = max(lengths) + args.tokens + 8
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
+    preset = RuntimeConfig.from_toml(OFFLOADED_PRESET)
+    if args.set:
+        from cli.main import parse_overrides
+
+        results["set"] = parse_overrides(tuple(args.set))
+        preset = preset.replace(**results["set"])
     if args.kernel_settings and args.kernel_settings.exists():
         from sweep_selection import apply_best
 
@@ -366,7 +405,7 @@ def main() -> None:
         if system.startswith("device"):
             config = RuntimeConfig().replace(mode="full")
         else:
-            config = RuntimeConfig.from_toml(OFFLOADED_PRESET)
+            config = preset
             if system.startswith("tiered"):
                 config = config.replace(mode="sparse")
         if system.endswith("-compiled"):
@@ -389,7 +428,7 @@ def main() -> None:
     if "session" in systems:
         import shutil
 
-        config = RuntimeConfig.from_toml(OFFLOADED_PRESET)
+        config = preset
         if device_of().type != "cuda":
             config = config.replace(device="cpu", dtype="bfloat16")
         tok = Runtime.from_pretrained("smollm2", device="cpu").tokenizer
@@ -398,7 +437,8 @@ def main() -> None:
         for n in session_lengths:
             path = args.session_dir / f"s{n}"
             try:
-                record("session", n, bench_session(rt, n, n > args.fill_above, path))
+                figures = bench_session(rt, n, n > args.fill_above, path, args.profile_question)
+                record("session", n, figures)
             except Exception as e:
                 record("session", n, row_error(e))
             finally:

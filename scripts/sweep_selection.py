@@ -117,7 +117,7 @@ def kernels(x: dict) -> dict:
         "top": (
             lambda: rk.top_ids(x["weights"], x["ids"], K, k_valid),
             rk,
-            product(**split, BLOCK_SPLIT=(1024, 512, 2048), SPLIT_WARPS=(4, 8))
+            product(**split, BLOCK_SPLIT=(2048, 1024, 4096), SPLIT_WARPS=(4, 8))
             + product(**split, SPLIT_ROWS=(2, 16))
             + product(SPLIT_ABOVE=[10**9]),  # one program a head (until 12-04)
         ),
@@ -125,7 +125,6 @@ def kernels(x: dict) -> dict:
             lambda: ck.rerank_weights(x["q"], x["summaries"], x["ids"], x["count"], sm),
             ck,
             product(BLOCK_N=(32, 16, 64), SCORE_WARPS=(4, 2, 8))
-            + product(SCORE_DOT=[False], BLOCK_N=(32, 64))  # (the row loop: until 12-04)
             + product(BLOCK_W=(512, 2048)),
         ),
         "fetch a third": (

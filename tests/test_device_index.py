@@ -50,14 +50,11 @@ def test_device_selection_equals_cluster_index_selection(seed, factor):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("D, rows", [(64, 3), (128, 70)])
-@pytest.mark.parametrize("dot", [True, False])
-def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows, dot, monkeypatch):
+def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows, monkeypatch):
     """The Triton rerank (in the interpreter on a CPU) against the torch reference: low-bit
     keys dequantized in registers, padding past each head's count at -inf. With the GPU's
-    block of candidates (the interpreter elsewhere takes larger ones); the rows in one
-    product, or a row at a time."""
+    block of candidates (the interpreter elsewhere takes larger ones)."""
     monkeypatch.setattr(candidate_kernels, "INTERPRETED_BLOCK_N", candidate_kernels.BLOCK_N)
-    monkeypatch.setattr(candidate_kernels, "SCORE_DOT", dot)
     g = torch.Generator().manual_seed(bits + D)
     H, T, N = 3, 1024, 77  # N: not a multiple of the kernel's block
     keys = torch.randn(H, T, D, generator=g) * torch.linspace(0.2, 3, D)  # outlier channels
