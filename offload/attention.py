@@ -92,6 +92,7 @@ SELECT_POSITIONS = 64  # a prefill chunk's selection is scored with at most this
 # on the needle questions at 8k (scripts/eval_sparse_prefill.py) a question's 19 tokens
 # sharing a step's 5% lost the needle that a step per token, or the shared 20%, found.
 CHUNK_RETRIEVAL = 4
+MIRROR_BLOCK = 8192  # tokens a dense layer's device mirror is filled with at a time
 
 
 def selection_queries(q: torch.Tensor) -> torch.Tensor:
@@ -258,12 +259,15 @@ class TieredLayer:
             # With room to grow, as the summaries have after a load: the question's tokens
             # then copy nothing (an exact fit doubled at once, the whole KV copied on the
             # device and held twice while it is).
+            # Read over in blocks: the whole layer at once would sit on the device twice,
+            # in the mirror and in what was read (0.5 GiB more for the 8B shape at 128k).
             C = self.store.layout.chunk_size
             room = self.store.dev[self.layer].room_for(-(-T // C)) * C
             mirror.reserve(room, room)
-            with self.store.lock:
-                kv = self.store.read_range(self.layer, mirror.k.length, T)
-            mirror.append(kv[0], kv[1])
+            for t0 in range(mirror.k.length, T, MIRROR_BLOCK):
+                with self.store.lock:
+                    kv = self.store.read_range(self.layer, t0, min(T, t0 + MIRROR_BLOCK))
+                mirror.append(kv[0], kv[1])
         return mirror
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:

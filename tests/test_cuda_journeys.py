@@ -9,7 +9,7 @@ tiny model is float32 and random: its text is gibberish, compared token for toke
 
 import pytest
 
-from offload import Runtime
+from offload import Runtime, attention
 from tests.conftest import filler_text, on_cuda
 
 
@@ -49,9 +49,12 @@ def dense_answers(tiny_dirs, tmp_path_factory):
     ],
 )
 def test_a_users_journey_on_cuda_answers_as_the_cpus_dense_cache(
-    tiny_dirs, tmp_path, dense_answers, mode, prefetch, budget_tokens
+    tiny_dirs, tmp_path, dense_answers, mode, prefetch, budget_tokens, monkeypatch
 ):
     path = tiny_dirs["llama-gqa-untied"][0]
+    # a loaded session's dense layer is read onto the device in blocks of this many
+    # tokens: here several, across chunk boundaries
+    monkeypatch.setattr(attention, "MIRROR_BLOCK", 40)
     with on_cuda():
         rt = Runtime.from_pretrained(path, dtype="float32", device="cuda", mode=mode,
                                      prefetch=prefetch, sink=4, window=16, dense_layers=1,
