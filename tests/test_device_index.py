@@ -50,11 +50,14 @@ def test_device_selection_equals_cluster_index_selection(seed, factor):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("D, rows", [(64, 3), (128, 70)])
-def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows, monkeypatch):
+@pytest.mark.parametrize("dot", [True, False])
+def test_candidate_scoring_kernel_matches_its_reference(bits, D, rows, dot, monkeypatch):
     """The Triton rerank (in the interpreter on a CPU) against the torch reference: low-bit
     keys dequantized in registers, padding past each head's count at -inf. With the GPU's
-    block of candidates (the interpreter elsewhere takes larger ones)."""
+    block of candidates (the interpreter elsewhere takes larger ones); a row at a time, as
+    on a GPU, or the rows in one product, as the interpreter runs it elsewhere."""
     monkeypatch.setattr(candidate_kernels, "INTERPRETED_BLOCK_N", candidate_kernels.BLOCK_N)
+    monkeypatch.setattr(candidate_kernels, "INTERPRETED_SCORE_DOT", dot)
     g = torch.Generator().manual_seed(bits + D)
     H, T, N = 3, 1024, 77  # N: not a multiple of the kernel's block
     keys = torch.randn(H, T, D, generator=g) * torch.linspace(0.2, 3, D)  # outlier channels

@@ -58,12 +58,18 @@ from storage.quant import score_candidates as reference_scores
 
 BLOCK_N = 32  # candidates per program
 SCORE_WARPS = 4
+# Triton's interpreter scores a program's rows in one product (a numpy matmul) where a
+# GPU takes them a row at a time: the row loop is a dozen numpy calls per row there (a
+# prefill chunk's selection has up to 256 rows), and took the CPU suite from 18 to 24
+# minutes; on the H200 the product (`tl.dot`, "ieee") took 152-339 us a layer at 128k
+# against the loop's 68 (scripts/sweep_selection.py). Both are tested in the interpreter.
+INTERPRETED_SCORE_DOT = True
 # Triton's interpreter (the CPU tests) runs programs one after another, each op a numpy
 # call: with blocks of 32 a decode step's rerank took seconds there. It takes larger
 # blocks (the same results; tests/test_device_index.py runs the GPU's block size).
 INTERPRETED_BLOCK_N = 1024
-BLOCK_T = 512  # tokens per program of the candidate list (on the H200: 9.7 us a layer at
-# 128k, 9.9 at 1,024)
+BLOCK_T = 1024  # tokens per program of the candidate list (on the H200: 9.9 us a layer at
+# 128k, 9.7 at 512, which doubles the interpreter's programs)
 BLOCK_CS = 32  # clusters per program of `score_clusters` (their centroids in registers)
 CLUSTER_WARPS = 8  # (on the H200: 11.0 us a layer at 128k, 12.2 with 4)
 BLOCK_W = 1024  # candidates per program of the rerank's softmax sum
@@ -171,7 +177,8 @@ def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
         q, codes, scale, zero, ids, count, out, top, total, R, N, summaries.group, sm_scale,
         q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
-        D=D, BITS=summaries.bits, BLOCK=block, num_warps=SCORE_WARPS,
+        D=D, BITS=summaries.bits, BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        DOT=interpreted() and INTERPRETED_SCORE_DOT, num_warps=SCORE_WARPS,
     )  # fmt: skip
     return out, top, total
 
@@ -184,7 +191,8 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def score(Q, CODES, SCALE, ZERO, IDS, COUNT, OUT, TOP, TOTAL, R, N, group, sm_scale,
               s_qh, s_qr, s_count, s_ch, s_ct, s_ph, s_pg, D: tl.constexpr,
-              BITS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+              BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+              DOT: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         n = blk * BLOCK + tl.arange(0, BLOCK)
@@ -200,18 +208,33 @@ def _kernels() -> SimpleNamespace:
         zero = tl.load(ZERO + param, mask=ok[:, None], other=0).to(tl.float32)
         k = zero + scale * code.to(tl.float32)  # [BLOCK, D]
         real = ok & (n < tl.load(COUNT + h * s_count))
-        for r in range(R):
-            q = tl.load(Q + h * s_qh + r * s_qr + d).to(tl.float32)
-            logit = tl.sum(k * q[None, :], axis=1) * sm_scale
-            logit = tl.where(real, logit, float("-inf"))
-            tl.store(OUT + (h * R + r) * N + n, logit, mask=ok)
-            # the row's largest logit here, and its exponentials' sum below it
-            top = tl.max(logit, 0)
-            base = tl.where(top > float("-inf"), top, 0.0)  # (no -inf - -inf)
-            total = tl.sum(tl.where(real, tl.exp(logit - base), 0.0), 0)
-            stat = (h * R + r) * tl.num_programs(1) + blk
-            tl.store(TOP + stat, top)
-            tl.store(TOTAL + stat, total)
+        if DOT:  # every row at once: a float32 product (the interpreter's way)
+            rr = tl.arange(0, BLOCK_R)
+            qs = tl.load(Q + h * s_qh + rr[None, :] * s_qr + d[:, None], mask=(rr < R)[None, :],
+                         other=0.0).to(tl.float32)  # [D, BLOCK_R]  # fmt: skip
+            logits = tl.dot(k, qs, input_precision="ieee") * sm_scale  # [BLOCK, BLOCK_R]
+            logits = tl.where(real[:, None], logits, float("-inf"))
+            tl.store(OUT + (h * R + rr[None, :]) * N + n[:, None], logits,
+                     mask=ok[:, None] & (rr < R)[None, :])  # fmt: skip
+            tops = tl.max(logits, 0)
+            bases = tl.where(tops > float("-inf"), tops, 0.0)  # (no -inf - -inf)
+            totals = tl.sum(tl.where(real[:, None], tl.exp(logits - bases[None, :]), 0.0), 0)
+            stats = (h * R + rr) * tl.num_programs(1) + blk
+            tl.store(TOP + stats, tops, mask=rr < R)
+            tl.store(TOTAL + stats, totals, mask=rr < R)
+        else:  # a row at a time (a GPU's way)
+            for r in range(R):
+                q = tl.load(Q + h * s_qh + r * s_qr + d).to(tl.float32)
+                logit = tl.sum(k * q[None, :], axis=1) * sm_scale
+                logit = tl.where(real, logit, float("-inf"))
+                tl.store(OUT + (h * R + r) * N + n, logit, mask=ok)
+                # the row's largest logit here, and its exponentials' sum below it
+                top = tl.max(logit, 0)
+                base = tl.where(top > float("-inf"), top, 0.0)  # (no -inf - -inf)
+                total = tl.sum(tl.where(real, tl.exp(logit - base), 0.0), 0)
+                stat = (h * R + r) * tl.num_programs(1) + blk
+                tl.store(TOP + stat, top)
+                tl.store(TOTAL + stat, total)
 
     @triton.jit
     def softmax_sum(LOGITS, TOP, TOTAL, OUT, R, N, blocks,
