@@ -55,9 +55,7 @@ Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -67,7 +65,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evalkit import bench_hf, profile_kernels, row_error, write_json  # noqa: E402
+from evalkit import bench_hf, profile_kernels, profiled, row_error, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
@@ -250,12 +248,11 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
     load_s = time.perf_counter() - t
     load_peak = peak_gib()
     reset_peak()
-    profiler = cProfile.Profile() if profile else None
-    if profiler is not None:
-        profiler.enable()
-    first_s, first_parts = _first_token(loaded, ids, gen)  # asked at once: the warmer reads too
-    if profiler is not None:
-        profiler.disable()
+
+    def first():  # a new question asked at once: the warmer reads too
+        return _first_token(loaded, ids, gen)
+
+    (first_s, first_parts), top = profiled(first) if profile else (first(), None)
     question_peak = peak_gib()
     t = time.perf_counter()
     store = loaded._state.cache.store
@@ -275,17 +272,7 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
             "peak_device_gib": None if peaks[0] is None else max(peaks),
             "load_peak_gib": peaks[0], "question_peak_gib": peaks[1],
             "warm_question_peak_gib": peaks[2], "kv_filled": fill,
-            **({"question_profile": _top_functions(profiler)} if profiler else {})}  # fmt: skip
-
-
-def _top_functions(profiler: cProfile.Profile, n: int = 25) -> list[str]:
-    """The n functions with the most cumulative time: "seconds calls file:line(name)"."""
-    stats = pstats.Stats(profiler)
-    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:n]
-    return [
-        f"{ct:.3f} {nc} {Path(f).name}:{line}({name})"
-        for (f, line, name), (_, nc, _, ct, _) in rows
-    ]
+            **({"question_profile": top} if top else {})}  # fmt: skip
 
 
 def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[float, dict]:

@@ -4,8 +4,10 @@ context that can be decoded under many selection settings without re-prefilling.
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
 import math
+import pstats
 import time
 import traceback
 from pathlib import Path
@@ -230,6 +232,18 @@ def profile_kernels(run, calls: int, per: str) -> dict:
     table = kernel_table(prof.events(), calls)
     return {f"kernels_per_{per}": table["kernels_per_call"],
             f"kernel_ms_per_{per}": table["kernel_ms_per_call"], "top_kernels": table["top_kernels"]}  # fmt: skip
+
+
+def profiled(run, top: int = 25):
+    """run() under cProfile -> (its result, the `top` functions with the most cumulative
+    time, each "seconds calls file:line(name)")."""
+    profiler = cProfile.Profile()
+    result = profiler.runcall(run)
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda kv: -kv[1][3])[:top]
+    return result, [
+        f"{ct:.3f} {nc} {Path(f).name}:{line}({name})"
+        for (f, line, name), (_, nc, _, ct, _) in rows
+    ]
 
 
 def row_error(e: Exception) -> dict:
