@@ -52,7 +52,7 @@ suite() {  # suite NAME SECONDS FILES...
   local name=$1 seconds=$2
   shift 2
   local workers=()
-  python -c "import xdist" 2>/dev/null && workers=(-n 6)
+  python -c "import xdist" 2>/dev/null && workers=(-n 6 --maxprocesses 6)
   OMP_NUM_THREADS=2 timeout -s INT -k 10 "$seconds" python -m pytest -q "${workers[@]}" \
     -p no:cacheprovider -rfEs --durations=25 "$@" >"$out/pytest-$name.txt" 2>&1
   tail -40 "$out/pytest-$name.txt"
