@@ -233,6 +233,11 @@ class SparsePolicy:
         if num_tokens == 0:
             self.indexed = [False] * self.num_layers
 
+    def release(self) -> None:
+        """Let go of the selectors' indexes (a closed cache's; `stats` stays)."""
+        self.selectors = [None] * self.num_layers
+        self.indexed = [False] * self.num_layers
+
 
 class TieredLayer:
     """One layer's view of a `TieredStore`; the object the model's attention calls."""

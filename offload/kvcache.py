@@ -265,10 +265,18 @@ class KVCache:
         return cache
 
     def close(self) -> None:
+        """Close the store (its chunk files deleted) and let go of every buffer, so that a
+        closed cache something still refers to (a runtime after `close`, a state replaced
+        by a loaded session's) holds no device or host memory: the layers, the step, the
+        store's tiers, the index."""
         if self.step is not None:
             self.step.close()
         if self.store is not None:
             self.store.close()
+            self.store.release()
+        if self.policy is not None:
+            self.policy.release()
+        self.layers, self.step, self.prefetcher = [], None, None
 
     @classmethod
     def dense(

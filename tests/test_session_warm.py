@@ -284,3 +284,31 @@ def test_a_load_reads_its_few_chunks_alone_and_leaves_room_to_grow(tiny, tmp_pat
     assert loaded.ask("seven stones", max_new_tokens=6) == want
     assert calls["read_all"] > 0  # the question needs most chunks: whole files
     assert not grown
+
+
+def test_a_question_asked_at_once_finds_its_layers_slabs_pinned(tiny_dirs, tmp_path, monkeypatch):
+    """On CUDA (emulated on a CPU), a loaded session's warm-up also pins each layer's
+    whole slab on the store's grower thread, from the first layer: a question asked at
+    once then grows no slab on its own thread (here the warmer's readers are held back
+    and the question waits for the grower), and answers as before."""
+    from tests.conftest import on_cuda
+
+    path = tiny_dirs["llama-gqa-untied"][0]
+    with on_cuda():
+        rt = Runtime.from_pretrained(path, dtype="float32", mode="sparse", device="cuda",
+                                     sink=4, window=16, dense_layers=1, retrieved=100_000,
+                                     chunk_size=2)  # fmt: skip
+        rt.load_document(filler_text(75, seed=3))
+        want = rt.ask("seven stones", max_new_tokens=6)
+        rt.save_session(tmp_path / "s")
+        monkeypatch.setattr(Warmer, "_reader", lambda self: None)
+        loaded = Runtime.load_session(tmp_path / "s", model=rt)
+        store = loaded._state.cache.store
+        store._grower.submit(lambda: None).result()  # (what the load queued there: done)
+        L = store.layout
+        assert all(store.host[i].capacity >= L.num_chunks(n) for i, n in enumerate(store.lengths))
+        assert store.directory.host_count < sum(L.num_chunks(n) for n in store.lengths) // 2
+        grown = count_slab_growths(monkeypatch)
+        assert loaded.ask("seven stones", max_new_tokens=6) == want
+        assert "MainThread" not in grown, grown
+        loaded.close()
