@@ -65,6 +65,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import evalkit  # noqa: E402
 from evalkit import bench_hf, profile_kernels, profiled, row_error, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
@@ -278,18 +279,21 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
 def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[float, dict]:
     """Seconds to the first token of a new 24-token question after `ids`, and where they
     went: the selection and the fetch of the far tokens (host time: a fetch from files
-    includes their reads and the pinning of host memory), the index updates, and the
-    bytes each tier served."""
+    includes their reads and the pinning of host memory), the index updates, the bytes
+    each tier served, and Triton's compiles (a fresh machine's first question compiles
+    the prefill chunk's kernels; a later process loads them from Triton's cache)."""
     question = torch.randint(0, rt.args.vocab_size, (24,), generator=gen).tolist()
     cache = rt._state.cache
     tiered = cache.store is not None  # (a session that fits the device cache went there)
-    t = time.perf_counter()
-    steps = rt._run(rt._state, ids + question, 1, {}, None)
-    next(steps)
-    sync()
-    seconds = time.perf_counter() - t
+    with evalkit.triton_compiles() as compiles:
+        t = time.perf_counter()
+        steps = rt._run(rt._state, ids + question, 1, {}, None)
+        next(steps)
+        sync()
+        seconds = time.perf_counter() - t
     steps.close()
-    parts: dict = {"kv": "tiers" if tiered else "device"}
+    parts: dict = {"kv": "tiers" if tiered else "device", "compile_seconds": compiles["seconds"],
+                   "compiled_kernels": compiles["kernels"]}  # fmt: skip
     if tiered:  # (a request starts its own counts: `Runtime._run`)
         st = cache.policy.stats
         parts.update({k: getattr(st, k) for k in ("selection_seconds", "fetch_seconds",

@@ -4,10 +4,12 @@ context that can be decoded under many selection settings without re-prefilling.
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import dataclasses
 import math
 import pstats
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -244,6 +246,40 @@ def profiled(run, top: int = 25):
         f"{ct:.3f} {nc} {Path(f).name}:{line}({name})"
         for (f, line, name), (_, nc, _, ct, _) in rows
     ]
+
+
+@contextlib.contextmanager
+def triton_compiles():
+    """{"seconds", "kernels"} of Triton's compiles in the block (each timed between its
+    hooks before and after a compile, a load from its cache on disk included): what a
+    fresh machine's first request pays once and a later process reads from the cache.
+    Zeros where Triton has no such hooks or runs interpreted."""
+    out = {"seconds": 0.0, "kernels": 0}
+    try:
+        from triton import knobs
+
+        hooks = knobs.runtime
+        saved = hooks.jit_cache_hook, hooks.jit_post_compile_hook
+    except (ImportError, AttributeError):
+        yield out
+        return
+    began: dict[int, float] = {}
+
+    def before(*args, **kwargs) -> bool:
+        began[threading.get_ident()] = time.perf_counter()
+        return False  # (True would skip the compile)
+
+    def after(*args, **kwargs) -> None:
+        start = began.pop(threading.get_ident(), None)
+        if start is not None:
+            out["seconds"] += time.perf_counter() - start
+            out["kernels"] += 1
+
+    hooks.jit_cache_hook, hooks.jit_post_compile_hook = before, after
+    try:
+        yield out
+    finally:
+        hooks.jit_cache_hook, hooks.jit_post_compile_hook = saved
 
 
 def row_error(e: Exception) -> dict:

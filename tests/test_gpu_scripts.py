@@ -73,3 +73,24 @@ def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path, monkeypatch):
     host = run_script("bench_step_host.py", "--tokens", "2048", "--layers", "3", "--steps", "2",
                       out=tmp_path / "host.json")  # fmt: skip
     assert host["steps"] == 2 and host["host_ms_per_token"] > 0
+
+
+def test_triton_compiles_times_what_lies_between_tritons_hooks(monkeypatch):
+    """`evalkit.triton_compiles` (a first question's compiles, in bench_gpu.py's session
+    rows): each compile timed from Triton's hook before it to its hook after, as Triton
+    calls them (by keyword; the first must not return True, which skips the compile);
+    the hooks the block found are put back."""
+    from triton import knobs
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from evalkit import triton_compiles
+
+    hooks = dict(key="k", repr="kernel", fn=None, compile={}, is_manual_warmup=False,
+                 already_compiled=False)  # fmt: skip
+    mine = knobs.runtime.jit_cache_hook
+    with triton_compiles() as compiles:
+        for _ in range(2):
+            assert not knobs.runtime.jit_cache_hook(**hooks)
+            knobs.runtime.jit_post_compile_hook(**hooks)
+    assert compiles["kernels"] == 2 and compiles["seconds"] > 0
+    assert knobs.runtime.jit_cache_hook is mine
