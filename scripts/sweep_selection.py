@@ -124,7 +124,11 @@ def kernels(x: dict) -> dict:
         "rerank": (
             lambda: ck.rerank_weights(x["q"], x["summaries"], x["ids"], x["count"], sm),
             ck,
-            product(BLOCK_N=(32, 16, 64), SCORE_WARPS=(4, 2, 1, 8)) + product(BLOCK_W=(512, 2048)),
+            product(BLOCK_N=(32, 16, 64), SCORE_WARPS=(4, 2, 1, 8))
+            + product(BLOCK_W=(512, 2048))
+            + product(
+                GPU_SCORE_DOT=[True], GPU_SCORE_PRECISION=("tf32x3", "tf32"), BLOCK_N=(32, 64)
+            ),
         ),
         "fetch a third": (
             fetch("third"),

@@ -65,6 +65,11 @@ SCORE_WARPS = 4
 # 339 us a layer at 128k against the loop's 68 (scripts/sweep_selection.py). Both are
 # tested in the interpreter.
 INTERPRETED_SCORE_DOT = True
+# A GPU's product instead of the loop, on tensor cores: "tf32x3" (three TF32 products,
+# about float32's accuracy) or "tf32" where "ieee" was slower than the loop. Not measured
+# yet: off until scripts/sweep_selection.py finds it faster and `equal`.
+GPU_SCORE_DOT = False
+GPU_SCORE_PRECISION = "tf32x3"
 # Triton's interpreter (the CPU tests) runs programs one after another, each op a numpy
 # call: with blocks of 32 a decode step's rerank took seconds there. It takes larger
 # blocks (the same results; tests/test_device_index.py runs the GPU's block size).
@@ -171,6 +176,7 @@ def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
     assert codes.stride(2) == 1 and scale.stride() == zero.stride() and scale.stride(2) == 1
     out = torch.empty(H, R, N, dtype=torch.float32, device=q.device)
     block = INTERPRETED_BLOCK_N if interpreted() else BLOCK_N
+    dot = INTERPRETED_SCORE_DOT if interpreted() else GPU_SCORE_DOT
     blocks = triton.cdiv(N, block)
     top = torch.empty(H, R, blocks, dtype=torch.float32, device=q.device)
     total = torch.empty_like(top)
@@ -179,7 +185,8 @@ def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
         q.stride(0), q.stride(1), count.stride(0), codes.stride(0), codes.stride(1),
         scale.stride(0), scale.stride(1),
         D=D, BITS=summaries.bits, BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        DOT=interpreted() and INTERPRETED_SCORE_DOT, num_warps=SCORE_WARPS,
+        DOT=dot, PRECISION="ieee" if interpreted() else GPU_SCORE_PRECISION,
+        num_warps=SCORE_WARPS,
     )  # fmt: skip
     return out, top, total
 
@@ -193,7 +200,7 @@ def _kernels() -> SimpleNamespace:
     def score(Q, CODES, SCALE, ZERO, IDS, COUNT, OUT, TOP, TOTAL, R, N, group, sm_scale,
               s_qh, s_qr, s_count, s_ch, s_ct, s_ph, s_pg, D: tl.constexpr,
               BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-              DOT: tl.constexpr):  # fmt: skip
+              DOT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         n = blk * BLOCK + tl.arange(0, BLOCK)
@@ -209,11 +216,11 @@ def _kernels() -> SimpleNamespace:
         zero = tl.load(ZERO + param, mask=ok[:, None], other=0).to(tl.float32)
         k = zero + scale * code.to(tl.float32)  # [BLOCK, D]
         real = ok & (n < tl.load(COUNT + h * s_count))
-        if DOT:  # every row at once: a float32 product (the interpreter's way)
+        if DOT:  # every row at once: one product (the interpreter's way)
             rr = tl.arange(0, BLOCK_R)
             qs = tl.load(Q + h * s_qh + rr[None, :] * s_qr + d[:, None], mask=(rr < R)[None, :],
                          other=0.0).to(tl.float32)  # [D, BLOCK_R]  # fmt: skip
-            logits = tl.dot(k, qs, input_precision="ieee") * sm_scale  # [BLOCK, BLOCK_R]
+            logits = tl.dot(k, qs, input_precision=PRECISION) * sm_scale  # [BLOCK, BLOCK_R]
             logits = tl.where(real[:, None], logits, float("-inf"))
             tl.store(OUT + (h * R + rr[None, :]) * N + n[:, None], logits,
                      mask=ok[:, None] & (rr < R)[None, :])  # fmt: skip
