@@ -216,7 +216,7 @@ def _kernels() -> SimpleNamespace:
         zero = tl.load(ZERO + param, mask=ok[:, None], other=0).to(tl.float32)
         k = zero + scale * code.to(tl.float32)  # [BLOCK, D]
         real = ok & (n < tl.load(COUNT + h * s_count))
-        if DOT:  # every row at once: one product (the interpreter's way)
+        if DOT:  # every row at once: one product (the interpreter; a GPU with GPU_SCORE_DOT)
             rr = tl.arange(0, BLOCK_R)
             qs = tl.load(Q + h * s_qh + rr[None, :] * s_qr + d[:, None], mask=(rr < R)[None, :],
                          other=0.0).to(tl.float32)  # [D, BLOCK_R]  # fmt: skip
