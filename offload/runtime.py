@@ -410,7 +410,8 @@ class Runtime:
         return conv
 
     def close(self) -> None:
-        """Release the runtime's own cache (and its spilled chunk files)."""
+        """Release the runtime's own cache: its device and host memory, and its spilled
+        chunk files (the runtime is not used after; its model may be, by another)."""
         self._state.cache.close()
 
     def __enter__(self) -> Runtime:
