@@ -1,7 +1,7 @@
 """What loading a saved session costs, without a model: the KV of --layers layers x
 --tokens tokens of the Llama-3.1-8B shape (8 KV heads x 128, bf16, random) saved as a
 session, then opened and adopted by a fresh store (`offload ask` does this in every
-process) and the abstracts' thread awaited, --runs + 1 times; the last time the rest
+process) and the abstracts read (as their first use does), --runs + 1 times; the last time the rest
 is read into host memory as well.
 
     python scripts/bench_session_load.py [--layers 4] [--tokens 131072] [--runs 4]

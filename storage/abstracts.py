@@ -7,7 +7,10 @@ without reading it.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -41,3 +44,32 @@ def upper_bound_scores(abstracts: ChunkAbstracts, q: torch.Tensor) -> torch.Tens
     lo = abstracts.kmin.transpose(0, 1)[:, None]  # [H, 1, n, D]
     hi = abstracts.kmax.transpose(0, 1)[:, None]
     return torch.maximum(qf * lo, qf * hi).sum(-1)
+
+
+class SavedAbstracts:
+    """A loaded session's chunk abstracts, read and checked when first asked for, by the
+    thread that asks, for every layer at once; each layer's handed over once. Only the
+    chunk selector, a save and a spill of new chunks read them: for the 8B shape at 128k
+    they are 3 GiB, which a load read and hashed on a thread (until 2026-12-04) beside
+    the question the user asked at once, and then held in host memory."""
+
+    def __init__(self, read: Callable[[], dict]):
+        self._read = read
+        self._lock = threading.Lock()
+        self._saved: dict | None = None
+        self._error: Exception | None = None  # (a damaged file: named at every read)
+
+    def _layer(self, i: int) -> ChunkAbstracts:
+        with self._lock:
+            if self._saved is None and self._error is None:
+                try:
+                    self._saved = self._read()
+                except Exception as e:
+                    self._error = e
+            if self._error is not None:
+                raise self._error
+            return ChunkAbstracts(*(self._saved.pop(f"L{i}.{k}") for k in ABSTRACT_KEYS))
+
+    def layer(self, i: int) -> SimpleNamespace:
+        """What `DeviceTier.abstracts_later` takes for layer i: its `result()`."""
+        return SimpleNamespace(result=lambda: self._layer(i))

@@ -7,8 +7,6 @@ On CUDA these are CUDA tensors; on CPU ordinary ones. The window is a ring of
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-
 import torch
 
 from storage.abstracts import ChunkAbstracts, chunk_abstracts
@@ -95,10 +93,11 @@ class DeviceTier:
         self.kmin = Growable((0, H, D), 0, f32, where, most, g)
         self.kmax = Growable((0, H, D), 0, f32, where, most, g)
         self.kmean = Growable((0, H, D), 0, f32, where, most, g)
-        # A loaded session's abstracts, still being read (`abstracts_later`): (the future
-        # of their buffers, how many chunks they hold); meanwhile the buffers above hold
-        # the chunks after those.
-        self._pending: tuple[Future, int] | None = None
+        # A loaded session's abstracts, not read yet (`abstracts_later`): (what reads
+        # them, how many chunks they hold); meanwhile the buffers above hold the chunks
+        # after those.
+        self._pending: tuple[object, int] | None = None
+        self._pending_room = 0  # chunks their buffers will have room for
 
     def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""
@@ -175,24 +174,25 @@ class DeviceTier:
             g.truncate(n)
         first = 0
         if self._pending is not None:  # a cut needs none of the saved abstracts read
-            future, saved = self._pending
-            self._pending = (future, min(saved, n))
+            later, saved = self._pending
+            self._pending = (later, min(saved, n))
             first = saved
         for g in (self.kmin, self.kmax, self.kmean):
             g.truncate(max(n - first, 0))
 
-    def abstracts_later(self, future: Future, n: int) -> None:
-        """The first `n` chunks' abstracts (a loaded session's) arrive as `future`'s
-        buffers (kmin, kmax, kmean [>= n, H, D], the first n rows filled): a load does
-        not wait for them (3 GiB for the 8B shape at 128k). Appends and cuts go on
-        meanwhile; the first read of the abstracts waits (and raises what the read of
-        them raised, a damaged file named)."""
+    def abstracts_later(self, later, n: int, room: int) -> None:
+        """The first `n` chunks' abstracts (a loaded session's) are `later.result()`
+        (`ChunkAbstracts`, read then: `storage.abstracts.SavedAbstracts`), put in buffers
+        with room for `room` chunks when first read: a load does not read them (3 GiB for
+        the 8B shape at 128k). Appends and cuts go on meanwhile; the first read of the
+        abstracts reads them (and raises what their read raised, a damaged file named)."""
         assert self.scale.length == n and self.kmin.length == 0 and self._pending is None
-        self._pending = (future, n)
+        self._pending = (later, n)
+        self._pending_room = room
 
     def abstract_buffers(self, saved: ChunkAbstracts, room: int) -> list[torch.Tensor]:
         """`abstracts_later`'s buffers: the saved abstracts, on the abstracts' device, with
-        room for `room` chunks (made on the thread that reads them)."""
+        room for `room` chunks."""
         out = []
         mine, theirs = (self.kmin, self.kmax, self.kmean), (saved.kmin, saved.kmax, saved.kmean)
         for g, t in zip(mine, theirs, strict=True):
@@ -204,8 +204,8 @@ class DeviceTier:
     def _settle_abstracts(self) -> None:
         if self._pending is None:
             return
-        future, n = self._pending
-        buffers = future.result()
+        later, n = self._pending
+        buffers = self.abstract_buffers(later.result(), self._pending_room)
         for g, buf in zip((self.kmin, self.kmax, self.kmean), buffers, strict=True):
             after = g.view().to(buf.device)  # chunks appended since (usually a few)
             g.data, g.length = buf, n

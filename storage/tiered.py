@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts, chunk_abstracts
+from storage.abstracts import ChunkAbstracts, SavedAbstracts, chunk_abstracts
 from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskTier, StorageError
@@ -96,7 +96,6 @@ class TieredStore(StoreReads):
         for host in self.host:
             host.ahead = None if self._grower is None else self._grower.submit
         self._warmer: Warmer | None = None  # reads a loaded session's files (`warm`)
-        self._abstracts_reader: threading.Thread | None = None  # (`adopt`)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -108,8 +107,6 @@ class TieredStore(StoreReads):
         """Delete this store's chunk files (and its directory when left empty). Idempotent."""
         if self._warmer is not None:
             self._warmer.stop()
-        if self._abstracts_reader is not None:
-            self._abstracts_reader.join()
         try:
             self.settle()
         except StorageError:
@@ -430,9 +427,8 @@ class TieredStore(StoreReads):
         disk records (memory-mapped and checked now, never deleted by this store), read
         when first needed.
         device: the saved summaries per layer (`L<layer>.codes`, `.scale`, `.zero`).
-        abstracts: reads the saved abstracts per layer (`L<layer>.kmin`, ...); it runs on a
-        thread, which copies them into place while the load goes on (the first read of a
-        layer's abstracts waits for it; DeviceTier.abstracts_later).
+        abstracts: reads the saved abstracts per layer (`L<layer>.kmin`, ...); it runs when
+        they are first asked for (`SavedAbstracts`), which a question never does.
         """
         assert self.num_tokens == 0, "adopt needs an empty store"
         L = self.layout
@@ -450,24 +446,9 @@ class TieredStore(StoreReads):
             for key, g in (("codes", dev.codes), ("scale", dev.scale), ("zero", dev.zero)):
                 g.append(device[f"L{layer}.{key}"])  # (copied into place: no device temporary)
             self.lengths[layer] = num_tokens
-        futures = [Future() for _ in range(L.num_layers)]
-        for layer, future in enumerate(futures):
-            self.dev[layer].abstracts_later(future, n)
-
-        def read_abstracts() -> None:
-            try:
-                saved = abstracts()
-                for layer, future in enumerate(futures):
-                    got = ChunkAbstracts(*(saved[f"L{layer}.{k}"] for k in ABSTRACT_KEYS))
-                    future.set_result(self.dev[layer].abstract_buffers(got, room))
-            except BaseException as e:  # raised where the abstracts are first read
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(e)
-
-        # (not a daemon: an exit waits for it rather than stop it inside torch code)
-        self._abstracts_reader = threading.Thread(target=read_abstracts, name="offload-abstracts")
-        self._abstracts_reader.start()
+        saved = SavedAbstracts(abstracts)
+        for layer in range(L.num_layers):
+            self.dev[layer].abstracts_later(saved.layer(layer), n, room)
         for layer in range(L.num_layers):
             if num_tokens % C:
                 self._reopen_partial(layer, num_tokens // C)

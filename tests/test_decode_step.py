@@ -161,7 +161,7 @@ def test_graph_replay_gives_eager_tokens_and_never_syncs(tiny_dirs):
 
 @cuda_only
 def test_capture_succeeds_while_another_thread_pins_and_copies(tiny_dirs):
-    """The runtime's own threads (the session warmer, the abstracts reader) pin memory
+    """The runtime's own threads (the session warmer, the slab pinner) pin memory
     and copy to the device while the decode loop may capture its graph: neither side fails."""
     from storage.host import pinned_empty
 

@@ -30,8 +30,9 @@ def _same_abstracts(a, b):
 
 
 def test_the_load_does_not_wait_for_the_abstracts(tiny, tmp_path, monkeypatch):
-    """They are read on a thread; questions append and cut meanwhile, and once they are
-    in, every chunk's abstracts are those of the runtime that saved the session."""
+    """They are read when first asked for, which no question does; questions append and
+    cut meanwhile, and once they are read, every chunk's abstracts are those of the
+    runtime that saved the session."""
     rt = doc_runtime(tiny, filler_text(60, seed=1))
     rt.save_session(tmp_path / "s")
     release = threading.Event()
@@ -46,7 +47,7 @@ def test_the_load_does_not_wait_for_the_abstracts(tiny, tmp_path, monkeypatch):
     store = loaded._state.cache.store
     for question in ("seven stones", "green market"):
         assert loaded.ask(question, max_new_tokens=6) == rt.ask(question, max_new_tokens=6)
-    assert all(dev._pending is not None for dev in store.dev)  # still being read
+    assert all(dev._pending is not None for dev in store.dev)  # not read yet
     assert store.num_tokens == rt._state.cache.num_tokens > store.layout.chunk_size
     release.set()
     _same_abstracts(_abstracts(loaded), _abstracts(rt))
@@ -142,13 +143,11 @@ def test_chunk_files_must_hold_the_crc32s_the_manifest_names(tiny, tmp_path):
         Runtime.load_session(tmp_path / "s", model=tiny)
 
 
-def test_cuts_and_appends_before_the_abstracts_arrive():
+def test_cuts_and_appends_before_the_abstracts_are_read():
     """A cut below the saved chunks (a prompt that shares only part of a loaded session)
-    and appends after it, while the saved abstracts are still being read: once they
-    arrive, every chunk's abstracts are those of a tier that had them all along."""
-    from concurrent.futures import Future
-
-    from storage.abstracts import chunk_abstracts
+    and appends after it, before the saved abstracts are read (once, when first asked
+    for): then every chunk's abstracts are those of a tier that had them all along."""
+    from storage.abstracts import SavedAbstracts, chunk_abstracts
     from storage.device import DeviceTier
     from storage.layout import KVLayout
 
@@ -164,12 +163,18 @@ def test_cuts_and_appends_before_the_abstracts_arrive():
     tier.codes.append(want.codes.view()[:, :40])  # (the summaries come with the load)
     for g_, w in ((tier.scale, want.scale), (tier.zero, want.zero)):
         g_.append(w.view()[:, :10])
-    future = Future()
-    tier.abstracts_later(future, 10)
+    saved = chunk_abstracts(keys, 4)
+    reads = []
+
+    def read():
+        reads.append(1)
+        return {f"L0.{k}": getattr(saved, k) for k in ("kmin", "kmax", "kmean")}
+
+    tier.abstracts_later(SavedAbstracts(read).layer(0), 10, 12)
     tier.truncate_chunks(7)
     tier.add_chunks(more)
-    assert tier.num_chunks == 10 and tier._pending is not None
-    future.set_result(tier.abstract_buffers(chunk_abstracts(keys, 4), 12))
+    assert tier.num_chunks == 10 and tier._pending is not None and not reads
     got, ref = tier.abstracts(), want.abstracts()
+    assert reads == [1]
     for key in ("kmin", "kmax", "kmean"):
         assert torch.equal(getattr(got, key), getattr(ref, key))
