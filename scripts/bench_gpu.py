@@ -292,8 +292,7 @@ def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[flo
         sync()
         seconds = time.perf_counter() - t
     steps.close()
-    parts: dict = {"kv": "tiers" if tiered else "device", "compile_seconds": compiles["seconds"],
-                   "compiled_kernels": compiles["kernels"]}  # fmt: skip
+    parts: dict = {"kv": "tiers" if tiered else "device", **compiles}
     if tiered:  # (a request starts its own counts: `Runtime._run`)
         st = cache.policy.stats
         parts.update({k: getattr(st, k) for k in ("selection_seconds", "fetch_seconds",

@@ -250,11 +250,11 @@ def profiled(run, top: int = 25):
 
 @contextlib.contextmanager
 def triton_compiles():
-    """{"seconds", "kernels"} of Triton's compiles in the block (each timed between its
+    """{"compile_seconds", "compiled_kernels"} of Triton's compiles in the block (each timed between its
     hooks before and after a compile, a load from its cache on disk included): what a
     fresh machine's first request pays once and a later process reads from the cache.
     Zeros where Triton has no such hooks or runs interpreted."""
-    out = {"seconds": 0.0, "kernels": 0}
+    out = {"compile_seconds": 0.0, "compiled_kernels": 0}
     try:
         from triton import knobs
 
@@ -272,8 +272,8 @@ def triton_compiles():
     def after(*args, **kwargs) -> None:
         start = began.pop(threading.get_ident(), None)
         if start is not None:
-            out["seconds"] += time.perf_counter() - start
-            out["kernels"] += 1
+            out["compile_seconds"] += time.perf_counter() - start
+            out["compiled_kernels"] += 1
 
     hooks.jit_cache_hook, hooks.jit_post_compile_hook = before, after
     try:

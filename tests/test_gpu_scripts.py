@@ -92,5 +92,5 @@ def test_triton_compiles_times_what_lies_between_tritons_hooks(monkeypatch):
         for _ in range(2):
             assert not knobs.runtime.jit_cache_hook(**hooks)
             knobs.runtime.jit_post_compile_hook(**hooks)
-    assert compiles["kernels"] == 2 and compiles["seconds"] > 0
+    assert compiles["compiled_kernels"] == 2 and compiles["compile_seconds"] > 0
     assert knobs.runtime.jit_cache_hook is mine
