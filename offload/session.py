@@ -119,6 +119,7 @@ def load_state(
             (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f["crc32"])
             for f in session.chunk_files()
         ]
+        session.hold_abstracts()  # (read when first needed: `SavedAbstracts`)
         cache.store.adopt(num_tokens, files, session.device_tensors(), session.abstract_tensors)
         cache.num_tokens = num_tokens
         try:

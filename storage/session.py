@@ -35,6 +35,7 @@ import os
 import shutil
 import stat
 import uuid
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,34 @@ class OpenedSession:
     manifest: dict
     # sha256 checks of the small files still running (`open_session(verify_later=True)`)
     checks: list[Future] = field(default_factory=list, repr=False)
+    # The file the abstracts are read from, open from `open_session` on: they are read
+    # when first needed, maybe after another process's save of this session removed
+    # this version (`_readable`).
+    _held: int | None = field(default=None, repr=False)
+
+    def hold_abstracts(self) -> None:
+        name = self._abstracts_file()
+        self._held = os.open(self.version_dir / name, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._held)
+
+    def _abstracts_file(self) -> str:
+        name = "abstracts.safetensors"
+        return name if name in self.manifest["files"] else "device.safetensors"  # (format 1)
+
+    def _readable(self, name: str) -> Path:
+        """Where to read file `name` of this version: its path, unless a save since (of
+        another process) removed or replaced it while it was held open; then the open
+        file itself, as Linux names it (/proc/self/fd)."""
+        path = self.version_dir / name
+        if self._held is None or name != self._abstracts_file():
+            return path
+        try:
+            if os.stat(path).st_ino == os.fstat(self._held).st_ino:
+                return path
+        except FileNotFoundError:
+            pass
+        held = Path(f"/proc/self/fd/{self._held}")
+        return held if held.exists() else path
 
     def verified(self) -> None:
         """Wait for the small files' sha256 checks; SessionError naming a file that fails."""
@@ -275,11 +304,15 @@ class OpenedSession:
         """The chunk abstracts of every layer, checked likewise. Format 2 keeps them in a
         file of their own, which the load does not wait for: it is hashed here (on
         threads) before it is read."""
-        name = "abstracts.safetensors"
-        if name not in self.manifest["files"]:  # format 1
-            return self._checked("device.safetensors", ABSTRACT_KEYS)
-        for check in hash_checks([(self.version_dir / name, self.manifest["files"][name])]):
-            check.result()
+        name = self._abstracts_file()
+        if name == "device.safetensors":  # format 1
+            return self._checked(name, ABSTRACT_KEYS)
+        where = self._readable(name)
+        try:
+            for check in hash_checks([(where, self.manifest["files"][name])]):
+                check.result()
+        except SessionError as e:  # (named by its path, not the one it was read by)
+            raise SessionError(str(e).replace(str(where), str(self.version_dir / name))) from None
         return self._checked(name, ABSTRACT_KEYS)
 
     def _checked(self, name: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -313,7 +346,7 @@ class OpenedSession:
         return self._tensors("index.safetensors")
 
     def _tensors(self, name: str):
-        path = self.version_dir / name
+        path = self._readable(name)
         try:
             tensors = load_file(str(path))
             with open(path, "rb") as f:

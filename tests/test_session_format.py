@@ -178,3 +178,19 @@ def test_cuts_and_appends_before_the_abstracts_are_read():
     assert reads == [1]
     for key in ("kmin", "kmax", "kmean"):
         assert torch.equal(getattr(got, key), getattr(ref, key))
+
+
+def test_the_abstracts_read_late_are_the_loaded_versions_after_another_save(tiny, tmp_path):
+    """A session is loaded, then saved over by another runtime (as another process would),
+    which removes the loaded version's files; the loaded runtime's first read of its
+    abstracts (here its own save) still reads the version it loaded, which the load
+    held open (and its chunk files are mapped)."""
+    rt = doc_runtime(tiny, filler_text(60, seed=1))
+    rt.save_session(tmp_path / "s")
+    loaded = Runtime.load_session(tmp_path / "s", model=tiny)
+    first = open_session(tmp_path / "s").version_dir
+    doc_runtime(tiny, filler_text(40, seed=5)).save_session(tmp_path / "s")
+    assert not first.exists()
+    loaded.save_session(tmp_path / "t")
+    again = Runtime.load_session(tmp_path / "t", model=tiny)
+    _same_abstracts(_abstracts(again), _abstracts(rt))
