@@ -28,7 +28,7 @@ import torch
 
 from storage.abstracts import ChunkAbstracts, SavedAbstracts, chunk_abstracts
 from storage.device import DeviceTier
-from storage.directory import ChunkDirectory, DiskRecord
+from storage.directory import ChunkDirectory, DiskRecord, paused_gc
 from storage.disk import DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
@@ -433,11 +433,11 @@ class TieredStore(StoreReads):
         assert self.num_tokens == 0, "adopt needs an empty store"
         L = self.layout
         C = L.chunk_size
-        for layer, path, chunks, crc32 in files:
-            name = str(path)
-            self.disk.open(name, layer, chunks, crc32)
-            for i, c in enumerate(chunks):
-                self.directory.add_on_disk((layer, c), DiskRecord(name, i))
+        with paused_gc():  # (one collection after every file's records, not one per file)
+            for layer, path, chunks, crc32 in files:
+                name = str(path)
+                self.disk.open(name, layer, chunks, crc32)
+                self.directory.add_file_on_disk(layer, name, chunks)
         n = num_tokens // C
         room = self.dev[0].room_for(n)  # the first appends copy nothing
         for layer in range(L.num_layers):

@@ -128,6 +128,28 @@ def test_directory_lru_spill_order_and_reload():
     assert d.drop((0, 1)) == DiskRecord("f1", 0) and d.files_in_use() == set()
 
 
+def test_a_sessions_file_is_recorded_on_disk_at_once():
+    """A saved session's file adds a record per chunk (chunk chunks[i] at record i), on
+    disk only; a chunk already known is refused; the collector, paused meanwhile, is
+    after as it was before (on, or off)."""
+    import gc
+
+    d = ChunkDirectory(host_capacity=3)
+    d.add((1, 0))
+    d.add_file_on_disk(1, "f", [5, 6, 7])
+    d.add_file_on_disk(2, "g", [5])
+    assert d.disk == {(1, 5): DiskRecord("f", 0), (1, 6): DiskRecord("f", 1),
+                      (1, 7): DiskRecord("f", 2), (2, 5): DiskRecord("g", 0)}  # fmt: skip
+    assert not d.on_host((1, 5)) and gc.isenabled()
+    for again in ([7], [0]):  # on disk, on the host
+        with pytest.raises(AssertionError, match="exist already"):
+            d.add_file_on_disk(1, "h", again)
+    gc.disable()
+    d.add_file_on_disk(3, "k", [0])
+    assert not gc.isenabled()
+    gc.enable()
+
+
 # -- the composed store --------------------------------------------------------------------
 
 
