@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from functools import partial
 
 import torch
 
@@ -70,6 +70,6 @@ class SavedAbstracts:
                 raise self._error
             return ChunkAbstracts(*(self._saved.pop(f"L{i}.{k}") for k in ABSTRACT_KEYS))
 
-    def layer(self, i: int) -> SimpleNamespace:
-        """What `DeviceTier.abstracts_later` takes for layer i: its `result()`."""
-        return SimpleNamespace(result=lambda: self._layer(i))
+    def layer(self, i: int) -> Callable[[], ChunkAbstracts]:
+        """What `DeviceTier.abstracts_later` takes for layer i: reads them when called."""
+        return partial(self._layer, i)

@@ -7,6 +7,8 @@ On CUDA these are CUDA tensors; on CPU ordinary ones. The window is a ring of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from storage.abstracts import ChunkAbstracts, chunk_abstracts
@@ -94,10 +96,9 @@ class DeviceTier:
         self.kmax = Growable((0, H, D), 0, f32, where, most, g)
         self.kmean = Growable((0, H, D), 0, f32, where, most, g)
         # A loaded session's abstracts, not read yet (`abstracts_later`): (what reads
-        # them, how many chunks they hold); meanwhile the buffers above hold the chunks
-        # after those.
-        self._pending: tuple[object, int] | None = None
-        self._pending_room = 0  # chunks their buffers will have room for
+        # them, how many chunks they hold, the chunks their buffers will have room for);
+        # meanwhile the buffers above hold the chunks after those.
+        self._pending: tuple[Callable, int, int] | None = None
 
     def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""
@@ -174,21 +175,20 @@ class DeviceTier:
             g.truncate(n)
         first = 0
         if self._pending is not None:  # a cut needs none of the saved abstracts read
-            later, saved = self._pending
-            self._pending = (later, min(saved, n))
+            later, saved, room = self._pending
+            self._pending = (later, min(saved, n), room)
             first = saved
         for g in (self.kmin, self.kmax, self.kmean):
             g.truncate(max(n - first, 0))
 
-    def abstracts_later(self, later, n: int, room: int) -> None:
-        """The first `n` chunks' abstracts (a loaded session's) are `later.result()`
+    def abstracts_later(self, later: Callable[[], ChunkAbstracts], n: int, room: int) -> None:
+        """The first `n` chunks' abstracts (a loaded session's) are `later()`
         (`ChunkAbstracts`, read then: `storage.abstracts.SavedAbstracts`), put in buffers
         with room for `room` chunks when first read: a load does not read them (3 GiB for
         the 8B shape at 128k). Appends and cuts go on meanwhile; the first read of the
         abstracts reads them (and raises what their read raised, a damaged file named)."""
         assert self.scale.length == n and self.kmin.length == 0 and self._pending is None
-        self._pending = (later, n)
-        self._pending_room = room
+        self._pending = (later, n, room)
 
     def abstract_buffers(self, saved: ChunkAbstracts, room: int) -> list[torch.Tensor]:
         """`abstracts_later`'s buffers: the saved abstracts, on the abstracts' device, with
@@ -204,8 +204,8 @@ class DeviceTier:
     def _settle_abstracts(self) -> None:
         if self._pending is None:
             return
-        later, n = self._pending
-        buffers = self.abstract_buffers(later.result(), self._pending_room)
+        later, n, room = self._pending
+        buffers = self.abstract_buffers(later(), room)
         for g, buf in zip((self.kmin, self.kmax, self.kmean), buffers, strict=True):
             after = g.view().to(buf.device)  # chunks appended since (usually a few)
             g.data, g.length = buf, n

@@ -239,9 +239,9 @@ class OpenedSession:
     manifest: dict
     # sha256 checks of the small files still running (`open_session(verify_later=True)`)
     checks: list[Future] = field(default_factory=list, repr=False)
-    # The file the abstracts are read from, open from `open_session` on: they are read
-    # when first needed, maybe after another process's save of this session removed
-    # this version (`_readable`).
+    # The file the abstracts are read from, held open from the load on (`hold_abstracts`):
+    # they are read when first needed, maybe after another process's save of this
+    # session removed this version (`_readable`).
     _held: int | None = field(default=None, repr=False)
 
     def hold_abstracts(self) -> None:

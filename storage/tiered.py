@@ -433,7 +433,7 @@ class TieredStore(StoreReads):
         assert self.num_tokens == 0, "adopt needs an empty store"
         L = self.layout
         C = L.chunk_size
-        with paused_gc():  # (one collection after every file's records, not one per file)
+        with paused_gc():  # (one collection after every file's records, not many)
             for layer, path, chunks, crc32 in files:
                 name = str(path)
                 self.disk.open(name, layer, chunks, crc32)

@@ -8,7 +8,6 @@ import torch
 
 from storage.abstracts import chunk_abstracts
 from storage.device import DeviceTier
-from storage.directory import ChunkDirectory, DiskRecord
 from storage.disk import DiskFullError, DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
@@ -102,52 +101,6 @@ def test_layout_arithmetic():
     assert L.num_chunks(33) == 3
     # 2-bit codes (32 B per head) + per-16-token float16 scale and zero (2*128*2/16 = 32 B)
     assert L.summary_bytes_per_token == 32 * 8 * (32 + 32)
-
-
-# -- bookkeeping: exact orders -------------------------------------------------------------
-
-
-def test_directory_lru_spill_order_and_reload():
-    d = ChunkDirectory(host_capacity=3)
-    for c in range(4):
-        d.add((0, c))
-        if c < 3:
-            d.filled((0, c))
-    assert d.lru_order() == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    assert d.over_budget() == 1
-    d.touch([(0, 0)])  # a selection hit makes chunk 0 the most recent
-    assert d.lru_order() == [(0, 1), (0, 2), (0, 3), (0, 0)]
-    # chunk 3 is still being filled: never a candidate
-    assert d.spill_candidates(10) == [(0, 1), (0, 2), (0, 0)]
-    d.spilled((0, 1), DiskRecord("f1", 0))
-    assert d.over_budget() == 0 and d.on_disk((0, 1)) and not d.on_host((0, 1))
-    d.loaded((0, 1))
-    assert d.lru_order() == [(0, 2), (0, 3), (0, 0), (0, 1)]
-    d.spilled((0, 1))  # its disk record is still valid: no new record needed
-    assert d.disk[(0, 1)] == DiskRecord("f1", 0)
-    assert d.drop((0, 1)) == DiskRecord("f1", 0) and d.files_in_use() == set()
-
-
-def test_a_sessions_file_is_recorded_on_disk_at_once():
-    """A saved session's file adds a record per chunk (chunk chunks[i] at record i), on
-    disk only; a chunk already known is refused; the collector, paused meanwhile, is
-    after as it was before (on, or off)."""
-    import gc
-
-    d = ChunkDirectory(host_capacity=3)
-    d.add((1, 0))
-    d.add_file_on_disk(1, "f", [5, 6, 7])
-    d.add_file_on_disk(2, "g", [5])
-    assert d.disk == {(1, 5): DiskRecord("f", 0), (1, 6): DiskRecord("f", 1),
-                      (1, 7): DiskRecord("f", 2), (2, 5): DiskRecord("g", 0)}  # fmt: skip
-    assert not d.on_host((1, 5)) and gc.isenabled()
-    for again in ([7], [0]):  # on disk, on the host
-        with pytest.raises(AssertionError, match="exist already"):
-            d.add_file_on_disk(1, "h", again)
-    gc.disable()
-    d.add_file_on_disk(3, "k", [0])
-    assert not gc.isenabled()
-    gc.enable()
 
 
 # -- the composed store --------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""The tiered store's bookkeeping (storage/directory.py): which chunk lives where, in
+which LRU order, checked against exact expected orders; plain Python, no tensors."""
+
+import pytest
+
+from storage.directory import ChunkDirectory, DiskRecord, paused_gc
+
+
+def test_directory_lru_spill_order_and_reload():
+    d = ChunkDirectory(host_capacity=3)
+    for c in range(4):
+        d.add((0, c))
+        if c < 3:
+            d.filled((0, c))
+    assert d.lru_order() == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert d.over_budget() == 1
+    d.touch([(0, 0)])  # a selection hit makes chunk 0 the most recent
+    assert d.lru_order() == [(0, 1), (0, 2), (0, 3), (0, 0)]
+    # chunk 3 is still being filled: never a candidate
+    assert d.spill_candidates(10) == [(0, 1), (0, 2), (0, 0)]
+    d.spilled((0, 1), DiskRecord("f1", 0))
+    assert d.over_budget() == 0 and d.on_disk((0, 1)) and not d.on_host((0, 1))
+    d.loaded((0, 1))
+    assert d.lru_order() == [(0, 2), (0, 3), (0, 0), (0, 1)]
+    d.spilled((0, 1))  # its disk record is still valid: no new record needed
+    assert d.disk[(0, 1)] == DiskRecord("f1", 0)
+    assert d.drop((0, 1)) == DiskRecord("f1", 0) and d.files_in_use() == set()
+
+
+def test_a_sessions_file_is_recorded_on_disk_at_once():
+    """A saved session's file adds a record per chunk (chunk chunks[i] at record i), on
+    disk only; a chunk already known is refused. The collector, paused while a session's
+    files are added (`paused_gc`), is after as it was before (on, or off)."""
+    import gc
+
+    d = ChunkDirectory(host_capacity=3)
+    d.add((1, 0))
+    d.add_file_on_disk(1, "f", [5, 6, 7])
+    d.add_file_on_disk(2, "g", [5])
+    assert d.disk == {(1, 5): DiskRecord("f", 0), (1, 6): DiskRecord("f", 1),
+                      (1, 7): DiskRecord("f", 2), (2, 5): DiskRecord("g", 0)}  # fmt: skip
+    assert not d.on_host((1, 5))
+    for again in ([7], [0]):  # on disk, on the host
+        with pytest.raises(AssertionError, match="exist already"):
+            d.add_file_on_disk(1, "h", again)
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
