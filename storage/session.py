@@ -32,11 +32,13 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
+import threading
 import uuid
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,7 @@ SESSION_FORMAT = 2  # what a save writes; 1 and 2 load
 FORMATS = (1, 2)
 SUMMARY_KEYS = ("codes", "scale", "zero")
 MAX_CHUNKS_PER_FILE = 1024
+SAVE_THREADS = min(8, os.cpu_count() or 1)  # chunk files written at once by a save
 MAX_MANIFEST_BYTES = 1 << 28  # token ids and messages of a 16M-token session fit
 
 
@@ -144,35 +147,7 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
         try:
             tmp.mkdir()
             (tmp / "kv").mkdir()
-            files: dict[str, dict] = {}
-            writer = DiskTier(tmp / "kv", L, store.dtype, budget_bytes=1 << 62)
-            n_chunks = L.num_chunks(T)
-            for layer in range(L.num_layers):
-                dev = store.dev[layer]
-                for c0 in range(0, n_chunks, MAX_CHUNKS_PER_FILE):
-                    chunks = list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
-                    data = store.read_chunks(layer, chunks)
-                    full = [c for c in chunks if c < dev.num_chunks]
-                    abstracts = dev.abstracts(full) if full else None
-                    abstracts = _pad_abstracts(abstracts, len(chunks), L)
-                    name = writer.write_chunks(layer, chunks, data, abstracts)
-                    files[f"kv/{name}"] = {
-                        "size": (tmp / "kv" / name).stat().st_size, "layer": layer,
-                        "first_chunk": c0, "num_chunks": len(chunks),
-                        "crc32_sha256": crc32_digest(writer.crc32s(name)),
-                    }  # fmt: skip
-            summaries, abstracts = {}, {}
-            for layer in range(L.num_layers):
-                dev = store.dev[layer]
-                s, a = dev.summaries(), dev.abstracts()
-                for key in SUMMARY_KEYS:
-                    summaries[f"L{layer}.{key}"] = getattr(s, key).contiguous().cpu()
-                for key in ABSTRACT_KEYS:
-                    abstracts[f"L{layer}.{key}"] = getattr(a, key).contiguous().cpu()
-            _save_tensors(tmp / "device.safetensors", summaries, files)
-            _save_tensors(tmp / "abstracts.safetensors", abstracts, files)
-            if contents.index:
-                _save_tensors(tmp / "index.safetensors", contents.index, files, contents.index_meta)
+            files = _write_files(tmp, store, contents)
             manifest = {
                 "format_version": SESSION_FORMAT,
                 "num_tokens": T,
@@ -201,6 +176,8 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
             full = isinstance(e, DiskFullError) and isinstance(e.__context__, OSError)
             cause = e.__context__ if full else e
             reason = getattr(cause, "strerror", None) or str(cause)
+            code = re.search(r"\(os error (\d+)\)", reason)  # (safetensors' I/O errors)
+            reason = os.strerror(int(code.group(1))) if code else reason
             raise SessionError(f"cannot save session to {path}: {reason}") from None
         # Older versions and leftovers of killed saves are garbage now.
         for old in path.iterdir():
@@ -210,6 +187,57 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
             sum(f["size"] for f in files.values())
             + (path / version / "manifest.json").stat().st_size
         )
+
+
+def _write_files(tmp: Path, store, contents: SessionContents) -> dict[str, dict]:
+    """A version's files but its manifest, into `tmp`: the chunk files of every layer,
+    MAX_CHUNKS_PER_FILE chunks a file, and the tensor files, on SAVE_THREADS threads
+    (the copies out of the host slab, the checksums, the encoding and the writes release
+    the GIL: the 8B shape's 128k tokens are 256 chunk files of 80 MiB and 5 GiB of
+    summaries and abstracts). Returns the manifest's entry of each file."""
+    L: KVLayout = store.layout
+    n_chunks = L.num_chunks(store.num_tokens)
+    writer = DiskTier(tmp / "kv", L, store.dtype, budget_bytes=1 << 62)
+    # Each layer's abstracts settled here, once, not by several threads at once.
+    abstracts = [store.dev[layer].abstracts() for layer in range(L.num_layers)]
+    tensors = {"device.safetensors": ({}, None), "abstracts.safetensors": ({}, None)}
+    for layer in range(L.num_layers):
+        s = store.dev[layer].summaries()
+        for key in SUMMARY_KEYS:
+            tensors["device.safetensors"][0][f"L{layer}.{key}"] = getattr(s, key).contiguous().cpu()
+        for key in ABSTRACT_KEYS:
+            a = getattr(abstracts[layer], key)
+            tensors["abstracts.safetensors"][0][f"L{layer}.{key}"] = a.contiguous().cpu()
+    if contents.index:
+        tensors["index.safetensors"] = (contents.index, contents.index_meta)
+    local = threading.local()  # each thread's buffer, reused from file to file (fresh
+    # pages for each file's 64 MiB cost as much as the copy into them)
+
+    def write(layer: int, c0: int) -> tuple[str, dict]:
+        chunks = list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
+        if getattr(local, "buf", None) is None:
+            local.buf = store.chunk_buffer(MAX_CHUNKS_PER_FILE)
+        data = store.read_chunks(layer, chunks, out=local.buf[: len(chunks)])
+        a = abstracts[layer]
+        c1 = min(c0 + len(chunks), a.kmin.shape[0])  # (a trailing partial chunk has none)
+        full = ChunkAbstracts(a.kmin[c0:c1], a.kmax[c0:c1], a.kmean[c0:c1]) if c1 > c0 else None
+        name = writer.write_chunks(layer, chunks, data, _pad_abstracts(full, len(chunks), L))
+        return f"kv/{name}", {
+            "size": (tmp / "kv" / name).stat().st_size, "layer": layer,
+            "first_chunk": c0, "num_chunks": len(chunks),
+            "crc32_sha256": crc32_digest(writer.crc32s(name)),
+        }  # fmt: skip
+
+    pool = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="offload-save")
+    try:
+        jobs = [
+            pool.submit(_save_tensors, tmp / name, t, meta) for name, (t, meta) in tensors.items()
+        ]
+        jobs += [pool.submit(write, layer, c0) for layer in range(L.num_layers)
+                 for c0 in range(0, n_chunks, MAX_CHUNKS_PER_FILE)]  # fmt: skip
+        return dict(job.result() for job in jobs)
+    finally:  # (a file failed: those not begun are not written)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _pad_abstracts(abstracts, n: int, L: KVLayout):
@@ -225,11 +253,12 @@ def _pad_abstracts(abstracts, n: int, L: KVLayout):
     )
 
 
-def _save_tensors(path: Path, tensors: dict, files: dict, meta: dict | None = None) -> None:
+def _save_tensors(path: Path, tensors: dict, meta: dict | None = None) -> tuple[str, dict]:
+    """Write a tensor file; its name and manifest entry."""
     save_file(tensors, str(path), metadata={"meta": json.dumps(meta or {})})
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    files[path.name] = file_entry(path)
+    return path.name, file_entry(path)
 
 
 @dataclass

@@ -400,11 +400,16 @@ class TieredStore(StoreReads):
 
     # -- sessions ------------------------------------------------------------------
 
-    def read_chunks(self, layer: int, chunks: list[int]) -> torch.Tensor:
-        """[len(chunks), 2, H, C, D] of whole chunks, wherever they live (for saving;
-        under the lock, since a loaded session's warmer may be moving chunks meanwhile)."""
-        out = torch.empty(len(chunks), 2, self.layout.num_kv_heads, self.layout.chunk_size,
-                          self.layout.head_dim, dtype=self.dtype)  # fmt: skip
+    def chunk_buffer(self, n: int) -> torch.Tensor:
+        """An empty [n, 2, H, C, D] host tensor of whole chunks."""
+        L = self.layout
+        return torch.empty(n, 2, L.num_kv_heads, L.chunk_size, L.head_dim, dtype=self.dtype)
+
+    def read_chunks(self, layer: int, chunks: list[int], out: torch.Tensor | None = None):
+        """[len(chunks), 2, H, C, D] of whole chunks, wherever they live, into `out` if
+        given (for saving; under the lock, since a loaded session's warmer may be moving
+        chunks meanwhile)."""
+        out = self.chunk_buffer(len(chunks)) if out is None else out
         at = {c: i for i, c in enumerate(chunks)}
         with self.lock:
             # Host chunks a run of slots at a time, disk chunks a file at a time: a save

@@ -7,25 +7,29 @@ import pyarrow as pa
 import pytest
 import torch
 
+import storage.disk
 from storage.abstracts import chunk_abstracts
 from storage.disk import DiskTier, StorageError
 from storage.layout import KVLayout
 
 
-def _written(tmp_path, n=6):
-    """A file of n chunks (rows of 384 and 96 bytes: not multiples of Arrow's 64-byte
-    padding) and the tier, name, KV and abstracts."""
-    L = KVLayout(num_layers=1, num_kv_heads=3, head_dim=8, dtype="bfloat16", chunk_size=4)
-    data = (torch.arange(n * L.chunk_bytes // 2) % 251 / 7).to(torch.bfloat16).view(n, 2, 3, 4, 8)
-    ab = chunk_abstracts(data[:, 0].permute(1, 0, 2, 3).reshape(3, n * 4, 8), 4)
+def _written(tmp_path, n=6, head_dim=8):
+    """A file of n chunks and the tier, name, KV and abstracts. Head dim 8: rows of 384
+    and 96 bytes, not multiples of Arrow's 64-byte alignment (written a batch at a time);
+    16: rows of 768 and 192 bytes (one table)."""
+    D = head_dim
+    L = KVLayout(num_layers=1, num_kv_heads=3, head_dim=D, dtype="bfloat16", chunk_size=4)
+    data = (torch.arange(n * L.chunk_bytes // 2) % 251 / 7).to(torch.bfloat16).view(n, 2, 3, 4, D)
+    ab = chunk_abstracts(data[:, 0].permute(1, 0, 2, 3).reshape(3, n * 4, D), 4)
     disk = DiskTier(tmp_path, L, torch.bfloat16, 1 << 30)
     disk.start()
     return disk, disk.write_chunks(0, list(range(n)), data, ab), data, ab
 
 
-def test_each_record_batch_holds_exactly_its_chunk(tmp_path):
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_each_record_batch_holds_exactly_its_chunk(tmp_path, head_dim):
     n = 5
-    disk, name, data, ab = _written(tmp_path, n)
+    disk, name, data, ab = _written(tmp_path, n, head_dim)
     reader = pa.ipc.open_file(pa.memory_map(str(tmp_path / name)))
     assert reader.num_record_batches == n
     for i in range(n):
@@ -36,6 +40,19 @@ def test_each_record_batch_holds_exactly_its_chunk(tmp_path):
             assert offsets.size == 8 and values.size == t.numel() * t.element_size()
             assert values.to_pybytes() == t.view(torch.uint8).numpy().tobytes()
         assert torch.equal(disk.read_chunk(name, i), data[i])
+
+
+def test_a_file_written_as_one_table_is_the_file_written_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """Rows of multiples of 64 bytes go out as one table of a batch per row: the same
+    bytes as a batch made per chunk."""
+    files = []
+    for one_by_one in (False, True):
+        if one_by_one:  # (as rows of other sizes are written)
+            monkeypatch.setattr(storage.disk, "ARROW_ALIGNMENT", 1 << 20)
+        path = tmp_path / str(one_by_one)
+        disk, name, _, _ = _written(path, 7, head_dim=16)
+        files.append((path / name).read_bytes())
+    assert files[0] == files[1]
 
 
 def test_a_file_is_read_where_it_lies(tmp_path):
