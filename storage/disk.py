@@ -357,8 +357,9 @@ class DiskTier:
         return len(self._open(name)[1])
 
     def crc32s(self, name: str) -> list[int]:
-        """The per-chunk crc32s of a file this tier wrote (kept from the write)."""
-        return list(self._crcs[name])
+        """The per-chunk crc32s of a file (kept from the write, or read from its metadata)."""
+        crcs = self._crcs.get(name)
+        return list(crcs if crcs is not None else self._open(name)[1])
 
     # -- reading ---------------------------------------------------------------
 

@@ -215,17 +215,21 @@ def _write_files(tmp: Path, store, contents: SessionContents) -> dict[str, dict]
 
     def write(layer: int, c0: int) -> tuple[str, dict]:
         chunks = list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
-        if getattr(local, "buf", None) is None:
-            local.buf = store.chunk_buffer(MAX_CHUNKS_PER_FILE)
-        data = store.read_chunks(layer, chunks, out=local.buf[: len(chunks)])
-        a = abstracts[layer]
-        c1 = min(c0 + len(chunks), a.kmin.shape[0])  # (a trailing partial chunk has none)
-        full = ChunkAbstracts(a.kmin[c0:c1], a.kmax[c0:c1], a.kmean[c0:c1]) if c1 > c0 else None
-        name = writer.write_chunks(layer, chunks, data, _pad_abstracts(full, len(chunks), L))
+        linked = _link_saved(store, layer, chunks, tmp / "kv")
+        if linked is not None:
+            name, crcs = linked
+        else:
+            if getattr(local, "buf", None) is None:
+                local.buf = store.chunk_buffer(MAX_CHUNKS_PER_FILE)
+            data = store.read_chunks(layer, chunks, out=local.buf[: len(chunks)])
+            a = abstracts[layer]
+            c1 = min(c0 + len(chunks), a.kmin.shape[0])  # (a trailing partial chunk has none)
+            full = ChunkAbstracts(a.kmin[c0:c1], a.kmax[c0:c1], a.kmean[c0:c1]) if c1 > c0 else None
+            name = writer.write_chunks(layer, chunks, data, _pad_abstracts(full, len(chunks), L))
+            crcs = writer.crc32s(name)
         return f"kv/{name}", {
             "size": (tmp / "kv" / name).stat().st_size, "layer": layer,
-            "first_chunk": c0, "num_chunks": len(chunks),
-            "crc32_sha256": crc32_digest(writer.crc32s(name)),
+            "first_chunk": c0, "num_chunks": len(chunks), "crc32_sha256": crc32_digest(crcs),
         }  # fmt: skip
 
     pool = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="offload-save")
@@ -238,6 +242,24 @@ def _write_files(tmp: Path, store, contents: SessionContents) -> dict[str, dict]
         return dict(job.result() for job in jobs)
     finally:  # (a file failed: those not begun are not written)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _link_saved(store, layer: int, chunks: list[int], kv_dir: Path) -> tuple[str, list] | None:
+    """A hard link in `kv_dir` to the file of a loaded session that holds exactly these
+    chunks (unchanged: a chunk's KV never changes while it has a disk record): its name
+    and crc32s; None where there is no such file or it cannot be linked (another file
+    system, or another process's save removed it since: the chunks are then written). A
+    session saved again after a chat turn so writes only the files of its new chunks (a
+    128k session of the 8B shape is 256 files of 80 MiB)."""
+    source = store.file_holding(layer, chunks)
+    if source is None:
+        return None
+    path = store.disk.directory / source  # (a session's file: its absolute path)
+    try:
+        os.link(path, kv_dir / path.name)
+    except OSError:
+        return None
+    return path.name, store.disk.crc32s(source)
 
 
 def _pad_abstracts(abstracts, n: int, L: KVLayout):

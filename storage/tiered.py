@@ -422,6 +422,20 @@ class TieredStore(StoreReads):
                 out[at[c]] = kv
         return out
 
+    def file_holding(self, layer: int, chunks: list[int]) -> str | None:
+        """The disk file that holds exactly `chunks` of `layer`, in that order (a loaded
+        session's, whose chunks are unchanged: a save can link it instead of writing it
+        again), or None."""
+        with self.lock:
+            rec = self.directory.disk.get((layer, chunks[0]))
+            if rec is None or self.disk.num_chunks(rec.file) != len(chunks):
+                return None
+            for i, c in enumerate(chunks):
+                r = self.directory.disk.get((layer, c))
+                if r is None or r.file != rec.file or r.batch != i:
+                    return None
+            return rec.file
+
     def adopt(
         self, num_tokens: int, files: list[tuple[int, Path, list[int]]], device: dict,
         abstracts: Callable[[], dict],

@@ -194,3 +194,45 @@ def test_the_abstracts_read_late_are_the_loaded_versions_after_another_save(tiny
     loaded.save_session(tmp_path / "t")
     again = Runtime.load_session(tmp_path / "t", model=tiny)
     _same_abstracts(_abstracts(again), _abstracts(rt))
+
+
+@pytest.mark.parametrize("linkable", [True, False])
+def test_a_session_saved_again_links_its_unchanged_chunk_files(
+    tiny, tmp_path, monkeypatch, linkable
+):
+    """A chat resumed from a session, a turn, and a save over it: every chunk file of the
+    old version whose chunks are unchanged is hard-linked into the new one, not written
+    again; the files of the new chunks are written. Where a link fails (another file
+    system) all are written. Either way the session resumes the chat as it was."""
+    import storage.session
+
+    monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 4)
+    if not linkable:
+        monkeypatch.setattr(
+            storage.session.os,
+            "link",
+            lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")),
+        )
+    a = Runtime(tiny.loaded, tiny.config.replace(chunk_size=2), tiny.device).chat(system="sys")
+    a.send(filler_text(40, seed=4), max_new_tokens=5)
+    a.save(tmp_path / "c")
+    old = open_session(tmp_path / "c")
+    old_files = {(old.version_dir / f["name"]).stat().st_ino: f for f in old.chunk_files()}
+    b = Runtime.load_session(tmp_path / "c", model=tiny).resume_chat()
+    b.send("seven stones", max_new_tokens=5)
+    b.save(tmp_path / "c")
+    new = open_session(tmp_path / "c")
+    assert new.version_dir != old.version_dir and not old.version_dir.exists()
+    files = new.chunk_files()
+    linked = [f for f in files if (new.version_dir / f["name"]).stat().st_ino in old_files]
+    full = [f for f in old_files.values() if f["num_chunks"] == 4]  # (a partial one grew)
+    if linkable:
+        assert len(full) > 2 * tiny.args.num_layers and len(linked) == len(full)
+        assert sorted(f["name"] for f in linked) == sorted(f["name"] for f in full)
+    else:
+        assert not linked
+    assert len(files) > len(old_files)  # the turn's chunks in files of their own
+    want = b.send("green market", max_new_tokens=5)
+    c = Runtime.load_session(tmp_path / "c", model=tiny).resume_chat()
+    assert c.messages == b.messages[:-2]
+    assert c.send("green market", max_new_tokens=5) == want
