@@ -2,7 +2,9 @@
 --tokens tokens of the Llama-3.1-8B shape (8 KV heads x 128, bf16, random) saved as a
 session, then opened and adopted by a fresh store (`offload ask` does this in every
 process) and the abstracts read (as their first use does), --runs + 1 times; the last time the rest
-is read into host memory as well.
+is read into host memory as well, 256 tokens are appended (a chat turn) and the session
+is saved over itself (`resave_seconds`: the unchanged chunk files linked, the rest
+written).
 
     python scripts/bench_session_load.py [--layers 4] [--tokens 131072] [--runs 4]
         [--dir /tmp/offload-bench-load] [--out results/bench_session_load.json]
@@ -42,12 +44,15 @@ def make_session(layout: KVLayout, tokens: int, path: Path, work: Path) -> dict:
             k = torch.randn(H, 16384, D, generator=gen).to(torch.bfloat16)
             with store.lock:
                 store.append(layer, k, k * 0.5)
-    meta = {"kind": "prompt", "model": {"fingerprint": "bench", "source": "bench", "arch": "llama"},
-            "tokenizer_sha256": "0" * 64, "config": {}}  # fmt: skip
     t = time.perf_counter()
-    nbytes = save_session(path, store, SessionContents(list(range(tokens)), meta, {}, {}))
+    nbytes = save_session(path, store, SessionContents(list(range(tokens)), META, {}, {}))
     store.close()
     return {"save_seconds": time.perf_counter() - t, "session_gib": nbytes / 2**30}
+
+
+META = {"kind": "prompt", "model": {"fingerprint": "bench", "source": "bench", "arch": "llama"},
+        "tokenizer_sha256": "0" * 64, "config": {}}  # fmt: skip
+TURN = 256  # tokens a chat turn appends before the session is saved again
 
 
 def load_once(layout: KVLayout, tokens: int, path: Path, work: Path, read_in: bool) -> dict:
@@ -68,6 +73,13 @@ def load_once(layout: KVLayout, tokens: int, path: Path, work: Path, read_in: bo
     if read_in:
         store.warm().wait()
         out["read_in_seconds"] = time.perf_counter() - abstracts
+        k = torch.randn(layout.num_kv_heads, TURN, layout.head_dim).to(torch.bfloat16)
+        with store.lock:
+            for layer in range(layout.num_layers):
+                store.append(layer, k, k)
+        t = time.perf_counter()
+        save_session(path, store, SessionContents(list(range(tokens + TURN)), META, {}, {}))
+        out["resave_seconds"] = time.perf_counter() - t
     store.close()
     return out
 
