@@ -26,7 +26,8 @@ from offload.budgets import resolve_budgets
 from offload.config import human_bytes
 from offload.errors import ConfigError
 from offload.kvcache import KVCache
-from storage.disk import StorageError, cache_dir_name, sweep_stale
+from storage.disk import StorageError
+from storage.stale import cache_dir_name, sweep_stale
 from storage.tiered import TieredStore
 
 if TYPE_CHECKING:

@@ -81,7 +81,7 @@ TEMP_NAME = re.compile(r"\..+\.safetensors\.(\d+)-[0-9a-f]{8}\.tmp")
 
 def _orphaned_temps(folder: Path) -> list[Path]:
     """Partial cache files of writers that are gone (killed while converting)."""
-    from storage.disk import process_gone
+    from storage.stale import process_gone
 
     orphans = []
     for f in folder.glob(".*.tmp"):

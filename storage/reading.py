@@ -6,6 +6,8 @@ they live, brought to the compute device.
     gather_all(layer)           every token (dense attention): in place where the host
                                 tier is the compute device's memory
     keep_on_host(layer, chunks, kv)  chunks read from disk kept in free host slots
+    read_chunks(layer, chunks)  whole chunks on the host, wherever they live (a save)
+    file_holding(layer, chunks) the disk file of exactly those chunks (a save links it)
 
 Chunks read from disk are kept on the host while it has room (a loaded session is
 read once). `TierReads` counts what each tier served.
@@ -154,6 +156,42 @@ class StoreReads:
                 kept.append(c)
                 rows.append(rec.batch)
         return kept, rows
+
+    def chunk_buffer(self, n: int) -> torch.Tensor:
+        """An empty [n, 2, H, C, D] host tensor of whole chunks."""
+        L = self.layout
+        return torch.empty(n, 2, L.num_kv_heads, L.chunk_size, L.head_dim, dtype=self.dtype)
+
+    def read_chunks(self, layer: int, chunks: list[int], out: torch.Tensor | None = None):
+        """[len(chunks), 2, H, C, D] of whole chunks, wherever they live, into `out` if
+        given (for saving; under the lock, since a loaded session's warmer may be moving
+        chunks meanwhile)."""
+        out = self.chunk_buffer(len(chunks)) if out is None else out
+        at = {c: i for i, c in enumerate(chunks)}
+        with self.lock:
+            # Host chunks a run of slots at a time, disk chunks a file at a time: a save
+            # copies every chunk (262,144 for the 8B shape at 128k; about 50 us each, one
+            # by one).
+            on_host = [c for c in chunks if self.directory.on_host((layer, c))]
+            self.host[layer].copy_out(on_host, out, [at[c] for c in on_host])
+            on_disk = [c for c in chunks if not self.directory.on_host((layer, c))]
+            for c, kv in self._read_disk_chunks(layer, on_disk):
+                out[at[c]] = kv
+        return out
+
+    def file_holding(self, layer: int, chunks: list[int]) -> str | None:
+        """The disk file that holds exactly `chunks` of `layer`, in that order (a loaded
+        session's, whose chunks are unchanged: a save can link it instead of writing it
+        again), or None."""
+        with self.lock:
+            rec = self.directory.disk.get((layer, chunks[0]))
+            if rec is None or self.disk.num_chunks(rec.file) != len(chunks):
+                return None
+            for i, c in enumerate(chunks):
+                r = self.directory.disk.get((layer, c))
+                if r is None or r.file != rec.file or r.batch != i:
+                    return None
+            return rec.file
 
     def keep_on_host(
         self, layer: int, chunks: list[int], kv: torch.Tensor, room: int | None = None

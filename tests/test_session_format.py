@@ -204,9 +204,9 @@ def test_a_session_saved_again_links_its_unchanged_chunk_files(
     old version whose chunks are unchanged is hard-linked into the new one, not written
     again; the files of the new chunks are written. Where a link fails (another file
     system) all are written. Either way the session resumes the chat as it was."""
-    import storage.session
+    import storage.saving
 
-    monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 4)
+    monkeypatch.setattr(storage.saving, "MAX_CHUNKS_PER_FILE", 4)
     if not linkable:
         monkeypatch.setattr(
             storage.session.os,

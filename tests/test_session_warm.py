@@ -191,9 +191,9 @@ def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path
 def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, monkeypatch):
     """A layer's chunks come in many files: its host slab grows (on CUDA: is pinned) once,
     for the whole layer, not file after file; putting it in slot order grows nothing."""
-    import storage.session
+    import storage.saving
 
-    monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 4)
+    monkeypatch.setattr(storage.saving, "MAX_CHUNKS_PER_FILE", 4)
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     warmer = Warmer(store)
@@ -209,9 +209,9 @@ def test_a_bulk_read_back_sizes_the_layers_slab_once(tiny, tmp_path, monkeypatch
     """A question on a loaded session reads many chunks of a layer back, file by file:
     the first bulk put sizes the layer's slab for all its chunks (one growth, one pinning
     on CUDA); the few chunks a load reads (the recent window) grew it as before."""
-    import storage.session
+    import storage.saving
 
-    monkeypatch.setattr(storage.session, "MAX_CHUNKS_PER_FILE", 70)
+    monkeypatch.setattr(storage.saving, "MAX_CHUNKS_PER_FILE", 70)
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     allocs = count_slab_growths(monkeypatch)
@@ -225,9 +225,9 @@ def test_a_question_reads_a_layers_files_on_threads(tiny, tmp_path, monkeypatch)
     question asked at once on threads, files ahead of their use: the same answer as
     before the save, every file read once; a corrupt file is still named."""
     import storage.reading as reading
-    import storage.session as session
+    import storage.saving as saving
 
-    monkeypatch.setattr(session, "MAX_CHUNKS_PER_FILE", reading.BULK_READ_MIN)
+    monkeypatch.setattr(saving, "MAX_CHUNKS_PER_FILE", reading.BULK_READ_MIN)
     monkeypatch.setattr(reading, "READ_THREADS", 3)
     rt = doc_runtime(tiny, filler_text(60, seed=1), chunk_size=2)
     want = rt.ask("seven stones", max_new_tokens=6)

@@ -377,7 +377,7 @@ def test_sessions_with_float32_summary_parameters_still_load(tiny, saved):
 def test_disk_full_while_writing_tensors_leaves_the_old_session(tiny, saved, monkeypatch):
     from safetensors import SafetensorError
 
-    import storage.session as ss
+    import storage.saving as ss
 
     def full(*a, **kw):
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
@@ -412,7 +412,7 @@ def test_disk_full_on_a_first_save_leaves_no_folder(tiny, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_no_spilled_file_survives_a_kill_and_the_next_start(tiny, tmp_path, sig):
-    from storage.disk import sweep_stale
+    from storage.stale import sweep_stale
 
     disk = tmp_path / "spill"
     cmd = [sys.executable, "-m", "cli.main", "chat", "-m", str(tiny.loaded.source),

@@ -1,0 +1,117 @@
+"""A session version's files (storage/session.py has the layout), written by `save_session`
+into its temporary folder: the chunk files of every layer and the tensor files, on
+threads; a loaded session's unchanged chunk files are hard-linked instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
+from storage.disk import DiskTier, crc32_digest
+from storage.hashing import file_entry
+from storage.layout import KVLayout
+
+SUMMARY_KEYS = ("codes", "scale", "zero")
+MAX_CHUNKS_PER_FILE = 1024
+SAVE_THREADS = min(8, os.cpu_count() or 1)  # files written at once by a save
+
+
+def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, dict]:
+    """A version's files but its manifest, into `tmp`: the chunk files of every layer,
+    MAX_CHUNKS_PER_FILE chunks a file, and the tensor files, on SAVE_THREADS threads
+    (the copies out of the host slab, the checksums, the encoding and the writes release
+    the GIL: the 8B shape's 128k tokens are 256 chunk files of 80 MiB and 5 GiB of
+    summaries and abstracts). Returns the manifest's entry of each file."""
+    L: KVLayout = store.layout
+    n_chunks = L.num_chunks(store.num_tokens)
+    writer = DiskTier(tmp / "kv", L, store.dtype, budget_bytes=1 << 62)
+    # Each layer's abstracts settled here, once, not by several threads at once.
+    abstracts = [store.dev[layer].abstracts() for layer in range(L.num_layers)]
+    tensors = {"device.safetensors": ({}, None), "abstracts.safetensors": ({}, None)}
+    for layer in range(L.num_layers):
+        s = store.dev[layer].summaries()
+        for key in SUMMARY_KEYS:
+            tensors["device.safetensors"][0][f"L{layer}.{key}"] = getattr(s, key).contiguous().cpu()
+        for key in ABSTRACT_KEYS:
+            a = getattr(abstracts[layer], key)
+            tensors["abstracts.safetensors"][0][f"L{layer}.{key}"] = a.contiguous().cpu()
+    if index:
+        tensors["index.safetensors"] = (index, index_meta)
+    local = threading.local()  # each thread's buffer, reused from file to file (fresh
+    # pages for each file's 64 MiB cost as much as the copy into them)
+
+    def write(layer: int, c0: int) -> tuple[str, dict]:
+        chunks = list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
+        linked = _link_saved(store, layer, chunks, tmp / "kv")
+        if linked is not None:
+            name, crcs = linked
+        else:
+            if getattr(local, "buf", None) is None:
+                local.buf = store.chunk_buffer(MAX_CHUNKS_PER_FILE)
+            data = store.read_chunks(layer, chunks, out=local.buf[: len(chunks)])
+            a = abstracts[layer]
+            c1 = min(c0 + len(chunks), a.kmin.shape[0])  # (a trailing partial chunk has none)
+            full = ChunkAbstracts(a.kmin[c0:c1], a.kmax[c0:c1], a.kmean[c0:c1]) if c1 > c0 else None
+            name = writer.write_chunks(layer, chunks, data, _pad_abstracts(full, len(chunks), L))
+            crcs = writer.crc32s(name)
+        return f"kv/{name}", {
+            "size": (tmp / "kv" / name).stat().st_size, "layer": layer,
+            "first_chunk": c0, "num_chunks": len(chunks), "crc32_sha256": crc32_digest(crcs),
+        }  # fmt: skip
+
+    pool = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="offload-save")
+    try:
+        jobs = [
+            pool.submit(_save_tensors, tmp / name, t, meta) for name, (t, meta) in tensors.items()
+        ]
+        jobs += [pool.submit(write, layer, c0) for layer in range(L.num_layers)
+                 for c0 in range(0, n_chunks, MAX_CHUNKS_PER_FILE)]  # fmt: skip
+        return dict(job.result() for job in jobs)
+    finally:  # (a file failed: those not begun are not written)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _link_saved(store, layer: int, chunks: list[int], kv_dir: Path) -> tuple[str, list] | None:
+    """A hard link in `kv_dir` to the file of a loaded session that holds exactly these
+    chunks (unchanged: a chunk's KV never changes while it has a disk record): its name
+    and crc32s; None where there is no such file or it cannot be linked (another file
+    system, or another process's save removed it since: the chunks are then written). A
+    session saved again after a chat turn so writes only the files of its new chunks (a
+    128k session of the 8B shape is 256 files of 80 MiB)."""
+    source = store.file_holding(layer, chunks)
+    if source is None:
+        return None
+    path = store.disk.directory / source  # (a session's file: its absolute path)
+    try:
+        os.link(path, kv_dir / path.name)
+    except OSError:
+        return None
+    return path.name, store.disk.crc32s(source)
+
+
+def _pad_abstracts(abstracts, n: int, L: KVLayout):
+    """Abstracts of `n` chunks; a trailing partial chunk (no abstract yet) gets zeros."""
+    have = 0 if abstracts is None else abstracts.kmin.shape[0]
+    if have == n:
+        return abstracts
+    pad = torch.zeros(n - have, L.num_kv_heads, L.head_dim)
+    if abstracts is None:
+        return ChunkAbstracts(pad, pad, pad)
+    return ChunkAbstracts(
+        *(torch.cat([t.cpu(), pad]) for t in (abstracts.kmin, abstracts.kmax, abstracts.kmean))
+    )
+
+
+def _save_tensors(path: Path, tensors: dict, meta: dict | None = None) -> tuple[str, dict]:
+    """Write a tensor file; its name and manifest entry."""
+    save_file(tensors, str(path), metadata={"meta": json.dumps(meta or {})})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return path.name, file_entry(path)
