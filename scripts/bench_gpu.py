@@ -48,7 +48,11 @@ Systems:
 `offload --set` does; the JSON records it.
 
 Random token ids (speed does not depend on them); greedy decoding. Each figure is
-the mean over `--tokens` steps after two warm-up steps (capture happens there).
+the mean over `--tokens` steps after two warm-up steps (capture happens there). Our
+rows then decode `--sustained` more steps (256: four hand-overs of the steps' tokens to
+the store and an index refresh fall in them, as they do every 256 tokens of an answer,
+while the first `--tokens` steps may hold none): `sustained_ms_per_token` is their mean,
+with the median and the longest step (a hand-over's pause).
 Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
 """
 
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -142,7 +147,7 @@ def fill_kv(cache, num_tokens: int, args: ModelArgs) -> None:
     cache.finish_prefill()
 
 
-def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
+def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool, sustained: int = 0) -> dict:
     reset_peak()
     cache = rt.new_cache()
     gen = torch.Generator().manual_seed(length)
@@ -173,6 +178,11 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
         sync()
         ms = 1000 * (time.perf_counter() - t) / tokens
         kernels = step_kernels(cache, rt.model, token)
+        steps_ms = []  # each step waits for its token: the host's work between steps counts
+        for _ in range(sustained):
+            t = time.perf_counter()
+            token = int(cache.decode(rt.model, token).argmax())
+            steps_ms.append(1000 * (time.perf_counter() - t))
     # what `offload plan` predicts for this context with this config (decode; the
     # layer-by-layer prefill's peak), beside the measured peak
     p = plan_for_config(rt.args, length, 0, 0, rt.config)
@@ -180,6 +190,16 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool) -> dict:
     tiered, GiB = cache.store is not None, 2**30
     out = {
         "decode_ms_per_token": ms,
+        **(
+            {
+                "sustained_ms_per_token": statistics.fmean(steps_ms),
+                "sustained_steps": sustained,
+                "step_ms_median": statistics.median(steps_ms),
+                "step_ms_max": max(steps_ms),
+            }
+            if steps_ms
+            else {}
+        ),  # fmt: skip
         "warmup_seconds": warmup_s,
         "prefill_seconds": None if fill else prefill_s,
         "prefill_layers_ms": layers.get("layers_ms"),
@@ -347,6 +367,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lengths", default="8192,32768,131072")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--sustained", type=int, default=256, help="our rows' further steps")
     p.add_argument(
         "--systems",
         default="device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded",
@@ -369,7 +390,7 @@ def main() -> None:
     systems = args.systems.split(",")
     if unknown := [s for s in systems if s not in SYSTEMS]:
         p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(sorted(SYSTEMS))})")
-    max_len = max(lengths) + args.tokens + 8
+    max_len = max(lengths) + args.tokens + args.sustained + 8
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
     preset = RuntimeConfig.from_toml(OFFLOADED_PRESET)
@@ -410,7 +431,7 @@ def main() -> None:
                 continue
             fill = not system.startswith("device") and n > args.fill_above
             try:
-                record(system, n, bench_ours(rt, n, args.tokens, fill))
+                record(system, n, bench_ours(rt, n, args.tokens, fill, args.sustained))
             except Exception as e:  # (a row's failure must not cost the rest of the run)
                 record(system, n, row_error(e))
         del rt
@@ -459,12 +480,14 @@ def main() -> None:
         del model
         reset_peak()
     table = Table(title=f"decode ms/token, {args.shape}, {gpu}")
-    for col in ("system", "context", "decode ms/token", "prefill s", "first token s", "peak GiB"):
+    cols = ("system", "context", "decode ms/token", "sustained", "prefill s", "first token s",
+            "peak GiB")  # fmt: skip
+    for col in cols:
         table.add_column(col)
     for r in results["rows"]:
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
         table.add_row(r["system"], fmt(r["context"]), fmt(r.get("decode_ms_per_token", r.get("error"))),
-                      fmt(r.get("prefill_seconds")), fmt(r.get("ttft_seconds")),
+                      fmt(r.get("sustained_ms_per_token")), fmt(r.get("prefill_seconds")), fmt(r.get("ttft_seconds")),
                       fmt(r.get("peak_device_gib")))  # fmt: skip
     console.print(table)
     plot(results, args.plot, console)

@@ -29,7 +29,7 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     asked at once (profiled) and after its read-in (at the tiny shape it fits the device
     cache); the preset changed by --set."""
     res = run_script(
-        "bench_gpu.py", "--shape", "tiny", "--lengths", "384", "--tokens", "2",
+        "bench_gpu.py", "--shape", "tiny", "--lengths", "384", "--tokens", "2", "--sustained", "3",
         "--systems", "device,tiered,session", "--session-lengths", "256",
         "--session-dir", str(tmp_path / "sessions"), "--plot", str(tmp_path / "plot.png"),
         "--set", "hit_cache=3.0", "--profile-question", out=tmp_path / "bench_gpu.json",
@@ -39,6 +39,9 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert not [r for r in rows.values() if "error" in r], res["rows"]
     assert rows["device"]["kv"] == "device" and rows["tiered"]["kv"] == "tiers"
     assert rows["tiered"]["captures"] >= 1 and rows["session"]["ttft_seconds"] > 0
+    for r in (rows["device"], rows["tiered"]):  # the further steps, each waited for
+        assert r["sustained_steps"] == 3 and 0 < r["step_ms_median"] <= r["step_ms_max"]
+        assert r["sustained_ms_per_token"] <= r["step_ms_max"]
     assert res["set"] == {"hit_cache": "3.0"}
     assert any("_first_token" in f for f in rows["session"]["question_profile"])
     # prefilled layer by layer: the GPU's idle time between layers, from the events
