@@ -14,7 +14,8 @@ Llama-3.1-8B KV shape (32 layers, 8 KV heads x 128, bf16) with the
 On a CPU the step is driven as CUDA drives it (fixed shapes, dense layers mirrored)
 with the kernels' references; on CUDA each step's device work is awaited before its
 time is taken. `flush_ops` counts the torch calls of one hand-over of 64 tokens (on
-CUDA most are launches).
+CUDA most are launches); `flush_step_profile` lists the functions that a step with a
+hand-over and an index update spends its host time in (cProfile).
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ def main() -> None:
         plan.prepare(cache.num_tokens)
         with CountCalls() as counted:
             plan.flush(cache.num_tokens + 1)
+        while (cache.num_tokens + 1) % 256:  # to the step before a hand-over and index update
+            step(cache, sync)
+        from evalkit import profiled  # (scripts/ is on sys.path when run as a script)
+
+        _, flush_profile = profiled(lambda: step(cache, sync), top=20)
         cache.close()
     prepare, finish = ([1000 * x for x in col] for col in zip(*times, strict=True))
     from evalkit import write_json  # (scripts/ is on sys.path when run as a script)
@@ -152,6 +158,8 @@ def main() -> None:
         "index_ms_per_token": parts["index"],
         "flush_ops": sum(counted.calls.values()),
         "flush_top_ops": dict(counted.calls.most_common(8)),
+        # a step with a hand-over and an index update under cProfile: where its host time goes
+        "flush_step_profile": flush_profile,
     }
     console.print(out)
     write_json(console, args.out, out)
