@@ -83,13 +83,14 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
                 console.print("[yellow]usage: /save DIR[/]")
                 continue
             try:
-                info = conv.save(target)
+                with console.status(f"saving to {escape(target)}"):
+                    info = conv.save(target)
             except (OffloadError, StorageError) as e:
                 console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
                 continue
             console.print(
                 f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) "
-                f"to {escape(target)}[/]"
+                f"to {escape(target)} in {info['seconds']:.1f}s[/]"
             )
             continue
         if cmd == "/file" or cmd.startswith("/file "):

@@ -296,11 +296,12 @@ def ingest(model, config, overrides, files, session_dir, system):
         info = rt.load_document(text, system=system, progress=bar)
     finally:
         bar.close()
-    saved = rt.save_session(session_dir)
+    with err_console.status(f"saving the session to {session_dir}"):
+        saved = rt.save_session(session_dir)
     err_console.print(
         f"ingested {info['tokens']:,} tokens in {time.perf_counter() - t:.1f}s "
-        f"(prefill {info['prefill_seconds']:.1f}s, index {info['index_seconds']:.1f}s); "
-        f"session {session_dir}: {human_bytes(saved['bytes'])}",
+        f"(prefill {info['prefill_seconds']:.1f}s, index {info['index_seconds']:.1f}s, "
+        f"save {saved['seconds']:.1f}s); session {session_dir}: {human_bytes(saved['bytes'])}",
         highlight=False,
     )
 
