@@ -15,7 +15,7 @@ Inside the step (captured as a CUDA graph on CUDA), per layer:
                                                       decode-attention kernel, no copy)
 
 Nothing there reads a host value: the range end `hi = pos + 1 - window` is computed
-on the device. Between steps (`finish`), every `FLUSH_CHUNKS` chunks (fewer where the
+on the device. Between steps (`finish`), every `flush_chunks` chunks (fewer where the
 window holds fewer) the completed chunks go from the device (ring or mirror) into
 the store in one append per layer: host slab, summaries, abstracts, and the
 cluster index absorbs them in batches as in the eager path; the device index is
@@ -50,10 +50,15 @@ from retrieval.device_index import DeviceClusterIndex
 from storage.quant import QuantKeys
 
 K_BUCKET = 1024  # context tokens per step of the retrieved count (fraction mode)
-# Chunks handed to the store at once between steps: an append per layer costs about
-# as much for 4 chunks as for 1 (host work, and on CUDA the copies' syncs), 32 layers
-# every 16 tokens was most of a millisecond per token.
+# Chunks handed to the store at once between steps (at most the window's: the tokens not
+# yet handed over are still in the window ring, and the index's unindexed tail stays
+# under `index_refresh`). On CUDA a hand-over is mostly a fixed cost (launches, copies'
+# syncs, Python): 32 layers every 16 tokens was most of a millisecond per token, every 64
+# tokens 40 ms on the H200 (0.6 ms per token), so it comes every 256 tokens (the default
+# window), on the step of the index's refresh. On the CPU its work grows with the tokens
+# (every 64 tokens here: 0.41 ms per token, every 256: 0.43, with a 111 ms pause).
 FLUSH_CHUNKS = 4
+FLUSH_CHUNKS_CUDA = 16
 TOKEN_GROWTH = 1.25  # the device index's token capacity grows by this factor
 
 
@@ -66,6 +71,8 @@ class TieredPlan:
         self.store, self.policy = cache.store, cache.policy
         sel, L = self.policy.selection, self.store.layout
         self.sel, self.layout = sel, L
+        chunks = FLUSH_CHUNKS_CUDA if backend.device.type == "cuda" else FLUSH_CHUNKS
+        self.flush_chunks = max(1, min(chunks, sel.window // L.chunk_size))
         dev = backend.device
         self.token = torch.zeros(1, dtype=torch.long, device=dev)  # static inputs of the graph
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -148,7 +155,7 @@ class TieredPlan:
         made before the step: a prefill or a load sizes them exactly, and their growth
         then comes with the first step's capture instead of a capture of its own at the
         first flush (inside the first hundred tokens of an answer)."""
-        need = T // self.layout.chunk_size + FLUSH_CHUNKS
+        need = T // self.layout.chunk_size + self.flush_chunks
         most = self.store.dev[0].max_chunks  # (the model's window: no room past it)
         if most is not None:
             need = min(need, most)
@@ -230,7 +237,7 @@ class TieredPlan:
             n = len(self.sparse) * self.layout.num_kv_heads * stats.last_retrieved
             self.store.reads.add("host", n, n * self._row_bytes)
         C = self.layout.chunk_size
-        if num_tokens % (C * max(1, min(FLUSH_CHUNKS, self.sel.window // C))) == 0:
+        if num_tokens % (C * self.flush_chunks) == 0:
             self.flush(num_tokens)
             for i in self.sparse:  # the index absorbs new chunks in batches, as eagerly
                 self.policy.update(self.store, i)
