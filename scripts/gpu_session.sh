@@ -11,10 +11,10 @@
 #                                   # nor the project's wheels the GPU image lacks, then
 #                                   # the selection kernels' launch settings, and the
 #                                   # 8B-shaped model's decode and prefill rows with the
-#                                   # fastest of them (380 s)
+#                                   # fastest of them (395 s)
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
 #                                   # 30 s: the other files, the embedded model's rows,
-#                                   # the sessions (430 s)
+#                                   # the sessions (440 s)
 #   bash scripts/gpu_session.sh     # both, and the probes and the compiled step (measured
 #                                   # on 2026-12-04: docs/gpu.md), on a machine that has
 #                                   # everything already
@@ -85,11 +85,11 @@ for step in $steps; do
     bench1)  # the targets first: the offloaded preset at 128k (prefilled layer by layer;
       # its 8k row warms the kernels), the KV on the device at 8k; with the fastest launch
       # settings the sweep found, where it ran
-      bench 1 110 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 \
+      bench 1 125 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 \
         --kernel-settings "$out/sweep_selection.json" ;;
     bench2)  # the embedded model first (a target), then the sessions (the 128k one last)
       bench embedded 50 --systems embedded,embedded-torch-ops
-      bench 2 160 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
+      bench 2 170 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
         --fill-above 131072 ;;
     sweep)
       timeout 150 python scripts/sweep_selection.py --out "$out/sweep_selection.json" 2>&1 | tail -40 ;;
