@@ -56,9 +56,10 @@ def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, di
             if getattr(local, "buf", None) is None:
                 local.buf = store.chunk_buffer(MAX_CHUNKS_PER_FILE)
             data = store.read_chunks(layer, chunks, out=local.buf[: len(chunks)])
-            a = abstracts[layer]
+            a = abstracts[layer]  # (on the device with the chunk selector on CUDA)
             c1 = min(c0 + len(chunks), a.kmin.shape[0])  # (a trailing partial chunk has none)
-            full = ChunkAbstracts(a.kmin[c0:c1], a.kmax[c0:c1], a.kmean[c0:c1]) if c1 > c0 else None
+            full = ChunkAbstracts(*(t[c0:c1].cpu() for t in (a.kmin, a.kmax, a.kmean)))
+            full = full if c1 > c0 else None
             name = writer.write_chunks(layer, chunks, data, _pad_abstracts(full, len(chunks), L))
             crcs = writer.crc32s(name)
         return f"kv/{name}", {
