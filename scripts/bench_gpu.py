@@ -71,7 +71,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evalkit  # noqa: E402
-from evalkit import bench_hf, profile_kernels, profiled, row_error, write_json  # noqa: E402
+from evalkit import bench_hf, plot_decode, profile_kernels, profiled, row_error, write_json  # noqa: E402
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
@@ -490,33 +490,7 @@ def main() -> None:
                       fmt(r.get("sustained_ms_per_token")), fmt(r.get("prefill_seconds")), fmt(r.get("ttft_seconds")),
                       fmt(r.get("peak_device_gib")))  # fmt: skip
     console.print(table)
-    plot(results, args.plot, console)
-
-
-def plot(results: dict, path: Path, console) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for system in dict.fromkeys(r["system"] for r in results["rows"] if r["context"]):
-        pts = [(r["context"], r["decode_ms_per_token"]) for r in results["rows"]
-               if r["system"] == system and "decode_ms_per_token" in r]  # fmt: skip
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=system)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("decode ms/token")
-    ax.set_title(f"{results['shape']} on {results['gpu']}")
-    ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    console.print(f"wrote {path}")
+    plot_decode(results, args.plot, console)
 
 
 if __name__ == "__main__":

@@ -296,3 +296,30 @@ def write_json(console, path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     console.print(f"wrote {path}")
+
+
+def plot_decode(results: dict, path: Path, console) -> None:
+    """bench_gpu.py's rows: decode ms/token against the context, a line per system."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system in dict.fromkeys(r["system"] for r in results["rows"] if r["context"]):
+        pts = [(r["context"], r["decode_ms_per_token"]) for r in results["rows"]
+               if r["system"] == system and "decode_ms_per_token" in r]  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode ms/token")
+    ax.set_title(f"{results['shape']} on {results['gpu']}")
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    console.print(f"wrote {path}")
