@@ -49,9 +49,9 @@ Systems:
 
 Random token ids (speed does not depend on them); greedy decoding. Each figure is
 the mean over `--tokens` steps after two warm-up steps (capture happens there). Our
-rows then decode `--sustained` more steps (256: four hand-overs of the steps' tokens to
-the store and an index refresh fall in them, as they do every 256 tokens of an answer,
-while the first `--tokens` steps may hold none): `sustained_ms_per_token` is their mean,
+rows then decode `--sustained` more steps (256: the hand-overs of the steps' tokens to
+the store and an index refresh fall in them, as they do in every 256 tokens of an
+answer, while the first `--tokens` steps may hold none): `sustained_ms_per_token` is their mean,
 with the median and the longest step (a hand-over's pause).
 Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
 """

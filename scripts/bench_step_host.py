@@ -13,8 +13,8 @@ Llama-3.1-8B KV shape (32 layers, 8 KV heads x 128, bf16) with the
 
 On a CPU the step is driven as CUDA drives it (fixed shapes, dense layers mirrored)
 with the kernels' references; on CUDA each step's device work is awaited before its
-time is taken. `flush_ops` counts the torch calls of one hand-over of 64 tokens (on
-CUDA most are launches); `flush_step_profile` lists the functions that a step with a
+time is taken. `flush_ops` counts the torch calls of one hand-over (on CUDA most are
+launches); `flush_step_profile` lists the functions that a step with a
 hand-over and an index update spends its host time in (cProfile).
 """
 
@@ -115,6 +115,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("results/bench_step_host.json"))
     args = p.parse_args()
     console = Console()
+    from evalkit import profiled, write_json  # (scripts/ is on sys.path when run as a script)
+
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with tempfile.TemporaryDirectory() as disk:
         t = time.perf_counter()
@@ -134,12 +136,9 @@ def main() -> None:
             plan.flush(cache.num_tokens + 1)
         while (cache.num_tokens + 1) % 256:  # to the step before a hand-over and index update
             step(cache, sync)
-        from evalkit import profiled  # (scripts/ is on sys.path when run as a script)
-
         _, flush_profile = profiled(lambda: step(cache, sync), top=20)
         cache.close()
     prepare, finish = ([1000 * x for x in col] for col in zip(*times, strict=True))
-    from evalkit import write_json  # (scripts/ is on sys.path when run as a script)
 
     out = {
         "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),

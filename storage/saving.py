@@ -32,16 +32,21 @@ def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, di
     L: KVLayout = store.layout
     n_chunks = L.num_chunks(store.num_tokens)
     writer = DiskTier(tmp / "kv", L, store.dtype, budget_bytes=1 << 62)
-    # Each layer's abstracts settled here, once, not by several threads at once.
-    abstracts = [store.dev[layer].abstracts() for layer in range(L.num_layers)]
+    # Each layer's abstracts settled here, once, not by several threads at once, and on
+    # the host (on the device with the chunk selector on CUDA): the abstracts' file and
+    # the chunk files both take them from there.
+    abstracts = [
+        ChunkAbstracts(*(getattr(store.dev[layer].abstracts(), k).contiguous().cpu()
+                         for k in ABSTRACT_KEYS))
+        for layer in range(L.num_layers)
+    ]  # fmt: skip
     tensors = {"device.safetensors": ({}, None), "abstracts.safetensors": ({}, None)}
     for layer in range(L.num_layers):
         s = store.dev[layer].summaries()
         for key in SUMMARY_KEYS:
             tensors["device.safetensors"][0][f"L{layer}.{key}"] = getattr(s, key).contiguous().cpu()
         for key in ABSTRACT_KEYS:
-            a = getattr(abstracts[layer], key)
-            tensors["abstracts.safetensors"][0][f"L{layer}.{key}"] = a.contiguous().cpu()
+            tensors["abstracts.safetensors"][0][f"L{layer}.{key}"] = getattr(abstracts[layer], key)
     if index:
         tensors["index.safetensors"] = (index, index_meta)
     local = threading.local()  # each thread's buffer, reused from file to file (fresh
@@ -56,10 +61,8 @@ def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, di
             if getattr(local, "buf", None) is None:
                 local.buf = store.chunk_buffer(MAX_CHUNKS_PER_FILE)
             data = store.read_chunks(layer, chunks, out=local.buf[: len(chunks)])
-            a = abstracts[layer]  # (on the device with the chunk selector on CUDA)
-            c1 = min(c0 + len(chunks), a.kmin.shape[0])  # (a trailing partial chunk has none)
-            full = ChunkAbstracts(*(t[c0:c1].cpu() for t in (a.kmin, a.kmax, a.kmean)))
-            full = full if c1 > c0 else None
+            a = abstracts[layer]  # (a trailing partial chunk has none: padded)
+            full = ChunkAbstracts(*(t[c0 : c0 + len(chunks)] for t in (a.kmin, a.kmax, a.kmean)))
             name = writer.write_chunks(layer, chunks, data, _pad_abstracts(full, len(chunks), L))
             crcs = writer.crc32s(name)
         return f"kv/{name}", {
@@ -97,16 +100,14 @@ def _link_saved(store, layer: int, chunks: list[int], kv_dir: Path) -> tuple[str
     return path.name, store.disk.crc32s(source)
 
 
-def _pad_abstracts(abstracts, n: int, L: KVLayout):
+def _pad_abstracts(abstracts: ChunkAbstracts, n: int, L: KVLayout) -> ChunkAbstracts:
     """Abstracts of `n` chunks; a trailing partial chunk (no abstract yet) gets zeros."""
-    have = 0 if abstracts is None else abstracts.kmin.shape[0]
+    have = abstracts.kmin.shape[0]
     if have == n:
         return abstracts
     pad = torch.zeros(n - have, L.num_kv_heads, L.head_dim)
-    if abstracts is None:
-        return ChunkAbstracts(pad, pad, pad)
     return ChunkAbstracts(
-        *(torch.cat([t.cpu(), pad]) for t in (abstracts.kmin, abstracts.kmax, abstracts.kmean))
+        *(torch.cat([t, pad]) for t in (abstracts.kmin, abstracts.kmax, abstracts.kmean))
     )
 
 
