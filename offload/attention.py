@@ -26,14 +26,18 @@ import torch.nn.functional as F
 
 from offload.quantize import chunk_dtype
 from retrieval import ClusterIndex, LayerView, make_selector
+from retrieval.base import with_successors
 from storage.tiered import TieredStore
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def gqa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact causal softmax attention of the S newest positions over all T keys.
 
     q: [H_q, S, D], the queries of positions T-S .. T-1
     k, v: [H_kv, T, D]
+    valid: [H_kv, T] bool, the keys attended to (decode only; default all)
     returns [H_q, S, D]
 
     Both paths keep SDPA's inputs 4-D: with 3-D inputs and a mask it falls back to
@@ -49,8 +53,12 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
         dt = chunk_dtype(q)
         return gqa_attention(q.to(dt), k.to(dt), v.to(dt)).to(q.dtype)
     if S == 1:
-        out = F.scaled_dot_product_attention(q.reshape(1, Hkv, Hq // Hkv, D), k[None], v[None])
+        mask = None if valid is None else valid[None, :, None, :]
+        out = F.scaled_dot_product_attention(
+            q.reshape(1, Hkv, Hq // Hkv, D), k[None], v[None], attn_mask=mask
+        )
         return out.reshape(Hq, 1, D)
+    assert valid is None, "a prefill chunk attends to every key it is given"
     if q.device.type == "cpu" and S < T:
         return _cpu_chunk_attention(q, k, v)
     if S == T:  # lower-right is upper-left: the plain causal flag, same kernel
@@ -111,6 +119,7 @@ def selection_queries(q: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SelectionStats:
     sparse_steps: int = 0  # (layer, token) decode steps that attended sparsely
+    reused_steps: int = 0  # ... of which reused the step before's selection (selection.reuse)
     dense_steps: int = 0
     sparse_chunks: int = 0  # (layer, prefill chunk) passes that attended sparsely
     selection_seconds: float = 0.0
@@ -134,10 +143,14 @@ class SparsePolicy:
     # The cluster index's k-means assignment where keys are on the compute device (a
     # layer-by-layer prefill; `Backend.nearest_centroids`: a kernel on CUDA); None: torch's.
     nearest: Callable | None = None
+    # Every other decode step reuses the step before's selection, each token with its
+    # successor (`selection.reuse`, resolved: on with CUDA by default).
+    reuse: bool = False
 
     def __post_init__(self):
         sel = self.selection
         self.indexed = [False] * self.num_layers  # has the layer's selector an index yet
+        self.truncations = 0  # a selection kept for reuse is of the tokens before the last
         self.selectors = [
             None
             if layer < sel.dense_layers
@@ -227,6 +240,7 @@ class SparsePolicy:
         self.stats.index_seconds += time.perf_counter() - t
 
     def truncate(self, num_tokens: int) -> None:
+        self.truncations += 1
         for s in self.selectors:
             if s is not None:
                 s.truncate(num_tokens)
@@ -248,6 +262,10 @@ class TieredLayer:
         self.mirror = None  # a device `DenseLayer` with the same KV (KVCache.mirror_dense_layers)
         self.plan = None  # the fixed-shape steps' `TieredPlan` (KVCache.use_step): its
         # device index selects a prefill chunk's far tokens too
+        # (context, truncations, ids [H, k]) of the last decode step's selection where
+        # `selection.reuse` may reuse it: this path's or the fixed-shape step's (the two
+        # take turns alike)
+        self.last_selection = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         mirror = self.mirror_kv()
@@ -301,10 +319,18 @@ class TieredLayer:
         qg = selection_queries(q).reshape(H, -1, D)
 
         t0 = time.perf_counter()
-        view = policy.update(store, layer)
-        ids = self._select(qg, view, lo, hi, k, T, S)  # [H_kv, k]
+        reused = self._reused(T) if S == 1 else None
+        if reused is None:
+            view = policy.update(store, layer)
+            ids = self._select(qg, view, lo, hi, k, T, S)  # [H_kv, k]
+            if S == 1 and policy.reuse:
+                self.last_selection = (T, policy.truncations, ids)
+            use = None
+        else:  # [H_kv, 2k]: the last step's ids and their successors, `use` the rows kept
+            ids, use = reused
+            stats.reused_steps += 1
         t1 = time.perf_counter()
-        if self.prefetcher is not None and S == 1:
+        if self.prefetcher is not None and S == 1 and use is None:
             chosen = self.prefetcher.fetch(layer, ids, T)  # [2, H, k, D]
         else:
             with store.lock:
@@ -330,7 +356,20 @@ class TieredLayer:
         stats.last_retrieved = k
         if stats.recall is not None:
             stats.recall.append((layer, self._mass_covered(qg, ids, lo, hi, T)))
+        if use is not None:
+            valid = torch.ones(H, kv.shape[2], dtype=torch.bool, device=q.device)
+            valid[:, lo : lo + use.shape[1]] = use
+            return gqa_attention(q, kv[0], kv[1], valid)
         return gqa_attention(q, kv[0], kv[1])
+
+    def _reused(self, T: int):
+        """With `selection.reuse`, the step after a step that selected (and nothing between
+        them) takes its ids and their successors (`with_successors`) instead of selecting."""
+        last, self.last_selection = self.last_selection, None
+        if last is None or last[:2] != (T - 1, self.policy.truncations):
+            return None
+        ids = last[2].sort(dim=1).values  # (a selector lists them in any order)
+        return with_successors(ids, ids.shape[1])
 
     def _select(self, qg, view: LayerView, lo: int, hi: int, k: int, T: int, S: int):
         """The far tokens [H_kv, k]: by the layer's selector; for a prefill chunk where the

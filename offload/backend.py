@@ -167,11 +167,11 @@ class Backend:
             return self._kernel(ranking).top_ids(weights, ids, k, k_valid)
         return top_ids_ref(weights, ids, k, k_valid)
 
-    def hit_lookup(self, ids, k_valid, slot_of, token_of, used, clock, counts):
-        """A step hit cache's lookup of ids [H, k]: its hits stamped, its misses given the
-        least recently used slots, its tables updated -> (to, miss, rows) [H, k]
-        (offload/kernels/hit_cache.py)."""
-        args = (ids, k_valid, slot_of, token_of, used, clock, counts)
+    def hit_lookup(self, ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
+        """A step hit cache's lookup of ids [H, k] (the rows `use` marks, where given): its
+        hits stamped, its misses given the least recently used slots, its tables updated
+        -> (to, miss, rows) [H, k] (offload/kernels/hit_cache.py)."""
+        args = (ids, k_valid, slot_of, token_of, used, clock, counts, use)
         if self.kernels:
             return self._kernel(hit_kernels).lookup(*args)
         return lookup_ref(*args)

@@ -130,8 +130,9 @@ def _tiered_parts(rt: Runtime, device: torch.device) -> tuple[TieredStore, Spars
         abstracts_on_device=sel.selector == "chunk", max_tokens=a.max_seq_len,
     )  # fmt: skip
     policy = SparsePolicy(
-        sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=rt.backend.nearest_centroids
-    )
+        sel, a.num_layers, a.num_kv_heads, a.head_dim, nearest=rt.backend.nearest_centroids,
+        reuse=sel.reuses(rt.device),
+    )  # fmt: skip
     return store, policy
 
 

@@ -171,6 +171,7 @@ class KVSection:
 SELECTION_MODES = ("full", "dense", "sparse", "auto")
 SELECTORS = ("exact", "summary", "chunk", "cluster")
 PREFETCH_MODES = ("off", "cache", "on", "auto")
+REUSE_MODES = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,9 @@ class SelectionSection:
     index_refresh: int = 256  # new decode tokens join the index in batches of this many
     prefetch: str = "auto"  # off | cache | on | auto (on with CUDA, off on CPU): docs/config.md
     hit_cache: float = 2.0  # device hit cache per layer and head, x the selection (>= 2)
+    # every other decode step reuses the last selection, each token with its successor:
+    # off | on | auto (on with CUDA, off on CPU): docs/fidelity.md
+    reuse: str = "auto"
 
     def __post_init__(self):
         if self.mode not in SELECTION_MODES:
@@ -224,6 +228,10 @@ class SelectionSection:
             raise ConfigError(
                 f"selection.prefetch: {self.prefetch!r} is not one of {', '.join(PREFETCH_MODES)}"
             )
+        if self.reuse not in REUSE_MODES:
+            raise ConfigError(
+                f"selection.reuse: {self.reuse!r} is not one of {', '.join(REUSE_MODES)}"
+            )
         if self.hit_cache < 2:
             raise ConfigError(
                 f"selection.hit_cache: must be >= 2 (x the tokens selected), got {self.hit_cache}"
@@ -238,6 +246,11 @@ class SelectionSection:
             raise ConfigError(
                 f"selection.retrieve_fraction: must be in (0, 1], got {self.retrieve_fraction}"
             )
+
+    def reuses(self, device) -> bool:
+        """`reuse` on `device` ("auto": on where selecting is most of a step's time, a
+        GPU; on a CPU the figures and tokens stay as they were)."""
+        return self.reuse == "on" or (self.reuse == "auto" and device.type == "cuda")
 
     def retrieved_for(self, context_tokens: int) -> int:
         """Tokens to retrieve per KV head at this context length."""

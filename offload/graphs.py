@@ -36,6 +36,8 @@ class StepPlan(Protocol):
     layers: list  # the cache layers the model calls inside the step
     token: torch.Tensor  # [1] int64 on the device: the graph's static inputs
     pos: torch.Tensor
+    variant: int  # which of the plan's steps `prepare` chose (each its own graph): 0, or
+    # the tiered plan's 1, a step that reuses the last one's selection
 
     def prepare(self, num_tokens: int) -> tuple | None:
         """Before a step at position `num_tokens`: make room, sync device state; return
@@ -70,9 +72,9 @@ class DecodeStep:
         # With `backend.compile`, each block runs (and is captured) compiled by
         # torch.compile (`compiled_block`).
         self._block = compiled_block() if backend.compile else None
-        self._graph = None
+        self._graphs: dict[int, tuple] = {}  # variant -> (graph, logits), for the key
+        self._old: dict[int, tuple] = {}  # the last key's, until a capture (see _capture)
         self._key = None
-        self._logits = None
         self._pool = None
 
     def __call__(self, token: int, num_tokens: int) -> torch.Tensor | None:
@@ -88,9 +90,12 @@ class DecodeStep:
         if self.backend.graphs:
             key = (*key, rope[0].data_ptr())
             if key != self._key:
-                self._capture(key)
-            self._graph.replay()
-            logits = self._logits
+                self._old, self._graphs, self._key = self._graphs or self._old, {}, key
+            variant = self.plan.variant
+            if variant not in self._graphs:
+                self._capture(variant)
+            graph, logits = self._graphs[variant]
+            graph.replay()
         else:
             logits = self._compute()
         self.plan.finish(num_tokens + 1)
@@ -116,11 +121,13 @@ class DecodeStep:
         self.plan.derive(self.plan.pos)
         return self.model.forward_at(self.plan.token, self.plan.pos, self.plan.layers, self._block)
 
-    def _capture(self, key) -> None:
-        # The graph captured before stays alive until this one is captured, into the same
-        # pool: what it freed during its capture is the new capture's to reuse, and a pool
-        # whose graphs were all freed while its memory was held (the logits) cannot be
-        # captured into again (torch 2.11 fails an internal assert, seen on an H200).
+    def _capture(self, variant: int) -> None:
+        # The graphs captured before stay alive until this one is captured, into the same
+        # pool: what they freed during their captures is the new capture's to reuse, and a
+        # pool whose graphs were all freed while its memory was held (the logits) cannot
+        # be captured into again (torch 2.11 fails an internal assert, seen on an H200).
+        # A plan's variants share the pool: they never run at once, and each one's logits
+        # are read before the next replay.
         device = self.model.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -140,12 +147,13 @@ class DecodeStep:
         # of this runtime calls CUDA meanwhile: the session warmer pinning a slab, the
         # abstracts reader copying to the device, a spill.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._logits = self._forward()
-        self._graph, self._key = graph, key
+            logits = self._forward()
+        self._graphs[variant], self._old = (graph, logits), {}
         self.captures += 1
 
     def close(self) -> None:
-        self._graph = self._logits = self._key = self._pool = None
+        self._graphs, self._old = {}, {}
+        self._key = self._pool = None
 
 
 def run_block(block, x, cos, sin, cache_layer) -> torch.Tensor:
@@ -182,6 +190,7 @@ class DensePlan:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.length = torch.zeros(1, dtype=torch.long, device=dev)
         self.layers = [layer.step_layer(self.pos, self.length, backend) for layer in cache.layers]
+        self.variant = 0  # (one step)
 
     def prepare(self, num_tokens: int) -> tuple:
         layers = self.cache.layers

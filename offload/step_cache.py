@@ -90,20 +90,23 @@ class StepHitCache:
         slab: torch.Tensor,
         slot_table: torch.Tensor,
         backend: Backend,
+        use: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The slots [H, k] of `kv` that hold the tokens ids [H, k] (see the module
-        docstring) once the misses among the first k_valid rows are read from `slab`
-        (`Backend.host_view`): the step's attention reads them there."""
+        docstring) once the misses among the first k_valid rows (and of those, the rows
+        `use` marks, where given) are read from `slab` (`Backend.host_view`): the step's
+        attention reads them there."""
         H, k = ids.shape
         assert k <= self.slots, f"a hit cache of {self.slots} slots cannot serve {k} tokens"
         to, miss, rows = backend.hit_lookup(ids, k_valid, self.slot_of, self.token_of,
-                                            self.used, self.clock, self.counts)  # fmt: skip
+                                            self.used, self.clock, self.counts, use)  # fmt: skip
         backend.fetch_into(slab, slot_table, ids, miss, to, self.kv)
         return rows
 
-    def lookup(self, ids, k_valid, slab, slot_table, backend) -> torch.Tensor:
+    def lookup(self, ids, k_valid, slab, slot_table, backend, use=None) -> torch.Tensor:
         """`lookup_slots`, and K/V [2, H, k, D] of the tokens ids [H, k] copied out."""
-        return self.kv[:, self._heads, self.lookup_slots(ids, k_valid, slab, slot_table, backend)]
+        rows = self.lookup_slots(ids, k_valid, slab, slot_table, backend, use)
+        return self.kv[:, self._heads, rows]
 
     def truncate(self, num_tokens: int) -> None:
         """Forget the tokens from `num_tokens` on (their ids will name other tokens)."""

@@ -15,7 +15,10 @@ Inside the step (captured as a CUDA graph on CUDA), per layer:
                                                       decode-attention kernel, no copy)
 
 Nothing there reads a host value: the range end `hi = pos + 1 - window` is computed
-on the device. Between steps (`finish`), every `flush_chunks` chunks (fewer where the
+on the device. With `selection.reuse` (by default on CUDA) every other step skips the
+select and takes the step before's ids with their successors (retrieval/base.py
+`with_successors`): a second captured graph (`variant` 1), whose rows the hit cache
+looks up and attention reads as the selected ones, the unused rows left out. Between steps (`finish`), every `flush_chunks` chunks (fewer where the
 window holds fewer) the completed chunks go from the device (ring or mirror) into
 the store in one append per layer: host slab, summaries, abstracts, and the
 cluster index absorbs them in batches as in the eager path; the device index is
@@ -46,6 +49,7 @@ import torch
 from offload.backend import Backend
 from offload.step_cache import StepHitCache
 from retrieval import ClusterIndex
+from retrieval.base import with_successors
 from retrieval.device_index import DeviceClusterIndex
 from storage.quant import QuantKeys
 
@@ -80,6 +84,11 @@ class TieredPlan:
         self.hi = torch.zeros(1, dtype=torch.long, device=dev)  # pos + 1 - window
         self.ring_slot = torch.zeros(1, dtype=torch.long, device=dev)  # pos % window
         self.k_valid = torch.zeros(1, dtype=torch.long, device=dev)  # tokens retrieved
+        # selection.reuse: the last selecting step's k_valid, and the rows of a reusing
+        # step (2k: its ids, their successors)
+        self.last_valid = torch.zeros(1, dtype=torch.long, device=dev)
+        self.reused_rows = torch.zeros(1, dtype=torch.long, device=dev)
+        self.variant = 0  # this step's graph: 1 where it reuses the last step's selection
         # rows of the sink and window buffer (the store's `recent`): all valid in a step
         self.recent_rows = torch.tensor([sel.sink + sel.window], device=dev)
         self.k = self.num_candidates = 0  # retrieval slots, candidate slots
@@ -147,8 +156,26 @@ class TieredPlan:
         key = (self.k, self.num_candidates, *self._addresses())
         if key != self._key:  # a buffer moved: the layers' views of them too
             self._refresh_layers()
+            self.reused_rows.fill_(2 * self.k)
             self._key = key
+        self.variant = int(self.policy.reuse and self._reusable(num_tokens))
         return key
+
+    def _reusable(self, num_tokens: int) -> bool:
+        """Does every sparse layer's selection of the step before stand for this step
+        (`selection.reuse`)? Made by this plan, it is in the layer's `last` already; by
+        the eager path, it is put there (in token order, padded with the first id)."""
+        lasts = [self.cache.layers[i].last_selection for i in self.sparse]
+        at = (num_tokens, self.policy.truncations)
+        if any(s is None or s[:2] != at or s[2].shape[1] > self.k for s in lasts):
+            return False
+        for i, (_, _, ids) in zip(self.sparse, lasts, strict=True):
+            last = self.layers[i].last
+            if ids.data_ptr() != last.data_ptr():
+                last[:, : ids.shape[1]] = ids.sort(dim=1).values
+                last[:, ids.shape[1] :] = last[:, :1]
+                self.last_valid.fill_(ids.shape[1])
+        return True
 
     def _reserve_summaries(self, T: int) -> None:
         """Room in the sparse layers' summaries for the chunks the next flush appends,
@@ -222,19 +249,30 @@ class TieredPlan:
         else:
             k = torch.ceil(self.length.double() * sel.retrieve_fraction).long()
         torch.minimum(k, self.hi - sel.sink, out=self.k_valid)
+        if self.policy.reuse and not self.variant:
+            self.last_valid.copy_(self.k_valid)
 
     def finish(self, num_tokens: int) -> None:
         self.steps += 1
         stats = self.policy.stats  # counted as the eager path counts them
         stats.sparse_steps += len(self.sparse)
+        stats.reused_steps += len(self.sparse) * self.variant
         stats.dense_steps += len(self.dense)
         stats.last_retrieved = min(
             self.sel.retrieved_for(num_tokens), num_tokens - self.sel.window - self.sel.sink
         )
+        if self.policy.reuse:  # the next step, here or eager, may reuse what this one selected
+            for i in self.sparse:
+                self.cache.layers[i].last_selection = None if self.variant else (
+                    num_tokens, self.policy.truncations,
+                    self.layers[i].last[:, : stats.last_retrieved],
+                )  # fmt: skip
         for i in self.dense:
             self.cache.layers[i].mirror.commit(1)
-        if not self.hit_caches:  # every retrieved token came from the host
+        if not self.hit_caches:  # every retrieved token came from the host (a reusing
+            # step's rows: twice as many, the successors' among them)
             n = len(self.sparse) * self.layout.num_kv_heads * stats.last_retrieved
+            n *= 1 + self.variant
             self.store.reads.add("host", n, n * self._row_bytes)
         C = self.layout.chunk_size
         if num_tokens % (C * self.flush_chunks) == 0:
@@ -315,10 +353,14 @@ class SparseStepLayer:
         self.index = plan.indexes[layer]
         self.hit_cache = plan.hit_caches.get(layer)
         self.dev = self.summaries = self.slab = self.slots = None
+        self.last = None  # [H, k]: the last selecting step's ids (selection.reuse)
 
     def take(self, summaries: QuantKeys, slab: torch.Tensor, slots: torch.Tensor) -> None:
         self.dev = self.plan.store.dev[self.layer]
         self.summaries, self.slab, self.slots = summaries, slab, slots
+        H, k = self.plan.layout.num_kv_heads, self.plan.k
+        if self.last is None or self.last.shape != (H, k):
+            self.last = torch.zeros(H, k, dtype=torch.long, device=slots.device)
 
     def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """`DenseStepLayer.rope_store`, into the window ring at `pos % window`."""
@@ -330,24 +372,35 @@ class SparseStepLayer:
         Hq, _, D = q.shape
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
-        ids = self.index.select(  # in token order; sparse steps run past the sink
-            qg,
-            self.summaries,
-            plan.sel.sink,
-            plan.hi,
-            plan.k,
-            plan.num_candidates,
-            plan.k_valid,
-            backend=plan.backend,
-        )
+        if plan.variant:  # [H, 2k]: the last step's ids, their successors; `use`: the rows kept
+            ids, use = with_successors(self.last, plan.last_valid)
+            valid = plan.reused_rows
+        else:
+            ids = self.index.select(  # in token order; sparse steps run past the sink
+                qg,
+                self.summaries,
+                plan.sel.sink,
+                plan.hi,
+                plan.k,
+                plan.num_candidates,
+                plan.k_valid,
+                backend=plan.backend,
+            )
+            if plan.policy.reuse:
+                self.last.copy_(ids)
+            use, valid = None, plan.k_valid
         slab, slots, hc = self.slab, self.slots, self.hit_cache
         if hc is None:
             chosen, at = plan.backend.gather_kv(slab, slots, ids), None  # [2, H, k, D]
         else:  # only the misses cross PCIe; attention reads the hits where they are
-            chosen, at = hc.kv, hc.lookup_slots(ids, plan.k_valid, slab, slots, plan.backend)
-        # sink and window, then the first k_valid selected (the length cuts the rest off)
+            chosen, at = hc.kv, hc.lookup_slots(ids, valid, slab, slots, plan.backend, use)
+        if use is not None:
+            if at is None:
+                at = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            at = torch.where(use, at, -1)  # (attention leaves a negative row out)
+        # sink and window, then the first `valid` selected (the length cuts the rest off)
         recent = dev.recent
         out = plan.backend.decode_attention(
-            qg, recent[0], recent[1], plan.recent_rows, chosen[0], chosen[1], plan.k_valid, at
+            qg, recent[0], recent[1], plan.recent_rows, chosen[0], chosen[1], valid, at
         )
         return out.reshape(Hq, 1, D)

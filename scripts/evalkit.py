@@ -88,6 +88,7 @@ class PrefilledContext:
             policy = SparsePolicy(selection, a.num_layers, a.num_kv_heads, a.head_dim)
             self._policies[selection.selector] = policy
         policy.selection = selection
+        policy.reuse = selection.reuses(self.rt.device)
         self.cache.policy = policy
         for layer in self.cache.layers:
             layer.policy = policy

@@ -67,6 +67,7 @@ def test_parse_bytes_rejects(text):
         ("weights", "int3", "model.weights: 'int3' is not one of auto, dense, int8, int4"),
         ("prefetch", "sometimes", "selection.prefetch: 'sometimes' is not one of off, cache"),
         ("hit_cache", 1.5, "selection.hit_cache: must be >= 2"),
+        ("reuse", "every", "selection.reuse: 'every' is not one of off, on, auto"),
     ],
 )
 def test_decode_speed_settings_are_checked(key, value, message):

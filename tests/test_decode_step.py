@@ -73,6 +73,34 @@ def test_decode_attention_over_a_second_set_of_rows(dtype, indexed):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("N2", [40, 9000])
+def test_decode_attention_leaves_out_rows_numbered_below_zero(N2):
+    """A step that reuses its last selection marks the rows it does not use -1: the
+    kernel and the reference leave them out. With 9,000 second rows a split holds
+    several blocks, and its first blocks have no row left (the running max stays -inf
+    there: no NaN)."""
+    gen = torch.Generator().manual_seed(N2)
+    H, G, D, N1, slots = 2, 2, 16, 70, 50
+    q = torch.randn(H, G, D, generator=gen).to(DEVICE)
+    first = torch.randn(2, H, N1, D, generator=gen).to(DEVICE)
+    second = torch.randn(2, H, slots, D, generator=gen).to(DEVICE)
+    idx = torch.randint(0, slots, (H, N2), generator=gen)
+    idx[torch.rand(H, N2, generator=gen) < 0.5] = -1
+    idx[:, : N2 // 2] = -1  # whole blocks left out
+    idx = idx.to(DEVICE)
+    n1, n2 = (torch.tensor([n], device=DEVICE) for n in (N1, N2))
+    out = decode_attention(q, first[0], first[1], n1, second[0], second[1], n2, idx)
+    ref = decode_attention_ref(q, first[0], first[1], n1, second[0], second[1], n2, idx)
+    kept = []
+    for h in range(H):  # by hand: the first rows, then the kept second ones
+        rows = idx[h][idx[h] >= 0]
+        k = torch.cat([first[0, h], second[0, h, rows]])[None]
+        v = torch.cat([first[1, h], second[1, h, rows]])[None]
+        kept.append(decode_attention_ref(q[h : h + 1], k, v, k.shape[1]))
+    torch.testing.assert_close(ref, torch.cat(kept))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_split_rows_bounds_the_number_of_splits():
     for N in (1, 64, 65, 8192, 131072, 1 << 20):
         split = split_rows(N)

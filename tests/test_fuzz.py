@@ -76,7 +76,7 @@ json_values = st.recursive(
 CONFIG_KEYS = ["window", "sink", "retrieved", "threads", "temperature", "top_p", "top_k", "seed",
                "max_new_tokens", "prefill_chunk", "chunk_size", "summary_bits", "host_bytes",
                "disk_dir", "mode", "selector", "dtype", "weights", "hit_cache", "cluster_iters",
-               "retrieve_fraction", "dense_layers", "spill_batch", "cuda_graphs", "device"]  # fmt: skip
+               "retrieve_fraction", "dense_layers", "spill_batch", "cuda_graphs", "device", "reuse"]  # fmt: skip
 
 
 @FUZZ

@@ -182,3 +182,18 @@ def test_make_selector_by_name():
     sel = SelectionSection()
     assert isinstance(make_selector("cluster", 3, 64, sel), ClusterIndex)
     assert isinstance(make_selector("chunk", 3, 64, sel), ChunkBound)
+
+
+def test_a_reused_selection_adds_each_tokens_successor_once():
+    """`with_successors`: the ids, then each one's successor unless it is the next id;
+    rows past `valid` (padding, the head's first id) and the dropped successors unused.
+    The same with `valid` a device tensor, as the captured step passes it."""
+    from retrieval.base import with_successors
+
+    ids = torch.tensor([[3, 4, 9, 12, 3], [0, 1, 2, 7, 0]])
+    for valid in (4, torch.tensor([4])):
+        both, use = with_successors(ids, valid)
+        kept = [sorted(both[h][use[h]].tolist()) for h in range(2)]
+        assert kept == [[3, 4, 5, 9, 10, 12, 13], [0, 1, 2, 3, 7, 8]]
+        assert both.shape == use.shape == (2, 10)
+        assert (both[~use] == ids[:, :1].expand(2, 10)[~use]).all()  # unused: the first id

@@ -122,15 +122,16 @@ def test_growing_the_token_capacity_keeps_what_is_cached():
     assert counts.tolist() == [8, 3]
 
 
-@pytest.mark.parametrize("blocks", [None, (4, 16)])
-def test_lookup_kernel_matches_its_torch_reference(blocks, monkeypatch):
+@pytest.mark.parametrize("blocks, use", [(None, False), ((4, 16), False), (None, True)])
+def test_lookup_kernel_matches_its_torch_reference(blocks, use, monkeypatch):
     """The lookup kernel against the torch code it replaces: the same tables, clocks,
     counts, slots fetched and output rows, step after step, with evictions (ties among
     the least recent stamps: a step's misses share one), partial k_valid and
     truncations (distinct ids per head: with repeated ones which of a token's slots
     `slot_of` names is unspecified). With blocks of 4 ids and 16 slots: several
     iterations of each pass (its running counts), the slots' stamps read a block at a
-    time in the bisection."""
+    time in the bisection. With `use`: only the rows it marks are looked up (a step
+    that reuses its last selection leaves some out)."""
     if blocks:
         monkeypatch.setattr(hit_cache, "BLOCK_IDS", blocks[0])
         monkeypatch.setattr(hit_cache, "BLOCK_SLOTS", blocks[1])
@@ -142,6 +143,7 @@ def test_lookup_kernel_matches_its_torch_reference(blocks, monkeypatch):
         ids = torch.stack([torch.randperm(T // 2, generator=gen)[:k] for _ in range(H)])
         ids = ids.to(DEVICE) + (T // 2 if step % 3 == 0 else 0)  # some steps all misses
         k_valid = torch.tensor([int(torch.randint(1, k + 1, (1,), generator=gen))], device=DEVICE)
+        marked = (torch.rand(H, k, generator=gen) < 0.6).to(DEVICE) if use else None
         out = {}
         for kernels, (hc, counts) in caches.items():
             backend = Backend(DEVICE, kernels=kernels)
@@ -153,7 +155,7 @@ def test_lookup_kernel_matches_its_torch_reference(blocks, monkeypatch):
                 real(*a)
 
             object.__setattr__(backend, "fetch_into", spy)
-            kv = hc.lookup(ids, k_valid, slab, torch.arange(8, device=DEVICE), backend)
+            kv = hc.lookup(ids, k_valid, slab, torch.arange(8, device=DEVICE), backend, marked)
             M, T_cap = hc.slots, hc.token_capacity
             out[kernels] = (kv, hc.slot_of[:, :T_cap], hc.token_of[:, :M], hc.used[:, :M],
                             hc.clock, counts, *fetched[0])  # fmt: skip

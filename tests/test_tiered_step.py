@@ -36,13 +36,18 @@ def _tiered_pair(tiny_dirs, hit_factor=None, **overrides):
     return rt, eager, stepped
 
 
-@pytest.mark.parametrize("hit_factor, split", [(None, False), (2.0, True)])
+@pytest.mark.parametrize(
+    "hit_factor, split, reuse",
+    [(None, False, "off"), (2.0, True, "off"), (None, False, "on"), (2.0, False, "on")],
+)
 def test_fixed_shape_tiered_step_equals_eager_sparse_decode(
-    tiny_dirs, hit_factor, split, monkeypatch
+    tiny_dirs, hit_factor, split, reuse, monkeypatch
 ):
     """With and without the step's device hit caches (only their misses are read from
-    the host tier: counted in the store's reads); and with the tokens kept selected by
-    the split kernels (`top_ids_split`, which only a larger context reaches: forced)."""
+    the host tier: counted in the store's reads); with the tokens kept selected by
+    the split kernels (`top_ids_split`, which only a larger context reaches: forced);
+    and with every other step reusing the last selection and its successors (the
+    step's second graph, `selection.reuse`)."""
     from offload.kernels import ranking
     from storage.tiered import TierReads
 
@@ -53,7 +58,7 @@ def test_fixed_shape_tiered_step_equals_eager_sparse_decode(
     else:  # (one program a head, on a GPU too)
         monkeypatch.setattr(ranking, "SPLIT_ABOVE", 10**9)
 
-    rt, eager, stepped = _tiered_pair(tiny_dirs, hit_factor)
+    rt, eager, stepped = _tiered_pair(tiny_dirs, hit_factor, reuse=reuse)
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
     logits = []
     for c in (eager, stepped):
@@ -65,8 +70,11 @@ def test_fixed_shape_tiered_step_equals_eager_sparse_decode(
     # layer 1 attended sparsely at every step, and in the stepped cache fixed-shape
     assert eager.policy.stats.sparse_steps == stepped.policy.stats.sparse_steps == 30
     assert stepped.step.plan.steps == 30
+    reused = 15 if reuse == "on" else 0  # (every other step, one sparse layer)
+    assert eager.policy.stats.reused_steps == stepped.policy.stats.reused_steps == reused
     stepped.flush()
-    selected = 30 * rt.args.num_kv_heads * 16  # steps x heads x retrieved
+    # steps x heads x retrieved (a reusing step reads twice as many rows without a hit cache)
+    selected = (30 + reused) * rt.args.num_kv_heads * 16
     host_rows = stepped.store.reads.count["host"]
     assert host_rows == selected if hit_factor is None else 0 < host_rows < selected
     # The store lags by less than a chunk while steps run; flushing brings it level.

@@ -10,7 +10,9 @@ replay it while the context grows.
 A second set of rows may join the first (`k2, v2, length2`: its rows 0 .. length2-1),
 read through a per-head table of row numbers where `idx2` [H, N2] is given: the
 tiered step attends to its sink and window (one buffer) and to the tokens it selected
-where they lie in its hit cache, without first copying them all into one buffer.
+where they lie in its hit cache, without first copying them all into one buffer. A row
+whose number is negative is left out (a step that reuses its last selection has rows
+it does not use among them).
 
 The Triton kernel is flash-decoding: the N rows are cut into splits, one program
 per (KV head, split) keeps a running max, sum and weighted V sum over its rows
@@ -49,17 +51,22 @@ def decode_attention_ref(
     """Plain-torch reference (and the CPU path): float32 softmax over the valid rows."""
     valid = _valid(k.shape[1], length, q.device)
     if k2 is not None:
+        valid2 = _valid(k2.shape[1] if idx2 is None else idx2.shape[1], length2, q.device)
+        valid = valid.expand(k.shape[0], -1)
         if idx2 is not None:
             heads = torch.arange(k2.shape[0], device=q.device)[:, None]
-            k2, v2 = k2[heads, idx2], v2[heads, idx2]
+            k2, v2 = k2[heads, idx2.clamp_min(0)], v2[heads, idx2.clamp_min(0)]
+            valid2 = valid2 & (idx2 >= 0)
         k, v = torch.cat([k, k2], dim=1), torch.cat([v, v2], dim=1)
-        valid = torch.cat([valid, _valid(k2.shape[1], length2, q.device)])
+        valid = torch.cat([valid, valid2.expand(k.shape[0], -1)], dim=1)
+    else:
+        valid = valid.expand(k.shape[0], -1)
     H, G, D = q.shape
     logits = torch.matmul(q.float(), k.float().transpose(1, 2)) * D**-0.5  # [H, G, N]
-    logits = logits.masked_fill(~valid, float("-inf"))
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
     # Rows past the length may hold anything (an uninitialized buffer: NaN too), and
     # 0 * NaN is NaN: zero them rather than rely on their weight being 0.
-    v = v.float().masked_fill(~valid[:, None], 0.0)
+    v = v.float().masked_fill(~valid[..., None], 0.0)
     return torch.matmul(torch.softmax(logits, dim=-1), v).to(q.dtype)
 
 
@@ -186,16 +193,20 @@ def _kernels() -> SimpleNamespace:
             n = n0 + tl.arange(0, BLOCK_N)
             ok = n < stop
             r = n.to(tl.int64)
-            if HAS_IDX:  # the second rows' row j is row IDX[h, j] of its buffers
-                r = tl.where(second, tl.load(IDX + h * si_h + n, mask=n < idx_stop, other=0), r)
+            if HAS_IDX:  # the second rows' row j is row IDX[h, j] of its buffers (< 0: none)
+                i = tl.load(IDX + h * si_h + n, mask=n < idx_stop, other=0)
+                ok = ok & (i >= 0)
+                r = tl.where(second, tl.maximum(i, 0), r)
             k = tl.load(Kx + h * kh + r[:, None] * kt + d[None, :], mask=ok[:, None], other=0.0)
             # float32 operands: 16-bit inputs go through tf32 (the kernel is bound by its
             # reads, not its math); float32 inputs are multiplied exactly.
             logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
             logits = tl.where(ok[None, :], logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(logits - m_new[:, None])
+            # (a block whose rows are all left out before any row was seen: -inf - -inf)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(logits - m_safe[:, None])
             s_i = s_i * alpha + tl.sum(p, 1)
             v = tl.load(Vx + h * vh + r[:, None] * vt + d[None, :], mask=ok[:, None], other=0.0)
             pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)

@@ -20,6 +20,8 @@ program per KV head, in passes over the head's ids and slots:
 
 Shapes: ids [H, k] int64, k_valid [1], slot_of [H, T_cap + 1] int32, token_of and used
 [H, M + 1] int64 (column M, T_cap: scratch), clock [H] int64, counts [2] int64, M >= k.
+With `use` [H, k] bool, a row is used where it is one of the first k_valid and `use`
+holds (a step that reuses its last selection: retrieval/base.py `with_successors`).
 `lookup_ref` is the torch code the kernel replaces; it writes the scratch columns where
 the kernel writes nothing there, and agrees on everything else. Within a head, selected
 ids are distinct except where padding repeats one (then which of its slots `slot_of`
@@ -40,10 +42,10 @@ BLOCK_IDS = 1024  # ids per iteration (at most; a power of two)
 BLOCK_SLOTS = 8192  # slots whose stamps the bisection holds in registers (at most)
 
 
-def lookup_ref(ids, k_valid, slot_of, token_of, used, clock, counts):
+def lookup_ref(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
     """-> (to, miss, rows) [H, k]: each row's slot if it missed (else the scratch slot
-    M), whether it missed (one of the first k_valid rows not cached), and the slot that
-    holds its token afterwards (the scratch slot for a row past k_valid not cached)."""
+    M), whether it missed (a used row not cached), and the slot that holds its token
+    afterwards (the scratch slot for an unused row not cached)."""
     H, k = ids.shape
     M, T_cap = token_of.shape[1] - 1, slot_of.shape[1] - 1
     clock += 1
@@ -52,6 +54,8 @@ def lookup_ref(ids, k_valid, slot_of, token_of, used, clock, counts):
     hit = slots >= 0
     used.scatter_(1, torch.where(hit, slots.long(), M), now)
     used_row = torch.arange(k, device=ids.device)[None, :] < k_valid  # [1, k]
+    if use is not None:
+        used_row = used_row & use
     miss = ~hit & used_row
     # the victims: the misses' number of least recently used slots (ties: the lower
     # slot), listed in slot order
@@ -63,13 +67,13 @@ def lookup_ref(ids, k_valid, slot_of, token_of, used, clock, counts):
     slot_of.scatter_(1, torch.where(miss, ids, T_cap), to.int())
     token_of.scatter_(1, to, torch.where(miss, ids, -1))
     used.scatter_(1, to, now)
-    counts[0] += used_row.sum() * H
+    counts[0] += used_row.expand(H, k).sum()
     counts[1] += (hit & used_row).sum()
     rows = torch.where(miss, to, torch.where(hit, slots.long(), M))
     return to, miss, rows
 
 
-def lookup(ids, k_valid, slot_of, token_of, used, clock, counts):
+def lookup(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
     """The kernel of `lookup_ref`."""
     import triton
 
@@ -79,6 +83,7 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts):
     assert slot_of.stride(1) == 1 and used.stride(1) == 1 and token_of.stride(1) == 1
     assert clock.shape == (H,) and clock.stride(0) == 1 and counts.stride(0) == 1
     assert k_valid.numel() == 1 and M >= k
+    assert use is None or use.shape == (H, k) and use.is_contiguous()
     dev = ids.device
     slots = torch.empty(H, k, dtype=torch.int32, device=dev)  # scratch of passes 1 and 3
     victims = torch.empty(H, k, dtype=torch.long, device=dev)  # scratch of passes 2 and 3
@@ -87,10 +92,11 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts):
     rows = torch.empty(H, k, dtype=torch.long, device=dev)
     block_m = max(16, min(BLOCK_SLOTS, triton.next_power_of_2(M)))
     _kernels().lookup[(H,)](
-        ids, k_valid, slot_of, token_of, used, clock, counts, slots, victims,
-        to, miss.view(torch.uint8), rows, k, M,
+        ids, k_valid, ids if use is None else use.view(torch.uint8), slot_of, token_of, used,
+        clock, counts, slots, victims, to, miss.view(torch.uint8), rows, k, M,
         slot_of.stride(0), token_of.stride(0), used.stride(0),
         BLOCK=min(BLOCK_IDS, triton.next_power_of_2(k)), BLOCK_M=block_m, WHOLE=M <= block_m,
+        HAS_USE=use is not None,
         num_warps=head_warps(block_m),
     )  # fmt: skip
     return to, miss, rows
@@ -102,9 +108,9 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def lookup(IDS, K_VALID, SLOT_OF, TOKEN_OF, USED, CLOCK, COUNTS, SLOTS, VICTIMS,
-               TO, MISS, ROWS, k, M, s_slot_of, s_token_of, s_used,
-               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
+    def lookup(IDS, K_VALID, USE, SLOT_OF, TOKEN_OF, USED, CLOCK, COUNTS, SLOTS, VICTIMS,
+               TO, MISS, ROWS, k, M, s_slot_of, s_token_of, s_used, BLOCK: tl.constexpr,
+               BLOCK_M: tl.constexpr, WHOLE: tl.constexpr, HAS_USE: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         valid = tl.load(K_VALID)
         now = tl.load(CLOCK + h) + 1
@@ -120,6 +126,8 @@ def _kernels() -> SimpleNamespace:
             tl.store(SLOTS + h * k + j, slot, mask=ok)
             tl.store(USED + h * s_used + slot, now + tl.zeros_like(t), mask=ok & (slot >= 0))
             row_used = ok & (j < valid)
+            if HAS_USE:
+                row_used = row_used & (tl.load(USE + h * k + j, mask=ok, other=0) != 0)
             misses += tl.sum((row_used & (slot < 0)).to(tl.int32), axis=0)
             hits += tl.sum((row_used & (slot >= 0)).to(tl.int32), axis=0)
             looked += tl.sum(row_used.to(tl.int32), axis=0)
@@ -178,6 +186,8 @@ def _kernels() -> SimpleNamespace:
             ok = j < k
             slot = tl.load(SLOTS + h * k + j, mask=ok, other=-1)
             miss = ok & (j < valid) & (slot < 0)
+            if HAS_USE:
+                miss = miss & (tl.load(USE + h * k + j, mask=ok, other=0) != 0)
             m = miss.to(tl.int32)
             victim = tl.load(VICTIMS + h * k + ranked + tl.cumsum(m, axis=0) - 1, mask=miss,
                              other=0)  # fmt: skip
