@@ -18,8 +18,10 @@ Nothing there reads a host value: the range end `hi = pos + 1 - window` is compu
 on the device. With `selection.reuse` (by default on CUDA) every other step skips the
 select and takes the step before's ids with their successors (retrieval/base.py
 `with_successors`): a second captured graph (`variant` 1), whose rows the hit cache
-looks up and attention reads as the selected ones, the unused rows left out. Between steps (`finish`), every `flush_chunks` chunks (fewer where the
-window holds fewer) the completed chunks go from the device (ring or mirror) into
+looks up and attention reads as the selected ones, the unused rows left out.
+
+Between steps (`finish`), every `flush_chunks` chunks (fewer where the window holds
+fewer) the completed chunks go from the device (ring or mirror) into
 the store in one append per layer: host slab, summaries, abstracts, and the
 cluster index absorbs them in batches as in the eager path; the device index is
 synced from it. So the store lags the context by less than that many chunks, all
