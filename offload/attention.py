@@ -333,6 +333,8 @@ class TieredLayer:
         if self.prefetcher is not None and S == 1 and use is None:
             chosen = self.prefetcher.fetch(layer, ids, T)  # [2, H, k, D]
         else:
+            if self.prefetcher is not None and S == 1:
+                self.prefetcher.skip(layer)
             with store.lock:
                 chosen = store.gather_selected(layer, ids)
         dev = store.dev[layer]

@@ -92,14 +92,14 @@ class Backend:
         return layer_kernels.REFERENCE
 
     def decode_attention(
-        self, q, k, v, length, k2=None, v2=None, length2=None, idx2=None
+        self, q, k, v, length, k2=None, v2=None, length2=None, idx2=None, skip=False
     ) -> torch.Tensor:
         """q [H, G, D] over k, v [H, N, D] rows below the device tensor `length` -> [H, G, D];
         and over k2, v2's rows below `length2` too where given (row j of head h at
         idx2[h, j] where that is given: offload/kernels/decode_attention.py)."""
         more = (k2, v2, length2, idx2)
-        if self.kernels:
-            return self._kernel(attention_kernels).decode_attention(q, k, v, length, *more)
+        if self.kernels:  # (the reference always leaves negative rows out)
+            return self._kernel(attention_kernels).decode_attention(q, k, v, length, *more, skip)
         return decode_attention_ref(q, k, v, length, *more)
 
     def rope_store(self, qkv, cos, sin, K, V, pos) -> torch.Tensor:

@@ -296,6 +296,12 @@ class Prefetcher:
         self.count_lookups(ids.numel(), copied)
         return self.caches[layer].read(slots)
 
+    def skip(self, layer: int) -> None:
+        """A step that reuses its last selection (`selection.reuse`) fetches nothing here:
+        the layer's speculative job is waited for (its copies land first) and dropped."""
+        self.pipeline.wait(layer)
+        self._spec.pop(layer, None)
+
     def count_lookups(self, lookups: int, copied: int) -> None:
         """Token-head lookups of the hit caches, `copied` of them misses (also called by
         the captured tiered step, whose own hit caches count on the device)."""

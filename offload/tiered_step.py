@@ -403,6 +403,14 @@ class SparseStepLayer:
         # sink and window, then the first `valid` selected (the length cuts the rest off)
         recent = dev.recent
         out = plan.backend.decode_attention(
-            qg, recent[0], recent[1], plan.recent_rows, chosen[0], chosen[1], valid, at
+            qg,
+            recent[0],
+            recent[1],
+            plan.recent_rows,
+            chosen[0],
+            chosen[1],
+            valid,
+            at,
+            skip=use is not None,
         )
         return out.reshape(Hq, 1, D)

@@ -228,6 +228,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
     slab, table = meta(2, H, slots, C, D), meta(slots, dtype=torch.long)
     ids = meta(H, RETRIEVED, dtype=torch.long)
     miss = meta(H, RETRIEVED, dtype=torch.bool)
+    ids2, miss2 = meta(H, 2 * RETRIEVED, dtype=torch.long), meta(H, 2 * RETRIEVED, dtype=torch.bool)
     cache = meta(2, H, HIT_SLOTS, D)
     slot_of = meta(H, T + 1, dtype=torch.int32)
     token_of, used = (
@@ -248,6 +249,10 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "decode attention, dense layer": lambda: attend(q, kv[0], kv[1], length),
         "decode attention, tiered layer": lambda: attend(
             q, recent[0], recent[1], length, cache[0], cache[1], length, ids
+        ),
+        # (selection.reuse: the last step's ids and their successors, rows left out)
+        "decode attention, tiered layer, reused selection": lambda: attend(
+            q, recent[0], recent[1], length, cache[0], cache[1], length, ids2, skip=True
         ),
         "decode attention, tiered layer, no hit cache": lambda: attend(
             q, recent[0], recent[1], length, *meta(2, H, RETRIEVED, D), length
@@ -293,6 +298,9 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         ),
         "hit cache: the lookup": lambda: hit_kernels.lookup(
             ids, length, slot_of, token_of, used, clock, counts
+        ),
+        "hit cache: the lookup, reused selection": lambda: hit_kernels.lookup(
+            ids2, length, slot_of, token_of, used, clock, counts, miss2
         ),
         # A prefill chunk's selection of its far tokens (four steps' worth; no k_valid)
         "a prefill chunk's clusters taken": lambda: ranking.take_clusters(

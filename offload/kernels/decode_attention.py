@@ -11,8 +11,8 @@ A second set of rows may join the first (`k2, v2, length2`: its rows 0 .. length
 read through a per-head table of row numbers where `idx2` [H, N2] is given: the
 tiered step attends to its sink and window (one buffer) and to the tokens it selected
 where they lie in its hit cache, without first copying them all into one buffer. A row
-whose number is negative is left out (a step that reuses its last selection has rows
-it does not use among them).
+whose number is negative is left out (`skip`: a step that reuses its last selection
+has rows it does not use among them).
 
 The Triton kernel is flash-decoding: the N rows are cut into splits, one program
 per (KV head, split) keeps a running max, sum and weighted V sum over its rows
@@ -82,7 +82,7 @@ def split_rows(N: int) -> int:
     return BLOCK_N * max(1, math.ceil(blocks / MAX_SPLITS))
 
 
-def launch_config(D: int, itemsize: int, shared_limit: int) -> tuple[int, int]:
+def launch_config(D: int, itemsize: int, shared_limit: int, skip: bool = False) -> tuple[int, int]:
     """(num_warps, num_stages) of the split kernel for head dim D, KV elements of
     `itemsize` bytes, and a GPU whose blocks may use `shared_limit` bytes of shared memory.
 
@@ -96,6 +96,10 @@ def launch_config(D: int, itemsize: int, shared_limit: int) -> tuple[int, int]:
     for stages in (3, 2, 1):
         if (max(stages, 2) - 1) * 2 * BLOCK_N * D * itemsize + SHARED_SLACK <= shared_limit:
             break
+    if skip and itemsize >= 4 and stages == 2:
+        # (the test of left-out rows: float32 tiles in two stages spill 8 bytes on sm_86/89
+        # at head dim 128, in one stage none)
+        stages = 1
     return warps, stages
 
 
@@ -111,10 +115,12 @@ def shared_limit(device: torch.device) -> int:
 
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
-    k2=None, v2=None, length2=None, idx2=None,
+    k2=None, v2=None, length2=None, idx2=None, skip: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The Triton kernel (see the module docstring); same contract as the reference. The
-    second rows' splits follow the first's, so the merge sees one list of splits."""
+    second rows' splits follow the first's, so the merge sees one list of splits. Rows
+    numbered below zero are left out only with `skip` (a kernel of its own: the test
+    costs registers, and float32 tiles then spill on sm_89)."""
     import triton
 
     H, G, D = q.shape
@@ -139,14 +145,14 @@ def decode_attention(
     m = torch.empty(H, GP, num_splits, dtype=torch.float32, device=q.device)
     s = torch.empty_like(m)
     acc = torch.empty(H, GP, num_splits, D, dtype=torch.float32, device=q.device)
-    warps, stages = launch_config(D, k.element_size(), shared_limit(q.device))
+    warps, stages = launch_config(D, k.element_size(), shared_limit(q.device), skip)
     _kernels().split[(H, num_splits)](
         q, k, v, length, k2, v2, length2, k2 if idx2 is None else idx2, m, s, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         0 if idx2 is None else idx2.stride(0), D**-0.5, G, split, splits1,
         GP=GP, D=D, BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_IDX=idx2 is not None, num_warps=warps, num_stages=stages,
+        HAS_IDX=idx2 is not None, SKIP=skip, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
     out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)
@@ -170,7 +176,7 @@ def _kernels() -> SimpleNamespace:
     def split(Q, K, V, LEN, K2, V2, LEN2, IDX, M, S, ACC, sq_h, sq_g, sk_h, sk_t, sv_h, sv_t,
               sk2_h, sk2_t, sv2_h, sv2_t, si_h, scale, G, SPLIT, SPLITS1,
               GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-              HAS_IDX: tl.constexpr):  # fmt: skip
+              HAS_IDX: tl.constexpr, SKIP: tl.constexpr):  # fmt: skip
         h = tl.program_id(0)
         sp = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -186,7 +192,11 @@ def _kernels() -> SimpleNamespace:
         d = tl.arange(0, D)
         q = tl.load(Q + h * sq_h + g[:, None] * sq_g + d[None, :], mask=g[:, None] < G, other=0.0)
         q = q.to(tl.float32) * scale
-        m_i = tl.full([GP], float("-inf"), tl.float32)
+        if SKIP:  # (finite: a block whose rows are all left out, before any row was seen,
+            # gives exp(-inf - -1e30) = 0, not NaN; a split with no row keeps -1e30, weight 0)
+            m_i = tl.full([GP], -1e30, tl.float32)
+        else:
+            m_i = tl.full([GP], float("-inf"), tl.float32)
         s_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
         for n0 in range(start, stop, BLOCK_N):
@@ -195,18 +205,18 @@ def _kernels() -> SimpleNamespace:
             r = n.to(tl.int64)
             if HAS_IDX:  # the second rows' row j is row IDX[h, j] of its buffers (< 0: none)
                 i = tl.load(IDX + h * si_h + n, mask=n < idx_stop, other=0)
-                ok = ok & (i >= 0)
-                r = tl.where(second, tl.maximum(i, 0), r)
+                if SKIP:
+                    ok = ok & (i >= 0)
+                    i = tl.maximum(i, 0)
+                r = tl.where(second, i, r)
             k = tl.load(Kx + h * kh + r[:, None] * kt + d[None, :], mask=ok[:, None], other=0.0)
             # float32 operands: 16-bit inputs go through tf32 (the kernel is bound by its
             # reads, not its math); float32 inputs are multiplied exactly.
             logits = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
             logits = tl.where(ok[None, :], logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, 1))
-            # (a block whose rows are all left out before any row was seen: -inf - -inf)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(logits - m_safe[:, None])
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(logits - m_new[:, None])
             s_i = s_i * alpha + tl.sum(p, 1)
             v = tl.load(Vx + h * vh + r[:, None] * vt + d[None, :], mask=ok[:, None], other=0.0)
             pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)

@@ -30,12 +30,13 @@ def decode_attention(
     v2: torch.Tensor | None = None,
     length2: torch.Tensor | None = None,
     idx2: torch.Tensor | None = None,
+    skip: bool = False,
 ) -> torch.Tensor:
-    return attention_kernels.decode_attention(q, k, v, length, k2, v2, length2, idx2)
+    return attention_kernels.decode_attention(q, k, v, length, k2, v2, length2, idx2, skip)
 
 
 @decode_attention.register_fake
-def _(q, k, v, length, k2=None, v2=None, length2=None, idx2=None):
+def _(q, k, v, length, k2=None, v2=None, length2=None, idx2=None, skip=False):
     return q.new_empty(q.shape)  # (contiguous, as the kernel's output)
 
 
@@ -77,12 +78,13 @@ def lookup(
     used: torch.Tensor,
     clock: torch.Tensor,
     counts: torch.Tensor,
+    use: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return hit_kernels.lookup(ids, k_valid, slot_of, token_of, used, clock, counts)
+    return hit_kernels.lookup(ids, k_valid, slot_of, token_of, used, clock, counts, use)
 
 
 @lookup.register_fake
-def _(ids, k_valid, slot_of, token_of, used, clock, counts):
+def _(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
     return (
         ids.new_empty(ids.shape),
         ids.new_empty(ids.shape, dtype=torch.bool),
