@@ -1,7 +1,7 @@
 """Attention-mass recall and perplexity of sparse decode against dense, on real prose.
 
     python scripts/eval_fidelity.py [--length 8192] [--budgets 0.02,0.05,0.1]
-        [--selectors exact,summary,chunk,cluster] [--steps 8] [--ppl-tokens 256]
+        [--selectors exact,summary,chunk,cluster] [--steps 8] [--ppl-tokens 256] [--reuse on]
         [--texts ../shared/texts] [--out results/eval_fidelity.json]
 
 Recall: over `--steps` real decode steps after a prompt of `--length` tokens of
@@ -41,6 +41,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--reuse", default="auto", choices=["off", "on", "auto"],
+                    help="selection.reuse: every other step reuses the last selection")  # fmt: skip
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--budgets", default="0.02,0.05,0.1")
     ap.add_argument("--selectors", default="exact,summary,chunk,cluster")
@@ -50,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/eval_fidelity.json"))
     args = ap.parse_args()
     console = Console()
-    rt = Runtime.from_pretrained(args.model, mode="sparse")
+    rt = Runtime.from_pretrained(args.model, mode="sparse", reuse=args.reuse)
     base = rt.config.selection
     text_ids = rt.tokenizer.encode(prose(args.texts))
     assert len(text_ids) >= args.length, f"need {args.length} tokens of text, have {len(text_ids)}"

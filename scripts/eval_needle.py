@@ -2,7 +2,7 @@
 
     python scripts/eval_needle.py [--lengths 2048,4096,8000] [--depths 0.1,0.3,0.5,0.7,0.9]
         [--budgets 0.02,0.05,0.1] [--selectors exact,summary,chunk,cluster]
-        [--texts ../shared/texts] [--out results/eval_needle.json]
+        [--texts ../shared/texts] [--reuse on] [--out results/eval_needle.json]
 
 Filler is real prose (../shared/texts) cut to each length; the needle is "The secret
 passphrase is <two words>." at each depth; the answer is primed with "The secret
@@ -44,6 +44,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--reuse", default="auto", choices=["off", "on", "auto"],
+                    help="selection.reuse: every other step reuses the last selection")  # fmt: skip
     ap.add_argument("--lengths", default="2048,4096,8000")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--budgets", default="0.02,0.05,0.1")
@@ -53,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/eval_needle.json"))
     args = ap.parse_args()
     console = Console()
-    rt = Runtime.from_pretrained(args.model, mode="sparse")
+    rt = Runtime.from_pretrained(args.model, mode="sparse", reuse=args.reuse)
     base = rt.config.selection
     filler = prose(args.texts)
     selectors, budgets = args.selectors.split(","), floats(args.budgets)

@@ -18,6 +18,9 @@
 #   bash scripts/gpu_session.sh     # both, and the probes and the compiled step (measured
 #                                   # on 2026-12-04: docs/gpu.md), on a machine that has
 #                                   # everything already
+#   bash scripts/gpu_session.sh reuse   # after part 1 (its sweep's settings): the 128k
+#                                   # offloaded row with selection.reuse off, against
+#                                   # part 1's (on by default with CUDA) (100 s)
 #   bash scripts/gpu_session.sh suite2 bench2 ...   # named steps (below)
 #
 # A lent GPU has 15 minutes of device time in all, its start included. Each step has its
@@ -33,7 +36,7 @@ export PYTHONUNBUFFERED=1
 case "${1:-all}" in
   1) steps="info suite1 sweep bench1" ;;
   2) steps="suite2 bench2" ;;
-  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled" ;;
+  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled reuse" ;;
   *) steps="$*" ;;
 esac
 # The project's wheels that the GPU image lacks (scripts/gpu_wheels.sh), once per machine.
@@ -91,6 +94,9 @@ for step in $steps; do
       bench embedded 50 --systems embedded,embedded-torch-ops
       bench 2 170 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
         --fill-above 131072 ;;
+    reuse)  # bench1's 128k row, every step selecting (docs/gpu.md: selection.reuse)
+      bench reuse-off 100 --systems offloaded --lengths 131072 --fill-above 131072 \
+        --set reuse=off --kernel-settings "$out/sweep_selection.json" ;;
     sweep)
       timeout 150 python scripts/sweep_selection.py --out "$out/sweep_selection.json" 2>&1 | tail -40 ;;
     probes)
