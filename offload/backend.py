@@ -32,7 +32,7 @@ from offload.kernels.decode_attention import decode_attention_ref
 from offload.kernels.gather import device_view, fetch_into_ref, gather_kv_ref
 from offload.kernels.hit_cache import lookup_ref
 from offload.kernels.ranking import take_clusters_ref, top_ids_ref
-from retrieval.base import ROW_BLOCK
+from retrieval.base import ROW_BLOCK, with_successors
 from retrieval.cluster import nearest_centroids
 from storage.quant import QuantKeys
 
@@ -166,6 +166,12 @@ class Backend:
         if self.kernels:
             return self._kernel(ranking).top_ids(weights, ids, k, k_valid)
         return top_ids_ref(weights, ids, k, k_valid)
+
+    def successors(self, ids, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reused selection's rows: `retrieval.base.with_successors` (one kernel)."""
+        if self.kernels:
+            return self._kernel(hit_kernels).successors(ids, valid)
+        return with_successors(ids, valid)
 
     def hit_lookup(self, ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
         """A step hit cache's lookup of ids [H, k] (the rows `use` marks, where given): its

@@ -94,8 +94,8 @@ class StepHitCache:
     ) -> torch.Tensor:
         """The slots [H, k] of `kv` that hold the tokens ids [H, k] (see the module
         docstring) once the misses among the first k_valid rows (and of those, the rows
-        `use` marks, where given) are read from `slab` (`Backend.host_view`): the step's
-        attention reads them there."""
+        `use` marks, where given: the others' slot is -1) are read from `slab`
+        (`Backend.host_view`): the step's attention reads them there."""
         H, k = ids.shape
         assert k <= self.slots, f"a hit cache of {self.slots} slots cannot serve {k} tokens"
         to, miss, rows = backend.hit_lookup(ids, k_valid, self.slot_of, self.token_of,

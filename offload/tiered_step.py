@@ -51,7 +51,6 @@ import torch
 from offload.backend import Backend
 from offload.step_cache import StepHitCache
 from retrieval import ClusterIndex
-from retrieval.base import with_successors
 from retrieval.device_index import DeviceClusterIndex
 from storage.quant import QuantKeys
 
@@ -375,7 +374,7 @@ class SparseStepLayer:
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
         if plan.variant:  # [H, 2k]: the last step's ids, their successors; `use`: the rows kept
-            ids, use = with_successors(self.last, plan.last_valid)
+            ids, use = plan.backend.successors(self.last, plan.last_valid)
             valid = plan.reused_rows
         else:
             ids = self.index.select(  # in token order; sparse steps run past the sink
@@ -395,11 +394,11 @@ class SparseStepLayer:
         if hc is None:
             chosen, at = plan.backend.gather_kv(slab, slots, ids), None  # [2, H, k, D]
         else:  # only the misses cross PCIe; attention reads the hits where they are
+            # (a reusing step's unused rows: -1, which attention leaves out)
             chosen, at = hc.kv, hc.lookup_slots(ids, valid, slab, slots, plan.backend, use)
-        if use is not None:
-            if at is None:
-                at = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-            at = torch.where(use, at, -1)  # (attention leaves a negative row out)
+        if use is not None and hc is None:  # (the same for the rows gathered)
+            at = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            at = torch.where(use, at, -1)
         # sink and window, then the first `valid` selected (the length cuts the rest off)
         recent = dev.recent
         out = plan.backend.decode_attention(

@@ -52,12 +52,14 @@ def test_compiled_dense_step_equals_the_step_and_compiles_once(tiny_dirs):
     assert _graphs_compiled() == compiles  # ... and nothing was compiled again
 
 
-@pytest.mark.parametrize("hit_factor", [None, 2.0])
-def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_factor):
+@pytest.mark.parametrize("hit_factor, reuse", [(None, "off"), (2.0, "off"), (2.0, "on")])
+def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_factor, reuse):
     """Through hand-overs to the store, index updates and growing buffers; the kernels
     (as torch operators) inside the compiled graph. Both layers sparse: they share one
-    compile."""
-    rt, plain, compiled = _tiered_pair(tiny_dirs, hit_factor, index_refresh=16, dense_layers=0)
+    compile (with `selection.reuse`, one for each of the step's two kinds)."""
+    rt, plain, compiled = _tiered_pair(
+        tiny_dirs, hit_factor, index_refresh=16, dense_layers=0, reuse=reuse
+    )
     _compiled_ops(rt)
     for cache, compile in ((plain, False), (compiled, True)):
         cache.mirror_dense_layers(DEVICE)
@@ -70,7 +72,8 @@ def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_f
     before = _graphs_compiled()
     tokens = [_greedy(c, rt.model, lg, 4) for c, lg in zip((plain, compiled), logits, strict=True)]
     compiles = _graphs_compiled()
-    assert compiles - before <= 1  # one for both sparse blocks, unless compiled before
+    # one for both sparse blocks (a reusing step's: another), unless compiled before
+    assert compiles - before <= 1 + (reuse == "on")
     capacity = compiled.step.plan.indexes[1].token_capacity
     more = [_greedy(c, rt.model, c.decode(rt.model, 3), 56) for c in (plain, compiled)]
     assert tokens[0] == tokens[1] and more[0] == more[1] and compiled.step.plan.steps == 61

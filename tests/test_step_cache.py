@@ -187,3 +187,20 @@ def test_victims_are_the_least_recent_slots_and_ties_go_to_the_lower_slot():
         )
         assert to.tolist() == [[1, 2, 3]] * H and miss.all() and torch.equal(rows, to)
         assert hc.used[0, :6].tolist() == [5, 8, 8, 8, 3, 7] and hc.clock.tolist() == [8] * H
+
+
+def test_successors_kernel_is_with_successors():
+    """A reusing step's rows in one launch (`Backend.successors`), as the torch code:
+    several blocks of ids a head, runs of consecutive ids across a block's edge, rows
+    past `valid` padded with the head's first id."""
+    from retrieval.base import with_successors
+
+    gen = torch.Generator().manual_seed(3)
+    k, valid = 40, 33
+    ids = torch.stack([torch.randperm(60, generator=gen)[:valid].sort().values for _ in range(H)])
+    ids = torch.cat([ids, ids[:, :1].expand(H, k - valid)], dim=1).to(DEVICE)
+    n = torch.tensor([valid], device=DEVICE)
+    both, use = Backend(DEVICE, kernels=True).successors(ids, n)
+    ref = with_successors(ids, n)
+    assert torch.equal(both, ref[0]) and torch.equal(use, ref[1])
+    assert use[:, k:].sum() < valid * H  # (some successors were there already)

@@ -299,6 +299,7 @@ def _step_calls(H: int, G: int, D: int, T: int, dtype: torch.dtype) -> dict:
         "hit cache: the lookup": lambda: hit_kernels.lookup(
             ids, length, slot_of, token_of, used, clock, counts
         ),
+        "a reused selection's rows": lambda: hit_kernels.successors(ids, length),
         "hit cache: the lookup, reused selection": lambda: hit_kernels.lookup(
             ids2, length, slot_of, token_of, used, clock, counts, miss2
         ),

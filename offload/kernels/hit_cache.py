@@ -21,7 +21,11 @@ program per KV head, in passes over the head's ids and slots:
 Shapes: ids [H, k] int64, k_valid [1], slot_of [H, T_cap + 1] int32, token_of and used
 [H, M + 1] int64 (column M, T_cap: scratch), clock [H] int64, counts [2] int64, M >= k.
 With `use` [H, k] bool, a row is used where it is one of the first k_valid and `use`
-holds (a step that reuses its last selection: retrieval/base.py `with_successors`).
+holds (a step that reuses its last selection: retrieval/base.py `with_successors`), and
+an unused row's output row is -1 (attention leaves it out).
+
+`successors` is that step's list of rows in one launch: `with_successors`, which in
+torch is about fifteen kernels of a few microseconds each inside a replayed graph.
 `lookup_ref` is the torch code the kernel replaces; it writes the scratch columns where
 the kernel writes nothing there, and agrees on everything else. Within a head, selected
 ids are distinct except where padding repeats one (then which of its slots `slot_of`
@@ -70,6 +74,8 @@ def lookup_ref(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
     counts[0] += used_row.expand(H, k).sum()
     counts[1] += (hit & used_row).sum()
     rows = torch.where(miss, to, torch.where(hit, slots.long(), M))
+    if use is not None:
+        rows = torch.where(used_row, rows, -1)
     return to, miss, rows
 
 
@@ -100,6 +106,21 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
         num_warps=head_warps(block_m),
     )  # fmt: skip
     return to, miss, rows
+
+
+def successors(ids, valid):
+    """The kernel of `retrieval.base.with_successors` (valid a [1] device tensor)."""
+    import triton
+
+    H, k = ids.shape
+    assert ids.is_contiguous() and valid.numel() == 1
+    both = torch.empty(H, 2 * k, dtype=ids.dtype, device=ids.device)
+    use = torch.empty(H, 2 * k, dtype=torch.bool, device=ids.device)
+    block = min(BLOCK_IDS, triton.next_power_of_2(k))
+    _kernels().successors[(H, triton.cdiv(k, block))](
+        ids, valid, both, use.view(torch.uint8), k, BLOCK=block
+    )
+    return both, use
 
 
 @functools.cache
@@ -197,7 +218,11 @@ def _kernels() -> SimpleNamespace:
                      mask=miss & (old >= 0))  # fmt: skip
             tl.store(TO + h * k + j, to, mask=ok)
             tl.store(MISS + h * k + j, m.to(tl.uint8), mask=ok)
-            tl.store(ROWS + h * k + j, tl.where(slot >= 0, slot.to(tl.int64), to), mask=ok)
+            row = tl.where(slot >= 0, slot.to(tl.int64), to)
+            if HAS_USE:  # (an unused row: -1)
+                use = tl.load(USE + h * k + j, mask=ok, other=0) != 0
+                row = tl.where((j < valid) & use, row, -1)
+            tl.store(ROWS + h * k + j, row, mask=ok)
             ranked += tl.sum(m, axis=0)
         tl.debug_barrier()  # pass 3's writes are seen by all the program's threads
         # Pass 4: the new tokens recorded in their slots.
@@ -214,4 +239,20 @@ def _kernels() -> SimpleNamespace:
         tl.atomic_add(COUNTS, looked.to(tl.int64))
         tl.atomic_add(COUNTS + 1, hits.to(tl.int64))
 
-    return SimpleNamespace(lookup=lookup)
+    @triton.jit
+    def successors(IDS, VALID, BOTH, USE, k, BLOCK: tl.constexpr):
+        h = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = j < k
+        valid = tl.load(VALID)
+        first = tl.load(IDS + h * k)
+        t = tl.load(IDS + h * k + j, mask=ok, other=0)
+        nxt = tl.load(IDS + h * k + j + 1, mask=ok & (j + 1 < k), other=-1)
+        row = j < valid
+        fresh = row & ~((j + 1 < valid) & (nxt == t + 1))
+        tl.store(BOTH + h * 2 * k + j, tl.where(row, t, first), mask=ok)
+        tl.store(BOTH + h * 2 * k + k + j, tl.where(fresh, t + 1, first), mask=ok)
+        tl.store(USE + h * 2 * k + j, row.to(tl.uint8), mask=ok)
+        tl.store(USE + h * 2 * k + k + j, fresh.to(tl.uint8), mask=ok)
+
+    return SimpleNamespace(lookup=lookup, successors=successors)

@@ -92,6 +92,17 @@ def _(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
     )
 
 
+@torch.library.custom_op("offload::successors", mutates_args=())
+def successors(ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return hit_kernels.successors(ids, valid)
+
+
+@successors.register_fake
+def _(ids, valid):
+    H, k = ids.shape
+    return ids.new_empty(H, 2 * k), ids.new_empty(H, 2 * k, dtype=torch.bool)
+
+
 def rerank_weights(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torch.Tensor:
     s = summaries
     return _rerank_weights(q, s.codes, s.scale, s.zero, ids, count, s.bits, s.group, sm_scale)
