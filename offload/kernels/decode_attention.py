@@ -119,8 +119,8 @@ def decode_attention(
 ) -> torch.Tensor:  # fmt: skip
     """The Triton kernel (see the module docstring); same contract as the reference. The
     second rows' splits follow the first's, so the merge sees one list of splits. Rows
-    numbered below zero are left out only with `skip` (a kernel of its own: the test
-    costs registers, and float32 tiles then spill on sm_89)."""
+    numbered below zero are left out only with `skip` (a specialization of its own: the
+    test costs registers, and float32 tiles then take one pipeline stage, `launch_config`)."""
     import triton
 
     H, G, D = q.shape
