@@ -130,6 +130,11 @@ class SelectionStats:
     # Evaluation probe: per sparse step, (layer, [H] share of dense softmax mass covered).
     recall: list | None = None
 
+    @property
+    def reused_share(self) -> float | None:
+        """Of the sparse decode steps, the share that reused the last selection."""
+        return self.reused_steps / self.sparse_steps if self.sparse_steps else None
+
 
 @dataclass
 class SparsePolicy:

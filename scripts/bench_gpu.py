@@ -210,18 +210,13 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool, sustained: int
         "captures": cache.step.captures if cache.step is not None else 0,
         # the index builds' host time (with the device's work it waits for: the k-means)
         "index_seconds": cache.policy.stats.index_seconds if cache.policy is not None else None,
-        "reused_share": _reused_share(cache.policy),
+        "reused_share": cache.policy.stats.reused_share if cache.policy is not None else None,
         "kv": "tiers" if tiered else "device",
         "kv_filled": fill,
         **kernels,
     }
     cache.close()
     return out
-
-
-def _reused_share(policy) -> float | None:  # (sparse steps that reused: selection.reuse)
-    st = None if policy is None else policy.stats
-    return st.reused_steps / st.sparse_steps if st is not None and st.sparse_steps else None
 
 
 def step_kernels(cache, model, token: int, steps: int = 4) -> dict:
