@@ -49,19 +49,18 @@ def decode_attention_ref(
     k2=None, v2=None, length2=None, idx2=None,
 ) -> torch.Tensor:  # fmt: skip
     """Plain-torch reference (and the CPU path): float32 softmax over the valid rows."""
-    valid = _valid(k.shape[1], length, q.device)
+    H = k.shape[0]
+    valid = _valid(k.shape[1], length, q.device).expand(H, -1)  # [H, N]
     if k2 is not None:
         valid2 = _valid(k2.shape[1] if idx2 is None else idx2.shape[1], length2, q.device)
-        valid = valid.expand(k.shape[0], -1)
-        if idx2 is not None:
-            heads = torch.arange(k2.shape[0], device=q.device)[:, None]
+        valid2 = valid2.expand(H, -1)
+        if idx2 is not None:  # (a row numbered below zero: left out)
+            heads = torch.arange(H, device=q.device)[:, None]
             k2, v2 = k2[heads, idx2.clamp_min(0)], v2[heads, idx2.clamp_min(0)]
             valid2 = valid2 & (idx2 >= 0)
         k, v = torch.cat([k, k2], dim=1), torch.cat([v, v2], dim=1)
-        valid = torch.cat([valid, valid2.expand(k.shape[0], -1)], dim=1)
-    else:
-        valid = valid.expand(k.shape[0], -1)
-    H, G, D = q.shape
+        valid = torch.cat([valid, valid2], dim=1)
+    D = q.shape[2]
     logits = torch.matmul(q.float(), k.float().transpose(1, 2)) * D**-0.5  # [H, G, N]
     logits = logits.masked_fill(~valid[:, None], float("-inf"))
     # Rows past the length may hold anything (an uninitialized buffer: NaN too), and
