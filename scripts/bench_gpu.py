@@ -52,7 +52,9 @@ the mean over `--tokens` steps after two warm-up steps (capture happens there). 
 rows then decode `--sustained` more steps (256: the hand-overs of the steps' tokens to
 the store and an index refresh fall in them, as they do in every 256 tokens of an
 answer, while the first `--tokens` steps may hold none): `sustained_ms_per_token` is their mean,
-with the median and the longest step (a hand-over's pause).
+with the median and the longest step (a hand-over's pause). Where the steps reuse
+selections (`selection.reuse`, on with CUDA), the row's cache then runs as many steps
+again with every step selecting: `without_reuse`, the same figures.
 Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
 """
 
@@ -60,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evalkit  # noqa: E402
-from evalkit import bench_hf, plot_decode, profile_kernels, profiled, row_error, write_json  # noqa: E402
+from evalkit import (  # noqa: E402
+    bench_hf,
+    decode_steps,
+    plot_decode,
+    profile_kernels,
+    profiled,
+    row_error,
+    step_figures,
+    write_json,
+)
 
 from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
@@ -167,39 +177,31 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool, sustained: int
     layers = layer_times(cache) or {}
     token = int(logits.argmax())
     with cache.decoding():
-        t = time.perf_counter()
-        for _ in range(2):  # warm-up: graph capture, Triton compilation (torch.compile)
-            token = int(cache.decode(rt.model, token).argmax())
-        sync()
+        t = time.perf_counter()  # warm-up: graph capture, Triton compilation (torch.compile)
+        token, _ = decode_steps(cache, rt.model, token, 2)
         warmup_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for _ in range(tokens):
-            token = int(cache.decode(rt.model, token).argmax())
-        sync()
-        ms = 1000 * (time.perf_counter() - t) / tokens
+        token, timed = decode_steps(cache, rt.model, token, tokens)
         kernels = step_kernels(cache, rt.model, token)
-        steps_ms = []  # each step waits for its token: the host's work between steps counts
-        for _ in range(sustained):
-            t = time.perf_counter()
-            token = int(cache.decode(rt.model, token).argmax())
-            steps_ms.append(1000 * (time.perf_counter() - t))
+        token, steps_ms = decode_steps(cache, rt.model, token, sustained)
+        policy = cache.policy
+        reused = policy.stats.reused_share if policy is not None else None
+        without = {}
+        if policy is not None and policy.reuse and sustained:
+            # the same steps again, each selecting (selection.reuse off), in this cache: the
+            # gain of reuse without a second prefill (its graph for selecting steps is there)
+            policy.reuse, before = False, policy.stats.reused_steps
+            token, _ = decode_steps(cache, rt.model, token, 2)
+            token, timed_off = decode_steps(cache, rt.model, token, tokens)
+            token, steps_off = decode_steps(cache, rt.model, token, sustained)
+            off = step_figures(timed_off, steps_off)  # (and no step reused: 0)
+            without = {"without_reuse": off | {"reused_steps": policy.stats.reused_steps - before}}
     # what `offload plan` predicts for this context with this config (decode; the
     # layer-by-layer prefill's peak), beside the measured peak
     p = plan_for_config(rt.args, length, 0, 0, rt.config)
     # (where the KV stays on the device: the weights, the reserve, the KV and its room)
     tiered, GiB = cache.store is not None, 2**30
     out = {
-        "decode_ms_per_token": ms,
-        **(
-            {
-                "sustained_ms_per_token": statistics.fmean(steps_ms),
-                "sustained_steps": sustained,
-                "step_ms_median": statistics.median(steps_ms),
-                "step_ms_max": max(steps_ms),
-            }
-            if steps_ms
-            else {}
-        ),  # fmt: skip
+        **step_figures(timed, steps_ms),
         "warmup_seconds": warmup_s,
         "prefill_seconds": None if fill else prefill_s,
         "prefill_layers_ms": layers.get("layers_ms"),
@@ -210,7 +212,8 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool, sustained: int
         "captures": cache.step.captures if cache.step is not None else 0,
         # the index builds' host time (with the device's work it waits for: the k-means)
         "index_seconds": cache.policy.stats.index_seconds if cache.policy is not None else None,
-        "reused_share": cache.policy.stats.reused_share if cache.policy is not None else None,
+        "reused_share": reused,
+        **without,
         "kv": "tiers" if tiered else "device",
         "kv_filled": fill,
         **kernels,
@@ -227,12 +230,7 @@ def step_kernels(cache, model, token: int, steps: int = 4) -> dict:
     if device_of().type != "cuda":
         return {}
 
-    def run():
-        nonlocal token
-        for _ in range(steps):
-            token = int(cache.decode(model, token).argmax())
-
-    return profile_kernels(run, steps, "step")
+    return profile_kernels(lambda: decode_steps(cache, model, token, steps), steps, "step")
 
 
 def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: bool = False) -> dict:
@@ -391,7 +389,7 @@ def main() -> None:
     systems = args.systems.split(",")
     if unknown := [s for s in systems if s not in SYSTEMS]:
         p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(sorted(SYSTEMS))})")
-    max_len = max(lengths) + args.tokens + args.sustained + 8
+    max_len = max(lengths) + 2 * (args.tokens + args.sustained) + 16  # (twice: without_reuse)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
     preset = RuntimeConfig.from_toml(OFFLOADED_PRESET)

@@ -9,6 +9,7 @@ import cProfile
 import dataclasses
 import math
 import pstats
+import statistics
 import threading
 import time
 import traceback
@@ -181,6 +182,30 @@ def bench_hf(model, ids: list[int], decode_tokens: int, **generate_kwargs) -> di
         "decode_ms_per_token": 1000 * decode_s / n,
         "decode_tok_s": n / decode_s,
     }
+
+
+def decode_steps(cache, model, token: int, n: int) -> tuple[int, list[float]]:
+    """`n` greedy steps, each waited for (its token read, so the host's work between
+    steps counts) -> the last token, each step's milliseconds."""
+    ms = []
+    for _ in range(n):
+        t = time.perf_counter()
+        token = int(cache.decode(model, token).argmax())
+        ms.append(1000 * (time.perf_counter() - t))
+    return token, ms
+
+
+def step_figures(timed: list[float], sustained: list[float]) -> dict:
+    """The `--tokens` steps' mean; the `--sustained` steps' mean, median and longest."""
+    out = {"decode_ms_per_token": statistics.fmean(timed)}
+    if sustained:
+        out |= {
+            "sustained_ms_per_token": statistics.fmean(sustained),
+            "sustained_steps": len(sustained),
+            "step_ms_median": statistics.median(sustained),
+            "step_ms_max": max(sustained),
+        }
+    return out
 
 
 def kernel_table(events, calls: int, top: int = 12) -> dict:

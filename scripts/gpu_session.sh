@@ -11,16 +11,13 @@
 #                                   # nor the project's wheels the GPU image lacks, then
 #                                   # the selection kernels' launch settings, and the
 #                                   # 8B-shaped model's decode and prefill rows with the
-#                                   # fastest of them (395 s)
+#                                   # fastest of them (405 s)
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
 #                                   # 30 s: the other files, the embedded model's rows,
 #                                   # the sessions (440 s)
 #   bash scripts/gpu_session.sh     # both, and the probes and the compiled step (measured
 #                                   # on 2026-12-04: docs/gpu.md), on a machine that has
 #                                   # everything already
-#   bash scripts/gpu_session.sh reuse   # after part 1 (its sweep's settings): the 128k
-#                                   # offloaded row with selection.reuse off, against
-#                                   # part 1's (on by default with CUDA) (100 s)
 #   bash scripts/gpu_session.sh suite2 bench2 ...   # named steps (below)
 #
 # A lent GPU has 15 minutes of device time in all, its start included. Each step has its
@@ -36,7 +33,7 @@ export PYTHONUNBUFFERED=1
 case "${1:-all}" in
   1) steps="info suite1 sweep bench1" ;;
   2) steps="suite2 bench2" ;;
-  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled reuse" ;;
+  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled" ;;
   *) steps="$*" ;;
 esac
 # The project's wheels that the GPU image lacks (scripts/gpu_wheels.sh), once per machine.
@@ -86,17 +83,15 @@ for step in $steps; do
       for f in $second; do files+=("tests/$f.py"); done
       suite 2 220 "${files[@]}" ;;
     bench1)  # the targets first: the offloaded preset at 128k (prefilled layer by layer;
-      # its 8k row warms the kernels), the KV on the device at 8k; with the fastest launch
-      # settings the sweep found, where it ran
-      bench 1 125 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 \
+      # its 8k row warms the kernels; its rows' without_reuse: the same steps, each
+      # selecting), the KV on the device at 8k; with the fastest launch settings the
+      # sweep found, where it ran
+      bench 1 135 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 \
         --kernel-settings "$out/sweep_selection.json" ;;
     bench2)  # the embedded model first (a target), then the sessions (the 128k one last)
       bench embedded 50 --systems embedded,embedded-torch-ops
       bench 2 170 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
         --fill-above 131072 ;;
-    reuse)  # bench1's 128k row, every step selecting (docs/gpu.md: selection.reuse)
-      bench reuse-off 100 --systems offloaded --lengths 131072 --fill-above 131072 \
-        --set reuse=off --kernel-settings "$out/sweep_selection.json" ;;
     sweep)
       timeout 150 python scripts/sweep_selection.py --out "$out/sweep_selection.json" 2>&1 | tail -40 ;;
     probes)

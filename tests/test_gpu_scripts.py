@@ -40,6 +40,10 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert rows["device"]["kv"] == "device" and rows["tiered"]["kv"] == "tiers"
     assert rows["tiered"]["captures"] >= 1 and rows["session"]["ttft_seconds"] > 0
     assert 0 < rows["tiered"]["reused_share"] <= 0.5  # (selection.reuse: on with CUDA)
+    # then the same steps with every step selecting, in the same cache
+    off = rows["tiered"]["without_reuse"]
+    assert off["sustained_steps"] == 3 and off["reused_steps"] == 0
+    assert "without_reuse" not in rows["device"]
     for r in (rows["device"], rows["tiered"]):  # the further steps, each waited for
         assert r["sustained_steps"] == 3 and 0 < r["step_ms_median"] <= r["step_ms_max"]
         assert r["sustained_ms_per_token"] <= r["step_ms_max"]
