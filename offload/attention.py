@@ -369,6 +369,15 @@ class TieredLayer:
             return gqa_attention(q, kv[0], kv[1], valid)
         return gqa_attention(q, kv[0], kv[1])
 
+    def reuses_next_step(self) -> bool:
+        """Will this layer's next decode step reuse its last selection (`_reused`)? Asked
+        before the step's token is appended."""
+        last = self.last_selection
+        return last is not None and last[:2] == (
+            self.store.lengths[self.layer],
+            self.policy.truncations,
+        )
+
     def _reused(self, T: int):
         """With `selection.reuse`, the step after a step that selected (and nothing between
         them) takes its ids and their successors (`with_successors`) instead of selecting."""

@@ -256,7 +256,8 @@ class KVCache:
     def layer_start(self, layer: int, x: torch.Tensor, cos, sin) -> None:
         """The model calls this before block `layer` runs on x [S, dim]."""
         if self.prefetcher is not None and x.shape[0] == 1:
-            self.prefetcher.ahead(layer + 1, x, cos, sin)
+            reuse = layer + 1 < len(self.layers) and self.layers[layer + 1].reuses_next_step()
+            self.prefetcher.ahead(layer + 1, x, cos, sin, reuse)
 
     @classmethod
     def tiered(cls, store: TieredStore, policy: SparsePolicy) -> KVCache:

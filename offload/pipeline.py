@@ -49,6 +49,7 @@ class PrefetchStats:
     spec_correct: int = 0  # ... that the true selection then chose
     true_selected: int = 0  # token-heads of true selections that had a speculation
     jobs: int = 0
+    dropped: int = 0  # jobs whose layer then reused its last selection (selection.reuse)
     job_seconds: float = 0.0  # worker time spent in jobs
     wait_seconds: float = 0.0  # main-thread time blocked waiting for jobs
 
@@ -64,6 +65,7 @@ class PrefetchStats:
                 self.spec_correct / self.true_selected if self.true_selected else None
             ),
             "jobs": self.jobs,
+            "dropped_jobs": self.dropped,
             "wait_seconds": self.wait_seconds,
             "hidden_seconds": hidden,
         }
@@ -298,8 +300,11 @@ class Prefetcher:
 
     def skip(self, layer: int) -> None:
         """A step that reuses its last selection (`selection.reuse`) fetches nothing here:
-        the layer's speculative job is waited for (its copies land first) and dropped."""
-        self.pipeline.wait(layer)
+        a speculative job for the layer is waited for (its copies land first) and dropped.
+        (`ahead` submits none where it knows the layer will reuse: `reuse_next`.)"""
+        if self.pipeline.wait(layer) is not None:
+            with self._lock:
+                self.stats.dropped += 1
         self._spec.pop(layer, None)
 
     def count_lookups(self, lookups: int, copied: int) -> None:
@@ -328,10 +333,13 @@ class Prefetcher:
 
     # -- speculation -----------------------------------------------------------------
 
-    def ahead(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Block `layer - 1` is starting with input x [1, dim]: speculate for `layer`."""
+    def ahead(
+        self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, reuse_next: bool
+    ) -> None:
+        """Block `layer - 1` is starting with input x [1, dim]: speculate for `layer`,
+        unless its step will reuse its last selection (`reuse_next`: it selects nothing)."""
         policy, store = self.policy, self.store
-        if not self.pipeline.running or layer >= len(self.caches):
+        if not self.pipeline.running or layer >= len(self.caches) or reuse_next:
             return
         T = store.lengths[layer] + 1  # the layer will hold this step's token too
         if not policy.use_sparse(layer, T, store) or not policy.indexed[layer]:

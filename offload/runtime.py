@@ -435,6 +435,7 @@ class Runtime:
                 "mode": sel.mode,
                 "selector": sel.selector,
                 "sparse_layer_steps": st.sparse_steps,
+                "reused_layer_steps": st.reused_steps,  # (of those: selection.reuse)
                 "dense_layer_steps": st.dense_steps,
                 "sparse_layer_prefill_chunks": st.sparse_chunks,
                 "index_seconds": st.index_seconds,

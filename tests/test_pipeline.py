@@ -132,21 +132,24 @@ def test_an_error_nobody_waited_for_is_raised_by_stop():
     assert prefetch_threads() == []
 
 
-def test_prefetch_on_and_off_give_identical_tokens(smol_bf16):
+@pytest.mark.parametrize("reuse", ["off", "on"])
+def test_prefetch_on_and_off_give_identical_tokens(smol_bf16, reuse):
     """The same sparse decode with direct gathers, with the hit cache, and with the
     speculating worker: identical tokens; the worker's stats are filled and it is gone.
     (The eager sparse path: on CUDA, `cuda_graphs = false` keeps decode off the captured
-    step, which fetches without the pipeline.)"""
+    step, which fetches without the pipeline.) With `selection.reuse` the worker does
+    not speculate for a layer whose step reuses its last selection: no job is dropped."""
     prompt = needle_messages(40, 0.5)  # about 1k tokens
     tokens, stats = {}, {}
     for prefetch in ("off", "cache", "on"):
         rt = Runtime(
             smol_bf16.loaded,
             smol_bf16.config.replace(
-                mode="sparse", prefetch=prefetch, retrieve_fraction=0.1, cuda_graphs=False
+                mode="sparse", prefetch=prefetch, retrieve_fraction=0.1, cuda_graphs=False,
+                reuse=reuse,
             ),
             smol_bf16.device,
-        )
+        )  # fmt: skip
         tokens[prefetch] = [s.token_id for s in rt.stream(prompt, max_new_tokens=8)]
         stats[prefetch] = rt.stats()
         rt.close()
@@ -156,6 +159,9 @@ def test_prefetch_on_and_off_give_identical_tokens(smol_bf16):
     assert cached["jobs"] == 0 and cached["hit_rate"] > 0.3  # consecutive steps overlap
     assert spec["jobs"] > 0 and 0 < spec["speculation_recall"] <= 1
     assert spec["hit_rate"] >= cached["hit_rate"]
+    assert spec["dropped_jobs"] == 0
+    reused = stats["on"]["selection"]["reused_layer_steps"]
+    assert (reused > 0) == (reuse == "on"), stats["on"]["selection"]
     assert prefetch_threads() == []
 
 
