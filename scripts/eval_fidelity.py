@@ -29,20 +29,18 @@ from evalkit import (  # noqa: E402
     PrefilledContext,
     dense_variant,
     prose,
+    sparse_runtime,
+    sparse_runtime_args,
     sparse_variants,
     write_json,
 )
-
-from offload import Runtime  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--reuse", default="auto", choices=["off", "on", "auto"],
-                    help="selection.reuse: every other step reuses the last selection")  # fmt: skip
+    sparse_runtime_args(ap)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--budgets", default="0.02,0.05,0.1")
     ap.add_argument("--selectors", default="exact,summary,chunk,cluster")
@@ -52,7 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/eval_fidelity.json"))
     args = ap.parse_args()
     console = Console()
-    rt = Runtime.from_pretrained(args.model, mode="sparse", reuse=args.reuse)
+    rt = sparse_runtime(args)
     base = rt.config.selection
     text_ids = rt.tokenizer.encode(prose(args.texts))
     assert len(text_ids) >= args.length, f"need {args.length} tokens of text, have {len(text_ids)}"

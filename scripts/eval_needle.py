@@ -28,11 +28,11 @@ from evalkit import (  # noqa: E402
     dense_variant,
     needle_prompt,
     prose,
+    sparse_runtime,
+    sparse_runtime_args,
     sparse_variants,
     write_json,
 )
-
-from offload import Runtime  # noqa: E402
 
 
 def floats(text: str) -> list[float]:
@@ -43,9 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--reuse", default="auto", choices=["off", "on", "auto"],
-                    help="selection.reuse: every other step reuses the last selection")  # fmt: skip
+    sparse_runtime_args(ap)
     ap.add_argument("--lengths", default="2048,4096,8000")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--budgets", default="0.02,0.05,0.1")
@@ -55,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/eval_needle.json"))
     args = ap.parse_args()
     console = Console()
-    rt = Runtime.from_pretrained(args.model, mode="sparse", reuse=args.reuse)
+    rt = sparse_runtime(args)
     base = rt.config.selection
     filler = prose(args.texts)
     selectors, budgets = args.selectors.split(","), floats(args.budgets)

@@ -19,6 +19,7 @@ import torch
 
 from offload import Runtime
 from offload.attention import SelectionStats, SparsePolicy
+from offload.config import REUSE_MODES
 from offload.generate import generate_steps, make_sampler, prefill
 
 DEFAULT_TEXTS = Path(__file__).resolve().parent.parent.parent / "shared" / "texts"
@@ -127,6 +128,18 @@ class PrefilledContext:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def sparse_runtime_args(ap) -> None:
+    """The eval scripts' model and `selection.reuse` options (`sparse_runtime`)."""
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--reuse", default="auto", choices=REUSE_MODES,
+                    help="selection.reuse: every other step reuses the last selection")  # fmt: skip
+
+
+def sparse_runtime(args) -> Runtime:
+    """The model of `sparse_runtime_args`' options, in sparse mode."""
+    return Runtime.from_pretrained(args.model, mode="sparse", reuse=args.reuse)
 
 
 def sparse_variants(base, selectors, budgets) -> list[tuple[str, float, object]]:
