@@ -230,8 +230,12 @@ def _reserving(cache: KVCache, num_tokens: int):
         yield [
             pool.submit(cache.store.reserve_host, i, num_tokens) for i in range(len(cache.layers))
         ]
-    finally:
+    except BaseException:  # (a stopped prefill does not wait for the slabs not yet begun)
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    # Every layer's, also where the prefill was quicker than the thread: a layer it
+    # already grew is only checked.
+    pool.shutdown(wait=True)
 
 
 @torch.no_grad()

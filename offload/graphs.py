@@ -37,7 +37,7 @@ class StepPlan(Protocol):
     token: torch.Tensor  # [1] int64 on the device: the graph's static inputs
     pos: torch.Tensor
     variant: int  # which of the plan's steps `prepare` chose (each its own graph): 0, or
-    # the tiered plan's 1, a step that reuses the last one's selection
+    # the tiered plan's 1 or 2, a step that reuses the last one's selection
 
     def prepare(self, num_tokens: int) -> tuple | None:
         """Before a step at position `num_tokens`: make room, sync device state; return

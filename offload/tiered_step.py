@@ -18,7 +18,11 @@ Nothing there reads a host value: the range end `hi = pos + 1 - window` is compu
 on the device. With `selection.reuse` (by default on CUDA) every other step skips the
 select and takes the step before's ids with their successors (retrieval/base.py
 `with_successors`): a second captured graph (`variant` 1), whose rows the hit cache
-looks up and attention reads as the selected ones, the unused rows left out.
+looks up and attention reads as the selected ones, the unused rows left out. Those rows
+are known before the step begins, so on CUDA (with hit caches, not compiled) the step
+looks them up and reads the misses for every sparse layer on a side stream from its
+start, beside the layers before each one (`variant` 2; `TieredPlan.side_fetch`): a
+reusing layer's attention then waits only for its own rows.
 
 Between steps (`finish`), every `flush_chunks` chunks (fewer where the window holds
 fewer) the completed chunks go from the device (ring or mirror) into
@@ -89,7 +93,8 @@ class TieredPlan:
         # step (2k: its ids, their successors)
         self.last_valid = torch.zeros(1, dtype=torch.long, device=dev)
         self.reused_rows = torch.zeros(1, dtype=torch.long, device=dev)
-        self.variant = 0  # this step's graph: 1 where it reuses the last step's selection
+        self.variant = 0  # this step's graph: 1 (or 2, side_fetch) where it reuses the last
+        # step's selection
         # rows of the sink and window buffer (the store's `recent`): all valid in a step
         self.recent_rows = torch.tensor([sel.sink + sel.window], device=dev)
         self.k = self.num_candidates = 0  # retrieval slots, candidate slots
@@ -107,6 +112,10 @@ class TieredPlan:
             i: StepHitCache(L.num_kv_heads, L.head_dim, self.store.dtype, dev, self.hit_counts[n])
             for n, i in enumerate(self.sparse)
         } if hit_factor else {}  # fmt: skip
+        # A reusing step's rows fetched on a side stream (the module docstring); settable
+        # (bench_gpu.py measures the step without it)
+        self.side_fetch = dev.type == "cuda" and bool(self.hit_caches) and not backend.compile
+        self._side = None  # that stream, made at its first step
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
         self._summary_room = 0  # chunks every sparse layer's summaries hold, at least
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -159,7 +168,10 @@ class TieredPlan:
             self._refresh_layers()
             self.reused_rows.fill_(2 * self.k)
             self._key = key
-        self.variant = int(self.policy.reuse and self._reusable(num_tokens))
+        if self.policy.reuse and self._reusable(num_tokens):
+            self.variant = 2 if self.side_fetch else 1
+        else:
+            self.variant = 0
         return key
 
     def _reusable(self, num_tokens: int) -> bool:
@@ -252,12 +264,28 @@ class TieredPlan:
         torch.minimum(k, self.hi - sel.sink, out=self.k_valid)
         if self.policy.reuse and not self.variant:
             self.last_valid.copy_(self.k_valid)
+        if self.variant == 2:
+            self._fetch_reused()
+
+    def _fetch_reused(self) -> None:
+        """A reusing step's rows for every sparse layer, on the side stream from the step's
+        start (the step before's ids and `last_valid` are written before it, on this
+        stream): each sparse layer's attention waits for its own (`SparseStepLayer.ready`),
+        and the last one's wait joins the side stream back (a capture requires it)."""
+        device = self.backend.device
+        if self._side is None:
+            self._side = torch.cuda.Stream(device)
+        self._side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._side):
+            for i in self.sparse:
+                self.layers[i].fetch_reused()
 
     def finish(self, num_tokens: int) -> None:
         self.steps += 1
         stats = self.policy.stats  # counted as the eager path counts them
         stats.sparse_steps += len(self.sparse)
-        stats.reused_steps += len(self.sparse) * self.variant
+        reused = self.variant > 0
+        stats.reused_steps += len(self.sparse) * reused
         stats.dense_steps += len(self.dense)
         stats.last_retrieved = min(
             self.sel.retrieved_for(num_tokens), num_tokens - self.sel.window - self.sel.sink
@@ -273,7 +301,7 @@ class TieredPlan:
         if not self.hit_caches:  # every retrieved token came from the host (a reusing
             # step's rows: twice as many, the successors' among them)
             n = len(self.sparse) * self.layout.num_kv_heads * stats.last_retrieved
-            n *= 1 + self.variant
+            n *= 1 + reused
             self.store.reads.add("host", n, n * self._row_bytes)
         C = self.layout.chunk_size
         if num_tokens % (C * self.flush_chunks) == 0:
@@ -355,6 +383,7 @@ class SparseStepLayer:
         self.hit_cache = plan.hit_caches.get(layer)
         self.dev = self.summaries = self.slab = self.slots = None
         self.last = None  # [H, k]: the last selecting step's ids (selection.reuse)
+        self.rows = self.ready = None  # [H, 2k], an event: a reusing step's rows (side_fetch)
 
     def take(self, summaries: QuantKeys, slab: torch.Tensor, slots: torch.Tensor) -> None:
         self.dev = self.plan.store.dev[self.layer]
@@ -362,43 +391,40 @@ class SparseStepLayer:
         H, k = self.plan.layout.num_kv_heads, self.plan.k
         if self.last is None or self.last.shape != (H, k):
             self.last = torch.zeros(H, k, dtype=torch.long, device=slots.device)
+            self.rows = torch.full((H, 2 * k), -1, dtype=torch.long, device=slots.device)
 
     def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """`DenseStepLayer.rope_store`, into the window ring at `pos % window`."""
         ring = self.dev.ring  # [2, H, window, D]
         return self.plan.backend.rope_store(qkv, cos, sin, ring[0], ring[1], self.plan.ring_slot)
 
+    def fetch_reused(self) -> None:
+        """A reusing step's rows looked up in the hit cache, its misses read into it, on
+        the plan's side stream (`TieredPlan._fetch_reused`); `ready` when done."""
+        self.rows.copy_(self._reused_rows())
+        if self.ready is None:
+            self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def _reused_rows(self) -> torch.Tensor:
+        """[H, 2k]: where the hit cache holds the last step's ids and their successors
+        (`with_successors`), the rows not used -1."""
+        plan = self.plan
+        ids, use = plan.backend.successors(self.last, plan.last_valid)
+        return self.hit_cache.lookup_slots(
+            ids, plan.reused_rows, self.slab, self.slots, plan.backend, use
+        )
+
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         plan, dev = self.plan, self.dev
         Hq, _, D = q.shape
         H = dev.ring.shape[1]
         qg = q.reshape(H, Hq // H, D)
-        if plan.variant:  # [H, 2k]: the last step's ids, their successors; `use`: the rows kept
-            ids, use = plan.backend.successors(self.last, plan.last_valid)
-            valid = plan.reused_rows
+        if plan.variant == 2:  # the rows the side stream fetched
+            self.ready.wait()
+            chosen, at, valid = self.hit_cache.kv, self.rows, plan.reused_rows
         else:
-            ids = self.index.select(  # in token order; sparse steps run past the sink
-                qg,
-                self.summaries,
-                plan.sel.sink,
-                plan.hi,
-                plan.k,
-                plan.num_candidates,
-                plan.k_valid,
-                backend=plan.backend,
-            )
-            if plan.policy.reuse:
-                self.last.copy_(ids)
-            use, valid = None, plan.k_valid
-        slab, slots, hc = self.slab, self.slots, self.hit_cache
-        if hc is None:
-            chosen, at = plan.backend.gather_kv(slab, slots, ids), None  # [2, H, k, D]
-        else:  # only the misses cross PCIe; attention reads the hits where they are
-            # (a reusing step's unused rows: -1, which attention leaves out)
-            chosen, at = hc.kv, hc.lookup_slots(ids, valid, slab, slots, plan.backend, use)
-        if use is not None and hc is None:  # (the same for the rows gathered)
-            at = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-            at = torch.where(use, at, -1)
+            chosen, at, valid = self._chosen(qg)
         # sink and window, then the first `valid` selected (the length cuts the rest off)
         recent = dev.recent
         out = plan.backend.decode_attention(
@@ -410,6 +436,39 @@ class SparseStepLayer:
             chosen[1],
             valid,
             at,
-            skip=use is not None,
+            skip=plan.variant > 0,
         )
         return out.reshape(Hq, 1, D)
+
+    def _chosen(self, qg: torch.Tensor) -> tuple:
+        """The selected K/V, the rows of them attention reads ([H, k], or None: all, in
+        order; -1: left out) and how many: this step's selection, or the last step's ids
+        and their successors (`selection.reuse`, variant 1)."""
+        plan = self.plan
+        slab, slots, hc = self.slab, self.slots, self.hit_cache
+        if plan.variant:
+            if hc is not None:  # (a reusing step's unused rows: -1, which attention leaves out)
+                return hc.kv, self._reused_rows(), plan.reused_rows
+            ids, use = plan.backend.successors(self.last, plan.last_valid)
+            at = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            return (
+                plan.backend.gather_kv(slab, slots, ids),
+                torch.where(use, at, -1),
+                plan.reused_rows,
+            )
+        ids = self.index.select(  # in token order; sparse steps run past the sink
+            qg,
+            self.summaries,
+            plan.sel.sink,
+            plan.hi,
+            plan.k,
+            plan.num_candidates,
+            plan.k_valid,
+            backend=plan.backend,
+        )
+        if plan.policy.reuse:
+            self.last.copy_(ids)
+        if hc is None:
+            return plan.backend.gather_kv(slab, slots, ids), None, plan.k_valid  # [2, H, k, D]
+        # only the misses cross PCIe; attention reads the hits where they are
+        return hc.kv, hc.lookup_slots(ids, plan.k_valid, slab, slots, plan.backend), plan.k_valid

@@ -54,7 +54,8 @@ the store and an index refresh fall in them, as they do in every 256 tokens of a
 answer, while the first `--tokens` steps may hold none): `sustained_ms_per_token` is their mean,
 with the median and the longest step (a hand-over's pause). Where the steps reuse
 selections (`selection.reuse`, on with CUDA), the row's cache then runs as many steps
-again with every step selecting: `without_reuse`, the same figures.
+again without the reusing steps' side-stream fetch (`without_side_fetch`), then with
+every step selecting (`without_reuse`): the same figures.
 Needs a CUDA GPU; `--shape tiny --lengths 512` runs a smoke test anywhere.
 """
 
@@ -184,17 +185,20 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool, sustained: int
         kernels = step_kernels(cache, rt.model, token)
         token, steps_ms = decode_steps(cache, rt.model, token, sustained)
         policy = cache.policy
-        reused = policy.stats.reused_share if policy is not None else None
-        without = {}
-        if policy is not None and policy.reuse and sustained:
-            # the same steps again, each selecting (selection.reuse off), in this cache: the
-            # gain of reuse without a second prefill (its graph for selecting steps is there)
-            policy.reuse, before = False, policy.stats.reused_steps
-            token, _ = decode_steps(cache, rt.model, token, 2)
-            token, timed_off = decode_steps(cache, rt.model, token, tokens)
-            token, steps_off = decode_steps(cache, rt.model, token, sustained)
-            off = step_figures(timed_off, steps_off)  # (and no step reused: 0)
-            without = {"without_reuse": off | {"reused_steps": policy.stats.reused_steps - before}}
+        reused_share = policy.stats.reused_share if policy is not None else None
+        # The same steps again in this cache (no second prefill) with a part turned off where
+        # it was on: a reusing step's side-stream fetch, then reuse (reused_steps 0)
+        without, plan = {}, getattr(cache.step, "plan", None)
+        for name, owner, part in (("without_side_fetch", plan, "side_fetch"),
+                                  ("without_reuse", policy, "reuse")):  # fmt: skip
+            if sustained and getattr(owner, part, False):
+                setattr(owner, part, False)
+                before = policy.stats.reused_steps
+                token, _ = decode_steps(cache, rt.model, token, 2)  # (a capture)
+                token, timed_off = decode_steps(cache, rt.model, token, tokens)
+                token, off = decode_steps(cache, rt.model, token, sustained)
+                without[name] = step_figures(timed_off, off)
+                without[name]["reused_steps"] = policy.stats.reused_steps - before
     # what `offload plan` predicts for this context with this config (decode; the
     # layer-by-layer prefill's peak), beside the measured peak
     p = plan_for_config(rt.args, length, 0, 0, rt.config)
@@ -212,7 +216,7 @@ def bench_ours(rt: Runtime, length: int, tokens: int, fill: bool, sustained: int
         "captures": cache.step.captures if cache.step is not None else 0,
         # the index builds' host time (with the device's work it waits for: the k-means)
         "index_seconds": cache.policy.stats.index_seconds if cache.policy is not None else None,
-        "reused_share": reused,
+        "reused_share": reused_share,
         **without,
         "kv": "tiers" if tiered else "device",
         "kv_filled": fill,

@@ -242,6 +242,40 @@ def test_tiered_step_equals_dense_while_its_index_grows_and_syncs_in_part(tiny_d
     assert any(f > 0 for f in firsts) and 0 in firsts  # partial syncs, and full ones
 
 
+def test_a_reusing_step_fetches_its_rows_on_a_side_stream(tiny_dirs):
+    """On CUDA (emulated on a CPU, where the race check sees the streams' order) a step
+    that reuses the last selection looks its rows up, and reads its misses, on a side
+    stream from the step's start (variant 2, captured as a graph of its own beside the
+    selecting steps'); each sparse layer's attention waits for its own rows. The tokens
+    are the eager path's, and the same with the rows looked up in line (variant 1)."""
+    from tests.conftest import on_cuda
+
+    with on_cuda():
+        rt, eager, stepped = _tiered_pair(tiny_dirs, 2.0, reuse="on", device="cuda")
+        plan = stepped.step.plan
+        assert plan.side_fetch and rt.backend.graphs
+        ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+        logits = [prefill(rt.model, c, ids, 64) for c in (eager, stepped)]
+        for c in (eager, stepped):
+            c.finish_prefill()
+        want = _greedy(eager, rt.model, logits[0], 30)
+        assert _greedy(stepped, rt.model, logits[1], 16) == want[:16]
+        assert plan._side is not None and sorted(stepped.step._graphs) == [0, 2]
+        plan.side_fetch = False  # the rows in line: variant 1, a graph of its own
+        token = int(stepped.decode(rt.model, want[16]).argmax())
+        assert [want[16], *_greedy_from(stepped, rt.model, token, 13)] == want[16:]
+        assert 1 in stepped.step._graphs
+        assert eager.policy.stats.reused_steps == stepped.policy.stats.reused_steps == 15
+
+
+def _greedy_from(cache, model, token, steps):
+    out = []
+    for _ in range(steps):
+        out.append(token)
+        token = int(cache.decode(model, token).argmax())
+    return out
+
+
 @cuda_only
 @pytest.mark.parametrize("hit_factor", [None, 2.0])
 def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_dirs, hit_factor):
