@@ -393,7 +393,7 @@ def main() -> None:
     systems = args.systems.split(",")
     if unknown := [s for s in systems if s not in SYSTEMS]:
         p.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(sorted(SYSTEMS))})")
-    max_len = max(lengths) + 2 * (args.tokens + args.sustained) + 16  # (twice: without_reuse)
+    max_len = max(lengths) + 3 * (args.tokens + args.sustained + 2) + 8  # (bench_ours' passes)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {"gpu": gpu, "shape": args.shape, "tokens": args.tokens, "rows": []}
     preset = RuntimeConfig.from_toml(OFFLOADED_PRESET)
