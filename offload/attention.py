@@ -372,17 +372,18 @@ class TieredLayer:
     def reuses_next_step(self) -> bool:
         """Will this layer's next decode step reuse its last selection (`_reused`)? Asked
         before the step's token is appended."""
+        return self._selected_at(self.store.lengths[self.layer])
+
+    def _selected_at(self, T: int) -> bool:
+        """Did the last decode step select at context T, with nothing between?"""
         last = self.last_selection
-        return last is not None and last[:2] == (
-            self.store.lengths[self.layer],
-            self.policy.truncations,
-        )
+        return last is not None and last[:2] == (T, self.policy.truncations)
 
     def _reused(self, T: int):
         """With `selection.reuse`, the step after a step that selected (and nothing between
         them) takes its ids and their successors (`with_successors`) instead of selecting."""
-        last, self.last_selection = self.last_selection, None
-        if last is None or last[:2] != (T - 1, self.policy.truncations):
+        reusable, last, self.last_selection = self._selected_at(T - 1), self.last_selection, None
+        if not reusable:
             return None
         ids = last[2].sort(dim=1).values  # (a selector lists them in any order)
         return with_successors(ids, ids.shape[1])
