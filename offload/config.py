@@ -197,7 +197,7 @@ class SelectionSection:
     )
     index_refresh: int = 256  # new decode tokens join the index in batches of this many
     prefetch: str = "auto"  # off | cache | on | auto (on with CUDA, off on CPU): docs/config.md
-    hit_cache: float = 2.0  # device hit cache per layer and head, x the selection (>= 2)
+    hit_cache: float = 3.0  # device hit cache per layer and head, x the selection (>= 2)
     # every other decode step reuses the last selection, each token with its successor:
     # off | on | auto (on with CUDA, off on CPU): docs/fidelity.md
     reuse: str = "auto"

@@ -123,7 +123,7 @@ def make_plan(
     retrieved: int = 0,
     retrieve_fraction: float = 0.05,
     cluster_size: int = 16,
-    hit_cache: float | None = 2.0,
+    hit_cache: float | None = 3.0,
     kv_device_bytes: int | None = None,
 ) -> Plan:
     """`retrieved` (0: `retrieve_fraction` of the context), `cluster_size` and

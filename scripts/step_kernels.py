@@ -138,7 +138,7 @@ def main() -> None:
     results = {"shape": args.shape, "layers": layers, "dense_layers": 1, "rows": []}
     cases = [("dense (KV on the device)", dense, False, None),
              ("tiered, no hit cache", sparse, True, None),
-             ("tiered, hit caches (default)", sparse, True, 2.0)]  # fmt: skip
+             ("tiered, hit caches (default)", sparse, True, 3.0)]  # fmt: skip
     for name, config, tiered, hit in cases:
         rt = synthetic_runtime(args.shape, 4096, config)
         row = {"step": name, **measure(rt, tiered, hit)}
