@@ -40,8 +40,8 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert rows["device"]["kv"] == "device" and rows["tiered"]["kv"] == "tiers"
     assert rows["tiered"]["captures"] >= 1 and rows["session"]["ttft_seconds"] > 0
     assert 0 < rows["tiered"]["reused_share"] <= 0.5  # (selection.reuse: on with CUDA)
-    # then the same steps with every step selecting, in the same cache
-    # (the reusing steps' rows in line, on CUDA: the side-stream fetch off)
+    # then the same steps in the same cache: the reusing steps' rows in line (on CUDA the
+    # side-stream fetch off), then with every step selecting
     assert rows["tiered"]["without_side_fetch"]["reused_steps"] > 0
     off = rows["tiered"]["without_reuse"]
     assert off["sustained_steps"] == 3 and off["reused_steps"] == 0
