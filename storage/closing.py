@@ -55,6 +55,17 @@ def close_when_collected(owner: object, close: Callable[[], None]) -> None:
     weakref.finalize(owner, _close, close)
 
 
+def settled(timeout: float = 30.0) -> bool:
+    """Wait until the closes queued so far have run (the closer thread takes them in
+    order): after `gc.collect()`, what it found is then let go of, for whoever measures
+    memory. Returns whether they ran within `timeout`."""
+    if not _running:
+        return True
+    done = threading.Event()
+    _queue.put(done.set)
+    return done.wait(timeout)
+
+
 def _close(close: Callable[[], None]) -> None:
     if _collecting and _running:
         _queue.put(close)

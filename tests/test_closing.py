@@ -6,7 +6,7 @@ import threading
 import time
 import weakref
 
-from storage.closing import close_when_collected
+from storage.closing import close_when_collected, settled
 
 
 class Cycle:
@@ -66,6 +66,17 @@ def test_what_the_closer_thread_closed_is_let_go():
     gc.collect()
     wait_for(lambda: gone() is None or gone().closed)
     wait_for(lambda: gone() is None)
+
+
+def test_settled_waits_for_the_closes_a_collection_queued():
+    """`settled` returns once what a collection queued has run: a memory figure read
+    after it no longer counts a collected cache (tests/test_plan.py)."""
+    ran = []
+    owner = Cycle()
+    close_when_collected(owner, lambda: time.sleep(0.2) or ran.append(1))
+    del owner
+    gc.collect()
+    assert settled() and ran == [1]
 
 
 def test_a_close_asked_for_in_plain_code_runs_there():

@@ -169,9 +169,11 @@ def _allocated() -> int:
 
     import torch
 
+    from storage.closing import settled
     from tests.conftest import EMULATED, HAS_CUDA
 
     gc.collect()
+    assert settled()  # (the closes that collection queued: caches of earlier tests)
     if HAS_CUDA and not EMULATED:  # (cuBLAS keeps its workspaces in the allocator)
         torch._C._cuda_clearCublasWorkspaces()
     return torch.cuda.memory_allocated()
