@@ -57,8 +57,9 @@ def close_when_collected(owner: object, close: Callable[[], None]) -> None:
 
 def settled(timeout: float = 30.0) -> bool:
     """Wait until the closes queued so far have run (the closer thread takes them in
-    order): after `gc.collect()`, what it found is then let go of, for whoever measures
-    memory. Returns whether they ran within `timeout`."""
+    order): after `gc.collect()`, what it found is then let go of (what a close drops
+    may sit in cycles the next collection finds), for whoever measures memory. Returns
+    whether they ran within `timeout`."""
     if not _running:
         return True
     done = threading.Event()
