@@ -45,7 +45,7 @@ def dense_answers(tiny_dirs, tmp_path_factory):
     "mode,prefetch,budget_tokens",
     [
         ("auto", "off", 120),  # the device cache, moved to the tiers by the second turn
-        ("sparse", "auto", 300),  # tiered from the start: hit caches, speculative prefetch
+        ("sparse", "auto", 450),  # tiered from the start: hit caches (3x), speculative prefetch
     ],
 )
 def test_a_users_journey_on_cuda_answers_as_the_cpus_dense_cache(
