@@ -1,5 +1,6 @@
 """A sparse layer's selection kernels under other launch settings, on this GPU: the
-clusters' scores (`clusters`), the clusters taken (`take`), the candidate list
+clusters' scores (`clusters`), the clusters taken (`take`: its warps, and `TAKE_WAYS`
+trials a pass against the bisection), the candidate list
 (`candidates`), the rerank (`score` and its softmax sum), the tokens kept (`top`: one
 program per KV head, or spread over programs of `BLOCK_SPLIT`, and torch's `topk` and
 a gather beside them) and the fetch of the hit cache's misses from pinned host memory
@@ -40,7 +41,8 @@ from offload.kernels import ranking  # noqa: E402
 CALLS, REPLAYS = 20, 10  # (--quick: 1, 1)
 # the module whose settings a kernel's best row names (`apply_best`)
 MODULES = {"clusters": candidate_kernels, "candidates": candidate_kernels,
-           "rerank": candidate_kernels, "top": ranking, "fetch a third": gather_kernels}  # fmt: skip
+           "rerank": candidate_kernels, "top": ranking, "take": ranking,
+           "fetch a third": gather_kernels}  # fmt: skip
 
 
 def graph_us(fn) -> float:
@@ -138,7 +140,9 @@ def kernels(x: dict) -> dict:
         "take": (
             lambda: rk.take_clusters(x["cscore"], index.counts[:, :-1], FACTOR, K, k_valid),
             rk,
-            [{}] + [{"head_warps": lambda block, n=n: n} for n in (8, 32)],
+            [{}]
+            + [{"head_warps": lambda block, n=n: n} for n in (8, 32)]
+            + product(TAKE_WAYS=(4, 8)),  # (16 spills registers at 8,192 clusters)
         ),
         "clusters": (
             lambda: ck.score_clusters(x["q"], index.centroids, index.bias),

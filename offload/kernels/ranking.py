@@ -65,6 +65,14 @@ BLOCK_SPLIT = 2048  # weights per program there (on the H200, a step's 16,640 a 
 # 128k: 30 us with 2,048, 39 with 1,024, 71 in one program a head, 81 for torch's topk)
 SPLIT_WARPS = 4
 SPLIT_ROWS = 8  # programs' histograms summed at a time (in registers: ROWS x 256)
+# Trial thresholds a pass of `take_clusters` tries at once: 2 is a bisection (32 passes,
+# each a sum over the head's clusters: 18 us a layer at 128k on the H200, 8 programs);
+# with more, each pass sums the counts above WAYS - 1 trials in one reduction of
+# [WAYS, clusters] and keeps the part of the range between two of them (16 passes at 4,
+# 8 at 16: fewer of the reductions' syncs, more arithmetic). The same clusters
+# (tests/test_device_index.py); which is faster is for scripts/sweep_selection.py to say
+# on a GPU (not measured yet).
+TAKE_WAYS = 2
 
 
 def take_clusters_ref(scores, counts, factor: int, k: int, k_valid=None):
@@ -87,10 +95,12 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     take = torch.empty(H, NC + 1, dtype=torch.bool, device=scores.device)
     block = max(16, min(BLOCK_C, triton.next_power_of_2(NC)))
     valid = scores if k_valid is None else k_valid  # (a pointer the kernel does not read)
+    ways = TAKE_WAYS
+    assert ways >= 2 and ways & (ways - 1) == 0, f"TAKE_WAYS {ways} must be a power of two"
     _kernels().take[(H,)](
         scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
-        K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block,
-        num_warps=head_warps(block),
+        K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block, WAYS=ways,
+        PASSES=-(-32 // (ways.bit_length() - 1)), num_warps=head_warps(block),
     )  # fmt: skip
     return take
 
@@ -172,7 +182,8 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
-             K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):  # fmt: skip
+             K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr,
+             WAYS: tl.constexpr, PASSES: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         if K_VALID:
             k = tl.load(K_VALID_PTR)
@@ -193,23 +204,45 @@ def _kernels() -> SimpleNamespace:
                 x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
                 x = _ordered(x)
                 hi = tl.maximum(hi, tl.max(x, 0).to(tl.int64))
-        for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
-            mid = lo + (hi - lo) // 2
-            # (integer counts: float32 sums are exact, as the reference's cumsum)
-            if WHOLE:
-                above = tl.sum(tl.where(key > mid, n, 0.0), 0)
-            else:
-                above = tl.zeros([], tl.float32)
-                for start in range(0, NC, BLOCK):
-                    c = start + r
-                    x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
-                    x = _ordered(x)
-                    m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
-                    above += tl.sum(tl.where(x > mid, m, 0.0), 0)
-            if above < want:
-                hi = mid
-            else:
-                lo = mid
+        if WAYS == 2:
+            for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
+                mid = lo + (hi - lo) // 2
+                # (integer counts: float32 sums are exact, as the reference's cumsum)
+                if WHOLE:
+                    above = tl.sum(tl.where(key > mid, n, 0.0), 0)
+                else:
+                    above = tl.zeros([], tl.float32)
+                    for start in range(0, NC, BLOCK):
+                        c = start + r
+                        x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
+                        x = _ordered(x)
+                        m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
+                        above += tl.sum(tl.where(x > mid, m, 0.0), 0)
+                if above < want:
+                    hi = mid
+                else:
+                    lo = mid
+        else:
+            # trial j at lo + (hi - lo) * j / WAYS (trial 0 is lo); the range kept runs
+            # from the last trial with >= want tokens above it to the next (or hi): at
+            # most a WAYS-th of it, so PASSES = 32 / log2(WAYS) bring it to 1
+            j = tl.arange(0, WAYS)
+            for _ in range(PASSES):
+                mids = lo + ((hi - lo) * j) // WAYS  # [WAYS] int64
+                if WHOLE:
+                    above = tl.sum(tl.where(key[None, :] > mids[:, None], n[None, :], 0.0), 1)
+                else:
+                    above = tl.zeros([WAYS], tl.float32)
+                    for start in range(0, NC, BLOCK):
+                        c = start + r
+                        x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
+                        x = _ordered(x)
+                        m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
+                        above += tl.sum(tl.where(x[None, :] > mids[:, None], m[None, :], 0.0), 1)
+                last = tl.max(tl.where((above >= want) | (j == 0), j, 0), 0)
+                nxt = tl.sum(tl.where(j == last + 1, mids, 0), 0)
+                hi = tl.where(last == WAYS - 1, hi, nxt)
+                lo = tl.sum(tl.where(j == last, mids, 0), 0)
         for start in range(0, NC, BLOCK):
             c = start + r
             x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
