@@ -61,6 +61,11 @@ class StepPlan(Protocol):
         """The cache drops every token from `num_tokens` on: forget what the plan keeps of them."""
         ...
 
+    def fallback(self, variant: int) -> int | None:
+        """Where `variant` could not be captured: the variant to run instead from now on
+        (chosen by `prepare` too), or None (the error stands)."""
+        ...
+
 
 class DecodeStep:
     """One token through `model` with fixed shapes over `plan`, replayed as a CUDA graph
@@ -93,7 +98,7 @@ class DecodeStep:
                 self._old, self._graphs, self._key = self._graphs or self._old, {}, key
             variant = self.plan.variant
             if variant not in self._graphs:
-                self._capture(variant)
+                variant = self._capture_or_fall_back(variant)
             graph, logits = self._graphs[variant]
             graph.replay()
         else:
@@ -120,6 +125,28 @@ class DecodeStep:
     def _forward(self) -> torch.Tensor:
         self.plan.derive(self.plan.pos)
         return self.model.forward_at(self.plan.token, self.plan.pos, self.plan.layers, self._block)
+
+    def _capture_or_fall_back(self, variant: int) -> int:
+        """Capture `variant`, or where that fails and the plan has another for it (a
+        reusing step's rows fetched in line where the side stream's failed), that one,
+        with a warning: a step that runs slower rather than not at all."""
+        try:
+            self._capture(variant)
+            return variant
+        except RuntimeError as e:
+            instead = self.plan.fallback(variant)
+            if instead is None:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(
+                f"the decode step's variant {variant} could not be captured as a CUDA graph"
+                f" ({first}); running variant {instead} instead",
+                stacklevel=3,
+            )
+            self._pool = None  # (the failed capture's pool: a fresh one for the rest)
+            if instead not in self._graphs:
+                self._capture(instead)
+            return instead
 
     def _capture(self, variant: int) -> None:
         # The graphs captured before stay alive until this one is captured, into the same
@@ -214,3 +241,6 @@ class DensePlan:
 
     def truncate(self, num_tokens: int) -> None:
         pass  # the cache's own truncation is all
+
+    def fallback(self, variant: int) -> int | None:
+        return None  # (one step)

@@ -174,6 +174,14 @@ class TieredPlan:
             self.variant = 0
         return key
 
+    def fallback(self, variant: int) -> int | None:
+        """Where the side stream's step (2) cannot be captured, a reusing step looks its
+        rows up in line (1) from now on."""
+        if variant != 2:
+            return None
+        self.side_fetch, self.variant = False, 1
+        return 1
+
     def _reusable(self, num_tokens: int) -> bool:
         """Does every sparse layer's selection of the step before stand for this step
         (`selection.reuse`)? Made by this plan, it is in the layer's `last` already; by

@@ -268,6 +268,33 @@ def test_a_reusing_step_fetches_its_rows_on_a_side_stream(tiny_dirs):
         assert eager.policy.stats.reused_steps == stepped.policy.stats.reused_steps == 15
 
 
+def test_a_side_stream_step_that_cannot_be_captured_falls_back_to_the_rows_in_line(
+    tiny_dirs, monkeypatch
+):
+    """Where the reusing step's side stream fails to capture (a driver that refuses it),
+    the step warns once and reuses with its rows looked up in line (variant 1) from then
+    on: the eager path's tokens still."""
+    from offload.tiered_step import SparseStepLayer
+    from tests.conftest import on_cuda
+
+    def refused(self):
+        raise RuntimeError("operation not permitted when stream is capturing\n(details)")
+
+    monkeypatch.setattr(SparseStepLayer, "fetch_reused", refused)
+    with on_cuda():
+        rt, eager, stepped = _tiered_pair(tiny_dirs, 2.0, reuse="on", device="cuda")
+        plan = stepped.step.plan
+        ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+        logits = [prefill(rt.model, c, ids, 64) for c in (eager, stepped)]
+        for c in (eager, stepped):
+            c.finish_prefill()
+        want = _greedy(eager, rt.model, logits[0], 12)
+        with pytest.warns(UserWarning, match="variant 2 could not be captured .*operation not"):
+            assert _greedy(stepped, rt.model, logits[1], 12) == want
+        assert not plan.side_fetch and sorted(stepped.step._graphs) == [0, 1]
+        assert stepped.policy.stats.reused_steps == eager.policy.stats.reused_steps > 0
+
+
 @cuda_only
 @pytest.mark.parametrize("hit_factor", [None, 2.0])
 def test_tiered_step_replays_without_host_syncs_between_chunk_boundaries(tiny_dirs, hit_factor):
