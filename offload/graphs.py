@@ -127,26 +127,26 @@ class DecodeStep:
         return self.model.forward_at(self.plan.token, self.plan.pos, self.plan.layers, self._block)
 
     def _capture_or_fall_back(self, variant: int) -> int:
-        """Capture `variant`, or where that fails and the plan has another for it (a
-        reusing step's rows fetched in line where the side stream's failed), that one,
-        with a warning: a step that runs slower rather than not at all."""
-        try:
-            self._capture(variant)
-            return variant
-        except RuntimeError as e:
-            instead = self.plan.fallback(variant)
-            if instead is None:
-                raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            warnings.warn(
-                f"the decode step's variant {variant} could not be captured as a CUDA graph"
-                f" ({first}); running variant {instead} instead",
-                stacklevel=3,
-            )
-            self._pool = None  # (the failed capture's pool: a fresh one for the rest)
-            if instead not in self._graphs:
-                self._capture(instead)
-            return instead
+        """Capture `variant`, or where that fails and the plan has another for it (the
+        tiered plan's: a reusing step's rows fetched in line where the side stream's
+        failed, then no reuse), that one, with a warning: a step that runs slower rather
+        than not at all."""
+        while variant not in self._graphs:
+            try:
+                self._capture(variant)
+            except RuntimeError as e:
+                instead = self.plan.fallback(variant)
+                if instead is None:
+                    raise
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                warnings.warn(
+                    f"the decode step's variant {variant} could not be captured as a CUDA"
+                    f" graph ({first}); running variant {instead} instead",
+                    stacklevel=3,
+                )
+                self._pool = None  # (the failed capture's pool: a fresh one for the rest)
+                variant = instead
+        return variant
 
     def _capture(self, variant: int) -> None:
         # The graphs captured before stay alive until this one is captured, into the same

@@ -176,11 +176,18 @@ class TieredPlan:
 
     def fallback(self, variant: int) -> int | None:
         """Where the side stream's step (2) cannot be captured, a reusing step looks its
-        rows up in line (1) from now on."""
-        if variant != 2:
+        rows up in line (1) from now on; where that cannot either, every step selects (0:
+        `selection.reuse` off for this cache, eager steps too)."""
+        if variant == 2:
+            self.side_fetch = False
+        elif variant == 1:
+            self.policy.reuse = False
+            for i in self.sparse:  # (what an eager step would otherwise reuse once)
+                self.cache.layers[i].last_selection = None
+        else:
             return None
-        self.side_fetch, self.variant = False, 1
-        return 1
+        self.variant = variant - 1
+        return self.variant
 
     def _reusable(self, num_tokens: int) -> bool:
         """Does every sparse layer's selection of the step before stand for this step

@@ -268,21 +268,25 @@ def test_a_reusing_step_fetches_its_rows_on_a_side_stream(tiny_dirs):
         assert eager.policy.stats.reused_steps == stepped.policy.stats.reused_steps == 15
 
 
-def test_a_side_stream_step_that_cannot_be_captured_falls_back_to_the_rows_in_line(
-    tiny_dirs, monkeypatch
-):
+@pytest.mark.parametrize("refuse", ["side stream", "reuse"])
+def test_a_reusing_step_that_cannot_be_captured_falls_back(tiny_dirs, refuse, monkeypatch):
     """Where the reusing step's side stream fails to capture (a driver that refuses it),
-    the step warns once and reuses with its rows looked up in line (variant 1) from then
-    on: the eager path's tokens still."""
+    the step warns and reuses with its rows looked up in line (variant 1) from then on;
+    where that fails too, every step selects (variant 0, reuse off). The tokens are those
+    of the eager path that reuses, or of one that does not."""
     from offload.tiered_step import SparseStepLayer
     from tests.conftest import on_cuda
 
-    def refused(self):
+    def refused(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing\n(details)")
 
-    monkeypatch.setattr(SparseStepLayer, "fetch_reused", refused)
+    if refuse == "side stream":
+        monkeypatch.setattr(SparseStepLayer, "fetch_reused", refused)
+    else:  # (both reusing variants look their rows up with it)
+        monkeypatch.setattr(SparseStepLayer, "_reused_rows", refused)
     with on_cuda():
         rt, eager, stepped = _tiered_pair(tiny_dirs, 2.0, reuse="on", device="cuda")
+        eager.policy.reuse = refuse == "side stream"
         plan = stepped.step.plan
         ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
         logits = [prefill(rt.model, c, ids, 64) for c in (eager, stepped)]
@@ -291,8 +295,13 @@ def test_a_side_stream_step_that_cannot_be_captured_falls_back_to_the_rows_in_li
         want = _greedy(eager, rt.model, logits[0], 12)
         with pytest.warns(UserWarning, match="variant 2 could not be captured .*operation not"):
             assert _greedy(stepped, rt.model, logits[1], 12) == want
-        assert not plan.side_fetch and sorted(stepped.step._graphs) == [0, 1]
-        assert stepped.policy.stats.reused_steps == eager.policy.stats.reused_steps > 0
+        assert not plan.side_fetch
+        assert stepped.policy.stats.reused_steps == eager.policy.stats.reused_steps
+        if refuse == "side stream":
+            assert sorted(stepped.step._graphs) == [0, 1] and stepped.policy.reuse
+            assert stepped.policy.stats.reused_steps > 0
+        else:
+            assert sorted(stepped.step._graphs) == [0] and not stepped.policy.reuse
 
 
 @cuda_only
