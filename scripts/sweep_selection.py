@@ -1,6 +1,6 @@
 """A sparse layer's selection kernels under other launch settings, on this GPU: the
-clusters' scores (`clusters`), the clusters taken (`take`: its warps, and `TAKE_WAYS`
-trials a pass against the bisection), the candidate list
+clusters' scores (`clusters`), the clusters taken (`take`: its warps, and `TAKE_TRIALS`
+thresholds a pass against the bisection), the candidate list
 (`candidates`), the rerank (`score` and its softmax sum), the tokens kept (`top`: one
 program per KV head, or spread over programs of `BLOCK_SPLIT`, and torch's `topk` and
 a gather beside them) and the fetch of the hit cache's misses from pinned host memory
@@ -142,7 +142,7 @@ def kernels(x: dict) -> dict:
             rk,
             [{}]
             + [{"head_warps": lambda block, n=n: n} for n in (8, 32)]
-            + product(TAKE_WAYS=(4, 8)),  # (16 spills registers at 8,192 clusters)
+            + product(TAKE_TRIALS=(4, 8)),  # (16 spills registers at 8,192 clusters)
         ),
         "clusters": (
             lambda: ck.score_clusters(x["q"], index.centroids, index.bias),

@@ -164,17 +164,17 @@ def test_candidate_list_kernels_match_their_reference(N, block, monkeypatch):
     assert int(full.max()) > 64 and int(full[2]) == 0  # some dropped at N = 64; an empty head
 
 
-@pytest.mark.parametrize("block, ways", [(16, 2), (16384, 2), (16, 8), (16384, 16)])
-def test_cluster_taking_kernel_matches_its_reference(block, ways, monkeypatch):
+@pytest.mark.parametrize("block, trials", [(16, 1), (16384, 1), (16, 4), (16384, 8)])
+def test_cluster_taking_kernel_matches_its_reference(block, trials, monkeypatch):
     """The clusters taken, by the kernel's search over the scores (a bisection, or
-    `TAKE_WAYS` trials a pass; all of a head's in registers, or blocks of 16 clusters,
+    `TAKE_TRIALS` thresholds a pass; all of a head's in registers, or blocks of 16 clusters,
     read in each pass) against the ranking of the
     torch code: scores of both signs, zero and -inf (the buffer's slots past the real
     clusters, with no tokens), counts with a row stride (the index's), a head whose best
     cluster alone is enough, a head that takes every cluster, want = 0 (the best cluster
     still taken), want from a device tensor."""
     monkeypatch.setattr(ranking, "BLOCK_C", block)
-    monkeypatch.setattr(ranking, "TAKE_WAYS", ways)
+    monkeypatch.setattr(ranking, "TAKE_TRIALS", trials)
     g = torch.Generator().manual_seed(3)
     H, NC = 4, 100  # NC: not a multiple of the block
     scores = torch.randn(H, NC, generator=g) * 10
@@ -197,11 +197,11 @@ def test_cluster_taking_kernel_matches_its_reference(block, ways, monkeypatch):
             assert torch.equal(want.sum(1).cpu(), torch.full((H,), 2))
 
 
-@pytest.mark.parametrize("ways", [2, 16])
-def test_clusters_tied_at_the_threshold_are_all_taken(ways, monkeypatch):
+@pytest.mark.parametrize("trials", [1, 8])
+def test_clusters_tied_at_the_threshold_are_all_taken(trials, monkeypatch):
     """Where scores tie at the cut, the kernel takes every tied cluster (those the clusters
     above leave room for), the ranking only the ones it put first."""
-    monkeypatch.setattr(ranking, "TAKE_WAYS", ways)
+    monkeypatch.setattr(ranking, "TAKE_TRIALS", trials)
     scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]], device=DEVICE)
     counts = torch.tensor([[10.0, 10.0, 10.0, 10.0, 10.0]], device=DEVICE)
     got = ranking.take_clusters(scores, counts, 1, 15)  # want 15: 3.0, then a 2.0

@@ -65,14 +65,14 @@ BLOCK_SPLIT = 2048  # weights per program there (on the H200, a step's 16,640 a 
 # 128k: 30 us with 2,048, 39 with 1,024, 71 in one program a head, 81 for torch's topk)
 SPLIT_WARPS = 4
 SPLIT_ROWS = 8  # programs' histograms summed at a time (in registers: ROWS x 256)
-# Trial thresholds a pass of `take_clusters` tries at once: 2 is a bisection (32 passes,
-# each a sum over the head's clusters: 18 us a layer at 128k on the H200, 8 programs);
-# with more, each pass sums the counts above WAYS - 1 trials in one reduction of
-# [WAYS, clusters] and keeps the part of the range between two of them (16 passes at 4,
-# 8 at 16: fewer of the reductions' syncs, more arithmetic). The same clusters
-# (tests/test_device_index.py); which is faster is for scripts/sweep_selection.py to say
-# on a GPU (not measured yet).
-TAKE_WAYS = 2
+# Trial thresholds a pass of `take_clusters` tries: 1 is a bisection (32 passes, each a
+# sum over the head's clusters: 18 us a layer at 128k on the H200, 8 programs); with
+# more, each pass sums the counts above TAKE_TRIALS trials, spread evenly over the range
+# left, in one reduction of [trials, clusters], and keeps the part between two of them
+# (14 passes with 4, 11 with 8: fewer of the reductions' syncs, more arithmetic). The
+# same clusters (tests/test_device_index.py); which is faster is for
+# scripts/sweep_selection.py to say on a GPU (not measured yet).
+TAKE_TRIALS = 1
 
 
 def take_clusters_ref(scores, counts, factor: int, k: int, k_valid=None):
@@ -95,12 +95,15 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     take = torch.empty(H, NC + 1, dtype=torch.bool, device=scores.device)
     block = max(16, min(BLOCK_C, triton.next_power_of_2(NC)))
     valid = scores if k_valid is None else k_valid  # (a pointer the kernel does not read)
-    ways = TAKE_WAYS
-    assert ways >= 2 and ways & (ways - 1) == 0, f"TAKE_WAYS {ways} must be a power of two"
+    trials = TAKE_TRIALS
+    assert trials & (trials - 1) == 0, f"TAKE_TRIALS {trials} must be a power of two"
+    passes, span = 0, 2**32  # (each pass keeps at most ceil(span / (trials + 1)))
+    while span > 1:
+        passes, span = passes + 1, -(-span // (trials + 1))
     _kernels().take[(H,)](
         scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
-        K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block, WAYS=ways,
-        PASSES=-(-32 // (ways.bit_length() - 1)), num_warps=head_warps(block),
+        K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block, TRIALS=trials,
+        PASSES=passes, num_warps=head_warps(block),
     )  # fmt: skip
     return take
 
@@ -183,7 +186,7 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def take(SCORES, COUNTS, K_VALID_PTR, TAKE, NC, s_counts, factor, k,
              K_VALID: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr,
-             WAYS: tl.constexpr, PASSES: tl.constexpr):  # fmt: skip
+             TRIALS: tl.constexpr, PASSES: tl.constexpr):  # fmt: skip
         h = tl.program_id(0).to(tl.int64)
         if K_VALID:
             k = tl.load(K_VALID_PTR)
@@ -204,7 +207,7 @@ def _kernels() -> SimpleNamespace:
                 x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
                 x = _ordered(x)
                 hi = tl.maximum(hi, tl.max(x, 0).to(tl.int64))
-        if WAYS == 2:
+        if TRIALS == 1:
             for _ in range(32):  # (hi - lo <= 2^32: halved 32 times, it is 1)
                 mid = lo + (hi - lo) // 2
                 # (integer counts: float32 sums are exact, as the reference's cumsum)
@@ -223,26 +226,24 @@ def _kernels() -> SimpleNamespace:
                 else:
                     lo = mid
         else:
-            # trial j at lo + (hi - lo) * j / WAYS (trial 0 is lo); the range kept runs
-            # from the last trial with >= want tokens above it to the next (or hi): at
-            # most a WAYS-th of it, so PASSES = 32 / log2(WAYS) bring it to 1
-            j = tl.arange(0, WAYS)
+            # trial j at lo + (hi - lo) * (j + 1) / (TRIALS + 1); the range kept runs from
+            # the last trial with >= want tokens above it (or lo) to the next (or hi)
+            j = tl.arange(0, TRIALS)
             for _ in range(PASSES):
-                mids = lo + ((hi - lo) * j) // WAYS  # [WAYS] int64
+                mids = lo + ((hi - lo) * (j + 1)) // (TRIALS + 1)  # [TRIALS] int64
                 if WHOLE:
                     above = tl.sum(tl.where(key[None, :] > mids[:, None], n[None, :], 0.0), 1)
                 else:
-                    above = tl.zeros([WAYS], tl.float32)
+                    above = tl.zeros([TRIALS], tl.float32)
                     for start in range(0, NC, BLOCK):
                         c = start + r
                         x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
                         x = _ordered(x)
                         m = tl.load(COUNTS + h * s_counts + c, mask=c < NC, other=0.0)
                         above += tl.sum(tl.where(x[None, :] > mids[:, None], m[None, :], 0.0), 1)
-                last = tl.max(tl.where((above >= want) | (j == 0), j, 0), 0)
-                nxt = tl.sum(tl.where(j == last + 1, mids, 0), 0)
-                hi = tl.where(last == WAYS - 1, hi, nxt)
-                lo = tl.sum(tl.where(j == last, mids, 0), 0)
+                last = tl.max(tl.where(above >= want, j, -1), 0)  # (-1: none, lo stays)
+                hi = tl.where(last == TRIALS - 1, hi, tl.sum(tl.where(j == last + 1, mids, 0), 0))
+                lo = tl.where(last < 0, lo, tl.sum(tl.where(j == last, mids, 0), 0))
         for start in range(0, NC, BLOCK):
             c = start + r
             x = tl.load(SCORES + h * NC + c, mask=c < NC, other=float("-inf"))
