@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offload.config import DTYPES, RuntimeConfig
+from offload.config import DTYPES, KVSection, ModelSection, RuntimeConfig, SelectionSection
 from offload.errors import ConfigError
 from offload.loading import count_parameters, read_args
 from offload.model_args import ModelArgs
@@ -113,21 +113,22 @@ def make_plan(
     context: int,
     device_bytes: int,
     host_bytes: int,
-    dtype: str = "bfloat16",
-    chunk_size: int = 16,
-    summary_bits: int = 2,
-    sink: int = 16,
-    window: int = 256,
-    dense_layers: int = 2,
-    selector: str = "cluster",
-    retrieved: int = 0,
-    retrieve_fraction: float = 0.05,
-    cluster_size: int = 16,
-    hit_cache: float | None = 3.0,
+    dtype: str = ModelSection.dtype,
+    chunk_size: int = KVSection.chunk_size,
+    summary_bits: int = KVSection.summary_bits,
+    sink: int = SelectionSection.sink,
+    window: int = SelectionSection.window,
+    dense_layers: int = SelectionSection.dense_layers,
+    selector: str = SelectionSection.selector,
+    retrieved: int = SelectionSection.retrieved,
+    retrieve_fraction: float = SelectionSection.retrieve_fraction,
+    cluster_size: int = SelectionSection.cluster_size,
+    hit_cache: float | None = SelectionSection.hit_cache,
     kv_device_bytes: int | None = None,
 ) -> Plan:
-    """`retrieved` (0: `retrieve_fraction` of the context), `cluster_size` and
-    `hit_cache` (None: no hit caches) as in the [selection] config."""
+    """The defaults are the config's. `retrieved` (0: `retrieve_fraction` of the
+    context), `cluster_size` and `hit_cache` (None: no hit caches) as in the [selection]
+    config."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if context < 1:
