@@ -214,7 +214,10 @@ class SparsePolicy:
             return
         t = time.perf_counter()
         with store.lock:
-            view = dataclasses.replace(self.view(store, layer), read_keys=lambda a, b: keys[:, a:b])
+            # (the host tier's copy may still be on its way there: host_keys None)
+            view = dataclasses.replace(
+                self.view(store, layer), read_keys=lambda a, b: keys[:, a:b], host_keys=None
+            )
             self.selectors[layer].update(view)
         self.indexed[layer] = True
         self.stats.index_seconds += time.perf_counter() - t
@@ -228,6 +231,7 @@ class SparsePolicy:
             num_tokens=store.lengths[layer],
             read_keys=lambda a, b: store.read_keys(layer, a, b),
             keys=store.key_rows(layer),
+            host_keys=lambda a, b: store.read_keys(layer, a, b, "cpu"),
         )
 
     def build_index(self, store: TieredStore, num_tokens: int, progress=None) -> None:

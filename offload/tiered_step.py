@@ -26,11 +26,12 @@ reusing layer's attention then waits only for its own rows.
 
 Between steps (`finish`), every `flush_chunks` chunks (fewer where the window holds
 fewer) the completed chunks go from the device (ring or mirror) into
-the store in one append per layer: host slab, summaries, abstracts, and the
-cluster index absorbs them in batches as in the eager path; the device index is
-synced from it. So the store lags the context by less than that many chunks, all
-still in the window, while steps run; `flush` brings it level before anything else
-reads it.
+the store in one append per layer: host slab, summaries, abstracts. The cluster
+index absorbs them in batches as in the eager path, `INDEX_LAYERS_PER_STEP` sparse
+layers in each of the steps after, and each device index is synced from its layer's
+at the next step's start. So the store lags the context by less than that many
+chunks, all still in the window, while steps run; `flush` brings it level before
+anything else reads it.
 
 A step runs fixed-shape only while every sparse layer attends sparsely, uses the
 cluster selector and has all its chunks on the host in slot order (no spill);
@@ -68,6 +69,13 @@ K_BUCKET = 1024  # context tokens per step of the retrieved count (fraction mode
 # (every 64 tokens here: 0.41 ms per token, every 256: 0.43, with a 111 ms pause).
 FLUSH_CHUNKS = 4
 FLUSH_CHUNKS_CUDA = 16
+# Sparse layers whose index takes in a hand-over's tokens per step, in the steps after it
+# (`finish` runs after the step is launched: on CUDA the host's work, reading the keys
+# from the pinned slab and assigning them, overlaps the step's on the device, where the
+# hand-over's own copies must wait for it). At 128k tokens of the 8B shape a layer's
+# assignment took about 3.5 ms on this repository's 2-core CPU: 30 layers at once paused
+# the decode for about 0.1 s every 256 tokens.
+INDEX_LAYERS_PER_STEP = 4
 TOKEN_GROWTH = 1.25  # the device index's token capacity grows by this factor
 
 
@@ -117,6 +125,8 @@ class TieredPlan:
         self.side_fetch = dev.type == "cuda" and bool(self.hit_caches) and not backend.compile
         self._side = None  # that stream, made at its first step
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
+        self._index_due: list[int] = []  # sparse layers whose index has not yet taken in
+        # the last hand-over's tokens
         self._summary_room = 0  # chunks every sparse layer's summaries hold, at least
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._key: tuple | None = None  # what the layers were last handed for
@@ -246,7 +256,9 @@ class TieredPlan:
             if cap < num_tokens:  # by a quarter over what is asked, the first time too (a
                 # prefill or load sized it exactly: the next chunk would make it grow again)
                 cap = max(num_tokens + C, int(num_tokens * TOKEN_GROWTH))
-            tail = self.sel.index_refresh + 2 * C  # tokens between the index end and hi
+            # tokens between the index end and hi (the index takes in a hand-over up to
+            # a step per INDEX_LAYERS_PER_STEP sparse layers after it)
+            tail = self.sel.index_refresh + 2 * C + -(-len(self.sparse) // INDEX_LAYERS_PER_STEP)
             dev.sync(index, min(cap, self.max_tokens), tail)
             self._synced[layer] = index.indexed_tokens
         return dev
@@ -320,9 +332,17 @@ class TieredPlan:
             self.store.reads.add("host", n, n * self._row_bytes)
         C = self.layout.chunk_size
         if num_tokens % (C * self.flush_chunks) == 0:
-            self.flush(num_tokens)
-            for i in self.sparse:  # the index absorbs new chunks in batches, as eagerly
-                self.policy.update(self.store, i)
+            self._hand_over(num_tokens)  # (waits for this step: its own tokens go too)
+            self._index_due = list(self.sparse)
+        else:
+            self._update_indexes(INDEX_LAYERS_PER_STEP)
+
+    def _update_indexes(self, most: int) -> None:
+        """Up to `most` sparse layers' indexes absorb the tokens handed over to the store
+        (in batches of `index_refresh`, as eagerly)."""
+        due, self._index_due = self._index_due[:most], self._index_due[most:]
+        for i in due:
+            self.policy.update(self.store, i)
 
     @property
     def _row_bytes(self) -> int:
@@ -335,11 +355,16 @@ class TieredPlan:
         # The index may grow back to as many tokens as it had, with other tokens: sync again.
         self._synced = dict.fromkeys(self.sparse, -1)
 
-    def flush(self, num_tokens: int | None = None) -> None:
-        """Bring the store level with the cache: append the tokens the steps wrote only
-        to the device (ring or mirror) since the last flush; count the hit caches'
-        lookups (one read of the device)."""
-        T = self.cache.num_tokens if num_tokens is None else num_tokens
+    def flush(self) -> None:
+        """Bring the store level with the cache (`_hand_over`) and the index with the
+        store."""
+        self._hand_over(self.cache.num_tokens)
+        self._update_indexes(len(self._index_due))
+
+    def _hand_over(self, T: int) -> None:
+        """Append the tokens before `T` that the steps wrote only to the device (ring or
+        mirror) since the last hand-over; count the hit caches' lookups (one read of
+        the device)."""
         store = self.store
         if self.hit_caches:
             lookups, hits = self.hit_counts.sum(0).tolist()

@@ -36,6 +36,9 @@ class LayerView:
     keys: every token's full-precision key in place, when the host tier is the compute
           device's memory (CPU) and holds them all; None otherwise. There, scoring exact
           keys costs less than unpacking low-bit ones, and is exact.
+    host_keys(a, b): `read_keys`'s keys in host memory, where those are on a GPU (None:
+          `read_keys`): what a batch of new tokens joining the index reads, so that it
+          waits for no device work (on CUDA it runs while a decode step does)
     """
 
     summaries: QuantKeys
@@ -44,6 +47,7 @@ class LayerView:
     num_tokens: int
     read_keys: Callable[[int, int], torch.Tensor]
     keys: HeadRows | None = None
+    host_keys: Callable[[int, int], torch.Tensor] | None = None
 
     @property
     def abstracts(self) -> ChunkAbstracts:

@@ -37,6 +37,7 @@ from retrieval.base import (
 from storage.quant import keys_at, score_dequantized
 
 _EPOCHS = itertools.count(1)  # see ClusterIndex.epoch
+ASSIGN_GROWTH = 1.25  # the token map's buffer grows by this factor (`_append_assign`)
 
 
 def as_faiss(x: torch.Tensor) -> np.ndarray:
@@ -80,14 +81,36 @@ class ClusterIndex:
         # `_unit_offset` on (a truncation keeps both: later tokens still join `_unit`)
         self._unit_start = 0
         self.segments: list[int] = []  # start token of each segment
-        self.assign = torch.empty(self.H, 0, dtype=torch.long)  # [H, T_idx] cluster of each token
+        self._set_assign(torch.empty(self.H, 0, dtype=torch.long))
         self._sums = torch.zeros(self.H, 0, self.D)  # running member sums and counts per cluster
         self._counts = torch.zeros(self.H, 0)
         self._counts_cache = None
 
     @property
+    def assign(self) -> torch.Tensor:
+        """[H, T_idx] the cluster of each indexed token (a view of a buffer with room)."""
+        return self._assign[:, : self._indexed]
+
+    @property
     def indexed_tokens(self) -> int:
-        return self.assign.shape[1]
+        return self._indexed
+
+    def _set_assign(self, assign: torch.Tensor) -> None:
+        self._assign, self._indexed = assign, assign.shape[1]
+
+    def _append_assign(self, new: torch.Tensor) -> None:
+        """New tokens' clusters [H, n] after the indexed ones. The buffer grows by a
+        quarter at a time: a batch of a decode's tokens joins every `refresh` tokens,
+        and copying the whole map each time (8 MiB a layer at 128k tokens of the 8B
+        shape, into freshly mapped pages) cost more host time than the batch's own
+        assignment."""
+        n, end = self._indexed, self._indexed + new.shape[1]
+        if end > self._assign.shape[1]:
+            grown = torch.empty(self.H, max(end, int(ASSIGN_GROWTH * n)), dtype=torch.long)
+            grown[:, :n] = self.assign
+            self._assign = grown
+        self._assign[:, n:end] = new
+        self._indexed = end
 
     @property
     def last_segment(self) -> tuple[int, int]:
@@ -142,7 +165,7 @@ class ClusterIndex:
             i += g
             if progress is not None:
                 progress(a + g * n, end)
-        self.assign = torch.cat([self.assign, *assigns], dim=1)
+        self._append_assign(torch.cat(assigns, dim=1))
         self._sums = torch.cat([self._sums, *all_sums], dim=1)
         self._counts = torch.cat([self._counts, *all_counts], dim=1)
         self._set_centroids(first)
@@ -166,7 +189,7 @@ class ClusterIndex:
         keys = keys.to("cpu", torch.float32)  # the index lives in host memory
         sims = torch.einsum("hnd,hcd->hnc", keys, self._unit)
         new_assign = sims.argmax(dim=-1) + self._unit_offset
-        self.assign = torch.cat([self.assign, new_assign], dim=1)
+        self._append_assign(new_assign)
         for h in range(self.H):  # add them to their clusters' running sums
             self._sums[h].index_add_(0, new_assign[h], keys[h])
             self._counts[h].index_add_(0, new_assign[h], torch.ones(new_assign.shape[1]))
@@ -192,7 +215,8 @@ class ClusterIndex:
         if self.segments:  # fill the last segment by assignment
             room = self.segment - (start - self.segments[-1])
             if room > 0:
-                self._assign_to_last(view.read_keys(start, min(upto, start + room)))
+                read = view.host_keys or view.read_keys
+                self._assign_to_last(read(start, min(upto, start + room)))
                 if progress is not None:
                     progress(self.indexed_tokens, upto)
         if upto > self.indexed_tokens:
@@ -205,7 +229,7 @@ class ClusterIndex:
             self.reset()
             return
         # Centroids keep their (slightly stale) means; membership is cut exactly.
-        self.assign = self.assign[:, :num_tokens]
+        self._indexed = num_tokens
         self._counts_cache = None
         while self.segments and self.segments[-1] >= num_tokens:
             self.segments.pop()
@@ -250,7 +274,8 @@ class ClusterIndex:
             raise ValueError(f"{T} indexed tokens with segments {segments[:4]} for {max_tokens}")
         if T and not (0 <= int(assign.min()) and int(assign.max()) < NC):
             raise ValueError(f"cluster ids outside 0..{NC - 1}")
-        self.centroids, self._unit, self.assign = c, unit, assign
+        self.centroids, self._unit = c, unit
+        self._set_assign(assign)
         self._sums, self._counts = sums, counts
         self.segments, self._unit_offset = list(segments), offset
         self._unit_start = T  # (where the saved `unit`'s segment starts is not saved)

@@ -89,13 +89,13 @@ class StoreReads:
             raise StorageError(f"chunk {chunk} of layer {layer} is in no tier")
         return "disk", self.disk.read_chunk(rec.file, rec.batch)
 
-    def read_range(self, layer: int, t0: int, t1: int) -> torch.Tensor:
-        """[2, H, t1-t0, D] on the compute device, from host and disk chunks."""
+    def read_range(self, layer: int, t0: int, t1: int, device=None) -> torch.Tensor:
+        """[2, H, t1-t0, D] on the compute device (or `device`), from host and disk chunks."""
         L = self.layout
         C = L.chunk_size
         if t1 <= t0:
             return torch.empty(
-                2, L.num_kv_heads, 0, L.head_dim, dtype=self.dtype, device=self.device
+                2, L.num_kv_heads, 0, L.head_dim, dtype=self.dtype, device=device or self.device
             )
         c0, c1 = t0 // C, (t1 - 1) // C + 1
         chunks = list(range(c0, c1))
@@ -110,7 +110,7 @@ class StoreReads:
             for c, kv in self._read_disk_chunks(layer, on_disk):
                 buf[c - c0] = kv
         kv = buf.permute(1, 2, 0, 3, 4).reshape(2, L.num_kv_heads, len(chunks) * C, L.head_dim)
-        return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(self.device)
+        return kv[:, :, t0 - c0 * C : t1 - c0 * C].to(device or self.device)
 
     def _read_disk_chunks(
         self, layer: int, chunks: list[int], keep_all: bool = False, each: bool = True
@@ -218,9 +218,10 @@ class StoreReads:
                 self.directory.loaded((layer, c))
         return len(rows)
 
-    def read_keys(self, layer: int, t0: int, t1: int) -> torch.Tensor:
-        """Full-precision keys [H, t1-t0, D] (index builds, the exact selector)."""
-        return self.read_range(layer, t0, t1)[0]
+    def read_keys(self, layer: int, t0: int, t1: int, device=None) -> torch.Tensor:
+        """Full-precision keys [H, t1-t0, D] (index builds, the exact selector), on the
+        compute device or `device`."""
+        return self.read_range(layer, t0, t1, device)[0]
 
     def key_rows(self, layer: int) -> HeadRows | None:
         """Every token's key in place (no copy) when the host tier is the compute device's

@@ -99,6 +99,33 @@ def test_segments_built_in_one_batch_equal_segments_built_one_by_one(monkeypatch
         assert torch.equal(t, step.state_tensors()[name]), name
 
 
+def test_batches_join_the_token_map_in_place_and_a_truncation_rewinds_it():
+    """Decode batches joining the last segment are written into the token map's buffer,
+    which grows by a quarter, not copied whole each batch; a truncation rewinds it, and
+    the batches after it overwrite what was cut."""
+    keys, _, _ = synthetic_layer(T=1024, seed=6)
+    index = ClusterIndex(3, 64, segment=1024, refresh=16, kmeans="torch")
+    index.update(view_of(keys, 256))  # the segment's k-means; then batches join it
+
+    def nearest(k):  # a batch's clusters: the segment's nearest k-means centroid
+        return torch.einsum("hnd,hcd->hnc", k, index._unit).argmax(-1) + index._unit_offset
+
+    want = index.assign.clone()
+    buffers = set()
+    for upto in range(272, 513, 16):
+        index.update(view_of(keys, upto))
+        want = torch.cat([want, nearest(keys[:, upto - 16 : upto])], dim=1)
+        buffers.add(index._assign.data_ptr())
+    assert torch.equal(index.assign, want) and index.indexed_tokens == 512
+    assert len(buffers) < 8  # (16 batches)
+    index.truncate(304)
+    other = keys.flip(1)  # other tokens after the cut
+    other[:, :304] = keys[:, :304]
+    index.update(view_of(other, 400))
+    want = torch.cat([want[:, :304], nearest(other[:, 304:400])], dim=1)
+    assert torch.equal(index.assign, want) and index.state_tensors()["assign"].shape == (3, 400)
+
+
 def test_gqa_aggregation():
     scores = torch.tensor([[[0.0, 5.0, 1.0], [4.0, 0.0, float("-inf")]]])  # [H=1, G=2, N=3]
     assert coarse_max(scores).tolist() == [[4.0, 5.0, 1.0]]

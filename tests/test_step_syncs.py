@@ -4,7 +4,9 @@ What CUDA captures as a graph (`DecodeStep._forward`) is run under `HostReads`
 (tests/host_sync.py), for the dense device cache's step and the tiered step with and
 without its hit caches, over enough tokens to cross a hand-over to the store and an
 index update between steps. The CUDA-only tests in tests/test_decode_step.py and
-tests/test_tiered_step.py check the same with CUDA's sync debug mode on a GPU.
+tests/test_tiered_step.py check the same with CUDA's sync debug mode on a GPU. After the
+step, on CUDA (emulated on a CPU), the index updates of the steps after a hand-over wait
+for nothing on the device.
 """
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from offload import Runtime
 from offload.backend import Backend
 from offload.generate import prefill
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, on_cuda
 from tests.host_sync import HostReads
 from tests.test_decode_step import _greedy
 from tests.test_tiered_step import _tiered_pair
@@ -44,6 +46,45 @@ def test_the_tiered_step_reads_nothing_back(tiny_dirs, hit_factor):
     assert stepped.step.plan.steps == 40  # every step fixed-shape
     assert stepped.store.num_tokens >= 160  # steps ran after a hand-over to the store
     assert not found, found
+
+
+def test_the_index_takes_in_a_hand_over_in_the_next_steps_without_waiting(tiny_dirs, monkeypatch):
+    """A hand-over's tokens join the sparse layers' indexes in the steps after it, a few
+    layers a step (here one), once the step is launched. On CUDA (emulated on a CPU)
+    that work waits for nothing on the device (sync debug mode "error" around it), so
+    it runs while the step computes. At full budget the tokens are the eager path's (at
+    a smaller one they may part: its index takes the tokens in at the hand-over)."""
+    import offload.tiered_step as tiered_step
+
+    monkeypatch.setattr(tiered_step, "INDEX_LAYERS_PER_STEP", 1)
+    with on_cuda():
+        rt, eager, stepped = _tiered_pair(
+            tiny_dirs, 2.0, index_refresh=16, dense_layers=0, retrieved=100000, device="cuda"
+        )
+        plan = stepped.step.plan
+        assert len(plan.sparse) >= 2
+        ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+        logits = [prefill(rt.model, c, ids, 64) for c in (eager, stepped)]
+        for c in (eager, stepped):
+            c.finish_prefill()
+        indexed = [stepped.policy.selectors[i].indexed_tokens for i in plan.sparse]
+        updated, update = [], plan._update_indexes
+
+        def watched(most):
+            due = len(plan._index_due)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                update(most)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            updated.append(due - len(plan._index_due))
+
+        plan._update_indexes = watched
+        assert _greedy(stepped, rt.model, logits[1], 40) == _greedy(eager, rt.model, logits[0], 40)
+        assert plan.steps == 40
+    assert 1 in updated and max(updated) == 1  # a layer a step
+    after = [stepped.policy.selectors[i].indexed_tokens for i in plan.sparse]
+    assert all(b > a for a, b in zip(indexed, after, strict=True)), (indexed, after)
 
 
 def test_the_dense_step_reads_nothing_back(tiny_dirs):
