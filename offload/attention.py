@@ -214,7 +214,7 @@ class SparsePolicy:
             return
         t = time.perf_counter()
         with store.lock:
-            # (the host tier's copy may still be on its way there: host_keys None)
+            # (the keys at hand on the device serve every read, the batch's too)
             view = dataclasses.replace(
                 self.view(store, layer), read_keys=lambda a, b: keys[:, a:b], host_keys=None
             )
