@@ -83,7 +83,9 @@ def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path, monkeypatch):
     host = run_script("bench_step_host.py", "--tokens", "2048", "--layers", "3", "--steps", "2",
                       out=tmp_path / "host.json")  # fmt: skip
     assert host["steps"] == 2 and host["host_ms_per_token"] > 0
-    assert any("(flush)" in f for f in host["flush_step_profile"]), host["flush_step_profile"]
+    assert any("(_hand_over)" in f for f in host["flush_step_profile"]), host["flush_step_profile"]
+    assert any("(_update_indexes)" in f for f in host["index_step_profile"]), host
+    assert 0 < host["hidden_ms_per_token"] < host["host_ms_per_token"]
 
 
 def test_triton_compiles_times_what_lies_between_tritons_hooks(monkeypatch):
