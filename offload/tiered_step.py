@@ -340,9 +340,9 @@ class TieredPlan:
     def _update_indexes(self, most: int) -> None:
         """Up to `most` sparse layers' indexes absorb the tokens handed over to the store
         (in batches of `index_refresh`, as eagerly)."""
-        due, self._index_due = self._index_due[:most], self._index_due[most:]
-        for i in due:
-            self.policy.update(self.store, i)
+        for _ in range(min(most, len(self._index_due))):
+            self.policy.update(self.store, self._index_due[0])
+            del self._index_due[0]  # (after: a layer whose update stopped stays due)
 
     @property
     def _row_bytes(self) -> int:
