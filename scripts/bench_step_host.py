@@ -5,9 +5,10 @@ On a GPU the forward is one graph replay; the plan's work between replays (sizes
 addresses checked every step; every few chunks the new tokens handed to the store,
 then the index updated and its device copy synced over the next steps) adds to each
 token's time, since the token is read back before the next step; but for the index
-updates, which run in `finish` while the step computes (`hidden_ms_per_token`). Measured here on a model of the
-Llama-3.1-8B KV shape (32 layers, 8 KV heads x 128, bf16) with the
-`rtx4090-llama3.1-8b` preset's selection, over random KV of --tokens tokens.
+updates, which run in `finish` while the step computes (`hidden_ms_per_token`).
+Measured here on a model of the Llama-3.1-8B KV shape (32 layers, 8 KV heads x 128,
+bf16) with the `rtx4090-llama3.1-8b` preset's selection, over random KV of --tokens
+tokens.
 
     python scripts/bench_step_host.py [--tokens 10240] [--steps 512] [--layers 32]
         [--out results/bench_step_host.json]
