@@ -4,8 +4,7 @@ Inside the step (captured as a CUDA graph on CUDA), per layer:
 
     dense layers (the first `dense_layers`)   K/V written at `pos` into the layer's device
                                               mirror; attention over it up to pos + 1
-    sparse layers                             K/V written into the device window ring at
-                                              pos % window;
+    sparse layers                             K/V written into the window ring at pos % window;
                                               select: DeviceClusterIndex -> ids [H, k]
                                               fetch:  gather kernel, straight from the
                                                       pinned host slab (UVA)
@@ -25,13 +24,11 @@ start, beside the layers before each one (`variant` 2; `TieredPlan.side_fetch`):
 reusing layer's attention then waits only for its own rows.
 
 Between steps (`finish`), every `flush_chunks` chunks (fewer where the window holds
-fewer) the completed chunks go from the device (ring or mirror) into
-the store in one append per layer: host slab, summaries, abstracts. The cluster
-index absorbs them in batches as in the eager path, `INDEX_LAYERS_PER_STEP` sparse
-layers in each of the steps after, and each device index is synced from its layer's
-at the next step's start. So the store lags the context by less than that many
-chunks, all still in the window, while steps run; `flush` brings it level before
-anything else reads it.
+fewer) the completed chunks go from the device (ring or mirror) into the store in one
+append per layer: host slab, summaries, abstracts. The cluster index absorbs them in
+batches as in the eager path, `INDEX_LAYERS_PER_STEP` sparse layers in each step after
+(each device index is synced at the next step's start). So the store lags the context
+by less than that many chunks, all still in the window; `flush` brings it level.
 
 A step runs fixed-shape only while every sparse layer attends sparsely, uses the
 cluster selector and has all its chunks on the host in slot order (no spill);
@@ -44,7 +41,7 @@ summaries (as the eager path does wherever keys are not in the CPU's memory); th
 gather fills a fixed number of slots, enough for the context rounded up to
 `K_BUCKET` tokens (so the step is captured again rarely), of which attention uses
 the best `k_valid` (the eager path's count, computed on the device); and the index
-absorbs a finished batch one step later than the eager path.
+absorbs a finished batch a few steps later than the eager path.
 """
 
 from __future__ import annotations
@@ -61,20 +58,15 @@ from storage.quant import QuantKeys
 
 K_BUCKET = 1024  # context tokens per step of the retrieved count (fraction mode)
 # Chunks handed to the store at once between steps (at most the window's: the tokens not
-# yet handed over are still in the window ring, and the index's unindexed tail stays
-# under `index_refresh`). On CUDA a hand-over is mostly a fixed cost (launches, copies'
-# syncs, Python): 32 layers every 16 tokens was most of a millisecond per token, every 64
-# tokens 40 ms on the H200 (0.6 ms per token), so it comes every 256 tokens (the default
-# window), on the step of the index's refresh. On the CPU its work grows with the tokens
-# (every 64 tokens here: 0.41 ms per token, every 256: 0.43, with a 111 ms pause).
+# yet handed over are still in the window ring). On CUDA a hand-over is mostly a fixed
+# cost (launches, syncs, Python: every 64 tokens, 40 ms on the H200), so it comes every
+# 256 tokens (the default window); on the CPU its work grows with the tokens (every 64
+# here: 0.41 ms a token, every 256: 0.43 with a 111 ms pause).
 FLUSH_CHUNKS = 4
 FLUSH_CHUNKS_CUDA = 16
-# Sparse layers whose index takes in a hand-over's tokens per step, in the steps after it
-# (`finish` runs after the step is launched: on CUDA the host's work, reading the keys
-# from the pinned slab and assigning them, overlaps the step's on the device, where the
-# hand-over's own copies must wait for it). At 128k tokens of the 8B shape a layer's
-# assignment took about 3.5 ms on this repository's 2-core CPU: 30 layers at once paused
-# the decode for about 0.1 s every 256 tokens.
+# Sparse layers whose index takes a hand-over's tokens in, in each step after it: in
+# `finish`, once the step is launched, so on CUDA beside it (a layer's batch at 128k took
+# 3.5 ms on a 2-core CPU; docs/gpu.md, "The index's updates beside the step").
 INDEX_LAYERS_PER_STEP = 4
 TOKEN_GROWTH = 1.25  # the device index's token capacity grows by this factor
 
@@ -101,8 +93,7 @@ class TieredPlan:
         # step (2k: its ids, their successors)
         self.last_valid = torch.zeros(1, dtype=torch.long, device=dev)
         self.reused_rows = torch.zeros(1, dtype=torch.long, device=dev)
-        self.variant = 0  # this step's graph: 1 (or 2, side_fetch) where it reuses the last
-        # step's selection
+        self.variant = 0  # this step's graph: 1 or 2 (side_fetch) where it reuses the last's
         # rows of the sink and window buffer (the store's `recent`): all valid in a step
         self.recent_rows = torch.tensor([sel.sink + sel.window], device=dev)
         self.k = self.num_candidates = 0  # retrieval slots, candidate slots
@@ -125,8 +116,7 @@ class TieredPlan:
         self.side_fetch = dev.type == "cuda" and bool(self.hit_caches) and not backend.compile
         self._side = None  # that stream, made at its first step
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
-        self._index_due: list[int] = []  # sparse layers whose index has not yet taken in
-        # the last hand-over's tokens
+        self._index_due: list[int] = []  # sparse layers yet to index the last hand-over
         self._summary_room = 0  # chunks every sparse layer's summaries hold, at least
         self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._key: tuple | None = None  # what the layers were last handed for
@@ -256,8 +246,7 @@ class TieredPlan:
             if cap < num_tokens:  # by a quarter over what is asked, the first time too (a
                 # prefill or load sized it exactly: the next chunk would make it grow again)
                 cap = max(num_tokens + C, int(num_tokens * TOKEN_GROWTH))
-            # tokens between the index end and hi (the index takes in a hand-over up to
-            # a step per INDEX_LAYERS_PER_STEP sparse layers after it)
+            # tokens between the index end and hi (and the steps the index takes to index)
             tail = self.sel.index_refresh + 2 * C + -(-len(self.sparse) // INDEX_LAYERS_PER_STEP)
             dev.sync(index, min(cap, self.max_tokens), tail)
             self._synced[layer] = index.indexed_tokens
@@ -338,8 +327,7 @@ class TieredPlan:
             self._update_indexes(INDEX_LAYERS_PER_STEP)
 
     def _update_indexes(self, most: int) -> None:
-        """Up to `most` sparse layers' indexes absorb the tokens handed over to the store
-        (in batches of `index_refresh`, as eagerly)."""
+        """Up to `most` sparse layers' indexes take the handed-over tokens in (as eagerly)."""
         for _ in range(min(most, len(self._index_due))):
             self.policy.update(self.store, self._index_due[0])
             del self._index_due[0]  # (after: a layer whose update stopped stays due)
@@ -356,15 +344,13 @@ class TieredPlan:
         self._synced = dict.fromkeys(self.sparse, -1)
 
     def flush(self) -> None:
-        """Bring the store level with the cache (`_hand_over`) and the index with the
-        store."""
+        """Bring the store level with the cache (`_hand_over`), the index with the store."""
         self._hand_over(self.cache.num_tokens)
         self._update_indexes(len(self._index_due))
 
     def _hand_over(self, T: int) -> None:
-        """Append the tokens before `T` that the steps wrote only to the device (ring or
-        mirror) since the last hand-over; count the hit caches' lookups (one read of
-        the device)."""
+        """Append the tokens before `T` the steps wrote only to the device (ring or mirror)
+        since the last hand-over; count the hit caches' lookups (one device read)."""
         store = self.store
         if self.hit_caches:
             lookups, hits = self.hit_counts.sum(0).tolist()
