@@ -44,7 +44,7 @@ class StepHitCache:
         self, num_heads: int, head_dim: int, dtype: torch.dtype, device, counts: torch.Tensor
     ):
         """`counts` [2] int64 on the device: lookups and hits are added to it inside steps
-        (the owner reads many caches' counts with one sync, between steps)."""
+        (the owner reads many caches' counts at once, between steps: `LookupCounts`)."""
         self.H, self.D, self.dtype, self.device = num_heads, head_dim, dtype, device
         self._alloc_slots(0)
         self.slot_of = torch.full((num_heads, 1), -1, dtype=torch.int32, device=device)
@@ -114,3 +114,37 @@ class StepHitCache:
         self.slot_of.scatter_(1, torch.where(gone, self.token_of, self.token_capacity), -1)
         self.token_of.masked_fill_(gone, -1)
         self.used.masked_fill_(gone, -1)
+
+
+class LookupCounts:
+    """The lookups and hits of several hit caches, counted on the device inside steps
+    (`rows[n]` [2] for the n-th cache). Read between steps without waiting for the step
+    in flight: `collect` zeroes them after a copy to the host (pinned memory on CUDA,
+    queued after the step), which the next `collect`, or `drain`, reads."""
+
+    def __init__(self, caches: int, device: torch.device):
+        self.rows = torch.zeros(caches, 2, dtype=torch.long, device=device)
+        self._host = torch.zeros(2, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._copied: torch.cuda.Event | None = None
+        self._pending = False
+
+    def collect(self) -> tuple[int, int]:
+        """(lookups, hits) copied at the last call (by now done: a decode loop reads its
+        tokens after it), and a copy of those counted since, queued."""
+        done = self.drain()
+        self._host.copy_(self.rows.sum(0), non_blocking=self.rows.is_cuda)
+        self.rows.zero_()
+        if self.rows.is_cuda:
+            self._copied = torch.cuda.current_stream(self.rows.device).record_event()
+        self._pending = True
+        return done
+
+    def drain(self) -> tuple[int, int]:
+        """(lookups, hits) of the last `collect`'s copy, waited for; (0, 0) after the first."""
+        if not self._pending:
+            return 0, 0
+        copied, self._copied, self._pending = self._copied, None, False
+        if copied is not None and not copied.query():
+            copied.synchronize()
+        lookups, hits = self._host.tolist()
+        return lookups, hits

@@ -25,10 +25,11 @@ reusing layer's attention then waits only for its own rows.
 
 Between steps (`finish`), every `flush_chunks` chunks (fewer where the window holds
 fewer) the completed chunks go from the device (ring or mirror) into the store in one
-append per layer: host slab, summaries, abstracts. The cluster index absorbs them in
-batches as in the eager path, `INDEX_LAYERS_PER_STEP` sparse layers in each step after
-(each device index is synced at the next step's start). So the store lags the context
-by less than that many chunks, all still in the window; `flush` brings it level.
+append per layer: host slab (on CUDA, copies queued after the step: the host waits for
+none), summaries, abstracts. The cluster index absorbs them in batches as in the eager
+path, `INDEX_LAYERS_PER_STEP` sparse layers in each step after (each device index is
+synced at the next step's start). So the store lags the context by less than that many
+chunks, all still in the window; `flush` brings it level.
 
 A step runs fixed-shape only while every sparse layer attends sparsely, uses the
 cluster selector and has all its chunks on the host in slot order (no spill);
@@ -51,7 +52,7 @@ import math
 import torch
 
 from offload.backend import Backend
-from offload.step_cache import StepHitCache
+from offload.step_cache import LookupCounts, StepHitCache
 from retrieval import ClusterIndex
 from retrieval.device_index import DeviceClusterIndex
 from storage.quant import QuantKeys
@@ -59,9 +60,8 @@ from storage.quant import QuantKeys
 K_BUCKET = 1024  # context tokens per step of the retrieved count (fraction mode)
 # Chunks handed to the store at once between steps (at most the window's: the tokens not
 # yet handed over are still in the window ring). On CUDA a hand-over is mostly a fixed
-# cost (launches, syncs, Python: every 64 tokens, 40 ms on the H200), so it comes every
-# 256 tokens (the default window); on the CPU its work grows with the tokens (every 64
-# here: 0.41 ms a token, every 256: 0.43 with a 111 ms pause).
+# cost (launches, Python), so it comes every 256 tokens (the default window); on the CPU
+# its work grows with the tokens (every 64 here: 0.41 ms a token, every 256: 0.43).
 FLUSH_CHUNKS = 4
 FLUSH_CHUNKS_CUDA = 16
 # Sparse layers whose index takes a hand-over's tokens in, in each step after it: in
@@ -105,10 +105,9 @@ class TieredPlan:
             for i in self.sparse
         }
         self.hit_factor = hit_factor
-        # lookups and hits per sparse layer, counted on the device inside steps
-        self.hit_counts = torch.zeros(len(self.sparse), 2, dtype=torch.long, device=dev)
+        self.lookups = LookupCounts(len(self.sparse), dev)  # counted on the device in steps
         self.hit_caches = {
-            i: StepHitCache(L.num_kv_heads, L.head_dim, self.store.dtype, dev, self.hit_counts[n])
+            i: StepHitCache(L.num_kv_heads, L.head_dim, self.store.dtype, dev, self.lookups.rows[n])
             for n, i in enumerate(self.sparse)
         } if hit_factor else {}  # fmt: skip
         # A reusing step's rows fetched on a side stream (the module docstring); settable
@@ -321,7 +320,7 @@ class TieredPlan:
             self.store.reads.add("host", n, n * self._row_bytes)
         C = self.layout.chunk_size
         if num_tokens % (C * self.flush_chunks) == 0:
-            self._hand_over(num_tokens)  # (waits for this step: its own tokens go too)
+            self._hand_over(num_tokens)  # (queued after this step: its own tokens go too)
             self._index_due = list(self.sparse)
         else:
             self._update_indexes(INDEX_LAYERS_PER_STEP)
@@ -346,19 +345,14 @@ class TieredPlan:
     def flush(self) -> None:
         """Bring the store level with the cache (`_hand_over`), the index with the store."""
         self._hand_over(self.cache.num_tokens)
+        self._count_lookups(self.lookups.drain())
         self._update_indexes(len(self._index_due))
 
     def _hand_over(self, T: int) -> None:
         """Append the tokens before `T` the steps wrote only to the device (ring or mirror)
-        since the last hand-over; count the hit caches' lookups (one device read)."""
+        since the last hand-over; count the hit caches' lookups. Waits for no step."""
         store = self.store
-        if self.hit_caches:
-            lookups, hits = self.hit_counts.sum(0).tolist()
-            self.hit_counts.zero_()
-            copied = lookups - hits
-            store.reads.add("host", copied, copied * self._row_bytes)
-            if self.cache.prefetcher is not None:  # reported with the eager path's figures
-                self.cache.prefetcher.count_lookups(lookups, copied)
+        self._count_lookups(self.lookups.collect())  # (the last hand-over's)
         with store.lock:
             # Usually every layer is at the same token: one append for all of them.
             by_start: dict[int, list[int]] = {}
@@ -369,6 +363,12 @@ class TieredPlan:
                 kv = torch.stack([self._written(i, t0, T) for i in layers])
                 # (a sparse layer's tokens are in its window ring: the step wrote them there)
                 store.append_layers(layers, kv, in_window=self.sparse)
+
+    def _count_lookups(self, counted: tuple[int, int]) -> None:
+        copied = counted[0] - counted[1]  # (lookups - hits)
+        self.store.reads.add("host", copied, copied * self._row_bytes)
+        if self.cache.prefetcher is not None:  # reported with the eager path's figures
+            self.cache.prefetcher.count_lookups(counted[0], copied)
 
     def _written(self, layer: int, t0: int, t1: int) -> torch.Tensor:
         """K and V [2, H, t1 - t0, D] of tokens the steps wrote to the device only."""

@@ -99,6 +99,9 @@ class DeviceTier:
         # them, how many chunks they hold, the chunks their buffers will have room for);
         # meanwhile the buffers above hold the chunks after those.
         self._pending: tuple[Callable, int, int] | None = None
+        # Abstracts of the last chunks on their way from the device to host memory (an
+        # event for the copies, the abstracts): appended once there (`_arrived`).
+        self._arriving: list[tuple[torch.cuda.Event | None, ChunkAbstracts]] = []
 
     def write_recent(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Tokens start .. start+S-1 (k, v [H, S, D]) into the sink and the window ring."""
@@ -132,14 +135,33 @@ class DeviceTier:
             quantize_keys(keys, self.layout.summary_bits, C), chunk_abstracts(keys, C)
         )
 
-    def add_summaries(self, qk: QuantKeys, a: ChunkAbstracts) -> None:
-        """The summaries and abstracts of the next completed chunks, computed elsewhere."""
+    def add_summaries(
+        self, qk: QuantKeys, a: ChunkAbstracts, ready: torch.cuda.Event | None = None
+    ) -> None:
+        """The summaries and abstracts of the next completed chunks, computed elsewhere.
+        `ready`: the abstracts are host memory that copies from the device, queued, are
+        still filling (non-blocking); they join the others once the event has passed."""
         self.codes.append(qk.codes)
         self.scale.append(qk.scale)
         self.zero.append(qk.zero)
+        if ready is not None or self._arriving:  # (in order, after those on their way)
+            self._arriving.append((ready, a))
+        else:
+            self._append_abstracts(a)
+
+    def _append_abstracts(self, a: ChunkAbstracts) -> None:
         self.kmin.append(a.kmin)
         self.kmax.append(a.kmax)
         self.kmean.append(a.kmean)
+
+    def _arrived(self) -> None:
+        """Append the abstracts still on their way (`add_summaries`), once their copies are
+        done: by the time the host reads them, as a rule (a decode loop reads its tokens)."""
+        arriving, self._arriving = self._arriving, []
+        for ready, a in arriving:
+            if ready is not None and not ready.query():
+                ready.synchronize()
+            self._append_abstracts(a)
 
     def room_for(self, n: int) -> int:
         """Chunks to reserve for n chunks with room to grow: an eighth more, up to the
@@ -169,6 +191,7 @@ class DeviceTier:
         return min(self.scale.data.shape[1], self.codes.data.shape[1] // C)
 
     def truncate_chunks(self, n: int) -> None:
+        self._arrived()
         C = self.layout.chunk_size
         self.codes.truncate(n * C)
         for g in (self.scale, self.zero):
@@ -219,6 +242,7 @@ class DeviceTier:
         )
 
     def abstracts(self, chunks: list[int] | None = None) -> ChunkAbstracts:
+        self._arrived()
         self._settle_abstracts()
         a = ChunkAbstracts(self.kmin.view(), self.kmax.view(), self.kmean.view())
         if chunks is None:

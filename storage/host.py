@@ -81,6 +81,9 @@ class HostTier:
         self._free_set: set[int] = set()
         self._next = 0
         self._misplaced = 0  # chunks whose slot is not their own index
+        # The device's last copies into the slab (`write_run` from CUDA): an event the
+        # host waits for before it reads or moves the slab (`_settle`).
+        self.written: torch.cuda.Event | None = None
 
     def _alloc(self, n: int) -> torch.Tensor:
         L = self.layout
@@ -158,6 +161,7 @@ class HostTier:
         slab has grown as far meanwhile."""
         n = self.capacity
         if bigger.shape[2] > n:
+            self._settle()
             bigger[:, :, :n] = self.slab[:, :, :n]
             self.reserved = None
             self._swap(bigger)
@@ -200,6 +204,7 @@ class HostTier:
     def put(self, chunk: int, data: torch.Tensor | None = None) -> torch.Tensor:
         """Give `chunk` a slot (filled from `data` [2, H, C, D] if given); return the slot."""
         assert chunk not in self.slot_of, f"chunk {chunk} is on the host already"
+        self._settle()  # (the slot may be one the device was writing: freed since)
         slot = self._new_slot()
         self._record(chunk, slot)
         self.slot_table[chunk] = slot
@@ -216,6 +221,7 @@ class HostTier:
         free takes it, the others spare slots (`_spare_slots`): a layer read back file by
         file, in any order, into a slab sized for it is then in slot order but for a few
         chunks, which `put_in_order` moves."""
+        self._settle()
         cap = self.capacity
         own = {c for c in chunks if c < cap and (c >= self._next or c in self._free_set)}
         self._take(own)
@@ -291,7 +297,9 @@ class HostTier:
     def write_run(self, s0: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [H, n * C, D] (any device) into the slots s0 .. s0+n-1: one copy per
         (K/V, head), each contiguous on both sides (a device-to-pinned copy runs at full
-        speed; no staging)."""
+        speed; no staging). From CUDA into a pinned slab the copies are queued on the
+        current stream and the host goes on: it waits for them (`written`) only before
+        it reads the slab itself; the device's own reads come after them in order."""
         H, T, D = k.shape
         C = self.layout.chunk_size
         n = T // C
@@ -304,7 +312,21 @@ class HostTier:
             for h in range(H):
                 for a, m in runs:  # (one registration each: storage/pinning.py)
                     t0 = (a - s0) * C
-                    self.slab[i, h, a : a + m].view(m * C, D).copy_(x[h, t0 : t0 + m * C])
+                    dst = self.slab[i, h, a : a + m].view(m * C, D)
+                    dst.copy_(x[h, t0 : t0 + m * C], non_blocking=self.pin)
+        if self.pin and k.is_cuda:
+            self.written = torch.cuda.current_stream(k.device).record_event()
+
+    def _settle(self) -> None:
+        """Wait for the device's copies into the slab (`write_run`) before the host reads it
+        or moves it. By then they are usually done: a decode loop reads each token, queued
+        after them (`query` first: no wait where there is nothing to wait for)."""
+        written = self.written
+        if written is not None:
+            if not written.query():
+                written.synchronize()
+            if self.written is written:  # (not a later one, queued meanwhile by another thread)
+                self.written = None
 
     def put_in_order(self, num_tokens: int) -> bool:
         """When every chunk of these tokens is here but some sit in other slots (a loaded
@@ -314,6 +336,7 @@ class HostTier:
         n = self.layout.num_chunks(num_tokens)
         if self._misplaced == 0 or len(self.slot_of) != n:
             return self.in_order(num_tokens)
+        self._settle()
         # Only the chunks out of place move: the slot of each is another's own slot (or
         # past n), so all of them are copied out first, then each to its own slot.
         moved = torch.tensor([c for c, slot in self.slot_of.items() if slot != c])
@@ -327,11 +350,13 @@ class HostTier:
 
     def chunk(self, chunk: int) -> torch.Tensor:
         """The slot of `chunk`: a view [2, H, C, D]."""
+        self._settle()
         return self.slab[:, :, self.slot_of[chunk]]
 
     def write(self, chunk: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [H, n, D] at token `offset` inside `chunk`."""
         n = k.shape[1]
+        self._settle()
         slot = self.slot_of[chunk]
         self.slab[0, :, slot, offset : offset + n] = k
         self.slab[1, :, slot, offset : offset + n] = v
@@ -340,6 +365,7 @@ class HostTier:
         """out[rows[i]] = chunk chunks[i] ([2, H, C, D]): a run of consecutive slots going
         to consecutive rows (a layer in slot order, saved) as one copy (2x a copy per
         chunk here, which also costs tens of us of Python each)."""
+        self._settle()
         slots = [self.slot_of[c] for c in chunks]
         start = 0
         for i in range(1, len(slots) + 1):
@@ -353,6 +379,7 @@ class HostTier:
 
     def gather_chunks(self, chunks: list[int]) -> torch.Tensor:
         """[len(chunks), 2, H, C, D] copied from the slots of `chunks` (one index_select)."""
+        self._settle()
         slots = self.slot_table[torch.tensor(chunks, dtype=torch.long)]
         return self.slab.index_select(2, slots).permute(2, 0, 1, 3, 4)
 
@@ -367,6 +394,7 @@ class HostTier:
         None otherwise (the caller copies)."""
         if not self.in_order(num_tokens):
             return None
+        self._settle()
         L = self.layout
         n = L.num_chunks(num_tokens)
         return self.slab[:, :, :n].reshape(2, L.num_kv_heads, n * L.chunk_size, L.head_dim)[
@@ -378,6 +406,7 @@ class HostTier:
         slots 0..n-1 in order (see `tokens_view`); None otherwise."""
         if not self.in_order(num_tokens):
             return None
+        self._settle()
         L = self.layout
         keys = self.slab[0].view(L.num_kv_heads, -1, L.head_dim)  # [H, slots * C, D]
         return HeadRows(keys, num_tokens)
@@ -388,7 +417,9 @@ class HostTier:
         CUDA its UVA view: the GPU gathers the rows from host memory itself), with `ids`
         on that device."""
         L = self.layout
-        slab = self.slab if slab is None else slab
+        if slab is None:  # (the host reads it)
+            self._settle()
+            slab = self.slab
         heads = torch.arange(L.num_kv_heads, device=ids.device)[:, None]
         rows = ids + heads * (slab.shape[2] * L.chunk_size)
         flat = slab.view(2, -1, L.head_dim)
@@ -397,6 +428,7 @@ class HostTier:
     def gather_tokens(self, token_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """K and V of `token_ids` [n] (all on the host) into `out` [2, H, n, D]; returns out."""
         C = self.layout.chunk_size
+        self._settle()
         slots = self.slot_table[token_ids // C]
         out.copy_(self.slab[:, :, slots, token_ids % C])  # [2, H, n, D]
         return out
@@ -415,6 +447,7 @@ class HostTier:
         H, n = ids.shape
         slots = self.slot_table[ids // C]  # [H, n]
         assert bool((slots >= 0).all()), "gather_heads: some chunks are not on the host"
+        self._settle()
         # One index_select over the slab seen as [2, H * slots * C, D] rows.
         per_head = self.slab.shape[2] * C
         rows = torch.arange(H)[:, None] * per_head + slots * C + ids % C

@@ -77,7 +77,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int) -> QuantKeys:
 def _round(x: torch.Tensor, down: bool) -> torch.Tensor:
     """float32 -> PARAM_DTYPE, rounded toward -inf (`down`) or +inf."""
     y = x.to(PARAM_DTYPE)
-    inf = torch.tensor(float("-inf") if down else float("inf"), dtype=PARAM_DTYPE, device=x.device)
+    inf = torch.full_like(y, float("-inf") if down else float("inf"))  # (a fill: no copy)
     wrong = y.float() > x if down else y.float() < x
     return torch.where(wrong, torch.nextafter(y, inf), y)
 

@@ -182,11 +182,13 @@ class TieredStore(StoreReads):
     ) -> None:
         """`append(layer, kv[j, 0], kv[j, 1])` for each of `layers` (kv [n, 2, H, S, D]), all
         at the same token: what a decode loop over the fixed-shape step hands over every
-        few chunks. When that token starts a chunk and S is whole chunks, the KV crosses
-        to the host in one copy and the summaries and abstracts of every layer are
-        computed at once: 32 layers of the 8B shape cost about a fifth of the device
-        calls of an append per layer (copies per head and layer, summaries per layer),
-        each a launch on CUDA. `in_window`: layers whose window holds the tokens already."""
+        few chunks. When that token starts a chunk and S is whole chunks, the KV goes to
+        the host slots in runs (from CUDA: copies queued into the pinned slabs, which the
+        host does not wait for, `HostTier.write_run`) and the summaries and abstracts of
+        every layer are computed at once: 32 layers of the 8B shape cost about a fifth of
+        the device calls of an append per layer (copies per head and layer, summaries per
+        layer), each a launch on CUDA. `in_window`: layers whose window holds the tokens
+        already."""
         C = self.layout.chunk_size
         start, S = self.lengths[layers[0]], kv.shape[3]
         if start % C or S % C or any(self.lengths[i] != start for i in layers):
@@ -194,13 +196,17 @@ class TieredStore(StoreReads):
                 self.append(layer, kv[j, 0], kv[j, 1])
             return
         n, _, H, _, D = kv.shape
+        queued = kv.is_cuda and self.host[layers[0]].pin  # (copies the host does not wait for)
         keys = kv[:, 0].reshape(n * H, S, D).to(self.device, self.dtype)
         qk = quantize_keys(keys, self.layout.summary_bits, C)
         per = [t.view(n, H, *t.shape[1:]) for t in (qk.codes, qk.scale, qk.zero)]
         a = chunk_abstracts(keys, C)  # (computed where an append computes them)
         where = self.dev[0].kmin.data.device
-        a = [t.to(where).view(t.shape[0], n, H, D) for t in (a.kmin, a.kmax, a.kmean)]
-        host = kv.to("cpu", self.dtype)
+        a = [t.to(where, non_blocking=queued).view(-1, n, H, D) for t in (a.kmin, a.kmax, a.kmean)]
+        ready = None
+        if queued and where.type == "cpu":  # (the abstracts' copies: `add_summaries`)
+            ready = torch.cuda.current_stream(kv.device).record_event()
+        src = kv.to(dtype=self.dtype) if queued else kv.to("cpu", self.dtype)
         c0 = start // C
         chunks = torch.arange(c0, c0 + S // C)
         for j, layer in enumerate(layers):
@@ -210,10 +216,10 @@ class TieredStore(StoreReads):
                 continue
             if layer not in in_window:
                 self.dev[layer].write_recent(start, kv[j, 0], kv[j, 1])
-            self._write_run(layer, c0, run, host[j, 0], host[j, 1])
+            self._write_run(layer, c0, run, src[j, 0], src[j, 1])
             self._mark_recent(layer, chunks)
             summary = QuantKeys(qk.bits, C, *(t[j] for t in per))
-            self.dev[layer].add_summaries(summary, ChunkAbstracts(*(t[:, j] for t in a)))
+            self.dev[layer].add_summaries(summary, ChunkAbstracts(*(t[:, j] for t in a)), ready)
             self.lengths[layer] = start + S
         if self.directory.over_budget():
             self.spill()

@@ -246,6 +246,8 @@ class Emulator:
             kwargs["pin_memory"] = False
         tensors, host = _tensors(args, kwargs)
         cuda_in = any(isinstance(t, OnCuda) for t in tensors)
+        if name == "_to_copy" and cuda_in and kwargs.get("non_blocking") and not to_cuda:
+            pin = kwargs.get("device") is not None  # (torch pins a non-blocking copy's host side)
         if cuda_in and host and name not in CROSS_DEVICE:
             raise DeviceMismatch(
                 f"{func}: tensors on cuda:0 and cpu (shapes "
@@ -300,7 +302,8 @@ class Emulator:
             self.sync(name)
         elif name == "_to_copy":
             if isinstance(src, OnCuda) and kwargs.get("device") is not None and not to_cuda:
-                self.sync("copy to the host")
+                if not kwargs.get("non_blocking"):  # (else into new pinned memory: no wait)
+                    self.sync("copy to the host")
             elif to_cuda and not isinstance(src, OnCuda) and not self.is_pinned(src):
                 self.sync("copy from pageable host memory")
         elif name == "copy_" and len(args) > 1:

@@ -87,6 +87,49 @@ def test_the_index_takes_in_a_hand_over_in_the_next_steps_without_waiting(tiny_d
     assert all(b > a for a, b in zip(indexed, after, strict=True)), (indexed, after)
 
 
+def test_a_hand_over_waits_for_no_step(tiny_dirs):
+    """A hand-over of whole chunks between steps queues its copies into the pinned host
+    slabs after the step and reads the hit caches' counts a hand-over later: on CUDA
+    (emulated on a CPU) it waits for nothing on the device (sync debug mode "error"),
+    and the host reads a slab only once its copies have landed (the emulator's race
+    checks: the index updates after it read the keys there). The store then holds the
+    eager path's KV, and once flushed it has counted every lookup."""
+    from storage.tiered import TierReads
+
+    with on_cuda():
+        rt, eager, stepped = _tiered_pair(tiny_dirs, 2.0, index_refresh=16, device="cuda")
+        plan = stepped.step.plan
+        ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:144]
+        assert len(ids) % stepped.store.layout.chunk_size == 0  # (whole chunks from here)
+        logits = [prefill(rt.model, c, ids, 64) for c in (eager, stepped)]
+        for c in (eager, stepped):
+            c.finish_prefill()
+        stepped.store.reads = TierReads()
+        handed, hand_over = [], plan._hand_over
+
+        def watched(T):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                hand_over(T)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            handed.append(T)
+
+        plan._hand_over = watched
+        out = [_greedy(c, rt.model, lg, 48) for c, lg in zip((eager, stepped), logits, strict=True)]
+        plan._hand_over = hand_over  # (a flush hands over part of a chunk: that one waits)
+        assert out[0] == out[1]
+        assert handed == [160, 192] and plan.steps == 48
+        before = stepped.store.reads.count["host"]
+        stepped.flush()
+        assert stepped.store.reads.count["host"] > before  # (the last hand-over's, counted)
+        assert stepped.store.num_tokens == stepped.num_tokens == eager.num_tokens
+        for layer in range(rt.args.num_layers):
+            pairs = zip(eager.store.gather_all(layer), stepped.store.gather_all(layer), strict=True)
+            for a, b in pairs:
+                torch.testing.assert_close(a, b)
+
+
 def test_the_dense_step_reads_nothing_back(tiny_dirs):
     rt = Runtime.from_pretrained(
         tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
