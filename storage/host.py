@@ -84,6 +84,7 @@ class HostTier:
         # The device's last copies into the slab (`write_run` from CUDA): an event the
         # host waits for before it reads or moves the slab (`_settle`).
         self.written: torch.cuda.Event | None = None
+        self._view: tuple[int, torch.Tensor] | None = None  # (`device_view`)
 
     def _alloc(self, n: int) -> torch.Tensor:
         L = self.layout
@@ -170,7 +171,7 @@ class HostTier:
         """Replace the slab (it grew). A pinned one may still have device reads queued (a
         gather through its UVA view: the host runs ahead of the GPU); they must finish
         before it is unregistered and freed, or they read unmapped memory."""
-        old, self.slab = self.slab, slab
+        old, self.slab, self._view = self.slab, slab, None
         if self.pin and old.numel():
             torch.cuda.synchronize()
 
@@ -295,27 +296,31 @@ class HostTier:
         return s0
 
     def write_run(self, s0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k, v [H, n * C, D] (any device) into the slots s0 .. s0+n-1: one copy per
-        (K/V, head), each contiguous on both sides (a device-to-pinned copy runs at full
-        speed; no staging). From CUDA into a pinned slab the copies are queued on the
-        current stream and the host goes on: it waits for them (`written`) only before
-        it reads the slab itself; the device's own reads come after them in order."""
+        """Write k, v [H, n * C, D] into the slots s0 .. s0+n-1, unstaged. From CUDA into a
+        pinned slab the device writes the slab itself (its UVA view: a copy kernel for
+        all heads, where a `cudaMemcpy` per (K/V, head) made 16 calls a layer), queued on
+        the current stream: the host waits for those copies (`written`) only before it
+        reads the slab itself, and the device's own reads come after them in order."""
         H, T, D = k.shape
         C = self.layout.chunk_size
         n = T // C
-        if k.device.type == "cpu" and v.device.type == "cpu":  # host to host: one copy each
-            for i, x in enumerate((k, v)):
-                self.slab[i, :, s0 : s0 + n].copy_(x.reshape(H, n, C, D))
-            return
+        queued = self.pin and k.is_cuda
+        slab = self.device_view(k.device) if queued else self.slab
+        # (a run a registration: one plane's copy of a head's slots may be a memcpy)
         runs = [(s0, n)] if self.reserved is None else self.reserved.runs(s0, n)
         for i, x in enumerate((k, v)):
-            for h in range(H):
-                for a, m in runs:  # (one registration each: storage/pinning.py)
-                    t0 = (a - s0) * C
-                    dst = self.slab[i, h, a : a + m].view(m * C, D)
-                    dst.copy_(x[h, t0 : t0 + m * C], non_blocking=self.pin)
-        if self.pin and k.is_cuda:
+            for a, m in runs:
+                t0 = (a - s0) * C
+                slab[i, :, a : a + m].copy_(x[:, t0 : t0 + m * C].reshape(H, m, C, D))
+        if queued:
             self.written = torch.cuda.current_stream(k.device).record_event()
+
+    def device_view(self, device: torch.device) -> torch.Tensor:
+        """The pinned slab as `device` reads and writes it in place (`device_view`), made
+        once for where the slab is."""
+        if self._view is None or self._view[0] != self.slab.data_ptr():
+            self._view = (self.slab.data_ptr(), device_view(self.slab, device))
+        return self._view[1]
 
     def _settle(self) -> None:
         """Wait for the device's copies into the slab (`write_run`) before the host reads it

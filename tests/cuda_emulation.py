@@ -138,8 +138,11 @@ class Emulator:
         self.live: dict[int, int] = {}  # a device storage's C address -> its bytes
         self.lock = threading.Lock()
         # `pinned` is read and written from several threads (a pinning thread, the
-        # finalizers a collection runs: reentrant, since one may run inside a read)
+        # finalizers a collection runs: reentrant, since one may run inside a read).
+        # A finalizer only queues its address (`unpin`): run by a collection inside a
+        # read of `pinned` in the same thread, it would change the dict under it.
         self.pin_lock = threading.RLock()
+        self.unpinned: list[int] = []
 
     # -- device memory --------------------------------------------------------------------
     def allocate(self, elem: torch.Tensor) -> None:
@@ -172,13 +175,13 @@ class Emulator:
     def pin(self, t: torch.Tensor) -> torch.Tensor:
         start = t.untyped_storage().data_ptr()
         with self.pin_lock:
+            self._drop_unpinned()  # (first: a freed address may be pinned again)
             self.pinned[start] = start + t.untyped_storage().nbytes()
         weakref.finalize(t.untyped_storage(), self.unpin, start)
         return t
 
     def unpin(self, start: int) -> None:
-        with self.pin_lock:
-            self.pinned.pop(start, None)
+        self.unpinned.append(start)
         if self.races is not None:
             self.races.freed(start, "pinned host memory", device=False)
 
@@ -190,7 +193,12 @@ class Emulator:
     def pinned_spans(self) -> list[tuple[int, int]]:
         """(start, end) of each piece of pinned host memory, as of now."""
         with self.pin_lock:
+            self._drop_unpinned()
             return list(self.pinned.items())
+
+    def _drop_unpinned(self) -> None:
+        while self.unpinned:
+            self.pinned.pop(self.unpinned.pop(0), None)
 
     def pinned_at(self, ptr: int) -> bool:
         return any(s <= ptr < e for s, e in self.pinned_spans())
