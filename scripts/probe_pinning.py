@@ -7,7 +7,10 @@ touched by a parallel zero_, then registered with CUDA). A 128k-token prefill of
     python scripts/probe_pinning.py [--gib 2] [--out results/probe_pinning.json]
 
 Needs CUDA. Also times a copy of the pinned buffer to the device, the same buffer
-read by the device in place (through `storage.host.device_view`), and whether pinning
+read by the device in place (through `storage.host.device_view`), the device writing
+it in place the way a decode loop's hand-over does (`HostTier.write_run`: 256 tokens of
+each of 32 layers of the 8B shape, one slab's copy of K and of V a layer, strided over
+the heads: `handover_write_ms`), and whether pinning
 on a thread stalls the main thread's GPU work: the layer-by-layer prefill pins each
 layer's slab on a thread while earlier layers compute, which hides the pinning only if
 the driver does not hold the launching thread meanwhile (other projects report its
@@ -59,12 +62,38 @@ def main() -> None:
     view = device_view(mine, torch.device("cuda"))
     s, _ = timed(lambda: view.clone())
     rows["device_reads_in_place_gb_s"] = gb / s
+    rows.update(writes_in_place(view))
     rows["gib"] = args.gib
     rows.update(pinning_beside_work())
     rows.update(reserved_growth(args.gib))
     print(json.dumps(rows, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
+
+
+def writes_in_place(view: torch.Tensor, layers: int = 32, tokens: int = 256) -> dict:
+    """The device's writes into pinned memory through its UVA view, as slabs [2, 8 heads,
+    slots, 16, 128] take a hand-over: the whole view (bandwidth), and `tokens` tokens into
+    each of `layers` slabs (one copy of K and of V each, strided over the heads)."""
+    slots = view.numel() // (2 * 8 * 16 * 128)
+    slab = view[: 2 * 8 * slots * 16 * 128].view(2, 8, slots, 16, 128)
+    src = torch.randn(slab.shape, device="cuda").to(slab.dtype)
+    slab.copy_(src)  # (warm-up)
+    s, _ = timed(lambda: slab.copy_(src))
+    n = tokens // 16
+    kv = torch.randn(layers, 2, 8, tokens, 128, device="cuda").to(slab.dtype)
+    per = slots // layers  # (a part of the buffer a layer: its slab)
+
+    def hand_over() -> None:
+        for j in range(layers):
+            for i in range(2):
+                slab[i, :, j * per : j * per + n].copy_(kv[j, i].view(8, n, 16, 128))
+
+    hand_over()
+    t, _ = timed(hand_over)
+    ok = torch.equal(slab[0, :, :n].cpu(), kv[0, 0].view(8, n, 16, 128).cpu())
+    return {"device_writes_in_place_gb_s": slab.numel() * 2 / 1e9 / s,
+            "handover_write_ms": t * 1000, "handover_write_correct": ok}  # fmt: skip
 
 
 def pinning_beside_work(slab_gib: float = 0.5) -> dict:
