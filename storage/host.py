@@ -306,7 +306,8 @@ class HostTier:
         n = T // C
         queued = self.pin and k.is_cuda
         slab = self.device_view(k.device) if queued else self.slab
-        # (a run a registration: one plane's copy of a head's slots may be a memcpy)
+        # (split at the registrations' edges: with one KV head a copy is contiguous, a
+        # memcpy, which must not cross one)
         runs = [(s0, n)] if self.reserved is None else self.reserved.runs(s0, n)
         for i, x in enumerate((k, v)):
             for a, m in runs:

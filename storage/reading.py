@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 
 from storage.disk import StorageError
-from storage.host import device_view
 from storage.layout import HeadRows
 
 # Chunks of one file needed at once before the whole file is read: at least this many,
@@ -245,9 +244,7 @@ class StoreReads:
             self._mark_recent(layer, ids_cpu.reshape(-1) // L.chunk_size)
             self.reads.add("host", ids.numel(), n_bytes)
             if host.pin:  # (CUDA) the device reads just these rows from the pinned slab
-                return host.gather_in_order(
-                    ids.to(self.device), device_view(host.slab, self.device)
-                )
+                return host.gather_in_order(ids.to(self.device), host.device_view(self.device))
             return self.to_device(host.gather_in_order(ids_cpu))
         chunks = torch.unique(ids_cpu // L.chunk_size)
         missing = host.missing(chunks)  # only chunks on disk take the slow path
@@ -303,7 +300,7 @@ class StoreReads:
             # pass over PCIe (no host-side gather, no pageable staging; a kernel, which
             # reads across the slab's registrations as a memcpy may not).
             ids = torch.arange(T, device=self.device).expand(self.layout.num_kv_heads, T)
-            kv = host.gather_in_order(ids, device_view(host.slab, self.device))
+            kv = host.gather_in_order(ids, host.device_view(self.device))
             self.reads.add("host", 1, T * self.layout.token_bytes_per_layer)
             return kv[0], kv[1]
         dev = self.dev[layer]

@@ -425,7 +425,6 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
     import offload.backend
     import offload.kernels.gather
     import storage.host
-    import storage.reading
     from tests.cuda_functions import Functions
     from tests.cuda_standins import CudaGenerator, cuda_module_patches
 
@@ -473,7 +472,7 @@ def emulated_cuda(free_bytes: int = 70 << 30, total_bytes: int = 80 << 30):
         with torch.no_grad(), Functions(emu), _Dispatch(emu):
             run(self)
 
-    views = [offload.backend, offload.kernels.gather, storage.host, storage.reading]
+    views = [offload.backend, offload.kernels.gather, storage.host]
     patches = [(torch.cuda, k, v) for k, v in cuda_module_patches(emu).items()]
     patches.append((interpreter, "_interpreter", Touches(interpreter._interpreter, emu.races)))
     patches += [(m, "device_view", device_view) for m in views]
