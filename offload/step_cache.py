@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from offload.backend import Backend
+from storage.pinning import wait_for
 
 
 class StepHitCache:
@@ -144,7 +145,6 @@ class LookupCounts:
         if not self._pending:
             return 0, 0
         copied, self._copied, self._pending = self._copied, None, False
-        if copied is not None and not copied.query():
-            copied.synchronize()
+        wait_for(copied)
         lookups, hits = self._host.tolist()
         return lookups, hits

@@ -13,6 +13,7 @@ import torch
 
 from storage.abstracts import ChunkAbstracts, chunk_abstracts
 from storage.layout import KVLayout
+from storage.pinning import wait_for
 from storage.quant import PARAM_DTYPE, QuantKeys, quantize_keys
 
 CONTEXT_GROWTH = 1.125  # of device buffers that grow with the whole context (`Growable`)
@@ -159,8 +160,7 @@ class DeviceTier:
         done: by the time the host reads them, as a rule (a decode loop reads its tokens)."""
         arriving, self._arriving = self._arriving, []
         for ready, a in arriving:
-            if ready is not None and not ready.query():
-                ready.synchronize()
+            wait_for(ready)
             self._append_abstracts(a)
 
     def room_for(self, n: int) -> int:

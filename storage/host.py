@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from storage.layout import HeadRows, KVLayout
-from storage.pinning import ReservedSlab, pinned_empty, slot_multiple
+from storage.pinning import ReservedSlab, pinned_empty, slot_multiple, wait_for
 
 
 def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -326,11 +326,10 @@ class HostTier:
     def _settle(self) -> None:
         """Wait for the device's copies into the slab (`write_run`) before the host reads it
         or moves it. By then they are usually done: a decode loop reads each token, queued
-        after them (`query` first: no wait where there is nothing to wait for)."""
+        after them."""
         written = self.written
         if written is not None:
-            if not written.query():
-                written.synchronize()
+            wait_for(written)
             if self.written is written:  # (not a later one, queued meanwhile by another thread)
                 self.written = None
 

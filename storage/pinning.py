@@ -84,6 +84,15 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
+def wait_for(event: torch.cuda.Event | None) -> None:
+    """The host waits for the device work before `event` (copies into host memory, queued
+    without waiting), unless it has passed or there is none (None: nothing was queued).
+    `query` first: where the work is done, as a rule by the time the host reads its
+    result, nothing is called that waits."""
+    if event is not None and not event.query():
+        event.synchronize()
+
+
 def slot_multiple(plane_slot_bytes: int) -> int:
     """The fewest slots whose bytes are a whole number of pages: a registration's edges
     fall on page edges (two registrations may not share a page)."""
