@@ -117,7 +117,7 @@ class TieredPlan:
         self._synced = dict.fromkeys(self.sparse, -1)  # indexed tokens at the last sync
         self._index_due: list[int] = []  # sparse layers yet to index the last hand-over
         self._summary_room = 0  # chunks every sparse layer's summaries hold, at least
-        self._views: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._slots: dict[int, torch.Tensor] = {}  # per sparse layer: its slab's slot ids
         self._key: tuple | None = None  # what the layers were last handed for
         self.layers = [
             cache.layers[i].mirror.step_layer(self.pos, self.length, backend)
@@ -386,14 +386,13 @@ class TieredPlan:
 
     def _refresh_layers(self) -> None:
         """Hand each sparse step layer what its step reads (see `SparseStepLayer.take`),
-        with the host slab as the device reads it, viewed again when it moved."""
+        with the host slab as the device reads it (`HostTier.device_view`)."""
         for layer in self.sparse:
-            slab = self.store.host[layer].slab
-            cached = self._views.get(layer)
-            if cached is None or cached[0] != slab.data_ptr():
-                slots = torch.arange(slab.shape[2], device=self.backend.device)
-                self._views[layer] = cached = (slab.data_ptr(), self.backend.host_view(slab), slots)
-            self.layers[layer].take(self.summaries(layer), *cached[1:])
+            slab = self.store.host[layer].device_view(self.backend.device)
+            slots = self._slots.get(layer)
+            if slots is None or len(slots) != slab.shape[2]:
+                self._slots[layer] = slots = torch.arange(slab.shape[2], device=self.backend.device)
+            self.layers[layer].take(self.summaries(layer), slab, slots)
 
 
 class SparseStepLayer:

@@ -317,8 +317,10 @@ class HostTier:
             self.written = torch.cuda.current_stream(k.device).record_event()
 
     def device_view(self, device: torch.device) -> torch.Tensor:
-        """The pinned slab as `device` reads and writes it in place (`device_view`), made
-        once for where the slab is."""
+        """The slab as `device` reads and writes it in place: on CUDA its pinned memory's
+        `device_view`, made once for where the slab is; elsewhere the slab itself."""
+        if device.type != "cuda":
+            return self.slab
         if self._view is None or self._view[0] != self.slab.data_ptr():
             self._view = (self.slab.data_ptr(), device_view(self.slab, device))
         return self._view[1]
