@@ -15,7 +15,7 @@ from offload.errors import (
     OffloadError,
 )
 from offload.model_args import ModelArgs
-from storage.errors import DiskFullError, StorageError
+from storage.errors import DiskFullError, HostMemoryError, StorageError
 
 
 def __getattr__(name: str):
@@ -31,6 +31,7 @@ __all__ = [
     "ContextLengthError",
     "DeviceMemoryError",
     "DiskFullError",
+    "HostMemoryError",
     "Conversation",
     "ModelArgs",
     "ModelLoadError",

@@ -64,6 +64,10 @@ class ChunkDirectory:
     def host_count(self) -> int:
         return len(self._host)
 
+    def filling(self, key: Key) -> bool:
+        """Whether the chunk is still being filled (it may not leave the host)."""
+        return key in self._pinned
+
     def lru_order(self) -> list[Key]:
         return list(self._host)
 
@@ -71,13 +75,25 @@ class ChunkDirectory:
         """How many chunks must leave the host to meet its budget."""
         return max(0, len(self._host) - self.host_capacity)
 
-    def spill_candidates(self, n: int) -> list[Key]:
-        """The `n` least recently used host chunks that may leave (filled ones only)."""
-        out = []
+    def spill_candidates(self, n: int, first: dict[int, int] | None = None) -> list[Key]:
+        """The `n` least recently used host chunks that may leave (filled ones only); with
+        `first` (layer -> count), up to that many of each of those layers before others."""
+        out: list[Key] = []
+        if first:
+            left = {layer: m for layer, m in first.items() if m > 0}
+            for key in self._host:
+                if len(out) == n or not left:
+                    break
+                if left.get(key[0], 0) > 0 and key not in self._pinned:
+                    out.append(key)
+                    left[key[0]] -= 1
+                    if not left[key[0]]:
+                        del left[key[0]]
+        taken = set(out)
         for key in self._host:
             if len(out) == n:
                 break
-            if key not in self._pinned:
+            if key not in self._pinned and key not in taken:
                 out.append(key)
         return out
 

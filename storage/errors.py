@@ -15,3 +15,8 @@ class SessionError(StorageError):
 
 class SessionLockedError(SessionError):
     """Another process is saving to this session."""
+
+
+class HostMemoryError(StorageError):
+    """The driver refused to page-lock more host memory for the KV (a machine may allow
+    less than it has); the message says how much and what to change."""

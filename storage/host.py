@@ -306,13 +306,19 @@ class HostTier:
         n = T // C
         queued = self.pin and k.is_cuda
         slab = self.device_view(k.device) if queued else self.slab
-        # (split at the registrations' edges: with one KV head a copy is contiguous, a
-        # memcpy, which must not cross one)
+        # (split at the registrations' edges: with one KV head, or all of a plane's slots,
+        # a copy is contiguous, a memcpy, which must not cross one; a plane is a
+        # registration of its own)
         runs = [(s0, n)] if self.reserved is None else self.reserved.runs(s0, n)
         for i, x in enumerate((k, v)):
             for a, m in runs:
                 t0 = (a - s0) * C
-                slab[i, :, a : a + m].copy_(x[:, t0 : t0 + m * C].reshape(H, m, C, D))
+                dst, src = slab[i, :, a : a + m], x[:, t0 : t0 + m * C].reshape(H, m, C, D)
+                if H > 1 and dst.is_contiguous():
+                    for h in range(H):
+                        dst[h].copy_(src[h])
+                else:
+                    dst.copy_(src)
         if queued:
             self.written = torch.cuda.current_stream(k.device).record_event()
 

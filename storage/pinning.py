@@ -30,6 +30,8 @@ import weakref
 import numpy as np
 import torch
 
+from storage.errors import HostMemoryError
+
 PAGE = 4096
 
 
@@ -41,19 +43,48 @@ def _cudart():
         return None
 
 
+_registered: dict[int, int] = {}  # address -> bytes, of what `_register` page-locked
+_registered_lock = threading.Lock()
+
+
 def _register(cudart, ptr: int, nbytes: int) -> bool:
     """Page-lock [ptr, ptr + nbytes) for the GPU: portable (1) and mapped (2), one address
     for the CPU and every device (unified virtual addressing)."""
     try:
-        return cudart is not None and int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0
+        done = cudart is not None and int(cudart.cudaHostRegister(ptr, nbytes, 3)) == 0
     except (AttributeError, RuntimeError, TypeError):  # no such binding here
         return False
+    if done:
+        with _registered_lock:
+            _registered[ptr] = nbytes
+    return done
 
 
 def _unregister(cudart, pieces: list[int]) -> None:
     for ptr in pieces:
         cudart.cudaHostUnregister(ptr)
+        with _registered_lock:
+            _registered.pop(ptr, None)
     pieces.clear()
+
+
+def registered_bytes() -> int:
+    """The host memory page-locked for the KV now (by `pinned_empty` and `ReservedSlab`)."""
+    with _registered_lock:
+        return sum(_registered.values())
+
+
+def refused(nbytes: int, e: BaseException) -> HostMemoryError:
+    """The error for a page-lock of `nbytes` more that the driver refused (`e`, torch's)."""
+    from offload.config import human_bytes
+
+    said = (str(e).strip().splitlines() or [""])[0]
+    return HostMemoryError(
+        f"could not page-lock {human_bytes(nbytes)} more of host memory for the KV cache "
+        f"after {human_bytes(registered_bytes())} ({said}): this machine allows less than "
+        "the host budget (WSL2 limits it, and so can a container); set kv.host_bytes "
+        "below what was locked, and the KV past it stays on disk"
+    )
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -81,7 +112,10 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             weakref.finalize(buf, _unregister, cudart, [ptr])
             if t.is_pinned():  # (what the rest of the store and `device_view` rely on)
                 return t.view(dtype).view(shape)
-    return torch.empty(shape, dtype=dtype, pin_memory=True)
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    except RuntimeError as e:  # (cudaHostAlloc refused too)
+        raise refused(nbytes, e) from e
 
 
 def wait_for(event: torch.cuda.Event | None) -> None:

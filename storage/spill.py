@@ -1,16 +1,27 @@
-"""`SpillWriter`: the background thread that writes spilled chunks to disk.
+"""Spills: which chunks leave the host for disk, and the thread that writes them.
 
-`TieredStore.spill` hands it jobs (copies of the chunks' KV and abstracts, one job
-per layer) and goes on; `TieredStore.settle` takes the finished write and applies it
-(the chunks leave the host only then, so a failed write loses nothing). One spill is
-in flight at most. Holds no store state: what a job means is the store's business.
+    StoreSpills   `TieredStore`'s spills (mixed in): least recently used chunks past the
+                  host budget; on CUDA, once the context outgrows the budget, each
+                  layer kept to an equal share of it, so the pinned slabs stay within it
+    SpillWriter   the background thread that writes spilled chunks to disk
+
+`spill` hands the writer jobs (copies of the chunks' KV and abstracts, one job per
+layer) and goes on; `settle` takes the finished write and applies it (the chunks leave
+the host only then, so a failed write loses nothing). One spill is in flight at most.
+The writer holds no store state: what a job means is the store's business.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
+from storage.abstracts import ChunkAbstracts
+from storage.directory import DiskRecord
 from storage.disk import DiskTier, StorageError
+
+PIECE_SHARE = 8  # an append past the host budget: pieces of 1/8 of a layer's share (`_piece`)
 
 # (layer, chunks leaving the host, those of them not on disk yet, their KV, abstracts)
 Job = tuple
@@ -66,3 +77,119 @@ class SpillWriter:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+class StoreSpills:
+    """`TieredStore`'s spills: which chunks leave the host and when (mixed in; the state is
+    the store's: its directory, tiers, recency, lengths and writer)."""
+
+    def _outgrown(self, tokens: int) -> bool:
+        """Whether, on CUDA, a context of `tokens` in every layer passes the host budget:
+        each layer then keeps to its share of it (`_share`). A slab's slots serve its own
+        layer only, and a pinned slab does not shrink: where one layer's spilled chunks
+        made room for another's, every slab would grow in turn to its layer's whole KV (a
+        layer-by-layer prefill appends a layer at once; a global LRU spill takes the older
+        layers' chunks), pinning the context's KV whatever the budget. With shares the
+        slabs stay within the budget and a few pieces a layer (`_piece`) and a step's
+        reads. A CPU keeps its layers whole on the host as long as they fit instead: a
+        layer held in place is attended exactly."""
+        L = self.layout
+        pinned = bool(self.host) and self.host[0].pin
+        return pinned and L.num_layers * L.num_chunks(tokens) > self.directory.host_capacity
+
+    @property
+    def _share(self) -> int:
+        return self.directory.host_capacity // self.layout.num_layers
+
+    def _piece(self, layer: int, S: int) -> int | None:
+        """Tokens an append of S tokens to `layer` goes in (whole chunks: an eighth of a
+        layer's share, a spill batch at least), or None: at once, where the context with
+        them fits the host budget, or they keep the layer within its share and a piece."""
+        start, C = self.lengths[layer], self.layout.chunk_size
+        piece = max(self.spill_batch, self._share // PIECE_SHARE)
+        if start % C or not self._outgrown(start + S):  # (a piece must start a chunk)
+            return None
+        if self.host[layer].num_chunks + self.layout.num_chunks(S) <= self._share + piece:
+            return None
+        return piece * C
+
+    def _sync_lru(self) -> None:
+        keys = self.directory.lru_order()
+        rec = self._recency  # a chunk never selected (loaded from a session) has clock 0
+        clock = torch.tensor(
+            [int(rec[layer][chunk]) if chunk < rec[layer].shape[0] else 0 for layer, chunk in keys]
+        )
+        self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
+
+    def spill(self, layer: int | None = None) -> None:
+        """Move least recently used chunks to disk until the host is within budget (on
+        CUDA, those of the layers past their shares first: `_outgrown`); with `layer`, that
+        layer's until it is within its share (`append` in pieces).
+
+        The files are written by a background thread (`settle` applies them): the
+        chunks stay on the host, readable, until their file is complete, so a failed
+        write (a full disk) loses nothing, and the write overlaps what the caller
+        computes next (the next layer of a prefill). One spill is in flight at most:
+        a spill first waits for the previous one, which bounds how far the host goes
+        past its budget meanwhile to one spill's chunks."""
+        self.settle()
+        if layer is not None:  # (the context outgrows the budget: `_piece` found so)
+            keys = self._layer_candidates(layer, self.host[layer].num_chunks - self._share)
+        else:
+            self._sync_lru()
+            need = self.directory.over_budget()
+            if not need:
+                return
+            first = None
+            if self._outgrown(max(self.lengths)):  # the layers past their shares give first
+                first = {i: h.num_chunks - self._share for i, h in enumerate(self.host)}
+            keys = self.directory.spill_candidates(max(need, self.spill_batch), first)
+            if len(keys) < need:
+                raise StorageError(f"host tier: {need} chunks must leave but only {len(keys)} can")
+        if not keys:
+            return
+        by_layer: dict[int, list[int]] = {}
+        for i, chunk in keys:
+            by_layer.setdefault(i, []).append(chunk)
+        jobs = []
+        for i, chunks in sorted(by_layer.items()):
+            fresh = [c for c in chunks if not self.directory.on_disk((i, c))]
+            data = abstracts = None
+            if fresh:  # copies: the writer never reads the store's own tensors
+                data = self.host[i].gather_chunks(fresh)
+                a = self.dev[i].abstracts(fresh)
+                abstracts = ChunkAbstracts(a.kmin.cpu(), a.kmax.cpu(), a.kmean.cpu())
+            jobs.append((i, chunks, fresh, data, abstracts))
+        self._writer.submit(jobs)
+
+    def _layer_candidates(self, layer: int, n: int) -> list[tuple[int, int]]:
+        """The `n` least recently used host chunks of `layer` that may leave."""
+        if n <= 0:
+            return []
+        clock = self._recency[layer].tolist()
+        chunks = [c for c in self.host[layer].slot_of if not self.directory.filling((layer, c))]
+        chunks.sort(key=lambda c: clock[c] if c < len(clock) else 0)
+        return [(layer, c) for c in chunks[:n]]
+
+    def settle(self, wait: bool = True) -> None:
+        """Apply the spill written in the background: its chunks leave the host. Raises
+        the write's error (DiskFullError) with the chunks it could not write still on
+        the host. Without `wait`, only if the write has finished."""
+        if not self._writer.busy:
+            return
+        with self.lock:  # (tier_bytes may call this while a prefetch worker reads the store)
+            done = self._writer.take(wait)  # (an interrupt here keeps the job for later)
+            if done is None:
+                return
+            jobs, names, error = done
+            written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
+            for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
+                for i, c in enumerate(fresh):
+                    self.directory.spilled((layer, c), DiskRecord(name, i))
+                for c in chunks:
+                    if c not in fresh:
+                        self.directory.spilled((layer, c))
+                    self.host[layer].free(c)
+                self._spilled += len(chunks)
+        if error is not None:
+            raise error

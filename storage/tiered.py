@@ -13,8 +13,9 @@
 
 When the host holds more chunks than its budget, the least recently used filled
 chunks are spilled to disk, `spill_batch` at a time and one file per layer, so
-files stay few. A chunk read back keeps its disk record: KV never changes, so
-spilling it again writes nothing.
+files stay few (storage/spill.py, mixed in; on CUDA a context past the budget keeps
+each layer to its share of it). A chunk read back keeps its disk record: KV never
+changes, so spilling it again writes nothing.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import torch
 
 from storage.abstracts import ChunkAbstracts, SavedAbstracts, chunk_abstracts
 from storage.device import DeviceTier
-from storage.directory import ChunkDirectory, DiskRecord, paused_gc
+from storage.directory import ChunkDirectory, paused_gc
 from storage.disk import DiskTier, StorageError
 from storage.host import HostTier
 from storage.layout import KVLayout
 from storage.quant import QuantKeys, quantize_keys
 from storage.reading import StoreReads, TierReads
-from storage.spill import SpillWriter
+from storage.spill import SpillWriter, StoreSpills
 from storage.staging import PinnedStaging
 from storage.warm import Warmer
 
@@ -42,7 +43,7 @@ BULK_APPEND_MIN = 64  # tokens: appends with fewer whole chunks go chunk by chun
 SUMMARY_BLOCK = 16384  # tokens of whole chunks summarized at a time, at most
 
 
-class TieredStore(StoreReads):
+class TieredStore(StoreReads, StoreSpills):
     def __init__(
         self,
         layout: KVLayout,
@@ -142,6 +143,21 @@ class TieredStore(StoreReads):
         and are copied there per head, straight from where k and v are (a GPU to the
         pinned slab: no staging), and their summaries are computed from k as given;
         the partial chunks at either end go chunk by chunk."""
+        piece = self._piece(layer, k.shape[1])
+        if piece is None:
+            self._append(layer, k, v)
+            if self.directory.over_budget():
+                self.spill()
+            return
+        # Past the layer's share of a host budget the context outgrows (a layer-by-layer
+        # prefill's whole layer): in pieces, each followed by a spill of the layer's own
+        # oldest chunks past its share (`_outgrown`).
+        for s in range(0, k.shape[1], piece):
+            self._append(layer, k[:, s : s + piece], v[:, s : s + piece])
+            self.spill(layer)
+
+    def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`append` without the spill after it."""
         C = self.layout.chunk_size
         start = self.lengths[layer]
         S = k.shape[1]
@@ -174,8 +190,6 @@ class TieredStore(StoreReads):
         for part in keys:
             self.dev[layer].add_chunks(part.to(self.device, self.dtype))
         self.lengths[layer] = start + S
-        if self.directory.over_budget():
-            self.spill()
 
     def append_layers(
         self, layers: list[int], kv: torch.Tensor, in_window: Collection[int] = ()
@@ -289,68 +303,6 @@ class TieredStore(StoreReads):
             grown[: rec.shape[0]] = rec
             rec = self._recency[layer] = grown
         rec[chunks] = self._clock
-
-    def _sync_lru(self) -> None:
-        keys = self.directory.lru_order()
-        rec = self._recency  # a chunk never selected (loaded from a session) has clock 0
-        clock = torch.tensor(
-            [int(rec[layer][chunk]) if chunk < rec[layer].shape[0] else 0 for layer, chunk in keys]
-        )
-        self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
-
-    def spill(self) -> None:
-        """Move least recently used chunks to disk until the host is within budget.
-
-        The files are written by a background thread (`settle` applies them): the
-        chunks stay on the host, readable, until their file is complete, so a failed
-        write (a full disk) loses nothing, and the write overlaps what the caller
-        computes next (the next layer of a prefill). One spill is in flight at most:
-        a spill first waits for the previous one, which bounds how far the host goes
-        past its budget meanwhile to one spill's chunks."""
-        self.settle()
-        self._sync_lru()
-        need = self.directory.over_budget()
-        if not need:
-            return
-        keys = self.directory.spill_candidates(max(need, self.spill_batch))
-        if len(keys) < need:
-            raise StorageError(f"host tier: {need} chunks must leave but only {len(keys)} can")
-        by_layer: dict[int, list[int]] = {}
-        for layer, chunk in keys:
-            by_layer.setdefault(layer, []).append(chunk)
-        jobs = []
-        for layer, chunks in sorted(by_layer.items()):
-            fresh = [c for c in chunks if not self.directory.on_disk((layer, c))]
-            data = abstracts = None
-            if fresh:  # copies: the writer never reads the store's own tensors
-                data = self.host[layer].gather_chunks(fresh)
-                a = self.dev[layer].abstracts(fresh)
-                abstracts = ChunkAbstracts(a.kmin.cpu(), a.kmax.cpu(), a.kmean.cpu())
-            jobs.append((layer, chunks, fresh, data, abstracts))
-        self._writer.submit(jobs)
-
-    def settle(self, wait: bool = True) -> None:
-        """Apply the spill written in the background: its chunks leave the host. Raises
-        the write's error (DiskFullError) with the chunks it could not write still on
-        the host. Without `wait`, only if the write has finished."""
-        if not self._writer.busy:
-            return
-        with self.lock:  # (tier_bytes may call this while a prefetch worker reads the store)
-            done = self._writer.take(wait)  # (an interrupt here keeps the job for later)
-            if done is None:
-                return
-            jobs, names, error = done
-            written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
-            for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
-                for i, c in enumerate(fresh):
-                    self.directory.spilled((layer, c), DiskRecord(name, i))
-                for c in chunks:
-                    if c not in fresh:
-                        self.directory.spilled((layer, c))
-                    self.host[layer].free(c)
-                self._spilled += len(chunks)
-        if error is not None:
-            raise error
 
     # -- truncation --------------------------------------------------------------
 

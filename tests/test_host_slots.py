@@ -200,3 +200,22 @@ def test_a_pinned_slab_grows_ahead_of_need_on_another_thread(monkeypatch):
         assert set(grown[1:]) == {"offload-grow"}, grown
         for c in range(60):
             assert torch.equal(host.slab[:, :, c], torch.full((2, 2, 16, 64), float(c)))
+
+
+def test_a_device_write_of_every_slot_of_its_planes_copies_plane_by_plane():
+    """Every slot of a reserved pinned slab written from the device at once: the (K/V,
+    head) planes of a K or V are then one contiguous range, but each is a registration of
+    its own, which one memcpy may not cross (the driver refuses it; the emulator too)."""
+    from tests.conftest import on_cuda
+
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", chunk_size=16)
+    with on_cuda():
+        host = HostTier(layout, torch.float32, pin=True, max_slots=8)
+        kv = (
+            torch.arange(2 * 2 * 128, dtype=torch.float32).view(2, 2, 128, 1).expand(-1, -1, -1, 64)
+        )
+        kv = kv.contiguous().cuda()
+        host.write_run(host.put_run(0, 8), kv[0], kv[1])
+        assert host.slab.shape[2] == 8 and host.capacity == 8
+        for c in range(8):
+            assert torch.equal(host.chunk(c), kv[:, :, 16 * c : 16 * (c + 1)].cpu()), c

@@ -1,0 +1,83 @@
+"""The host budget on CUDA bounds the pinned memory, not only the chunks counted in it, and a
+machine that page-locks less than the budget gets one clear error naming what to change."""
+
+import gc
+
+import pytest
+import torch
+
+from offload import HostMemoryError, Runtime
+from storage.layout import KVLayout
+from storage.tiered import TieredStore
+from tests import cuda_emulation
+from tests.conftest import filler_text, make_tiny_hf_model, on_cuda
+
+LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_size=4)
+
+
+def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_path):
+    """A layer-by-layer prefill appends each layer's KV at once. Past the host budget a
+    layer keeps its share of it (its newest chunks) and spills the rest as it goes; before,
+    each layer's slab grew to the layer's whole KV and stayed so (the other layers' older
+    chunks were spilled instead), pinning the context's KV whatever the budget."""
+    T, host_chunks = 1024, 128  # 256 chunks a layer, 1,024 in all: 8x the budget
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, T, LAYOUT.head_dim, generator=g)
+    kv = kv.to(torch.bfloat16)
+    with on_cuda():
+        store = TieredStore(
+            LAYOUT, torch.bfloat16, torch.device("cuda"),
+            host_bytes=host_chunks * LAYOUT.chunk_bytes, disk_dir=tmp_path / "kv",
+            disk_bytes=1 << 30, sink=4, window=8, spill_batch=2, max_tokens=T,
+        ).start()  # fmt: skip
+        for layer in range(LAYOUT.num_layers):
+            store.append(layer, kv[layer, 0].cuda(), kv[layer, 1].cuda())
+        store.settle()
+        share = host_chunks // LAYOUT.num_layers
+        assert [h.num_chunks for h in store.host] == [share] * LAYOUT.num_layers
+        # each slab: its share, the pieces in flight (an eighth of it, two at most) and
+        # the growth's rounding (a quarter more), where it was 256 chunks a layer
+        slots = sum(h.capacity for h in store.host)
+        assert store.host[0].slab.is_pinned() and slots <= 2 * host_chunks
+        for layer in range(LAYOUT.num_layers):  # every token where it went, exactly
+            k, v = store.gather_all(layer)
+            assert torch.equal(k.cpu(), kv[layer, 0]) and torch.equal(v.cpu(), kv[layer, 1])
+            assert store.directory.on_host((layer, T // 4 - 1))  # (the newest stayed)
+        store.close()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="limits the page-locked memory of the emulated driver (tests/cuda_emulation.py)",
+)
+def test_a_machine_that_page_locks_less_than_the_host_budget_gets_one_clear_error(tmp_path):
+    """WSL2 (and a container) may page-lock less host memory than there is. The prompt
+    whose KV passes that stops with one error (a StorageError: one line in the CLI) that
+    says so and names kv.host_bytes; a budget below the limit then answers as before."""
+    path = tmp_path / "model"
+    make_tiny_hf_model(path, "llama-gqa-untied", max_positions=2048)
+    prompt = filler_text(500, seed=1)  # 1,123 tokens
+    with on_cuda():
+        emu = cuda_emulation.EMULATOR
+        rt = Runtime.from_pretrained(path, dtype="float32", device="cuda", mode="sparse",
+                                     sink=4, window=16, dense_layers=1, retrieved=16,
+                                     sparse_threshold=32, spill_batch=4, prefetch="off",
+                                     disk_dir=str(tmp_path / "kv"))  # fmt: skip
+        loaded, config = rt.loaded, rt.config
+        kv_bytes = len(rt.tokenizer.encode(prompt)) * rt.layout.token_bytes
+        want = rt.generate(prompt, max_new_tokens=6)
+        del rt
+        gc.collect()
+        held = sum(e - s for s, e in emu.pinned_spans())
+        # (the whole prompt's KV took 1.4x its size pinned; an eighth of it as the budget,
+        # 0.4x: the slabs' growth steps, a few spills in flight, a decode step's reads)
+        emu.pinnable_bytes = held + kv_bytes * 6 // 10
+        try:
+            with pytest.raises(HostMemoryError, match="page-lock.*kv.host_bytes"):
+                Runtime(loaded, config, torch.device("cuda")).generate(prompt, max_new_tokens=6)
+            gc.collect()
+            smaller = config.replace(host_bytes=kv_bytes // 8)
+            got = Runtime(loaded, smaller, torch.device("cuda")).generate(prompt, max_new_tokens=6)
+        finally:
+            emu.pinnable_bytes = None
+        assert got == want
