@@ -137,8 +137,9 @@ class HostTier:
         """The capacity to grow to for `slots` slots: an eighth more, so that a long
         prefill's slab does not grow again at the next few chunks (geometric growth: a
         slab that moves makes O(T) copies in all; by 1.25x where memory is pinned, which
-        is slow to pin and scarce)."""
-        growth = 1.25 if self.pin else 2
+        is slow to pin and scarce; a reserved slab grows where it is, copying nothing,
+        by the eighth alone)."""
+        growth = 0 if self.reserved is not None else 1.25 if self.pin else 2
         grown = max(8, slots + slots // 8, int(growth * self.capacity))
         if self.max_slots is not None:  # (a request past it is still granted)
             grown = max(slots, min(grown, self.max_slots))

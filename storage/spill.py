@@ -21,7 +21,7 @@ from storage.abstracts import ChunkAbstracts
 from storage.directory import DiskRecord
 from storage.disk import DiskTier, StorageError
 
-PIECE_SHARE = 8  # an append past the host budget: pieces of 1/8 of a layer's share (`_piece`)
+PIECE_SHARE = 16  # an append past the host budget: pieces of 1/16 of a layer's share
 
 # (layer, chunks leaving the host, those of them not on disk yet, their KV, abstracts)
 Job = tuple
@@ -102,8 +102,9 @@ class StoreSpills:
         return self.directory.host_capacity // self.layout.num_layers
 
     def _piece(self, layer: int, S: int) -> int | None:
-        """Tokens an append of S tokens to `layer` goes in (whole chunks: an eighth of a
-        layer's share, a spill batch at least), or None: at once, where the context with
+        """Tokens an append of S tokens to `layer` goes in (whole chunks, `PIECE_SHARE` of
+        a layer's share, a spill batch at least: two pieces in flight, one appended and
+        one being written, take that much more memory; a piece is a file), or None: at once, where the context with
         them fits the host budget, or they keep the layer within its share and a piece."""
         start, C = self.lengths[layer], self.layout.chunk_size
         piece = max(self.spill_batch, self._share // PIECE_SHARE)
