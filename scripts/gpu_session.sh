@@ -97,7 +97,8 @@ for step in $steps; do
     probes)
       timeout 30 python scripts/probe_pinning.py --gib 2 --out "$out/probe_pinning.json" 2>&1 | tail -12
       timeout 40 python scripts/bench_selection.py --steps 30 --out "$out/bench_selection.json" 2>&1 | tail -8
-      timeout 25 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -12 ;;
+      timeout 25 python scripts/bench_step_host.py --steps 256 --out "$out/bench_step_host.json" 2>&1 | tail -12
+      timeout 60 python scripts/probe_host_budget.py --out "$out/probe_host_budget.json" 2>&1 | tail -12 ;;
     compiled)
       bench compiled 70 --systems embedded-compiled,device-compiled --lengths 8192 ;;
     *) echo "gpu_session.sh: unknown step $step" >&2 ;;
