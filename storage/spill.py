@@ -102,10 +102,11 @@ class StoreSpills:
         return self.directory.host_capacity // self.layout.num_layers
 
     def _piece(self, layer: int, S: int) -> int | None:
-        """Tokens an append of S tokens to `layer` goes in (whole chunks, `PIECE_SHARE` of
-        a layer's share, a spill batch at least: two pieces in flight, one appended and
-        one being written, take that much more memory; a piece is a file), or None: at once, where the context with
-        them fits the host budget, or they keep the layer within its share and a piece."""
+        """Tokens an append of S tokens to `layer` goes in (whole chunks: `PIECE_SHARE` of
+        a layer's share, a spill batch at least; two pieces in flight, one appended and
+        one being written, take that much more memory, and a piece is a file), or None:
+        at once, where the context with them fits the host budget, or they keep the
+        layer within its share and a piece."""
         start, C = self.lengths[layer], self.layout.chunk_size
         piece = max(self.spill_batch, self._share // PIECE_SHARE)
         if start % C or not self._outgrown(start + S):  # (a piece must start a chunk)

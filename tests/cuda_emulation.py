@@ -192,8 +192,9 @@ class Emulator:
 
     def may_pin(self, nbytes: int) -> bool:
         """Whether `pinnable_bytes` leaves room for `nbytes` more (with `pin_lock` held)."""
-        held = sum(e - s for s, e in self.pinned.items())
-        return self.pinnable_bytes is None or held + nbytes <= self.pinnable_bytes
+        if self.pinnable_bytes is None:
+            return True
+        return sum(e - s for s, e in self.pinned.items()) + nbytes <= self.pinnable_bytes
 
     def is_pinned(self, t: torch.Tensor) -> bool:
         if isinstance(t, OnCuda) or t.device.type != "cpu":
