@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from storage.pinning import pinned_empty
+
 
 class PinnedStaging:
     """Host -> CUDA copies through two pinned buffers used in turn, allocated once and
@@ -26,7 +28,7 @@ class PinnedStaging:
             self._events[i].synchronize()
         buf = self._bufs[i]
         if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
-            buf = self._bufs[i] = torch.empty(2 * t.numel(), dtype=t.dtype, pin_memory=True)
+            buf = self._bufs[i] = pinned_empty((2 * t.numel(),), t.dtype)
         staged = buf[: t.numel()].view(t.shape)
         staged.copy_(t)
         out = staged.to(device, non_blocking=True)

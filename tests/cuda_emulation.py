@@ -143,9 +143,6 @@ class Emulator:
         # read of `pinned` in the same thread, it would change the dict under it.
         self.pin_lock = threading.RLock()
         self.unpinned: list[int] = []
-        # The host memory the driver page-locks at most (None: as much as is asked for);
-        # a machine may allow less than it has (WSL2 does).
-        self.pinnable_bytes: int | None = None
 
     # -- device memory --------------------------------------------------------------------
     def allocate(self, elem: torch.Tensor) -> None:
@@ -179,8 +176,6 @@ class Emulator:
         start = t.untyped_storage().data_ptr()
         with self.pin_lock:
             self._drop_unpinned()  # (first: a freed address may be pinned again)
-            if not self.may_pin(t.untyped_storage().nbytes()):
-                raise RuntimeError("CUDA error: out of memory")  # (torch's, from cudaHostAlloc)
             self.pinned[start] = start + t.untyped_storage().nbytes()
         weakref.finalize(t.untyped_storage(), self.unpin, start)
         return t
@@ -189,12 +184,6 @@ class Emulator:
         self.unpinned.append(start)
         if self.races is not None:
             self.races.freed(start, "pinned host memory", device=False)
-
-    def may_pin(self, nbytes: int) -> bool:
-        """Whether `pinnable_bytes` leaves room for `nbytes` more (with `pin_lock` held)."""
-        if self.pinnable_bytes is None:
-            return True
-        return sum(e - s for s, e in self.pinned.items()) + nbytes <= self.pinnable_bytes
 
     def is_pinned(self, t: torch.Tensor) -> bool:
         if isinstance(t, OnCuda) or t.device.type != "cpu":

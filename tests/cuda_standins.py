@@ -143,7 +143,6 @@ class _Event:
 
 
 ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
-MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation
 
 
 class _Cudart:
@@ -158,8 +157,6 @@ class _Cudart:
         with self.emu.pin_lock:
             if registrations(self.emu.pinned_spans(), first, end):
                 return ALREADY_REGISTERED
-            if not self.emu.may_pin(nbytes):
-                return MEMORY_ALLOCATION
             self.emu.pinned[ptr] = ptr + nbytes
         return 0
 

@@ -1,15 +1,16 @@
 """The host budget on CUDA bounds the pinned memory, not only the chunks counted in it, and a
 machine that page-locks less than the budget gets one clear error naming what to change."""
 
-import gc
+import contextlib
+from unittest import mock
 
 import pytest
 import torch
 
 from offload import HostMemoryError, Runtime
+from storage import pinning
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
-from tests import cuda_emulation
 from tests.conftest import filler_text, make_tiny_hf_model, on_cuda
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_size=4)
@@ -46,38 +47,52 @@ def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_p
         store.close()
 
 
-@pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="limits the page-locked memory of the emulated driver (tests/cuda_emulation.py)",
-)
+@contextlib.contextmanager
+def page_lock_limit(more: int):
+    """The driver page-locks at most `more` bytes more in the block, as WSL2's may allow
+    less than the machine has: a registration past it is refused (`cudaHostRegister`,
+    which storage.pinning calls), and so is torch's pinned allocator after it."""
+    limit = pinning.registered_bytes() + more
+    register, empty = pinning._register, torch.empty
+
+    def limited(cudart, ptr, nbytes):
+        return pinning.registered_bytes() + nbytes <= limit and register(cudart, ptr, nbytes)
+
+    def refusing(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            raise RuntimeError("CUDA error: out of memory")  # (torch's, from cudaHostAlloc)
+        return empty(*args, **kwargs)
+
+    with (
+        mock.patch.object(pinning, "_register", limited),
+        mock.patch.object(torch, "empty", refusing),
+    ):
+        yield
+
+
 def test_a_machine_that_page_locks_less_than_the_host_budget_gets_one_clear_error(tmp_path):
-    """WSL2 (and a container) may page-lock less host memory than there is. The prompt
-    whose KV passes that stops with one error (a StorageError: one line in the CLI) that
-    says so and names kv.host_bytes; a budget below the limit then answers as before."""
+    """The prompt whose KV passes what the machine page-locks stops with one error (a
+    StorageError: one line in the CLI) that says so and names kv.host_bytes; a budget
+    below the limit then answers as the same runtime does without a limit."""
     path = tmp_path / "model"
     make_tiny_hf_model(path, "llama-gqa-untied", max_positions=2048)
     prompt = filler_text(500, seed=1)  # 1,123 tokens
     with on_cuda():
-        emu = cuda_emulation.EMULATOR
         rt = Runtime.from_pretrained(path, dtype="float32", device="cuda", mode="sparse",
                                      sink=4, window=16, dense_layers=1, retrieved=16,
                                      sparse_threshold=32, spill_batch=4, prefetch="off",
                                      disk_dir=str(tmp_path / "kv"))  # fmt: skip
         loaded, config = rt.loaded, rt.config
         kv_bytes = len(rt.tokenizer.encode(prompt)) * rt.layout.token_bytes
-        want = rt.generate(prompt, max_new_tokens=6)
-        del rt
-        gc.collect()
-        held = sum(e - s for s, e in emu.pinned_spans())
+        with rt:  # (its pinned slabs let go at the end)
+            want = rt.generate(prompt, max_new_tokens=6)
         # (the whole prompt's KV took 1.4x its size pinned; an eighth of it as the budget,
         # 0.4x: the slabs' growth steps, a few spills in flight, a decode step's reads)
-        emu.pinnable_bytes = held + kv_bytes * 6 // 10
-        try:
-            with pytest.raises(HostMemoryError, match="page-lock.*kv.host_bytes"):
-                Runtime(loaded, config, torch.device("cuda")).generate(prompt, max_new_tokens=6)
-            gc.collect()
+        with page_lock_limit(kv_bytes * 6 // 10):
+            with Runtime(loaded, config, torch.device("cuda")) as refused:
+                with pytest.raises(HostMemoryError, match="page-lock.*kv.host_bytes"):
+                    refused.generate(prompt, max_new_tokens=6)
             smaller = config.replace(host_bytes=kv_bytes // 8)
-            got = Runtime(loaded, smaller, torch.device("cuda")).generate(prompt, max_new_tokens=6)
-        finally:
-            emu.pinnable_bytes = None
+            with Runtime(loaded, smaller, torch.device("cuda")) as rt:
+                got = rt.generate(prompt, max_new_tokens=6)
         assert got == want
