@@ -36,8 +36,8 @@ def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_p
         store.settle()
         share = host_chunks // LAYOUT.num_layers
         assert [h.num_chunks for h in store.host] == [share] * LAYOUT.num_layers
-        # each slab: its share, the pieces in flight (an eighth of it, two at most) and
-        # the growth's rounding (a quarter more), where it was 256 chunks a layer
+        # each slab: its share, the pieces in flight (two at most: a spill batch each
+        # here) and the growth's steps (an eighth more), where it was 256 chunks a layer
         slots = sum(h.capacity for h in store.host)
         assert store.host[0].slab.is_pinned() and slots <= 2 * host_chunks
         for layer in range(LAYOUT.num_layers):  # every token where it went, exactly
