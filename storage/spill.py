@@ -101,6 +101,13 @@ class StoreSpills:
     def _share(self) -> int:
         return self.directory.host_capacity // self.layout.num_layers
 
+    def share_left(self, layer: int) -> int | None:
+        """The chunks `layer` may take on the host before its share is full, where the
+        context outgrows the budget (`_outgrown`); None where shares do not apply."""
+        if not self._outgrown(max(self.lengths)):
+            return None
+        return self._share - self.host[layer].num_chunks
+
     def _piece(self, layer: int, S: int) -> int | None:
         """Tokens an append of S tokens to `layer` goes in (whole chunks: `PIECE_SHARE` of
         a layer's share, a spill batch at least; two pieces in flight, one appended and

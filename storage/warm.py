@@ -11,8 +11,10 @@ steps run as captured CUDA graphs again.
 
 It takes the store's lock only to put what it read (chunks a question brought in
 meanwhile are skipped, and so are chunks cut away by a truncation), stops when the
-host budget is full, and is stopped before the store closes. A file it cannot read is
-skipped and left to the question that needs it, which reports it by name.
+host budget is full (on CUDA, where the session outgrows the budget, a layer stops at
+its share of it: storage/spill.py), and is stopped before the store closes. A file it
+cannot read is skipped and left to the question that needs it, which reports it by
+name.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class Warmer:
         with store.lock:
             room = store.directory.host_capacity - store.directory.host_count
             want = [c for c in chunks if not store.directory.on_host((layer, c))]
+            share = store.share_left(layer)
+        if share is not None:  # (on CUDA, past the budget: each layer to its share)
+            want = want[: max(0, share)]
         if len(want) > room:
             return False
         if not want:

@@ -96,3 +96,31 @@ def test_a_machine_that_page_locks_less_than_the_host_budget_gets_one_clear_erro
             with Runtime(loaded, smaller, torch.device("cuda")) as rt:
                 got = rt.generate(prompt, max_new_tokens=6)
         assert got == want
+
+
+def test_a_session_past_the_host_budget_is_read_in_to_each_layers_share(tmp_path):
+    """A loaded session whose KV passes the host budget is read into host memory, on
+    CUDA, to each layer's share of the budget: before, the last layers were read in whole
+    until the budget was full, and the questions' reads of the other layers then spilled
+    those first (past their shares) while their slabs kept their size."""
+    path = tmp_path / "model"
+    make_tiny_hf_model(path, "llama-gqa-untied", max_positions=2048)
+    with on_cuda():
+        rt = Runtime.from_pretrained(path, dtype="float32", device="cuda", mode="sparse",
+                                     sink=4, window=16, dense_layers=1, retrieved=16,
+                                     sparse_threshold=32, spill_batch=4, prefetch="off",
+                                     disk_dir=str(tmp_path / "kv"))  # fmt: skip
+        with rt:
+            rt.load_document(filler_text(500, seed=1))
+            want = rt.ask("seven stones?", max_new_tokens=6)
+            rt.save_session(tmp_path / "doc")
+            kv_bytes = rt._state.cache.num_tokens * rt.layout.token_bytes
+        budget = kv_bytes // 4
+        with Runtime.load_session(tmp_path / "doc", model=rt, host_bytes=budget) as loaded:
+            store = loaded._state.cache.store
+            store.warm().wait()
+            share = store.directory.host_capacity // store.layout.num_layers
+            assert [h.num_chunks for h in store.host] == [share] * store.layout.num_layers
+            slots = sum(h.capacity for h in store.host) * store.layout.chunk_bytes
+            assert slots <= 1.5 * budget  # (the growth steps)
+            assert loaded.ask("seven stones?", max_new_tokens=6) == want
