@@ -457,16 +457,21 @@ class HostTier:
 
     def gather_heads(self, ids: torch.Tensor) -> torch.Tensor:
         """Per-head token ids [H, n] (all on the host) -> K and V [2, H, n, D]."""
-        C = self.layout.chunk_size
         H, n = ids.shape
-        slots = self.slot_table[ids // C]  # [H, n]
-        assert bool((slots >= 0).all()), "gather_heads: some chunks are not on the host"
+        heads = torch.arange(H)[:, None].expand(H, n)
+        return self.gather_rows(heads.reshape(-1), ids.reshape(-1)).view(2, H, n, -1)
+
+    def gather_rows(self, heads: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """K and V [2, n, D] of token ids[i] of KV head heads[i] (their chunks on the host)."""
+        C = self.layout.chunk_size
+        slots = self.slot_table[ids // C]
+        assert bool((slots >= 0).all()), "gather_rows: some chunks are not on the host"
         self._settle()
         # One index_select over the slab seen as [2, H * slots * C, D] rows.
         per_head = self.slab.shape[2] * C
-        rows = torch.arange(H)[:, None] * per_head + slots * C + ids % C
+        rows = heads * per_head + slots * C + ids % C
         flat = self.slab.view(2, -1, self.layout.head_dim)
-        return flat.index_select(1, rows.view(-1)).view(2, H, n, -1)
+        return flat.index_select(1, rows)
 
     def free(self, chunk: int) -> None:
         slot = self.slot_of.pop(chunk)

@@ -116,10 +116,18 @@ class StoreReads:
     ):
         """Yield (chunk, kv) for chunks on disk (with `each` off, nothing: for a caller that
         wants them on the host only; the views of the 131,072 chunks a question on a 128k
-        session reads take 0.14 s to make here). Many chunks of one file are read with one
-        bulk read; while the host has free slots (or all, with `keep_all`: the caller
-        restores the budget), what was read is kept there (promoted), so a loaded session
-        is read from disk once, when first needed."""
+        session reads take 0.14 s to make here). What was read is kept on the host while
+        it has free slots (or all, with `keep_all`: the caller restores the budget), so a
+        loaded session is read from disk once, when first needed."""
+        keep = set(chunks) if keep_all else None
+        for group, kv in self._read_disk_groups(layer, chunks, keep):
+            if each:
+                yield from zip(group, kv, strict=True)
+
+    def _read_disk_groups(self, layer: int, chunks: list[int], keep: set[int] | None = None):
+        """Yield (group, kv [len(group), 2, H, C, D]) for chunks on disk, a file at a time.
+        Many chunks of one file are read with one bulk read. Those in `keep` are put on the
+        host (promoted), or with `keep` None, as many as it has free slots for."""
         L = self.layout
         by_file: dict[str, list[int]] = {}
         for c in chunks:
@@ -139,9 +147,14 @@ class StoreReads:
                 else:
                     kv = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
                 self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
-                self.keep_on_host(layer, group, kv, len(group) if keep_all else None)
-                if each:
-                    yield from zip(group, kv, strict=True)
+                if keep is None:
+                    self.keep_on_host(layer, group, kv)
+                else:
+                    rows = [i for i, c in enumerate(group) if c in keep]
+                    if rows:
+                        kept = [group[i] for i in rows]
+                        self.keep_on_host(layer, kept, take_rows(kv, rows), len(rows))
+                yield group, kv
 
     def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
         """Of `chunks`, those on disk in file `name` and not on the host, and their rows in
@@ -196,11 +209,13 @@ class StoreReads:
         self, layer: int, chunks: list[int], kv: torch.Tensor, room: int | None = None
     ) -> int:
         """Put chunks read from disk (kv[i]: [2, H, C, D] of chunks[i]) into host memory:
-        those not there already, `room` at most (by default the free slots), with one
-        copy. Their disk records stay (KV never changes: a later spill writes nothing).
-        Returns how many."""
+        those not there already, `room` at most (by default the free slots, within the
+        layer's share where it keeps to one), with one copy. Their disk records stay (KV
+        never changes: a later spill writes nothing). Returns how many."""
         if room is None:
             room = self.directory.host_capacity - self.directory.host_count
+            share = self.share_left(layer)  # (CUDA, past the budget: within the layer's share)
+            room = room if share is None else min(room, share)
         rows = [i for i, c in enumerate(chunks) if not self.directory.on_host((layer, c))]
         rows = rows[: max(room, 0)]
         if len(rows) >= RESERVE_MIN:
@@ -234,7 +249,9 @@ class StoreReads:
 
         Chunks only on disk are brought back to the host first (a selection hit is
         a reason to keep them near), every touched chunk becomes most recently used,
-        and the host budget is restored afterwards.
+        and the host budget is restored afterwards. Where the layer keeps to its share
+        of the budget (CUDA, past it: storage/spill.py), it keeps the most selected of
+        them within its share and the rows of the rest come from what was read.
         """
         L = self.layout
         ids_cpu = ids.to("cpu")
@@ -246,16 +263,61 @@ class StoreReads:
             if host.pin:  # (CUDA) the device reads just these rows from the pinned slab
                 return host.gather_in_order(ids.to(self.device), host.device_view(self.device))
             return self.to_device(host.gather_in_order(ids_cpu))
-        chunks = torch.unique(ids_cpu // L.chunk_size)
-        missing = host.missing(chunks)  # only chunks on disk take the slow path
-        for _ in self._read_disk_chunks(layer, missing, keep_all=True, each=False):
-            pass
+        chunks, hits = torch.unique(ids_cpu // L.chunk_size, return_counts=True)
         self._mark_recent(layer, chunks)
-        kv = host.gather_heads(ids_cpu)
+        missing = host.missing(chunks)  # only chunks on disk take the slow path
+        share = self.share_left(layer)
+        if share is None or not missing:
+            for _ in self._read_disk_chunks(layer, missing, keep_all=True, each=False):
+                pass
+            kv = host.gather_heads(ids_cpu)
+        else:
+            kv = self._gather_within_share(layer, ids_cpu, chunks, hits, missing, share)
         self.reads.add("host", ids.numel(), n_bytes)
         if self.directory.over_budget():
             self.spill()
         return self.to_device(kv)
+
+    def _gather_within_share(
+        self, layer: int, ids: torch.Tensor, chunks, hits, missing: list[int], share: int
+    ) -> torch.Tensor:
+        """gather_selected's rows [2, H, k, D] where `layer` keeps to its share: of the
+        `missing` chunks (on disk) the most selected (`hits`) take the share's free slots
+        and those of the layer's older chunks already on disk (they leave without a
+        write); the others' rows are taken from what was read, which is then let go. So
+        the layer's pinned slab does not grow by a question's reads (most of the layer,
+        on a session past the budget), spilled again right after."""
+        host, C = self.host[layer], self.layout.chunk_size
+        hits = dict(zip(chunks.tolist(), hits.tolist(), strict=True))
+        missing = sorted(missing, key=lambda c: -hits[c])
+        n = min(len(missing), self._share)
+        selected = set(chunks.tolist())
+        free = max(share, 0)
+        free += self.drop_clean(layer, n - free, selected)
+        keep = set(missing[: min(n, free)])
+        if n > free:  # room for the next selection: older chunks not on disk yet go there
+            older = host.num_chunks - len(selected) + len(missing)  # (the selected are newest)
+            self.spill(layer, min(n - free, older))
+        groups, reads = [], []
+        for group, kv in self._read_disk_groups(layer, missing, keep):
+            rows = [i for i, c in enumerate(group) if c not in keep]
+            if rows:
+                groups += [group[i] for i in rows]
+                reads.append(take_rows(kv, rows))
+        if not groups:
+            return host.gather_heads(ids)
+        read = torch.cat(reads)  # [m, 2, H, C, D]
+        row_of = torch.full((int(chunks.max()) + 1,), -1, dtype=torch.long)
+        row_of[torch.tensor(groups, dtype=torch.long)] = torch.arange(len(groups))
+        row = row_of[ids // C]  # [H, k]: the row in `read`, -1 where on the host
+        heads = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+        out = torch.empty(2, *ids.shape, self.layout.head_dim, dtype=self.dtype)
+        there = row < 0
+        if bool(there.any()):
+            out[:, there] = host.gather_rows(heads[there], ids[there])
+        away = ~there
+        out[:, away] = read[row[away], :, heads[away], ids[away] % C].transpose(0, 1)
+        return out
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> compute device; on CUDA through pinned staging, asynchronously

@@ -37,6 +37,11 @@ class SpillWriter:
     def busy(self) -> bool:
         return self._inflight is not None
 
+    def leaving(self) -> set[tuple[int, int]]:
+        """(layer, chunk) of the chunks the spill in flight moves."""
+        jobs = self._inflight[0] if self._inflight is not None else []
+        return {(layer, c) for layer, chunks, *_ in jobs for c in chunks}
+
     def submit(self, jobs: list[Job]) -> None:
         assert self._inflight is None, "one spill in flight at most: take the last one first"
         if self._pool is None:
@@ -130,10 +135,11 @@ class StoreSpills:
         )
         self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
 
-    def spill(self, layer: int | None = None) -> None:
+    def spill(self, layer: int | None = None, n: int | None = None) -> None:
         """Move least recently used chunks to disk until the host is within budget (on
         CUDA, those of the layers past their shares first: `_outgrown`); with `layer`, that
-        layer's until it is within its share (`append` in pieces).
+        layer's until it is within its share (`append` in pieces), or its `n` least
+        recently used (room for a selection's reads: reading.py).
 
         The files are written by a background thread (`settle` applies them): the
         chunks stay on the host, readable, until their file is complete, so a failed
@@ -143,7 +149,8 @@ class StoreSpills:
         past its budget meanwhile to one spill's chunks."""
         self.settle()
         if layer is not None:  # (the context outgrows the budget: `_piece` found so)
-            keys = self._layer_candidates(layer, self.host[layer].num_chunks - self._share)
+            n = self.host[layer].num_chunks - self._share if n is None else n
+            keys = self._layer_candidates(layer, n)
         else:
             self._sync_lru()
             need = self.directory.over_budget()
@@ -170,6 +177,23 @@ class StoreSpills:
                 abstracts = ChunkAbstracts(a.kmin.cpu(), a.kmax.cpu(), a.kmean.cpu())
             jobs.append((i, chunks, fresh, data, abstracts))
         self._writer.submit(jobs)
+
+    def drop_clean(self, layer: int, n: int, keep: set[int]) -> int:
+        """Free up to `n` host slots of `layer` at once: its least recently used chunks
+        that are on disk already (nothing to write) and not in `keep`, being filled or
+        in the spill in flight. Returns how many left."""
+        if n <= 0:
+            return 0
+        leaving = self._writer.leaving()
+        chunks = [
+            c for _, c in self._layer_candidates(layer, self.host[layer].num_chunks)
+            if c not in keep and self.directory.on_disk((layer, c)) and (layer, c) not in leaving
+        ][:n]  # fmt: skip
+        for c in chunks:
+            self.directory.spilled((layer, c))
+            self.host[layer].free(c)
+        self._spilled += len(chunks)
+        return len(chunks)
 
     def _layer_candidates(self, layer: int, n: int) -> list[tuple[int, int]]:
         """The `n` least recently used host chunks of `layer` that may leave."""

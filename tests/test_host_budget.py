@@ -16,24 +16,31 @@ from tests.conftest import filler_text, make_tiny_hf_model, on_cuda
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_size=4)
 
 
+def past_the_budget(tmp_path, T: int = 1024, host_chunks: int = 128):
+    """A CUDA store (emulated off a GPU) given T tokens of random KV in every layer, a
+    layer at once as a layer-by-layer prefill does: 8x its host budget by default."""
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, T, LAYOUT.head_dim, generator=g)
+    kv = kv.to(torch.bfloat16)
+    store = TieredStore(
+        LAYOUT, torch.bfloat16, torch.device("cuda"),
+        host_bytes=host_chunks * LAYOUT.chunk_bytes, disk_dir=tmp_path / "kv",
+        disk_bytes=1 << 30, sink=4, window=8, spill_batch=2, max_tokens=T,
+    ).start()  # fmt: skip
+    for layer in range(LAYOUT.num_layers):
+        store.append(layer, kv[layer, 0].cuda(), kv[layer, 1].cuda())
+    store.settle()
+    return store, kv
+
+
 def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_path):
     """A layer-by-layer prefill appends each layer's KV at once. Past the host budget a
     layer keeps its share of it (its newest chunks) and spills the rest as it goes; before,
     each layer's slab grew to the layer's whole KV and stayed so (the other layers' older
     chunks were spilled instead), pinning the context's KV whatever the budget."""
     T, host_chunks = 1024, 128  # 256 chunks a layer, 1,024 in all: 8x the budget
-    g = torch.Generator().manual_seed(3)
-    kv = torch.randn(LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, T, LAYOUT.head_dim, generator=g)
-    kv = kv.to(torch.bfloat16)
     with on_cuda():
-        store = TieredStore(
-            LAYOUT, torch.bfloat16, torch.device("cuda"),
-            host_bytes=host_chunks * LAYOUT.chunk_bytes, disk_dir=tmp_path / "kv",
-            disk_bytes=1 << 30, sink=4, window=8, spill_batch=2, max_tokens=T,
-        ).start()  # fmt: skip
-        for layer in range(LAYOUT.num_layers):
-            store.append(layer, kv[layer, 0].cuda(), kv[layer, 1].cuda())
-        store.settle()
+        store, kv = past_the_budget(tmp_path, T, host_chunks)
         share = host_chunks // LAYOUT.num_layers
         assert [h.num_chunks for h in store.host] == [share] * LAYOUT.num_layers
         # each slab: its share, the pieces in flight (two at most: a spill batch each
@@ -44,6 +51,33 @@ def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_p
             k, v = store.gather_all(layer)
             assert torch.equal(k.cpu(), kv[layer, 0]) and torch.equal(v.cpu(), kv[layer, 1])
             assert store.directory.on_host((layer, T // 4 - 1))  # (the newest stayed)
+        store.close()
+
+
+def test_a_selection_past_a_layers_share_takes_the_rest_from_what_it_read(tmp_path):
+    """A selection of chunks that are on disk, on a layer at its share of the budget:
+    the rows of those that find no room come from what was read, not from the layer's
+    slab grown to hold them all (then spilled again: a pinned slab does not shrink). The
+    newest chunks, not on disk yet, are written out for the next selection, and the most
+    selected chunks take their slots: the same selection again reads nothing."""
+    with on_cuda():
+        store, kv = past_the_budget(tmp_path)
+        layer, share, H = 2, store.directory.host_capacity // LAYOUT.num_layers, 2
+        host = store.host[layer]
+        slots = host.capacity
+        g = torch.Generator().manual_seed(4)
+        chunks = [torch.randperm(200, generator=g)[:12] for _ in range(H)]  # 24 < share
+        ids = torch.stack([(c[:, None] * 4 + torch.arange(4)).flatten()[::2] for c in chunks])
+        want = torch.stack([kv[layer][:, h, ids[h]] for h in range(H)], dim=1)
+        disk = []
+        for _ in range(3):
+            got = store.gather_selected(layer, ids.cuda())
+            assert torch.equal(got.cpu(), want)
+            assert host.capacity == slots and host.num_chunks <= share
+            store.settle()
+            disk.append(store.reads.count["disk"])
+        assert disk[0] > 0 and disk[2] == disk[1]  # (the second read the rest in)
+        assert all(not host.missing(c) for c in chunks)
         store.close()
 
 
@@ -102,7 +136,8 @@ def test_a_session_past_the_host_budget_is_read_in_to_each_layers_share(tmp_path
     """A loaded session whose KV passes the host budget is read into host memory, on
     CUDA, to each layer's share of the budget: before, the last layers were read in whole
     until the budget was full, and the questions' reads of the other layers then spilled
-    those first (past their shares) while their slabs kept their size."""
+    those first (past their shares) while their slabs kept their size. A question then
+    keeps the slabs as they were."""
     path = tmp_path / "model"
     make_tiny_hf_model(path, "llama-gqa-untied", max_positions=2048)
     with on_cuda():
@@ -124,3 +159,5 @@ def test_a_session_past_the_host_budget_is_read_in_to_each_layers_share(tmp_path
             slots = sum(h.capacity for h in store.host) * store.layout.chunk_bytes
             assert slots <= 1.5 * budget  # (the growth steps)
             assert loaded.ask("seven stones?", max_new_tokens=6) == want
+            # (its reads of the chunks on disk did not grow the slabs: 24 slots grew to 88)
+            assert sum(h.capacity for h in store.host) * store.layout.chunk_bytes <= 1.5 * budget
