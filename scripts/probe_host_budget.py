@@ -3,9 +3,12 @@ of the 8B shape (32 layers, 8 KV heads of 128, bf16) takes each layer's KV of --
 tokens at once, as a layer-by-layer prefill hands it over, with a host budget of
 --budget times the KV; then the slabs' slots (pinned, registered) are counted beside the
 budget and the chunks the host holds. Before each layer kept to its share of the budget
-(storage/spill.py), each slab grew to its layer's whole KV.
+(storage/spill.py), each slab grew to its layer's whole KV. Then --selections rounds of
+a decode step's reads: every layer gathers --runs runs of 16 tokens a KV head at random
+(a selection's chunks, most of them on disk), and the slots are counted again; before a
+selection kept its reads within the layer's share, each slab grew by them.
 
-    python scripts/probe_host_budget.py [--tokens 32768] [--budget 0.25] [--out results/probe_host_budget.json]
+    python scripts/probe_host_budget.py [--tokens 32768] [--budget 0.25] [--selections 2] [--runs 128] [--out results/probe_host_budget.json]
 
 Needs CUDA, or `python -m tests.emulated_run scripts/probe_host_budget.py` (emulated:
 the counts hold, the seconds are the CPU's; the spills write to --dir).
@@ -34,6 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--budget", type=float, default=0.25, help="x the context's KV")
+    ap.add_argument("--selections", type=int, default=2, help="rounds of a step's reads")
+    ap.add_argument("--runs", type=int, default=128, help="runs of 16 tokens a KV head")
     ap.add_argument("--dir", type=Path, default=None, help="where the spills go")
     ap.add_argument("--out", type=Path, default=Path("results/probe_host_budget.json"))
     args = ap.parse_args()
@@ -54,15 +59,31 @@ def main() -> None:
         store.settle()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        slots_after_prefill = sum(h.capacity for h in store.host)
+        g = torch.Generator().manual_seed(0)
+        t1 = time.perf_counter()
+        for _ in range(args.selections):
+            for layer in range(L.num_layers):
+                starts = torch.randint(0, T - 16, (L.num_kv_heads, args.runs), generator=g)
+                ids = (starts[:, :, None] + torch.arange(16)).flatten(1)
+                with store.lock:
+                    store.gather_selected(layer, ids.sort(dim=1).values.cuda())
+        store.settle()
+        torch.cuda.synchronize()
+        selection_seconds = (time.perf_counter() - t1) / max(args.selections, 1)
+        slots = sum(h.capacity for h in store.host)
         row = {
             "tokens": T,
             "kv_mib": kv_bytes / MiB,
             "host_budget_mib": args.budget * kv_bytes / MiB,
             "host_chunks_mib": store.directory.host_count * L.chunk_bytes / MiB,
-            "slab_slots_mib": sum(h.capacity for h in store.host) * L.chunk_bytes / MiB,
+            "slab_slots_mib": slots_after_prefill * L.chunk_bytes / MiB,
+            "slab_slots_after_selections_mib": slots * L.chunk_bytes / MiB,
             "registered_mib": (registered_bytes() - before) / MiB,
             "spilled_chunks": store.spilled_chunks,
             "seconds": seconds,
+            "selection_round_seconds": selection_seconds,
+            "disk_reads_mib": store.reads.nbytes["disk"] / MiB,
         }
         store.close()
     console.print(row)
