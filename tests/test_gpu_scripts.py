@@ -56,7 +56,7 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
     assert rows["tiered"]["prefill_between_layers_ms"] >= 0
 
 
-def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path, monkeypatch):
+def test_bench_selection_sweep_step_host_and_host_budget_on_cuda(tmp_path, monkeypatch):
     sel = run_script("bench_selection.py", "--tokens", "2048", "--steps", "1", "--retrieved",
                      "128", out=tmp_path / "selection.json")  # fmt: skip
     assert [r["variant"] for r in sel["rows"]] == [
@@ -86,6 +86,10 @@ def test_bench_selection_sweep_and_step_host_on_cuda(tmp_path, monkeypatch):
     assert any("(_hand_over)" in f for f in host["flush_step_profile"]), host["flush_step_profile"]
     assert any("(_update_indexes)" in f for f in host["index_step_profile"]), host
     assert 0 < host["hidden_ms_per_token"] < host["host_ms_per_token"]
+    budget = run_script("probe_host_budget.py", "--tokens", "2048", "--selections", "1",
+                        "--runs", "8", out=tmp_path / "budget.json")["rows"][0]  # fmt: skip
+    assert budget["spilled_chunks"] > 0 and budget["disk_reads_mib"] > 0
+    assert budget["slab_slots_after_selections_mib"] == budget["slab_slots_mib"]
 
 
 def test_triton_compiles_times_what_lies_between_tritons_hooks(monkeypatch):
