@@ -124,7 +124,10 @@ class Warmer:
             kept, rows = store.rows_in_file(layer, name, want)
             store.reads.add("disk", len(kept), len(kept) * store.layout.chunk_bytes)
             kv = take_rows(data, rows)
-            return store.keep_on_host(layer, kept, kv) == len(kept)  # (else the budget is full)
+            n = store.keep_on_host(layer, kept, kv)
+            # (fewer: the budget is full; or, past it, a question filled the layer's share
+            # meanwhile, which does not stop the other layers)
+            return n == len(kept) or store.share_left(layer) is not None
 
     def _put_in_order(self, layer: int) -> None:
         """A layer read in whole: each chunk to the slot of its index (what the fixed-shape

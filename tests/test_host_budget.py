@@ -11,6 +11,7 @@ from offload import HostMemoryError, Runtime
 from storage import pinning
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
+from storage.warm import Warmer
 from tests.conftest import filler_text, make_tiny_hf_model, on_cuda
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_size=4)
@@ -161,3 +162,24 @@ def test_a_session_past_the_host_budget_is_read_in_to_each_layers_share(tmp_path
             assert loaded.ask("seven stones?", max_new_tokens=6) == want
             # (its reads of the chunks on disk did not grow the slabs: 24 slots grew to 88)
             assert sum(h.capacity for h in store.host) * store.layout.chunk_bytes <= 1.5 * budget
+        # A question's reads that fill a layer's share while the warmer reads that layer's
+        # file leave the warmer fewer slots than it read for: it goes on with the other
+        # layers (it stopped, as it does when the whole budget is full)
+        with mock.patch.object(Warmer, "start", lambda self: self):  # (run below, here)
+            with Runtime.load_session(tmp_path / "doc", model=rt, host_bytes=budget) as again:
+                store, asked = again._state.cache.store, []
+                read_all, last = store.disk.read_all, store.layout.num_layers - 1
+
+                def read_meanwhile(name):
+                    data = read_all(name)
+                    if not asked:  # (the warmer reads the last layer first)
+                        asked.append(name)
+                        T = store.lengths[last]
+                        ids = torch.arange(T - 16 * 12, T - 16).expand(2, -1)  # 11 chunks
+                        with store.lock:
+                            store.gather_selected(last, ids)
+                    return data
+
+                with mock.patch.object(store.disk, "read_all", read_meanwhile):
+                    store.warm().run()
+                assert asked and [h.num_chunks for h in store.host] == [share] * len(store.host)
