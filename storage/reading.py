@@ -296,8 +296,7 @@ class StoreReads:
         free += self.drop_clean(layer, n - free, selected)
         keep = set(missing[: min(n, free)])
         if n > free:  # room for the next selection: older chunks not on disk yet go there
-            older = host.num_chunks - len(selected) + len(missing)  # (the selected are newest)
-            self.spill(layer, min(n - free, older))
+            self.spill(layer, n - free, selected)
         groups, reads = [], []
         for group, kv in self._read_disk_groups(layer, missing, keep):
             rows = [i for i, c in enumerate(group) if c not in keep]

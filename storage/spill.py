@@ -135,11 +135,11 @@ class StoreSpills:
         )
         self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
 
-    def spill(self, layer: int | None = None, n: int | None = None) -> None:
+    def spill(self, layer: int | None = None, n: int | None = None, keep=frozenset()) -> None:
         """Move least recently used chunks to disk until the host is within budget (on
         CUDA, those of the layers past their shares first: `_outgrown`); with `layer`, that
         layer's until it is within its share (`append` in pieces), or its `n` least
-        recently used (room for a selection's reads: reading.py).
+        recently used not in `keep` (room for a selection's reads: reading.py).
 
         The files are written by a background thread (`settle` applies them): the
         chunks stay on the host, readable, until their file is complete, so a failed
@@ -150,7 +150,7 @@ class StoreSpills:
         self.settle()
         if layer is not None:  # (the context outgrows the budget: `_piece` found so)
             n = self.host[layer].num_chunks - self._share if n is None else n
-            keys = self._layer_candidates(layer, n)
+            keys = self._layer_candidates(layer, n, keep)
         else:
             self._sync_lru()
             need = self.directory.over_budget()
@@ -186,8 +186,8 @@ class StoreSpills:
             return 0
         leaving = self._writer.leaving()
         chunks = [
-            c for _, c in self._layer_candidates(layer, self.host[layer].num_chunks)
-            if c not in keep and self.directory.on_disk((layer, c)) and (layer, c) not in leaving
+            c for _, c in self._layer_candidates(layer, self.host[layer].num_chunks, keep)
+            if self.directory.on_disk((layer, c)) and (layer, c) not in leaving
         ][:n]  # fmt: skip
         for c in chunks:
             self.directory.spilled((layer, c))
@@ -195,12 +195,15 @@ class StoreSpills:
         self._spilled += len(chunks)
         return len(chunks)
 
-    def _layer_candidates(self, layer: int, n: int) -> list[tuple[int, int]]:
-        """The `n` least recently used host chunks of `layer` that may leave."""
+    def _layer_candidates(self, layer: int, n: int, keep=frozenset()) -> list[tuple[int, int]]:
+        """The `n` least recently used host chunks of `layer` that may leave (not `keep`)."""
         if n <= 0:
             return []
         clock = self._recency[layer].tolist()
-        chunks = [c for c in self.host[layer].slot_of if not self.directory.filling((layer, c))]
+        chunks = [
+            c for c in self.host[layer].slot_of
+            if c not in keep and not self.directory.filling((layer, c))
+        ]  # fmt: skip
         chunks.sort(key=lambda c: clock[c] if c < len(clock) else 0)
         return [(layer, c) for c in chunks[:n]]
 
