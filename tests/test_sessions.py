@@ -141,7 +141,7 @@ def test_embedded_model_save_load_in_fresh_process(smol_bf16, tmp_path):
 SAVER = """
 import sys
 from offload import Runtime
-rt = Runtime.from_pretrained(sys.argv[1], dtype="float32", mode="sparse", sink=4, window=16, retrieved=8, dense_layers=1)
+rt = Runtime.from_pretrained(sys.argv[1], dtype="float32", mode="sparse", sink=4, window=16, retrieved=8, dense_layers=1, disk_dir=sys.argv[4])
 rt.load_document(sys.argv[3])
 print("ready", flush=True)
 while True:
@@ -165,7 +165,9 @@ def test_killed_saves_never_leave_a_wrong_session(tiny, tmp_path):
     rng = random.Random(0)
     replaced = False
     for attempt in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, model_dir, str(path), text_b],
+        # (its spill folder under the test's: a killed process leaves it to a later sweep)
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, model_dir, str(path), text_b,
+                                 str(tmp_path / "kv")],
                                 stdout=subprocess.PIPE, cwd=ROOT)  # fmt: skip
         assert proc.stdout.readline().strip() == b"ready"
         if attempt % 2:
