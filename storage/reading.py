@@ -120,14 +120,15 @@ class StoreReads:
         it has free slots (or all, with `keep_all`: the caller restores the budget), so a
         loaded session is read from disk once, when first needed."""
         keep = set(chunks) if keep_all else None
-        for group, kv in self._read_disk_groups(layer, chunks, keep):
+        for group, data, rows in self._read_disk_groups(layer, chunks, keep):
             if each:
-                yield from zip(group, kv, strict=True)
+                yield from zip(group, take_rows(data, rows), strict=True)
 
     def _read_disk_groups(self, layer: int, chunks: list[int], keep: set[int] | None = None):
-        """Yield (group, kv [len(group), 2, H, C, D]) for chunks on disk, a file at a time.
-        Many chunks of one file are read with one bulk read. Those in `keep` are put on the
-        host (promoted), or with `keep` None, as many as it has free slots for."""
+        """Yield (group, data, rows) for chunks on disk, a file at a time: chunk group[i] is
+        data[rows[i]] ([2, H, C, D]; data is the whole file where it was read in one bulk
+        read, which many chunks of one file are). Those in `keep` are put on the host
+        (promoted), or with `keep` None, as many as it has free slots for."""
         L = self.layout
         by_file: dict[str, list[int]] = {}
         for c in chunks:
@@ -143,18 +144,17 @@ class StoreReads:
             for name, group in by_file.items():  # (the bulk files come in this order)
                 if name in bulk:
                     rows = [self.directory.disk[(layer, c)].batch for c in group]
-                    kv = take_rows(next(files)[1], rows)
+                    data = next(files)[1]
                 else:
-                    kv = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
+                    rows = list(range(len(group)))
+                    data = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
                 self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
-                if keep is None:
-                    self.keep_on_host(layer, group, kv)
-                else:
-                    rows = [i for i, c in enumerate(group) if c in keep]
-                    if rows:
-                        kept = [group[i] for i in rows]
-                        self.keep_on_host(layer, kept, take_rows(kv, rows), len(rows))
-                yield group, kv
+                kept = [i for i, c in enumerate(group) if keep is None or c in keep]
+                if kept:
+                    room = None if keep is None else len(kept)
+                    kv = take_rows(data, [rows[i] for i in kept])
+                    self.keep_on_host(layer, [group[i] for i in kept], kv, room)
+                yield group, data, rows
 
     def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
         """Of `chunks`, those on disk in file `name` and not on the host, and their rows in
@@ -297,25 +297,28 @@ class StoreReads:
         keep = set(missing[: min(n, free)])
         if n > free:  # room for the next selection: older chunks not on disk yet go there
             self.spill(layer, n - free, selected)
-        groups, reads = [], []
-        for group, kv in self._read_disk_groups(layer, missing, keep):
-            rows = [i for i, c in enumerate(group) if c not in keep]
-            if rows:
-                groups += [group[i] for i in rows]
-                reads.append(take_rows(kv, rows))
-        if not groups:
+        parts = []  # (a file's data, the rows and the chunks of it not kept)
+        for group, data, rows in self._read_disk_groups(layer, missing, keep):
+            left = [i for i, c in enumerate(group) if c not in keep]
+            if left:
+                parts.append((data, [rows[i] for i in left], [group[i] for i in left]))
+        if not parts:
             return host.gather_heads(ids)
-        read = torch.cat(reads)  # [m, 2, H, C, D]
-        row_of = torch.full((int(chunks.max()) + 1,), -1, dtype=torch.long)
-        row_of[torch.tensor(groups, dtype=torch.long)] = torch.arange(len(groups))
-        row = row_of[ids // C]  # [H, k]: the row in `read`, -1 where on the host
+        part_of = torch.full((int(chunks.max()) + 1,), -1, dtype=torch.long)
+        row_of = torch.zeros_like(part_of)
+        for p, (_, rows, left) in enumerate(parts):
+            part_of[left] = p
+            row_of[left] = torch.tensor(rows, dtype=torch.long)
+        part = part_of[ids // C]  # [H, k]: the part the row is read from, -1: on the host
         heads = torch.arange(ids.shape[0])[:, None].expand_as(ids)
         out = torch.empty(2, *ids.shape, self.layout.head_dim, dtype=self.dtype)
-        there = row < 0
+        for p, (data, _, _) in enumerate(parts):  # (the rows straight from the reads: no copy)
+            at = part == p
+            t = ids[at]
+            out[:, at] = data[row_of[t // C], :, heads[at], t % C].transpose(0, 1)
+        there = part < 0
         if bool(there.any()):
             out[:, there] = host.gather_rows(heads[there], ids[there])
-        away = ~there
-        out[:, away] = read[row[away], :, heads[away], ids[away] % C].transpose(0, 1)
         return out
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
