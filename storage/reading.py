@@ -288,10 +288,11 @@ class StoreReads:
         the layer's pinned slab does not grow by a question's reads (most of the layer,
         on a session past the budget), spilled again right after."""
         host, C = self.host[layer], self.layout.chunk_size
-        hits = dict(zip(chunks.tolist(), hits.tolist(), strict=True))
+        listed = chunks.tolist()
+        hits = dict(zip(listed, hits.tolist(), strict=True))
         missing = sorted(missing, key=lambda c: -hits[c])
         n = min(len(missing), self._share)
-        selected = set(chunks.tolist())
+        selected = set(listed)
         free = max(share, 0)
         free += self.drop_clean(layer, n - free, selected)
         keep = set(missing[: min(n, free)])

@@ -148,7 +148,8 @@ class StoreSpills:
         a spill first waits for the previous one, which bounds how far the host goes
         past its budget meanwhile to one spill's chunks."""
         self.settle()
-        if layer is not None:  # (the context outgrows the budget: `_piece` found so)
+        if layer is not None:  # (the context outgrows the budget: `_piece` or a selection
+            # past the layer's share found so)
             n = self.host[layer].num_chunks - self._share if n is None else n
             keys = self._layer_candidates(layer, n, keep)
         else:
