@@ -287,7 +287,6 @@ class StoreReads:
         write); the others' rows are taken from what was read, which is then let go. So
         the layer's pinned slab does not grow by a question's reads (most of the layer,
         on a session past the budget), spilled again right after."""
-        host, C = self.host[layer], self.layout.chunk_size
         listed = chunks.tolist()
         hits = dict(zip(listed, hits.tolist(), strict=True))
         missing = sorted(missing, key=lambda c: -hits[c])
@@ -296,8 +295,17 @@ class StoreReads:
         free = max(share, 0)
         free += self.drop_clean(layer, n - free, selected)
         keep = set(missing[: min(n, free)])
+        kv = self._gather_read(layer, ids, chunks, missing, keep)
         if n > free:  # room for the next selection: older chunks not on disk yet go there
+            # (after the gather: the spill first applies the one in flight, whose chunks,
+            # some of them selected, then leave the host)
             self.spill(layer, n - free, selected)
+        return kv
+
+    def _gather_read(self, layer: int, ids, chunks, missing: list[int], keep: set[int]):
+        """The rows [2, H, k, D] of `ids`: from the host, and from the `missing` chunks'
+        files as read, `keep` of them put on the host on the way."""
+        host, C = self.host[layer], self.layout.chunk_size
         parts = []  # (a file's data, the rows and the chunks of it not kept)
         for group, data, rows in self._read_disk_groups(layer, missing, keep):
             left = [i for i, c in enumerate(group) if c not in keep]

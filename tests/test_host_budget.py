@@ -82,6 +82,26 @@ def test_a_selection_past_a_layers_share_takes_the_rest_from_what_it_read(tmp_pa
         store.close()
 
 
+def test_a_selection_of_chunks_the_spill_in_flight_moves_still_reads_them(tmp_path):
+    """A selection of chunks on disk and of chunks that the spill in flight moves (still
+    on the host, so not read): the spill that makes room for the next selection applies
+    the one in flight first, so it comes after the gather. (Before it, the chunks moved
+    were gone from the host when the gather came to them: found by a runtime with the
+    prefetch on, whose steps select again before a spill is applied.)"""
+    with on_cuda():
+        store, kv = past_the_budget(tmp_path)
+        layer = 2
+        first = torch.arange(0, 24 * 4, 2).expand(2, -1)  # chunks 0-23, on disk
+        store.gather_selected(layer, first.cuda())  # no room: the newest leave for theirs
+        leaving = sorted(c for i, c in store._writer.leaving() if i == layer)
+        assert leaving
+        chunks = torch.tensor(leaving[:6] + list(range(100, 106)))
+        ids = (chunks[:, None] * 4 + torch.arange(4)).flatten().expand(2, -1)
+        got = store.gather_selected(layer, ids.cuda())
+        assert torch.equal(got.cpu(), kv[layer][:, :, ids[0]])
+        store.close()
+
+
 @contextlib.contextmanager
 def page_lock_limit(more: int):
     """The driver page-locks at most `more` bytes more in the block, as WSL2's may allow
