@@ -19,6 +19,7 @@ import torch
 
 from offload.config import KVSection
 from offload.errors import DeviceMemoryError
+from storage.errors import first_line
 
 GiB = 1 << 30
 HOST_MARGIN = 0.2  # of available memory left to the OS and the rest of the process
@@ -36,7 +37,7 @@ def device_memory(what: str):
 
 
 def out_of_memory(what: str, e: BaseException) -> DeviceMemoryError:
-    said = (str(e).strip().splitlines() or [""])[0]
+    said = first_line(e)
     said = said if len(said) <= 240 else said[:240] + "..."
     return DeviceMemoryError(
         f"the GPU ran out of memory {what} ({said}); `offload plan` shows what the model "

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from offload.backend import Backend
+from storage.errors import first_line
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (Triton compiles, allocator warms)
 
@@ -114,7 +115,7 @@ class DecodeStep:
         except torch._dynamo.exc.TorchDynamoException as e:
             if self._block is None:
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e, type(e).__name__)
             warnings.warn(
                 f"torch.compile of the decode step failed, decoding without it: {first}",
                 stacklevel=2,
@@ -138,7 +139,7 @@ class DecodeStep:
                 instead = self.plan.fallback(variant)
                 if instead is None:
                     raise
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(e, type(e).__name__)
                 warnings.warn(
                     f"the decode step's variant {variant} could not be captured as a CUDA"
                     f" graph ({first}); running variant {instead} instead",

@@ -21,6 +21,7 @@ from offload import Runtime
 from offload.attention import SelectionStats, SparsePolicy
 from offload.config import REUSE_MODES
 from offload.generate import generate_steps, make_sampler, prefill
+from storage.errors import first_line
 
 DEFAULT_TEXTS = Path(__file__).resolve().parent.parent.parent / "shared" / "texts"
 NEEDLE = "The secret passphrase is {}. "
@@ -324,7 +325,7 @@ def triton_compiles():
 def row_error(e: Exception) -> dict:
     """A row that failed: what failed, and where (the run goes on with the next row)."""
     where = traceback.extract_tb(e.__traceback__)[-1]
-    first = (str(e).strip().splitlines() or [""])[0][:300]
+    first = first_line(e)[:300]
     return {"error": f"{type(e).__name__}: {first}", "at": f"{where.filename}:{where.lineno}"}
 
 

@@ -20,3 +20,9 @@ class SessionLockedError(SessionError):
 class HostMemoryError(StorageError):
     """The driver refused to page-lock more host memory for the KV (a machine may allow
     less than it has); the message says how much and what to change."""
+
+
+def first_line(e: BaseException, default: str = "") -> str:
+    """The first line of what an exception says (a library's may run to many lines), or
+    `default` where it says nothing: for one-line messages that quote it."""
+    return (str(e).strip().splitlines() or [default])[0]

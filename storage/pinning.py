@@ -30,7 +30,7 @@ import weakref
 import numpy as np
 import torch
 
-from storage.errors import HostMemoryError
+from storage.errors import HostMemoryError, first_line
 
 PAGE = 4096
 
@@ -78,7 +78,7 @@ def refused(nbytes: int, e: BaseException) -> HostMemoryError:
     """The error for a page-lock of `nbytes` more that the driver refused (`e`, torch's)."""
     from offload.config import human_bytes
 
-    said = (str(e).strip().splitlines() or [""])[0]
+    said = first_line(e)
     return HostMemoryError(
         f"could not page-lock {human_bytes(nbytes)} more of host memory for the KV cache "
         f"after {human_bytes(registered_bytes())} ({said}): this machine allows less than "
