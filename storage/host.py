@@ -81,6 +81,7 @@ class HostTier:
         self._free_set: set[int] = set()
         self._next = 0
         self._misplaced = 0  # chunks whose slot is not their own index
+        self._let_go: list[int] = []  # slots freed since the last `give_back`
         # The device's last copies into the slab (`write_run` from CUDA): an event the
         # host waits for before it reads or moves the slab (`_settle`).
         self.written: torch.cuda.Event | None = None
@@ -479,3 +480,27 @@ class HostTier:
         heapq.heappush(self._free, slot)
         self._free_set.add(slot)
         self.slot_table[chunk] = -1
+        self._let_go.append(slot)
+
+    def give_back(self) -> int:
+        """Give the memory of the slots freed since the last call back to the system
+        (`ReservedSlab.release`: a CPU's reserved slab; elsewhere nothing), those pages
+        of it that hold no slot in use: chunks that left for disk. Returns the bytes."""
+        freed, self._let_go = self._let_go, []
+        r = self.reserved
+        if r is None or r.pin or not freed:
+            return 0
+        runs, end = [], -1  # the longest runs of free slots around those freed
+        for s in sorted(freed):
+            if s < end or s not in self._free_set:  # (in the last run; taken again)
+                continue
+            a, b = s, s + 1
+            while a > 0 and a - 1 in self._free_set:
+                a -= 1
+            while b < r.slots and b in self._free_set:
+                b += 1
+            if b >= self._next:  # (the slots from there up are free too)
+                b = max(b, r.slots)
+            runs.append((a, b - a))
+            end = b
+        return r.release(runs)

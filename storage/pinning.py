@@ -3,7 +3,9 @@
     pinned_empty(shape, dtype)   page-locked memory of exactly this size (registered)
     ReservedSlab(shape, dtype)   a slab of its largest size, reserved as address space
                                  only; its first n slots are made usable (on CUDA:
-                                 registered) as it grows, so it never moves
+                                 registered) as it grows, so it never moves; without
+                                 CUDA, the memory of slots let go is given back
+    resident_bytes(t)            how much of a tensor's memory is resident (measured)
 
 A host tier's slab (storage/host.py) grows with the context. Grown by reallocation,
 every growth allocates and pins a bigger slab, copies the old one into it and gives the
@@ -22,6 +24,7 @@ crosses one.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import threading
@@ -158,6 +161,7 @@ class ReservedSlab:
             mapped.madvise(mmap.MADV_NOHUGEPAGE)
         except (AttributeError, OSError):  # (no transparent huge pages here)
             pass
+        self._mapped = mapped  # (`release`)
         owner = np.frombuffer(mapped, dtype=np.uint8)  # (the mapping lives as long as it)
         self.tensor = torch.from_numpy(owner)[: math.prod(shape) * dtype.itemsize]
         self.tensor = self.tensor.view(dtype).view(shape)
@@ -208,3 +212,37 @@ class ReservedSlab:
         if s < end:  # (past the usable slots: the caller's bug, left to the copy to say)
             out.append((s, end - s))
         return out
+
+    def release(self, runs: list[tuple[int, int]]) -> int:
+        """Give the memory of slots s .. s+n-1 of every plane back, for each (s, n) in
+        `runs` (slots left free: their contents are not needed again; a page written
+        later reads zeros until then). Only whole pages go, and only where nothing is
+        registered (on CUDA a slab keeps its pages: they are locked). Without this a
+        CPU's slabs kept the memory of every slot they had ever used: a context past the
+        host budget moves its chunks between layers (one global LRU), and each layer's
+        slab grew to what it had held at most, most of the layer's KV, whatever the
+        budget. Returns the bytes given back."""
+        if self.pin or not runs:
+            return 0
+        plane_bytes, sb, done = self.max_slots * self.slot_bytes, self.slot_bytes, 0
+        for p in range(self.planes):
+            for s, n in runs:
+                a = p * plane_bytes + s * sb
+                a, b = -(-a // PAGE) * PAGE, (a + n * sb) // PAGE * PAGE
+                if b > a:
+                    self._mapped.madvise(mmap.MADV_DONTNEED, a, b - a)
+                    done += b - a
+        return done
+
+
+def resident_bytes(t: torch.Tensor) -> int:
+    """How many bytes of the pages under tensor `t`'s memory are resident in RAM now
+    (Linux `mincore`): what a slab takes, where its size says what it may take."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = t.data_ptr() // PAGE * PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    pages = -(-(end - start) // PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) * PAGE

@@ -250,8 +250,9 @@ class StoreReads:
         Chunks only on disk are brought back to the host first (a selection hit is
         a reason to keep them near), every touched chunk becomes most recently used,
         and the host budget is restored afterwards. Where the layer keeps to its share
-        of the budget (CUDA, past it: storage/spill.py), it keeps the most selected of
-        them within its share and the rows of the rest come from what was read.
+        of the budget (CUDA, past it: storage/spill.py), or they do not all fit in the
+        host budget, it keeps the most selected of them within that room and the rows
+        of the rest come from what was read.
         """
         L = self.layout
         ids_cpu = ids.to("cpu")
@@ -266,33 +267,35 @@ class StoreReads:
         chunks, hits = torch.unique(ids_cpu // L.chunk_size, return_counts=True)
         self._mark_recent(layer, chunks)
         missing = host.missing(chunks)  # only chunks on disk take the slow path
-        share = self.share_left(layer)
-        if share is None or not missing:
+        room = self.room_left(layer, len(missing)) if missing else None
+        if room is None:
             for _ in self._read_disk_chunks(layer, missing, keep_all=True, each=False):
                 pass
             kv = host.gather_heads(ids_cpu)
         else:
-            kv = self._gather_within_share(layer, ids_cpu, chunks, hits, missing, share)
+            kv = self._gather_within(layer, ids_cpu, chunks, hits, missing, room)
         self.reads.add("host", ids.numel(), n_bytes)
         if self.directory.over_budget():
             self.spill()
         return self.to_device(kv)
 
-    def _gather_within_share(
-        self, layer: int, ids: torch.Tensor, chunks, hits, missing: list[int], share: int
+    def _gather_within(
+        self, layer: int, ids: torch.Tensor, chunks, hits, missing: list[int], room
     ) -> torch.Tensor:
-        """gather_selected's rows [2, H, k, D] where `layer` keeps to its share: of the
-        `missing` chunks (on disk) the most selected (`hits`) take the share's free slots
-        and those of the layer's older chunks already on disk (they leave without a
-        write); the others' rows are taken from what was read, which is then let go. So
-        the layer's pinned slab does not grow by a question's reads (most of the layer,
-        on a session past the budget), spilled again right after."""
+        """gather_selected's rows [2, H, k, D] where the `missing` chunks (on disk) do not
+        all fit on the host (`room`: the slots it may take now, `room_left`): the most
+        selected (`hits`), up to a layer's share of the budget, take those and the slots
+        of older chunks already on disk (they leave without a write); the others' rows
+        are taken from what was read, which is then let go. So the host does not take a
+        question's reads (most of the layer, on a session past the budget) to spill them
+        again right after: on CUDA a layer's pinned slab does not grow by them, on a CPU
+        the host keeps to its budget (and no layer's reads push all others out)."""
         listed = chunks.tolist()
         hits = dict(zip(listed, hits.tolist(), strict=True))
         missing = sorted(missing, key=lambda c: -hits[c])
         n = min(len(missing), self._share)
         selected = set(listed)
-        free = max(share, 0)
+        free = max(room, 0)
         free += self.drop_clean(layer, n - free, selected)
         keep = set(missing[: min(n, free)])
         kv = self._gather_read(layer, ids, chunks, missing, keep)

@@ -113,6 +113,17 @@ class StoreSpills:
             return None
         return self._share - self.host[layer].num_chunks
 
+    def room_left(self, layer: int, n: int) -> int | None:
+        """The chunks of `layer` the host may take now, where `n` chunks of it read from
+        disk do not all fit: on CUDA past the budget, what is left of the layer's share;
+        elsewhere (a CPU: one LRU over every layer), the budget's free slots. None where
+        they all fit."""
+        share = self.share_left(layer)
+        if share is not None:
+            return share
+        free = self.directory.host_capacity - self.directory.host_count
+        return None if n <= free else free
+
     def _piece(self, layer: int, S: int) -> int | None:
         """Tokens an append of S tokens to `layer` goes in (whole chunks: `PIECE_SHARE` of
         a layer's share, a spill batch at least; two pieces in flight, one appended and
@@ -129,9 +140,12 @@ class StoreSpills:
 
     def _sync_lru(self) -> None:
         keys = self.directory.lru_order()
-        rec = self._recency  # a chunk never selected (loaded from a session) has clock 0
+        # (a chunk never selected, one loaded from a session, has clock 0; the clocks as
+        # lists: an element of a tensor read one by one costs a us, and a spill past the
+        # budget on a CPU sorts every host chunk)
+        rec = [r.tolist() for r in self._recency]
         clock = torch.tensor(
-            [int(rec[layer][chunk]) if chunk < rec[layer].shape[0] else 0 for layer, chunk in keys]
+            [rec[layer][chunk] if chunk < len(rec[layer]) else 0 for layer, chunk in keys]
         )
         self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
 
@@ -148,10 +162,10 @@ class StoreSpills:
         a spill first waits for the previous one, which bounds how far the host goes
         past its budget meanwhile to one spill's chunks."""
         self.settle()
-        if layer is not None:  # (the context outgrows the budget: `_piece` or a selection
-            # past the layer's share found so)
+        if layer is not None:  # (the context outgrows the budget: `_piece`, or a selection
+            # past what the host had room for found so)
             n = self.host[layer].num_chunks - self._share if n is None else n
-            keys = self._layer_candidates(layer, n, keep)
+            keys = self._candidates(layer, n, keep)
         else:
             self._sync_lru()
             need = self.directory.over_budget()
@@ -180,33 +194,50 @@ class StoreSpills:
         self._writer.submit(jobs)
 
     def drop_clean(self, layer: int, n: int, keep: set[int]) -> int:
-        """Free up to `n` host slots of `layer` at once: its least recently used chunks
-        that are on disk already (nothing to write) and not in `keep`, being filled or
-        in the spill in flight. Returns how many left."""
+        """Free up to `n` host slots for `layer` at once: the least recently used chunks
+        that are on disk already (nothing to write), not `keep` (of `layer`), being
+        filled or in the spill in flight; the layer's own where it keeps to its share,
+        else any layer's. Returns how many left."""
         if n <= 0:
             return 0
         leaving = self._writer.leaving()
-        chunks = [
-            c for _, c in self._layer_candidates(layer, self.host[layer].num_chunks, keep)
-            if self.directory.on_disk((layer, c)) and (layer, c) not in leaving
-        ][:n]  # fmt: skip
-        for c in chunks:
-            self.directory.spilled((layer, c))
-            self.host[layer].free(c)
-        self._spilled += len(chunks)
-        return len(chunks)
+        keys = self._candidates(
+            layer, n, keep, lambda key: self.directory.on_disk(key) and key not in leaving
+        )
+        for i, c in keys:
+            self.directory.spilled((i, c))
+            self.host[i].free(c)
+        for i in {i for i, _ in keys}:
+            self.host[i].give_back()
+        self._spilled += len(keys)
+        return len(keys)
 
-    def _layer_candidates(self, layer: int, n: int, keep=frozenset()) -> list[tuple[int, int]]:
-        """The `n` least recently used host chunks of `layer` that may leave (not `keep`)."""
+    def _candidates(
+        self, layer: int, n: int, keep=frozenset(), where=None
+    ) -> list[tuple[int, int]]:
+        """The `n` least recently used host chunks that may leave to make room for `layer`
+        (not `keep`, of `layer`; being filled; or failing `where`): its own where it
+        keeps to its share (CUDA past the budget), else those of every layer (one LRU)."""
         if n <= 0:
             return []
-        clock = self._recency[layer].tolist()
-        chunks = [
-            c for c in self.host[layer].slot_of
-            if c not in keep and not self.directory.filling((layer, c))
-        ]  # fmt: skip
-        chunks.sort(key=lambda c: clock[c] if c < len(clock) else 0)
-        return [(layer, c) for c in chunks[:n]]
+        if self.share_left(layer) is not None:
+            clock = self._recency[layer].tolist()
+            keys = sorted(
+                ((layer, c) for c in self.host[layer].slot_of if c not in keep),
+                key=lambda key: clock[key[1]] if key[1] < len(clock) else 0,
+            )
+        else:
+            self._sync_lru()
+            keys = (
+                key for key in self.directory.lru_order() if key[0] != layer or key[1] not in keep
+            )
+        out = []
+        for key in keys:
+            if len(out) == n:
+                break
+            if not self.directory.filling(key) and (where is None or where(key)):
+                out.append(key)
+        return out
 
     def settle(self, wait: bool = True) -> None:
         """Apply the spill written in the background: its chunks leave the host. Raises
@@ -227,6 +258,7 @@ class StoreSpills:
                     if c not in fresh:
                         self.directory.spilled((layer, c))
                     self.host[layer].free(c)
+                self.host[layer].give_back()
                 self._spilled += len(chunks)
         if error is not None:
             raise error

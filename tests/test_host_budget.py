@@ -1,5 +1,6 @@
-"""The host budget on CUDA bounds the pinned memory, not only the chunks counted in it, and a
-machine that page-locks less than the budget gets one clear error naming what to change."""
+"""The host budget bounds the host memory the KV takes (on CUDA the pinned slabs, on a CPU
+the slabs' resident pages), not only the chunks counted in it, and a machine that
+page-locks less than the budget gets one clear error naming what to change."""
 
 import contextlib
 from unittest import mock
@@ -203,3 +204,40 @@ def test_a_session_past_the_host_budget_is_read_in_to_each_layers_share(tmp_path
                 with mock.patch.object(store.disk, "read_all", read_meanwhile):
                     store.warm().run()
                 assert asked and [h.num_chunks for h in store.host] == [share] * len(store.host)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])  # a slot of a plane: a page, half a page
+def test_a_cpu_past_the_host_budget_keeps_its_memory_within_it(tmp_path, head_dim):
+    """On a CPU the host budget is one LRU over every layer, so chunks leave one layer for
+    another's reads. The memory of the slots they leave is given back (whole pages of
+    free slots only: every row read afterwards is exact), and a selection's chunks on
+    disk past the room left are read from their files, not all put on the host first.
+    Before, each layer's slab kept the memory of the most it had ever held: after a
+    prefill and a few steps past a budget of a quarter of the KV, the slabs held about
+    the whole KV."""
+    L = KVLayout(num_layers=4, num_kv_heads=2, head_dim=head_dim, dtype="bfloat16",
+                 chunk_size=16)  # fmt: skip
+    T, host_chunks = 2048, 128  # 128 chunks a layer, 512 in all: 4x the budget
+    g = torch.Generator().manual_seed(5)
+    kv = torch.randn(L.num_layers, 2, L.num_kv_heads, T, head_dim, generator=g)
+    kv = kv.to(torch.bfloat16)
+    store = TieredStore(
+        L, torch.bfloat16, torch.device("cpu"), host_bytes=host_chunks * L.chunk_bytes,
+        disk_dir=tmp_path / "kv", disk_bytes=1 << 30, sink=16, window=64, spill_batch=16,
+        max_tokens=T,
+    ).start()  # fmt: skip
+    for t0 in range(0, T, 256):  # a prefill's chunks through every layer
+        for layer in range(L.num_layers):
+            store.append(layer, kv[layer, 0, :, t0 : t0 + 256], kv[layer, 1, :, t0 : t0 + 256])
+    for _ in range(4):  # decode steps: 48 chunks a head in every layer, a token of each
+        for layer in range(L.num_layers):
+            chunks = torch.stack([torch.randperm(128, generator=g)[:48] for _ in range(2)])
+            ids = chunks * 16 + torch.randint(0, 16, chunks.shape, generator=g)
+            got = store.gather_selected(layer, ids)
+            want = torch.stack([kv[layer][:, h, ids[h]] for h in range(2)], dim=1)
+            assert torch.equal(got, want)
+    store.settle()
+    assert store.directory.host_count <= host_chunks
+    resident = sum(pinning.resident_bytes(h.slab) for h in store.host)
+    assert resident <= 1.25 * host_chunks * L.chunk_bytes, (resident, L.chunk_bytes)
+    store.close()
