@@ -480,7 +480,8 @@ class HostTier:
         heapq.heappush(self._free, slot)
         self._free_set.add(slot)
         self.slot_table[chunk] = -1
-        self._let_go.append(slot)
+        if self.reserved is not None and not self.pin:
+            self._let_go.append(slot)
 
     def give_back(self) -> int:
         """Give the memory of the slots freed since the last call back to the system

@@ -324,6 +324,7 @@ class TieredStore(StoreReads, StoreSpills):
                 if self.directory.on_host((layer, chunk)):
                     self.host[layer].free(chunk)
                 self.directory.drop((layer, chunk))
+            self.host[layer].give_back()
             if n % C:  # the last kept chunk is partial again: it must be on the host, filling
                 self._reopen_partial(layer, n // C)
             self.dev[layer].truncate_chunks(n // C)
