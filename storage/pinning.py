@@ -225,12 +225,16 @@ class ReservedSlab:
         if self.pin or not runs:
             return 0
         plane_bytes, sb, done = self.max_slots * self.slot_bytes, self.slot_bytes, 0
+        page = mmap.PAGESIZE  # (the system's: 4 KiB here, larger on some ARM machines)
         for p in range(self.planes):
             for s, n in runs:
                 a = p * plane_bytes + s * sb
-                a, b = -(-a // PAGE) * PAGE, (a + n * sb) // PAGE * PAGE
+                a, b = -(-a // page) * page, (a + n * sb) // page * page
                 if b > a:
-                    self._mapped.madvise(mmap.MADV_DONTNEED, a, b - a)
+                    try:
+                        self._mapped.madvise(mmap.MADV_DONTNEED, a, b - a)
+                    except (AttributeError, OSError):  # (not here: the memory stays, as before)
+                        return done
                     done += b - a
         return done
 
@@ -238,11 +242,11 @@ class ReservedSlab:
 def resident_bytes(t: torch.Tensor) -> int:
     """How many bytes of the pages under tensor `t`'s memory are resident in RAM now
     (Linux `mincore`): what a slab takes, where its size says what it may take."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    start = t.data_ptr() // PAGE * PAGE
+    libc, page = ctypes.CDLL(None, use_errno=True), mmap.PAGESIZE
+    start = t.data_ptr() // page * page
     end = t.data_ptr() + t.numel() * t.element_size()
-    pages = -(-(end - start) // PAGE)
+    pages = -(-(end - start) // page)
     vec = (ctypes.c_ubyte * pages)()
     if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
         raise OSError(ctypes.get_errno(), "mincore failed")
-    return sum(v & 1 for v in vec) * PAGE
+    return sum(v & 1 for v in vec) * page
