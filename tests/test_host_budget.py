@@ -3,6 +3,10 @@ the slabs' resident pages), not only the chunks counted in it, and a machine tha
 page-locks less than the budget gets one clear error naming what to change."""
 
 import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -241,3 +245,21 @@ def test_a_cpu_past_the_host_budget_keeps_its_memory_within_it(tmp_path, head_di
     resident = sum(pinning.resident_bytes(h.slab) for h in store.host)
     assert resident <= 1.25 * host_chunks * L.chunk_bytes, (resident, L.chunk_bytes)
     store.close()
+
+
+def test_the_cpu_budget_probe_measures_the_slabs_within_the_budget(tmp_path):
+    """scripts/probe_cpu_budget.py (docs/storage.md's CPU table) at a small size: the
+    embedded model's document within the budget and past it, the slabs' resident memory
+    measured after each question."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "scripts/probe_cpu_budget.py", "--tokens", "1200",
+           "--questions", "1", "--new", "2", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    within, past = json.loads(out.read_text())["rows"]
+    assert within["spilled_chunks"] == 0 and past["spilled_chunks"] > 0
+    budget = past["host_budget_mib"]
+    assert past["kv_mib"] > 3 * budget and past["questions"][0]["disk_read_mib"] > 0
+    assert past["slabs_resident_after_document_mib"] <= 1.25 * budget
+    assert past["questions"][0]["slabs_resident_mib"] <= 1.25 * budget
