@@ -64,9 +64,9 @@ class TieredStore(StoreReads, StoreSpills):
         capacity = host_bytes // L.chunk_bytes
         if capacity < 2 * L.num_layers:
             raise StorageError(
-                f"host budget of {host_bytes} bytes holds {capacity} chunks; at least "
-                f"{2 * L.num_layers} ({2 * L.num_layers * L.chunk_bytes} bytes) are needed "
-                f"(two chunks per layer)"
+                f"host budget (kv.host_bytes) of {host_bytes} bytes holds {capacity} chunks; "
+                f"at least {2 * L.num_layers} ({2 * L.num_layers * L.chunk_bytes} bytes) are "
+                "needed (two chunks per layer)"
             )
         self.layout, self.dtype, self.device = layout, dtype, device
         self.sink, self.window, self.spill_batch = sink, window, spill_batch
