@@ -45,7 +45,7 @@ def slabs_mib(rt: Runtime) -> float:
 
 
 def run(args, text: str, host_bytes: int | None, disk_dir: Path) -> dict:
-    overrides = {"kv.disk_dir": str(disk_dir), "model.device": "cpu"}
+    overrides = {"kv.disk_dir": str(disk_dir), "model.device": args.device}
     if host_bytes is not None:
         overrides["kv.host_bytes"] = host_bytes
     with Runtime.from_pretrained(**overrides) as rt:
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.25, help="x the document's KV")
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--new", type=int, default=16, help="tokens an answer")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (emulated: tests.emulated_run)")
     ap.add_argument("--out", type=Path, default=Path("results/probe_cpu_budget.json"))
     args = ap.parse_args()
     console = Console()

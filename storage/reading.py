@@ -280,30 +280,24 @@ class StoreReads:
         return self.to_device(kv)
 
     def _gather_within(
-        self, layer: int, ids: torch.Tensor, chunks, hits, missing: list[int], room
+        self, layer: int, ids: torch.Tensor, chunks, hits, missing: list[int], room: int
     ) -> torch.Tensor:
         """gather_selected's rows [2, H, k, D] where the `missing` chunks (on disk) do not
-        all fit on the host (`room`: the slots it may take now, `room_left`): the most
-        selected (`hits`), up to a layer's share of the budget, take those and the slots
-        of older chunks already on disk (they leave without a write); the others' rows
-        are taken from what was read, which is then let go. So the host does not take a
-        question's reads (most of the layer, on a session past the budget) to spill them
-        again right after: on CUDA a layer's pinned slab does not grow by them, on a CPU
-        the host keeps to its budget (and no layer's reads push all others out)."""
+        all fit on the host (`room`: the slots it may take, `room_left`): the most
+        selected (`hits`) take those, the others' rows are taken from what was read,
+        which is then let go. No chunk leaves the host to make room for a selection's
+        reads: a step's selection touches most chunks of every layer, far more than the
+        budget holds, and the chunks kept for one step were seldom the next one's (made
+        room for, they cost more chunks read from the files and more time, measured:
+        docs/storage.md). So the host does not take a question's reads (most of the
+        layer, on a session past the budget) to spill them again right after: on CUDA a
+        layer's pinned slab does not grow by them, on a CPU the host keeps to its
+        budget."""
         listed = chunks.tolist()
         hits = dict(zip(listed, hits.tolist(), strict=True))
         missing = sorted(missing, key=lambda c: -hits[c])
-        n = min(len(missing), self._share)
-        selected = set(listed)
-        free = max(room, 0)
-        free += self.drop_clean(layer, n - free, selected)
-        keep = set(missing[: min(n, free)])
-        kv = self._gather_read(layer, ids, chunks, missing, keep)
-        if n > free:  # room for the next selection: older chunks not on disk yet go there
-            # (after the gather: the spill first applies the one in flight, whose chunks,
-            # some of them selected, then leave the host)
-            self.spill(layer, n - free, selected)
-        return kv
+        keep = set(missing[: min(len(missing), self._share, max(room, 0))])
+        return self._gather_read(layer, ids, chunks, missing, keep)
 
     def _gather_read(self, layer: int, ids, chunks, missing: list[int], keep: set[int]):
         """The rows [2, H, k, D] of `ids`: from the host, and from the `missing` chunks'

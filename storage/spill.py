@@ -149,11 +149,10 @@ class StoreSpills:
         )
         self.directory.reorder([keys[i] for i in torch.argsort(clock, stable=True).tolist()])
 
-    def spill(self, layer: int | None = None, n: int | None = None, keep=frozenset()) -> None:
+    def spill(self, layer: int | None = None) -> None:
         """Move least recently used chunks to disk until the host is within budget (on
         CUDA, those of the layers past their shares first: `_outgrown`); with `layer`, that
-        layer's until it is within its share (`append` in pieces), or its `n` least
-        recently used not in `keep` (room for a selection's reads: reading.py).
+        layer's until it is within its share (`append` in pieces).
 
         The files are written by a background thread (`settle` applies them): the
         chunks stay on the host, readable, until their file is complete, so a failed
@@ -162,10 +161,8 @@ class StoreSpills:
         a spill first waits for the previous one, which bounds how far the host goes
         past its budget meanwhile to one spill's chunks."""
         self.settle()
-        if layer is not None:  # (the context outgrows the budget: `_piece`, or a selection
-            # past what the host had room for found so)
-            n = self.host[layer].num_chunks - self._share if n is None else n
-            keys = self._candidates(layer, n, keep)
+        if layer is not None:  # (the context outgrows the budget: `_piece` found so)
+            keys = self._layer_candidates(layer, self.host[layer].num_chunks - self._share)
         else:
             self._sync_lru()
             need = self.directory.over_budget()
@@ -193,68 +190,14 @@ class StoreSpills:
             jobs.append((i, chunks, fresh, data, abstracts))
         self._writer.submit(jobs)
 
-    def drop_clean(self, layer: int, n: int, keep: set[int]) -> int:
-        """Free up to `n` host slots for `layer` at once: the least recently used chunks
-        that are on disk already (nothing to write), not `keep` (of `layer`), being
-        filled or in the spill in flight; the layer's own where it keeps to its share,
-        else any layer's. Returns how many left."""
-        if n <= 0:
-            return 0
-        leaving = self._writer.leaving()
-        keys = self._candidates(
-            layer, n, keep, lambda key: self.directory.on_disk(key) and key not in leaving
-        )
-        for i, c in keys:
-            self.directory.spilled((i, c))
-            self.host[i].free(c)
-        for i in {i for i, _ in keys}:
-            self.host[i].give_back()
-        self._spilled += len(keys)
-        return len(keys)
-
-    def _candidates(
-        self, layer: int, n: int, keep=frozenset(), where=None
-    ) -> list[tuple[int, int]]:
-        """The `n` least recently used host chunks that may leave to make room for `layer`
-        (not `keep`, of `layer`; being filled; or failing `where`): its own where it
-        keeps to its share (CUDA past the budget), else those of every layer (one LRU)."""
+    def _layer_candidates(self, layer: int, n: int) -> list[tuple[int, int]]:
+        """The `n` least recently used host chunks of `layer` that may leave."""
         if n <= 0:
             return []
-        if self.share_left(layer) is not None:
-            clock = self._recency[layer].tolist()
-            keys = sorted(
-                ((layer, c) for c in self.host[layer].slot_of if c not in keep),
-                key=lambda key: clock[key[1]] if key[1] < len(clock) else 0,
-            )
-        else:
-            keys = (key for key in self._lru_keys() if key[0] != layer or key[1] not in keep)
-        out = []
-        for key in keys:
-            if len(out) == n:
-                break
-            if not self.directory.filling(key) and (where is None or where(key)):
-                out.append(key)
-        return out
-
-    def _lru_keys(self):
-        """Every host chunk (layer, chunk), least recently used first (ties: by layer and
-        chunk), from the clocks: a selection past a CPU's budget asks for the global
-        order at every layer, and bringing the directory's in line (`_sync_lru`) took 3
-        ms a call for the embedded model's 2,000 host chunks."""
-        layers, chunks, clocks = [], [], []
-        for i, host in enumerate(self.host):
-            c = (host.slot_table >= 0).nonzero().flatten()
-            rec = self._recency[i]
-            inside = c < rec.shape[0]
-            clock = torch.zeros_like(c)  # (a chunk never selected has clock 0)
-            clock[inside] = rec[c[inside]]
-            layers.append(torch.full_like(c, i))
-            chunks.append(c)
-            clocks.append(clock)
-        order = torch.argsort(torch.cat(clocks), stable=True)
-        return zip(
-            torch.cat(layers)[order].tolist(), torch.cat(chunks)[order].tolist(), strict=True
-        )
+        clock = self._recency[layer].tolist()
+        chunks = [c for c in self.host[layer].slot_of if not self.directory.filling((layer, c))]
+        chunks.sort(key=lambda c: clock[c] if c < len(clock) else 0)
+        return [(layer, c) for c in chunks[:n]]
 
     def settle(self, wait: bool = True) -> None:
         """Apply the spill written in the background: its chunks leave the host. Raises

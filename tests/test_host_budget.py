@@ -63,9 +63,9 @@ def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_p
 def test_a_selection_past_a_layers_share_takes_the_rest_from_what_it_read(tmp_path):
     """A selection of chunks that are on disk, on a layer at its share of the budget:
     the rows of those that find no room come from what was read, not from the layer's
-    slab grown to hold them all (then spilled again: a pinned slab does not shrink). The
-    newest chunks, not on disk yet, are written out for the next selection, and the most
-    selected chunks take their slots: the same selection again reads nothing."""
+    slab grown to hold them all (then spilled again: a pinned slab does not shrink), and
+    no chunk leaves to make room for them (measured: chunks kept so were seldom the next
+    step's, and cost more reads). Slots freed (here by a cut) take the most selected."""
     with on_cuda():
         store, kv = past_the_budget(tmp_path)
         layer, share, H = 2, store.directory.host_capacity // LAYOUT.num_layers, 2
@@ -75,29 +75,36 @@ def test_a_selection_past_a_layers_share_takes_the_rest_from_what_it_read(tmp_pa
         chunks = [torch.randperm(200, generator=g)[:12] for _ in range(H)]  # 24 < share
         ids = torch.stack([(c[:, None] * 4 + torch.arange(4)).flatten()[::2] for c in chunks])
         want = torch.stack([kv[layer][:, h, ids[h]] for h in range(H)], dim=1)
-        disk = []
-        for _ in range(3):
+        selected = set(torch.cat(chunks).tolist())
+
+        def read() -> int:  # the chunks read from disk
+            before = store.reads.count["disk"]
             got = store.gather_selected(layer, ids.cuda())
             assert torch.equal(got.cpu(), want)
             assert host.capacity == slots and host.num_chunks <= share
             store.settle()
-            disk.append(store.reads.count["disk"])
-        assert disk[0] > 0 and disk[2] == disk[1]  # (the second read the rest in)
-        assert all(not host.missing(c) for c in chunks)
+            return store.reads.count["disk"] - before
+
+        assert read() == read() == len(selected)  # (no room: nothing kept, nothing spilled)
+        assert store.spilled_chunks == 1024 - 128
+        store.truncate(1024 - 16 * 4)  # the newest 16 chunks of each layer: 16 slots free
+        assert read() == len(selected)
+        assert read() == len(selected) - 16  # (the 16 most selected were kept)
+        assert len(selected) - len(host.missing(torch.tensor(sorted(selected)))) == 16
         store.close()
 
 
 def test_a_selection_of_chunks_the_spill_in_flight_moves_still_reads_them(tmp_path):
     """A selection of chunks on disk and of chunks that the spill in flight moves (still
-    on the host, so not read): the spill that makes room for the next selection applies
-    the one in flight first, so it comes after the gather. (Before it, the chunks moved
-    were gone from the host when the gather came to them: found by a runtime with the
-    prefetch on, whose steps select again before a spill is applied.)"""
+    on the host, so not read) reads them all, exactly: the spill in flight is applied
+    (its chunks leave the host) only after the gather. (Before, a spill for room ran
+    first and the chunks it moved were gone when the gather came to them: found by a
+    runtime with the prefetch on, whose steps select again before a spill is applied.)"""
     with on_cuda():
         store, kv = past_the_budget(tmp_path)
         layer = 2
-        first = torch.arange(0, 24 * 4, 2).expand(2, -1)  # chunks 0-23, on disk
-        store.gather_selected(layer, first.cuda())  # no room: the newest leave for theirs
+        more = torch.randn(2, LAYOUT.num_kv_heads, 12, LAYOUT.head_dim).to(torch.bfloat16)
+        store.append(layer, more[0].cuda(), more[1].cuda())  # past its share: a spill
         leaving = sorted(c for i, c in store._writer.leaving() if i == layer)
         assert leaving
         chunks = torch.tensor(leaving[:6] + list(range(100, 106)))
