@@ -15,31 +15,11 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import torch
 
 from storage.layout import HeadRows, KVLayout
-from storage.pinning import ReservedSlab, pinned_empty, slot_multiple, wait_for
-
-
-def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor over the memory of the pinned host tensor `t` (same address, unified
-    virtual addressing): the device reads it over PCIe, no copy is made. The caller
-    keeps `t` alive for as long as the view is used."""
-    assert t.is_pinned() and t.is_contiguous(), "device_view needs a contiguous pinned tensor"
-    nbytes = t.numel() * t.element_size()
-    iface = SimpleNamespace(
-        __cuda_array_interface__={
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (t.data_ptr(), False),
-            "version": 3,
-            "strides": None,
-        }  # fmt: skip
-    )
-    return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
-
+from storage.pinning import ReservedSlab, device_view, pinned_empty, slot_multiple, wait_for
 
 COPY_RUN_MIN = 16  # consecutive slots copied as one slice (fewer: with index_copy_)
 

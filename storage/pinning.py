@@ -1,6 +1,7 @@
 """Host memory the GPU reads: exactly sized pinned buffers, and slabs that grow in place.
 
     pinned_empty(shape, dtype)   page-locked memory of exactly this size (registered)
+    device_view(t, device)       a CUDA tensor over pinned host memory (the GPU reads it)
     ReservedSlab(shape, dtype)   a slab of its largest size, reserved as address space
                                  only; its first n slots are made usable (on CUDA:
                                  registered) as it grows, so it never moves; without
@@ -29,6 +30,7 @@ import math
 import mmap
 import threading
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -119,6 +121,24 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     except RuntimeError as e:  # (cudaHostAlloc refused too)
         raise refused(nbytes, e) from e
+
+
+def device_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CUDA tensor over the memory of the pinned host tensor `t` (same address, unified
+    virtual addressing): the device reads it over PCIe, no copy is made. The caller
+    keeps `t` alive for as long as the view is used."""
+    assert t.is_pinned() and t.is_contiguous(), "device_view needs a contiguous pinned tensor"
+    nbytes = t.numel() * t.element_size()
+    iface = SimpleNamespace(
+        __cuda_array_interface__={
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (t.data_ptr(), False),
+            "version": 3,
+            "strides": None,
+        }  # fmt: skip
+    )
+    return torch.as_tensor(iface, device=device).view(t.dtype).view(t.shape)
 
 
 def wait_for(event: torch.cuda.Event | None) -> None:
