@@ -293,10 +293,9 @@ class StoreReads:
         layer, on a session past the budget) to spill them again right after: on CUDA a
         layer's pinned slab does not grow by them, on a CPU the host keeps to its
         budget."""
-        listed = chunks.tolist()
-        hits = dict(zip(listed, hits.tolist(), strict=True))
+        hits = dict(zip(chunks.tolist(), hits.tolist(), strict=True))
         missing = sorted(missing, key=lambda c: -hits[c])
-        keep = set(missing[: min(len(missing), self._share, max(room, 0))])
+        keep = set(missing[: min(self._share, max(room, 0))])
         return self._gather_read(layer, ids, chunks, missing, keep)
 
     def _gather_read(self, layer: int, ids, chunks, missing: list[int], keep: set[int]):
