@@ -45,7 +45,7 @@ def new_cache(rt: Runtime, tiered: bool = False) -> KVCache:
     `tiered` asks for the tiered store whatever the mode (sessions)."""
     a, sel = rt.args, rt.config.selection
     limit = None
-    if not tiered and sel.mode == "auto" and rt.backend.remote_host:
+    if not tiered and sel.mode == "auto":
         limit = device_kv_tokens(rt)
     if not tiered and (sel.mode == "full" or limit):
         cache = KVCache.dense(
@@ -79,9 +79,11 @@ def _tiered_cache(rt: Runtime, device: torch.device) -> KVCache:
 
 def device_kv_tokens(rt: Runtime) -> int:
     """How many tokens of KV the bounded device cache holds before it moves to the
-    tiers, from `kv.device_bytes`. One layer's worth is kept back: a layer's buffers
-    grow by reallocation, so the old ones briefly stay beside the new."""
-    budget = resolve_budgets(rt.config.kv, rt.device).device_bytes
+    tiers, from `kv.device_bytes` (on a CPU, whose KV is in host memory either way,
+    `kv.host_bytes`). One layer's worth is kept back: a layer's buffers grow by
+    reallocation, so the old ones briefly stay beside the new."""
+    budgets = resolve_budgets(rt.config.kv, rt.device)
+    budget = budgets.device_bytes if rt.backend.remote_host else budgets.host_bytes
     L = rt.layout
     return min(budget // (L.token_bytes + L.token_bytes_per_layer), rt.args.max_seq_len)
 

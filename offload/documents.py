@@ -21,7 +21,7 @@ def read_documents(paths) -> str:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise OffloadError(
-                f"{p}: not UTF-8 text (ingest takes text and markdown files)"
+                f"{p}: not UTF-8 text (offload reads text and markdown files)"
             ) from None
         if not text.strip():
             raise OffloadError(f"{p}: the document is empty")

@@ -148,7 +148,7 @@ def embedded(args, console) -> list[dict]:
             row["tiered dense"] = tiered_ms_per_token(
                 ctx, dataclasses.replace(base, mode="dense"), "off", args.tokens
             )
-            for sel in args.selectors.split(","):
+            for sel in filter(None, args.selectors.split(",")):
                 selection = dataclasses.replace(base, mode="sparse", selector=sel)
                 for prefetch in ("off", "cache", "on"):
                     row[f"sparse {sel} / prefetch {prefetch}"] = tiered_ms_per_token(

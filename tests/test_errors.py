@@ -245,7 +245,7 @@ def test_documents_that_cannot_be_ingested_are_named(tmp_path, tiny_dirs):
     for name, message in [
         (".", f"not a file: {tmp_path}"),
         ("empty.md", "empty.md: the document is empty"),
-        ("latin1.txt", "latin1.txt: not UTF-8 text (ingest takes text and markdown files)"),
+        ("latin1.txt", "latin1.txt: not UTF-8 text (offload reads text and markdown files)"),
     ]:
         r = runner.invoke(
             main, ["ingest", str(tmp_path / name), "--session", str(tmp_path / "s"), *model]
