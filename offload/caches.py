@@ -1,8 +1,10 @@
 """Building a runtime's KV caches, and the move from one kind to the other.
 
     device cache   all KV in one device tensor per layer: `selection.mode = "full"`
-                   (unbounded), and mode "auto" where host memory is not the compute
-                   device's (CUDA), bounded by `kv.device_bytes` (`device_kv_tokens`)
+                   (unbounded), and mode "auto", bounded by `kv.device_bytes` where
+                   host memory is not the compute device's (CUDA), by `kv.host_bytes`
+                   where it is (a CPU: the fastest there, docs/performance.md)
+                   (`device_kv_tokens`)
     tiered store   device / host / disk tiers with per-step selection: every other
                    mode, sessions, and a bounded device cache that a request would
                    take past its bound (`KVCache.move_to_tiers`, called through

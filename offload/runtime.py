@@ -149,8 +149,8 @@ class Runtime:
         return caches.new_cache(self, tiered)
 
     def device_kv_tokens(self) -> int:
-        """Mode "auto" on CUDA: tokens of KV the device cache holds before it moves to
-        the tiers (`kv.device_bytes`)."""
+        """Mode "auto": tokens of KV the device cache holds before it moves to the tiers
+        (`kv.device_bytes` on CUDA, `kv.host_bytes` on a CPU)."""
         return caches.device_kv_tokens(self)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

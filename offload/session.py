@@ -105,11 +105,14 @@ def load_state(
         _check_compatible(rt, session)
         # A device cache is loaded through a tiered one: held in host memory only where
         # the session fits the device cache (read into it below, layer by layer: the
-        # device then holds that KV alone), kept where it does not.
+        # device then holds that KV alone), kept where it does not, and kept by mode
+        # "auto" on a CPU, whose tiered cache attends in place to what its threads read
+        # in meanwhile (a load into the dense cache would wait for all of it).
         dense = rt._state.cache.store is None
         num_tokens = session.manifest["num_tokens"]
         caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
         fits = dense and rt._state.cache.fits(num_tokens)
+        fits &= rt.backend.remote_host or rt.config.selection.mode == "full"
         if dense:
             cache = caches.host_cache(rt) if fits else rt.new_cache(tiered=True)
         else:

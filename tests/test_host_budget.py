@@ -268,5 +268,31 @@ def test_the_cpu_budget_probe_measures_the_slabs_within_the_budget(tmp_path):
     assert within["spilled_chunks"] == 0 and past["spilled_chunks"] > 0
     budget = past["host_budget_mib"]
     assert past["kv_mib"] > 3 * budget and past["questions"][0]["disk_read_mib"] > 0
-    assert past["slabs_resident_after_document_mib"] <= 1.25 * budget
-    assert past["questions"][0]["slabs_resident_mib"] <= 1.25 * budget
+    assert past["kv_resident_after_document_mib"] <= 1.25 * budget
+    assert past["questions"][0]["kv_resident_mib"] <= 1.25 * budget
+    assert within["kv_resident_after_document_mib"] >= within["kv_mib"]
+
+
+def test_mode_auto_on_a_cpu_keeps_the_dense_cache_until_the_host_budget(tiny_dirs, tmp_path):
+    """Mode "auto" on a CPU: the KV in the dense cache (mode "full"'s, the fastest there)
+    while it fits `kv.host_bytes`; before a request would pass that, the same cache in
+    the tiers, which spill past the budget and attend sparsely to what left (at full
+    retrieval budget: as dense, token for token)."""
+    path = tiny_dirs["llama-gqa-untied"][0]
+    dense = Runtime.from_pretrained(path, dtype="float32", mode="full")
+    cfg = dict(dtype="float32", mode="auto", sink=4, window=32, retrieved=100_000,
+               dense_layers=1, sparse_threshold=64, device="cpu", disk_dir=str(tmp_path))  # fmt: skip
+    probe = Runtime.from_pretrained(path, **cfg)
+    L = probe.layout
+    budget = 100 * (L.token_bytes + L.token_bytes_per_layer)
+    rt = Runtime(probe.loaded, probe.config.replace(host_bytes=budget), probe.device)
+    assert rt.device_kv_tokens() == 100
+    cache = rt._state.cache
+    first = [s.token_id for s in rt.stream("seven quiet stones", max_new_tokens=8)]
+    assert cache.store is None and cache.device_limit == 100  # (within the budget)
+    assert first == [s.token_id for s in dense.stream("seven quiet stones", max_new_tokens=8)]
+    prompt = "seven quiet stones over the river " * 4  # (99 tokens: past it as it answers)
+    got = [s.token_id for s in rt.stream(prompt, max_new_tokens=150)]
+    assert got == [s.token_id for s in dense.stream(prompt, max_new_tokens=150)]
+    assert cache is rt._state.cache and cache.store is not None
+    assert cache.store.spilled_chunks > 0 and rt.stats()["selection"]["sparse_layer_steps"] > 0
