@@ -34,6 +34,10 @@ def save_state(rt: Runtime, state: KVState, path: str | Path, kind: str, extra: 
     cache = state.cache
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
+    if cache.store is None and not rt.backend.remote_host and rt.config.selection.mode == "auto":
+        # Mode "auto" on a CPU: the tiers are in the same memory, so the KV moves there
+        # (a layer at a time), as it would past the budget, rather than being held twice.
+        cache.outgrow(cache)
     if cache.store is None:  # the device cache: sessions are written from the tiered store
         copy = _tiered_copy(rt, cache)
         try:

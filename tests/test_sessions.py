@@ -83,9 +83,9 @@ def test_round_trip_in_process_with_index(tiny, tmp_path):
 
 def test_loaded_session_in_auto_mode_reads_in_place_on_cpu(tiny_dirs, tmp_path):
     """Mode "auto" on the CPU (on any machine): the document's KV fits in host memory, so
-    it is in the dense cache, and after a load in the tiered store, which the question
-    and its decoding attend densely in place (no index is built), the chunks still on
-    disk read back from the session's files first."""
+    it is in the dense cache until the save moves it to the tiers; after a load it is in
+    the tiered store, which the question and its decoding attend densely in place (no
+    index is built), the chunks still on disk read back from the session's files first."""
     model = tiny_dirs["llama-gqa-untied"][0]
     cpu = dict(dtype="float32", mode="auto", sparse_threshold=32, sink=4, window=16,
                retrieved=8, dense_layers=1, device="cpu")  # fmt: skip
@@ -94,6 +94,9 @@ def test_loaded_session_in_auto_mode_reads_in_place_on_cpu(tiny_dirs, tmp_path):
     want = rt.ask("seven stones", max_new_tokens=6)
     assert rt._state.cache.store is None and rt._last_state.cache.store is None
     rt.save_session(tmp_path / "s")
+    # (saved from the tiers, to which the KV moved rather than being held twice)
+    assert rt._state.cache.store is not None
+    assert rt.ask("seven stones", max_new_tokens=6) == want
     loaded = Runtime.load_session(tmp_path / "s", model=model, **cpu)
     assert loaded._state.cache.store is not None  # (a load reads no KV: it stays tiered)
     assert loaded.ask("seven stones", max_new_tokens=6) == want
