@@ -14,7 +14,7 @@ from tests.conftest import TINY_CONFIGS
 @pytest.fixture(scope="module")
 def runtimes(tiny_dirs):
     """On the CPU on every machine: they are compared with transformers there, and their
-    stats with the CPU's tiered store (on CUDA mode "auto" keeps tiny KV on the device)."""
+    stats are a CPU's (mode "auto" keeps the KV in the dense cache within the host budget)."""
     return {
         name: Runtime.from_pretrained(directory, dtype="float32", device="cpu")
         for name, (directory, _) in tiny_dirs.items()
