@@ -79,6 +79,13 @@ def _tiered_cache(rt: Runtime, device: torch.device) -> KVCache:
         raise ConfigError(str(e)) from None
 
 
+def dense_in_host_memory(rt: Runtime) -> bool:
+    """Is mode "auto"'s device cache in host memory, where the tiers are (a CPU)? Then a
+    session is saved from the tiers (the KV moved there, not held twice) and loaded
+    into them (their threads read it in while it is used)."""
+    return not rt.backend.remote_host and rt.config.selection.mode == "auto"
+
+
 def device_kv_tokens(rt: Runtime) -> int:
     """How many tokens of KV the bounded device cache holds before it moves to the
     tiers, from `kv.device_bytes` (on a CPU, whose KV is in host memory either way,

@@ -34,10 +34,8 @@ def save_state(rt: Runtime, state: KVState, path: str | Path, kind: str, extra: 
     cache = state.cache
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
-    if cache.store is None and not rt.backend.remote_host and rt.config.selection.mode == "auto":
-        # Mode "auto" on a CPU: the tiers are in the same memory, so the KV moves there
-        # (a layer at a time), as it would past the budget, rather than being held twice.
-        cache.outgrow(cache)
+    if cache.store is None and caches.dense_in_host_memory(rt):
+        cache.outgrow(cache)  # (a layer at a time, as it would past the budget)
     if cache.store is None:  # the device cache: sessions are written from the tiered store
         copy = _tiered_copy(rt, cache)
         try:
@@ -109,14 +107,14 @@ def load_state(
         _check_compatible(rt, session)
         # A device cache is loaded through a tiered one: held in host memory only where
         # the session fits the device cache (read into it below, layer by layer: the
-        # device then holds that KV alone), kept where it does not, and kept by mode
-        # "auto" on a CPU, whose tiered cache attends in place to what its threads read
-        # in meanwhile (a load into the dense cache would wait for all of it).
+        # device then holds that KV alone), kept where it does not, and kept where the
+        # device cache is in host memory (a CPU's "auto"): the tiered cache attends in
+        # place to what its threads read in meanwhile (a load into the dense cache would
+        # wait for all of it).
         dense = rt._state.cache.store is None
         num_tokens = session.manifest["num_tokens"]
         caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
-        fits = dense and rt._state.cache.fits(num_tokens)
-        fits &= rt.backend.remote_host or rt.config.selection.mode == "full"
+        fits = dense and rt._state.cache.fits(num_tokens) and not caches.dense_in_host_memory(rt)
         if dense:
             cache = caches.host_cache(rt) if fits else rt.new_cache(tiered=True)
         else:
