@@ -141,3 +141,9 @@ def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> N
         f"prefill {s['prefill_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
         f"context {s['context_tokens']}[/]"
     )
+    if conv.dropped:
+        n = conv.dropped
+        console.print(
+            f"[dim]the {'oldest exchange was' if n == 1 else f'{n} oldest exchanges were'} "
+            f"dropped to fit the model's {rt.args.max_seq_len:,}-token context window[/]"
+        )

@@ -88,7 +88,17 @@ class KVState:
 
 class Conversation:
     """A multi-turn chat whose earlier turns' KV is reused: each `send` prefills only
-    the new turn (and the previous answer's end-of-turn token)."""
+    the new turn (and the previous answer's end-of-turn token).
+
+    A turn that would leave its answer too little of the model's context window (its
+    `max_new_tokens`, at most a quarter of the window) drops the oldest exchanges first,
+    with `trim` (the default): whole user-and-assistant pairs, never the system prompt
+    nor a document chat's first exchange (the one holding the document), until the
+    prompt and that room take at most three quarters of the window, so that the next
+    turns find room too. What follows the first dropped exchange is prefilled again
+    (its positions changed); `dropped` says how many exchanges the last turn dropped.
+    Without `trim`, or where dropping all of them is not enough, a prompt past the
+    window is a ContextLengthError."""
 
     def __init__(
         self,
@@ -96,13 +106,24 @@ class Conversation:
         system: str | None = None,
         state: KVState | None = None,
         messages: list[dict[str, str]] | None = None,
+        trim: bool = True,
+        pinned: int | None = None,
     ):
-        """A new conversation, or (with `state` and `messages`) one resumed from a session."""
+        """A new conversation, or (with `state`, `messages` and what of them is `pinned`)
+        one resumed from a session or begun on a loaded document."""
         self.runtime = runtime
         self.system = system
+        self.trim = trim
+        self.dropped = 0  # exchanges the last turn dropped to fit the window
         self.document: str | None = None  # chat_about_document: the first turn asks about it
+        # Leading messages a trim never drops: the system prompt, a document chat's first
+        # exchange once it has one (saved with a chat session: `pinned_messages`).
+        self.pinned = 0
         if state is not None:
             self._state, self.messages = state, list(messages or [])
+            self.pinned = int(bool(self.messages) and self.messages[0]["role"] == "system")
+            if pinned is not None:
+                self.pinned = pinned
             return
         self._state = KVState(runtime.new_cache())
         self.messages: list[dict[str, str]] = []
@@ -114,6 +135,7 @@ class Conversation:
         # (about a document: the next turn's prompt starts with the document again, and
         # its KV is kept for that)
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.pinned = len(self.messages)
 
     @property
     def context_tokens(self) -> int:
@@ -127,19 +149,65 @@ class Conversation:
         **sampling: Any,
     ) -> Iterator[StepResult]:
         rt = self.runtime
-        if self.document is not None and not any(m["role"] == "user" for m in self.messages):
+        first = self.document is not None and not any(m["role"] == "user" for m in self.messages)
+        if first:
             text = DOCUMENT_PROMPT.format(document=self.document, question=text)
         messages = self.messages + [{"role": "user", "content": text}]
-        ids = rt.encode_prompt(messages)
+        messages, ids = self._fitted(messages, max_new_tokens)
         try:
             rt._check_fits(ids, "the conversation")
         except ContextLengthError as e:
-            raise ContextLengthError(f"{e}; start a new conversation (reset)") from None
+            self.dropped = 0  # (nothing was: the conversation stays as it was)
+            hint = (
+                "this turn does not fit even with the earlier exchanges dropped"
+                if self.trim
+                else "start a new conversation (reset)"
+            )
+            raise ContextLengthError(f"{e}; {hint}") from None
         pieces: list[str] = []
         for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
             pieces.append(step.text)
             yield step
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+        if first:  # (the exchange holding the document stays)
+            self.pinned = len(self.messages)
+
+    def _fitted(self, messages: list[dict[str, str]], max_new_tokens: int | None):
+        """`messages` (the new turn last) and their ids, less the oldest exchanges where
+        the turn would not leave its answer room in the window (the class docstring)."""
+        rt, self.dropped = self.runtime, 0
+        ids = rt.encode_prompt(messages)
+        window = rt.args.max_seq_len
+        room = min(max_new_tokens or rt.config.generation.max_new_tokens, window // 4)
+        if not self.trim or len(ids) + room <= window:
+            return messages, ids
+        first = self.pinned
+        pairs = 0  # exchanges that may go: user-then-assistant pairs before the new turn
+        while first + 2 * pairs + 2 < len(messages) and [
+            m["role"] for m in messages[first + 2 * pairs : first + 2 * pairs + 2]
+        ] == ["user", "assistant"]:
+            pairs += 1
+
+        def without(n: int) -> list[dict[str, str]]:
+            return messages[:first] + messages[first + 2 * n :]
+
+        # The fewest exchanges dropped that bring it within three quarters of the window
+        # (all of them where none does), by bisection: a prompt is encoded whole each time.
+        target = window - window // 4 - room
+        lo, hi, best = 1, pairs, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            mid_ids = rt.encode_prompt(without(mid))
+            if len(mid_ids) <= target:
+                best, hi = (mid, mid_ids), mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            if not pairs:
+                return messages, ids
+            best = (pairs, rt.encode_prompt(without(pairs)))
+        self.dropped = best[0]
+        return without(best[0]), best[1]
 
     def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
         return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
@@ -148,7 +216,8 @@ class Conversation:
         """Save this conversation (its KV and messages) as a chat session."""
         from offload.session import save_state
 
-        return save_state(self.runtime, self._state, path, "chat", {"messages": self.messages})
+        extra = {"messages": self.messages, "pinned_messages": self.pinned}
+        return save_state(self.runtime, self._state, path, "chat", extra)
 
     def close(self) -> None:
         self._state.cache.close()

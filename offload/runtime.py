@@ -285,8 +285,11 @@ class Runtime:
                 [self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)]
             )
 
-    def chat(self, system: str | None = None) -> Conversation:
-        return Conversation(self, system)
+    def chat(self, system: str | None = None, trim: bool = True) -> Conversation:
+        """A new conversation. A turn that would leave its answer too little of the
+        context window drops the oldest exchanges first (`trim`; else it is refused:
+        `Conversation`)."""
+        return Conversation(self, system, trim=trim)
 
     # -- documents and sessions ------------------------------------------------
 
@@ -390,7 +393,8 @@ class Runtime:
         from offload.session import check_session_kind
 
         info = check_session_kind(self, "chat")
-        conv = Conversation(self, system=None, state=self._state, messages=info["messages"])
+        conv = Conversation(self, system=None, state=self._state, messages=info["messages"],
+                            pinned=info.get("pinned_messages"))  # fmt: skip
         self._state = KVState(self.new_cache())
         return conv
 

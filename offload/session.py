@@ -151,7 +151,7 @@ def load_state(
     rt._state.ids = list(session.token_ids)
     # How the saved KV was computed is not recorded: any prefix of it may be reused.
     rt._state.computed(0, len(rt._state.ids), 1)
-    rt.session = {k: m[k] for k in ("kind", "document", "messages") if k in m}
+    rt.session = {k: m[k] for k in ("kind", "document", "messages", "pinned_messages") if k in m}
     rt.session["path"] = str(session.path)
     return rt
 

@@ -92,12 +92,19 @@ class Manifest(BaseModel):
     config: dict
     document: DocumentEntry | None = None
     messages: list[Message] | None = None
+    # (a chat: its leading messages that dropping the oldest exchanges keeps)
+    pinned_messages: Count | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         if len(self.token_ids) != self.num_tokens:
             raise ValueError(
                 f"token_ids holds {len(self.token_ids)} ids, num_tokens says {self.num_tokens}"
+            )
+        if self.pinned_messages is not None and self.pinned_messages > len(self.messages or []):
+            raise ValueError(
+                f"pinned_messages is {self.pinned_messages}, more than the "
+                f"{len(self.messages or [])} messages"
             )
         if self.kind == "document" and self.document is None:
             raise ValueError("a document session without its document")

@@ -83,7 +83,7 @@ def test_prompt_longer_than_context(tmp_path):
     with pytest.raises(ContextLengthError, match=r"\d+ tokens; the model's context window is 64"):
         rt.generate("the river " * 100)
     conv = rt.chat()
-    with pytest.raises(ContextLengthError, match="reset"):
+    with pytest.raises(ContextLengthError, match="does not fit even with"):
         conv.send("the river " * 100)
     with pytest.raises(ContextLengthError, match="the document is \\d+ tokens"):
         rt.load_document("the river " * 100)
