@@ -148,6 +148,7 @@ TAMPERINGS = {
     "format 1 chunk list": lambda m: next(f for f in m["files"].values() if "num_chunks" in f).update(chunks=[0]),
     "a list": lambda m: m.update(layout=[1, 2]),
     "bad message": lambda m: m.update(kind="chat", messages=[{"role": "root", "content": 1}]),
+    "more pinned than messages": lambda m: m.update(kind="chat", messages=[], pinned_messages=1),
     "no abstracts file": lambda m: m["files"].pop("abstracts.safetensors"),
     "a block hash missing": lambda m: m["files"]["device.safetensors"]["sha256_blocks"].pop(),
     "format 1 with blocks": lambda m: m.update(format_version=1),
