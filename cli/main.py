@@ -155,6 +155,8 @@ def sampling_options(fn):
         (("--temperature", "-t"), dict(type=click.FloatRange(0), help="0: greedy.")),
         (("--top-k",), dict(type=click.IntRange(0), help="Keep the k likeliest (0: all).")),
         (("--top-p",), dict(type=click.FloatRange(0, 1, min_open=True), help="Nucleus mass.")),
+        (("--min-p",), dict(type=click.FloatRange(0, 1),
+                            help="Keep tokens at least this times as likely as the likeliest.")),
         (("--seed",), dict(type=click.IntRange(0, 2**63 - 1), help="Sampling seed.")),
         (("--repeat-penalty",), dict(type=click.FloatRange(0, 100, min_open=True),
                                      help="> 1 discourages repeating the last 64 tokens.")),
@@ -165,7 +167,7 @@ def sampling_options(fn):
     return fn
 
 
-SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed", "repeat_penalty")
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty")
 
 
 def split_sampling(opts: dict, overrides: tuple[str, ...]):

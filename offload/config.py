@@ -113,6 +113,7 @@ class GenerationSection:
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the likeliest; 0 disables
     seed: int | None = None
     repeat_penalty: float = 1.0  # > 1 discourages the last repeat_last_n tokens; 1 disables
     repeat_last_n: int = 64
@@ -139,6 +140,8 @@ class GenerationSection:
             )
         if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ConfigError(f"generation.min_p: must be in [0, 1], got {self.min_p}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"generation.prefill_chunk: must be >= 1, got {self.prefill_chunk}")
         check_at_most(self, "generation", ("max_new_tokens", "prefill_chunk", "top_k"), MAX_TOKENS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,14 +64,17 @@ def make_sampler(
     repeat_penalty: float = 1.0,
     repeat_last_n: int = 64,
     context: list[int] = (),
+    min_p: float = 0.0,
 ) -> Sampler:
-    """Greedy when temperature == 0, else temperature / top-k / top-p sampling.
+    """Greedy when temperature == 0, else temperature / top-k / top-p / min-p sampling,
+    in HF's order (the filters see the logits divided by the temperature; min-p keeps
+    the tokens at least `min_p` times as likely as the likeliest).
 
     `repeat_penalty` (llama.cpp's and HF's repetition penalty) divides the positive
     logits and multiplies the negative ones of the tokens among the last
     `repeat_last_n` of `context` and of what this sampler has returned."""
     recent = list(context)[-repeat_last_n:] if repeat_last_n else []
-    pick = _pick(temperature, top_k, top_p, seed)
+    pick = _pick(temperature, top_k, top_p, seed, min_p)
     if repeat_penalty == 1.0 or not repeat_last_n:
         return pick
 
@@ -88,7 +92,7 @@ def make_sampler(
     return penalized
 
 
-def _pick(temperature: float, top_k: int, top_p: float, seed: int | None) -> Sampler:
+def _pick(temperature: float, top_k: int, top_p: float, seed: int | None, min_p: float) -> Sampler:
     if temperature == 0:
         return lambda logits: int(torch.argmax(logits))
     gens: dict[torch.device, torch.Generator] = {}
@@ -113,6 +117,8 @@ def _pick(temperature: float, top_k: int, top_p: float, seed: int | None) -> Sam
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1.0:
             logits = nucleus(logits, top_p)
+        if min_p > 0.0:  # p >= min_p * p_max, as log-probabilities: l >= l_max + log(min_p)
+            logits = logits.masked_fill(logits < logits.max() + math.log(min_p), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator(probs.device)))
 

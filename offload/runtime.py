@@ -46,7 +46,8 @@ Prompt = str | list[dict[str, str]]
 # How a question about a loaded document is put to the model. The document comes
 # first so its KV is a prefix shared by every question.
 QUESTION_MARK = "\x00question\x00"
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "repeat_penalty", "repeat_last_n")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty",
+                 "repeat_last_n")  # fmt: skip
 
 
 def pick_device(name: str) -> torch.device:
@@ -183,7 +184,7 @@ class Runtime:
             overrides["generation.max_new_tokens"] = max_new_tokens
         g = self.config.replace(**overrides).generation if overrides else self.config.generation
         return g, make_sampler(g.temperature, g.top_k, g.top_p, g.seed, g.repeat_penalty,
-                               g.repeat_last_n, context)  # fmt: skip
+                               g.repeat_last_n, context, g.min_p)  # fmt: skip
 
     def _run(
         self,
@@ -251,7 +252,7 @@ class Runtime:
     ) -> Iterator[StepResult]:
         """Yield one `StepResult` per generated token.
 
-        `sampling`: temperature, top_k, top_p, seed, repeat_penalty, repeat_last_n
+        `sampling`: temperature, top_k, top_p, min_p, seed, repeat_penalty, repeat_last_n
         (defaults from the config's [generation]), and `stop`: a string or strings
         that end the answer where it first contains one (not included)."""
         return self._run(

@@ -36,6 +36,7 @@ def test_help_and_version_import_no_torch():
     "args, message",
     [
         (["generate", "--top-p", "3", "x"], "Invalid value for '--top-p'"),
+        (["generate", "--min-p", "-1", "x"], "Invalid value for '--min-p'"),
         (["generate", "--no-such-flag", "x"], "No such option '--no-such-flag'"),
         (["nonsense"], "No such command 'nonsense'"),
         (["ask", "q"], "Missing option '--session'"),
@@ -52,7 +53,7 @@ def test_usage_errors_are_one_line_exit_2(args, message):
 def test_prompt_from_stdin_file_and_flags(tiny, tmp_path):
     runner = CliRunner()
     flags = ["-n", "6", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9",
-             "--seed", "5", "--repeat-penalty", "1.1", "--threads", "1"]  # fmt: skip
+             "--min-p", "0.05", "--seed", "5", "--repeat-penalty", "1.1", "--threads", "1"]  # fmt: skip
     want = runner.invoke(main, ["generate", *tiny, *flags, "seven stones"])
     assert want.exit_code == 0, want.output
     piped = runner.invoke(main, ["generate", *tiny, *flags], input="seven stones\n")

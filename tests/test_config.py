@@ -27,6 +27,9 @@ def test_bad_values(tmp_path):
     p.write_text("[generation]\ntop_p = 2.0\n")
     with pytest.raises(ConfigError, match="generation.top_p"):
         RuntimeConfig.from_toml(p)
+    p.write_text("[generation]\nmin_p = 1.5\n")
+    with pytest.raises(ConfigError, match=r"generation.min_p: must be in \[0, 1\], got 1.5"):
+        RuntimeConfig.from_toml(p)
     p.write_text("[generation]\nmax_new_tokens = 'many'\n")
     with pytest.raises(ConfigError, match="generation.max_new_tokens: expected int, got 'many'"):
         RuntimeConfig.from_toml(p)

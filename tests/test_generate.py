@@ -27,6 +27,17 @@ def test_seeded_sampling_is_reproducible_and_respects_top_p():
     assert set(seq_a) <= {0, 1}  # tokens 0 and 1 hold > 0.9 of the mass
 
 
+def test_min_p_draws_only_tokens_at_least_min_p_times_as_likely_as_the_likeliest():
+    """After the temperature (HF's order): at temperature 2 the ratios shrink, so a
+    token excluded at temperature 1 is drawn."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.12, 0.08], device=DEVICE))
+    for temperature, min_p, want in ((1.0, 0.2, {0, 1, 2}), (1.0, 0.45, {0, 1}),
+                                     (2.0, 0.45, {0, 1, 2}), (1.0, 1.0, {0}),
+                                     (1.0, 0.0, {0, 1, 2, 3})):  # fmt: skip
+        draw = make_sampler(temperature, seed=3, min_p=min_p)
+        assert {draw(logits) for _ in range(300)} == want, (temperature, min_p)
+
+
 def test_nucleus_keeps_the_tokens_a_sort_of_the_whole_vocabulary_keeps():
     """The host's top-p looks at the best 256 tokens first, then 16x more, then all,
     while their mass falls short: a peaked, a flat and a middling distribution over 5000
