@@ -31,9 +31,13 @@ from offload.errors import ConfigError
 
 INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_1
 # Inputs with more rows than this (prefill chunks) multiply a weight dequantized for
-# the call: the packed kernels are built for decode and at 512 rows run 12x slower
-# than a dense matmul (docs/performance.md).
-PACKED_MAX_ROWS = 16
+# the call: the packed kernels are built for decode, and their time grows with the
+# rows (at 512 rows 12x a dense matmul's), while a dequantization costs the same for
+# any rows. Measured for one layer of the embedded model (its 4 linears), kernel
+# against dequantization and matmul: int4 1.99 / 2.73 ms at 48 rows, 2.62 / 2.66 at
+# 64; int8 0.77 / 1.17 at 16, 1.15 / 1.19 at 24 (docs/performance.md).
+INT4_MAX_ROWS = 48
+INT8_MAX_ROWS = 16
 
 
 @functools.cache
@@ -78,7 +82,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > PACKED_MAX_ROWS:
+        if x.shape[0] > INT8_MAX_ROWS:
             dt = chunk_dtype(x)
             return chunk_linear(x, self.qweight.to(dt) * self.scale.to(dt)[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
@@ -133,7 +137,7 @@ class Int4Linear(nn.Module):
         return w.reshape(self.out_features, -1).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > PACKED_MAX_ROWS:
+        if x.shape[0] > INT4_MAX_ROWS:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group, self.scales_zeros

@@ -67,12 +67,13 @@ def test_chunk_upper_bound_bounds_every_token():
 def test_packed_linear_prefill_rows_match_the_decode_kernel(kind):
     """Many rows (a prefill chunk) go through a weight dequantized for the call; a few rows
     (decode) through torch's packed kernel. Both multiply by the same quantized weight."""
-    from offload.quantize import PACKED_MAX_ROWS, Int4Linear, Int8Linear, int4_codes
+    from offload.quantize import INT4_MAX_ROWS, INT8_MAX_ROWS, Int4Linear, Int8Linear, int4_codes
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
     packed = (Int4Linear if kind == "int4" else Int8Linear)(linear)
-    x = torch.randn(PACKED_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    x = torch.randn((INT4_MAX_ROWS if kind == "int4" else INT8_MAX_ROWS) + 1, 64)
+    x = x.to(torch.bfloat16)
     many = packed(x)  # the dequantized path
     rows = torch.cat([packed(x[i : i + 1]) for i in range(x.shape[0])])  # the kernel, per row
     torch.testing.assert_close(many.float(), rows.float(), atol=0.03, rtol=0.02)
@@ -95,7 +96,7 @@ def test_prefill_chunks_compute_in_float32_where_bf16_matmuls_are_slow(monkeypat
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
     packed = quantize.Int4Linear(linear)
-    x = torch.randn(quantize.PACKED_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    x = torch.randn(quantize.INT4_MAX_ROWS + 1, 64).to(torch.bfloat16)
     assert quantize.chunk_dtype(x) == (torch.float32 if slow else torch.bfloat16)
     assert quantize.chunk_dtype(x.float()) == torch.float32
     w = packed.dequantized(quantize.chunk_dtype(x))
