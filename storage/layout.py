@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from storage.abstracts import abstract_bytes_per_chunk
-from storage.quant import summary_bytes_per_token
+from storage.quant import gather_head_rows, summary_bytes_per_token
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -112,6 +112,4 @@ class HeadRows:
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [H, n] (< length) -> rows [H, n, D]."""
-        H, cap, D = self.data.shape
-        flat = ids + torch.arange(H, device=ids.device)[:, None] * cap
-        return self.data.view(H * cap, D).index_select(0, flat.view(-1)).view(H, -1, D)
+        return gather_head_rows(self.data, ids)

@@ -142,16 +142,28 @@ def score_keys_at(qk: QuantKeys, q: torch.Tensor, ids: torch.Tensor) -> torch.Te
     return score_dequantized(q, keys_at(qk, ids))
 
 
+def gather_head_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows [H, n, X] of t [H, T, X] at per-head ids [H, n] (< T): one `index_select` over
+    the rows of every head seen as one 2-D view, no copy of t, where its rows are
+    contiguous and its heads a whole number of rows apart (a [H, capacity, X] buffer
+    narrowed to T: the summaries' growable buffers); an expanded `gather` otherwise.
+    (`keys_at` of 2,832 candidates of 3 heads, the embedded model's cluster rerank at 7k
+    tokens: 1.87 ms with expanded gathers, 0.78 ms so, on this CPU.)"""
+    H, T, X = t.shape
+    step = t.stride(0) // X if H > 1 else 0
+    if t.stride(2) != 1 or t.stride(1) != X or (H > 1 and t.stride(0) % X):
+        return torch.gather(t, 1, ids[:, :, None].expand(-1, -1, X))
+    rows = t.as_strided(((H - 1) * step + T, X), (X, 1))
+    flat = ids + torch.arange(H, device=ids.device)[:, None] * step
+    return rows.index_select(0, flat.reshape(-1)).view(H, -1, X)
+
+
 def keys_at(qk: QuantKeys, ids: torch.Tensor) -> torch.Tensor:
     """The dequantized keys k_hat [H, N, D] float32 of token ids [H, N]."""
-    H, N = ids.shape
-    P = qk.codes.shape[-1]
-    codes = torch.gather(qk.codes, 1, ids[:, :, None].expand(H, N, P))  # [H, N, P]
-    codes = unpack(codes, qk.bits).float()  # [H, N, D]
-    D = codes.shape[-1]
-    groups = (ids // qk.group)[:, :, None].expand(H, N, D)
-    scale = torch.gather(qk.scale, 1, groups).float()
-    zero = torch.gather(qk.zero, 1, groups).float()
+    codes = unpack(gather_head_rows(qk.codes, ids), qk.bits).float()  # [H, N, D]
+    groups = ids // qk.group
+    scale = gather_head_rows(qk.scale, groups).float()
+    zero = gather_head_rows(qk.zero, groups).float()
     return zero + scale * codes
 
 

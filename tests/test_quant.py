@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from storage.abstracts import chunk_abstracts, upper_bound_scores
-from storage.quant import dequantize_keys, pack, quantize_keys, score_keys, unpack
+from storage.quant import (
+    dequantize_keys,
+    gather_head_rows,
+    keys_at,
+    pack,
+    quantize_keys,
+    score_keys,
+    unpack,
+)
 
 
 def keys(H=3, T=512, D=64, seed=0):
@@ -53,6 +61,23 @@ def test_scores_on_packed_codes_rank_like_exact(bits, min_recall):
             e = set(exact[h, g].topk(top).indices.tolist())
             recalls.append(len(a & e) / top)
     assert sum(recalls) / len(recalls) >= min_recall
+
+
+def test_head_rows_and_summary_keys_are_gathered_as_by_index():
+    """One index_select over a narrowed [H, capacity, X] buffer (no copy), an expanded
+    gather where the rows are not contiguous; the same rows either way."""
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(3, 40, 8, generator=g)
+    ids = torch.randint(0, 25, (3, 17), generator=g)
+    for t in (buf, buf[:, :25], buf[:1, :25], buf.transpose(1, 2)[:, :, :5]):
+        i = ids[: t.shape[0]] % t.shape[1]
+        want = torch.stack([t[h, i[h]] for h in range(t.shape[0])])
+        assert torch.equal(gather_head_rows(t, i), want)
+    k = torch.randn(2, 64, 16, generator=g)
+    qk = quantize_keys(k, 2, group=16)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    full = dequantize_keys(qk)
+    torch.testing.assert_close(keys_at(qk, ids), torch.stack([full[h, ids[h]] for h in range(2)]))
 
 
 def test_chunk_upper_bound_bounds_every_token():
