@@ -121,9 +121,8 @@ class Conversation:
         self.pinned = 0
         if state is not None:
             self._state, self.messages = state, list(messages or [])
-            self.pinned = int(bool(self.messages) and self.messages[0]["role"] == "system")
-            if pinned is not None:
-                self.pinned = pinned
+            system_first = bool(self.messages) and self.messages[0]["role"] == "system"
+            self.pinned = int(system_first) if pinned is None else pinned
             return
         self._state = KVState(runtime.new_cache())
         self.messages: list[dict[str, str]] = []
