@@ -41,6 +41,11 @@ FORMAT_VERSION = 1
 META_KEY = b"offload"
 WRITE_BUFFER = 1 << 20  # bytes
 ARROW_ALIGNMENT = 64  # bytes: rows of a multiple of it are written as one table
+# Chunks of a file laid out otherwise than this tier writes them (`read_batches`) needed
+# at once before the whole file is read: at least this many, and a quarter of the file
+# (a chunk read alone costs about what one costs in a whole read, 50-60 us for the 8B
+# shape here).
+BULK_READ_MIN, BULK_READ_FRACTION = 8, 4
 SCHEMA_FIELDS = [
     ("kv", pa.binary()),
     ("kmin", pa.binary()),
@@ -143,6 +148,8 @@ class DiskTier:
         self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
         self._meta: dict[str, dict] = {}
         self._mapped: dict[str, pa.Buffer] = {}  # each open file, mapped whole
+        self._places: dict[str, tuple | None] = {}  # where its chunks lie (`_placed`)
+        self._checked: dict[str, np.ndarray] = {}  # its chunks checked in place (`view`)
         self._owner: int | None = None  # fd of the flock'ed OWNER_LOCK while started
 
     def start(self) -> None:
@@ -166,9 +173,8 @@ class DiskTier:
             self._owner = fd
 
     def close(self) -> None:
-        self._readers.clear()
-        self._mapped.clear()
-        self._meta.clear()
+        for d in (self._readers, self._mapped, self._meta, self._places, self._checked):
+            d.clear()
         if self._owner is not None:
             (self.directory / OWNER_LOCK).unlink(missing_ok=True)
             os.close(self._owner)
@@ -262,10 +268,8 @@ class DiskTier:
         return name in self._sizes
 
     def delete(self, name: str) -> None:
-        self._readers.pop(name, None)
-        self._mapped.pop(name, None)
-        self._meta.pop(name, None)
-        self._crcs.pop(name, None)
+        for d in (self._readers, self._mapped, self._meta, self._crcs, self._places, self._checked):
+            d.pop(name, None)
         if name in self._sizes:
             self.used_bytes -= self._sizes.pop(name)
             (self.directory / name).unlink(missing_ok=True)
@@ -309,7 +313,7 @@ class DiskTier:
             source = pa.memory_map(str(path), "r")
             reader = pa.ipc.open_file(source)
             source.seek(0)
-            whole = source.read_buffer()  # the mapped file (no copy): see `_read_in_place`
+            whole = source.read_buffer()  # the mapped file (no copy): see `view`
             meta = json.loads(reader.schema.metadata[META_KEY])
             if meta.get("format_version") != FORMAT_VERSION:
                 raise StorageError(
@@ -335,33 +339,91 @@ class DiskTier:
 
     def read_all(self, name: str) -> torch.Tensor:
         """Every chunk of a file as [n, 2, H, C, D], each checksum verified: a read-only
-        view, of the mapped file itself where its chunks lie at one stride, as this tier
-        writes them (`_read_in_place`), else of the file's KV column made contiguous. The
-        callers copy what they keep: one copy in all, not two or three (a copy costs 25 ms
-        per 1024 chunks of the 8B shape here; a 128k-token session is 256 such files)."""
+        view of the mapped file itself where its chunks lie at one stride, as this tier
+        writes them (`view`), else of the file's KV column made contiguous. The callers
+        copy what they keep: one copy in all, not two or three (a copy costs 25 ms per
+        1024 chunks of the 8B shape here; a 128k-token session is 256 such files)."""
         reader, crcs = self._open(name)
-        kv = self._read_in_place(name, reader, crcs)
-        if kv is None:
-            kv = self._read_column(name, reader, crcs)
+        kv = self.view(name, range(len(crcs)))
+        if kv is not None:
+            return kv
+        return self._as_chunks(self._read_column(name, reader, crcs))
+
+    def read_batches(self, name: str, batches: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """(data, rows): chunk `batches[i]` of file `name` is data[rows[i]] ([2, H, C, D],
+        checksum verified). Where the file's chunks lie at one stride, data is the view of
+        the whole mapped file (no copy: a selection's rows are read from it where they
+        lie, page by page); otherwise the whole file read when many of its chunks are
+        wanted (`BULK_READ_MIN`, a `BULK_READ_FRACTION` of it), else those chunks alone."""
+        kv = self.view(name, batches)
+        if kv is not None:
+            return kv, list(batches)
+        if len(batches) >= max(BULK_READ_MIN, self.num_chunks(name) // BULK_READ_FRACTION):
+            return self.read_all(name), list(batches)
+        return torch.stack([self.read_chunk(name, b) for b in batches]), list(range(len(batches)))
+
+    def unchecked(self, name: str, batches: list[int]) -> int:
+        """How many of `batches` a read would check (all but those this process checked
+        already in a file read in place)."""
+        done = self._checked.get(name)
+        return len(batches) if done is None else int((~done[np.asarray(batches, dtype=np.int64)]).sum())
+
+    def view(self, name: str, batches) -> torch.Tensor | None:
+        """[n, 2, H, C, D]: every chunk of file `name` where it lies in the mapped file
+        (read-only, no copy), with `batches` checksum-verified; None where the chunks do
+        not lie at one stride, or a chunk's crc32 differs (the general reads then name the
+        chunk at fault). Each chunk is checked once in this process: the files are never
+        written again (a question past the host budget reads its chunks at every step:
+        their checks were half of what the reads cost)."""
+        reader, crcs = self._open(name)
+        placed = self._placed(name, reader, len(crcs))
+        if placed is None:
+            return None
+        spans, stride = placed
+        whole, done = self._mapped.get(name), self._checked.get(name)
+        if whole is None or done is None:  # (deleted meanwhile, on another thread)
+            return None
+        todo = np.asarray(batches, dtype=np.int64)
+        todo = todo[~done[todo]]
+        view, crc32 = memoryview(whole), zlib.crc32
+        for i in todo.tolist():
+            crc = 0
+            for p, size in spans:
+                crc = crc32(view[p + i * stride : p + i * stride + size], crc)
+            if crc != crcs[i]:
+                self._places[name] = None  # (the general reads name the chunk)
+                return None
+        done[todo] = True
+        kv_at, kv_size = spans[0]
+        flat = np.frombuffer(whole, dtype=np.uint8)[kv_at:]
+        kv = np.lib.stride_tricks.as_strided(
+            flat, shape=(len(crcs), kv_size), strides=(stride, 1), writeable=False
+        )
+        return self._as_chunks(kv)
+
+    def _as_chunks(self, raw: np.ndarray) -> torch.Tensor:
+        """[n, chunk bytes] uint8 -> [n, 2, H, C, D] of the KV dtype (read-only)."""
         L = self.layout
         with warnings.catch_warnings():  # (read-only: never written to)
             warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(kv).view(self.dtype)
-        return t.reshape(len(crcs), 2, L.num_kv_heads, L.chunk_size, L.head_dim)
+            t = torch.from_numpy(raw).view(self.dtype)
+        return t.reshape(raw.shape[0], 2, L.num_kv_heads, L.chunk_size, L.head_dim)
 
-    def _read_in_place(self, name: str, reader, crcs: list[int]) -> np.ndarray | None:
-        """[n, chunk bytes] uint8 of every chunk's KV where it lies in the mapped file,
-        checksums verified, when the chunks' record batches lie at one stride: the first
-        two and the last say where each column's bytes would be, and each chunk's crc32
-        over the bytes found there proves them its own. None otherwise (a file laid out
-        some other way, or damaged: `_read_column` tells which)."""
-        n = len(crcs)
-        if n < 2:
+    def _placed(self, name: str, reader, n: int) -> tuple[list[tuple[int, int]], int] | None:
+        """(where each column's bytes of chunk 0 lie in the mapped file and their size,
+        the stride from one chunk to the next) when the chunks' record batches lie at one
+        stride, as this tier writes them: the first two and the last say where each
+        column's bytes would be, and each chunk's crc32 over the bytes found there proves
+        them its own (`view`). None otherwise (a file laid out some other way, or
+        damaged). Found once a file."""
+        if name in self._places:
+            return self._places[name]
+        whole = self._mapped.get(name)
+        if whole is None:  # (deleted meanwhile, on another thread)
             return None
-        whole = self._mapped[name]
-        spans, stride = [], None  # (place of chunk 0's bytes, size) of each column
+        spans, stride = [], None
         try:
-            batches = [reader.get_batch(i) for i in (0, 1, n - 1)]
+            batches = [reader.get_batch(i) for i in sorted({0, min(1, n - 1), n - 1})]
             for col in range(len(SCHEMA_FIELDS)):
                 at = []
                 for b in batches:
@@ -370,32 +432,29 @@ class DiskTier:
                     at.append(
                         (arr.buffers()[2].address - whole.address + int(o[0]), int(o[1] - o[0]))
                     )
-                (p0, size), (p1, size1), (last, size2) = at
-                stride = p1 - p0 if stride is None else stride
+                (p0, size), *rest = at
+                # (one chunk: no stride to find, any will do)
+                step = rest[0][0] - p0 if rest else self.layout.chunk_bytes
                 if (
-                    p1 - p0 != stride
-                    or size1 != size
-                    or size2 != size
-                    or last != p0 + (n - 1) * stride
+                    any(s != size for _, s in rest)
+                    or (rest and rest[-1][0] != p0 + (n - 1) * step)
+                    or step != (stride or step)
                 ):
-                    return None
+                    spans = None
+                    break
+                stride = step
                 spans.append((p0, size))
         except Exception:  # (a file the general path reports on)
-            return None
-        kv_at, kv_size = spans[0]
-        if stride <= 0 or kv_size != self.layout.chunk_bytes or stride % self.dtype.itemsize:
-            return None
-        view, crc32 = memoryview(whole), zlib.crc32
-        for i in range(n):  # (per chunk: a session holds hundreds of thousands)
-            crc = 0
-            for p, size in spans:
-                crc = crc32(view[p + i * stride : p + i * stride + size], crc)
-            if crc != crcs[i]:
-                return None
-        flat = np.frombuffer(whole, dtype=np.uint8)[kv_at:]
-        return np.lib.stride_tricks.as_strided(
-            flat, shape=(n, kv_size), strides=(stride, 1), writeable=False
-        )
+            spans = None
+        if spans is not None and (
+            stride <= 0 or spans[0][1] != self.layout.chunk_bytes or stride % self.dtype.itemsize
+        ):
+            spans = None
+        placed = None if spans is None else (spans, stride)
+        if placed is not None:
+            self._checked.setdefault(name, np.zeros(n, dtype=bool))
+        self._places[name] = placed
+        return placed
 
     def _read_column(self, name: str, reader, crcs: list[int]) -> np.ndarray:
         """[n, chunk bytes] uint8 of every chunk's KV, the column made contiguous (one
@@ -430,6 +489,9 @@ class DiskTier:
     def read_chunk(self, name: str, batch: int) -> torch.Tensor:
         """The KV [2, H, C, D] of record batch `batch` of file `name`, checksum verified."""
         reader, crcs = self._open(name)
+        kv = self.view(name, [batch]) if 0 <= batch < len(crcs) else None
+        if kv is not None:
+            return kv[batch].clone()
         path = self.directory / name
         try:
             rb = reader.get_batch(batch)

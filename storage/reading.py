@@ -23,33 +23,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from storage.disk import StorageError
+from storage.disk import BULK_READ_MIN, StorageError
 from storage.layout import HeadRows
 
-# Chunks of one file needed at once before the whole file is read: at least this many,
-# and a quarter of the file (a chunk read alone costs about what one costs in a whole
-# read, 50-60 us for the 8B shape here; a load's recent window is a few chunks of a
-# 1024-chunk session file, a question's selection most of them).
-BULK_READ_MIN, BULK_READ_FRACTION = 8, 4
 RESERVE_MIN = 64  # chunks read back at once that size the layer's slab for all its chunks
 READ_THREADS = min(8, os.cpu_count() or 1)  # files read at once by a question, at most
 
 
-def read_files(disk, names: list[str], threads: int | None = None):
-    """(name, `disk.read_all(name)`) of each file in order; several files are read on
-    `threads` threads, that many ahead of the consumer (a question on a loaded session
-    reads most files of each layer: the checksums and copies release the GIL)."""
-    threads = min(threads or READ_THREADS, len(names))
+def read_files(disk, jobs: list[tuple[str, list[int]]], threads: int | None = None):
+    """(name, `disk.read_batches(name, batches)`) of each (name, batches) in order; several
+    files are read on `threads` threads, that many ahead of the consumer (a question on a
+    loaded session reads most files of each layer: the checksums release the GIL)."""
+    threads = min(threads or READ_THREADS, len(jobs))
     if threads < 2:
-        yield from ((name, disk.read_all(name)) for name in names)
+        yield from ((name, disk.read_batches(name, batches)) for name, batches in jobs)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="offload-read") as pool:
-        ahead = deque(pool.submit(disk.read_all, name) for name in names[:threads])
+        ahead = deque(pool.submit(disk.read_batches, *job) for job in jobs[:threads])
         try:
-            for i, name in enumerate(names):
+            for i, (name, _) in enumerate(jobs):
                 data = ahead.popleft().result()
-                if i + threads < len(names):
-                    ahead.append(pool.submit(disk.read_all, names[i + threads]))
+                if i + threads < len(jobs):
+                    ahead.append(pool.submit(disk.read_batches, *jobs[i + threads]))
                 yield name, data
         finally:
             for f in ahead:  # (a consumer that stopped early: the rest is not read)
@@ -130,24 +125,24 @@ class StoreReads:
         read, which many chunks of one file are). Those in `keep` are put on the host
         (promoted), or with `keep` None, as many as it has free slots for."""
         L = self.layout
-        by_file: dict[str, list[int]] = {}
+        by_file: dict[str, tuple[list[int], list[int]]] = {}  # file: its chunks, their batches
         for c in chunks:
             rec = self.directory.disk.get((layer, c))
             if rec is None:
                 raise StorageError(f"chunk {c} of layer {layer} is in no tier")
-            by_file.setdefault(rec.file, []).append(c)
-        bulk = {
-            name for name, group in by_file.items()
-            if len(group) >= max(BULK_READ_MIN, self.disk.num_chunks(name) // BULK_READ_FRACTION)
+            group, batches = by_file.setdefault(rec.file, ([], []))
+            group.append(c)
+            batches.append(rec.batch)
+        # Files with many chunks to check (first read in this process) on threads; the
+        # others, their chunks checked already or few, where they are consumed.
+        heavy = {
+            name for name, (_, batches) in by_file.items()
+            if self.disk.unchecked(name, batches) >= BULK_READ_MIN
         }  # fmt: skip
-        with contextlib.closing(read_files(self.disk, [n for n in by_file if n in bulk])) as files:
-            for name, group in by_file.items():  # (the bulk files come in this order)
-                if name in bulk:
-                    rows = [self.directory.disk[(layer, c)].batch for c in group]
-                    data = next(files)[1]
-                else:
-                    rows = list(range(len(group)))
-                    data = torch.stack([self._chunk_kv(layer, c)[1] for c in group])
+        jobs = [(name, batches) for name, (_, batches) in by_file.items() if name in heavy]
+        with contextlib.closing(read_files(self.disk, jobs)) as files:
+            for name, (group, batches) in by_file.items():  # (the heavy ones in this order)
+                data, rows = next(files)[1] if name in heavy else self.disk.read_batches(name, batches)
                 self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
                 kept = [i for i, c in enumerate(group) if keep is None or c in keep]
                 if kept:

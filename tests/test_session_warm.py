@@ -223,7 +223,8 @@ def test_a_bulk_read_back_sizes_the_layers_slab_once(tiny, tmp_path, monkeypatch
 def test_a_question_reads_a_layers_files_on_threads(tiny, tmp_path, monkeypatch):
     """A layer saved as several files (a long session: 1024 chunks a file) is read by a
     question asked at once on threads, files ahead of their use: the same answer as
-    before the save, every file read once; a corrupt file is still named."""
+    before the save, each chunk's checksum checked once however many steps read it; a
+    corrupt file is still named."""
     import storage.reading as reading
     import storage.saving as saving
 
@@ -234,17 +235,18 @@ def test_a_question_reads_a_layers_files_on_threads(tiny, tmp_path, monkeypatch)
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
     per_layer = Counter(layer for layer, _ in Warmer(store).files())
     assert min(per_layer.values()) > 3  # more files than threads
-    threads, reads = set(), Counter()
-    real = store.disk.read_all
+    threads, checks = set(), Counter()
+    real = store.disk.read_batches
 
-    def read_all(name):
+    def read_batches(name, batches):
         threads.add(threading.current_thread().name)
-        reads[name] += 1
-        return real(name)
+        checks[name] += store.disk.unchecked(name, batches)
+        return real(name, batches)
 
-    monkeypatch.setattr(store.disk, "read_all", read_all)
+    monkeypatch.setattr(store.disk, "read_batches", read_batches)
     assert loaded.ask("seven stones", max_new_tokens=6) == want
-    assert set(reads.values()) == {1} and len(reads) > 2 * 3  # each once, layers of 3+ files
+    assert len(checks) > 2 * 3  # layers of 3+ files
+    assert all(0 < n <= store.disk.num_chunks(name) for name, n in checks.items())
     assert any(t.startswith("offload-read") for t in threads)
 
 
@@ -252,37 +254,36 @@ def test_files_read_ahead_come_in_order_and_a_failed_read_is_raised_at_its_turn(
     import storage.reading as reading
 
     class Disk:
-        def read_all(self, name):
+        def read_batches(self, name, batches):
             if name == "bad":
                 raise StorageError("bad: checksum mismatch in chunk 0: the file is corrupt")
             return name
 
     names = ["a", "b", "c", "bad", "d"]
-    got = reading.read_files(Disk(), names, threads=3)
+    got = reading.read_files(Disk(), [(n, [0]) for n in names], threads=3)
     assert [next(got) for _ in range(3)] == [(n, n) for n in "abc"]
     with pytest.raises(StorageError, match="bad: checksum mismatch"):
         next(got)
 
 
 def test_a_load_reads_its_few_chunks_alone_and_leaves_room_to_grow(tiny, tmp_path, monkeypatch):
-    """Opening a session reads the recent window's chunks one by one, not the whole
-    files they sit in (a 128k-token session's files hold 1024 chunks each, the window
-    17), and sizes the summaries with room, so the first tokens after it copy nothing."""
-    from storage.disk import DiskTier
-
+    """Opening a session reads the recent window's chunks alone, not the whole files they
+    sit in (a 128k-token session's files hold 1024 chunks each, the window 17): only
+    their checksums are checked; and sizes the summaries with room, so the first tokens
+    after it copy nothing."""
     rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)
     want = rt.ask("seven stones", max_new_tokens=6)
-    calls = Counter()
-    for name in ("read_all", "read_chunk"):
-        real = getattr(DiskTier, name)
-        monkeypatch.setattr(
-            DiskTier, name, lambda self, *a, _r=real, _n=name: calls.update([_n]) or _r(self, *a)
-        )
     loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
-    assert calls["read_all"] == 0 and calls["read_chunk"] > 0
+    C, on_disk = store.layout.chunk_size, _chunks(store) - store.directory.host_count
+
+    def checked() -> int:
+        return sum(int(d.sum()) for d in store.disk._checked.values())
+
+    window = -(-(store.window + C) // C) + 1  # (the window's chunks, their ends unaligned)
+    assert 0 < checked() <= store.layout.num_layers * window < on_disk
     grown = count_reallocations(monkeypatch)
     assert loaded.ask("seven stones", max_new_tokens=6) == want
-    assert calls["read_all"] > 0  # the question needs most chunks: whole files
+    assert checked() > store.layout.num_layers * window  # the question needs most chunks
     assert not grown
 
 
