@@ -366,7 +366,9 @@ class DiskTier:
         """How many of `batches` a read would check (all but those this process checked
         already in a file read in place)."""
         done = self._checked.get(name)
-        return len(batches) if done is None else int((~done[np.asarray(batches, dtype=np.int64)]).sum())
+        if done is None:
+            return len(batches)
+        return int((~done[np.asarray(batches, dtype=np.int64)]).sum())
 
     def view(self, name: str, batches) -> torch.Tensor | None:
         """[n, 2, H, C, D]: every chunk of file `name` where it lies in the mapped file

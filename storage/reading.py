@@ -142,7 +142,10 @@ class StoreReads:
         jobs = [(name, batches) for name, (_, batches) in by_file.items() if name in heavy]
         with contextlib.closing(read_files(self.disk, jobs)) as files:
             for name, (group, batches) in by_file.items():  # (the heavy ones in this order)
-                data, rows = next(files)[1] if name in heavy else self.disk.read_batches(name, batches)
+                if name in heavy:
+                    data, rows = next(files)[1]
+                else:
+                    data, rows = self.disk.read_batches(name, batches)
                 self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
                 kept = [i for i, c in enumerate(group) if keep is None or c in keep]
                 if kept:
