@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 
 from storage.abstracts import ChunkAbstracts
+from storage.atomic import write_atomic
 from storage.errors import DiskFullError, StorageError  # noqa: F401 (re-exported)
 from storage.layout import KVLayout
 from storage.stale import OWNER_LOCK
@@ -56,39 +57,6 @@ SCHEMA_FIELDS = [
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint8).reshape(-1).numpy()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, payload) -> None:
-    """Write `payload` to `path` via a temporary file, fsync, rename, fsync the directory.
-    `payload`: bytes, or a function that writes the file at the path it is given (and
-    may raise to leave nothing behind)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        if callable(payload):
-            payload(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def crc32_digest(crcs: list[int]) -> str:

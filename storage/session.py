@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from storage.abstracts import ABSTRACT_KEYS
-from storage.disk import fsync_dir, write_atomic
+from storage.atomic import fsync_dir, write_atomic
 from storage.errors import DiskFullError, SessionError, SessionLockedError
 from storage.hashing import file_entry, hash_checks, sha256_file  # noqa: F401 (re-exported)
 from storage.layout import KVLayout
