@@ -318,7 +318,7 @@ class Prefetcher:
         L = self.store.layout
         with self._lock:
             self.stats.copied += copied
-            self.stats.copied_bytes += copied * 2 * L.head_dim * L.dtype_bytes
+            self.stats.copied_bytes += copied * L.row_bytes
             if speculative:
                 self.stats.spec_copied += copied
 

@@ -317,7 +317,7 @@ class TieredPlan:
             # step's rows: twice as many, the successors' among them)
             n = len(self.sparse) * self.layout.num_kv_heads * stats.last_retrieved
             n *= 1 + reused
-            self.store.reads.add("host", n, n * self._row_bytes)
+            self.store.reads.add("host", n, n * self.layout.row_bytes)
         C = self.layout.chunk_size
         if num_tokens % (C * self.flush_chunks) == 0:
             self._hand_over(num_tokens)  # (queued after this step: its own tokens go too)
@@ -330,11 +330,6 @@ class TieredPlan:
         for _ in range(min(most, len(self._index_due))):
             self.policy.update(self.store, self._index_due[0])
             del self._index_due[0]  # (after: a layer whose update stopped stays due)
-
-    @property
-    def _row_bytes(self) -> int:
-        """Bytes of one token's K and V for one KV head."""
-        return 2 * self.layout.head_dim * self.layout.dtype_bytes
 
     def truncate(self, num_tokens: int) -> None:
         for hc in self.hit_caches.values():
@@ -366,7 +361,7 @@ class TieredPlan:
 
     def _count_lookups(self, counted: tuple[int, int]) -> None:
         copied = counted[0] - counted[1]  # (lookups - hits)
-        self.store.reads.add("host", copied, copied * self._row_bytes)
+        self.store.reads.add("host", copied, copied * self.layout.row_bytes)
         if self.cache.prefetcher is not None:  # reported with the eager path's figures
             self.cache.prefetcher.count_lookups(counted[0], copied)
 

@@ -45,6 +45,11 @@ class KVLayout:
         return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     @property
+    def row_bytes(self) -> int:
+        """K and V of one token of one KV head (a selected row)."""
+        return 2 * self.head_dim * self.dtype_bytes
+
+    @property
     def token_bytes(self) -> int:
         """K and V of one token across all layers."""
         return self.num_layers * self.token_bytes_per_layer

@@ -115,15 +115,19 @@ class StoreReads:
         it has free slots (or all, with `keep_all`: the caller restores the budget), so a
         loaded session is read from disk once, when first needed."""
         keep = set(chunks) if keep_all else None
-        for group, data, rows in self._read_disk_groups(layer, chunks, keep):
+        for group, data, rows in self._read_disk_groups(layer, chunks, keep, whole=each):
             if each:
                 yield from zip(group, take_rows(data, rows), strict=True)
 
-    def _read_disk_groups(self, layer: int, chunks: list[int], keep: set[int] | None = None):
+    def _read_disk_groups(
+        self, layer: int, chunks: list[int], keep: set[int] | None = None, whole: bool = True
+    ):
         """Yield (group, data, rows) for chunks on disk, a file at a time: chunk group[i] is
-        data[rows[i]] ([2, H, C, D]; data is the whole file where it was read in one bulk
-        read, which many chunks of one file are). Those in `keep` are put on the host
-        (promoted), or with `keep` None, as many as it has free slots for."""
+        data[rows[i]] ([2, H, C, D]; data is the whole file, mapped, or read in one bulk
+        read: `DiskTier.read_batches`). Those in `keep` are put on the host (promoted), or
+        with `keep` None, as many as it has free slots for. Counted as read: every chunk,
+        and the bytes of those put on the host, or (`whole`: the caller takes them all
+        whole) of all."""
         L = self.layout
         by_file: dict[str, tuple[list[int], list[int]]] = {}  # file: its chunks, their batches
         for c in chunks:
@@ -146,12 +150,13 @@ class StoreReads:
                     data, rows = next(files)[1]
                 else:
                     data, rows = self.disk.read_batches(name, batches)
-                self.reads.add("disk", len(group), len(group) * L.chunk_bytes)
                 kept = [i for i, c in enumerate(group) if keep is None or c in keep]
+                n = 0
                 if kept:
                     room = None if keep is None else len(kept)
                     kv = take_rows(data, [rows[i] for i in kept])
-                    self.keep_on_host(layer, [group[i] for i in kept], kv, room)
+                    n = self.keep_on_host(layer, [group[i] for i in kept], kv, room)
+                self.reads.add("disk", len(group), (len(group) if whole else n) * L.chunk_bytes)
                 yield group, data, rows
 
     def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
@@ -255,10 +260,9 @@ class StoreReads:
         L = self.layout
         ids_cpu = ids.to("cpu")
         host = self.host[layer]
-        n_bytes = ids.numel() * 2 * L.head_dim * L.dtype_bytes
         if host.in_order(self.lengths[layer]):  # all on the host, in place: the fast path
             self._mark_recent(layer, ids_cpu.reshape(-1) // L.chunk_size)
-            self.reads.add("host", ids.numel(), n_bytes)
+            self.reads.add("host", ids.numel(), ids.numel() * L.row_bytes)
             if host.pin:  # (CUDA) the device reads just these rows from the pinned slab
                 return host.gather_in_order(ids.to(self.device), host.device_view(self.device))
             return self.to_device(host.gather_in_order(ids_cpu))
@@ -269,17 +273,18 @@ class StoreReads:
         if room is None:
             for _ in self._read_disk_chunks(layer, missing, keep_all=True, each=False):
                 pass
-            kv = host.gather_heads(ids_cpu)
+            kv, from_files = host.gather_heads(ids_cpu), 0
         else:
-            kv = self._gather_within(layer, ids_cpu, chunks, hits, missing, room)
-        self.reads.add("host", ids.numel(), n_bytes)
+            kv, from_files = self._gather_within(layer, ids_cpu, chunks, hits, missing, room)
+        n = ids.numel() - from_files
+        self.reads.add("host", n, n * L.row_bytes)
         if self.directory.over_budget():
             self.spill()
         return self.to_device(kv)
 
     def _gather_within(
         self, layer: int, ids: torch.Tensor, chunks, hits, missing: list[int], room: int
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, int]:
         """gather_selected's rows [2, H, k, D] where the `missing` chunks (on disk) do not
         all fit on the host (`room`: the slots it may take, `room_left`): the most
         selected (`hits`) take those, the others' rows are taken from what was read,
@@ -298,15 +303,16 @@ class StoreReads:
 
     def _gather_read(self, layer: int, ids, chunks, missing: list[int], keep: set[int]):
         """The rows [2, H, k, D] of `ids`: from the host, and from the `missing` chunks'
-        files as read, `keep` of them put on the host on the way."""
+        files as read, `keep` of them put on the host on the way; and how many rows came
+        from the files."""
         host, C = self.host[layer], self.layout.chunk_size
         parts = []  # (a file's data, the rows and the chunks of it not kept)
-        for group, data, rows in self._read_disk_groups(layer, missing, keep):
+        for group, data, rows in self._read_disk_groups(layer, missing, keep, whole=False):
             left = [i for i, c in enumerate(group) if c not in keep]
             if left:
                 parts.append((data, [rows[i] for i in left], [group[i] for i in left]))
         if not parts:
-            return host.gather_heads(ids)
+            return host.gather_heads(ids), 0
         part_of = torch.full((int(chunks.max()) + 1,), -1, dtype=torch.long)
         row_of = torch.zeros_like(part_of)
         for p, (_, rows, left) in enumerate(parts):
@@ -315,14 +321,16 @@ class StoreReads:
         part = part_of[ids // C]  # [H, k]: the part the row is read from, -1: on the host
         heads = torch.arange(ids.shape[0])[:, None].expand_as(ids)
         out = torch.empty(2, *ids.shape, self.layout.head_dim, dtype=self.dtype)
-        for p, (data, _, _) in enumerate(parts):  # (the rows straight from the reads: no copy)
+        from_files = int((part >= 0).sum())
+        self.reads.add("disk", 0, from_files * self.layout.row_bytes)
+        for p, (data, _, _) in enumerate(parts):  # (the rows straight from the files: no copy)
             at = part == p
             t = ids[at]
             out[:, at] = data[row_of[t // C], :, heads[at], t % C].transpose(0, 1)
         there = part < 0
         if bool(there.any()):
             out[:, there] = host.gather_rows(heads[there], ids[there])
-        return out
+        return out, from_files
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> compute device; on CUDA through pinned staging, asynchronously
