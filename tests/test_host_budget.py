@@ -85,7 +85,14 @@ def test_a_selection_past_a_layers_share_takes_the_rest_from_what_it_read(tmp_pa
             store.settle()
             return store.reads.count["disk"] - before
 
-        assert read() == read() == len(selected)  # (no room: nothing kept, nothing spilled)
+        def bytes_read() -> dict[str, int]:
+            return dict(store.reads.nbytes)
+
+        at = bytes_read()
+        assert read() == len(selected)  # (no room: nothing kept, nothing spilled)
+        got = {t: n - at[t] for t, n in bytes_read().items()}  # each row counted once
+        assert got["host"] + got["disk"] == ids.numel() * LAYOUT.row_bytes and got["disk"] > 0
+        assert read() == len(selected)
         assert store.spilled_chunks == 1024 - 128
         store.truncate(1024 - 16 * 4)  # the newest 16 chunks of each layer: 16 slots free
         assert read() == len(selected)
