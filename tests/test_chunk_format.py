@@ -90,13 +90,13 @@ def test_a_file_laid_out_otherwise_or_damaged_takes_the_general_read(tmp_path):
             tier.read_all(name)
 
 
-@pytest.mark.parametrize("n", [6, 1])
-def test_a_files_chunks_are_read_in_place_and_each_checked_once(tmp_path, n):
+@pytest.mark.parametrize("n, head_dim", [(6, 16), (6, 8), (1, 16)])
+def test_a_files_chunks_are_read_in_place_and_each_checked_once(tmp_path, n, head_dim):
     """Some chunks of a file come as the view of the whole mapped file with only those
     chunks' checksums checked, each once in the process (a question past the host budget
     reads them at every step); a damaged chunk is still named when it is first read, and
     from then on the file is read through the general path."""
-    disk, name, data, _ = _written(tmp_path, n, head_dim=16)
+    disk, name, data, _ = _written(tmp_path, n, head_dim)  # (8: written a batch at a time)
     wanted = [n - 1, 0] if n > 1 else [0]
     kv, rows = disk.read_batches(name, wanted)
     assert torch.equal(kv[rows], data[wanted]) and kv.shape[0] == n
