@@ -255,7 +255,8 @@ class StoreReads:
         and the host budget is restored afterwards. Where the layer keeps to its share
         of the budget (CUDA, past it: storage/spill.py), or they do not all fit in the
         host budget, it keeps the most selected of them within that room and the rows
-        of the rest come from what was read.
+        of the rest come from what was read; while a loaded session's warm-up runs, it
+        keeps none (the warm-up puts them in their slots).
         """
         L = self.layout
         ids_cpu = ids.to("cpu")
@@ -270,6 +271,13 @@ class StoreReads:
         self._mark_recent(layer, chunks)
         missing = host.missing(chunks)  # only chunks on disk take the slow path
         room = self.room_left(layer, len(missing)) if missing else None
+        if room is None and self.warming:
+            # A session's warm-up puts every chunk into its slot (on CUDA into the layer's
+            # pinned slab, which the grower thread pins meanwhile, 1.5 GB/s on the H100
+            # machine): the rows come from the files until then. Kept here, the chunks a
+            # question touches (most of every layer) would have it pin, or wait for, each
+            # layer's slab before its first token.
+            room = 0
         if room is None:
             for _ in self._read_disk_chunks(layer, missing, keep_all=True, each=False):
                 pass

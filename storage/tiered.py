@@ -410,6 +410,11 @@ class TieredStore(StoreReads, StoreSpills):
             self._warmer = Warmer(self).start()
         return self._warmer
 
+    @property
+    def warming(self) -> bool:
+        """Is a loaded session's warm-up reading its files meanwhile (`warm`)?"""
+        return self._warmer is not None and self._warmer.running
+
     # -- accounting --------------------------------------------------------------
 
     @property

@@ -50,6 +50,11 @@ class Warmer:
             t.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """Are its readers still reading (started, neither done nor stopped)?"""
+        return any(t.is_alive() for t in self._threads)
+
     def stop(self) -> None:
         self._stop.set()
         self.wait()
@@ -60,8 +65,8 @@ class Warmer:
 
     def files(self) -> dict[tuple[int, str], list[int]]:
         """The chunks on disk and not on the host, by (layer, file), the last layer first:
-        a question asked at once reads from the first layer up, so the two meet halfway
-        instead of reading the same files twice."""
+        a question asked at once reads from the first layer up (and keeps the layers it
+        reads whole), so the two meet halfway instead of reading the same files twice."""
         store = self.store
         out: dict[tuple[int, str], list[int]] = {}
         with store.lock:

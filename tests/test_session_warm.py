@@ -127,6 +127,36 @@ def test_a_warmed_session_decodes_through_the_fixed_shape_step(tiny, tmp_path, m
     assert loaded._state.cache.step.plan.steps > 0
 
 
+def test_a_question_asked_while_warming_takes_its_rows_from_the_files(tiny, tmp_path, monkeypatch):
+    """As on CUDA: a question asked while the warm-up still reads (here held back) keeps
+    none of the chunks its selections touch (the warm-up puts them in their slots; on
+    CUDA, into the slabs the grower thread pins meanwhile): their rows come from the
+    files, each counted once, and the answer is the saver's. Then the warm-up reads the
+    whole session in, and the next question reads memory only."""
+    go = threading.Event()
+    real = Warmer._reader
+    monkeypatch.setattr(Warmer, "_reader", lambda self: go.wait() and real(self))
+    try:
+        loaded, want = _loaded_as_on_cuda(tiny, tmp_path, monkeypatch, questions=QUESTIONS)
+        store = loaded._state.cache.store
+        assert store.warming
+        L, T = store.layout, store.num_tokens
+        sparse = range(loaded.config.selection.dense_layers, L.num_layers)  # (a dense layer
+        # is read whole, and keeps what it read)
+        held = [store.host[i].num_chunks for i in sparse]
+        assert [loaded.ask(QUESTIONS[0][0], max_new_tokens=6)] == want[:1]
+        new = L.num_chunks(store.num_tokens) - L.num_chunks(T)  # the question's, the answer's
+        assert store.warming and [store.host[i].num_chunks - new for i in sparse] == held
+        assert loaded.stats()["tier_read_bytes"]["disk"] > 0
+    finally:
+        go.set()
+    store.warm().wait()
+    assert not store.warming and store.directory.host_count == _chunks(store)
+    assert [loaded.ask(QUESTIONS[1][0], max_new_tokens=6)] == want[1:]
+    assert loaded.stats()["tier_reads"]["disk"] == 0
+    loaded.close()
+
+
 @pytest.mark.parametrize("session", [True, False], ids=["session", "document"])
 def test_a_documents_index_is_on_the_device_before_the_first_question(
     tiny, tmp_path, monkeypatch, session
