@@ -120,7 +120,7 @@ class DiskTier:
         self._readers: dict[str, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
         self._meta: dict[str, dict] = {}
         self._mapped: dict[str, pa.Buffer] = {}  # each open file, mapped whole
-        self._places: dict[str, tuple | None] = {}  # where its chunks lie (`_placed`)
+        self._places: dict[str, tuple | None] = {}  # where its chunks lie, their view (`_placed`)
         self._checked: dict[str, np.ndarray] = {}  # its chunks checked in place (`view`)
         self._owner: int | None = None  # fd of the flock'ed OWNER_LOCK while started
 
@@ -353,27 +353,23 @@ class DiskTier:
         placed = self._placed(name, reader, len(crcs))
         if placed is None:
             return None
-        spans, stride = placed
+        spans, stride, kv = placed
         whole, done = self._mapped.get(name), self._checked.get(name)
         if whole is None or done is None:  # (deleted meanwhile, on another thread)
             return None
         todo = np.asarray(batches, dtype=np.int64)
         todo = todo[~done[todo]]
-        view = memoryview(whole)
-        for i in todo.tolist():
-            crc = 0
-            for p, size in spans:
-                crc = crc32(view[p + i * stride : p + i * stride + size], crc)
-            if crc != crcs[i]:
-                self._places[name] = None  # (the general reads name the chunk)
-                return None
-        done[todo] = True
-        kv_at, kv_size = spans[0]
-        flat = np.frombuffer(whole, dtype=np.uint8)[kv_at:]
-        kv = np.lib.stride_tricks.as_strided(
-            flat, shape=(len(crcs), kv_size), strides=(stride, 1), writeable=False
-        )
-        return self._as_chunks(kv)
+        if len(todo):
+            view = memoryview(whole)
+            for i in todo.tolist():
+                crc = 0
+                for p, size in spans:
+                    crc = crc32(view[p + i * stride : p + i * stride + size], crc)
+                if crc != crcs[i]:
+                    self._places[name] = None  # (the general reads name the chunk)
+                    return None
+            done[todo] = True
+        return kv
 
     def _as_chunks(self, raw: np.ndarray) -> torch.Tensor:
         """[n, chunk bytes] uint8 -> [n, 2, H, C, D] of the KV dtype (read-only)."""
@@ -383,13 +379,13 @@ class DiskTier:
             t = torch.from_numpy(raw).view(self.dtype)
         return t.reshape(raw.shape[0], 2, L.num_kv_heads, L.chunk_size, L.head_dim)
 
-    def _placed(self, name: str, reader, n: int) -> tuple[list[tuple[int, int]], int] | None:
+    def _placed(self, name: str, reader, n: int) -> tuple | None:
         """(where each column's bytes of chunk 0 lie in the mapped file and their size,
-        the stride from one chunk to the next) when the chunks' record batches lie at one
-        stride, as this tier writes them: the first two and the last say where each
-        column's bytes would be, and each chunk's crc32 over the bytes found there proves
-        them its own (`view`). None otherwise (a file laid out some other way, or
-        damaged). Found once a file."""
+        the stride from one chunk to the next, the chunks' KV there as [n, 2, H, C, D])
+        when the chunks' record batches lie at one stride, as this tier writes them: the
+        first two and the last say where each column's bytes would be, and each chunk's
+        crc32 over the bytes found there proves them its own (`view`). None otherwise (a
+        file laid out some other way, or damaged). Found once a file."""
         if name in self._places:
             return self._places[name]
         whole = self._mapped.get(name)
@@ -424,8 +420,14 @@ class DiskTier:
             stride <= 0 or spans[0][1] != self.layout.chunk_bytes or stride % self.dtype.itemsize
         ):
             spans = None
-        placed = None if spans is None else (spans, stride)
-        if placed is not None:
+        placed = None
+        if spans is not None:
+            kv_at, kv_size = spans[0]
+            flat = np.frombuffer(whole, dtype=np.uint8)[kv_at:]
+            kv = np.lib.stride_tricks.as_strided(
+                flat, shape=(n, kv_size), strides=(stride, 1), writeable=False
+            )
+            placed = (spans, stride, self._as_chunks(kv))
             self._checked.setdefault(name, np.zeros(n, dtype=bool))
         self._places[name] = placed
         return placed

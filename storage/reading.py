@@ -10,7 +10,9 @@ they live, brought to the compute device.
     file_holding(layer, chunks) the disk file of exactly those chunks (a save links it)
 
 Chunks read from disk are kept on the host while it has room (a loaded session is
-read once). `TierReads` counts what each tier served.
+read once); a selection's rows past that room, or while a loaded session's warm-up
+runs, are taken from the mapped chunk files where they lie (`DiskTier.read_batches`).
+`TierReads` counts what each tier served.
 """
 
 from __future__ import annotations
