@@ -408,7 +408,7 @@ class DiskTier:
                 if (
                     any(s != size for _, s in rest)
                     or (rest and rest[-1][0] != p0 + (n - 1) * step)
-                    or step != (stride or step)
+                    or (stride is not None and step != stride)
                 ):
                     spans = None
                     break
