@@ -6,7 +6,7 @@ arrives as one turn. Ctrl-C stops an answer being generated and returns to the
 prompt (at the prompt it clears the line); Ctrl-D or /exit quits. When standard
 input is not a terminal (a pipe, a script), each line is one turn.
 
-Commands: /reset, /stats, /save DIR, /file PATH [text], /exit.
+Commands: /reset, /stats, /save [--replace] DIR, /file PATH [text], /exit.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from cli.render import CUT_NOTE, PrefillBar, render_stats
 from offload.config import human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
-from storage.errors import StorageError
+from storage.errors import SessionExistsError, StorageError
 
 HINT = "/reset clears the conversation, /stats shows figures, /save DIR saves it, /file PATH [text] sends a file, /exit quits (Ctrl-C stops an answer)"
 COMMANDS = "/reset /stats /save DIR /file PATH /exit"
+REPLACE = "--replace"
+SAVE_USAGE = f"/save [{REPLACE}] DIR"
 
 
 class LineReader:
@@ -78,20 +80,7 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             render_stats(console, rt.stats())
             continue
         if cmd == "/save" or cmd.startswith("/save "):
-            target = cmd[len("/save") :].strip()
-            if not target:
-                console.print("[yellow]usage: /save DIR[/]")
-                continue
-            try:
-                with console.status(f"saving to {escape(target)}"):
-                    info = conv.save(target)
-            except (OffloadError, StorageError) as e:
-                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-                continue
-            console.print(
-                f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) "
-                f"to {escape(target)} in {info['seconds']:.1f}s[/]"
-            )
+            save(conv, console, cmd[len("/save") :].strip())
             continue
         if cmd == "/file" or cmd.startswith("/file "):
             name, _, rest = cmd[len("/file") :].strip().partition(" ")
@@ -109,6 +98,31 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             console.print(f"[yellow]unknown command {escape(cmd.split()[0])}[/] ({COMMANDS})")
             continue
         answer(rt, conv, console, text, max_new_tokens, sampling)
+
+
+def save(conv, console: Console, args: str) -> None:
+    """`/save [--replace] DIR`: the conversation as a chat session (a session already in
+    DIR, other than the one this chat was resumed from or saved to, only with --replace)."""
+    replace = args == REPLACE or args.startswith(REPLACE + " ")
+    target = args[len(REPLACE) :].strip() if replace else args
+    if not target:
+        console.print(f"[yellow]usage: {escape(SAVE_USAGE)}[/]")
+        return
+    try:
+        with console.status(f"saving to {escape(target)}"):
+            info = conv.save(target, replace=replace)
+    except SessionExistsError as e:
+        hint = f": /save {REPLACE} {target} replaces it"
+        console.print(f"[bold red]error:[/] {escape(str(SessionExistsError(e.path, hint)))}",
+                      highlight=False)  # fmt: skip
+        return
+    except (OffloadError, StorageError) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return
+    console.print(
+        f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) "
+        f"to {escape(target)} in {info['seconds']:.1f}s[/]"
+    )
 
 
 def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> None:

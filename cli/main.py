@@ -284,13 +284,18 @@ def chat(model, config, overrides, system, session_dir, max_new_tokens, **opts):
 @click.argument("files", nargs=-1, required=True)
 @click.option("--session", "session_dir", required=True, help="Directory to save the session in.")
 @click.option("--system", default=None, help="System prompt saved with the document.")
+@click.option("--replace", is_flag=True, help="Replace a session already in that directory.")
 @friendly_errors
-def ingest(model, config, overrides, files, session_dir, system):
+def ingest(model, config, overrides, files, session_dir, system, replace):
     """Prefill FILES once and save their KV, summaries and index as a session."""
+    from storage.errors import SessionExistsError
     from storage.session import check_dir
 
     text = read_documents(files)
-    check_dir(Path(session_dir))  # fail before the long prefill, not after; create nothing yet
+    try:  # fail before the long prefill, not after; create nothing yet
+        check_dir(Path(session_dir), replace)
+    except SessionExistsError as e:
+        raise SessionExistsError(e.path, ": pass --replace to replace it") from None
     rt = load_runtime(model, config, overrides)
     bar = PrefillBar(err_console)
     t = time.perf_counter()
@@ -299,7 +304,7 @@ def ingest(model, config, overrides, files, session_dir, system):
     finally:
         bar.close()
     with err_console.status(f"saving the session to {session_dir}"):
-        saved = rt.save_session(session_dir)
+        saved = rt.save_session(session_dir, replace=replace)
     err_console.print(
         f"ingested {info['tokens']:,} tokens in {time.perf_counter() - t:.1f}s "
         f"(prefill {info['prefill_seconds']:.1f}s, index {info['index_seconds']:.1f}s, "

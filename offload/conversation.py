@@ -119,6 +119,9 @@ class Conversation:
         # Leading messages a trim never drops: the system prompt, a document chat's first
         # exchange once it has one (saved with a chat session: `pinned_messages`).
         self.pinned = 0
+        # The session this conversation was resumed from or last saved to: a save there
+        # continues it (needs no `replace`).
+        self.session_path: Path | None = None
         if state is not None:
             self._state, self.messages = state, list(messages or [])
             system_first = bool(self.messages) and self.messages[0]["role"] == "system"
@@ -211,12 +214,17 @@ class Conversation:
     def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> str:
         return "".join(step.text for step in self.stream(text, max_new_tokens, **sampling))
 
-    def save(self, path: str | Path) -> dict:
-        """Save this conversation (its KV and messages) as a chat session."""
-        from offload.session import save_state
+    def save(self, path: str | Path, replace: bool = False) -> dict:
+        """Save this conversation (its KV and messages) as a chat session: into a new or
+        empty directory, the session it was resumed from or last saved to, or another
+        session when `replace` says so."""
+        from offload.session import same_session, save_state, session_dir
 
+        replace = replace or same_session(path, self.session_path)
         extra = {"messages": self.messages, "pinned_messages": self.pinned}
-        return save_state(self.runtime, self._state, path, "chat", extra)
+        info = save_state(self.runtime, self._state, path, "chat", extra, replace)
+        self.session_path = session_dir(path)
+        return info
 
     def close(self) -> None:
         self._state.cache.close()

@@ -94,6 +94,9 @@ class Runtime:
         self._last_state = self._state  # whose cache stats() reports
         self.document: dict | None = None  # set by load_document / a document session
         self.session: dict = {}  # what a loaded session said about itself
+        # The session directory this runtime's document or prompt was loaded from or last
+        # saved to: a save there needs no `replace` (offload/session.py, `same_session`).
+        self.session_path: Path | None = None
 
     @classmethod
     def from_pretrained(
@@ -319,6 +322,7 @@ class Runtime:
         if not text.strip():
             raise OffloadError("the document is empty")
         self.document = {"text": text, "system": system}
+        self.session_path = None  # (another document: a save must not replace a session unasked)
         ids = self._document_ids()
         self._check_fits(ids, "the document")
         caches.check_device_room(self, self._state.cache, len(ids), "the document")
@@ -358,15 +362,22 @@ class Runtime:
     def ask(self, question: str, max_new_tokens: int | None = None, **sampling) -> str:
         return "".join(s.text for s in self.stream_ask(question, max_new_tokens, **sampling))
 
-    def save_session(self, path: str | Path) -> dict:
-        """Save the runtime's KV (a loaded document, or the last prompt) to a session directory."""
-        from offload.session import save_state
+    def save_session(self, path: str | Path, replace: bool = False) -> dict:
+        """Save the runtime's KV (a loaded document, or the last prompt) to a session
+        directory: a new or empty one, the session this runtime was loaded from or last
+        saved to, or another session when `replace` says so."""
+        from offload.session import same_session, save_state, session_dir
 
+        replace = replace or same_session(path, self.session_path)
         if self.document is None:
-            return save_state(self, self._state, path, "prompt", {})
-        # A document session holds the document only: cut any question and answer away.
-        self._state.prepare(self._document_ids(), need_logits=False)
-        return save_state(self, self._state, path, "document", {"document": self.document})
+            info = save_state(self, self._state, path, "prompt", {}, replace)
+        else:
+            # A document session holds the document only: cut any question and answer away.
+            self._state.prepare(self._document_ids(), need_logits=False)
+            doc = {"document": self.document}
+            info = save_state(self, self._state, path, "document", doc, replace)
+        self.session_path = session_dir(path)
+        return info
 
     @classmethod
     def load_session(
@@ -396,6 +407,7 @@ class Runtime:
         info = check_session_kind(self, "chat")
         conv = Conversation(self, system=None, state=self._state, messages=info["messages"],
                             pinned=info.get("pinned_messages"))  # fmt: skip
+        conv.session_path = self.session_path  # (`/save` to where it came from continues it)
         self._state = KVState(self.new_cache())
         return conv
 

@@ -19,6 +19,7 @@ import torch
 from offload import caches
 from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.errors import ConfigError, OffloadError
+from storage.errors import SessionExistsError
 from storage.session import SessionContents, SessionError, open_session, save_session
 
 if TYPE_CHECKING:
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
 INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
 
 
-def save_state(rt: Runtime, state: KVState, path: str | Path, kind: str, extra: dict) -> dict:
-    """Write `state` (a cache and the ids it holds) with the runtime's identity; return figures."""
+def save_state(
+    rt: Runtime, state: KVState, path: str | Path, kind: str, extra: dict, replace: bool = False
+) -> dict:
+    """Write `state` (a cache and the ids it holds) with the runtime's identity; return
+    figures. A session already at `path` is replaced only with `replace`."""
     cache = state.cache
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
@@ -39,13 +43,14 @@ def save_state(rt: Runtime, state: KVState, path: str | Path, kind: str, extra: 
     if cache.store is None:  # the device cache: sessions are written from the tiered store
         copy = _tiered_copy(rt, cache)
         try:
-            return _save(rt, copy, state.ids, path, kind, extra, t)
+            return _save(rt, copy, state.ids, path, kind, extra, replace, t)
         finally:
             copy.close()
-    return _save(rt, cache, state.ids, path, kind, extra, t)
+    return _save(rt, cache, state.ids, path, kind, extra, replace, t)
 
 
-def _save(rt: Runtime, cache: KVCache, ids: list[int], path, kind: str, extra: dict, t) -> dict:
+def _save(rt: Runtime, cache: KVCache, ids: list[int], path, kind: str, extra: dict,
+          replace: bool, t) -> dict:  # fmt: skip
     index, index_meta = _index_state(cache.policy)
     meta = {
         "kind": kind,
@@ -58,7 +63,11 @@ def _save(rt: Runtime, cache: KVCache, ids: list[int], path, kind: str, extra: d
         "config": rt.config.to_dict(),
         **extra,
     }
-    nbytes = save_session(Path(path), cache.store, SessionContents(ids, meta, index, index_meta))
+    contents = SessionContents(ids, meta, index, index_meta)
+    try:
+        nbytes = save_session(Path(path), cache.store, contents, replace)
+    except SessionExistsError as e:
+        raise SessionExistsError(e.path, ": pass replace=True to replace it") from None
     return {"tokens": len(ids), "bytes": nbytes, "seconds": time.perf_counter() - t}
 
 
@@ -153,7 +162,19 @@ def load_state(
     rt._state.computed(0, len(rt._state.ids), 1)
     rt.session = {k: m[k] for k in ("kind", "document", "messages", "pinned_messages") if k in m}
     rt.session["path"] = str(session.path)
+    rt.session_path = session_dir(session.path)
     return rt
+
+
+def session_dir(path: str | Path) -> Path:
+    """The directory `path` names, as saves compare them (`same_session`)."""
+    return Path(path).expanduser().resolve()
+
+
+def same_session(path: str | Path, own: Path | None) -> bool:
+    """Is `path` the session an object was loaded from or last saved to (`own`)? A save
+    there continues it: it needs no `replace`."""
+    return own is not None and session_dir(path) == own
 
 
 def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:

@@ -78,7 +78,7 @@ def load_once(layout: KVLayout, tokens: int, path: Path, work: Path, read_in: bo
             for layer in range(layout.num_layers):
                 store.append(layer, k, k)
         t = time.perf_counter()
-        save_session(path, store, SessionContents(list(range(tokens + TURN)), META, {}, {}))
+        save_session(path, store, SessionContents(list(range(tokens + TURN)), META, {}, {}), True)
         out["resave_seconds"] = time.perf_counter() - t
     store.close()
     return out

@@ -17,6 +17,14 @@ class SessionLockedError(SessionError):
     """Another process is saving to this session."""
 
 
+class SessionExistsError(SessionError):
+    """The directory holds a saved session, and the save was not asked to replace it."""
+
+    def __init__(self, path, hint: str = ""):
+        self.path = path
+        super().__init__(f"{path} already holds a saved session, which was kept{hint}")
+
+
 class HostMemoryError(StorageError):
     """The driver refused to page-lock more host memory for the KV (a machine may allow
     less than it has); the message says how much and what to change."""

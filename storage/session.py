@@ -47,7 +47,7 @@ from safetensors.torch import load_file
 
 from storage.abstracts import ABSTRACT_KEYS
 from storage.atomic import fsync_dir, write_atomic
-from storage.errors import DiskFullError, SessionError, SessionLockedError
+from storage.errors import DiskFullError, SessionError, SessionExistsError, SessionLockedError
 from storage.hashing import file_entry, hash_checks, sha256_file  # noqa: F401 (re-exported)
 from storage.layout import KVLayout
 from storage.manifest import VERSION_NAME, validate_manifest
@@ -57,6 +57,10 @@ from storage.saving import SUMMARY_KEYS, write_files
 SESSION_FORMAT = 2  # what a save writes; 1 and 2 load
 FORMATS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 28  # token ids and messages of a 16M-token session fit
+# What a session directory holds: its lock, its pointer, its versions, and what a killed
+# save left of them (`write_atomic`'s and `save_session`'s temporaries). A save goes
+# only into a directory holding nothing else, and removes only versions.
+OWN_ENTRY = re.compile(r"\.lock|CURRENT|\.CURRENT\.[0-9a-f]{8}\.tmp|v-[0-9a-f]{12}(\.tmp)?")
 
 
 class SessionLock:
@@ -90,10 +94,10 @@ class SessionLock:
         self.fd = None
 
 
-def prepare_dir(path: Path) -> Path:
-    """Create the session directory, or say clearly why it cannot be one."""
+def prepare_dir(path: Path, replace: bool = False) -> Path:
+    """Create the session directory, or say clearly why it cannot be one (`check_dir`)."""
     path = Path(path).expanduser()
-    check_dir(path)
+    check_dir(path, replace)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -101,21 +105,42 @@ def prepare_dir(path: Path) -> Path:
     return path
 
 
-def check_dir(path: Path) -> None:
+def check_dir(path: Path, replace: bool = False) -> None:
     """Could `prepare_dir` make `path` a session directory? Creates nothing, so a
-    command that fails later (an empty document, one too long) leaves nothing behind."""
+    command that fails later (an empty document, one too long) leaves nothing behind.
+    An existing directory must hold nothing but a session's own entries (a save there
+    would write beside the other files and remove what looks like its old versions),
+    and a session there is replaced only when `replace` says so."""
     path = Path(path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SessionError(f"session path {path} is a file, not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise SessionError(f"session directory {path} is not writable")
+        _check_contents(path, replace)
         return
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SessionError(f"cannot create session directory {path}: {parent} is not writable")
+
+
+def _check_contents(path: Path, replace: bool) -> None:
+    try:
+        names = sorted(e.name for e in os.scandir(path))
+    except OSError as e:
+        raise SessionError(f"cannot read session directory {path}: {e.strerror or e}") from None
+    other = [n for n in names if not OWN_ENTRY.fullmatch(n)]
+    if other:
+        shown = ", ".join(repr(n) for n in other[:3])
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise SessionError(
+            f"{path} is not empty and is not a session directory (it holds {shown}{more}): "
+            "a session is saved into a new or empty directory of its own"
+        )
+    if "CURRENT" in names and not replace:
+        raise SessionExistsError(path)
 
 
 @dataclass
@@ -128,17 +153,20 @@ class SessionContents:
     index_meta: dict
 
 
-def save_session(path: Path, store, contents: SessionContents) -> int:
+def save_session(path: Path, store, contents: SessionContents, replace: bool = False) -> int:
     """Write the store's KV (all tokens of every layer) as a new version; return its bytes.
+    A session already there is replaced only with `replace` (`check_dir`).
 
     A save that fails (a full disk, an error) leaves the session as it was: the new
     version's folder is removed, and so is the session folder when this save created it
     (a killed save's folder is removed by the next save)."""
     created = not Path(path).expanduser().exists()
-    path = prepare_dir(path)
+    path = prepare_dir(path, replace)
     L: KVLayout = store.layout
     T = store.num_tokens
     with SessionLock(path):
+        if not replace:  # (again under the lock: another process may have saved there)
+            _check_contents(path, replace)
         version = f"v-{uuid.uuid4().hex[:12]}"
         tmp = path / f"{version}.tmp"
         try:
@@ -178,7 +206,7 @@ def save_session(path: Path, store, contents: SessionContents) -> int:
             raise SessionError(f"cannot save session to {path}: {reason}") from None
         # Older versions and leftovers of killed saves are garbage now.
         for old in path.iterdir():
-            if old.name.startswith("v-") and old.name != version:
+            if VERSION_NAME.fullmatch(old.name.removesuffix(".tmp")) and old.name != version:
                 shutil.rmtree(old, ignore_errors=True)
         return (
             sum(f["size"] for f in files.values())

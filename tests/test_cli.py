@@ -221,7 +221,7 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n")
     assert r.exit_code == 0, r.output
     out = r.output.replace("\n", "")  # (rich wraps at 80 columns)
-    assert "usage: /save DIR" in out and "usage: /file PATH [text]" in out
+    assert "usage: /save [--replace] DIR" in out and "usage: /file PATH [text]" in out
     assert "missing.txt" in out and f"sending {notes}" in out
     assert out.count("tok/s") == 2 and f"to {session}" in out
     saved = int(re.search(r"saved (\d+) tokens", out)[1])

@@ -189,7 +189,7 @@ def test_the_abstracts_read_late_are_the_loaded_versions_after_another_save(tiny
     rt.save_session(tmp_path / "s")
     loaded = Runtime.load_session(tmp_path / "s", model=tiny)
     first = open_session(tmp_path / "s").version_dir
-    doc_runtime(tiny, filler_text(40, seed=5)).save_session(tmp_path / "s")
+    doc_runtime(tiny, filler_text(40, seed=5)).save_session(tmp_path / "s", replace=True)
     assert not first.exists()
     loaded.save_session(tmp_path / "t")
     again = Runtime.load_session(tmp_path / "t", model=tiny)

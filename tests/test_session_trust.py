@@ -69,7 +69,7 @@ def test_symlinks_are_refused_everywhere(tiny, saved, outside, tmp_path):
     (saved.path / ".lock").symlink_to(outside / "created-by-save")
     rt = doc_runtime(tiny, filler_text(30, seed=9))
     with pytest.raises(SessionError, match="lock"):
-        rt.save_session(saved.path)
+        rt.save_session(saved.path, replace=True)
     assert not (outside / "created-by-save").exists()
 
 

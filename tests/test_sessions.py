@@ -149,7 +149,7 @@ rt = Runtime.from_pretrained(sys.argv[1], dtype="float32", mode="sparse", sink=4
 rt.load_document(sys.argv[3])
 print("ready", flush=True)
 while True:
-    rt.save_session(sys.argv[2])
+    rt.save_session(sys.argv[2], replace=True)
     print("saved", flush=True)
 """
 
@@ -252,7 +252,7 @@ def test_concurrent_writer_is_locked(tiny, saved):
     rt = doc_runtime(tiny, filler_text(30, seed=6))
     with SessionLock(saved.path):
         with pytest.raises(SessionLockedError, match="is locked"):
-            rt.save_session(saved.path)
+            rt.save_session(saved.path, replace=True)
 
 
 def test_bad_session_paths(tiny, tmp_path):
@@ -391,7 +391,7 @@ def test_disk_full_while_writing_tensors_leaves_the_old_session(tiny, saved, mon
     monkeypatch.setattr(ss, "save_file", full)
     rt = doc_runtime(tiny, filler_text(30, seed=10))
     with pytest.raises(SessionError, match="cannot save session to .*: No space left on device$"):
-        rt.save_session(saved.path)
+        rt.save_session(saved.path, replace=True)
     assert sorted(p.name for p in saved.path.iterdir() if p.name.startswith("v-")) == [
         saved.version_dir.name
     ]
