@@ -180,13 +180,14 @@ def split_sampling(opts: dict, overrides: tuple[str, ...]):
     return sampling, overrides
 
 
-def read_prompt(prompt: str | None, file: str | None) -> str:
+def read_prompt(prompt: str | None, files: tuple[str, ...] = ()) -> str:
     """PROMPT, or standard input for "-" or when PROMPT is omitted and input is piped;
-    --file's text comes first when both are given."""
+    the --file texts come first when both are given (several: each under its name, as
+    `ingest` joins them)."""
     parts = []
-    if file is not None:
-        parts.append(read_documents([file]))
-    if prompt == "-" or prompt is None and file is None:
+    if files:
+        parts.append(read_documents(files))
+    if prompt == "-" or prompt is None and not files:
         if prompt is None and sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, - or --file, or pipe the prompt in")
         raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
@@ -206,15 +207,16 @@ def read_prompt(prompt: str | None, file: str | None) -> str:
 @model_options
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt.")
-@click.option("--file", "-f", "file", default=None, help="Read the prompt from this file.")
+@click.option("--file", "-f", "files", multiple=True,
+              help="Put this file's text before the prompt (repeatable).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text and stats.")
 @click.argument("prompt", required=False)
 @friendly_errors
-def generate(model, config, overrides, system, file, as_json, prompt, max_new_tokens, **opts):
+def generate(model, config, overrides, system, files, as_json, prompt, max_new_tokens, **opts):
     """Stream the answer to PROMPT (one user turn) to stdout.
 
     PROMPT may be "-" or left out to read it from standard input."""
-    text = read_prompt(prompt, file)
+    text = read_prompt(prompt, files)
     sampling, overrides = split_sampling(opts, overrides)
     rt = load_runtime(model, config, overrides)
     messages = ([{"role": "system", "content": system}] if system else []) + [

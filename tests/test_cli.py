@@ -62,6 +62,16 @@ def test_prompt_from_stdin_file_and_flags(tiny, tmp_path):
     filed = runner.invoke(main, ["generate", *tiny, *flags, "-f", str(tmp_path / "p.txt")])
     first = lambda r: r.output.splitlines()[0]  # noqa: E731 (stdout's answer line)
     assert first(piped) == first(dash) == first(filed) == first(want)
+    # -f repeated: every file, in order, each under its name, then the prompt
+    (tmp_path / "q.txt").write_text("the river\n")
+    two = runner.invoke(main, ["generate", *tiny, *flags, "--json", "-f", str(tmp_path / "p.txt"),
+                               "-f", str(tmp_path / "q.txt"), "how many?"])  # fmt: skip
+    joined = "# p.txt\n\nseven stones\n\n# q.txt\n\nthe river\n\nhow many?"
+    same = runner.invoke(main, ["generate", *tiny, *flags, "--json"], input=joined)
+    assert two.exit_code == 0, two.output
+    two, same = (json.loads(r.output[r.output.index("{") :]) for r in (two, same))
+    assert two["text"] == same["text"]
+    assert two["stats"]["prompt_tokens"] == same["stats"]["prompt_tokens"] > 12
     r = runner.invoke(main, ["generate", *tiny, "-n", "3", "-s", "Be brief.", "--json", "x"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{") :])
