@@ -408,7 +408,7 @@ class Runtime:
         conv = Conversation(self, system=None, state=self._state, messages=info["messages"],
                             pinned=info.get("pinned_messages"))  # fmt: skip
         conv.session_path = self.session_path  # (`/save` to where it came from continues it)
-        self._state = KVState(self.new_cache())
+        self._hand_over()
         return conv
 
     def chat_about_document(self) -> Conversation:
@@ -423,8 +423,14 @@ class Runtime:
         system = [{"role": "system", "content": doc["system"]}] if doc.get("system") else []
         conv = Conversation(self, system=doc.get("system"), state=self._state, messages=system)
         conv.document = doc["text"]
-        self._state = KVState(self.new_cache())
+        self._hand_over()
         return conv
+
+    def _hand_over(self) -> None:
+        """The runtime's KV is a conversation's now: the runtime starts empty, and its
+        own save no longer continues the session it was loaded from."""
+        self._state = KVState(self.new_cache())
+        self.session_path = None
 
     def close(self) -> None:
         """Release the runtime's own cache: its device and host memory, and its spilled

@@ -56,7 +56,10 @@ def test_a_chat_saves_again_where_it_was_saved_or_resumed_from(tiny, tmp_path): 
     chat.save(tmp_path / "c")
     chat.send("seven stones", max_new_tokens=3)
     chat.save(tmp_path / "c")
-    resumed = Runtime.load_session(tmp_path / "c", model=tiny).resume_chat()
+    rt = Runtime.load_session(tmp_path / "c", model=tiny)
+    resumed = rt.resume_chat()
+    with pytest.raises(SessionExistsError):
+        rt.save_session(tmp_path / "c")  # (its KV went to the conversation)
     assert resumed.messages == chat.messages
     resumed.send("and then?", max_new_tokens=3)
     resumed.save(tmp_path / "c")
