@@ -372,8 +372,10 @@ class Runtime:
         if self.document is None:
             info = save_state(self, self._state, path, "prompt", {}, replace)
         else:
-            # A document session holds the document only: cut any question and answer away.
-            self._state.prepare(self._document_ids(), need_logits=False)
+            # A document session holds the document only: cut any question and answer away
+            # (and where its KV went to a conversation, `chat_about_document`, read it again).
+            if self._state.prepare(self._document_ids(), need_logits=False)[0]:
+                self.load_document(self.document["text"], self.document.get("system"))
             doc = {"document": self.document}
             info = save_state(self, self._state, path, "document", doc, replace)
         self.session_path = session_dir(path)

@@ -73,6 +73,9 @@ def test_a_chat_saves_again_where_it_was_saved_or_resumed_from(tiny, tmp_path): 
         about.save(doc)
     about.save(doc, replace=True)
     assert open_session(doc).manifest["kind"] == "chat"
+    # The runtime it came from still saves its document whole (read again: its KV went).
+    about.runtime.save_session(tmp_path / "again")
+    assert open_session(tmp_path / "again").token_ids == about.runtime._document_ids()
 
 
 def test_a_directory_that_is_not_a_session_is_left_alone(tiny, tmp_path):  # noqa: F811
