@@ -8,8 +8,8 @@ GPUs this runtime is for, and what it uses there (registers, spills, shared memo
 
     launches(fn)              run `fn`, recording the kernel launches it makes instead
                               of running them (meta tensors do: nothing is computed)
-    compile_launch(l, arch)   compile one recorded launch for an architecture (89: an
-                              RTX 4090, 90: an H100)
+    compile_launch(l, arch)   compile one recorded launch for an architecture (75: a T4
+                              or Titan RTX, 89: an RTX 4090, 90: an H100)
     resources(compiled)       registers, spilled bytes, shared memory of the cubin
 
 `python scripts/kernel_report.py` prints the table for the runtime's shapes.
@@ -36,7 +36,7 @@ from offload.kernels import ranking
 from storage.quant import QuantKeys
 
 # Shared memory one block may use (opt-in maximum), by architecture.
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # each defines its kernels in `_kernels()`
 MODULES = (
     attention_kernels,
