@@ -127,3 +127,27 @@ def test_ingest_and_chat_save_say_how_to_replace_a_session(tiny, tmp_path):  # n
     assert f"already holds a saved session, which was kept: /save --replace {s} replaces it" in out
     assert out.count(f"to {s} in") == 1 and "usage: /save [--replace] DIR" in out
     assert open_session(s).manifest["kind"] == "chat"
+
+
+def test_a_session_saved_meanwhile_by_another_process_is_kept(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """The check is made again under the session's lock: a save into a new directory that
+    another saver fills first (after this one looked, before it locked) is refused."""
+    import storage.session as ss
+
+    p = tmp_path / "s"
+    theirs, ours = (
+        doc_runtime(tiny, filler_text(40, seed=6)),
+        doc_runtime(tiny, filler_text(30, seed=7)),
+    )
+    prepare = ss.prepare_dir
+
+    def meanwhile(path, replace=False):
+        out = prepare(path, replace)
+        monkeypatch.setattr(ss, "prepare_dir", prepare)
+        theirs.save_session(p)  # (the other saver, between our look and our lock)
+        return out
+
+    monkeypatch.setattr(ss, "prepare_dir", meanwhile)
+    with pytest.raises(SessionExistsError):
+        ours.save_session(p)
+    assert open_session(p).token_ids == theirs._document_ids()
