@@ -108,9 +108,10 @@ def prepare_dir(path: Path, replace: bool = False) -> Path:
 def check_dir(path: Path, replace: bool = False) -> None:
     """Could `prepare_dir` make `path` a session directory? Creates nothing, so a
     command that fails later (an empty document, one too long) leaves nothing behind.
-    An existing directory must hold nothing but a session's own entries (a save there
-    would write beside the other files and remove what looks like its old versions),
-    and a session there is replaced only when `replace` says so."""
+    An existing directory must be a session (files its user keeps beside it are left
+    alone) or hold nothing but what a session's saves leave (a save into a user's folder
+    would write beside the files there and take a `CURRENT` of theirs for its own), and a
+    session there is replaced only when `replace` says so."""
     path = Path(path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -132,7 +133,7 @@ def _check_contents(path: Path, replace: bool) -> None:
     except OSError as e:
         raise SessionError(f"cannot read session directory {path}: {e.strerror or e}") from None
     other = [n for n in names if not OWN_ENTRY.fullmatch(n)]
-    if other:
+    if other and not _names_a_version(path, names):  # (a session's, files kept beside it)
         shown = ", ".join(repr(n) for n in other[:3])
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         raise SessionError(
@@ -141,6 +142,18 @@ def _check_contents(path: Path, replace: bool) -> None:
         )
     if "CURRENT" in names and not replace:
         raise SessionExistsError(path)
+
+
+def _names_a_version(path: Path, names: list[str]) -> bool:
+    """Does the directory's CURRENT name a version folder that is there: is it a session
+    (whatever its user keeps beside it), not a folder with a file of that name?"""
+    if "CURRENT" not in names:
+        return False
+    try:
+        name = _read_small(path / "CURRENT", 64).strip().decode("ascii")
+    except (SessionError, UnicodeDecodeError):
+        return False
+    return bool(VERSION_NAME.fullmatch(name)) and name in names
 
 
 @dataclass

@@ -102,6 +102,12 @@ def test_a_directory_that_is_not_a_session_is_left_alone(tiny, tmp_path):  # noq
     rt.save_session(s)
     assert not (s / "v-0123456789ab.tmp").exists()
     assert open_session(s).token_ids == rt._document_ids()
+    # A session whose user keeps a file beside it is still a session: saved again there.
+    (s / "notes.txt").write_text("mine")
+    rt.save_session(s)
+    with pytest.raises(SessionExistsError):
+        doc_runtime(tiny, filler_text(20, seed=8)).save_session(s)
+    assert (s / "notes.txt").read_text() == "mine"
 
 
 def test_ingest_and_chat_save_say_how_to_replace_a_session(tiny, tmp_path):  # noqa: F811
