@@ -59,8 +59,10 @@ FORMATS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 28  # token ids and messages of a 16M-token session fit
 # What a session directory holds: its lock, its pointer, its versions, and what a killed
 # save left of them (`write_atomic`'s and `save_session`'s temporaries). A save goes
-# only into a directory holding nothing else, and removes only versions.
-OWN_ENTRY = re.compile(r"\.lock|CURRENT|\.CURRENT\.[0-9a-f]{8}\.tmp|v-[0-9a-f]{12}(\.tmp)?")
+# only into a session or a directory holding nothing else, and removes only versions.
+OWN_ENTRY = re.compile(
+    rf"\.lock|CURRENT|\.CURRENT\.[0-9a-f]{{8}}\.tmp|{VERSION_NAME.pattern}(\.tmp)?"
+)
 
 
 class SessionLock:
