@@ -6,11 +6,13 @@ arrives as one turn. Ctrl-C stops an answer being generated and returns to the
 prompt (at the prompt it clears the line); Ctrl-D or /exit quits. When standard
 input is not a terminal (a pipe, a script), each line is one turn.
 
-Commands: /reset, /stats, /save [--replace] DIR, /file PATH [text], /exit.
+Commands: /reset, /stats, /save [--replace] DIR, /file PATH [text] (a PATH with spaces
+in quotes), /exit.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ HINT = "/reset clears the conversation, /stats shows figures, /save DIR saves it
 COMMANDS = "/reset /stats /save DIR /file PATH /exit"
 REPLACE = "--replace"
 SAVE_USAGE = f"/save [{REPLACE}] DIR"
+FILE_USAGE = "usage: /file PATH [text] (a path with spaces in quotes)"
 
 
 class LineReader:
@@ -83,9 +86,12 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             save(conv, console, cmd[len("/save") :].strip())
             continue
         if cmd == "/file" or cmd.startswith("/file "):
-            name, _, rest = cmd[len("/file") :].strip().partition(" ")
+            try:
+                name, rest = file_args(cmd[len("/file") :].strip())
+            except ValueError:
+                name = ""
             if not name:
-                console.print(f"[yellow]{escape('usage: /file PATH [text]')}[/]")
+                console.print(f"[yellow]{escape(FILE_USAGE)}[/]")
                 continue
             try:
                 text = read_documents([Path(name).expanduser()])
@@ -98,6 +104,18 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             console.print(f"[yellow]unknown command {escape(cmd.split()[0])}[/] ({COMMANDS})")
             continue
         answer(rt, conv, console, text, max_new_tokens, sampling)
+
+
+def file_args(args: str) -> tuple[str, str]:
+    """`/file`'s path and the words after it. The path is the first word as a shell reads
+    it ('My notes.md', My\\ notes.md: what a terminal pastes for a file dropped on it), or
+    all of `args` where that names a file (a path with spaces, unquoted, and no text).
+    The words after it are kept as typed (their quotes too). ValueError: an unclosed quote."""
+    if Path(args).expanduser().is_file():
+        return args, ""
+    lexer = shlex.shlex(args, posix=True)
+    lexer.whitespace_split = True
+    return lexer.get_token() or "", lexer.instream.read().strip()
 
 
 def save(conv, console: Console, args: str) -> None:

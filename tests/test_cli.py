@@ -221,26 +221,29 @@ def test_a_model_without_chat_template_says_which_is_used(tmp_path):
 def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     """In `offload chat`: /save writes the conversation as a session that `offload chat
     --session` resumes; /file sends a file's text and the words after it as one turn;
-    a missing argument or file is one line, and the chat goes on."""
-    notes = tmp_path / "notes.txt"
-    notes.write_text("The lighthouse keeper counts seven stones every morning. " * 3)
+    a path with spaces is quoted or escaped as a shell has it (as a terminal pastes a file
+    dropped on it); a missing argument or file is one line, and the chat goes on."""
+    notes = tmp_path / "my notes.txt"
+    notes.write_text("The lighthouse keeper counts seven stones every morning.")
     missing, session = tmp_path / "missing.txt", tmp_path / "s"
     runner = CliRunner()
-    turns = ["hello there", "/save", "/file", f"/file {missing}", f"/file {notes} how many?",
-             f"/save {session}", "/exit"]  # fmt: skip
-    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n")
+    escaped = str(notes).replace(" ", "\\ ")
+    turns = ["hello there", "/save", "/file", f"/file {missing}", f'/file "{notes}" how many?',
+             f"/file {escaped}", f"/save {session}", "/exit"]  # fmt: skip
+    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n",
+                      env={"COLUMNS": "1000"})  # (rich wraps lines at spaces, as in the path)
     assert r.exit_code == 0, r.output
-    out = r.output.replace("\n", "")  # (rich wraps at 80 columns)
+    out = r.output.replace("\n", "")
     assert "usage: /save [--replace] DIR" in out and "usage: /file PATH [text]" in out
-    assert "missing.txt" in out and f"sending {notes}" in out
-    assert out.count("tok/s") == 2 and f"to {session}" in out
+    assert "missing.txt" in out and out.count(f"sending {notes}") == 2
+    assert out.count("tok/s") == 3 and f"to {session}" in out
     saved = int(re.search(r"saved (\d+) tokens", out)[1])
     r = runner.invoke(main, ["chat", "--session", str(session), *tiny, "-n", "2"],
                       input="and then?\n/exit\n")  # fmt: skip
     assert r.exit_code == 0, r.output
     # the saved turns' KV is taken as it is: only the new turn is prefilled
     again = r.output.replace("\n", "")
-    assert f"resumed 4 messages, {saved} tokens of KV" in again and again.count("tok/s") == 1
+    assert f"resumed 6 messages, {saved} tokens of KV" in again and again.count("tok/s") == 1
     prefilled = int(re.search(r"prefill (\d+) tokens", again)[1])
     context = int(re.search(r"context (\d+)", again)[1])  # (+ the first token, unless it stopped)
     assert prefilled < 50 and saved + prefilled <= context <= saved + prefilled + 1
