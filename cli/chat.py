@@ -131,8 +131,7 @@ def save(conv, console: Console, args: str) -> None:
             info = conv.save(target, replace=replace)
     except SessionExistsError as e:
         hint = f": /save {REPLACE} {target} replaces it"
-        console.print(f"[bold red]error:[/] {escape(str(SessionExistsError(e.path, hint)))}",
-                      highlight=False)  # fmt: skip
+        console.print(f"[bold red]error:[/] {escape(str(e.hinted(hint)))}", highlight=False)
         return
     except (OffloadError, StorageError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)

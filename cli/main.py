@@ -297,7 +297,7 @@ def ingest(model, config, overrides, files, session_dir, system, replace):
     try:  # fail before the long prefill, not after; create nothing yet
         check_dir(Path(session_dir), replace)
     except SessionExistsError as e:
-        raise SessionExistsError(e.path, ": pass --replace to replace it") from None
+        raise e.hinted(": pass --replace to replace it") from None
     rt = load_runtime(model, config, overrides)
     bar = PrefillBar(err_console)
     t = time.perf_counter()

@@ -17,6 +17,7 @@ from offload.generate import Progress, StepResult
 if TYPE_CHECKING:
     from offload.kvcache import KVCache
     from offload.runtime import Runtime
+    from offload.session import SessionRef
 
 DOCUMENT_PROMPT = (
     "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
@@ -120,8 +121,8 @@ class Conversation:
         # exchange once it has one (saved with a chat session: `pinned_messages`).
         self.pinned = 0
         # The session this conversation was resumed from or last saved to: a save there
-        # continues it (needs no `replace`).
-        self.session_path: Path | None = None
+        # continues it (needs no `replace`) while no other saver has saved there since.
+        self.session_ref: SessionRef | None = None
         if state is not None:
             self._state, self.messages = state, list(messages or [])
             system_first = bool(self.messages) and self.messages[0]["role"] == "system"
@@ -218,12 +219,12 @@ class Conversation:
         """Save this conversation (its KV and messages) as a chat session: into a new or
         empty directory, the session it was resumed from or last saved to, or another
         session when `replace` says so."""
-        from offload.session import same_session, save_state, session_dir
+        from offload.session import save_state
 
-        replace = replace or same_session(path, self.session_path)
         extra = {"messages": self.messages, "pinned_messages": self.pinned}
-        info = save_state(self.runtime, self._state, path, "chat", extra, replace)
-        self.session_path = session_dir(path)
+        info, self.session_ref = save_state(
+            self.runtime, self._state, path, "chat", extra, replace, self.session_ref
+        )
         return info
 
     def close(self) -> None:

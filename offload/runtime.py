@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from offload.pipeline import PrefetchStats
 from offload.tokenizer import check_messages
 from storage.layout import KVLayout
 from storage.tiered import TierReads
+
+if TYPE_CHECKING:
+    from offload.session import SessionRef
 
 Prompt = str | list[dict[str, str]]
 # How a question about a loaded document is put to the model. The document comes
@@ -94,9 +97,10 @@ class Runtime:
         self._last_state = self._state  # whose cache stats() reports
         self.document: dict | None = None  # set by load_document / a document session
         self.session: dict = {}  # what a loaded session said about itself
-        # The session directory this runtime's document or prompt was loaded from or last
-        # saved to: a save there needs no `replace` (offload/session.py, `same_session`).
-        self.session_path: Path | None = None
+        # The session this runtime's document or prompt was loaded from or last saved to:
+        # a save there needs no `replace` while no other saver has saved there since
+        # (offload/session.py, `SessionRef`).
+        self.session_ref: SessionRef | None = None
 
     @classmethod
     def from_pretrained(
@@ -322,7 +326,7 @@ class Runtime:
         if not text.strip():
             raise OffloadError("the document is empty")
         self.document = {"text": text, "system": system}
-        self.session_path = None  # (another document: a save must not replace a session unasked)
+        self.session_ref = None  # (another document: a save must not replace a session unasked)
         ids = self._document_ids()
         self._check_fits(ids, "the document")
         caches.check_device_room(self, self._state.cache, len(ids), "the document")
@@ -366,19 +370,20 @@ class Runtime:
         """Save the runtime's KV (a loaded document, or the last prompt) to a session
         directory: a new or empty one, the session this runtime was loaded from or last
         saved to, or another session when `replace` says so."""
-        from offload.session import same_session, save_state, session_dir
+        from offload.session import save_state
 
-        replace = replace or same_session(path, self.session_path)
+        own = self.session_ref
         if self.document is None:
-            info = save_state(self, self._state, path, "prompt", {}, replace)
+            info, self.session_ref = save_state(self, self._state, path, "prompt", {}, replace, own)
         else:
             # A document session holds the document only: cut any question and answer away
             # (and where its KV went to a conversation, `chat_about_document`, read it again).
             if self._state.prepare(self._document_ids(), need_logits=False)[0]:
                 self.load_document(self.document["text"], self.document.get("system"))
             doc = {"document": self.document}
-            info = save_state(self, self._state, path, "document", doc, replace)
-        self.session_path = session_dir(path)
+            info, self.session_ref = save_state(
+                self, self._state, path, "document", doc, replace, own
+            )
         return info
 
     @classmethod
@@ -409,7 +414,7 @@ class Runtime:
         info = check_session_kind(self, "chat")
         conv = Conversation(self, system=None, state=self._state, messages=info["messages"],
                             pinned=info.get("pinned_messages"))  # fmt: skip
-        conv.session_path = self.session_path  # (`/save` to where it came from continues it)
+        conv.session_ref = self.session_ref  # (`/save` to where it came from continues it)
         self._hand_over()
         return conv
 
@@ -432,7 +437,7 @@ class Runtime:
         """The runtime's KV is a conversation's now: the runtime starts empty, and its
         own save no longer continues the session it was loaded from."""
         self._state = KVState(self.new_cache())
-        self.session_path = None
+        self.session_ref = None
 
     def close(self) -> None:
         """Release the runtime's own cache: its device and host memory, and its spilled

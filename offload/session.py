@@ -30,27 +30,41 @@ if TYPE_CHECKING:
 INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionRef:
+    """The session an object (a runtime, a conversation) was loaded from or last saved
+    to: its directory, resolved, and the version it read or wrote there. A save there
+    continues it (needs no `replace`) while that version is still the session's."""
+
+    path: Path
+    version: str
+
+
 def save_state(
-    rt: Runtime, state: KVState, path: str | Path, kind: str, extra: dict, replace: bool = False
-) -> dict:
+    rt: Runtime, state: KVState, path: str | Path, kind: str, extra: dict,
+    replace: bool = False, own: SessionRef | None = None,
+) -> tuple[dict, SessionRef]:  # fmt: skip
     """Write `state` (a cache and the ids it holds) with the runtime's identity; return
-    figures. A session already at `path` is replaced only with `replace`."""
+    figures and the session written. A session already at `path` is replaced only with
+    `replace`, or where it is `own` (the saver's, as the saver left it)."""
     cache = state.cache
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
+    path = session_dir(path)
+    continues = own.version if own is not None and own.path == path else None
     if cache.store is None and caches.dense_in_host_memory(rt):
         cache.outgrow(cache)  # (a layer at a time, as it would past the budget)
     if cache.store is None:  # the device cache: sessions are written from the tiered store
         copy = _tiered_copy(rt, cache)
         try:
-            return _save(rt, copy, state.ids, path, kind, extra, replace, t)
+            return _save(rt, copy, state.ids, path, kind, extra, replace, continues, t)
         finally:
             copy.close()
-    return _save(rt, cache, state.ids, path, kind, extra, replace, t)
+    return _save(rt, cache, state.ids, path, kind, extra, replace, continues, t)
 
 
-def _save(rt: Runtime, cache: KVCache, ids: list[int], path, kind: str, extra: dict,
-          replace: bool, t) -> dict:  # fmt: skip
+def _save(rt: Runtime, cache: KVCache, ids: list[int], path: Path, kind: str, extra: dict,
+          replace: bool, continues: str | None, t) -> tuple[dict, SessionRef]:  # fmt: skip
     index, index_meta = _index_state(cache.policy)
     meta = {
         "kind": kind,
@@ -65,10 +79,11 @@ def _save(rt: Runtime, cache: KVCache, ids: list[int], path, kind: str, extra: d
     }
     contents = SessionContents(ids, meta, index, index_meta)
     try:
-        nbytes = save_session(Path(path), cache.store, contents, replace)
+        saved = save_session(path, cache.store, contents, replace, continues)
     except SessionExistsError as e:
-        raise SessionExistsError(e.path, ": pass replace=True to replace it") from None
-    return {"tokens": len(ids), "bytes": nbytes, "seconds": time.perf_counter() - t}
+        raise e.hinted(": pass replace=True to replace it") from None
+    info = {"tokens": len(ids), "bytes": saved.bytes, "seconds": time.perf_counter() - t}
+    return info, SessionRef(path, saved.version)
 
 
 def _index_state(policy) -> tuple[dict[str, torch.Tensor], dict]:
@@ -162,19 +177,13 @@ def load_state(
     rt._state.computed(0, len(rt._state.ids), 1)
     rt.session = {k: m[k] for k in ("kind", "document", "messages", "pinned_messages") if k in m}
     rt.session["path"] = str(session.path)
-    rt.session_path = session_dir(session.path)
+    rt.session_ref = SessionRef(session_dir(session.path), session.version_dir.name)
     return rt
 
 
 def session_dir(path: str | Path) -> Path:
-    """The directory `path` names, as saves compare them (`same_session`)."""
+    """The directory `path` names, as saves compare them (`SessionRef`)."""
     return Path(path).expanduser().resolve()
-
-
-def same_session(path: str | Path, own: Path | None) -> bool:
-    """Is `path` the session an object was loaded from or last saved to (`own`)? A save
-    there continues it: it needs no `replace`."""
-    return own is not None and session_dir(path) == own
 
 
 def _tiered_copy(rt: Runtime, dense: KVCache) -> KVCache:

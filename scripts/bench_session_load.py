@@ -45,7 +45,7 @@ def make_session(layout: KVLayout, tokens: int, path: Path, work: Path) -> dict:
             with store.lock:
                 store.append(layer, k, k * 0.5)
     t = time.perf_counter()
-    nbytes = save_session(path, store, SessionContents(list(range(tokens)), META, {}, {}))
+    nbytes = save_session(path, store, SessionContents(list(range(tokens)), META, {}, {})).bytes
     store.close()
     return {"save_seconds": time.perf_counter() - t, "session_gib": nbytes / 2**30}
 

@@ -1,5 +1,7 @@
 """The storage layer's exception types (importable without torch, for the CLI)."""
 
+from __future__ import annotations
+
 
 class StorageError(Exception):
     """A tier file is missing, corrupt, or cannot be written; the message names it."""
@@ -18,11 +20,23 @@ class SessionLockedError(SessionError):
 
 
 class SessionExistsError(SessionError):
-    """The directory holds a saved session, and the save was not asked to replace it."""
+    """The directory holds a saved session, and the save was not asked to replace it:
+    another session, or (`changed`) the one the saver continues, saved again since it
+    was loaded or saved by the saver (by another process, or another object)."""
 
-    def __init__(self, path, hint: str = ""):
-        self.path = path
-        super().__init__(f"{path} already holds a saved session, which was kept{hint}")
+    def __init__(self, path, hint: str = "", changed: bool = False):
+        self.path, self.changed = path, changed
+        what = (
+            "was saved again since this session was loaded from it or saved to it (by "
+            "another process or object), and that save was kept"
+            if changed
+            else "already holds a saved session, which was kept"
+        )
+        super().__init__(f"{path} {what}{hint}")
+
+    def hinted(self, hint: str) -> SessionExistsError:
+        """The same refusal, saying how the caller's user replaces the session."""
+        return SessionExistsError(self.path, hint, self.changed)
 
 
 class HostMemoryError(StorageError):

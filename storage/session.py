@@ -40,6 +40,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -96,10 +97,10 @@ class SessionLock:
         self.fd = None
 
 
-def prepare_dir(path: Path, replace: bool = False) -> Path:
+def prepare_dir(path: Path, replace: bool = False, continues: str | None = None) -> Path:
     """Create the session directory, or say clearly why it cannot be one (`check_dir`)."""
     path = Path(path).expanduser()
-    check_dir(path, replace)
+    check_dir(path, replace, continues)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -107,20 +108,22 @@ def prepare_dir(path: Path, replace: bool = False) -> Path:
     return path
 
 
-def check_dir(path: Path, replace: bool = False) -> None:
+def check_dir(path: Path, replace: bool = False, continues: str | None = None) -> None:
     """Could `prepare_dir` make `path` a session directory? Creates nothing, so a
     command that fails later (an empty document, one too long) leaves nothing behind.
     An existing directory must be a session (files its user keeps beside it are left
     alone) or hold nothing but what a session's saves leave (a save into a user's folder
     would write beside the files there and take a `CURRENT` of theirs for its own), and a
-    session there is replaced only when `replace` says so."""
+    session there is replaced only when `replace` says so, or when it is still the
+    version `continues` names (the one the saver loaded or last saved there: a save
+    continues it unless another saver saved there since)."""
     path = Path(path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise SessionError(f"session path {path} is a file, not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise SessionError(f"session directory {path} is not writable")
-        _check_contents(path, replace)
+        _check_contents(path, replace, continues)
         return
     parent = path.parent
     while not parent.exists():
@@ -129,7 +132,7 @@ def check_dir(path: Path, replace: bool = False) -> None:
         raise SessionError(f"cannot create session directory {path}: {parent} is not writable")
 
 
-def _check_contents(path: Path, replace: bool) -> None:
+def _check_contents(path: Path, replace: bool, continues: str | None) -> None:
     try:
         names = sorted(e.name for e in os.scandir(path))
     except OSError as e:
@@ -143,19 +146,27 @@ def _check_contents(path: Path, replace: bool) -> None:
             "a session is saved into a new or empty directory of its own"
         )
     if "CURRENT" in names and not replace:
-        raise SessionExistsError(path)
+        if continues is None:
+            raise SessionExistsError(path)
+        if _current_version(path, names) != continues:
+            raise SessionExistsError(path, changed=True)
 
 
 def _names_a_version(path: Path, names: list[str]) -> bool:
     """Does the directory's CURRENT name a version folder that is there: is it a session
     (whatever its user keeps beside it), not a folder with a file of that name?"""
+    return _current_version(path, names) is not None
+
+
+def _current_version(path: Path, names: list[str]) -> str | None:
+    """The version folder the directory's CURRENT names, where it names one that is there."""
     if "CURRENT" not in names:
-        return False
+        return None
     try:
         name = _read_small(path / "CURRENT", 64).strip().decode("ascii")
     except (SessionError, UnicodeDecodeError):
-        return False
-    return bool(VERSION_NAME.fullmatch(name)) and name in names
+        return None
+    return name if VERSION_NAME.fullmatch(name) and name in names else None
 
 
 @dataclass
@@ -168,20 +179,29 @@ class SessionContents:
     index_meta: dict
 
 
-def save_session(path: Path, store, contents: SessionContents, replace: bool = False) -> int:
-    """Write the store's KV (all tokens of every layer) as a new version; return its bytes.
-    A session already there is replaced only with `replace` (`check_dir`).
+class SavedSession(NamedTuple):
+    bytes: int  # of the version's files
+    version: str  # its name: what a later save by the same saver `continues`
+
+
+def save_session(
+    path: Path, store, contents: SessionContents, replace: bool = False,
+    continues: str | None = None,
+) -> SavedSession:  # fmt: skip
+    """Write the store's KV (all tokens of every layer) as a new version. A session
+    already there is replaced only with `replace`, or where it is still the version
+    `continues` names (`check_dir`).
 
     A save that fails (a full disk, an error) leaves the session as it was: the new
     version's folder is removed, and so is the session folder when this save created it
     (a killed save's folder is removed by the next save)."""
     created = not Path(path).expanduser().exists()
-    path = prepare_dir(path, replace)
+    path = prepare_dir(path, replace, continues)
     L: KVLayout = store.layout
     T = store.num_tokens
     with SessionLock(path):
         if not replace:  # (again under the lock: another process may have saved there)
-            _check_contents(path, replace)
+            _check_contents(path, replace, continues)
         version = f"v-{uuid.uuid4().hex[:12]}"
         tmp = path / f"{version}.tmp"
         try:
@@ -223,10 +243,8 @@ def save_session(path: Path, store, contents: SessionContents, replace: bool = F
         for old in path.iterdir():
             if VERSION_NAME.fullmatch(old.name.removesuffix(".tmp")) and old.name != version:
                 shutil.rmtree(old, ignore_errors=True)
-        return (
-            sum(f["size"] for f in files.values())
-            + (path / version / "manifest.json").stat().st_size
-        )
+        manifest_bytes = (path / version / "manifest.json").stat().st_size
+        return SavedSession(sum(f["size"] for f in files.values()) + manifest_bytes, version)
 
 
 @dataclass

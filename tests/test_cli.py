@@ -230,8 +230,8 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     escaped = str(notes).replace(" ", "\\ ")
     turns = ["hello there", "/save", "/file", f"/file {missing}", f'/file "{notes}" how many?',
              f"/file {escaped}", f"/save {session}", "/exit"]  # fmt: skip
-    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n",
-                      env={"COLUMNS": "1000"})  # (rich wraps lines at spaces, as in the path)
+    wide = {"COLUMNS": "1000"}  # (rich wraps lines at spaces, as in the path)
+    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n", env=wide)
     assert r.exit_code == 0, r.output
     out = r.output.replace("\n", "")
     assert "usage: /save [--replace] DIR" in out and "usage: /file PATH [text]" in out

@@ -1,13 +1,14 @@
 """A save never replaces what it was not asked to: another session in its directory (only
 with `replace`, `--replace`, `/save --replace`), nor anything in a directory that is not
 a session's. A save into the session an object was loaded from or last saved to
-continues it and needs no asking."""
+continues it and needs no asking, unless another saver saved there since."""
 
 import os
 
 import pytest
 from click.testing import CliRunner
 
+import cli.chat
 from cli.main import main
 from offload import Runtime
 from storage.errors import SessionExistsError
@@ -147,13 +148,62 @@ def test_a_session_saved_meanwhile_by_another_process_is_kept(tiny, tmp_path, mo
     )
     prepare = ss.prepare_dir
 
-    def meanwhile(path, replace=False):
-        out = prepare(path, replace)
+    def meanwhile(path, replace=False, continues=None):
+        out = prepare(path, replace, continues)
         monkeypatch.setattr(ss, "prepare_dir", prepare)
-        theirs.save_session(p)  # (the other saver, between our look and our lock)
+        theirs.save_session(p, replace=True)  # (the other saver, between our look and lock)
         return out
 
     monkeypatch.setattr(ss, "prepare_dir", meanwhile)
-    with pytest.raises(SessionExistsError):
+    with pytest.raises(SessionExistsError, match="already holds"):
         ours.save_session(p)
     assert open_session(p).token_ids == theirs._document_ids()
+    # The same for a save that continues its own session (loaded from there).
+    ours = Runtime.load_session(p, model=tiny)
+    theirs = doc_runtime(tiny, filler_text(30, seed=7))
+    monkeypatch.setattr(ss, "prepare_dir", meanwhile)
+    with pytest.raises(SessionExistsError, match="saved again since"):
+        ours.save_session(p)
+    assert open_session(p).token_ids == theirs._document_ids()
+
+
+def test_a_save_continues_its_session_only_as_it_left_it(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Two processes resume one chat session: the first `/save` there continues it; the
+    second, which would replace that save with a conversation without its turns, is
+    refused unless asked (and says why); an object that saved there last continues it."""
+    p = tmp_path / "c"
+    chat = Runtime(tiny.loaded, tiny.config, tiny.device).chat(system="sys")
+    chat.send("the river", max_new_tokens=3)
+    chat.save(p)
+    a = Runtime.load_session(p, model=tiny).resume_chat()
+    b = Runtime.load_session(p, model=tiny).resume_chat()
+    a.send("seven stones", max_new_tokens=3)
+    a.save(p)
+    b.send("a lighthouse", max_new_tokens=3)
+    with pytest.raises(SessionExistsError, match=r"saved again since this session was loaded "
+                       r"from it or saved to it .*, and that save was kept: pass replace=True"):  # fmt: skip
+        b.save(p)
+    assert open_session(p).manifest["messages"] == a.messages
+    a.send("and then?", max_new_tokens=3)
+    a.save(p)  # (still its own, as it left it)
+    b.save(p, replace=True)
+    b.save(p)
+    assert open_session(p).manifest["messages"] == b.messages
+    with pytest.raises(SessionExistsError, match="saved again"):
+        a.save(p)
+    # `offload chat --session` resumed there, and `b` saving while it answers: its `/save`
+    # says what happened and how to replace it.
+    answer = cli.chat.answer
+
+    def answer_while_b_saves(*args, **kwargs):
+        answer(*args, **kwargs)
+        b.send("the tower", max_new_tokens=3)
+        b.save(p)
+
+    monkeypatch.setattr(cli.chat, "answer", answer_while_b_saves)
+    args = ["chat", "--session", str(p), "-m", str(tiny.loaded.source), "-n", "2"]
+    turns = ["hello", f"/save {p}", "/exit"]
+    r = CliRunner().invoke(main, args, input="\n".join(turns) + "\n", env={"COLUMNS": "1000"})
+    assert r.exit_code == 0, r.output
+    assert f"{p} was saved again since" in r.output and f"/save --replace {p} replaces" in r.output
+    assert open_session(p).manifest["messages"] == b.messages
