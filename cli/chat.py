@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli.interrupts import interrupt_flag
-from cli.render import CUT_NOTE, PrefillBar, render_stats
+from cli.render import PrefillBar, cut_note, render_stats
 from offload.config import human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
@@ -164,8 +164,9 @@ def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> N
         console.print(f"\n[bold red]error:[/] {escape(str(e))}", highlight=False)
         return
     bar.close()
-    if step is not None and step.finish_reason == "length":
-        console.print(f" {CUT_NOTE}", end="")
+    note = cut_note(step, rt.args.max_seq_len)
+    if note:
+        console.print(f" {note}", end="")
     s = rt.stats()
     console.print(
         f"\n[dim]{s['decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s, "

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.interrupts import interrupt_flag
-from cli.render import CUT_NOTE, PrefillBar
+from cli.render import PrefillBar, cut_note
 from offload import __version__
 from offload.config import DEFAULT_MODEL, human_bytes
 from offload.documents import read_documents
@@ -93,9 +93,10 @@ def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
     return rt
 
 
-def print_steps(steps) -> None:
+def print_steps(steps, window: int) -> None:
     """Stream generated text to stdout as it comes, then end the line. An answer cut at
-    the token limit says so on stderr (stdout keeps only the answer, for pipes)."""
+    the token limit or the context window (`window`) says so on stderr (stdout keeps only
+    the answer, for pipes)."""
     step = None
     with interrupt_flag() as interrupted:
         for step in steps:
@@ -104,9 +105,10 @@ def print_steps(steps) -> None:
             if interrupted.is_set():
                 raise KeyboardInterrupt
     sys.stdout.write("\n")
-    if step is not None and step.finish_reason == "length":
+    note = cut_note(step, window)
+    if note:
         sys.stdout.flush()
-        err_console.print(CUT_NOTE)
+        err_console.print(note)
 
 
 class OneLineErrors(click.Group):
@@ -233,7 +235,8 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
         return
     bar = PrefillBar(err_console)
     try:
-        print_steps(rt.stream(messages, max_new_tokens=max_new_tokens, progress=bar, **sampling))
+        steps = rt.stream(messages, max_new_tokens=max_new_tokens, progress=bar, **sampling)
+        print_steps(steps, rt.args.max_seq_len)
     finally:
         bar.close()
     s = rt.stats()
@@ -333,7 +336,9 @@ def ask(model, session_dir, config, overrides, question, max_new_tokens, **opts)
         raise OffloadError(
             f"{session_dir} is a {kind} session, not a document: use `offload chat --session`"
         )
-    print_steps(rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling))
+    print_steps(
+        rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling), rt.args.max_seq_len
+    )
     s = rt.stats()
     err_console.print(
         f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "

@@ -10,7 +10,17 @@ from rich.text import Text
 from offload.config import human_bytes
 
 PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
-CUT_NOTE = "[dim](answer cut at the token limit: raise it with -n)[/]"
+
+
+def cut_note(step, window: int) -> str | None:
+    """What to say of an answer that ended at the last step `step`: nothing where it
+    ended on its own; where it was cut, whether by the token limit (-n) or by the
+    model's context window (which a larger -n does not move)."""
+    if step is None or step.finish_reason != "length":
+        return None
+    if step.context_tokens + 1 >= window:
+        return f"[dim](answer cut at the model's {window:,}-token context window)[/]"
+    return "[dim](answer cut at the token limit: raise it with -n)[/]"
 
 
 class RateColumn(ProgressColumn):

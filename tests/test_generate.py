@@ -98,6 +98,12 @@ def test_cli_version_cut_answers_and_chat_hint(tiny_dirs):
     )
     assert r.exit_code == 0 and "answer cut at the token limit" in r.stderr
     assert "answer cut" not in r.stdout
+    # cut by the model's context window (256 tokens), which a larger -n does not move
+    r = runner.invoke(
+        main, ["generate", "-m", model_dir, "-n", "100", "--set", "dtype=float32", "seven " * 90]
+    )
+    assert r.exit_code == 0, r.output
+    assert "answer cut at the model's 256-token context window" in r.stderr
     r = runner.invoke(main, ["chat", "-m", model_dir, "-n", "4"], input="/bogus\n/exit\n")
     assert "(/reset /stats /save DIR /file PATH /exit)" in r.output and "[text]" in r.output
 
