@@ -134,6 +134,36 @@ def test_gqa_attention_equals_causal_softmax(dtype, S, T):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_split_into_ranges_of_keys_equals_the_whole(dtype, monkeypatch):
+    """On the CPU a long decode attention runs as ranges of keys merged by their
+    log-sum-exps, so that every thread has work (3 KV heads on 2 threads: two ranges),
+    the keys left over by an uneven split a range of their own."""
+    import offload.attention as A
+
+    assert A.decode_parts(3, 2 * A.SPLIT_KEYS - 1) == 1  # (too short to be worth it)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert A.decode_parts(3, 2 * A.SPLIT_KEYS) == 2 and A.decode_parts(8, 10**6) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert A.decode_parts(3, 3 * A.SPLIT_KEYS) == 3 and A.decode_parts(3, 10**6) == 8
+    assert A.decode_parts(8, 10**6) == 1 and A.decode_parts(12, 10**6) == 2
+    g = torch.Generator().manual_seed(5)
+    for T, parts in ((40, 2), (41, 2), (41, 3), (43, 4)):
+        q, k, v = (torch.randn(h, n, 16, generator=g) for h, n in ((6, 1), (2, T), (2, T)))
+        want = torch.softmax(q @ k.repeat_interleave(3, 0).transpose(1, 2) / 4.0, -1)
+        want = want @ v.repeat_interleave(3, 0)
+        got = A._split_decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), parts).float()
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    # and `gqa_attention` takes that path where the split pays
+    monkeypatch.setattr(A, "decode_parts", lambda heads, keys: 3)
+    q, k, v = (torch.randn(h, n, 16, generator=g) for h, n in ((6, 1), (2, 50), (2, 50)))
+    split = A._split_decode_attention(q, k, v, 3)
+    assert torch.equal(A.gqa_attention(q, k, v), split)
+    monkeypatch.setattr(A, "decode_parts", lambda heads, keys: 1)
+    assert not torch.equal(A.gqa_attention(q, k, v), split)  # (rounded otherwise)
+
+
 def test_weight_cache_keeps_one_entry_per_model_dtype_and_form(tmp_path, monkeypatch):
     from offload.loading import load
     from tests.conftest import write_gguf
