@@ -12,6 +12,7 @@ in quotes), /exit.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -106,16 +107,20 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
         answer(rt, conv, console, text, max_new_tokens, sampling)
 
 
-def file_args(args: str) -> tuple[str, str]:
+def file_args(args: str, posix: bool = os.name != "nt") -> tuple[str, str]:
     """`/file`'s path and the words after it. The path is the first word as a shell reads
     it ('My notes.md', My\\ notes.md: what a terminal pastes for a file dropped on it), or
     all of `args` where that names a file (a path with spaces, unquoted, and no text).
-    The words after it are kept as typed (their quotes too). ValueError: an unclosed quote."""
+    The words after it are kept as typed (their quotes too). ValueError: an unclosed quote.
+    Not `posix` (Windows): backslashes are a path's own; quotes still group."""
     if Path(args).expanduser().is_file():
         return args, ""
-    lexer = shlex.shlex(args, posix=True)
+    lexer = shlex.shlex(args, posix=posix)
     lexer.whitespace_split = True
-    return lexer.get_token() or "", lexer.instream.read().strip()
+    name = lexer.get_token() or ""
+    if not posix and len(name) > 1 and name[0] == name[-1] and name[0] in "\"'":
+        name = name[1:-1]
+    return name, lexer.instream.read().strip()
 
 
 def save(conv, console: Console, args: str) -> None:

@@ -249,6 +249,23 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     assert prefilled < 50 and saved + prefilled <= context <= saved + prefilled + 1
 
 
+def test_a_files_path_is_read_as_a_shell_reads_it(tmp_path):
+    """`/file`'s path: quoted or escaped where it has spaces, whole where it names a file;
+    the words after it as typed. On Windows backslashes belong to the path."""
+    from cli.chat import file_args
+
+    spaced = tmp_path / "my notes.md"
+    spaced.write_text("notes")
+    assert file_args(str(spaced)) == (str(spaced), "")
+    assert file_args('"a b.md" what does "x" mean?') == ("a b.md", 'what does "x" mean?')
+    assert file_args("a\\ b.md  why?") == ("a b.md", "why?")
+    assert file_args("a.md") == ("a.md", "")
+    with pytest.raises(ValueError):
+        file_args('"a b.md why?')
+    assert file_args("C:\\notes\\a.md why?", posix=False) == ("C:\\notes\\a.md", "why?")
+    assert file_args('"C:\\my notes.md" why?', posix=False) == ("C:\\my notes.md", "why?")
+
+
 def test_the_prefill_bar_counts_tokens_per_second_then_layers_of_the_index():
     """The bar a long prompt shows (`offload generate`, `ingest`, `ask`, the chat; a
     layer-by-layer prefill reports it layer by layer): tokens done and tok/s, then the
