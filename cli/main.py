@@ -182,6 +182,11 @@ def split_sampling(opts: dict, overrides: tuple[str, ...]):
     return sampling, overrides
 
 
+def plain_stats(stats: dict) -> dict:
+    """A request's figures that JSON takes as they are (numbers and strings)."""
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+
+
 def read_prompt(prompt: str | None, files: tuple[str, ...] = ()) -> str:
     """PROMPT, or standard input for "-" or when PROMPT is omitted and input is piped;
     the --file texts come first when both are given (several: each under its name, as
@@ -229,8 +234,7 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
         s = rt.stats()
         json.dump({"text": "".join(st.text for st in out),
                    "finish_reason": out[-1].finish_reason if out else None,
-                   "stats": {k: v for k, v in s.items() if isinstance(v, (int, float, str))}},
-                  sys.stdout, indent=1)  # fmt: skip
+                   "stats": plain_stats(s)}, sys.stdout, indent=1)  # fmt: skip
         sys.stdout.write("\n")
         return
     bar = PrefillBar(err_console)
@@ -322,13 +326,18 @@ def ingest(model, config, overrides, files, session_dir, system, replace):
 @model_options
 @sampling_options
 @click.option("--session", "session_dir", required=True, help="A session made by `offload ingest`.")
-@click.argument("question")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object a line for each question: question, text, stats.")  # fmt: skip
+@click.argument("questions", nargs=-1)
 @friendly_errors
-def ask(model, session_dir, config, overrides, question, max_new_tokens, **opts):
-    """Answer QUESTION from a saved document without prefilling the document again.
+def ask(model, session_dir, config, overrides, questions, as_json, max_new_tokens, **opts):
+    """Answer each QUESTION from a saved document without prefilling the document again.
 
-    The model (-m) must be the one the document was ingested with; the config is the
-    session's unless -c is given."""
+    Several questions are answered in turn, each from the document alone (the session
+    is loaded once); none, or "-", reads them from standard input, one a line. The model
+    (-m) must be the one the document was ingested with; the config is the session's
+    unless -c is given."""
+    questions = read_questions(questions)
     sampling, overrides = split_sampling(opts, overrides)
     rt = load_session_runtime(session_dir, model, config, overrides)
     if rt.document is None:
@@ -336,14 +345,47 @@ def ask(model, session_dir, config, overrides, question, max_new_tokens, **opts)
         raise OffloadError(
             f"{session_dir} is a {kind} session, not a document: use `offload chat --session`"
         )
-    print_steps(
-        rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling), rt.args.max_seq_len
-    )
-    s = rt.stats()
-    err_console.print(
-        f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "
-        f"first token after {s['prefill_seconds']:.2f}s, {s['decode_tokens_per_second']:.1f} tok/s[/]"
-    )
+    for n, question in enumerate(questions, 1):
+        steps = rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling)
+        if as_json:
+            out = list(steps)
+            json.dump({"question": question, "text": "".join(st.text for st in out),
+                       "finish_reason": out[-1].finish_reason if out else None,
+                       "stats": plain_stats(rt.stats())}, sys.stdout)  # fmt: skip
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            continue
+        if len(questions) > 1:
+            if n > 1:
+                sys.stdout.write("\n")
+            err_console.print(f"[bold]{escape(question)}[/]", highlight=False)
+        print_steps(steps, rt.args.max_seq_len)
+        s = rt.stats()
+        err_console.print(
+            f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "
+            f"first token after {s['prefill_seconds']:.2f}s, {s['decode_tokens_per_second']:.1f} tok/s[/]"
+        )
+
+
+def read_questions(questions: tuple[str, ...]) -> list[str]:
+    """`ask`'s questions: its arguments, or standard input's non-blank lines for none or
+    "-"."""
+    if questions and questions != ("-",):
+        out = [q for q in questions if q.strip()]
+        if len(out) < len(questions):
+            raise OffloadError("a question is empty")
+        return out
+    if not questions and sys.stdin.isatty():
+        raise click.UsageError("give a QUESTION, or pipe questions in (one a line)")
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise OffloadError(f"standard input is not UTF-8 text (byte {e.start})") from None
+    out = [line.strip() for line in text.splitlines() if line.strip()]
+    if not out:
+        raise OffloadError("no question on standard input")
+    return out
 
 
 @main.command()
