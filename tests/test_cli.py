@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
+from tests.conftest import filler_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -247,6 +248,38 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     prefilled = int(re.search(r"prefill (\d+) tokens", again)[1])
     context = int(re.search(r"context (\d+)", again)[1])  # (+ the first token, unless it stopped)
     assert prefilled < 50 and saved + prefilled <= context <= saved + prefilled + 1
+
+
+def test_cli_ask_answers_several_questions_from_one_load(tiny, tmp_path):
+    """`offload ask` with several questions (arguments, or standard input a line each)
+    answers each from the document alone, as one `ask` a question would; `--json`
+    prints an object a line."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(filler_text(50, seed=9))
+    runner = CliRunner()
+    r = runner.invoke(main, ["ingest", str(doc), "--session", str(tmp_path / "s"), *tiny])
+    assert r.exit_code == 0, r.output
+    ask = ["ask", "--session", str(tmp_path / "s"), *tiny, "-n", "5"]
+    questions = ["seven stones?", "the river", "green market north?"]
+    alone = []
+    for q in questions:
+        r = runner.invoke(main, [*ask, q])
+        assert r.exit_code == 0, r.output
+        alone.append(r.stdout)
+    r = runner.invoke(main, [*ask, *questions])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "\n".join(alone)  # (a blank line between answers)
+    assert r.stderr.count("document tokens reused") == 3 and "the river" in r.stderr
+    r = runner.invoke(main, [*ask, "--json"], input="\n".join(questions) + "\n\n")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["question"] for o in lines] == questions
+    assert [o["text"] + "\n" for o in lines] == alone
+    assert all(o["stats"]["reused_tokens"] > 0 for o in lines)
+    r = runner.invoke(main, [*ask, "q", " "])
+    assert r.exit_code == 2 and "a question is empty" in r.output
+    r = runner.invoke(main, [*ask, "-"], input="\n")
+    assert r.exit_code == 2 and "no question on standard input" in r.output
 
 
 def test_a_files_path_is_read_as_a_shell_reads_it(tmp_path):

@@ -293,41 +293,6 @@ def test_cli_ingest_ask_and_errors(tiny, tmp_path):
     assert r.exit_code == 2 and "no session at" in r.output
 
 
-def test_cli_ask_answers_several_questions_from_one_load(tiny, tmp_path):
-    """`offload ask` with several questions (arguments, or standard input a line each)
-    answers each from the document alone, as one `ask` a question would; `--json`
-    prints an object a line."""
-    import json
-
-    doc = tmp_path / "doc.md"
-    doc.write_text(filler_text(50, seed=9))
-    model = ["-m", str(tiny.loaded.source), "--set", "dtype=float32"]
-    runner = CliRunner()
-    r = runner.invoke(main, ["ingest", str(doc), "--session", str(tmp_path / "s"), *model])
-    assert r.exit_code == 0, r.output
-    ask = ["ask", "--session", str(tmp_path / "s"), *model, "-n", "5"]
-    questions = ["seven stones?", "the river", "green market north?"]
-    alone = []
-    for q in questions:
-        r = runner.invoke(main, [*ask, q])
-        assert r.exit_code == 0, r.output
-        alone.append(r.stdout)
-    r = runner.invoke(main, [*ask, *questions])
-    assert r.exit_code == 0, r.output
-    assert r.stdout == "\n".join(alone)  # (a blank line between answers)
-    assert r.stderr.count("document tokens reused") == 3 and "the river" in r.stderr
-    r = runner.invoke(main, [*ask, "--json"], input="\n".join(questions) + "\n\n")
-    assert r.exit_code == 0, r.output
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [o["question"] for o in lines] == questions
-    assert [o["text"] + "\n" for o in lines] == alone
-    assert all(o["stats"]["reused_tokens"] > 0 for o in lines)
-    r = runner.invoke(main, [*ask, "q", " "])
-    assert r.exit_code == 2 and "a question is empty" in r.output
-    r = runner.invoke(main, [*ask, "-"], input="\n")
-    assert r.exit_code == 2 and "no question on standard input" in r.output
-
-
 @cuda_only
 def test_session_saved_on_cuda_loads_on_the_cpu_and_back(tiny_dirs, tmp_path):
     """One format on both devices (full budget, fp32: the same answer on each)."""
