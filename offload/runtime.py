@@ -372,18 +372,14 @@ class Runtime:
         saved to, or another session when `replace` says so."""
         from offload.session import save_state
 
-        own = self.session_ref
-        if self.document is None:
-            info, self.session_ref = save_state(self, self._state, path, "prompt", {}, replace, own)
-        else:
+        own, kind, extra = self.session_ref, "prompt", {}
+        if self.document is not None:
             # A document session holds the document only: cut any question and answer away
             # (and where its KV went to a conversation, `chat_about_document`, read it again).
             if self._state.prepare(self._document_ids(), need_logits=False)[0]:
                 self.load_document(self.document["text"], self.document.get("system"))
-            doc = {"document": self.document}
-            info, self.session_ref = save_state(
-                self, self._state, path, "document", doc, replace, own
-            )
+            kind, extra = "document", {"document": self.document}
+        info, self.session_ref = save_state(self, self._state, path, kind, extra, replace, own)
         return info
 
     @classmethod
