@@ -3,8 +3,9 @@
 On a terminal, input is read with prompt_toolkit: line editing, history (up and
 down arrows), and bracketed paste, so a pasted block of many lines, however long,
 arrives as one turn. Ctrl-C stops an answer being generated and returns to the
-prompt (at the prompt it clears the line); Ctrl-D or /exit quits. When standard
-input is not a terminal (a pipe, a script), each line is one turn.
+prompt (at the prompt it clears the line); Ctrl-D or /exit quits (in a terminal, a chat
+with turns its session on disk lacks says so once first). When standard input is not a
+terminal (a pipe, a script), each line is one turn.
 
 Commands: /reset, /stats, /save [--replace] DIR, /file PATH [text] (a PATH with spaces
 in quotes), /exit.
@@ -40,7 +41,8 @@ class LineReader:
     def __init__(self, console: Console):
         self.console = console
         self.session = None
-        if sys.stdin.isatty() and sys.stdout.isatty():
+        self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        if self.interactive:
             from prompt_toolkit import PromptSession
             from prompt_toolkit.formatted_text import HTML
             from prompt_toolkit.history import InMemoryHistory
@@ -65,17 +67,24 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
     """The loop: read a turn or a command, stream the answer, repeat until EOF or /exit."""
     reader = LineReader(console)
     console.print(f"[dim]{escape(HINT)}[/]")
+    saved, warned = list(conv.messages), False  # (what the session on disk holds)
     while True:
         try:
             text = reader.read()
         except EOFError:
             console.print()
-            return
+            text = "/exit"
         cmd = text.strip()
         if not cmd:
             continue
         if cmd in ("/exit", "/quit"):
-            return
+            if warned or not reader.interactive or not unsaved_turns(conv, saved):
+                return
+            path = escape(str(conv.session_ref.path))
+            console.print(f"[yellow]the turns since the last save are not in {path}: /save "
+                          f"{path} saves them; /exit (or Ctrl-D) again quits[/]")  # fmt: skip
+            warned = True
+            continue
         if cmd == "/reset":
             conv.reset()
             console.print("[dim]conversation cleared[/]")
@@ -84,7 +93,8 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             render_stats(console, rt.stats())
             continue
         if cmd == "/save" or cmd.startswith("/save "):
-            save(conv, console, cmd[len("/save") :].strip())
+            if save(conv, console, cmd[len("/save") :].strip()):
+                saved, warned = list(conv.messages), False
             continue
         if cmd == "/file" or cmd.startswith("/file "):
             try:
@@ -107,6 +117,13 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
         answer(rt, conv, console, text, max_new_tokens, sampling)
 
 
+def unsaved_turns(conv, saved: list[dict]) -> bool:
+    """Has a chat that has a session (resumed from one, or saved) turns the session on
+    disk does not (`saved`: its messages as loaded or last saved)?"""
+    asked = any(m["role"] == "user" for m in conv.messages)
+    return conv.session_ref is not None and asked and conv.messages != saved
+
+
 def file_args(args: str, posix: bool = os.name != "nt") -> tuple[str, str]:
     """`/file`'s path and the words after it. The path is the first word as a shell reads
     it ('My notes.md', My\\ notes.md: what a terminal pastes for a file dropped on it), or
@@ -123,28 +140,30 @@ def file_args(args: str, posix: bool = os.name != "nt") -> tuple[str, str]:
     return name, lexer.instream.read().strip()
 
 
-def save(conv, console: Console, args: str) -> None:
+def save(conv, console: Console, args: str) -> bool:
     """`/save [--replace] DIR`: the conversation as a chat session (a session already in
-    DIR, other than the one this chat was resumed from or saved to, only with --replace)."""
+    DIR, other than the one this chat was resumed from or saved to, only with --replace).
+    Whether it was saved."""
     replace = args == REPLACE or args.startswith(REPLACE + " ")
     target = args[len(REPLACE) :].strip() if replace else args
     if not target:
         console.print(f"[yellow]usage: {escape(SAVE_USAGE)}[/]")
-        return
+        return False
     try:
         with console.status(f"saving to {escape(target)}"):
             info = conv.save(target, replace=replace)
     except SessionExistsError as e:
         hint = f": /save {REPLACE} {target} replaces it"
         console.print(f"[bold red]error:[/] {escape(str(e.hinted(hint)))}", highlight=False)
-        return
+        return False
     except (OffloadError, StorageError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        return
+        return False
     console.print(
         f"[dim]saved {info['tokens']} tokens ({human_bytes(info['bytes'])}) "
         f"to {escape(target)} in {info['seconds']:.1f}s[/]"
     )
+    return True
 
 
 def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> None:

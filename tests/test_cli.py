@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
+from storage.session import open_session
 from tests.conftest import filler_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,6 +281,41 @@ def test_cli_ask_answers_several_questions_from_one_load(tiny, tmp_path):
     assert r.exit_code == 2 and "a question is empty" in r.output
     r = runner.invoke(main, [*ask, "-"], input="\n")
     assert r.exit_code == 2 and "no question on standard input" in r.output
+
+
+def test_quitting_a_chat_with_turns_its_session_lacks_says_so_once(tiny, tmp_path, monkeypatch):
+    """In a terminal, /exit (or Ctrl-D) in a chat resumed from a session, or saved, with
+    turns the session on disk lacks says so and quits at the next; after /save, or with
+    nothing new, it quits at once. A chat never saved, or input from a pipe, quits."""
+    import cli.chat
+
+    s, runner = tmp_path / "s", CliRunner()
+    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input=f"hello\n/save {s}\n/exit\n")
+    assert r.exit_code == 0 and "saved" in r.output and "not in" not in r.output
+
+    class Terminal(cli.chat.LineReader):  # (a terminal's prompt, reading the test's lines)
+        def __init__(self, console):
+            super().__init__(console)
+            self.interactive = True
+
+    monkeypatch.setattr(cli.chat, "LineReader", Terminal)
+    resume = ["chat", "--session", str(s), *tiny, "-n", "2"]
+    wide = {"COLUMNS": "1000"}
+    r = runner.invoke(main, resume, input="/exit\n", env=wide)  # (nothing new)
+    assert r.exit_code == 0 and "not in" not in r.output
+    turns = ["the river", "/exit", f"/save {s}", "seven stones", "/exit", "/exit"]
+    r = runner.invoke(main, resume, input="\n".join(turns) + "\n", env=wide)
+    assert r.exit_code == 0, r.output
+    assert r.output.count(f"the turns since the last save are not in {s.resolve()}") == 2
+    assert r.output.count("tok/s") == 2  # (the first warning did not quit)
+    messages = open_session(s).manifest["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "the river"]
+    r = runner.invoke(main, resume, input="the river\n", env=wide)  # (Ctrl-D: the end of input)
+    assert r.exit_code == 0 and r.output.count("not in") == 1
+    r = runner.invoke(main, resume, input="the river\n/reset\n/exit\n", env=wide)
+    assert r.exit_code == 0 and "not in" not in r.output
+    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="hello\n/exit\n", env=wide)
+    assert r.exit_code == 0 and "not in" not in r.output
 
 
 def test_a_files_path_is_read_as_a_shell_reads_it(tmp_path):
