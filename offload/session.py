@@ -50,8 +50,8 @@ def save_state(
     cache = state.cache
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
-    path = session_dir(path)
-    continues = own.version if own is not None and own.path == path else None
+    path = Path(path)
+    continues = own.version if own is not None and own.path == session_dir(path) else None
     if cache.store is None and caches.dense_in_host_memory(rt):
         cache.outgrow(cache)  # (a layer at a time, as it would past the budget)
     if cache.store is None:  # the device cache: sessions are written from the tiered store
@@ -83,7 +83,7 @@ def _save(rt: Runtime, cache: KVCache, ids: list[int], path: Path, kind: str, ex
     except SessionExistsError as e:
         raise e.hinted(": pass replace=True to replace it") from None
     info = {"tokens": len(ids), "bytes": saved.bytes, "seconds": time.perf_counter() - t}
-    return info, SessionRef(path, saved.version)
+    return info, SessionRef(session_dir(path), saved.version)
 
 
 def _index_state(policy) -> tuple[dict[str, torch.Tensor], dict]:
