@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli.interrupts import interrupt_flag
-from cli.render import PrefillBar, cut_note, render_stats
+from cli.render import PrefillBar, cut_note, decode_rate, render_stats
 from offload.config import human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
@@ -193,7 +193,7 @@ def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> N
         console.print(f" {note}", end="")
     s = rt.stats()
     console.print(
-        f"\n[dim]{s['decode_tokens']} tokens, {s['decode_tokens_per_second']:.1f} tok/s, "
+        f"\n[dim]{s['decode_tokens']} token{'s' * (s['decode_tokens'] != 1)}{decode_rate(s)}, "
         f"prefill {s['prefill_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
         f"context {s['context_tokens']}[/]"
     )

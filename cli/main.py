@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.interrupts import interrupt_flag
-from cli.render import PrefillBar, cut_note
+from cli.render import PrefillBar, cut_note, decode_rate
 from offload import __version__
 from offload.config import DEFAULT_MODEL, human_bytes
 from offload.documents import read_documents
@@ -246,7 +246,7 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
     s = rt.stats()
     err_console.print(
         f"[dim]{s['prefill_tokens']} prompt tokens at {s['prefill_tokens_per_second']:.0f} tok/s, "
-        f"{s['decode_tokens']} generated at {s['decode_tokens_per_second']:.1f} tok/s[/]"
+        f"{s['decode_tokens']} generated{decode_rate(s, ' at ')}[/]"
     )
 
 
@@ -363,7 +363,7 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
         s = rt.stats()
         err_console.print(
             f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "
-            f"first token after {s['prefill_seconds']:.2f}s, {s['decode_tokens_per_second']:.1f} tok/s[/]"
+            f"first token after {s['prefill_seconds']:.2f}s{decode_rate(s)}[/]"
         )
 
 

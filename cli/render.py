@@ -23,6 +23,14 @@ def cut_note(step, window: int) -> str | None:
     return "[dim](answer cut at the token limit: raise it with -n)[/]"
 
 
+def decode_rate(stats: dict, lead: str = ", ") -> str:
+    """A request's decode rate as the figure lines show it ("{lead}61.2 tok/s"), or
+    nothing where one token was generated (the rate is of the steps after the first)."""
+    if stats["decode_tokens"] < 2:
+        return ""
+    return f"{lead}{stats['decode_tokens_per_second']:.1f} tok/s"
+
+
 class RateColumn(ProgressColumn):
     """Units per second since the bar started ("2,315 tok/s")."""
 

@@ -98,6 +98,9 @@ def test_cli_version_cut_answers_and_chat_hint(tiny_dirs):
     )
     assert r.exit_code == 0 and "answer cut at the token limit" in r.stderr
     assert "answer cut" not in r.stdout
+    # one token: no decode rate (it is of the steps after the first), not "0.0 tok/s"
+    r = runner.invoke(main, ["generate", "-m", model_dir, "-n", "1", "--set", "dtype=float32", "x"])
+    assert r.exit_code == 0 and "1 generated\n" in r.stderr and "0.0 tok/s" not in r.stderr
     # cut by the model's context window (256 tokens), which a larger -n does not move
     r = runner.invoke(
         main, ["generate", "-m", model_dir, "-n", "100", "--set", "dtype=float32", "seven " * 90]
