@@ -182,9 +182,21 @@ def split_sampling(opts: dict, overrides: tuple[str, ...]):
     return sampling, overrides
 
 
-def plain_stats(stats: dict) -> dict:
-    """A request's figures that JSON takes as they are (numbers and strings)."""
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+def json_answer(steps: list, stats: dict) -> dict:
+    """An answer as `--json` prints it: its text, why it ended, and the request's figures
+    that JSON takes as they are (numbers and strings)."""
+    return {"text": "".join(st.text for st in steps),
+            "finish_reason": steps[-1].finish_reason if steps else None,
+            "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}  # fmt: skip
+
+
+def read_stdin() -> str:
+    """Standard input's text (UTF-8, or one clear error)."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise OffloadError(f"standard input is not UTF-8 text (byte {e.start})") from None
 
 
 def read_prompt(prompt: str | None, files: tuple[str, ...] = ()) -> str:
@@ -197,11 +209,7 @@ def read_prompt(prompt: str | None, files: tuple[str, ...] = ()) -> str:
     if prompt == "-" or prompt is None and not files:
         if prompt is None and sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, - or --file, or pipe the prompt in")
-        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-        try:
-            parts.append(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except UnicodeDecodeError as e:
-            raise OffloadError(f"standard input is not UTF-8 text (byte {e.start})") from None
+        parts.append(read_stdin())
     elif prompt is not None:
         parts.append(prompt)
     text = "\n\n".join(p.strip() for p in parts if p.strip())
@@ -231,10 +239,7 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
     ]
     if as_json:
         out = list(rt.stream(messages, max_new_tokens=max_new_tokens, **sampling))
-        s = rt.stats()
-        json.dump({"text": "".join(st.text for st in out),
-                   "finish_reason": out[-1].finish_reason if out else None,
-                   "stats": plain_stats(s)}, sys.stdout, indent=1)  # fmt: skip
+        json.dump(json_answer(out, rt.stats()), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
     bar = PrefillBar(err_console)
@@ -348,10 +353,7 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
     for n, question in enumerate(questions, 1):
         steps = rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling)
         if as_json:
-            out = list(steps)
-            json.dump({"question": question, "text": "".join(st.text for st in out),
-                       "finish_reason": out[-1].finish_reason if out else None,
-                       "stats": plain_stats(rt.stats())}, sys.stdout)  # fmt: skip
+            json.dump({"question": question, **json_answer(list(steps), rt.stats())}, sys.stdout)
             sys.stdout.write("\n")
             sys.stdout.flush()
             continue
@@ -377,12 +379,7 @@ def read_questions(questions: tuple[str, ...]) -> list[str]:
         return out
     if not questions and sys.stdin.isatty():
         raise click.UsageError("give a QUESTION, or pipe questions in (one a line)")
-    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError as e:
-        raise OffloadError(f"standard input is not UTF-8 text (byte {e.start})") from None
-    out = [line.strip() for line in text.splitlines() if line.strip()]
+    out = [line.strip() for line in read_stdin().splitlines() if line.strip()]
     if not out:
         raise OffloadError("no question on standard input")
     return out
