@@ -138,7 +138,8 @@ def _check_contents(path: Path, replace: bool, continues: str | None) -> None:
     except OSError as e:
         raise SessionError(f"cannot read session directory {path}: {e.strerror or e}") from None
     other = [n for n in names if not OWN_ENTRY.fullmatch(n)]
-    if other and not _names_a_version(path, names):  # (a session's, files kept beside it)
+    current = _current_version(path, names)
+    if other and current is None:  # (a session's, files its user keeps beside it)
         shown = ", ".join(repr(n) for n in other[:3])
         more = f" and {len(other) - 3} more" if len(other) > 3 else ""
         raise SessionError(
@@ -148,18 +149,13 @@ def _check_contents(path: Path, replace: bool, continues: str | None) -> None:
     if "CURRENT" in names and not replace:
         if continues is None:
             raise SessionExistsError(path)
-        if _current_version(path, names) != continues:
+        if current != continues:
             raise SessionExistsError(path, changed=True)
 
 
-def _names_a_version(path: Path, names: list[str]) -> bool:
-    """Does the directory's CURRENT name a version folder that is there: is it a session
-    (whatever its user keeps beside it), not a folder with a file of that name?"""
-    return _current_version(path, names) is not None
-
-
 def _current_version(path: Path, names: list[str]) -> str | None:
-    """The version folder the directory's CURRENT names, where it names one that is there."""
+    """The version folder the directory's CURRENT names, where it names one that is there:
+    a session (whatever its user keeps beside it), not a folder with a file of that name."""
     if "CURRENT" not in names:
         return None
     try:
