@@ -8,6 +8,7 @@ unpermuted.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
-from offload.model_args import SUPPORTED_ARCHS, ModelArgs
+from offload.model_args import SUPPORTED_ARCHS, ModelArgs, RopeScaling
 from offload.weights import build_model, rename
 
 _GGUF_NAMES = [
@@ -28,6 +29,7 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"layers.\1.attention.wk.\2"),
     (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"layers.\1.attention.wv.\2"),
     (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
+    (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", r"layers.\1.attention.\2_norm.weight"),
     (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
     (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
     (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
@@ -78,7 +80,11 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).ravel())
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    context = int(req("context_length"))
     try:
+        scaling = gguf_rope_scaling(reader, arch, context)
+        if scaling is not None:
+            context = max(context, scaling.context)
         return ModelArgs(
             arch=arch,
             dim=dim,
@@ -94,15 +100,46 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
             vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),
             norm_eps=float(req("attention.layer_norm_rms_epsilon")),
             rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
             rope_freq_factors=factors,
-            max_seq_len=int(req("context_length")),
+            max_seq_len=context,
             tie_embeddings="output.weight" not in tensors,
             qkv_bias="blk.0.attn_q.bias" in tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in tensors,
             bos_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
             eos_ids=() if eos is None else (int(eos),),
         )
     except ConfigError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+
+
+def gguf_rope_scaling(reader, arch: str, context: int) -> RopeScaling | None:
+    """`{arch}.rope.scaling.*` as a RopeScaling (none, linear or yarn; llama.cpp keeps
+    Llama 3.1's scaling as per-frequency factors, `rope_freqs.weight`, instead)."""
+
+    def key(name: str, default=None):
+        return field_value(reader, f"{arch}.rope.scaling.{name}", default)
+
+    kind = key("type", "none")
+    if kind == "none":
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ConfigError(f"unsupported rope scaling type {kind!r} (supported: none, linear, yarn)")
+    try:
+        factor = float(key("factor"))
+        original = int(key("original_context_length", context))
+        if kind == "linear":
+            return RopeScaling(factor=factor, kind=kind, original_max_position=original)
+        # llama.cpp multiplies YaRN's 0.1 ln(factor) + 1 by the file's attn_factor (default 1)
+        attention = float(key("attn_factor", 1.0)) * (
+            0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        )
+        return RopeScaling(factor=factor, kind=kind, original_max_position=original,
+                           beta_fast=float(key("yarn_beta_fast", 32.0)),
+                           beta_slow=float(key("yarn_beta_slow", 1.0)),
+                           attention_factor=attention)  # fmt: skip
+    except (TypeError, ValueError) as e:  # a missing factor, a string for a number
+        raise ConfigError(f"invalid GGUF metadata {arch}.rope.scaling.*: {e}") from None
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -62,7 +62,7 @@ def resolve_source(name_or_path: str | Path) -> Path:
 
 def _fingerprint(path: Path, args: ModelArgs) -> str:
     """Cheap identity of a checkpoint: config plus the size and head/tail bytes of each file."""
-    h = hashlib.sha256(repr(args.to_dict()).encode())
+    h = hashlib.sha256(repr(args.identity()).encode())
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     for f in files:
         size = f.stat().st_size
@@ -160,9 +160,20 @@ def count_parameters(a: ModelArgs) -> int:
     attn = a.dim * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
     if a.qkv_bias:
         attn += a.head_dim * (a.num_heads + 2 * a.num_kv_heads)
+    if a.qk_norm:
+        attn += 2 * a.head_dim
     per_layer = attn + 3 * a.dim * a.hidden_dim + 2 * a.dim
     embed = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
     return a.num_layers * per_layer + embed + a.dim
+
+
+def rope_scaling_name(a: ModelArgs) -> str:
+    s = a.rope_scaling
+    if s is None:
+        return "llama3" if a.rope_freq_factors else "none"
+    if s.kind == "llama3":
+        return "llama3"
+    return f"{s.kind} x{s.factor:g} of {s.original_max_position:,} positions"
 
 
 def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dict:
@@ -185,7 +196,7 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "vocabulary": a.vocab_size,
         "context length": a.max_seq_len,
         "rope theta": a.rope_theta,
-        "rope scaling": "llama3" if a.rope_scaling or a.rope_freq_factors else "none",
+        "rope scaling": rope_scaling_name(a),
         "tied embeddings": a.tie_embeddings,
         "kv dtype": kv_dtype,
         "kv_bytes_per_token": layout.token_bytes,

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (llama, mistral, qwen2) in plain torch.
+"""A Llama-family decoder (llama, mistral, qwen2, qwen3) in plain torch.
 
 One sequence at a time: hidden states are `[S, dim]`, no batch axis, because the
 runtime serves one user's long context. The model does not own its KV cache:
@@ -29,7 +29,8 @@ ROPE_BLOCK = 4096  # positions of the RoPE table computed at a time
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse RoPE frequencies `[D/2]` (float32, CPU), with Llama-3 scaling when set."""
+    """Inverse RoPE frequencies `[D/2]` (float32, CPU), scaled as the model's
+    `rope_scaling` says (llama3, yarn, linear) or by llama.cpp's stored factors."""
     D = args.head_dim
     inv_freq = 1.0 / (
         args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D)
@@ -39,6 +40,10 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     s = args.rope_scaling
     if s is None:
         return inv_freq
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind == "yarn":
+        return _yarn_inv_freq(inv_freq, s, args.rope_theta, D)
     # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band
     # between interpolated smoothly.
     low_wavelen = s.original_max_position / s.low_freq_factor
@@ -51,6 +56,27 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, s, base: float, D: int) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): a dimension pair that turns more than `beta_fast` times
+    over the original context keeps its frequency, one that turns fewer than `beta_slow`
+    times is divided by `factor`, and a linear ramp mixes the two between (its ends
+    rounded out to whole pairs, as HF and llama.cpp do)."""
+
+    def pair(rotations: float) -> float:  # the pair that turns `rotations` times
+        return (
+            D * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        )
+
+    low = max(math.floor(pair(s.beta_fast)), 0)
+    high = min(math.ceil(pair(s.beta_slow)), D - 1)
+    if low == high:
+        high += 0.001
+    pairs = torch.arange(D // 2, dtype=torch.float32, device="cpu")
+    ramp = ((pairs - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp  # the share of the original frequency
+    return inv_freq / s.factor * (1 - kept) + inv_freq * kept
 
 
 class RMSNorm(nn.Module):
@@ -80,6 +106,9 @@ class Attention(nn.Module):
             args.head_dim,
         )
         bias = args.qkv_bias
+        # qwen3: each q and k head RMS-normed over its head_dim before RoPE
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         if fused:  # the layout `fuse` makes, for weights saved after it (weight_cache.py)
             qkv = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
             self.wqkv = nn.Linear(args.dim, qkv, bias=bias)
@@ -99,8 +128,12 @@ class Attention(nn.Module):
 
     def _projected(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v heads [Hq + 2 Hkv, S, D] of the normed input x [S, dim] (a view)."""
-        H = self.num_heads + 2 * self.num_kv_heads
-        return self.wqkv(x).view(x.shape[0], H, self.head_dim).transpose(0, 1)
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self.wqkv(x).view(x.shape[0], Hq + 2 * Hkv, self.head_dim)
+        if self.q_norm is not None:
+            q, k, v = qkv.split((Hq, Hkv, Hkv), dim=1)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=1)
+        return qkv.transpose(0, 1)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Rotated q [Hq, S, D], rotated k and v [Hkv, S, D] of the normed input x [S, dim]."""
@@ -234,12 +267,13 @@ class Transformer(nn.Module):
         if self._inv_freq.device != self.device:
             self._inv_freq = self._inv_freq.to(self.device)
         cos, sin = [table[0]], [table[1]]
+        scale = self.args.rope_scaling.cos_sin_scale if self.args.rope_scaling else 1.0
         for start in range(have, num_positions, ROPE_BLOCK):
             pos = torch.arange(start, start + ROPE_BLOCK, device=self.device, dtype=torch.float32)
             freqs = torch.outer(pos, self._inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos.append(emb.cos().to(self.dtype))
-            sin.append(emb.sin().to(self.dtype))
+            cos.append((emb.cos() * scale).to(self.dtype))
+            sin.append((emb.sin() * scale).to(self.dtype))
         self._rope_cache = (torch.cat(cos), torch.cat(sin))
         return self._rope_cache
 

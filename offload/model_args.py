@@ -10,17 +10,93 @@ from typing import Any
 
 from offload.errors import ConfigError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling (`rope_scaling.rope_type == "llama3"`)."""
+    """A RoPE frequency scaling (`rope_scaling` in config.json, `rope.scaling.*` in GGUF):
+
+    llama3  Llama 3.1: long wavelengths slowed by `factor`, short ones kept, the band
+            between (`low_freq_factor`, `high_freq_factor`) interpolated
+    yarn    YaRN (Qwen2.5 and Qwen3 past 32k): the same split, its band set by
+            `beta_fast` and `beta_slow` rotations over `original_max_position`, and
+            cos/sin scaled by `attention_factor` (default 0.1 ln(factor) + 1)
+    linear  every frequency divided by `factor` (positions interpolated)
+    """
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    kind: str = "llama3"  # (older weight caches stored llama3 scalings without a kind)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS[1:]:
+            raise ConfigError(
+                f"unsupported rope scaling type {self.kind!r} "
+                f"(supported: {', '.join(ROPE_SCALINGS)})"
+            )
+        for key in ("factor", "beta_fast", "beta_slow", "attention_factor"):
+            value = getattr(self, key)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise ConfigError(
+                    f"rope scaling {key} must be a finite number above 0, got {value!r}"
+                )
+        if self.original_max_position < 1:
+            raise ConfigError(
+                "rope scaling original_max_position_embeddings must be a positive integer, "
+                f"got {self.original_max_position!r}"
+            )
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """What cos and sin are multiplied by (YaRN's attention temperature; else 1)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+
+    @property
+    def context(self) -> int:
+        """The context the scaling is for: YaRN and linear stretch the original by `factor`."""
+        return int(self.original_max_position * self.factor) if self.kind != "llama3" else 0
+
+    @classmethod
+    def from_hf(cls, rope: dict[str, Any], max_positions: int) -> RopeScaling | None:
+        """From config.json's `rope_scaling` (or `rope_parameters`); None for the default."""
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_SCALINGS)})"
+            )
+        original = int(rope.get("original_max_position_embeddings") or max_positions)
+        if kind == "llama3":
+            return cls(factor=float(rope["factor"]), kind=kind,
+                       low_freq_factor=float(rope["low_freq_factor"]),
+                       high_freq_factor=float(rope["high_freq_factor"]),
+                       original_max_position=int(rope["original_max_position_embeddings"]))  # fmt: skip
+        factor = rope.get("factor")
+        factor = float(factor) if factor is not None else max_positions / original
+        if kind == "linear":
+            return cls(factor=factor, kind=kind, original_max_position=original)
+        attention = rope.get("attention_factor")
+        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all and factor > 1:
+            attention = (0.1 * mscale * math.log(factor) + 1) / (
+                0.1 * mscale_all * math.log(factor) + 1
+            )
+        return cls(factor=factor, kind=kind, original_max_position=original,
+                   beta_fast=float(rope.get("beta_fast") or 32.0),
+                   beta_slow=float(rope.get("beta_slow") or 1.0),
+                   attention_factor=None if attention is None else float(attention))  # fmt: skip
 
 
 # Upper bounds of a model's dimensions, far above any real model's (Llama-3.1-405B: dim
@@ -48,6 +124,7 @@ class ModelArgs:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # qwen3: an RMS norm over each q and k head before RoPE
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
 
@@ -78,7 +155,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
-        """Build from the dict of an HF `config.json` (llama, mistral, qwen2)."""
+        """Build from the dict of an HF `config.json` (llama, mistral, qwen2, qwen3)."""
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         arch = cfg.get("model_type")
@@ -92,20 +169,13 @@ class ModelArgs:
             head_dim = int(cfg.get("head_dim") or (dim // num_heads if num_heads > 0 else 0))
             rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
             theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-            scaling = None
-            if rope.get("rope_type", rope.get("type")) == "llama3":
-                scaling = RopeScaling(
-                    factor=float(rope["factor"]),
-                    low_freq_factor=float(rope["low_freq_factor"]),
-                    high_freq_factor=float(rope["high_freq_factor"]),
-                    original_max_position=int(rope["original_max_position_embeddings"]),
-                )
-            elif rope.get("rope_type", rope.get("type")) not in (None, "default"):
-                raise ConfigError(
-                    f"{source}: unsupported rope scaling type "
-                    f"{rope.get('rope_type', rope.get('type'))!r} (supported: default, llama3)"
-                )
             max_pos = int(cfg.get("max_position_embeddings", 4096))
+            try:
+                scaling = RopeScaling.from_hf(rope, max_pos)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+            if scaling is not None:  # (YaRN's files keep the original in max_position)
+                max_pos = max(max_pos, scaling.context)
             window = cfg.get("sliding_window")
             if window and cfg.get("use_sliding_window", arch == "mistral") and window < max_pos:
                 # Attention here is global: exact for contexts up to the window only.
@@ -127,6 +197,7 @@ class ModelArgs:
                 max_seq_len=max_pos,
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+                qk_norm=arch == "qwen3",
                 bos_id=cfg.get("bos_token_id"),
                 eos_ids=tuple(int(e) for e in eos_ids),
             )
@@ -137,3 +208,15 @@ class ModelArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """`to_dict` without the fields added after sessions were first saved where they
+        hold the value every earlier model had: a saved session names its model by this
+        (`LoadedModel.fingerprint`), so those sessions still match their models."""
+        d = self.to_dict()
+        if not self.qk_norm:
+            del d["qk_norm"]
+        if self.rope_scaling is not None and self.rope_scaling.kind == "llama3":
+            for key in ("kind", "beta_fast", "beta_slow", "attention_factor"):
+                del d["rope_scaling"][key]
+        return d

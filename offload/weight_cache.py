@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: GGUF rope scaling (yarn, linear) read into the stored args
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of the source file
 
 

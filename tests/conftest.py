@@ -203,6 +203,23 @@ TINY_CONFIGS = {
     "mistral": dict(
         arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None
     ),
+    # Qwen3's per-head q/k norms, and the YaRN scaling Qwen2.5 and Qwen3 take past 32k
+    # (here past 24 positions: a max_position_embeddings of 96 is 24 x 4)
+    "qwen3-qknorm-yarn": dict(
+        arch="qwen3",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24},
+    ),  # fmt: skip
+    "qwen2-linear-rope": dict(
+        arch="qwen2",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),  # fmt: skip
 }
 
 
@@ -218,6 +235,7 @@ def make_tiny_hf_model(
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
     config = cls_config(
         vocab_size=320,
@@ -233,6 +251,10 @@ def make_tiny_hf_model(
     )
     torch.manual_seed(seed)
     model = cls_model(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers if arch == "qwen3" else ():  # norms init to ones
+            layer.self_attn.q_norm.weight.normal_(1, 0.3)
+            layer.self_attn.k_norm.weight.normal_(1, 0.3)
     if arch == "qwen2":  # HF initialises biases to zero; make them matter
         with torch.no_grad():
             for layer in model.model.layers:

@@ -116,11 +116,13 @@ def _greedy(cache, model, first_logits, steps):
 
 
 @pytest.mark.parametrize("kernels", [False, True])
-def test_fixed_shape_step_equals_ordinary_decode(tiny_dirs, kernels):
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen3-qknorm-yarn"])
+def test_fixed_shape_step_equals_ordinary_decode(tiny_dirs, kernels, name):
     """The step that CUDA captures (run eagerly here) gives the ordinary decode's tokens
-    and logits, with the reference attention and with the Triton kernel."""
+    and logits, with the reference attention and with the Triton kernels (a qwen3
+    model's q/k norms among them)."""
     rt = Runtime.from_pretrained(
-        tiny_dirs["llama-gqa-untied"][0], dtype="float32", mode="full", device=DEVICE.type
+        tiny_dirs[name][0], dtype="float32", mode="full", device=DEVICE.type
     )
     ids = rt.tokenizer.encode("seven quiet stones over the river " * 3)
     plain, stepped = rt.new_cache(), rt.new_cache()
