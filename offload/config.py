@@ -21,6 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from offload.errors import ConfigError
+from offload.model_args import parse_rope_override
 
 DEFAULT_MODEL = "smollm2"  # the embedded model (offload/loading.py: EMBEDDED)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -89,6 +90,7 @@ class ModelSection:
     )
     cuda_graphs: bool = True  # CUDA: replay each decode step of the device cache as one graph
     compile_step: bool = False  # CUDA: torch.compile the decode step before capturing it
+    rope_scaling: str = ""  # "": the model's own; yarn:FACTOR[:ORIGINAL] or linear:...
 
     def __post_init__(self):
         if self.weights not in WEIGHT_MODES:
@@ -99,6 +101,8 @@ class ModelSection:
             raise ConfigError(f"model.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"model.device: {self.device!r} is not auto, cpu or cuda[:N]")
+        if self.rope_scaling:
+            parse_rope_override(self.rope_scaling)
         cpus = os.cpu_count() or 1
         if not 0 <= self.threads <= cpus:
             raise ConfigError(

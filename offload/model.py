@@ -225,6 +225,11 @@ class Transformer(nn.Module):
         self._inv_freq = rope_inv_freq(args)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def set_args(self, args: ModelArgs) -> None:
+        """New args of the same shape (another RoPE scaling: `model.rope_scaling`)."""
+        assert args.head_dim == self.args.head_dim, (args, self.args)
+        self.args, self._inv_freq, self._rope_cache = args, rope_inv_freq(args), None
+
     def tie_weights(self) -> None:
         self.output.weight = self.tok_embeddings.weight
 

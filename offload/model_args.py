@@ -99,6 +99,26 @@ class RopeScaling:
                    attention_factor=None if attention is None else float(attention))  # fmt: skip
 
 
+def parse_rope_override(spec: str) -> tuple[str, float, int | None]:
+    """`model.rope_scaling`: "yarn:FACTOR[:ORIGINAL]" or "linear:FACTOR[:ORIGINAL]" ->
+    (kind, factor, original context or None for the model's own)."""
+    parts = spec.split(":")
+    usage = (
+        f"model.rope_scaling: {spec!r} is not yarn:FACTOR or linear:FACTOR, optionally "
+        ":ORIGINAL (the context the model was trained for; its own by default), e.g. yarn:4"
+    )
+    if parts[0] not in ("yarn", "linear") or len(parts) not in (2, 3):
+        raise ConfigError(usage)
+    try:
+        factor = float(parts[1])
+        original = int(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise ConfigError(usage) from None
+    if not (math.isfinite(factor) and factor >= 1) or (original is not None and original < 1):
+        raise ConfigError(f"{usage}; FACTOR must be at least 1 and ORIGINAL positive")
+    return parts[0], factor, original
+
+
 # Upper bounds of a model's dimensions, far above any real model's (Llama-3.1-405B: dim
 # 16384, 126 layers, 128 heads; 256k-entry vocabularies; 10M-token contexts).
 MODEL_BOUNDS = {"dim": 1 << 18, "num_layers": 1 << 12, "num_heads": 1 << 12,
@@ -205,6 +225,19 @@ class ModelArgs:
             raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as e:  # a list for a number, and such
             raise ConfigError(f"{source}: invalid value: {e}") from None
+
+    def with_rope_override(self, spec: str) -> ModelArgs:
+        """These args with `model.rope_scaling`'s scaling in place of the file's (what
+        llama.cpp's --rope-scaling does): the context becomes ORIGINAL x FACTOR, ORIGINAL
+        being the context the file's scaling starts from, or the file's context."""
+        kind, factor, original = parse_rope_override(spec)
+        if original is None:
+            s = self.rope_scaling
+            original = s.original_max_position if s is not None else self.max_seq_len
+        scaling = RopeScaling(factor=factor, kind=kind, original_max_position=original)
+        return dataclasses.replace(
+            self, rope_scaling=scaling, rope_freq_factors=None, max_seq_len=scaling.context
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

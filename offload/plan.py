@@ -125,15 +125,17 @@ def make_plan(
     cluster_size: int = SelectionSection.cluster_size,
     hit_cache: float | None = SelectionSection.hit_cache,
     kv_device_bytes: int | None = None,
+    rope_scaling: str = "",
 ) -> Plan:
     """The defaults are the config's. `retrieved` (0: `retrieve_fraction` of the
     context), `cluster_size` and `hit_cache` (None: no hit caches) as in the [selection]
-    config."""
+    config; `rope_scaling` as `model.rope_scaling` (it sets the model's context)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if context < 1:
         raise ConfigError(f"context must be at least 1 token, got {context}")
     a = model if isinstance(model, ModelArgs) else read_args(model)[1]
+    a = a.with_rope_override(rope_scaling) if rope_scaling else a
     L = KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, dtype, chunk_size, summary_bits)
     name = "model" if isinstance(model, ModelArgs) else str(model)
     plan = Plan(name, a, L, context, device_bytes, host_bytes, kv_device_bytes=kv_device_bytes)
@@ -205,7 +207,7 @@ def plan_for_config(
         window=sel.window, dense_layers=sel.dense_layers, selector=sel.selector,
         retrieved=sel.retrieved, retrieve_fraction=sel.retrieve_fraction,
         cluster_size=sel.cluster_size, hit_cache=None if sel.prefetch == "off" else sel.hit_cache,
-        kv_device_bytes=kv.device_bytes,
+        kv_device_bytes=kv.device_bytes, rope_scaling=config.model.rope_scaling,
     )  # fmt: skip
 
 

@@ -76,6 +76,9 @@ class Runtime:
     """A loaded model, its tokenizer, a runtime config and the KV caches built from them."""
 
     def __init__(self, loaded: LoadedModel, config: RuntimeConfig, device: torch.device):
+        if config.model.rope_scaling != loaded.rope:  # (it is in the weights' fingerprint)
+            raise ConfigError(f"model.rope_scaling: the model was loaded with "
+                              f"{loaded.rope or 'its own'!r}, not {config.model.rope_scaling!r}")  # fmt: skip
         self.loaded = loaded
         self.model = loaded.model
         sel, n = config.selection, loaded.args.max_seq_len
@@ -97,9 +100,8 @@ class Runtime:
         self._last_state = self._state  # whose cache stats() reports
         self.document: dict | None = None  # set by load_document / a document session
         self.session: dict = {}  # what a loaded session said about itself
-        # The session this runtime's document or prompt was loaded from or last saved to:
-        # a save there needs no `replace` while no other saver has saved there since
-        # (offload/session.py, `SessionRef`).
+        # The session loaded from or last saved to: a save there needs no `replace` while
+        # no other saver has saved there since (offload/session.py, `SessionRef`).
         self.session_ref: SessionRef | None = None
 
     @classmethod
@@ -127,7 +129,8 @@ class Runtime:
         torch.set_num_threads(cfg.model.threads or machine_threads())
         dtype = getattr(torch, cfg.model.dtype)
         with device_memory("loading the model"):
-            return cls(load(name_or_path, dtype, device, cfg.model.weights), cfg, device)
+            loaded = load(name_or_path, dtype, device, cfg.model.weights, cfg.model.rope_scaling)
+            return cls(loaded, cfg, device)
 
     # -- pieces --------------------------------------------------------------
 

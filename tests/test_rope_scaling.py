@@ -1,0 +1,170 @@
+"""Qwen3 and the RoPE scalings (yarn, linear): against transformers, from config.json,
+from GGUF metadata, and set by `model.rope_scaling` over a model's own."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from offload import Runtime
+from offload.errors import ConfigError
+
+
+def random_ids(n, vocab=320, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g)
+
+
+def write_qwen_gguf(directory, ref_model, path, rope: dict | None):
+    """The tiny HF qwen3 model `ref_model` (saved in `directory`) as a float32 GGUF, its
+    tokenizer's vocabulary and merges, and `rope` as `qwen3.rope.scaling.*` keys (qwen
+    files keep HF's Q/K row order)."""
+
+    import gguf
+
+    cfg = ref_model.config
+    tok = json.loads((directory / "tokenizer.json").read_text())
+    vocab = dict(tok["model"]["vocab"]) | {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if rope:
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_context_length"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "q_proj": "attn_q",
+             "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "gate_proj": "ffn_gate",
+             "up_proj": "ffn_up", "down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    for name, t in ref_model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: the file has no output matrix
+        parts = name.removeprefix("model.").removesuffix(".weight").split(".")
+        gguf_name = (
+            f"blk.{parts[1]}.{names[parts[-1]]}.weight" if parts[0] == "layers"
+            else f"{names[parts[0]]}.weight"
+        )  # fmt: skip
+        w.add_tensor(gguf_name, t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_qwen3_gguf_with_yarn_matches_transformers(tiny_dirs, tmp_path):
+    """Qwen3's q/k norms and YaRN read from a GGUF file (`qwen3.rope.scaling.*`), and
+    again from the converted file's cache, give transformers' logits."""
+    directory, ref_model = tiny_dirs["qwen3-qknorm-yarn"]
+    rope = {"type": "yarn", "factor": 4.0, "original_context_length": 24}
+    src = write_qwen_gguf(directory, ref_model, tmp_path / "q.gguf", rope)
+    ids = random_ids(90)
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0]
+    for _ in range(2):  # converted, then from the cache
+        rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+        s = rt.args.rope_scaling
+        assert rt.args.qk_norm and (s.kind, s.factor, s.original_max_position) == ("yarn", 4, 24)
+        torch.testing.assert_close(rt.logits(ids), ref, atol=1e-4, rtol=1e-4)
+    assert rt.tokenizer.encode("seven quiet stones") == Runtime.from_pretrained(
+        directory, dtype="float32", device="cpu"
+    ).tokenizer.encode("seven quiet stones")
+
+
+def test_rope_scaling_from_config(tmp_path):
+    """YaRN stretches the context to original x factor (Qwen2.5's files keep 32,768 in
+    max_position_embeddings); an unsupported scaling is one error naming the file."""
+    from offload.model_args import ModelArgs
+
+    cfg = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+           "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 320,
+           "max_position_embeddings": 32768,
+           "rope_scaling": {"type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32768}}  # fmt: skip
+    a = ModelArgs.from_hf_config(cfg, "q/config.json")
+    assert a.max_seq_len == 131072 and a.rope_scaling.cos_sin_scale == pytest.approx(1.1386, 1e-4)
+    for rope, error in [
+        ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling type 'dynamic'"),
+        ({"rope_type": "yarn", "factor": -1.0}, "rope scaling factor must be"),
+        ({"rope_type": "yarn", "factor": "x"}, "invalid value"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^q/config.json: .*{error}"):
+            ModelArgs.from_hf_config(cfg | {"rope_scaling": rope}, "q/config.json")
+
+
+def test_a_models_identity_is_what_sessions_saved_before_qwen3_and_yarn():
+    """Saved sessions name their model by `ModelArgs.identity()` (in its fingerprint): the
+    fields added for qwen3 and YaRN leave out their defaults, so a session saved before
+    still matches its model. This repr is the one those sessions hashed."""
+    from offload.model_args import ModelArgs, RopeScaling
+
+    a = ModelArgs(arch="llama", dim=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+                  hidden_dim=16, vocab_size=10, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))  # fmt: skip
+    assert repr(a.identity()) == (
+        "{'arch': 'llama', 'dim': 8, 'num_layers': 1, 'num_heads': 2, 'num_kv_heads': 1, "
+        "'head_dim': 4, 'hidden_dim': 16, 'vocab_size': 10, 'norm_eps': 1e-05, "
+        "'rope_theta': 10000.0, 'rope_scaling': {'factor': 8.0, 'low_freq_factor': 1.0, "
+        "'high_freq_factor': 4.0, 'original_max_position': 8192}, 'rope_freq_factors': None, "
+        "'max_seq_len': 4096, 'tie_embeddings': False, 'qkv_bias': False, 'bos_id': None, "
+        "'eos_ids': ()}"
+    )
+    yarn = RopeScaling(4.0, original_max_position=32768, kind="yarn")
+    b = dataclasses.replace(a, arch="qwen3", qk_norm=True, rope_scaling=yarn)
+    assert b.identity()["qk_norm"] and b.identity()["rope_scaling"]["kind"] == "yarn"
+
+
+def test_a_scaling_set_over_the_models_own(tiny_dirs, tmp_path):
+    """`model.rope_scaling` gives a model whose files have no scaling (Qwen3's as
+    shipped; its GGUF files too) the one transformers runs with that scaling, sets the
+    context to ORIGINAL x FACTOR, and stays out of the converted GGUF's cache; a session
+    saved with it loads with it."""
+    directory, ref_model = tiny_dirs["qwen3-qknorm-yarn"]
+    plain = tmp_path / "plain"
+    shutil.copytree(directory, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        cfg.get(key, {}).pop("rope_type", None), cfg.get(key, {}).pop("type", None)
+    (plain / "config.json").write_text(json.dumps(cfg))
+    src = write_qwen_gguf(directory, ref_model, tmp_path / "q.gguf", rope=None)
+    ids = random_ids(90)
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0]
+    for model in (plain, src, src):  # the GGUF converted, then from its cache
+        own = Runtime.from_pretrained(model, dtype="float32", device="cpu")
+        assert own.args.rope_scaling is None and own.args.max_seq_len == 256
+        assert (own.logits(ids) - ref).abs().max() > 1e-2
+        rt = Runtime.from_pretrained(model, dtype="float32", device="cpu", rope_scaling="yarn:4:24")
+        assert rt.args.max_seq_len == 96 and rt.loaded.fingerprint != own.loaded.fingerprint
+        torch.testing.assert_close(rt.logits(ids), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="model.rope_scaling: the model was loaded with"):
+        Runtime(own.loaded, rt.config, rt.device)
+    answer = rt.generate("seven quiet stones", max_new_tokens=6)
+    rt.save_session(tmp_path / "s")
+    again = Runtime.load_session(tmp_path / "s", model=str(src))
+    assert again.config.model.rope_scaling == "yarn:4:24"
+    assert again.generate("seven quiet stones", max_new_tokens=6) == answer
+    # without the original context: the file's own (256 here) x FACTOR
+    assert Runtime.from_pretrained(plain, rope_scaling="linear:2").args.max_seq_len == 512
+    for spec in ("yarn", "yarn:x", "yarn:0.5", "dynamic:2", "yarn:4:0", "yarn:4:8:1"):
+        with pytest.raises(ConfigError, match=f"^model.rope_scaling: '{spec}' is not yarn:"):
+            Runtime.from_pretrained(plain, rope_scaling=spec)
