@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import offload
 from cli.interrupts import interrupt_flag
 from cli.render import PrefillBar, cut_note, decode_rate
 from offload import __version__
@@ -83,8 +85,15 @@ def load_session_runtime(
 def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
     from offload.runtime import Runtime
 
-    with err_console.status(f"loading {model} ..."):
+    with err_console.status(f"loading {model} ..."), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         rt = Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
+    ours = Path(offload.__file__).parent
+    for w in seen:  # the runtime's warnings (a tokenizer's split, the GPU kernels' head_dim)
+        if Path(w.filename).is_relative_to(ours):
+            err_console.print(f"[dim]note: {escape(str(w.message))}[/]", highlight=False)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if rt.tokenizer.chat_template is None:
         err_console.print(
             f"[dim]note: {escape(str(model))} has no chat template; prompts are written in "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def load(
         loaded = _load_gguf(path, dtype, device, weights)
     else:
         raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
+    if loaded.tokenizer.note:
+        warnings.warn(loaded.tokenizer.note, stacklevel=2)
     if not rope_scaling:
         return loaded
     # after the weight cache stored the file's own args

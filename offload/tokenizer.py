@@ -33,6 +33,15 @@ _LLAMA3_SPLIT = (
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# Mistral's tekken (Mistral Nemo): words split before capitals, digits one by one
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+           "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}  # fmt: skip
+_GPT2_PRE = ("default", "gpt-2", "gpt2", "")  # GPT-2's own split (ByteLevel's regex)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class Tokenizer:
     bos_token: str | None
     eos_token: str | None
     stop_ids: tuple[int, ...]
+    note: str | None = None  # what a user should know about how text is split
 
     @property
     def vocab_size(self) -> int:
@@ -117,14 +127,15 @@ class Tokenizer:
         """JSON-ready state (the weight cache keeps it beside the converted model)."""
         return {"backend": self.backend.to_str(), "chat_template": self.chat_template,
                 "bos_token": self.bos_token, "eos_token": self.eos_token,
-                "stop_ids": list(self.stop_ids)}  # fmt: skip
+                "stop_ids": list(self.stop_ids), "note": self.note}  # fmt: skip
 
     @classmethod
     def from_state(cls, state: dict) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(HFTokenizer.from_str(state["backend"]), state["chat_template"],
-                   state["bos_token"], state["eos_token"], tuple(state["stop_ids"]))  # fmt: skip
+                   state["bos_token"], state["eos_token"], tuple(state["stop_ids"]),
+                   state.get("note"))  # fmt: skip
 
     @classmethod
     def from_hf_dir(cls, directory: Path, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
@@ -177,11 +188,11 @@ class Tokenizer:
             ) from None
         pre = field_value(reader, "tokenizer.ggml.pre", "default")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre in ("llama-bpe", "llama3", "qwen2", "deepseek-r1-qwen"):
-            split = _QWEN2_SPLIT if pre.startswith(("qwen", "deepseek")) else _LLAMA3_SPLIT
+        note = None
+        if pre in _SPLITS:
             backend.pre_tokenizer = pre_tokenizers.Sequence(
                 [
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
                 ]
             )
@@ -191,6 +202,12 @@ class Tokenizer:
             )
         else:
             backend.pre_tokenizer = byte_level
+            if pre not in _GPT2_PRE:
+                note = (
+                    f"{path.name}: its tokenizer's pre-tokenizer {pre!r} is not one this "
+                    "runtime knows: text is split as GPT-2 splits it, so some tokens may "
+                    "differ from the model's own (use its HF directory for exact tokens)"
+                )
         backend.decoder = decoders.ByteLevel()
         # Control (3) and user-defined (4) tokens are matched whole in input text.
         from tokenizers import AddedToken
@@ -211,6 +228,7 @@ class Tokenizer:
             tok("tokenizer.ggml.bos_token_id"),
             tok("tokenizer.ggml.eos_token_id"),
             _stop_ids(backend, [] if eos_id is None else [eos_id]),
+            note,
         )
 
 

@@ -317,9 +317,9 @@ def smol_cpu(smol_bf16):
 
 
 def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
-               tokenizer="gpt2", dim_key=True):  # fmt: skip
+               tokenizer="gpt2", dim_key=True, pre=None):  # fmt: skip
     """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary (`tokenizer` names
-    another kind; without `dim_key`, no embedding length)."""
+    another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length)."""
     import gguf
     import numpy as np
 
@@ -336,6 +336,8 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
     w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model(tokenizer)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
     w.add_token_merges(list(merges))

@@ -1,5 +1,6 @@
-"""Qwen3 and the RoPE scalings (yarn, linear): against transformers, from config.json,
-from GGUF metadata, and set by `model.rope_scaling` over a model's own."""
+"""Models beyond Llama: Qwen3 and the RoPE scalings (yarn, linear) against transformers,
+from config.json, from GGUF metadata, and set by `model.rope_scaling` over a model's own;
+GGUF tokenizers' pre-tokenizers (Mistral Nemo's tekken)."""
 
 import dataclasses
 import json
@@ -168,3 +169,34 @@ def test_a_scaling_set_over_the_models_own(tiny_dirs, tmp_path):
     for spec in ("yarn", "yarn:x", "yarn:0.5", "dynamic:2", "yarn:4:0", "yarn:4:8:1"):
         with pytest.raises(ConfigError, match=f"^model.rope_scaling: '{spec}' is not yarn:"):
             Runtime.from_pretrained(plain, rope_scaling=spec)
+
+
+def test_a_gguf_tokenizers_split(tmp_path, monkeypatch):
+    """A GGUF's `tokenizer.ggml.pre` picks how text is split before byte-level BPE:
+    tekken (Mistral Nemo) splits words before capitals and digits one by one; a name the
+    runtime does not know splits as GPT-2 does and says so (a warning, kept with the
+    converted file in the weight cache, and a note on the command line)."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from offload.loading import load
+    from tests.conftest import write_gguf
+
+    def pieces(tok, text):
+        return [p for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str(text)]
+
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tekken = load(write_gguf(tmp_path / "t.gguf", pre="tekken"), torch.float32, cpu).tokenizer
+    assert pieces(tekken, "HelloWorld 2024!\n") == ["Hello", "World", "Ġ", "2", "0", "2", "4", "!Ċ"]
+    src = write_gguf(tmp_path / "u.gguf", pre="brand-new")
+    for _ in range(2):  # converted, then from the cache
+        with pytest.warns(UserWarning, match="pre-tokenizer 'brand-new' is not one this runtime"):
+            other = load(src, torch.float32, cpu, "auto").tokenizer
+        assert pieces(other, "HelloWorld 2024") == ["HelloWorld", "Ġ2024"]
+    result = CliRunner().invoke(main, ["generate", "-m", str(src), "-n", "2", "hi"])
+    assert result.exit_code == 0, result.output
+    assert "note: u.gguf: its tokenizer's pre-tokenizer 'brand-new' is not one" in result.stderr
