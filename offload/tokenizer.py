@@ -164,51 +164,27 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader, path: Path) -> Tokenizer:
-        from tokenizers import Regex, decoders, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers.models import BPE
-
+        """Byte-level BPE (`gpt2`: Llama 3, Qwen, Mistral Nemo, SmolLM) or SentencePiece
+        BPE (`llama`: Llama 2, Mistral 7B) from a GGUF file's `tokenizer.ggml.*` keys."""
         from offload.gguf import field_value
 
         kind = field_value(reader, "tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise ModelLoadError(
-                f"{path}: tokenizer type {kind!r} is not supported yet (byte-level BPE 'gpt2' is); "
-                "use the model's HF directory with tokenizer.json instead"
+                f"{path}: tokenizer type {kind!r} is not supported yet (byte-level BPE 'gpt2' "
+                "and SentencePiece BPE 'llama' are); use the model's HF directory instead"
             )
         tokens = list(field_value(reader, "tokenizer.ggml.tokens"))
-        merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
         types = list(field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-        vocab = {tok: i for i, tok in enumerate(tokens)}
         try:
-            backend = HFTokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+            if kind == "llama":
+                backend, note = _sentencepiece(reader, tokens), None
+            else:
+                backend, note = _byte_level(reader, tokens, path)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ModelLoadError(
                 f"{path}: the GGUF vocabulary or merges are invalid: {e}"
             ) from None
-        pre = field_value(reader, "tokenizer.ggml.pre", "default")
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        note = None
-        if pre in _SPLITS:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        elif pre == "smollm":
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level]
-            )
-        else:
-            backend.pre_tokenizer = byte_level
-            if pre not in _GPT2_PRE:
-                note = (
-                    f"{path.name}: its tokenizer's pre-tokenizer {pre!r} is not one this "
-                    "runtime knows: text is split as GPT-2 splits it, so some tokens may "
-                    "differ from the model's own (use its HF directory for exact tokens)"
-                )
-        backend.decoder = decoders.ByteLevel()
         # Control (3) and user-defined (4) tokens are matched whole in input text.
         from tokenizers import AddedToken
 
@@ -279,6 +255,89 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         raise ModelLoadError(f"{path}: cannot read: {e}") from None
+
+
+def _byte_level(reader, tokens: list[str], path: Path):
+    """A byte-level BPE backend, split as the file's `tokenizer.ggml.pre` names, and a
+    note where that name is not one this runtime knows."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    from offload.gguf import field_value
+
+    merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = HFTokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    pre = field_value(reader, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    note = None
+    if pre in _SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    elif pre == "smollm":
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        backend.pre_tokenizer = byte_level
+        if pre not in _GPT2_PRE:
+            note = (
+                f"{path.name}: its tokenizer's pre-tokenizer {pre!r} is not one this "
+                "runtime knows: text is split as GPT-2 splits it, so some tokens may "
+                "differ from the model's own (use its HF directory for exact tokens)"
+            )
+    backend.decoder = decoders.ByteLevel()
+    return backend, note
+
+
+def _sentencepiece(reader, tokens: list[str]):
+    """A SentencePiece BPE backend: spaces as U+2581, one before the text where the file
+    says so (`add_space_prefix`, default on), characters outside the vocabulary as its
+    <0xNN> byte tokens. The file's merges, or where it has none (as usual) the ones its
+    scores imply: two pieces merge in the order of the merged piece's score, highest
+    first, as llama.cpp's SentencePiece tokenizer merges them."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    from offload.gguf import field_value
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = field_value(reader, "tokenizer.ggml.merges")
+    if merges is not None:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = list(field_value(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+        merges = spm_merges(tokens, scores)
+    unk = field_value(reader, "tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
+    backend = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(field_value(reader, "tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * prefix)
+    return backend
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces of the vocabulary, ordered by the piece's
+    score (highest first; ties: the earlier piece, then the longer left part)."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    found = []
+    for i, piece in enumerate(tokens):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                found.append((-scores[i], i, -cut, left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
 
 
 class StreamDecoder:

@@ -316,16 +316,39 @@ def smol_cpu(smol_bf16):
     )
 
 
+def spm_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A SentencePiece BPE vocabulary as a GGUF holds it (Llama 2's layout: <unk>, <s>,
+    </s>, the 256 byte tokens, then pieces by descending score), trained on filler text:
+    tokens, token types (1 normal, 2 unknown, 3 control, 6 byte) and scores."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    trainer = SentencePieceBPETokenizer()
+    trainer.train_from_iterator(
+        [filler_text(3000, seed=s) for s in range(3)], vocab_size=400, show_progress=False
+    )
+    vocab = trainer.get_vocab()
+    pieces = sorted(vocab, key=vocab.get)  # (characters first, then merges in order)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
 def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
-               tokenizer="gpt2", dim_key=True, pre=None):  # fmt: skip
+               tokenizer="gpt2", dim_key=True, pre=None, sentencepiece=False):  # fmt: skip
     """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary (`tokenizer` names
-    another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length)."""
+    another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length);
+    `sentencepiece`: a SentencePiece BPE vocabulary (`spm_vocab`) and no merges."""
     import gguf
     import numpy as np
 
     rng = np.random.default_rng(0)
     dim, ff, heads, kv = 8, 16, 2, 1
     tokens = [chr(c) for c in range(33, 127)] + ["ab", "<|im_start|>", "<|im_end|>"]
+    types = [1] * (len(tokens) - 2) + [3, 3]
+    if sentencepiece:
+        tokenizer, merges = "llama", None
+        tokens, types, scores = spm_vocab()
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(block_count)
     w.add_context_length(context)
@@ -339,10 +362,17 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
     if pre is not None:
         w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 2) + [3, 3])
-    w.add_token_merges(list(merges))
-    w.add_bos_token_id(len(tokens) - 2)
-    w.add_eos_token_id(len(tokens) - 1)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(list(merges))
+    if sentencepiece:
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        w.add_bos_token_id(len(tokens) - 2)
+        w.add_eos_token_id(len(tokens) - 1)
     if template is not None:
         w.add_chat_template(template)
     hd = dim // heads

@@ -53,13 +53,13 @@ def test_truncated_gguf(tmp_path, keep):
     "kw, message",
     [
         ({"dim_key": False}, "m.gguf: GGUF metadata key llama.embedding_length is missing"),
-        ({"tokenizer": "llama"},
-         "m.gguf: tokenizer type 'llama' is not supported yet \\(byte-level BPE 'gpt2' is\\)"),
+        ({"tokenizer": "bert"}, "m.gguf: tokenizer type 'bert' is not supported yet "
+                                "\\(byte-level BPE 'gpt2' and SentencePiece BPE 'llama' are\\)"),
     ],
 )  # fmt: skip
 def test_a_gguf_the_loader_cannot_take_is_named(tmp_path, kw, message):
-    """A GGUF without a key the model needs, or with a SentencePiece tokenizer (many
-    Llama 2 and Mistral files): one error naming the file and what is missing or not
+    """A GGUF without a key the model needs, or with a tokenizer of a kind the runtime
+    does not build (WordPiece): one error naming the file and what is missing or not
     supported."""
     path = write_gguf(tmp_path / "m.gguf", **kw)
     with pytest.raises(ModelLoadError, match=message):

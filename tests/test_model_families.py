@@ -200,3 +200,29 @@ def test_a_gguf_tokenizers_split(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["generate", "-m", str(src), "-n", "2", "hi"])
     assert result.exit_code == 0, result.output
     assert "note: u.gguf: its tokenizer's pre-tokenizer 'brand-new' is not one" in result.stderr
+
+
+def test_a_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    """A SentencePiece GGUF (Llama 2, Mistral 7B: `tokenizer.ggml.model` "llama", pieces
+    with scores and no merges) tokenizes as transformers' GGUF loader does: the merges
+    its scores imply, U+2581 for spaces, byte tokens for characters outside the
+    vocabulary, control tokens whole; and it decodes back, streamed too."""
+    from transformers import AutoTokenizer
+
+    from offload.tokenizer import StreamDecoder
+    from tests.conftest import write_gguf
+
+    src = write_gguf(tmp_path / "spm.gguf", sentencepiece=True)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=src.name)
+    rt = Runtime.from_pretrained(src, dtype="float32")
+    texts = ["Seven quiet stones over the river.", "  two  spaces\nand a newline",
+             "Zebra é ü 東京 9876", "stones</s>after<s> more", " leading space", ""]  # fmt: skip
+    for text in texts:
+        ids = rt.tokenizer.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert rt.tokenizer.decode(ids) == ref.decode(ids)
+        stream = StreamDecoder(rt.tokenizer, skip_special_tokens=False)
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == ref.decode(ids)
+    assert any(i < 259 for i in rt.tokenizer.encode("東京"))  # byte tokens
+    assert rt.tokenizer.stop_ids == (2,)  # </s>
+    assert rt.generate("Seven quiet stones", max_new_tokens=4) is not None
