@@ -122,8 +122,16 @@ class GenerationSection:
     repeat_penalty: float = 1.0  # > 1 discourages the last repeat_last_n tokens; 1 disables
     repeat_last_n: int = 64
     prefill_chunk: int = 2048  # tokens per prefill forward: bounds activation memory
+    thinking: str = "auto"  # on | off: the chat template's enable_thinking (Qwen3); auto: unset
+
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """What the chat template is rendered with besides the messages."""
+        return {} if self.thinking == "auto" else {"enable_thinking": self.thinking == "on"}
 
     def __post_init__(self):
+        if self.thinking not in ("auto", "on", "off"):
+            raise ConfigError(f"generation.thinking: {self.thinking!r} is not auto, on or off")
         if self.max_new_tokens < 1:
             raise ConfigError(f"generation.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:  # also refuses NaN

@@ -19,6 +19,7 @@ from itertools import pairwise
 import torch
 
 from offload.config import GenerationSection
+from offload.errors import ConfigError
 from offload.kvcache import DenseLayer, KVCache
 from offload.model import Transformer
 from offload.tokenizer import StreamDecoder, Tokenizer
@@ -153,6 +154,14 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
         top, order = torch.sort(probs, descending=True)
     kept = logits[order].masked_fill(top.cumsum(-1) - top >= top_p, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(0, order, kept)  # (no sync)
+
+
+def stop_strings(stop) -> list[str]:
+    """`stop` (None, a string or strings) as a list of strings; anything else an error."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) for x in stops):
+        raise ConfigError(f"stop: expected strings, got {stop!r}")
+    return list(stops)
 
 
 def apply_stops(steps: Iterator[StepResult], stops: list[str]) -> Iterator[StepResult]:

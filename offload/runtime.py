@@ -34,6 +34,7 @@ from offload.generate import (
     generate_steps,
     make_sampler,
     prefill,
+    stop_strings,
 )
 from offload.kvcache import KVCache
 from offload.loading import LoadedModel, load
@@ -172,7 +173,7 @@ class Runtime:
             check_messages(prompt)
             messages = prompt
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
+            messages, True, True, self.config.generation.template_variables
         )
 
     def _check_fits(self, ids: list[int], what: str) -> None:
@@ -205,10 +206,7 @@ class Runtime:
         progress: Progress | None,
     ) -> Iterator[StepResult]:
         self._check_fits(ids, "the prompt")
-        stops = sampling.pop("stop", None) or []
-        stops = [stops] if isinstance(stops, str) else list(stops)
-        if not all(isinstance(x, str) for x in stops):
-            raise ConfigError(f"stop: expected strings, got {stops!r}")
+        stops = stop_strings(sampling.pop("stop", None))
         g, sampler = self._sampling(max_new_tokens, sampling, ids)
         reach = min(len(ids) + g.max_new_tokens, self.args.max_seq_len)
         caches.check_device_room(self, state.cache, reach, "this request")
@@ -265,9 +263,8 @@ class Runtime:
         `sampling`: temperature, top_k, top_p, min_p, seed, repeat_penalty, repeat_last_n
         (defaults from the config's [generation]), and `stop`: a string or strings
         that end the answer where it first contains one (not included)."""
-        return self._run(
-            self._state, self.encode_prompt(prompt), max_new_tokens, sampling, progress
-        )
+        ids = self.encode_prompt(prompt)
+        return self._run(self._state, ids, max_new_tokens, sampling, progress)
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None, **sampling: Any) -> str:
         """The whole answer as a string (the stop token is not included)."""
@@ -317,7 +314,8 @@ class Runtime:
 
     def _document_ids(self) -> list[int]:
         """Token ids of the document part of every question's prompt (a shared prefix)."""
-        full = self.tokenizer.apply_chat_template(self._document_messages(QUESTION_MARK))
+        messages, g = self._document_messages(QUESTION_MARK), self.config.generation
+        full = self.tokenizer.apply_chat_template(messages, variables=g.template_variables)
         return self.tokenizer.encode(full[: full.index(QUESTION_MARK)])
 
     def load_document(

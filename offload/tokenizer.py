@@ -86,7 +86,10 @@ class Tokenizer:
         messages: list[dict[str, str]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        variables: dict[str, Any] | None = None,
     ) -> str | list[int]:
+        """The messages as the model's template writes them (`variables`: more of the
+        template's inputs, such as Qwen3's `enable_thinking`)."""
         from jinja2 import TemplateError
 
         check_messages(messages)
@@ -100,8 +103,11 @@ class Tokenizer:
                 sum(len(m["content"]) for m in messages),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt and prime is None,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
+                **{
+                    **(variables or {}),
+                    "bos_token": self.bos_token or "",
+                    "eos_token": self.eos_token or "",
+                },
             )
         except TemplateError as e:
             raise OffloadError(f"chat template refused the messages: {e}") from None

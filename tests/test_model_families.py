@@ -226,3 +226,25 @@ def test_a_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     assert any(i < 259 for i in rt.tokenizer.encode("東京"))  # byte tokens
     assert rt.tokenizer.stop_ids == (2,)  # </s>
     assert rt.generate("Seven quiet stones", max_new_tokens=4) is not None
+
+
+def test_thinking_is_the_templates_enable_thinking(tiny_dirs, tmp_path):
+    """`generation.thinking` on/off renders the chat template with `enable_thinking`
+    True/False (Qwen3's switch), in prompts and in a document's questions; auto leaves
+    it undefined, as transformers does by default."""
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama-gqa-untied"][0], model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% if enable_thinking is defined %}think={{ enable_thinking }}|{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    rt = Runtime.from_pretrained(model, dtype="float32")
+    for thinking, shown in [("auto", ""), ("on", "think=True|"), ("off", "think=False|")]:
+        rt.config = rt.config.replace(thinking=thinking)
+        assert rt.tokenizer.decode(rt.encode_prompt("seven")) == shown + "seven"
+    rt.load_document("quiet stones over the river")
+    assert rt.tokenizer.decode(rt._document_ids()).startswith("think=False|quiet stones")
+    with pytest.raises(ConfigError, match="generation.thinking: 'maybe' is not auto, on or off"):
+        Runtime.from_pretrained(model, thinking="maybe")
