@@ -128,7 +128,9 @@ def gguf_rope_scaling(reader, arch: str, context: int) -> RopeScaling | None:
     try:
         factor = float(key("factor"))
         original = int(key("original_context_length", context))
-        if kind == "linear":
+        if kind == "linear":  # (context_length is the stretched one where no original is given)
+            if key("original_context_length") is None:
+                original = max(1, int(context / factor))
             return RopeScaling(factor=factor, kind=kind, original_max_position=original)
         # llama.cpp multiplies YaRN's 0.1 ln(factor) + 1 by the file's attn_factor (default 1)
         attention = float(key("attn_factor", 1.0)) * (

@@ -64,7 +64,8 @@ class RopeScaling:
 
     @property
     def context(self) -> int:
-        """The context the scaling is for: YaRN and linear stretch the original by `factor`."""
+        """The context the scaling is for: YaRN and linear stretch the original by `factor`
+        (llama3: 0, its files give the context)."""
         return int(self.original_max_position * self.factor) if self.kind != "llama3" else 0
 
     @classmethod
@@ -85,7 +86,9 @@ class RopeScaling:
                        original_max_position=int(rope["original_max_position_embeddings"]))  # fmt: skip
         factor = rope.get("factor")
         factor = float(factor) if factor is not None else max_positions / original
-        if kind == "linear":
+        if kind == "linear":  # (files give the stretched context, not the original one)
+            if not rope.get("original_max_position_embeddings"):
+                original = max(1, int(max_positions / factor))
             return cls(factor=factor, kind=kind, original_max_position=original)
         attention = rope.get("attention_factor")
         mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")

@@ -44,7 +44,8 @@ def write_qwen_gguf(directory, ref_model, path, rope: dict | None):
     if rope:
         w.add_rope_scaling_type(gguf.RopeScalingType(rope["type"]))
         w.add_rope_scaling_factor(rope["factor"])
-        w.add_rope_scaling_orig_ctx_len(rope["original_context_length"])
+        if "original_context_length" in rope:
+            w.add_rope_scaling_orig_ctx_len(rope["original_context_length"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -90,11 +91,22 @@ def test_a_qwen3_gguf_with_yarn_matches_transformers(tiny_dirs, tmp_path):
     assert rt.tokenizer.encode("seven quiet stones") == Runtime.from_pretrained(
         directory, dtype="float32", device="cpu"
     ).tokenizer.encode("seven quiet stones")
+    # a linear scaling without its original context: the file's context is the stretched one
+    linear = write_qwen_gguf(
+        directory, ref_model, tmp_path / "l.gguf", {"type": "linear", "factor": 2}
+    )
+    a = Runtime.from_pretrained(linear, dtype="float32", device="cpu").args
+    assert (a.rope_scaling.kind, a.rope_scaling.original_max_position, a.max_seq_len) == (
+        "linear",
+        128,
+        256,
+    )
 
 
 def test_rope_scaling_from_config(tmp_path):
     """YaRN stretches the context to original x factor (Qwen2.5's files keep 32,768 in
-    max_position_embeddings); an unsupported scaling is one error naming the file."""
+    max_position_embeddings); a linear scaling's files give the stretched context
+    (LongChat: 16,384 at factor 8); an unsupported scaling is one error naming the file."""
     from offload.model_args import ModelArgs
 
     cfg = {"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
@@ -104,6 +116,9 @@ def test_rope_scaling_from_config(tmp_path):
                             "original_max_position_embeddings": 32768}}  # fmt: skip
     a = ModelArgs.from_hf_config(cfg, "q/config.json")
     assert a.max_seq_len == 131072 and a.rope_scaling.cos_sin_scale == pytest.approx(1.1386, 1e-4)
+    linear = {"max_position_embeddings": 16384, "rope_scaling": {"type": "linear", "factor": 8}}
+    a = ModelArgs.from_hf_config(cfg | linear, "q/config.json")
+    assert a.max_seq_len == 16384 and a.rope_scaling.original_max_position == 2048
     for rope, error in [
         ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling type 'dynamic'"),
         ({"rope_type": "yarn", "factor": -1.0}, "rope scaling factor must be"),
