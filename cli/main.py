@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
@@ -71,12 +72,28 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def loading(what: str):
+    """A spinner while `what` loads; the runtime's warnings then as notes (a tokenizer's
+    split, the GPU kernels' head_dim), others as Python shows them."""
+    ours = Path(offload.__file__).parent
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with err_console.status(f"loading {what} ..."):
+            yield
+    for w in seen:
+        if Path(w.filename).is_relative_to(ours):
+            err_console.print(f"[dim]note: {escape(str(w.message))}[/]", highlight=False)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def load_session_runtime(
     session_dir: str, model: str, config: str | None, overrides: tuple[str, ...]
 ):
     from offload.runtime import Runtime
 
-    with err_console.status(f"loading session {session_dir} ..."):
+    with loading(f"session {session_dir}"):
         return Runtime.load_session(
             session_dir, config=config, model=model, **parse_overrides(overrides)
         )
@@ -85,15 +102,8 @@ def load_session_runtime(
 def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
     from offload.runtime import Runtime
 
-    with err_console.status(f"loading {model} ..."), warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
+    with loading(model):
         rt = Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
-    ours = Path(offload.__file__).parent
-    for w in seen:  # the runtime's warnings (a tokenizer's split, the GPU kernels' head_dim)
-        if Path(w.filename).is_relative_to(ours):
-            err_console.print(f"[dim]note: {escape(str(w.message))}[/]", highlight=False)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if rt.tokenizer.chat_template is None:
         err_console.print(
             f"[dim]note: {escape(str(model))} has no chat template; prompts are written in "
