@@ -308,7 +308,7 @@ class RuntimeConfig:
         for name, values in data.items():
             if name not in SECTIONS:
                 raise ConfigError(
-                    f"{source}: unknown section [{name}]; known: {', '.join(SECTIONS)}"
+                    f"{source}: unknown section [{_shown(name)}]; known: {', '.join(SECTIONS)}"
                 )
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table")
@@ -354,12 +354,17 @@ def _locate(key: str) -> tuple[str, str]:
     raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
 
 
+def _shown(key) -> str:
+    """A key as an error names it: quoted where it is not a plain name (a newline in it)."""
+    return key if str(key).isidentifier() else repr(key)
+
+
 def _build_section(name: str, values: dict[str, Any], source: str):
     fields = _section_fields(name)
     for key in values:
         if key not in fields:
             raise ConfigError(
-                f"{source}: unknown key {name}.{key}; known in [{name}]: {', '.join(fields)}"
+                f"{source}: unknown key {name}.{_shown(key)}; known in [{name}]: {', '.join(fields)}"
             )
     cls = SECTIONS[name]
     defaults = cls()

@@ -20,6 +20,14 @@ def test_unknown_key_is_named(tmp_path):
     p.write_text("[gen]\ntop_k = 5\n")
     with pytest.raises(ConfigError, match=r"unknown section \[gen\]"):
         RuntimeConfig.from_toml(p)
+    # a key that is not a plain name is quoted: the error stays one line (a session's
+    # manifest holds its config)
+    for data in ({"generation": {"a\nb": 1}}, {"x\ny": {}}):
+        with pytest.raises(
+            ConfigError, match=r"^m.json: unknown (key generation\.|section \[)'"
+        ) as e:
+            RuntimeConfig.from_dict(data, source="m.json")
+        assert "\n" not in str(e.value)
 
 
 def test_bad_values(tmp_path):
