@@ -279,3 +279,31 @@ def test_the_device_memory_of_kv_kept_on_the_device_is_what_the_plan_counts():
         assert cache.num_tokens * p.layout.token_bytes <= held <= kv, (held, kv)
         assert kv <= 2 * cache.num_tokens * p.layout.token_bytes
         cache.close()
+
+
+QWEN3_8B = {
+    "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def test_the_qwen3_preset_fits_a_24_gb_card_at_128k(tmp_path):
+    """Qwen3-8B with its preset: YaRN gives it a 131,072-token window, and the device
+    holds at most 22 GiB while decoding it tiered, at the layer-by-layer prefill's peak,
+    and while all KV stays there (up to the preset's bound)."""
+    from offload.config import RuntimeConfig
+    from offload.plan import plan_for_config
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B))
+    cfg = RuntimeConfig.from_toml("rtx4090-qwen3-8b")
+    p = plan_for_config(tmp_path, 131072, 24 * GiB, 64 * GiB, cfg)
+    assert p.args.max_seq_len == 131072 and p.args.qk_norm
+    assert p.tier_total("device") <= 22 * GiB and p.prefill_peak_bytes <= 22 * GiB
+    at_bound = plan_for_config(tmp_path, p.device_kv_tokens, 24 * GiB, 64 * GiB, cfg)
+    assert p.device_kv_tokens > 32768 and at_bound.resident_device_bytes <= 22 * GiB
+    r = CliRunner().invoke(main, ["plan", "-m", str(tmp_path), "-n", "131072", "--gpu-mem",
+                                  "24GiB", "--host-mem", "64GiB", "-c", "rtx4090-qwen3-8b"])  # fmt: skip
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "keeps all KV on the device up to 38,967 tokens" in out, out
