@@ -236,6 +236,15 @@ def _without_machine_keys(saved: dict) -> dict:
 def _check_compatible(rt: Runtime, session) -> None:
     m = session.manifest
     where = session.version_dir / "manifest.json"
+    saved = m.get("config")
+    saved = saved.get("model") if isinstance(saved, dict) else None
+    saved_rope = saved.get("rope_scaling", "") if isinstance(saved, dict) else ""
+    if m["model"]["fingerprint"] != rt.loaded.fingerprint and saved_rope != rt.loaded.rope:
+        raise SessionError(
+            f"{where}: the session was made with model.rope_scaling {saved_rope or 'unset'!r} "
+            f"(its keys were rotated so); this runtime has {rt.loaded.rope or 'unset'!r}: "
+            "leave rope_scaling as the session has it"
+        )
     if m["model"]["fingerprint"] != rt.loaded.fingerprint:
         raise SessionError(
             f"{where}: the session was made with another model ({m['model']['source']!r}); "

@@ -11,6 +11,7 @@ import torch
 
 from offload import Runtime
 from offload.errors import ConfigError
+from storage.errors import SessionError
 
 
 def random_ids(n, vocab=320, seed=0):
@@ -179,6 +180,8 @@ def test_a_scaling_set_over_the_models_own(tiny_dirs, tmp_path):
     again = Runtime.load_session(tmp_path / "s", model=str(src))
     assert again.config.model.rope_scaling == "yarn:4:24"
     assert again.generate("seven quiet stones", max_new_tokens=6) == answer
+    with pytest.raises(SessionError, match="made with model.rope_scaling 'yarn:4:24' .* 'unset'"):
+        Runtime.load_session(tmp_path / "s", model=str(src), rope_scaling="")
     # without the original context: the file's own (256 here) x FACTOR
     assert Runtime.from_pretrained(plain, rope_scaling="linear:2").args.max_seq_len == 512
     for spec in ("yarn", "yarn:x", "yarn:0.5", "dynamic:2", "yarn:4:0", "yarn:4:8:1"):
