@@ -1,4 +1,4 @@
-"""A Llama-family decoder (llama, mistral, qwen2, qwen3) in plain torch.
+"""A Llama-family decoder (llama, mistral, qwen2, qwen3, phi3) in plain torch.
 
 One sequence at a time: hidden states are `[S, dim]`, no batch axis, because the
 runtime serves one user's long context. The model does not own its KV cache:
@@ -44,6 +44,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
         return inv_freq / s.factor
     if s.kind == "yarn":
         return _yarn_inv_freq(inv_freq, s, args.rope_theta, D)
+    if s.kind == "longrope":  # the long factors for a window past the original (llama.cpp's
+        # choice; transformers switches per forward, so its short prompts use the short ones)
+        long = args.max_seq_len > s.original_max_position
+        factors = s.long_factor if long else s.short_factor
+        return inv_freq / torch.tensor(factors, dtype=torch.float32, device="cpu")
     # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band
     # between interpolated smoothly.
     low_wavelen = s.original_max_position / s.low_freq_factor

@@ -10,8 +10,8 @@ from typing import Any
 
 from offload.errors import ConfigError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class RopeScaling:
             `beta_fast` and `beta_slow` rotations over `original_max_position`, and
             cos/sin scaled by `attention_factor` (default 0.1 ln(factor) + 1)
     linear  every frequency divided by `factor` (positions interpolated)
+    longrope  Phi-3 past its original context: each frequency divided by its own
+            `long_factor` (`short_factor` where the model's window is the original's),
+            cos/sin scaled by `attention_factor` (default sqrt(1 + ln(factor) / ln(original)))
     """
 
     factor: float
@@ -34,8 +37,14 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    short_factor: tuple[float, ...] | None = None  # longrope's, one a dimension pair
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        for key in ("short_factor", "long_factor"):  # (a weight cache's JSON has lists)
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, tuple(float(x) for x in value))
         if self.kind not in ROPE_SCALINGS[1:]:
             raise ConfigError(
                 f"unsupported rope scaling type {self.kind!r} "
@@ -56,17 +65,22 @@ class RopeScaling:
     @property
     def cos_sin_scale(self) -> float:
         """What cos and sin are multiplied by (YaRN's attention temperature; else 1)."""
-        if self.kind != "yarn":
+        if self.kind not in ("yarn", "longrope"):
             return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
-        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+        if self.factor <= 1:
+            return 1.0
+        if self.kind == "longrope":
+            return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position))
+        return 0.1 * math.log(self.factor) + 1.0
 
     @property
     def context(self) -> int:
         """The context the scaling is for: YaRN and linear stretch the original by `factor`
-        (llama3: 0, its files give the context)."""
-        return int(self.original_max_position * self.factor) if self.kind != "llama3" else 0
+        (llama3 and longrope: 0, their files give the context)."""
+        stretched = self.kind in ("yarn", "linear")
+        return int(self.original_max_position * self.factor) if stretched else 0
 
     @classmethod
     def from_hf(cls, rope: dict[str, Any], max_positions: int) -> RopeScaling | None:
@@ -86,6 +100,12 @@ class RopeScaling:
                        original_max_position=int(rope["original_max_position_embeddings"]))  # fmt: skip
         factor = rope.get("factor")
         factor = float(factor) if factor is not None else max_positions / original
+        if kind == "longrope":
+            short, long = rope["short_factor"], rope["long_factor"]
+            attention = rope.get("attention_factor")
+            return cls(factor=factor, kind=kind, original_max_position=original,
+                       short_factor=short, long_factor=long,
+                       attention_factor=None if attention is None else float(attention))  # fmt: skip
         if kind == "linear":  # (files give the stretched context, not the original one)
             if not rope.get("original_max_position_embeddings"):
                 original = max(1, int(max_positions / factor))
@@ -166,6 +186,15 @@ class ModelArgs:
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"model {key} must be a finite number above 0, got {value!r}")
+        s = self.rope_scaling
+        if s is not None and s.kind == "longrope":
+            for key in ("short_factor", "long_factor"):
+                n = len(getattr(s, key) or ())
+                if n != self.head_dim // 2:
+                    raise ConfigError(
+                        f"rope scaling {key}: {n} factors for a head of "
+                        f"{self.head_dim // 2} dimension pairs"
+                    )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) is not a multiple of "
@@ -178,7 +207,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
-        """Build from the dict of an HF `config.json` (llama, mistral, qwen2, qwen3)."""
+        """Build from the dict of an HF `config.json` (llama, mistral, qwen2, qwen3, phi3)."""
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         arch = cfg.get("model_type")
@@ -193,14 +222,20 @@ class ModelArgs:
             rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
             theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
             max_pos = int(cfg.get("max_position_embeddings", 4096))
-            try:
-                scaling = RopeScaling.from_hf(rope, max_pos)
-            except ConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
+            rotary = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+            if float(rotary) != 1.0:  # (Phi-4-mini's 0.75)
+                raise ConfigError(
+                    f"RoPE over part of each head (partial_rotary_factor {rotary}) is not supported"
+                )
+            if cfg.get("original_max_position_embeddings") and isinstance(rope, dict):
+                rope = {"original_max_position_embeddings": cfg["original_max_position_embeddings"],
+                        **rope}  # (Phi-3 keeps it beside rope_scaling)  # fmt: skip
+            scaling = RopeScaling.from_hf(rope, max_pos)
             if scaling is not None:  # (YaRN's files keep the original in max_position)
                 max_pos = max(max_pos, scaling.context)
             window = cfg.get("sliding_window")
-            if window and cfg.get("use_sliding_window", arch == "mistral") and window < max_pos:
+            slides = cfg.get("use_sliding_window", arch in ("mistral", "phi3"))
+            if window and slides and window < max_pos:
                 # Attention here is global: exact for contexts up to the window only.
                 max_pos = int(window)
             eos = cfg.get("eos_token_id")
@@ -226,6 +261,8 @@ class ModelArgs:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+        except ConfigError as e:  # a value out of bounds: name the file
+            raise ConfigError(f"{source}: {e}") from None
         except (TypeError, ValueError, AttributeError) as e:  # a list for a number, and such
             raise ConfigError(f"{source}: invalid value: {e}") from None
 
@@ -253,6 +290,7 @@ class ModelArgs:
         if not self.qk_norm:
             del d["qk_norm"]
         if self.rope_scaling is not None and self.rope_scaling.kind == "llama3":
-            for key in ("kind", "beta_fast", "beta_slow", "attention_factor"):
+            for key in ("kind", "beta_fast", "beta_slow", "attention_factor", "short_factor",
+                        "long_factor"):  # fmt: skip
                 del d["rope_scaling"][key]
         return d

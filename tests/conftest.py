@@ -213,6 +213,20 @@ TINY_CONFIGS = {
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24},
     ),  # fmt: skip
+    # Phi-3's fused projections and LongRoPE (past its original 32 positions: the long factors)
+    "phi3-longrope": dict(
+        arch="phi3",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        original_max_position_embeddings=32,
+        pad_token_id=0,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+        },
+    ),  # fmt: skip
     "qwen2-linear-rope": dict(
         arch="qwen2",
         num_attention_heads=4,
@@ -221,6 +235,18 @@ TINY_CONFIGS = {
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     ),  # fmt: skip
 }
+
+
+# How close our logits are to transformers' (fp32). transformers' own logits of the
+# qwen3 config take one of two values from one process to the next (2.4e-3 apart at
+# most, on logits up to 9.8; seen 2 times in 10, with eager or SDPA attention), while
+# ours do not change; a scaling or norm left out moves them by 4 or more.
+LOGITS_TOLERANCE = {"qwen3-qknorm-yarn": 5e-3}
+
+
+def logits_tolerance(name: str) -> dict:
+    tol = LOGITS_TOLERANCE.get(name, 1e-4)
+    return {"atol": tol, "rtol": tol}
 
 
 def make_tiny_hf_model(
@@ -236,6 +262,7 @@ def make_tiny_hf_model(
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[arch]
     config = cls_config(
         vocab_size=320,
