@@ -19,7 +19,7 @@ import torch
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
 from offload.model_args import SUPPORTED_ARCHS, ModelArgs, RopeScaling
-from offload.weights import build_model, rename
+from offload.weights import build_model, rename, split_fused
 
 _GGUF_NAMES = [
     (r"token_embd\.weight", "tok_embeddings.weight"),
@@ -30,6 +30,7 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"layers.\1.attention.wv.\2"),
     (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
     (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", r"layers.\1.attention.\2_norm.weight"),
+    (r"blk\.(\d+)\.attn_qkv\.weight", r"layers.\1.attention.wqkv.weight"),  # phi3
     (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
     (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
     (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
@@ -75,10 +76,7 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
     dim = int(req("embedding_length"))
     num_heads = int(req("attention.head_count"))
     tokens = field_value(reader, "tokenizer.ggml.tokens") or []
-    factors = None
-    if "rope_freqs.weight" in tensors:
-        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).ravel())
+    factors = _vector(reader, "rope_freqs.weight")
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     context = int(req("context_length"))
     try:
@@ -113,13 +111,31 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
         raise ModelLoadError(f"{path}: {e}") from None
 
 
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _vector(reader, name: str) -> tuple[float, ...] | None:
+    """A small float tensor of the file (RoPE factors) as a tuple; None where absent."""
+    t = next((t for t in reader.tensors if t.name == name), None)
+    return None if t is None else tuple(float(x) for x in np.asarray(t.data, np.float32).ravel())
+
+
 def gguf_rope_scaling(reader, arch: str, context: int) -> RopeScaling | None:
-    """`{arch}.rope.scaling.*` as a RopeScaling (none, linear or yarn; llama.cpp keeps
-    Llama 3.1's scaling as per-frequency factors, `rope_freqs.weight`, instead)."""
+    """`{arch}.rope.scaling.*` as a RopeScaling (none, linear or yarn), or Phi-3's
+    LongRoPE factors (`rope_factors_long/short.weight`); llama.cpp keeps Llama 3.1's
+    scaling as per-frequency factors, `rope_freqs.weight`, instead."""
 
     def key(name: str, default=None):
         return field_value(reader, f"{arch}.rope.scaling.{name}", default)
 
+    long = _vector(reader, "rope_factors_long.weight")
+    if long is not None:
+        original = int(key("original_context_length", context))
+        attention = key("attn_factor")
+        return RopeScaling(factor=context / original, kind="longrope",
+                           original_max_position=original, long_factor=long,
+                           short_factor=_vector(reader, "rope_factors_short.weight") or long,
+                           attention_factor=None if attention is None else float(attention))  # fmt: skip
     kind = key("type", "none")
     if kind == "none":
         return None
@@ -159,7 +175,7 @@ def load_gguf_model(
     args = read_gguf_args(reader, path)
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name in ROPE_TENSORS:
             continue
         ours = rename(t.name, _GGUF_PATTERNS)
         if ours is None:
@@ -176,12 +192,14 @@ def load_gguf_model(
         # Unquantized tensors come back as read-only views of the memory map: copy.
         w = np.array(w, dtype=np.float32, order="C", copy=not w.flags.writeable)
         state[ours] = torch.from_numpy(w).to(device=device, dtype=dtype)
-    model = build_model(args, state, source=str(path))
+    if args.arch == "phi3":  # its ffn_up is gate and up in one: [2 F, dim]
+        state = {n.replace(".w3.", ".w13."): w for n, w in state.items()}
+    model = build_model(args, split_fused(state, args), source=str(path))
     # What the block linears were stored as (e.g. Q4_1): `weights = "auto"` follows it.
     kinds = {
         t.tensor_type.name
         for t in reader.tensors
-        if t.name.startswith("blk.") and t.name.endswith("_q.weight")
+        if t.name.startswith("blk.") and t.name.endswith(("_q.weight", "_qkv.weight"))
     }
     model.source_quant = kinds.pop() if len(kinds) == 1 else None
     return model

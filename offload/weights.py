@@ -27,7 +27,7 @@ _HF_NAMES = [
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wv.\2"),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", r"layers.\1.attention.\2_norm.weight"),
-    # phi3: q, k, v in one matrix, and gate and up in one (split by `_split_fused`)
+    # phi3: q, k, v in one matrix, and gate and up in one (split by `split_fused`)
     (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", r"layers.\1.attention.wqkv.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", r"layers.\1.feed_forward.w13.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
@@ -101,10 +101,10 @@ def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device) -> 
                     state[ours] = f.get_tensor(name).to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{shard}: cannot read safetensors file: {e}") from None
-    return build_model(args, _split_fused(state, args), source=str(directory))
+    return build_model(args, split_fused(state, args), source=str(directory))
 
 
-def _split_fused(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def split_fused(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """phi3's fused matrices as the separate ones a model is built from (`fuse` joins
     them again): qkv rows [Hq D | Hkv D | Hkv D], gate_up rows [F | F]. A matrix of
     another size is left whole, for build_model to name."""

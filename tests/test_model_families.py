@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,28 +23,37 @@ def random_ids(n, vocab=320, seed=0):
 
 
 def write_qwen_gguf(directory, ref_model, path, rope: dict | None):
-    """The tiny HF qwen3 model `ref_model` (saved in `directory`) as a float32 GGUF, its
-    tokenizer's vocabulary and merges, and `rope` as `qwen3.rope.scaling.*` keys (qwen
-    files keep HF's Q/K row order)."""
+    """The tiny HF qwen3 or phi3 model `ref_model` (saved in `directory`) as a float32
+    GGUF, its tokenizer's vocabulary and merges, and `rope` as `ARCH.rope.scaling.*` keys
+    (qwen and phi3 files keep HF's Q/K row order), or for phi3 its LongRoPE factors as
+    llama.cpp's converter writes them (tensors, and the original context)."""
 
     import gguf
 
     cfg = ref_model.config
+    arch = cfg.model_type
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     tok = json.loads((directory / "tokenizer.json").read_text())
     vocab = dict(tok["model"]["vocab"]) | {t["content"]: t["id"] for t in tok["added_tokens"]}
     tokens = sorted(vocab, key=vocab.get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w = gguf.GGUFWriter(str(path), "qwen3")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    longrope = cfg.rope_parameters if arch == "phi3" else None
+    if longrope:
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        for which in ("long", "short"):
+            factors = np.array(longrope[f"{which}_factor"], dtype=np.float32)
+            w.add_tensor(f"rope_factors_{which}.weight", factors)
     if rope:
         w.add_rope_scaling_type(gguf.RopeScalingType(rope["type"]))
         w.add_rope_scaling_factor(rope["factor"])
@@ -60,9 +70,10 @@ def write_qwen_gguf(directory, ref_model, path, rope: dict | None):
              "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "gate_proj": "ffn_gate",
              "up_proj": "ffn_up", "down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+             "post_attention_layernorm": "ffn_norm", "qkv_proj": "attn_qkv",
+             "gate_up_proj": "ffn_up", "lm_head": "output"}  # fmt: skip
     for name, t in ref_model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: the file has no output matrix
         parts = name.removeprefix("model.").removesuffix(".weight").split(".")
         gguf_name = (
@@ -104,6 +115,20 @@ def test_a_qwen3_gguf_with_yarn_matches_transformers(tiny_dirs, tmp_path):
         128,
         256,
     )
+
+
+def test_a_phi3_gguf_matches_transformers(tiny_dirs, tmp_path):
+    """Phi-3's GGUF layout (q, k, v in one matrix, gate and up in `ffn_up`, LongRoPE's
+    factors as tensors) gives transformers' logits past the original context."""
+    directory, ref_model = tiny_dirs["phi3-longrope"]
+    src = write_qwen_gguf(directory, ref_model, tmp_path / "phi.gguf", rope=None)
+    ids = random_ids(90)
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0]
+    rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+    s = rt.args.rope_scaling
+    assert (s.kind, s.original_max_position, s.factor) == ("longrope", 32, 8.0)
+    torch.testing.assert_close(rt.logits(ids), ref, **logits_tolerance("phi3-longrope"))
 
 
 def test_rope_scaling_from_config(tmp_path):
