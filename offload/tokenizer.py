@@ -308,7 +308,7 @@ def _sentencepiece(reader, tokens: list[str]):
     scores imply: two pieces merge in the order of the merged piece's score, highest
     first, as llama.cpp's SentencePiece tokenizer merges them."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, pre_tokenizers
+    from tokenizers import decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
     from offload.gguf import field_value
@@ -324,9 +324,16 @@ def _sentencepiece(reader, tokens: list[str]):
     unk = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
     backend = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     prefix = bool(field_value(reader, "tokenizer.ggml.add_space_prefix", True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
-    )
+    if field_value(reader, "general.architecture") == "phi3" and prefix:
+        # Phi-3's own tokenizer.json writes the prefix with a normalizer (a text starting
+        # with spaces keeps all of them); nothing in the file says so, as transformers notes
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+        )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * prefix)
     return backend

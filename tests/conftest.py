@@ -362,7 +362,8 @@ def spm_vocab() -> tuple[list[str], list[int], list[float]]:
 
 
 def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
-               tokenizer="gpt2", dim_key=True, pre=None, sentencepiece=False):  # fmt: skip
+               tokenizer="gpt2", dim_key=True, pre=None, sentencepiece=False,
+               arch="llama"):  # fmt: skip
     """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary (`tokenizer` names
     another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length);
     `sentencepiece`: a SentencePiece BPE vocabulary (`spm_vocab`) and no merges."""
@@ -376,7 +377,7 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
     if sentencepiece:
         tokenizer, merges = "llama", None
         tokens, types, scores = spm_vocab()
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)  # (another arch: for its tokenizer alone)
     w.add_block_count(block_count)
     w.add_context_length(context)
     if dim_key:

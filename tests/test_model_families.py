@@ -269,7 +269,8 @@ def test_a_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
     vocabulary, control tokens whole; and it decodes back, streamed too."""
     from transformers import AutoTokenizer
 
-    from offload.tokenizer import StreamDecoder
+    from offload.gguf import open_gguf
+    from offload.tokenizer import StreamDecoder, Tokenizer
     from tests.conftest import write_gguf
 
     src = write_gguf(tmp_path / "spm.gguf", sentencepiece=True)
@@ -284,6 +285,12 @@ def test_a_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
         stream = StreamDecoder(rt.tokenizer, skip_special_tokens=False)
         assert "".join(stream.push(i) for i in ids) + stream.flush() == ref.decode(ids)
     assert any(i < 259 for i in rt.tokenizer.encode("東京"))  # byte tokens
+    # Phi-3's files: the space prefix from a normalizer, as transformers builds it
+    phi = write_gguf(tmp_path / "phi.gguf", sentencepiece=True, arch="phi3")
+    ours = Tokenizer.from_gguf(open_gguf(phi), phi)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=phi.name)
+    for text in texts:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
     assert rt.tokenizer.stop_ids == (2,)  # </s>
     assert rt.generate("Seven quiet stones", max_new_tokens=4) is not None
 
