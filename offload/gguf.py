@@ -83,6 +83,12 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
         scaling = gguf_rope_scaling(reader, arch, context)
         if scaling is not None:
             context = max(context, scaling.context)
+        # Phi-3's sliding window (mini-4k: 2,047) caps the context, as from config.json:
+        # attention here is global, exact up to the window only. (Other converters write
+        # windows their models do not use, as Qwen2.5's config.json holds one turned off.)
+        window = field_value(reader, f"{arch}.attention.sliding_window") if arch == "phi3" else 0
+        if window and int(window) < context:
+            context = int(window)
         return ModelArgs(
             arch=arch,
             dim=dim,

@@ -22,7 +22,7 @@ def random_ids(n, vocab=320, seed=0):
     return torch.randint(0, vocab, (n,), generator=g)
 
 
-def write_qwen_gguf(directory, ref_model, path, rope: dict | None):
+def write_qwen_gguf(directory, ref_model, path, rope: dict | None, window: int = 0):
     """The tiny HF qwen3 or phi3 model `ref_model` (saved in `directory`) as a float32
     GGUF, its tokenizer's vocabulary and merges, and `rope` as `ARCH.rope.scaling.*` keys
     (qwen and phi3 files keep HF's Q/K row order), or for phi3 its LongRoPE factors as
@@ -48,6 +48,8 @@ def write_qwen_gguf(directory, ref_model, path, rope: dict | None):
     w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if window:
+        w.add_sliding_window(window)
     longrope = cfg.rope_parameters if arch == "phi3" else None
     if longrope:
         w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
@@ -129,6 +131,9 @@ def test_a_phi3_gguf_matches_transformers(tiny_dirs, tmp_path):
     s = rt.args.rope_scaling
     assert (s.kind, s.original_max_position, s.factor) == ("longrope", 32, 8.0)
     torch.testing.assert_close(rt.logits(ids), ref, **logits_tolerance("phi3-longrope"))
+    # a sliding window shorter than the context caps it (Phi-3-mini-4k's 2,047 of 4,096)
+    windowed = write_qwen_gguf(directory, ref_model, tmp_path / "w.gguf", None, window=100)
+    assert Runtime.from_pretrained(windowed, dtype="float32").args.max_seq_len == 100
 
 
 def test_rope_scaling_from_config(tmp_path):
