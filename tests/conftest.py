@@ -204,7 +204,7 @@ TINY_CONFIGS = {
         arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None
     ),
     # Qwen3's per-head q/k norms, and the YaRN scaling Qwen2.5 and Qwen3 take past 32k
-    # (here past 24 positions: a max_position_embeddings of 96 is 24 x 4)
+    # (here past 24 positions; the tests' prompts have 90)
     "qwen3-qknorm-yarn": dict(
         arch="qwen3",
         num_attention_heads=4,
@@ -212,7 +212,7 @@ TINY_CONFIGS = {
         head_dim=32,
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 24},
-    ),  # fmt: skip
+    ),
     # Phi-3's fused projections and LongRoPE (past its original 32 positions: the long factors)
     "phi3-longrope": dict(
         arch="phi3",
@@ -226,14 +226,14 @@ TINY_CONFIGS = {
             "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
             "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
         },
-    ),  # fmt: skip
+    ),
     "qwen2-linear-rope": dict(
         arch="qwen2",
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=False,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
-    ),  # fmt: skip
+    ),
 }
 
 
