@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import click
@@ -16,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-import offload
 from cli.interrupts import interrupt_flag
+from cli.loading import load_runtime, load_session_runtime, parse_overrides
 from cli.render import PrefillBar, cut_note, decode_rate
 from offload import __version__
 from offload.config import DEFAULT_MODEL, human_bytes
@@ -60,56 +58,6 @@ def model_options(fn):
         help="HF model directory, .gguf file, or embedded model name.",
     )(fn)  # fmt: skip
     return fn
-
-
-def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise OffloadError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-@contextlib.contextmanager
-def loading(what: str):
-    """A spinner while `what` loads; the runtime's warnings then as notes (a tokenizer's
-    split, the GPU kernels' head_dim), others as Python shows them."""
-    ours = Path(offload.__file__).parent
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        with err_console.status(f"loading {what} ..."):
-            yield
-    for w in seen:
-        if Path(w.filename).is_relative_to(ours):
-            err_console.print(f"[dim]note: {escape(str(w.message))}[/]", highlight=False)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-
-
-def load_session_runtime(
-    session_dir: str, model: str, config: str | None, overrides: tuple[str, ...]
-):
-    from offload.runtime import Runtime
-
-    with loading(f"session {session_dir}"):
-        return Runtime.load_session(
-            session_dir, config=config, model=model, **parse_overrides(overrides)
-        )
-
-
-def load_runtime(model: str, config: str | None, overrides: tuple[str, ...]):
-    from offload.runtime import Runtime
-
-    with loading(model):
-        rt = Runtime.from_pretrained(model, config=config, **parse_overrides(overrides))
-    if rt.tokenizer.chat_template is None:
-        err_console.print(
-            f"[dim]note: {escape(str(model))} has no chat template; prompts are written in "
-            "ChatML (<|im_start|>role ... <|im_end|>)[/]", highlight=False, soft_wrap=True,
-        )  # fmt: skip
-    return rt
 
 
 def print_steps(steps, window: int) -> None:
