@@ -135,19 +135,19 @@ def gguf_rope_scaling(reader, arch: str, context: int) -> RopeScaling | None:
         return field_value(reader, f"{arch}.rope.scaling.{name}", default)
 
     long = _vector(reader, "rope_factors_long.weight")
-    if long is not None:
-        original = int(key("original_context_length", context))
-        attention = key("attn_factor")
-        return RopeScaling(factor=context / original, kind="longrope",
-                           original_max_position=original, long_factor=long,
-                           short_factor=_vector(reader, "rope_factors_short.weight") or long,
-                           attention_factor=None if attention is None else float(attention))  # fmt: skip
-    kind = key("type", "none")
+    kind = "longrope" if long is not None else key("type", "none")
     if kind == "none":
         return None
-    if kind not in ("linear", "yarn"):
+    if kind not in ("linear", "yarn", "longrope"):
         raise ConfigError(f"unsupported rope scaling type {kind!r} (supported: none, linear, yarn)")
     try:
+        if kind == "longrope":
+            original = int(key("original_context_length", context))
+            attention = key("attn_factor")
+            return RopeScaling(factor=context / max(1, original), kind=kind,
+                               original_max_position=original, long_factor=long,
+                               short_factor=_vector(reader, "rope_factors_short.weight") or long,
+                               attention_factor=None if attention is None else float(attention))  # fmt: skip
         factor = float(key("factor"))
         original = int(key("original_context_length", context))
         if kind == "linear":  # (context_length is the stretched one where no original is given)
