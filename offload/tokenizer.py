@@ -182,11 +182,14 @@ class Tokenizer:
             )
         tokens = list(field_value(reader, "tokenizer.ggml.tokens"))
         types = list(field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        merges = field_value(reader, "tokenizer.ggml.merges")  # (SentencePiece: usually none)
         try:
+            merges = None if merges is None else [tuple(m.split(" ", 1)) for m in merges]
             if kind == "llama":
-                backend, note = _sentencepiece(reader, tokens), None
+                backend, note = _sentencepiece(reader, tokens, vocab, merges), None
             else:
-                backend, note = _byte_level(reader, tokens, path)
+                backend, note = _byte_level(reader, vocab, merges, path)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ModelLoadError(
                 f"{path}: the GGUF vocabulary or merges are invalid: {e}"
@@ -263,7 +266,7 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: cannot read: {e}") from None
 
 
-def _byte_level(reader, tokens: list[str], path: Path):
+def _byte_level(reader, vocab: dict[str, int], merges, path: Path):
     """A byte-level BPE backend, split as the file's `tokenizer.ggml.pre` names, and a
     note where that name is not one this runtime knows."""
     from tokenizers import Regex, decoders, pre_tokenizers
@@ -272,8 +275,8 @@ def _byte_level(reader, tokens: list[str], path: Path):
 
     from offload.gguf import field_value
 
-    merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if merges is None:
+        raise ValueError("no tokenizer.ggml.merges")
     backend = HFTokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
     pre = field_value(reader, "tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -301,7 +304,7 @@ def _byte_level(reader, tokens: list[str], path: Path):
     return backend, note
 
 
-def _sentencepiece(reader, tokens: list[str]):
+def _sentencepiece(reader, tokens: list[str], vocab: dict[str, int], merges):
     """A SentencePiece BPE backend: spaces as U+2581, one before the text where the file
     says so (`add_space_prefix`, default on), characters outside the vocabulary as its
     <0xNN> byte tokens. The file's merges, or where it has none (as usual) the ones its
@@ -313,13 +316,9 @@ def _sentencepiece(reader, tokens: list[str]):
 
     from offload.gguf import field_value
 
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges = field_value(reader, "tokenizer.ggml.merges")
-    if merges is not None:
-        merges = [tuple(m.split(" ", 1)) for m in merges]
-    else:
+    if merges is None:
         scores = list(field_value(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
-        merges = spm_merges(tokens, scores)
+        merges = spm_merges(tokens, scores, vocab)
     unk = field_value(reader, "tokenizer.ggml.unknown_token_id")
     unk = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
     backend = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -339,10 +338,10 @@ def _sentencepiece(reader, tokens: list[str]):
     return backend
 
 
-def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every split of a piece into two pieces of the vocabulary, ordered by the piece's
-    score (highest first; ties: the earlier piece, then the longer left part)."""
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+def spm_merges(tokens: list[str], scores: list[float], vocab) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces of the vocabulary (`vocab`, of `tokens`),
+    ordered by the piece's score (highest first; ties: the earlier piece, then the
+    longer left part)."""
     found = []
     for i, piece in enumerate(tokens):
         for cut in range(1, len(piece)):
