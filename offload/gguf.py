@@ -79,6 +79,8 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
     factors = _vector(reader, "rope_freqs.weight")
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     context = int(req("context_length"))
+    num_kv_heads = int(field_value(reader, f"{arch}.attention.head_count_kv", num_heads))
+    head_dim, rotary_dim = _head_dims(reader, arch, dim, num_heads, num_kv_heads)
     try:
         scaling = gguf_rope_scaling(reader, arch, context)
         if scaling is not None:
@@ -94,12 +96,9 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
             dim=dim,
             num_layers=int(req("block_count")),
             num_heads=num_heads,
-            num_kv_heads=int(field_value(reader, f"{arch}.attention.head_count_kv", num_heads)),
-            head_dim=int(
-                field_value(reader, f"{arch}.attention.key_length", None)
-                or field_value(reader, f"{arch}.rope.dimension_count", None)
-                or (dim // num_heads if num_heads > 0 else 0)  # 0 heads: refused below
-            ),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rotary_dim=rotary_dim,
             hidden_dim=int(req("feed_forward_length")),
             vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),
             norm_eps=float(req("attention.layer_norm_rms_epsilon")),
@@ -115,6 +114,23 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
         )
     except ConfigError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+
+
+def _head_dims(reader, arch: str, dim: int, heads: int, kv_heads: int) -> tuple[int, int | None]:
+    """(head_dim, rotary_dim): a head's size from `attention.key_length`, else from the
+    rows of the q matrix (or of the fused qkv), else RoPE's or dim / heads; and RoPE's
+    dimensions (`rope.dimension_count`) where they are not the whole head (Phi-4-mini's
+    files give 96 for heads of 128, and no key_length)."""
+    rot = field_value(reader, f"{arch}.rope.dimension_count", None)
+    head = field_value(reader, f"{arch}.attention.key_length", None)
+    if head is None:
+        rows = {t.name: int(t.shape[-1]) for t in reader.tensors}  # (shapes are reversed)
+        q, qkv = rows.get("blk.0.attn_q.weight"), rows.get("blk.0.attn_qkv.weight")
+        rows, per = (q, heads) if q else (qkv, heads + 2 * kv_heads)
+        if rows and per > 0 and rows % per == 0:
+            head = rows // per
+    head = int(head or rot or (dim // heads if heads > 0 else 0))  # 0 heads: refused later
+    return head, (int(rot) if rot is not None and int(rot) != head else None)
 
 
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")

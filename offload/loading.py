@@ -206,7 +206,9 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "hidden size": a.dim,
         "query heads": a.num_heads,
         "kv heads": a.num_kv_heads,
-        "head dim": a.head_dim,
+        "head dim": a.head_dim
+        if a.rotary_dim is None
+        else f"{a.head_dim} ({a.rotary_dim} rotated)",
         "ffn size": a.hidden_dim,
         "vocabulary": a.vocab_size,
         "context length": a.max_seq_len,

@@ -29,9 +29,25 @@ ROPE_BLOCK = 4096  # positions of the RoPE table computed at a time
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse RoPE frequencies `[D/2]` (float32, CPU), scaled as the model's
-    `rope_scaling` says (llama3, yarn, linear) or by llama.cpp's stored factors."""
-    D = args.head_dim
+    """Inverse RoPE frequencies `[head_dim/2]` (float32, CPU), scaled as the model's
+    `rope_scaling` says (llama3, yarn, linear) or by llama.cpp's stored factors. With
+    RoPE over part of each head, the pairs past `rope_dim/2` have frequency 0: they are
+    not rotated (see `weights.pair_rotary_dims`)."""
+    inv_freq = _scaled_inv_freq(args)
+    return torch.cat((inv_freq, inv_freq.new_zeros(args.head_dim // 2 - inv_freq.numel())))
+
+
+def rope_scale(args: ModelArgs) -> torch.Tensor:
+    """What cos and sin are multiplied by `[head_dim]`: the scaling's attention factor
+    (yarn, longrope) on the rotated dimensions, 1 on the others."""
+    scale = args.rope_scaling.cos_sin_scale if args.rope_scaling else 1.0
+    half = torch.ones(args.head_dim // 2, dtype=torch.float32, device="cpu")
+    half[: args.rope_dim // 2] = scale
+    return torch.cat((half, half))
+
+
+def _scaled_inv_freq(args: ModelArgs) -> torch.Tensor:
+    D = args.rope_dim
     inv_freq = 1.0 / (
         args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D)
     )
@@ -277,7 +293,7 @@ class Transformer(nn.Module):
         if self._inv_freq.device != self.device:
             self._inv_freq = self._inv_freq.to(self.device)
         cos, sin = [table[0]], [table[1]]
-        scale = self.args.rope_scaling.cos_sin_scale if self.args.rope_scaling else 1.0
+        scale = rope_scale(self.args).to(self.device)
         for start in range(have, num_positions, ROPE_BLOCK):
             pos = torch.arange(start, start + ROPE_BLOCK, device=self.device, dtype=torch.float32)
             freqs = torch.outer(pos, self._inv_freq)

@@ -168,6 +168,9 @@ class ModelArgs:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # qwen3: an RMS norm over each q and k head before RoPE
+    # RoPE over the first `rotary_dim` dimensions of each head only (Phi-4-mini: 96 of
+    # 128); None: the whole head. See `weights.pair_rotary_dims` for how it is run.
+    rotary_dim: int | None = None
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
 
@@ -186,20 +189,32 @@ class ModelArgs:
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"model {key} must be a finite number above 0, got {value!r}")
+        r = self.rotary_dim
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int)
+                              or not 0 < r < self.head_dim or r % 2):  # fmt: skip
+            raise ConfigError(
+                f"model rotary_dim must be an even number of dimensions below the head's "
+                f"{self.head_dim}, got {r!r}"
+            )
         s = self.rope_scaling
         if s is not None and s.kind == "longrope":
             for key in ("short_factor", "long_factor"):
                 n = len(getattr(s, key) or ())
-                if n != self.head_dim // 2:
+                if n != self.rope_dim // 2:
                     raise ConfigError(
-                        f"rope scaling {key}: {n} factors for a head of "
-                        f"{self.head_dim // 2} dimension pairs"
+                        f"rope scaling {key}: {n} factors for {self.rope_dim // 2} "
+                        "rotated dimension pairs"
                     )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) is not a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions of each head that RoPE rotates."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -222,11 +237,11 @@ class ModelArgs:
             rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
             theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
             max_pos = int(cfg.get("max_position_embeddings", 4096))
-            rotary = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-            if float(rotary) != 1.0:  # (Phi-4-mini's 0.75)
-                raise ConfigError(
-                    f"RoPE over part of each head (partial_rotary_factor {rotary}) is not supported"
-                )
+            rotary = float(cfg.get("partial_rotary_factor",
+                                   rope.get("partial_rotary_factor", 1.0)))  # fmt: skip
+            if not 0 < rotary <= 1:
+                raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {rotary!r}")
+            rotary_dim = int(head_dim * rotary)  # (as transformers rounds it; Phi-4-mini: 96)
             if cfg.get("original_max_position_embeddings") and isinstance(rope, dict):
                 rope = {"original_max_position_embeddings": cfg["original_max_position_embeddings"],
                         **rope}  # (Phi-3 keeps it beside rope_scaling)  # fmt: skip
@@ -256,6 +271,7 @@ class ModelArgs:
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
                 qk_norm=arch == "qwen3",
+                rotary_dim=rotary_dim if rotary_dim != head_dim else None,
                 bos_id=cfg.get("bos_token_id"),
                 eos_ids=tuple(int(e) for e in eos_ids),
             )
@@ -289,6 +305,8 @@ class ModelArgs:
         d = self.to_dict()
         if not self.qk_norm:
             del d["qk_norm"]
+        if self.rotary_dim is None:
+            del d["rotary_dim"]
         if self.rope_scaling is not None and self.rope_scaling.kind == "llama3":
             for key in ("kind", "beta_fast", "beta_slow", "attention_factor", "short_factor",
                         "long_factor"):  # fmt: skip

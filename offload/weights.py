@@ -121,6 +121,28 @@ def split_fused(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, to
     return out
 
 
+def pair_rotary_dims(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """RoPE over part of each head (`args.rotary_dim` r of D dimensions, Phi-4-mini's 96
+    of 128) run as a whole head's rotation: each q and k head's dimensions are reordered
+    so that rotate-half pairs the rotated ones as the partial rotation does (d with
+    d + r/2) and the others with each other, at frequency 0 (`model.rope_inv_freq`),
+    which leaves them as they are. Attention scores are dot products of q and k, so they
+    do not change; every kernel and cache stays whole-head."""
+    if args.rotary_dim is None:
+        return state
+    r, half, D = args.rotary_dim // 2, args.head_dim // 2, args.head_dim
+    # first half: the rotated pairs' first members, then half of the others; second
+    # half: the pairs' second members, then the rest
+    order = torch.cat((torch.arange(r), torch.arange(2 * r, r + half),
+                       torch.arange(r, 2 * r), torch.arange(r + half, D)))  # fmt: skip
+    out = dict(state)
+    for name, t in state.items():
+        if re.search(r"attention\.(wq|wk)\.(weight|bias)$|attention\.(q|k)_norm\.weight$", name):
+            heads = t.reshape(-1, args.head_dim, *t.shape[1:])
+            out[name] = heads[:, order].reshape(t.shape)
+    return out
+
+
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -157,7 +179,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], source: str) ->
             raise ModelLoadError(
                 f"{source}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(want)}"
             )
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(pair_rotary_dims(state, args), strict=False, assign=True)
     if tied:
         model.tie_weights()
     return model.fuse().eval()

@@ -227,6 +227,21 @@ TINY_CONFIGS = {
             "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
         },
     ),
+    # Phi-4-mini's RoPE over 3/4 of each head (12 of 16 dimensions here), tied embeddings
+    "phi4-partial-rope": dict(
+        arch="phi3",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        original_max_position_embeddings=32,
+        pad_token_id=0,
+        partial_rotary_factor=0.75,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+            "long_factor": [1.0, 1.5, 2.0, 4.0, 8.0, 12.0],
+        },
+    ),
     "qwen2-linear-rope": dict(
         arch="qwen2",
         num_attention_heads=4,

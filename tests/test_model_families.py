@@ -44,8 +44,12 @@ def write_qwen_gguf(directory, ref_model, path, rope: dict | None, window: int =
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    if arch == "phi3":  # as llama.cpp's converter: RoPE's dimensions, no key length
+        rotary = cfg.rope_parameters.get("partial_rotary_factor", 1.0)
+        w.add_rope_dimension_count(int(head_dim * rotary))
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if window:
@@ -121,7 +125,8 @@ def test_a_qwen3_gguf_with_yarn_matches_transformers(tiny_dirs, tmp_path):
 
 def test_a_phi3_gguf_matches_transformers(tiny_dirs, tmp_path):
     """Phi-3's GGUF layout (q, k, v in one matrix, gate and up in `ffn_up`, LongRoPE's
-    factors as tensors) gives transformers' logits past the original context."""
+    factors as tensors) gives transformers' logits past the original context, and so
+    does Phi-4-mini's (RoPE over part of each head)."""
     directory, ref_model = tiny_dirs["phi3-longrope"]
     src = write_qwen_gguf(directory, ref_model, tmp_path / "phi.gguf", rope=None)
     ids = random_ids(90)
@@ -131,6 +136,15 @@ def test_a_phi3_gguf_matches_transformers(tiny_dirs, tmp_path):
     s = rt.args.rope_scaling
     assert (s.kind, s.original_max_position, s.factor) == ("longrope", 32, 8.0)
     torch.testing.assert_close(rt.logits(ids), ref, **logits_tolerance("phi3-longrope"))
+    # Phi-4-mini: RoPE over 3/4 of each head (`rope.dimension_count`, no key length)
+    directory, ref_model = tiny_dirs["phi4-partial-rope"]
+    partial = write_qwen_gguf(directory, ref_model, tmp_path / "phi4.gguf", rope=None)
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0]
+    for _ in range(2):  # converted, then from the cache
+        rt = Runtime.from_pretrained(partial, dtype="float32", device="cpu")
+        assert (rt.args.head_dim, rt.args.rotary_dim) == (16, 12)
+        torch.testing.assert_close(rt.logits(ids), ref, **logits_tolerance("phi4-partial-rope"))
     # a sliding window shorter than the context caps it (Phi-3-mini-4k's 2,047 of 4,096)
     windowed = write_qwen_gguf(directory, ref_model, tmp_path / "w.gguf", None, window=100)
     assert Runtime.from_pretrained(windowed, dtype="float32").args.max_seq_len == 100
@@ -160,15 +174,21 @@ def test_rope_scaling_from_config(tmp_path):
     a = ModelArgs.from_hf_config(cfg | phi, "q/config.json")
     assert a.max_seq_len == 131072 and a.rope_scaling.original_max_position == 4096
     assert a.rope_scaling.cos_sin_scale == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    # Phi-4-mini: RoPE over 3/4 of each head, so LongRoPE's factors are one a rotated pair
+    partial = {"partial_rotary_factor": 0.75, "rope_scaling": {
+        "type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}}  # fmt: skip
+    a = ModelArgs.from_hf_config(cfg | phi | partial, "q/config.json")
+    assert (a.head_dim, a.rotary_dim, a.rope_dim) == (16, 12, 12)
     mini_4k = {"model_type": "phi3", "max_position_embeddings": 4096, "sliding_window": 2047}
     assert ModelArgs.from_hf_config(cfg | mini_4k, "q/config.json").max_seq_len == 2047
     for rope, error in [
         ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling type 'dynamic'"),
         (
             phi["rope_scaling"] | {"long_factor": [2.0] * 7},
-            "long_factor: 7 factors for a head of 8",
+            "long_factor: 7 factors for 8 rotated dimension pairs",
         ),
-        ({"rope_type": "default", "partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+        ({"rope_type": "default", "partial_rotary_factor": 1.5}, r"must be in \(0, 1\], got 1.5"),
+        ({"partial_rotary_factor": 0.5625}, "rotary_dim must be an even number .* got 9"),
         ({"rope_type": "yarn", "factor": -1.0}, "rope scaling factor must be"),
         ({"rope_type": "yarn", "factor": "x"}, "invalid value"),
     ]:
@@ -238,7 +258,8 @@ def test_a_scaling_set_over_the_models_own(tiny_dirs, tmp_path):
 
 def test_a_gguf_tokenizers_split(tmp_path, monkeypatch):
     """A GGUF's `tokenizer.ggml.pre` picks how text is split before byte-level BPE:
-    tekken (Mistral Nemo) splits words before capitals and digits one by one; a name the
+    tekken (Mistral Nemo) splits words before capitals and digits one by one, gpt-4o
+    (Phi-4-mini) likewise but with contractions and digits in threes; a name the
     runtime does not know splits as GPT-2 does and says so (a warning, kept with the
     converted file in the weight cache, and a note on the command line)."""
     import warnings
@@ -256,7 +277,11 @@ def test_a_gguf_tokenizers_split(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tekken = load(write_gguf(tmp_path / "t.gguf", pre="tekken"), torch.float32, cpu).tokenizer
+        o200k = load(write_gguf(tmp_path / "o.gguf", pre="gpt-4o"), torch.float32, cpu).tokenizer
     assert pieces(tekken, "HelloWorld 2024!\n") == ["Hello", "World", "Ġ", "2", "0", "2", "4", "!Ċ"]
+    # (Phi-4-mini's) contractions stay on their word, in any case; digits go in threes
+    assert pieces(o200k, "HelloWorld's 12345 DON'T\n") == [
+        "Hello", "World's", "Ġ", "123", "45", "ĠDON'T", "Ċ"]  # fmt: skip
     src = write_gguf(tmp_path / "u.gguf", pre="brand-new")
     for _ in range(2):  # converted, then from the cache
         with pytest.warns(UserWarning, match="pre-tokenizer 'brand-new' is not one this runtime"):

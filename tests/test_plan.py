@@ -307,3 +307,28 @@ def test_the_qwen3_preset_fits_a_24_gb_card_at_128k(tmp_path):
                                   "24GiB", "--host-mem", "64GiB", "-c", "rtx4090-qwen3-8b"])  # fmt: skip
     out = " ".join(r.output.split())
     assert r.exit_code == 0 and "keeps all KV on the device up to 38,967 tokens" in out, out
+
+
+PHI4_MINI = {
+    "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+    "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+    "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+    "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "tie_word_embeddings": True, "sliding_window": 262144,
+    "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48},
+}  # fmt: skip
+
+
+def test_the_phi4_mini_preset_fits_a_24_gb_card_at_128k(tmp_path):
+    """Phi-4-mini with its preset: RoPE over 96 of each head's 128 dimensions; the device
+    keeps all its KV up to 107k tokens within 22 GiB, and the tiered 128k within it too."""
+    from offload.config import RuntimeConfig
+    from offload.plan import plan_for_config
+
+    (tmp_path / "config.json").write_text(json.dumps(PHI4_MINI))
+    cfg = RuntimeConfig.from_toml("rtx4090-phi4-mini")
+    p = plan_for_config(tmp_path, 131072, 24 * GiB, 64 * GiB, cfg)
+    assert (p.args.max_seq_len, p.args.head_dim, p.args.rotary_dim) == (131072, 128, 96)
+    assert p.tier_total("device") <= 22 * GiB and p.prefill_peak_bytes <= 22 * GiB
+    at_bound = plan_for_config(tmp_path, p.device_kv_tokens, 24 * GiB, 64 * GiB, cfg)
+    assert p.device_kv_tokens > 100_000 and at_bound.resident_device_bytes <= 22 * GiB
