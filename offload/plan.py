@@ -143,11 +143,10 @@ def make_plan(
     resident = min(context, sink + window)
     weights = count_parameters(a) * DTYPE_BYTES[dtype]
     n_dense = min(dense_layers, a.num_layers)  # their KV is mirrored on the GPU
-    host_kv_all = L.kv_bytes(context)
-    host_room = max(0, host_bytes)
-    host_kv = min(host_kv_all, host_room // L.chunk_bytes * L.chunk_bytes)
-    spilled_chunks = L.num_chunks(context) * L.num_layers - host_kv // L.chunk_bytes
-    disk_kv = max(0, spilled_chunks) * L.disk_bytes_per_chunk()
+    chunks = L.num_chunks(context) * L.num_layers  # (a partial last chunk is one too)
+    held = min(chunks, max(0, host_bytes) // L.chunk_bytes)
+    host_kv = min(L.kv_bytes(context), held * L.chunk_bytes)
+    disk_kv = (chunks - held) * L.disk_bytes_per_chunk()
     rows = [
         PlanRow("device", "weights", weights, 0.0),
         PlanRow("device", "activations reserve", ACTIVATION_RESERVE, 0.0),

@@ -76,6 +76,9 @@ def test_plan_llama31_8b_128k_from_config_only(tmp_path):
     assert host_kv(p) == 4 * GiB
     spilled = 131072 // 16 * 32 - 4 * GiB // p.layout.chunk_bytes
     assert p.tier_total("disk") == spilled * p.layout.disk_bytes_per_chunk()
+    # a context that ends in a partial chunk: that chunk is held in host memory too
+    odd = make_plan(d, 107_000, device_bytes=24 * GiB, host_bytes=64 * GiB)
+    assert odd.tier_total("disk") == 0 and host_kv(odd) == 107_000 * 131072
 
 
 def test_plan_cli(tmp_path):
