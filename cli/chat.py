@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli.interrupts import interrupt_flag
-from cli.render import PrefillBar, cut_note, decode_rate, render_stats
+from cli.render import PrefillBar, cut_note, decode_rate, render_stats, thinking_stream
 from offload.config import human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
@@ -172,12 +172,19 @@ def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> N
     console.print("[bold blue]assistant>[/] ", end="")
     step = None
     steps = conv.stream(text, max_new_tokens=max_new_tokens, progress=bar, **sampling)
+    dim = thinking_stream(rt)  # a reasoning model's think block, dimmed
+
+    def show(runs) -> None:
+        for piece, inside in runs:
+            console.out(piece, style="dim" if inside else None, end="", highlight=False)
+
     try:
         with interrupt_flag() as interrupted:
             for step in steps:
-                console.out(step.text, end="", highlight=False)
+                show(dim.feed(step.text))
                 if interrupted.is_set():
                     raise KeyboardInterrupt
+            show(dim.flush())
     except KeyboardInterrupt:
         steps.close()
         bar.close()

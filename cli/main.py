@@ -16,11 +16,12 @@ from rich.table import Table
 
 from cli.interrupts import interrupt_flag
 from cli.loading import load_runtime, load_session_runtime, parse_overrides
-from cli.render import PrefillBar, cut_note, decode_rate
+from cli.render import PrefillBar, cut_note, decode_rate, thinking_stream
 from offload import __version__
 from offload.config import DEFAULT_MODEL, human_bytes
 from offload.documents import read_documents
 from offload.errors import OffloadError
+from offload.thinking import ThinkingStream, split_thinking, thinks
 from storage.errors import StorageError
 
 err_console = Console(stderr=True)
@@ -60,17 +61,24 @@ def model_options(fn):
     return fn
 
 
-def print_steps(steps, window: int) -> None:
+def print_steps(steps, window: int, thinking: ThinkingStream | None = None) -> None:
     """Stream generated text to stdout as it comes, then end the line. An answer cut at
     the token limit or the context window (`window`) says so on stderr (stdout keeps only
-    the answer, for pipes)."""
+    the answer, for pipes). On a terminal, the think block `thinking` finds is dimmed."""
     step = None
+    dim = thinking if thinking is not None and sys.stdout.isatty() else ThinkingStream(False)
+
+    def write(runs) -> None:
+        for text, inside in runs:
+            sys.stdout.write(f"\x1b[2m{text}\x1b[22m" if inside else text)
+        sys.stdout.flush()
+
     with interrupt_flag() as interrupted:
         for step in steps:
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
+            write(dim.feed(step.text))
             if interrupted.is_set():
                 raise KeyboardInterrupt
+    write(dim.flush())
     sys.stdout.write("\n")
     note = cut_note(step, window)
     if note:
@@ -149,10 +157,14 @@ def split_sampling(opts: dict, overrides: tuple[str, ...]):
     return sampling, overrides
 
 
-def json_answer(steps: list, stats: dict) -> dict:
+def json_answer(steps: list, stats: dict, thinking: bool = False) -> dict:
     """An answer as `--json` prints it: its text, why it ended, and the request's figures
-    that JSON takes as they are (numbers and strings)."""
-    return {"text": "".join(st.text for st in steps),
+    that JSON takes as they are (numbers and strings). A reasoning model's (`thinking`)
+    think block is given apart, as `thinking`, and `text` is the answer after it."""
+    text, thought = "".join(st.text for st in steps), None
+    if thinking:
+        thought, text = split_thinking(text)
+    return {"text": text, **({"thinking": thought} if thought is not None else {}),
             "finish_reason": steps[-1].finish_reason if steps else None,
             "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}  # fmt: skip
 
@@ -206,13 +218,13 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
     ]
     if as_json:
         out = list(rt.stream(messages, max_new_tokens=max_new_tokens, **sampling))
-        json.dump(json_answer(out, rt.stats()), sys.stdout, indent=1)
+        json.dump(json_answer(out, rt.stats(), thinks(rt.tokenizer)), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
     bar = PrefillBar(err_console)
     try:
         steps = rt.stream(messages, max_new_tokens=max_new_tokens, progress=bar, **sampling)
-        print_steps(steps, rt.args.max_seq_len)
+        print_steps(steps, rt.args.max_seq_len, thinking_stream(rt))
     finally:
         bar.close()
     s = rt.stats()
@@ -320,7 +332,8 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
     for n, question in enumerate(questions, 1):
         steps = rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling)
         if as_json:
-            json.dump({"question": question, **json_answer(list(steps), rt.stats())}, sys.stdout)
+            answer = json_answer(list(steps), rt.stats(), thinks(rt.tokenizer))
+            json.dump({"question": question, **answer}, sys.stdout)
             sys.stdout.write("\n")
             sys.stdout.flush()
             continue
@@ -328,7 +341,7 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
             if n > 1:
                 sys.stdout.write("\n")
             err_console.print(f"[bold]{escape(question)}[/]", highlight=False)
-        print_steps(steps, rt.args.max_seq_len)
+        print_steps(steps, rt.args.max_seq_len, thinking_stream(rt))
         s = rt.stats()
         err_console.print(
             f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "

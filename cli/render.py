@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from offload.config import human_bytes
+from offload.thinking import ThinkingStream, thinks
 
 PROGRESS_MIN_TOKENS = 512  # show a prefill bar only for inputs at least this long
 
@@ -21,6 +22,11 @@ def cut_note(step, window: int) -> str | None:
     if step.context_tokens + 1 >= window:
         return f"[dim](answer cut at the model's {window:,}-token context window)[/]"
     return "[dim](answer cut at the token limit: raise it with -n)[/]"
+
+
+def thinking_stream(rt) -> ThinkingStream:
+    """What tells a reasoning model's think block apart in `rt`'s answers."""
+    return ThinkingStream(thinks(rt.tokenizer), opened=lambda: rt.thinking_opened)
 
 
 def decode_rate(stats: dict, lead: str = ", ") -> str:

@@ -15,6 +15,7 @@ from offload.errors import (
     OffloadError,
 )
 from offload.model_args import ModelArgs
+from offload.thinking import split_thinking
 from storage.errors import DiskFullError, HostMemoryError, StorageError
 
 
@@ -39,4 +40,5 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "StorageError",
+    "split_thinking",
 ]

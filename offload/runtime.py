@@ -39,6 +39,7 @@ from offload.generate import (
 from offload.kvcache import KVCache
 from offload.loading import LoadedModel, load
 from offload.pipeline import PrefetchStats
+from offload.thinking import opened_in
 from offload.tokenizer import check_messages
 from storage.layout import KVLayout
 from storage.tiered import TierReads
@@ -99,6 +100,7 @@ class Runtime:
         self._state = KVState(self.new_cache())
         self._stats: dict[str, Any] = {}
         self._last_state = self._state  # whose cache stats() reports
+        self.thinking_opened = False  # the last prompt left a think block open (R1 distills)
         self.document: dict | None = None  # set by load_document / a document session
         self.session: dict = {}  # what a loaded session said about itself
         # The session loaded from or last saved to: a save there needs no `replace` while
@@ -146,14 +148,8 @@ class Runtime:
     @property
     def layout(self) -> KVLayout:
         a, kv = self.args, self.config.kv
-        return KVLayout(
-            a.num_layers,
-            a.num_kv_heads,
-            a.head_dim,
-            self.config.model.dtype,
-            kv.chunk_size,
-            kv.summary_bits,
-        )
+        return KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, self.config.model.dtype,
+                        kv.chunk_size, kv.summary_bits)  # fmt: skip
 
     def new_cache(self, tiered: bool = False) -> KVCache:
         """A fresh cache: all KV in one device tensor per layer, or the tiered store
@@ -221,6 +217,7 @@ class Runtime:
             if state.cache.prefetcher is not None:
                 state.cache.prefetcher.stats = PrefetchStats()
         self._stats = _request_stats(len(ids), reused, len(new_ids))
+        self.thinking_opened = opened_in(ids, self.tokenizer)  # (the answer starts in a block)
         steps = apply_stops(generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
             prefill_chunk=g.prefill_chunk, progress=progress,

@@ -203,7 +203,8 @@ def test_ctrl_c_that_python_drops_still_stops_an_answer():
 
     figures = dict.fromkeys(["decode_tokens", "decode_tokens_per_second", "prefill_tokens",
                              "prefill_seconds", "context_tokens"], 0)  # fmt: skip
-    runtime = SimpleNamespace(stats=lambda: figures)  # (read when an answer ends)
+    runtime = SimpleNamespace(stats=lambda: figures,  # (read when an answer ends)
+                              tokenizer=SimpleNamespace(token_to_id=lambda token: None))  # fmt: skip
     console = Console(file=io.StringIO(), width=200)
     answer(runtime, Conversation(), console, "hi", 100, {})
     out = console.file.getvalue()
