@@ -124,8 +124,8 @@ def _head_dims(reader, arch: str, dim: int, heads: int, kv_heads: int) -> tuple[
     rot = field_value(reader, f"{arch}.rope.dimension_count", None)
     head = field_value(reader, f"{arch}.attention.key_length", None)
     if head is None:
-        rows = {t.name: int(t.shape[-1]) for t in reader.tensors}  # (shapes are reversed)
-        q, qkv = rows.get("blk.0.attn_q.weight"), rows.get("blk.0.attn_qkv.weight")
+        out_rows = {t.name: int(t.shape[-1]) for t in reader.tensors}  # (shapes reversed)
+        q, qkv = out_rows.get("blk.0.attn_q.weight"), out_rows.get("blk.0.attn_qkv.weight")
         rows, per = (q, heads) if q else (qkv, heads + 2 * kv_heads)
         if rows and per > 0 and rows % per == 0:
             head = rows // per

@@ -197,6 +197,7 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
     if kv_dtype not in DTYPE_BYTES:
         raise ModelLoadError(f"unknown dtype {kv_dtype!r}; one of {', '.join(DTYPE_BYTES)}")
     path, a = read_args(name_or_path)
+    head_dim = a.head_dim if a.rotary_dim is None else f"{a.head_dim} ({a.rotary_dim} rotated)"
     layout = KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
     return {
         "source": str(path),
@@ -206,9 +207,7 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "hidden size": a.dim,
         "query heads": a.num_heads,
         "kv heads": a.num_kv_heads,
-        "head dim": a.head_dim
-        if a.rotary_dim is None
-        else f"{a.head_dim} ({a.rotary_dim} rotated)",
+        "head dim": head_dim,
         "ffn size": a.hidden_dim,
         "vocabulary": a.vocab_size,
         "context length": a.max_seq_len,

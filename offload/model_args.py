@@ -190,8 +190,7 @@ class ModelArgs:
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"model {key} must be a finite number above 0, got {value!r}")
         r = self.rotary_dim
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int)
-                              or not 0 < r < self.head_dim or r % 2):  # fmt: skip
+        if not (r is None or type(r) is int and 0 < r < self.head_dim and r % 2 == 0):
             raise ConfigError(
                 f"model rotary_dim must be an even number of dimensions below the head's "
                 f"{self.head_dim}, got {r!r}"
