@@ -36,6 +36,10 @@ class HostTier:
         # no copy, no new address, on CUDA only the new slots pinned); else, and where
         # the driver refuses to pin more of it, a growth moves to a bigger slab.
         self.max_slots = max_slots
+        # Where set (a pinned slab, by its store: the layer's share of the host budget and
+        # the pieces in flight), a growth past it grants only the slots asked for: pinned
+        # memory is the budget's, and growth steps past it would pin more than it.
+        self.limit: int | None = None
         self.reserved: ReservedSlab | None = None
         if max_slots:
             L = layout
@@ -98,7 +102,7 @@ class HostTier:
         r = self.reserved
         if self.ahead is None or r is None or self._ahead_pending or 8 * used < 7 * r.slots:
             return
-        if r.slots >= self.max_slots:
+        if r.slots >= min(self.max_slots, self.limit or self.max_slots):
             return
         self._ahead_pending = True
         target = self._grown(r.slots + 1)  # (at most the layer's window: within the slab)
@@ -122,8 +126,9 @@ class HostTier:
         by the eighth alone)."""
         growth = 0 if self.reserved is not None else 1.25 if self.pin else 2
         grown = max(8, slots + slots // 8, int(growth * self.capacity))
-        if self.max_slots is not None:  # (a request past it is still granted)
-            grown = max(slots, min(grown, self.max_slots))
+        for most in (self.max_slots, self.limit):  # (a request past them is still granted)
+            if most is not None:
+                grown = max(slots, min(grown, most))
         return grown
 
     def grow_in_place(self, slots: int) -> bool:

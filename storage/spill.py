@@ -106,6 +106,16 @@ class StoreSpills:
     def _share(self) -> int:
         return self.directory.host_capacity // self.layout.num_layers
 
+    @property
+    def _piece_chunks(self) -> int:
+        return max(self.spill_batch, self._share // PIECE_SHARE)
+
+    def _slab_limit(self) -> int:
+        """The slots a pinned slab grows to at most, unless a request needs more: its
+        layer's share of the budget and two pieces (`_piece`: one appended, one being
+        written). Within the budget every layer needs at most its share."""
+        return self._share + 2 * self._piece_chunks
+
     def share_left(self, layer: int) -> int | None:
         """The chunks `layer` may take on the host before its share is full, where the
         context outgrows the budget (`_outgrown`); None where shares do not apply."""
@@ -131,7 +141,7 @@ class StoreSpills:
         at once, where the context with them fits the host budget, or they keep the
         layer within its share and a piece."""
         start, C = self.lengths[layer], self.layout.chunk_size
-        piece = max(self.spill_batch, self._share // PIECE_SHARE)
+        piece = self._piece_chunks
         if start % C or not self._outgrown(start + S):  # (a piece must start a chunk)
             return None
         if self.host[layer].num_chunks + self.layout.num_chunks(S) <= self._share + piece:

@@ -96,6 +96,7 @@ class TieredStore(StoreReads, StoreSpills):
         self._grower = ThreadPoolExecutor(1, thread_name_prefix="offload-grow") if pin else None
         for host in self.host:
             host.ahead = None if self._grower is None else self._grower.submit
+            host.limit = self._slab_limit() if pin else None
         self._warmer: Warmer | None = None  # reads a loaded session's files (`warm`)
 
     # -- lifecycle ---------------------------------------------------------------

@@ -39,20 +39,27 @@ def past_the_budget(tmp_path, T: int = 1024, host_chunks: int = 128):
     return store, kv
 
 
-def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(tmp_path):
+@pytest.mark.parametrize("T, host_chunks", [(1024, 128), (8192, 1024)])
+def test_whole_layers_past_the_host_budget_keep_the_pinned_slabs_within_it(
+    tmp_path, T, host_chunks
+):
     """A layer-by-layer prefill appends each layer's KV at once. Past the host budget a
     layer keeps its share of it (its newest chunks) and spills the rest as it goes; before,
     each layer's slab grew to the layer's whole KV and stayed so (the other layers' older
-    chunks were spilled instead), pinning the context's KV whatever the budget."""
-    T, host_chunks = 1024, 128  # 256 chunks a layer, 1,024 in all: 8x the budget
+    chunks were spilled instead), pinning the context's KV whatever the budget. (8x the
+    budget: 256 or 2,048 chunks a layer.)"""
     with on_cuda():
         store, kv = past_the_budget(tmp_path, T, host_chunks)
         share = host_chunks // LAYOUT.num_layers
         assert [h.num_chunks for h in store.host] == [share] * LAYOUT.num_layers
-        # each slab: its share, the pieces in flight (two at most: a spill batch each
-        # here) and the growth's steps (an eighth more), where it was 256 chunks a layer
+        # each slab: its share and the pieces in flight (two at most: 1/16 of the share
+        # or a spill batch each), in the pinning's steps (32 slots here); before, growth
+        # steps of an eighth more went past that (384 slots a layer at 8,192 tokens)
+        piece = max(2, share // 16)
+        m = pinning.slot_multiple(LAYOUT.chunk_size * LAYOUT.head_dim * 2)
         slots = sum(h.capacity for h in store.host)
-        assert store.host[0].slab.is_pinned() and slots <= 2 * host_chunks
+        assert store.host[0].slab.is_pinned()
+        assert slots <= LAYOUT.num_layers * -(-(share + 2 * piece) // m) * m
         for layer in range(LAYOUT.num_layers):  # every token where it went, exactly
             k, v = store.gather_all(layer)
             assert torch.equal(k.cpu(), kv[layer, 0]) and torch.equal(v.cpu(), kv[layer, 1])
