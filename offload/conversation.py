@@ -24,6 +24,18 @@ DOCUMENT_PROMPT = (
 )
 
 
+def leading_messages(messages: list[dict[str, str]]) -> int:
+    """The leading messages a trim keeps, where a session does not say (saved before
+    `pinned_messages`, 2026-12-05): the system prompt, and a document chat's first
+    exchange (its question in DOCUMENT_PROMPT's form), which holds the document."""
+    n = int(bool(messages) and messages[0]["role"] == "system")
+    marker = DOCUMENT_PROMPT.split("{document}")[1].split("{question}")[0]
+    first = messages[n : n + 2]
+    if [m["role"] for m in first] == ["user", "assistant"] and marker in first[0]["content"]:
+        return n + 2
+    return n
+
+
 class KVState:
     """A KV cache plus the token ids it holds, reused across calls by common prefix.
 
@@ -125,8 +137,7 @@ class Conversation:
         self.session_ref: SessionRef | None = None
         if state is not None:
             self._state, self.messages = state, list(messages or [])
-            system_first = bool(self.messages) and self.messages[0]["role"] == "system"
-            self.pinned = int(system_first) if pinned is None else pinned
+            self.pinned = leading_messages(self.messages) if pinned is None else pinned
             return
         self._state = KVState(runtime.new_cache())
         self.messages: list[dict[str, str]] = []

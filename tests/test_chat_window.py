@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from cli.main import main
 from offload import ContextLengthError, Runtime
-from tests.conftest import make_tiny_hf_model
+from storage.session import open_session
+from tests.conftest import make_tiny_hf_model, rewrite_manifest
 
 WINDOW = 256
 
@@ -92,6 +93,11 @@ def test_a_document_chat_keeps_its_first_exchange_also_when_resumed(short, tmp_p
         assert c.messages[:2] == first  # the document's exchange stays
         assert c.messages[2:-2] == before[2 + 2 * c.dropped :]
     assert conv.messages == resumed.messages
+    # saved before `pinned_messages` existed: the document's exchange is found all the same
+    old = tmp_path / "chat"
+    rewrite_manifest(open_session(old), lambda m: m.pop("pinned_messages"))
+    assert "pinned_messages" not in open_session(old).manifest
+    assert Runtime.load_session(old, model=short).resume_chat().pinned == 2
 
 
 def test_the_chat_command_says_when_it_dropped_exchanges(short):
