@@ -176,6 +176,8 @@ def write_tiny_tokenizer(directory, vocab_size: int = 320) -> None:
     )
 
 
+PHI3 = dict(arch="phi3", num_attention_heads=4, num_key_value_heads=2,
+            original_max_position_embeddings=32, pad_token_id=0)  # fmt: skip
 TINY_CONFIGS = {
     "llama-gqa-untied": dict(
         arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False
@@ -215,12 +217,8 @@ TINY_CONFIGS = {
     ),
     # Phi-3's fused projections and LongRoPE (past its original 32 positions: the long factors)
     "phi3-longrope": dict(
-        arch="phi3",
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        PHI3,
         tie_word_embeddings=False,
-        original_max_position_embeddings=32,
-        pad_token_id=0,
         rope_scaling={
             "type": "longrope",
             "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
@@ -229,12 +227,8 @@ TINY_CONFIGS = {
     ),
     # Phi-4-mini's RoPE over 3/4 of each head (12 of 16 dimensions here), tied embeddings
     "phi4-partial-rope": dict(
-        arch="phi3",
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        PHI3,
         tie_word_embeddings=True,
-        original_max_position_embeddings=32,
-        pad_token_id=0,
         partial_rotary_factor=0.75,
         rope_scaling={
             "type": "longrope",
