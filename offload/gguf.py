@@ -1,7 +1,7 @@
 """Loading a single GGUF file: metadata -> ModelArgs, tensors dequantized with `gguf`.
 
 llama.cpp's converter permutes the Q and K rows of llama-architecture models so
-that its RoPE can rotate adjacent pairs (interleaved). This model uses HF's
+that its RoPE can rotate adjacent pairs (interleaved); SmolLM3 files too. This model uses HF's
 rotate-half RoPE, so those rows are permuted back here; qwen2 files are stored
 unpermuted.
 """
@@ -18,7 +18,7 @@ import torch
 
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
-from offload.model_args import SUPPORTED_ARCHS, ModelArgs, RopeScaling
+from offload.model_args import NOPE_INTERVAL, SUPPORTED_ARCHS, ModelArgs, RopeScaling
 from offload.weights import build_model, rename, split_fused
 
 _GGUF_NAMES = [
@@ -79,6 +79,7 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
     factors = _vector(reader, "rope_freqs.weight")
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     context = int(req("context_length"))
+    layers = int(req("block_count"))
     num_kv_heads = int(field_value(reader, f"{arch}.attention.head_count_kv", num_heads))
     head_dim, rotary_dim = _head_dims(reader, arch, dim, num_heads, num_kv_heads)
     try:
@@ -94,11 +95,15 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
         return ModelArgs(
             arch=arch,
             dim=dim,
-            num_layers=int(req("block_count")),
+            num_layers=layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             rotary_dim=rotary_dim,
+            # (llama.cpp's rule for SmolLM3: its files do not say)
+            nope_layers=range(NOPE_INTERVAL - 1, layers, NOPE_INTERVAL)
+            if arch == "smollm3"
+            else (),
             hidden_dim=int(req("feed_forward_length")),
             vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),
             norm_eps=float(req("attention.layer_norm_rms_epsilon")),
@@ -133,6 +138,7 @@ def _head_dims(reader, arch: str, dim: int, heads: int, kv_heads: int) -> tuple[
     return head, (int(rot) if rot is not None and int(rot) != head else None)
 
 
+PERMUTED = ("llama", "smollm3")  # archs whose Q/K rows llama.cpp's converter permutes
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
@@ -208,7 +214,7 @@ def load_gguf_model(
             raise ModelLoadError(
                 f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}"
             ) from None
-        if args.arch == "llama" and (".attention.wq." in ours or ".attention.wk." in ours):
+        if args.arch in PERMUTED and (".attention.wq." in ours or ".attention.wk." in ours):
             heads = args.num_heads if ".wq." in ours else args.num_kv_heads
             w = _unpermute(w, heads)
         # Unquantized tensors come back as read-only views of the memory map: copy.

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (llama, mistral, qwen2, qwen3, phi3) in plain torch.
+"""A Llama-family decoder (llama, mistral, qwen2, qwen3, phi3, smollm3) in plain torch.
 
 One sequence at a time: hidden states are `[S, dim]`, no batch axis, because the
 runtime serves one user's long context. The model does not own its KV cache:
@@ -119,13 +119,14 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     ops = REFERENCE
 
-    def __init__(self, args: ModelArgs, fused: bool = False):
+    def __init__(self, args: ModelArgs, fused: bool = False, rotates: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             args.num_heads,
             args.num_kv_heads,
             args.head_dim,
         )
+        self.rotates = rotates  # False: a layer without RoPE (`ModelArgs.nope_layers`)
         bias = args.qkv_bias
         # qwen3: each q and k head RMS-normed over its head_dim before RoPE
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
@@ -160,7 +161,7 @@ class Attention(nn.Module):
         """Rotated q [Hq, S, D], rotated k and v [Hkv, S, D] of the normed input x [S, dim]."""
         Hq, Hkv = self.num_heads, self.num_kv_heads
         qkv = self._projected(x)
-        qk = self.ops.rope(qkv[: Hq + Hkv], cos, sin)
+        qk = self.ops.rope(qkv[: Hq + Hkv], cos, sin) if self.rotates else qkv[: Hq + Hkv]
         return qk[:Hq], qk[Hq:], qkv[Hq + Hkv :]
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,8 @@ class Attention(nn.Module):
         S = x.shape[0]
         rope_store = getattr(cache_layer, "rope_store", None)
         if rope_store is not None:  # a fixed-shape step's layer: RoPE and the K/V store in one
+            if not self.rotates:  # (cos 1, sin 0: the same kernel stores the keys unrotated)
+                cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
             q = rope_store(self._projected(x), cos, sin)
         else:
             q, k, v = self._qkv(x, cos, sin)
@@ -214,9 +217,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, fused: bool = False):
+    def __init__(self, args: ModelArgs, fused: bool = False, layer: int = 0):
         super().__init__()
-        self.attention = Attention(args, fused)
+        self.attention = Attention(args, fused, rotates=layer not in args.nope_layers)
         self.feed_forward = FeedForward(args, fused)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -239,7 +242,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(
             args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim)
         )
-        self.layers = nn.ModuleList(Block(args, fused) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(Block(args, fused, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Plain attributes, not buffers: derived from args, never loaded.

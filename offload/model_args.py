@@ -10,7 +10,7 @@ from typing import Any
 
 from offload.errors import ConfigError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "longrope")
 
 
@@ -142,6 +142,22 @@ def parse_rope_override(spec: str) -> tuple[str, float, int | None]:
     return parts[0], factor, original
 
 
+NOPE_INTERVAL = 4  # SmolLM3: every 4th layer has no RoPE (llama.cpp's, for GGUF files)
+
+
+def _nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: where `no_rope_layers` says 0, or every
+    `no_rope_layer_interval`-th layer (4) where it is not given, as transformers does."""
+    layers = int(cfg["num_hidden_layers"])
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        step = int(cfg.get("no_rope_layer_interval") or NOPE_INTERVAL)
+        return tuple(i for i in range(layers) if (i + 1) % step == 0)
+    if not isinstance(flags, list) or len(flags) != layers:
+        raise ConfigError(f"no_rope_layers must be a list of {layers} flags, got {flags!r}")
+    return tuple(i for i, rotates in enumerate(flags) if not rotates)
+
+
 # Upper bounds of a model's dimensions, far above any real model's (Llama-3.1-405B: dim
 # 16384, 126 layers, 128 heads; 256k-entry vocabularies; 10M-token contexts).
 MODEL_BOUNDS = {"dim": 1 << 18, "num_layers": 1 << 12, "num_heads": 1 << 12,
@@ -171,6 +187,7 @@ class ModelArgs:
     # RoPE over the first `rotary_dim` dimensions of each head only (Phi-4-mini: 96 of
     # 128); None: the whole head. See `weights.pair_rotary_dims` for how it is run.
     rotary_dim: int | None = None
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (SmolLM3: every 4th)
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
 
@@ -189,6 +206,12 @@ class ModelArgs:
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"model {key} must be a finite number above 0, got {value!r}")
+        object.__setattr__(self, "nope_layers", tuple(self.nope_layers))  # (JSON: a list)
+        if any(type(i) is not int or not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ConfigError(
+                f"model nope_layers must be layer numbers below {self.num_layers}, "
+                f"got {list(self.nope_layers)!r}"
+            )
         r = self.rotary_dim
         if not (r is None or type(r) is int and 0 < r < self.head_dim and r % 2 == 0):
             raise ConfigError(
@@ -271,6 +294,7 @@ class ModelArgs:
                 qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
                 qk_norm=arch == "qwen3",
                 rotary_dim=rotary_dim if rotary_dim != head_dim else None,
+                nope_layers=_nope_layers(cfg) if arch == "smollm3" else (),
                 bos_id=cfg.get("bos_token_id"),
                 eos_ids=tuple(int(e) for e in eos_ids),
             )
@@ -306,6 +330,8 @@ class ModelArgs:
             del d["qk_norm"]
         if self.rotary_dim is None:
             del d["rotary_dim"]
+        if not self.nope_layers:
+            del d["nope_layers"]
         if self.rope_scaling is not None and self.rope_scaling.kind == "llama3":
             for key in ("kind", "beta_fast", "beta_slow", "attention_factor", "short_factor",
                         "long_factor"):  # fmt: skip

@@ -236,6 +236,15 @@ TINY_CONFIGS = {
             "long_factor": [1.0, 1.5, 2.0, 4.0, 8.0, 12.0],
         },
     ),
+    # SmolLM3's layers without RoPE (here every 2nd of 2: layer 1; its files say every 4th)
+    "smollm3-nope": dict(
+        arch="smollm3",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        no_rope_layer_interval=2,
+        pad_token_id=0,
+    ),
     "qwen2-linear-rope": dict(
         arch="qwen2",
         num_attention_heads=4,
@@ -259,12 +268,13 @@ def logits_tolerance(name: str) -> dict:
 
 
 def make_tiny_hf_model(
-    directory, name: str, seed: int = 0, max_positions: int = 256, layers: int = 2
+    directory, name: str, seed: int = 0, max_positions: int = 256, layers: int = 2, **changes
 ):
-    """Save a seeded random HF model `name` (a key of TINY_CONFIGS) with a tokenizer."""
+    """Save a seeded random HF model `name` (a key of TINY_CONFIGS, with `changes` to its
+    config) with a tokenizer."""
     import transformers
 
-    spec = dict(TINY_CONFIGS[name])
+    spec = dict(TINY_CONFIGS[name], **changes)
     arch = spec.pop("arch")
     cls_config, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -272,6 +282,7 @@ def make_tiny_hf_model(
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
     }[arch]
     config = cls_config(
         vocab_size=320,

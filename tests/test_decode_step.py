@@ -116,11 +116,13 @@ def _greedy(cache, model, first_logits, steps):
 
 
 @pytest.mark.parametrize("kernels", [False, True])
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen3-qknorm-yarn", "phi4-partial-rope"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa-untied", "qwen3-qknorm-yarn", "phi4-partial-rope", "smollm3-nope"]
+)
 def test_fixed_shape_step_equals_ordinary_decode(tiny_dirs, kernels, name):
     """The step that CUDA captures (run eagerly here) gives the ordinary decode's tokens
     and logits, with the reference attention and with the Triton kernels (a qwen3
-    model's q/k norms among them, and Phi-4-mini's partial RoPE)."""
+    model's q/k norms among them, Phi-4-mini's partial RoPE and SmolLM3's layers without)."""
     rt = Runtime.from_pretrained(
         tiny_dirs[name][0], dtype="float32", mode="full", device=DEVICE.type
     )

@@ -23,10 +23,11 @@ def random_ids(n, vocab=320, seed=0):
 
 
 def write_qwen_gguf(directory, ref_model, path, rope: dict | None, window: int = 0):
-    """The tiny HF qwen3 or phi3 model `ref_model` (saved in `directory`) as a float32
-    GGUF, its tokenizer's vocabulary and merges, and `rope` as `ARCH.rope.scaling.*` keys
-    (qwen and phi3 files keep HF's Q/K row order), or for phi3 its LongRoPE factors as
-    llama.cpp's converter writes them (tensors, and the original context)."""
+    """The tiny HF qwen3, phi3 or smollm3 model `ref_model` (saved in `directory`) as a
+    float32 GGUF, its tokenizer's vocabulary and merges, and `rope` as
+    `ARCH.rope.scaling.*` keys (qwen and phi3 files keep HF's Q/K row order, smollm3's
+    are permuted as llama's), or for phi3 its LongRoPE factors as llama.cpp's converter
+    writes them (tensors, and the original context)."""
 
     import gguf
 
@@ -86,7 +87,11 @@ def write_qwen_gguf(directory, ref_model, path, rope: dict | None, window: int =
             f"blk.{parts[1]}.{names[parts[-1]]}.weight" if parts[0] == "layers"
             else f"{names[parts[0]]}.weight"
         )  # fmt: skip
-        w.add_tensor(gguf_name, t.float().numpy())
+        t = t.float().numpy()
+        if arch == "smollm3" and parts[-1] in ("q_proj", "k_proj"):  # as llama.cpp permutes
+            heads = cfg.num_attention_heads if parts[-1] == "q_proj" else cfg.num_key_value_heads
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(gguf_name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -148,6 +153,23 @@ def test_a_phi3_gguf_matches_transformers(tiny_dirs, tmp_path):
     # a sliding window shorter than the context caps it (Phi-3-mini-4k's 2,047 of 4,096)
     windowed = write_qwen_gguf(directory, ref_model, tmp_path / "w.gguf", None, window=100)
     assert Runtime.from_pretrained(windowed, dtype="float32").args.max_seq_len == 100
+
+
+def test_a_smollm3_gguf_matches_transformers(tmp_path):
+    """SmolLM3: every 4th layer without RoPE, which its GGUF files do not say (llama.cpp
+    takes it as a rule), and Q/K rows permuted as llama's."""
+    from tests.conftest import make_tiny_hf_model
+
+    ref_model = make_tiny_hf_model(tmp_path / "hf", "smollm3-nope", layers=4,
+                                   no_rope_layer_interval=4)  # fmt: skip
+    src = write_qwen_gguf(tmp_path / "hf", ref_model, tmp_path / "s.gguf", rope=None)
+    ids = random_ids(90)
+    with torch.no_grad():
+        ref = ref_model(ids[None]).logits[0]
+    for _ in range(2):  # converted, then from the cache
+        rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+        assert rt.args.nope_layers == (3,)
+        torch.testing.assert_close(rt.logits(ids), ref, **logits_tolerance("smollm3-nope"))
 
 
 def test_rope_scaling_from_config(tmp_path):
