@@ -1,8 +1,8 @@
 """Loading a single GGUF file: metadata -> ModelArgs, tensors dequantized with `gguf`.
 
-llama.cpp's converter permutes the Q and K rows of llama-architecture models so
-that its RoPE can rotate adjacent pairs (interleaved); SmolLM3 files too. This model uses HF's
-rotate-half RoPE, so those rows are permuted back here; qwen2 files are stored
+llama.cpp's converter permutes the Q and K rows of llama-architecture models (and
+SmolLM3's) so that its RoPE can rotate adjacent pairs (interleaved). This model uses
+HF's rotate-half RoPE, so those rows are permuted back here; qwen2 files are stored
 unpermuted.
 """
 
@@ -80,6 +80,8 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     context = int(req("context_length"))
     layers = int(req("block_count"))
+    # SmolLM3's layers without RoPE: its files do not say; llama.cpp takes every 4th
+    nope = range(NOPE_INTERVAL - 1, layers, NOPE_INTERVAL) if arch == "smollm3" else ()
     num_kv_heads = int(field_value(reader, f"{arch}.attention.head_count_kv", num_heads))
     head_dim, rotary_dim = _head_dims(reader, arch, dim, num_heads, num_kv_heads)
     try:
@@ -100,10 +102,7 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             rotary_dim=rotary_dim,
-            # (llama.cpp's rule for SmolLM3: its files do not say)
-            nope_layers=range(NOPE_INTERVAL - 1, layers, NOPE_INTERVAL)
-            if arch == "smollm3"
-            else (),
+            nope_layers=nope,
             hidden_dim=int(req("feed_forward_length")),
             vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),
             norm_eps=float(req("attention.layer_norm_rms_epsilon")),
