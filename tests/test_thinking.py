@@ -144,3 +144,19 @@ def test_chat_dims_the_block():
     answer(Scripted(True), conv, console, "two and two?", None, {})
     shown = console.file.getvalue()
     assert "\x1b[2m<think>\x1b[0m" in shown and "\x1b[2m</think>\x1b[0m\n\nFour.\n" in shown
+
+
+@pytest.mark.parametrize("opens", [True, False])
+def test_a_runtime_says_whether_its_prompt_opened_the_block(tmp_path, opens):
+    """`Runtime.thinking_opened`, set as a request starts: an R1 distill's template ends
+    its prompt with `<think>`; another template (Qwen3's) leaves the model to open it."""
+    from offload import Runtime
+    from tests.conftest import write_gguf
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}" + "<think>" * opens
+    src = write_gguf(tmp_path / "r.gguf", template=template, control=("<think>", "</think>"))
+    rt = Runtime.from_pretrained(src, dtype="float32")
+    assert thinks(rt.tokenizer) and not rt.thinking_opened
+    steps = rt.stream("abc", max_new_tokens=2)
+    next(steps)  # (the request has started)
+    assert rt.thinking_opened is opens
