@@ -19,7 +19,7 @@ def cut_note(step, window: int) -> str | None:
     model's context window (which a larger -n does not move)."""
     if step is None or step.finish_reason != "length":
         return None
-    if step.context_tokens + 1 >= window:
+    if step.window_full:
         return f"[dim](answer cut at the model's {window:,}-token context window)[/]"
     return "[dim](answer cut at the token limit: raise it with -n)[/]"
 

@@ -44,6 +44,9 @@ class StepResult:
     step_seconds:    time of this step's forward + sampling (0 for the first)
     context_tokens:  tokens in the KV cache after this step
     kv_bytes:        bytes of KV per tier after this step
+    window_full:     on the last step of an answer cut by the model's context window
+                     (finish "length" with no room left), which a larger
+                     max_new_tokens does not move
     """
 
     token_id: int
@@ -55,6 +58,7 @@ class StepResult:
     step_seconds: float
     context_tokens: int
     kv_bytes: dict[str, int] = field(default_factory=dict)
+    window_full: bool = False
 
 
 def make_sampler(
@@ -180,7 +184,9 @@ def apply_stops(steps: Iterator[StepResult], stops: list[str]) -> Iterator[StepR
             pending += step.text
             cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
-                yield dataclasses.replace(step, text=pending[:cut], finish_reason="stop")
+                yield dataclasses.replace(
+                    step, text=pending[:cut], finish_reason="stop", window_full=False
+                )
                 return
             if step.finish_reason is not None:
                 yield dataclasses.replace(step, text=pending)
@@ -424,10 +430,11 @@ def generate_steps(
     step_seconds = 0.0
     with cache.decoding():  # the prefetch worker, if any, lives for the decode loop
         for index in range(max_new_tokens):
+            full = cache.num_tokens + 1 >= max_len  # (no room for another token)
             finish = None
             if token in stop_ids:
                 finish = "stop"
-            elif index + 1 == max_new_tokens or cache.num_tokens + 1 >= max_len:
+            elif index + 1 == max_new_tokens or full:
                 finish = "length"
             text = "" if finish == "stop" else decoder.push(token)
             if finish is not None:
@@ -442,6 +449,7 @@ def generate_steps(
                 step_seconds=step_seconds,
                 context_tokens=cache.num_tokens,
                 kv_bytes=cache.tier_bytes(),
+                window_full=finish == "length" and full,
             )
             if finish is not None:
                 return
