@@ -213,6 +213,7 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "context length": a.max_seq_len,
         "rope theta": a.rope_theta,
         "rope scaling": rope_scaling_name(a),
+        **({"layers without rope": len(a.nope_layers)} if a.nope_layers else {}),
         "tied embeddings": a.tie_embeddings,
         "kv dtype": kv_dtype,
         "kv_bytes_per_token": layout.token_bytes,

@@ -158,6 +158,7 @@ def test_a_phi3_gguf_matches_transformers(tiny_dirs, tmp_path):
 def test_a_smollm3_gguf_matches_transformers(tmp_path):
     """SmolLM3: every 4th layer without RoPE, which its GGUF files do not say (llama.cpp
     takes it as a rule), and Q/K rows permuted as llama's."""
+    from offload.loading import read_model_info
     from tests.conftest import make_tiny_hf_model
 
     ref_model = make_tiny_hf_model(tmp_path / "hf", "smollm3-nope", layers=4,
@@ -169,6 +170,7 @@ def test_a_smollm3_gguf_matches_transformers(tmp_path):
     for _ in range(2):  # converted, then from the cache
         rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
         assert rt.args.nope_layers == (3,)
+        assert read_model_info(src)["layers without rope"] == 1
         torch.testing.assert_close(rt.logits(ids), ref, **logits_tolerance("smollm3-nope"))
 
 
