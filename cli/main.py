@@ -157,12 +157,12 @@ def split_sampling(opts: dict, overrides: tuple[str, ...]):
     return sampling, overrides
 
 
-def json_answer(steps: list, stats: dict, thinking: bool = False) -> dict:
-    """An answer as `--json` prints it: its text, why it ended, and the request's figures
-    that JSON takes as they are (numbers and strings). A reasoning model's (`thinking`)
-    think block is given apart, as `thinking`, and `text` is the answer after it."""
-    text, thought = "".join(st.text for st in steps), None
-    if thinking:
+def json_answer(steps: list, rt) -> dict:
+    """An answer of `rt` as `--json` prints it: its text, why it ended, and the request's
+    figures that JSON takes as they are (numbers and strings). A reasoning model's think
+    block is given apart, as `thinking`, and `text` is the answer after it."""
+    text, thought, stats = "".join(st.text for st in steps), None, rt.stats()
+    if thinks(rt.tokenizer):
         thought, text = split_thinking(text)
     return {"text": text, **({"thinking": thought} if thought is not None else {}),
             "finish_reason": steps[-1].finish_reason if steps else None,
@@ -218,7 +218,7 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
     ]
     if as_json:
         out = list(rt.stream(messages, max_new_tokens=max_new_tokens, **sampling))
-        json.dump(json_answer(out, rt.stats(), thinks(rt.tokenizer)), sys.stdout, indent=1)
+        json.dump(json_answer(out, rt), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
     bar = PrefillBar(err_console)
@@ -332,8 +332,7 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
     for n, question in enumerate(questions, 1):
         steps = rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling)
         if as_json:
-            answer = json_answer(list(steps), rt.stats(), thinks(rt.tokenizer))
-            json.dump({"question": question, **answer}, sys.stdout)
+            json.dump({"question": question, **json_answer(list(steps), rt)}, sys.stdout)
             sys.stdout.write("\n")
             sys.stdout.flush()
             continue
