@@ -244,7 +244,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
-        """Build from the dict of an HF `config.json` (llama, mistral, qwen2, qwen3, phi3)."""
+        """Build from the dict of an HF `config.json` (llama, mistral, qwen2, qwen3, phi3,
+        smollm3)."""
         if not isinstance(cfg, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         arch = cfg.get("model_type")
