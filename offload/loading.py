@@ -16,10 +16,16 @@ from pathlib import Path
 
 import torch
 
+from offload.budgets import GiB
 from offload.errors import ModelLoadError
 from offload.model import Transformer
 from offload.model_args import ModelArgs
-from offload.quantize import quantize_model, resolve_weights
+from offload.quantize import (
+    DENSE_ROOM,
+    quantize_model,
+    resolve_weights,
+    weight_bytes,
+)
 from offload.tokenizer import Tokenizer
 
 EMBEDDED = {
@@ -88,17 +94,20 @@ def load(
     linears; `rope_scaling` (`model.rope_scaling`) replaces the file's RoPE scaling."""
     path = resolve_source(name_or_path)
     if path.is_dir():
-        from offload.weights import load_hf_model
+        from offload.weights import load_hf_model, read_hf_config
 
-        model = load_hf_model(path, dtype, device)
+        form, into = _placement(weights, read_hf_config(path), dtype, device)
+        model = load_hf_model(path, dtype, into)
         tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
-        loaded = _finish(path, model, tokenizer, device, weights)
+        loaded = _finish(path, model, tokenizer, device, form)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
         loaded = _load_gguf(path, dtype, device, weights)
     else:
         raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
     if loaded.tokenizer.note:
         warnings.warn(loaded.tokenizer.note, stacklevel=2)
+    if weights == "auto" and device.type != "cpu" and loaded.model.weights != "dense":
+        warnings.warn(_why_quantized(loaded, dtype, device), stacklevel=2)
     if not rope_scaling:
         return loaded
     # after the weight cache stored the file's own args
@@ -112,14 +121,15 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
 
     # The key holds the requested form; the file says which form that resolved to.
     cached = weight_cache.cache_path(path, dtype, f"{weights}|{device.type}")
-    hit = weight_cache.load_cached(cached, dtype, device)
+    hit = weight_cache.load_cached(cached, dtype, device, weights)
     if hit is not None:
         return _loaded(path, *hit)
-    from offload.gguf import load_gguf_model, open_gguf
+    from offload.gguf import load_gguf_model, open_gguf, read_gguf_args
 
     reader = open_gguf(path)
     try:
-        model = load_gguf_model(path, dtype, device, reader=reader)
+        weights, into = _placement(weights, read_gguf_args(reader, path), dtype, device)
+        model = load_gguf_model(path, dtype, into, reader=reader)
         tokenizer = Tokenizer.from_gguf(reader, path)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         # metadata of the wrong type or invalid UTF-8 (UnicodeDecodeError is a ValueError)
@@ -129,6 +139,27 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
     return loaded
 
 
+def _placement(weights: str, args: ModelArgs, dtype: torch.dtype, device: torch.device):
+    """On CUDA, the weight form (`resolve_weights`), decided before the weights are read,
+    and where they are read into: a quantized form's dense weights go to host memory,
+    and each linear is quantized on the device (the dense model would not fit there).
+    On the CPU the form waits for the file (`_finish`)."""
+    if device.type == "cpu":
+        return weights, device
+    form = resolve_weights(weights, None, device, count_parameters(args) * dtype.itemsize)
+    return form, (device if form == "dense" else torch.device("cpu"))
+
+
+def _why_quantized(loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> str:
+    a, form = loaded.args, loaded.model.weights
+    return (
+        f"model.weights = 'auto': the dense weights "
+        f"({count_parameters(a) * dtype.itemsize / GiB:.1f} GiB) would not leave "
+        f"{DENSE_ROOM / GiB:.0f} GiB free on {device}; the block linears run at {form} "
+        f"({weight_bytes(a, dtype.itemsize, form) / GiB:.1f} GiB of weights in all)"
+    )
+
+
 def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ModelLoadError(
@@ -136,7 +167,8 @@ def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
             f"vocabulary is {model.args.vocab_size}"
         )
     weights = resolve_weights(weights, getattr(model, "source_quant", None), device)
-    quantize_model(model, weights)
+    quantize_model(model, weights, device=device)
+    model.to(device)  # (what `_placement` left in host memory)
     model.weights = weights
     return _loaded(path, model, tokenizer)
 

@@ -10,10 +10,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from offload.config import DTYPES, KVSection, ModelSection, RuntimeConfig, SelectionSection
 from offload.errors import ConfigError
-from offload.loading import count_parameters, read_args
+from offload.loading import read_args
 from offload.model_args import ModelArgs
+from offload.quantize import dense_fits, resolve_weights, weight_bytes
 from offload.tiered_step import K_BUCKET, TOKEN_GROWTH
 from storage.device import CONTEXT_GROWTH
 from storage.layout import DTYPE_BYTES, KVLayout
@@ -126,6 +129,7 @@ def make_plan(
     hit_cache: float | None = SelectionSection.hit_cache,
     kv_device_bytes: int | None = None,
     rope_scaling: str = "",
+    weights: str = "auto",
 ) -> Plan:
     """The defaults are the config's. `retrieved` (0: `retrieve_fraction` of the
     context), `cluster_size` and `hit_cache` (None: no hit caches) as in the [selection]
@@ -141,7 +145,7 @@ def make_plan(
     plan = Plan(name, a, L, context, device_bytes, host_bytes, kv_device_bytes=kv_device_bytes)
     full_chunks = context // chunk_size
     resident = min(context, sink + window)
-    weights = count_parameters(a) * DTYPE_BYTES[dtype]
+    weights = plan_weights(a, DTYPE_BYTES[dtype], weights, device_bytes)
     n_dense = min(dense_layers, a.num_layers)  # their KV is mirrored on the GPU
     chunks = L.num_chunks(context) * L.num_layers  # (a partial last chunk is one too)
     held = min(chunks, max(0, host_bytes) // L.chunk_bytes)
@@ -178,6 +182,17 @@ def make_plan(
     return plan
 
 
+def plan_weights(a: ModelArgs, dtype_bytes: int, mode: str, device_bytes: int) -> int:
+    """The weights' bytes on a CUDA device of `device_bytes` (free) in `model.weights`
+    `mode`, as the runtime resolves it there (offload/quantize.py, `resolve_weights`)."""
+    dense = weight_bytes(a, dtype_bytes, "dense")
+    if mode == "int8":
+        resolve_weights(mode, None, torch.device("cuda"))  # (its error: CPU only)
+    if mode == "dense" or mode == "auto" and dense_fits(dense, device_bytes):
+        return dense
+    return weight_bytes(a, dtype_bytes, "int4")
+
+
 def _growth_row(rows: list[PlanRow], L: KVLayout, context: int, window: int) -> PlanRow:
     """The room the device buffers that grow with the context hold beyond it (a row's
     `growth`): the dense layers' KV and the key summaries grow by an eighth
@@ -207,6 +222,7 @@ def plan_for_config(
         retrieved=sel.retrieved, retrieve_fraction=sel.retrieve_fraction,
         cluster_size=sel.cluster_size, hit_cache=None if sel.prefetch == "off" else sel.hit_cache,
         kv_device_bytes=kv.device_bytes, rope_scaling=config.model.rope_scaling,
+        weights=config.model.weights,
     )  # fmt: skip
 
 

@@ -15,8 +15,11 @@ re-quantizing a dequantized Q4_1 block gives back the same scale, minimum and
 codes (up to scale and zero being kept in bf16 here).
 
 `weights = "auto"` keeps what the file has: a GGUF whose block linears are
-4-bit runs them at int4 on the CPU; everything else stays dense. On CUDA the
-weights stay dense (bf16 matmuls there are not the bottleneck this fixes).
+4-bit runs them at int4 on the CPU; everything else stays dense. On CUDA, `auto`
+keeps the weights dense while they leave `DENSE_ROOM` of the device free, and runs
+the block linears at int4 otherwise (a 12-14B model on a 24 GB card): there a decode
+step multiplies by the codes with offload/kernels/int4.py, and the linears keep only
+the codes, scales and minimums (0.625 bytes a weight); the output head stays dense.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 
 from offload.config import WEIGHT_MODES
 from offload.errors import ConfigError
+from offload.kernels import int4 as int4_kernels
 
 INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_1
 # Inputs with more rows than this (prefill chunks) multiply a weight dequantized for
@@ -38,6 +42,12 @@ INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_
 # 64; int8 0.77 / 1.17 at 16, 1.15 / 1.19 at 24 (docs/performance.md).
 INT4_MAX_ROWS = 48
 INT8_MAX_ROWS = 16
+DEQUANT_ROWS = 4096  # rows of a weight dequantized at a time (bounds the float32 temporaries)
+# On CUDA, what dense weights must leave free for `auto` to keep them dense: the
+# activations reserve (1 GiB, offload/plan.py) and 2 GiB of KV (sink, window, the dense
+# layers, the selection's index at a long context).
+DENSE_ROOM = 3 << 30
+INT4_BYTES = 0.5 + 2 * 2 / INT4_GROUP  # a weight's code, and its group's float16 scale and minimum
 
 
 @functools.cache
@@ -101,12 +111,22 @@ def int4_codes(w: torch.Tensor, group: int = INT4_GROUP):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, empty: bool = False):
+    """`linear` at int4, run where `device` (default: the linear's) is: on the CPU by
+    torch's packed kernel, on CUDA by offload/kernels/int4.py (the linear is quantized
+    there; only the codes, scales and minimums are kept). Rows past the kernel's (a
+    prefill chunk) multiply the weight dequantized for the call."""
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, empty: bool = False,
+                 device: torch.device | None = None):  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
         self.group = group
-        self.bias = linear.bias
         self.out_features = n
+        device = torch.device(device or linear.weight.device)
+        self.cpu_kernel = device.type == "cpu"
+        self.bias = linear.bias
+        if self.bias is not None and not empty:  # (the kernel runs where the bias is)
+            self.bias = nn.Parameter(self.bias.detach().to(device), requires_grad=False)
         if empty:  # buffers of the right shapes, to be assigned (weight_cache.py)
             g, dt = k // group, linear.weight.dtype
             for name, shape, dtype in (("packed", (n, k // 2), torch.uint8),
@@ -114,77 +134,135 @@ class Int4Linear(nn.Module):
                                        ("nibbles", (n, g, group // 2), torch.uint8),
                                        ("group_scale", (n, g), torch.float16),
                                        ("group_min", (n, g), torch.float16)):  # fmt: skip
-                self.register_buffer(name, torch.empty(shape, dtype=dtype))
+                if self.cpu_kernel or name not in ("packed", "scales_zeros"):
+                    self.register_buffer(name, torch.empty(shape, dtype=dtype))
             return
-        q, scale, lo = int4_codes(linear.weight, group)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
-        zero = lo + 8 * scale
-        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
-        self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
-        # For prefill's dequantization (the kernel's packed layout is its own): the codes
-        # two to a byte (byte j of a group holds codes j and j + group / 2), and scale and
-        # minimum in float16, as Q4_1 stores them, so the weight comes back as the file's.
+        q, scale, lo = int4_codes(linear.weight.to(device), group)
+        if self.cpu_kernel:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
+            zero = lo + 8 * scale
+            sz = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
+            self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
+        # For CUDA's kernel and prefill's dequantization: the codes two to a byte (byte j
+        # of a group holds codes j and j + group / 2), and scale and minimum in float16,
+        # as Q4_1 stores them, so the weight comes back as the file's.
         qg = q.to(torch.uint8).reshape(n, -1, group)
+        del q
         self.register_buffer("nibbles", qg[..., : group // 2] | (qg[..., group // 2 :] << 4))
         self.register_buffer("group_scale", scale.to(torch.float16))  # [n, k / group]
         self.register_buffer("group_min", lo.to(torch.float16))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [n, k] in `dtype`, from the codes (what the kernel multiplies by)."""
-        q = torch.cat([self.nibbles & 15, self.nibbles >> 4], dim=-1).float()  # [n, k/g, g]
-        w = q.mul_(self.group_scale.float()[..., None]).add_(self.group_min.float()[..., None])
-        return w.reshape(self.out_features, -1).to(dtype)
+        """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by)."""
+        n, g, half = self.nibbles.shape
+        w = torch.empty(n, 2 * g * half, dtype=dtype, device=self.nibbles.device)
+        for r in range(0, n, DEQUANT_ROWS):
+            rows = slice(r, r + DEQUANT_ROWS)
+            w[rows] = int4_kernels.dequantize_ref(
+                self.nibbles[rows], self.group_scale[rows], self.group_min[rows]
+            )
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > INT4_MAX_ROWS:
+        if self.cpu_kernel and x.shape[0] <= INT4_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.packed, self.group, self.scales_zeros
+            )
+        elif not self.cpu_kernel and x.shape[0] <= int4_kernels.MAX_ROWS and _cuda_kernel(x):
+            y = int4_kernels.int4_matmul(
+                x.contiguous(), self.nibbles, self.group_scale, self.group_min
+            )
+        else:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, self.group, self.scales_zeros
-        )
         return y if self.bias is None else y + self.bias
 
 
-def int4_fits(linear: nn.Linear) -> bool:
-    """The CPU int4 kernel needs whole groups of inputs and outputs in multiples of 16."""
-    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+def _cuda_kernel(x: torch.Tensor) -> bool:
+    from offload.kernels import triton_available
+
+    return x.is_cuda and triton_available()
 
 
-def resolve_weights(mode: str, source_quant: str | None, device: torch.device) -> str:
-    """The weight form to run: `auto` follows the file (4-bit GGUF blocks -> int4) on CPU."""
+def int4_fits(linear: nn.Linear, cpu: bool = True) -> bool:
+    """Int4 needs whole groups of inputs; the CPU kernel also outputs in multiples of 16."""
+    return linear.in_features % INT4_GROUP == 0 and (not cpu or linear.out_features % 16 == 0)
+
+
+def resolve_weights(
+    mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0
+) -> str:
+    """The weight form to run: `auto` follows the file (4-bit GGUF blocks -> int4) on
+    the CPU; on CUDA it is dense while `dense_bytes` leave `DENSE_ROOM` of the device
+    free, else int4."""
     if mode not in WEIGHT_MODES:
         raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
     if device.type != "cpu":
-        if mode in ("int8", "int4"):
+        if mode == "int8":
             raise ConfigError(
-                f"model.weights: {mode!r} uses torch's CPU kernels; on {device.type} use dense"
+                f"model.weights: 'int8' uses torch's CPU kernels; on {device.type} use "
+                "dense, int4 or auto"
             )
-        return "dense"
+        if mode == "auto":
+            return "dense" if dense_fits(dense_bytes, device_free_bytes(device)) else "int4"
+        return mode
     if mode == "auto":
         return "int4" if source_quant in ("Q4_0", "Q4_1") else "dense"
     return mode
 
 
-def quantize_model(model: nn.Module, mode: str, empty: bool = False) -> int:
-    """Replace the block linears (and the output head, at int8) in place; return how many.
+def device_free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
 
-    Linears the int4 kernel cannot take (`int4_fits`) get int8 instead. The
-    token embedding stays dense (it is a lookup, not a matmul); a tied output head
-    gets its own int8 copy, since every decode step reads it whole. `empty` makes
-    the modules only (buffers to be assigned from a saved state dict).
+
+def dense_fits(dense_bytes: int, device_bytes: int) -> bool:
+    """Does `auto` keep dense weights of `dense_bytes` on a device of `device_bytes` (free)?"""
+    return dense_bytes + DENSE_ROOM <= device_bytes
+
+
+def quantize_model(
+    model: nn.Module, mode: str, empty: bool = False, device: torch.device | None = None
+) -> int:
+    """Replace the block linears (and, on the CPU, the output head, at int8) in place;
+    return how many. `device` is where the model runs (default: its own).
+
+    On the CPU, linears the int4 kernel cannot take (`int4_fits`) get int8 instead,
+    and a tied output head gets its own int8 copy, since every decode step reads it
+    whole. On CUDA only int4 exists: a linear it cannot take, and the head, stay dense.
+    The token embedding stays dense (it is a lookup, not a matmul). `empty` makes the
+    modules only (buffers to be assigned from a saved state dict).
     """
     if mode == "dense":
         return 0
+    cpu = torch.device(device or model.device).type == "cpu"
     count = 0
     for block in model.layers:
         for parent in (block.attention, block.feed_forward):
             for name, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                if mode == "int4" and int4_fits(child):
-                    setattr(parent, name, Int4Linear(child, empty=empty))
-                else:
+                if mode == "int4" and int4_fits(child, cpu):
+                    setattr(parent, name, Int4Linear(child, empty=empty, device=device))
+                elif cpu:
                     setattr(parent, name, Int8Linear(child, empty=empty))
+                else:
+                    continue
                 count += 1
+    if not cpu:
+        return count
     model.output = Int8Linear(model.output, empty=empty)
     return count + 1
+
+
+def weight_bytes(args, dtype_bytes: int, mode: str) -> int:
+    """The model's weights in `mode` (`dense` or `int4`, as on CUDA: the block linears
+    at int4, the rest dense)."""
+    from offload.loading import count_parameters
+
+    dense = count_parameters(args)
+    if mode == "dense":
+        return dense * dtype_bytes
+    a = args
+    linears = a.num_layers * a.dim * (a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
+                                      + 3 * a.hidden_dim)  # fmt: skip
+    return int((dense - linears) * dtype_bytes + linears * INT4_BYTES)

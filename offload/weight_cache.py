@@ -91,13 +91,16 @@ def _orphaned_temps(folder: Path) -> list[Path]:
     return orphans
 
 
-def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer) from the cache file at `path`, or None when it is not usable."""
+def load_cached(path: Path, dtype: torch.dtype, device: torch.device, mode: str):
+    """(model, tokenizer) from the cache file at `path`, or None when it is not usable,
+    or when its weight form is not what `mode` (`model.weights`) resolves to now (on
+    CUDA, `auto` follows the memory free there)."""
     from safetensors import safe_open
 
+    from offload.loading import count_parameters
     from offload.model import Transformer
     from offload.model_args import ModelArgs, RopeScaling
-    from offload.quantize import quantize_model
+    from offload.quantize import quantize_model, resolve_weights
     from offload.tokenizer import Tokenizer
 
     if not path.is_file():
@@ -114,12 +117,15 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device):
         for key in ("rope_freq_factors", "eos_ids"):
             a[key] = tuple(a[key]) if a[key] is not None else None
         args = ModelArgs(**a)
+        dense = count_parameters(args) * dtype.itemsize
+        if resolve_weights(mode, meta["source_quant"], device, dense) != weights:
+            return None
         # Only factory calls on the meta device: its Python kernels (cat, normal_) would
         # import a second of torch machinery.
         with torch.device("meta"):
             model = Transformer(args, fused=True).to(dtype)
             if weights != "dense":
-                quantize_model(model, weights, empty=True)
+                quantize_model(model, weights, empty=True, device=device)
         model.load_state_dict(
             {k: v.to(device) for k, v in state.items()}, strict=not meta["tied"], assign=True
         )
@@ -138,7 +144,8 @@ def store(path: Path, model, tokenizer, weights: str) -> bool:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tied = model.output.weight is model.tok_embeddings.weight if weights == "dense" else False
+    # (an int8 head is not tied; on CUDA the int4 form keeps the head dense, and tied)
+    tied = getattr(model.output, "weight", None) is model.tok_embeddings.weight
     state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
     if tied:
         state.pop("output.weight")

@@ -383,8 +383,8 @@ def spm_vocab() -> tuple[list[str], list[int], list[float]]:
 
 def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
                tokenizer="gpt2", dim_key=True, pre=None, sentencepiece=False,
-               arch="llama", control=()):  # fmt: skip
-    """A minimal llama GGUF: 1 layer, dim 8, byte-level vocabulary (`tokenizer` names
+               arch="llama", control=(), dim=8, ff=16):  # fmt: skip
+    """A minimal llama GGUF: 1 layer, dim 8 (ffn 16), byte-level vocabulary (`tokenizer` names
     another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length;
     `control`: more control tokens); `sentencepiece`: a SentencePiece BPE vocabulary
     (`spm_vocab`) and no merges."""
@@ -392,7 +392,7 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
     import numpy as np
 
     rng = np.random.default_rng(0)
-    dim, ff, heads, kv = 8, 16, 2, 1
+    heads, kv = 2, 1
     tokens = [chr(c) for c in range(33, 127)] + ["ab", *control, "<|im_start|>", "<|im_end|>"]
     types = [1] * (len(tokens) - 2 - len(control)) + [3] * len(control) + [3, 3]
     if sentencepiece:

@@ -3,7 +3,7 @@
 The interpreter tests (tests/test_decode_step.py, tests/test_step_cache.py) check what
 the kernels compute. This compiles every launch a decode step makes, with the argument
 types and constants the runtime passes at the shapes of the embedded model and of an
-8B model at 128k tokens, for an RTX 4090 (sm_89) and an H100 (sm_90), and checks what
+8B model at 128k tokens (and its largest linear at int4), for an RTX 4090 (sm_89) and an H100 (sm_90), and checks what
 only such a GPU would show: shared memory past what a block may use (the launch fails)
 and registers spilled to local memory (slow). No GPU is needed: Triton compiles for a
 named target and ships the `ptxas` that makes the cubin. It runs
@@ -36,7 +36,7 @@ def test_every_kernel_launch_compiles_within_the_gpus_limits(tmp_path):
     assert kernels == {
         "split", "combine", "gather", "clusters", "take", "top", "top_pass", "top_list",
         "candidates", "score", "softmax_sum", "lookup", "successors", "norm", "rope", "silu_mul",
-        "nearest",
+        "nearest", "int4_matmul",
     }  # fmt: skip
     assert any(r["launch"].endswith("(candidates, pass 2)") for r in rows)
     assert len({(r["arch"], r["dtype"]) for r in rows}) == 6

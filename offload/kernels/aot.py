@@ -30,6 +30,7 @@ from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
 from offload.kernels import hit_cache as hit_kernels
+from offload.kernels import int4 as int4_kernels
 from offload.kernels import kmeans as kmeans_kernels
 from offload.kernels import layer as layer_kernels
 from offload.kernels import ranking
@@ -46,6 +47,7 @@ MODULES = (
     candidate_kernels,
     ranking,
     layer_kernels,
+    int4_kernels,
 )
 
 TYPES = {
@@ -337,4 +339,16 @@ def _layer_calls(H: int, G: int, D: int, dim: int, hidden: int, dtype: torch.dty
         "the residual sum and norm": lambda: layer_kernels.add_rms_norm(x, x, w, 1e-5),
         "RoPE of q and k": lambda: layer_kernels.rope(qkv[: H * (G + 1)], cos, cos),
         "SwiGLU": lambda: layer_kernels.silu_mul(gu),
+        # (with `model.weights = "int4"`: the largest of its linears, gate and up)
+        "gate and up at int4": lambda: int4_kernels.int4_matmul(
+            x, *_int4_weight(2 * hidden, dim, dtype)
+        ),
     }
+
+
+def _int4_weight(n: int, k: int, dtype: torch.dtype) -> tuple:
+    """An int4 linear's buffers [n, k] on the meta device (offload/quantize.py)."""
+    g = k // int4_kernels.GROUP
+    nibbles = torch.empty(n, g, int4_kernels.GROUP // 2, dtype=torch.uint8, device="meta")
+    scale = torch.empty(n, g, dtype=torch.float16, device="meta")
+    return nibbles, scale, scale
