@@ -409,6 +409,8 @@ def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, wind
     from offload.budgets import machine_device_bytes, machine_host_bytes
     from offload.config import RuntimeConfig, parse_bytes
     from offload.plan import plan_for_config
+    from offload.quantize import weight_bytes
+    from storage.layout import DTYPE_BYTES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = parse_bytes(gpu_mem, "--gpu-mem") if gpu_mem else machine_device_bytes(device)
@@ -439,6 +441,12 @@ def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, wind
             f"{tier}: {human_bytes(p.tier_total(tier))} of {human_bytes(budget)}: {verdict}"
         )
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
+    if p.weights != "dense":
+        console.print(
+            f"weights: the block linears at {p.weights} (model.weights = "
+            f"{cfg.model.weights}; dense they would be "
+            f"{human_bytes(weight_bytes(a, DTYPE_BYTES[cfg.model.dtype], 'dense'))})"
+        )
     console.print(
         f"prefill, layer by layer: peak device memory {human_bytes(p.prefill_peak_bytes)} "
         f"(the above less the hit caches and the index's device copy, plus the hidden "

@@ -45,6 +45,7 @@ class Plan:
     host_budget: int
     rows: list[PlanRow] = field(default_factory=list)
     kv_device_bytes: int | None = None  # the config's kv.device_bytes, if set
+    weights: str = "dense"  # the form `model.weights` resolves to on this device
 
     def tier_total(self, tier: str) -> int:
         return sum(r.nbytes for r in self.rows if r.tier == tier)
@@ -145,7 +146,8 @@ def make_plan(
     plan = Plan(name, a, L, context, device_bytes, host_bytes, kv_device_bytes=kv_device_bytes)
     full_chunks = context // chunk_size
     resident = min(context, sink + window)
-    weights = plan_weights(a, DTYPE_BYTES[dtype], weights, device_bytes)
+    plan.weights = plan_weights(a, DTYPE_BYTES[dtype], weights, device_bytes)
+    weights = weight_bytes(a, DTYPE_BYTES[dtype], plan.weights)
     n_dense = min(dense_layers, a.num_layers)  # their KV is mirrored on the GPU
     chunks = L.num_chunks(context) * L.num_layers  # (a partial last chunk is one too)
     held = min(chunks, max(0, host_bytes) // L.chunk_bytes)
@@ -182,15 +184,15 @@ def make_plan(
     return plan
 
 
-def plan_weights(a: ModelArgs, dtype_bytes: int, mode: str, device_bytes: int) -> int:
-    """The weights' bytes on a CUDA device of `device_bytes` (free) in `model.weights`
+def plan_weights(a: ModelArgs, dtype_bytes: int, mode: str, device_bytes: int) -> str:
+    """The weights' form on a CUDA device of `device_bytes` (free) for `model.weights`
     `mode`, as the runtime resolves it there (offload/quantize.py, `resolve_weights`)."""
-    dense = weight_bytes(a, dtype_bytes, "dense")
     if mode == "int8":
         resolve_weights(mode, None, torch.device("cuda"))  # (its error: CPU only)
-    if mode == "dense" or mode == "auto" and dense_fits(dense, device_bytes):
-        return dense
-    return weight_bytes(a, dtype_bytes, "int4")
+    dense = weight_bytes(a, dtype_bytes, "dense")
+    return (
+        "dense" if mode == "dense" or mode == "auto" and dense_fits(dense, device_bytes) else "int4"
+    )
 
 
 def _growth_row(rows: list[PlanRow], L: KVLayout, context: int, window: int) -> PlanRow:

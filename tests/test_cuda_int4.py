@@ -94,6 +94,7 @@ def test_the_plan_counts_int4_weights_as_a_gpu_runs_them():
 
     def weights_row(a, weights):
         p = make_plan(a, 32768, card, 64 * GiB, weights=weights)
+        assert p.weights == ("dense" if a is llama8 and weights == "auto" else "int4")
         return next(r.nbytes for r in p.rows if r.what == "weights")
 
     dense14 = count_parameters(qwen14) * 2

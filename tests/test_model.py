@@ -250,7 +250,7 @@ def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
     # a damaged cache file is converted again and replaced; an unwritable folder only costs time
     files[0].write_bytes(files[0].read_bytes()[:1000])
     assert torch.equal(logits(load(src, torch.float32, cpu, "auto")), logits(first))
-    assert weight_cache.load_cached(files[0], torch.float32, cpu) is not None
+    assert weight_cache.load_cached(files[0], torch.float32, cpu, "auto") is not None
     (tmp_path / "ro").write_text("a file where a folder should be")
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "ro"))
     assert torch.equal(logits(load(src, torch.float32, cpu, "auto")), logits(first))
