@@ -5,8 +5,8 @@ decode tokens/s on the GPU.
     python scripts/bench_gpu.py [--lengths 8192,32768,131072] [--tokens 32]
         [--systems device,offloaded,tiered,session,embedded,hf,hf-static,hf-offloaded,
                    device-compiled,offloaded-compiled,embedded-compiled,
-                   device-torch-ops,embedded-torch-ops]
-        [--shape llama-8b] [--fill-above 32768] [--session-lengths 8192,131072]
+                   device-torch-ops,embedded-torch-ops,device-int4,offloaded-int4]
+        [--shape llama-8b|qwen-14b] [--fill-above 32768] [--session-lengths 8192,131072]
         [--session-dir /tmp/offload-bench-session] [--out results/bench_gpu.json]
         [--plot docs/gpu_decode_ms_per_token.png] [--set hit_cache=4.0 ...]
         [--profile-question]
@@ -29,6 +29,8 @@ Systems:
   *-compiled    device, offloaded, embedded with `model.compile_step = true`: the step
                 goes through torch.compile before it is captured (the compile falls in
                 the warm-up steps, whose seconds the rows report)
+  *-int4        device, offloaded, tiered with the block linears at int4, quantized on
+                the device (`model.weights = "int4"`, offload/kernels/int4.py)
   *-torch-ops   device, embedded with the layers' norms, RoPE and SwiGLU in torch's
                 operations instead of their Triton kernels (offload/kernels/layer.py):
                 what those kernels gain
@@ -92,10 +94,13 @@ from offload.loading import LoadedModel  # noqa: E402
 from offload.model import Transformer  # noqa: E402
 from offload.model_args import ModelArgs  # noqa: E402
 from offload.plan import plan_for_config  # noqa: E402
+from offload.quantize import quantize_model  # noqa: E402
 
 SHAPES = {
     "llama-8b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                      hidden_dim=14336, vocab_size=128256, rope_theta=500000.0),
+    "qwen-14b": dict(dim=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+                     hidden_dim=13824, vocab_size=152064, rope_theta=1000000.0),
     "tiny": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                  hidden_dim=512, vocab_size=1000),
 }  # fmt: skip
@@ -127,9 +132,12 @@ def synthetic_args(shape: str, max_len: int) -> ModelArgs:
     return ModelArgs(arch="llama", max_seq_len=max_len, **SHAPES[shape])
 
 
-def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig, tokenizer=None) -> Runtime:
+def synthetic_runtime(
+    shape: str, max_len: int, config: RuntimeConfig, tokenizer=None, int4: bool = False
+) -> Runtime:
     """Our model with random bf16 weights, built on the meta device and materialized on
-    the GPU directly (no host copy of 16 GB)."""
+    the GPU directly (no host copy of 16 GB); `int4`: its block linears then quantized
+    there (`model.weights = "int4"`, offload/quantize.py)."""
     a = synthetic_args(shape, max_len)
     with torch.device("meta"):
         model = Transformer(a).fuse().to(torch.bfloat16)
@@ -138,6 +146,9 @@ def synthetic_runtime(shape: str, max_len: int, config: RuntimeConfig, tokenizer
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=gen)
+    if int4:
+        quantize_model(model, "int4", device=device_of())
+    model.weights = "int4" if int4 else "dense"
     loaded = LoadedModel(model, tokenizer, a, Path(f"synthetic-{shape}"), "synthetic")
     return Runtime(loaded, config, device_of())
 
@@ -362,7 +373,8 @@ def hf_model(shape: str, max_len: int):
 HF_CACHES = {"hf": {}, "hf-static": {"cache_implementation": "static"},
              "hf-offloaded": {"cache_implementation": "offloaded"}}  # fmt: skip
 OURS = ("device", "offloaded", "tiered")
-SYSTEMS = {*OURS, *(f"{s}-compiled" for s in OURS), "device-torch-ops", "session", "embedded",
+SYSTEMS = {*OURS, *(f"{s}-compiled" for s in OURS), *(f"{s}-int4" for s in OURS),
+           "device-torch-ops", "session", "embedded",
            "embedded-compiled", "embedded-torch-ops", *HF_CACHES}  # fmt: skip
 
 
@@ -426,7 +438,7 @@ def main() -> None:
             config = config.replace(compile_step=True)
         if device_of().type != "cuda":
             config = config.replace(device="cpu", dtype="bfloat16")
-        rt = synthetic_runtime(args.shape, max_len, config)
+        rt = synthetic_runtime(args.shape, max_len, config, int4=system.endswith("-int4"))
         if system.endswith("-torch-ops"):
             rt.model.use_ops(layer_kernels.REFERENCE)
         for n in lengths:

@@ -29,7 +29,7 @@ def _weight(g, n, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K_", [(1, 100, 64), (3, 77, 320), (8, 40, 1056)])
 def test_int4_kernel_equals_its_reference(dtype, M, N, K_):
-    """Outputs and groups that fill no whole block (N 77 of 32, 33 groups of 8), rows up
+    """Outputs and groups that fill no whole block (N 77, 33 groups of 8), rows up
     to the kernel's limit. Float32 to its rounding; bfloat16 to one unit in the last place
     (the interpreter truncates where a GPU rounds)."""
     g = torch.Generator().manual_seed(M * N)

@@ -25,17 +25,18 @@ def run_script(script: str, *args: str, out: Path) -> dict:
 
 
 def test_bench_gpu_rows_on_cuda(tmp_path):
-    """Ours with the KV on the device, tiered (the captured step), and a saved session
-    asked at once (profiled) and after its read-in (at the tiny shape it fits the device
-    cache); the preset changed by --set."""
+    """Ours with the KV on the device (dense and int4 weights), tiered (the captured
+    step), and a saved session asked at once (profiled) and after its read-in (at the
+    tiny shape it fits the device cache); the preset changed by --set."""
     res = run_script(
         "bench_gpu.py", "--shape", "tiny", "--lengths", "384", "--tokens", "2", "--sustained", "3",
-        "--systems", "device,tiered,session", "--session-lengths", "256",
+        "--systems", "device,tiered,session,device-int4", "--session-lengths", "256",
         "--session-dir", str(tmp_path / "sessions"), "--plot", str(tmp_path / "plot.png"),
         "--set", "hit_cache=3.0", "--profile-question", out=tmp_path / "bench_gpu.json",
     )  # fmt: skip
     rows = {r["system"]: r for r in res["rows"]}
-    assert sorted(rows) == ["device", "session", "tiered"] and len(res["rows"]) == 3
+    assert sorted(rows) == ["device", "device-int4", "session", "tiered"]
+    assert len(res["rows"]) == 4
     assert not [r for r in rows.values() if "error" in r], res["rows"]
     assert rows["device"]["kv"] == "device" and rows["tiered"]["kv"] == "tiers"
     assert rows["tiered"]["captures"] >= 1 and rows["session"]["ttft_seconds"] > 0

@@ -26,11 +26,14 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import interpreted
+
 GROUP = 32  # inputs per scale and minimum
 BLOCK_N = 32  # outputs per program
 BLOCK_G = 8  # groups per step along K: 128 contiguous bytes of each weight row
 WARPS = 4
 MAX_ROWS = 8  # rows of x the kernel takes (a decode step has 1)
+INTERPRETED_BLOCK_N = 128
 
 
 def dequantize_ref(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -55,9 +58,11 @@ def int4_matmul(x: torch.Tensor, nibbles: torch.Tensor, scale: torch.Tensor, lo:
     assert half == GROUP // 2 and G * GROUP == K and M <= MAX_ROWS and x.stride(1) == 1
     assert nibbles.is_contiguous() and scale.is_contiguous() and lo.is_contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _kernels().int4_matmul[(triton.cdiv(N, BLOCK_N), M)](
+    # (the interpreter runs the programs one after another: fewer, larger ones there)
+    block_n = INTERPRETED_BLOCK_N if interpreted() else BLOCK_N
+    _kernels().int4_matmul[(triton.cdiv(N, block_n), M)](
         x, nibbles, scale, lo, out, N, G, x.stride(0), out.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, HALF=GROUP // 2, num_warps=WARPS,
+        BLOCK_N=block_n, BLOCK_G=BLOCK_G, HALF=GROUP // 2, num_warps=WARPS,
     )  # fmt: skip
     return out
 
