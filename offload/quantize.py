@@ -262,7 +262,6 @@ def weight_bytes(args, dtype_bytes: int, mode: str) -> int:
     dense = count_parameters(args)
     if mode == "dense":
         return dense * dtype_bytes
-    a = args
-    linears = a.num_layers * a.dim * (a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
-                                      + 3 * a.hidden_dim)  # fmt: skip
+    qkvo = args.head_dim * (2 * args.num_heads + 2 * args.num_kv_heads)
+    linears = args.num_layers * args.dim * (qkvo + 3 * args.hidden_dim)
     return int((dense - linears) * dtype_bytes + linears * INT4_BYTES)

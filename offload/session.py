@@ -245,6 +245,14 @@ def _check_compatible(rt: Runtime, session) -> None:
             f"(its keys were rotated so); this runtime has {rt.loaded.rope or 'unset'!r}: "
             "leave rope_scaling as the session has it"
         )
+    base, _, form = m["model"]["fingerprint"].partition("+")
+    ours, _, our_form = rt.loaded.fingerprint.partition("+")
+    if base == ours and form != our_form:  # (packed weights give slightly different KV)
+        raise SessionError(
+            f"{where}: the session was made with the model's linears {form or 'dense'}; "
+            f"this runtime runs them {our_form or 'dense'}: set model.weights = "
+            f"{form or 'dense'} (--set weights={form or 'dense'})"
+        )
     if m["model"]["fingerprint"] != rt.loaded.fingerprint:
         raise SessionError(
             f"{where}: the session was made with another model ({m['model']['source']!r}); "

@@ -244,6 +244,11 @@ def test_another_model_or_layout_is_refused(tiny, tiny_dirs, saved):
     other = Runtime.from_pretrained(tiny_dirs["qwen2-bias"][0], dtype="float32", mode="sparse")
     with pytest.raises(SessionError, match="made with another model"):
         Runtime.load_session(saved.path, model=other)
+    # the same model with its linears packed: its KV differs a little, and the error says so
+    packed = Runtime.from_pretrained(tiny.loaded.source, dtype="float32", weights="int4")
+    with pytest.raises(SessionError, match="linears dense; this runtime runs them int4: set "
+                       "model.weights = dense"):  # fmt: skip
+        Runtime.load_session(saved.path, model=packed)
     with pytest.raises(SessionError, match="chunk_size 16 \\(now 32\\)"):
         Runtime.load_session(saved.path, model=tiny, chunk_size=32, window=32)
 
