@@ -22,6 +22,7 @@ from offload.config import GenerationSection
 from offload.errors import ConfigError
 from offload.kvcache import DenseLayer, KVCache
 from offload.model import Transformer
+from offload.quantize import chunk_dtype, dequantized_once
 from offload.tokenizer import StreamDecoder, Tokenizer
 
 Sampler = Callable[[torch.Tensor], int]
@@ -293,11 +294,12 @@ def prefill_by_layer(
     with _reserving(cache, S) as reserved, _HandOver(cache, reserved, S) as hand:
         for i, block in enumerate(model.layers):
             local = hand.buffer(model)
-            for s in range(0, S, chunk_size):
-                e = min(S, s + chunk_size)
-                # In place: a chunk's output is computed from its own rows of x (earlier
-                # rows reach it only through the layer's KV), so one [S, dim] buffer serves.
-                x[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
+            with dequantized_once(block, chunk_dtype(x)):  # (int4 linears: once a layer)
+                for s in range(0, S, chunk_size):
+                    e = min(S, s + chunk_size)
+                    # In place: a chunk's output is computed from its own rows of x (earlier
+                    # rows reach it only through the layer's KV): one [S, dim] buffer serves.
+                    x[s:e] = block(x[s:e], cos[s:e], sin[s:e], local)
             hand.computed(i, local)  # hands over the layer before it meanwhile
             if progress is not None and i:
                 progress(i * S // args.num_layers, S, "prefill")

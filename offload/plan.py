@@ -16,7 +16,7 @@ from offload.config import DTYPES, KVSection, ModelSection, RuntimeConfig, Selec
 from offload.errors import ConfigError
 from offload.loading import read_args
 from offload.model_args import ModelArgs
-from offload.quantize import dense_fits, resolve_weights, weight_bytes
+from offload.quantize import dense_fits, linear_parameters, resolve_weights, weight_bytes
 from offload.tiered_step import K_BUCKET, TOKEN_GROWTH
 from storage.device import CONTEXT_GROWTH
 from storage.layout import DTYPE_BYTES, KVLayout
@@ -69,12 +69,17 @@ class Plan:
         decode but the hit caches and the cluster index's device copy (made at the first
         decode step), plus the hidden states ([context, dim], updated in place) and two
         layers' full K and V: the layer that runs over its chunks, and the one before it,
-        handed over to the store meanwhile."""
-        hidden = self.context * self.args.dim * self.layout.dtype_bytes
+        handed over to the store meanwhile; with int4 weights, also the running layer's
+        linears dequantized (`dequantized_once`)."""
+        a, dtype_bytes = self.args, self.layout.dtype_bytes
+        hidden = self.context * a.dim * dtype_bytes
         two_layers = 2 * self.context * self.layout.token_bytes_per_layer
         later = sum(r.nbytes for r in self.rows if r.tier == "device" and r.what.startswith(
             ("hit caches", "cluster index")))  # fmt: skip
-        return self.tier_total("device") - later + hidden + two_layers
+        held = 0
+        if self.weights == "int4":
+            held = linear_parameters(a) // a.num_layers * dtype_bytes
+        return self.tier_total("device") - later + hidden + two_layers + held
 
     @property
     def device_kv_bytes(self) -> int:

@@ -24,6 +24,7 @@ the codes, scales and minimums (0.625 bytes a weight); the output head stays den
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -122,6 +123,7 @@ class Int4Linear(nn.Module):
         n, k = linear.weight.shape
         self.group = group
         self.out_features = n
+        self.held = None  # the dequantized weight, while `dequantized_once` holds it
         device = torch.device(device or linear.weight.device)
         self.cpu_kernel = device.type == "cpu"
         self.bias = linear.bias
@@ -155,6 +157,10 @@ class Int4Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by)."""
+        if self.held is not None and self.held.dtype == dtype:
+            return self.held
+        if not self.cpu_kernel and _cuda_kernel(self.nibbles):
+            return int4_kernels.dequantize(self.nibbles, self.group_scale, self.group_min, dtype)
         n, g, half = self.nibbles.shape
         w = torch.empty(n, 2 * g * half, dtype=dtype, device=self.nibbles.device)
         for r in range(0, n, DEQUANT_ROWS):
@@ -176,6 +182,22 @@ class Int4Linear(nn.Module):
         else:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         return y if self.bias is None else y + self.bias
+
+
+@contextlib.contextmanager
+def dequantized_once(module: nn.Module, dtype: torch.dtype):
+    """Within: each int4 linear of `module` (a layer) multiplies prefill chunks of
+    `dtype` by one dequantized copy of its weight, made on entry, instead of one per
+    chunk. A layer-by-layer prefill runs a layer over all of a prompt's chunks
+    (offload/generate.py); the copy costs one layer's dense weights while it runs."""
+    linears = [m for m in module.modules() if isinstance(m, Int4Linear)]
+    try:
+        for m in linears:
+            m.held = m.dequantized(dtype)
+        yield
+    finally:
+        for m in linears:
+            m.held = None
 
 
 def _cuda_kernel(x: torch.Tensor) -> bool:
@@ -262,6 +284,11 @@ def weight_bytes(args, dtype_bytes: int, mode: str) -> int:
     dense = count_parameters(args)
     if mode == "dense":
         return dense * dtype_bytes
-    qkvo = args.head_dim * (2 * args.num_heads + 2 * args.num_kv_heads)
-    linears = args.num_layers * args.dim * (qkvo + 3 * args.hidden_dim)
+    linears = linear_parameters(args)
     return int((dense - linears) * dtype_bytes + linears * INT4_BYTES)
+
+
+def linear_parameters(args) -> int:
+    """The weights of the block linears (q, k, v, o, gate, up, down) of every layer."""
+    qkvo = args.head_dim * (2 * args.num_heads + 2 * args.num_kv_heads)
+    return args.num_layers * args.dim * (qkvo + 3 * args.hidden_dim)

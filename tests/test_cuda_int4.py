@@ -41,6 +41,41 @@ def test_int4_kernel_equals_its_reference(dtype, M, N, K_):
     torch.testing.assert_close(out.float(), K.int4_matmul_ref(x, *w).float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K_", [(100, 64), (77, 1056)])
+def test_int4_dequantize_kernel_equals_its_reference(dtype, N, K_):
+    """Rounded as the reference rounds (float32: equal); in bfloat16 to one unit in the
+    last place (the interpreter truncates)."""
+    g = torch.Generator().manual_seed(N)
+    w = _weight(g, N, K_)
+    out = K.dequantize(*w, dtype)
+    want = K.dequantize_ref(*w).to(dtype)
+    if dtype == torch.float32:
+        assert torch.equal(out, want)
+    torch.testing.assert_close(out, want, rtol=2**-7, atol=0)
+
+
+def test_a_layer_dequantized_once_serves_every_chunk(monkeypatch):
+    """Within `dequantized_once` a prefill chunk multiplies the weight made on entry:
+    no dequantization per chunk, the same outputs; after it, none is held."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 32))
+    for i, lin in enumerate(list(layer)):
+        layer[i] = quantize.Int4Linear(lin.to(DEVICE), device=DEVICE)
+    x = torch.randn(60, 64).to(DEVICE)  # (past both kernels' rows)
+    want = layer(x)
+    made = []
+    real = quantize.Int4Linear.dequantized
+    monkeypatch.setattr(quantize.Int4Linear, "dequantized",
+                        lambda self, dt: made.append(self.held is None) or real(self, dt))  # fmt: skip
+    with quantize.dequantized_once(layer, torch.float32):
+        assert made == [True, True]  # one each, on entry
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+        assert made == [True, True] + [False] * 6
+    assert all(m.held is None for m in layer)
+
+
 def test_int4_linear_on_cuda_keeps_the_cpu_forms_codes_and_nothing_else():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
@@ -105,6 +140,11 @@ def test_the_plan_counts_int4_weights_as_a_gpu_runs_them():
     assert weights_row(llama8, "auto") == count_parameters(llama8) * 2
     with pytest.raises(ConfigError, match="int8"):
         make_plan(qwen14, 32768, card, 64 * GiB, weights="int8")
+    # a layer-by-layer prefill holds the running layer's linears dequantized
+    p = make_plan(qwen14, 32768, card, 64 * GiB)
+    peak = p.prefill_peak_bytes
+    p.weights = "dense"
+    assert peak - p.prefill_peak_bytes == quantize.linear_parameters(qwen14) // 48 * 2
 
 
 def _dequantized(model) -> dict[str, torch.Tensor]:

@@ -351,17 +351,19 @@ def test_embedded_model_through_the_tiered_step_at_full_budget_equals_dense(smol
     assert 0.5 < s["prefetch"]["hit_rate"] < 1
 
 
-@pytest.mark.parametrize("mirrored", [False, True])
-def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, monkeypatch):
+@pytest.mark.parametrize("mirrored,weights", [(False, "dense"), (True, "dense"), (False, "int4")])
+def test_prefill_by_layer_equals_chunked_prefill(tiny_dirs, mirrored, weights, monkeypatch):
     """Layer by layer (all hidden states kept, one layer's KV at a time) gives the logits
     and the KV of token-chunked prefill through the tiers, and the same decode after;
-    the host slabs grow on the reserving thread, not in the appends."""
+    the host slabs grow on the reserving thread, not in the appends. With int4 linears,
+    a layer's weights dequantized once for all its chunks are the ones each chunk of a
+    token-chunked prefill dequantizes."""
     from offload.generate import prefill_by_layer
     from tests.conftest import count_slab_growths
 
     # (a full budget: where the host tier is remote, CUDA's, a token-chunked prefill
     # attends sparsely to the tokens before its chunk; layer by layer, exactly)
-    rt, plain, layered = _tiered_pair(tiny_dirs, retrieved=100_000)
+    rt, plain, layered = _tiered_pair(tiny_dirs, retrieved=100_000, weights=weights)
     plain.layered_prefill = False  # (on CUDA the Runtime asks for layers)
     if not mirrored:
         layered = rt.new_cache()

@@ -136,7 +136,8 @@ def compile_launch(launch: Launch, arch: int):
         # TRITON_INTERPRET=1 makes every @triton.jit function, Triton's own helpers too, an
         # interpreted one that cannot be compiled: this needs a process without it.
         raise RuntimeError("Triton kernels compile only in a process without TRITON_INTERPRET")
-    options = {k: v for k, v in launch.kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in launch.kwargs.items()
+               if k in ("num_warps", "num_stages", "enable_fp_fusion")}  # fmt: skip
     signature, constexprs, attrs = {}, {}, {}
     fixed = {kernel.arg_names[a] if isinstance(a, int) else a for a in kernel.do_not_specialize}
     for i, name in enumerate(kernel.arg_names):
@@ -342,6 +343,9 @@ def _layer_calls(H: int, G: int, D: int, dim: int, hidden: int, dtype: torch.dty
         # (with `model.weights = "int4"`: the largest of its linears, gate and up)
         "gate and up at int4": lambda: int4_kernels.int4_matmul(
             x, *_int4_weight(2 * hidden, dim, dtype)
+        ),
+        "gate and up at int4, dequantized for a prefill chunk": lambda: int4_kernels.dequantize(
+            *_int4_weight(2 * hidden, dim, dtype), dtype
         ),
     }
 

@@ -34,6 +34,8 @@ BLOCK_G = 8  # groups per step along K: 128 contiguous bytes of each weight row
 WARPS = 4
 MAX_ROWS = 8  # rows of x the kernel takes (a decode step has 1)
 INTERPRETED_BLOCK_N = 128
+DEQUANT_BLOCK_N = 16  # a dequantization program's rows and groups: 16 x 16 x 32 weights
+DEQUANT_BLOCK_G = 16
 
 
 def dequantize_ref(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -63,6 +65,25 @@ def int4_matmul(x: torch.Tensor, nibbles: torch.Tensor, scale: torch.Tensor, lo:
     _kernels().int4_matmul[(triton.cdiv(N, block_n), M)](
         x, nibbles, scale, lo, out, N, G, x.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_G=BLOCK_G, HALF=GROUP // 2, num_warps=WARPS,
+    )  # fmt: skip
+    return out
+
+
+def dequantize(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype):
+    """The Triton kernel of `dequantize_ref(...).to(dtype)`, without its float32 copies:
+    it reads 0.625 bytes a weight and writes the weight once (a prefill chunk's weight,
+    offload/quantize.py). Products and sums rounded as the reference rounds them (no
+    fused multiply-add), so the weight is the reference's."""
+    import triton
+
+    N, G, half = nibbles.shape
+    assert half == GROUP // 2 and nibbles.is_contiguous()
+    assert scale.is_contiguous() and lo.is_contiguous()
+    out = torch.empty(N, G * GROUP, dtype=dtype, device=nibbles.device)
+    grid = (triton.cdiv(N, DEQUANT_BLOCK_N), triton.cdiv(G, DEQUANT_BLOCK_G))
+    _kernels().int4_dequantize[grid](
+        nibbles, scale, lo, out, N, G, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_G=DEQUANT_BLOCK_G,
+        HALF=GROUP // 2, num_warps=WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -98,4 +119,21 @@ def _kernels() -> SimpleNamespace:
             acc += tl.sum(s * dot + mn * tl.sum(x_lo + x_hi, axis=1)[None, :], axis=1)
         tl.store(OUT + m * s_om + n, acc.to(OUT.dtype.element_ty), mask=n_ok)
 
-    return SimpleNamespace(int4_matmul=int4_matmul)
+    @triton.jit
+    def int4_dequantize(NIB, SCALE, LO, OUT, N, G, BLOCK_N: tl.constexpr,
+                        BLOCK_G: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        ok = (n < N)[:, None] & (g < G)[None, :]
+        at = n.to(tl.int64)[:, None] * G + g[None, :]  # [BLOCK_N, BLOCK_G]
+        j = tl.arange(0, HALF)[None, None, :]
+        b = tl.load(NIB + at[:, :, None] * HALF + j, mask=ok[:, :, None], other=0)
+        s = tl.load(SCALE + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+        mn = tl.load(LO + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+        w = OUT + at[:, :, None] * (2 * HALF) + j
+        tl.store(w, ((b & 15).to(tl.float32) * s + mn).to(OUT.dtype.element_ty),
+                 mask=ok[:, :, None])  # fmt: skip
+        tl.store(w + HALF, ((b >> 4).to(tl.float32) * s + mn).to(OUT.dtype.element_ty),
+                 mask=ok[:, :, None])  # fmt: skip
+
+    return SimpleNamespace(int4_matmul=int4_matmul, int4_dequantize=int4_dequantize)
