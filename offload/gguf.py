@@ -194,8 +194,10 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def load_gguf_model(
-    path: Path, dtype: torch.dtype, device: torch.device, reader=None
+    path: Path, dtype: torch.dtype, device: torch.device, reader=None, pack=None
 ) -> Transformer:
+    """The model of a GGUF file, dequantized to `dtype` on `device`; with `pack` (an
+    `Int4Packer`), its block linears packed as they are read (offload/weights.py)."""
     import gguf
 
     reader = reader or open_gguf(path)
@@ -218,10 +220,13 @@ def load_gguf_model(
             w = _unpermute(w, heads)
         # Unquantized tensors come back as read-only views of the memory map: copy.
         w = np.array(w, dtype=np.float32, order="C", copy=not w.flags.writeable)
-        state[ours] = torch.from_numpy(w).to(device=device, dtype=dtype)
+        t = torch.from_numpy(w)
+        state[ours] = pack(ours, t) if pack else t.to(device=device, dtype=dtype)
     if args.arch == "phi3":  # its ffn_up is gate and up in one: [2 F, dim]
         state = {n.replace(".w3.", ".w13."): w for n, w in state.items()}
-    model = build_model(args, split_fused(state, args), source=str(path))
+        if pack:
+            pack.rows = {n.replace(".w3.", ".w13."): r for n, r in pack.rows.items()}
+    model = build_model(args, split_fused(state, args), str(path), pack)
     # What the block linears were stored as (e.g. Q4_1): `weights = "auto"` follows it.
     kinds = {
         t.tensor_type.name

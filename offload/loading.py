@@ -22,6 +22,7 @@ from offload.model import Transformer
 from offload.model_args import ModelArgs
 from offload.quantize import (
     DENSE_ROOM,
+    Int4Packer,
     quantize_model,
     resolve_weights,
     weight_bytes,
@@ -96,8 +97,8 @@ def load(
     if path.is_dir():
         from offload.weights import load_hf_model, read_hf_config
 
-        form, into = _placement(weights, read_hf_config(path), dtype, device)
-        model = load_hf_model(path, dtype, into)
+        form, into, pack = _placement(weights, read_hf_config(path), dtype, device)
+        model = load_hf_model(path, dtype, into, pack)
         tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
         loaded = _finish(path, model, tokenizer, device, form)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
@@ -128,8 +129,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
 
     reader = open_gguf(path)
     try:
-        weights, into = _placement(weights, read_gguf_args(reader, path), dtype, device)
-        model = load_gguf_model(path, dtype, into, reader=reader)
+        weights, into, pack = _placement(weights, read_gguf_args(reader, path), dtype, device)
+        model = load_gguf_model(path, dtype, into, reader=reader, pack=pack)
         tokenizer = Tokenizer.from_gguf(reader, path)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         # metadata of the wrong type or invalid UTF-8 (UnicodeDecodeError is a ValueError)
@@ -141,13 +142,15 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
 
 def _placement(weights: str, args: ModelArgs, dtype: torch.dtype, device: torch.device):
     """On CUDA, the weight form (`resolve_weights`), decided before the weights are read,
-    and where they are read into: a quantized form's dense weights go to host memory,
-    and each linear is quantized on the device (the dense model would not fit there).
-    On the CPU the form waits for the file (`_finish`)."""
+    where the loader puts what it reads, and, for int4, the `Int4Packer` that quantizes
+    each block linear on the device as it is read: neither the device nor host memory
+    ever holds the dense model. On the CPU the form waits for the file (`_finish`)."""
     if device.type == "cpu":
-        return weights, device
+        return weights, device, None
     form = resolve_weights(weights, None, device, count_parameters(args) * dtype.itemsize)
-    return form, (device if form == "dense" else torch.device("cpu"))
+    if form == "dense":
+        return form, device, None
+    return form, torch.device("cpu"), Int4Packer(device, dtype)
 
 
 def _why_quantized(loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> str:

@@ -182,7 +182,9 @@ class Attention(nn.Module):
         return self.wo(out.transpose(0, 1).reshape(S, self.num_heads * self.head_dim))
 
 
-def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+def _concat_linears(linears: list[nn.Linear]) -> nn.Module:
+    if not isinstance(linears[0], nn.Linear):  # int4 linears packed as they were read
+        return type(linears[0]).concat(linears)
     w = linears[0].weight
     fused = nn.Linear(w.shape[1], sum(lin.out_features for lin in linears),
                       bias=linears[0].bias is not None, device="meta")  # fmt: skip

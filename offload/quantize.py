@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
 from torch import nn
@@ -182,6 +183,69 @@ class Int4Linear(nn.Module):
         else:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, bias: torch.Tensor | None):
+        """The CUDA form from `Int4Packer`'s rows [n, k / 32, 20] (codes, scale, minimum)."""
+        n, g, _ = rows.shape
+        shell = nn.Linear(g * INT4_GROUP, n, bias=bias is not None, device="meta")
+        with torch.device("meta"):  # (its buffers are the rows' views, below)
+            m = cls(shell, empty=True, device=rows.device)
+        m.nibbles = rows[..., : INT4_GROUP // 2].contiguous()
+        m.group_scale = rows[..., -4:-2].contiguous().view(torch.float16)[..., 0]
+        m.group_min = rows[..., -2:].contiguous().view(torch.float16)[..., 0]
+        m.bias = bias if bias is None else nn.Parameter(bias, requires_grad=False)
+        return m
+
+    @classmethod
+    def concat(cls, linears: list[Int4Linear]) -> Int4Linear:
+        """One linear of `linears`' outputs in order (codes are per row: the rows of
+        each), as `model._concat_linears` joins dense ones."""
+        rows = torch.cat([torch.cat([m.nibbles, m.group_scale[..., None].view(torch.uint8),
+                                     m.group_min[..., None].view(torch.uint8)], dim=-1)
+                          for m in linears])  # fmt: skip
+        biases = [m.bias for m in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return cls.from_rows(rows, bias)
+
+
+class Int4Packer:
+    """Block linears quantized to the CUDA int4 form as the loader reads them, so that
+    the dense model is never whole, on the device or in host memory: `pack(name, t)`
+    takes a block linear's weight to `device`, keeps its codes in `rows` (by name, [n,
+    k / 32, 20] bytes: the codes, then the float16 scale and minimum, so that the
+    loaders' row operations, splits and reorderings, apply to them as to the weight)
+    and returns a meta tensor of its shape; any other tensor comes back in `dtype`, in
+    host memory. `build_model` makes `Int4Linear`s of the rows."""
+
+    LINEAR = re.compile(
+        r"layers\.\d+\.(attention\.w(q|k|v|o|qkv)|feed_forward\.w(1|2|3|13))\.weight$"
+    )
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if not (self.LINEAR.search(name) and t.dim() == 2 and t.shape[1] % INT4_GROUP == 0):
+            return t.to(dtype=self.dtype)
+        q, scale, lo = int4_codes(t.to(self.device), INT4_GROUP)
+        n = q.shape[0]
+        qg = q.to(torch.uint8).reshape(n, -1, INT4_GROUP)
+        del q
+        nibbles = qg[..., : INT4_GROUP // 2] | (qg[..., INT4_GROUP // 2 :] << 4)
+        halves = [v.to(torch.float16)[..., None].view(torch.uint8) for v in (scale, lo)]
+        self.rows[name] = torch.cat([nibbles, *halves], dim=-1)
+        return torch.empty(t.shape, dtype=self.dtype, device="meta")
+
+    def install(self, model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
+        """Replace each packed linear of `model` (its weight on the meta device) by its
+        int4 form, from `rows` (`self.rows` after the loader's row operations)."""
+        for name, r in rows.items():
+            path = name.removesuffix(".weight")
+            parent, _, attr = path.rpartition(".")
+            dense = model.get_submodule(path)
+            setattr(model.get_submodule(parent), attr, Int4Linear.from_rows(r, dense.bias))
 
 
 @contextlib.contextmanager

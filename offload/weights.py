@@ -86,7 +86,12 @@ def _shard_files(directory: Path) -> list[Path]:
     raise ModelLoadError(f"{directory}: no safetensors weights{hint}")
 
 
-def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device) -> Transformer:
+def load_hf_model(
+    directory: Path, dtype: torch.dtype, device: torch.device, pack=None
+) -> Transformer:
+    """The model of an HF directory, its tensors in `dtype` on `device`, or, with `pack`
+    (an `Int4Packer`), its block linears packed as they are read (the rest in host
+    memory)."""
     args = read_hf_config(directory)
     state: dict[str, torch.Tensor] = {}
     for shard in _shard_files(directory):
@@ -98,10 +103,11 @@ def load_hf_model(directory: Path, dtype: torch.dtype, device: torch.device) -> 
                         if name.endswith("rotary_emb.inv_freq"):
                             continue  # derived from config, not loaded
                         raise ModelLoadError(f"{shard}: unexpected tensor {name!r}")
-                    state[ours] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    t = f.get_tensor(name)
+                    state[ours] = pack(ours, t) if pack else t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{shard}: cannot read safetensors file: {e}") from None
-    return build_model(args, split_fused(state, args), source=str(directory))
+    return build_model(args, split_fused(state, args), str(directory), pack)
 
 
 def split_fused(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -146,8 +152,11 @@ def pair_rotary_dims(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[st
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def build_model(args: ModelArgs, state: dict[str, torch.Tensor], source: str) -> Transformer:
-    """Assign a renamed state dict into a model built on the meta device."""
+def build_model(
+    args: ModelArgs, state: dict[str, torch.Tensor], source: str, pack=None
+) -> Transformer:
+    """Assign a renamed state dict into a model built on the meta device; with `pack`
+    (an `Int4Packer` whose meta tensors `state` holds), its packed linears at int4."""
     # The file's tensors, not its metadata, bound what is built: a header claiming 10^9
     # layers must not build 10^9 modules before the tensors are compared.
     layers = {int(m.group(1)) for m in map(_LAYER.match, state) if m}
@@ -182,4 +191,6 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(pair_rotary_dims(state, args), strict=False, assign=True)
     if tied:
         model.tie_weights()
+    if pack is not None:  # (the rows as the state: split, then reordered)
+        pack.install(model, pair_rotary_dims(split_fused(pack.rows, args), args))
     return model.fuse().eval()

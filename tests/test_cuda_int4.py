@@ -156,17 +156,24 @@ def _dequantized(model) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen2-bias", "phi4-partial-rope"])
 def test_a_model_too_big_for_the_gpu_decodes_at_int4_as_its_dequantized_twin(
-    tiny_dirs, monkeypatch
+    tiny_dirs, monkeypatch, name
 ):
-    """`auto` with too little free memory: the linears are read into host memory,
-    quantized on the device, and a decode (its steps captured and replayed on CUDA)
-    gives the tokens of the dense CPU model whose weights are the dequantized codes."""
-    path = tiny_dirs["llama-gqa-untied"][0]
+    """`auto` with too little free memory: each block linear is quantized on the device
+    as it is read (the dense model is never whole anywhere), and a decode (its steps
+    captured and replayed on CUDA) gives the tokens of the dense CPU model whose weights
+    are the dequantized codes. Biases (qwen2), phi3's fused q/k/v and gate/up (split by
+    rows) and Phi-4-mini's reordered q/k rows (partial RoPE) carry over to the codes."""
+    path = tiny_dirs[name][0]
     a = read_args(path)[1]
     free = count_parameters(a) * 4 + quantize.DENSE_ROOM - 1  # float32: one byte short
     monkeypatch.setattr(quantize, "device_free_bytes", lambda device: free)
     prompt = "the river stone light window garden seven"
+    packed = []  # the linears packed as they were read
+    install = quantize.Int4Packer.install
+    monkeypatch.setattr(quantize.Int4Packer, "install",
+                        lambda self, model, rows: packed.extend(rows) or install(self, model, rows))  # fmt: skip
     rows = []  # the rows of x each kernel call took (decode steps: 1)
     kernel = K.int4_matmul
     monkeypatch.setattr(K, "int4_matmul", lambda x, *w: rows.append(x.shape[0]) or kernel(x, *w))
@@ -177,6 +184,7 @@ def test_a_model_too_big_for_the_gpu_decodes_at_int4_as_its_dequantized_twin(
         assert model.weights == "int4" and rt.loaded.fingerprint.endswith("+int4")
         linears = [m for m in model.modules() if isinstance(m, quantize.Int4Linear)]
         assert len(linears) == 4 * a.num_layers  # wqkv, wo, w13, w2
+        assert len(packed) == 7 * a.num_layers  # wq, wk, wv, wo, w1, w3, w2
         assert type(model.output) is torch.nn.Linear  # the head stays dense
         assert all(t.is_cuda for t in model.state_dict().values())
         got = [s.token_id for s in rt.stream(prompt, 12, temperature=0.0)]
