@@ -15,9 +15,13 @@
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
 #                                   # 30 s: the other files, the embedded model's rows,
 #                                   # the sessions (440 s)
-#   bash scripts/gpu_session.sh     # both, and the probes and the compiled step (measured
-#                                   # on 2026-12-04: docs/gpu.md), on a machine that has
-#                                   # everything already
+#   bash scripts/gpu_session.sh int4   # with device time left after the two parts: the
+#                                   # int4 weights' decode (8B shape at 8k, beside part 1's
+#                                   # dense row; the 14B shape, whose dense weights would not
+#                                   # fit a 24 GB card) (150 s; not run on a GPU yet)
+#   bash scripts/gpu_session.sh     # both, and the probes, the compiled step (measured
+#                                   # on 2026-12-04: docs/gpu.md) and int4, on a machine
+#                                   # that has everything already
 #   bash scripts/gpu_session.sh suite2 bench2 ...   # named steps (below)
 #
 # A lent GPU has 15 minutes of device time in all, its start included. Each step has its
@@ -33,7 +37,7 @@ export PYTHONUNBUFFERED=1
 case "${1:-all}" in
   1) steps="info suite1 sweep bench1" ;;
   2) steps="suite2 bench2" ;;
-  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled" ;;
+  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled int4" ;;
   *) steps="$*" ;;
 esac
 # The project's wheels that the GPU image lacks (scripts/gpu_wheels.sh), once per machine.
@@ -101,6 +105,9 @@ for step in $steps; do
       timeout 60 python scripts/probe_host_budget.py --out "$out/probe_host_budget.json" 2>&1 | tail -12 ;;
     compiled)
       bench compiled 70 --systems embedded-compiled,device-compiled --lengths 8192 ;;
+    int4)  # docs/gpu.md, "Int4 weights on CUDA"
+      bench int4 80 --systems device-int4,offloaded-int4 --lengths 8192
+      bench int4-14b 70 --shape qwen-14b --systems device-int4 --lengths 8192 ;;
     *) echo "gpu_session.sh: unknown step $step" >&2 ;;
   esac
 done
