@@ -335,3 +335,30 @@ def test_the_phi4_mini_preset_fits_a_24_gb_card_at_128k(tmp_path):
     assert p.tier_total("device") <= 22 * GiB and p.prefill_peak_bytes <= 22 * GiB
     at_bound = plan_for_config(tmp_path, p.device_kv_tokens, 24 * GiB, 64 * GiB, cfg)
     assert p.device_kv_tokens > 100_000 and at_bound.resident_device_bytes <= 22 * GiB
+
+
+QWEN25_14B = {
+    "model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 13824,
+    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8,
+    "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def test_the_qwen25_14b_preset_fits_a_24_gb_card_at_128k(tmp_path):
+    """Qwen2.5-14B with its preset: its dense weights (27.5 GiB) would not fit the card,
+    its int4 ones take 10.6 GiB; YaRN gives it 131,072 tokens; the device holds at most
+    22 GiB decoding tiered, at the layer-by-layer prefill's peak (one layer's linears
+    dequantized there) and with all KV on it up to the preset's bound."""
+    from offload.config import RuntimeConfig
+    from offload.plan import plan_for_config
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_14B))
+    cfg = RuntimeConfig.from_toml("rtx4090-qwen2.5-14b")
+    p = plan_for_config(tmp_path, 131072, 24 * GiB, 64 * GiB, cfg)
+    assert p.args.max_seq_len == 131072 and p.weights == "int4"
+    weights = next(r for r in p.rows if r.what == "weights").nbytes
+    assert 10 * GiB < weights < 11 * GiB
+    assert p.tier_total("device") <= 22 * GiB and p.prefill_peak_bytes <= 22 * GiB
+    at_bound = plan_for_config(tmp_path, p.device_kv_tokens, 24 * GiB, 64 * GiB, cfg)
+    assert p.device_kv_tokens > 50_000 and at_bound.resident_device_bytes <= 22 * GiB
