@@ -253,4 +253,8 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "kv dtype": kv_dtype,
         "kv_bytes_per_token": layout.token_bytes,
         "kv_bytes_full_context": layout.kv_bytes(a.max_seq_len),
+        # bf16; and with the block linears at int4, as CUDA runs them where bf16 does
+        # not fit (model.weights, docs/gpu.md)
+        "weights_bytes": weight_bytes(a, 2, "dense"),
+        "int4_weights_bytes": weight_bytes(a, 2, "int4"),
     }

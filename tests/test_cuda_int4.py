@@ -228,3 +228,16 @@ def test_a_gguf_quantized_on_cuda_is_cached_in_that_form(tmp_path, monkeypatch):
     assert list(folder.glob("*.safetensors")) == [cached]  # (the same slot, rewritten)
     with safe_open(str(cached), framework="pt") as f:
         assert json.loads(f.metadata()["offload"])["weights"] == "dense"
+
+
+def test_offload_info_gives_both_forms_of_the_weights(tmp_path):
+    """What a user deciding on a model sees: its weights in bf16, and at int4 as CUDA
+    runs them where bf16 does not fit (metadata only)."""
+    from offload.loading import read_model_info
+    from tests.test_plan import QWEN25_14B
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_14B))
+    info = read_model_info(tmp_path)
+    a = read_args(tmp_path)[1]
+    assert info["weights_bytes"] == count_parameters(a) * 2 > 27 * GiB
+    assert info["int4_weights_bytes"] == quantize.weight_bytes(a, 2, "int4") < 11 * GiB
