@@ -36,7 +36,7 @@ def test_every_kernel_launch_compiles_within_the_gpus_limits(tmp_path):
     assert kernels == {
         "split", "combine", "gather", "clusters", "take", "top", "top_pass", "top_list",
         "candidates", "score", "softmax_sum", "lookup", "successors", "norm", "rope", "silu_mul",
-        "nearest", "int4_matmul",
+        "nearest", "int4_matmul", "int4_dequantize",
     }  # fmt: skip
     assert any(r["launch"].endswith("(candidates, pass 2)") for r in rows)
     assert len({(r["arch"], r["dtype"]) for r in rows}) == 6
