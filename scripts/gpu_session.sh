@@ -16,9 +16,10 @@
 #                                   # 30 s: the other files, the embedded model's rows,
 #                                   # the sessions (440 s)
 #   bash scripts/gpu_session.sh int4   # with device time left after the two parts: the
-#                                   # int4 weights' decode (8B shape at 8k, beside part 1's
-#                                   # dense row; the 14B shape, whose dense weights would not
-#                                   # fit a 24 GB card) (150 s; not run on a GPU yet)
+#                                   # int4 kernels against bf16 matmuls, then the int4
+#                                   # weights' decode (8B shape at 8k, beside part 1's dense
+#                                   # row; the 14B shape, whose dense weights would not fit
+#                                   # a 24 GB card) (210 s; not run on a GPU yet)
 #   bash scripts/gpu_session.sh     # both, and the probes, the compiled step (measured
 #                                   # on 2026-12-04: docs/gpu.md) and int4, on a machine
 #                                   # that has everything already
@@ -105,7 +106,8 @@ for step in $steps; do
       timeout 60 python scripts/probe_host_budget.py --out "$out/probe_host_budget.json" 2>&1 | tail -12 ;;
     compiled)
       bench compiled 70 --systems embedded-compiled,device-compiled --lengths 8192 ;;
-    int4)  # docs/gpu.md, "Int4 weights on CUDA"
+    int4)  # docs/gpu.md, "Int4 weights on CUDA": the kernels' settings, then the models
+      timeout 60 python scripts/bench_int4.py --out "$out/bench_int4.json" 2>&1 | tail -12
       bench int4 80 --systems device-int4,offloaded-int4 --lengths 8192
       bench int4-14b 70 --shape qwen-14b --systems device-int4 --lengths 8192 ;;
     *) echo "gpu_session.sh: unknown step $step" >&2 ;;

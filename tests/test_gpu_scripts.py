@@ -80,6 +80,13 @@ def test_bench_selection_sweep_step_host_and_host_budget_on_cuda(tmp_path, monke
     assert "BLOCK_CS" in applied and "BLOCK_K" in applied and "BLOCK_SPLIT" in applied
     assert "SPLIT_ABOVE" not in applied  # (each head split in the sweep's rows)
     assert MODULES["rerank"].BLOCK_N == applied["BLOCK_N"] == sweep["best"]["rerank"]["BLOCK_N"]
+    # the int4 kernels: each checked against its reference, the bf16 matmul beside them
+    int4 = run_script("bench_int4.py", "--quick", out=tmp_path / "int4.json")
+    kinds = [r["kernel"] for r in int4["rows"]]
+    assert kinds == ["bf16 matmul (cuBLAS)", "int4_matmul", "dequantize (Triton)",
+                     "dequantize (torch reference)"], int4["rows"]  # fmt: skip
+    assert all(r.get("equal", True) and r["us"] > 0 for r in int4["rows"]), int4["rows"]
+    assert int4["best"]["tiny gate_up"]["kernel"] == "int4_matmul"
     # (3 layers: the preset's 2 dense ones and a sparse one)
     host = run_script("bench_step_host.py", "--tokens", "2048", "--layers", "3", "--steps", "2",
                       out=tmp_path / "host.json")  # fmt: skip
