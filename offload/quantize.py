@@ -112,6 +112,20 @@ def int4_codes(w: torch.Tensor, group: int = INT4_GROUP):
     return q.to(torch.int32).reshape(n, k), scale, lo
 
 
+def int4_nibbles(q: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """Codes [n, k] (0..15) two to a byte, [n, k / group, group / 2]: byte j of a group
+    holds codes j (low half) and j + group / 2 (high half)."""
+    qg = q.to(torch.uint8).reshape(q.shape[0], -1, group)
+    return qg[..., : group // 2] | (qg[..., group // 2 :] << 4)
+
+
+def int4_rows(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """A linear's int4 form as one tensor of bytes [n, k / 32, 20], a row per output:
+    each group's codes, then its float16 scale and minimum (`Int4Linear.from_rows`)."""
+    return torch.cat([nibbles, scale[..., None].view(torch.uint8),
+                      lo[..., None].view(torch.uint8)], dim=-1)  # fmt: skip
+
+
 class Int4Linear(nn.Module):
     """`linear` at int4, run where `device` (default: the linear's) is: on the CPU by
     torch's packed kernel, on CUDA by offload/kernels/int4.py (the linear is quantized
@@ -147,12 +161,10 @@ class Int4Linear(nn.Module):
             zero = lo + 8 * scale
             sz = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
             self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
-        # For CUDA's kernel and prefill's dequantization: the codes two to a byte (byte j
-        # of a group holds codes j and j + group / 2), and scale and minimum in float16,
-        # as Q4_1 stores them, so the weight comes back as the file's.
-        qg = q.to(torch.uint8).reshape(n, -1, group)
-        del q
-        self.register_buffer("nibbles", qg[..., : group // 2] | (qg[..., group // 2 :] << 4))
+        # For CUDA's kernel and prefill's dequantization: the codes two to a byte, and
+        # scale and minimum in float16, as Q4_1 stores them, so the weight comes back as
+        # the file's.
+        self.register_buffer("nibbles", int4_nibbles(q, group))
         self.register_buffer("group_scale", scale.to(torch.float16))  # [n, k / group]
         self.register_buffer("group_min", lo.to(torch.float16))
 
@@ -189,21 +201,25 @@ class Int4Linear(nn.Module):
         """The CUDA form from `Int4Packer`'s rows [n, k / 32, 20] (codes, scale, minimum)."""
         n, g, _ = rows.shape
         shell = nn.Linear(g * INT4_GROUP, n, bias=bias is not None, device="meta")
-        with torch.device("meta"):  # (its buffers are the rows' views, below)
+        with torch.device("meta"):  # (its buffers are the rows' parts, below)
             m = cls(shell, empty=True, device=rows.device)
-        m.nibbles = rows[..., : INT4_GROUP // 2].contiguous()
-        m.group_scale = rows[..., -4:-2].contiguous().view(torch.float16)[..., 0]
-        m.group_min = rows[..., -2:].contiguous().view(torch.float16)[..., 0]
+        half = INT4_GROUP // 2
+        m.nibbles = rows[..., :half].contiguous()
+        m.group_scale, m.group_min = (
+            rows[..., i : i + 2].contiguous().view(torch.float16)[..., 0] for i in (half, half + 2)
+        )
         m.bias = bias if bias is None else nn.Parameter(bias, requires_grad=False)
         return m
+
+    def rows(self) -> torch.Tensor:
+        """The codes, scale and minimum of each group, [n, k / 32, 16 + 2 + 2] bytes."""
+        return int4_rows(self.nibbles, self.group_scale, self.group_min)
 
     @classmethod
     def concat(cls, linears: list[Int4Linear]) -> Int4Linear:
         """One linear of `linears`' outputs in order (codes are per row: the rows of
         each), as `model._concat_linears` joins dense ones."""
-        rows = torch.cat([torch.cat([m.nibbles, m.group_scale[..., None].view(torch.uint8),
-                                     m.group_min[..., None].view(torch.uint8)], dim=-1)
-                          for m in linears])  # fmt: skip
+        rows = torch.cat([m.rows() for m in linears])
         biases = [m.bias for m in linears]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return cls.from_rows(rows, bias)
@@ -230,12 +246,7 @@ class Int4Packer:
         if not (self.LINEAR.search(name) and t.dim() == 2 and t.shape[1] % INT4_GROUP == 0):
             return t.to(dtype=self.dtype)
         q, scale, lo = int4_codes(t.to(self.device), INT4_GROUP)
-        n = q.shape[0]
-        qg = q.to(torch.uint8).reshape(n, -1, INT4_GROUP)
-        del q
-        nibbles = qg[..., : INT4_GROUP // 2] | (qg[..., INT4_GROUP // 2 :] << 4)
-        halves = [v.to(torch.float16)[..., None].view(torch.uint8) for v in (scale, lo)]
-        self.rows[name] = torch.cat([nibbles, *halves], dim=-1)
+        self.rows[name] = int4_rows(int4_nibbles(q, INT4_GROUP), scale.half(), lo.half())
         return torch.empty(t.shape, dtype=self.dtype, device="meta")
 
     def install(self, model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
