@@ -76,13 +76,16 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evalkit  # noqa: E402
 from evalkit import (  # noqa: E402
+    SHAPES,
     bench_hf,
     decode_steps,
+    device_of,
     plot_decode,
     profile_kernels,
     profiled,
     row_error,
     step_figures,
+    synthetic_runtime,
     write_json,
 )
 
@@ -90,26 +93,11 @@ from offload import Runtime  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
 from offload.generate import layer_times, prefill  # noqa: E402
 from offload.kernels import layer as layer_kernels  # noqa: E402
-from offload.loading import LoadedModel  # noqa: E402
-from offload.model import Transformer  # noqa: E402
 from offload.model_args import ModelArgs  # noqa: E402
 from offload.plan import plan_for_config  # noqa: E402
-from offload.quantize import quantize_model  # noqa: E402
 
-SHAPES = {
-    "llama-8b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                     hidden_dim=14336, vocab_size=128256, rope_theta=500000.0),
-    "qwen-14b": dict(dim=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
-                     hidden_dim=13824, vocab_size=152064, rope_theta=1000000.0),
-    "tiny": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                 hidden_dim=512, vocab_size=1000),
-}  # fmt: skip
 OFFLOADED_PRESET = "rtx4090-llama3.1-8b"
 HF_STATIC_MAX = 32768
-
-
-def device_of() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sync() -> None:
@@ -126,31 +114,6 @@ def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def synthetic_args(shape: str, max_len: int) -> ModelArgs:
-    return ModelArgs(arch="llama", max_seq_len=max_len, **SHAPES[shape])
-
-
-def synthetic_runtime(
-    shape: str, max_len: int, config: RuntimeConfig, tokenizer=None, int4: bool = False
-) -> Runtime:
-    """Our model with random bf16 weights, built on the meta device and materialized on
-    the GPU directly (no host copy of 16 GB); `int4`: its block linears then quantized
-    there (`model.weights = "int4"`, offload/quantize.py)."""
-    a = synthetic_args(shape, max_len)
-    with torch.device("meta"):
-        model = Transformer(a).fuse().to(torch.bfloat16)
-    model = model.to_empty(device=device_of())
-    gen = torch.Generator(device=device_of()).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=gen)
-    if int4:
-        quantize_model(model, "int4", device=device_of())
-    model.weights = "int4" if int4 else "dense"
-    loaded = LoadedModel(model, tokenizer, a, Path(f"synthetic-{shape}"), "synthetic")
-    return Runtime(loaded, config, device_of())
 
 
 def fill_kv(cache, num_tokens: int, args: ModelArgs) -> None:

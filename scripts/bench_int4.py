@@ -23,20 +23,32 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sweep_selection  # noqa: E402
-from evalkit import row_error, write_json  # noqa: E402
+from evalkit import SHAPES, row_error, write_json  # noqa: E402
 from sweep_selection import graph_us, product, with_settings  # noqa: E402
 
 from offload.kernels import int4 as K  # noqa: E402
 from offload.kernels import interpreted  # noqa: E402
 from offload.quantize import INT4_BYTES  # noqa: E402
 
-# (outputs, inputs) of each block linear, the fused ones as the runtime fuses them
-SHAPES = {
-    "llama-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-                 "down": (4096, 14336)},
-    "qwen-14b": {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (27648, 5120),
-                 "down": (5120, 13824)},
-}  # fmt: skip
+
+def linears(shape: str) -> dict[str, tuple[int, int]]:
+    """(outputs, inputs) of each block linear of a model of evalkit's SHAPES, the fused
+    ones as the runtime fuses them."""
+    s = SHAPES[shape]
+    dim, q, kv, hidden = (
+        s["dim"],
+        s["num_heads"] * s["head_dim"],
+        s["num_kv_heads"] * s["head_dim"],
+        s["hidden_dim"],
+    )
+    return {
+        "qkv": (q + 2 * kv, dim),
+        "o": (dim, q),
+        "gate_up": (2 * hidden, dim),
+        "down": (dim, hidden),
+    }
+
+
 QUICK = {"tiny": {"gate_up": (96, 64)}}
 SETTINGS = product(BLOCK_N=(K.BLOCK_N, 16, 64), BLOCK_G=(K.BLOCK_G, 4, 16), WARPS=(K.WARPS, 8))
 
@@ -102,7 +114,8 @@ def main() -> None:
     if a.quick:
         sweep_selection.CALLS = sweep_selection.REPLAYS = 1
     console = Console()
-    shapes, settings = (QUICK, SETTINGS[:1]) if a.quick else (SHAPES, SETTINGS)
+    shapes = QUICK if a.quick else {m: linears(m) for m in ("llama-8b", "qwen-14b")}
+    settings = SETTINGS[:1] if a.quick else SETTINGS
     results = {"device": torch.cuda.get_device_name(), "rows": [], "best": {}}
     for model, linears in shapes.items():
         for name, (n, k) in linears.items():

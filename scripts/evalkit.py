@@ -21,9 +21,50 @@ from offload import Runtime
 from offload.attention import SelectionStats, SparsePolicy
 from offload.config import REUSE_MODES
 from offload.generate import generate_steps, make_sampler, prefill
+from offload.loading import LoadedModel
+from offload.model import Transformer
+from offload.model_args import ModelArgs
+from offload.quantize import quantize_model
 from storage.errors import first_line
 
 DEFAULT_TEXTS = Path(__file__).resolve().parent.parent.parent / "shared" / "texts"
+# The random-weight models of the GPU benchmarks (bench_gpu.py, bench_int4.py)
+SHAPES = {
+    "llama-8b": dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                     hidden_dim=14336, vocab_size=128256, rope_theta=500000.0),
+    "qwen-14b": dict(dim=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+                     hidden_dim=13824, vocab_size=152064, rope_theta=1000000.0),
+    "tiny": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                 hidden_dim=512, vocab_size=1000),
+}  # fmt: skip
+
+
+def device_of() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synthetic_args(shape: str, max_len: int) -> ModelArgs:
+    return ModelArgs(arch="llama", max_seq_len=max_len, **SHAPES[shape])
+
+
+def synthetic_runtime(shape: str, max_len: int, config, tokenizer=None, int4=False) -> Runtime:
+    """A Runtime of our model of SHAPES[shape] with random bf16 weights, built on the meta
+    device and materialized on the GPU directly (no host copy of 16 GB); `int4`: its
+    block linears then quantized there (`model.weights = "int4"`, offload/quantize.py)."""
+    a = synthetic_args(shape, max_len)
+    with torch.device("meta"):
+        model = Transformer(a).fuse().to(torch.bfloat16)
+    model = model.to_empty(device=device_of())
+    gen = torch.Generator(device=device_of()).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    if int4:
+        quantize_model(model, "int4", device=device_of())
+    loaded = LoadedModel(model, tokenizer, a, Path(f"synthetic-{shape}"), "synthetic")
+    return Runtime(loaded, config, device_of())
+
+
 NEEDLE = "The secret passphrase is {}. "
 PASSPHRASES = [
     "purple elephant",

@@ -32,8 +32,7 @@ if not torch.cuda.is_available():  # the Triton kernels in the interpreter (one 
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import SHAPES, synthetic_runtime  # noqa: E402
-from evalkit import write_json  # noqa: E402
+from evalkit import SHAPES, synthetic_runtime, write_json  # noqa: E402
 
 from offload.backend import Backend  # noqa: E402
 from offload.config import RuntimeConfig  # noqa: E402
