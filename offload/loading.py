@@ -95,12 +95,7 @@ def load(
     linears; `rope_scaling` (`model.rope_scaling`) replaces the file's RoPE scaling."""
     path = resolve_source(name_or_path)
     if path.is_dir():
-        from offload.weights import load_hf_model, read_hf_config
-
-        form, into, pack = _placement(weights, read_hf_config(path), dtype, device)
-        model = load_hf_model(path, dtype, into, pack)
-        tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
-        loaded = _finish(path, model, tokenizer, device, form)
+        loaded = _load_hf(path, dtype, device, weights)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
         loaded = _load_gguf(path, dtype, device, weights)
     else:
@@ -114,6 +109,27 @@ def load(
     # after the weight cache stored the file's own args
     loaded.model.set_args(loaded.args.with_rope_override(rope_scaling))
     return dataclasses.replace(_loaded(path, loaded.model, loaded.tokenizer), rope=rope_scaling)
+
+
+def _load_hf(path: Path, dtype: torch.dtype, device: torch.device, weights: str) -> LoadedModel:
+    """An HF directory's model; on CUDA at int4, from the weight cache when an earlier
+    start quantized it (offload/weight_cache.py)."""
+    from offload import weight_cache
+    from offload.weights import load_hf_model, read_hf_config
+
+    cached = None
+    if device.type != "cpu" and weights in ("auto", "int4"):
+        cached = weight_cache.cache_path(path, dtype, f"{weights}|{device.type}")
+        hit = weight_cache.load_cached(cached, dtype, device, weights)
+        if hit is not None:
+            return _loaded(path, *hit)
+    form, into, pack = _placement(weights, read_hf_config(path), dtype, device)
+    model = load_hf_model(path, dtype, into, pack)
+    tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
+    loaded = _finish(path, model, tokenizer, device, form)
+    if cached is not None and form != "dense":
+        weight_cache.store(cached, model, tokenizer, form)
+    return loaded
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: str) -> LoadedModel:

@@ -1,4 +1,5 @@
-"""A cache of converted GGUF models: the first start converts, later ones map a file.
+"""A cache of converted GGUF models (and of HF directories quantized on CUDA): the
+first start converts, later ones map a file.
 
 Reading a GGUF means parsing its metadata in Python (the embedded model's vocabulary
 and merges take about 2 s), dequantizing every tensor, and repacking the block
@@ -6,6 +7,11 @@ linears for the CPU kernels (2-3 s more). None of that changes between starts, s
 the result is written once, as a safetensors file of the model's own tensors with
 the model's config and tokenizer in its metadata, and later starts load that file
 instead (no pickle: tensors and JSON only).
+
+An HF directory is cached only where CUDA runs its block linears at int4
+(offload/quantize.py, `Int4Packer`): a start then reads and quantizes every dense weight
+(27.5 GiB for a 14B model), where the cache holds 10.6 GiB. A dense directory loads
+from its own safetensors, which the cache would only copy.
 
 The key covers everything the result depends on: the source file (size, mtime,
 first and last MiB), the dtype, the weight form, torch's version and the machine's
@@ -48,18 +54,34 @@ def cache_dir() -> Path:
 
 
 def cache_path(source: Path, dtype: torch.dtype, weights: str) -> Path:
-    """`<stem>-<slot>-<content>.safetensors` in the cache folder (the slot: module doc)."""
-    st = source.stat()
+    """`<stem>-<slot>-<content>.safetensors` in the cache folder (the slot: module doc).
+    `source` is a GGUF file, or an HF directory (every file in it counts: its name,
+    size and mtime, and a safetensors shard's first and last MiB)."""
     slot = hashlib.sha256(f"{source.name}|{dtype}|{weights}".encode()).hexdigest()[:8]
     h = hashlib.sha256(
-        f"{CACHE_FORMAT}|{torch.__version__}|{platform.machine()}|{dtype}|{weights}|"
-        f"{st.st_size}|{st.st_mtime_ns}".encode()
+        f"{CACHE_FORMAT}|{torch.__version__}|{platform.machine()}|{dtype}|{weights}|".encode()
     )
-    with open(source, "rb") as f:
+    if source.is_dir():
+        h.update(b"dir")
+        for f in sorted(p for p in source.iterdir() if p.is_file()):
+            st = f.stat()
+            h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+            if f.suffix == ".safetensors":
+                _hash_edges(h, f, st.st_size)
+        stem = source.name
+    else:
+        st = source.stat()
+        h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+        _hash_edges(h, source, st.st_size)
+        stem = source.stem
+    return cache_dir() / "weights" / f"{stem}-{slot}-{h.hexdigest()[:24]}.safetensors"
+
+
+def _hash_edges(h, path: Path, size: int) -> None:
+    with open(path, "rb") as f:
         h.update(f.read(EDGE_BYTES))
-        f.seek(max(0, st.st_size - EDGE_BYTES))
+        f.seek(max(0, size - EDGE_BYTES))
         h.update(f.read(EDGE_BYTES))
-    return cache_dir() / "weights" / f"{source.stem}-{slot}-{h.hexdigest()[:24]}.safetensors"
 
 
 def _superseded(path: Path) -> list[Path]:

@@ -4,6 +4,7 @@ choosing it when the dense weights would not leave room on the device, and a mod
 loaded that way decoding as a dense model with the same (dequantized) weights."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -241,3 +242,41 @@ def test_offload_info_gives_both_forms_of_the_weights(tmp_path):
     a = read_args(tmp_path)[1]
     assert info["weights_bytes"] == count_parameters(a) * 2 > 27 * GiB
     assert info["int4_weights_bytes"] == quantize.weight_bytes(a, 2, "int4") < 11 * GiB
+
+
+def test_an_hf_directory_quantized_on_cuda_is_cached(tiny_dirs, tmp_path, monkeypatch):
+    """The next start of an HF directory at int4 reads the cache, not the dense shards;
+    a dense start (on the CPU, or with room on the GPU) neither reads nor writes it, and
+    a changed file in the directory misses it."""
+    import offload.weights
+    from offload.loading import load
+
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    shutil.copytree(tiny_dirs["qwen2-bias"][0], src)
+    folder = tmp_path / "cache" / "weights"
+    free = [GiB]
+    monkeypatch.setattr(quantize, "device_free_bytes", lambda device: free[0])
+    load(src, torch.float32, torch.device("cpu"), "auto")
+    assert not folder.exists()  # (dense on the CPU: the shards are the cache)
+    real = offload.weights.load_hf_model
+    with on_cuda():
+        with pytest.warns(UserWarning, match="run at int4"):
+            first = load(src, torch.float32, CUDA, "auto")
+        (cached,) = folder.glob("model-*.safetensors")
+        monkeypatch.setattr(offload.weights, "load_hf_model", lambda *a: pytest.fail("read"))
+        with pytest.warns(UserWarning, match="run at int4"):
+            again = load(src, torch.float32, CUDA, "auto")
+        assert again.fingerprint == first.fingerprint and again.model.weights == "int4"
+        made, read = first.model.state_dict(), again.model.state_dict()
+        assert made.keys() == read.keys()
+        assert all(torch.equal(made[k].cpu(), read[k].cpu()) for k in made)
+        free[0] = 80 * GiB
+        with pytest.raises(pytest.fail.Exception, match="read"):
+            load(src, torch.float32, CUDA, "auto")  # dense now: the shards are read
+        monkeypatch.setattr(offload.weights, "load_hf_model", real)
+        free[0] = GiB
+        (src / "generation_config.json").write_text("{}")  # a changed directory
+        with pytest.warns(UserWarning, match="run at int4"):
+            load(src, torch.float32, CUDA, "auto")
+    assert len(list(folder.glob("*.safetensors"))) == 1 and not cached.exists()
