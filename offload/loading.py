@@ -163,7 +163,7 @@ def _placement(weights: str, args: ModelArgs, dtype: torch.dtype, device: torch.
     ever holds the dense model. On the CPU the form waits for the file (`_finish`)."""
     if device.type == "cpu":
         return weights, device, None
-    form = resolve_weights(weights, None, device, count_parameters(args) * dtype.itemsize)
+    form = resolve_weights(weights, None, device, weight_bytes(args, dtype.itemsize, "dense"))
     if form == "dense":
         return form, device, None
     return form, torch.device("cpu"), Int4Packer(device, dtype)
@@ -173,7 +173,7 @@ def _why_quantized(loaded: LoadedModel, dtype: torch.dtype, device: torch.device
     a, form = loaded.args, loaded.model.weights
     return (
         f"model.weights = 'auto': the dense weights "
-        f"({count_parameters(a) * dtype.itemsize / GiB:.1f} GiB) would not leave "
+        f"({weight_bytes(a, dtype.itemsize, 'dense') / GiB:.1f} GiB) would not leave "
         f"{DENSE_ROOM / GiB:.0f} GiB free on {device}; the block linears run at {form} "
         f"({weight_bytes(a, dtype.itemsize, form) / GiB:.1f} GiB of weights in all)"
     )

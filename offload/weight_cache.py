@@ -119,10 +119,9 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device, mode: str)
     CUDA, `auto` follows the memory free there)."""
     from safetensors import safe_open
 
-    from offload.loading import count_parameters
     from offload.model import Transformer
     from offload.model_args import ModelArgs, RopeScaling
-    from offload.quantize import quantize_model, resolve_weights
+    from offload.quantize import quantize_model, resolve_weights, weight_bytes
     from offload.tokenizer import Tokenizer
 
     if not path.is_file():
@@ -139,7 +138,7 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device, mode: str)
         for key in ("rope_freq_factors", "eos_ids"):
             a[key] = tuple(a[key]) if a[key] is not None else None
         args = ModelArgs(**a)
-        dense = count_parameters(args) * dtype.itemsize
+        dense = weight_bytes(args, dtype.itemsize, "dense")
         if resolve_weights(mode, meta["source_quant"], device, dense) != weights:
             return None
         # Only factory calls on the meta device: its Python kernels (cat, normal_) would
