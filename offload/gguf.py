@@ -227,11 +227,16 @@ def load_gguf_model(
         if pack:
             pack.rows = {n.replace(".w3.", ".w13."): r for n, r in pack.rows.items()}
     model = build_model(args, split_fused(state, args), str(path), pack)
-    # What the block linears were stored as (e.g. Q4_1): `weights = "auto"` follows it.
+    model.source_quant = stored_as(reader)
+    return model
+
+
+def stored_as(reader) -> str | None:
+    """What the block linears were stored as (e.g. Q4_1), where the query projections
+    all share one type: `weights = "auto"` follows it (offload/quantize.py)."""
     kinds = {
         t.tensor_type.name
         for t in reader.tensors
         if t.name.startswith("blk.") and t.name.endswith(("_q.weight", "_qkv.weight"))
     }
-    model.source_quant = kinds.pop() if len(kinds) == 1 else None
-    return model
+    return kinds.pop() if len(kinds) == 1 else None

@@ -112,13 +112,13 @@ def load(
 
 
 def _load_hf(path: Path, dtype: torch.dtype, device: torch.device, weights: str) -> LoadedModel:
-    """An HF directory's model; on CUDA at int4, from the weight cache when an earlier
-    start quantized it (offload/weight_cache.py)."""
+    """An HF directory's model; at int4, from the weight cache when an earlier start
+    quantized it (offload/weight_cache.py)."""
     from offload import weight_cache
     from offload.weights import load_hf_model, read_hf_config
 
-    cached = None
-    if device.type != "cpu" and weights in ("auto", "int4"):
+    cached = None  # (`auto` is dense on the CPU, and may be int4 on CUDA)
+    if weights == "int4" or (weights == "auto" and device.type != "cpu"):
         cached = weight_cache.cache_path(path, dtype, f"{weights}|{device.type}")
         hit = weight_cache.load_cached(cached, dtype, device, weights)
         if hit is not None:
@@ -141,11 +141,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
     hit = weight_cache.load_cached(cached, dtype, device, weights)
     if hit is not None:
         return _loaded(path, *hit)
-    from offload.gguf import load_gguf_model, open_gguf, read_gguf_args
+    from offload.gguf import load_gguf_model, open_gguf, read_gguf_args, stored_as
 
     reader = open_gguf(path)
     try:
-        weights, into, pack = _placement(weights, read_gguf_args(reader, path), dtype, device)
+        args, source_quant = read_gguf_args(reader, path), stored_as(reader)
+        weights, into, pack = _placement(weights, args, dtype, device, source_quant)
         model = load_gguf_model(path, dtype, into, reader=reader, pack=pack)
         tokenizer = Tokenizer.from_gguf(reader, path)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
@@ -156,15 +157,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
     return loaded
 
 
-def _placement(weights: str, args: ModelArgs, dtype: torch.dtype, device: torch.device):
-    """On CUDA, the weight form (`resolve_weights`), decided before the weights are read,
-    where the loader puts what it reads, and, for int4, the `Int4Packer` that quantizes
-    each block linear on the device as it is read: neither the device nor host memory
-    ever holds the dense model. On the CPU the form waits for the file (`_finish`)."""
-    if device.type == "cpu":
-        return weights, device, None
-    form = resolve_weights(weights, None, device, weight_bytes(args, dtype.itemsize, "dense"))
-    if form == "dense":
+def _placement(
+    weights: str, args: ModelArgs, dtype: torch.dtype, device: torch.device, source_quant=None
+):
+    """The weight form (`resolve_weights`), decided before the weights are read, where
+    the loader puts what it reads, and, for int4, the `Int4Packer` that quantizes each
+    block linear on the device as it is read: neither the device nor host memory ever
+    holds the dense model. `source_quant`: what a GGUF's block linears are stored as."""
+    dense = weight_bytes(args, dtype.itemsize, "dense")
+    form = resolve_weights(weights, source_quant, device, dense)
+    if form != "int4":
         return form, device, None
     return form, torch.device("cpu"), Int4Packer(device, dtype)
 
@@ -180,13 +182,13 @@ def _why_quantized(loaded: LoadedModel, dtype: torch.dtype, device: torch.device
 
 
 def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
+    """`weights`: the form `_placement` resolved."""
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ModelLoadError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary is {model.args.vocab_size}"
         )
-    weights = resolve_weights(weights, getattr(model, "source_quant", None), device)
-    quantize_model(model, weights, device=device)
+    quantize_model(model, weights, device=device)  # (what the packer left, and the head)
     model.to(device)  # (what `_placement` left in host memory)
     model.weights = weights
     return _loaded(path, model, tokenizer)

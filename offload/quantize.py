@@ -12,10 +12,12 @@ reads 2x or about 4x less (measured in docs/performance.md).
 The int4 form is the one llama.cpp's Q4_1 blocks use (32 weights, a scale and a
 minimum), so the embedded GGUF's block linears come back with their own codes:
 re-quantizing a dequantized Q4_1 block gives back the same scale, minimum and
-codes (up to scale and zero being kept in bf16 here).
+codes (kept as float16, as Q4_1 does; the CPU kernel takes them in the model's dtype).
 
-`weights = "auto"` keeps what the file has: a GGUF whose block linears are
-4-bit runs them at int4 on the CPU; everything else stays dense. On CUDA, `auto`
+`weights = "auto"` keeps what the file has: a GGUF whose block linears are stored at
+4 bits or fewer (`INT4_SOURCES`: Q4_0, Q4_1, the K- and i-quants) runs them at int4
+on the CPU; everything else stays dense. Each block linear is quantized as the loader
+reads it (`Int4Packer`), so the dense model is never whole in memory. On CUDA, `auto`
 keeps the weights dense while they leave `DENSE_ROOM` of the device free, and runs
 the block linears at int4 otherwise (a 12-14B model on a 24 GB card): there a decode
 step multiplies by the codes with offload/kernels/int4.py, and the linears keep only
@@ -50,6 +52,13 @@ DEQUANT_ROWS = 4096  # rows of a weight dequantized at a time (bounds the float3
 # layers, the selection's index at a long context).
 DENSE_ROOM = 3 << 30
 INT4_BYTES = 0.5 + 2 * 2 / INT4_GROUP  # a weight's code, and its group's float16 scale and minimum
+# GGUF types of 4 bits a weight or fewer, which `auto` runs at int4 on the CPU: Q4_0 and
+# Q4_1 with their own codes, the K-quants and i-quants (Q4_K_M's Q4_K, ...) rounded to
+# Q4_1's form; dense bf16 would hold and read 3-4x the bytes.
+INT4_SOURCES = frozenset(
+    "Q4_0 Q4_1 Q2_K Q3_K Q4_K IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_NL IQ4_XS "
+    "TQ1_0 TQ2_0 MXFP4".split()
+)
 
 
 @functools.cache
@@ -119,11 +128,25 @@ def int4_nibbles(q: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     return qg[..., : group // 2] | (qg[..., group // 2 :] << 4)
 
 
+def int4_unpacked(nibbles: torch.Tensor) -> torch.Tensor:
+    """`int4_nibbles`' codes back as [n, k] int32 (0..15)."""
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # [n, k / group, group]
+    return q.reshape(q.shape[0], -1).to(torch.int32)
+
+
 def int4_rows(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """A linear's int4 form as one tensor of bytes [n, k / 32, 20], a row per output:
     each group's codes, then its float16 scale and minimum (`Int4Linear.from_rows`)."""
     return torch.cat([nibbles, scale[..., None].view(torch.uint8),
                       lo[..., None].view(torch.uint8)], dim=-1)  # fmt: skip
+
+
+def int4_parts(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`int4_rows`' parts again: the codes two to a byte, the scales, the minimums."""
+    half = INT4_GROUP // 2
+    scale, lo = (rows[..., i : i + 2].contiguous().view(torch.float16)[..., 0]
+                 for i in (half, half + 2))  # fmt: skip
+    return rows[..., :half].contiguous(), scale, lo
 
 
 class Int4Linear(nn.Module):
@@ -136,15 +159,13 @@ class Int4Linear(nn.Module):
                  device: torch.device | None = None):  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
-        self.group = group
-        self.out_features = n
-        self.held = None  # the dequantized weight, while `dequantized_once` holds it
         device = torch.device(device or linear.weight.device)
-        self.cpu_kernel = device.type == "cpu"
-        self.bias = linear.bias
-        if self.bias is not None and not empty:  # (the kernel runs where the bias is)
-            self.bias = nn.Parameter(self.bias.detach().to(device), requires_grad=False)
+        bias = linear.bias
+        if bias is not None and not empty:  # (the kernel runs where the bias is)
+            bias = nn.Parameter(bias.detach().to(device), requires_grad=False)
+        self._setup(n, k, group, linear.weight.dtype, bias)
         if empty:  # buffers of the right shapes, to be assigned (weight_cache.py)
+            self.cpu_kernel = device.type == "cpu"
             g, dt = k // group, linear.weight.dtype
             for name, shape, dtype in (("packed", (n, k // 2), torch.uint8),
                                        ("scales_zeros", (g, n, 2), dt),
@@ -155,18 +176,35 @@ class Int4Linear(nn.Module):
                     self.register_buffer(name, torch.empty(shape, dtype=dtype))
             return
         q, scale, lo = int4_codes(linear.weight.to(device), group)
-        if self.cpu_kernel:
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-            # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
-            zero = lo + 8 * scale
-            sz = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
-            self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
-        # For CUDA's kernel and prefill's dequantization: the codes two to a byte, and
-        # scale and minimum in float16, as Q4_1 stores them, so the weight comes back as
-        # the file's.
-        self.register_buffer("nibbles", int4_nibbles(q, group))
-        self.register_buffer("group_scale", scale.to(torch.float16))  # [n, k / group]
-        self.register_buffer("group_min", lo.to(torch.float16))
+        self._keep(int4_nibbles(q, group), scale.half(), lo.half())
+        if device.type == "cpu":
+            self.pack_for_cpu(q)
+
+    def _setup(self, n: int, k: int, group: int, dtype: torch.dtype, bias) -> None:
+        self.group, self.in_features, self.out_features = group, k, n
+        self.dtype = dtype  # the model's (the CPU kernel's scales are in it)
+        self.held = None  # the dequantized weight, while `dequantized_once` holds it
+        self.cpu_kernel = False  # torch's packed CPU kernel runs it (`pack_for_cpu`)
+        self.bias = bias
+
+    def _keep(self, nibbles, scale, lo) -> None:
+        """Hold the codes two to a byte and each group's float16 scale and minimum, as
+        Q4_1 stores them: CUDA's kernel and prefill's dequantization read them, so the
+        weight comes back as the file's."""
+        self.register_buffer("nibbles", nibbles)  # [n, k / group, group / 2]
+        self.register_buffer("group_scale", scale)  # [n, k / group]
+        self.register_buffer("group_min", lo)
+
+    def pack_for_cpu(self, q: torch.Tensor | None = None) -> None:
+        """Add torch's packed form of the codes (`q`, [n, k] int32, where the caller has
+        them) and its scales in the model's dtype: the CPU kernel runs the linear now."""
+        q = int4_unpacked(self.nibbles) if q is None else q
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
+        scale, lo = self.group_scale.float(), self.group_min.float()
+        sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).to(self.dtype).contiguous()
+        self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
+        self.cpu_kernel = True
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by)."""
@@ -197,19 +235,25 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     @classmethod
-    def from_rows(cls, rows: torch.Tensor, bias: torch.Tensor | None):
-        """The CUDA form from `Int4Packer`'s rows [n, k / 32, 20] (codes, scale, minimum)."""
+    def from_rows(cls, rows: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        """The linear from `Int4Packer`'s rows [n, k / 32, 20] (codes, scale, minimum),
+        where they are, as CUDA runs it; on the CPU `quantize_model` adds the packed form
+        of the CPU kernel (`pack_for_cpu`) once the model's pieces are fused. `dtype`:
+        the model's."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
         n, g, _ = rows.shape
-        shell = nn.Linear(g * INT4_GROUP, n, bias=bias is not None, device="meta")
-        with torch.device("meta"):  # (its buffers are the rows' parts, below)
-            m = cls(shell, empty=True, device=rows.device)
-        half = INT4_GROUP // 2
-        m.nibbles = rows[..., :half].contiguous()
-        m.group_scale, m.group_min = (
-            rows[..., i : i + 2].contiguous().view(torch.float16)[..., 0] for i in (half, half + 2)
-        )
-        m.bias = bias if bias is None else nn.Parameter(bias, requires_grad=False)
+        bias = bias if bias is None else nn.Parameter(bias, requires_grad=False)
+        m._setup(n, g * INT4_GROUP, INT4_GROUP, dtype, bias)
+        m._keep(*int4_parts(rows))
         return m
+
+    def dense(self) -> nn.Linear:
+        """The linear again, its weight dequantized in the model's dtype."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(self.dequantized(self.dtype), requires_grad=False)
+        linear.bias = self.bias
+        return linear
 
     def rows(self) -> torch.Tensor:
         """The codes, scale and minimum of each group, [n, k / 32, 16 + 2 + 2] bytes."""
@@ -222,17 +266,18 @@ class Int4Linear(nn.Module):
         rows = torch.cat([m.rows() for m in linears])
         biases = [m.bias for m in linears]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        return cls.from_rows(rows, bias)
+        return cls.from_rows(rows, bias, linears[0].dtype)
 
 
 class Int4Packer:
-    """Block linears quantized to the CUDA int4 form as the loader reads them, so that
-    the dense model is never whole, on the device or in host memory: `pack(name, t)`
-    takes a block linear's weight to `device`, keeps its codes in `rows` (by name, [n,
-    k / 32, 20] bytes: the codes, then the float16 scale and minimum, so that the
-    loaders' row operations, splits and reorderings, apply to them as to the weight)
-    and returns a meta tensor of its shape; any other tensor comes back in `dtype`, in
-    host memory. `build_model` makes `Int4Linear`s of the rows."""
+    """Block linears quantized to int4 on `device` (where the model runs) as the loader
+    reads them, so that the dense model is never whole, on the device or in host
+    memory: `pack(name, t)` takes a block linear's weight to `device`, keeps its codes
+    in `rows` (by name, [n, k / 32, 20] bytes: the codes, then the float16 scale and
+    minimum, so that the loaders' row operations, splits and reorderings, apply to
+    them as to the weight) and returns a meta tensor of its shape; any other tensor
+    comes back in `dtype`, in host memory. `build_model` makes `Int4Linear`s of the
+    rows."""
 
     LINEAR = re.compile(
         r"layers\.\d+\.(attention\.w(q|k|v|o|qkv)|feed_forward\.w(1|2|3|13))\.weight$"
@@ -251,12 +296,17 @@ class Int4Packer:
 
     def install(self, model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
         """Replace each packed linear of `model` (its weight on the meta device) by its
-        int4 form, from `rows` (`self.rows` after the loader's row operations)."""
-        for name, r in rows.items():
+        int4 form, from `rows` (`self.rows` after the loader's row operations), letting
+        go of the rows as it goes."""
+        self.rows = {}
+        while rows:
+            name, r = rows.popitem()
             path = name.removesuffix(".weight")
             parent, _, attr = path.rpartition(".")
             dense = model.get_submodule(path)
-            setattr(model.get_submodule(parent), attr, Int4Linear.from_rows(r, dense.bias))
+            setattr(
+                model.get_submodule(parent), attr, Int4Linear.from_rows(r, dense.bias, self.dtype)
+            )
 
 
 @contextlib.contextmanager
@@ -289,9 +339,9 @@ def int4_fits(linear: nn.Linear, cpu: bool = True) -> bool:
 def resolve_weights(
     mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0
 ) -> str:
-    """The weight form to run: `auto` follows the file (4-bit GGUF blocks -> int4) on
-    the CPU; on CUDA it is dense while `dense_bytes` leave `DENSE_ROOM` of the device
-    free, else int4."""
+    """The weight form to run: `auto` follows the file on the CPU (GGUF block linears of
+    4 bits or fewer, `INT4_SOURCES` -> int4); on CUDA it is dense while `dense_bytes`
+    leave `DENSE_ROOM` of the device free, else int4."""
     if mode not in WEIGHT_MODES:
         raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
     if device.type != "cpu":
@@ -304,7 +354,7 @@ def resolve_weights(
             return "dense" if dense_fits(dense_bytes, device_free_bytes(device)) else "int4"
         return mode
     if mode == "auto":
-        return "int4" if source_quant in ("Q4_0", "Q4_1") else "dense"
+        return "int4" if source_quant in INT4_SOURCES else "dense"
     return mode
 
 
@@ -336,6 +386,14 @@ def quantize_model(
     for block in model.layers:
         for parent in (block.attention, block.feed_forward):
             for name, child in list(parent.named_children()):
+                if isinstance(child, Int4Linear) and cpu and not child.cpu_kernel:
+                    # (packed as it was read, and fused): the CPU kernel's form, or int8
+                    # below where the kernel cannot take its outputs
+                    if int4_fits(child):
+                        child.pack_for_cpu()
+                        count += 1
+                        continue
+                    child = child.dense()
                 if not isinstance(child, nn.Linear):
                     continue
                 if mode == "int4" and int4_fits(child, cpu):

@@ -8,10 +8,11 @@ the result is written once, as a safetensors file of the model's own tensors wit
 the model's config and tokenizer in its metadata, and later starts load that file
 instead (no pickle: tensors and JSON only).
 
-An HF directory is cached only where CUDA runs its block linears at int4
-(offload/quantize.py, `Int4Packer`): a start then reads and quantizes every dense weight
-(27.5 GiB for a 14B model), where the cache holds 10.6 GiB. A dense directory loads
-from its own safetensors, which the cache would only copy.
+An HF directory is cached only where its block linears run at int4 (on CUDA by
+`auto` or `int4`, on the CPU by `int4`; offload/quantize.py, `Int4Packer`): a start
+then reads and quantizes every dense weight (27.5 GiB for a 14B model), where the
+cache holds 10.6 GiB. A dense directory loads from its own safetensors, which the
+cache would only copy.
 
 The key covers everything the result depends on: the source file (size, mtime,
 first and last MiB), the dtype, the weight form, torch's version and the machine's
@@ -42,7 +43,9 @@ from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 2  # 2: GGUF rope scaling (yarn, linear) read into the stored args
+# 2: GGUF rope scaling (yarn, linear) read into the stored args; 3: the CPU int4 kernel's
+# scales from the float16 ones the codes keep
+CACHE_FORMAT = 3
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of the source file
 
 

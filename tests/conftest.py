@@ -383,11 +383,12 @@ def spm_vocab() -> tuple[list[str], list[int], list[float]]:
 
 def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
                tokenizer="gpt2", dim_key=True, pre=None, sentencepiece=False,
-               arch="llama", control=(), dim=8, ff=16):  # fmt: skip
+               arch="llama", control=(), dim=8, ff=16, quant=None):  # fmt: skip
     """A minimal llama GGUF: 1 layer, dim 8 (ffn 16), byte-level vocabulary (`tokenizer` names
     another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length;
     `control`: more control tokens); `sentencepiece`: a SentencePiece BPE vocabulary
-    (`spm_vocab`) and no merges."""
+    (`spm_vocab`) and no merges; `quant` (Q4_0, Q4_1, Q8_0, Q4_K): the type of the
+    block linears whose inputs are whole blocks of it (32; Q4_K: 256)."""
     import gguf
     import numpy as np
 
@@ -433,12 +434,52 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
                    f"blk.{i}.ffn_down.weight": (dim, ff), f"blk.{i}.attn_norm.weight": (dim,),
                    f"blk.{i}.ffn_norm.weight": (dim,)}  # fmt: skip
     for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+        x = rng.standard_normal(shape).astype(np.float32)
+        kind = quant and gguf.GGMLQuantizationType[quant]
+        # (as llama.cpp leaves them: rows that are not whole blocks stay float)
+        block = kind and name.startswith("blk.") and len(shape) == 2
+        if not block or shape[1] % gguf.GGML_QUANT_SIZES[kind][0]:
+            w.add_tensor(name, x)
+            continue
+        blocks = q4_k_blocks(x) if quant == "Q4_K" else gguf.quants.quantize(x, kind)
+        w.add_tensor(name, blocks, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def q4_k_blocks(x):
+    """llama.cpp's Q4_K blocks of `x` [n, k] (k in 256s; gguf-py only reads them): per
+    256 inputs a float16 scale and minimum, 6-bit multiples of them for each 32 (packed
+    in 12 bytes), and the 4-bit codes, two sub-blocks to a run of 32 bytes. Plain
+    min/max per 32, not llama.cpp's search for the best scales."""
+    import gguf
+    import numpy as np
+
+    n, k = x.shape
+    g = x.reshape(n, k // 256, 8, 32).astype(np.float32)
+    lo = np.minimum(g.min(-1), 0)  # [n, blocks, 8]: the minimum is -dmin * m, m >= 0
+    scale = (g.max(-1) - lo) / 15
+    d = np.maximum(scale.max(-1), 1e-8) / 63
+    dmin = np.maximum((-lo).max(-1), 1e-8) / 63
+    d, dmin = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.round(scale / d.astype(np.float32)[..., None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(-lo / dmin.astype(np.float32)[..., None]), 0, 63).astype(np.uint8)
+    step = (d.astype(np.float32)[..., None] * sc)[..., None]
+    q = np.clip(np.round((g + (dmin.astype(np.float32)[..., None] * m)[..., None]) / step), 0, 15)
+    q = q.astype(np.uint8)  # [n, blocks, 8, 32]
+    packed = np.concatenate([sc[..., :4] | (sc[..., 4:] >> 4) << 6,
+                             m[..., :4] | (m[..., 4:] >> 4) << 6,
+                             (sc[..., 4:] & 15) | (m[..., 4:] & 15) << 4], axis=-1)  # fmt: skip
+    qs = (q[..., 0::2, :] | q[..., 1::2, :] << 4).reshape(n, k // 256, 128)
+    blocks = np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8),
+                             packed, qs], axis=-1)  # fmt: skip
+    out = blocks.reshape(n, -1)
+    back = gguf.quants.dequantize(out, gguf.GGMLQuantizationType.Q4_K)
+    assert np.abs(back - x).max() <= 1.01 * step.max()  # (the encoding read back)
+    return out
 
 
 def rewrite_manifest(session, change) -> None:

@@ -1,0 +1,120 @@
+"""Int4 weights on the CPU as a user's files give them (offload/quantize.py, offload/loading.py):
+a GGUF stored at 4 bits or fewer runs at int4 by default, K-quants too, and a model loaded at
+int4 on the CPU has each block linear quantized as it is read (`Int4Packer`: the dense
+model is never whole), then cached in that form."""
+
+import shutil
+
+import pytest
+import torch
+
+from offload import Runtime, quantize
+from offload.loading import load
+from tests.conftest import write_gguf
+
+CPU = torch.device("cpu")
+
+
+def _quantized_as_read(monkeypatch) -> list[tuple]:
+    """The shapes `int4_codes` is given from now on (each linear quantized once: the
+    packer's, as read; `quantize_model` after the load would take the fused ones)."""
+    seen, real = [], quantize.int4_codes
+    monkeypatch.setattr(quantize, "int4_codes", lambda w, *a: seen.append(tuple(w.shape)) or real(w, *a))  # fmt: skip
+    return seen
+
+
+def _int4_linears(model) -> dict[str, quantize.Int4Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, quantize.Int4Linear)}
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch, kind):
+    """`auto` on the CPU: a GGUF whose block linears are at 4 bits (Q4_0, Q4_1, Q4_K, the
+    common Q4_K_M's type) runs them at int4, each quantized as it is read (seven
+    linears, none again after the fusing); Q8_0 stays dense. The int4 weights are the
+    file's within half a step of their groups (Q4_1: exactly), the head is at int8, and
+    a decode gives the tokens of the dense model whose weights are the dequantized
+    codes. The next start maps the cached form."""
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant=kind)
+    seen = _quantized_as_read(monkeypatch)
+    loaded = load(src, torch.float32, CPU, "auto")
+    model = loaded.model
+    if kind == "Q8_0":
+        assert model.weights == "dense" and not seen and not _int4_linears(model)
+        return
+    assert model.weights == "int4" and loaded.fingerprint.endswith("+int4")
+    assert model.source_quant == kind
+    assert sorted(seen) == sorted([(256, 256), (128, 256), (128, 256), (256, 256),
+                                   (512, 256), (512, 256), (256, 512)])  # fmt: skip
+    linears = _int4_linears(model)
+    assert sorted(linears) == ["layers.0.attention.wo", "layers.0.attention.wqkv",
+                               "layers.0.feed_forward.w13", "layers.0.feed_forward.w2"]  # fmt: skip
+    assert all(m.cpu_kernel and m.packed.dtype == torch.uint8 for m in linears.values())
+    assert isinstance(model.output, quantize.Int8Linear)
+    twin = Runtime.from_pretrained(src, dtype="float32", device="cpu", weights="dense")
+    dense = twin.loaded.model
+    for name, m in linears.items():
+        w, file = m.dequantized(torch.float32), dense.get_submodule(name).weight.detach()
+        half_step = m.group_scale.float().repeat_interleave(32, dim=1) / 2
+        assert torch.all((w - file).abs() <= half_step * 1.02)  # (+ float16 scales' rounding)
+        if kind == "Q4_1":
+            assert torch.equal(w, file)
+        dense.get_submodule(name).weight.data = w
+    dense.output = model.output  # (the int8 head in both)
+    seen.clear()
+    rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+    assert not seen and rt.loaded.model.weights == "int4"  # (the cache's, mapped)
+    made, read = model.state_dict(), rt.loaded.model.state_dict()
+    assert made.keys() == read.keys() and all(torch.equal(made[k], read[k]) for k in made)
+    prompt = "abc def ghi"
+    got = [s.token_id for s in rt.stream(prompt, 8, temperature=0.0)]
+    assert got == [s.token_id for s in twin.stream(prompt, 8, temperature=0.0)]
+
+
+def test_an_hf_directory_at_int4_on_the_cpu_is_packed_as_read_and_cached(
+    tiny_dirs, tmp_path, monkeypatch
+):
+    """`model.weights = "int4"` on the CPU for a safetensors directory: each block linear
+    quantized as it is read, pieces of a fused one the CPU kernel cannot take (outputs
+    not in sixteens) at int8 as before; the next start reads the cache, not the shards."""
+    import offload.weights
+
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    shutil.copytree(tiny_dirs["qwen2-bias"][0], src)
+    seen = _quantized_as_read(monkeypatch)
+    first = load(src, torch.float32, CPU, "int4")
+    assert first.model.weights == "int4" and seen
+    assert len(seen) == 7 * first.args.num_layers  # (one each, as read)
+    assert _int4_linears(first.model)
+    kinds = {type(m).__name__ for m in first.model.layers[0].modules()}
+    assert "Linear" not in kinds  # (every block linear at int4, or int8 where it must)
+    seen.clear()
+    monkeypatch.setattr(offload.weights, "load_hf_model", lambda *a: pytest.fail("shards read"))
+    again = load(src, torch.float32, CPU, "int4")
+    assert not seen and again.fingerprint == first.fingerprint
+    made, read = first.model.state_dict(), again.model.state_dict()
+    assert made.keys() == read.keys() and all(torch.equal(made[k], read[k]) for k in made)
+    assert not list((tmp_path / "cache" / "weights").glob("*.partial*"))
+
+
+def test_linears_the_cpu_kernel_cannot_take_are_at_int8(tmp_path, monkeypatch):
+    """Packed as read, a fused linear whose outputs are not in sixteens (gate and up: 2 x
+    36) goes to int8 after the fusing, from its codes; one whose inputs are not in 32s
+    (down) is read dense and goes to int8 as before. The cached form is the same."""
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = write_gguf(tmp_path / "m.gguf", dim=32, ff=36, quant="Q4_1")
+    rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+    ff, attn = rt.loaded.model.layers[0].feed_forward, rt.loaded.model.layers[0].attention
+    assert isinstance(attn.wqkv, quantize.Int4Linear) and attn.wqkv.cpu_kernel
+    assert isinstance(ff.w13, quantize.Int8Linear) and isinstance(ff.w2, quantize.Int8Linear)
+    dense = Runtime.from_pretrained(src, dtype="float32", device="cpu", weights="dense")
+    file = dense.loaded.model.layers[0].feed_forward.w13.weight
+    w = ff.w13.qweight.float() * ff.w13.scale[:, None]
+    assert torch.all((w - file).abs() <= ff.w13.scale[:, None] / 2 + file.abs().amax() / 15)
+    again = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+    made, read = rt.loaded.model.state_dict(), again.loaded.model.state_dict()
+    assert made.keys() == read.keys() and all(torch.equal(made[k], read[k]) for k in made)
+    want = [s.token_id for s in rt.stream("abc", 6, temperature=0.0)]
+    assert [s.token_id for s in again.stream("abc", 6, temperature=0.0)] == want
