@@ -38,6 +38,7 @@ _GGUF_NAMES = [
     (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
 ]
 _GGUF_PATTERNS = [(re.compile(p + "$"), r) for p, r in _GGUF_NAMES]
+_BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight$")
 
 
 def open_gguf(path: Path):
@@ -232,11 +233,12 @@ def load_gguf_model(
 
 
 def stored_as(reader) -> str | None:
-    """What the block linears were stored as (e.g. Q4_1), where the query projections
-    all share one type: `weights = "auto"` follows it (offload/quantize.py)."""
-    kinds = {
-        t.tensor_type.name
-        for t in reader.tensors
-        if t.name.startswith("blk.") and t.name.endswith(("_q.weight", "_qkv.weight"))
-    }
-    return kinds.pop() if len(kinds) == 1 else None
+    """What the block linears were stored as (e.g. Q4_1): the type that holds most of
+    their weights (a Q4_K_M file keeps some at Q6_K, and llama.cpp gives rows that are
+    not whole 256-blocks another type). `weights = "auto"` follows it (quantize.py)."""
+    weights: dict[str, int] = {}
+    for t in reader.tensors:
+        if _BLOCK_LINEAR.match(t.name):
+            kind = t.tensor_type.name
+            weights[kind] = weights.get(kind, 0) + int(t.n_elements)
+    return max(weights, key=weights.get) if weights else None

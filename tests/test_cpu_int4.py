@@ -118,3 +118,34 @@ def test_linears_the_cpu_kernel_cannot_take_are_at_int8(tmp_path, monkeypatch):
     assert made.keys() == read.keys() and all(torch.equal(made[k], read[k]) for k in made)
     want = [s.token_id for s in rt.stream("abc", 6, temperature=0.0)]
     assert [s.token_id for s in again.stream("abc", 6, temperature=0.0)] == want
+
+
+def test_a_gguf_is_taken_as_the_type_of_most_of_its_block_linears():
+    """Q4_K_M keeps attn_v and ffn_down of some layers at Q6_K, and llama.cpp stores rows
+    that are not whole 256-blocks in another type: `auto` follows the type that holds most
+    of the block linears' weights (norms and the embedding do not count)."""
+    from types import SimpleNamespace
+
+    from offload.gguf import stored_as
+
+    def reader(*tensors):
+        return SimpleNamespace(tensors=[
+            SimpleNamespace(name=n, tensor_type=SimpleNamespace(name=k), n_elements=e)
+            for n, k, e in tensors
+        ])  # fmt: skip
+
+    q4_k_m = [(f"blk.{i}.{n}.weight", k, 4096 * e) for i in range(2)
+              for n, k, e in (("attn_q", "Q4_K", 4096), ("attn_k", "Q4_K", 1024),
+                              ("attn_v", "Q6_K", 1024), ("attn_output", "Q4_K", 4096),
+                              ("ffn_gate", "Q4_K", 14336), ("ffn_up", "Q4_K", 14336),
+                              ("ffn_down", "Q6_K" if i == 0 else "Q4_K", 14336))]  # fmt: skip
+    embedding = [
+        ("token_embd.weight", "Q6_K", 4096 * 128256),
+        ("blk.0.attn_norm.weight", "F32", 4096),
+    ]
+    assert stored_as(reader(*q4_k_m, *embedding)) == "Q4_K"
+    assert (
+        stored_as(reader(("blk.0.attn_q.weight", "Q5_0", 10), ("blk.0.ffn_up.weight", "Q4_K", 30)))
+        == "Q4_K"
+    )
+    assert stored_as(reader(*embedding)) is None
