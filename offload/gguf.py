@@ -194,6 +194,48 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _weight_shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape as torch's (GGUF lists the fastest dimension first)."""
+    return tuple(int(d) for d in reversed(t.shape))
+
+
+def int4_rows_of(t) -> np.ndarray | None:
+    """The int4 form's rows [n, k / 32, 20] (offload/quantize.py `int4_rows`: each
+    group's codes two to a byte, its float16 scale and minimum) of a Q4_0, Q4_1 or Q4_K
+    tensor, from its blocks: its own codes (Q4_K's scales and minimums are float16
+    products of its 6-bit multiples, as llama.cpp computes them in float32); None
+    for other types."""
+    import gguf
+
+    kind = t.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1", "Q4_K"):
+        return None
+    n = int(t.shape[-1])
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(n, -1)
+    if kind == "Q4_K":  # per 256: d, dmin, 12 bytes of 6-bit multiples, 128 of codes
+        blocks = raw.reshape(n, -1, 144)
+        d, dmin = (
+            blocks[..., i : i + 2].copy().view(np.float16).astype(np.float32) for i in (0, 2)
+        )
+        sc, m = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))
+        scale = (d * sc.reshape(n, -1, 8)).astype(np.float16)  # [n, blocks, 8 groups]
+        low = -(dmin * m.reshape(n, -1, 8)).astype(np.float16)
+        qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+        q = (qs & 15).reshape(n, -1, 32)  # group g of a block: run g // 2, its half g % 2
+        nibbles = q[..., :16] | (q[..., 16:] << 4)  # (byte j: codes j and j + 16)
+        parts = [nibbles, scale.reshape(n, -1, 1).view(np.uint8)]
+        parts.append(low.reshape(n, -1, 1).view(np.uint8))
+        return np.concatenate([p.reshape(n, -1, p.shape[-1]) for p in parts], axis=-1)
+    size = 20 if kind == "Q4_1" else 18  # d, (m,) then the codes as the int4 form holds them
+    blocks = raw.reshape(n, -1, size)
+    d = blocks[..., :2]
+    if kind == "Q4_1":
+        low = blocks[..., 2:4]
+    else:  # Q4_0: w = d (q - 8), a minimum of -8 d (exact in float16)
+        low = (-8 * d.copy().view(np.float16)).view(np.uint8)
+    return np.concatenate([blocks[..., size - 16 :], d, low], axis=-1)
+
+
 def load_gguf_model(
     path: Path, dtype: torch.dtype, device: torch.device, reader=None, pack=None
 ) -> Transformer:
@@ -210,8 +252,9 @@ def load_gguf_model(
         ours = rename(t.name, _GGUF_PATTERNS)
         if ours is None:
             raise ModelLoadError(f"{path}: unexpected tensor {t.name!r}")
+        codes = int4_rows_of(t) if pack and pack.takes(ours, _weight_shape(t)) else None
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = gguf.quants.dequantize(t.data, t.tensor_type) if codes is None else codes
         except Exception as e:
             raise ModelLoadError(
                 f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}"
@@ -219,6 +262,9 @@ def load_gguf_model(
         if args.arch in PERMUTED and (".attention.wq." in ours or ".attention.wk." in ours):
             heads = args.num_heads if ".wq." in ours else args.num_kv_heads
             w = _unpermute(w, heads)
+        if codes is not None:  # the file's own codes, scales and minimums
+            state[ours] = pack.put(ours, torch.from_numpy(np.ascontiguousarray(w)))
+            continue
         # Unquantized tensors come back as read-only views of the memory map: copy.
         w = np.array(w, dtype=np.float32, order="C", copy=not w.flags.writeable)
         t = torch.from_numpy(w)

@@ -288,11 +288,21 @@ class Int4Packer:
         self.rows: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if not (self.LINEAR.search(name) and t.dim() == 2 and t.shape[1] % INT4_GROUP == 0):
+        if not self.takes(name, t.shape):
             return t.to(dtype=self.dtype)
         q, scale, lo = int4_codes(t.to(self.device), INT4_GROUP)
-        self.rows[name] = int4_rows(int4_nibbles(q, INT4_GROUP), scale.half(), lo.half())
-        return torch.empty(t.shape, dtype=self.dtype, device="meta")
+        return self.put(name, int4_rows(int4_nibbles(q, INT4_GROUP), scale.half(), lo.half()))
+
+    def takes(self, name: str, shape) -> bool:
+        """Is the tensor `name` of `shape` a block linear it packs?"""
+        return bool(self.LINEAR.search(name)) and len(shape) == 2 and shape[1] % INT4_GROUP == 0
+
+    def put(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Keep a linear's rows ([n, k / 32, 20], `int4_rows`; a GGUF's own codes come
+        this way) on the device; the meta tensor that stands for its weight."""
+        self.rows[name] = rows.to(self.device)
+        n, groups, _ = rows.shape
+        return torch.empty(n, groups * INT4_GROUP, dtype=self.dtype, device="meta")
 
     def install(self, model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
         """Replace each packed linear of `model` (its weight on the meta device) by its

@@ -16,8 +16,8 @@ CPU = torch.device("cpu")
 
 
 def _quantized_as_read(monkeypatch) -> list[tuple]:
-    """The shapes `int4_codes` is given from now on (each linear quantized once: the
-    packer's, as read; `quantize_model` after the load would take the fused ones)."""
+    """The shapes `int4_codes` is given from now on (the packer's, once a linear as it is
+    read; `quantize_model` after the load would take the fused ones)."""
     seen, real = [], quantize.int4_codes
     monkeypatch.setattr(quantize, "int4_codes", lambda w, *a: seen.append(tuple(w.shape)) or real(w, *a))  # fmt: skip
     return seen
@@ -30,23 +30,28 @@ def _int4_linears(model) -> dict[str, quantize.Int4Linear]:
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
 def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch, kind):
     """`auto` on the CPU: a GGUF whose block linears are at 4 bits (Q4_0, Q4_1, Q4_K, the
-    common Q4_K_M's type) runs them at int4, each quantized as it is read (seven
-    linears, none again after the fusing); Q8_0 stays dense. The int4 weights are the
-    file's within half a step of their groups (Q4_1: exactly), the head is at int8, and
-    a decode gives the tokens of the dense model whose weights are the dequantized
-    codes. The next start maps the cached form."""
+    common Q4_K_M's type) runs them at int4 with the file's own codes, read from its
+    blocks as each linear is read (seven linears; nothing quantized, nor again after
+    the fusing); Q8_0 stays dense. The weights are the file's (Q4_K's up to the float16
+    rounding of its scales' products), the head is at int8, and a decode gives the
+    tokens of the dense model whose weights are the dequantized codes. The next start
+    maps the cached form."""
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant=kind)
-    seen = _quantized_as_read(monkeypatch)
+    seen, put = _quantized_as_read(monkeypatch), []
+    real_put = quantize.Int4Packer.put
+    monkeypatch.setattr(quantize.Int4Packer, "put",
+                        lambda self, name, rows: put.append(tuple(rows.shape[:2])) or real_put(self, name, rows))  # fmt: skip
     loaded = load(src, torch.float32, CPU, "auto")
     model = loaded.model
+    assert not seen  # (no weight quantized: the file's codes, or dense)
     if kind == "Q8_0":
-        assert model.weights == "dense" and not seen and not _int4_linears(model)
+        assert model.weights == "dense" and not put and not _int4_linears(model)
         return
     assert model.weights == "int4" and loaded.fingerprint.endswith("+int4")
     assert model.source_quant == kind
-    assert sorted(seen) == sorted([(256, 256), (128, 256), (128, 256), (256, 256),
-                                   (512, 256), (512, 256), (256, 512)])  # fmt: skip
+    assert sorted(put) == sorted([(256, 8), (128, 8), (128, 8), (256, 8),
+                                  (512, 8), (512, 8), (256, 16)])  # fmt: skip
     linears = _int4_linears(model)
     assert sorted(linears) == ["layers.0.attention.wo", "layers.0.attention.wqkv",
                                "layers.0.feed_forward.w13", "layers.0.feed_forward.w2"]  # fmt: skip
@@ -56,9 +61,10 @@ def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch
     dense = twin.loaded.model
     for name, m in linears.items():
         w, file = m.dequantized(torch.float32), dense.get_submodule(name).weight.detach()
-        half_step = m.group_scale.float().repeat_interleave(32, dim=1) / 2
-        assert torch.all((w - file).abs() <= half_step * 1.02)  # (+ float16 scales' rounding)
-        if kind == "Q4_1":
+        if kind == "Q4_K":  # (15 times a scale's rounding, and a minimum's)
+            rounding = (15 * m.group_scale.float().abs() + m.group_min.float().abs()) / 2**11
+            assert torch.all((w - file).abs() <= rounding.repeat_interleave(32, dim=1))
+        else:
             assert torch.equal(w, file)
         dense.get_submodule(name).weight.data = w
     dense.output = model.output  # (the int8 head in both)
