@@ -10,9 +10,10 @@ reads 2x or about 4x less (measured in docs/performance.md).
                                            w = scale[n, g] * (q - 8) + zero[n, g]   q in 0..15
 
 The int4 form is the one llama.cpp's Q4_1 blocks use (32 weights, a scale and a
-minimum), so the embedded GGUF's block linears come back with their own codes:
-re-quantizing a dequantized Q4_1 block gives back the same scale, minimum and
-codes (kept as float16, as Q4_1 does; the CPU kernel takes them in the model's dtype).
+minimum, kept as float16; the CPU kernel takes them in the model's dtype), so the
+embedded GGUF's block linears keep their own codes: its blocks are read into the
+form as they are, as are Q4_0's and Q4_K's (offload/gguf.py `int4_rows_of`), and
+re-quantizing a dequantized Q4_1 block would give back the same codes too.
 
 `weights = "auto"` keeps what the file has: a GGUF whose block linears are stored at
 4 bits or fewer (`INT4_SOURCES`: Q4_0, Q4_1, the K- and i-quants) runs them at int4
@@ -52,9 +53,10 @@ DEQUANT_ROWS = 4096  # rows of a weight dequantized at a time (bounds the float3
 # layers, the selection's index at a long context).
 DENSE_ROOM = 3 << 30
 INT4_BYTES = 0.5 + 2 * 2 / INT4_GROUP  # a weight's code, and its group's float16 scale and minimum
-# GGUF types of 4 bits a weight or fewer, which `auto` runs at int4 on the CPU: Q4_0 and
-# Q4_1 with their own codes, the K-quants and i-quants (Q4_K_M's Q4_K, ...) rounded to
-# Q4_1's form; dense bf16 would hold and read 3-4x the bytes.
+# GGUF types of 4 bits a weight or fewer, which `auto` runs at int4 on the CPU: Q4_0,
+# Q4_1 and Q4_K (Q4_K_M's) with their own codes (offload/gguf.py `int4_rows_of`), the
+# other K-quants and the i-quants rounded to Q4_1's form; dense bf16 would hold and
+# read 3-4x the bytes.
 INT4_SOURCES = frozenset(
     "Q4_0 Q4_1 Q2_K Q3_K Q4_K IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_NL IQ4_XS "
     "TQ1_0 TQ2_0 MXFP4".split()
