@@ -208,19 +208,26 @@ def _is_gguf(path: Path) -> bool:
 
 def read_args(name_or_path: str | Path) -> tuple[Path, ModelArgs]:
     """ModelArgs from metadata alone (config.json or GGUF header), no weights read."""
+    path, args, _ = _read_header(name_or_path)
+    return path, args
+
+
+def _read_header(name_or_path: str | Path) -> tuple[Path, ModelArgs, str | None]:
+    """`read_args`, and what a GGUF's block linears are stored as (`gguf.stored_as`)."""
     path = resolve_source(name_or_path)
     if path.is_dir():
         from offload.weights import read_hf_config
 
-        return path, read_hf_config(path)
+        return path, read_hf_config(path), None
     if path.suffix.lower() == ".gguf" or _is_gguf(path):
-        from offload.gguf import open_gguf, read_gguf_args
+        from offload.gguf import open_gguf, read_gguf_args, stored_as
 
-        return path, read_gguf_args(open_gguf(path), path)
+        reader = open_gguf(path)
+        return path, read_gguf_args(reader, path), stored_as(reader)
     if path.name == "config.json":
         from offload.weights import read_hf_config
 
-        return path, read_hf_config(path.parent)
+        return path, read_hf_config(path.parent), None
     raise ModelLoadError(f"{path}: not an HF model directory, config.json or a GGUF file")
 
 
@@ -249,7 +256,7 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
 
     if kv_dtype not in DTYPE_BYTES:
         raise ModelLoadError(f"unknown dtype {kv_dtype!r}; one of {', '.join(DTYPE_BYTES)}")
-    path, a = read_args(name_or_path)
+    path, a, stored = _read_header(name_or_path)
     head_dim = a.head_dim if a.rotary_dim is None else f"{a.head_dim} ({a.rotary_dim} rotated)"
     layout = KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
     return {
@@ -268,6 +275,15 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "rope scaling": rope_scaling_name(a),
         **({"layers without rope": len(a.nope_layers)} if a.nope_layers else {}),
         "tied embeddings": a.tie_embeddings,
+        # a GGUF's: what `model.weights = "auto"` runs on the CPU follows it
+        **(
+            {
+                "linears stored as": f"{stored} (auto on the CPU: "
+                f"{resolve_weights('auto', stored, torch.device('cpu'))})"
+            }
+            if stored
+            else {}
+        ),
         "kv dtype": kv_dtype,
         "kv_bytes_per_token": layout.token_bytes,
         "kv_bytes_full_context": layout.kv_bytes(a.max_seq_len),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from offload import Runtime, quantize
-from offload.loading import load
+from offload.loading import load, read_model_info
 from tests.conftest import write_gguf
 
 CPU = torch.device("cpu")
@@ -35,9 +35,11 @@ def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch
     the fusing); Q8_0 stays dense. The weights are the file's (Q4_K's up to the float16
     rounding of its scales' products), the head is at int8, and a decode gives the
     tokens of the dense model whose weights are the dequantized codes. The next start
-    maps the cached form."""
+    maps the cached form. `offload info` says what the file holds and what it will run."""
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant=kind)
+    form = "dense" if kind == "Q8_0" else "int4"  # (what `offload info` says it will be)
+    assert read_model_info(src)["linears stored as"] == f"{kind} (auto on the CPU: {form})"
     seen, put = _quantized_as_read(monkeypatch), []
     real_put = quantize.Int4Packer.put
     monkeypatch.setattr(quantize.Int4Packer, "put",
