@@ -252,12 +252,12 @@ def load_gguf_model(
         ours = rename(t.name, _GGUF_PATTERNS)
         if ours is None:
             raise ModelLoadError(f"{path}: unexpected tensor {t.name!r}")
-        codes = int4_rows_of(t) if pack and pack.takes(ours, _weight_shape(t)) else None
         try:
+            codes = int4_rows_of(t) if pack and pack.takes(ours, _weight_shape(t)) else None
             w = gguf.quants.dequantize(t.data, t.tensor_type) if codes is None else codes
         except Exception as e:
             raise ModelLoadError(
-                f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}"
+                f"{path}: cannot read tensor {t.name} ({t.tensor_type.name}): {e}"
             ) from None
         if args.arch in PERMUTED and (".attention.wq." in ours or ".attention.wk." in ours):
             heads = args.num_heads if ".wq." in ours else args.num_kv_heads
