@@ -240,7 +240,8 @@ def load_gguf_model(
     path: Path, dtype: torch.dtype, device: torch.device, reader=None, pack=None
 ) -> Transformer:
     """The model of a GGUF file, dequantized to `dtype` on `device`; with `pack` (an
-    `Int4Packer`), its block linears packed as they are read (offload/weights.py)."""
+    `Int4Packer`), its block linears packed as they are read (offload/weights.py), Q4_0,
+    Q4_1 and Q4_K ones with their own codes (`int4_rows_of`)."""
     import gguf
 
     reader = reader or open_gguf(path)
