@@ -123,8 +123,9 @@ def _load_hf(path: Path, dtype: torch.dtype, device: torch.device, weights: str)
         hit = weight_cache.load_cached(cached, dtype, device, weights)
         if hit is not None:
             return _loaded(path, *hit)
-    form, into, pack = _placement(weights, read_hf_config(path), dtype, device)
-    model = load_hf_model(path, dtype, into, pack)
+    args = read_hf_config(path)
+    form, into, pack = _placement(weights, args, dtype, device)
+    model = load_hf_model(path, dtype, into, pack, args)
     tokenizer = Tokenizer.from_hf_dir(path, eos_ids=model.args.eos_ids)
     loaded = _finish(path, model, tokenizer, device, form)
     if cached is not None and form != "dense":

@@ -87,12 +87,12 @@ def _shard_files(directory: Path) -> list[Path]:
 
 
 def load_hf_model(
-    directory: Path, dtype: torch.dtype, device: torch.device, pack=None
+    directory: Path, dtype: torch.dtype, device: torch.device, pack=None, args=None
 ) -> Transformer:
     """The model of an HF directory, its tensors in `dtype` on `device`, or, with `pack`
     (an `Int4Packer`), its block linears packed as they are read (the rest in host
-    memory)."""
-    args = read_hf_config(directory)
+    memory). `args`: its config, where the caller has read it already."""
+    args = args or read_hf_config(directory)
     state: dict[str, torch.Tensor] = {}
     for shard in _shard_files(directory):
         try:
