@@ -198,17 +198,19 @@ def test_a_model_too_big_for_the_gpu_decodes_at_int4_as_its_dequantized_twin(
     assert got == want
 
 
-def test_a_gguf_quantized_on_cuda_is_cached_in_that_form(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", [None, "Q4_1"])
+def test_a_gguf_quantized_on_cuda_is_cached_in_that_form(tmp_path, monkeypatch, quant):
     """The converted model's cache holds the int4 form `auto` chose; the next start
     loads it (and says why again); with room for the dense weights, `auto` no longer
-    takes the cached int4 form but converts to dense."""
+    takes the cached int4 form but converts to dense. A Q4_1 file's linears keep their
+    codes on the device (the dequantized weights are the file's)."""
     from safetensors import safe_open
 
     from offload.loading import load
     from tests.conftest import write_gguf
 
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
-    src = write_gguf(tmp_path / "m.gguf", dim=64, ff=96)
+    src = write_gguf(tmp_path / "m.gguf", dim=64, ff=96, quant=quant)
     folder = tmp_path / "cache" / "weights"
     free = [GiB]
     monkeypatch.setattr(quantize, "device_free_bytes", lambda device: free[0])
@@ -226,6 +228,9 @@ def test_a_gguf_quantized_on_cuda_is_cached_in_that_form(tmp_path, monkeypatch):
         free[0] = 80 * GiB
         dense = load(src, torch.float32, CUDA, "auto")
         assert dense.model.weights == "dense"
+        if quant:  # (the file's codes: dequantized, the dense load's weights)
+            for name, w in _dequantized(again.model).items():
+                assert torch.equal(w, dense.model.get_submodule(name).weight.cpu())
     assert list(folder.glob("*.safetensors")) == [cached]  # (the same slot, rewritten)
     with safe_open(str(cached), framework="pt") as f:
         assert json.loads(f.metadata()["offload"])["weights"] == "dense"
