@@ -223,8 +223,7 @@ def int4_rows_of(t) -> np.ndarray | None:
         qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
         q = (qs & 15).reshape(n, -1, 32)  # group g of a block: run g // 2, its half g % 2
         nibbles = q[..., :16] | (q[..., 16:] << 4)  # (byte j: codes j and j + 16)
-        parts = [nibbles, scale.reshape(n, -1, 1).view(np.uint8)]
-        parts.append(low.reshape(n, -1, 1).view(np.uint8))
+        parts = [nibbles, *(x.reshape(n, -1, 1).view(np.uint8) for x in (scale, low))]
         return np.concatenate([p.reshape(n, -1, p.shape[-1]) for p in parts], axis=-1)
     size = 20 if kind == "Q4_1" else 18  # d, (m,) then the codes as the int4 form holds them
     blocks = raw.reshape(n, -1, size)

@@ -260,6 +260,10 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
     path, a, stored = _read_header(name_or_path)
     head_dim = a.head_dim if a.rotary_dim is None else f"{a.head_dim} ({a.rotary_dim} rotated)"
     layout = KVLayout(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
+    stored_row = {}  # a GGUF's type: what `model.weights = "auto"` runs on the CPU follows it
+    if stored:
+        cpu_form = resolve_weights("auto", stored, torch.device("cpu"))
+        stored_row["linears stored as"] = f"{stored} (auto on the CPU: {cpu_form})"
     return {
         "source": str(path),
         "architecture": a.arch,
@@ -276,15 +280,7 @@ def read_model_info(name_or_path: str | Path, kv_dtype: str = "bfloat16") -> dic
         "rope scaling": rope_scaling_name(a),
         **({"layers without rope": len(a.nope_layers)} if a.nope_layers else {}),
         "tied embeddings": a.tie_embeddings,
-        # a GGUF's: what `model.weights = "auto"` runs on the CPU follows it
-        **(
-            {
-                "linears stored as": f"{stored} (auto on the CPU: "
-                f"{resolve_weights('auto', stored, torch.device('cpu'))})"
-            }
-            if stored
-            else {}
-        ),
+        **stored_row,
         "kv dtype": kv_dtype,
         "kv_bytes_per_token": layout.token_bytes,
         "kv_bytes_full_context": layout.kv_bytes(a.max_seq_len),
