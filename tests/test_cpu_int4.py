@@ -157,3 +157,22 @@ def test_a_gguf_is_taken_as_the_type_of_most_of_its_block_linears():
         == "Q4_K"
     )
     assert stored_as(reader(*embedding)) is None
+
+
+def test_the_load_memory_probe_converts_then_maps(tmp_path):
+    """scripts/probe_load_memory.py (docs/performance.md's table) at a small size: a
+    Q4_0 file loads at int4 in a fresh process, converting, then from the cache."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "scripts/probe_load_memory.py", "--layers", "1", "--dim", "256",
+           "--ff", "512", "--weights", "auto", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["start"], r["form"]) for r in rows] == [("first (converts)", "int4"),
+                                                      ("second (the cache)", "int4")]  # fmt: skip
+    assert all(r["peak_rss_gib"] > 0 and r["seconds"] > 0 for r in rows)
