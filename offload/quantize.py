@@ -17,7 +17,7 @@ re-quantizing a dequantized Q4_1 block would give back the same codes too.
 
 `weights = "auto"` keeps what the file has: a GGUF whose block linears are stored at
 4 bits or fewer (`INT4_SOURCES`: Q4_0, Q4_1, the K- and i-quants) runs them at int4
-on the CPU; everything else stays dense. Each block linear is quantized as the loader
+on the CPU, one of 5 to 8 bits (`INT8_SOURCES`) at int8; everything else stays dense. Each block linear is quantized as the loader
 reads it (`Int4Packer`), so the dense model is never whole in memory. On CUDA, `auto`
 keeps the weights dense while they leave `DENSE_ROOM` of the device free, and runs
 the block linears at int4 otherwise (a 12-14B model on a 24 GB card): there a decode
@@ -61,6 +61,10 @@ INT4_SOURCES = frozenset(
     "Q4_0 Q4_1 Q2_K Q3_K Q4_K IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_NL IQ4_XS "
     "TQ1_0 TQ2_0 MXFP4".split()
 )
+# GGUF types of 5 to 8 bits, which `auto` runs at int8 (per output channel) on the CPU:
+# half the bytes of bf16; the embedded model rewritten at Q8_0 (Q5_0) scores a 2,048-token
+# perplexity 0.06% (0.6%) above its dense weights (scripts/eval_weight_forms.py).
+INT8_SOURCES = frozenset("Q5_0 Q5_1 Q5_K Q6_K Q8_0 Q8_K".split())
 
 
 @functools.cache
@@ -352,8 +356,8 @@ def resolve_weights(
     mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0
 ) -> str:
     """The weight form to run: `auto` follows the file on the CPU (GGUF block linears of
-    4 bits or fewer, `INT4_SOURCES` -> int4); on CUDA it is dense while `dense_bytes`
-    leave `DENSE_ROOM` of the device free, else int4."""
+    4 bits or fewer, `INT4_SOURCES` -> int4; of 5 to 8, `INT8_SOURCES` -> int8); on CUDA
+    it is dense while `dense_bytes` leave `DENSE_ROOM` of the device free, else int4."""
     if mode not in WEIGHT_MODES:
         raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
     if device.type != "cpu":
@@ -366,7 +370,9 @@ def resolve_weights(
             return "dense" if dense_fits(dense_bytes, device_free_bytes(device)) else "int4"
         return mode
     if mode == "auto":
-        return "int4" if source_quant in INT4_SOURCES else "dense"
+        if source_quant in INT4_SOURCES:
+            return "int4"
+        return "int8" if source_quant in INT8_SOURCES else "dense"
     return mode
 
 

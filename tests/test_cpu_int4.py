@@ -1,7 +1,8 @@
-"""Int4 weights on the CPU as a user's files give them (offload/quantize.py, offload/loading.py):
-a GGUF stored at 4 bits or fewer runs at int4 by default, K-quants too, and a model loaded at
-int4 on the CPU has each block linear quantized as it is read (`Int4Packer`: the dense
-model is never whole), then cached in that form."""
+"""Packed weights on the CPU as a user's files give them (offload/quantize.py,
+offload/loading.py): a GGUF stored at 4 bits or fewer runs at int4 by default (K-quants
+too, Q4_0/Q4_1/Q4_K with their own codes), one of 5 to 8 bits at int8, and a model
+loaded at int4 on the CPU has each block linear put into the form as it is read
+(`Int4Packer`: the dense model is never whole), then cached in that form."""
 
 import shutil
 
@@ -27,29 +28,25 @@ def _int4_linears(model) -> dict[str, quantize.Int4Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, quantize.Int4Linear)}
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
 def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch, kind):
     """`auto` on the CPU: a GGUF whose block linears are at 4 bits (Q4_0, Q4_1, Q4_K, the
     common Q4_K_M's type) runs them at int4 with the file's own codes, read from its
     blocks as each linear is read (seven linears; nothing quantized, nor again after
-    the fusing); Q8_0 stays dense. The weights are the file's (Q4_K's up to the float16
+    the fusing). The weights are the file's (Q4_K's up to the float16
     rounding of its scales' products), the head is at int8, and a decode gives the
     tokens of the dense model whose weights are the dequantized codes. The next start
     maps the cached form. `offload info` says what the file holds and what it will run."""
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant=kind)
-    form = "dense" if kind == "Q8_0" else "int4"  # (what `offload info` says it will be)
-    assert read_model_info(src)["linears stored as"] == f"{kind} (auto on the CPU: {form})"
+    assert read_model_info(src)["linears stored as"] == f"{kind} (auto on the CPU: int4)"
     seen, put = _quantized_as_read(monkeypatch), []
     real_put = quantize.Int4Packer.put
     monkeypatch.setattr(quantize.Int4Packer, "put",
                         lambda self, name, rows: put.append(tuple(rows.shape[:2])) or real_put(self, name, rows))  # fmt: skip
     loaded = load(src, torch.float32, CPU, "auto")
     model = loaded.model
-    assert not seen  # (no weight quantized: the file's codes, or dense)
-    if kind == "Q8_0":
-        assert model.weights == "dense" and not put and not _int4_linears(model)
-        return
+    assert not seen  # (no weight quantized: the file's codes)
     assert model.weights == "int4" and loaded.fingerprint.endswith("+int4")
     assert model.source_quant == kind
     assert sorted(put) == sorted([(256, 8), (128, 8), (128, 8), (256, 8),
@@ -78,6 +75,30 @@ def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch
     prompt = "abc def ghi"
     got = [s.token_id for s in rt.stream(prompt, 8, temperature=0.0)]
     assert got == [s.token_id for s in twin.stream(prompt, 8, temperature=0.0)]
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
+def test_a_gguf_of_5_to_8_bits_runs_at_int8_on_the_cpu(tmp_path, monkeypatch, kind):
+    """`auto` on the CPU: Q5/Q6/Q8 block linears run at int8 per output channel (half the
+    bytes of bf16), within half a step of the file's weights; the head is at int8 too.
+    A file of float weights stays dense. `offload info` says which."""
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = write_gguf(tmp_path / "m.gguf", dim=64, ff=96, quant=kind)
+    assert read_model_info(src)["linears stored as"] == f"{kind} (auto on the CPU: int8)"
+    loaded = load(src, torch.float32, CPU, "auto")
+    model = loaded.model
+    assert model.weights == "int8" and loaded.fingerprint.endswith("+int8")
+    dense = load(src, torch.float32, CPU, "dense").model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, quantize.Int8Linear)}
+    assert sorted(linears) == ["layers.0.attention.wo", "layers.0.attention.wqkv",
+                               "layers.0.feed_forward.w13", "layers.0.feed_forward.w2",
+                               "output"]  # fmt: skip
+    for name, m in linears.items():
+        w, file = m.qweight.float() * m.scale[:, None], dense.get_submodule(name).weight
+        assert torch.all((w - file).abs() <= m.scale[:, None] * 0.501)
+    floats = write_gguf(tmp_path / "f.gguf", dim=64, ff=96)
+    assert read_model_info(floats)["linears stored as"] == "F32 (auto on the CPU: dense)"
+    assert load(floats, torch.float32, CPU, "auto").model.weights == "dense"
 
 
 def test_an_hf_directory_at_int4_on_the_cpu_is_packed_as_read_and_cached(
