@@ -387,8 +387,8 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
     """A minimal llama GGUF: 1 layer, dim 8 (ffn 16), byte-level vocabulary (`tokenizer` names
     another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length;
     `control`: more control tokens); `sentencepiece`: a SentencePiece BPE vocabulary
-    (`spm_vocab`) and no merges; `quant` (Q4_0, Q4_1, Q8_0, Q4_K): the type of the
-    block linears whose inputs are whole blocks of it (32; Q4_K: 256)."""
+    (`spm_vocab`) and no merges; `quant` (one gguf quantizes, Q4_0, Q4_1, Q5_0, Q8_0, or
+    Q4_K): the type of the block linears whose inputs are whole blocks of it (32; Q4_K: 256)."""
     import gguf
     import numpy as np
 
