@@ -140,6 +140,36 @@ def int4_unpacked(nibbles: torch.Tensor) -> torch.Tensor:
     return q.reshape(q.shape[0], -1).to(torch.int32)
 
 
+def codes_of_packed(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes [n, k] (0..15, uint8) of torch's packed CPU form of them
+    (`_convert_weight_to_int4pack_for_cpu`, [n, k / 2] bytes): the rows in blocks of 64,
+    each [k, 32] bytes whose byte j holds rows j (low half) and j + 32; the rows after
+    the last whole block as [k, rest / 2] bytes whose byte j holds rows 2j and 2j + 1.
+    That is torch's own layout (2.13), not a documented one: `packed_layout_known`
+    checks it in each process before the runtime relies on it."""
+    flat = packed.reshape(-1)
+    full = n // 64 * 64
+    blocks = flat[: full * k // 2].reshape(full // 64, k, 32)
+    q = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(full, k)
+    if full == n:
+        return q
+    rest = flat[full * k // 2 :].reshape(k, (n - full) // 2)
+    tail = torch.stack([rest & 15, rest >> 4], dim=2).reshape(k, n - full).t()
+    return torch.cat([q, tail])
+
+
+@functools.cache
+def packed_layout_known() -> bool:
+    """Does `codes_of_packed` read this torch's packed CPU form? (Codes of 208 x 96, a
+    whole block and a tail, packed and read back; where not, the linears keep their
+    codes twice.)"""
+    # (on the CPU whatever device a caller's context sets: the weight cache builds its
+    # modules under the meta device)
+    q = torch.randint(0, 16, (208, 96), generator=torch.Generator().manual_seed(0), device="cpu")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return torch.equal(codes_of_packed(packed, 208, 96), q.to(torch.uint8))
+
+
 def int4_rows(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """A linear's int4 form as one tensor of bytes [n, k / 32, 20], a row per output:
     each group's codes, then its float16 scale and minimum (`Int4Linear.from_rows`)."""
@@ -173,12 +203,15 @@ class Int4Linear(nn.Module):
         if empty:  # buffers of the right shapes, to be assigned (weight_cache.py)
             self.cpu_kernel = device.type == "cpu"
             g, dt = k // group, linear.weight.dtype
+            skip = ("packed", "scales_zeros")  # the CPU kernel's (`pack_for_cpu`)
+            if self.cpu_kernel:
+                skip = ("nibbles",) if packed_layout_known() else ()
             for name, shape, dtype in (("packed", (n, k // 2), torch.uint8),
                                        ("scales_zeros", (g, n, 2), dt),
                                        ("nibbles", (n, g, group // 2), torch.uint8),
                                        ("group_scale", (n, g), torch.float16),
                                        ("group_min", (n, g), torch.float16)):  # fmt: skip
-                if self.cpu_kernel or name not in ("packed", "scales_zeros"):
+                if name not in skip:
                     self.register_buffer(name, torch.empty(shape, dtype=dtype))
             return
         q, scale, lo = int4_codes(linear.weight.to(device), group)
@@ -203,7 +236,9 @@ class Int4Linear(nn.Module):
 
     def pack_for_cpu(self, q: torch.Tensor | None = None) -> None:
         """Add torch's packed form of the codes (`q`, [n, k] int32, where the caller has
-        them) and its scales in the model's dtype: the CPU kernel runs the linear now."""
+        them) and its scales in the model's dtype: the CPU kernel runs the linear now.
+        Where `codes_of_packed` reads that form, the codes two to a byte go: prefill's
+        dequantization reads the packed ones (0.75 bytes a weight instead of 1.25)."""
         q = int4_unpacked(self.nibbles) if q is None else q
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
@@ -211,6 +246,14 @@ class Int4Linear(nn.Module):
         sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).to(self.dtype).contiguous()
         self.register_buffer("scales_zeros", sz)  # [k / group, n, 2]
         self.cpu_kernel = True
+        if packed_layout_known():
+            del self.nibbles
+
+    def codes(self) -> torch.Tensor:
+        """The codes [n, k] (0..15), from whichever form the linear holds."""
+        if "nibbles" in self._buffers:
+            return int4_unpacked(self.nibbles)
+        return codes_of_packed(self.packed, self.out_features, self.in_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by)."""
@@ -218,12 +261,13 @@ class Int4Linear(nn.Module):
             return self.held
         if not self.cpu_kernel and _cuda_kernel(self.nibbles):
             return int4_kernels.dequantize(self.nibbles, self.group_scale, self.group_min, dtype)
-        n, g, half = self.nibbles.shape
-        w = torch.empty(n, 2 * g * half, dtype=dtype, device=self.nibbles.device)
+        n, k = self.out_features, self.in_features
+        w = torch.empty(n, k, dtype=dtype, device=self.group_scale.device)
+        q = self.codes()
         for r in range(0, n, DEQUANT_ROWS):
             rows = slice(r, r + DEQUANT_ROWS)
-            w[rows] = int4_kernels.dequantize_ref(
-                self.nibbles[rows], self.group_scale[rows], self.group_min[rows]
+            w[rows] = int4_kernels.dequantize_codes(
+                q[rows], self.group_scale[rows], self.group_min[rows]
             )
         return w
 
@@ -263,7 +307,7 @@ class Int4Linear(nn.Module):
 
     def rows(self) -> torch.Tensor:
         """The codes, scale and minimum of each group, [n, k / 32, 16 + 2 + 2] bytes."""
-        return int4_rows(self.nibbles, self.group_scale, self.group_min)
+        return int4_rows(int4_nibbles(self.codes(), self.group), self.group_scale, self.group_min)
 
     @classmethod
     def concat(cls, linears: list[Int4Linear]) -> Int4Linear:

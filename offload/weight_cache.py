@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 
 # 2: GGUF rope scaling (yarn, linear) read into the stored args; 3: the CPU int4 kernel's
-# scales from the float16 ones the codes keep
-CACHE_FORMAT = 3
+# scales from the float16 ones the codes keep; 4: the CPU's int4 codes held once
+CACHE_FORMAT = 4
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of the source file
 
 

@@ -67,9 +67,10 @@ def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch
             assert torch.equal(w, file)
         dense.get_submodule(name).weight.data = w
     dense.output = model.output  # (the int8 head in both)
-    seen.clear()
+    seen.clear(), put.clear()
+    quantize.packed_layout_known.cache_clear()  # (as in a new process)
     rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
-    assert not seen and rt.loaded.model.weights == "int4"  # (the cache's, mapped)
+    assert not seen and not put and rt.loaded.model.weights == "int4"  # (the cache's, mapped)
     made, read = model.state_dict(), rt.loaded.model.state_dict()
     assert made.keys() == read.keys() and all(torch.equal(made[k], read[k]) for k in made)
     prompt = "abc def ghi"
@@ -197,3 +198,22 @@ def test_the_load_memory_probe_converts_then_maps(tmp_path):
     assert [(r["start"], r["form"]) for r in rows] == [("first (converts)", "int4"),
                                                       ("second (the cache)", "int4")]  # fmt: skip
     assert all(r["peak_rss_gib"] > 0 and r["seconds"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 96, 208])
+def test_the_cpu_kernels_packed_codes_are_read_back(n):
+    """torch's packed CPU form (blocks of 64 rows, then the rest in pairs) read back to
+    the codes it was made of, so the CPU's int4 linears keep them once: a linear holds
+    the packed copy, its scales and minimums, and dequantizes from them."""
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(0, 16, (n, 96), generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert quantize.packed_layout_known()
+    assert torch.equal(quantize.codes_of_packed(packed, n, 96), q.to(torch.uint8))
+    linear = torch.nn.Linear(96, n, bias=False)
+    packed_linear = quantize.Int4Linear(linear)
+    held = {name for name, _ in packed_linear.named_buffers()}
+    assert held == {"packed", "scales_zeros", "group_scale", "group_min"}
+    q, scale, lo = quantize.int4_codes(linear.weight)
+    want = quantize.int4_kernels.dequantize_codes(q, scale.half(), lo.half())
+    assert torch.equal(packed_linear.dequantized(torch.float32), want)

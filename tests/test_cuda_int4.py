@@ -87,8 +87,11 @@ def test_int4_linear_on_cuda_keeps_the_cpu_forms_codes_and_nothing_else():
         names = {n for n, _ in gpu.named_buffers()}
         assert names == {"nibbles", "group_scale", "group_min"}
         assert all(t.is_cuda for t in gpu.state_dict().values())
+        # (the CPU form reads its codes from torch's packed copy: `codes`)
+        held = {"nibbles": quantize.int4_nibbles(cpu.codes()), "group_scale": cpu.group_scale,
+                "group_min": cpu.group_min}  # fmt: skip
         for name in names:
-            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name))
+            assert torch.equal(getattr(gpu, name).cpu(), held[name])
         xc = x.to(CUDA)
         one = gpu(xc[:1]).cpu()  # the kernel
         many = gpu(xc).cpu()  # past its rows: the weight dequantized, one matmul

@@ -40,9 +40,15 @@ DEQUANT_BLOCK_G = 16
 
 def dequantize_ref(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """The weight [N, K] in float32: nibbles [N, G, 16] uint8, scale and lo [N, G]."""
-    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).float()  # [N, G, 32]
-    w = q.mul_(scale.float()[..., None]).add_(lo.float()[..., None])
-    return w.reshape(nibbles.shape[0], -1)
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # [N, G, 32]
+    return dequantize_codes(q.reshape(q.shape[0], -1), scale, lo)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] in float32 from its codes [N, K] (0..15), scale and lo [N, G]."""
+    n, g = scale.shape
+    w = q.reshape(n, g, -1).float().mul_(scale.float()[..., None]).add_(lo.float()[..., None])
+    return w.reshape(n, -1)
 
 
 def int4_matmul_ref(x, nibbles, scale, lo) -> torch.Tensor:
