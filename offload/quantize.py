@@ -307,7 +307,10 @@ class Int4Linear(nn.Module):
 
     def rows(self) -> torch.Tensor:
         """The codes, scale and minimum of each group, [n, k / 32, 16 + 2 + 2] bytes."""
-        return int4_rows(int4_nibbles(self.codes(), self.group), self.group_scale, self.group_min)
+        held = self._buffers.get("nibbles")  # (CUDA's form, and the CPU's pieces before
+        # `pack_for_cpu`: as they are, without unpacking them)
+        nibbles = int4_nibbles(self.codes(), self.group) if held is None else held
+        return int4_rows(nibbles, self.group_scale, self.group_min)
 
     @classmethod
     def concat(cls, linears: list[Int4Linear]) -> Int4Linear:
