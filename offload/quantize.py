@@ -134,12 +134,6 @@ def int4_nibbles(q: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     return qg[..., : group // 2] | (qg[..., group // 2 :] << 4)
 
 
-def int4_unpacked(nibbles: torch.Tensor) -> torch.Tensor:
-    """`int4_nibbles`' codes back as [n, k] int32 (0..15)."""
-    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # [n, k / group, group]
-    return q.reshape(q.shape[0], -1).to(torch.int32)
-
-
 def codes_of_packed(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The codes [n, k] (0..15, uint8) of torch's packed CPU form of them
     (`_convert_weight_to_int4pack_for_cpu`, [n, k / 2] bytes): the rows in blocks of 64,
@@ -235,11 +229,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("group_min", lo)
 
     def pack_for_cpu(self, q: torch.Tensor | None = None) -> None:
-        """Add torch's packed form of the codes (`q`, [n, k] int32, where the caller has
-        them) and its scales in the model's dtype: the CPU kernel runs the linear now.
-        Where `codes_of_packed` reads that form, the codes two to a byte go: prefill's
+        """Add torch's packed form of the codes (`q`, [n, k], where the caller has them)
+        and its scales in the model's dtype: the CPU kernel runs the linear now. Where
+        `codes_of_packed` reads that form, the codes two to a byte go: prefill's
         dequantization reads the packed ones (0.75 bytes a weight instead of 1.25)."""
-        q = int4_unpacked(self.nibbles) if q is None else q
+        q = (int4_kernels.unpacked(self.nibbles) if q is None else q).to(torch.int32)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # The kernel's convention: w = scale * (q - 8) + zero, per [group, row].
         scale, lo = self.group_scale.float(), self.group_min.float()
@@ -252,7 +246,7 @@ class Int4Linear(nn.Module):
     def codes(self) -> torch.Tensor:
         """The codes [n, k] (0..15), from whichever form the linear holds."""
         if "nibbles" in self._buffers:
-            return int4_unpacked(self.nibbles)
+            return int4_kernels.unpacked(self.nibbles)
         return codes_of_packed(self.packed, self.out_features, self.in_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:

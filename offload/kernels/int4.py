@@ -38,10 +38,16 @@ DEQUANT_BLOCK_N = 16  # a dequantization program's rows and groups: 16 x 16 x 32
 DEQUANT_BLOCK_G = 16
 
 
+def unpacked(nibbles: torch.Tensor) -> torch.Tensor:
+    """The codes [N, K] (0..15, uint8) of nibbles [N, G, 16]: byte j of a group holds
+    codes j (low half) and j + 16 (high half)."""
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # [N, G, 32]
+    return q.reshape(q.shape[0], -1)
+
+
 def dequantize_ref(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """The weight [N, K] in float32: nibbles [N, G, 16] uint8, scale and lo [N, G]."""
-    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # [N, G, 32]
-    return dequantize_codes(q.reshape(q.shape[0], -1), scale, lo)
+    return dequantize_codes(unpacked(nibbles), scale, lo)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
