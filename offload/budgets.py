@@ -54,19 +54,33 @@ class Budgets:
     disk_bytes: int
 
 
-BUSY_CORE = 50.0  # percent: a core this busy when we start is left to whoever uses it
+BUSY_CORE = 50.0  # percent: others' work of half a core or more when we start leaves them one
 THREADS_SAMPLE_SECONDS = 0.05
 
 
 def machine_threads() -> int:
-    """Intra-op threads when `model.threads = 0`: one per core that is not busy now.
+    """Intra-op threads when `model.threads = 0`: one per core that other processes
+    leave free now.
 
     torch's default (one per core) collapses when another process uses a core: its
     threads wait on each other at every op. Measured on a 2-core machine, 40 tokens of
     the embedded model: idle, 2 threads 80 tok/s and 1 thread 54; with one core busy,
-    2 threads 24 tok/s and 1 thread 65 (docs/performance.md)."""
+    2 threads 24 tok/s and 1 thread 65 (docs/performance.md).
+
+    This process's own work during the sample is not another's: a session load hashes
+    its files on a thread meanwhile, and counted as busy, that thread took a core of a
+    2-core machine away from every question asked after the load."""
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:2])
     busy = psutil.cpu_percent(interval=THREADS_SAMPLE_SECONDS, percpu=True)
-    return max(1, sum(p < BUSY_CORE for p in busy))
+    return free_cores(busy, (sum(me.cpu_times()[:2]) - own) / THREADS_SAMPLE_SECONDS)
+
+
+def free_cores(busy_percent: list[float], own_cores: float) -> int:
+    """The cores left to us, at least one: those the machine's work (percent of each
+    core) less ours (in cores) does not take, a core's worth taken from half of one."""
+    others = max(0.0, sum(busy_percent) / 100 - own_cores)
+    return max(1, len(busy_percent) - int(others + 1 - BUSY_CORE / 100))
 
 
 def default_disk_dir() -> Path:

@@ -102,3 +102,26 @@ def test_threads_are_bounded_by_the_machine_and_default_to_idle_cores(monkeypatc
     assert machine_threads() == 2  # the two cores that are not busy
     monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [100.0, 99.0])
     assert machine_threads() == 1  # never zero
+
+    def busy_here(interval, percpu):  # this process keeps a core busy during the sample
+        me = psutil.Process()
+        start = sum(me.cpu_times()[:2])
+        while sum(me.cpu_times()[:2]) - start < interval:
+            pass
+        return [100.0, 1.0]
+
+    monkeypatch.setattr(psutil, "cpu_percent", busy_here)
+    assert machine_threads() == 2  # our own work (a session load's hashing) is not another's
+
+
+def test_free_cores_counts_other_processes_work_not_ours():
+    from offload.budgets import free_cores
+
+    assert free_cores([0.0, 0.0], 0.0) == 2
+    assert free_cores([100.0, 0.0], 0.0) == 1
+    assert free_cores([100.0, 0.0], 1.0) == 2  # that core was ours
+    assert free_cores([55.0, 50.0], 1.0) == 2  # ours moved between the cores
+    assert free_cores([60.0, 60.0, 10.0, 0.0], 0.0) == 3  # 1.3 cores: one taken
+    assert free_cores([60.0, 60.0, 40.0, 0.0], 0.0) == 2  # 1.6 cores: two taken
+    assert free_cores([60.0, 60.0, 40.0, 0.0], 0.2) == 3  # 1.4 of them others'
+    assert free_cores([100.0, 100.0], 0.0) == 1
