@@ -138,7 +138,7 @@ def sampling_options(fn):
         (("--repeat-penalty",), dict(type=click.FloatRange(0, 100, min_open=True),
                                      help="> 1 discourages repeating the last 64 tokens.")),
         (("--stop",), dict(multiple=True, help="End the answer at this text (repeatable).")),
-        (("--threads",), dict(type=click.IntRange(0), help="CPU threads (0: one per idle core).")),
+        (("--threads",), dict(type=click.IntRange(0), help="CPU threads (0: one per core other processes leave free, followed as they change).")),
     ]):  # fmt: skip
         fn = click.option(*decl, default=None, **kw)(fn)
     return fn

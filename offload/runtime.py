@@ -23,7 +23,7 @@ import torch
 from offload import caches
 from offload.attention import SelectionStats
 from offload.backend import Backend
-from offload.budgets import device_memory, machine_threads, out_of_memory
+from offload.budgets import CoreWatch, device_memory, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
 from offload.errors import ConfigError, ContextLengthError, OffloadError
@@ -106,6 +106,9 @@ class Runtime:
         # The session loaded from or last saved to: a save there needs no `replace` while
         # no other saver has saved there since (offload/session.py, `SessionRef`).
         self.session_ref: SessionRef | None = None
+        # `model.threads = 0`: the threads follow the cores other processes leave free
+        # (set by `from_pretrained`, which takes the first sample before the load)
+        self.cores: CoreWatch | None = None
 
     @classmethod
     def from_pretrained(
@@ -129,11 +132,15 @@ class Runtime:
         if overrides:
             cfg = cfg.replace(**overrides)
         device = pick_device(cfg.model.device)
-        torch.set_num_threads(cfg.model.threads or machine_threads())
+        cores = None if cfg.model.threads else CoreWatch()
+        if cores is None:
+            torch.set_num_threads(cfg.model.threads)
         dtype = getattr(torch, cfg.model.dtype)
         with device_memory("loading the model"):
             loaded = load(name_or_path, dtype, device, cfg.model.weights, cfg.model.rope_scaling)
-            return cls(loaded, cfg, device)
+            rt = cls(loaded, cfg, device)
+        rt.cores = cores
+        return rt
 
     # -- pieces --------------------------------------------------------------
 
@@ -220,11 +227,13 @@ class Runtime:
         self.thinking_opened = opened_in(ids, self.tokenizer)  # (the answer starts in a block)
         steps = apply_stops(generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
-            prefill_chunk=g.prefill_chunk, progress=progress,
+            prefill_chunk=g.prefill_chunk, progress=self._following(progress),
         ), stops)  # fmt: skip
         last_token = None
         try:
             for step in steps:
+                if self.cores is not None:
+                    self.cores.check()
                 if last_token is not None:  # the previous token is now in the cache
                     state.ids.append(last_token)
                 last_token = step.token_id
@@ -245,6 +254,20 @@ class Runtime:
             if state.cache.num_tokens != len(state.ids):
                 state.keep_finished()
             state.computed(len(ids), len(state.ids), 1)  # decode: one token a pass
+
+    def _following(self, progress: Progress | None) -> Progress | None:
+        """`progress`, and the threads following the machine (`CoreWatch`) at each of its
+        calls: a long prefill reports after every chunk."""
+        if self.cores is None:
+            return progress
+        cores = self.cores
+
+        def following(done: int, total: int, what: str) -> None:
+            cores.check()
+            if progress is not None:
+                progress(done, total, what)
+
+        return following
 
     # -- public API ----------------------------------------------------------
 
@@ -339,7 +362,7 @@ class Runtime:
                     self._state.cache,
                     new_ids,
                     self.config.generation.prefill_chunk,
-                    progress,
+                    self._following(progress),
                 )
             prefill_s = time.perf_counter() - t
             self._state.cache.finish_prefill(progress)

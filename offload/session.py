@@ -124,6 +124,7 @@ def load_state(
         if isinstance(model, Runtime):
             cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
             rt = Runtime(model.loaded, cfg.replace(**overrides) if overrides else cfg, model.device)
+            rt.cores = model.cores
         else:
             # The user names the model (the default one otherwise): a session never chooses
             # which file is opened; its fingerprint must match what is loaded.

@@ -1,6 +1,7 @@
 """Config files, presets, overrides and size parsing."""
 
 import pytest
+import torch
 
 from offload.config import RuntimeConfig, parse_bytes
 from offload.errors import ConfigError
@@ -86,32 +87,71 @@ def test_decode_speed_settings_are_checked(key, value, message):
         RuntimeConfig().replace(**{key: value})
 
 
-def test_threads_are_bounded_by_the_machine_and_default_to_idle_cores(monkeypatch):
+def test_threads_are_bounded_by_the_machine():
     import os
 
-    import psutil
-
-    from offload.budgets import machine_threads
     from offload.config import ModelSection
 
     with pytest.raises(
         ConfigError, match=f"model.threads: must be between 0 .* {os.cpu_count()} CPUs, got 1000000"
     ):
         ModelSection(threads=1_000_000)
-    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [97.0, 3.0, 12.0, 80.0])
-    assert machine_threads() == 2  # the two cores that are not busy
-    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [100.0, 99.0])
-    assert machine_threads() == 1  # never zero
 
-    def busy_here(interval, percpu):  # this process keeps a core busy during the sample
-        me = psutil.Process()
-        start = sum(me.cpu_times()[:2])
-        while sum(me.cpu_times()[:2]) - start < interval:
-            pass
-        return [100.0, 1.0]
 
-    monkeypatch.setattr(psutil, "cpu_percent", busy_here)
-    assert machine_threads() == 2  # our own work (a session load's hashing) is not another's
+class ScriptedMachine:
+    """`budgets.cpu_sample` of a machine whose cores' and our process's work per sample
+    window follow a script: each window, the busy share of each core and our cores."""
+
+    def __init__(self, windows):
+        self.windows = list(windows)
+        self.cores, self.own, self.clock, self.last = None, 0.0, 0.0, 0.0
+
+    def sample(self, me):
+        if self.cores is None:  # the mark before the first window
+            self.cores = [(0.0, 0.0)] * len(self.windows[0][0])
+        else:
+            busy, own = self.windows.pop(0)
+            self.cores = [
+                (b + share, t + 1.0) for (b, t), share in zip(self.cores, busy, strict=True)
+            ]
+            self.own += own * (self.clock - self.last)
+        self.last = self.clock
+        return list(self.cores), self.own
+
+    def monotonic(self):
+        return self.clock
+
+
+def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
+    """`model.threads = 0`: one thread per core that others leave free, at the start and
+    then over each second of a request; our own work is not another's."""
+    from offload import budgets
+
+    machine = ScriptedMachine([
+        ([1.0, 0.0, 0.0, 0.0], 0.0),  # the start: another process on one core
+        ([1.0, 1.0, 1.0, 1.0], 3.0),  # our 3 threads and that process
+        ([1.0, 1.0, 1.0, 0.2], 3.0),  # it ended
+        ([1.0, 1.0, 1.0, 1.0], 4.0),
+        ([1.0, 1.0, 1.0, 1.0], 2.0),  # two more processes started (2 cores of theirs)
+    ])  # fmt: skip
+    monkeypatch.setattr(budgets, "cpu_sample", machine.sample)
+    monkeypatch.setattr(budgets.time, "monotonic", machine.monotonic)
+    monkeypatch.setattr(budgets.time, "sleep", lambda s: None)
+    before = torch.get_num_threads()
+    try:
+        watch = budgets.CoreWatch()
+        assert watch.threads == torch.get_num_threads() == 3
+        machine.clock = 0.5
+        watch.check()  # within the second: no sample
+        assert len(machine.windows) == 4
+        threads = []
+        for _ in range(4):
+            machine.clock += budgets.THREADS_CHECK_SECONDS
+            watch.check()
+            threads.append(torch.get_num_threads())
+        assert threads == [3, 4, 4, 2]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_free_cores_counts_other_processes_work_not_ours():
