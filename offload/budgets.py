@@ -78,10 +78,15 @@ class CoreWatch:
 
     def __init__(self):
         self.me = psutil.Process()
+        self.threads = torch.get_num_threads()
         self._mark()
+
+    def start(self) -> CoreWatch:
+        """Take the first sample (50 ms) and set the threads by it."""
         time.sleep(THREADS_SAMPLE_SECONDS)
         self.threads = self._free()
         torch.set_num_threads(self.threads)
+        return self
 
     def _mark(self) -> None:
         self.at = time.monotonic()

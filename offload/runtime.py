@@ -132,7 +132,7 @@ class Runtime:
         if overrides:
             cfg = cfg.replace(**overrides)
         device = pick_device(cfg.model.device)
-        cores = None if cfg.model.threads else CoreWatch()
+        cores = None if cfg.model.threads else CoreWatch().start()
         if cores is None:
             torch.set_num_threads(cfg.model.threads)
         dtype = getattr(torch, cfg.model.dtype)

@@ -139,7 +139,7 @@ def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
     monkeypatch.setattr(budgets.time, "sleep", lambda s: None)
     before = torch.get_num_threads()
     try:
-        watch = budgets.CoreWatch()
+        watch = budgets.CoreWatch().start()
         assert watch.threads == torch.get_num_threads() == 3
         machine.clock = 0.5
         watch.check()  # within the second: no sample
