@@ -3,7 +3,7 @@
 On a terminal, input is read with prompt_toolkit: line editing, history (up and
 down arrows), and bracketed paste, so a pasted block of many lines, however long,
 arrives as one turn. Ctrl-C stops an answer being generated and returns to the
-prompt (at the prompt it clears the line); Ctrl-D or /exit quits (in a terminal, a chat
+prompt, the answer so far kept in the conversation (at the prompt it clears the line); Ctrl-D or /exit quits (in a terminal, a chat
 with turns its session on disk lacks says so once first). When standard input is not a
 terminal (a pipe, a script), each line is one turn.
 
@@ -167,7 +167,7 @@ def save(conv, console: Console, args: str) -> bool:
 
 
 def answer(rt, conv, console: Console, text: str, max_new_tokens, sampling) -> None:
-    """Stream one answer; Ctrl-C stops it (the conversation keeps the turns before)."""
+    """Stream one answer; Ctrl-C stops it (what it said stays in the conversation)."""
     bar = PrefillBar(console)
     console.print("[bold blue]assistant>[/] ", end="")
     step = None

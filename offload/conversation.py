@@ -179,10 +179,22 @@ class Conversation:
             )
             raise ContextLengthError(f"{e}; {hint}") from None
         pieces: list[str] = []
-        for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
-            pieces.append(step.text)
-            yield step
-        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+        try:
+            for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
+                pieces.append(step.text)
+                yield step
+        except (GeneratorExit, KeyboardInterrupt):
+            # Stopped (Ctrl-C, or a consumer that closes the stream): the answer stays in
+            # the conversation as far as it got, as it stays on the screen, and the next
+            # turn can refer to it (its KV is in the cache already). Stopped before its
+            # first token, the turn is not part of the conversation.
+            if pieces:
+                self._answered(messages, "".join(pieces), first)
+            raise
+        self._answered(messages, "".join(pieces), first)
+
+    def _answered(self, messages: list[dict[str, str]], answer: str, first: bool) -> None:
+        self.messages = messages + [{"role": "assistant", "content": answer}]
         if first:  # (the exchange holding the document stays)
             self.pinned = len(self.messages)
 

@@ -179,6 +179,40 @@ def test_a_chat_interrupted_inside_its_first_prefill_answers_as_a_fresh_one(tiny
     assert conv.send("ab cd", max_new_tokens=4, temperature=0) == want
 
 
+@pytest.mark.parametrize("stop", ["close", "interrupt"])
+def test_a_stopped_answer_stays_in_the_chat_as_far_as_it_got(tiny_dirs, stop):
+    """Ctrl-C after some tokens of an answer (the command line closes the stream between
+    steps; an interrupt may also come inside one): the answer so far stays in the
+    conversation, as on the screen, and the next turn answers as one whose history held
+    it from the start. (Stopped in its prefill, the turn is not kept: the test above.)"""
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    conv = rt.chat(system="sys")
+    steps = conv.stream("ab cd ef", max_new_tokens=12, temperature=0)
+    said = [next(steps).text for _ in range(5)]
+    if stop == "close":
+        steps.close()
+    else:
+        layer = rt.model.layers[1]
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        layer.forward = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            next(steps)
+        del layer.forward
+    assert conv.messages == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "ab cd ef"},
+        {"role": "assistant", "content": "".join(said)},
+    ]
+    after = conv.send("gh ij", max_new_tokens=6, temperature=0)
+    fresh = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    resumed = fresh.chat(system="sys")
+    resumed.messages = list(conv.messages[:3])
+    assert resumed.send("gh ij", max_new_tokens=6, temperature=0) == after
+
+
 @pytest.mark.parametrize("mode", ["auto", "sparse"])
 def test_an_answer_stopped_inside_a_step_keeps_the_document(tiny_dirs, mode):
     """Ctrl-C inside a decode step of an answer about a loaded document: the document's KV
