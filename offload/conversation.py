@@ -58,6 +58,7 @@ class KVState:
         prefill, reused).
 
         With `need_logits` at least one token is left to prefill (its logits start decoding)."""
+        self.cache.check_open()
         n = 0
         limit = min(len(self.ids), len(ids) - need_logits)
         while n < limit and self.ids[n] == ids[n]:

@@ -20,6 +20,7 @@ import torch
 
 from offload.attention import SparsePolicy, TieredLayer, gqa_attention
 from offload.backend import Backend
+from offload.errors import OffloadError
 from offload.graphs import DecodeStep, DensePlan
 from offload.pipeline import Prefetcher
 from offload.tiered_step import TieredPlan
@@ -139,6 +140,7 @@ class KVCache:
         self.device_limit: int | None = None
         self.outgrow: Callable[[KVCache], None] | None = None
         self._decoding = False  # inside `decoding()`
+        self.closed = False
 
     def use_step(self, model, backend: Backend, hit_factor: float | None = None) -> None:
         """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`);
@@ -270,6 +272,7 @@ class KVCache:
         closed cache something still refers to (a runtime after `close`, a state replaced
         by a loaded session's) holds no device or host memory: the layers, the step, the
         store's tiers, the index."""
+        self.closed = True
         if self.step is not None:
             self.step.close()
         if self.store is not None:
@@ -278,6 +281,15 @@ class KVCache:
         if self.policy is not None:
             self.policy.release()
         self.layers, self.step, self.prefetcher = [], None, None
+
+    def check_open(self) -> None:
+        """A request or a save on a closed cache is one clear error, not whatever its
+        released buffers would raise."""
+        if self.closed:
+            raise OffloadError(
+                "this KV cache was closed (Runtime.close, Conversation.close, or the end of "
+                "a `with` block) and holds nothing now: make a new Runtime or chat"
+            )
 
     @classmethod
     def dense(

@@ -48,6 +48,7 @@ def save_state(
     figures and the session written. A session already at `path` is replaced only with
     `replace`, or where it is `own` (the saver's, as the saver left it)."""
     cache = state.cache
+    cache.check_open()
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
     path = Path(path)

@@ -285,6 +285,35 @@ def test_python_api_misuse_is_one_error_naming_it(tiny_dirs):
             Runtime.from_pretrained(path, device="cuda")
 
 
+def test_a_closed_runtime_says_so(tiny_dirs, tmp_path):
+    """Closed (`close`, a `with` block), a runtime's requests and saves are one error
+    naming that, not what its released buffers would raise (a `zip` deep inside), and a
+    save writes nothing; a chat made after, or handed the document before, has its own
+    cache and goes on."""
+    from offload import OffloadError
+
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32")
+    rt.load_document("ab cd ef gh")
+    about = rt.chat_about_document()
+    rt.generate("ab", max_new_tokens=2)
+    with rt:
+        pass
+    rt.close()  # (again: nothing)
+    closed = "this KV cache was closed .* make a new Runtime or chat"
+    for use in (
+        lambda: rt.generate("ab", max_new_tokens=2),
+        lambda: rt.save_session(tmp_path / "s"),
+        lambda: rt.load_document("ij"),
+    ):
+        with pytest.raises(OffloadError, match=closed):
+            use()
+    assert not (tmp_path / "s").exists()
+    later = rt.chat()
+    for chat in (about, later):
+        chat.send("kl", max_new_tokens=2)
+        assert chat.context_tokens > 0 and chat.messages[-1]["role"] == "assistant"
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
