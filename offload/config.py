@@ -84,7 +84,7 @@ WEIGHT_MODES = ("auto", "dense", "int8", "int4")
 class ModelSection:
     dtype: str = "bfloat16"  # weights and KV; bf16 is about 2x faster than fp32 on CPU here
     device: str = "auto"  # "auto" picks cuda when present, else cpu
-    threads: int = 0  # torch intra-op threads; 0: one per core others leave free (budgets.py)
+    threads: int = 0  # torch intra-op threads; 0: one per core others leave free (cores.py)
     weights: str = (
         "auto"  # auto | dense | int8 | int4 (CPU weight-only kernels; offload/quantize.py)
     )

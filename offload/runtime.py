@@ -23,9 +23,10 @@ import torch
 from offload import caches
 from offload.attention import SelectionStats
 from offload.backend import Backend
-from offload.budgets import CoreWatch, device_memory, out_of_memory
+from offload.budgets import device_memory, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
 from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
+from offload.cores import CoreWatch
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
     Progress,

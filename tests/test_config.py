@@ -1,7 +1,6 @@
 """Config files, presets, overrides and size parsing."""
 
 import pytest
-import torch
 
 from offload.config import RuntimeConfig, parse_bytes
 from offload.errors import ConfigError
@@ -96,72 +95,3 @@ def test_threads_are_bounded_by_the_machine():
         ConfigError, match=f"model.threads: must be between 0 .* {os.cpu_count()} CPUs, got 1000000"
     ):
         ModelSection(threads=1_000_000)
-
-
-class ScriptedMachine:
-    """`budgets.cpu_sample` of a machine whose cores' and our process's work per sample
-    window follow a script: each window, the busy share of each core and our cores."""
-
-    def __init__(self, windows):
-        self.windows = list(windows)
-        self.cores, self.own, self.clock, self.last = None, 0.0, 0.0, 0.0
-
-    def sample(self, me):
-        if self.cores is None:  # the mark before the first window
-            self.cores = [(0.0, 0.0)] * len(self.windows[0][0])
-        else:
-            busy, own = self.windows.pop(0)
-            self.cores = [
-                (b + share, t + 1.0) for (b, t), share in zip(self.cores, busy, strict=True)
-            ]
-            self.own += own * (self.clock - self.last)
-        self.last = self.clock
-        return list(self.cores), self.own
-
-    def monotonic(self):
-        return self.clock
-
-
-def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
-    """`model.threads = 0`: one thread per core that others leave free, at the start and
-    then over each second of a request; our own work is not another's."""
-    from offload import budgets
-
-    machine = ScriptedMachine([
-        ([1.0, 0.0, 0.0, 0.0], 0.0),  # the start: another process on one core
-        ([1.0, 1.0, 1.0, 1.0], 3.0),  # our 3 threads and that process
-        ([1.0, 1.0, 1.0, 0.2], 3.0),  # it ended
-        ([1.0, 1.0, 1.0, 1.0], 4.0),
-        ([1.0, 1.0, 1.0, 1.0], 2.0),  # two more processes started (2 cores of theirs)
-    ])  # fmt: skip
-    monkeypatch.setattr(budgets, "cpu_sample", machine.sample)
-    monkeypatch.setattr(budgets.time, "monotonic", machine.monotonic)
-    monkeypatch.setattr(budgets.time, "sleep", lambda s: None)
-    before = torch.get_num_threads()
-    try:
-        watch = budgets.CoreWatch().start()
-        assert watch.threads == torch.get_num_threads() == 3
-        machine.clock = 0.5
-        watch.check()  # within the second: no sample
-        assert len(machine.windows) == 4
-        threads = []
-        for _ in range(4):
-            machine.clock += budgets.THREADS_CHECK_SECONDS
-            watch.check()
-            threads.append(torch.get_num_threads())
-        assert threads == [3, 4, 4, 2]
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_free_cores_counts_other_processes_work_not_ours():
-    from offload.budgets import free_cores
-
-    assert free_cores([0.0, 0.0], 0.0) == 2
-    assert free_cores([100.0, 0.0], 0.0) == 1
-    assert free_cores([100.0, 0.0], 1.0) == 2  # that core was ours
-    assert free_cores([55.0, 50.0], 1.0) == 2  # ours moved between the cores
-    assert free_cores([60.0, 60.0, 10.0, 0.0], 0.0) == 3  # 1.3 cores: one taken
-    assert free_cores([60.0, 60.0, 40.0, 0.0], 0.0) == 2  # 1.6 cores: two taken
-    assert free_cores([60.0, 60.0, 40.0, 0.0], 0.2) == 3  # 1.4 of them others'
-    assert free_cores([100.0, 100.0], 0.0) == 1
