@@ -3,9 +3,10 @@
 On a terminal, input is read with prompt_toolkit: line editing, history (up and
 down arrows), and bracketed paste, so a pasted block of many lines, however long,
 arrives as one turn. Ctrl-C stops an answer being generated and returns to the
-prompt, the answer so far kept in the conversation (at the prompt it clears the line); Ctrl-D or /exit quits (in a terminal, a chat
-with turns its session on disk lacks says so once first). When standard input is not a
-terminal (a pipe, a script), each line is one turn.
+prompt, the answer so far kept in the conversation (at the prompt it clears the
+line); Ctrl-D or /exit quits (in a terminal, a chat with turns its session on disk
+lacks says so once first). When standard input is not a terminal (a pipe, a script),
+each line is one turn.
 
 Commands: /reset, /stats, /save [--replace] DIR, /file PATH [text] (a PATH with spaces
 in quotes), /exit.
