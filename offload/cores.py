@@ -107,7 +107,10 @@ def cpu_quota(root: Path = Path("/sys/fs/cgroup"), cgroup: Path = Path("/proc/se
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         here = path.lstrip("/")
         if controllers == "":  # v2
             read = [(root / here / "cpu.max", None)]

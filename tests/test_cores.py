@@ -97,6 +97,7 @@ def test_free_cores_counts_other_processes_work_not_ours():
         ),  # v1
         ({"cgroup": "1:cpu:/\n", "cpu/cpu.cfs_quota_us": "-1\n"}, None),  # v1, no quota
         ({"cgroup": "0::/gone\n"}, None),  # no such files
+        ({"cgroup": "\nnot a cgroup line\n0::/\n", "cpu.max": "150000 100000"}, 2),
     ],
 )
 def test_a_cgroups_cpu_quota_caps_the_threads(tmp_path, files, want):
