@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from offload import caches
+from offload import caches, request_stats
 from offload.attention import SelectionStats
 from offload.backend import Backend
 from offload.budgets import device_memory, out_of_memory
@@ -224,7 +224,7 @@ class Runtime:
             state.cache.policy.stats = SelectionStats(recall=recall)
             if state.cache.prefetcher is not None:
                 state.cache.prefetcher.stats = PrefetchStats()
-        self._stats = _request_stats(len(ids), reused, len(new_ids))
+        self._stats = request_stats.new_request(len(ids), reused, len(new_ids))
         self.thinking_opened = opened_in(ids, self.tokenizer)  # (the answer starts in a block)
         steps = apply_stops(generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
@@ -470,53 +470,5 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """Figures of the last request and the current cache."""
-        s = dict(self._stats) if self._stats else _request_stats(0, 0, 0)
-        cache = self._last_state.cache
-        s["context_tokens"] = cache.num_tokens
-        s["kv_bytes"] = cache.tier_bytes()
-        if cache.store is not None:
-            s["tier_reads"] = dict(cache.store.reads.count)
-            s["tier_read_bytes"] = dict(cache.store.reads.nbytes)
-            s["spilled_chunks"] = cache.store.spilled_chunks
-            st, sel = cache.policy.stats, self.config.selection
-            s["selection"] = {
-                "mode": sel.mode,
-                "selector": sel.selector,
-                "sparse_layer_steps": st.sparse_steps,
-                "reused_layer_steps": st.reused_steps,  # (of those: selection.reuse)
-                "dense_layer_steps": st.dense_steps,
-                "sparse_layer_prefill_chunks": st.sparse_chunks,
-                "index_seconds": st.index_seconds,
-                "selection_seconds": st.selection_seconds,
-                "fetch_seconds": st.fetch_seconds,
-                "selection_seconds_per_layer": dict(sorted(st.layer_selection_seconds.items())),
-            }
-            steps = max(s["decode_tokens"] - 1, 1)
-            s["read_bytes_per_token"] = {t: n / steps for t, n in cache.store.reads.nbytes.items()}
-            if cache.prefetcher is not None:
-                s["prefetch"] = {"speculate": cache.prefetcher.speculate,
-                                 **cache.prefetcher.stats.summary()}  # fmt: skip
-            # Tokens attended per KV head per layer at the last sparse step.
-            s["budget"] = {"sink": sel.sink, "window": sel.window, "retrieved": st.last_retrieved,
-                           "total": sel.sink + sel.window + st.last_retrieved}  # fmt: skip
-        s["prefill_tokens_per_second"] = _rate(s["prefill_tokens"], s["prefill_seconds"])
-        # The first token comes with the prefill; later ones each cost one decode step.
-        s["decode_tokens_per_second"] = _rate(max(s["decode_tokens"] - 1, 0), s["decode_seconds"])
-        return s
-
-
-def _request_stats(prompt_tokens: int, reused_tokens: int, prefill_tokens: int) -> dict[str, Any]:
-    """The per-request figures of `stats()`, before any step has run."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "reused_tokens": reused_tokens,
-        "prefill_tokens": prefill_tokens,
-        "prefill_seconds": 0.0,
-        "decode_tokens": 0,
-        "decode_seconds": 0.0,
-        "finish_reason": None,
-    }
-
-
-def _rate(n: int, seconds: float) -> float:
-    return n / seconds if seconds > 0 else 0.0
+        request = self._stats or request_stats.new_request(0, 0, 0)
+        return request_stats.figures(request, self._last_state.cache, self.config.selection)
