@@ -273,9 +273,7 @@ def load_gguf_model(
         state = {n.replace(".w3.", ".w13."): w for n, w in state.items()}
         if pack:
             pack.rows = {n.replace(".w3.", ".w13."): r for n, r in pack.rows.items()}
-    model = build_model(args, split_fused(state, args), str(path), pack)
-    model.source_quant = stored_as(reader)
-    return model
+    return build_model(args, split_fused(state, args), str(path), pack)
 
 
 def stored_as(reader) -> str | None:

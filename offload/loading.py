@@ -149,6 +149,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, weights: st
         args, source_quant = read_gguf_args(reader, path), stored_as(reader)
         weights, into, pack = _placement(weights, args, dtype, device, source_quant)
         model = load_gguf_model(path, dtype, into, reader=reader, pack=pack)
+        model.source_quant = source_quant  # (the weight cache keeps it: `auto` follows it)
         tokenizer = Tokenizer.from_gguf(reader, path)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
         # metadata of the wrong type or invalid UTF-8 (UnicodeDecodeError is a ValueError)

@@ -17,8 +17,9 @@ re-quantizing a dequantized Q4_1 block would give back the same codes too.
 
 `weights = "auto"` keeps what the file has: a GGUF whose block linears are stored at
 4 bits or fewer (`INT4_SOURCES`: Q4_0, Q4_1, the K- and i-quants) runs them at int4
-on the CPU, one of 5 to 8 bits (`INT8_SOURCES`) at int8; everything else stays dense. Each block linear is quantized as the loader
-reads it (`Int4Packer`), so the dense model is never whole in memory. On CUDA, `auto`
+on the CPU, one of 5 to 8 bits (`INT8_SOURCES`) at int8; everything else stays
+dense. Each block linear is quantized as the loader reads it (`Int4Packer`), so the
+dense model is never whole in memory. On CUDA, `auto`
 keeps the weights dense while they leave `DENSE_ROOM` of the device free, and runs
 the block linears at int4 otherwise (a 12-14B model on a 24 GB card): there a decode
 step multiplies by the codes with offload/kernels/int4.py, and the linears keep only
@@ -301,9 +302,11 @@ class Int4Linear(nn.Module):
 
     def rows(self) -> torch.Tensor:
         """The codes, scale and minimum of each group, [n, k / 32, 16 + 2 + 2] bytes."""
-        held = self._buffers.get("nibbles")  # (CUDA's form, and the CPU's pieces before
-        # `pack_for_cpu`: as they are, without unpacking them)
-        nibbles = int4_nibbles(self.codes(), self.group) if held is None else held
+        # (CUDA's form, and the CPU's pieces before `pack_for_cpu`, hold the nibbles:
+        # as they are, without unpacking them)
+        nibbles = self._buffers.get("nibbles")
+        if nibbles is None:
+            nibbles = int4_nibbles(self.codes(), self.group)
         return int4_rows(nibbles, self.group_scale, self.group_min)
 
     @classmethod
