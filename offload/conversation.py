@@ -7,11 +7,13 @@ template and runs it through its runtime's generation loop on its own state.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from offload.errors import ContextLengthError
+from offload.errors import ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult
 
 if TYPE_CHECKING:
@@ -36,6 +38,51 @@ def leading_messages(messages: list[dict[str, str]]) -> int:
     return n
 
 
+class Requests:
+    """One request at a time on a loaded model, for every runtime and conversation that
+    shares it: a request from another thread waits for the one running to finish (a
+    stream holds the model until it is read to its end or closed). The thread running
+    one may start another on another cache (two streams read in turn); on the same
+    cache that is an error (`one_request`)."""
+
+    def __init__(self):
+        self._turn = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._turn:
+            while self._owner not in (None, me):
+                self._turn.wait()
+            self._owner, self._depth = me, self._depth + 1
+        try:
+            yield
+        finally:  # (a stream dropped in another thread ends there: any thread releases)
+            with self._turn:
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                    self._turn.notify_all()
+
+
+@contextmanager
+def one_request(requests: Requests, state: KVState) -> Iterator[None]:
+    """Run a request on `state`'s cache, after any other thread's on the same model."""
+    with requests.hold():
+        if state.busy:
+            raise OffloadError(
+                "this cache is in the middle of another request: a stream begun on it was "
+                "neither read to its end nor closed (close() it first)"
+            )
+        state.busy = True
+        try:
+            yield
+        finally:
+            state.busy = False
+
+
 class KVState:
     """A KV cache plus the token ids it holds, reused across calls by common prefix.
 
@@ -52,6 +99,7 @@ class KVState:
         self.ids: list[int] = []
         # (start, end, step): forward passes began at start, start + step, ... < end
         self.passes: list[tuple[int, int, int]] = []
+        self.busy = False  # a request is running on it (`one_request`)
 
     def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
         """Truncate to the longest reusable prefix shared with `ids`; return (ids to
@@ -146,7 +194,8 @@ class Conversation:
 
     def reset(self) -> None:
         if self.document is None:
-            self._state.reset()
+            with one_request(self.runtime.loaded.requests, self._state):
+                self._state.reset()
         # (about a document: the next turn's prompt starts with the document again, and
         # its KV is kept for that)
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -163,6 +212,11 @@ class Conversation:
         progress: Progress | None = None,
         **sampling: Any,
     ) -> Iterator[StepResult]:
+        with self.runtime.loaded.requests.hold():
+            # (the turn is made from the messages as they are when it starts)
+            yield from self._turn(text, max_new_tokens, progress, sampling)
+
+    def _turn(self, text, max_new_tokens, progress, sampling) -> Iterator[StepResult]:
         rt = self.runtime
         first = self.document is not None and not any(m["role"] == "user" for m in self.messages)
         if first:
@@ -246,10 +300,12 @@ class Conversation:
         from offload.session import save_state
 
         extra = {"messages": self.messages, "pinned_messages": self.pinned}
-        info, self.session_ref = save_state(
-            self.runtime, self._state, path, "chat", extra, replace, self.session_ref
-        )
+        with one_request(self.runtime.loaded.requests, self._state):
+            info, self.session_ref = save_state(
+                self.runtime, self._state, path, "chat", extra, replace, self.session_ref
+            )
         return info
 
     def close(self) -> None:
-        self._state.cache.close()
+        with self.runtime.loaded.requests.hold():  # (after another thread's request)
+            self._state.cache.close()

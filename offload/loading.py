@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import importlib.util
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from offload.budgets import GiB
+from offload.conversation import Requests
 from offload.errors import ModelLoadError
 from offload.model import Transformer
 from offload.model_args import ModelArgs
@@ -43,6 +44,8 @@ class LoadedModel:
     source: Path
     fingerprint: str  # identifies the weights + config, for saved sessions
     rope: str = ""  # the `model.rope_scaling` it was loaded with ("": the file's own)
+    # one request at a time on the model, whichever runtime or conversation asks
+    requests: Requests = field(default_factory=Requests, compare=False, repr=False)
 
 
 def resolve_source(name_or_path: str | Path) -> Path:

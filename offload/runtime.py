@@ -25,7 +25,7 @@ from offload.attention import SelectionStats
 from offload.backend import Backend
 from offload.budgets import device_memory, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
-from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
+from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState, one_request
 from offload.cores import CoreWatch
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
@@ -209,6 +209,11 @@ class Runtime:
         sampling: dict[str, Any],
         progress: Progress | None,
     ) -> Iterator[StepResult]:
+        """The request's steps, once any other thread's request on the model is done."""
+        with one_request(self.loaded.requests, state):
+            yield from self._steps(state, ids, max_new_tokens, sampling, progress)
+
+    def _steps(self, state, ids, max_new_tokens, sampling, progress) -> Iterator[StepResult]:
         self._check_fits(ids, "the prompt")
         stops = stop_strings(sampling.pop("stop", None))
         g, sampler = self._sampling(max_new_tokens, sampling, ids)
@@ -309,7 +314,7 @@ class Runtime:
         cache.make_room(len(ids))
         chunk = self.config.generation.prefill_chunk
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        with device_memory("computing logits"):
+        with self.loaded.requests.hold(), device_memory("computing logits"):
             return torch.cat(
                 [self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)]
             )
@@ -345,6 +350,10 @@ class Runtime:
         """Prefill a document (and build its index) so that `ask` prefills only questions.
 
         Returns figures: tokens, prefill and index seconds."""
+        with one_request(self.loaded.requests, self._state):
+            return self._read_document(text, system, progress)
+
+    def _read_document(self, text: str, system: str | None, progress: Progress | None) -> dict:
         if not text.strip():
             raise OffloadError("the document is empty")
         self.document = {"text": text, "system": system}
@@ -395,13 +404,15 @@ class Runtime:
         from offload.session import save_state
 
         own, kind, extra = self.session_ref, "prompt", {}
-        if self.document is not None:
-            # A document session holds the document only: cut any question and answer away
-            # (and where its KV went to a conversation, `chat_about_document`, read it again).
-            if self._state.prepare(self._document_ids(), need_logits=False)[0]:
-                self.load_document(self.document["text"], self.document.get("system"))
-            kind, extra = "document", {"document": self.document}
-        info, self.session_ref = save_state(self, self._state, path, kind, extra, replace, own)
+        with one_request(self.loaded.requests, self._state):
+            if self.document is not None:
+                # A document session holds the document only: cut any question and answer
+                # away (and where its KV went to a conversation, `chat_about_document`, read
+                # it again).
+                if self._state.prepare(self._document_ids(), need_logits=False)[0]:
+                    self._read_document(self.document["text"], self.document.get("system"), None)
+                kind, extra = "document", {"document": self.document}
+            info, self.session_ref = save_state(self, self._state, path, kind, extra, replace, own)
         return info
 
     @classmethod
@@ -459,8 +470,10 @@ class Runtime:
 
     def close(self) -> None:
         """Release the runtime's own cache: its device and host memory, and its spilled
-        chunk files (the runtime is not used after; its model may be, by another)."""
-        self._state.cache.close()
+        chunk files (the runtime is not used after; its model may be, by another), once
+        any other thread's request on the model is done."""
+        with self.loaded.requests.hold():
+            self._state.cache.close()
 
     def __enter__(self) -> Runtime:
         return self

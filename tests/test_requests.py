@@ -1,0 +1,109 @@
+"""One request at a time on a model: requests from other threads wait their turn (a web
+server's handlers sharing one runtime); two streams read in turn in one thread work on
+two caches and are refused on one."""
+
+import threading
+
+import pytest
+
+from offload import OffloadError, Runtime
+
+MODEL = "llama-gqa-untied"
+ASK = dict(max_new_tokens=10, temperature=0)
+
+
+@pytest.fixture
+def rt(tiny_dirs):
+    return Runtime.from_pretrained(tiny_dirs[MODEL][0], dtype="float32")
+
+
+def alone(tiny_dirs, *turns: str) -> list[str]:
+    """Each turn's answer, one after the other, on a fresh runtime's chat."""
+    conv = Runtime.from_pretrained(tiny_dirs[MODEL][0], dtype="float32").chat(system="sys")
+    return [conv.send(turn, **ASK) for turn in turns]
+
+
+def started(steps, n: int = 3) -> list[str]:
+    return [next(steps).text for _ in range(n)]
+
+
+def in_thread(work) -> tuple[threading.Thread, dict]:
+    """`work()` on a thread; its result or error lands in the dict."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = work()
+        except Exception as e:  # (the test names it)
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_request_from_another_thread_waits_for_the_running_one(rt, tiny_dirs):
+    """Before, both ran at once on one cache and both answers were garbage."""
+    steps = rt.stream("ab cd ef", **ASK)
+    first = started(steps)
+    thread, out = in_thread(lambda: rt.generate("gh ij", **ASK))
+    thread.join(0.3)
+    assert thread.is_alive() and not out  # (waiting: the stream holds the model)
+    first += [s.text for s in steps]
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in out
+    want = [Runtime.from_pretrained(tiny_dirs[MODEL][0], dtype="float32").generate(p, **ASK)
+            for p in ("ab cd ef", "gh ij")]  # fmt: skip
+    assert ["".join(first), out["result"]] == want
+
+
+def test_a_conversation_takes_turns_from_two_threads_in_order(rt, tiny_dirs):
+    """The second thread's turn is made from the messages as they are when it starts: the
+    first exchange is in its history, and both stay in the conversation."""
+    conv = rt.chat(system="sys")
+    steps = conv.stream("ab cd ef", **ASK)
+    said = started(steps)
+    thread, out = in_thread(lambda: conv.send("gh ij", **ASK))
+    thread.join(0.3)
+    assert thread.is_alive()
+    said += [s.text for s in steps]
+    thread.join(30)
+    assert "error" not in out
+    assert ["".join(said), out["result"]] == alone(tiny_dirs, "ab cd ef", "gh ij")
+    assert [m["content"] for m in conv.messages[1::2]] == ["ab cd ef", "gh ij"]
+
+
+def test_two_streams_read_in_turn_on_one_cache_are_refused(rt):
+    """In one thread, a second request on the cache a stream is still reading would cut
+    that stream's KV away: one error, and the stream goes on as if alone."""
+    steps = rt.stream("ab cd ef", **ASK)
+    first = started(steps)
+    with pytest.raises(OffloadError, match="in the middle of another request.*close"):
+        rt.generate("gh ij", **ASK)
+    with pytest.raises(OffloadError, match="in the middle of another request"):
+        rt.save_session("unused")
+    first += [s.text for s in steps]
+    alone_rt = Runtime.from_pretrained(rt.loaded.source, dtype="float32")
+    assert "".join(first) == alone_rt.generate("ab cd ef", **ASK)
+    steps = rt.stream("gh ij", **ASK)
+    started(steps, 1)
+    steps.close()  # (closed: the cache is free again)
+    assert rt.generate("gh ij", **ASK) == alone_rt.generate("gh ij", **ASK)
+
+
+def test_two_conversations_read_in_turn_in_one_thread(rt, tiny_dirs):
+    """Each has its own cache: read a step at a time in turn, each answers as it does
+    alone."""
+    a, b = rt.chat(system="sys"), rt.chat(system="sys")
+    streams = [a.stream("ab cd ef", **ASK), b.stream("gh ij", **ASK)]
+    said: list[list[str]] = [[], []]
+    while streams[0] or streams[1]:
+        for i, steps in enumerate(streams):
+            if steps is not None:
+                step = next(steps, None)
+                if step is None:
+                    streams[i] = None
+                else:
+                    said[i].append(step.text)
+    assert ["".join(s) for s in said] == alone(tiny_dirs, "ab cd ef") + alone(tiny_dirs, "gh ij")
+    assert a.messages[2]["content"] == "".join(said[0])
