@@ -51,9 +51,9 @@ def model_options(fn):
         "--set", "overrides", multiple=True, metavar="KEY=VALUE",
         help="Override a config key, e.g. --set dtype=float32 (repeatable).",
     )(fn)  # fmt: skip
-    fn = click.option("--config", "-c", default=None, help="TOML file or preset name in configs/.")(
-        fn
-    )
+    fn = click.option(
+        "--config", "-c", default=None, help="TOML file or preset name in offload/configs/."
+    )(fn)
     fn = click.option(
         "--model", "-m", default=DEFAULT_MODEL, show_default=True,
         help="HF model directory, .gguf file, or embedded model name.",

@@ -24,7 +24,7 @@ from offload.errors import ConfigError
 from offload.model_args import parse_rope_override
 
 DEFAULT_MODEL = "smollm2"  # the embedded model (offload/loading.py: EMBEDDED)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # (package data: in a wheel too)
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +317,7 @@ class RuntimeConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> RuntimeConfig:
-        """Read a TOML file, or a preset name from `configs/` (e.g. `cpu-smollm2`)."""
+        """Read a TOML file, or a preset name from `offload/configs/` (e.g. `cpu-smollm2`)."""
         p = resolve_config_path(path)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))

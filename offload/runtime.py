@@ -120,7 +120,7 @@ class Runtime:
     ) -> Runtime:
         """Load a model (`smollm2`, an HF directory or a .gguf file) with a config.
 
-        `config` is a TOML path or preset name from `configs/`, a `RuntimeConfig`, or
+        `config` is a TOML path or preset name from `offload/configs/`, a `RuntimeConfig`, or
         None for the defaults; `overrides` are `key=value` (e.g. `dtype="float32"`,
         `**{"generation.top_k": 40}`).
         """

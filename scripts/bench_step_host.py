@@ -41,7 +41,7 @@ from offload.loading import LoadedModel
 from offload.model import Transformer
 from offload.model_args import ModelArgs
 
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "rtx4090-llama3.1-8b.toml"
+PRESET = Path(__file__).resolve().parent.parent / "offload" / "configs" / "rtx4090-llama3.1-8b.toml"
 
 
 class CountCalls(TorchDispatchMode):
