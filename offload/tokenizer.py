@@ -229,7 +229,12 @@ class Tokenizer:
 
 
 def check_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):  # (a prompt is a string, or messages)
+        raise OffloadError(
+            "a prompt is a string or a list of {'role', 'content'} dicts, "
+            f"not {type(messages).__name__}"
+        )
+    if not messages:
         raise OffloadError("messages must be a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
         if (

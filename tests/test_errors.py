@@ -359,6 +359,8 @@ def test_messages_that_are_not_a_conversation_are_named(tiny_dirs):
         rt.generate([])
     with pytest.raises(OffloadError, match=r"messages\[1\] must be a dict with string 'role'"):
         rt.generate([{"role": "user", "content": "hi"}, {"role": "user", "content": 3}])
+    with pytest.raises(OffloadError, match=r"a prompt is a string or a list of .* not bytes"):
+        rt.generate(b"hi")
 
 
 def test_a_spill_folder_that_cannot_be_made_is_named(tmp_path, tiny_dirs):
