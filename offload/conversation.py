@@ -39,48 +39,58 @@ def leading_messages(messages: list[dict[str, str]]) -> int:
 
 
 class Requests:
-    """One request at a time on a loaded model, for every runtime and conversation that
-    shares it: a request from another thread waits for the one running to finish (a
-    stream holds the model until it is read to its end or closed). The thread running
-    one may start another on another cache (two streams read in turn); on the same
-    cache that is an error (`one_request`)."""
+    """Who runs on a loaded model, for every runtime and conversation that shares it
+    (threads: a web server's handlers).
+
+    - One forward pass at a time (`computing`): a request has the model to itself while
+      it computes a step (a prefill and the first token, then each token) and lets go
+      between steps, so that streams on different caches, read in different threads,
+      take turns step by step; in one thread they may be read in turn.
+    - One request at a time on a cache (`on`): another thread's request waits until the
+      one running is read to its end or closed. In the thread that began the running
+      one, whose stream only that thread can go on reading, it is an error.
+    """
 
     def __init__(self):
-        self._turn = threading.Condition()
-        self._owner: int | None = None
-        self._depth = 0
+        self._compute = threading.RLock()
+        self._free = threading.Condition()
+
+    def computing(self):
+        return self._compute
+
+    def stepped(self, cache: KVCache, steps: Iterator[StepResult]) -> Iterator[StepResult]:
+        """`steps`, each computed with the model to itself; a cache closed between them
+        (by another thread) stops them with one error."""
+        try:
+            while True:
+                with self._compute:
+                    cache.check_open()
+                    step = next(steps, None)
+                if step is None:
+                    return
+                yield step
+        finally:
+            with self._compute:
+                steps.close()
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def on(self, state: KVState) -> Iterator[None]:
         me = threading.get_ident()
-        with self._turn:
-            while self._owner not in (None, me):
-                self._turn.wait()
-            self._owner, self._depth = me, self._depth + 1
+        with self._free:
+            while state.busy is not None:
+                if state.busy == me:
+                    raise OffloadError(
+                        "this cache is in the middle of another request: a stream begun on "
+                        "it was neither read to its end nor closed (close() it first)"
+                    )
+                self._free.wait()
+            state.busy = me
         try:
             yield
-        finally:  # (a stream dropped in another thread ends there: any thread releases)
-            with self._turn:
-                self._depth -= 1
-                if not self._depth:
-                    self._owner = None
-                    self._turn.notify_all()
-
-
-@contextmanager
-def one_request(requests: Requests, state: KVState) -> Iterator[None]:
-    """Run a request on `state`'s cache, after any other thread's on the same model."""
-    with requests.hold():
-        if state.busy:
-            raise OffloadError(
-                "this cache is in the middle of another request: a stream begun on it was "
-                "neither read to its end nor closed (close() it first)"
-            )
-        state.busy = True
-        try:
-            yield
-        finally:
-            state.busy = False
+        finally:  # (a stream dropped in another thread ends there)
+            with self._free:
+                state.busy = None
+                self._free.notify_all()
 
 
 class KVState:
@@ -99,7 +109,7 @@ class KVState:
         self.ids: list[int] = []
         # (start, end, step): forward passes began at start, start + step, ... < end
         self.passes: list[tuple[int, int, int]] = []
-        self.busy = False  # a request is running on it (`one_request`)
+        self.busy: int | None = None  # the thread that began the request on it (`Requests`)
 
     def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
         """Truncate to the longest reusable prefix shared with `ids`; return (ids to
@@ -194,7 +204,8 @@ class Conversation:
 
     def reset(self) -> None:
         if self.document is None:
-            with one_request(self.runtime.loaded.requests, self._state):
+            requests = self.runtime.loaded.requests
+            with requests.on(self._state), requests.computing():
                 self._state.reset()
         # (about a document: the next turn's prompt starts with the document again, and
         # its KV is kept for that)
@@ -212,7 +223,7 @@ class Conversation:
         progress: Progress | None = None,
         **sampling: Any,
     ) -> Iterator[StepResult]:
-        with self.runtime.loaded.requests.hold():
+        with self.runtime.loaded.requests.on(self._state):
             # (the turn is made from the messages as they are when it starts)
             yield from self._turn(text, max_new_tokens, progress, sampling)
 
@@ -235,7 +246,7 @@ class Conversation:
             raise ContextLengthError(f"{e}; {hint}") from None
         pieces: list[str] = []
         try:
-            for step in rt._run(self._state, ids, max_new_tokens, sampling, progress):
+            for step in rt._steps(self._state, ids, max_new_tokens, sampling, progress):
                 pieces.append(step.text)
                 yield step
         except (GeneratorExit, KeyboardInterrupt):
@@ -300,12 +311,13 @@ class Conversation:
         from offload.session import save_state
 
         extra = {"messages": self.messages, "pinned_messages": self.pinned}
-        with one_request(self.runtime.loaded.requests, self._state):
+        requests = self.runtime.loaded.requests
+        with requests.on(self._state), requests.computing():
             info, self.session_ref = save_state(
                 self.runtime, self._state, path, "chat", extra, replace, self.session_ref
             )
         return info
 
     def close(self) -> None:
-        with self.runtime.loaded.requests.hold():  # (after another thread's request)
+        with self.runtime.loaded.requests.computing():  # (between another thread's steps)
             self._state.cache.close()

@@ -25,7 +25,7 @@ from offload.attention import SelectionStats
 from offload.backend import Backend
 from offload.budgets import device_memory, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
-from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState, one_request
+from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
 from offload.cores import CoreWatch
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
@@ -209,11 +209,18 @@ class Runtime:
         sampling: dict[str, Any],
         progress: Progress | None,
     ) -> Iterator[StepResult]:
-        """The request's steps, once any other thread's request on the model is done."""
-        with one_request(self.loaded.requests, state):
+        """The request's steps, once another thread's request on `state` is done, each
+        computed with the model to itself (`Requests`)."""
+        with self.loaded.requests.on(state):
             yield from self._steps(state, ids, max_new_tokens, sampling, progress)
 
     def _steps(self, state, ids, max_new_tokens, sampling, progress) -> Iterator[StepResult]:
+        """The request's steps, each computed with the model to itself (the caller has
+        `state` to itself)."""
+        steps = self._computed(state, ids, max_new_tokens, sampling, progress)
+        return self.loaded.requests.stepped(state.cache, steps)
+
+    def _computed(self, state, ids, max_new_tokens, sampling, progress) -> Iterator[StepResult]:
         self._check_fits(ids, "the prompt")
         stops = stop_strings(sampling.pop("stop", None))
         g, sampler = self._sampling(max_new_tokens, sampling, ids)
@@ -314,7 +321,7 @@ class Runtime:
         cache.make_room(len(ids))
         chunk = self.config.generation.prefill_chunk
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        with self.loaded.requests.hold(), device_memory("computing logits"):
+        with self.loaded.requests.computing(), device_memory("computing logits"):
             return torch.cat(
                 [self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)]
             )
@@ -350,7 +357,8 @@ class Runtime:
         """Prefill a document (and build its index) so that `ask` prefills only questions.
 
         Returns figures: tokens, prefill and index seconds."""
-        with one_request(self.loaded.requests, self._state):
+        requests = self.loaded.requests
+        with requests.on(self._state), requests.computing():
             return self._read_document(text, system, progress)
 
     def _read_document(self, text: str, system: str | None, progress: Progress | None) -> dict:
@@ -404,7 +412,8 @@ class Runtime:
         from offload.session import save_state
 
         own, kind, extra = self.session_ref, "prompt", {}
-        with one_request(self.loaded.requests, self._state):
+        requests = self.loaded.requests
+        with requests.on(self._state), requests.computing():
             if self.document is not None:
                 # A document session holds the document only: cut any question and answer
                 # away (and where its KV went to a conversation, `chat_about_document`, read
@@ -471,8 +480,8 @@ class Runtime:
     def close(self) -> None:
         """Release the runtime's own cache: its device and host memory, and its spilled
         chunk files (the runtime is not used after; its model may be, by another), once
-        any other thread's request on the model is done."""
-        with self.loaded.requests.hold():
+        another thread's step on the model is done."""
+        with self.loaded.requests.computing():
             self._state.cache.close()
 
     def __enter__(self) -> Runtime:

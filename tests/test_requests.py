@@ -1,6 +1,7 @@
-"""One request at a time on a model: requests from other threads wait their turn (a web
-server's handlers sharing one runtime); two streams read in turn in one thread work on
-two caches and are refused on one."""
+"""Requests on one model from threads (a web server's handlers): one forward pass at a
+time; one request at a time on a cache, another thread's waiting its turn; streams on
+different caches take turns step by step, in threads or read in turn in one thread;
+a second request on the cache a stream of the same thread is reading is refused."""
 
 import threading
 
@@ -48,7 +49,7 @@ def test_a_request_from_another_thread_waits_for_the_running_one(rt, tiny_dirs):
     first = started(steps)
     thread, out = in_thread(lambda: rt.generate("gh ij", **ASK))
     thread.join(0.3)
-    assert thread.is_alive() and not out  # (waiting: the stream holds the model)
+    assert thread.is_alive() and not out  # (waiting: the stream holds the cache)
     first += [s.text for s in steps]
     thread.join(30)
     assert not thread.is_alive() and "error" not in out
@@ -107,3 +108,28 @@ def test_two_conversations_read_in_turn_in_one_thread(rt, tiny_dirs):
                     said[i].append(step.text)
     assert ["".join(s) for s in said] == alone(tiny_dirs, "ab cd ef") + alone(tiny_dirs, "gh ij")
     assert a.messages[2]["content"] == "".join(said[0])
+
+
+def test_conversations_in_two_threads_take_turns_step_by_step(rt, tiny_dirs):
+    """A stream on one cache left unread does not hold up another thread's conversation
+    (a chat server's second user is answered meanwhile); each answers as it does alone."""
+    a, b = rt.chat(system="sys"), rt.chat(system="sys")
+    steps = a.stream("ab cd ef", **ASK)
+    said = started(steps)
+    thread, out = in_thread(lambda: b.send("gh ij", **ASK))
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in out
+    said += [s.text for s in steps]
+    assert ["".join(said), out["result"]] == alone(tiny_dirs, "ab cd ef") + alone(
+        tiny_dirs, "gh ij"
+    )
+
+
+def test_a_runtime_closed_by_another_thread_stops_its_stream_with_one_error(rt):
+    steps = rt.stream("ab cd ef", **ASK)
+    started(steps)
+    thread, out = in_thread(rt.close)
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in out
+    with pytest.raises(OffloadError, match="this KV cache was closed"):
+        next(steps)
