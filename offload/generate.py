@@ -12,7 +12,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -24,6 +23,7 @@ from offload.kvcache import DenseLayer, KVCache
 from offload.model import Transformer
 from offload.quantize import chunk_dtype, dequantized_once
 from offload.tokenizer import StreamDecoder, Tokenizer
+from storage import threads
 
 Sampler = Callable[[torch.Tensor], int]
 # (done, total, stage): stage "prefill" counts tokens, "index" counts layers indexed
@@ -247,7 +247,7 @@ def _reserving(cache: KVCache, num_tokens: int):
     if cache.store is None or not num_tokens:
         yield None
         return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="offload-reserve")
+    pool = threads.pool(1, "offload-reserve")
     try:
         yield [
             pool.submit(cache.store.reserve_host, i, num_tokens) for i in range(len(cache.layers))

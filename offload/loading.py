@@ -29,6 +29,7 @@ from offload.quantize import (
     weight_bytes,
 )
 from offload.tokenizer import Tokenizer
+from storage import threads
 
 EMBEDDED = {
     # name: (python package, file name glob, install command)
@@ -95,12 +96,15 @@ def load(
     rope_scaling: str = "",
 ) -> LoadedModel:
     """Model and tokenizer; `weights` (see offload/quantize.py) picks dense or packed
-    linears; `rope_scaling` (`model.rope_scaling`) replaces the file's RoPE scaling."""
+    linears; `rope_scaling` (`model.rope_scaling`) replaces the file's RoPE scaling.
+
+    Loaded on a thread that then ends (`threads.apart`: the caller's thread keeps no
+    OpenMP pool from it, so that requests from another thread run at full speed)."""
     path = resolve_source(name_or_path)
     if path.is_dir():
-        loaded = _load_hf(path, dtype, device, weights)
+        loaded = threads.apart(_load_hf, path, dtype, device, weights)
     elif path.suffix.lower() == ".gguf" or _is_gguf(path):
-        loaded = _load_gguf(path, dtype, device, weights)
+        loaded = threads.apart(_load_gguf, path, dtype, device, weights)
     else:
         raise ModelLoadError(f"{path}: not an HF model directory or a GGUF file")
     if loaded.tokenizer.note:

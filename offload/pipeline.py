@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from offload.errors import OffloadError
+from storage import threads
 
 
 class PrefetchError(OffloadError):
@@ -176,7 +177,7 @@ class Pipeline:
         assert self._pool is None, "pipeline already started"
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-prefetch")
+        self._pool = threads.pool(1, "offload-prefetch")
         return self
 
     def submit(self, layer: int, job) -> None:

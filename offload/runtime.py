@@ -42,6 +42,7 @@ from offload.loading import LoadedModel, load
 from offload.pipeline import PrefetchStats
 from offload.thinking import opened_in
 from offload.tokenizer import check_messages
+from storage import threads
 from storage.layout import KVLayout
 from storage.tiered import TierReads
 
@@ -439,8 +440,8 @@ class Runtime:
         given."""
         from offload.session import load_state
 
-        with device_memory("loading the session"):
-            rt = load_state(path, config, model, **overrides)
+        with device_memory("loading the session"):  # (on a thread that ends: `threads.apart`)
+            rt = threads.apart(load_state, path, config, model, **overrides)
         if rt.session.get("kind") == "document":
             rt.document = rt.session["document"]
         return rt

@@ -25,6 +25,8 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from storage import threads
+
 _queue: queue.SimpleQueue = queue.SimpleQueue()
 _collecting = False  # is a collection running (one at a time: the collector does not nest)
 _running = False  # the closer thread takes closes (set before it starts, cleared as it ends)
@@ -82,7 +84,7 @@ def _start() -> None:
         if _running or not threading.main_thread().is_alive():  # (at exit: closes run inline)
             return
         _running = True  # first: a collection within `start` already queues for it
-        threading.Thread(target=_serve, name="offload-closer").start()
+        threads.thread(_serve, "offload-closer").start()
 
 
 def _serve() -> None:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from storage import threads as torch_threads
 from storage.disk import BULK_READ_MIN, StorageError
 from storage.layout import HeadRows
 
@@ -40,7 +40,7 @@ def read_files(disk, jobs: list[tuple[str, list[int]]], threads: int | None = No
     if threads < 2:
         yield from ((name, disk.read_batches(name, batches)) for name, batches in jobs)
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="offload-read") as pool:
+    with torch_threads.pool(threads, "offload-read") as pool:
         ahead = deque(pool.submit(disk.read_batches, *job) for job in jobs[:threads])
         try:
             for i, (name, _) in enumerate(jobs):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from storage import threads
 from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
 from storage.disk import DiskTier, crc32_digest
 from storage.hashing import file_entry
@@ -70,7 +70,7 @@ def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, di
             "first_chunk": c0, "num_chunks": len(chunks), "crc32_sha256": crc32_digest(crcs),
         }  # fmt: skip
 
-    pool = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="offload-save")
+    pool = threads.pool(SAVE_THREADS, "offload-save")
     try:
         jobs = [
             pool.submit(_save_tensors, tmp / name, t, meta) for name, (t, meta) in tensors.items()

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from storage import threads
 from storage.abstracts import ChunkAbstracts
 from storage.directory import DiskRecord
 from storage.disk import DiskTier, StorageError
@@ -45,7 +46,7 @@ class SpillWriter:
     def submit(self, jobs: list[Job]) -> None:
         assert self._inflight is None, "one spill in flight at most: take the last one first"
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-spill")
+            self._pool = threads.pool(1, "offload-spill")
         self._inflight = (jobs, self._pool.submit(self._write, jobs))
 
     def take(

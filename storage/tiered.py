@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from storage import threads
 from storage.abstracts import ChunkAbstracts, SavedAbstracts, chunk_abstracts
 from storage.device import DeviceTier
 from storage.directory import ChunkDirectory, paused_gc
@@ -93,7 +93,7 @@ class TieredStore(StoreReads, StoreSpills):
         self._staging = PinnedStaging() if device.type == "cuda" else None
         self._writer = SpillWriter(self.disk)  # writes spilled chunks (`spill`)
         # Grows the pinned slabs ahead of need (`HostTier.ahead`), one layer at a time.
-        self._grower = ThreadPoolExecutor(1, thread_name_prefix="offload-grow") if pin else None
+        self._grower = threads.pool(1, "offload-grow") if pin else None
         for host in self.host:
             host.ahead = None if self._grower is None else self._grower.submit
             host.limit = self._slab_limit() if pin else None

@@ -23,6 +23,7 @@ import os
 import threading
 from collections import Counter
 
+from storage import threads
 from storage.reading import take_rows
 
 READERS = 4  # files read at once, at most (checksums and copies release the GIL); one
@@ -43,7 +44,7 @@ class Warmer:
         read the session's files)."""
         self._plan()
         self._threads = [
-            threading.Thread(target=self._reader, name=f"offload-warm-{i}", daemon=True)
+            threads.thread(self._reader, f"offload-warm-{i}", daemon=True)
             for i in range(self.readers)
         ]
         for t in self._threads:

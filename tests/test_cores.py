@@ -107,3 +107,33 @@ def test_a_cgroups_cpu_quota_caps_the_threads(tmp_path, files, want):
         path.write_text(text)
     assert cores.cpu_quota(tmp_path / "fs", tmp_path / "cgroup") == want
     assert cores.cpu_quota(tmp_path / "fs", tmp_path / "missing") is None
+
+
+def test_our_threads_make_no_openmp_pool_and_leave_other_threads_theirs():
+    """A thread of ours that runs a parallel operation does not start OpenMP threads of
+    its own (while it lived, they slowed the main thread's every operator: storage/
+    threads.py); a thread started after it still gets torch's thread count."""
+    import os
+    import threading
+
+    from storage import threads
+
+    def os_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)  # (what a new thread starts with)
+    try:
+        big = torch.randn(1024, 1024)
+        with threads.pool(1, "offload-test") as pool:
+            assert pool.submit(torch.get_num_threads).result() == 1
+            before = os_threads()
+            assert pool.submit(lambda: float(big.abs().sum())).result() > 0
+            assert os_threads() == before
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(was)

@@ -1,0 +1,92 @@
+"""The runtime's own threads (spill writer, readers, savers, the prefetch worker...) run
+torch on one thread each.
+
+A thread that runs a parallel torch operation gets an OpenMP thread pool of its own,
+which lives as long as the thread. libgomp then manages more threads than there are
+cores, and makes every pool, the main thread's too, stop spinning between operations
+(`GOMP_SPINCOUNT`'s throttled value): each of a decode step's many small operators then
+waits for its pool to wake. On 2 cores, while a spill writer that had once copied a
+chunk lived, a 576x1536 bf16 matrix-vector product in the main thread took 175 us
+instead of 68 (docs/performance.md, "Threads of our own").
+
+So each of our threads sets its own OpenMP thread count to 1 (the runtime's
+`omp_set_num_threads`: per thread), after torch's own start on that thread, which sets
+it from torch's setting. `torch.set_num_threads(1)` would do it too, but it also sets
+the count every thread started later begins with (the user's threads included).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], int] | None:
+    """The OpenMP runtime's `omp_set_num_threads`: among the process's symbols (torch's
+    wheels load it so), else from the OpenMP library beside torch's; None where there is
+    none (a torch without OpenMP: its threads make no such pool)."""
+    places = [None, *sorted((Path(torch.__file__).parent / "lib").glob("lib*omp*.so*"))]
+    for place in places:
+        try:
+            return ctypes.CDLL(place if place is None else str(place)).omp_set_num_threads
+        except (AttributeError, OSError):
+            continue
+    return None
+
+
+def single_threaded() -> None:
+    """torch runs on this thread alone: no OpenMP pool of its own (the module docstring)."""
+    torch.get_num_threads()  # (torch's start on this thread: it sets the thread's count)
+    set_num_threads = _omp_set_num_threads()
+    if set_num_threads is not None:
+        set_num_threads(1)
+
+
+def pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads run torch single-threaded."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=single_threaded)
+
+
+def thread(target: Callable[[], None], name: str, daemon: bool = False) -> threading.Thread:
+    """A thread (not started) that runs torch single-threaded."""
+
+    def run() -> None:
+        single_threaded()
+        target()
+
+    return threading.Thread(target=run, name=name, daemon=daemon)
+
+
+def apart(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)` on a thread of its own, which ends with it (and its OpenMP
+    pool with it); its result, or what it raised, here.
+
+    Loading a model runs parallel torch operations. Run where the model is loaded, they
+    leave that thread a pool for as long as it lives; a program that loads in its main
+    thread and asks from another (a GUI's worker, a server's) then has two, and decoded
+    1.8x slower on 2 cores. The thread is a daemon: an interrupt while waiting is raised
+    here at once, and the process may exit before it ends."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except BaseException as e:
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="offload-load", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out.pop("error")
+    return out["result"]
