@@ -8,18 +8,21 @@ template and runs it through its runtime's generation loop on its own state.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from offload.errors import ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult
+from storage import threads
 
 if TYPE_CHECKING:
     from offload.kvcache import KVCache
     from offload.runtime import Runtime
     from offload.session import SessionRef
+
+T = TypeVar("T")
 
 DOCUMENT_PROMPT = (
     "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
@@ -38,14 +41,22 @@ def leading_messages(messages: list[dict[str, str]]) -> int:
     return n
 
 
+def _next_step(cache: KVCache, steps: Iterator[StepResult]) -> StepResult | None:
+    cache.check_open()
+    return next(steps, None)
+
+
 class Requests:
     """Who runs on a loaded model, for every runtime and conversation that shares it
-    (threads: a web server's handlers).
+    (threads: a GUI's worker, a web server's handlers).
 
-    - One forward pass at a time (`computing`): a request has the model to itself while
-      it computes a step (a prefill and the first token, then each token) and lets go
-      between steps, so that streams on different caches, read in different threads,
-      take turns step by step; in one thread they may be read in turn.
+    - One step at a time (`run`): a request has the model to itself while it computes a
+      step (a prefill and the first token, then each token) and lets go between steps,
+      so that streams on different caches, read in different threads, take turns step
+      by step; in one thread they may be read in turn. The main thread computes its own
+      steps (a Ctrl-C there stops one inside a forward pass); other threads' run on one
+      compute thread (`storage.threads.compute`), so that however many threads ask, one
+      OpenMP pool computes (docs/performance.md, "Threads and OpenMP pools").
     - One request at a time on a cache (`on`): another thread's request waits until the
       one running is read to its end or closed. In the thread that began the running
       one, whose stream only that thread can go on reading, it is an error.
@@ -55,23 +66,26 @@ class Requests:
         self._compute = threading.RLock()
         self._free = threading.Condition()
 
-    def computing(self):
-        return self._compute
+    def run(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` with the model to itself (the class docstring)."""
+        if threads.on_compute_thread():  # (inside a run already: a callback that asks)
+            return fn(*args)
+        with self._compute:
+            if threading.current_thread() is threading.main_thread():
+                return fn(*args)
+            return threads.compute(fn, *args)
 
     def stepped(self, cache: KVCache, steps: Iterator[StepResult]) -> Iterator[StepResult]:
         """`steps`, each computed with the model to itself; a cache closed between them
         (by another thread) stops them with one error."""
         try:
             while True:
-                with self._compute:
-                    cache.check_open()
-                    step = next(steps, None)
+                step = self.run(_next_step, cache, steps)
                 if step is None:
                     return
                 yield step
         finally:
-            with self._compute:
-                steps.close()
+            self.run(steps.close)
 
     @contextmanager
     def on(self, state: KVState) -> Iterator[None]:
@@ -205,8 +219,8 @@ class Conversation:
     def reset(self) -> None:
         if self.document is None:
             requests = self.runtime.loaded.requests
-            with requests.on(self._state), requests.computing():
-                self._state.reset()
+            with requests.on(self._state):
+                requests.run(self._state.reset)
         # (about a document: the next turn's prompt starts with the document again, and
         # its KV is kept for that)
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -312,12 +326,12 @@ class Conversation:
 
         extra = {"messages": self.messages, "pinned_messages": self.pinned}
         requests = self.runtime.loaded.requests
-        with requests.on(self._state), requests.computing():
-            info, self.session_ref = save_state(
-                self.runtime, self._state, path, "chat", extra, replace, self.session_ref
-            )
+        with requests.on(self._state):
+            info, self.session_ref = requests.run(
+                save_state, self.runtime, self._state, path, "chat", extra, replace,
+                self.session_ref,
+            )  # fmt: skip
         return info
 
     def close(self) -> None:
-        with self.runtime.loaded.requests.computing():  # (between another thread's steps)
-            self._state.cache.close()
+        self.runtime.loaded.requests.run(self._state.cache.close)  # (between others' steps)

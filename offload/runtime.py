@@ -322,10 +322,9 @@ class Runtime:
         cache.make_room(len(ids))
         chunk = self.config.generation.prefill_chunk
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        with self.loaded.requests.computing(), device_memory("computing logits"):
-            return torch.cat(
-                [self.model(x[s : s + chunk], cache) for s in range(0, len(ids), chunk)]
-            )
+        with device_memory("computing logits"):
+            pieces = [x[s : s + chunk] for s in range(0, len(ids), chunk)]
+            return torch.cat([self.loaded.requests.run(self.model, p, cache) for p in pieces])
 
     def chat(self, system: str | None = None, trim: bool = True) -> Conversation:
         """A new conversation. A turn that would leave its answer too little of the
@@ -359,8 +358,8 @@ class Runtime:
 
         Returns figures: tokens, prefill and index seconds."""
         requests = self.loaded.requests
-        with requests.on(self._state), requests.computing():
-            return self._read_document(text, system, progress)
+        with requests.on(self._state):
+            return requests.run(self._read_document, text, system, progress)
 
     def _read_document(self, text: str, system: str | None, progress: Progress | None) -> dict:
         if not text.strip():
@@ -410,20 +409,23 @@ class Runtime:
         """Save the runtime's KV (a loaded document, or the last prompt) to a session
         directory: a new or empty one, the session this runtime was loaded from or last
         saved to, or another session when `replace` says so."""
+        requests = self.loaded.requests
+        with requests.on(self._state):
+            info, self.session_ref = requests.run(self._save, path, replace)
+        return info
+
+    def _save(self, path: str | Path, replace: bool) -> tuple[dict, SessionRef]:
         from offload.session import save_state
 
         own, kind, extra = self.session_ref, "prompt", {}
-        requests = self.loaded.requests
-        with requests.on(self._state), requests.computing():
-            if self.document is not None:
-                # A document session holds the document only: cut any question and answer
-                # away (and where its KV went to a conversation, `chat_about_document`, read
-                # it again).
-                if self._state.prepare(self._document_ids(), need_logits=False)[0]:
-                    self._read_document(self.document["text"], self.document.get("system"), None)
-                kind, extra = "document", {"document": self.document}
-            info, self.session_ref = save_state(self, self._state, path, kind, extra, replace, own)
-        return info
+        if self.document is not None:
+            # A document session holds the document only: cut any question and answer
+            # away (and where its KV went to a conversation, `chat_about_document`, read
+            # it again).
+            if self._state.prepare(self._document_ids(), need_logits=False)[0]:
+                self._read_document(self.document["text"], self.document.get("system"), None)
+            kind, extra = "document", {"document": self.document}
+        return save_state(self, self._state, path, kind, extra, replace, own)
 
     @classmethod
     def load_session(
@@ -482,8 +484,7 @@ class Runtime:
         """Release the runtime's own cache: its device and host memory, and its spilled
         chunk files (the runtime is not used after; its model may be, by another), once
         another thread's step on the model is done."""
-        with self.loaded.requests.computing():
-            self._state.cache.close()
+        self.loaded.requests.run(self._state.cache.close)
 
     def __enter__(self) -> Runtime:
         return self

@@ -90,3 +90,24 @@ def apart(fn: Callable[..., T], *args, **kwargs) -> T:
     if "error" in out:
         raise out.pop("error")
     return out["result"]
+
+
+_computer: ThreadPoolExecutor | None = None
+_computer_made = threading.Lock()
+COMPUTE_THREAD = "offload-compute"
+
+
+def compute(fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` on the process's compute thread (made when first asked for; torch's
+    own thread count), its result or what it raised here. Requests from threads other
+    than the main thread compute there (`conversation.Requests.run`): however many
+    threads ask, one OpenMP pool computes for them (the module docstring)."""
+    global _computer
+    with _computer_made:
+        if _computer is None:
+            _computer = ThreadPoolExecutor(1, thread_name_prefix=COMPUTE_THREAD)
+    return _computer.submit(fn, *args).result()
+
+
+def on_compute_thread() -> bool:
+    return threading.current_thread().name.startswith(COMPUTE_THREAD)

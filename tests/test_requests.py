@@ -133,3 +133,21 @@ def test_a_runtime_closed_by_another_thread_stops_its_stream_with_one_error(rt):
     assert not thread.is_alive() and "error" not in out
     with pytest.raises(OffloadError, match="this KV cache was closed"):
         next(steps)
+
+
+def test_other_threads_compute_on_one_thread_and_the_main_thread_on_its_own(rt):
+    """However many threads ask, one thread computes for them (each thread that computes
+    keeps an OpenMP pool, and two pools slowed each step 1.8x on 2 cores: storage/
+    threads.py); the main thread computes its own steps, where a Ctrl-C reaches them."""
+    computed_on = []
+    rt.model.register_forward_pre_hook(
+        lambda *_: computed_on.append(threading.current_thread().name)
+    )
+    asked = [in_thread(lambda: rt.chat().send("ab cd ef", **ASK)) for _ in range(3)]
+    for thread, out in asked:
+        thread.join(30)
+        assert "error" not in out
+    assert computed_on and {name.rsplit("_", 1)[0] for name in computed_on} == {"offload-compute"}
+    computed_on.clear()
+    rt.generate("gh ij", **ASK)
+    assert computed_on and set(computed_on) == {"MainThread"}
