@@ -45,7 +45,7 @@ class LoadedModel:
     source: Path
     fingerprint: str  # identifies the weights + config, for saved sessions
     rope: str = ""  # the `model.rope_scaling` it was loaded with ("": the file's own)
-    # one request at a time on the model, whichever runtime or conversation asks
+    # who computes on the model, whichever runtime or conversation asks (`Requests`)
     requests: Requests = field(default_factory=Requests, compare=False, repr=False)
 
 

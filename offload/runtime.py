@@ -121,9 +121,9 @@ class Runtime:
     ) -> Runtime:
         """Load a model (`smollm2`, an HF directory or a .gguf file) with a config.
 
-        `config` is a TOML path or preset name from `offload/configs/`, a `RuntimeConfig`, or
-        None for the defaults; `overrides` are `key=value` (e.g. `dtype="float32"`,
-        `**{"generation.top_k": 40}`).
+        `config` is a TOML path or preset name from `offload/configs/`, a
+        `RuntimeConfig`, or None for the defaults; `overrides` are `key=value` (e.g.
+        `dtype="float32"`, `**{"generation.top_k": 40}`).
         """
         if config is None:
             cfg = RuntimeConfig()
@@ -419,9 +419,8 @@ class Runtime:
 
         own, kind, extra = self.session_ref, "prompt", {}
         if self.document is not None:
-            # A document session holds the document only: cut any question and answer
-            # away (and where its KV went to a conversation, `chat_about_document`, read
-            # it again).
+            # A document session holds the document only: cut any question and answer away
+            # (and where its KV went to a conversation, `chat_about_document`, read it again).
             if self._state.prepare(self._document_ids(), need_logits=False)[0]:
                 self._read_document(self.document["text"], self.document.get("system"), None)
             kind, extra = "document", {"document": self.document}

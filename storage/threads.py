@@ -1,18 +1,22 @@
-"""The runtime's own threads (spill writer, readers, savers, the prefetch worker...) run
-torch on one thread each.
+"""The runtime's threads and torch's OpenMP pools.
 
 A thread that runs a parallel torch operation gets an OpenMP thread pool of its own,
-which lives as long as the thread. libgomp then manages more threads than there are
-cores, and makes every pool, the main thread's too, stop spinning between operations
-(`GOMP_SPINCOUNT`'s throttled value): each of a decode step's many small operators then
-waits for its pool to wake. On 2 cores, while a spill writer that had once copied a
-chunk lived, a 576x1536 bf16 matrix-vector product in the main thread took 175 us
-instead of 68 (docs/performance.md, "Threads of our own").
+which lives as long as the thread. With more pool threads than cores, libgomp makes
+every pool, the main thread's too, stop spinning between operations (`GOMP_SPINCOUNT`'s
+throttled value): each of a decode step's many small operators then waits for its pool
+to wake. On 2 cores, while another thread that had once copied a large tensor lived, a
+576x1536 bf16 matrix-vector product in the main thread took 175 us instead of 68
+(docs/performance.md, "Threads and OpenMP pools"). So:
 
-So each of our threads sets its own OpenMP thread count to 1 (the runtime's
-`omp_set_num_threads`: per thread), after torch's own start on that thread, which sets
-it from torch's setting. `torch.set_num_threads(1)` would do it too, but it also sets
-the count every thread started later begins with (the user's threads included).
+- our own threads (spill writer, readers, savers, warmers, the prefetch worker...) set
+  their OpenMP thread count to 1 (`pool`, `thread`): the runtime's
+  `omp_set_num_threads`, which is per thread, after torch's own start on that thread
+  (which sets it from torch's setting). `torch.set_num_threads(1)` would do it too, but
+  it also sets the count every thread started later begins with (the user's too);
+- a model is loaded on a thread that then ends (`apart`), so that the thread that asked
+  keeps no pool from it;
+- steps asked from threads other than the main one run on one compute thread
+  (`compute`, `offload.conversation.Requests`).
 """
 
 from __future__ import annotations
