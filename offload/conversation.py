@@ -3,6 +3,7 @@
 `KVState` is a cache plus the token ids it holds; a request reuses the longest
 prefix it can reuse exactly. `Conversation` renders each turn with the chat
 template and runs it through its runtime's generation loop on its own state.
+`Requests` says who computes on a model when threads share it.
 """
 
 from __future__ import annotations
