@@ -58,9 +58,12 @@ class Requests:
       steps (a Ctrl-C there stops one inside a forward pass); other threads' run on one
       compute thread (`storage.threads.compute`), so that however many threads ask, one
       OpenMP pool computes (docs/performance.md, "Threads and OpenMP pools").
-    - One request at a time on a cache (`on`): another thread's request waits until the
-      one running is read to its end or closed. In the thread that began the running
-      one, whose stream only that thread can go on reading, it is an error.
+    - One request at a time on a cache (`on`): another request waits until the one
+      running is read to its end or closed. In the main thread, where the running one
+      was begun there too, it is an error: only that thread can go on reading it (a
+      script, a notebook, an event loop). A thread of a pool may find the cache busy
+      with a stream it began itself, which the pool's other threads go on reading (a
+      server's streamed answers): it waits.
     """
 
     def __init__(self):
@@ -93,7 +96,7 @@ class Requests:
         me = threading.get_ident()
         with self._free:
             while state.busy is not None:
-                if state.busy == me:
+                if state.busy == me == threading.main_thread().ident:
                     raise OffloadError(
                         "this cache is in the middle of another request: a stream begun on "
                         "it was neither read to its end nor closed (close() it first)"

@@ -151,3 +151,21 @@ def test_other_threads_compute_on_one_thread_and_the_main_thread_on_its_own(rt):
     computed_on.clear()
     rt.generate("gh ij", **ASK)
     assert computed_on and set(computed_on) == {"MainThread"}
+
+
+def test_a_pool_thread_waits_for_a_stream_it_began_that_others_read_on(rt, tiny_dirs):
+    """A server's streamed answer: each step is read by whichever thread of a pool is
+    free, so the thread that began it may be asked for the next request on the same
+    cache while the answer is still being read. It waits (only the main thread, which
+    alone could read its own stream on, is refused)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    steps = rt.stream("ab cd ef", **ASK)
+    with ThreadPoolExecutor(1) as worker:
+        first = worker.submit(started, steps).result()  # (begun in the pool's thread)
+        second = worker.submit(rt.generate, "gh ij", **ASK)
+        assert not second.done()  # (waiting, not refused)
+        first += [s.text for s in steps]  # (read on by another thread)
+        answer = second.result(timeout=30)
+    alone_rt = Runtime.from_pretrained(tiny_dirs[MODEL][0], dtype="float32")
+    assert ["".join(first), answer] == [alone_rt.generate(p, **ASK) for p in ("ab cd ef", "gh ij")]
