@@ -1,7 +1,8 @@
-"""Requests on one model from threads (a web server's handlers): one forward pass at a
-time; one request at a time on a cache, another thread's waiting its turn; streams on
-different caches take turns step by step, in threads or read in turn in one thread;
-a second request on the cache a stream of the same thread is reading is refused."""
+"""Requests on one model from threads (a GUI's worker, a web server's handlers): one
+step at a time, other threads' on one compute thread; one request at a time on a cache,
+another waiting its turn; streams on different caches take turns step by step, in
+threads or read in turn in one thread; in the main thread, a second request on the
+cache a stream of its own is reading is refused."""
 
 import threading
 
