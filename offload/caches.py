@@ -57,9 +57,10 @@ def new_cache(rt: Runtime, tiered: bool = False) -> KVCache:
         cache.outgrow = functools.partial(move_to_tiers, rt)
         if rt.backend.fixed_shape:
             cache.use_step(rt.model, rt.backend)
-        return cache
-    cache = _tiered_cache(rt, rt.device)
-    _setup_tiered(rt, cache)
+    else:
+        cache = _tiered_cache(rt, rt.device)
+        _setup_tiered(rt, cache)
+    cache.fresh = functools.partial(new_cache, rt)
     return cache
 
 

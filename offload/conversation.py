@@ -8,11 +8,14 @@ template and runs it through its runtime's generation loop on its own state.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
 
 from offload.errors import ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult
@@ -25,6 +28,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+CUDA_FORKED = (
+    "CUDA was in use in the process this one was forked from, and CUDA does not survive "
+    "a fork: start this process with multiprocessing's 'spawn' (or fork before CUDA is "
+    "used, and load the model after)"
+)
 DOCUMENT_PROMPT = (
     "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
 )
@@ -64,9 +72,20 @@ class Requests:
       script, a notebook, an event loop). A thread of a pool may find the cache busy
       with a stream it began itself, which the pool's other threads go on reading (a
       server's streamed answers): it waits.
+    - In a process forked from the one that loaded the model (a server's workers forked
+      after loading it, multiprocessing's "fork"): the main thread's steps run on the
+      compute thread too (its OpenMP pool did not survive the fork: `storage.threads`),
+      and a cache is first adopted (`KVState.adopt`). A model on CUDA cannot be used
+      there (CUDA does not survive a fork): one clear error.
     """
 
-    def __init__(self):
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda  # the model is on CUDA
+        self.after_fork()
+        threads.renew_after_fork(self)
+
+    def after_fork(self) -> None:
+        """(Also in a forked child: the parent's other threads may have held these.)"""
         self._compute = threading.RLock()
         self._free = threading.Condition()
 
@@ -74,8 +93,10 @@ class Requests:
         """`fn(*args)` with the model to itself (the class docstring)."""
         if threads.on_compute_thread():  # (inside a run already: a callback that asks)
             return fn(*args)
+        if self.cuda and threads.forked() and torch.cuda._is_in_bad_fork():
+            raise OffloadError(CUDA_FORKED)
         with self._compute:
-            if threading.current_thread() is threading.main_thread():
+            if threading.current_thread() is threading.main_thread() and not threads.forked():
                 return fn(*args)
             return threads.compute(fn, *args)
 
@@ -95,6 +116,7 @@ class Requests:
     def on(self, state: KVState) -> Iterator[None]:
         me = threading.get_ident()
         with self._free:
+            state.adopt()
             while state.busy is not None:
                 if state.busy == me == threading.main_thread().ident:
                     raise OffloadError(
@@ -128,6 +150,25 @@ class KVState:
         # (start, end, step): forward passes began at start, start + step, ... < end
         self.passes: list[tuple[int, int, int]] = []
         self.busy: int | None = None  # the thread that began the request on it (`Requests`)
+        self.pid = os.getpid()  # the process it is used in (`adopt`)
+
+    def adopt(self) -> None:
+        """Make the state this process's own, where it was made in a process this one was
+        forked from (`Requests`). A cache in one tensor per layer is used as it is (its
+        memory shared with the parent until either writes it); a tiered cache, whose
+        threads did not come along and whose spill files are the parent's, or one a
+        request was running on at the fork, is replaced by an empty one (the parent's
+        files left alone): the next request prefills its prompt whole, a loaded
+        document's or session's included."""
+        if self.pid == os.getpid():
+            return
+        if self.cache.store is not None or self.busy is not None:
+            if self.cache.fresh is None:
+                raise OffloadError("this KV cache was made in the process this one was "
+                                   "forked from, and cannot be renewed here")  # fmt: skip
+            self.cache = self.cache.fresh()
+            self.ids, self.passes = [], []
+        self.pid, self.busy = os.getpid(), None
 
     def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:
         """Truncate to the longest reusable prefix shared with `ids`; return (ids to

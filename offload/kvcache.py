@@ -141,6 +141,9 @@ class KVCache:
         self.outgrow: Callable[[KVCache], None] | None = None
         self._decoding = False  # inside `decoding()`
         self.closed = False
+        # A new empty cache like this one (offload/caches.py sets it): a forked child
+        # renews a tiered cache it inherited (`KVState.adopt`).
+        self.fresh: Callable[[], KVCache] | None = None
 
     def use_step(self, model, backend: Backend, hit_factor: float | None = None) -> None:
         """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`);

@@ -48,6 +48,9 @@ class LoadedModel:
     # who computes on the model, whichever runtime or conversation asks (`Requests`)
     requests: Requests = field(default_factory=Requests, compare=False, repr=False)
 
+    def __post_init__(self):
+        self.requests.cuda = self.model.device.type == "cuda"
+
 
 def resolve_source(name_or_path: str | Path) -> Path:
     """Map an embedded model name or a user path to an existing file or directory."""

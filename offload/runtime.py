@@ -25,7 +25,7 @@ from offload.attention import SelectionStats
 from offload.backend import Backend
 from offload.budgets import device_memory, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
-from offload.conversation import DOCUMENT_PROMPT, Conversation, KVState
+from offload.conversation import CUDA_FORKED, DOCUMENT_PROMPT, Conversation, KVState
 from offload.cores import CoreWatch
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
@@ -59,10 +59,14 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "seed", "repeat_penal
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    else:
+        device = torch.device(name)
+    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+        raise ConfigError(f"model.device {name!r}: {CUDA_FORKED}")
+    return device
 
 
 def _dropped(state: KVState, e: BaseException, what: str) -> None:

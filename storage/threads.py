@@ -17,13 +17,23 @@ to wake. On 2 cores, while another thread that had once copied a large tensor li
   keeps no pool from it;
 - steps asked from threads other than the main one run on one compute thread
   (`compute`, `offload.conversation.Requests`).
+
+A pool does not survive a fork: in a child forked from a process whose main thread ran
+a parallel operation (a server's workers forked after the model was loaded,
+multiprocessing's "fork"), the main thread's first parallel operation waits for good
+for the parent's pool threads, which the child does not have. A thread started in the
+child makes a pool of its own, so there every step runs on the compute thread
+(`forked`), the main thread's too; and what holds threads or locks renews them
+(`renew_after_fork`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,13 +109,39 @@ def apart(fn: Callable[..., T], *args, **kwargs) -> T:
 _computer: ThreadPoolExecutor | None = None
 _computer_made = threading.Lock()
 COMPUTE_THREAD = "offload-compute"
+_forked = False  # a child forked from the process that imported this module
+_renewed: weakref.WeakSet = weakref.WeakSet()  # objects whose `after_fork` a fork calls
+
+
+def forked() -> bool:
+    """Is this a process forked from one that had loaded torch? Its main thread's OpenMP
+    pool may be lost (the module docstring)."""
+    return _forked
+
+
+def renew_after_fork(obj: object) -> None:
+    """Call `obj.after_fork()` in each child forked from this process (while `obj` lives),
+    before the child runs anything else: locks that another thread held at the fork stay
+    held in the child for good, and the child has none of the parent's threads."""
+    _renewed.add(obj)
+
+
+def _after_fork() -> None:
+    global _computer, _computer_made, _forked
+    _computer, _computer_made, _forked = None, threading.Lock(), True
+    for obj in list(_renewed):
+        obj.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def compute(fn: Callable[..., T], *args) -> T:
     """`fn(*args)` on the process's compute thread (made when first asked for; torch's
     own thread count), its result or what it raised here. Requests from threads other
     than the main thread compute there (`conversation.Requests.run`): however many
-    threads ask, one OpenMP pool computes for them (the module docstring)."""
+    threads ask, one OpenMP pool computes for them (the module docstring); in a forked
+    child, the main thread's too (`forked`)."""
     global _computer
     with _computer_made:
         if _computer is None:

@@ -20,6 +20,7 @@ changes, so spilling it again writes nothing.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -98,6 +99,7 @@ class TieredStore(StoreReads, StoreSpills):
             host.ahead = None if self._grower is None else self._grower.submit
             host.limit = self._slab_limit() if pin else None
         self._warmer: Warmer | None = None  # reads a loaded session's files (`warm`)
+        self._pid = os.getpid()  # the process whose threads and files these are (`close`)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -106,7 +108,13 @@ class TieredStore(StoreReads, StoreSpills):
         return self
 
     def close(self) -> None:
-        """Delete this store's chunk files (and its directory when left empty). Idempotent."""
+        """Delete this store's chunk files (and its directory when left empty). Idempotent.
+
+        In a process forked from the one that made it (a copy the child let go of), the
+        files and threads are the parent's: the store only lets go of them."""
+        if self._pid != os.getpid():
+            self.disk.disown()
+            return
         if self._warmer is not None:
             self._warmer.stop()
         try:
