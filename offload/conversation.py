@@ -378,5 +378,12 @@ class Conversation:
             )  # fmt: skip
         return info
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a Conversation cannot be pickled (sent to another process, or deep-copied): "
+            "save it (conv.save) and resume it there "
+            "(Runtime.load_session(path, model=...).resume_chat())"
+        )
+
     def close(self) -> None:
         self.runtime.loaded.requests.run(self._state.cache.close)  # (between others' steps)

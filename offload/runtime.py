@@ -489,6 +489,16 @@ class Runtime:
         another thread's step on the model is done."""
         self.loaded.requests.run(self._state.cache.close)
 
+    def __reduce_ex__(self, protocol):
+        """Not sent to another process: it would copy the model (seconds, gigabytes) and
+        then fail on a lock; one clear error at once instead."""
+        raise TypeError(
+            "a Runtime cannot be pickled (sent to another process, as multiprocessing's "
+            "'spawn' and 'forkserver' do, or deep-copied): load the model in each process "
+            "(Runtime.from_pretrained; Runtime.load_session for a saved document), or "
+            "fork after loading it"
+        )
+
     def __enter__(self) -> Runtime:
         return self
 

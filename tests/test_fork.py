@@ -1,14 +1,17 @@
 """A runtime loaded before a fork (a server's workers forked after the model was
 loaded, multiprocessing's "fork"), used in the child: it answers there as in the
-parent, and the parent's spilled KV is left alone.
+parent, and the parent's spilled KV is left alone. A runtime sent to another process
+(pickled, as "spawn" does) is one clear error at once.
 
 Before, the child's first request waited for good: torch's OpenMP pool (the main
 thread's, which had computed) does not survive a fork, so the first parallel
 operation in the child's main thread waited for the parent's pool threads; and a
 tiered cache closed in the child deleted the parent's spill files."""
 
+import copy
 import json
 import os
+import pickle
 import select
 import signal
 import threading
@@ -148,3 +151,11 @@ def test_a_state_a_request_was_running_on_at_the_fork_is_renewed():
     state.adopt()
     assert state.cache is not old and state.ids == [] and state.busy is None
     assert state.pid == os.getpid()
+
+
+def test_a_runtime_or_conversation_sent_to_another_process_is_one_clear_error(smol_cpu):
+    """Before: seconds spent pickling the weights, then "cannot pickle '_thread.RLock'"."""
+    with pytest.raises(TypeError, match="a Runtime cannot be pickled.*from_pretrained"):
+        pickle.dumps(smol_cpu.generate)  # (what `pool.map(rt.generate, ...)` sends)
+    with pytest.raises(TypeError, match="a Conversation cannot be pickled.*conv.save"):
+        copy.deepcopy(smol_cpu.chat())
