@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -86,12 +87,27 @@ def print_steps(steps, window: int, thinking: ThinkingStream | None = None) -> N
         err_console.print(note)
 
 
+def closed_streams() -> None:
+    """A standard stream the caller closed (`<&-`, `2>&-`: Python's is then None) reads as
+    empty (stdin) or swallows what is written (stderr); without standard output there is
+    nowhere to answer: one error, on stderr."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115 (for the process's life)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    if sys.stdout is None:
+        err_console.print("[bold red]error:[/] standard output is closed: offload writes "
+                          "its answers there", highlight=False, soft_wrap=True)  # fmt: skip
+        sys.exit(2)
+
+
 class OneLineErrors(click.Group):
     """Usage errors as one line on stderr with exit code 2, as every other error is
     (click's own are four: usage, hint, blank line, error)."""
 
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
+        closed_streams()
         try:
             rv = super().main(args, prog_name or "offload", **kwargs)
         except click.UsageError as e:

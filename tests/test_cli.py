@@ -367,3 +367,25 @@ def test_the_prefill_bar_counts_tokens_per_second_then_layers_of_the_index():
     assert " layer/s" in out.getvalue()
     bar.close()
     assert bar.bar is None
+
+
+def test_a_closed_standard_stream_is_no_traceback(tiny):
+    """Run with a stream closed (`<&-`, `>&-`; Python's is then None), as from some
+    cron jobs and daemons: before, an AttributeError traceback."""
+
+    def run(close: int, *args: str) -> subprocess.CompletedProcess:
+        keep = {0: {}, 1: {"stdout": subprocess.PIPE}, 2: {"stderr": subprocess.PIPE}}
+        pipes = {k: v for fd, pipe in keep.items() if fd != close for k, v in pipe.items()}
+        return subprocess.run([sys.executable, "-m", "cli.main", "generate", *tiny, *args],
+                              preexec_fn=lambda: os.close(close), cwd=ROOT, text=True,
+                              timeout=120, **pipes)  # fmt: skip
+
+    out = run(0, "-n", "3", "seven stones")  # (a prompt given: stdin is not needed)
+    assert out.returncode == 0 and out.stdout.endswith("\n") and "Traceback" not in out.stderr
+    out = run(0, "-n", "3")  # (none: stdin reads as empty)
+    assert (out.returncode, out.stderr) == (2, "error: the prompt is empty\n")
+    out = run(1, "-n", "3", "seven stones")
+    assert out.returncode == 2
+    assert out.stderr == "error: standard output is closed: offload writes its answers there\n"
+    out = run(2, "-n", "3", "seven stones")
+    assert out.returncode == 0 and out.stdout.endswith("\n")
