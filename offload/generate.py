@@ -415,8 +415,11 @@ def generate_steps(
     sampler: Sampler,
     prefill_chunk: int = GenerationSection.prefill_chunk,
     progress: Progress | None = None,
+    head: int = 0,
 ) -> Iterator[StepResult]:
     """Prefill `new_ids` after what `cache` already holds, then decode token by token.
+    The first `head` of them are prefilled on their own first (chunks of them alone: a
+    document before its question, whose KV later questions reuse to its end).
 
     The last sampled token (the stop token, or the one that hit the limit) is not
     fed back, so on return the cache holds the prompt and every token but the last.
@@ -425,7 +428,12 @@ def generate_steps(
     max_len = model.args.max_seq_len
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
-    logits = prefill(model, cache, new_ids, prefill_chunk, progress)
+    total = len(new_ids)
+    if head:
+        prefill(model, cache, new_ids[:head], prefill_chunk,
+                progress and (lambda done, _, what: progress(done, total, what)))  # fmt: skip
+    logits = prefill(model, cache, new_ids[head:], prefill_chunk,
+                     progress and (lambda done, _, what: progress(head + done, total, what)))  # fmt: skip
     cache.finish_prefill(progress)  # the selection index is part of prefill
     token = sampler(logits)
     prefill_seconds = time.perf_counter() - t0

@@ -69,6 +69,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def _dropped(state: KVState, e: BaseException, what: str) -> None:
     """After `e` stopped a forward pass partway (an error, Ctrl-C), which may leave layers
     at different lengths: keep the tokens every layer had finished (the context before
@@ -108,6 +114,7 @@ class Runtime:
         self._last_state = self._state  # whose cache stats() reports
         self.thinking_opened = False  # the last prompt left a think block open (R1 distills)
         self.document: dict | None = None  # set by load_document / a document session
+        self._document_tokens: tuple | None = None  # ((text, system), ids): `_document_ids`
         self.session: dict = {}  # what a loaded session said about itself
         # The session loaded from or last saved to: a save there needs no `replace` while
         # no other saver has saved there since (offload/session.py, `SessionRef`).
@@ -213,26 +220,38 @@ class Runtime:
         max_new_tokens: int | None,
         sampling: dict[str, Any],
         progress: Progress | None,
+        shared: int = 0,
     ) -> Iterator[StepResult]:
         """The request's steps, once another thread's request on `state` is done, each
         computed with the model to itself (`Requests`)."""
         with self.loaded.requests.on(state):
-            yield from self._steps(state, ids, max_new_tokens, sampling, progress)
+            yield from self._steps(state, ids, max_new_tokens, sampling, progress, shared)
 
-    def _steps(self, state, ids, max_new_tokens, sampling, progress) -> Iterator[StepResult]:
+    def _steps(
+        self, state, ids, max_new_tokens, sampling, progress, shared: int = 0
+    ) -> Iterator[StepResult]:
         """The request's steps, each computed with the model to itself (the caller has
         `state` to itself)."""
-        steps = self._computed(state, ids, max_new_tokens, sampling, progress)
+        steps = self._computed(state, ids, max_new_tokens, sampling, progress, shared)
         return self.loaded.requests.stepped(state.cache, steps)
 
-    def _computed(self, state, ids, max_new_tokens, sampling, progress) -> Iterator[StepResult]:
+    def _computed(
+        self, state, ids, max_new_tokens, sampling, progress, shared: int = 0
+    ) -> Iterator[StepResult]:
+        """(`shared`: the first tokens of `ids` that later requests share, a loaded
+        document's: where they are not all in the cache, they are prefilled as passes of
+        their own, so that the next question reuses all of them, `KVState`; before, a
+        cache the document had left (a `generate`, a forked child's) prefilled each
+        later question's last 2,000 tokens or so again.)"""
         self._check_fits(ids, "the prompt")
         stops = stop_strings(sampling.pop("stop", None))
         g, sampler = self._sampling(max_new_tokens, sampling, ids)
         reach = min(len(ids) + g.max_new_tokens, self.args.max_seq_len)
         caches.check_device_room(self, state.cache, reach, "this request")
         new_ids, reused = state.prepare(ids)
-        state.computed(reused, len(ids), g.prefill_chunk)
+        head = max(0, min(shared, len(ids) - 1) - reused)
+        state.computed(reused, reused + head, g.prefill_chunk)
+        state.computed(reused + head, len(ids), g.prefill_chunk)
         state.ids = list(ids)
         self._last_state = state
         if state.cache.store is not None:  # reads and selection are counted per request
@@ -245,7 +264,7 @@ class Runtime:
         self.thinking_opened = opened_in(ids, self.tokenizer)  # (the answer starts in a block)
         steps = apply_stops(generate_steps(
             self.model, state.cache, self.tokenizer, new_ids, g.max_new_tokens, sampler,
-            prefill_chunk=g.prefill_chunk, progress=self._following(progress),
+            prefill_chunk=g.prefill_chunk, progress=self._following(progress), head=head,
         ), stops)  # fmt: skip
         last_token = None
         try:
@@ -350,10 +369,17 @@ class Runtime:
         ]
 
     def _document_ids(self) -> list[int]:
-        """Token ids of the document part of every question's prompt (a shared prefix)."""
+        """Token ids of the document part of every question's prompt (a shared prefix);
+        kept for the next question (128k tokens take a quarter of a second to encode)."""
+        doc = self.document or {}
+        key = (doc.get("text"), doc.get("system"))
+        if self._document_tokens is not None and self._document_tokens[0] == key:
+            return self._document_tokens[1]
         messages, g = self._document_messages(QUESTION_MARK), self.config.generation
         full = self.tokenizer.apply_chat_template(messages, variables=g.template_variables)
-        return self.tokenizer.encode(full[: full.index(QUESTION_MARK)])
+        ids = self.tokenizer.encode(full[: full.index(QUESTION_MARK)])
+        self._document_tokens = (key, ids)
+        return ids
 
     def load_document(
         self, text: str, system: str | None = None, progress: Progress | None = None
@@ -404,7 +430,8 @@ class Runtime:
         """Answer a question about the loaded document; every question starts from the
         document's KV (earlier questions and answers are cut away, not attended)."""
         ids = self.encode_prompt(self._document_messages(question))
-        return self._run(self._state, ids, max_new_tokens, sampling, progress)
+        shared = common_prefix(ids, self._document_ids())
+        return self._run(self._state, ids, max_new_tokens, sampling, progress, shared)
 
     def ask(self, question: str, max_new_tokens: int | None = None, **sampling) -> str:
         return "".join(s.text for s in self.stream_ask(question, max_new_tokens, **sampling))

@@ -124,6 +124,23 @@ def test_a_cache_held_in_memory_is_kept_in_the_child(rt):
     assert got == {"result": [conv.send("And three fruits?", **ASK), True]}
 
 
+def test_a_session_loaded_before_the_fork_is_asked_about_in_the_child(rt, tmp_path):
+    """A document session (its cache tiered: renewed in the child) is read again by the
+    child's first question; the questions after it reuse all of it."""
+    rt.load_document("Seven quiet stones lie by the river. " * 20)
+    rt.save_session(tmp_path / "doc")
+    loaded = Runtime.load_session(tmp_path / "doc", model=rt)
+    document = loaded.stats()["context_tokens"]
+    assert loaded._state.cache.store is not None  # (tiered: the child renews it)
+    questions = ("How many stones?", "Where are they?")
+
+    def child():
+        answers = [loaded.ask(q, **ASK) for q in questions]
+        return [answers, loaded.stats()["reused_tokens"] >= document]
+
+    assert in_child(child) == {"result": [[loaded.ask(q, **ASK) for q in questions], True]}
+
+
 def test_a_cuda_model_in_a_forked_child_is_one_clear_error(monkeypatch):
     """(CUDA does not survive a fork; torch's own error would come from deep inside.)"""
     requests = Requests(cuda=True)

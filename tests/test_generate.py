@@ -252,3 +252,22 @@ def test_an_answer_stopped_inside_a_step_keeps_the_document(tiny_dirs, mode):
     assert rt.ask("w3 w4?", max_new_tokens=4, temperature=0) == want
     assert (mode == "sparse") == (policy is not None and any(policy.indexed))  # rebuilt
     assert rt.stats()["prefill_tokens"] < 20  # the question only
+
+
+def test_questions_after_another_request_reuse_the_whole_document(tiny_dirs):
+    """A `generate` between questions takes the cache from the document: the next
+    question reads the document again, as passes of its own, so that the questions after
+    it prefill only themselves. Before, each of them prefilled all of the document that
+    followed the last chunk start, every time."""
+    doc = " ".join(f"w{i % 37}" for i in range(50))
+    rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32",
+                                 prefill_chunk=64)  # fmt: skip
+    rt.load_document(doc)
+    doc_tokens = rt.stats()["context_tokens"]
+    ask = dict(max_new_tokens=4, temperature=0)
+    want = [rt.ask(q, **ask) for q in ("w3 w4?", "w5 w6?")]
+    rt.generate("ab cd", **ask)
+    assert rt.ask("w3 w4?", **ask) == want[0]
+    assert rt.stats()["prefill_tokens"] > doc_tokens  # (the document read again)
+    assert rt.ask("w5 w6?", **ask) == want[1]
+    assert rt.stats()["reused_tokens"] >= doc_tokens and rt.stats()["prefill_tokens"] < 20
