@@ -108,7 +108,8 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
             try:
                 text = read_documents([Path(name).expanduser()])
             except OffloadError as e:
-                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+                hint = f" ({FILE_USAGE})" if rest and not Path(name).expanduser().exists() else ""
+                console.print(f"[bold red]error:[/] {escape(str(e) + hint)}", highlight=False)
                 continue
             text = f"{text}\n\n{rest.strip()}" if rest.strip() else text
             console.print(f"[dim]sending {name} ({len(text):,} characters)[/]")

@@ -225,20 +225,23 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     """In `offload chat`: /save writes the conversation as a session that `offload chat
     --session` resumes; /file sends a file's text and the words after it as one turn;
     a path with spaces is quoted or escaped as a shell has it (as a terminal pastes a file
-    dropped on it); a missing argument or file is one line, and the chat goes on."""
+    dropped on it); a missing argument or file is one line (an unquoted path with spaces
+    and words after it: with the usage), and the chat goes on."""
     notes = tmp_path / "my notes.txt"
     notes.write_text("The lighthouse keeper counts seven stones every morning.")
     missing, session = tmp_path / "missing.txt", tmp_path / "s"
     runner = CliRunner()
     escaped = str(notes).replace(" ", "\\ ")
     turns = ["hello there", "/save", "/file", f"/file {missing}", f'/file "{notes}" how many?',
-             f"/file {escaped}", f"/save {session}", "/exit"]  # fmt: skip
+             f"/file {notes} how many?", f"/file {escaped}", f"/save {session}", "/exit"]  # fmt: skip
     wide = {"COLUMNS": "1000"}  # (rich wraps lines at spaces, as in the path)
     r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n", env=wide)
     assert r.exit_code == 0, r.output
     out = r.output.replace("\n", "")
     assert "usage: /save [--replace] DIR" in out and "usage: /file PATH [text]" in out
     assert "missing.txt" in out and out.count(f"sending {notes}") == 2
+    # (unquoted, with words after it: the path ends at the space, and the error says so)
+    assert f"document not found: {tmp_path / 'my'} (usage: /file PATH [text] (a path" in out
     assert out.count("tok/s") == 3 and f"to {session}" in out
     saved = int(re.search(r"saved (\d+) tokens", out)[1])
     r = runner.invoke(main, ["chat", "--session", str(session), *tiny, "-n", "2"],
