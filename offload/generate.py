@@ -429,9 +429,10 @@ def generate_steps(
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
     total = len(new_ids)
-    if head:
+    if head:  # (and its index, as `Runtime.load_document` has it before a question)
         prefill(model, cache, new_ids[:head], prefill_chunk,
                 progress and (lambda done, _, what: progress(done, total, what)))  # fmt: skip
+        cache.finish_prefill(progress)
     logits = prefill(model, cache, new_ids[head:], prefill_chunk,
                      progress and (lambda done, _, what: progress(head + done, total, what)))  # fmt: skip
     cache.finish_prefill(progress)  # the selection index is part of prefill

@@ -254,14 +254,18 @@ def test_an_answer_stopped_inside_a_step_keeps_the_document(tiny_dirs, mode):
     assert rt.stats()["prefill_tokens"] < 20  # the question only
 
 
-def test_questions_after_another_request_reuse_the_whole_document(tiny_dirs):
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+def test_questions_after_another_request_reuse_the_whole_document(tiny_dirs, mode):
     """A `generate` between questions takes the cache from the document: the next
-    question reads the document again, as passes of its own, so that the questions after
-    it prefill only themselves. Before, each of them prefilled all of the document that
-    followed the last chunk start, every time."""
+    question reads the document again, as passes of its own (and its index), so that it
+    answers as after `load_document` and the questions after it prefill only themselves.
+    Before, each of them prefilled all of the document that followed the last chunk
+    start, every time."""
+    over = {"mode": mode, "sink": 4, "window": 32, "retrieved": 16, "index_refresh": 64,
+            "dense_layers": 1, "sparse_threshold": 64}  # fmt: skip
     doc = " ".join(f"w{i % 37}" for i in range(50))
     rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32",
-                                 prefill_chunk=64)  # fmt: skip
+                                 prefill_chunk=64, **over)  # fmt: skip
     rt.load_document(doc)
     doc_tokens = rt.stats()["context_tokens"]
     ask = dict(max_new_tokens=4, temperature=0)
