@@ -14,7 +14,7 @@ what differs.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +114,7 @@ class Runtime:
         self._last_state = self._state  # whose cache stats() reports
         self.thinking_opened = False  # the last prompt left a think block open (R1 distills)
         self.document: dict | None = None  # set by load_document / a document session
-        self._document_tokens: tuple | None = None  # ((text, system), ids): `_document_ids`
+        self._leading: dict[str, tuple] = {}  # kind -> (its content, its ids): `_leading_ids`
         self.session: dict = {}  # what a loaded session said about itself
         # The session loaded from or last saved to: a save there needs no `replace` while
         # no other saver has saved there since (offload/session.py, `SessionRef`).
@@ -238,11 +238,15 @@ class Runtime:
     def _computed(
         self, state, ids, max_new_tokens, sampling, progress, shared: int = 0
     ) -> Iterator[StepResult]:
-        """(`shared`: the first tokens of `ids` that later requests share, a loaded
-        document's: where they are not all in the cache, they are prefilled as passes of
-        their own, so that the next question reuses all of them, `KVState`; before, a
-        cache the document had left (a `generate`, a forked child's) prefilled each
-        later question's last 2,000 tokens or so again.)"""
+        """(`shared`: the first tokens of `ids` that later requests may share, a loaded
+        document's or a leading system message's: where they are not all in the cache,
+        they are prefilled as passes of their own, so that the next such request reuses
+        all of them (`KVState` reuses KV up to where a pass began only). Where the passes
+        break is a function of the prompt alone, so a request answers as on a fresh
+        runtime. Before, a question whose document another request had cut away (a
+        `generate`, a forked child's renewed cache) prefilled the document's last 2,000
+        tokens or so again at each later question, and a long system prompt was
+        prefilled again whole at each request.)"""
         self._check_fits(ids, "the prompt")
         stops = stop_strings(sampling.pop("stop", None))
         g, sampler = self._sampling(max_new_tokens, sampling, ids)
@@ -321,7 +325,8 @@ class Runtime:
         (defaults from the config's [generation]), and `stop`: a string or strings
         that end the answer where it first contains one (not included)."""
         ids = self.encode_prompt(prompt)
-        return self._run(self._state, ids, max_new_tokens, sampling, progress)
+        shared = self._system_prefix(prompt, ids)
+        return self._run(self._state, ids, max_new_tokens, sampling, progress, shared)
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None, **sampling: Any) -> str:
         """The whole answer as a string (the stop token is not included)."""
@@ -369,17 +374,44 @@ class Runtime:
         ]
 
     def _document_ids(self) -> list[int]:
-        """Token ids of the document part of every question's prompt (a shared prefix);
-        kept for the next question (128k tokens take a quarter of a second to encode)."""
+        """Token ids of the document part of every question's prompt (a shared prefix)."""
         doc = self.document or {}
-        key = (doc.get("text"), doc.get("system"))
-        if self._document_tokens is not None and self._document_tokens[0] == key:
-            return self._document_tokens[1]
-        messages, g = self._document_messages(QUESTION_MARK), self.config.generation
-        full = self.tokenizer.apply_chat_template(messages, variables=g.template_variables)
-        ids = self.tokenizer.encode(full[: full.index(QUESTION_MARK)])
-        self._document_tokens = (key, ids)
-        return ids
+
+        def text() -> str:
+            messages, g = self._document_messages(QUESTION_MARK), self.config.generation
+            full = self.tokenizer.apply_chat_template(messages, variables=g.template_variables)
+            return full[: full.index(QUESTION_MARK)]
+
+        return self._leading_ids("document", (doc.get("text"), doc.get("system")), text)
+
+    def _system_prefix(self, prompt: Prompt, ids: list[int]) -> int:
+        """How many of `ids` (the prompt's) are its leading system message, as the
+        template writes it alone: prefilled as passes of their own (`_computed`'s
+        `shared`), so that the next request with the same system prompt (a server's long
+        instructions) reuses all of it; before, it was prefilled again whole each time
+        (where it was within a prefill chunk)."""
+        if isinstance(prompt, str) or len(prompt) < 2 or prompt[0]["role"] != "system":
+            return 0
+
+        def text() -> str:
+            try:
+                return self.tokenizer.apply_chat_template(
+                    prompt[:1], False, variables=self.config.generation.template_variables
+                )
+            except OffloadError:  # (a template that takes no lone system message)
+                return ""
+
+        return common_prefix(ids, self._leading_ids("system", prompt[0]["content"], text))
+
+    def _leading_ids(self, kind: str, key: Any, text: Callable[[], str]) -> list[int]:
+        """The ids of `text()`, the leading part of prompts of `kind` whose content is
+        `key`, kept for the next prompt with the same (128k tokens take a quarter of a
+        second to encode)."""
+        kept = self._leading.get(kind)
+        if kept is None or kept[0] != key:
+            body = text()
+            kept = self._leading[kind] = (key, self.tokenizer.encode(body) if body else [])
+        return kept[1]
 
     def load_document(
         self, text: str, system: str | None = None, progress: Progress | None = None

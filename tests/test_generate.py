@@ -275,3 +275,22 @@ def test_questions_after_another_request_reuse_the_whole_document(tiny_dirs, mod
     assert rt.stats()["prefill_tokens"] > doc_tokens  # (the document read again)
     assert rt.ask("w5 w6?", **ask) == want[1]
     assert rt.stats()["reused_tokens"] >= doc_tokens and rt.stats()["prefill_tokens"] < 20
+
+
+def test_requests_with_one_system_prompt_reuse_it_and_answer_as_fresh(tiny_dirs):
+    """A server's requests: the same long system message, another user message each time.
+    Its KV is prefilled as passes of its own, so each later request prefills only its
+    own message; and the passes break where the prompt says, so each answer is a fresh
+    runtime's. Before, the whole prompt was prefilled again each time (a prompt within a
+    prefill chunk reuses nothing but from where a pass began)."""
+    directory = tiny_dirs["llama-gqa-untied"][0]
+    system = {"role": "system", "content": " ".join(f"w{i % 37}" for i in range(40))}
+    ask = dict(max_new_tokens=4, temperature=0)
+    rt = Runtime.from_pretrained(directory, dtype="float32")
+    own = len(rt.tokenizer.apply_chat_template([system], False, True))
+    for n, question in enumerate(("w3 w4?", "w5 w6?", "w7?")):
+        prompt = [system, {"role": "user", "content": question}]
+        fresh = Runtime.from_pretrained(directory, dtype="float32")
+        assert rt.generate(prompt, **ask) == fresh.generate(prompt, **ask)
+        if n:
+            assert rt.stats()["reused_tokens"] == own, (own, rt.stats()["reused_tokens"])
