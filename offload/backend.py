@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.errors import CUDA_FORKED, ConfigError
 from offload.kernels import candidates as candidate_kernels
 from offload.kernels import decode_attention as attention_kernels
 from offload.kernels import gather as gather_kernels
@@ -35,6 +36,19 @@ from offload.kernels.ranking import take_clusters_ref, top_ids_ref
 from retrieval.base import ROW_BLOCK, with_successors
 from retrieval.cluster import nearest_centroids
 from storage.quant import QuantKeys
+
+
+def pick_device(name: str) -> torch.device:
+    """`model.device`'s device ("auto": CUDA where there is one)."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} requested but CUDA is not available")
+    else:
+        device = torch.device(name)
+    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
+        raise ConfigError(f"model.device {name!r}: {CUDA_FORKED}")
+    return device
 
 
 @dataclass(frozen=True)

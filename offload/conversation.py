@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from offload.errors import ContextLengthError, OffloadError
+from offload.errors import CUDA_FORKED, ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult
 from storage import threads
 
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-CUDA_FORKED = (
-    "CUDA was in use in the process this one was forked from, and CUDA does not survive "
-    "a fork: start this process with multiprocessing's 'spawn' (or fork before CUDA is "
-    "used, and load the model after)"
-)
 DOCUMENT_PROMPT = (
     "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
 )

@@ -24,3 +24,10 @@ class ContextLengthError(OffloadError):
 
 class DeviceMemoryError(OffloadError):
     """The GPU ran out of memory (torch's `OutOfMemoryError`, with what was being done)."""
+
+
+CUDA_FORKED = (
+    "CUDA was in use in the process this one was forked from, and CUDA does not survive "
+    "a fork: start this process with multiprocessing's 'spawn' (or fork before CUDA is "
+    "used, and load the model after)"
+)

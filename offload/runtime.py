@@ -14,7 +14,7 @@ what differs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +22,10 @@ import torch
 
 from offload import caches, request_stats
 from offload.attention import SelectionStats
-from offload.backend import Backend
+from offload.backend import Backend, pick_device
 from offload.budgets import device_memory, out_of_memory
 from offload.config import DEFAULT_MODEL, RuntimeConfig
-from offload.conversation import CUDA_FORKED, DOCUMENT_PROMPT, Conversation, KVState
+from offload.conversation import Conversation, KVState
 from offload.cores import CoreWatch
 from offload.errors import ConfigError, ContextLengthError, OffloadError
 from offload.generate import (
@@ -40,8 +40,8 @@ from offload.generate import (
 from offload.kvcache import KVCache
 from offload.loading import LoadedModel, load
 from offload.pipeline import PrefetchStats
+from offload.prompts import Prompt, Prompts, common_prefix, document_messages
 from offload.thinking import opened_in
-from offload.tokenizer import check_messages
 from storage import threads
 from storage.layout import KVLayout
 from storage.tiered import TierReads
@@ -49,30 +49,8 @@ from storage.tiered import TierReads
 if TYPE_CHECKING:
     from offload.session import SessionRef
 
-Prompt = str | list[dict[str, str]]
-# How a question about a loaded document is put to the model. The document comes
-# first so its KV is a prefix shared by every question.
-QUESTION_MARK = "\x00question\x00"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty",
                  "repeat_last_n")  # fmt: skip
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {name!r} requested but CUDA is not available")
-    else:
-        device = torch.device(name)
-    if device.type == "cuda" and torch.cuda._is_in_bad_fork():
-        raise ConfigError(f"model.device {name!r}: {CUDA_FORKED}")
-    return device
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many first ids `a` and `b` share."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _dropped(state: KVState, e: BaseException, what: str) -> None:
@@ -114,7 +92,7 @@ class Runtime:
         self._last_state = self._state  # whose cache stats() reports
         self.thinking_opened = False  # the last prompt left a think block open (R1 distills)
         self.document: dict | None = None  # set by load_document / a document session
-        self._leading: dict[str, tuple] = {}  # kind -> (its content, its ids): `_leading_ids`
+        self.prompts = Prompts(loaded.tokenizer, lambda: self.config.generation.template_variables)
         self.session: dict = {}  # what a loaded session said about itself
         # The session loaded from or last saved to: a save there needs no `replace` while
         # no other saver has saved there since (offload/session.py, `SessionRef`).
@@ -183,14 +161,7 @@ class Runtime:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            check_messages(prompt)
-            messages = prompt
-        return self.tokenizer.apply_chat_template(
-            messages, True, True, self.config.generation.template_variables
-        )
+        return self.prompts.encode(prompt)
 
     def _check_fits(self, ids: list[int], what: str) -> None:
         limit = self.args.max_seq_len
@@ -325,7 +296,7 @@ class Runtime:
         (defaults from the config's [generation]), and `stop`: a string or strings
         that end the answer where it first contains one (not included)."""
         ids = self.encode_prompt(prompt)
-        shared = self._system_prefix(prompt, ids)
+        shared = self.prompts.system_prefix(prompt, ids)
         return self._run(self._state, ids, max_new_tokens, sampling, progress, shared)
 
     def generate(self, prompt: Prompt, max_new_tokens: int | None = None, **sampling: Any) -> str:
@@ -362,56 +333,9 @@ class Runtime:
 
     # -- documents and sessions ------------------------------------------------
 
-    def _document_messages(self, question: str) -> list[dict[str, str]]:
-        doc = self.document
-        if doc is None:
-            raise OffloadError(
-                "no document loaded: call load_document() or load a document session"
-            )
-        user = DOCUMENT_PROMPT.format(document=doc["text"], question=question)
-        return ([{"role": "system", "content": doc["system"]}] if doc.get("system") else []) + [
-            {"role": "user", "content": user}
-        ]
-
     def _document_ids(self) -> list[int]:
         """Token ids of the document part of every question's prompt (a shared prefix)."""
-        doc = self.document or {}
-
-        def text() -> str:
-            messages, g = self._document_messages(QUESTION_MARK), self.config.generation
-            full = self.tokenizer.apply_chat_template(messages, variables=g.template_variables)
-            return full[: full.index(QUESTION_MARK)]
-
-        return self._leading_ids("document", (doc.get("text"), doc.get("system")), text)
-
-    def _system_prefix(self, prompt: Prompt, ids: list[int]) -> int:
-        """How many of `ids` (the prompt's) are its leading system message, as the
-        template writes it alone: prefilled as passes of their own (`_computed`'s
-        `shared`), so that the next request with the same system prompt (a server's long
-        instructions) reuses all of it; before, it was prefilled again whole each time
-        (where it was within a prefill chunk)."""
-        if isinstance(prompt, str) or len(prompt) < 2 or prompt[0]["role"] != "system":
-            return 0
-
-        def text() -> str:
-            try:
-                return self.tokenizer.apply_chat_template(
-                    prompt[:1], False, variables=self.config.generation.template_variables
-                )
-            except OffloadError:  # (a template that takes no lone system message)
-                return ""
-
-        return common_prefix(ids, self._leading_ids("system", prompt[0]["content"], text))
-
-    def _leading_ids(self, kind: str, key: Any, text: Callable[[], str]) -> list[int]:
-        """The ids of `text()`, the leading part of prompts of `kind` whose content is
-        `key`, kept for the next prompt with the same (128k tokens take a quarter of a
-        second to encode)."""
-        kept = self._leading.get(kind)
-        if kept is None or kept[0] != key:
-            body = text()
-            kept = self._leading[kind] = (key, self.tokenizer.encode(body) if body else [])
-        return kept[1]
+        return self.prompts.document_ids(self.document)
 
     def load_document(
         self, text: str, system: str | None = None, progress: Progress | None = None
@@ -461,7 +385,7 @@ class Runtime:
     ):
         """Answer a question about the loaded document; every question starts from the
         document's KV (earlier questions and answers are cut away, not attended)."""
-        ids = self.encode_prompt(self._document_messages(question))
+        ids = self.encode_prompt(document_messages(self.document, question))
         shared = common_prefix(ids, self._document_ids())
         return self._run(self._state, ids, max_new_tokens, sampling, progress, shared)
 

@@ -145,29 +145,24 @@ class DiskTier:
             self._owner = fd
 
     def close(self) -> None:
-        self._forget()
+        """(After the store deleted its files.) The lock goes, and the directory if empty."""
         if self._owner is not None:
             (self.directory / OWNER_LOCK).unlink(missing_ok=True)
-            os.close(self._owner)
-            self._owner = None
+        self.disown()
         try:
             self.directory.rmdir()  # only succeeds when empty: never removes a user's files
         except OSError:
             pass
 
     def disown(self) -> None:
-        """Let go of the directory without touching it: in a child forked from the process
-        that wrote it, the files and the lock are the parent's (the child's copy of the
-        lock's descriptor is closed; the parent still holds the lock)."""
-        self._forget()
-        self._sizes.clear()
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
-
-    def _forget(self) -> None:
-        for d in (self._readers, self._mapped, self._meta, self._places, self._checked):
+        """Let go of the directory untouched: in a child forked from the process that wrote
+        it, its files and lock are the parent's (who holds the lock still)."""
+        for d in (self._readers, self._mapped, self._meta, self._places, self._checked,
+                  self._sizes):  # fmt: skip
             d.clear()
+        if self._owner is not None:
+            os.close(self._owner)  # (here: this process's copy of the descriptor)
+            self._owner = None
 
     # -- writing ---------------------------------------------------------------
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from offload import ConfigError, OffloadError, Runtime
+from offload.backend import pick_device
 from offload.conversation import KVState, Requests
-from offload.runtime import pick_device
 from storage import threads
 
 ASK = dict(max_new_tokens=8, temperature=0)
