@@ -45,6 +45,14 @@ def leading_messages(messages: list[dict[str, str]]) -> int:
     return n
 
 
+def common_prefix(a: list[int], b: list[int], most: int | None = None) -> int:
+    """How many first ids `a` and `b` share (`most` at most)."""
+    n = min(len(a), len(b))
+    if most is not None:
+        n = max(0, min(n, most))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def _next_step(cache: KVCache, steps: Iterator[StepResult]) -> StepResult | None:
     cache.check_open()
     return next(steps, None)
@@ -171,10 +179,7 @@ class KVState:
 
         With `need_logits` at least one token is left to prefill (its logits start decoding)."""
         self.cache.check_open()
-        n = 0
-        limit = min(len(self.ids), len(ids) - need_logits)
-        while n < limit and self.ids[n] == ids[n]:
-            n += 1
+        n = common_prefix(self.ids, ids, len(ids) - need_logits)
         if n < len(self.ids):
             n = self._pass_start_at_most(n)
         self.cache.truncate(n)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from offload.conversation import DOCUMENT_PROMPT
+from offload.conversation import DOCUMENT_PROMPT, common_prefix
 from offload.errors import OffloadError
 from offload.tokenizer import Tokenizer, check_messages
 
@@ -16,12 +16,6 @@ Prompt = str | list[dict[str, str]]
 # How a question about a loaded document is put to the model. The document comes
 # first so its KV is a prefix shared by every question.
 QUESTION_MARK = "\x00question\x00"
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many first ids `a` and `b` share."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def document_messages(document: dict | None, question: str) -> list[dict[str, str]]:
@@ -51,6 +45,12 @@ class Prompts:
             check_messages(prompt)
             messages = prompt
         return self.tokenizer.apply_chat_template(messages, True, True, self.variables())
+
+    def document_prefix(self, document: dict | None, ids: list[int]) -> int:
+        """How many of `ids` (a question's) are the document part of every question's
+        prompt: prefilled as passes of their own where the cache lacks them (`Runtime.
+        _computed`'s `shared`), so that the next question reuses all of it."""
+        return common_prefix(ids, self.document_ids(document))
 
     def document_ids(self, document: dict | None) -> list[int]:
         """Token ids of the document part of every question's prompt (a shared prefix)."""
@@ -85,8 +85,8 @@ class Prompts:
 
     def _leading_ids(self, kind: str, key: Any, text: Callable[[], str]) -> list[int]:
         """The ids of `text()`, the leading part of prompts of `kind` whose content is
-        `key`, kept for the next prompt with the same, rendered alike (128k tokens take a quarter of a
-        second to encode)."""
+        `key`, kept for the next prompt with the same, rendered alike (128k tokens take
+        a quarter of a second to encode)."""
         kept, key = self._leading.get(kind), (key, self.variables())
         if kept is None or kept[0] != key:
             body = text()

@@ -40,7 +40,7 @@ from offload.generate import (
 from offload.kvcache import KVCache
 from offload.loading import LoadedModel, load
 from offload.pipeline import PrefetchStats
-from offload.prompts import Prompt, Prompts, common_prefix, document_messages
+from offload.prompts import Prompt, Prompts, document_messages
 from offload.thinking import opened_in
 from storage import threads
 from storage.layout import KVLayout
@@ -386,7 +386,7 @@ class Runtime:
         """Answer a question about the loaded document; every question starts from the
         document's KV (earlier questions and answers are cut away, not attended)."""
         ids = self.encode_prompt(document_messages(self.document, question))
-        shared = common_prefix(ids, self._document_ids())
+        shared = self.prompts.document_prefix(self.document, ids)
         return self._run(self._state, ids, max_new_tokens, sampling, progress, shared)
 
     def ask(self, question: str, max_new_tokens: int | None = None, **sampling) -> str:
