@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,13 @@ if TYPE_CHECKING:
     from offload.session import SessionRef
 
 T = TypeVar("T")
+
+STALLED = (
+    "waiting for a request on this cache that this thread began: its stream has not been "
+    "read for {seconds:.0f} s. Unless another thread reads it to its end or closes it, "
+    "this thread waits for ever: close() a stream before beginning another request on "
+    "the same runtime or conversation"
+)
 
 DOCUMENT_PROMPT = (
     "{document}\n\nAnswer the question about the document above.\nQuestion:\n{question}"
@@ -74,13 +83,17 @@ class Requests:
       was begun there too, it is an error: only that thread can go on reading it (a
       script, a notebook, an event loop). A thread of a pool may find the cache busy
       with a stream it began itself, which the pool's other threads go on reading (a
-      server's streamed answers): it waits.
+      server's streamed answers): it waits. Where that stream has not moved for
+      `stall_seconds` (nothing read it: a thread that began a second request before it
+      closed its first waits for ever), a RuntimeWarning says so.
     - In a process forked from the one that loaded the model (a server's workers forked
       after loading it, multiprocessing's "fork"): the main thread's steps run on the
       compute thread too (its OpenMP pool did not survive the fork: `storage.threads`),
       and a cache is first adopted (`KVState.adopt`). A model on CUDA cannot be used
       there (CUDA does not survive a fork): one clear error.
     """
+
+    stall_seconds = 10.0  # (`on`)
 
     def __init__(self, cuda: bool = False):
         self.cuda = cuda  # the model is on CUDA
@@ -103,12 +116,16 @@ class Requests:
                 return fn(*args)
             return threads.compute(fn, *args)
 
-    def stepped(self, cache: KVCache, steps: Iterator[StepResult]) -> Iterator[StepResult]:
-        """`steps`, each computed with the model to itself; a cache closed between them
-        (by another thread) stops them with one error."""
+    def stepped(self, state: KVState, steps: Iterator[StepResult]) -> Iterator[StepResult]:
+        """`steps` of a request on `state`, each computed with the model to itself; a
+        cache closed between them (by another thread) stops them with one error."""
         try:
             while True:
-                step = self.run(_next_step, cache, steps)
+                state.stepping = True
+                try:
+                    step = self.run(_next_step, state.cache, steps)
+                finally:
+                    state.stepping, state.moved = False, time.monotonic()
                 if step is None:
                     return
                 yield step
@@ -120,14 +137,19 @@ class Requests:
         me = threading.get_ident()
         with self._free:
             state.adopt()
+            warned = False
             while state.busy is not None:
                 if state.busy == me == threading.main_thread().ident:
                     raise OffloadError(
                         "this cache is in the middle of another request: a stream begun on "
                         "it was neither read to its end nor closed (close() it first)"
                     )
-                self._free.wait()
-            state.busy = me
+                self._free.wait(self.stall_seconds)
+                idle = 0.0 if state.stepping else time.monotonic() - state.moved
+                if state.busy == me and idle >= self.stall_seconds and not warned:
+                    warned = True
+                    warnings.warn(STALLED.format(seconds=idle), RuntimeWarning, stacklevel=3)
+            state.busy, state.moved = me, time.monotonic()
         try:
             yield
         finally:  # (a stream dropped in another thread ends there)
@@ -153,6 +175,8 @@ class KVState:
         # (start, end, step): forward passes began at start, start + step, ... < end
         self.passes: list[tuple[int, int, int]] = []
         self.busy: int | None = None  # the thread that began the request on it (`Requests`)
+        self.stepping = False  # a step of that request is being computed
+        self.moved = 0.0  # when that request began or last took a step (monotonic)
         self.pid = os.getpid()  # the process it is used in (`adopt`)
 
     def adopt(self) -> None:

@@ -204,7 +204,7 @@ class Runtime:
         """The request's steps, each computed with the model to itself (the caller has
         `state` to itself)."""
         steps = self._computed(state, ids, max_new_tokens, sampling, progress, shared)
-        return self.loaded.requests.stepped(state.cache, steps)
+        return self.loaded.requests.stepped(state, steps)
 
     def _computed(
         self, state, ids, max_new_tokens, sampling, progress, shared: int = 0

@@ -49,6 +49,11 @@ def save_state(
     `replace`, or where it is `own` (the saver's, as the saver left it)."""
     cache = state.cache
     cache.check_open()
+    if not state.ids:  # (a session holds at least one token: its load would refuse it)
+        raise OffloadError(
+            f"nothing to save to {path}: no prompt has run on this "
+            f"{'conversation' if kind == 'chat' else 'runtime'} yet"
+        )
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()
     path = Path(path)

@@ -4,7 +4,11 @@ another waiting its turn; streams on different caches take turns step by step, i
 threads or read in turn in one thread; in the main thread, a second request on the
 cache a stream of its own is reading is refused."""
 
+import re
 import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -158,11 +162,11 @@ def test_a_pool_thread_waits_for_a_stream_it_began_that_others_read_on(rt, tiny_
     """A server's streamed answer: each step is read by whichever thread of a pool is
     free, so the thread that began it may be asked for the next request on the same
     cache while the answer is still being read. It waits (only the main thread, which
-    alone could read its own stream on, is refused)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    alone could read its own stream on, is refused). A stream read on does not warn."""
+    rt.loaded.requests.stall_seconds = 2.0
     steps = rt.stream("ab cd ef", **ASK)
-    with ThreadPoolExecutor(1) as worker:
+    with warnings.catch_warnings(), ThreadPoolExecutor(1) as worker:
+        warnings.simplefilter("error")  # (raised in the pool's thread: `second` fails)
         first = worker.submit(started, steps).result()  # (begun in the pool's thread)
         second = worker.submit(rt.generate, "gh ij", **ASK)
         assert not second.done()  # (waiting, not refused)
@@ -170,3 +174,28 @@ def test_a_pool_thread_waits_for_a_stream_it_began_that_others_read_on(rt, tiny_
         answer = second.result(timeout=30)
     alone_rt = Runtime.from_pretrained(tiny_dirs[MODEL][0], dtype="float32")
     assert ["".join(first), answer] == [alone_rt.generate(p, **ASK) for p in ("ab cd ef", "gh ij")]
+
+
+def test_a_thread_waiting_for_a_stream_nobody_reads_is_told(rt, tiny_dirs):
+    """A thread (not the main one) that begins a second request on a cache before it
+    closes its first stream waits for ever: before, silently; now a RuntimeWarning says
+    why. Closing the first stream then lets the second run."""
+    rt.loaded.requests.stall_seconds = 0.2
+    steps = rt.stream("ab cd ef", **ASK)
+    with warnings.catch_warnings(record=True) as seen, ThreadPoolExecutor(1) as worker:
+        warnings.simplefilter("always")
+        worker.submit(started, steps).result()
+        second = worker.submit(rt.generate, "gh ij", **ASK)
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not second.done()
+        steps.close()
+        answer = second.result(timeout=30)
+    [warning] = seen
+    assert warning.category is RuntimeWarning
+    assert re.search(r"this thread began: its stream has not been read for [0-9]+ s\.",
+                     str(warning.message))  # fmt: skip
+    assert "close() a stream before beginning another request" in str(warning.message)
+    alone_rt = Runtime.from_pretrained(tiny_dirs[MODEL][0], dtype="float32")
+    assert answer == alone_rt.generate("gh ij", **ASK)

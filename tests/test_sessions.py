@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from offload import Runtime
+from offload import OffloadError, Runtime
 from storage.disk import StorageError
 from storage.session import SessionError, SessionLock, SessionLockedError, open_session
 from tests.conftest import cuda_only, filler_text, rewrite_manifest
@@ -116,6 +116,21 @@ def test_chat_session_resumes(tiny, tmp_path):
     b = Runtime.load_session(tmp_path / "c", model=tiny).resume_chat()
     assert b.messages == a.messages[:-2]
     assert b.send("seven stones", max_new_tokens=5) == want
+
+
+def test_nothing_to_save_is_one_error_and_writes_nothing(tiny, tmp_path):
+    # a session of no tokens would be written, then refused at its load
+    rt = Runtime(tiny.loaded, tiny.config, tiny.device)
+    with pytest.raises(
+        OffloadError, match="nothing to save to .*: no prompt has run on this runtime"
+    ):
+        rt.save_session(tmp_path / "r")
+    conv = rt.chat(system="sys")
+    with pytest.raises(OffloadError, match="no prompt has run on this conversation"):
+        conv.save(tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+    conv.send("the river", max_new_tokens=3)
+    assert conv.save(tmp_path / "c")["tokens"] > 0
 
 
 def test_embedded_model_save_load_in_fresh_process(smol_bf16, tmp_path):
