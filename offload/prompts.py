@@ -5,17 +5,40 @@ prompt's prefill passes break")."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from offload.conversation import DOCUMENT_PROMPT, common_prefix
 from offload.errors import OffloadError
 from offload.tokenizer import Tokenizer, check_messages
+from storage import threads
 
 Prompt = str | list[dict[str, str]]
 # How a question about a loaded document is put to the model. The document comes
 # first so its KV is a prefix shared by every question.
 QUESTION_MARK = "\x00question\x00"
+
+# A long prompt that begins as one encoded before (a loaded document's questions, a
+# chat's earlier turns) keeps that one's tokens up to a little before where the two
+# differ, and only the rest is encoded (`Prompts.encode_text`): encoding 150k tokens
+# again from the start took 0.25 s here, at each question. Only for a tokenizer whose
+# tokens depend on the text near them alone (`Tokenizer.splits_locally`).
+SHARED_AT_LEAST = 8192  # characters in common, below which a prompt is encoded whole
+MARGIN = 64  # characters before the difference that a kept token must end by: more than
+# any split's look-ahead or special token
+CHECK = 16  # kept tokens encoded again with the rest, and compared: the rest's encoding
+# begins where the kept tokens' did
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A text encoded whole: its ids, and its `tokenizers.Encoding` (where each token is)."""
+
+    text: str
+    ids: list[int]
+    encoding: Any
 
 
 def document_messages(document: dict | None, question: str) -> list[dict[str, str]]:
@@ -36,6 +59,32 @@ class Prompts:
         # (`generation.template_variables`)
         self.variables = variables
         self._leading: dict[str, tuple] = {}  # kind -> (its content, its ids): `_leading_ids`
+        # kind ("document", "system", "prompt") -> the last long text of it encoded whole
+        self._encoded: dict[str, Encoded] = {}
+        self.after_fork()
+        threads.renew_after_fork(self)
+
+    def after_fork(self) -> None:
+        self._leading_lock = threading.Lock()  # (held while one is encoded: `_leading_ids`)
+
+    def ahead(self, document: dict | None, messages: list[dict[str, str]] | None) -> None:
+        """Encode now, on a thread, what a loaded session's first request begins with:
+        the document's part of every question, or a chat's messages; kept, so that the
+        request encodes its own part alone (`encode_text`; a session loading and its
+        user typing meanwhile)."""
+
+        def encode() -> None:
+            try:
+                if document is not None:
+                    self.document_ids(document)
+                elif messages:
+                    self.encode_text(self.tokenizer.apply_chat_template(
+                        messages, False, variables=self.variables()))  # fmt: skip
+            except Exception:  # (the request itself will say what is wrong, if it is)
+                pass
+
+        if document is not None or messages:
+            threads.thread(encode, "offload-encode", daemon=True).start()
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A string becomes one user turn of the chat template; messages are rendered as given."""
@@ -44,13 +93,39 @@ class Prompts:
         else:
             check_messages(prompt)
             messages = prompt
-        return self.tokenizer.apply_chat_template(messages, True, True, self.variables())
+        return self.encode_text(
+            self.tokenizer.apply_chat_template(messages, True, False, self.variables())
+        )
 
-    def document_prefix(self, document: dict | None, ids: list[int]) -> int:
-        """How many of `ids` (a question's) are the document part of every question's
-        prompt: prefilled as passes of their own where the cache lacks them (`Runtime.
-        _computed`'s `shared`), so that the next question reuses all of it."""
-        return common_prefix(ids, self.document_ids(document))
+    def encode_text(self, text: str, kind: str = "prompt") -> list[int]:
+        """`text`'s token ids, as the tokenizer gives them. A prompt that begins as a long
+        text encoded before keeps its tokens but the last ones before where they differ,
+        and encodes the rest (the module's comment); the kept tokens' last `CHECK` are
+        encoded again with the rest and must come out the same, or the text is encoded
+        whole. A text encoded whole is kept for the next (one of each kind)."""
+        local = self.tokenizer.splits_locally and len(text) >= SHARED_AT_LEAST
+        if local and kind == "prompt":
+            kept = [(common_prefix(e.text, text), e) for e in self._encoded.values()]
+            for shared, earlier in sorted(kept, key=lambda k: -k[0]):
+                ids = shared >= SHARED_AT_LEAST and _encoded_after(
+                    self.tokenizer, earlier, text, shared
+                )
+                if ids:
+                    return ids
+        encoding = self.tokenizer.encoding(text)
+        ids = encoding.ids
+        if local:  # (a new dict: threads may be reading the old one)
+            self._encoded = {**self._encoded, kind: Encoded(text, ids, encoding)}
+        return ids
+
+    def question(self, document: dict | None, question: str) -> tuple[list[int], int]:
+        """A question about `document` (`Runtime.load_document`'s): its prompt's ids, and
+        how many of them are the document part of every question's prompt, prefilled as
+        passes of their own where the cache lacks them (`Runtime._computed`'s `shared`),
+        so that the next question reuses all of it."""
+        document_ids = self.document_ids(document)  # (first: the prompt is encoded from it)
+        ids = self.encode(document_messages(document, question))
+        return ids, common_prefix(ids, document_ids)
 
     def document_ids(self, document: dict | None) -> list[int]:
         """Token ids of the document part of every question's prompt (a shared prefix)."""
@@ -87,8 +162,34 @@ class Prompts:
         """The ids of `text()`, the leading part of prompts of `kind` whose content is
         `key`, kept for the next prompt with the same, rendered alike (128k tokens take
         a quarter of a second to encode)."""
-        kept, key = self._leading.get(kind), (key, self.variables())
-        if kept is None or kept[0] != key:
-            body = text()
-            kept = self._leading[kind] = (key, self.tokenizer.encode(body) if body else [])
-        return kept[1]
+        key = (key, self.variables())
+        with self._leading_lock:  # (another thread encoding it: `ahead`)
+            kept = self._leading.get(kind)
+            if kept is None or kept[0] != key:
+                body = text()
+                kept = self._leading[kind] = (key, self.encode_text(body, kind) if body else [])
+            return kept[1]
+
+
+def _encoded_after(
+    tokenizer: Tokenizer, earlier: Encoded, text: str, shared: int
+) -> list[int] | None:
+    """`text`'s ids from `earlier`'s, whose text's first `shared` characters it shares:
+    `earlier`'s up to a token ending `MARGIN` characters before the difference, less
+    `CHECK`, and the encoding of the rest of `text` from where they end, whose first
+    tokens must be the `CHECK` ones. None where that fails, or the rest is the most of
+    `text` (then it is encoded whole, to be kept)."""
+    encoding = earlier.encoding
+    last = encoding.char_to_token(shared - MARGIN) if shared >= MARGIN else None
+    if last is None or last < CHECK:
+        return None
+    first = last - CHECK
+    start = encoding.token_to_chars(first)[0]
+    while first > 0 and encoding.token_to_chars(first - 1)[1] > start:
+        first -= 1  # (a character in several tokens: from its first)
+    if 2 * (len(text) - start) > len(text):
+        return None
+    rest = tokenizer.encode(text[start:])
+    if rest[: last - first] != earlier.ids[first:last]:
+        return None
+    return earlier.ids[:first] + rest

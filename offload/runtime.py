@@ -40,7 +40,7 @@ from offload.generate import (
 from offload.kvcache import KVCache
 from offload.loading import LoadedModel, load
 from offload.pipeline import PrefetchStats
-from offload.prompts import Prompt, Prompts, document_messages
+from offload.prompts import Prompt, Prompts
 from offload.thinking import opened_in
 from storage import threads
 from storage.layout import KVLayout
@@ -385,8 +385,7 @@ class Runtime:
     ):
         """Answer a question about the loaded document; every question starts from the
         document's KV (earlier questions and answers are cut away, not attended)."""
-        ids = self.encode_prompt(document_messages(self.document, question))
-        shared = self.prompts.document_prefix(self.document, ids)
+        ids, shared = self.prompts.question(self.document, question)
         return self._run(self._state, ids, max_new_tokens, sampling, progress, shared)
 
     def ask(self, question: str, max_new_tokens: int | None = None, **sampling) -> str:

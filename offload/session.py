@@ -136,6 +136,8 @@ def load_state(
             # which file is opened; its fingerprint must match what is loaded.
             rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
         _check_compatible(rt, session)
+        # (the first request's own part alone is then encoded: `Prompts.ahead`)
+        rt.prompts.ahead(m.get("document"), m.get("messages"))
         # A device cache is loaded through a tiered one: held in host memory only where
         # the session fits the device cache (read into it below, layer by layer: the
         # device then holds that KV alone), kept where it does not, and kept where the
