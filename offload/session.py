@@ -51,8 +51,10 @@ def save_state(
     cache.check_open()
     if not state.ids:  # (a session holds at least one token: its load would refuse it)
         raise OffloadError(
-            f"nothing to save to {path}: no prompt has run on this "
-            f"{'conversation' if kind == 'chat' else 'runtime'} yet"
+            f"nothing to save to {path}: this conversation holds no KV yet (no turn has run)"
+            if kind == "chat"
+            else f"nothing to save to {path}: this runtime holds no KV (no prompt has run on "
+            "it, or its KV went to a conversation: save that)"
         )
     assert cache.num_tokens == len(state.ids), (cache.num_tokens, len(state.ids))
     t = time.perf_counter()

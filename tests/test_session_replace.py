@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import cli.chat
 from cli.main import main
-from offload import Runtime
+from offload import OffloadError, Runtime
 from storage.errors import SessionExistsError
 from storage.session import SessionError, open_session
 from tests.conftest import filler_text
@@ -59,8 +59,11 @@ def test_a_chat_saves_again_where_it_was_saved_or_resumed_from(tiny, tmp_path): 
     chat.save(tmp_path / "c")
     rt = Runtime.load_session(tmp_path / "c", model=tiny)
     resumed = rt.resume_chat()
-    with pytest.raises(SessionExistsError):
+    with pytest.raises(OffloadError, match="holds no KV .* went to a conversation"):
         rt.save_session(tmp_path / "c")  # (its KV went to the conversation)
+    rt.generate("a prompt", max_new_tokens=2)
+    with pytest.raises(SessionExistsError):
+        rt.save_session(tmp_path / "c")  # (nor does it continue that session)
     assert resumed.messages == chat.messages
     resumed.send("and then?", max_new_tokens=3)
     resumed.save(tmp_path / "c")

@@ -121,12 +121,10 @@ def test_chat_session_resumes(tiny, tmp_path):
 def test_nothing_to_save_is_one_error_and_writes_nothing(tiny, tmp_path):
     # a session of no tokens would be written, then refused at its load
     rt = Runtime(tiny.loaded, tiny.config, tiny.device)
-    with pytest.raises(
-        OffloadError, match="nothing to save to .*: no prompt has run on this runtime"
-    ):
+    with pytest.raises(OffloadError, match="nothing to save to .*: this runtime holds no KV"):
         rt.save_session(tmp_path / "r")
     conv = rt.chat(system="sys")
-    with pytest.raises(OffloadError, match="no prompt has run on this conversation"):
+    with pytest.raises(OffloadError, match="this conversation holds no KV yet"):
         conv.save(tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
     conv.send("the river", max_new_tokens=3)
