@@ -24,6 +24,7 @@ from offload.model_args import ModelArgs
 from offload.quantize import (
     DENSE_ROOM,
     Int4Packer,
+    keep_dense,
     quantize_model,
     resolve_weights,
     weight_bytes,
@@ -207,6 +208,7 @@ def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
 
 
 def _loaded(path: Path, model, tokenizer) -> LoadedModel:
+    keep_dense(model)  # (quantized linears on the CPU: prefill's dense weights kept)
     # Packed weights give (slightly) different KV, so sessions know which form made theirs.
     w = model.weights
     fingerprint = _fingerprint(path, model.args) + ("" if w == "dense" else f"+{w}")

@@ -48,7 +48,17 @@ INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_
 # 64; int8 0.77 / 1.17 at 16, 1.15 / 1.19 at 24 (docs/performance.md).
 INT4_MAX_ROWS = 48
 INT8_MAX_ROWS = 16
+# (Where the dequantized weight is kept, `KEPT_DENSE_BYTES`, a dense matmul would beat
+# the kernels from 16 rows at int4 and 8 at int8 here. Not taken: how a prompt is
+# multiplied would then depend on whether an earlier one had made the copy, and a
+# greedy answer must not depend on what came before it.)
 DEQUANT_ROWS = 4096  # rows of a weight dequantized at a time (bounds the float32 temporaries)
+# On the CPU, the dequantized weights that prefill chunks multiply are kept, made when a
+# chunk first needs them, up to this many bytes (the block linears from the first layer,
+# then the output head): the embedded model's all (212 MB beside its 80 MB of codes).
+# Dequantizing them took 0.16 s of a 512-token prefill's 0.28 here, at every prompt or
+# chat turn of more than `INT4_MAX_ROWS` tokens (docs/performance.md, "Kept dense weights").
+KEPT_DENSE_BYTES = 1 << 30
 # On CUDA, what dense weights must leave free for `auto` to keep them dense: the
 # activations reserve (1 GiB, offload/plan.py) and 2 GiB of KV (sink, window, the dense
 # layers, the selection's index at a long context).
@@ -109,10 +119,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
 
+    keep = False  # keep the weight dequantized for prefill chunks (`keep_dense`)
+    kept: torch.Tensor | None = None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.kept is not None and self.kept.dtype == dtype:
+            return self.kept
+        w = self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
+        if self.keep:
+            self.kept = w
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > INT8_MAX_ROWS:
-            dt = chunk_dtype(x)
-            return chunk_linear(x, self.qweight.to(dt) * self.scale.to(dt)[:, None], self.bias)
+            return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
         return y if self.bias is None else y + self.bias
 
@@ -218,6 +238,8 @@ class Int4Linear(nn.Module):
         self.group, self.in_features, self.out_features = group, k, n
         self.dtype = dtype  # the model's (the CPU kernel's scales are in it)
         self.held = None  # the dequantized weight, while `dequantized_once` holds it
+        self.keep = False  # keep the weight dequantized for prefill chunks (`keep_dense`)
+        self.kept = None
         self.cpu_kernel = False  # torch's packed CPU kernel runs it (`pack_for_cpu`)
         self.bias = bias
 
@@ -251,9 +273,17 @@ class Int4Linear(nn.Module):
         return codes_of_packed(self.packed, self.out_features, self.in_features)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by)."""
-        if self.held is not None and self.held.dtype == dtype:
-            return self.held
+        """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by);
+        kept where `keep_dense` says so."""
+        for w in (self.held, self.kept):
+            if w is not None and w.dtype == dtype:
+                return w
+        w = self._dequantize(dtype)
+        if self.keep:
+            self.kept = w
+        return w
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.cpu_kernel and _cuda_kernel(self.nibbles):
             return int4_kernels.dequantize(self.nibbles, self.group_scale, self.group_min, dtype)
         n, k = self.out_features, self.in_features
@@ -383,6 +413,24 @@ def dequantized_once(module: nn.Module, dtype: torch.dtype):
     finally:
         for m in linears:
             m.held = None
+
+
+def keep_dense(model: nn.Module, budget: int = KEPT_DENSE_BYTES) -> None:
+    """On the CPU: let the quantized linears keep the weight dequantized for prefill
+    chunks, in module order (the first layers' first, the output head last), while
+    their dense bytes stay within `budget` (`KEPT_DENSE_BYTES`)."""
+    if model.device.type != "cpu":
+        return  # (CUDA's dequantization is a kernel, and its memory the scarce one)
+    dtype = chunk_dtype(torch.empty(0, dtype=model.dtype))
+    used = 0
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            n, k = (
+                m.out_features,
+                m.in_features if isinstance(m, Int4Linear) else m.qweight.shape[1],
+            )
+            used += n * k * dtype.itemsize
+            m.keep = used <= budget
 
 
 def _cuda_kernel(x: torch.Tensor) -> bool:

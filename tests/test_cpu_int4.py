@@ -217,3 +217,32 @@ def test_the_cpu_kernels_packed_codes_are_read_back(n):
     q, scale, lo = quantize.int4_codes(linear.weight)
     want = quantize.int4_kernels.dequantize_codes(q, scale.half(), lo.half())
     assert torch.equal(packed_linear.dequantized(torch.float32), want)
+
+
+def test_prefill_keeps_the_dequantized_weights_within_a_budget(tmp_path, monkeypatch):
+    """A prompt of more than `INT4_MAX_ROWS` tokens multiplies the dequantized weights;
+    on the CPU they are kept (made by the first such prompt, in layer order within
+    `KEPT_DENSE_BYTES`), so later ones do not dequantize them again: the same logits,
+    bit for bit, as a runtime that keeps none; shorter prompts make none."""
+    monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
+    src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant="Q4_1")
+    rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+    linears = [*_int4_linears(rt.loaded.model).values(), rt.loaded.model.output]
+    assert all(m.keep and m.kept is None for m in linears)  # (all within the budget)
+    made, real = [], quantize.Int4Linear._dequantize
+    monkeypatch.setattr(quantize.Int4Linear, "_dequantize",
+                        lambda self, dt: made.append(self) or real(self, dt))  # fmt: skip
+    rt.logits([i % 97 for i in range(quantize.INT4_MAX_ROWS)])
+    assert not made  # (the kernel's rows)
+    ids = [i * 7 % 97 for i in range(100)]
+    first = rt.logits(ids)
+    assert len(made) == 4 and all(m.kept is not None for m in linears)
+    assert torch.equal(rt.logits(ids), first) and len(made) == 4  # (kept: none made again)
+    quantize.keep_dense(rt.loaded.model, budget=0)  # (a runtime that keeps none)
+    for m in linears:
+        m.kept = None
+    assert torch.equal(rt.logits(ids), first) and len(made) == 8
+    assert all(m.kept is None for m in linears)
+    first_two = sum(m.out_features * m.in_features * 4 for m in linears[:2])
+    quantize.keep_dense(rt.loaded.model, budget=first_two)
+    assert [m.keep for m in linears] == [True, True, False, False, False]
