@@ -22,6 +22,7 @@ import torch
 from offload.errors import CUDA_FORKED, ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult
 from storage import threads
+from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from offload.kvcache import KVCache
@@ -195,16 +196,23 @@ class KVState:
         memory shared with the parent until either writes it); a tiered cache, whose
         threads did not come along and whose spill files are the parent's, or one a
         request was running on at the fork, is replaced by an empty one (the parent's
-        files left alone): the next request prefills its prompt whole, a loaded
-        document's or session's included."""
+        files left alone), into which a loaded session's KV is read again from its
+        files (where it was not saved again since): the next request prefills the rest
+        of its prompt, as in the parent; other KV is prefilled again."""
         if self.pid == os.getpid():
             return
         if self.cache.store is not None or self.busy is not None:
             if self.cache.fresh is None:
                 raise OffloadError("this KV cache was made in the process this one was "
                                    "forked from, and cannot be renewed here")  # fmt: skip
+            reread = self.cache.reread if self.busy is None else None
             self.cache = self.cache.fresh()
             self.ids, self.passes = [], []
+            if reread is not None:  # a loaded session's, read again from its files
+                try:  # (on the compute thread: this one's OpenMP pool may be lost)
+                    threads.compute(reread, self)
+                except (OffloadError, StorageError, OSError):
+                    pass  # (saved again or gone since: the next request prefills it)
         self.pid, self.busy = os.getpid(), None
 
     def prepare(self, ids: list[int], need_logits: bool = True) -> tuple[list[int], int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -144,6 +144,9 @@ class KVCache:
         # A new empty cache like this one (offload/caches.py sets it): a forked child
         # renews a tiered cache it inherited (`KVState.adopt`).
         self.fresh: Callable[[], KVCache] | None = None
+        # Where the cache holds a loaded session in the tiers: read it into a state again
+        # (that child's `KVState.adopt`; offload/session.py sets it).
+        self.reread: Callable[[Any], None] | None = None
 
     def use_step(self, model, backend: Backend, hit_factor: float | None = None) -> None:
         """Decode through a fixed-shape `DecodeStep` (a CUDA graph when `backend.graphs`);

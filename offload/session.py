@@ -10,6 +10,7 @@ settings match the loading config's, and rebuilt otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,56 +141,76 @@ def load_state(
         _check_compatible(rt, session)
         # (the first request's own part alone is then encoded: `Prompts.ahead`)
         rt.prompts.ahead(m.get("document"), m.get("messages"))
-        # A device cache is loaded through a tiered one: held in host memory only where
-        # the session fits the device cache (read into it below, layer by layer: the
-        # device then holds that KV alone), kept where it does not, and kept where the
-        # device cache is in host memory (a CPU's "auto"): the tiered cache attends in
-        # place to what its threads read in meanwhile (a load into the dense cache would
-        # wait for all of it).
-        dense = rt._state.cache.store is None
-        num_tokens = session.manifest["num_tokens"]
-        caches.check_device_room(rt, rt._state.cache, num_tokens, f"session {session.path}")
-        fits = dense and rt._state.cache.fits(num_tokens) and not caches.dense_in_host_memory(rt)
-        if dense:
-            cache = caches.host_cache(rt) if fits else rt.new_cache(tiered=True)
-        else:
-            cache = rt._state.cache
-        files = [
-            # absolute: the disk tier joins a relative name onto its own directory
-            (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f["crc32"])
-            for f in session.chunk_files()
-        ]
-        session.hold_abstracts()  # (read when first needed: `SavedAbstracts`)
-        cache.store.adopt(num_tokens, files, session.device_tensors(), session.abstract_tensors)
-        cache.num_tokens = num_tokens
-        try:
-            _restore_index(cache.policy, *session.index(), num_tokens)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise SessionError(
-                f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
-            ) from None
+        _read(rt, session, rt._state)
     except BaseException:
         session.verified()  # a damaged file is named as such, whatever failed on it first
         raise
-    session.verified()
-    if dense:
-        device_cache = rt._state.cache
-        if fits:
-            rt._state.cache = _dense_copy(rt, cache)
-            cache.close()
-        else:
-            rt._state.cache = cache
-        device_cache.close()
-    if rt._state.cache is cache:  # the KV stays in the tiers: read it in while the user asks
-        cache.store.warm()
-        cache.preload_index()
-    rt._state.ids = list(session.token_ids)
-    # How the saved KV was computed is not recorded: any prefix of it may be reused.
-    rt._state.computed(0, len(rt._state.ids), 1)
     rt.session = {k: m[k] for k in ("kind", "document", "messages", "pinned_messages") if k in m}
     rt.session["path"] = str(session.path)
     rt.session_ref = SessionRef(session_dir(session.path), session.version_dir.name)
     return rt
+
+
+def _read(rt: Runtime, session, state: KVState) -> None:
+    """Put the saved KV and its ids into `state`, whose cache is a new one of `rt`'s.
+
+    A device cache is loaded through a tiered one: held in host memory only where the
+    session fits the device cache (read into it below, layer by layer: the device then
+    holds that KV alone), kept where it does not, and kept where the device cache is in
+    host memory (a CPU's "auto"): the tiered cache attends in place to what its threads
+    read in meanwhile (a load into the dense cache would wait for all of it)."""
+    device_cache = state.cache
+    dense = device_cache.store is None
+    num_tokens = session.manifest["num_tokens"]
+    caches.check_device_room(rt, device_cache, num_tokens, f"session {session.path}")
+    fits = dense and device_cache.fits(num_tokens) and not caches.dense_in_host_memory(rt)
+    if dense:
+        cache = caches.host_cache(rt) if fits else rt.new_cache(tiered=True)
+    else:
+        cache = device_cache
+    files = [
+        # absolute: the disk tier joins a relative name onto its own directory
+        (f["layer"], (session.version_dir / f["name"]).absolute(), f["chunks"], f["crc32"])
+        for f in session.chunk_files()
+    ]
+    session.hold_abstracts()  # (read when first needed: `SavedAbstracts`)
+    cache.store.adopt(num_tokens, files, session.device_tensors(), session.abstract_tensors)
+    cache.num_tokens = num_tokens
+    try:
+        _restore_index(cache.policy, *session.index(), num_tokens)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SessionError(
+            f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
+        ) from None
+    session.verified()
+    kept = _dense_copy(rt, cache) if fits else cache
+    if fits:
+        cache.close()
+    else:  # the KV stays in the tiers: read it in while the user asks
+        cache.store.warm()
+        cache.preload_index()
+        # (a process forked from this one reads the session again: `KVState.adopt`)
+        where = session_dir(session.path), session.version_dir.name
+        cache.reread = functools.partial(_reread, rt, *where)
+    state.cache, state.ids = kept, list(session.token_ids)
+    if dense:
+        device_cache.close()
+    # How the saved KV was computed is not recorded: any prefix of it may be reused.
+    state.computed(0, len(state.ids), 1)
+
+
+def _reread(rt: Runtime, path: Path, version: str, state: KVState) -> None:
+    """`_read` again, in a process forked from the one that read the session (its tiered
+    cache's threads and files are that process's): where the session is still the
+    version read then; else SessionError."""
+    session = open_session(path, verify_later=True)
+    try:
+        if session.version_dir.name != version:
+            raise SessionError(f"{path} was saved again since it was loaded")
+        _read(rt, session, state)
+    except BaseException:
+        session.verified()
+        raise
 
 
 def session_dir(path: str | Path) -> Path:
