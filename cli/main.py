@@ -425,7 +425,7 @@ def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, wind
     from offload.budgets import machine_device_bytes, machine_host_bytes
     from offload.config import RuntimeConfig, parse_bytes
     from offload.plan import plan_for_config
-    from offload.quantize import weight_bytes
+    from offload.weight_forms import weight_bytes
     from storage.layout import DTYPE_BYTES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,15 +21,9 @@ from offload.conversation import Requests
 from offload.errors import ModelLoadError
 from offload.model import Transformer
 from offload.model_args import ModelArgs
-from offload.quantize import (
-    DENSE_ROOM,
-    Int4Packer,
-    keep_dense,
-    quantize_model,
-    resolve_weights,
-    weight_bytes,
-)
+from offload.quantize import Int4Packer, keep_dense, quantize_model
 from offload.tokenizer import Tokenizer
+from offload.weight_forms import DENSE_ROOM, resolve_weights, weight_bytes
 from storage import threads
 
 EMBEDDED = {

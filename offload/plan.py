@@ -16,8 +16,8 @@ from offload.config import DTYPES, KVSection, ModelSection, RuntimeConfig, Selec
 from offload.errors import ConfigError
 from offload.loading import read_args
 from offload.model_args import ModelArgs
-from offload.quantize import dense_fits, linear_parameters, resolve_weights, weight_bytes
 from offload.tiered_step import K_BUCKET, TOKEN_GROWTH
+from offload.weight_forms import dense_fits, linear_parameters, resolve_weights, weight_bytes
 from storage.device import CONTEXT_GROWTH
 from storage.layout import DTYPE_BYTES, KVLayout
 
@@ -191,7 +191,7 @@ def make_plan(
 
 def plan_weights(a: ModelArgs, dtype_bytes: int, mode: str, device_bytes: int) -> str:
     """The weights' form on a CUDA device of `device_bytes` (free) for `model.weights`
-    `mode`, as the runtime resolves it there (offload/quantize.py, `resolve_weights`)."""
+    `mode`, as the runtime resolves it there (offload/weight_forms.py, `resolve_weights`)."""
     if mode == "int8":
         resolve_weights(mode, None, torch.device("cuda"))  # (its error: CPU only)
     dense = weight_bytes(a, dtype_bytes, "dense")

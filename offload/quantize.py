@@ -15,15 +15,11 @@ embedded GGUF's block linears keep their own codes: its blocks are read into the
 form as they are, as are Q4_0's and Q4_K's (offload/gguf.py `int4_rows_of`), and
 re-quantizing a dequantized Q4_1 block would give back the same codes too.
 
-`weights = "auto"` keeps what the file has: a GGUF whose block linears are stored at
-4 bits or fewer (`INT4_SOURCES`: Q4_0, Q4_1, the K- and i-quants) runs them at int4
-on the CPU, one of 5 to 8 bits (`INT8_SOURCES`) at int8; everything else stays
-dense. Each block linear is quantized as the loader reads it (`Int4Packer`), so the
-dense model is never whole in memory. On CUDA, `auto`
-keeps the weights dense while they leave `DENSE_ROOM` of the device free, and runs
-the block linears at int4 otherwise (a 12-14B model on a 24 GB card): there a decode
-step multiplies by the codes with offload/kernels/int4.py, and the linears keep only
-the codes, scales and minimums (0.625 bytes a weight); the output head stays dense.
+Which form `weights = "auto"` picks, and how many bytes each takes:
+offload/weight_forms.py. Each block linear is quantized as the loader reads it
+(`Int4Packer`), so the dense model is never whole in memory. On CUDA a decode step
+multiplies by the codes with offload/kernels/int4.py, and the linears keep only the
+codes, scales and minimums (0.625 bytes a weight); the output head stays dense.
 """
 
 from __future__ import annotations
@@ -35,8 +31,6 @@ import re
 import torch
 from torch import nn
 
-from offload.config import WEIGHT_MODES
-from offload.errors import ConfigError
 from offload.kernels import int4 as int4_kernels
 
 INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_1
@@ -59,23 +53,7 @@ DEQUANT_ROWS = 4096  # rows of a weight dequantized at a time (bounds the float3
 # Dequantizing them took 0.16 s of a 512-token prefill's 0.28 here, at every prompt or
 # chat turn of more than `INT4_MAX_ROWS` tokens (docs/performance.md, "Kept dense weights").
 KEPT_DENSE_BYTES = 1 << 30
-# On CUDA, what dense weights must leave free for `auto` to keep them dense: the
-# activations reserve (1 GiB, offload/plan.py) and 2 GiB of KV (sink, window, the dense
-# layers, the selection's index at a long context).
-DENSE_ROOM = 3 << 30
 INT4_BYTES = 0.5 + 2 * 2 / INT4_GROUP  # a weight's code, and its group's float16 scale and minimum
-# GGUF types of 4 bits a weight or fewer, which `auto` runs at int4 on the CPU: Q4_0,
-# Q4_1 and Q4_K (Q4_K_M's) with their own codes (offload/gguf.py `int4_rows_of`), the
-# other K-quants and the i-quants rounded to Q4_1's form; dense bf16 would hold and
-# read 3-4x the bytes.
-INT4_SOURCES = frozenset(
-    "Q4_0 Q4_1 Q2_K Q3_K Q4_K IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_NL IQ4_XS "
-    "TQ1_0 TQ2_0 MXFP4".split()
-)
-# GGUF types of 5 to 8 bits, which `auto` runs at int8 (per output channel) on the CPU:
-# half the bytes of bf16; the embedded model rewritten at Q8_0 (Q5_0) scores a 2,048-token
-# perplexity 0.06% (0.6%) above its dense weights (scripts/eval_weight_forms.py).
-INT8_SOURCES = frozenset("Q5_0 Q5_1 Q5_K Q6_K Q8_0 Q8_K".split())
 
 
 @functools.cache
@@ -108,7 +86,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, empty: bool = False):
         super().__init__()
         self.bias = linear.bias
-        self.out_features = linear.out_features
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         if empty:  # buffers of the right shapes, to be assigned (weight_cache.py)
             n, k = linear.weight.shape
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8))
@@ -425,11 +403,7 @@ def keep_dense(model: nn.Module, budget: int = KEPT_DENSE_BYTES) -> None:
     used = 0
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear)):
-            n, k = (
-                m.out_features,
-                m.in_features if isinstance(m, Int4Linear) else m.qweight.shape[1],
-            )
-            used += n * k * dtype.itemsize
+            used += m.out_features * m.in_features * dtype.itemsize
             m.keep = used <= budget
 
 
@@ -442,39 +416,6 @@ def _cuda_kernel(x: torch.Tensor) -> bool:
 def int4_fits(linear: nn.Linear, cpu: bool = True) -> bool:
     """Int4 needs whole groups of inputs; the CPU kernel also outputs in multiples of 16."""
     return linear.in_features % INT4_GROUP == 0 and (not cpu or linear.out_features % 16 == 0)
-
-
-def resolve_weights(
-    mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0
-) -> str:
-    """The weight form to run: `auto` follows the file on the CPU (GGUF block linears of
-    4 bits or fewer, `INT4_SOURCES` -> int4; of 5 to 8, `INT8_SOURCES` -> int8); on CUDA
-    it is dense while `dense_bytes` leave `DENSE_ROOM` of the device free, else int4."""
-    if mode not in WEIGHT_MODES:
-        raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
-    if device.type != "cpu":
-        if mode == "int8":
-            raise ConfigError(
-                f"model.weights: 'int8' uses torch's CPU kernels; on {device.type} use "
-                "dense, int4 or auto"
-            )
-        if mode == "auto":
-            return "dense" if dense_fits(dense_bytes, device_free_bytes(device)) else "int4"
-        return mode
-    if mode == "auto":
-        if source_quant in INT4_SOURCES:
-            return "int4"
-        return "int8" if source_quant in INT8_SOURCES else "dense"
-    return mode
-
-
-def device_free_bytes(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0]
-
-
-def dense_fits(dense_bytes: int, device_bytes: int) -> bool:
-    """Does `auto` keep dense weights of `dense_bytes` on a device of `device_bytes` (free)?"""
-    return dense_bytes + DENSE_ROOM <= device_bytes
 
 
 def quantize_model(
@@ -517,21 +458,3 @@ def quantize_model(
         return count
     model.output = Int8Linear(model.output, empty=empty)
     return count + 1
-
-
-def weight_bytes(args, dtype_bytes: int, mode: str) -> int:
-    """The model's weights in `mode` (`dense` or `int4`, as on CUDA: the block linears
-    at int4, the rest dense)."""
-    from offload.loading import count_parameters
-
-    dense = count_parameters(args)
-    if mode == "dense":
-        return dense * dtype_bytes
-    linears = linear_parameters(args)
-    return int((dense - linears) * dtype_bytes + linears * INT4_BYTES)
-
-
-def linear_parameters(args) -> int:
-    """The weights of the block linears (q, k, v, o, gate, up, down) of every layer."""
-    qkvo = args.head_dim * (2 * args.num_heads + 2 * args.num_kv_heads)
-    return args.num_layers * args.dim * (qkvo + 3 * args.hidden_dim)

@@ -124,8 +124,9 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device, mode: str)
 
     from offload.model import Transformer
     from offload.model_args import ModelArgs, RopeScaling
-    from offload.quantize import quantize_model, resolve_weights, weight_bytes
+    from offload.quantize import quantize_model
     from offload.tokenizer import Tokenizer
+    from offload.weight_forms import resolve_weights, weight_bytes
 
     if not path.is_file():
         return None

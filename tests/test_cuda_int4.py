@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from offload import Runtime, quantize
+from offload import Runtime, quantize, weight_forms
 from offload.errors import ConfigError
 from offload.kernels import int4 as K
 from offload.loading import count_parameters, read_args
@@ -106,8 +106,8 @@ def test_int4_linear_on_cuda_keeps_the_cpu_forms_codes_and_nothing_else():
 def test_auto_weights_on_cuda_follow_the_free_memory(monkeypatch):
     """Dense while the dense weights leave `DENSE_ROOM` free, else int4; `int8` is the
     CPU's only; on the CPU `auto` still follows the file."""
-    monkeypatch.setattr(quantize, "device_free_bytes", lambda device: 24 * GiB)
-    resolve = quantize.resolve_weights
+    monkeypatch.setattr(weight_forms, "device_free_bytes", lambda device: 24 * GiB)
+    resolve = weight_forms.resolve_weights
     assert resolve("auto", None, CUDA, 16 * GiB) == "dense"  # an 8B model on a 24 GB card
     assert resolve("auto", "Q4_1", CUDA, 21 * GiB) == "dense"
     assert resolve("auto", None, CUDA, 22 * GiB) == "int4"  # (12B: 24 GiB)
@@ -139,7 +139,7 @@ def test_the_plan_counts_int4_weights_as_a_gpu_runs_them():
     dense14 = count_parameters(qwen14) * 2
     assert dense14 > card
     int4 = weights_row(qwen14, "auto")
-    assert int4 == quantize.weight_bytes(qwen14, 2, "int4") == weights_row(qwen14, "int4")
+    assert int4 == weight_forms.weight_bytes(qwen14, 2, "int4") == weights_row(qwen14, "int4")
     assert 10 * GiB < int4 < 12 * GiB  # 13.2B linear weights at 0.625 bytes, 1.6B dense
     assert weights_row(llama8, "auto") == count_parameters(llama8) * 2
     with pytest.raises(ConfigError, match="int8"):
@@ -148,7 +148,7 @@ def test_the_plan_counts_int4_weights_as_a_gpu_runs_them():
     p = make_plan(qwen14, 32768, card, 64 * GiB)
     peak = p.prefill_peak_bytes
     p.weights = "dense"
-    assert peak - p.prefill_peak_bytes == quantize.linear_parameters(qwen14) // 48 * 2
+    assert peak - p.prefill_peak_bytes == weight_forms.linear_parameters(qwen14) // 48 * 2
 
 
 def _dequantized(model) -> dict[str, torch.Tensor]:
@@ -171,8 +171,8 @@ def test_a_model_too_big_for_the_gpu_decodes_at_int4_as_its_dequantized_twin(
     rows) and Phi-4-mini's reordered q/k rows (partial RoPE) carry over to the codes."""
     path = tiny_dirs[name][0]
     a = read_args(path)[1]
-    free = count_parameters(a) * 4 + quantize.DENSE_ROOM - 1  # float32: one byte short
-    monkeypatch.setattr(quantize, "device_free_bytes", lambda device: free)
+    free = count_parameters(a) * 4 + weight_forms.DENSE_ROOM - 1  # float32: one byte short
+    monkeypatch.setattr(weight_forms, "device_free_bytes", lambda device: free)
     prompt = "the river stone light window garden seven"
     packed = []  # the linears packed as they were read
     install = quantize.Int4Packer.install
@@ -216,7 +216,7 @@ def test_a_gguf_quantized_on_cuda_is_cached_in_that_form(tmp_path, monkeypatch, 
     src = write_gguf(tmp_path / "m.gguf", dim=64, ff=96, quant=quant)
     folder = tmp_path / "cache" / "weights"
     free = [GiB]
-    monkeypatch.setattr(quantize, "device_free_bytes", lambda device: free[0])
+    monkeypatch.setattr(weight_forms, "device_free_bytes", lambda device: free[0])
     with on_cuda():
         with pytest.warns(UserWarning, match="run at int4"):
             first = load(src, torch.float32, CUDA, "auto")
@@ -249,7 +249,7 @@ def test_offload_info_gives_both_forms_of_the_weights(tmp_path):
     info = read_model_info(tmp_path)
     a = read_args(tmp_path)[1]
     assert info["weights_bytes"] == count_parameters(a) * 2 > 27 * GiB
-    assert info["int4_weights_bytes"] == quantize.weight_bytes(a, 2, "int4") < 11 * GiB
+    assert info["int4_weights_bytes"] == weight_forms.weight_bytes(a, 2, "int4") < 11 * GiB
 
 
 def test_an_hf_directory_quantized_on_cuda_is_cached(tiny_dirs, tmp_path, monkeypatch):
@@ -264,7 +264,7 @@ def test_an_hf_directory_quantized_on_cuda_is_cached(tiny_dirs, tmp_path, monkey
     shutil.copytree(tiny_dirs["qwen2-bias"][0], src)
     folder = tmp_path / "cache" / "weights"
     free = [GiB]
-    monkeypatch.setattr(quantize, "device_free_bytes", lambda device: free[0])
+    monkeypatch.setattr(weight_forms, "device_free_bytes", lambda device: free[0])
     load(src, torch.float32, torch.device("cpu"), "auto")
     assert not folder.exists()  # (dense on the CPU: the shards are the cache)
     real = offload.weights.load_hf_model

@@ -1,0 +1,85 @@
+"""Which form a model's weights run in (`model.weights`), and how many bytes it takes.
+
+`weights = "auto"` keeps what the file has: a GGUF whose block linears are stored at
+4 bits or fewer (`INT4_SOURCES`: Q4_0, Q4_1, the K- and i-quants) runs them at int4
+on the CPU, one of 5 to 8 bits (`INT8_SOURCES`) at int8; everything else stays
+dense. On CUDA, `auto` keeps the weights dense while they leave `DENSE_ROOM` of the
+device free, and runs the block linears at int4 otherwise (a 12-14B model on a 24 GB
+card). The forms themselves: offload/quantize.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.config import WEIGHT_MODES
+from offload.errors import ConfigError
+from offload.quantize import INT4_BYTES
+
+# On CUDA, what dense weights must leave free for `auto` to keep them dense: the
+# activations reserve (1 GiB, offload/plan.py) and 2 GiB of KV (sink, window, the dense
+# layers, the selection's index at a long context).
+DENSE_ROOM = 3 << 30
+# GGUF types of 4 bits a weight or fewer, which `auto` runs at int4 on the CPU: Q4_0,
+# Q4_1 and Q4_K (Q4_K_M's) with their own codes (offload/gguf.py `int4_rows_of`), the
+# other K-quants and the i-quants rounded to Q4_1's form; dense bf16 would hold and
+# read 3-4x the bytes.
+INT4_SOURCES = frozenset(
+    "Q4_0 Q4_1 Q2_K Q3_K Q4_K IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_NL IQ4_XS "
+    "TQ1_0 TQ2_0 MXFP4".split()
+)
+# GGUF types of 5 to 8 bits, which `auto` runs at int8 (per output channel) on the CPU:
+# half the bytes of bf16; the embedded model rewritten at Q8_0 (Q5_0) scores a 2,048-token
+# perplexity 0.06% (0.6%) above its dense weights (scripts/eval_weight_forms.py).
+INT8_SOURCES = frozenset("Q5_0 Q5_1 Q5_K Q6_K Q8_0 Q8_K".split())
+
+
+def resolve_weights(
+    mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0
+) -> str:
+    """The weight form to run: `auto` follows the file on the CPU (GGUF block linears of
+    4 bits or fewer, `INT4_SOURCES` -> int4; of 5 to 8, `INT8_SOURCES` -> int8); on CUDA
+    it is dense while `dense_bytes` leave `DENSE_ROOM` of the device free, else int4."""
+    if mode not in WEIGHT_MODES:
+        raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
+    if device.type != "cpu":
+        if mode == "int8":
+            raise ConfigError(
+                f"model.weights: 'int8' uses torch's CPU kernels; on {device.type} use "
+                "dense, int4 or auto"
+            )
+        if mode == "auto":
+            return "dense" if dense_fits(dense_bytes, device_free_bytes(device)) else "int4"
+        return mode
+    if mode == "auto":
+        if source_quant in INT4_SOURCES:
+            return "int4"
+        return "int8" if source_quant in INT8_SOURCES else "dense"
+    return mode
+
+
+def device_free_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def dense_fits(dense_bytes: int, device_bytes: int) -> bool:
+    """Does `auto` keep dense weights of `dense_bytes` on a device of `device_bytes` (free)?"""
+    return dense_bytes + DENSE_ROOM <= device_bytes
+
+
+def weight_bytes(args, dtype_bytes: int, mode: str) -> int:
+    """The model's weights in `mode` (`dense` or `int4`, as on CUDA: the block linears
+    at int4, the rest dense)."""
+    from offload.loading import count_parameters
+
+    dense = count_parameters(args)
+    if mode == "dense":
+        return dense * dtype_bytes
+    linears = linear_parameters(args)
+    return int((dense - linears) * dtype_bytes + linears * INT4_BYTES)
+
+
+def linear_parameters(args) -> int:
+    """The weights of the block linears (q, k, v, o, gate, up, down) of every layer."""
+    qkvo = args.head_dim * (2 * args.num_heads + 2 * args.num_kv_heads)
+    return args.num_layers * args.dim * (qkvo + 3 * args.hidden_dim)
