@@ -107,10 +107,10 @@ class Prompts:
         if local and kind == "prompt":
             kept = [(common_prefix(e.text, text), e) for e in self._encoded.values()]
             for shared, earlier in sorted(kept, key=lambda k: -k[0]):
-                ids = shared >= SHARED_AT_LEAST and _encoded_after(
-                    self.tokenizer, earlier, text, shared
-                )
-                if ids:
+                if shared < SHARED_AT_LEAST:
+                    break
+                ids = _encoded_after(self.tokenizer, earlier, text, shared)
+                if ids is not None:
                     return ids
         encoding = self.tokenizer.encoding(text)
         ids = encoding.ids
