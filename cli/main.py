@@ -255,7 +255,7 @@ def generate(model, config, overrides, system, files, as_json, prompt, max_new_t
 @sampling_options
 @click.option("--system", "-s", default=None, help="System prompt.")
 @click.option(
-    "--session", "session_dir", default=None,
+    "--session", "--resume", "session_dir", default=None,
     help="Resume a chat saved with /save DIR, or chat about a document saved by ingest.",
 )  # fmt: skip
 @friendly_errors

@@ -244,8 +244,9 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     assert f"document not found: {tmp_path / 'my'} (usage: /file PATH [text] (a path" in out
     assert out.count("tok/s") == 3 and f"to {session}" in out
     saved = int(re.search(r"saved (\d+) tokens", out)[1])
-    r = runner.invoke(main, ["chat", "--session", str(session), *tiny, "-n", "2"],
-                      input="and then?\n/exit\n")  # fmt: skip
+    r = runner.invoke(
+        main, ["chat", "--resume", str(session), *tiny, "-n", "2"], input="and then?\n/exit\n"
+    )  # fmt: skip (--resume: --session's other name)
     assert r.exit_code == 0, r.output
     # the saved turns' KV is taken as it is: only the new turn is prefilled
     again = r.output.replace("\n", "")
