@@ -30,9 +30,10 @@ MARGIN = 64  # characters before the difference that a kept token must end by: m
 # any split's look-ahead or special token
 CHECK = 16  # kept tokens encoded again with the rest, and compared: the rest's encoding
 # begins where the kept tokens' did
+PROMPTS_KEPT = 4  # long prompts encoded whole kept (conversations about other documents)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Encoded:
     """A text encoded whole: its ids, and its `tokenizers.Encoding` (where each token is)."""
 
@@ -59,8 +60,10 @@ class Prompts:
         # (`generation.template_variables`)
         self.variables = variables
         self._leading: dict[str, tuple] = {}  # kind -> (its content, its ids): `_leading_ids`
-        # kind ("document", "system", "prompt") -> the last long text of it encoded whole
-        self._encoded: dict[str, Encoded] = {}
+        # long texts encoded whole, kept (`encode_text`): the last of each leading part
+        # ("document", "system"), and the last prompts, the latest used first
+        self._leading_encoded: dict[str, Encoded] = {}
+        self._prompts: tuple[Encoded, ...] = ()
         self.after_fork()
         threads.renew_after_fork(self)
 
@@ -102,21 +105,35 @@ class Prompts:
         text encoded before keeps its tokens but the last ones before where they differ,
         and encodes the rest (the module's comment); the kept tokens' last `CHECK` are
         encoded again with the rest and must come out the same, or the text is encoded
-        whole. A text encoded whole is kept for the next (one of each kind)."""
+        whole. A text encoded whole is kept for the next (the last leading part of each
+        `kind`, the last `PROMPTS_KEPT` prompts). (Threads share this: what is kept is
+        replaced, never changed.)"""
         local = self.tokenizer.splits_locally and len(text) >= SHARED_AT_LEAST
         if local and kind == "prompt":
-            kept = [(common_prefix(e.text, text), e) for e in self._encoded.values()]
-            for shared, earlier in sorted(kept, key=lambda k: -k[0]):
+            leading = list(self._leading_encoded.values())
+            kept = leading + list(self._prompts)
+            shares = sorted(
+                ((common_prefix(e.text, text), i) for i, e in enumerate(kept)), reverse=True
+            )
+            for shared, i in shares:
                 if shared < SHARED_AT_LEAST:
                     break
-                ids = _encoded_after(self.tokenizer, earlier, text, shared)
+                ids = _encoded_after(self.tokenizer, kept[i], text, shared)
                 if ids is not None:
+                    if i >= len(leading):  # (a prompt: the latest used first)
+                        self._keep(kept[i])
                     return ids
         encoding = self.tokenizer.encoding(text)
         ids = encoding.ids
-        if local:  # (a new dict: threads may be reading the old one)
-            self._encoded = {**self._encoded, kind: Encoded(text, ids, encoding)}
+        if local and kind == "prompt":
+            self._keep(Encoded(text, ids, encoding))
+        elif local:
+            self._leading_encoded = {**self._leading_encoded, kind: Encoded(text, ids, encoding)}
         return ids
+
+    def _keep(self, encoded: Encoded) -> None:
+        others = tuple(e for e in self._prompts if e is not encoded)
+        self._prompts = (encoded, *others[: PROMPTS_KEPT - 1])
 
     def question(self, document: dict | None, question: str) -> tuple[list[int], int]:
         """A question about `document` (`Runtime.load_document`'s): its prompt's ids, and

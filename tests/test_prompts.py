@@ -68,7 +68,7 @@ def test_a_prompt_encoded_in_part_is_the_tokenizers_encoding(tokenizers, monkeyp
         for case in range(40):
             if case % 8 == 0:  # (a new earlier text now and then)
                 p.encode_text(random_text(rng, 150))
-            earlier = rng.choice(list(p._encoded.values())).text
+            earlier = p._prompts[0].text  # (the latest kept)
             cut = rng.randrange(len(earlier) // 2, len(earlier) + 1)
             text = earlier[:cut] + random_text(rng, rng.randrange(0, 12))
             encoded.clear()
@@ -106,3 +106,19 @@ def test_questions_and_chat_turns_about_a_long_document_encode_only_their_own_pa
         assert rt.encode_prompt(conv) == tok.backend.encode(tok.apply_chat_template(conv)).ids
         assert max(encoded) < 1000
         conv.append({"role": "assistant", "content": "The river."})
+
+
+def test_prompts_about_other_documents_in_turn_are_each_encoded_in_part(smol_bf16, monkeypatch):
+    """Conversations about different long texts, served in turn by one runtime (a
+    server's): the last `PROMPTS_KEPT` prompts encoded whole are kept, not the last alone."""
+    p, encoded = Prompts(smol_bf16.tokenizer, dict), []
+    spy(monkeypatch, smol_bf16.tokenizer, encoded)
+    texts = [filler_text(2500, seed=s) for s in range(prompts.PROMPTS_KEPT)]
+    for text in texts:
+        p.encode_text(text)
+    encoded.clear()
+    for turn in range(2):
+        for text in texts:
+            want = smol_bf16.tokenizer.backend.encode(text + f" turn {turn}").ids
+            assert p.encode_text(text + f" turn {turn}") == want
+    assert max(encoded) < 1000 and len(encoded) == 2 * len(texts)
