@@ -92,6 +92,9 @@ class Tokenizer:
         normalizer, pre = state.get("normalizer"), state.get("pre_tokenizer") or {}
         if normalizer is not None and normalizer.get("type") != "NFC":
             return False
+        strips = ("lstrip", "rstrip", "single_word")  # (whitespace far off may join one)
+        if any(t.get(k) for t in state.get("added_tokens") or [] for k in strips):
+            return False
         parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
         kinds = {part.get("type") for part in parts}
         byte_level = [part for part in parts if part.get("type") == "ByteLevel"]

@@ -78,10 +78,16 @@ def test_a_prompt_encoded_in_part_is_the_tokenizers_encoding(tokenizers, monkeyp
         assert in_part >= 20, (name, in_part)  # (most of them were encoded in part)
 
 
-def test_a_tokenizer_whose_tokens_depend_on_the_texts_start_encodes_prompts_whole(tmp_path):
+def test_a_tokenizer_whose_tokens_depend_on_text_far_off_encodes_prompts_whole(tmp_path, smol_bf16):
     # SentencePiece's: a space before the text; the whole text one piece
     path = write_gguf(tmp_path / "spm.gguf", sentencepiece=True)
     assert not Tokenizer.from_gguf(open_gguf(path), path).splits_locally
+    # a special token that takes the whitespace before it, however long
+    from tokenizers import AddedToken
+
+    stripping = split_as(smol_bf16.tokenizer, None)
+    stripping.backend.add_special_tokens([AddedToken("<|mark|>", lstrip=True)])
+    assert not stripping.splits_locally
 
 
 def test_questions_and_chat_turns_about_a_long_document_encode_only_their_own_part(
