@@ -82,7 +82,26 @@ def chunk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return nn.functional.linear(x.to(dt), weight.to(dt), bias).to(x.dtype)
 
 
-class Int8Linear(nn.Module):
+class DequantizedWeight:
+    """The weight dequantized for prefill chunks (`dequantized`), from the linear's
+    `_dequantize`, and kept where `keep_dense` says so."""
+
+    held: torch.Tensor | None = None  # while `dequantized_once` holds it
+    keep = False  # keep the weight dequantized (`keep_dense`)
+    kept: torch.Tensor | None = None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [n, k] in `dtype` (what the kernels multiply by)."""
+        for w in (self.held, self.kept):
+            if w is not None and w.dtype == dtype:
+                return w
+        w = self._dequantize(dtype)
+        if self.keep:
+            self.kept = w
+        return w
+
+
+class Int8Linear(DequantizedWeight, nn.Module):
     def __init__(self, linear: nn.Linear, empty: bool = False):
         super().__init__()
         self.bias = linear.bias
@@ -97,16 +116,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
 
-    keep = False  # keep the weight dequantized for prefill chunks (`keep_dense`)
-    kept: torch.Tensor | None = None
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.kept is not None and self.kept.dtype == dtype:
-            return self.kept
-        w = self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
-        if self.keep:
-            self.kept = w
-        return w
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > INT8_MAX_ROWS:
@@ -178,7 +189,7 @@ def int4_parts(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return rows[..., :half].contiguous(), scale, lo
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(DequantizedWeight, nn.Module):
     """`linear` at int4, run where `device` (default: the linear's) is: on the CPU by
     torch's packed kernel, on CUDA by offload/kernels/int4.py (the linear is quantized
     there; only the codes, scales and minimums are kept). Rows past the kernel's (a
@@ -215,9 +226,6 @@ class Int4Linear(nn.Module):
     def _setup(self, n: int, k: int, group: int, dtype: torch.dtype, bias) -> None:
         self.group, self.in_features, self.out_features = group, k, n
         self.dtype = dtype  # the model's (the CPU kernel's scales are in it)
-        self.held = None  # the dequantized weight, while `dequantized_once` holds it
-        self.keep = False  # keep the weight dequantized for prefill chunks (`keep_dense`)
-        self.kept = None
         self.cpu_kernel = False  # torch's packed CPU kernel runs it (`pack_for_cpu`)
         self.bias = bias
 
@@ -250,18 +258,8 @@ class Int4Linear(nn.Module):
             return int4_kernels.unpacked(self.nibbles)
         return codes_of_packed(self.packed, self.out_features, self.in_features)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [n, k] in `dtype`, from the codes (what the kernels multiply by);
-        kept where `keep_dense` says so."""
-        for w in (self.held, self.kept):
-            if w is not None and w.dtype == dtype:
-                return w
-        w = self._dequantize(dtype)
-        if self.keep:
-            self.kept = w
-        return w
-
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """From the codes."""
         if not self.cpu_kernel and _cuda_kernel(self.nibbles):
             return int4_kernels.dequantize(self.nibbles, self.group_scale, self.group_min, dtype)
         n, k = self.out_features, self.in_features

@@ -183,10 +183,11 @@ def _read(rt: Runtime, session, state: KVState) -> None:
             f"{session.version_dir / 'index.safetensors'}: the index is invalid ({e})"
         ) from None
     session.verified()
-    kept = _dense_copy(rt, cache) if fits else cache
     if fits:
+        kept = _dense_copy(rt, cache)
         cache.close()
     else:  # the KV stays in the tiers: read it in while the user asks
+        kept = cache
         cache.store.warm()
         cache.preload_index()
         # (a process forked from this one reads the session again: `KVState.adopt`)
