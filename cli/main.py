@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -81,9 +82,9 @@ def print_steps(steps, window: int, thinking: ThinkingStream | None = None) -> N
                 raise KeyboardInterrupt
     write(dim.flush())
     sys.stdout.write("\n")
+    sys.stdout.flush()  # (the answer's end too, for a program reading it a line at a time)
     note = cut_note(step, window)
     if note:
-        sys.stdout.flush()
         err_console.print(note)
 
 
@@ -188,10 +189,23 @@ def json_answer(steps: list, rt) -> dict:
 def read_stdin() -> str:
     """Standard input's text (UTF-8, or one clear error)."""
     raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    return utf8(raw, "standard input")
+
+
+def utf8(raw: bytes | str, where: str) -> str:
     try:
         return raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as e:
-        raise OffloadError(f"standard input is not UTF-8 text (byte {e.start})") from None
+        raise OffloadError(f"{where} is not UTF-8 text (byte {e.start})") from None
+
+
+def stdin_lines():
+    """Standard input's non-blank lines, stripped, each as soon as it is there (a program
+    that writes a question and waits for its answer gets it)."""
+    for n, raw in enumerate(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, 1):
+        line = utf8(raw, f"standard input's line {n}").strip()
+        if line:
+            yield line
 
 
 def read_prompt(prompt: str | None, files: tuple[str, ...] = ()) -> str:
@@ -334,7 +348,8 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
     """Answer each QUESTION from a saved document without prefilling the document again.
 
     Several questions are answered in turn, each from the document alone (the session
-    is loaded once); none, or "-", reads them from standard input, one a line. The model
+    is loaded once); none, or "-", reads them from standard input, one a line, each
+    answered as soon as it is read (a program may write one and wait). The model
     (-m) must be the one the document was ingested with; the config is the session's
     unless -c is given."""
     questions = read_questions(questions)
@@ -345,6 +360,7 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
         raise OffloadError(
             f"{session_dir} is a {kind} session, not a document: use `offload chat --session`"
         )
+    headed = not isinstance(questions, list) or len(questions) > 1  # (stdin's: any number)
     for n, question in enumerate(questions, 1):
         steps = rt.stream_ask(question, max_new_tokens=max_new_tokens, **sampling)
         if as_json:
@@ -352,7 +368,7 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
             sys.stdout.write("\n")
             sys.stdout.flush()
             continue
-        if len(questions) > 1:
+        if headed:
             if n > 1:
                 sys.stdout.write("\n")
             err_console.print(f"[bold]{escape(question)}[/]", highlight=False)
@@ -364,9 +380,9 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
         )
 
 
-def read_questions(questions: tuple[str, ...]) -> list[str]:
-    """`ask`'s questions: its arguments, or standard input's non-blank lines for none or
-    "-"."""
+def read_questions(questions: tuple[str, ...]) -> list[str] | Iterator[str]:
+    """`ask`'s questions: its arguments, or for none or "-" standard input's non-blank
+    lines, each read when the one before is answered (the session is loaded first)."""
     if questions and questions != ("-",):
         out = [q for q in questions if q.strip()]
         if len(out) < len(questions):
@@ -374,10 +390,16 @@ def read_questions(questions: tuple[str, ...]) -> list[str]:
         return out
     if not questions and sys.stdin.isatty():
         raise click.UsageError("give a QUESTION, or pipe questions in (one a line)")
-    out = [line.strip() for line in read_stdin().splitlines() if line.strip()]
-    if not out:
+    return piped_questions()
+
+
+def piped_questions() -> Iterator[str]:
+    any_ = False
+    for line in stdin_lines():
+        any_ = True
+        yield line
+    if not any_:
         raise OffloadError("no question on standard input")
-    return out
 
 
 @main.command()

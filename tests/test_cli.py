@@ -288,6 +288,41 @@ def test_cli_ask_answers_several_questions_from_one_load(tiny, tmp_path):
     assert r.exit_code == 2 and "no question on standard input" in r.output
 
 
+def test_ask_answers_each_piped_question_before_reading_the_next(tiny, tmp_path):
+    """A program that writes `offload ask` a question and waits for its answer gets it:
+    before, `ask` read standard input to its end before loading the session, so such a
+    program waited for ever (and a session replaced meanwhile answered instead)."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(filler_text(50, seed=9))
+    session = str(tmp_path / "s")
+    r = CliRunner().invoke(main, ["ingest", str(doc), "--session", session, *tiny])
+    assert r.exit_code == 0, r.output
+    cmd = [sys.executable, "-m", "cli.main", "ask", "--session", session, *tiny, "-n", "4"]
+    proc = subprocess.Popen([*cmd, "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)  # fmt: skip
+    try:
+        answers = []
+        for q in ("seven stones?", "the river"):
+            proc.stdin.write(q.encode() + b"\n\n")  # (a blank line is skipped)
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, "no answer while standard input is open"
+            answers.append(json.loads(proc.stdout.readline()))
+        proc.stdin.write(b"caf\xe9?\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 2
+        err = proc.stderr.read().decode()
+        assert err == "error: standard input's line 5 is not UTF-8 text (byte 3)\n"
+    finally:
+        proc.kill()
+    assert [a["question"] for a in answers] == ["seven stones?", "the river"]
+    r = CliRunner().invoke(main, [*cmd[3:], "--json", "seven stones?", "the river"])
+    args = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(a["question"], a["text"]) for a in args] == [
+        (a["question"], a["text"]) for a in answers
+    ]
+
+
 def test_quitting_a_chat_with_turns_its_session_lacks_says_so_once(tiny, tmp_path, monkeypatch):
     """In a terminal, /exit (or Ctrl-D) in a chat resumed from a session, or saved, with
     turns the session on disk lacks says so and quits at the next; after /save, or with
