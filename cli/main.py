@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.inputs import read_prompt, read_questions
 from cli.interrupts import interrupt_flag
 from cli.loading import load_runtime, load_session_runtime, parse_overrides
 from cli.render import PrefillBar, cut_note, decode_rate, thinking_stream
@@ -186,47 +186,6 @@ def json_answer(steps: list, rt) -> dict:
             "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}  # fmt: skip
 
 
-def read_stdin() -> str:
-    """Standard input's text (UTF-8, or one clear error)."""
-    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-    return utf8(raw, "standard input")
-
-
-def utf8(raw: bytes | str, where: str) -> str:
-    try:
-        return raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError as e:
-        raise OffloadError(f"{where} is not UTF-8 text (byte {e.start})") from None
-
-
-def stdin_lines():
-    """Standard input's non-blank lines, stripped, each as soon as it is there (a program
-    that writes a question and waits for its answer gets it)."""
-    for n, raw in enumerate(sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin, 1):
-        line = utf8(raw, f"standard input's line {n}").strip()
-        if line:
-            yield line
-
-
-def read_prompt(prompt: str | None, files: tuple[str, ...] = ()) -> str:
-    """PROMPT, or standard input for "-" or when PROMPT is omitted and input is piped;
-    the --file texts come first when both are given (several: each under its name, as
-    `ingest` joins them)."""
-    parts = []
-    if files:
-        parts.append(read_documents(files))
-    if prompt == "-" or prompt is None and not files:
-        if prompt is None and sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT, - or --file, or pipe the prompt in")
-        parts.append(read_stdin())
-    elif prompt is not None:
-        parts.append(prompt)
-    text = "\n\n".join(p.strip() for p in parts if p.strip())
-    if not text:
-        raise OffloadError("the prompt is empty")
-    return text
-
-
 @main.command()
 @model_options
 @sampling_options
@@ -378,28 +337,6 @@ def ask(model, session_dir, config, overrides, questions, as_json, max_new_token
             f"[dim]{s['reused_tokens']} document tokens reused, {s['prefill_tokens']} prefilled, "
             f"first token after {s['prefill_seconds']:.2f}s{decode_rate(s)}[/]"
         )
-
-
-def read_questions(questions: tuple[str, ...]) -> list[str] | Iterator[str]:
-    """`ask`'s questions: its arguments, or for none or "-" standard input's non-blank
-    lines, each read when the one before is answered (the session is loaded first)."""
-    if questions and questions != ("-",):
-        out = [q for q in questions if q.strip()]
-        if len(out) < len(questions):
-            raise OffloadError("a question is empty")
-        return out
-    if not questions and sys.stdin.isatty():
-        raise click.UsageError("give a QUESTION, or pipe questions in (one a line)")
-    return piped_questions()
-
-
-def piped_questions() -> Iterator[str]:
-    any_ = False
-    for line in stdin_lines():
-        any_ = True
-        yield line
-    if not any_:
-        raise OffloadError("no question on standard input")
 
 
 @main.command()
