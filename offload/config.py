@@ -42,6 +42,8 @@ def human_bytes(n: float) -> str:
 
 def parse_bytes(value: int | str | None, key: str) -> int | None:
     """'6GiB', '512 MB', '1.5G', 1048576 -> bytes. None stays None ("from the machine")."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"{key}: a size must not be negative, got {value}")
     if value is None or isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, str):
@@ -307,6 +309,9 @@ class RuntimeConfig:
         sections = {}
         for name, values in data.items():
             if name not in SECTIONS:
+                owner = next((sec for sec in SECTIONS if name in _section_fields(sec)), None)
+                if owner and not isinstance(values, dict):
+                    raise ConfigError(f"{source}: {name} is a key of [{owner}]: write it there")
                 raise ConfigError(
                     f"{source}: unknown section [{_shown(name)}]; known: {', '.join(SECTIONS)}"
                 )
@@ -323,7 +328,12 @@ class RuntimeConfig:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
-        return cls.from_dict(data, source=str(p))
+        try:
+            return cls.from_dict(data, source=str(p))
+        except ConfigError as e:  # (a value's error, which names its key: and the file)
+            if str(e).startswith(f"{p}: "):
+                raise
+            raise ConfigError(f"{p}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,7 @@
 """Config files, presets, overrides and size parsing."""
 
+import re
+
 import pytest
 
 from offload.config import RuntimeConfig, parse_bytes
@@ -41,6 +43,16 @@ def test_bad_values(tmp_path):
     p.write_text("[generation]\nmax_new_tokens = 'many'\n")
     with pytest.raises(ConfigError, match="generation.max_new_tokens: expected int, got 'many'"):
         RuntimeConfig.from_toml(p)
+    # each names the file too (before: the key alone)
+    for text, message in [
+        ("[selection]\nmode = 'x'\n", "selection.mode: 'x' is not one of"),
+        ("[selection]\nwindow = 8\n", r"selection.window \(8\) must be at least"),
+        ("[kv]\nhost_bytes = -5\n", "kv.host_bytes: a size must not be negative, got -5"),
+        ("mode = 'dense'\n", r"mode is a key of \[selection\]: write it there"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(p))}: {message}"):
+            RuntimeConfig.from_toml(p)
     p.write_text("[generation\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         RuntimeConfig.from_toml(p)
@@ -66,7 +78,7 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text, "kv.host_bytes") == expected
 
 
-@pytest.mark.parametrize("text", ["6 GiBs", "-1GB", "lots", True])
+@pytest.mark.parametrize("text", ["6 GiBs", "-1GB", "lots", True, -1])
 def test_parse_bytes_rejects(text):
     with pytest.raises(ConfigError, match="kv.host_bytes"):
         parse_bytes(text, "kv.host_bytes")
