@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from offload.conversation import KVState
     from offload.kvcache import KVCache
     from offload.runtime import Runtime
+    from storage.layout import KVLayout
 
 INDEX_KEYS = ("cluster_size", "cluster_iters", "cluster_segment", "selector")
 
@@ -130,14 +131,25 @@ def load_state(
                 )
             except ConfigError as e:
                 raise SessionError(f"the session's saved config is not usable: {e}") from None
+        cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        # What the config alone sets of the layout is checked before a model is loaded
+        # (another dtype would convert and cache the model for nothing).
+        kv = cfg.kv
+        configured = dataclasses.replace(
+            session.layout,
+            dtype=cfg.model.dtype,
+            chunk_size=kv.chunk_size,
+            summary_bits=kv.summary_bits,
+        )
+        _check_layout(session, configured)
         if isinstance(model, Runtime):
-            cfg = config if isinstance(config, RuntimeConfig) else RuntimeConfig.from_toml(config)
-            rt = Runtime(model.loaded, cfg.replace(**overrides) if overrides else cfg, model.device)
+            rt = Runtime(model.loaded, cfg, model.device)
             rt.cores = model.cores
         else:
             # The user names the model (the default one otherwise): a session never chooses
             # which file is opened; its fingerprint must match what is loaded.
-            rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=config, **overrides)
+            rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=cfg)
         _check_compatible(rt, session)
         # (the first request's own part alone is then encoded: `Prompts.ahead`)
         rt.prompts.ahead(m.get("document"), m.get("messages"))
@@ -301,7 +313,11 @@ def _check_compatible(rt: Runtime, session) -> None:
     vocab = rt.args.vocab_size
     if any(t >= vocab for t in m["token_ids"]):
         raise SessionError(f"{where}: token ids outside the model's vocabulary of {vocab}")
-    saved, ours = session.layout, rt.layout
+    _check_layout(session, rt.layout)
+
+
+def _check_layout(session, ours: KVLayout) -> None:
+    saved = session.layout
     diff = [
         f"{f.name} {getattr(saved, f.name)!r} (now {getattr(ours, f.name)!r})"
         for f in dataclasses.fields(saved)
@@ -309,7 +325,8 @@ def _check_compatible(rt: Runtime, session) -> None:
     ]
     if diff:
         raise SessionError(
-            f"{where}: the session's KV layout differs from this config: {', '.join(diff)}"
+            f"{session.version_dir / 'manifest.json'}: the session's KV layout differs from "
+            f"this config: {', '.join(diff)}"
         )
 
 

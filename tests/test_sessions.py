@@ -266,6 +266,27 @@ def test_another_model_or_layout_is_refused(tiny, tiny_dirs, saved):
         Runtime.load_session(saved.path, model=tiny, chunk_size=32, window=32)
 
 
+def test_a_config_the_session_cannot_take_is_refused_before_the_model_loads(
+    tiny, saved, monkeypatch
+):
+    """Another dtype (or chunk size) is named before the model is read: `offload ask
+    --set dtype=float16` converted and cached the model for nothing first (7 s and 290 MB
+    for the embedded one)."""
+    import offload.runtime
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(offload.runtime, "load", load)
+    source = tiny.loaded.source
+    with pytest.raises(SessionError, match="dtype 'float32' \\(now 'float16'\\)"):
+        Runtime.load_session(saved.path, model=source, dtype="float16")
+    with pytest.raises(SessionError, match="chunk_size 16 \\(now 32\\)"):
+        Runtime.load_session(saved.path, model=source, chunk_size=32, window=32)
+    with pytest.raises(AssertionError, match="the model was loaded"):  # (the same config)
+        Runtime.load_session(saved.path, model=source)
+
+
 def test_concurrent_writer_is_locked(tiny, saved):
     rt = doc_runtime(tiny, filler_text(30, seed=6))
     with SessionLock(saved.path):
