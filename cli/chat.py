@@ -142,12 +142,28 @@ def file_args(args: str, posix: bool = os.name != "nt") -> tuple[str, str]:
     return name, lexer.instream.read().strip()
 
 
+def save_args(args: str, posix: bool = os.name != "nt") -> tuple[str, bool]:
+    """`/save`'s directory, and whether `--replace` was given, before it or after it. The
+    directory is one word as a shell reads it ("my chats", my\\ chats) or, where the rest
+    is several, all of it as typed (a path with spaces, unquoted). ValueError: an
+    unclosed quote."""
+    words = args.split()
+    replace = REPLACE in words[:1] + words[-1:]
+    if replace:
+        args = args.strip()
+        args = args[len(REPLACE) :] if words[0] == REPLACE else args[: -len(REPLACE)]
+    name, more = file_args(args.strip(), posix)
+    return (args.strip() if more else name), replace
+
+
 def save(conv, console: Console, args: str) -> bool:
     """`/save [--replace] DIR`: the conversation as a chat session (a session already in
     DIR, other than the one this chat was resumed from or saved to, only with --replace).
     Whether it was saved."""
-    replace = args == REPLACE or args.startswith(REPLACE + " ")
-    target = args[len(REPLACE) :].strip() if replace else args
+    try:
+        target, replace = save_args(args)
+    except ValueError:
+        target = ""
     if not target:
         console.print(f"[yellow]usage: {escape(SAVE_USAGE)}[/]")
         return False

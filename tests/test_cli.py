@@ -254,6 +254,15 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     prefilled = int(re.search(r"prefill (\d+) tokens", again)[1])
     context = int(re.search(r"context (\d+)", again)[1])  # (+ the first token, unless it stopped)
     assert prefilled < 50 and saved + prefilled <= context <= saved + prefilled + 1
+    # --replace after the directory too (before: a new directory named "s --replace")
+    other = tmp_path / "other"
+    turns = f"hello\n/save {other}\n/save {session}\n/save {session} --replace\n/exit\n"
+    r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input=turns, env=wide)
+    out = r.output.replace("\n", "")
+    assert r.exit_code == 0 and f"{session} already holds a saved session" in out
+    assert f"to {session} in" in out and not (tmp_path / "s --replace").exists()
+    r = runner.invoke(main, ["chat", "--resume", str(session), *tiny], input="/exit\n")
+    assert "resumed 2 messages" in r.output
 
 
 def test_cli_ask_answers_several_questions_from_one_load(tiny, tmp_path):
@@ -373,6 +382,20 @@ def test_a_files_path_is_read_as_a_shell_reads_it(tmp_path):
         file_args('"a b.md why?')
     assert file_args("C:\\notes\\a.md why?", posix=False) == ("C:\\notes\\a.md", "why?")
     assert file_args('"C:\\my notes.md" why?', posix=False) == ("C:\\my notes.md", "why?")
+
+
+def test_save_takes_replace_before_or_after_the_directory():
+    """`/save`'s directory: one word as a shell reads it, or all the rest as typed (a path
+    with spaces, unquoted); `--replace` before it or after it."""
+    from cli.chat import save_args
+
+    assert save_args("--replace s") == save_args("s --replace") == ("s", True)
+    assert save_args("my chats") == save_args("my\\ chats") == ("my chats", False)
+    assert save_args('"my chats" --replace') == ("my chats", True)
+    assert save_args("--replace") == ("", True) and save_args("s--replace") == ("s--replace", False)
+    with pytest.raises(ValueError):
+        save_args('"my chats')
+    assert save_args("C:\\my chats --replace", posix=False) == ("C:\\my chats", True)
 
 
 def test_the_prefill_bar_counts_tokens_per_second_then_layers_of_the_index():
