@@ -93,6 +93,9 @@ def run_chat(rt, conv, console: Console, max_new_tokens, sampling) -> None:
         if cmd == "/stats":
             render_stats(console, rt.stats())
             continue
+        if cmd in ("/help", "/?"):
+            console.print(f"[dim]{escape(HINT)}[/]")
+            continue
         if cmd == "/save" or cmd.startswith("/save "):
             if save(conv, console, cmd[len("/save") :].strip()):
                 saved, warned = list(conv.messages), False

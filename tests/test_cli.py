@@ -232,13 +232,14 @@ def test_chat_commands_save_and_send_a_file(tiny, tmp_path):
     missing, session = tmp_path / "missing.txt", tmp_path / "s"
     runner = CliRunner()
     escaped = str(notes).replace(" ", "\\ ")
-    turns = ["hello there", "/save", "/file", f"/file {missing}", f'/file "{notes}" how many?',
+    turns = ["hello there", "/help", "/save", "/file", f"/file {missing}", f'/file "{notes}" how many?',
              f"/file {notes} how many?", f"/file {escaped}", f"/save {session}", "/exit"]  # fmt: skip
     wide = {"COLUMNS": "1000"}  # (rich wraps lines at spaces, as in the path)
     r = runner.invoke(main, ["chat", *tiny, "-n", "2"], input="\n".join(turns) + "\n", env=wide)
     assert r.exit_code == 0, r.output
     out = r.output.replace("\n", "")
     assert "usage: /save [--replace] DIR" in out and "usage: /file PATH [text]" in out
+    assert out.count("/exit quits (Ctrl-C stops an answer)") == 2  # (the hint, and /help)
     assert "missing.txt" in out and out.count(f"sending {notes}") == 2
     # (unquoted, with words after it: the path ends at the space, and the error says so)
     assert f"document not found: {tmp_path / 'my'} (usage: /file PATH [text] (a path" in out
