@@ -122,6 +122,43 @@ def check_device_room(rt: Runtime, cache: KVCache, num_tokens: int, what: str) -
         )
 
 
+def check_room(rt: Runtime, cache: KVCache, num_tokens: int, what: str) -> None:
+    """`check_device_room` and `check_disk_room`: both refusals, before anything is
+    computed."""
+    check_device_room(rt, cache, num_tokens, what)
+    check_disk_room(rt, cache, num_tokens, what)
+
+
+def check_disk_room(rt: Runtime, cache: KVCache, num_tokens: int, what: str) -> None:
+    """Refuse `what` (reaching `num_tokens` tokens of context) where the chunks it would
+    spill to the disk tier, those past the host tier's room, would pass the disk's
+    (`kv.disk_bytes`, else the free space of `kv.disk_dir` less a margin): the spill
+    would fail partway, after minutes of prefill. Spilled chunks only: a loaded session's
+    files are the session's, and the file framing is not counted (so nothing that would
+    fit is refused)."""
+    if cache.store is None and cache.fits(num_tokens):
+        return
+    L, store = rt.layout, cache.store
+    per_layer = L.num_chunks(num_tokens)
+    if store is None:  # (it moves to a new store as it passes its bound)
+        b = resolve_budgets(rt.config.kv, rt.device)
+        spilled = per_layer * L.num_layers - b.host_bytes // L.chunk_bytes
+        room, where = b.disk_bytes, b.disk_dir
+    else:
+        d, disk = store.directory, store.disk
+        new = sum(max(0, per_layer - L.num_chunks(n)) for n in store.lengths)
+        spilled = new - max(0, d.host_capacity - d.host_count())
+        room, where = disk.budget_bytes - disk.used_bytes, disk.directory
+    need = max(0, spilled) * L.disk_bytes_per_chunk()
+    if need > room:
+        raise ConfigError(
+            f"{what} reaches {num_tokens:,} tokens of context; {human_bytes(need)} of its KV "
+            f"would then spill to disk past kv.host_bytes, and {where} has room for "
+            f"{human_bytes(max(0, room))} (kv.disk_bytes, else its free space less a margin): "
+            "raise kv.host_bytes, set kv.disk_dir to a disk with room, or use fewer tokens"
+        )
+
+
 def move_to_tiers(rt: Runtime, cache: KVCache) -> None:
     """`KVCache.outgrow` of the device caches made here: the same cache, now tiered."""
     cache.move_to_tiers(*_tiered_parts(rt, rt.device), mirrors=rt.backend.remote_host)

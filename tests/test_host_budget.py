@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from offload import HostMemoryError, Runtime
+from offload.errors import ConfigError
 from storage import pinning
 from storage.layout import KVLayout
 from storage.tiered import TieredStore
@@ -310,3 +311,39 @@ def test_mode_auto_on_a_cpu_keeps_the_dense_cache_until_the_host_budget(tiny_dir
     assert got == [s.token_id for s in dense.stream(prompt, max_new_tokens=150)]
     assert cache is rt._state.cache and cache.store is not None
     assert cache.store.spilled_chunks > 0 and rt.stats()["selection"]["sparse_layer_steps"] > 0
+
+
+def test_a_request_that_would_spill_past_the_disk_room_is_refused_before_it_runs(
+    tiny_dirs, tmp_path
+):
+    """Chunks past the host budget spill to disk; a request (or a document) whose spill
+    would pass the disk's room (`kv.disk_bytes`, else its free space less a margin) is
+    refused before anything is computed, naming both. Before, the prefill ran until a
+    write failed (a full disk, after minutes on a long prompt). One within the room runs."""
+    path = tiny_dirs["llama-gqa-untied"][0]
+    cfg = dict(dtype="float32", mode="auto", sink=4, window=32, dense_layers=1,
+               sparse_threshold=64, device="cpu")  # fmt: skip
+    probe = Runtime.from_pretrained(path, **cfg)
+    L = probe.layout
+    budget = 100 * (L.token_bytes + L.token_bytes_per_layer)  # (100 tokens in the dense cache)
+    document = filler_text(70, seed=4)  # (about 200 tokens: past the budget)
+
+    def runtime(disk_bytes: int, where: Path) -> Runtime:
+        config = probe.config.replace(host_bytes=budget, disk_bytes=disk_bytes, disk_dir=str(where))
+        return Runtime(probe.loaded, config, probe.device)
+
+    tight = runtime(L.disk_bytes_per_chunk(), tmp_path / "tight")
+    with pytest.raises(ConfigError, match=r"the document reaches [\d,]+ tokens of context; .* "
+                       r"would then spill to disk past kv.host_bytes, and .*tight has room"):  # fmt: skip
+        tight.load_document(document)
+    assert tight._state.cache.num_tokens == 0 and not any((tmp_path / "tight").glob("**/*.arrow"))
+    with pytest.raises(ConfigError, match="this request reaches"):
+        tight.generate(document, max_new_tokens=4)
+    roomy = runtime(1 << 30, tmp_path / "roomy")
+    roomy.load_document(document)
+    store = roomy._state.cache.store
+    assert store.spilled_chunks > 0 and store.disk.used_bytes > L.disk_bytes_per_chunk()
+    # the room it took (file framing included) is room enough
+    again = runtime(store.disk.used_bytes, tmp_path / "again")
+    again.load_document(document)
+    assert again._state.cache.store.spilled_chunks == store.spilled_chunks
