@@ -147,7 +147,7 @@ def check_disk_room(rt: Runtime, cache: KVCache, num_tokens: int, what: str) -> 
     else:
         d, disk = store.directory, store.disk
         new = sum(max(0, per_layer - L.num_chunks(n)) for n in store.lengths)
-        spilled = new - max(0, d.host_capacity - d.host_count())
+        spilled = new - max(0, d.host_capacity - d.host_count)
         room, where = disk.budget_bytes - disk.used_bytes, disk.directory
     need = max(0, spilled) * L.disk_bytes_per_chunk()
     if need > room:

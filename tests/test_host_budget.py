@@ -343,6 +343,7 @@ def test_a_request_that_would_spill_past_the_disk_room_is_refused_before_it_runs
     roomy.load_document(document)
     store = roomy._state.cache.store
     assert store.spilled_chunks > 0 and store.disk.used_bytes > L.disk_bytes_per_chunk()
+    assert roomy.ask("seven stones?", max_new_tokens=2)  # (checked against the store's room)
     # the room it took (file framing included) is room enough
     again = runtime(store.disk.used_bytes, tmp_path / "again")
     again.load_document(document)
