@@ -226,6 +226,15 @@ def _reread(rt: Runtime, path: Path, version: str, state: KVState) -> None:
         raise
 
 
+def read_back(rt: Runtime, state: KVState, ref: SessionRef) -> None:
+    """`state`'s cache replaced by the session `ref` names, read again from its files
+    (`Runtime._read_back`); where that is no longer the session's version, SessionError,
+    and the state is left empty."""
+    state.cache.close()
+    state.cache, state.ids, state.passes = rt.new_cache(), [], []
+    _reread(rt, ref.path, ref.version, state)
+
+
 def session_dir(path: str | Path) -> Path:
     """The directory `path` names, as saves compare them (`SessionRef`)."""
     return Path(path).expanduser().resolve()
