@@ -469,8 +469,10 @@ class Runtime:
         document, read the session back from its files (where it is still that version)
         instead of prefilling the document again: 3,892 tokens took 13.9 s to prefill on
         a 2-core CPU, and a read 0.2 s."""
-        doc = self._document_ids() if self.document is not None else None
-        if self.session_ref is None or not doc or ids[: len(doc)] != doc:
+        if self.session_ref is None or self.document is None:
+            return
+        doc = self._document_ids()
+        if ids[: len(doc)] != doc:
             return
         if len(doc) - common_prefix(self._state.ids, doc) <= len(doc) // 2:
             return
