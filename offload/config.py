@@ -42,9 +42,9 @@ def human_bytes(n: float) -> str:
 
 def parse_bytes(value: int | str | None, key: str) -> int | None:
     """'6GiB', '512 MB', '1.5G', 1048576 -> bytes. None stays None ("from the machine")."""
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"{key}: a size must not be negative, got {value}")
     if value is None or isinstance(value, int) and not isinstance(value, bool):
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}: a size must not be negative, got {value}")
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a size like '6GiB' or an integer, got {value!r}")

@@ -467,8 +467,8 @@ class Runtime:
         """Where another request on the runtime's cache (a `generate`) cut away more than
         half of the document it was loaded with or saved as, and `ids` begin with that
         document, read the session back from its files (where it is still that version)
-        instead of prefilling the document again: 3,892 tokens took 13.9 s to prefill on
-        a 2-core CPU, and a read 0.2 s."""
+        instead of prefilling the document again (3,892 tokens on a 2-core CPU: the
+        question after it 0.9 s in all, where it prefilled the document in 13.9 s)."""
         if self.session_ref is None or self.document is None:
             return
         doc = self._document_ids()
