@@ -1,0 +1,171 @@
+"""What loading and saving a session check, and how a failure is named: damaged files,
+another model, layout or config, a locked or bad path, a full disk; a session of an
+older form still loads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload import OffloadError, Runtime
+from storage.disk import StorageError
+from storage.session import SessionError, SessionLock, SessionLockedError, open_session
+from tests.conftest import filler_text, rewrite_manifest
+from tests.test_sessions import doc_runtime, tiny  # noqa: F401 (tiny: a fixture)
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    rt = doc_runtime(tiny, filler_text(60, seed=5))
+    rt.save_session(tmp_path / "s")
+    return open_session(tmp_path / "s")
+
+
+def flip_byte(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x55
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_chunk_file_is_named(tiny, saved):
+    f = saved.version_dir / saved.chunk_files()[0]["name"]
+    flip_byte(f, f.stat().st_size // 2)
+    # Opening does not read the KV; the first read of the damaged chunk names the file.
+    # (The warm-up that reads the session in on a thread stops at it, quietly.)
+    loaded = Runtime.load_session(saved.path, model=tiny)
+    warmer = loaded._state.cache.store.warm()
+    warmer.wait()
+    assert isinstance(warmer.error, StorageError) and f.name in str(warmer.error)
+    with pytest.raises(StorageError, match=f"{f.name}: checksum mismatch"):
+        loaded.ask("seven", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["device.safetensors", "index.safetensors"])
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_damaged_small_file_fails_the_load_by_name(tiny, saved, name, where):
+    """The small files are hashed on threads while the load reads them: a damaged one
+    fails the load with its name, whether its bytes still parse (data) or not (header)."""
+    f = saved.version_dir / name
+    flip_byte(f, 20 if where == "header" else f.stat().st_size - 10)
+    with pytest.raises(SessionError, match=f"{name}: checksum mismatch"):
+        Runtime.load_session(saved.path, model=tiny)
+
+
+def test_corrupt_manifest_and_index_are_named(tiny, saved):
+    index = saved.version_dir / "index.safetensors"
+    flip_byte(index, index.stat().st_size - 10)
+    with pytest.raises(SessionError, match="index.safetensors: checksum mismatch"):
+        open_session(saved.path)
+    manifest = saved.version_dir / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"num_tokens": ', '"num_tokens": 1'))
+    with pytest.raises(SessionError, match="manifest.json: manifest checksum mismatch"):
+        open_session(saved.path)
+
+
+def test_another_model_or_layout_is_refused(tiny, tiny_dirs, saved):
+    other = Runtime.from_pretrained(tiny_dirs["qwen2-bias"][0], dtype="float32", mode="sparse")
+    with pytest.raises(SessionError, match="made with another model"):
+        Runtime.load_session(saved.path, model=other)
+    # the same model with its linears packed: its KV differs a little, and the error says so
+    packed = Runtime.from_pretrained(tiny.loaded.source, dtype="float32", weights="int4")
+    with pytest.raises(SessionError, match="linears dense; this runtime runs them int4: set "
+                       "model.weights = dense"):  # fmt: skip
+        Runtime.load_session(saved.path, model=packed)
+    with pytest.raises(SessionError, match="chunk_size 16 \\(now 32\\)"):
+        Runtime.load_session(saved.path, model=tiny, chunk_size=32, window=32)
+
+
+def test_a_config_the_session_cannot_take_is_refused_before_the_model_loads(
+    tiny, saved, monkeypatch
+):
+    """Another dtype (or chunk size) is named before the model is read: `offload ask
+    --set dtype=float16` converted and cached the model for nothing first (7 s and 290 MB
+    for the embedded one)."""
+    import offload.runtime
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(offload.runtime, "load", load)
+    source = tiny.loaded.source
+    with pytest.raises(SessionError, match="dtype 'float32' \\(now 'float16'\\)"):
+        Runtime.load_session(saved.path, model=source, dtype="float16")
+    with pytest.raises(SessionError, match="chunk_size 16 \\(now 32\\)"):
+        Runtime.load_session(saved.path, model=source, chunk_size=32, window=32)
+    with pytest.raises(AssertionError, match="the model was loaded"):  # (the same config)
+        Runtime.load_session(saved.path, model=source)
+
+
+def test_concurrent_writer_is_locked(tiny, saved):
+    rt = doc_runtime(tiny, filler_text(30, seed=6))
+    with SessionLock(saved.path):
+        with pytest.raises(SessionLockedError, match="is locked"):
+            rt.save_session(saved.path, replace=True)
+
+
+def test_bad_session_paths(tiny, tmp_path):
+    rt = doc_runtime(tiny, filler_text(30, seed=7))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SessionError, match="is a file, not a directory"):
+        rt.save_session(tmp_path / "f")
+    with pytest.raises(SessionError, match="cannot create session directory /proc/no-such"):
+        rt.save_session("/proc/no-such/session")
+    with pytest.raises(SessionError, match="no session at"):
+        Runtime.load_session(tmp_path / "missing", model=tiny)
+
+
+def test_sessions_with_float32_summary_parameters_still_load(tiny, saved):
+    """Summaries' scale and zero point were float32 before they became float16: such a
+    session loads and answers as the same session with float16 ones."""
+    from safetensors.torch import load_file, save_file
+
+    from storage.session import file_entry
+
+    rt = Runtime.load_session(saved.path, model=tiny)
+    want = rt.ask("green?", max_new_tokens=6)
+    path = saved.version_dir / "device.safetensors"
+    tensors = load_file(path)
+    assert tensors["L1.scale"].dtype == torch.float16
+    for name in [n for n in tensors if n.endswith((".scale", ".zero"))]:
+        tensors[name] = tensors[name].float()
+    save_file(tensors, path, metadata={"meta": "{}"})
+    rewrite_manifest(saved, lambda m: m["files"].update({"device.safetensors": file_entry(path)}))
+    old = Runtime.load_session(saved.path, model=tiny)
+    assert old._state.cache.store.dev[1].scale.data.dtype == torch.float16
+    assert old.ask("green?", max_new_tokens=6) == want
+
+
+def test_disk_full_while_writing_tensors_leaves_the_old_session(tiny, saved, monkeypatch):
+    from safetensors import SafetensorError
+
+    import storage.saving as ss
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ss, "save_file", full)
+    rt = doc_runtime(tiny, filler_text(30, seed=10))
+    with pytest.raises(SessionError, match="cannot save session to .*: No space left on device$"):
+        rt.save_session(saved.path, replace=True)
+    assert sorted(p.name for p in saved.path.iterdir() if p.name.startswith("v-")) == [
+        saved.version_dir.name
+    ]
+    assert open_session(saved.path).token_ids == saved.token_ids
+
+
+def test_disk_full_on_a_first_save_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import storage.disk
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.disk, "write_atomic", full)  # the KV files' writer
+    rt = doc_runtime(tiny, filler_text(30, seed=10))
+    target = tmp_path / "new" / "doc"
+    with pytest.raises(
+        SessionError, match="cannot save session to .*doc: No space left on device$"
+    ):
+        rt.save_session(target)
+    assert not target.exists()
