@@ -84,6 +84,8 @@ class Runtime(DocumentsAndSessions):
         # The session loaded from or last saved to: a save there needs no `replace` while
         # no other saver has saved there since (offload/session.py, `SessionRef`).
         self.session_ref: SessionRef | None = None
+        # The session holding the document's KV as loaded or saved (`_read_back`)
+        self.document_ref: SessionRef | None = None
         # `model.threads = 0`: the threads follow the cores other processes leave free
         # (set by `from_pretrained`, which takes the first sample before the load)
         self.cores: CoreWatch | None = None

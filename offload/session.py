@@ -159,7 +159,9 @@ def load_state(
         raise
     rt.session = {k: m[k] for k in ("kind", "document", "messages", "pinned_messages") if k in m}
     rt.session["path"] = str(session.path)
-    rt.session_ref = SessionRef(session_dir(session.path), session.version_dir.name)
+    rt.session_ref = rt.document_ref = SessionRef(
+        session_dir(session.path), session.version_dir.name
+    )
     return rt
 
 

@@ -111,15 +111,20 @@ def test_loaded_session_in_auto_mode_reads_in_place_on_cpu(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("mode", ["sparse", "auto"])
 def test_a_document_another_request_cut_away_is_read_back_from_its_session(tiny, tmp_path, mode):
     """A `generate` on a runtime loaded from a document session cuts the document's KV
-    away; the next question (or a save) reads the session back, where it is still the
-    version loaded, instead of prefilling the document again (before: all of it, 13.9 s
-    for 3,892 tokens on the embedded model here), and answers alike. A session saved again
-    since is not read: the document is prefilled."""
+    away, and a chat about the document takes it; the next question (or a save) reads
+    the session back, where it is still the version loaded, instead of prefilling the
+    document again (before: all of it, 13.9 s for 3,892 tokens on the embedded model
+    here), and answers alike. A session saved again since is not read: the document is
+    prefilled."""
     doc_runtime(tiny, filler_text(60, seed=8), mode=mode).save_session(tmp_path / "s")
     rt = Runtime.load_session(tmp_path / "s", model=tiny, mode=mode)
     want = rt.ask("seven stones?", max_new_tokens=4)
     doc = rt.stats()["reused_tokens"]
     rt.generate("the river runs north", max_new_tokens=2)
+    assert rt.ask("seven stones?", max_new_tokens=4) == want
+    assert rt.stats()["reused_tokens"] == doc
+    talk = rt.chat_about_document()  # (the KV goes to the conversation: read back too)
+    talk.send("seven stones?", max_new_tokens=2)
     assert rt.ask("seven stones?", max_new_tokens=4) == want
     assert rt.stats()["reused_tokens"] == doc
     rt.generate("the river runs north", max_new_tokens=2)
