@@ -11,20 +11,7 @@ from offload import OffloadError, Runtime
 from storage.disk import StorageError
 from storage.session import SessionError, SessionLock, SessionLockedError, open_session
 from tests.conftest import filler_text, rewrite_manifest
-from tests.test_sessions import doc_runtime, tiny  # noqa: F401 (tiny: a fixture)
-
-
-@pytest.fixture
-def saved(tiny, tmp_path):
-    rt = doc_runtime(tiny, filler_text(60, seed=5))
-    rt.save_session(tmp_path / "s")
-    return open_session(tmp_path / "s")
-
-
-def flip_byte(path: Path, at: int) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[at] ^= 0x55
-    path.write_bytes(bytes(raw))
+from tests.test_sessions import doc_runtime, flip_byte, saved, tiny  # noqa: F401 (fixtures)
 
 
 def test_corrupt_chunk_file_is_named(tiny, saved):

@@ -241,6 +241,19 @@ def test_interrupted_first_save_is_reported_incomplete(tmp_path):
         open_session(tmp_path / "s")
 
 
+@pytest.fixture
+def saved(tiny, tmp_path):
+    rt = doc_runtime(tiny, filler_text(60, seed=5))
+    rt.save_session(tmp_path / "s")
+    return open_session(tmp_path / "s")
+
+
+def flip_byte(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x55
+    path.write_bytes(bytes(raw))
+
+
 def test_cli_ingest_ask_and_errors(tiny, tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text(filler_text(50, seed=8))
