@@ -144,16 +144,18 @@ def int4_nibbles(q: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     return qg[..., : group // 2] | (qg[..., group // 2 :] << 4)
 
 
-def codes_of_packed(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def codes_of_packed(packed: torch.Tensor, n: int, k: int, rows: int | None = None) -> torch.Tensor:
     """The codes [n, k] (0..15, uint8) of torch's packed CPU form of them
-    (`_convert_weight_to_int4pack_for_cpu`, [n, k / 2] bytes): the rows in blocks of 64,
-    each [k, 32] bytes whose byte j holds rows j (low half) and j + 32; the rows after
-    the last whole block as [k, rest / 2] bytes whose byte j holds rows 2j and 2j + 1.
-    That is torch's own layout (2.13), not a documented one: `packed_layout_known`
+    (`_convert_weight_to_int4pack_for_cpu`, [n, k / 2] bytes): the rows in blocks of
+    `rows` (64 where torch's CPU kernels run AVX-512, 32 with AVX2: `packed_block`),
+    each [k, rows / 2] bytes whose byte j holds rows j (low half) and j + rows / 2; the
+    rows after the last whole block as [k, rest / 2] bytes whose byte j holds rows 2j
+    and 2j + 1. That is torch's own layout (2.13), not a documented one: `packed_block`
     checks it in each process before the runtime relies on it."""
+    rows = rows or packed_block()
     flat = packed.reshape(-1)
-    full = n // 64 * 64
-    blocks = flat[: full * k // 2].reshape(full // 64, k, 32)
+    full = n // rows * rows
+    blocks = flat[: full * k // 2].reshape(full // rows, k, rows // 2)
     q = torch.cat([blocks & 15, blocks >> 4], dim=2).transpose(1, 2).reshape(full, k)
     if full == n:
         return q
@@ -163,15 +165,24 @@ def codes_of_packed(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 @functools.cache
-def packed_layout_known() -> bool:
-    """Does `codes_of_packed` read this torch's packed CPU form? (Codes of 208 x 96, a
-    whole block and a tail, packed and read back; where not, the linears keep their
-    codes twice.)"""
+def packed_block() -> int | None:
+    """The rows of a block of this torch's packed CPU form as `codes_of_packed` reads it
+    back (codes of 208 x 96, whole blocks and a tail, packed and read back): 64 or 32,
+    or None where neither reads them (the linears then keep their codes twice). Found
+    2026-12-07 on an AVX2-only machine: 32 there, where AVX-512 machines pack 64."""
     # (on the CPU whatever device a caller's context sets: the weight cache builds its
     # modules under the meta device)
     q = torch.randint(0, 16, (208, 96), generator=torch.Generator().manual_seed(0), device="cpu")
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    return torch.equal(codes_of_packed(packed, 208, 96), q.to(torch.uint8))
+    for rows in (64, 32):
+        if torch.equal(codes_of_packed(packed, 208, 96, rows), q.to(torch.uint8)):
+            return rows
+    return None
+
+
+def packed_layout_known() -> bool:
+    """Does `codes_of_packed` read this torch's packed CPU form (`packed_block`)?"""
+    return packed_block() is not None
 
 
 def int4_rows(nibbles: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,9 @@ cache holds 10.6 GiB. A dense directory loads from its own safetensors, which th
 cache would only copy.
 
 The key covers everything the result depends on: the source file (size, mtime,
-first and last MiB), the dtype, the weight form, torch's version and the machine's
-architecture, and this module's format version. A cache file that cannot be read
+first and last MiB), the dtype, the weight form, torch's version, the machine's
+architecture and its CPU's vector extension (torch's packed int4 form differs between
+AVX2 and AVX-512), and this module's format version. A cache file that cannot be read
 or does not match is ignored and rewritten; one that cannot be written (read-only
 home, full disk) only costs the next start its speed. The folder is
 `$OFFLOAD_CACHE`, else `$XDG_CACHE_HOME/offload`, else `~/.cache/offload`.
@@ -62,7 +63,8 @@ def cache_path(source: Path, dtype: torch.dtype, weights: str) -> Path:
     size and mtime, and a safetensors shard's first and last MiB)."""
     slot = hashlib.sha256(f"{source.name}|{dtype}|{weights}".encode()).hexdigest()[:8]
     h = hashlib.sha256(
-        f"{CACHE_FORMAT}|{torch.__version__}|{platform.machine()}|{dtype}|{weights}|".encode()
+        f"{CACHE_FORMAT}|{torch.__version__}|{platform.machine()}|"
+        f"{torch.backends.cpu.get_cpu_capability()}|{dtype}|{weights}|".encode()
     )
     if source.is_dir():
         h.update(b"dir")

@@ -68,7 +68,7 @@ def test_a_gguf_of_4_bits_or_fewer_runs_at_int4_on_the_cpu(tmp_path, monkeypatch
         dense.get_submodule(name).weight.data = w
     dense.output = model.output  # (the int8 head in both)
     seen.clear(), put.clear()
-    quantize.packed_layout_known.cache_clear()  # (as in a new process)
+    quantize.packed_block.cache_clear()  # (as in a new process)
     rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
     assert not seen and not put and rt.loaded.model.weights == "int4"  # (the cache's, mapped)
     made, read = model.state_dict(), rt.loaded.model.state_dict()
