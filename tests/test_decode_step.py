@@ -12,6 +12,7 @@ import torch
 from offload import Runtime
 from offload.backend import Backend
 from offload.generate import prefill
+from offload.kernels import decode_attention as attention_kernels
 from offload.kernels.decode_attention import decode_attention, decode_attention_ref, split_rows
 from tests.conftest import DEVICE, cuda_only
 
@@ -21,7 +22,15 @@ from tests.conftest import DEVICE, cuda_only
     "H,G,D,N,length",
     [(3, 3, 64, 300, 257), (2, 4, 128, 1000, 1), (1, 1, 16, 64, 64), (2, 2, 32, 9000, 8193)],
 )
-def test_decode_attention_kernel_matches_reference(dtype, H, G, D, N, length):
+@pytest.mark.parametrize("splits", ["as on a GPU", "as interpreted"])
+def test_decode_attention_kernel_matches_reference(dtype, H, G, D, N, length, splits, monkeypatch):
+    """(With the GPU's splits, many of a few rows, most past the length, and with the
+    interpreter's few of many rows.)"""
+    if splits == "as on a GPU":
+        monkeypatch.setattr(attention_kernels, "INTERPRETED_BLOCK_N", attention_kernels.BLOCK_N)
+        monkeypatch.setattr(
+            attention_kernels, "INTERPRETED_MAX_SPLITS", attention_kernels.MAX_SPLITS
+        )
     gen = torch.Generator().manual_seed(N)
     q, k, v = (torch.randn(H, n, D, generator=gen).to(DEVICE, dtype) for n in (G, N, N))
     k[:, length:] = 1e4  # rows past the length must not count, whatever they hold
@@ -101,10 +110,14 @@ def test_decode_attention_leaves_out_rows_numbered_below_zero(N2):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_split_rows_bounds_the_number_of_splits():
-    for N in (1, 64, 65, 8192, 131072, 1 << 20):
-        split = split_rows(N)
-        assert split % 64 == 0 and -(-N // split) <= 128
+def test_split_rows_bounds_the_number_of_splits(monkeypatch):
+    for block, most in ((64, 128), (256, 4)):
+        for name, value in (("BLOCK_N", block), ("MAX_SPLITS", most)):
+            monkeypatch.setattr(attention_kernels, name, value)
+            monkeypatch.setattr(attention_kernels, "INTERPRETED_" + name, value)
+        for N in (1, 64, 65, 8192, 131072, 1 << 20):
+            split = split_rows(N)
+            assert split % block == 0 and -(-N // split) <= most
 
 
 def _greedy(cache, model, first_logits, steps):

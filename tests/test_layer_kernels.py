@@ -28,9 +28,18 @@ def _randn(g, *shape, dtype, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
+@pytest.fixture(params=[1, 4], ids=["row-a-program", "4-rows-a-program"])
+def rows_per_program(request, monkeypatch):
+    """Rows (positions) a program takes: one, as on a GPU; and several, as in the
+    interpreter (a prefill chunk's rows in a few programs), the last program's partly."""
+    monkeypatch.setattr(L, "ROWS", request.param)
+    monkeypatch.setattr(L, "INTERPRETED_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,dim", [(1, 576), (7, 100), (3, 1024)])
-def test_norms_equal_their_references(dtype, rows, dim):
+def test_norms_equal_their_references(dtype, rows, dim, rows_per_program):
     g = torch.Generator().manual_seed(rows * dim)
     x, y = _randn(g, rows, dim, dtype=dtype), _randn(g, rows, dim, dtype=dtype, scale=3)
     w = 1 + _randn(g, dim, dtype=dtype, scale=0.1)
@@ -47,7 +56,7 @@ def test_norms_equal_their_references(dtype, rows, dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,S,D", [(12, 1, 64), (40, 5, 128), (6, 3, 80)])
-def test_rope_equals_its_reference(dtype, heads, S, D):
+def test_rope_equals_its_reference(dtype, heads, S, D, rows_per_program):
     """Over q and k as the model hands them: a strided view of the fused projection's
     output ([S, heads + v heads, D] transposed), with the table's rows gathered by
     position; more heads than a program takes; a head dim whose half is no power of two."""
@@ -65,7 +74,7 @@ def test_rope_equals_its_reference(dtype, heads, S, D):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,features", [(1, 1536), (4, 100), (2, 2048)])
-def test_silu_mul_equals_its_reference(dtype, rows, features):
+def test_silu_mul_equals_its_reference(dtype, rows, features, rows_per_program):
     g = torch.Generator().manual_seed(rows * features)
     gu = _randn(g, rows, 2 * features, dtype=dtype, scale=3)
     out = L.silu_mul(gu)
@@ -76,8 +85,8 @@ def test_silu_mul_equals_its_reference(dtype, rows, features):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("Hq,Hkv,S,D", [(9, 3, 1, 64), (32, 8, 1, 128), (12, 2, 3, 80)])
-def test_rope_store_equals_rope_then_store(dtype, Hq, Hkv, S, D):
+@pytest.mark.parametrize("Hq,Hkv,S,D", [(9, 3, 1, 64), (32, 8, 1, 128), (12, 2, 5, 80)])
+def test_rope_store_equals_rope_then_store(dtype, Hq, Hkv, S, D, rows_per_program):
     """RoPE of q and k with the store of k and v, in one launch, against the layer's RoPE
     and its writes (`store_kv_ref`, an `index_copy_` each): from a strided view of the fused projection's output into views of
     one buffer (the tiered step's ring after its sink), more heads than a program takes,

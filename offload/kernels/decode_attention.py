@@ -33,10 +33,24 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import supports_head_dim
+from offload.kernels import interpreted, supports_head_dim
 
 BLOCK_N = 64  # rows per inner iteration
 MAX_SPLITS = 128  # partial results merged per (head, query)
+# Triton's interpreter (the CPU tests) runs the programs one after another, each with
+# its set-up (a split past the length too), and each operation of each iteration as a
+# numpy call: there a buffer is cut into a few splits, read in larger blocks.
+INTERPRETED_MAX_SPLITS = 4
+INTERPRETED_BLOCK_N = 256
+
+
+def _setting() -> tuple[int, int]:
+    """(rows per inner iteration, most splits) where the kernel runs."""
+    if interpreted():
+        return INTERPRETED_BLOCK_N, INTERPRETED_MAX_SPLITS
+    return BLOCK_N, MAX_SPLITS
+
+
 # Shared memory of the split kernel beside its pipelined K and V tiles (an upper bound
 # of what compiling it for sm_86/89/90 showed: 8-12.5 KiB), and the least a block may
 # use on the GPUs this runtime is for (an RTX 3090/4090: 99 KiB).
@@ -76,9 +90,10 @@ def _valid(N: int, length, device) -> torch.Tensor:
 
 
 def split_rows(N: int) -> int:
-    """Rows per split for a buffer of N rows: a multiple of BLOCK_N, at most MAX_SPLITS splits."""
-    blocks = math.ceil(N / BLOCK_N)
-    return BLOCK_N * max(1, math.ceil(blocks / MAX_SPLITS))
+    """Rows per split for a buffer of N rows: a multiple of BLOCK_N, at most MAX_SPLITS
+    splits (the INTERPRETED_ settings in the interpreter)."""
+    block, most = _setting()
+    return block * max(1, math.ceil(math.ceil(N / block) / most))
 
 
 def launch_config(D: int, itemsize: int, shared_limit: int, skip: bool = False) -> tuple[int, int]:
@@ -150,7 +165,7 @@ def decode_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         0 if idx2 is None else idx2.stride(0), D**-0.5, G, split, splits1,
-        GP=GP, D=D, BLOCK_N=BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GP=GP, D=D, BLOCK_N=_setting()[0], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_IDX=idx2 is not None, SKIP=skip, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).

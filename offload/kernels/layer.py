@@ -37,8 +37,24 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from offload.kernels import interpreted
+
 ROPE_HEADS = 16  # heads per RoPE program (a program per position and block of heads)
 SILU_BLOCK = 1024  # features per SwiGLU program
+# Rows (positions) per program: one on a GPU, where a row is work enough for a program;
+# in Triton's interpreter, which runs the programs one after another, each operation a
+# numpy call of a program's block, a prefill chunk's rows in a few programs (a 384-row
+# RoPE took 5 s there in programs of one row, 0.1 s in programs of 64), same results.
+ROWS = 1
+INTERPRETED_ROWS = 64
+
+
+def _rows_per_program(rows: int) -> int:
+    if not interpreted():
+        return ROWS
+    import triton
+
+    return min(INTERPRETED_ROWS, triton.next_power_of_2(rows))
 
 
 def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,16 +127,16 @@ def _norm(x, y, w, eps: float):
     # (without a residual, x stands in for y and h: the kernel reads neither)
     y2 = x2 if y is None else _rows(y)
     h = x2 if y is None else torch.empty(S, N, dtype=x.dtype, device=x.device)
-    BLOCK = triton.next_power_of_2(N)
-    _kernels().norm[(S,)](
-        x2, y2, h, w, out, N, x2.stride(0), y2.stride(0), N, N, eps,
-        RESIDUAL=y is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
+    BLOCK, ROWS = triton.next_power_of_2(N), _rows_per_program(S)
+    _kernels().norm[(triton.cdiv(S, ROWS),)](
+        x2, y2, h, w, out, S, N, x2.stride(0), y2.stride(0), N, N, eps, RESIDUAL=y is not None,
+        BLOCK=BLOCK, ROWS=ROWS, num_warps=min(16, max(1, BLOCK // 256)),
     )  # fmt: skip
     return out.view(shape) if y is None else (h.view(shape), out.view(shape))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """The Triton kernel of `rms_norm_ref`: one program per row."""
+    """The Triton kernel of `rms_norm_ref`: one program per row (per `ROWS`)."""
     return _norm(x, None, w, eps)
 
 
@@ -132,8 +148,8 @@ def add_rms_norm(x, y, w, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel of `rope_ref`: one program per (position, block of heads), both
-    halves of each head's row at once."""
+    """The Triton kernel of `rope_ref`: one program per (position, block of heads) (per `ROWS`
+    positions), both halves of each head's row at once."""
     return _rope(qk, cos, sin, qk.shape[0])
 
 
@@ -155,17 +171,19 @@ def _rope(qkv, cos, sin, Hq: int, K=None, V=None, pos=None) -> torch.Tensor:
     out = torch.empty(Hq, S, D, dtype=qkv.dtype, device=qkv.device)
     store = K is not None
     K, V, pos = (K, V, pos) if store else (out, out, out)  # (pointers not read: no store)
-    grid = (S, triton.cdiv(H, ROPE_HEADS))
+    ROWS = _rows_per_program(S)
+    grid = (triton.cdiv(S, ROWS), triton.cdiv(H, ROPE_HEADS))
     _kernels().rope[grid](
-        qkv, cos, sin, out, K, V, pos, H, Hq, qkv.stride(0), qkv.stride(1), cos.stride(0),
-        S * D, D, K.stride(0), K.stride(1), V.stride(0), V.stride(1),
-        HALF=D // 2, BLOCK_H=ROPE_HEADS, BLOCK_D=triton.next_power_of_2(D // 2), STORE=store,
+        qkv, cos, sin, out, K, V, pos, S, H, Hq, qkv.stride(0), qkv.stride(1), cos.stride(0),
+        S * D, D, K.stride(0), K.stride(1), V.stride(0), V.stride(1), HALF=D // 2,
+        BLOCK_H=ROPE_HEADS, BLOCK_D=triton.next_power_of_2(D // 2), ROWS=ROWS, STORE=store,
     )  # fmt: skip
     return out
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel of `silu_mul_ref`: one program per (row, block of features)."""
+    """The Triton kernel of `silu_mul_ref`: one program per (row, block of features)
+    (per `ROWS` rows)."""
     import triton
 
     shape = gu.shape
@@ -174,8 +192,9 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     assert F2 % 2 == 0, shape
     F_ = F2 // 2
     out = torch.empty(S, F_, dtype=gu.dtype, device=gu.device)
-    grid = (S, triton.cdiv(F_, SILU_BLOCK))
-    _kernels().silu_mul[grid](g2, out, F_, g2.stride(0), F_, BLOCK=SILU_BLOCK)
+    ROWS = _rows_per_program(S)
+    grid = (triton.cdiv(S, ROWS), triton.cdiv(F_, SILU_BLOCK))
+    _kernels().silu_mul[grid](g2, out, S, F_, g2.stride(0), F_, BLOCK=SILU_BLOCK, ROWS=ROWS)
     return out.view(*shape[:-1], F_)
 
 
@@ -206,65 +225,66 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def norm(X, Y, H, W, OUT, N, sx, sy, sh, so, eps,
-             RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
+    def norm(X, Y, H, W, OUT, S, N, sx, sy, sh, so, eps,
+             RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+        row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+        cols = tl.arange(0, BLOCK)[None, :]
+        mask = (row < S) & (cols < N)
         x = tl.load(X + row * sx + cols, mask=mask, other=0.0)
         if RESIDUAL:  # h = x + y in the model dtype, as torch rounds it; normed from there
             y = tl.load(Y + row * sy + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) + y.to(tl.float32)).to(X.dtype.element_ty)
             tl.store(H + row * sh + cols, x, mask=mask)
         xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
-        normed = (xf * rstd).to(X.dtype.element_ty)
-        w = tl.load(W + cols, mask=mask, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / N + eps)
+        normed = (xf * rstd[:, None]).to(X.dtype.element_ty)
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
         out = w.to(tl.float32) * normed.to(tl.float32)
         tl.store(OUT + row * so + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def rope(QK, COS, SIN, OUT, K, V, POS, H, Hq, sh, ss, sc, so_h, so_s, sk_h, sk_t, sv_h,
+    def rope(QK, COS, SIN, OUT, K, V, POS, S, H, Hq, sh, ss, sc, so_h, so_s, sk_h, sk_t, sv_h,
              sv_t, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-             STORE: tl.constexpr):  # fmt: skip
-        s = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < HALF
-        mask = (h < H)[:, None] & dmask[None, :]
-        src = QK + h[:, None].to(tl.int64) * sh + s * ss + d[None, :]
+             ROWS: tl.constexpr, STORE: tl.constexpr):  # fmt: skip
+        # [positions, heads, half a head's dims]
+        s = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None, None]
+        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+        d = tl.arange(0, BLOCK_D)[None, None, :]
+        smask = (s < S) & (d < HALF)
+        mask = smask & (h < H)
+        src = QK + h.to(tl.int64) * sh + s * ss + d
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        c1 = tl.load(COS + s * sc + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(COS + s * sc + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(SIN + s * sc + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(SIN + s * sc + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        c1 = tl.load(COS + s * sc + d, mask=smask, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + s * sc + HALF + d, mask=smask, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + s * sc + d, mask=smask, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + s * sc + HALF + d, mask=smask, other=0.0).to(tl.float32)
         dt = OUT.dtype.element_ty
         # qk * cos and rotate_half(qk) * sin each rounded to the model dtype, then summed
         o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
         o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        hq = h[:, None].to(tl.int64)
-        dst = OUT + hq * so_h + s * so_s + d[None, :]
+        hq = h.to(tl.int64)
+        dst = OUT + hq * so_h + s * so_s + d
         tl.store(dst, o1.to(dt), mask=mask & (hq < Hq))
         tl.store(dst + HALF, o2.to(dt), mask=mask & (hq < Hq))
         if STORE:  # heads Hq.. are k (rotated) and v (as they are), rows of K, V at pos[s]
-            t = tl.load(POS + s)
+            t = tl.load(POS + s, mask=s < S, other=0)
             Hkv = (H - Hq) // 2
             kh = hq - Hq
             is_k = mask & (kh >= 0) & (kh < Hkv)
-            dst = K + kh * sk_h + t * sk_t + d[None, :]
+            dst = K + kh * sk_h + t * sk_t + d
             tl.store(dst, o1.to(dt), mask=is_k)
             tl.store(dst + HALF, o2.to(dt), mask=is_k)
             is_v = mask & (kh >= Hkv)
-            dst = V + (kh - Hkv) * sv_h + t * sv_t + d[None, :]
+            dst = V + (kh - Hkv) * sv_h + t * sv_t + d
             tl.store(dst, x1.to(dt), mask=is_v)
             tl.store(dst + HALF, x2.to(dt), mask=is_v)
 
     @triton.jit
-    def silu_mul(GU, OUT, F, sg, so, BLOCK: tl.constexpr):
-        s = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = j < F
+    def silu_mul(GU, OUT, S, F, sg, so, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        s = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+        j = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+        mask = (s < S) & (j < F)
         g = tl.load(GU + s * sg + j, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + s * sg + F + j, mask=mask, other=0.0).to(tl.float32)
         dt = OUT.dtype.element_ty
