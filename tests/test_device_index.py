@@ -383,8 +383,22 @@ def test_syncs_between_changes_copy_only_the_end_and_equal_a_full_sync():
     assert incremental.count(None) == 5 and {1800, 2200} <= set(incremental)  # (not 700)
 
 
-@pytest.mark.parametrize("B,m,nc,D", [(2, 300, 100, 64), (3, 64, 64, 128), (1, 70, 5, 16)])
-def test_nearest_centroid_kernel_picks_the_best_centroid(B, m, nc, D):
+@pytest.fixture(params=["as on a GPU", "as interpreted"])
+def kmeans_blocks(request, monkeypatch):
+    """The assignment kernel's blocks: the GPU's (many programs of a few points, a few
+    centroids a time), and the interpreter's (larger)."""
+    from offload.kernels import kmeans
+
+    if request.param == "as on a GPU":
+        monkeypatch.setattr(kmeans, "INTERPRETED_BLOCK_M", kmeans.BLOCK_M)
+        monkeypatch.setattr(kmeans, "INTERPRETED_BLOCK_N", kmeans.BLOCK_N)
+    return kmeans.blocks()
+
+
+@pytest.mark.parametrize(
+    "B,m,nc,D", [(2, 300, 100, 64), (3, 64, 64, 128), (1, 70, 5, 16), (1, 1200, 300, 16)]
+)
+def test_nearest_centroid_kernel_picks_the_best_centroid(B, m, nc, D, kmeans_blocks):
     """The k-means' assignment without its scores in memory (offload/kernels/kmeans.py):
     each point's centroid of largest dot product, as the torch one picks it. In float32
     (Triton's interpreter) the same but where two centroids score within rounding; on a
@@ -407,12 +421,13 @@ def test_nearest_centroid_kernel_picks_the_best_centroid(B, m, nc, D):
     assert torch.equal(got[clear], want[clear])
 
 
-def test_nearest_centroid_kernel_takes_the_first_of_equal_centroids():
+def test_nearest_centroid_kernel_takes_the_first_of_equal_centroids(kmeans_blocks):
     """Small integer vectors: every dot product exact (TF32 too), many ties, always
     broken toward the lower centroid, within a block of centroids and across blocks."""
-    from offload.kernels.kmeans import BLOCK_N, nearest
+    from offload.kernels.kmeans import nearest
     from retrieval.cluster import nearest_centroids
 
+    BLOCK_N = kmeans_blocks[1]
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-1, 2, (2, 200, 16), generator=g).float().to(DEVICE)
     c = torch.randint(-1, 2, (2, BLOCK_N + 6, 16), generator=g).float()

@@ -24,8 +24,19 @@ from types import SimpleNamespace
 
 import torch
 
+from offload.kernels import interpreted
+
 BLOCK_M = 64  # points per program
 BLOCK_N = 64  # centroids scored at a time
+# (Triton's interpreter runs the programs one after another, each operation of each
+# iteration a numpy call: there a program takes more points, and more centroids a time.)
+INTERPRETED_BLOCK_M = 512
+INTERPRETED_BLOCK_N = 256
+
+
+def blocks() -> tuple[int, int]:
+    """(points per program, centroids a time) where the kernel runs."""
+    return (INTERPRETED_BLOCK_M, INTERPRETED_BLOCK_N) if interpreted() else (BLOCK_M, BLOCK_N)
 
 
 def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -38,8 +49,9 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     nc = c.shape[1]
     assert x.dtype == c.dtype == torch.float32 and x.is_contiguous() and c.is_contiguous()
     out = torch.empty(B, m, dtype=torch.int64, device=x.device)
-    _kernels().nearest[(triton.cdiv(m, BLOCK_M), B)](
-        x, c, out, m, nc, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2
+    block_m, block_n = blocks()
+    _kernels().nearest[(triton.cdiv(m, block_m), B)](
+        x, c, out, m, nc, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2
     )
     return out
 
