@@ -20,17 +20,23 @@ from tests.conftest import DEVICE, cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "H,G,D,N,length",
-    [(3, 3, 64, 300, 257), (2, 4, 128, 1000, 1), (1, 1, 16, 64, 64), (2, 2, 32, 9000, 8193)],
+    [
+        (3, 3, 64, 300, 257),
+        (2, 4, 128, 1000, 1),
+        (1, 1, 16, 64, 64),
+        (2, 2, 32, 9000, 8193),
+        (2, 24, 32, 200, 150),
+    ],
 )
 @pytest.mark.parametrize("splits", ["as on a GPU", "as interpreted"])
 def test_decode_attention_kernel_matches_reference(dtype, H, G, D, N, length, splits, monkeypatch):
-    """(With the GPU's splits, many of a few rows, most past the length, and with the
-    interpreter's few of many rows.)"""
+    """(With the GPU's splits, many of a few rows, most past the length, merged a query
+    row a program, and with the interpreter's few of many rows, merged a head a program.)"""
     if splits == "as on a GPU":
-        monkeypatch.setattr(attention_kernels, "INTERPRETED_BLOCK_N", attention_kernels.BLOCK_N)
-        monkeypatch.setattr(
-            attention_kernels, "INTERPRETED_MAX_SPLITS", attention_kernels.MAX_SPLITS
-        )
+        for name in ("BLOCK_N", "MAX_SPLITS", "COMBINE_ROWS"):
+            monkeypatch.setattr(
+                attention_kernels, "INTERPRETED_" + name, getattr(attention_kernels, name)
+            )
     gen = torch.Generator().manual_seed(N)
     q, k, v = (torch.randn(H, n, D, generator=gen).to(DEVICE, dtype) for n in (G, N, N))
     k[:, length:] = 1e4  # rows past the length must not count, whatever they hold

@@ -40,15 +40,18 @@ MAX_SPLITS = 128  # partial results merged per (head, query)
 # Triton's interpreter (the CPU tests) runs the programs one after another, each with
 # its set-up (a split past the length too), and each operation of each iteration as a
 # numpy call: there a buffer is cut into a few splits, read in larger blocks.
+# (and the merge takes a head's query rows in one program)
 INTERPRETED_MAX_SPLITS = 4
 INTERPRETED_BLOCK_N = 256
+COMBINE_ROWS = 1  # query rows per merging program
+INTERPRETED_COMBINE_ROWS = 16
 
 
-def _setting() -> tuple[int, int]:
-    """(rows per inner iteration, most splits) where the kernel runs."""
+def _setting() -> tuple[int, int, int]:
+    """(rows per inner iteration, most splits, query rows a merge) where the kernel runs."""
     if interpreted():
-        return INTERPRETED_BLOCK_N, INTERPRETED_MAX_SPLITS
-    return BLOCK_N, MAX_SPLITS
+        return INTERPRETED_BLOCK_N, INTERPRETED_MAX_SPLITS, INTERPRETED_COMBINE_ROWS
+    return BLOCK_N, MAX_SPLITS, COMBINE_ROWS
 
 
 # Shared memory of the split kernel beside its pipelined K and V tiles (an upper bound
@@ -92,7 +95,7 @@ def _valid(N: int, length, device) -> torch.Tensor:
 def split_rows(N: int) -> int:
     """Rows per split for a buffer of N rows: a multiple of BLOCK_N, at most MAX_SPLITS
     splits (the INTERPRETED_ settings in the interpreter)."""
-    block, most = _setting()
+    block, most, _ = _setting()
     return block * max(1, math.ceil(math.ceil(N / block) / most))
 
 
@@ -170,9 +173,10 @@ def decode_attention(
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
     out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)
-    _kernels().combine[(H, G)](
-        m, s, acc, out, num_splits, out.stride(0), out.stride(1),
-        GP=GP, D=D, SP=triton.next_power_of_2(num_splits),
+    rows = min(_setting()[2], triton.next_power_of_2(G))  # (<= GP: rows the splits wrote)
+    _kernels().combine[(H, triton.cdiv(G, rows))](
+        m, s, acc, out, num_splits, G, out.stride(0), out.stride(1),
+        GP=GP, D=D, SP=triton.next_power_of_2(num_splits), ROWS=rows,
     )  # fmt: skip
     return out
 
@@ -242,21 +246,23 @@ def _kernels() -> SimpleNamespace:
         tl.store(ACC + row[:, None] * D + d[None, :], acc)
 
     @triton.jit
-    def combine(M, S, ACC, OUT, num_splits, so_h, so_g,
-                GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):  # fmt: skip
-        # One (KV head, query row): the splits' partial sums weighted by exp(m - max m);
-        # a split with no rows has m = -inf, weight 0.
+    def combine(M, S, ACC, OUT, num_splits, G, so_h, so_g,
+                GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+        # ROWS query rows of a KV head: the splits' partial sums weighted by
+        # exp(m - max m); a split with no rows has m = -inf, weight 0. (Rows from G to
+        # GP were written by the splits too: read, not stored.)
         h = tl.program_id(0)
-        g = tl.program_id(1)
-        sp = tl.arange(0, SP)
-        ok = sp < num_splits
-        row = (h * GP + g) * num_splits + sp
+        g = (tl.program_id(1) * ROWS + tl.arange(0, ROWS))[:, None]  # [ROWS, 1]
+        sp = tl.arange(0, SP)[None, :]  # [1, SP]
+        ok = (sp < num_splits) & (g < GP)
+        row = (h * GP + g) * num_splits + sp  # [ROWS, SP]
         m = tl.load(M + row, mask=ok, other=float("-inf"))
         s = tl.load(S + row, mask=ok, other=0.0)
-        w = tl.exp(m - tl.max(m, 0))
-        d = tl.arange(0, D)
-        acc = tl.load(ACC + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(s * w, 0)
-        tl.store(OUT + h * so_h + g * so_g + d, out.to(OUT.dtype.element_ty))
+        w = tl.exp(m - tl.max(m, 1)[:, None])
+        d = tl.arange(0, D)[None, None, :]
+        acc = tl.load(ACC + row[:, :, None] * D + d, mask=ok[:, :, None], other=0.0)
+        out = tl.sum(acc * w[:, :, None], 1) / tl.sum(s * w, 1)[:, None]  # [ROWS, D]
+        dst = OUT + h * so_h + g * so_g + tl.arange(0, D)[None, :]
+        tl.store(dst, out.to(OUT.dtype.element_ty), mask=g < G)
 
     return SimpleNamespace(split=split, combine=combine)
