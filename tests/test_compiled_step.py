@@ -64,7 +64,8 @@ def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_f
     for cache, compile in ((plain, False), (compiled, True)):
         cache.mirror_dense_layers(DEVICE)
         cache.use_step(rt.model, _backend(compile), hit_factor)
-    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:150]
+    # (72 tokens: the index's buffers, made for 1.25 x the prompt, grow some 20 steps on)
+    ids = rt.tokenizer.encode("seven quiet stones over the river " * 10)[:72]
     logits = []
     for c in (plain, compiled):
         logits.append(prefill(rt.model, c, ids, 64))
@@ -75,8 +76,8 @@ def test_compiled_tiered_step_equals_the_step_and_compiles_once(tiny_dirs, hit_f
     # one for both sparse blocks (a reusing step's: another), unless compiled before
     assert compiles - before <= 1 + (reuse == "on")
     capacity = compiled.step.plan.indexes[1].token_capacity
-    more = [_greedy(c, rt.model, c.decode(rt.model, 3), 56) for c in (plain, compiled)]
-    assert tokens[0] == tokens[1] and more[0] == more[1] and compiled.step.plan.steps == 61
+    more = [_greedy(c, rt.model, c.decode(rt.model, 3), 26) for c in (plain, compiled)]
+    assert tokens[0] == tokens[1] and more[0] == more[1] and compiled.step.plan.steps == 31
     assert compiled.step.plan.indexes[1].token_capacity > capacity  # buffers grew
     assert _graphs_compiled() == compiles  # ... and nothing was compiled again
 

@@ -287,8 +287,9 @@ def test_default_config_on_cuda_keeps_the_embedded_models_kv_on_the_device():
     rt = Runtime.from_pretrained("smollm2")
     cache = rt._state.cache
     assert cache.store is None and cache.step is not None
-    text = rt.generate("Count to five.", max_new_tokens=12)
-    assert text and text == rt.generate("Count to five.", max_new_tokens=12)
+    # (6 tokens: emulated, every launch of the 30 layers runs in Triton's interpreter)
+    text = rt.generate("Count to five.", max_new_tokens=6)
+    assert text and text == rt.generate("Count to five.", max_new_tokens=6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
