@@ -292,11 +292,17 @@ def test_default_config_on_cuda_keeps_the_embedded_models_kv_on_the_device():
     assert text and text == rt.generate("Count to five.", max_new_tokens=6)
 
 
+@pytest.mark.parametrize("block", ["as on a GPU", "as interpreted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gather_kernel_matches_reference(dtype):
+def test_gather_kernel_matches_reference(dtype, block, monkeypatch):
     """Selected tokens through a shuffled slot table (chunks out of order, as after a
-    spill and reload), K and V in one launch."""
+    spill and reload), K and V in one launch (in programs of the GPU's 32 ids, or the
+    interpreter's more)."""
+    from offload.kernels import gather
     from offload.kernels.gather import gather_kv, gather_kv_ref
+
+    if block == "as on a GPU":
+        monkeypatch.setattr(gather, "INTERPRETED_BLOCK_K", gather.BLOCK_K)
 
     gen = torch.Generator().manual_seed(0)
     H, slots, C, D, k = 3, 40, 16, 64, 77

@@ -22,10 +22,11 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import supports_head_dim
+from offload.kernels import interpreted, supports_head_dim
 from storage.host import device_view  # noqa: F401  (the view the kernels read through)
 
 BLOCK_K = 32  # token rows per program
+INTERPRETED_BLOCK_K = 512  # (in Triton's interpreter, which runs the programs in turn)
 GATHER_WARPS = 4
 
 
@@ -78,11 +79,12 @@ def _launch(slab, slot_table, ids, out, rows, dst) -> None:
         rows = rows.view(torch.uint8)
     else:  # (unused pointers: any tensor)
         rows = dst = ids
-    _kernels().gather[(H, triton.cdiv(k, BLOCK_K))](
+    block = INTERPRETED_BLOCK_K if interpreted() else BLOCK_K
+    _kernels().gather[(H, triton.cdiv(k, block))](
         slab, slot_table, ids, out, rows, dst, k,
         slab.stride(0), slab.stride(1), slab.stride(2), slab.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        C=C, D=D, BLOCK=BLOCK_K, SCATTER=scatter, num_warps=GATHER_WARPS,
+        C=C, D=D, BLOCK=block, SCATTER=scatter, num_warps=GATHER_WARPS,
     )  # fmt: skip
 
 
