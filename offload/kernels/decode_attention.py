@@ -37,13 +37,13 @@ from offload.kernels import interpreted, supports_head_dim
 
 BLOCK_N = 64  # rows per inner iteration
 MAX_SPLITS = 128  # partial results merged per (head, query)
+COMBINE_ROWS = 1  # query rows per merging program
 # Triton's interpreter (the CPU tests) runs the programs one after another, each with
 # its set-up (a split past the length too), and each operation of each iteration as a
-# numpy call: there a buffer is cut into a few splits, read in larger blocks.
-# (and the merge takes a head's query rows in one program)
+# numpy call: there a buffer is cut into a few splits, read in larger blocks, and the
+# merge takes a head's query rows in one program. The same results.
 INTERPRETED_MAX_SPLITS = 4
 INTERPRETED_BLOCK_N = 256
-COMBINE_ROWS = 1  # query rows per merging program
 INTERPRETED_COMBINE_ROWS = 16
 
 

@@ -50,6 +50,7 @@ INTERPRETED_ROWS = 64
 
 
 def _rows_per_program(rows: int) -> int:
+    """Rows a program takes of a launch over `rows` (a power of two)."""
     if not interpreted():
         return ROWS
     import triton
