@@ -155,6 +155,7 @@ def decode_attention(
         assert idx2 is None or idx2.shape == (H, N2) and idx2.stride(1) == 1, idx2.shape
     else:  # (placeholders: no split reads them)
         k2, v2, length2 = k, v, length
+    block_n, _, combine_rows = _setting()
     split = split_rows(N + N2)
     splits1 = math.ceil(N / split)
     num_splits = splits1 + math.ceil(N2 / split)
@@ -168,12 +169,12 @@ def decode_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1),
         0 if idx2 is None else idx2.stride(0), D**-0.5, G, split, splits1,
-        GP=GP, D=D, BLOCK_N=_setting()[0], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GP=GP, D=D, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_IDX=idx2 is not None, SKIP=skip, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
     out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)
-    rows = min(_setting()[2], triton.next_power_of_2(G))  # (<= GP: rows the splits wrote)
+    rows = min(combine_rows, triton.next_power_of_2(G))  # (<= GP: rows the splits wrote)
     _kernels().combine[(H, triton.cdiv(G, rows))](
         m, s, acc, out, num_splits, G, out.stride(0), out.stride(1),
         GP=GP, D=D, SP=triton.next_power_of_2(num_splits), ROWS=rows,
