@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,8 +149,11 @@ def load_state(
             rt.cores = model.cores
         else:
             # The user names the model (the default one otherwise): a session never chooses
-            # which file is opened; its fingerprint must match what is loaded.
-            rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=cfg)
+            # which file is opened; its fingerprint must match what is loaded. It does say
+            # how the file's linears run where the config leaves that to `auto`.
+            ran = _in_the_sessions_form(cfg, session)
+            rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=ran)
+            _say_the_form(rt, cfg, ran)
         _check_compatible(rt, session)
         # (the first request's own part alone is then encoded: `Prompts.ahead`)
         rt.prompts.ahead(m.get("document"), m.get("messages"))
@@ -304,6 +308,7 @@ def _check_compatible(rt: Runtime, session) -> None:
     base, _, form = m["model"]["fingerprint"].partition("+")
     ours, _, our_form = rt.loaded.fingerprint.partition("+")
     if base == ours and form != our_form:  # (packed weights give slightly different KV)
+        _check_form_runs_here(session, form, rt.device)
         raise SessionError(
             f"{where}: the session was made with the model's linears {form or 'dense'}; "
             f"this runtime runs them {our_form or 'dense'}: set model.weights = "
@@ -325,6 +330,47 @@ def _check_compatible(rt: Runtime, session) -> None:
     if any(t >= vocab for t in m["token_ids"]):
         raise SessionError(f"{where}: token ids outside the model's vocabulary of {vocab}")
     _check_layout(session, rt.layout)
+
+
+def _in_the_sessions_form(cfg: RuntimeConfig, session) -> RuntimeConfig:
+    """The config to load the model with for `session`: where `model.weights` is "auto",
+    the linears run in the form that made the session's KV (its fingerprint's; packed
+    weights give slightly different KV). `auto` alone decides by the device: a session
+    made on a CPU from a Q4 GGUF (int4) would be refused on CUDA, where `auto` keeps
+    weights dense that fit, and one made there (dense) on a CPU."""
+    if cfg.model.weights != "auto":
+        return cfg
+    from offload.backend import pick_device
+
+    form = session.manifest["model"]["fingerprint"].partition("+")[2] or "dense"
+    _check_form_runs_here(session, form, pick_device(cfg.model.device))
+    return cfg.replace(weights=form)
+
+
+def _check_form_runs_here(session, form: str, device: torch.device) -> None:
+    if form == "int8" and device.type != "cpu":
+        raise SessionError(
+            f"{session.version_dir / 'manifest.json'}: the session was made with the "
+            f"model's linears int8, which run on a CPU only (torch's kernels), not on "
+            f"{device.type}: load it on a CPU (--set device=cpu)"
+        )
+
+
+def _say_the_form(rt: Runtime, asked: RuntimeConfig, ran: RuntimeConfig) -> None:
+    """A note where the session's form is not what `auto` alone runs on this device."""
+    from offload.weight_forms import auto_form
+
+    form = ran.model.weights
+    if asked.model.weights == form:
+        return
+    alone = auto_form(rt.loaded.model, rt.device)
+    if alone != form:
+        warnings.warn(
+            f"model.weights = 'auto': the session's KV was made with the model's linears "
+            f"{form}, so they run {form} here ('auto' runs them {alone} on "
+            f"{rt.device.type} otherwise)",
+            stacklevel=1,
+        )
 
 
 def _check_layout(session, ours: KVLayout) -> None:

@@ -58,6 +58,15 @@ def resolve_weights(
     return mode
 
 
+def auto_form(model, device: torch.device) -> str:
+    """The form `auto` runs `model` (loaded on `device`, in any form) in there."""
+    if device.type == "cpu":
+        return resolve_weights("auto", getattr(model, "source_quant", None), device)
+    a, size = model.args, model.dtype.itemsize
+    free = device_free_bytes(device) + weight_bytes(a, size, model.weights)  # (before it)
+    return "dense" if dense_fits(weight_bytes(a, size, "dense"), free) else "int4"
+
+
 def device_free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0]
 

@@ -10,7 +10,7 @@ import torch
 from offload import OffloadError, Runtime
 from storage.disk import StorageError
 from storage.session import SessionError, SessionLock, SessionLockedError, open_session
-from tests.conftest import filler_text, rewrite_manifest
+from tests.conftest import filler_text, on_cuda, rewrite_manifest, write_gguf
 from tests.test_sessions import doc_runtime, flip_byte, saved, tiny  # noqa: F401 (fixtures)
 
 
@@ -60,6 +60,47 @@ def test_another_model_or_layout_is_refused(tiny, tiny_dirs, saved):
         Runtime.load_session(saved.path, model=packed)
     with pytest.raises(SessionError, match="chunk_size 16 \\(now 32\\)"):
         Runtime.load_session(saved.path, model=tiny, chunk_size=32, window=32)
+
+
+def test_a_session_loads_with_the_linears_that_made_its_kv(tmp_path):
+    """`model.weights = "auto"` decides by the device (a Q4 GGUF's linears at int4 on a
+    CPU, dense on CUDA where they fit), and a session's KV follows the form that made it:
+    loading a session, `auto` runs the session's form, with a note where this device
+    alone would run another, so that a session made on one device loads on the other. A
+    form the config names is kept (and a session of another refused, as before); int8
+    runs on a CPU only, and a GPU refuses its session before the model loads."""
+    src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant="Q4_1")
+    text, question = filler_text(40, seed=2), "seven stones"
+    kw = dict(dtype="float32", sink=4, window=16)
+    made = Runtime.from_pretrained(src, device="cpu", weights="dense", **kw)  # (as CUDA)
+    made.load_document(text)
+    want = made.ask(question, max_new_tokens=6)
+    made.save_session(tmp_path / "dense")
+    with pytest.warns(UserWarning, match="made with the model's linears dense, so they run "
+                      "dense here \\('auto' runs them int4 on cpu otherwise"):  # fmt: skip
+        rt = Runtime.load_session(tmp_path / "dense", model=src, weights="auto")
+    assert rt.loaded.model.weights == "dense" and rt.ask(question, max_new_tokens=6) == want
+    with pytest.raises(SessionError, match="linears dense; this runtime runs them int4"):
+        Runtime.load_session(tmp_path / "dense", model=src, weights="int4")
+
+    cpu = Runtime.from_pretrained(src, device="cpu", **kw)  # (auto: int4)
+    cpu.load_document(text)
+    want = cpu.ask(question, max_new_tokens=6)
+    cpu.save_session(tmp_path / "int4")
+    with on_cuda():
+        with pytest.warns(UserWarning, match="linears int4, so they run int4 here \\('auto' "
+                          "runs them dense on cuda otherwise"):  # fmt: skip
+            gpu = Runtime.load_session(tmp_path / "int4", model=src, device="cuda")
+        assert gpu.device.type == "cuda" and gpu.loaded.model.weights == "int4"
+        assert gpu.ask(question, max_new_tokens=6) == want
+
+    q8 = write_gguf(tmp_path / "q8.gguf", dim=256, ff=512, quant="Q8_0")
+    cpu = Runtime.from_pretrained(q8, device="cpu", **kw)  # (auto: int8)
+    cpu.load_document(text)
+    cpu.save_session(tmp_path / "int8")
+    with on_cuda(), pytest.raises(SessionError, match="linears int8, which run on a CPU "
+                                  "only .*: load it on a CPU \\(--set device=cpu\\)"):  # fmt: skip
+        Runtime.load_session(tmp_path / "int8", model=q8, device="cuda")
 
 
 def test_a_config_the_session_cannot_take_is_refused_before_the_model_loads(
