@@ -23,7 +23,7 @@ from offload.model import Transformer
 from offload.model_args import ModelArgs
 from offload.quantize import Int4Packer, keep_dense, quantize_model
 from offload.tokenizer import Tokenizer
-from offload.weight_forms import DENSE_ROOM, resolve_weights, weight_bytes
+from offload.weight_forms import DENSE_ROOM, float32_chunks, resolve_weights, weight_bytes
 from storage import threads
 
 EMBEDDED = {
@@ -202,6 +202,7 @@ def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
 
 
 def _loaded(path: Path, model, tokenizer) -> LoadedModel:
+    float32_chunks(model)  # (dense bf16 linears on a CPU without fast bf16)
     keep_dense(model)  # (quantized linears on the CPU: prefill's dense weights kept)
     # Packed weights give (slightly) different KV, so sessions know which form made theirs.
     w = model.weights

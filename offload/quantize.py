@@ -388,11 +388,11 @@ class Int4Packer:
 
 @contextlib.contextmanager
 def dequantized_once(module: nn.Module, dtype: torch.dtype):
-    """Within: each int4 linear of `module` (a layer) multiplies prefill chunks of
-    `dtype` by one dequantized copy of its weight, made on entry, instead of one per
-    chunk. A layer-by-layer prefill runs a layer over all of a prompt's chunks
+    """Within: each quantized linear of `module` (a layer; and a dense bf16 one on a CPU
+    without fast bf16, `Bf16Linear`) multiplies prefill chunks of `dtype` by one
+    dequantized copy of its weight, made on entry, instead of one per chunk. A layer-by-layer prefill runs a layer over all of a prompt's chunks
     (offload/generate.py); the copy costs one layer's dense weights while it runs."""
-    linears = [m for m in module.modules() if isinstance(m, Int4Linear)]
+    linears = [m for m in module.modules() if isinstance(m, DequantizedWeight)]
     try:
         for m in linears:
             m.held = m.dequantized(dtype)
@@ -411,7 +411,7 @@ def keep_dense(model: nn.Module, budget: int = KEPT_DENSE_BYTES) -> None:
     dtype = chunk_dtype(torch.empty(0, dtype=model.dtype))
     used = 0
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, DequantizedWeight):
             used += m.out_features * m.in_features * dtype.itemsize
             m.keep = used <= budget
 
