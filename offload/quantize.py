@@ -42,6 +42,13 @@ INT4_GROUP = 32  # inputs per scale/zero: the block size of llama.cpp's Q4_0/Q4_
 # 64; int8 0.77 / 1.17 at 16, 1.15 / 1.19 at 24 (docs/performance.md).
 INT4_MAX_ROWS = 48
 INT8_MAX_ROWS = 16
+# torch's packed CPU kernels are fast for bf16 rows only: a float32 row of SmolLM2's
+# gate/up took 1.9 ms at int4 and 1.3 at int8 against 0.18 for a float32 matmul by the
+# dequantized weight, and 38 rows 70 / 38 / 1.5 ms (`dtype = "float32"` decoded the
+# embedded model at 6 tokens/s). Float32 rows multiply the dequantized weight instead:
+# at int8 always (dequantizing costs 0.4 ms), at int4 where it is kept (`keep_dense`,
+# decided when the model loads) or for more than this many rows (3.6 ms to dequantize).
+FLOAT32_INT4_ROWS = 2
 # (Where the dequantized weight is kept, `KEPT_DENSE_BYTES`, a dense matmul would beat
 # the kernels from 16 rows at int4 and 8 at int8 here. Not taken: how a prompt is
 # multiplied would then depend on whether an earlier one had made the copy, and a
@@ -120,7 +127,7 @@ class Int8Linear(DequantizedWeight, nn.Module):
         return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > INT8_MAX_ROWS:
+        if x.shape[0] > INT8_MAX_ROWS or x.dtype == torch.float32:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
         return y if self.bias is None else y + self.bias
@@ -284,7 +291,7 @@ class Int4Linear(DequantizedWeight, nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and x.shape[0] <= INT4_MAX_ROWS:
+        if self.cpu_kernel and x.shape[0] <= INT4_MAX_ROWS and not self._float32_rows(x):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, self.group, self.scales_zeros
             )
@@ -295,6 +302,11 @@ class Int4Linear(DequantizedWeight, nn.Module):
         else:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         return y if self.bias is None else y + self.bias
+
+    def _float32_rows(self, x: torch.Tensor) -> bool:
+        """Does the CPU multiply `x` by the dequantized weight, not the packed kernel,
+        for its float32 rows (`FLOAT32_INT4_ROWS`)?"""
+        return x.dtype == torch.float32 and (self.keep or x.shape[0] > FLOAT32_INT4_ROWS)
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):

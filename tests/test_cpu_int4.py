@@ -223,10 +223,12 @@ def test_prefill_keeps_the_dequantized_weights_within_a_budget(tmp_path, monkeyp
     """A prompt of more than `INT4_MAX_ROWS` tokens multiplies the dequantized weights;
     on the CPU they are kept (made by the first such prompt, in layer order within
     `KEPT_DENSE_BYTES`), so later ones do not dequantize them again: the same logits,
-    bit for bit, as a runtime that keeps none; shorter prompts make none."""
+    bit for bit, as a runtime that keeps none; shorter prompts make none (bf16: float32
+    rows always take the dequantized weights, below)."""
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant="Q4_1")
-    rt = Runtime.from_pretrained(src, dtype="float32", device="cpu")
+    rt = Runtime.from_pretrained(src, dtype="bfloat16", device="cpu")
+    size = quantize.chunk_dtype(torch.empty(0, dtype=torch.bfloat16)).itemsize
     linears = [*_int4_linears(rt.loaded.model).values(), rt.loaded.model.output]
     assert all(m.keep and m.kept is None for m in linears)  # (all within the budget)
     made, real = [], quantize.Int4Linear._dequantize
@@ -243,6 +245,6 @@ def test_prefill_keeps_the_dequantized_weights_within_a_budget(tmp_path, monkeyp
         m.kept = None
     assert torch.equal(rt.logits(ids), first) and len(made) == 8
     assert all(m.kept is None for m in linears)
-    first_two = sum(m.out_features * m.in_features * 4 for m in linears[:2])
+    first_two = sum(m.out_features * m.in_features * size for m in linears[:2])
     quantize.keep_dense(rt.loaded.model, budget=first_two)
     assert [m.keep for m in linears] == [True, True, False, False, False]

@@ -110,6 +110,37 @@ def test_packed_linear_prefill_rows_match_the_decode_kernel(kind):
         torch.testing.assert_close(packed.dequantized(torch.float32), w, atol=0.02, rtol=0.02)
 
 
+def test_float32_rows_multiply_the_dequantized_weight_on_the_cpu(monkeypatch):
+    """torch's packed CPU kernels are fast for bf16 rows only (a float32 row took 10x a
+    float32 matmul): float32 rows multiply the dequantized weight, at int8 always, at
+    int4 where it is kept or for more than `FLOAT32_INT4_ROWS` rows; bf16 rows (and
+    a float32 row of an int4 weight not kept: dequantizing costs more) the kernel."""
+    from offload.quantize import FLOAT32_INT4_ROWS, DequantizedWeight, Int4Linear, Int8Linear
+
+    calls = []
+    real = DequantizedWeight.dequantized
+    monkeypatch.setattr(DequantizedWeight, "dequantized",
+                        lambda self, dt: calls.append(dt) or real(self, dt))  # fmt: skip
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    bf16 = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    for packed, keep, rows, dense in (
+        (Int8Linear(linear), False, 1, True),
+        (Int4Linear(linear), True, 1, True),
+        (Int4Linear(linear), False, FLOAT32_INT4_ROWS + 1, True),
+        (Int4Linear(linear), False, FLOAT32_INT4_ROWS, False),
+        (Int4Linear(bf16), True, 1, False),
+    ):
+        packed.keep = keep
+        x = torch.randn(rows, 64).to(packed.bias.dtype)
+        calls.clear()
+        got = packed(x)
+        assert bool(calls) == dense, (type(packed).__name__, keep, rows, x.dtype)
+        if dense:
+            w = packed.dequantized(torch.float32)
+            assert torch.equal(got, torch.nn.functional.linear(x, w, linear.bias))
+
+
 @pytest.mark.parametrize("slow", [True, False])
 def test_prefill_chunks_compute_in_float32_where_bf16_matmuls_are_slow(monkeypatch, slow):
     """On a CPU without fast bf16 matmuls a bf16 prefill chunk is multiplied and attended
