@@ -45,10 +45,11 @@ INT8_MAX_ROWS = 16
 # torch's packed CPU kernels are fast for bf16 rows only: a float32 row of SmolLM2's
 # gate/up took 1.9 ms at int4 and 1.3 at int8 against 0.18 for a float32 matmul by the
 # dequantized weight, and 38 rows 70 / 38 / 1.5 ms (`dtype = "float32"` decoded the
-# embedded model at 6 tokens/s). Float32 rows multiply the dequantized weight instead:
-# at int8 always (dequantizing costs 0.4 ms), at int4 where it is kept (`keep_dense`,
-# decided when the model loads) or for more than this many rows (3.6 ms to dequantize).
-FLOAT32_INT4_ROWS = 2
+# embedded model at 6 tokens/s; float16 alike). Other rows multiply the dequantized
+# weight instead: at int8 always (dequantizing costs 0.4 ms), at int4 where it is kept
+# (`keep_dense`, decided when the model loads) or for more than this many rows (3.6 ms
+# to dequantize).
+NOT_BF16_INT4_ROWS = 2
 # (Where the dequantized weight is kept, `KEPT_DENSE_BYTES`, a dense matmul would beat
 # the kernels from 16 rows at int4 and 8 at int8 here. Not taken: how a prompt is
 # multiplied would then depend on whether an earlier one had made the copy, and a
@@ -72,10 +73,22 @@ def slow_bf16_matmul() -> bool:
     return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@functools.cache
+def slow_fp16_matmul() -> bool:
+    """`slow_bf16_matmul` for float16 (AVX2 alike: a 512-row GEMM 6x float32's time)."""
+    return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
 def chunk_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a prefill chunk `x` is multiplied and attended in: float32 for bf16 on a
-    CPU without fast bf16 matmuls (the KV and the results stay bf16), else its own."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and slow_bf16_matmul():
+    """The dtype a prefill chunk `x` is multiplied and attended in: float32 for bf16 (or
+    float16) on a CPU without fast matmuls in it (the KV and the results stay in x's
+    dtype), else its own."""
+    if x.device.type == "cpu" and (
+        x.dtype == torch.bfloat16
+        and slow_bf16_matmul()
+        or x.dtype == torch.float16
+        and slow_fp16_matmul()
+    ):
         return torch.float32
     return x.dtype
 
@@ -127,7 +140,7 @@ class Int8Linear(DequantizedWeight, nn.Module):
         return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > INT8_MAX_ROWS or x.dtype == torch.float32:
+        if x.shape[0] > INT8_MAX_ROWS or x.dtype != torch.bfloat16:
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
         return y if self.bias is None else y + self.bias
@@ -291,7 +304,7 @@ class Int4Linear(DequantizedWeight, nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel and x.shape[0] <= INT4_MAX_ROWS and not self._float32_rows(x):
+        if self.cpu_kernel and x.shape[0] <= INT4_MAX_ROWS and not self._not_bf16_rows(x):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, self.group, self.scales_zeros
             )
@@ -303,10 +316,10 @@ class Int4Linear(DequantizedWeight, nn.Module):
             return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
         return y if self.bias is None else y + self.bias
 
-    def _float32_rows(self, x: torch.Tensor) -> bool:
+    def _not_bf16_rows(self, x: torch.Tensor) -> bool:
         """Does the CPU multiply `x` by the dequantized weight, not the packed kernel,
-        for its float32 rows (`FLOAT32_INT4_ROWS`)?"""
-        return x.dtype == torch.float32 and (self.keep or x.shape[0] > FLOAT32_INT4_ROWS)
+        since its rows are not bf16 (`NOT_BF16_INT4_ROWS`)?"""
+        return x.dtype != torch.bfloat16 and (self.keep or x.shape[0] > NOT_BF16_INT4_ROWS)
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -400,8 +413,8 @@ class Int4Packer:
 
 @contextlib.contextmanager
 def dequantized_once(module: nn.Module, dtype: torch.dtype):
-    """Within: each quantized linear of `module` (a layer; and a dense bf16 one on a CPU
-    without fast bf16, `Bf16Linear`) multiplies prefill chunks of `dtype` by one
+    """Within: each quantized linear of `module` (a layer; and a dense bf16 or float16
+    one on a CPU without fast matmuls in it, `HalfLinear`) multiplies prefill chunks of `dtype` by one
     dequantized copy of its weight, made on entry, instead of one per chunk. A layer-by-layer prefill runs a layer over all of a prompt's chunks
     (offload/generate.py); the copy costs one layer's dense weights while it runs."""
     linears = [m for m in module.modules() if isinstance(m, DequantizedWeight)]

@@ -15,24 +15,18 @@ from torch import nn
 
 from offload.config import WEIGHT_MODES
 from offload.errors import ConfigError
-from offload.quantize import (
-    INT4_BYTES,
-    DequantizedWeight,
-    chunk_dtype,
-    chunk_linear,
-    slow_bf16_matmul,
-)
+from offload.quantize import INT4_BYTES, DequantizedWeight, chunk_dtype, chunk_linear
 
 # On CUDA, what dense weights must leave free for `auto` to keep them dense: the
 # activations reserve (1 GiB, offload/plan.py) and 2 GiB of KV (sink, window, the dense
 # layers, the selection's index at a long context).
 DENSE_ROOM = 3 << 30
-# Rows a dense bf16 linear multiplies in bf16 on a CPU without fast bf16 matmuls; more
-# (a prefill chunk) in float32 (`Bf16Linear`). There, SmolLM2's gate/up projection
-# (576 -> 3072): 16 rows 3.3 ms in bf16, 2.0 converting the weight to float32 for the
-# call, 0.8 with it kept; 512 rows 118 / 16 / 14 ms; an 8B-shaped 4096 x 4096 crosses
-# at about 32 rows converting (25 / 42 ms at 16 rows, 75 / 43 at 48).
-BF16_MAX_ROWS = 16
+# Rows a dense bf16 (float16) linear multiplies in its dtype on a CPU without fast
+# matmuls in it; more (a prefill chunk) in float32 (`HalfLinear`). There, SmolLM2's
+# gate/up projection (576 -> 3072): 16 rows 3.3 ms in bf16, 2.0 converting the weight
+# to float32 for the call, 0.8 with it kept; 512 rows 118 / 16 / 14 ms; an 8B-shaped
+# 4096 x 4096 crosses at about 32 rows converting (25 / 42 ms at 16 rows, 75 / 43 at 48).
+HALF_MAX_ROWS = 16
 # GGUF types of 4 bits a weight or fewer, which `auto` runs at int4 on the CPU: Q4_0,
 # Q4_1 and Q4_K (Q4_K_M's) with their own codes (offload/gguf.py `int4_rows_of`), the
 # other K-quants and the i-quants rounded to Q4_1's form; dense bf16 would hold and
@@ -107,16 +101,17 @@ def linear_parameters(args) -> int:
     return args.num_layers * args.dim * (qkvo + 3 * args.hidden_dim)
 
 
-class Bf16Linear(DequantizedWeight, nn.Linear):
-    """A dense bf16 linear on a CPU without fast bf16 matmuls (`slow_bf16_matmul`: AVX2
-    without AVX-512), where torch emulates bf16 GEMMs: a prefill chunk's rows (more than
-    `BF16_MAX_ROWS`) multiply its weight in float32, converted for the call, or once a
+class HalfLinear(DequantizedWeight, nn.Linear):
+    """A dense bf16 (or float16) linear on a CPU without fast matmuls in it
+    (`chunk_dtype`: AVX2 without AVX-512), where torch emulates them: a prefill chunk's
+    rows (more than
+    `HALF_MAX_ROWS`) multiply its weight in float32, converted for the call, or once a
     layer, or kept (`keep_dense`), as the quantized linears' prefill does; a decode
-    step's multiply the bf16 weight. The embedded model at dense bf16 weights ingested
+    step's multiply the weight as it is. The embedded model at dense bf16 weights ingested
     2,607 tokens in 40 s, with its linears so in 9 s."""
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> Bf16Linear:
+    def of(cls, linear: nn.Linear) -> HalfLinear:
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features = linear.in_features, linear.out_features
@@ -127,18 +122,20 @@ class Bf16Linear(DequantizedWeight, nn.Linear):
         return self.weight.detach().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= BF16_MAX_ROWS * x.shape[-1]:
+        if x.numel() <= HALF_MAX_ROWS * x.shape[-1]:
             return nn.functional.linear(x, self.weight, self.bias)
         return chunk_linear(x, self.dequantized(chunk_dtype(x)), self.bias)
 
 
 def float32_chunks(model) -> None:
-    """On a CPU without fast bf16 matmuls, a bf16 model's dense linears (its block
-    linears at `weights = "dense"`, a dense output head) become `Bf16Linear`s."""
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not slow_bf16_matmul():
+    """On a CPU without fast bf16 (float16) matmuls, a bf16 (float16) model's dense
+    linears (its block linears at `weights = "dense"`, a dense output head) become
+    `HalfLinear`s."""
+    probe = torch.empty(0, dtype=model.dtype, device=model.device)
+    if model.dtype == torch.float32 or chunk_dtype(probe) != torch.float32:
         return
     parents = [m for block in model.layers for m in (block.attention, block.feed_forward)]
     for parent in (*parents, model):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, Bf16Linear.of(child))
+                setattr(parent, name, HalfLinear.of(child))

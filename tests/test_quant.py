@@ -110,12 +110,14 @@ def test_packed_linear_prefill_rows_match_the_decode_kernel(kind):
         torch.testing.assert_close(packed.dequantized(torch.float32), w, atol=0.02, rtol=0.02)
 
 
-def test_float32_rows_multiply_the_dequantized_weight_on_the_cpu(monkeypatch):
+def test_rows_not_bf16_multiply_the_dequantized_weight_on_the_cpu(monkeypatch):
     """torch's packed CPU kernels are fast for bf16 rows only (a float32 row took 10x a
-    float32 matmul): float32 rows multiply the dequantized weight, at int8 always, at
-    int4 where it is kept or for more than `FLOAT32_INT4_ROWS` rows; bf16 rows (and
-    a float32 row of an int4 weight not kept: dequantizing costs more) the kernel."""
-    from offload.quantize import FLOAT32_INT4_ROWS, DequantizedWeight, Int4Linear, Int8Linear
+    float32 matmul): float32 and float16 rows multiply the dequantized weight, at int8
+    always, at int4 where it is kept or for more than `NOT_BF16_INT4_ROWS` rows; bf16
+    rows (and a float32 row of an int4 weight not kept: dequantizing costs more) the
+    kernel."""
+    from offload import quantize
+    from offload.quantize import NOT_BF16_INT4_ROWS, DequantizedWeight, Int4Linear, Int8Linear
 
     calls = []
     real = DequantizedWeight.dequantized
@@ -124,11 +126,14 @@ def test_float32_rows_multiply_the_dequantized_weight_on_the_cpu(monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)
     bf16 = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    fp16 = torch.nn.Linear(64, 48, bias=True).to(torch.float16)
     for packed, keep, rows, dense in (
         (Int8Linear(linear), False, 1, True),
+        (Int8Linear(fp16), False, 1, True),
+        (Int4Linear(fp16), True, 1, True),
         (Int4Linear(linear), True, 1, True),
-        (Int4Linear(linear), False, FLOAT32_INT4_ROWS + 1, True),
-        (Int4Linear(linear), False, FLOAT32_INT4_ROWS, False),
+        (Int4Linear(linear), False, NOT_BF16_INT4_ROWS + 1, True),
+        (Int4Linear(linear), False, NOT_BF16_INT4_ROWS, False),
         (Int4Linear(bf16), True, 1, False),
     ):
         packed.keep = keep
@@ -136,9 +141,10 @@ def test_float32_rows_multiply_the_dequantized_weight_on_the_cpu(monkeypatch):
         calls.clear()
         got = packed(x)
         assert bool(calls) == dense, (type(packed).__name__, keep, rows, x.dtype)
-        if dense:
-            w = packed.dequantized(torch.float32)
-            assert torch.equal(got, torch.nn.functional.linear(x, w, linear.bias))
+        if dense:  # (in float32: where float16 matmuls are slow, as here, a prefill's way)
+            w = packed.dequantized(quantize.chunk_dtype(x))
+            want = quantize.chunk_linear(x, w, packed.bias)
+            assert got.dtype == x.dtype and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("slow", [True, False])
