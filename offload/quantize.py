@@ -83,11 +83,10 @@ def chunk_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a prefill chunk `x` is multiplied and attended in: float32 for bf16 (or
     float16) on a CPU without fast matmuls in it (the KV and the results stay in x's
     dtype), else its own."""
-    if x.device.type == "cpu" and (
-        x.dtype == torch.bfloat16
-        and slow_bf16_matmul()
-        or x.dtype == torch.float16
-        and slow_fp16_matmul()
+    if x.device.type != "cpu":
+        return x.dtype
+    if (x.dtype == torch.bfloat16 and slow_bf16_matmul()) or (
+        x.dtype == torch.float16 and slow_fp16_matmul()
     ):
         return torch.float32
     return x.dtype
@@ -414,8 +413,9 @@ class Int4Packer:
 @contextlib.contextmanager
 def dequantized_once(module: nn.Module, dtype: torch.dtype):
     """Within: each quantized linear of `module` (a layer; and a dense bf16 or float16
-    one on a CPU without fast matmuls in it, `HalfLinear`) multiplies prefill chunks of `dtype` by one
-    dequantized copy of its weight, made on entry, instead of one per chunk. A layer-by-layer prefill runs a layer over all of a prompt's chunks
+    one on a CPU without fast matmuls in it, `HalfLinear`) multiplies prefill chunks of
+    `dtype` by one dequantized copy of its weight, made on entry, instead of one per
+    chunk. A layer-by-layer prefill runs a layer over all of a prompt's chunks
     (offload/generate.py); the copy costs one layer's dense weights while it runs."""
     linears = [m for m in module.modules() if isinstance(m, DequantizedWeight)]
     try:
