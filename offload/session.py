@@ -151,9 +151,7 @@ def load_state(
             # The user names the model (the default one otherwise): a session never chooses
             # which file is opened; its fingerprint must match what is loaded. It does say
             # how the file's linears run where the config leaves that to `auto`.
-            ran = _in_the_sessions_form(cfg, session)
-            rt = Runtime.from_pretrained(model or DEFAULT_MODEL, config=ran)
-            _say_the_form(rt, cfg, ran)
+            rt = _in_the_sessions_form(model or DEFAULT_MODEL, cfg, session)
         _check_compatible(rt, session)
         # (the first request's own part alone is then encoded: `Prompts.ahead`)
         rt.prompts.ahead(m.get("document"), m.get("messages"))
@@ -332,19 +330,33 @@ def _check_compatible(rt: Runtime, session) -> None:
     _check_layout(session, rt.layout)
 
 
-def _in_the_sessions_form(cfg: RuntimeConfig, session) -> RuntimeConfig:
-    """The config to load the model with for `session`: where `model.weights` is "auto",
-    the linears run in the form that made the session's KV (its fingerprint's; packed
-    weights give slightly different KV). `auto` alone decides by the device: a session
-    made on a CPU from a Q4 GGUF (int4) would be refused on CUDA, where `auto` keeps
-    weights dense that fit, and one made there (dense) on a CPU."""
-    if cfg.model.weights != "auto":
-        return cfg
+def _in_the_sessions_form(model, cfg: RuntimeConfig, session) -> Runtime:
+    """`model` loaded for `session`: where `model.weights` is "auto", its linears run in
+    the form that made the session's KV (its fingerprint's; packed weights give slightly
+    different KV). `auto` alone decides by the device: a session made on a CPU from a Q4
+    GGUF (int4) would be refused on CUDA, where `auto` keeps weights dense that fit, and
+    one made there (dense) on a CPU. Such a model is loaded again in the session's form,
+    with a note; on the device a session was made on, `auto` gives its form at once."""
     from offload.backend import pick_device
+    from offload.runtime import Runtime
 
     form = session.manifest["model"]["fingerprint"].partition("+")[2] or "dense"
-    _check_form_runs_here(session, form, pick_device(cfg.model.device))
-    return cfg.replace(weights=form)
+    if cfg.model.weights == "auto":
+        _check_form_runs_here(session, form, pick_device(cfg.model.device))
+    rt = Runtime.from_pretrained(model, config=cfg)
+    alone = rt.loaded.model.weights
+    if cfg.model.weights != "auto" or alone == form:
+        return rt
+    rt.close()
+    del rt  # (its weights go before the others load)
+    rt = Runtime.from_pretrained(model, config=cfg.replace(weights=form))
+    warnings.warn(
+        f"model.weights = 'auto': the session's KV was made with the model's linears "
+        f"{form}, so they run {form} here ('auto' runs them {alone} on "
+        f"{rt.device.type} otherwise)",
+        stacklevel=1,
+    )
+    return rt
 
 
 def _check_form_runs_here(session, form: str, device: torch.device) -> None:
@@ -353,23 +365,6 @@ def _check_form_runs_here(session, form: str, device: torch.device) -> None:
             f"{session.version_dir / 'manifest.json'}: the session was made with the "
             f"model's linears int8, which run on a CPU only (torch's kernels), not on "
             f"{device.type}: load it on a CPU (--set device=cpu)"
-        )
-
-
-def _say_the_form(rt: Runtime, asked: RuntimeConfig, ran: RuntimeConfig) -> None:
-    """A note where the session's form is not what `auto` alone runs on this device."""
-    from offload.weight_forms import auto_form
-
-    form = ran.model.weights
-    if asked.model.weights == form:
-        return
-    alone = auto_form(rt.loaded.model, rt.device)
-    if alone != form:
-        warnings.warn(
-            f"model.weights = 'auto': the session's KV was made with the model's linears "
-            f"{form}, so they run {form} here ('auto' runs them {alone} on "
-            f"{rt.device.type} otherwise)",
-            stacklevel=1,
         )
 
 

@@ -42,13 +42,11 @@ INT8_SOURCES = frozenset("Q5_0 Q5_1 Q5_K Q6_K Q8_0 Q8_K".split())
 
 
 def resolve_weights(
-    mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0,
-    free_bytes: int | None = None,
-) -> str:  # fmt: skip
+    mode: str, source_quant: str | None, device: torch.device, dense_bytes: int = 0
+) -> str:
     """The weight form to run: `auto` follows the file on the CPU (GGUF block linears of
     4 bits or fewer, `INT4_SOURCES` -> int4; of 5 to 8, `INT8_SOURCES` -> int8); on CUDA
-    it is dense while `dense_bytes` leave `DENSE_ROOM` of the device free (`free_bytes`,
-    default what is free now), else int4."""
+    it is dense while `dense_bytes` leave `DENSE_ROOM` of the device free, else int4."""
     if mode not in WEIGHT_MODES:
         raise ConfigError(f"model.weights: {mode!r} is not one of {', '.join(WEIGHT_MODES)}")
     if device.type != "cpu":
@@ -58,23 +56,13 @@ def resolve_weights(
                 "dense, int4 or auto"
             )
         if mode == "auto":
-            free = device_free_bytes(device) if free_bytes is None else free_bytes
-            return "dense" if dense_fits(dense_bytes, free) else "int4"
+            return "dense" if dense_fits(dense_bytes, device_free_bytes(device)) else "int4"
         return mode
     if mode == "auto":
         if source_quant in INT4_SOURCES:
             return "int4"
         return "int8" if source_quant in INT8_SOURCES else "dense"
     return mode
-
-
-def auto_form(model, device: torch.device) -> str:
-    """The form `auto` runs `model` (loaded on `device`, in any form) in there."""
-    source, a, size = getattr(model, "source_quant", None), model.args, model.dtype.itemsize
-    if device.type == "cpu":
-        return resolve_weights("auto", source, device)
-    free = device_free_bytes(device) + weight_bytes(a, size, model.weights)  # (before it)
-    return resolve_weights("auto", source, device, weight_bytes(a, size, "dense"), free)
 
 
 def device_free_bytes(device: torch.device) -> int:
