@@ -166,8 +166,10 @@ def test_the_cuda_only_tests_pass_under_emulation():
     not the compiled step's: torch.compile does not take emulated tensors) run their
     CUDA paths here, in a run of their own under OFFLOAD_EMULATE_CUDA=1."""
     env = {**os.environ, "OFFLOAD_EMULATE_CUDA": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-           "--ignore=tests/test_compiled_step.py", "-rfEs", "--tb=short", "tests"]  # fmt: skip
+    # (in one process: this test holds one of the suite's workers meanwhile, and workers of
+    # its own would each collect the suite again)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m",
+           "cuda", "--ignore=tests/test_compiled_step.py", "-rfEs", "--tb=short", "tests"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     tail = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
