@@ -340,12 +340,14 @@ def _in_the_sessions_form(model, cfg: RuntimeConfig, session) -> Runtime:
     from offload.backend import pick_device
     from offload.runtime import Runtime
 
-    form = session.manifest["model"]["fingerprint"].partition("+")[2] or "dense"
+    base, _, form = session.manifest["model"]["fingerprint"].partition("+")
+    form = form or "dense"
     if cfg.model.weights == "auto":
         _check_form_runs_here(session, form, pick_device(cfg.model.device))
     rt = Runtime.from_pretrained(model, config=cfg)
     alone = rt.loaded.model.weights
-    if cfg.model.weights != "auto" or alone == form:
+    other_model = rt.loaded.fingerprint.partition("+")[0] != base  # (refused after)
+    if cfg.model.weights != "auto" or alone == form or other_model:
         return rt
     rt.close()
     del rt  # (its weights go before the others load)

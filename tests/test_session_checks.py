@@ -62,13 +62,14 @@ def test_another_model_or_layout_is_refused(tiny, tiny_dirs, saved):
         Runtime.load_session(saved.path, model=tiny, chunk_size=32, window=32)
 
 
-def test_a_session_loads_with_the_linears_that_made_its_kv(tmp_path):
+def test_a_session_loads_with_the_linears_that_made_its_kv(tmp_path, tiny_dirs, monkeypatch):
     """`model.weights = "auto"` decides by the device (a Q4 GGUF's linears at int4 on a
     CPU, dense on CUDA where they fit), and a session's KV follows the form that made it:
-    loading a session, `auto` runs the session's form, with a note where this device
-    alone would run another, so that a session made on one device loads on the other. A
-    form the config names is kept (and a session of another refused, as before); int8
-    runs on a CPU only, and a GPU refuses its session before the model loads."""
+    loading a session, `auto` runs the session's form (loading the model again in it),
+    with a note where this device alone would run another, so that a session made on one
+    device loads on the other. A form the config names is kept (and a session of another
+    refused, as before), another model is refused without a second load; int8 runs on a
+    CPU only, and a GPU refuses its session before the model loads."""
     src = write_gguf(tmp_path / "m.gguf", dim=256, ff=512, quant="Q4_1")
     text, question = filler_text(40, seed=2), "seven stones"
     kw = dict(dtype="float32", sink=4, window=16)
@@ -93,6 +94,12 @@ def test_a_session_loads_with_the_linears_that_made_its_kv(tmp_path):
             gpu = Runtime.load_session(tmp_path / "int4", model=src, device="cuda")
         assert gpu.device.type == "cuda" and gpu.loaded.model.weights == "int4"
         assert gpu.ask(question, max_new_tokens=6) == want
+    loads, real = [], Runtime.from_pretrained.__func__
+    monkeypatch.setattr(Runtime, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))  # fmt: skip
+    with pytest.raises(SessionError, match="made with another model"):
+        Runtime.load_session(tmp_path / "int4", model=tiny_dirs["llama-gqa-untied"][0])
+    assert len(loads) == 1  # (dense there, not reloaded at int4 to be refused)
 
     q8 = write_gguf(tmp_path / "q8.gguf", dim=256, ff=512, quant="Q8_0")
     cpu = Runtime.from_pretrained(q8, device="cpu", **kw)  # (auto: int8)
