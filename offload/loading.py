@@ -202,7 +202,7 @@ def _finish(path, model, tokenizer, device, weights: str) -> LoadedModel:
 
 
 def _loaded(path: Path, model, tokenizer) -> LoadedModel:
-    float32_chunks(model)  # (dense bf16 linears on a CPU without fast bf16 matmuls)
+    float32_chunks(model)  # (dense bf16/fp16 linears on a CPU without fast matmuls in it)
     keep_dense(model)  # (quantized linears on the CPU: prefill's dense weights kept)
     # Packed weights give (slightly) different KV, so sessions know which form made theirs.
     w = model.weights

@@ -121,8 +121,7 @@ def float32_chunks(model) -> None:
     """On a CPU without fast bf16 (float16) matmuls, a bf16 (float16) model's dense
     linears (its block linears at `weights = "dense"`, a dense output head) become
     `HalfLinear`s."""
-    probe = torch.empty(0, dtype=model.dtype, device=model.device)
-    if model.dtype == torch.float32 or chunk_dtype(probe) != torch.float32:
+    if chunk_dtype(torch.empty(0, dtype=model.dtype, device=model.device)) == model.dtype:
         return
     parents = [m for block in model.layers for m in (block.attention, block.feed_forward)]
     for parent in (*parents, model):
