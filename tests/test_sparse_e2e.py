@@ -47,33 +47,56 @@ def test_full_budget_sparse_equals_dense(smol_bf16, selector):
     sparse.close()
 
 
-def test_needle_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
-    """Wherever dense attention finds the needle, sparse (cluster, 5% + sink + window) does too,
-    with the same answer. Dense finds it at 4 or 5 of 5 depths with this prompt (measured;
-    which ones depends on rounding, so on the thread count and the device): what the code
-    guarantees is the agreement, asserted on at least 2 of 3 depths (an 8k prefill takes
-    about a minute on a 2-core CPU without fast bf16).
+# Three facts at three depths of one 8k document, each with its question and the start of
+# its answer (depth, fact, question, answer begun, what the answer names).
+FACTS = (
+    (0.1, NEEDLE, QUESTION, "The secret passphrase is", "purple elephant"),
+    (0.5, "The name of the captain's dog is Biscuit. ", "What is the name of the captain's dog?",
+     "The name of the captain's dog is", "biscuit"),
+    (0.9, "The train to the coast leaves from Lisbon. ",
+     "Where does the train to the coast leave from?", "The train to the coast leaves from",
+     "lisbon"),
+)  # fmt: skip
 
-    Both decode from the same prefill, whose logits gave both their first token: after
-    the sparse answer the cache is cut back to the prompt and the first token, with the
-    selection mode set to dense, decodes the rest attending to every token."""
+
+def test_needles_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
+    """Wherever dense attention finds a fact in an 8k document, sparse (cluster, 5% + sink +
+    window) does too, with the same answer. Dense finds the three facts here (measured;
+    which ones depends on rounding, so on the thread count and the device): what the code
+    guarantees is the agreement, asserted on at least 2 of 3 depths.
+
+    One document, its three questions asked in turn (an 8k prefill takes about 40 s on a
+    2-core CPU without fast bf16: the later questions reuse the document's KV up to where
+    a prefill pass began, and their index with it). Both decode from the same prefill,
+    whose logits gave both their first token: after the sparse answer the cache is cut
+    back to the prompt and the first token, with the selection mode set to dense, decodes
+    the rest attending to every token; the next question then runs sparse again."""
+    repeats, body, done = 320, "", 0
+    for depth, fact, *_ in FACTS:
+        body += FILL * (int(repeats * depth) - done) + fact
+        done = int(repeats * depth)
+    doc = "Read the text below.\n\n" + body + FILL * (repeats - done) + "\n"
+    sparse = fresh(smol_bf16, mode="sparse", selector="cluster", retrieve_fraction=0.05)
     dense_hits = 0
-    for depth in (0.1, 0.5, 0.9):
-        prompt = needle_messages(320, depth)
-        sparse = fresh(smol_bf16, mode="sparse", selector="cluster", retrieve_fraction=0.05)
-        got = [step.token_id for step in sparse.stream(prompt, max_new_tokens=3)]
+    for i, (depth, _, question, begun, named) in enumerate(FACTS):
+        messages = [{"role": "user", "content": doc + question},
+                    {"role": "assistant", "content": begun}]  # fmt: skip
+        got = [step.token_id for step in sparse.stream(messages, max_new_tokens=3)]
         s = sparse.stats()
         assert 7500 <= s["prompt_tokens"] <= 8192
+        assert (s["reused_tokens"] > 4000) == (i > 0)  # (the document's first passes)
         assert s["budget"]["retrieved"] <= 0.05 * s["context_tokens"] + 1
         assert s["selection"]["sparse_layer_steps"] > 0
         cache = sparse._state.cache
         cache.truncate(s["prompt_tokens"])
-        cache.policy.selection = dataclasses.replace(cache.policy.selection, mode="dense")
+        sparse_mode = cache.policy.selection
+        cache.policy.selection = dataclasses.replace(sparse_mode, mode="dense")
         steps = generate_steps(sparse.model, cache, sparse.tokenizer, got[:1], 2, make_sampler())
         want = got[:1] + [step.token_id for step in steps][: len(got) - 1]
         assert cache.policy.stats.sparse_steps == s["selection"]["sparse_layer_steps"]
-        sparse.close()
-        if "purple elephant" in smol_bf16.tokenizer.decode(want):
+        cache.policy.selection = sparse_mode
+        if named in smol_bf16.tokenizer.decode(want).lower():
             dense_hits += 1
             assert got == want, (depth, want, got)
+    sparse.close()
     assert dense_hits >= 2
