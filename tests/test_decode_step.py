@@ -287,10 +287,11 @@ def test_default_config_on_cuda_keeps_the_embedded_models_kv_on_the_device():
     rt = Runtime.from_pretrained("smollm2")
     cache = rt._state.cache
     assert cache.store is None and cache.step is not None
-    # (3 tokens: the prefill's, the step's warm-up and capture, a replay; emulated, every
-    # launch of the 30 layers runs in Triton's interpreter)
-    text = rt.generate("Count to five.", max_new_tokens=3)
-    assert text and text == rt.generate("Count to five.", max_new_tokens=3)
+    # (2 tokens: the prefill's and a step's, the first time warmed up, captured and
+    # replayed, the second time replayed; emulated, every launch of the 30 layers runs in
+    # Triton's interpreter)
+    text = rt.generate("Count to five.", max_new_tokens=2)
+    assert text and text == rt.generate("Count to five.", max_new_tokens=2)
     assert cache.step.captures == 1
 
 
