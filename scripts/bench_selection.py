@@ -15,7 +15,7 @@ eagerly; `kernels_per_layer` counts the launches (profiler). On a CPU only the
 references run (a smoke check; the interpreter is too slow for these sizes).
 
     python scripts/bench_selection.py [--tokens 131072] [--steps 50] [--retrieved 2048]
-        [--out results/bench_selection.json]
+        [--warmup 3] [--out results/bench_selection.json]
 """
 
 from __future__ import annotations
@@ -107,9 +107,9 @@ def timed(state, q, run, steps: int, device) -> list[float]:
     return times
 
 
-def measure(state, backend, steps, device, K) -> dict:
+def measure(state, backend, steps, device, K, warmup: int = 3) -> dict:
     q, run = layer_step(state, backend, device, K)
-    for _ in range(3):  # warm-up: Triton compiles, the hit cache fills
+    for _ in range(warmup):  # Triton compiles, the hit cache fills
         run()
     row = {"eager_ms_per_layer": statistics.median(timed(state, q, run, steps, device))}
     if device.type == "cuda":
@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--retrieved", type=int, default=2048, help="tokens kept per KV head")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs of each variant first")
     p.add_argument("--out", type=Path, default=Path("results/bench_selection.json"))
     args = p.parse_args()
     console = Console()
@@ -139,7 +140,10 @@ def main() -> None:
                      ("Triton kernels, torch's topk for the tokens kept", TopkBackend(device, kernels=True))]  # fmt: skip
     for name, backend in variants:
         try:
-            row = {"variant": name, **measure(state, backend, args.steps, device, args.retrieved)}
+            row = {
+                "variant": name,
+                **measure(state, backend, args.steps, device, args.retrieved, args.warmup),
+            }
         except Exception as e:  # (a variant's failure must not cost the others)
             row = {"variant": name, **row_error(e)}
         console.print(row)

@@ -59,7 +59,7 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
 
 def test_bench_selection_sweep_step_host_and_host_budget_on_cuda(tmp_path, monkeypatch):
     sel = run_script("bench_selection.py", "--tokens", "2048", "--steps", "1", "--retrieved",
-                     "128", out=tmp_path / "selection.json")  # fmt: skip
+                     "128", "--warmup", "1", out=tmp_path / "selection.json")  # fmt: skip
     assert [r["variant"] for r in sel["rows"]] == [
         "torch references", "Triton kernels", "Triton kernels, torch's topk for the tokens kept"
     ]  # fmt: skip
