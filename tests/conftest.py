@@ -20,6 +20,10 @@ import torch
 # first defined, so before any test imports one).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.interpreter_calls import install
+
+    install()
 
 # Converted weights (offload/weight_cache.py) go to a folder of this run, not the home,
 # removed when the run ends (about 1 GB: every run leaving its own filled CI's disk).

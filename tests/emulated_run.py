@@ -20,6 +20,9 @@ def main() -> None:
     import torch.profiler
 
     from tests.cuda_emulation import emulated_cuda
+    from tests.interpreter_calls import install
+
+    install()
 
     script = os.path.abspath(sys.argv[1])
     sys.argv = sys.argv[1:]
