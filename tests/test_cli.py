@@ -310,21 +310,22 @@ def test_ask_answers_each_piped_question_before_reading_the_next(tiny, tmp_path)
     cmd = [sys.executable, "-m", "cli.main", "ask", "--session", session, *tiny, "-n", "4"]
     proc = subprocess.Popen([*cmd, "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT)  # fmt: skip
-    try:
-        answers = []
-        for q in ("seven stones?", "the river"):
-            proc.stdin.write(q.encode() + b"\n\n")  # (a blank line is skipped)
-            proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], 120)
-            assert ready, "no answer while standard input is open"
-            answers.append(json.loads(proc.stdout.readline()))
-        proc.stdin.write(b"caf\xe9?\n")
-        proc.stdin.close()
-        assert proc.wait(timeout=120) == 2
-        err = proc.stderr.read().decode()
-        assert err == "error: standard input's line 5 is not UTF-8 text (byte 3)\n"
-    finally:
-        proc.kill()
+    with proc:  # (its pipes closed at the end)
+        try:
+            answers = []
+            for q in ("seven stones?", "the river"):
+                proc.stdin.write(q.encode() + b"\n\n")  # (a blank line is skipped)
+                proc.stdin.flush()
+                ready, _, _ = select.select([proc.stdout], [], [], 120)
+                assert ready, "no answer while standard input is open"
+                answers.append(json.loads(proc.stdout.readline()))
+            proc.stdin.write(b"caf\xe9?\n")
+            proc.stdin.close()
+            assert proc.wait(timeout=120) == 2
+            err = proc.stderr.read().decode()
+            assert err == "error: standard input's line 5 is not UTF-8 text (byte 3)\n"
+        finally:
+            proc.kill()
     assert [a["question"] for a in answers] == ["seven stones?", "the river"]
     r = CliRunner().invoke(main, [*cmd[3:], "--json", "seven stones?", "the river"])
     args = [json.loads(line) for line in r.stdout.splitlines()]
