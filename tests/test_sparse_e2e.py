@@ -67,7 +67,7 @@ def test_needles_at_8k_cluster_at_5_percent_agrees_with_dense(smol_bf16):
 
     One document, its three questions asked in turn (an 8k prefill takes about 40 s on a
     2-core CPU without fast bf16: the later questions reuse the document's KV up to where
-    a prefill pass began, and their index with it). Both decode from the same prefill,
+    a prefill pass began, and the index with it). Both decode from the same prefill,
     whose logits gave both their first token: after the sparse answer the cache is cut
     back to the prompt and the first token, with the selection mode set to dense, decodes
     the rest attending to every token; the next question then runs sparse again."""
