@@ -107,7 +107,7 @@ def timed(state, q, run, steps: int, device) -> list[float]:
     return times
 
 
-def measure(state, backend, steps, device, K, warmup: int = 3) -> dict:
+def measure(state, backend, steps, device, K, warmup: int) -> dict:
     q, run = layer_step(state, backend, device, K)
     for _ in range(warmup):  # Triton compiles, the hit cache fills
         run()
