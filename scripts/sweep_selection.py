@@ -12,7 +12,8 @@ The inputs are one layer's at the 8B shape (scripts/bench_selection.py's random 
 kernel's inputs what the kernels before it computed. Each setting is checked against the
 default's output (the tokens kept: against `top_ids_ref`) and timed as a CUDA graph of 20
 calls replayed, as the decode step runs it. Then the tokens kept at fewer candidates, one
-program a head against the split (where `SPLIT_ABOVE` should be). Needs a CUDA GPU (or
+program a head against the split (where `SPLIT_ABOVE` should be; one program a head with
+its listing pass reading 8 weights a thread at a time, `LIST_PER_THREAD`, and 16). Needs a CUDA GPU (or
 tests/emulated_run.py, with --quick: one setting a kernel at a tiny shape).
 
     python scripts/sweep_selection.py [--tokens 131072] [--retrieved 2048] [--quick]
@@ -253,7 +254,11 @@ def main() -> None:
         w = torch.rand(H, n, generator=g, device="cuda")
         ids = torch.randint(0, 1 << 20, (H, n), generator=g, device="cuda")
         want = ranking.top_ids_ref(w, ids, K)
-        settings = product(SPLIT_ABOVE=[10**9]) + product(SPLIT_ABOVE=[0], BLOCK_SPLIT=(512, 1024))
+        # (one program a head: its listing pass reading 8 weights a thread, or 16 as
+        # until 12-07, which spills on sm_89 with Triton 3.6 at 2,304 weights)
+        settings = product(SPLIT_ABOVE=[10**9], LIST_PER_THREAD=(8, 16)) + product(
+            SPLIT_ABOVE=[0], BLOCK_SPLIT=(512, 1024)
+        )
         rows = sweep(f"top at {n}", lambda w=w, ids=ids: ranking.top_ids(w, ids, K), ranking,
                      settings, lambda got, want=want: torch.equal(got, want))  # fmt: skip
         record(console, a.out, results, rows)

@@ -210,15 +210,19 @@ def test_clusters_tied_at_the_threshold_are_all_taken(trials, monkeypatch):
     assert int(want[0, 1:4].sum()) == 1 and bool((want <= got).all())
 
 
-@pytest.mark.parametrize("block, split", [(16, None), (32768, None), (32768, 16)])
-def test_top_ids_kernel_matches_its_reference(block, split, monkeypatch):
+@pytest.mark.parametrize(
+    "block, split, per_thread", [(16, None, 8), (32768, None, 8), (32768, None, 1), (32768, 16, 8)]
+)
+def test_top_ids_kernel_matches_its_reference(block, split, per_thread, monkeypatch):
     """The ids of the largest weights, by the kernel's radix select (a head's weights in
-    registers; or blocks of 16, read in each pass; or spread over programs of `split`
+    registers, listed in one read or, `per_thread` 1, in reads of one weight a thread; or
+    blocks of 16, read in each pass; or spread over programs of `split`
     weights, their histograms summed two at a time) against torch's stable sort: weights tied at the cut (the earlier ones
     kept, ties in several programs), zeros (a head's padding, or a head with no
     candidate), k_valid below k (the rows after the chosen ones: the first candidate),
     k = N, k_valid = 0."""
     monkeypatch.setattr(ranking, "BLOCK_TOP", block)
+    monkeypatch.setattr(ranking, "LIST_PER_THREAD", per_thread)
     monkeypatch.setattr(ranking, "BLOCK_READ", min(block, ranking.BLOCK_READ))
     if split:
         monkeypatch.setattr(ranking, "SPLIT_ABOVE", 0)

@@ -56,6 +56,10 @@ BLOCK_TOP = 8192  # weights `top_ids`' holds, past it read a block at a time in 
 BLOCK_READ = 4096  # values read at a time by the passes that list the tokens kept (on
 # an H200, 8 heads x 16,640 weights: 72 us against 77 at 2048 and 81 for torch's topk and
 # a gather; 8 warps, `head_warps`, were the best at each size: scripts/sweep_selection.py)
+LIST_PER_THREAD = 8  # weights a thread reads at a time in the pass that lists the
+# tokens kept (a block of 4,096 in 8 warps read 16: Triton 3.6, torch 2.11's and the GPU
+# machine's, then spilled 24 bytes on sm_89 at 128 registers; in two reads of 2,048,
+# 99-107 registers, no spill; Triton 3.9: 120 and 64-80)
 SPLIT_ABOVE = 4096  # weights per head past which `top_ids` spreads a head over programs
 # Triton's interpreter (the CPU tests) runs one program a head up to more: its five
 # launches of many programs took 14x as long there (0.66 s a call at 4,352 weights), the
@@ -141,10 +145,11 @@ def top_ids(weights, ids, k: int, k_valid=None):
     whole = N <= BLOCK_TOP
     block = max(16, triton.next_power_of_2(N)) if whole else BLOCK_READ
     valid = weights if k_valid is None else k_valid  # (a pointer the kernel does not read)
+    warps = head_warps(block)
     _kernels().top[(H,)](
         weights, ids, valid, out, N, k, ids.stride(0),
-        K_VALID=k_valid is not None, BLOCK=block, WHOLE=whole, BLOCK_K=min(BLOCK_READ, block),
-        num_warps=head_warps(block),
+        K_VALID=k_valid is not None, BLOCK=block, WHOLE=whole,
+        BLOCK_K=min(BLOCK_READ, block, LIST_PER_THREAD * 32 * warps), num_warps=warps,
     )  # fmt: skip
     return out
 
