@@ -79,10 +79,10 @@ def test_a_session_loads_with_the_linears_that_made_its_kv(tmp_path, tiny_dirs, 
     made.save_session(tmp_path / "dense")
     with pytest.warns(UserWarning, match="made with the model's linears dense, so they run "
                       "dense here \\('auto' runs them int4 on cpu otherwise"):  # fmt: skip
-        rt = Runtime.load_session(tmp_path / "dense", model=src, weights="auto")
+        rt = Runtime.load_session(tmp_path / "dense", model=src, weights="auto", device="cpu")
     assert rt.loaded.model.weights == "dense" and rt.ask(question, max_new_tokens=6) == want
     with pytest.raises(SessionError, match="linears dense; this runtime runs them int4"):
-        Runtime.load_session(tmp_path / "dense", model=src, weights="int4")
+        Runtime.load_session(tmp_path / "dense", model=src, weights="int4", device="cpu")
 
     cpu = Runtime.from_pretrained(src, device="cpu", **kw)  # (auto: int4)
     cpu.load_document(text)
