@@ -16,7 +16,9 @@ import os
 import subprocess
 import sys
 
-from offload.kernels.aot import SHARED_LIMIT
+import torch
+
+from offload.kernels.aot import SHARED_LIMIT, runtime_launches
 from offload.kernels.decode_attention import launch_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +31,7 @@ def test_every_kernel_launch_compiles_within_the_gpus_limits(tmp_path):
            "--archs", "89,90", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "FP_FUSION" not in done.stderr, done.stderr[-3000:]  # (below)
     rows = json.loads(out.read_text())
     # every kernel, for both GPUs, in each dtype, at both models' shapes
     # (a kernel launched twice is named with its pass: "(candidates, pass 2)")
@@ -44,6 +47,15 @@ def test_every_kernel_launch_compiles_within_the_gpus_limits(tmp_path):
     for r in rows:
         assert r["shared_bytes"] <= SHARED_LIMIT[r["arch"]], r
         assert r["spill_bytes"] == 0, r
+
+
+def test_every_kernel_launch_says_whether_its_products_fuse():
+    """Triton 3.9 warns once a process (on a user's stderr, at the first prompt on a GPU)
+    where a launch leaves FP fusion to its default, and 3.10 turns that default off: each
+    launch names it (`offload.kernels.FP_FUSION`; the int4 dequantization off)."""
+    for arch in (89, 90):
+        for what, launch in runtime_launches(torch.float16, arch):
+            assert isinstance(launch.kwargs.get("enable_fp_fusion"), bool), what
 
 
 def test_float32_attention_at_head_dim_128_takes_fewer_stages_on_a_4090():

@@ -20,6 +20,13 @@ from __future__ import annotations
 
 import os
 
+# Whether a kernel's multiplies and adds may fuse (FMA), said at every launch: Triton 3.9
+# warns once a process where a launch leaves it to the default ("TRITON_DEFAULT_FP_FUSION
+# is unset", on a user's stderr at the first prompt on a GPU), and 3.10 turns that default
+# off. On, as every kernel was measured and tested (the int4 dequantization alone off: it
+# rounds as its reference does).
+FP_FUSION = True
+
 
 def triton_available() -> bool:
     """Is the `triton` package importable (CUDA builds of torch bring it)?"""

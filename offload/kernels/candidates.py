@@ -51,7 +51,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import interpreted, supports_head_dim
+from offload.kernels import FP_FUSION, interpreted, supports_head_dim
 from retrieval.base import exact_logits, fine_softmax_sum, row_max
 from storage.quant import QuantKeys
 from storage.quant import score_candidates as reference_scores
@@ -102,6 +102,7 @@ def score_clusters(q, centroids, bias):
         q, centroids, bias, out, R, NC, D, q.stride(0), q.stride(1), centroids.stride(0),
         centroids.stride(1), bias.stride(0),
         BLOCK=block, BLOCK_D=triton.next_power_of_2(D), num_warps=CLUSTER_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -134,8 +135,8 @@ def cluster_candidates(take, assign, lo: int, hi, N: int):
     args = (take.view(torch.uint8), assign, hi, lo, T_cap, take.stride(0), assign.stride(0),
             counts, ids, count, N, blocks, triton.cdiv(N, blocks))  # fmt: skip
     kernel = _kernels().candidates
-    kernel[(H, blocks)](*args, BLOCK=BLOCK_T, WRITE=False)
-    kernel[(H, blocks)](*args, BLOCK=BLOCK_T, WRITE=True)
+    kernel[(H, blocks)](*args, BLOCK=BLOCK_T, WRITE=False, enable_fp_fusion=FP_FUSION)
+    kernel[(H, blocks)](*args, BLOCK=BLOCK_T, WRITE=True, enable_fp_fusion=FP_FUSION)
     return ids, count
 
 
@@ -158,6 +159,7 @@ def rerank_weights(q, summaries: QuantKeys, ids, count, sm_scale: float) -> torc
     _kernels().softmax_sum[(H, triton.cdiv(N, BLOCK_W))](
         logits, top, total, out, R, N, blocks,
         BLOCK=BLOCK_W, BLOCK_S=min(BLOCK_STATS, triton.next_power_of_2(blocks)),
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -186,7 +188,7 @@ def score_candidates(q, summaries: QuantKeys, ids, count, sm_scale: float):
         scale.stride(0), scale.stride(1),
         D=D, BITS=summaries.bits, BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(R)),
         DOT=dot, PRECISION="ieee" if interpreted() else GPU_SCORE_PRECISION,
-        num_warps=SCORE_WARPS,
+        num_warps=SCORE_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out, top, total
 

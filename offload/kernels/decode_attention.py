@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import interpreted, supports_head_dim
+from offload.kernels import FP_FUSION, interpreted, supports_head_dim
 
 BLOCK_N = 64  # rows per inner iteration
 MAX_SPLITS = 128  # partial results merged per (head, query)
@@ -171,13 +171,14 @@ def decode_attention(
         0 if idx2 is None else idx2.stride(0), D**-0.5, G, split, splits1,
         GP=GP, D=D, BLOCK_N=block_n, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_IDX=idx2 is not None, SKIP=skip, num_warps=warps, num_stages=stages,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     # Merge the splits (one launch: in a replayed graph each launch still costs a few us).
     out = torch.empty(H, G, D, dtype=q.dtype, device=q.device)
     rows = min(combine_rows, triton.next_power_of_2(G))  # (<= GP: rows the splits wrote)
     _kernels().combine[(H, triton.cdiv(G, rows))](
         m, s, acc, out, num_splits, G, out.stride(0), out.stride(1),
-        GP=GP, D=D, SP=triton.next_power_of_2(num_splits), ROWS=rows,
+        GP=GP, D=D, SP=triton.next_power_of_2(num_splits), ROWS=rows, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 

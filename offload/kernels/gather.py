@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import interpreted, supports_head_dim
+from offload.kernels import FP_FUSION, interpreted, supports_head_dim
 from storage.host import device_view  # noqa: F401  (the view the kernels read through)
 
 BLOCK_K = 32  # token rows per program
@@ -85,6 +85,7 @@ def _launch(slab, slot_table, ids, out, rows, dst) -> None:
         slab.stride(0), slab.stride(1), slab.stride(2), slab.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         C=C, D=D, BLOCK=block, SCATTER=scatter, num_warps=GATHER_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import head_warps
+from offload.kernels import FP_FUSION, head_warps
 from offload.kernels.ranking import first_ranked
 
 BLOCK_IDS = 1024  # ids per iteration (at most; a power of two)
@@ -103,7 +103,7 @@ def lookup(ids, k_valid, slot_of, token_of, used, clock, counts, use=None):
         slot_of.stride(0), token_of.stride(0), used.stride(0),
         BLOCK=min(BLOCK_IDS, triton.next_power_of_2(k)), BLOCK_M=block_m, WHOLE=M <= block_m,
         HAS_USE=use is not None,
-        num_warps=head_warps(block_m),
+        num_warps=head_warps(block_m), enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return to, miss, rows
 
@@ -118,7 +118,7 @@ def successors(ids, valid):
     use = torch.empty(H, 2 * k, dtype=torch.bool, device=ids.device)
     block = min(BLOCK_IDS, triton.next_power_of_2(k))
     _kernels().successors[(H, triton.cdiv(k, block))](
-        ids, valid, both, use.view(torch.uint8), k, BLOCK=block
+        ids, valid, both, use.view(torch.uint8), k, BLOCK=block, enable_fp_fusion=FP_FUSION
     )
     return both, use
 

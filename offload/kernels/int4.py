@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import interpreted
+from offload.kernels import FP_FUSION, interpreted
 
 GROUP = 32  # inputs per scale and minimum
 BLOCK_N = 32  # outputs per program
@@ -77,6 +77,7 @@ def int4_matmul(x: torch.Tensor, nibbles: torch.Tensor, scale: torch.Tensor, lo:
     _kernels().int4_matmul[(triton.cdiv(N, block_n), M)](
         x, nibbles, scale, lo, out, N, G, x.stride(0), out.stride(0),
         BLOCK_N=block_n, BLOCK_G=BLOCK_G, HALF=GROUP // 2, num_warps=WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 

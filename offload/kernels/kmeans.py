@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import interpreted
+from offload.kernels import FP_FUSION, interpreted
 
 BLOCK_M = 64  # points per program
 BLOCK_N = 64  # centroids scored at a time
@@ -51,8 +51,9 @@ def nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     out = torch.empty(B, m, dtype=torch.int64, device=x.device)
     block_m, block_n = blocks()
     _kernels().nearest[(triton.cdiv(m, block_m), B)](
-        x, c, out, m, nc, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2
-    )
+        x, c, out, m, nc, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
     return out
 
 

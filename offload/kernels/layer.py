@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from offload.kernels import interpreted
+from offload.kernels import FP_FUSION, interpreted
 
 ROPE_HEADS = 16  # heads per RoPE program (a program per position and block of heads)
 SILU_BLOCK = 1024  # features per SwiGLU program
@@ -138,6 +138,7 @@ def _norm(x, y, w, eps: float):
     _kernels().norm[(triton.cdiv(S, ROWS),)](
         x2, y2, h, w, out, S, N, x2.stride(0), y2.stride(0), N, N, eps, RESIDUAL=y is not None,
         BLOCK=BLOCK, ROWS=ROWS, num_warps=min(16, max(1, BLOCK // 256)),
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out.view(shape) if y is None else (h.view(shape), out.view(shape))
 
@@ -184,6 +185,7 @@ def _rope(qkv, cos, sin, Hq: int, K=None, V=None, pos=None) -> torch.Tensor:
         qkv, cos, sin, out, K, V, pos, S, H, Hq, qkv.stride(0), qkv.stride(1), cos.stride(0),
         S * D, D, K.stride(0), K.stride(1), V.stride(0), V.stride(1), HALF=D // 2,
         BLOCK_H=ROPE_HEADS, BLOCK_D=triton.next_power_of_2(D // 2), ROWS=ROWS, STORE=store,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -201,7 +203,8 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty(S, F_, dtype=gu.dtype, device=gu.device)
     ROWS = _rows_per_program(S)
     grid = (triton.cdiv(S, ROWS), triton.cdiv(F_, SILU_BLOCK))
-    _kernels().silu_mul[grid](g2, out, S, F_, g2.stride(0), F_, BLOCK=SILU_BLOCK, ROWS=ROWS)
+    _kernels().silu_mul[grid](g2, out, S, F_, g2.stride(0), F_, BLOCK=SILU_BLOCK, ROWS=ROWS,
+                              enable_fp_fusion=FP_FUSION)  # fmt: skip
     return out.view(*shape[:-1], F_)
 
 

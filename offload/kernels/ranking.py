@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from offload.kernels import head_warps, interpreted
+from offload.kernels import FP_FUSION, head_warps, interpreted
 from retrieval.base import clusters_taken
 
 BLOCK_C = 16384  # clusters `take_clusters`' one program per head holds in registers (at
@@ -107,7 +107,7 @@ def take_clusters(scores, counts, factor: int, k: int, k_valid=None):
     _kernels().take[(H,)](
         scores, counts, valid, take.view(torch.uint8), NC, counts.stride(0), factor, k,
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=NC <= block, TRIALS=trials,
-        PASSES=passes, num_warps=head_warps(block),
+        PASSES=passes, num_warps=head_warps(block), enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return take
 
@@ -150,6 +150,7 @@ def top_ids(weights, ids, k: int, k_valid=None):
         weights, ids, valid, out, N, k, ids.stride(0),
         K_VALID=k_valid is not None, BLOCK=block, WHOLE=whole,
         BLOCK_K=min(BLOCK_READ, block, LIST_PER_THREAD * 32 * warps), num_warps=warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -166,7 +167,7 @@ def top_ids_split(weights, ids, k: int, k_valid=None):
     valid = weights if k_valid is None else k_valid  # (a pointer the kernel does not read)
     kernels, grid = _kernels(), (H, P)
     common = dict(K_VALID=k_valid is not None, BLOCK=BLOCK_SPLIT, ROWS=SPLIT_ROWS,
-                  num_warps=SPLIT_WARPS)  # fmt: skip
+                  num_warps=SPLIT_WARPS, enable_fp_fusion=FP_FUSION)  # fmt: skip
     for p in range(4):
         kernels.top_pass[grid](weights, hist, valid, N, k, P, PASS=p, **common)
     kernels.top_list[grid](
