@@ -350,13 +350,13 @@ def _byte_level(reader, vocab: dict[str, int], merges, path: Path):
 
 
 def _sentencepiece(reader, tokens: list[str], vocab: dict[str, int], merges):
-    """A SentencePiece BPE backend: spaces as U+2581, one before the text where the file
-    says so (`add_space_prefix`, default on), characters outside the vocabulary as its
-    <0xNN> byte tokens. The file's merges, or where it has none (as usual) the ones its
-    scores imply: two pieces merge in the order of the merged piece's score, highest
-    first, as llama.cpp's SentencePiece tokenizer merges them."""
+    """A SentencePiece BPE backend: spaces as U+2581, one before each piece of text where
+    the file says so (`add_space_prefix`, default on), characters outside the vocabulary
+    as its <0xNN> byte tokens. The file's merges, or where it has none (as usual) the
+    ones its scores imply: two pieces merge in the order of the merged piece's score,
+    highest first, as llama.cpp's SentencePiece tokenizer merges them."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers import decoders, normalizers
     from tokenizers.models import BPE
 
     from offload.gguf import field_value
@@ -368,16 +368,10 @@ def _sentencepiece(reader, tokens: list[str], vocab: dict[str, int], merges):
     unk = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
     backend = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     prefix = bool(field_value(reader, "tokenizer.ggml.add_space_prefix", True))
-    if field_value(reader, "general.architecture") == "phi3" and prefix:
-        # Phi-3's own tokenizer.json writes the prefix with a normalizer (a text starting
-        # with spaces keeps all of them); nothing in the file says so, as transformers notes
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
-        )
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
-        )
+    # As SentencePiece encodes (and llama.cpp): the prefix before each piece of text
+    # between special tokens, a text's leading spaces all kept ("  x": three U+2581)
+    normal = [normalizers.Prepend("\u2581")] * prefix + [normalizers.Replace(" ", "\u2581")]
+    backend.normalizer = normalizers.Sequence(normal)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * prefix)
     return backend

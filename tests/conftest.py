@@ -378,7 +378,8 @@ def spm_vocab() -> tuple[list[str], list[int], list[float]]:
         [filler_text(3000, seed=s) for s in range(3)], vocab_size=400, show_progress=False
     )
     vocab = trainer.get_vocab()
-    pieces = sorted(vocab, key=vocab.get)  # (characters first, then merges in order)
+    # (characters first, then merges in order; the trainer's own <unk> is the file's first)
+    pieces = [p for p in sorted(vocab, key=vocab.get) if p != "<unk>"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
