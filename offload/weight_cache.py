@@ -45,8 +45,9 @@ from pathlib import Path
 import torch
 
 # 2: GGUF rope scaling (yarn, linear) read into the stored args; 3: the CPU int4 kernel's
-# scales from the float16 ones the codes keep; 4: the CPU's int4 codes held once
-CACHE_FORMAT = 4
+# scales from the float16 ones the codes keep; 4: the CPU's int4 codes held once; 5: a
+# SentencePiece GGUF's tokenizer (kept beside the weights) prefixes each piece of text
+CACHE_FORMAT = 5
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of the source file
 
 
