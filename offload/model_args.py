@@ -158,6 +158,20 @@ def _nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i, rotates in enumerate(flags) if not rotates)
 
 
+def _count(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """An integer of a `config.json`, `default` where it is absent or null (KeyError where
+    there is none): a whole number or its digits. JSON's true and false are not numbers
+    here (`int(True)` made a head of one dimension), nor is 64.5 a count of 64."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        value = default
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
 # Upper bounds of a model's dimensions, far above any real model's (Llama-3.1-405B: dim
 # 16384, 126 layers, 128 heads; 256k-entry vocabularies; 10M-token contexts).
 MODEL_BOUNDS = {"dim": 1 << 18, "num_layers": 1 << 12, "num_heads": 1 << 12,
@@ -202,6 +216,10 @@ class ModelArgs:
                 raise ConfigError(f"model {key} must be a positive integer, got {value!r}")
             if value > most:  # a header's claim, before anything is sized from it
                 raise ConfigError(f"model {key} must be at most {most:,}, got {value:,}")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model head_dim must be even (RoPE turns pairs of dimensions), got {self.head_dim}"
+            )
         for key in ("norm_eps", "rope_theta"):
             value = getattr(self, key)
             if not math.isfinite(value) or value <= 0:
@@ -254,12 +272,12 @@ class ModelArgs:
                 f"{source}: unsupported model_type {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
         try:
-            dim = int(cfg["hidden_size"])
-            num_heads = int(cfg["num_attention_heads"])
-            head_dim = int(cfg.get("head_dim") or (dim // num_heads if num_heads > 0 else 0))
+            dim = _count(cfg, "hidden_size")
+            num_heads = _count(cfg, "num_attention_heads")
+            head_dim = _count(cfg, "head_dim", 0) or (dim // num_heads if num_heads > 0 else 0)
             rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
             theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-            max_pos = int(cfg.get("max_position_embeddings", 4096))
+            max_pos = _count(cfg, "max_position_embeddings", 4096)
             rotary = float(cfg.get("partial_rotary_factor",
                                    rope.get("partial_rotary_factor", 1.0)))  # fmt: skip
             if not 0 < rotary <= 1:
@@ -271,22 +289,22 @@ class ModelArgs:
             scaling = RopeScaling.from_hf(rope, max_pos)
             if scaling is not None:  # (YaRN's files keep the original in max_position)
                 max_pos = max(max_pos, scaling.context)
-            window = cfg.get("sliding_window")
+            window = _count(cfg, "sliding_window", 0)
             slides = cfg.get("use_sliding_window", arch in ("mistral", "phi3"))
             if window and slides and window < max_pos:
                 # Attention here is global: exact for contexts up to the window only.
-                max_pos = int(window)
+                max_pos = window
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             return cls(
                 arch=arch,
                 dim=dim,
-                num_layers=int(cfg["num_hidden_layers"]),
+                num_layers=_count(cfg, "num_hidden_layers"),
                 num_heads=num_heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                num_kv_heads=_count(cfg, "num_key_value_heads", 0) or num_heads,
                 head_dim=head_dim,
-                hidden_dim=int(cfg["intermediate_size"]),
-                vocab_size=int(cfg["vocab_size"]),
+                hidden_dim=_count(cfg, "intermediate_size"),
+                vocab_size=_count(cfg, "vocab_size"),
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(theta),
                 rope_scaling=scaling,

@@ -134,6 +134,11 @@ def test_cli_errors_are_one_line_exit_2(args, message):
         ({"rms_norm_eps": float("nan")}, "norm_eps must be a finite number above 0"),
         ({"rope_scaling": "llama3"}, "invalid value"),
         ({"intermediate_size": [96]}, "invalid value"),
+        # (JSON's true is no count: int(True) made a head of one dimension, and a crash)
+        ({"head_dim": True}, "head_dim must be a whole number, got True"),
+        ({"num_hidden_layers": False}, "num_hidden_layers must be a whole number, got False"),
+        ({"vocab_size": 320.5}, "vocab_size must be a whole number, got 320.5"),
+        ({"head_dim": 3}, "head_dim must be even"),
     ],
 )
 def test_bad_model_config_values_are_named(tmp_path, change, message):
