@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -194,19 +195,20 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot load tokenizer: {e}") from None
-        cfg = _read_json(directory / "tokenizer_config.json")
-        gen = _read_json(directory / "generation_config.json")
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = _read_json(cfg_path)
+        gen_path = directory / "generation_config.json"
+        gen = _read_json(gen_path)
+        template = _chat_template(cfg.get("chat_template"), cfg_path)
         if template is None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+        bos = _token_text(cfg.get("bos_token"), "bos_token", cfg_path)
+        eos = _token_text(cfg.get("eos_token"), "eos_token", cfg_path)
         gen_eos = gen.get("eos_token_id")
-        ids = list(eos_ids) + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        ids = _token_ids(gen_eos if isinstance(gen_eos, list) else [gen_eos], gen_path)
         if eos and backend.token_to_id(eos) is not None:
             ids.append(backend.token_to_id(eos))
-        return cls(backend, template, bos, eos, _stop_ids(backend, ids))
+        return cls(backend, template, bos, eos, _stop_ids(backend, list(eos_ids) + ids))
 
     @classmethod
     def from_gguf(cls, reader, path: Path) -> Tokenizer:
@@ -252,7 +254,7 @@ class Tokenizer:
             field_value(reader, "tokenizer.chat_template"),
             tok("tokenizer.ggml.bos_token_id"),
             tok("tokenizer.ggml.eos_token_id"),
-            _stop_ids(backend, [] if eos_id is None else [eos_id]),
+            _stop_ids(backend, _token_ids([eos_id], path)),
             note,
         )
 
@@ -287,8 +289,8 @@ def check_text(text: str, what: str = "the text") -> None:
         ) from None
 
 
-def _stop_ids(backend, ids) -> tuple[int, ...]:
-    out = [int(i) for i in ids if i is not None]
+def _stop_ids(backend, ids: list[int]) -> tuple[int, ...]:
+    out = list(ids)
     for token in END_OF_TURN:
         i = backend.token_to_id(token)
         if i is not None:
@@ -296,19 +298,59 @@ def _stop_ids(backend, ids) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-def _token_text(value) -> str | None:
-    if isinstance(value, dict):  # serialized AddedToken
-        return value.get("content")
+def _token_ids(values: list, source) -> list[int]:
+    """`eos_token_id`'s ids (None: none), each a whole number (JSON's true is not one)."""
+    ids = []
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not hasattr(type(v), "__index__"):  # (GGUF's: numpy's)
+            raise ModelLoadError(
+                f"{source}: eos_token_id must be a token id or a list of them, got {v!r}"
+            )
+        ids.append(operator.index(v))
+    return ids
+
+
+def _token_text(value, key: str, path: Path) -> str | None:
+    """A special token's text: a string, or a serialized AddedToken's content."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise ModelLoadError(f"{path}: {key} must be a token's text, got {value!r}")
+    return text
+
+
+def _chat_template(value, path: Path) -> str | None:
+    """The template text of `chat_template`: a string, or of a list of named templates
+    the one named "default" (None where none is)."""
+    if isinstance(value, list):
+        if not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t
+            for t in value
+        ):
+            raise ModelLoadError(
+                f"{path}: chat_template: a list of templates must hold objects with a "
+                "name and a template"
+            )
+        value = next((t["template"] for t in value if t["name"] == "default"), None)
+    if value is not None and not isinstance(value, str):
+        raise ModelLoadError(
+            f"{path}: chat_template must be a template's text, got {type(value).__name__}"
+        )
     return value
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path` ({} where there is no such file)."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         raise ModelLoadError(f"{path}: cannot read: {e}") from None
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _byte_level(reader, vocab: dict[str, int], merges, path: Path):

@@ -1,6 +1,7 @@
 """Bad input: one clear error of a project type that names the problem."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -354,6 +355,29 @@ def test_chat_templates_come_from_a_named_list_or_a_jinja_file(tmp_path, tiny_di
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
         rt = Runtime.from_pretrained(d, dtype="float32")
         assert rt.tokenizer.chat_template == default, name
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("generation_config.json", {"eos_token_id": "</s>"}, "eos_token_id must be a token id"),
+        ("generation_config.json", {"eos_token_id": [2, True]},
+         "eos_token_id must be a token id or a list of them, got True"),
+        ("tokenizer_config.json", {"chat_template": [{"name": "default"}]},
+         "chat_template: a list of templates must hold objects with a name and a template"),
+        ("tokenizer_config.json", {"chat_template": 5}, "chat_template must be a template's text"),
+        ("tokenizer_config.json", {"eos_token": ["</s>"]}, "eos_token must be a token's text"),
+        ("tokenizer_config.json", [], "expected a JSON object, got list"),
+    ],
+)  # fmt: skip
+def test_bad_tokenizer_config_values_are_named(tmp_path, tiny_dirs, file, content, message):
+    from offload.tokenizer import Tokenizer
+
+    src = tiny_dirs["llama-gqa-untied"][0]
+    (tmp_path / "tokenizer.json").symlink_to(src / "tokenizer.json")
+    (tmp_path / file).write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=re.escape(f"{tmp_path / file}: {message}")):
+        Tokenizer.from_hf_dir(tmp_path)
 
 
 def test_messages_that_are_not_a_conversation_are_named(tiny_dirs):

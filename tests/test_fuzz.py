@@ -119,6 +119,31 @@ def test_hf_config_json_values(tiny_hf, tmp_path_factory, key, value):
     ours_or_success(load, d, __import__("torch").float32, __import__("torch").device("cpu"))
 
 
+@FUZZ
+@given(file=st.sampled_from(["tokenizer_config.json", "generation_config.json"]),
+       key=st.sampled_from(["chat_template", "bos_token", "eos_token", "eos_token_id", None]),
+       value=json_values | st.sampled_from([[{"name": "default"}], [5], "{{ bos_token }}",
+                                            [{"name": "default", "template": "{{ eos_token }}"}],
+                                            {"content": "<|im_end|>"}, 2, [2, 1.5]]))  # fmt: skip
+def test_tokenizer_json_values(tiny_hf, tmp_path_factory, file, key, value):
+    """A value in the files beside tokenizer.json (None: the file's whole content), then a
+    chat prompt rendered: `"eos_token_id": "x"` or a list of unnamed templates crashed."""
+    from offload.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("t")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).symlink_to(tiny_hf / f)
+    base = json.loads((tiny_hf / file).read_text()) if (tiny_hf / file).exists() else {}
+    (d / file).unlink(missing_ok=True)
+    (d / file).write_text(json.dumps(value if key is None else {**base, key: value}))
+
+    def prompt():
+        tok = Tokenizer.from_hf_dir(d)
+        return tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+
+    ours_or_success(prompt)
+
+
 @pytest.mark.parametrize(
     "raw",
     [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"{\"model_type\": \"llama\"",
