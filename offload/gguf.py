@@ -18,7 +18,13 @@ import torch
 
 from offload.errors import ConfigError, ModelLoadError
 from offload.model import Transformer
-from offload.model_args import NOPE_INTERVAL, SUPPORTED_ARCHS, ModelArgs, RopeScaling
+from offload.model_args import (
+    NOPE_INTERVAL,
+    SUPPORTED_ARCHS,
+    ModelArgs,
+    RopeScaling,
+    whole_number,
+)
 from offload.weights import build_model, rename, split_fused
 
 _GGUF_NAMES = [
@@ -66,59 +72,67 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
         raise ModelLoadError(
             f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
         )
+    try:
+        return _gguf_args(reader, arch, path)
+    except ConfigError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:  # a string for a number, and such
+        raise ModelLoadError(f"{path}: invalid GGUF metadata value: {e}") from None
 
-    def req(key: str):
-        value = field_value(reader, f"{arch}.{key}")
+
+def _gguf_args(reader, arch: str, path: Path) -> ModelArgs:
+    def req(key: str, default=None):
+        value = field_value(reader, f"{arch}.{key}", default)
         if value is None:
             raise ModelLoadError(f"{path}: GGUF metadata key {arch}.{key} is missing")
         return value
 
+    def count(key: str, default=None) -> int:
+        return whole_number(req(key, default), f"{arch}.{key}")
+
     tensors = {t.name for t in reader.tensors}
-    dim = int(req("embedding_length"))
-    num_heads = int(req("attention.head_count"))
+    dim = count("embedding_length")
+    num_heads = count("attention.head_count")
     tokens = field_value(reader, "tokenizer.ggml.tokens") or []
     factors = _vector(reader, "rope_freqs.weight")
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
-    context = int(req("context_length"))
-    layers = int(req("block_count"))
+    context = count("context_length")
+    layers = count("block_count")
     # SmolLM3's layers without RoPE: its files do not say; llama.cpp takes every 4th
     nope = range(NOPE_INTERVAL - 1, layers, NOPE_INTERVAL) if arch == "smollm3" else ()
-    num_kv_heads = int(field_value(reader, f"{arch}.attention.head_count_kv", num_heads))
+    num_kv_heads = count("attention.head_count_kv", num_heads)
     head_dim, rotary_dim = _head_dims(reader, arch, dim, num_heads, num_kv_heads)
-    try:
-        scaling = gguf_rope_scaling(reader, arch, context)
-        if scaling is not None:
-            context = max(context, scaling.context)
-        # Phi-3's sliding window (mini-4k: 2,047) caps the context, as from config.json:
-        # attention here is global, exact up to the window only. (Other converters write
-        # windows their models do not use, as Qwen2.5's config.json holds one turned off.)
-        window = field_value(reader, f"{arch}.attention.sliding_window") if arch == "phi3" else 0
-        if window and int(window) < context:
-            context = int(window)
-        return ModelArgs(
-            arch=arch,
-            dim=dim,
-            num_layers=layers,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            rotary_dim=rotary_dim,
-            nope_layers=nope,
-            hidden_dim=int(req("feed_forward_length")),
-            vocab_size=int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens)),
-            norm_eps=float(req("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            rope_freq_factors=factors,
-            max_seq_len=context,
-            tie_embeddings="output.weight" not in tensors,
-            qkv_bias="blk.0.attn_q.bias" in tensors,
-            qk_norm="blk.0.attn_q_norm.weight" in tensors,
-            bos_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
-            eos_ids=() if eos is None else (int(eos),),
-        )
-    except ConfigError as e:
-        raise ModelLoadError(f"{path}: {e}") from None
+    scaling = gguf_rope_scaling(reader, arch, context)
+    if scaling is not None:
+        context = max(context, scaling.context)
+    # Phi-3's sliding window (mini-4k: 2,047) caps the context, as from config.json:
+    # attention here is global, exact up to the window only. (Other converters write
+    # windows their models do not use, as Qwen2.5's config.json holds one turned off.)
+    window = count("attention.sliding_window", 0) if arch == "phi3" else 0
+    if window and window < context:
+        context = window
+    return ModelArgs(
+        arch=arch,
+        dim=dim,
+        num_layers=layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
+        nope_layers=nope,
+        hidden_dim=count("feed_forward_length"),
+        vocab_size=count("vocab_size", len(tokens)) or len(tokens),
+        norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(req("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rope_freq_factors=factors,
+        max_seq_len=context,
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        bos_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_ids=() if eos is None else (whole_number(eos, "tokenizer.ggml.eos_token_id"),),
+    )
 
 
 def _head_dims(reader, arch: str, dim: int, heads: int, kv_heads: int) -> tuple[int, int | None]:
@@ -126,16 +140,20 @@ def _head_dims(reader, arch: str, dim: int, heads: int, kv_heads: int) -> tuple[
     rows of the q matrix (or of the fused qkv), else RoPE's or dim / heads; and RoPE's
     dimensions (`rope.dimension_count`) where they are not the whole head (Phi-4-mini's
     files give 96 for heads of 128, and no key_length)."""
-    rot = field_value(reader, f"{arch}.rope.dimension_count", None)
-    head = field_value(reader, f"{arch}.attention.key_length", None)
+
+    def count(key: str) -> int | None:
+        value = field_value(reader, f"{arch}.{key}", None)
+        return None if value is None else whole_number(value, f"{arch}.{key}")
+
+    rot, head = count("rope.dimension_count"), count("attention.key_length")
     if head is None:
         out_rows = {t.name: int(t.shape[-1]) for t in reader.tensors}  # (shapes reversed)
         q, qkv = out_rows.get("blk.0.attn_q.weight"), out_rows.get("blk.0.attn_qkv.weight")
         rows, per = (q, heads) if q else (qkv, heads + 2 * kv_heads)
         if rows and per > 0 and rows % per == 0:
             head = rows // per
-    head = int(head or rot or (dim // heads if heads > 0 else 0))  # 0 heads: refused later
-    return head, (int(rot) if rot is not None and int(rot) != head else None)
+    head = head or rot or (dim // heads if heads > 0 else 0)  # 0 heads: refused later
+    return head, (rot if rot is not None and rot != head else None)
 
 
 PERMUTED = ("llama", "smollm3")  # archs whose Q/K rows llama.cpp's converter permutes

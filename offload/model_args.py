@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from offload.errors import ConfigError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
@@ -158,18 +160,29 @@ def _nope_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(i for i, rotates in enumerate(flags) if not rotates)
 
 
+def whole_number(value: Any, name: str) -> int:
+    """`value` (a config's or a GGUF header's) as an int where it is a whole number, or its
+    digits: JSON's and GGUF's true and false are not numbers here (`int(True)` made a head
+    of one dimension), nor is 64.5 a count of 64, nor infinity."""
+    try:
+        number = int(value)
+        whole = isinstance(value, str) or number == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return number
+
+
 def _count(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
-    """An integer of a `config.json`, `default` where it is absent or null (KeyError where
-    there is none): a whole number or its digits. JSON's true and false are not numbers
-    here (`int(True)` made a head of one dimension), nor is 64.5 a count of 64."""
+    """`whole_number` of a `config.json`'s `key`, `default` where it is absent or null
+    (KeyError where there is none)."""
     value = cfg.get(key)
     if value is None:
         if default is None:
             raise KeyError(key)
         value = default
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"{key} must be a whole number, got {value!r}")
-    return int(value)
+    return whole_number(value, key)
 
 
 # Upper bounds of a model's dimensions, far above any real model's (Llama-3.1-405B: dim

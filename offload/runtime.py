@@ -153,6 +153,8 @@ class Runtime(DocumentsAndSessions):
         return self.prompts.encode(prompt)
 
     def _check_fits(self, ids: list[int], what: str) -> None:
+        if not ids:  # (a chat template may render nothing the tokenizer has a token for)
+            raise OffloadError(f"{what} is empty: its text encodes to no tokens")
         limit = self.args.max_seq_len
         if len(ids) >= limit:
             raise ContextLengthError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.errors import ModelLoadError, OffloadError
+from storage.errors import first_line
 
 # Used only when a model ships no chat template.
 CHATML_TEMPLATE = (
@@ -226,6 +227,12 @@ class Tokenizer:
         types = list(field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
         vocab = {tok: i for i, tok in enumerate(tokens)}
         merges = field_value(reader, "tokenizer.ggml.merges")  # (SentencePiece: usually none)
+        if merges is not None and (
+            not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges)
+        ):
+            raise ModelLoadError(
+                f'{path}: tokenizer.ggml.merges must be a list of merges, two tokens each ("a b")'
+            )
         try:
             merges = None if merges is None else [tuple(m.split(" ", 1)) for m in merges]
             if kind == "llama":
@@ -234,7 +241,7 @@ class Tokenizer:
                 backend, note = _byte_level(reader, vocab, merges, path)
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ModelLoadError(
-                f"{path}: the GGUF vocabulary or merges are invalid: {e}"
+                f"{path}: the GGUF vocabulary or merges are invalid: {first_line(e)}"
             ) from None
         # Control (3) and user-defined (4) tokens are matched whole in input text.
         from tokenizers import AddedToken
@@ -251,7 +258,7 @@ class Tokenizer:
         eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
         return cls(
             backend,
-            field_value(reader, "tokenizer.chat_template"),
+            _chat_template(field_value(reader, "tokenizer.chat_template"), path),
             tok("tokenizer.ggml.bos_token_id"),
             tok("tokenizer.ggml.eos_token_id"),
             _stop_ids(backend, _token_ids([eos_id], path)),

@@ -388,12 +388,14 @@ def spm_vocab() -> tuple[list[str], list[int], list[float]]:
 
 def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
                tokenizer="gpt2", dim_key=True, pre=None, sentencepiece=False,
-               arch="llama", control=(), dim=8, ff=16, quant=None):  # fmt: skip
+               arch="llama", control=(), dim=8, ff=16, quant=None, metadata=None):  # fmt: skip
     """A minimal llama GGUF: 1 layer, dim 8 (ffn 16), byte-level vocabulary (`tokenizer` names
     another kind, `pre` its pre-tokenizer; without `dim_key`, no embedding length;
     `control`: more control tokens); `sentencepiece`: a SentencePiece BPE vocabulary
     (`spm_vocab`) and no merges; `quant` (one gguf quantizes, Q4_0, Q4_1, Q5_0, Q8_0, or
-    Q4_K): the type of the block linears whose inputs are whole blocks of it (32; Q4_K: 256)."""
+    Q4_K): the type of the block linears whose inputs are whole blocks of it (32; Q4_K: 256);
+    `metadata`: {key: (value, GGUFValueType, the array's item type or None)} written in
+    place of what the key would hold, or None to leave the key out."""
     import gguf
     import numpy as np
 
@@ -448,6 +450,10 @@ def write_gguf(path, block_count=1, context=256, merges=("a b",), template=None,
             continue
         blocks = q4_k_blocks(x) if quant == "Q4_K" else gguf.quants.quantize(x, kind)
         w.add_tensor(name, blocks, raw_dtype=kind)
+    for key, typed in (metadata or {}).items():
+        w.kv_data[0].pop(key, None)
+        if typed is not None:
+            w.kv_data[0][key] = gguf.GGUFValue(*typed)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

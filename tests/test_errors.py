@@ -7,9 +7,17 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from gguf import GGUFValueType as T
 
 from cli.main import main
-from offload import ConfigError, ContextLengthError, DeviceMemoryError, ModelLoadError, Runtime
+from offload import (
+    ConfigError,
+    ContextLengthError,
+    DeviceMemoryError,
+    ModelLoadError,
+    OffloadError,
+    Runtime,
+)
 from tests.conftest import embedded_gguf_path, write_gguf
 
 
@@ -56,6 +64,15 @@ def test_truncated_gguf(tmp_path, keep):
         ({"dim_key": False}, "m.gguf: GGUF metadata key llama.embedding_length is missing"),
         ({"tokenizer": "bert"}, "m.gguf: tokenizer type 'bert' is not supported yet "
                                 "\\(byte-level BPE 'gpt2' and SentencePiece BPE 'llama' are\\)"),
+        # (values of the wrong kind: each crashed past the loader before)
+        ({"metadata": {"llama.attention.key_length": (float("inf"), T.FLOAT32)}},
+         "m.gguf: llama.attention.key_length must be a whole number, got inf"),
+        ({"metadata": {"llama.block_count": (True, T.BOOL)}},
+         "m.gguf: llama.block_count must be a whole number, got True"),
+        ({"metadata": {"tokenizer.ggml.merges": ("a b", T.STRING)}},
+         "m.gguf: tokenizer.ggml.merges must be a list of merges, two tokens each"),
+        ({"metadata": {"tokenizer.chat_template": (0.5, T.FLOAT32)}},
+         "m.gguf: chat_template must be a template's text, got float"),
     ],
 )  # fmt: skip
 def test_a_gguf_the_loader_cannot_take_is_named(tmp_path, kw, message):
@@ -67,6 +84,16 @@ def test_a_gguf_the_loader_cannot_take_is_named(tmp_path, kw, message):
         Runtime.from_pretrained(path)
     result = CliRunner().invoke(main, ["generate", "-m", str(path), "hi"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_a_prompt_of_no_tokens_is_named(tmp_path):
+    """A chat template that writes only text the vocabulary has no token for: the prompt
+    is empty (it reached the prefill's assertion before)."""
+    rt = Runtime.from_pretrained(write_gguf(tmp_path / "m.gguf", template="\u00bf"))
+    with pytest.raises(OffloadError, match="the prompt is empty: its text encodes to no tokens"):
+        rt.generate("hi", max_new_tokens=2)
+    with pytest.raises(OffloadError, match="the conversation is empty: its text encodes"):
+        rt.chat().send("hi", max_new_tokens=2)
 
 
 def test_not_a_model_file(tmp_path):
@@ -134,7 +161,7 @@ def test_cli_errors_are_one_line_exit_2(args, message):
         ({"max_position_embeddings": 0}, "max_seq_len must be a positive integer"),
         ({"rms_norm_eps": float("nan")}, "norm_eps must be a finite number above 0"),
         ({"rope_scaling": "llama3"}, "invalid value"),
-        ({"intermediate_size": [96]}, "invalid value"),
+        ({"intermediate_size": [96]}, r"intermediate_size must be a whole number, got \[96\]"),
         # (JSON's true is no count: int(True) made a head of one dimension, and a crash)
         ({"head_dim": True}, "head_dim must be a whole number, got True"),
         ({"num_hidden_layers": False}, "num_hidden_layers must be a whole number, got False"),

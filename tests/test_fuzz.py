@@ -193,6 +193,77 @@ def test_gguf_header_bytes(tmp_path_factory, data):
     ours_or_success(load_gguf, src)
 
 
+GGUF_KEYS = [
+    "llama.block_count",
+    "llama.context_length",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.rope.freq_base",
+    "llama.rope.dimension_count",
+    "llama.attention.key_length",
+    "llama.rope.scaling.type",
+    "llama.rope.scaling.factor",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.chat_template",
+    "general.architecture",
+    "llama.attention.sliding_window",
+]
+
+
+def gguf_values():
+    from gguf import GGUFValueType as T
+
+    special = [(float("inf"), T.FLOAT32, None), (float("nan"), T.FLOAT32, None),
+               (0.5, T.FLOAT32, None), (True, T.BOOL, None), ("\u00bf", T.STRING, None),
+               ("ab", T.STRING, None), (["a"], T.ARRAY, T.STRING), ([3], T.ARRAY, T.INT32)]  # fmt: skip
+    return st.one_of(
+        st.sampled_from(special),
+        st.integers(0, 2**32 - 1).map(lambda v: (v, T.UINT32, None)),
+        st.integers(-(2**40), -1).map(lambda v: (v, T.INT64, None)),
+        st.sampled_from([0, 1, 2, 3, 7, 16, 10**6]).map(lambda v: (v, T.UINT32, None)),
+        st.floats(width=32).map(lambda v: (v, T.FLOAT32, None)),
+        (st.text(max_size=8) | st.sampled_from(["llama", "gpt2", "yarn", "{{ bos_token }}"])).map(
+            lambda v: (v, T.STRING, None)
+        ),
+        st.lists(st.text(max_size=4), min_size=1, max_size=4).map(lambda v: (v, T.ARRAY, T.STRING)),
+        st.lists(st.integers(-5, 300), min_size=1, max_size=4).map(lambda v: (v, T.ARRAY, T.INT32)),
+        st.just(None),  # the key left out
+    )
+
+
+@FUZZ
+@given(st.data())
+def test_gguf_metadata_values(tmp_path_factory, data):
+    """Typed values in a GGUF's metadata, then a chat prompt answered: a merges string, a
+    template of no string or of text outside the vocabulary crashed past the loader."""
+    import torch
+
+    from offload import Runtime
+
+    keys = data.draw(st.lists(st.sampled_from(GGUF_KEYS), min_size=1, max_size=3, unique=True))
+    metadata = {key: data.draw(gguf_values()) for key in keys}
+    path = write_gguf(tmp_path_factory.mktemp("g") / "m.gguf", metadata=metadata,
+                      template="{% for m in messages %}{{ m.content }}{% endfor %}")  # fmt: skip
+
+    def answer():
+        rt = Runtime(load_gguf(path), RuntimeConfig(), torch.device("cpu"))
+        try:
+            return rt.generate([{"role": "user", "content": "hi ab"}], max_new_tokens=2)
+        finally:
+            rt.close()
+
+    ours_or_success(answer)
+
+
 @pytest.mark.parametrize("merge", [b"\xff\xfe b", b"\xc3"])
 def test_gguf_with_invalid_utf8_merges(tmp_path, merge):
     src = write_gguf(tmp_path / "m.gguf", merges=("a b",))
