@@ -62,7 +62,7 @@ def parse_bytes(value: int | str | None, key: str) -> int | None:
         n = float(num)
     except ValueError:
         n = -1.0
-    if unit not in units or n < 0:
+    if unit not in units or not 0 <= n < float("inf"):  # (not NaN either)
         raise ConfigError(f"{key}: cannot read {value!r} as a size (examples: '6GiB', '512MB')")
     return int(n * units[unit])
 

@@ -78,7 +78,7 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text, "kv.host_bytes") == expected
 
 
-@pytest.mark.parametrize("text", ["6 GiBs", "-1GB", "lots", True, -1])
+@pytest.mark.parametrize("text", ["6 GiBs", "-1GB", "lots", True, -1, "nan", "inf", "1e400 GB"])
 def test_parse_bytes_rejects(text):
     with pytest.raises(ConfigError, match="kv.host_bytes"):
         parse_bytes(text, "kv.host_bytes")
