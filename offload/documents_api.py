@@ -54,6 +54,10 @@ class DocumentsAndSessions:
             return requests.run(self._read_document, text, system, progress)
 
     def _read_document(self, text: str, system: str | None, progress: Progress | None) -> dict:
+        if not isinstance(text, str):
+            raise OffloadError(f"the document must be a string, not {type(text).__name__}")
+        if system is not None and not isinstance(system, str):
+            raise OffloadError(f"the system prompt must be a string, not {type(system).__name__}")
         if not text.strip():
             raise OffloadError("the document is empty")
         self.document = {"text": text, "system": system}

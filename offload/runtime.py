@@ -14,6 +14,7 @@ what differs.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -298,7 +299,13 @@ class Runtime(DocumentsAndSessions):
 
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """float32 logits `[len, vocab]` of one full forward over `token_ids` (fresh cache)."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().tolist()
+        if isinstance(token_ids, torch.Tensor):
+            whole = not (token_ids.is_floating_point() or token_ids.is_complex())
+            ids = token_ids.flatten().tolist() if whole and token_ids.dtype != torch.bool else None
+        else:
+            ids = list(token_ids) if isinstance(token_ids, (list, tuple)) else None
+        if ids is None or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in ids):
+            raise OffloadError("logits() takes token ids: a list of ints or an integer tensor")
         if not ids:
             raise OffloadError("logits() needs at least one token id")
         bad = [i for i in ids if not 0 <= i < self.args.vocab_size]

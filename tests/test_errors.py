@@ -312,6 +312,17 @@ def test_python_api_misuse_is_one_error_naming_it(tiny_dirs):
         rt.ask("what?")
     with pytest.raises(OffloadError, match="the document is empty"):
         rt.load_document(" \n ")
+    # (each of these raised from deep inside before: torch, str.strip, a comparison)
+    for wrong in (None, "12", [1.5], [True], torch.tensor([1.0])):
+        with pytest.raises(OffloadError, match=r"logits\(\) takes token ids: a list of ints"):
+            rt.logits(wrong)
+    assert rt.logits(torch.tensor([1, 2])).shape == (2, V)
+    with pytest.raises(OffloadError, match="the document must be a string, not NoneType"):
+        rt.load_document(None)
+    with pytest.raises(OffloadError, match="the system prompt must be a string, not int"):
+        rt.load_document("text", system=3)
+    with pytest.raises(ConfigError, match="generation.max_new_tokens"):
+        rt.chat().send("hi", max_new_tokens=[2])
     assert rt.document is None
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="model.device: 'cuda' requested but CUDA is not"):
