@@ -1,9 +1,14 @@
 """Hostile input, generated: every case ends in the project's own error or succeeds.
 
-Seeded (derandomized) hypothesis runs over config values, HF `config.json` files,
-GGUF headers, session manifests and CURRENT files. A case may succeed or raise an
-`OffloadError` / `StorageError` (which the CLI prints as one line); any other
+Seeded (derandomized) hypothesis runs over config values, HF `config.json` files and
+the tokenizer's files beside them, GGUF headers (bytes, and typed metadata values),
+session manifests and CURRENT files, and the Python API's calls. A case may succeed or
+raise an `OffloadError` / `StorageError` (which the CLI prints as one line); any other
 exception, a hang past the deadline or a large allocation is a failure.
+
+The suite runs 60 seeded cases a test. A search for new failures runs more, unseeded:
+
+    OFFLOAD_FUZZ_EXAMPLES=2000 OFFLOAD_FUZZ_RANDOM=1 python -m pytest -q tests/test_fuzz.py
 """
 
 import json
@@ -22,8 +27,9 @@ from storage.disk import StorageError
 from tests.conftest import rewrite_manifest, write_gguf
 
 FUZZ = settings(
-    derandomize=True, max_examples=60, deadline=None, database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=os.environ.get("OFFLOAD_FUZZ_RANDOM") != "1",
+    max_examples=int(os.environ.get("OFFLOAD_FUZZ_EXAMPLES", "60")), deadline=None,
+    database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )  # fmt: skip
 CASE_SECONDS = 10
 CASE_BYTES = 2 << 30  # no case may grow the process by this much
@@ -395,3 +401,35 @@ def test_a_prompt_that_is_not_utf8_is_named(tiny_hf):
         rt.generate("caf\udce9", max_new_tokens=2)
     r = CliRunner().invoke(main, ["generate", "-m", str(tiny_hf), "-n", "2", "caf\udce9"])
     assert r.exit_code == 2 and "not valid UTF-8" in r.output
+
+
+@pytest.fixture(scope="module")
+def api_runtime(tiny_hf):
+    from offload import Runtime
+
+    rt = Runtime.from_pretrained(tiny_hf, dtype="float32")
+    yield rt
+    rt.close()
+
+
+SAMPLING = ["temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
+            "repeat_last_n", "prefill_chunk", "unknown"]  # fmt: skip
+
+
+@FUZZ
+@given(call=st.sampled_from(["generate", "stream", "send", "logits", "load_document", "ask"]),
+       arg=json_values | st.text(max_size=12), max_new=st.none() | st.integers(-2, 3) | json_values,
+       sampling=st.dictionaries(st.sampled_from(SAMPLING), json_values, max_size=2))  # fmt: skip
+def test_python_api_arguments(api_runtime, call, arg, max_new, sampling):
+    """The Runtime's calls with arguments of any kind: logits(None), load_document(None)
+    and a chat turn's max_new_tokens of a list raised from deep inside."""
+    rt = api_runtime
+    calls = {
+        "generate": lambda: rt.generate(arg, max_new, **sampling),
+        "stream": lambda: list(rt.stream(arg, max_new, **sampling)),
+        "send": lambda: rt.chat().send(arg, max_new, **sampling),
+        "logits": lambda: rt.logits(arg),
+        "load_document": lambda: rt.load_document(arg),
+        "ask": lambda: rt.ask(arg, max_new, **sampling),
+    }
+    ours_or_success(calls[call])
