@@ -8,8 +8,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from offload.errors import ConfigError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
@@ -169,7 +167,7 @@ def whole_number(value: Any, name: str) -> int:
         whole = isinstance(value, str) or number == value
     except (TypeError, ValueError, OverflowError):
         whole = False
-    if not whole or isinstance(value, (bool, np.bool_)):
+    if not whole or isinstance(value, bool):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     return number
 
