@@ -326,7 +326,7 @@ class ModelArgs:
                 rotary_dim=rotary_dim if rotary_dim != head_dim else None,
                 nope_layers=_nope_layers(cfg) if arch == "smollm3" else (),
                 bos_id=cfg.get("bos_token_id"),
-                eos_ids=tuple(int(e) for e in eos_ids),
+                eos_ids=tuple(whole_number(e, "eos_token_id") for e in eos_ids),
             )
         except KeyError as e:
             raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from offload.errors import ModelLoadError, OffloadError
+from offload.errors import ConfigError, ModelLoadError, OffloadError
+from offload.model_args import whole_number
 from storage.errors import first_line
 
 # Used only when a model ships no chat template.
@@ -306,17 +306,11 @@ def _stop_ids(backend, ids: list[int]) -> tuple[int, ...]:
 
 
 def _token_ids(values: list, source) -> list[int]:
-    """`eos_token_id`'s ids (None: none), each a whole number (JSON's true is not one)."""
-    ids = []
-    for v in values:
-        if v is None:
-            continue
-        if isinstance(v, bool) or not hasattr(type(v), "__index__"):  # (GGUF's: numpy's)
-            raise ModelLoadError(
-                f"{source}: eos_token_id must be a token id or a list of them, got {v!r}"
-            )
-        ids.append(operator.index(v))
-    return ids
+    """`eos_token_id`'s ids (None: none), each a `whole_number`."""
+    try:
+        return [whole_number(v, "eos_token_id") for v in values if v is not None]
+    except ConfigError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
 
 
 def _token_text(value, key: str, path: Path) -> str | None:

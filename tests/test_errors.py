@@ -398,9 +398,10 @@ def test_chat_templates_come_from_a_named_list_or_a_jinja_file(tmp_path, tiny_di
 @pytest.mark.parametrize(
     "file, content, message",
     [
-        ("generation_config.json", {"eos_token_id": "</s>"}, "eos_token_id must be a token id"),
+        ("generation_config.json", {"eos_token_id": "</s>"},
+         "eos_token_id must be a whole number, got '</s>'"),
         ("generation_config.json", {"eos_token_id": [2, True]},
-         "eos_token_id must be a token id or a list of them, got True"),
+         "eos_token_id must be a whole number, got True"),
         ("tokenizer_config.json", {"chat_template": [{"name": "default"}]},
          "chat_template: a list of templates must hold objects with a name and a template"),
         ("tokenizer_config.json", {"chat_template": 5}, "chat_template must be a template's text"),
