@@ -213,7 +213,7 @@ def test_ctrl_c_that_python_drops_still_stops_an_answer():
 
 
 def test_a_model_without_chat_template_says_which_is_used(tmp_path):
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     src = write_gguf(tmp_path / "m.gguf")
     r = CliRunner().invoke(main, ["generate", "-m", str(src), "-n", "2", "ab"])

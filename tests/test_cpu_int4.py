@@ -11,7 +11,7 @@ import torch
 
 from offload import Runtime, quantize
 from offload.loading import load, read_model_info
-from tests.conftest import write_gguf
+from tests.gguf_files import write_gguf
 
 CPU = torch.device("cpu")
 

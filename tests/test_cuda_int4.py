@@ -210,7 +210,7 @@ def test_a_gguf_quantized_on_cuda_is_cached_in_that_form(tmp_path, monkeypatch, 
     from safetensors import safe_open
 
     from offload.loading import load
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     src = write_gguf(tmp_path / "m.gguf", dim=64, ff=96, quant=quant)

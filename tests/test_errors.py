@@ -18,7 +18,8 @@ from offload import (
     OffloadError,
     Runtime,
 )
-from tests.conftest import embedded_gguf_path, write_gguf
+from tests.conftest import embedded_gguf_path
+from tests.gguf_files import write_gguf
 
 
 def test_missing_path():

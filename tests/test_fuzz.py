@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from offload.config import RuntimeConfig, _locate
 from offload.errors import OffloadError
 from storage.disk import StorageError
-from tests.conftest import rewrite_manifest, write_gguf
+from tests.conftest import rewrite_manifest
+from tests.gguf_files import write_gguf
 
 FUZZ = settings(
     derandomize=os.environ.get("OFFLOAD_FUZZ_RANDOM") != "1",

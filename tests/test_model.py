@@ -166,7 +166,7 @@ def test_a_decode_split_into_ranges_of_keys_equals_the_whole(dtype, monkeypatch)
 
 def test_weight_cache_keeps_one_entry_per_model_dtype_and_form(tmp_path, monkeypatch):
     from offload.loading import load
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "weights"
@@ -193,7 +193,7 @@ def test_weight_cache_leaves_no_partial_file(tmp_path, monkeypatch):
     import safetensors.torch
 
     from offload.loading import load
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cache" / "weights"
@@ -223,7 +223,7 @@ def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
     import offload.gguf
     from offload import weight_cache
     from offload.loading import load
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     src = write_gguf(tmp_path / "m.gguf")

@@ -292,7 +292,7 @@ def test_a_gguf_tokenizers_split(tmp_path, monkeypatch):
 
     from cli.main import main
     from offload.loading import load
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     def pieces(tok, text):
         return [p for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str(text)]
@@ -361,7 +361,7 @@ def test_a_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path):
     first piece only, and not a text that starts with a space.)"""
     from offload.gguf import open_gguf
     from offload.tokenizer import StreamDecoder, Tokenizer
-    from tests.conftest import spm_vocab, write_gguf
+    from tests.gguf_files import spm_vocab, write_gguf
 
     encode, sp = sentencepiece_reference(*spm_vocab())
     src = write_gguf(tmp_path / "spm.gguf", sentencepiece=True)

@@ -12,7 +12,8 @@ from offload import Runtime, prompts
 from offload.gguf import open_gguf
 from offload.prompts import Prompts, document_messages
 from offload.tokenizer import _SPLITS, Tokenizer
-from tests.conftest import filler_text, write_gguf
+from tests.conftest import filler_text
+from tests.gguf_files import write_gguf
 
 PIECES = [" ", "  ", "\n", "\n\n", " \n", "\t", "\r\n", "12345", "7", "...", "!?", "'s", "'T",
           " don't", "é", "Ñandú", "東京", "😀", " 😀", "CamelCase", "HTTPServer", "x=1;",

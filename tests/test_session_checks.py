@@ -10,7 +10,8 @@ import torch
 from offload import OffloadError, Runtime
 from storage.disk import StorageError
 from storage.session import SessionError, SessionLock, SessionLockedError, open_session
-from tests.conftest import filler_text, on_cuda, rewrite_manifest, write_gguf
+from tests.conftest import filler_text, on_cuda, rewrite_manifest
+from tests.gguf_files import write_gguf
 from tests.test_sessions import doc_runtime, flip_byte, saved, tiny  # noqa: F401 (fixtures)
 
 

@@ -151,7 +151,7 @@ def test_a_runtime_says_whether_its_prompt_opened_the_block(tmp_path, opens):
     """`Runtime.thinking_opened`, set as a request starts: an R1 distill's template ends
     its prompt with `<think>`; another template (Qwen3's) leaves the model to open it."""
     from offload import Runtime
-    from tests.conftest import write_gguf
+    from tests.gguf_files import write_gguf
 
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}" + "<think>" * opens
     src = write_gguf(tmp_path / "r.gguf", template=template, control=("<think>", "</think>"))
