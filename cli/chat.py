@@ -135,7 +135,11 @@ def file_args(args: str, posix: bool = os.name != "nt") -> tuple[str, str]:
     all of `args` where that names a file (a path with spaces, unquoted, and no text).
     The words after it are kept as typed (their quotes too). ValueError: an unclosed quote.
     Not `posix` (Windows): backslashes are a path's own; quotes still group."""
-    if Path(args).expanduser().is_file():
+    try:
+        whole = Path(args).expanduser().is_file()
+    except OSError:  # (a name too long to be a file's: the words are read as below)
+        whole = False
+    if whole:
         return args, ""
     lexer = shlex.shlex(args, posix=posix)
     lexer.whitespace_split = True

@@ -15,14 +15,18 @@ def read_documents(paths) -> str:
     parts = []
     for name in paths:
         p = Path(name)
-        if not p.is_file():
-            raise OffloadError(f"document not found: {p}" if not p.exists() else f"not a file: {p}")
         try:
+            if not p.is_file():
+                raise OffloadError(
+                    f"document not found: {p}" if not p.exists() else f"not a file: {p}"
+                )
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise OffloadError(
                 f"{p}: not UTF-8 text (offload reads text and markdown files)"
             ) from None
+        except OSError as e:  # (a name too long, no permission, a read error)
+            raise OffloadError(f"cannot read {p}: {e.strerror or e}") from None
         if not text.strip():
             raise OffloadError(f"{p}: the document is empty")
         parts.append(f"# {p.name}\n\n{text.strip()}" if len(paths) > 1 else text.strip())

@@ -97,6 +97,15 @@ class SessionLock:
         self.fd = None
 
 
+def _exists(path: Path) -> bool:
+    """`path.exists()`, or SessionError where the file system cannot say (a name past its
+    length limit, a folder on the way that may not be searched)."""
+    try:
+        return path.exists()
+    except OSError as e:
+        raise SessionError(f"session path {path}: {e.strerror or e}") from None
+
+
 def prepare_dir(path: Path, replace: bool = False, continues: str | None = None) -> Path:
     """Create the session directory, or say clearly why it cannot be one (`check_dir`)."""
     path = Path(path).expanduser()
@@ -118,7 +127,7 @@ def check_dir(path: Path, replace: bool = False, continues: str | None = None) -
     version `continues` names (the one the saver loaded or last saved there: a save
     continues it unless another saver saved there since)."""
     path = Path(path).expanduser()
-    if path.exists():
+    if _exists(path):
         if not path.is_dir():
             raise SessionError(f"session path {path} is a file, not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
@@ -126,7 +135,7 @@ def check_dir(path: Path, replace: bool = False, continues: str | None = None) -
         _check_contents(path, replace, continues)
         return
     parent = path.parent
-    while not parent.exists():
+    while not _exists(parent):
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SessionError(f"cannot create session directory {path}: {parent} is not writable")
@@ -191,7 +200,7 @@ def save_session(
     A save that fails (a full disk, an error) leaves the session as it was: the new
     version's folder is removed, and so is the session folder when this save created it
     (a killed save's folder is removed by the next save)."""
-    created = not Path(path).expanduser().exists()
+    created = not _exists(Path(path).expanduser())
     path = prepare_dir(path, replace, continues)
     L: KVLayout = store.layout
     T = store.num_tokens
@@ -386,7 +395,7 @@ def open_session(path: Path, verify_later: bool = False) -> OpenedSession:
     before it uses anything read from them.
     """
     path = Path(path).expanduser()
-    if not path.exists():
+    if not _exists(path):
         raise SessionError(f"no session at {path}")
     if not path.is_dir():
         raise SessionError(f"session path {path} is a file, not a directory")

@@ -441,3 +441,26 @@ def test_a_spill_folder_that_cannot_be_made_is_named(tmp_path, tiny_dirs):
         rt = Runtime.from_pretrained(tiny_dirs["llama-gqa-untied"][0], dtype="float32",
                                      mode="dense", disk_dir=str(bad))  # fmt: skip
         rt.generate("seven stones", max_new_tokens=2)
+
+
+def test_a_path_the_file_system_refuses_is_named(tmp_path):
+    """A name past the file system's length limit (or a read error): the session, the
+    document or the chat's /file and /save name it, where an OSError came out of
+    pathlib before."""
+    from offload.documents import read_documents
+    from storage.session import SessionError
+
+    model = write_gguf(tmp_path / "m.gguf")
+    long = tmp_path / ("y" * 300)
+    rt = Runtime.from_pretrained(model)
+    rt.load_document("seven stones")
+    with pytest.raises(SessionError, match="File name too long"):
+        rt.save_session(long)
+    with pytest.raises(SessionError, match=f"session path {long}: File name too long"):
+        Runtime.load_session(long, model=model)
+    with pytest.raises(OffloadError, match=f"cannot read {long}: File name too long"):
+        read_documents([long])
+    r = CliRunner().invoke(main, ["chat", "-m", str(model), "-n", "1"],
+                           input=f"/file {long}\n/save {long}\n/exit\n")  # fmt: skip
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "cannot read" in r.output and "File name too long" in r.output.replace("\n", "")
