@@ -99,7 +99,10 @@ class SessionLock:
 
 def _exists(path: Path) -> bool:
     """`path.exists()`, or SessionError where the file system cannot say (a name past its
-    length limit, a folder on the way that may not be searched)."""
+    length limit, a folder on the way that may not be searched) or could not hold such a
+    name (a NUL character: pathlib says no file is there, and mkdir then raises)."""
+    if "\x00" in str(path):
+        raise SessionError(f"session path {str(path)!r}: a path cannot hold a NUL character")
     try:
         return path.exists()
     except OSError as e:

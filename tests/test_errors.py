@@ -460,6 +460,8 @@ def test_a_path_the_file_system_refuses_is_named(tmp_path):
         Runtime.load_session(long, model=model)
     with pytest.raises(OffloadError, match=f"cannot read {long}: File name too long"):
         read_documents([long])
+    with pytest.raises(SessionError, match="a path cannot hold a NUL character"):
+        rt.save_session(tmp_path / "a\x00b")
     r = CliRunner().invoke(main, ["chat", "-m", str(model), "-n", "1"],
                            input=f"/file {long}\n/save {long}\n/exit\n")  # fmt: skip
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
