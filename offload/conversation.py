@@ -21,6 +21,7 @@ import torch
 
 from offload.errors import CUDA_FORKED, ContextLengthError, OffloadError
 from offload.generate import Progress, StepResult
+from offload.tokenizer import check_system
 from storage import threads
 from storage.errors import StorageError
 
@@ -284,6 +285,7 @@ class Conversation:
     ):
         """A new conversation, or (with `state`, `messages` and what of them is `pinned`)
         one resumed from a session or begun on a loaded document."""
+        check_system(system)
         self.runtime = runtime
         self.system = system
         self.trim = trim

@@ -16,6 +16,7 @@ from offload.config import RuntimeConfig
 from offload.conversation import Conversation, KVState, common_prefix
 from offload.errors import OffloadError
 from offload.generate import Progress, prefill
+from offload.tokenizer import check_system
 from storage import threads
 from storage.errors import StorageError
 
@@ -56,8 +57,7 @@ class DocumentsAndSessions:
     def _read_document(self, text: str, system: str | None, progress: Progress | None) -> dict:
         if not isinstance(text, str):
             raise OffloadError(f"the document must be a string, not {type(text).__name__}")
-        if system is not None and not isinstance(system, str):
-            raise OffloadError(f"the system prompt must be a string, not {type(system).__name__}")
+        check_system(system)
         if not text.strip():
             raise OffloadError("the document is empty")
         self.document = {"text": text, "system": system}

@@ -299,6 +299,11 @@ class Runtime(DocumentsAndSessions):
 
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """float32 logits `[len, vocab]` of one full forward over `token_ids` (fresh cache)."""
+        if hasattr(token_ids, "__array__") and not isinstance(token_ids, torch.Tensor):
+            try:  # (a numpy array)
+                token_ids = torch.as_tensor(token_ids)
+            except (TypeError, ValueError, RuntimeError):
+                token_ids = None
         if isinstance(token_ids, torch.Tensor):
             whole = not (token_ids.is_floating_point() or token_ids.is_complex())
             ids = token_ids.flatten().tolist() if whole and token_ids.dtype != torch.bool else None

@@ -284,6 +284,12 @@ def check_messages(messages) -> None:
         check_text(m["content"], f"messages[{i}]")
 
 
+def check_system(system) -> None:
+    """A system prompt is a string, or None for none."""
+    if system is not None and not isinstance(system, str):
+        raise OffloadError(f"the system prompt must be a string, not {type(system).__name__}")
+
+
 def check_text(text: str, what: str = "the text") -> None:
     """Text must be encodable as UTF-8: a command line or file read with surrogate
     escapes carries lone surrogates where its bytes were not UTF-8."""

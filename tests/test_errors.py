@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -317,7 +318,9 @@ def test_python_api_misuse_is_one_error_naming_it(tiny_dirs):
     for wrong in (None, "12", [1.5], [True], torch.tensor([1.0])):
         with pytest.raises(OffloadError, match=r"logits\(\) takes token ids: a list of ints"):
             rt.logits(wrong)
-    assert rt.logits(torch.tensor([1, 2])).shape == (2, V)
+    assert rt.logits(torch.tensor([1, 2])).shape == rt.logits(np.array([1, 2])).shape == (2, V)
+    with pytest.raises(OffloadError, match=r"logits\(\) takes token ids: a list of ints"):
+        rt.logits(np.array([1.0, 2.0]))
     with pytest.raises(OffloadError, match="the document must be a string, not NoneType"):
         rt.load_document(None)
     with pytest.raises(OffloadError, match="the system prompt must be a string, not int"):
