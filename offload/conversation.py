@@ -373,7 +373,7 @@ class Conversation:
         rt, self.dropped = self.runtime, 0
         ids = rt.encode_prompt(messages)
         window = rt.args.max_seq_len
-        room = min(rt._sampling(max_new_tokens, {})[0].max_new_tokens, window // 4)  # (checked)
+        room = min(rt._generation(max_new_tokens, {}).max_new_tokens, window // 4)  # (checked)
         if not self.trim or len(ids) + room <= window:
             return messages, ids
         first = self.pinned

@@ -163,7 +163,8 @@ class Runtime(DocumentsAndSessions):
                 f"(at most {limit - 1} prompt tokens, leaving room for one generated token)"
             )
 
-    def _sampling(self, max_new_tokens: int | None, sampling: dict[str, Any], context=()):
+    def _generation(self, max_new_tokens: int | None, sampling: dict[str, Any]):
+        """The request's [generation] settings, checked: the config's with its own."""
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
             raise ConfigError(
@@ -172,7 +173,10 @@ class Runtime(DocumentsAndSessions):
         overrides = {f"generation.{k}": v for k, v in sampling.items()}
         if max_new_tokens is not None:
             overrides["generation.max_new_tokens"] = max_new_tokens
-        g = self.config.replace(**overrides).generation if overrides else self.config.generation
+        return self.config.replace(**overrides).generation if overrides else self.config.generation
+
+    def _sampling(self, max_new_tokens: int | None, sampling: dict[str, Any], context=()):
+        g = self._generation(max_new_tokens, sampling)
         return g, make_sampler(g.temperature, g.top_k, g.top_p, g.seed, g.repeat_penalty,
                                g.repeat_last_n, context, g.min_p)  # fmt: skip
 
