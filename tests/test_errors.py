@@ -447,9 +447,9 @@ def test_a_spill_folder_that_cannot_be_made_is_named(tmp_path, tiny_dirs):
 
 
 def test_a_path_the_file_system_refuses_is_named(tmp_path):
-    """A name past the file system's length limit (or a read error): the session, the
-    document or the chat's /file and /save name it, where an OSError came out of
-    pathlib before."""
+    """A name past the file system's length limit, or holding a NUL character: the
+    session, the document or the chat's /file and /save name it, where an OSError (a
+    ValueError for the NUL) came out of pathlib before."""
     from offload.documents import read_documents
     from storage.session import SessionError
 
