@@ -22,6 +22,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from storage import threads as torch_threads
@@ -131,14 +132,7 @@ class StoreReads:
         and the bytes of those put on the host, or (`whole`: the caller takes them all
         whole) of all."""
         L = self.layout
-        by_file: dict[str, tuple[list[int], list[int]]] = {}  # file: its chunks, their batches
-        for c in chunks:
-            rec = self.directory.disk.get((layer, c))
-            if rec is None:
-                raise StorageError(f"chunk {c} of layer {layer} is in no tier")
-            group, batches = by_file.setdefault(rec.file, ([], []))
-            group.append(c)
-            batches.append(rec.batch)
+        by_file = self._by_file(layer, chunks)
         # Files with many chunks to check (first read in this process) on threads; the
         # others, their chunks checked already or few, where they are consumed.
         heavy = {
@@ -152,7 +146,9 @@ class StoreReads:
                     data, rows = next(files)[1]
                 else:
                     data, rows = self.disk.read_batches(name, batches)
-                kept = [i for i, c in enumerate(group) if keep is None or c in keep]
+                kept = [i for i, c in enumerate(group) if c in keep] if keep else []
+                if keep is None:
+                    kept = list(range(len(group)))
                 n = 0
                 if kept:
                     room = None if keep is None else len(kept)
@@ -160,6 +156,22 @@ class StoreReads:
                     n = self.keep_on_host(layer, [group[i] for i in kept], kv, room)
                 self.reads.add("disk", len(group), (len(group) if whole else n) * L.chunk_bytes)
                 yield group, data, rows
+
+    def _by_file(self, layer: int, chunks: list[int]) -> dict[str, tuple[list[int], list[int]]]:
+        """{file: (its chunks of `chunks`, their record batches)}, the files in the order
+        of their first chunk in `chunks`, each file's chunks in their order there."""
+        at = np.asarray(chunks, dtype=np.int64)
+        files, batches = self.directory.index.records(layer, at)
+        if len(at) and files.min() < 0:
+            c = int(at[np.argmax(files < 0)])
+            raise StorageError(f"chunk {c} of layer {layer} is in no tier")
+        order = np.argsort(files, kind="stable")
+        ends = np.flatnonzero(np.diff(files[order])) + 1
+        groups = sorted(np.split(order, ends), key=lambda g: g[0]) if len(at) else []
+        names = self.directory.index.names
+        return {
+            names[files[g[0]]]: (at[g].tolist(), batches[g].tolist()) for g in groups
+        }  # fmt: skip
 
     def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
         """Of `chunks`, those on disk in file `name` and not on the host, and their rows in
@@ -306,41 +318,58 @@ class StoreReads:
         layer, on a session past the budget) to spill them again right after: on CUDA a
         layer's pinned slab does not grow by them, on a CPU the host keeps to its
         budget."""
-        hits = dict(zip(chunks.tolist(), hits.tolist(), strict=True))
-        missing = sorted(missing, key=lambda c: -hits[c])
-        keep = set(missing[: min(self._share, max(room, 0))])
+        take = min(self._share, max(room, 0))
+        keep = set()
+        if take:  # (none while a warm-up runs: no sort of the layer's chunks)
+            hits = dict(zip(chunks.tolist(), hits.tolist(), strict=True))
+            keep = set(sorted(missing, key=lambda c: -hits[c])[:take])
         return self._gather_read(layer, ids, chunks, missing, keep)
 
     def _gather_read(self, layer: int, ids, chunks, missing: list[int], keep: set[int]):
         """The rows [2, H, k, D] of `ids`: from the host, and from the `missing` chunks'
         files as read, `keep` of them put on the host on the way; and how many rows came
         from the files."""
-        host, C = self.host[layer], self.layout.chunk_size
-        parts = []  # (a file's data, the rows and the chunks of it not kept)
+        host, C, D = self.host[layer], self.layout.chunk_size, self.layout.head_dim
+        parts = []  # (a file's data, the chunks of it not kept, their rows there)
         for group, data, rows in self._read_disk_groups(layer, missing, keep, whole=False):
-            left = [i for i, c in enumerate(group) if c not in keep]
-            if left:
-                parts.append((data, [rows[i] for i in left], [group[i] for i in left]))
+            if keep:
+                left = [i for i, c in enumerate(group) if c not in keep]
+                group, rows = [group[i] for i in left], [rows[i] for i in left]
+            if group:
+                parts.append((data, group, rows))
         if not parts:
             return host.gather_heads(ids), 0
         part_of = torch.full((int(chunks.max()) + 1,), -1, dtype=torch.long)
         row_of = torch.zeros_like(part_of)
-        for p, (_, rows, left) in enumerate(parts):
-            part_of[left] = p
-            row_of[left] = torch.tensor(rows, dtype=torch.long)
-        part = part_of[ids // C]  # [H, k]: the part the row is read from, -1: on the host
-        heads = torch.arange(ids.shape[0])[:, None].expand_as(ids)
-        out = torch.empty(2, *ids.shape, self.layout.head_dim, dtype=self.dtype)
-        from_files = int((part >= 0).sum())
+        for p, (_, group, rows) in enumerate(parts):
+            at = torch.tensor(group, dtype=torch.long)
+            part_of[at] = p
+            row_of[at] = torch.tensor(rows, dtype=torch.long)
+        H, k = ids.shape
+        flat = ids.reshape(-1)
+        heads = torch.arange(H).repeat_interleave(k)
+        part = part_of[flat // C]  # the part each row is read from, -1: on the host
+        # The rows grouped by part (one sort), each part's taken from its file's mapped
+        # chunks at once (no copy of the file: its pages are read where they lie), as
+        # [2, n, D] rows of the file seen as [chunks, 2 * H * C, D].
+        order = torch.argsort(part, stable=True)
+        counts = torch.bincount(part + 1, minlength=len(parts) + 1).tolist()
+        out = torch.empty(2, H * k, D, dtype=self.dtype)
+        from_files = H * k - counts[0]
         self.reads.add("disk", 0, from_files * self.layout.row_bytes)
-        for p, (data, _, _) in enumerate(parts):  # (the rows straight from the files: no copy)
-            at = part == p
-            t = ids[at]
-            out[:, at] = data[row_of[t // C], :, heads[at], t % C].transpose(0, 1)
-        there = part < 0
-        if bool(there.any()):
-            out[:, there] = host.gather_rows(heads[there], ids[there])
-        return out, from_files
+        pieces = torch.split(order, counts)
+        if counts[0]:
+            there = pieces[0]
+            out[:, there] = host.gather_rows(heads[there], flat[there])
+        for (data, _, _), at in zip(parts, pieces[1:], strict=True):
+            if not len(at):
+                continue
+            t = flat[at]
+            inner = heads[at] * C + t % C  # (K's row; V's is H * C further)
+            rows = row_of[t // C]
+            chunk_rows = data.flatten(1, 3)
+            out[:, at] = chunk_rows[torch.stack([rows, rows]), torch.stack([inner, inner + H * C])]
+        return out.view(2, H, k, D), from_files
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> compute device; on CUDA through pinned staging, asynchronously

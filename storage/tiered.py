@@ -128,7 +128,7 @@ class TieredStore(StoreReads, StoreSpills):
         # a write and its record); a loaded session's files are not among them.
         for name in self.disk.own_files():
             self.disk.delete(name)
-        self.directory.disk.clear()
+        self.directory.forget_disk()
         self.disk.close()
 
     def release(self) -> None:

@@ -1,5 +1,6 @@
 """The tiered store's bookkeeping (storage/directory.py): which chunk lives where, in
-which LRU order, checked against exact expected orders; plain Python, no tensors."""
+which LRU order, checked against exact expected orders; plain Python, no tensors (the
+disk records are also arrays: `DiskIndex`)."""
 
 import pytest
 
@@ -54,3 +55,42 @@ def test_a_sessions_file_is_recorded_on_disk_at_once():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_the_disk_index_follows_the_records():
+    """`DiskIndex` (each layer's disk records as arrays, for a selection's thousands of
+    chunks at once) says what the records say after every change: a session's files
+    added, spills with new records, chunks dropped, all forgotten."""
+    import random
+
+    import numpy as np
+
+    def agrees(d: ChunkDirectory) -> None:
+        for layer in range(3):
+            chunks = np.arange(300)
+            files, batches = d.index.records(layer, chunks)
+            for c, f, b in zip(chunks.tolist(), files.tolist(), batches.tolist(), strict=True):
+                rec = d.disk.get((layer, c))
+                assert (f < 0) == (rec is None), (layer, c)
+                if rec is not None:
+                    assert (d.index.names[f], b) == (rec.file, rec.batch), (layer, c)
+
+    rng = random.Random(0)
+    d = ChunkDirectory(host_capacity=1000)
+    d.add_file_on_disk(1, "session", list(range(100, 200)))
+    agrees(d)
+    for step in range(400):
+        layer, c = rng.randrange(3), rng.randrange(250)
+        key = (layer, c)
+        if d.on_disk(key) and rng.random() < 0.3:
+            d.drop(key)
+        elif not d.on_host(key) and not d.on_disk(key):
+            d.add(key, filling=False)
+            d.spilled(key, DiskRecord(f"f{step % 7}", rng.randrange(64)))
+        if step % 50 == 0:
+            agrees(d)
+    agrees(d)
+    assert d.index.records(2, np.array([10**6]))[0].tolist() == [-1]  # (past every chunk)
+    d.forget_disk()
+    assert d.disk == {}
+    agrees(d)
