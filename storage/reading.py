@@ -361,9 +361,7 @@ class StoreReads:
         if counts[0]:
             there = pieces[0]
             out[:, there] = host.gather_rows(heads[there], flat[there])
-        for (data, _, _), at in zip(parts, pieces[1:], strict=True):
-            if not len(at):
-                continue
+        for (data, _, _), at in zip(parts, pieces[1:], strict=True):  # (each has rows)
             t = flat[at]
             inner = heads[at] * C + t % C  # (K's row; V's is H * C further)
             rows = row_of[t // C]
