@@ -22,7 +22,6 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from storage import threads as torch_threads
@@ -158,20 +157,11 @@ class StoreReads:
                 yield group, data, rows
 
     def _by_file(self, layer: int, chunks: list[int]) -> dict[str, tuple[list[int], list[int]]]:
-        """{file: (its chunks of `chunks`, their record batches)}, the files in the order
-        of their first chunk in `chunks`, each file's chunks in their order there."""
-        at = np.asarray(chunks, dtype=np.int64)
-        files, batches = self.directory.index.records(layer, at)
-        if len(at) and files.min() < 0:
-            c = int(at[np.argmax(files < 0)])
-            raise StorageError(f"chunk {c} of layer {layer} is in no tier")
-        order = np.argsort(files, kind="stable")
-        ends = np.flatnonzero(np.diff(files[order])) + 1
-        groups = sorted(np.split(order, ends), key=lambda g: g[0]) if len(at) else []
-        names = self.directory.index.names
-        return {
-            names[files[g[0]]]: (at[g].tolist(), batches[g].tolist()) for g in groups
-        }  # fmt: skip
+        """{file: (its chunks of `chunks`, their record batches)} (`DiskIndex.by_file`)."""
+        groups, absent = self.directory.index.by_file(layer, chunks)
+        if absent:
+            raise StorageError(f"chunk {absent[0]} of layer {layer} is in no tier")
+        return groups
 
     def rows_in_file(self, layer: int, name: str, chunks: list[int]) -> tuple[list[int], list[int]]:
         """Of `chunks`, those on disk in file `name` and not on the host, and their rows in

@@ -23,6 +23,8 @@ import os
 import threading
 from collections import Counter
 
+import torch
+
 from storage import threads
 from storage.reading import take_rows
 
@@ -70,12 +72,12 @@ class Warmer:
         reads whole), so the two meet halfway instead of reading the same files twice."""
         store = self.store
         out: dict[tuple[int, str], list[int]] = {}
-        with store.lock:
-            for (layer, chunk), rec in store.directory.disk.items():
-                if not store.directory.on_host((layer, chunk)):
-                    out.setdefault((layer, rec.file), []).append(chunk)
-        order = sorted(out, key=lambda f: (-f[0], min(out[f])))
-        return {f: out[f] for f in order}
+        with store.lock:  # (a question asked at once waits for this: arrays, not records)
+            for layer in reversed(range(store.layout.num_layers)):
+                chunks = torch.arange(store.layout.num_chunks(store.lengths[layer]))
+                groups, _ = store.directory.index.by_file(layer, store.host[layer].missing(chunks))
+                out.update(((layer, name), group) for name, (group, _) in groups.items())
+        return out
 
     def run(self) -> None:
         """The whole warm-up on the calling thread (what the readers share out)."""

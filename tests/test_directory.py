@@ -94,3 +94,18 @@ def test_the_disk_index_follows_the_records():
     d.forget_disk()
     assert d.disk == {}
     agrees(d)
+
+
+def test_chunks_are_grouped_by_the_file_holding_them():
+    """`DiskIndex.by_file`: the files in the order of their first chunk asked for, each
+    file's chunks (and record batches) in the order asked, the chunks without a record
+    apart."""
+    d = ChunkDirectory(host_capacity=10)
+    d.add_file_on_disk(0, "a", [0, 1, 2, 3])
+    d.add_file_on_disk(0, "b", [4, 5, 6])
+    d.add_file_on_disk(1, "c", [0, 1])
+    groups, absent = d.index.by_file(0, [5, 1, 9, 0, 4, 7])
+    assert list(groups.items()) == [("b", ([5, 4], [1, 0])), ("a", ([1, 0], [1, 0]))]
+    assert absent == [9, 7]
+    assert d.index.by_file(1, []) == ({}, [])
+    assert d.index.by_file(2, [3]) == ({}, [3])  # (a layer with no record at all)
