@@ -145,9 +145,10 @@ class StoreReads:
                     data, rows = next(files)[1]
                 else:
                     data, rows = self.disk.read_batches(name, batches)
-                kept = [i for i, c in enumerate(group) if c in keep] if keep else []
                 if keep is None:
                     kept = list(range(len(group)))
+                else:  # (none while a warm-up runs: no look at each chunk)
+                    kept = [i for i, c in enumerate(group) if c in keep] if keep else []
                 n = 0
                 if kept:
                     room = None if keep is None else len(kept)
