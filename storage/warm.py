@@ -9,8 +9,9 @@ attention; on CUDA the sparse prompt chunks and decode steps gather from the pin
 slab instead of files, and once every layer is read in, each in slot order, decode
 steps run as captured CUDA graphs again.
 
-It takes the store's lock only to put what it read (chunks a question brought in
-meanwhile are skipped, and so are chunks cut away by a truncation), stops when the
+It takes the store's lock only to put what it read, a piece of a file at a time
+(chunks a question brought in meanwhile are skipped, and so are chunks cut away by a
+truncation), yielding the lock between pieces to a question waiting for it, stops when the
 host budget is full (on CUDA, where the session outgrows the budget, a layer stops at
 its share of it: storage/spill.py), and is stopped before the store closes. A file it
 cannot read is skipped and left to the question that needs it, which reports it by
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 
 import torch
@@ -30,6 +32,10 @@ from storage.reading import take_rows
 
 READERS = 4  # files read at once, at most (checksums and copies release the GIL); one
 # core is left to the question that may be computing meanwhile
+# Chunks put on the host under one hold of the store's lock: 4 MiB of the 8B shape, a few
+# ms. A file's 1,024 at once held it 45-75 ms a file, most of a warm-up's time, and a
+# question asked meanwhile waited that long at each of its layers' reads (2026-12-07).
+PIECE = 64
 
 
 class Warmer:
@@ -126,16 +132,19 @@ class Warmer:
         if not want:
             return True
         data = store.disk.read_all(name)
-        with store.lock:
-            if self._stop.is_set():
-                return False
-            kept, rows = store.rows_in_file(layer, name, want)
-            store.reads.add("disk", len(kept), len(kept) * store.layout.chunk_bytes)
-            kv = take_rows(data, rows)
-            n = store.keep_on_host(layer, kept, kv)
+        for i in range(0, len(want), PIECE):
+            with store.lock:  # (a piece at a time: a question's reads wait one piece at most)
+                if self._stop.is_set():
+                    return False
+                kept, rows = store.rows_in_file(layer, name, want[i : i + PIECE])
+                store.reads.add("disk", len(kept), len(kept) * store.layout.chunk_bytes)
+                n = store.keep_on_host(layer, kept, take_rows(data, rows))
             # (fewer: the budget is full; or, past it, a question filled the layer's share
             # meanwhile, which does not stop the other layers)
-            return n == len(kept) or store.share_left(layer) is not None
+            if n < len(kept):
+                return store.share_left(layer) is not None
+            time.sleep(0)  # (a thread waiting for the lock takes it now: locks are not fair)
+        return True
 
     def _put_in_order(self, layer: int) -> None:
         """A layer read in whole: each chunk to the slot of its index (what the fixed-shape

@@ -218,6 +218,43 @@ def test_chunks_a_question_read_meanwhile_do_not_stop_the_warm_up(tiny, tmp_path
     assert all(store.host[i].in_order(n) for i, n in enumerate(store.lengths))
 
 
+def test_a_file_is_put_a_piece_at_a_time_and_a_cut_between_pieces_holds(
+    tiny, tmp_path, monkeypatch
+):
+    """The warm-up puts a file's chunks on the host a piece at a time (`PIECE`), taking
+    the store's lock for each, so a question waits one piece at most; what happens
+    between two pieces (here a truncation) is seen by the next: the chunks past the cut
+    stay gone and the KV kept is the saved one."""
+    import storage.warm
+
+    monkeypatch.setattr(storage.warm, "PIECE", 5)
+    rt = doc_runtime(tiny, filler_text(75, seed=3), chunk_size=2)  # ~100 chunks per layer
+    ref = rt._state.cache.store
+    loaded, store = _loaded_unwarmed(tiny, tmp_path, monkeypatch, rt)
+    cut = store.num_tokens // 2
+    puts, real = [], store.keep_on_host
+
+    def put(layer, chunks, kv, room=None):
+        n = real(layer, chunks, kv, room)
+        puts.append(len(chunks))
+        if len(puts) == 3:  # (between the third piece and the fourth: a cut, which
+            loaded._state.cache.truncate(cut)  # reads its new window back: not counted)
+            del puts[3:]
+        return n
+
+    monkeypatch.setattr(store, "keep_on_host", put)
+    Warmer(store).run()
+    assert max(puts) <= 5 and len(puts) > 3 * store.layout.num_layers
+    C = store.layout.chunk_size
+    assert store.directory.host_count == _chunks(store)
+    for layer in range(store.layout.num_layers):
+        assert store.host[layer].in_order(cut)
+        assert all(c < -(-cut // C) for (lay, c) in store.directory.lru_order() if lay == layer)
+        k, v = store.gather_all(layer)
+        k_ref, v_ref = ref.gather_all(layer)
+        assert k.equal(k_ref[:, :cut]) and v.equal(v_ref[:, :cut])
+
+
 def test_each_layers_slab_is_allocated_once_however_many_files(tiny, tmp_path, monkeypatch):
     """A layer's chunks come in many files: its host slab grows (on CUDA: is pinned) once,
     for the whole layer, not file after file; putting it in slot order grows nothing."""
