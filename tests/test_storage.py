@@ -470,3 +470,26 @@ def test_pinned_slabs_are_readable_by_the_device_while_any_view_lives():
     gc.collect()
     assert part.is_pinned() and torch.equal(part, want[:, :, 5:7])
     assert torch.equal(part.to("cuda", non_blocking=True).cpu(), want[:, :, 5:7])
+
+
+def test_the_session_load_benchmark_runs_and_times_a_questions_reads(tmp_path):
+    """scripts/bench_session_load.py at a small size: its loads, its read-in and re-save,
+    and a question's row reads from the files (`question_rows`, a layer's first read and
+    again) are in its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "load.json"
+    cmd = [sys.executable, "scripts/bench_session_load.py", "--layers", "2", "--tokens",
+           "16384", "--runs", "1", "--selected", "64", "--dir", str(tmp_path / "work"),
+           "--out", str(out)]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["runs"]) == 2 and "resave_seconds" in res["runs"][-1]
+    rows = res["question_rows"]
+    assert rows["selected"] == 64 and len(rows["first_ms"]) == len(rows["again_ms"]) == 2
+    assert not (tmp_path / "work").exists()  # (the script removes what it wrote)
