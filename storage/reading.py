@@ -345,7 +345,7 @@ class StoreReads:
         # [2, n, D] rows of the file seen as [chunks, 2 * H * C, D].
         order = torch.argsort(part, stable=True)
         counts = torch.bincount(part + 1, minlength=len(parts) + 1).tolist()
-        out = torch.empty(2, H * k, D, dtype=self.dtype)
+        out = self.host_out((2, H * k, D))  # (on CUDA: the staging buffer it goes from)
         from_files = H * k - counts[0]
         self.reads.add("disk", 0, from_files * self.layout.row_bytes)
         pieces = torch.split(order, counts)
@@ -359,6 +359,13 @@ class StoreReads:
             chunk_rows = data.flatten(1, 3)
             out[:, at] = chunk_rows[torch.stack([rows, rows]), torch.stack([inner, inner + H * C])]
         return out.view(2, H, k, D), from_files
+
+    def host_out(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An empty host tensor for rows bound for the compute device: on CUDA the pinned
+        staging buffer `to_device` copies from (no copy into it), elsewhere a new one."""
+        if self._staging is None:
+            return torch.empty(shape, dtype=self.dtype)
+        return self._staging.empty(shape, self.dtype)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> compute device; on CUDA through pinned staging, asynchronously

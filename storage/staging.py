@@ -7,6 +7,8 @@ current stream, which is the prefetch worker's copy stream while it runs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from storage.pinning import pinned_empty
@@ -21,16 +23,27 @@ class PinnedStaging:
         self._events: list = [None, None]
         self._turn = 0
 
-    def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next buffer (once its previous copy has finished) as an empty tensor of
+        `shape`, for a gather to write into: `to_device` of it then copies nothing on
+        the host (a selection's rows read from the session files: 8 MiB a layer and
+        step for the 8B shape)."""
         i = self._turn
-        self._turn ^= 1
         if self._events[i] is not None:
             self._events[i].synchronize()
+            self._events[i] = None
+        n = math.prod(shape)
         buf = self._bufs[i]
-        if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
-            buf = self._bufs[i] = pinned_empty((2 * t.numel(),), t.dtype)
-        staged = buf[: t.numel()].view(t.shape)
-        staged.copy_(t)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._bufs[i] = pinned_empty((2 * n,), dtype)
+        return buf[:n].view(shape)
+
+    def to_device(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        staged = self.empty(tuple(t.shape), t.dtype)
+        i = self._turn
+        self._turn ^= 1
+        if not (t.data_ptr() == staged.data_ptr() and t.is_contiguous()):  # (else: `empty`'s)
+            staged.copy_(t)
         out = staged.to(device, non_blocking=True)
         self._events[i] = torch.cuda.Event()
         self._events[i].record()

@@ -178,3 +178,14 @@ def test_pinned_staging_reuses_a_buffer_only_after_its_copy_is_done():
         got = [staging.to_device(t, device) for t in sent]
         assert all(g.is_cuda for g in got)
         assert [g.tolist() for g in got] == [t.tolist() for t in sent]
+        # Rows gathered straight into the next buffer (`empty`: a selection's rows read
+        # from the session files) go from it: it is the buffer sent, waited for as any.
+        for i in range(5):
+            rows = staging.empty((3, 5), torch.float32)
+            assert rows.data_ptr() in [b.data_ptr() for b in staging._bufs]
+            rows.fill_(10.0 + i)
+            sent.append(rows.clone())
+            got.append(staging.to_device(rows, device))
+            got.append(staging.to_device(torch.full((2, 2), -1.0), device))
+            sent.append(torch.full((2, 2), -1.0))
+        assert [g.tolist() for g in got] == [t.tolist() for t in sent]
