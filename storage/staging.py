@@ -2,7 +2,8 @@
 
 A gather from the host slab makes a pageable tensor; copying it into a pinned
 buffer first lets the device copy run asynchronously (`non_blocking`) on the
-current stream, which is the prefetch worker's copy stream while it runs.
+current stream, which is the prefetch worker's copy stream while it runs. A gather
+may also write into the next pinned buffer itself (`empty`), and no copy is made.
 """
 
 from __future__ import annotations
