@@ -19,7 +19,6 @@ import torch
 
 from storage import threads
 from storage.abstracts import ChunkAbstracts
-from storage.directory import DiskRecord
 from storage.disk import DiskTier, StorageError
 
 PIECE_SHARE = 16  # an append past the host budget: pieces of 1/16 of a layer's share
@@ -223,10 +222,10 @@ class StoreSpills:
             jobs, names, error = done
             written = jobs[: len(names)]  # a failure stops the writer: the rest stay on the host
             for (layer, chunks, fresh, _, _), name in zip(written, names, strict=True):
-                for i, c in enumerate(fresh):
-                    self.directory.spilled((layer, c), DiskRecord(name, i))
+                self.directory.spilled_to(layer, fresh, name)
+                written_now = set(fresh)
                 for c in chunks:
-                    if c not in fresh:
+                    if c not in written_now:
                         self.directory.spilled((layer, c))
                     self.host[layer].free(c)
                 self.host[layer].give_back()

@@ -60,7 +60,8 @@ def test_a_sessions_file_is_recorded_on_disk_at_once():
 def test_the_disk_index_follows_the_records():
     """`DiskIndex` (each layer's disk records as arrays, for a selection's thousands of
     chunks at once) says what the records say after every change: a session's files
-    added, spills with new records, chunks dropped, all forgotten."""
+    added, spills with new records (one chunk, or a file's at once), chunks dropped, all
+    forgotten."""
     import random
 
     import numpy as np
@@ -87,6 +88,15 @@ def test_the_disk_index_follows_the_records():
         elif not d.on_host(key) and not d.on_disk(key):
             d.add(key, filling=False)
             d.spilled(key, DiskRecord(f"f{step % 7}", rng.randrange(64)))
+        elif step % 5 == 0:  # a spill's file of several chunks at once (`spilled_to`)
+            run = [c for c in range(250, 260 + step % 9) if not d.on_disk((layer, c))]
+            for c in run:
+                if not d.on_host((layer, c)):
+                    d.add((layer, c), filling=False)
+            d.spilled_to(layer, run, f"s{step}")
+            assert [d.disk[(layer, c)] for c in run] == [
+                DiskRecord(f"s{step}", i) for i in range(len(run))
+            ]
         if step % 50 == 0:
             agrees(d)
     agrees(d)
