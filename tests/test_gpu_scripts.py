@@ -52,6 +52,7 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
         assert r["sustained_ms_per_token"] <= r["step_ms_max"]
     assert res["set"] == {"hit_cache": "3.0"}
     assert any("_first_token" in f for f in rows["session"]["question_profile"])
+    assert any("load_state" in f for f in rows["session"]["load_profile"])
     # prefilled layer by layer: the GPU's idle time between layers, from the events
     assert rows["tiered"]["prefill_layers_ms"] > 0
     assert rows["tiered"]["prefill_between_layers_ms"] >= 0
