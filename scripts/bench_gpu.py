@@ -43,9 +43,9 @@ Systems:
                 host memory (the rest of that read timed), another new question (the
                 embedded model's tokenizer; random KV above `--fill-above`). Written
                 under `--session-dir` and removed after. The peak device memory of the
-                load and of the questions beside the row's; `--profile-question`: the
-                functions the first question spent its host time in, and those of
-                another load of the session after the row (cProfile).
+                load and of the questions beside the row's; `--profile-question`: where
+                the host time of a load and of a question asked at once goes (cProfile,
+                over another load and question after the row's own, unprofiled ones).
 
 `--set KEY=VALUE` changes the preset's config (offloaded, tiered, session rows), as
 `offload --set` does; the JSON records it.
@@ -248,10 +248,7 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
     load_peak = peak_gib()
     reset_peak()
 
-    def first():  # a new question asked at once: the warmer reads too
-        return _first_token(loaded, ids, gen)
-
-    (first_s, first_parts), top = profiled(first) if profile else (first(), None)
+    first_s, first_parts = _first_token(loaded, ids, gen)  # asked at once: the warmer reads too
     question_peak = peak_gib()
     t = time.perf_counter()
     store = loaded._state.cache.store
@@ -262,11 +259,13 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
     warm_first_s, warm_parts = _first_token(loaded, ids, gen)  # a question after the read-in
     loaded._state.cache.close()
     peaks = [load_peak, question_peak, peak_gib()]
-    load_top = None
-    if profile:  # where a load's time goes: another load, under cProfile, closed at once
+    profiles = {}
+    if profile:  # where the time goes: another load, and a question asked at once after
+        # it, each under cProfile (the row's own figures are not slowed by the profiler)
         from offload.session import load_state  # (`load_session` runs it on a thread)
 
-        again, load_top = profiled(lambda: load_state(path, rt.config, rt))
+        again, profiles["load_profile"] = profiled(lambda: load_state(path, rt.config, rt))
+        _, profiles["question_profile"] = profiled(lambda: _first_token(again, ids, gen))
         again._state.cache.close()
     return {"prefill_seconds": None if fill else made_s,
             "prefill_between_layers_ms": layers.get("between_layers_ms"), "save_seconds": save_s,
@@ -277,7 +276,7 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
             "peak_device_gib": None if peaks[0] is None else max(peaks),
             "load_peak_gib": peaks[0], "question_peak_gib": peaks[1],
             "warm_question_peak_gib": peaks[2], "kv_filled": fill,
-            **({"question_profile": top, "load_profile": load_top} if top else {})}  # fmt: skip
+            **profiles}  # fmt: skip
 
 
 def _first_token(rt: Runtime, ids: list[int], gen: torch.Generator) -> tuple[float, dict]:
@@ -368,7 +367,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a change to the preset's config (offloaded, tiered, session)")  # fmt: skip
     p.add_argument("--profile-question", action="store_true",
-                   help="the session rows' first question, and a load after them, under cProfile")  # fmt: skip
+                   help="the session rows: another load and question at once, under cProfile")  # fmt: skip
     args = p.parse_args()
     console = Console()
     lengths = [int(x) for x in args.lengths.split(",")]

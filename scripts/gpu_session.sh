@@ -7,14 +7,15 @@
 # `source .dev/setup.sh;`.
 #
 #   bash scripts/gpu_session.sh 1   # carry .dev/setup.sh .dev/whl .dev/model-a: the
-#                                   # suite's files that need neither the embedded model
-#                                   # nor the project's wheels the GPU image lacks, then
-#                                   # the selection kernels' launch settings, and the
-#                                   # 8B-shaped model's decode and prefill rows with the
-#                                   # fastest of them (405 s)
+#                                   # selection kernels' launch settings, the 8B-shaped
+#                                   # model's decode and prefill rows with the fastest of
+#                                   # them (the targets), then the suite's files that need
+#                                   # neither the embedded model nor the project's wheels
+#                                   # the GPU image lacks (385 s at most)
 #   bash scripts/gpu_session.sh 2   # carry .dev/setup.sh .dev/model-b .dev/whl2 within
-#                                   # 30 s: the other files, the embedded model's rows,
-#                                   # the sessions (440 s)
+#                                   # 30 s: the sessions (the 128k one profiled after its
+#                                   # own figures), the embedded model's rows, then the
+#                                   # other files (470 s at most)
 #   bash scripts/gpu_session.sh int4   # with device time left after the two parts: the
 #                                   # int4 kernels against bf16 matmuls, then the int4
 #                                   # weights' decode (8B shape at 8k, beside part 1's dense
@@ -25,7 +26,9 @@
 #                                   # that has everything already
 #   bash scripts/gpu_session.sh suite2 bench2 ...   # named steps (below)
 #
-# A lent GPU has 15 minutes of device time in all, its start included. Each step has its
+# A lent GPU has 15 minutes of device time in all, its start included: the two parts take
+# 855 s at most (on 2026-12-04 they took 151 and 323 s, the start 30), the targets
+# before the suite in each. Each step has its
 # own time limit and writes its output to the results as it goes, so a step cut short
 # (or a call stopped at the device time left) still brings back what it saw; pytest is
 # stopped with SIGINT, on which it still prints the failures it has seen. The tests run
@@ -36,9 +39,9 @@ out=${OUT:-results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 case "${1:-all}" in
-  1) steps="info suite1 sweep bench1" ;;
-  2) steps="suite2 bench2" ;;
-  all) steps="info suite1 sweep bench1 suite2 bench2 probes compiled int4" ;;
+  1) steps="info sweep bench1 suite1" ;;
+  2) steps="bench2 suite2" ;;
+  all) steps="info sweep bench1 suite1 bench2 suite2 probes compiled int4" ;;
   *) steps="$*" ;;
 esac
 # The project's wheels that the GPU image lacks (scripts/gpu_wheels.sh), once per machine.
@@ -87,16 +90,17 @@ for step in $steps; do
       files=()
       for f in $second; do files+=("tests/$f.py"); done
       suite 2 220 "${files[@]}" ;;
-    bench1)  # the targets first: the offloaded preset at 128k (prefilled layer by layer;
-      # its 8k row warms the kernels; its rows' without_reuse: the same steps, each
+    bench1)  # the targets: the offloaded preset at 128k (prefilled layer by layer; its
+      # 8k row warms the kernels; its rows' without_reuse: the same steps, each
       # selecting), the KV on the device at 8k; with the fastest launch settings the
-      # sweep found, where it ran
+      # sweep found, where it ran before
       bench 1 135 --systems offloaded,device --lengths 8192,131072 --fill-above 131072 \
         --kernel-settings "$out/sweep_selection.json" ;;
-    bench2)  # the embedded model first (a target), then the sessions (the 128k one last)
-      bench embedded 50 --systems embedded,embedded-torch-ops
-      bench 2 170 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
-        --fill-above 131072 ;;
+    bench2)  # the sessions first (the 128k one's question asked at once: a target), each
+      # then loaded and asked again under cProfile; then the embedded model (a target)
+      bench 2 200 --systems session,tiered --lengths 8192 --session-lengths 8192,131072 \
+        --fill-above 131072 --profile-question
+      bench embedded 50 --systems embedded,embedded-torch-ops ;;
     sweep)
       timeout 150 python scripts/sweep_selection.py --out "$out/sweep_selection.json" 2>&1 | tail -40 ;;
     probes)
