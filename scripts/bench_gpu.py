@@ -261,12 +261,19 @@ def bench_session(rt: Runtime, length: int, fill: bool, path: Path, profile: boo
     peaks = [load_peak, question_peak, peak_gib()]
     profiles = {}
     if profile:  # where the time goes: another load, and a question asked at once after
-        # it, each under cProfile (the row's own figures are not slowed by the profiler)
+        # it, each under cProfile (the row's own figures are not slowed by the profiler,
+        # nor lost where the profiling fails)
         from offload.session import load_state  # (`load_session` runs it on a thread)
 
-        again, profiles["load_profile"] = profiled(lambda: load_state(path, rt.config, rt))
-        _, profiles["question_profile"] = profiled(lambda: _first_token(again, ids, gen))
-        again._state.cache.close()
+        again = None
+        try:
+            again, profiles["load_profile"] = profiled(lambda: load_state(path, rt.config, rt))
+            _, profiles["question_profile"] = profiled(lambda: _first_token(again, ids, gen))
+        except Exception as e:
+            profiles["profile_error"] = row_error(e)  # (what failed, and where)
+        finally:
+            if again is not None:
+                again._state.cache.close()
     return {"prefill_seconds": None if fill else made_s,
             "prefill_between_layers_ms": layers.get("between_layers_ms"), "save_seconds": save_s,
             "session_gib": saved["bytes"] / 2**30, "load_seconds": load_s,

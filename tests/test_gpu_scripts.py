@@ -51,6 +51,7 @@ def test_bench_gpu_rows_on_cuda(tmp_path):
         assert r["sustained_steps"] == 2 and 0 < r["step_ms_median"] <= r["step_ms_max"]
         assert r["sustained_ms_per_token"] <= r["step_ms_max"]
     assert res["set"] == {"hit_cache": "3.0"}
+    assert "profile_error" not in rows["session"], rows["session"].get("profile_error")
     assert any("_first_token" in f for f in rows["session"]["question_profile"])
     assert any("load_state" in f for f in rows["session"]["load_profile"])
     # prefilled layer by layer: the GPU's idle time between layers, from the events
