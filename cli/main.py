@@ -271,7 +271,7 @@ def chat(model, config, overrides, system, session_dir, max_new_tokens, **opts):
 def ingest(model, config, overrides, files, session_dir, system, replace):
     """Prefill FILES once and save their KV, summaries and index as a session."""
     from storage.errors import SessionExistsError
-    from storage.session import check_dir
+    from storage.session import check_dir, check_space
 
     text = read_documents(files)
     try:  # fail before the long prefill, not after; create nothing yet
@@ -279,6 +279,11 @@ def ingest(model, config, overrides, files, session_dir, system, replace):
     except SessionExistsError as e:
         raise e.hinted(": pass --replace to replace it") from None
     rt = load_runtime(model, config, overrides)
+    # (the document's ids are kept for its prefill: encoded once; one too long for the
+    # model is refused as such by the prefill)
+    tokens = len(rt.prompts.document_ids({"text": text, "system": system}))
+    if tokens < rt.args.max_seq_len:
+        check_space(Path(session_dir), rt.layout.session_bytes(tokens))
     bar = PrefillBar(err_console)
     t = time.perf_counter()
     try:
@@ -416,6 +421,10 @@ def plan(model, config, overrides, context, gpu_mem, host_mem, dtype, sink, wind
             f"{tier}: {human_bytes(p.tier_total(tier))} of {human_bytes(budget)}: {verdict}"
         )
     console.print(f"disk: {human_bytes(p.tier_total('disk'))}")
+    console.print(
+        f"saved as a session (`offload ingest`, /save): at least "
+        f"{human_bytes(p.layout.session_bytes(context))} on disk"
+    )
     if p.weights != "dense":
         console.print(
             f"weights: the block linears at {p.weights} (model.weights = "

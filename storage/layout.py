@@ -102,6 +102,16 @@ class KVLayout:
         """A chunk record on disk: its KV and its abstract (file framing not counted)."""
         return self.chunk_bytes + self.abstract_bytes_per_chunk
 
+    def session_bytes(self, num_tokens: int) -> int:
+        """The least a saved session of `num_tokens` tokens takes on disk: its chunk
+        files' KV and abstracts, its key summaries and its abstracts' file, completed
+        chunks only (storage/session.py). The cluster index, the manifest and the files'
+        framing come on top (a few percent), so a session of that size never fits in
+        less."""
+        full = num_tokens // self.chunk_size
+        per_chunk = self.disk_bytes_per_chunk() + self.abstract_bytes_per_chunk
+        return full * (self.num_layers * per_chunk + self.chunk_size * self.summary_bytes_per_token)
+
 
 @dataclass(frozen=True)
 class HeadRows:

@@ -144,6 +144,29 @@ def check_dir(path: Path, replace: bool = False, continues: str | None = None) -
         raise SessionError(f"cannot create session directory {path}: {parent} is not writable")
 
 
+def check_space(path: Path, nbytes: int) -> None:
+    """Refuse (SessionError) a save of at least `nbytes` into `path` where its file system
+    has less free: checked before a long prefill (`offload ingest`), whose save would
+    otherwise fail at its end. A save writes its new version whole before it removes the
+    old one, so a session it replaces frees nothing first. Where the file system cannot
+    say, the save will."""
+    path = Path(path).expanduser()
+    probe = path
+    while not _exists(probe) and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < nbytes:
+        from offload.config import human_bytes
+
+        raise SessionError(
+            f"cannot save session to {path}: it takes at least {human_bytes(nbytes)}, and "
+            f"{probe} has {human_bytes(free)} free"
+        )
+
+
 def _check_contents(path: Path, replace: bool, continues: str | None) -> None:
     try:
         names = sorted(e.name for e in os.scandir(path))

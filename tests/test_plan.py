@@ -91,6 +91,8 @@ def test_plan_cli(tmp_path):
     assert "dense KV would be 16.00 GiB" in r.output and "fits" in r.output
     assert 'mode "auto" keeps all KV on the device up to 63,' in " ".join(r.output.split())
     assert "prefill, layer by layer: peak device memory" in r.output
+    # 16 GiB of KV, 3 of abstracts twice, 2 of summaries (26.3 GiB saved on the H200)
+    assert "saved as a session (`offload ingest`, /save): at least 24.00 GiB on disk" in r.output
     r = CliRunner().invoke(
         main,
         ["plan", "-m", str(d), "--context", "131072", "--gpu-mem", "8GiB", "--host-mem", "64GiB"],

@@ -205,3 +205,38 @@ def test_disk_full_on_a_first_save_leaves_no_folder(tiny, tmp_path, monkeypatch)
     ):
         rt.save_session(target)
     assert not target.exists()
+
+
+def test_a_session_takes_at_least_what_its_layout_says(tiny, saved):
+    """`KVLayout.session_bytes`, what `offload ingest` wants free before its prefill: never
+    more than a saved session takes (so nothing that would fit is refused), and more than
+    its KV alone."""
+    L, tokens = tiny.layout, len(saved.token_ids)
+    taken = sum(p.stat().st_size for p in saved.version_dir.rglob("*") if p.is_file())
+    kv = L.num_layers * (tokens // L.chunk_size) * L.chunk_bytes
+    assert tokens >= 4 * L.chunk_size and kv < L.session_bytes(tokens) <= taken
+
+
+def test_ingest_without_room_for_its_session_is_refused_before_the_prefill(
+    tiny, tmp_path, monkeypatch
+):
+    import shutil
+
+    from click.testing import CliRunner
+
+    import offload.documents_api
+    from cli.main import main
+
+    def prefill(*a, **kw):
+        raise AssertionError("the prefill ran")
+
+    monkeypatch.setattr(offload.documents_api, "prefill", prefill)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 4096))
+    doc, target = tmp_path / "doc.md", tmp_path / "new" / "s"
+    doc.write_text(filler_text(50, seed=8))
+    args = ["-m", str(tiny.loaded.source), "--set", "dtype=float32"]
+    r = CliRunner().invoke(main, ["ingest", str(doc), "--session", str(target), *args])
+    assert r.exit_code == 2, r.output
+    assert f"error: cannot save session to {target}: it takes at least " in r.output
+    assert f"and {tmp_path} has 4.00 KiB free" in r.output.replace("\n", "")
+    assert not (tmp_path / "new").exists()
