@@ -30,6 +30,14 @@ from retrieval import ClusterIndex, LayerView, make_selector
 from retrieval.base import with_successors
 from storage.tiered import TieredStore
 
+# A prefill chunk of at most this many queries after earlier keys attends in bf16 even on
+# a CPU without fast bf16 matmuls: the keys and values converted to float32 cost more
+# than float32 gains there (a question's 13 tokens over 8,046 keys of the embedded model,
+# a layer: 7.8 -> 3.3 ms; 256 over 8,046: 45 -> 41; 512: 70 -> 77, so 512-token chunks
+# convert). A prompt's first chunk (no earlier keys) converts as before: no gain there.
+# float16's CPU flash kernel is slower than float32's at every size: it converts.
+BF16_CHUNK_ROWS = 256
+
 
 def gqa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
@@ -50,8 +58,10 @@ def gqa_attention(
     """
     Hq, S, D = q.shape
     Hkv, T, _ = k.shape
-    if S > 1 and chunk_dtype(q) != q.dtype:  # bf16 on a CPU without fast bf16 matmuls
-        dt = chunk_dtype(q)
+    # (a chunk after earlier keys: theirs converted are what a short chunk cannot repay)
+    short = q.dtype == torch.bfloat16 and S < T and S <= BF16_CHUNK_ROWS
+    if S > 1 and not short and chunk_dtype(q) != q.dtype:
+        dt = chunk_dtype(q)  # float32: half precision on a CPU without fast matmuls in it
         return gqa_attention(q.to(dt), k.to(dt), v.to(dt)).to(q.dtype)
     if S == 1:
         if valid is None and q.device.type == "cpu":

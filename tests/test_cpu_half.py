@@ -61,3 +61,28 @@ def test_a_dense_bf16_model_on_such_a_cpu_runs_its_linears_so(tiny_dirs, slow_ha
         if isinstance(m, HalfLinear):
             m.keep, m.kept = False, None
     assert rt.generate(prompt, max_new_tokens=8) == first
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_chunks_attention_converts_to_float32_where_that_pays(slow_half, dtype):
+    """A bf16 chunk of at most `BF16_CHUNK_ROWS` queries after earlier keys attends in
+    bf16 (their keys and values converted cost more than float32 gains: a question on a
+    loaded document); a prompt's first chunk, a longer chunk, and any float16 chunk
+    attend in float32, as before."""
+    from offload import attention as A
+
+    g = torch.Generator().manual_seed(3)
+    T = A.BF16_CHUNK_ROWS + 40
+    k, v = (torch.randn(2, T, 16, generator=g).to(dtype) for _ in range(2))
+    differs = 0
+    for S, keys in ((8, T), (A.BF16_CHUNK_ROWS, T), (A.BF16_CHUNK_ROWS + 1, T), (40, 40)):
+        q = torch.randn(6, S, 16, generator=g).to(dtype)
+        kk, vv = k[:, :keys], v[:, :keys]
+        in_float32 = A.gqa_attention(q.float(), kk.float(), vv.float()).to(dtype)
+        as_is = dtype == torch.bfloat16 and S < keys and S <= A.BF16_CHUNK_ROWS
+        want = A._cpu_chunk_attention(q, kk, vv) if as_is else in_float32
+        got = A.gqa_attention(q, kk, vv)
+        assert torch.equal(got, want), (S, keys)
+        torch.testing.assert_close(got, in_float32, atol=3e-2, rtol=3e-2)
+        differs += not torch.equal(got, in_float32)
+    assert differs == (2 if dtype == torch.bfloat16 else 0)
