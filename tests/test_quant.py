@@ -149,8 +149,10 @@ def test_rows_not_bf16_multiply_the_dequantized_weight_on_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("slow", [True, False])
 def test_prefill_chunks_compute_in_float32_where_bf16_matmuls_are_slow(monkeypatch, slow):
-    """On a CPU without fast bf16 matmuls a bf16 prefill chunk is multiplied and attended
-    in float32 (results back in bf16); elsewhere in bf16. Decode rows are unchanged."""
+    """On a CPU without fast bf16 matmuls a bf16 prefill chunk is multiplied in float32,
+    and a prompt's first chunk attended in float32 (results back in bf16; a short chunk
+    after earlier keys: tests/test_cpu_half.py); elsewhere in bf16. Decode rows are
+    unchanged."""
     import offload.quantize as quantize
     from offload.attention import gqa_attention
 
@@ -166,7 +168,7 @@ def test_prefill_chunks_compute_in_float32_where_bf16_matmuls_are_slow(monkeypat
     got = packed(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want.to(torch.bfloat16), atol=0, rtol=0)
-    q, k, v = (torch.randn(4, n, 16).to(torch.bfloat16) for n in (8, 20, 20))
+    q, k, v = (torch.randn(4, 8, 16).to(torch.bfloat16) for _ in range(3))
     k, v = k[:2], v[:2]
     out = gqa_attention(q, k, v)
     assert out.dtype == torch.bfloat16
