@@ -248,6 +248,12 @@ def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("OFFLOAD_CACHE", str(tmp_path / "cache"))
     # a damaged cache file is converted again and replaced; an unwritable folder only costs time
+    raw = bytearray(files[0].read_bytes())
+    raw[-5] ^= 0x10  # (in the last tensor's data: the file still reads)
+    files[0].write_bytes(bytes(raw))
+    assert weight_cache.load_cached(files[0], torch.float32, cpu, "auto") is None
+    assert torch.equal(logits(load(src, torch.float32, cpu, "auto")), logits(first))
+    assert weight_cache.load_cached(files[0], torch.float32, cpu, "auto") is not None
     files[0].write_bytes(files[0].read_bytes()[:1000])
     assert torch.equal(logits(load(src, torch.float32, cpu, "auto")), logits(first))
     assert weight_cache.load_cached(files[0], torch.float32, cpu, "auto") is not None
