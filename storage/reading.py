@@ -213,6 +213,16 @@ class StoreReads:
                     return None
             return rec.file
 
+    def may_link(self, layer: int, chunks: list[int]) -> bool:
+        """Whether `file_holding(layer, chunks)` may find a file, by the first chunk's
+        record alone: never False where it would find one (a save's least bytes to
+        write, `storage.saving.least_written`, count on that)."""
+        with self.lock:
+            rec = self.directory.disk.get((layer, chunks[0]))
+            return (
+                rec is not None and rec.batch == 0 and self.disk.num_chunks(rec.file) == len(chunks)
+            )
+
     def keep_on_host(
         self, layer: int, chunks: list[int], kv: torch.Tensor, room: int | None = None
     ) -> int:

@@ -52,8 +52,8 @@ def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, di
     local = threading.local()  # each thread's buffer, reused from file to file (fresh
     # pages for each file's 64 MiB cost as much as the copy into them)
 
-    def write(layer: int, c0: int) -> tuple[str, dict]:
-        chunks = list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
+    def write(layer: int, chunks: list[int]) -> tuple[str, dict]:
+        c0 = chunks[0]
         linked = _link_saved(store, layer, chunks, tmp / "kv")
         if linked is not None:
             name, crcs = linked
@@ -75,11 +75,29 @@ def write_files(tmp: Path, store, index: dict, index_meta: dict) -> dict[str, di
         jobs = [
             pool.submit(_save_tensors, tmp / name, t, meta) for name, (t, meta) in tensors.items()
         ]
-        jobs += [pool.submit(write, layer, c0) for layer in range(L.num_layers)
-                 for c0 in range(0, n_chunks, MAX_CHUNKS_PER_FILE)]  # fmt: skip
+        jobs += [pool.submit(write, layer, chunks) for layer in range(L.num_layers)
+                 for chunks in file_groups(n_chunks)]  # fmt: skip
         return dict(job.result() for job in jobs)
     finally:  # (a file failed: those not begun are not written)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def file_groups(n_chunks: int) -> list[list[int]]:
+    """The chunks of a layer's files, in order: MAX_CHUNKS_PER_FILE a file."""
+    return [list(range(c0, min(n_chunks, c0 + MAX_CHUNKS_PER_FILE)))
+            for c0 in range(0, n_chunks, MAX_CHUNKS_PER_FILE)]  # fmt: skip
+
+
+def least_written(store) -> int:
+    """The least a save of `store` writes: `KVLayout.session_bytes` less the chunk files a
+    loaded session's files may give by a link (`_link_saved`), counted generously, so that
+    a save refused for want of room (`storage.session.save_session`) would not have fit."""
+    L: KVLayout = store.layout
+    groups = file_groups(L.num_chunks(store.num_tokens))
+    linked = sum(
+        len(g) for layer in range(L.num_layers) for g in groups if store.may_link(layer, g)
+    )
+    return max(0, L.session_bytes(store.num_tokens) - linked * L.disk_bytes_per_chunk())
 
 
 def _link_saved(store, layer: int, chunks: list[int], kv_dir: Path) -> tuple[str, list] | None:

@@ -53,7 +53,7 @@ from storage.hashing import file_entry, hash_checks, sha256_file  # noqa: F401 (
 from storage.layout import KVLayout
 from storage.manifest import VERSION_NAME, validate_manifest
 from storage.quant import PARAM_DTYPE
-from storage.saving import SUMMARY_KEYS, write_files
+from storage.saving import SUMMARY_KEYS, least_written, write_files
 
 SESSION_FORMAT = 2  # what a save writes; 1 and 2 load
 FORMATS = (1, 2)
@@ -146,24 +146,26 @@ def check_dir(path: Path, replace: bool = False, continues: str | None = None) -
 
 def check_space(path: Path, nbytes: int) -> None:
     """Refuse (SessionError) a save of at least `nbytes` into `path` where its file system
-    has less free: checked before a long prefill (`offload ingest`), whose save would
-    otherwise fail at its end. A save writes its new version whole before it removes the
+    has less free: by every save before it writes (a save that fills the disk fails there,
+    after a disk full for every other writer), and by `offload ingest` before its long
+    prefill, whose save would otherwise fail at its end. A save writes its new version whole before it removes the
     old one, so a session it replaces frees nothing first. Where the file system cannot
-    say, the save will."""
+    say, the save will (or its folder's creation)."""
     path = Path(path).expanduser()
     probe = path
     while not _exists(probe) and probe != probe.parent:
         probe = probe.parent
     try:
-        free = shutil.disk_usage(probe).free
+        usage = shutil.disk_usage(probe)
     except OSError:
         return
-    if free < nbytes:
+    free = usage.free
+    if usage.total and free < nbytes:  # (no size at all: /proc's, which cannot hold one)
         from offload.config import human_bytes
 
         raise SessionError(
-            f"cannot save session to {path}: it takes at least {human_bytes(nbytes)}, and "
-            f"{probe} has {human_bytes(free)} free"
+            f"cannot save session to {path}: the save writes at least {human_bytes(nbytes)}, "
+            f"and {probe} has {human_bytes(free)} free"
         )
 
 
@@ -227,6 +229,8 @@ def save_session(
     version's folder is removed, and so is the session folder when this save created it
     (a killed save's folder is removed by the next save)."""
     created = not _exists(Path(path).expanduser())
+    check_dir(Path(path).expanduser(), replace, continues)  # (its refusals first)
+    check_space(path, least_written(store))  # before anything is made: it would not fit
     path = prepare_dir(path, replace, continues)
     L: KVLayout = store.layout
     T = store.num_tokens

@@ -237,6 +237,35 @@ def test_ingest_without_room_for_its_session_is_refused_before_the_prefill(
     args = ["-m", str(tiny.loaded.source), "--set", "dtype=float32"]
     r = CliRunner().invoke(main, ["ingest", str(doc), "--session", str(target), *args])
     assert r.exit_code == 2, r.output
-    assert f"error: cannot save session to {target}: it takes at least " in r.output
+    assert f"error: cannot save session to {target}: the save writes at least " in r.output
     assert f"and {tmp_path} has 4.00 KiB free" in r.output.replace("\n", "")
     assert not (tmp_path / "new").exists()
+
+
+def free_space(monkeypatch, nbytes: int) -> None:
+    import shutil
+
+    usage = shutil._ntuple_diskusage(1 << 40, (1 << 40) - nbytes, nbytes)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage)
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_it_writes(tiny, saved, monkeypatch):
+    """A save checks the least it writes is free first (it would fill the disk, then fail
+    and remove what it wrote): a first save leaves no folder, a replacing one the session
+    there; a loaded session saved again writes only what its files do not hold."""
+    rt = doc_runtime(tiny, filler_text(30, seed=10))
+    L, tokens = tiny.layout, len(rt._document_ids())
+    free_space(monkeypatch, L.session_bytes(tokens) - 1)
+    target = saved.path.parent / "new" / "doc"
+    with pytest.raises(SessionError, match=f"cannot save session to {target}: the save writes "
+                       "at least .*, and .* free$"):  # fmt: skip
+        rt.save_session(target)
+    assert not (saved.path.parent / "new").exists()
+    with pytest.raises(SessionError, match="the save writes at least"):
+        rt.save_session(saved.path, replace=True)
+    assert open_session(saved.path).token_ids == saved.token_ids
+    # Loaded, its chunk files are linked: the summaries and abstracts are what it writes.
+    free_space(monkeypatch, L.session_bytes(len(saved.token_ids)) // 2)
+    loaded = Runtime.load_session(saved.path, model=tiny)
+    loaded.save_session(saved.path)
+    assert open_session(saved.path).token_ids == saved.token_ids
