@@ -52,6 +52,7 @@ import torch
 # 6: each tensor's crc32 in the metadata, checked at every load
 CACHE_FORMAT = 6
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of the source file
+THREADED_CRC_BYTES = 1 << 30  # a cache file's tensors checked on threads past this
 
 
 def cache_dir() -> Path:
@@ -171,10 +172,20 @@ def load_cached(path: Path, dtype: torch.dtype, device: torch.device, mode: str)
 
 
 def _crc32s(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Each (contiguous, CPU) tensor's crc32 over its bytes."""
+    """Each (contiguous, CPU) tensor's crc32 over its bytes; on threads past
+    `THREADED_CRC_BYTES` (the checksum lets go of the GIL: 2 GB took 0.19 s on one core
+    here, 0.09 on two; a 14B model's 10.6 GiB at int4 would take about 1 s on one)."""
+    from storage import threads
     from storage.disk import crc32
 
-    return {name: crc32(t.reshape(-1).view(torch.uint8).numpy()) for name, t in state.items()}
+    def one(t: torch.Tensor) -> int:
+        return crc32(t.reshape(-1).view(torch.uint8).numpy())
+
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2 or sum(t.nbytes for t in state.values()) < THREADED_CRC_BYTES:
+        return {name: one(t) for name, t in state.items()}  # (threads cost more: 16 -> 36 ms)
+    with threads.pool(workers, "offload-crc") as pool:
+        return dict(zip(state, pool.map(one, state.values()), strict=True))
 
 
 def store(path: Path, model, tokenizer, weights: str) -> bool:

@@ -219,6 +219,19 @@ def test_weight_cache_leaves_no_partial_file(tmp_path, monkeypatch):
     assert len(list(folder.glob("*.safetensors"))) == 1
 
 
+def test_weight_cache_checksums_are_the_same_on_threads(monkeypatch):
+    """A large cache file's tensors are checked on threads: the same crc32s, bf16 included."""
+    from offload import weight_cache
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn(300 + i, generator=g).to(dt)
+             for i, dt in enumerate((torch.float32, torch.bfloat16, torch.float16) * 3)}  # fmt: skip
+    state["codes"] = torch.randint(0, 1 << 30, (7, 5), generator=g, dtype=torch.int32)
+    one = weight_cache._crc32s(state)
+    monkeypatch.setattr(weight_cache, "THREADED_CRC_BYTES", 0)
+    assert weight_cache._crc32s(state) == one and len(set(one.values())) == len(state)
+
+
 def test_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch):
     import offload.gguf
     from offload import weight_cache
