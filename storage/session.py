@@ -148,9 +148,9 @@ def check_space(path: Path, nbytes: int) -> None:
     """Refuse (SessionError) a save of at least `nbytes` into `path` where its file system
     has less free: by every save before it writes (a save that fills the disk fails there,
     after a disk full for every other writer), and by `offload ingest` before its long
-    prefill, whose save would otherwise fail at its end. A save writes its new version whole before it removes the
-    old one, so a session it replaces frees nothing first. Where the file system cannot
-    say, the save will (or its folder's creation)."""
+    prefill, whose save would otherwise fail at its end. A save writes its new version
+    whole before it removes the old one, so a session it replaces frees nothing first.
+    Where the file system cannot say, the save will (or its folder's creation)."""
     path = Path(path).expanduser()
     probe = path
     while not _exists(probe) and probe != probe.parent:

@@ -217,11 +217,16 @@ def test_a_session_takes_at_least_what_its_layout_says(tiny, saved):
     assert tokens >= 4 * L.chunk_size and kv < L.session_bytes(tokens) <= taken
 
 
+def free_space(monkeypatch, nbytes: int) -> None:
+    import shutil
+
+    usage = shutil._ntuple_diskusage(1 << 40, (1 << 40) - nbytes, nbytes)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage)
+
+
 def test_ingest_without_room_for_its_session_is_refused_before_the_prefill(
     tiny, tmp_path, monkeypatch
 ):
-    import shutil
-
     from click.testing import CliRunner
 
     import offload.documents_api
@@ -231,7 +236,7 @@ def test_ingest_without_room_for_its_session_is_refused_before_the_prefill(
         raise AssertionError("the prefill ran")
 
     monkeypatch.setattr(offload.documents_api, "prefill", prefill)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 4096))
+    free_space(monkeypatch, 4096)
     doc, target = tmp_path / "doc.md", tmp_path / "new" / "s"
     doc.write_text(filler_text(50, seed=8))
     args = ["-m", str(tiny.loaded.source), "--set", "dtype=float32"]
@@ -240,13 +245,6 @@ def test_ingest_without_room_for_its_session_is_refused_before_the_prefill(
     assert f"error: cannot save session to {target}: the save writes at least " in r.output
     assert f"and {tmp_path} has 4.00 KiB free" in r.output.replace("\n", "")
     assert not (tmp_path / "new").exists()
-
-
-def free_space(monkeypatch, nbytes: int) -> None:
-    import shutil
-
-    usage = shutil._ntuple_diskusage(1 << 40, (1 << 40) - nbytes, nbytes)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage)
 
 
 def test_a_save_the_disk_has_no_room_for_is_refused_before_it_writes(tiny, saved, monkeypatch):
