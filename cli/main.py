@@ -271,7 +271,8 @@ def chat(model, config, overrides, system, session_dir, max_new_tokens, **opts):
 def ingest(model, config, overrides, files, session_dir, system, replace):
     """Prefill FILES once and save their KV, summaries and index as a session."""
     from storage.errors import SessionExistsError
-    from storage.session import check_dir, check_space
+    from storage.saving import check_space
+    from storage.session import check_dir
 
     text = read_documents(files)
     try:  # fail before the long prefill, not after; create nothing yet

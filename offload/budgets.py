@@ -19,6 +19,7 @@ import torch
 
 from offload.config import KVSection
 from offload.errors import DeviceMemoryError
+from storage.atomic import existing_ancestor
 from storage.errors import first_line
 
 GiB = 1 << 30
@@ -70,10 +71,7 @@ def machine_device_bytes(device: torch.device) -> int:
 
 
 def machine_disk_bytes(directory: Path) -> int:
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return int(shutil.disk_usage(probe).free * (1 - DISK_MARGIN))
+    return int(shutil.disk_usage(existing_ancestor(directory)).free * (1 - DISK_MARGIN))
 
 
 def resolve_budgets(kv: KVSection, device: torch.device) -> Budgets:

@@ -39,3 +39,12 @@ def write_atomic(path: Path, payload) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (where it would be made): what
+    a file system's free space is asked of."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from safetensors.torch import save_file
 
 from storage import threads
 from storage.abstracts import ABSTRACT_KEYS, ChunkAbstracts
+from storage.atomic import existing_ancestor
 from storage.disk import DiskTier, crc32_digest
+from storage.errors import SessionError
 from storage.hashing import file_entry
 from storage.layout import KVLayout
 
@@ -98,6 +101,29 @@ def least_written(store) -> int:
         len(g) for layer in range(L.num_layers) for g in groups if store.may_link(layer, g)
     )
     return max(0, L.session_bytes(store.num_tokens) - linked * L.disk_bytes_per_chunk())
+
+
+def check_space(path: Path, nbytes: int) -> None:
+    """Refuse (SessionError) a save of at least `nbytes` into `path` where its file system
+    has less free: by every save before it writes (a save that fills the disk fails there,
+    after a disk full for every other writer), and by `offload ingest` before its long
+    prefill, whose save would otherwise fail at its end. A save writes its new version
+    whole before it removes the old one, so a session it replaces frees nothing first.
+    Where the file system cannot say, the save will (or its folder's creation)."""
+    path = Path(path).expanduser()
+    probe = existing_ancestor(path)
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return
+    free = usage.free
+    if usage.total and free < nbytes:  # (no size at all: /proc's, which cannot hold one)
+        from offload.config import human_bytes
+
+        raise SessionError(
+            f"cannot save session to {path}: the save writes at least {human_bytes(nbytes)}, "
+            f"and {probe} has {human_bytes(free)} free"
+        )
 
 
 def _link_saved(store, layer: int, chunks: list[int], kv_dir: Path) -> tuple[str, list] | None:

@@ -53,7 +53,7 @@ from storage.hashing import file_entry, hash_checks, sha256_file  # noqa: F401 (
 from storage.layout import KVLayout
 from storage.manifest import VERSION_NAME, validate_manifest
 from storage.quant import PARAM_DTYPE
-from storage.saving import SUMMARY_KEYS, least_written, write_files
+from storage.saving import SUMMARY_KEYS, check_space, least_written, write_files
 
 SESSION_FORMAT = 2  # what a save writes; 1 and 2 load
 FORMATS = (1, 2)
@@ -142,31 +142,6 @@ def check_dir(path: Path, replace: bool = False, continues: str | None = None) -
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SessionError(f"cannot create session directory {path}: {parent} is not writable")
-
-
-def check_space(path: Path, nbytes: int) -> None:
-    """Refuse (SessionError) a save of at least `nbytes` into `path` where its file system
-    has less free: by every save before it writes (a save that fills the disk fails there,
-    after a disk full for every other writer), and by `offload ingest` before its long
-    prefill, whose save would otherwise fail at its end. A save writes its new version
-    whole before it removes the old one, so a session it replaces frees nothing first.
-    Where the file system cannot say, the save will (or its folder's creation)."""
-    path = Path(path).expanduser()
-    probe = path
-    while not _exists(probe) and probe != probe.parent:
-        probe = probe.parent
-    try:
-        usage = shutil.disk_usage(probe)
-    except OSError:
-        return
-    free = usage.free
-    if usage.total and free < nbytes:  # (no size at all: /proc's, which cannot hold one)
-        from offload.config import human_bytes
-
-        raise SessionError(
-            f"cannot save session to {path}: the save writes at least {human_bytes(nbytes)}, "
-            f"and {probe} has {human_bytes(free)} free"
-        )
 
 
 def _check_contents(path: Path, replace: bool, continues: str | None) -> None:
