@@ -28,10 +28,10 @@
 #
 # A lent GPU has 15 minutes of device time in all, its start included: the two parts take
 # 855 s at most (on 2026-12-04 they took 151 and 323 s, the start 30), the targets
-# before the suite in each. Each step has its
-# own time limit and writes its output to the results as it goes, so a step cut short
-# (or a call stopped at the device time left) still brings back what it saw; pytest is
-# stopped with SIGINT, on which it still prints the failures it has seen. The tests run
+# before the suite in each. Each step has its own time limit and writes its output to
+# the results as it goes, so a step cut short (or a call stopped at the device time
+# left) still brings back what it saw; pytest is stopped with SIGINT, on which it still
+# prints the failures it has seen. The tests run
 # in worker processes (pytest-xdist, on the GPU machine's image), 6 at a time. At most 8
 # files come back from a device call: each part writes 8 or fewer.
 set -uo pipefail

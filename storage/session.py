@@ -109,10 +109,14 @@ def _exists(path: Path) -> bool:
         raise SessionError(f"session path {path}: {e.strerror or e}") from None
 
 
-def prepare_dir(path: Path, replace: bool = False, continues: str | None = None) -> Path:
-    """Create the session directory, or say clearly why it cannot be one (`check_dir`)."""
+def prepare_dir(
+    path: Path, replace: bool = False, continues: str | None = None, room: int = 0
+) -> Path:
+    """Create the session directory, or say clearly why it cannot be one (`check_dir`; a
+    file system without `room` bytes free, `check_space`)."""
     path = Path(path).expanduser()
     check_dir(path, replace, continues)
+    check_space(path, room)  # (before anything is made: the save would not fit)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -204,9 +208,7 @@ def save_session(
     version's folder is removed, and so is the session folder when this save created it
     (a killed save's folder is removed by the next save)."""
     created = not _exists(Path(path).expanduser())
-    check_dir(Path(path).expanduser(), replace, continues)  # (its refusals first)
-    check_space(path, least_written(store))  # before anything is made: it would not fit
-    path = prepare_dir(path, replace, continues)
+    path = prepare_dir(path, replace, continues, least_written(store))
     L: KVLayout = store.layout
     T = store.num_tokens
     with SessionLock(path):

@@ -151,8 +151,8 @@ def test_a_session_saved_meanwhile_by_another_process_is_kept(tiny, tmp_path, mo
     )
     prepare = ss.prepare_dir
 
-    def meanwhile(path, replace=False, continues=None):
-        out = prepare(path, replace, continues)
+    def meanwhile(path, replace=False, continues=None, room=0):
+        out = prepare(path, replace, continues, room)
         monkeypatch.setattr(ss, "prepare_dir", prepare)
         theirs.save_session(p, replace=True)  # (the other saver, between our look and lock)
         return out
